@@ -1,0 +1,163 @@
+"""Exact constrained top-K beam search over valid SIDs.
+
+It returns what Hugging Face ``generate(num_beams=K, num_return_sequences=K,
+prefix_allowed_tokens_fn=trie, length_penalty=0)`` returns (same SIDs, same
+order, same summed log-probabilities), which is how the public MiniOneRec code
+decodes, but does only the work that any such decode needs:
+
+* the prompts are prefilled once, B rows rather than HF's B*K copies, and the
+  cache is expanded to the beams afterwards;
+* validity comes from the trie's dense ``children`` table: a level's logits are
+  gathered to that level's codebook columns, masked and ranked in one ``topk``
+  over (K x codebook) per prompt, with no Python loop over beams or prompts;
+* many prompts of different lengths are decoded together (left padding with
+  HF's position ids, so scores match HF on the same padded batch).
+
+Scores are float32 log-probabilities under the full-vocabulary softmax, as HF
+computes them before its constraint mask. Prompts with fewer than K valid SIDs
+get -1 / -inf in the unused slots (HF would return junk continuations there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from models.sid_trie import SidTrie
+
+
+@dataclass(frozen=True)
+class BeamSearchConfig:
+    num_beams: int = 10
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+
+
+@dataclass
+class DecodeResult:
+    """Ranked SIDs per prompt, best first."""
+
+    sid_index: torch.Tensor  # (B, K) catalog SID index, -1 where no valid SID
+    scores: torch.Tensor  # (B, K) summed log-probs, -inf where no valid SID
+    token_ids: torch.Tensor  # (B, K, depth) vocabulary ids
+
+    def ranked(self) -> list[list[int]]:
+        """Per prompt, the valid SID indices in rank order."""
+        return [[int(s) for s in row if s >= 0] for row in self.sid_index.tolist()]
+
+
+@dataclass
+class Prefill:
+    """Result of running the prompts once: last-position log-probs and the cache."""
+
+    log_probs: torch.Tensor  # (B, V) float32
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # (B, T)
+    next_position: torch.Tensor  # (B,) position id of the first generated token
+    last_hidden: torch.Tensor | None = None  # (B, H) final-layer state at the last prompt token
+
+
+def prompt_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """HF generate's position ids for left-padded prompts."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+@torch.inference_mode()
+def prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, want_hidden: bool = False
+) -> Prefill:
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=prompt_position_ids(attention_mask),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        output_hidden_states=want_hidden,
+    )
+    log_probs = nn.functional.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+    hidden = out.hidden_states[-1][:, -1, :] if want_hidden else None
+    next_pos = attention_mask.long().sum(-1)
+    return Prefill(log_probs, cache, attention_mask, next_pos, hidden)
+
+
+@torch.inference_mode()
+def decode_step(
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    token_ids: torch.Tensor,  # (N,) the token appended to each row
+    attention_mask: torch.Tensor,  # (N, T) mask including the new token
+    position_ids: torch.Tensor,  # (N,)
+    want_hidden: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One cached step; returns float32 log-probs (N, V) and optionally the last hidden state."""
+    out = model(
+        input_ids=token_ids[:, None],
+        attention_mask=attention_mask,
+        position_ids=position_ids[:, None],
+        cache=cache,
+        use_cache=True,
+        output_hidden_states=want_hidden,
+    )
+    log_probs = nn.functional.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+    return log_probs, (out.hidden_states[-1][:, -1, :] if want_hidden else None)
+
+
+def level_log_probs(log_probs: torch.Tensor, trie: SidTrie, level: int, nodes: torch.Tensor) -> torch.Tensor:
+    """Log-probs of each node's children at ``level``, -inf for invalid codes: (N, C)."""
+    cols = trie.level_token_ids[level].clamp(min=0)
+    lp = log_probs.gather(1, cols.expand(log_probs.shape[0], -1))
+    return lp.masked_fill(trie.children[nodes] < 0, float("-inf"))
+
+
+@torch.inference_mode()
+def beam_search(
+    model: PreTrainedModel,
+    trie: SidTrie,
+    input_ids: torch.Tensor,  # (B, T) left-padded
+    attention_mask: torch.Tensor,  # (B, T)
+    config: BeamSearchConfig,
+) -> DecodeResult:
+    k = config.num_beams
+    b = input_ids.shape[0]
+    c = trie.codebook_size
+    dev = input_ids.device
+    pre = prefill(model, input_ids, attention_mask)
+
+    root = torch.zeros(b, dtype=torch.long, device=dev)
+    cand = level_log_probs(pre.log_probs, trie, 0, root)  # (B, C)
+    width = min(k, c)
+    scores, codes = cand.topk(width, dim=-1)  # (B, width)
+    if width < k:
+        scores = torch.cat([scores, scores.new_full((b, k - width), float("-inf"))], dim=1)
+        codes = torch.cat([codes, codes.new_zeros((b, k - width))], dim=1)
+    nodes = trie.children[0, codes].clamp(min=0)  # (B, K)
+    tokens = [trie.level_token_ids[0, codes]]  # per level (B, K)
+
+    cache = pre.cache
+    cache.batch_repeat_interleave(k)
+    mask = attention_mask.repeat_interleave(k, dim=0)  # (B*K, T)
+    pos = pre.next_position.repeat_interleave(k)  # (B*K,)
+    batch_offset = (torch.arange(b, device=dev) * k)[:, None]  # (B, 1)
+    for level in range(1, trie.depth):
+        mask = torch.cat([mask, mask.new_ones((b * k, 1))], dim=1)
+        log_probs, _ = decode_step(model, cache, tokens[-1].reshape(-1), mask, pos + level - 1)
+        cand = level_log_probs(log_probs, trie, level, nodes.reshape(-1))  # (B*K, C)
+        cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
+        scores, flat = cand.topk(k, dim=-1)  # (B, K)
+        parent, codes = flat // c, flat % c
+        nodes = trie.children[nodes.gather(1, parent), codes].clamp(min=0)
+        tokens = [t.gather(1, parent) for t in tokens] + [trie.level_token_ids[level, codes]]
+        if level < trie.depth - 1:
+            cache.reorder_cache((parent + batch_offset).reshape(-1))
+
+    valid = torch.isfinite(scores)
+    sid_index = torch.where(valid, trie.leaf_sid[nodes], -1)
+    return DecodeResult(sid_index, scores, torch.stack(tokens, dim=-1))

@@ -1,0 +1,161 @@
+"""Checkpoint I/O: one folder rebuilds the policy, its catalog and any extra heads.
+
+Layout::
+
+    CKPT/config.json, model.safetensors   save_pretrained (safetensors)
+    CKPT/tokenizer*.json                  the tokenizer with its SID tokens
+    CKPT/catalog.json                     item id -> SID and title (SID -> items is derived)
+    CKPT/manifest.json                    prompt format, training config, data fingerprint,
+                                          versions, model_version
+    CKPT/<name>.safetensors               extra state dicts (the value head, ...)
+    CKPT/trainer_state.pt                 optimizer/scheduler/RNG for --resume (optional)
+
+Writes are atomic: everything goes to a sibling temporary folder which then
+replaces the target with renames, so a crash mid-write leaves either the old
+checkpoint or the new one, never a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.policy import Policy
+from models.sid_catalog import Item, SidCatalog, parse_sid
+from models.sid_tokenizer import PromptFormat
+
+FORMAT_VERSION = 1
+TRAINER_STATE = "trainer_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete or inconsistent."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    policy: Policy
+    manifest: dict[str, Any]
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest["model_version"])
+
+    def trainer_state(self) -> dict[str, Any] | None:
+        assert self.path is not None
+        f = self.path / TRAINER_STATE
+        return torch.load(f, map_location="cpu", weights_only=False) if f.exists() else None
+
+
+def catalog_to_json(catalog: SidCatalog) -> dict[str, Any]:
+    return {
+        "depth": catalog.depth,
+        "items": {str(i): {"sid": "".join(it.sid), "title": it.title} for i, it in sorted(catalog.items.items())},
+    }
+
+
+def catalog_from_json(data: dict[str, Any]) -> SidCatalog:
+    items = {int(k): Item(int(k), v.get("title", ""), parse_sid(v["sid"])) for k, v in data["items"].items()}
+    return SidCatalog(items, depth=int(data["depth"]))
+
+
+def save_checkpoint(
+    path: str | Path,
+    policy: Policy,
+    manifest: dict[str, Any] | None = None,
+    extras: dict[str, dict[str, torch.Tensor]] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically write ``policy`` (plus extras) to ``path``; returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        policy.model.save_pretrained(tmp, safe_serialization=True)
+        policy.tokenizer.save_pretrained(tmp)
+        (tmp / "catalog.json").write_text(json.dumps(catalog_to_json(policy.catalog)))
+        for name, state in (extras or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        full = {
+            "format_version": FORMAT_VERSION,
+            "model_version": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
+            "prompt": policy.prompt.to_dict(),
+            "extras": sorted(extras or {}),
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            **(manifest or {}),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=str))
+        _fsync_dir(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _fsync_dir(folder: Path) -> None:
+    for f in folder.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder")
+    for name in ("manifest.json", "catalog.json", "config.json"):
+        if not (folder / name).exists():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        catalog = catalog_from_json(json.loads((folder / "catalog.json").read_text()))
+    except (json.JSONDecodeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {folder}: unreadable manifest or catalog: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {folder}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {folder}: cannot load model or tokenizer: {e}") from None
+    tokenizer.padding_side = "left"
+    model.eval()
+    policy = Policy(model, tokenizer, catalog, PromptFormat(**manifest["prompt"])).to(device)
+    extras = {}
+    for name in manifest.get("extras", []):
+        f = folder / f"{name}.safetensors"
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {folder}: manifest lists {name} but {f.name} is missing")
+        extras[name] = load_file(str(f), device=str(device))
+    return LoadedCheckpoint(policy, manifest, extras, folder)

@@ -1,0 +1,130 @@
+"""The policy: a Hugging Face causal LM over SID tokens, with its catalog and trie.
+
+``Policy`` bundles what every decoder and trainer needs together: the LM, its
+tokenizer, the SID catalog, the trie built against that tokenizer, and the
+prompt format. Two ways in:
+
+* ``Policy.from_preset("tiny" | "small", catalog)``: a Qwen2 network built from a
+  config with a word-level SID tokenizer; nothing is downloaded.
+* ``Policy.from_pretrained_lm(path, catalog)``: a local pretrained checkpoint
+  (e.g. Qwen2.5-0.5B); SID tokens are added and the embeddings resized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
+from models.sid_catalog import Sid, SidCatalog
+from models.sid_tokenizer import TEXT_TEMPLATE, PromptFormat, add_sid_tokens, build_sid_tokenizer
+from models.sid_trie import SidTrie
+
+
+@dataclass(frozen=True)
+class PresetConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    dropout: float = 0.1  # attention dropout; small data overfits without it
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
+PRESETS: dict[str, PresetConfig] = {
+    "tiny": PresetConfig(32, 2, 2, 1, 64, 0.0),
+    "small": PresetConfig(256, 4, 4, 2, 768, 0.1),
+}
+
+
+def preset_config(name: str) -> PresetConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+class Policy:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        catalog: SidCatalog,
+        prompt: PromptFormat,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.catalog = catalog
+        self.prompt = prompt
+        self.trie = SidTrie(catalog, tokenizer.convert_tokens_to_ids).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> Policy:
+        self.model.to(device)
+        self.trie.to(device)
+        return self
+
+    @classmethod
+    def from_preset(cls, name: str, catalog: SidCatalog, seed: int = 0, max_history: int = 10) -> Policy:
+        preset = preset_config(name)
+        tokenizer = build_sid_tokenizer(catalog.vocabulary())
+        max_positions = 3 * max_history + 64
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=preset.hidden_size,
+            num_hidden_layers=preset.num_hidden_layers,
+            num_attention_heads=preset.num_attention_heads,
+            num_key_value_heads=preset.num_key_value_heads,
+            intermediate_size=preset.intermediate_size,
+            attention_dropout=preset.dropout,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        return cls(model, tokenizer, catalog, PromptFormat(max_history=max_history))
+
+    @classmethod
+    def from_pretrained_lm(cls, path: str, catalog: SidCatalog, max_history: int = 10) -> Policy:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        add_sid_tokens(tokenizer, catalog.vocabulary())
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model.resize_token_embeddings(len(tokenizer))
+        return cls(model, tokenizer, catalog, PromptFormat(max_history, TEXT_TEMPLATE))
+
+    def encode_prompts(self, histories: Sequence[Sequence[Sid]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and attention mask for a batch of SID histories."""
+        rows = [self.prompt.encode(self.tokenizer, h) for h in histories]
+        return pad_left(rows, int(self.tokenizer.pad_token_id), self.device)
+
+    def describe(self) -> dict[str, object]:
+        return {"config": self.model.config.to_dict(), "prompt": self.prompt.to_dict()}
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def preset_dict(name: str) -> dict[str, object]:
+    return asdict(preset_config(name))

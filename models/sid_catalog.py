@@ -1,0 +1,137 @@
+"""Semantic-ID catalog: items <-> SIDs, one SID to many items.
+
+A SID is a tuple of ``depth`` tokens, one per residual-quantizer level, written
+``<a_12><b_3><c_200>``. Several items may share a SID (the real Industrial index
+has 31 such items), so the SID -> items map is one-to-many everywhere; decoders
+work on SIDs and the catalog expands them to items at the edge.
+
+The catalog is plain data (no torch): it is serialised into every checkpoint so
+a checkpoint folder alone rebuilds the policy's output space.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+LEVEL_PREFIXES = "abcdefgh"
+_TOKEN_RE = re.compile(r"<([a-h])_(\d+)>")
+_SID_RE = re.compile(r"^(?:<[a-h]_\d+>)+$")
+
+Sid = tuple[str, ...]
+
+
+def parse_sid(text: str, depth: int | None = None) -> Sid:
+    """Split ``"<a_1><b_2><c_3>"`` into its tokens, checking the level letters.
+
+    Raises ``ValueError`` naming the problem for anything else.
+    """
+    text = text.strip()
+    if not _SID_RE.match(text):
+        raise ValueError(f"malformed SID {text!r}: expected tokens like <a_1><b_2><c_3>")
+    tokens = tuple(f"<{m.group(1)}_{m.group(2)}>" for m in _TOKEN_RE.finditer(text))
+    for level, token in enumerate(tokens):
+        if token[1] != LEVEL_PREFIXES[level]:
+            raise ValueError(
+                f"malformed SID {text!r}: token {level + 1} is {token}, "
+                f"expected level letter {LEVEL_PREFIXES[level]!r}"
+            )
+    if depth is not None and len(tokens) != depth:
+        raise ValueError(f"malformed SID {text!r}: {len(tokens)} tokens, expected {depth}")
+    return tokens
+
+
+def sid_to_str(sid: Sequence[str]) -> str:
+    return "".join(sid)
+
+
+def level_token(level: int, code: int) -> str:
+    """The token of code ``code`` at 0-based level ``level``: ``level_token(1, 7) == "<b_7>"``."""
+    return f"<{LEVEL_PREFIXES[level]}_{code}>"
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: int
+    title: str
+    sid: Sid
+
+
+@dataclass
+class SidCatalog:
+    """All items of a catalog with their SIDs.
+
+    ``sids`` is the sorted list of distinct SIDs; a SID's position in it is its
+    *sid index*, the id decoders return.
+    """
+
+    items: dict[int, Item]
+    depth: int = 3
+    sids: list[Sid] = field(init=False)
+    sid_index: dict[Sid, int] = field(init=False)
+    items_of_sid: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.items:
+            raise ValueError("catalog is empty")
+        for item in self.items.values():
+            if len(item.sid) != self.depth:
+                raise ValueError(
+                    f"item {item.item_id} has SID {sid_to_str(item.sid)} of "
+                    f"{len(item.sid)} tokens, expected {self.depth}"
+                )
+        self.sids = sorted({item.sid for item in self.items.values()})
+        self.sid_index = {sid: i for i, sid in enumerate(self.sids)}
+        self.items_of_sid = [[] for _ in self.sids]
+        for item_id in sorted(self.items):
+            self.items_of_sid[self.sid_index[self.items[item_id].sid]].append(item_id)
+
+    @classmethod
+    def from_index(
+        cls, index: Mapping[str, Sequence[str]], titles: Mapping[int, str] | None = None
+    ) -> SidCatalog:
+        """Build from MiniOneRec's ``index.json`` shape: ``{"0": ["<a_1>", "<b_2>", "<c_3>"]}``."""
+        titles = titles or {}
+        items: dict[int, Item] = {}
+        depth = None
+        for key, tokens in index.items():
+            try:
+                item_id = int(key)
+            except ValueError:
+                raise ValueError(f"index key {key!r} is not an integer item id") from None
+            sid = parse_sid("".join(tokens))
+            depth = depth or len(sid)
+            items[item_id] = Item(item_id, titles.get(item_id, ""), sid)
+        return cls(items, depth=depth or 3)
+
+    def to_index(self) -> dict[str, list[str]]:
+        return {str(i): list(item.sid) for i, item in sorted(self.items.items())}
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    def tokens_of_level(self, level: int) -> list[str]:
+        """Every token that occurs at ``level``, sorted by code."""
+        codes = sorted({int(sid[level][3:-1]) for sid in self.sids})
+        return [level_token(level, c) for c in codes]
+
+    def vocabulary(self) -> list[str]:
+        """All SID tokens, level by level."""
+        return [t for level in range(self.depth) for t in self.tokens_of_level(level)]
+
+    def sid_of(self, item_id: int) -> Sid:
+        try:
+            return self.items[item_id].sid
+        except KeyError:
+            raise ValueError(f"unknown item id {item_id}") from None
+
+    def items_of(self, sid: Sid) -> list[int]:
+        idx = self.sid_index.get(tuple(sid))
+        return [] if idx is None else self.items_of_sid[idx]
+
+    def check_item_ids(self, item_ids: Iterable[int]) -> None:
+        unknown = [i for i in item_ids if i not in self.items]
+        if unknown:
+            raise ValueError(f"unknown item ids: {unknown[:20]}")

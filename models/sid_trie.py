@@ -1,0 +1,97 @@
+"""Prefix trie over SIDs, held as dense tensors so decoders never loop over beams.
+
+Nodes are numbered level by level (root = 0). ``children[node, code]`` is the
+child node reached by code ``code`` of the node's level, or -1. Codes are local
+to a level (``<b_7>`` is code 7 of level 1); ``level_token_ids[level, code]``
+gives the LM vocabulary id of that token, so a decoder gathers the level's
+columns of the logits (``logits[:, level_token_ids[level]]``), masks them with
+``children[node] >= 0`` and never builds a full-vocabulary mask. Leaves (depth
+== catalog depth) map to a SID index of the catalog via ``leaf_sid``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from models.sid_catalog import SidCatalog
+
+
+class SidTrie:
+    def __init__(self, catalog: SidCatalog, token_to_id: Callable[[str], int]) -> None:
+        self.depth = catalog.depth
+        codes_per_level = [
+            [int(t[3:-1]) for t in catalog.tokens_of_level(lv)] for lv in range(self.depth)
+        ]
+        self.codebook_size = max(max(c) for c in codes_per_level) + 1
+        level_ids = torch.full((self.depth, self.codebook_size), -1, dtype=torch.long)
+        for lv, codes in enumerate(codes_per_level):
+            for c in codes:
+                tok = f"<{'abcdefgh'[lv]}_{c}>"
+                tid = token_to_id(tok)
+                if tid is None or tid < 0:
+                    raise ValueError(f"SID token {tok} is not in the tokenizer's vocabulary")
+                level_ids[lv, c] = tid
+        self.level_token_ids = level_ids  # (depth, C)
+
+        # Build nodes breadth-first so node ids are grouped by level.
+        prefix_node: dict[tuple[int, ...], int] = {(): 0}
+        node_depth = [0]
+        edges: list[tuple[int, int, int]] = []
+        for lv in range(self.depth):
+            for sid in catalog.sids:
+                prefix = tuple(int(t[3:-1]) for t in sid[: lv + 1])
+                if prefix not in prefix_node:
+                    prefix_node[prefix] = len(node_depth)
+                    node_depth.append(lv + 1)
+                    edges.append((prefix_node[prefix[:-1]], prefix[-1], prefix_node[prefix]))
+        num_nodes = len(node_depth)
+        children = torch.full((num_nodes, self.codebook_size), -1, dtype=torch.long)
+        for parent, code, child in edges:
+            children[parent, code] = child
+        self.children = children  # (nodes, C)
+        self.node_depth = torch.tensor(node_depth, dtype=torch.long)  # (nodes,)
+        leaf_sid = torch.full((num_nodes,), -1, dtype=torch.long)
+        for i, sid in enumerate(catalog.sids):
+            leaf_sid[prefix_node[tuple(int(t[3:-1]) for t in sid)]] = i
+        self.leaf_sid = leaf_sid  # (nodes,)
+        self._prefix_node = prefix_node
+        self._id_to_level_code = {
+            int(level_ids[lv, c]): (lv, c)
+            for lv in range(self.depth)
+            for c in range(self.codebook_size)
+            if level_ids[lv, c] >= 0
+        }
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.children.shape[0])
+
+    def to(self, device: torch.device | str) -> SidTrie:
+        self.level_token_ids = self.level_token_ids.to(device)
+        self.children = self.children.to(device)
+        self.node_depth = self.node_depth.to(device)
+        self.leaf_sid = self.leaf_sid.to(device)
+        return self
+
+    def node_of_token_ids(self, token_ids: Sequence[int]) -> int:
+        """Node reached by a prefix of vocabulary ids; -1 if it is not a valid prefix."""
+        prefix = []
+        for lv, tid in enumerate(token_ids):
+            lc = self._id_to_level_code.get(int(tid))
+            if lc is None or lc[0] != lv:
+                return -1
+            prefix.append(lc[1])
+        return self._prefix_node.get(tuple(prefix), -1)
+
+    def allowed_token_ids(self, prefix_token_ids: Sequence[int]) -> list[int]:
+        """Vocabulary ids allowed after a prefix (the reference decoder's per-beam query)."""
+        lv = len(prefix_token_ids)
+        if lv >= self.depth:
+            return []
+        node = self.node_of_token_ids(prefix_token_ids)
+        if node < 0:
+            return []
+        codes = torch.nonzero(self.children[node] >= 0).flatten()
+        return self.level_token_ids[lv, codes].tolist()

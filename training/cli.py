@@ -1,0 +1,114 @@
+"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, baseline, bench decode.
+
+Handlers parse options, build configs and call the modules that do the work;
+heavy imports stay inside the handlers so ``vstar --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Data set folder (train/valid/test CSV, index.json, item.json, item_emb.npy).")]
+RootOpt = Annotated[Path | None, typer.Option("--minionerec-root", help="A MiniOneRec checkout, read in its own layout (with --dataset).")]
+NameOpt = Annotated[str | None, typer.Option("--dataset", help="Data set name inside --minionerec-root, e.g. Industrial_and_Scientific.")]
+SplitsOpt = Annotated[str, typer.Option("--train-splits", help="Comma list of splits to train on: train or train,valid.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training rows.")]
+StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
+
+
+def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
+    from training.data import load_dataset, load_minionerec
+
+    if data is not None and root is not None:
+        raise typer.BadParameter("give either --data or --minionerec-root, not both")
+    if root is not None:
+        if not dataset:
+            raise typer.BadParameter("--minionerec-root needs --dataset NAME")
+        return load_minionerec(root, dataset)
+    if data is None:
+        raise typer.BadParameter("--data DIR (or --minionerec-root DIR --dataset NAME) is required")
+    return load_dataset(data)
+
+
+def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    text = json.dumps(payload, indent=2)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    typer.echo(text)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    @app.command()
+    def sft(
+        out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to write (best model).")],
+        data: DataOpt = None,
+        minionerec_root: RootOpt = None,
+        dataset: NameOpt = None,
+        preset: Annotated[str, typer.Option("--preset", help="tiny or small (built from a config, nothing downloaded).")] = "small",
+        base_model: Annotated[Path | None, typer.Option("--base-model", help="Local pretrained causal LM folder (e.g. Qwen2.5-0.5B).")] = None,
+        train_splits: SplitsOpt = "train",
+        epochs: EpochsOpt = 10,
+        max_steps: StepsOpt = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+        lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-3,
+        holdout: Annotated[int, typer.Option("--holdout", min=1, help="Most recent valid rows held out for model selection when valid is trained on.")] = 500,
+        eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="Steps between validations (0: each epoch).")] = 0,
+        seed: SeedOpt = 0,
+        device: DeviceOpt = "cpu",
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")] = False,
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")] = None,
+    ) -> None:
+        """Supervised next-SID training; keeps the best checkpoint by validation HR@10."""
+        from training.data import parse_splits
+        from training.sft import SFTConfig, train_sft
+
+        setup_logging()
+        ds = load_data(data, minionerec_root, dataset)
+        config = SFTConfig(
+            preset=preset, base_model=str(base_model) if base_model else None, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, lr=lr, train_splits=tuple(parse_splits(train_splits)), holdout=holdout,
+            eval_every=eval_every, seed=seed,
+        )
+        write_json(json_out, train_sft(ds, out, config, device=device, resume=resume))
+
+    @app.command(name="eval")
+    def eval_cmd(
+        checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder.")],
+        data: DataOpt = None,
+        minionerec_root: RootOpt = None,
+        dataset: NameOpt = None,
+        split: Annotated[str, typer.Option("--split", help="valid or test.")] = "test",
+        beams: Annotated[int, typer.Option("--beams", min=1, help="Beam width; also the length of each ranked list.")] = 50,
+        decoder: Annotated[str, typer.Option("--decoder", help="beam or ved.")] = "beam",
+        budget: Annotated[int | None, typer.Option("--budget", min=1, help="VED token budget per prompt.")] = None,
+        limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N rows.")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+        train_splits: SplitsOpt = "train",
+        device: DeviceOpt = "cpu",
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.")] = None,
+    ) -> None:
+        """HR@K / NDCG@K (MiniOneRec's definitions), catalog coverage and long-tail share on a split."""
+        from models.checkpoint import load_checkpoint
+        from training.data import parse_splits
+        from training.evaluate import evaluate, make_decoder
+
+        ds = load_data(data, minionerec_root, dataset)
+        if split not in ds.splits:
+            raise typer.BadParameter(f"unknown split {split!r}")
+        ckpt = load_checkpoint(checkpoint, device)
+        rows = ds.splits[split][:limit] if limit else ds.splits[split]
+        result = evaluate(ckpt.policy, rows, ds.samples(parse_splits(train_splits)), make_decoder(ckpt, decoder, beams, budget), batch_size)
+        result |= {"split": split, "decoder": decoder, "beams": beams, "budget": budget, "checkpoint": str(checkpoint)}
+        write_json(json_out, result)

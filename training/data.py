@@ -1,0 +1,220 @@
+"""Reading recommendation data sets: the project's folder layout and MiniOneRec's.
+
+Folder layout (``--data DIR``, as ../shared/data/amazon-industrial and ``vstar synth``)::
+
+    train.csv valid.csv test.csv   MiniOneRec's columns
+    index.json                     item id -> [SID tokens]
+    item.json                      item id -> {"title": ...}
+    item_emb.npy                   (items, dim) float32, row i = item i (optional)
+
+MiniOneRec's own checkout (``--minionerec-root ROOT --dataset NAME``)::
+
+    ROOT/data/Amazon/{train,valid,test}/NAME*.csv
+    ROOT/data/Amazon/index/NAME.index.json, NAME.item.json, NAME.emb-qwen-td.npy
+
+Every row is checked against the index: an unknown item id, a SID that is not
+the item's SID in the index, or a bad list literal is one ``DataError`` naming
+the file, the line and the problem. The SID columns are checked, then dropped:
+the index is the single source of truth for SIDs.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.sid_catalog import Item, SidCatalog, parse_sid
+
+SPLITS = ("train", "valid", "test")
+COLUMNS = ("user_id", "history_item_title", "item_title", "history_item_id", "item_id", "history_item_sid", "item_sid")
+
+
+class DataError(ValueError):
+    """A data file is malformed or inconsistent with the index."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    user_id: str
+    history: tuple[int, ...]  # item ids, oldest first
+    target: int
+
+
+@dataclass
+class RecDataset:
+    name: str
+    catalog: SidCatalog
+    splits: dict[str, list[Sample]]
+    embeddings: np.ndarray | None  # (items, dim) float32, row i = item id i
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def samples(self, splits: Sequence[str]) -> list[Sample]:
+        out: list[Sample] = []
+        for s in splits:
+            if s not in self.splits:
+                raise ValueError(f"unknown split {s!r}; the data set has {sorted(self.splits)}")
+            out.extend(self.splits[s])
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 over the data files, to record in checkpoints which data trained them."""
+        h = hashlib.sha256()
+        for key in sorted(self.files):
+            h.update(key.encode())
+            h.update(self.files[key].read_bytes())
+        return h.hexdigest()
+
+
+def parse_splits(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SPLITS]
+    if not names or bad:
+        raise ValueError(f"--train-splits must be a comma list of {SPLITS}, got {text!r}")
+    return names
+
+
+def load_dataset(data_dir: str | Path) -> RecDataset:
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    files = {s: root / f"{s}.csv" for s in SPLITS}
+    files |= {"index": root / "index.json", "item": root / "item.json"}
+    emb = root / "item_emb.npy"
+    return _load(root.name, files, emb if emb.exists() else None)
+
+
+def load_minionerec(root: str | Path, dataset: str) -> RecDataset:
+    base = Path(root) / "data" / "Amazon"
+    if not base.is_dir():
+        raise DataError(f"{base} does not exist: --minionerec-root must be a MiniOneRec checkout")
+    files: dict[str, Path] = {}
+    for s in SPLITS:
+        found = sorted((base / s).glob(f"{dataset}*.csv"))
+        if not found:
+            raise DataError(f"no {base / s}/{dataset}*.csv for split {s!r}")
+        files[s] = found[0]
+    files["index"] = base / "index" / f"{dataset}.index.json"
+    files["item"] = base / "index" / f"{dataset}.item.json"
+    emb = base / "index" / f"{dataset}.emb-qwen-td.npy"
+    return _load(dataset, files, emb if emb.exists() else None)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
+
+
+def _load(name: str, files: dict[str, Path], emb_path: Path | None) -> RecDataset:
+    index = _read_json(files["index"])
+    meta = _read_json(files["item"])
+    titles = {}
+    for key, value in meta.items():
+        if isinstance(value, dict):
+            titles[_int(key, files["item"], 1)] = str(value.get("title", ""))
+    try:
+        catalog = SidCatalog.from_index(index, titles)
+    except ValueError as e:
+        raise DataError(f"{files['index']}: {e}") from None
+    splits = {s: read_split(files[s], catalog) for s in SPLITS}
+    embeddings = None
+    if emb_path is not None:
+        embeddings = np.load(emb_path).astype(np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != catalog.num_items:
+            raise DataError(f"{emb_path}: shape {embeddings.shape}, expected ({catalog.num_items}, dim)")
+        files = files | {"item_emb": emb_path}
+    return RecDataset(name, catalog, splits, embeddings, files)
+
+
+def _int(value: str, path: Path, line: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}:{line}: {value!r} is not an integer item id") from None
+
+
+def _literal_list(value: str, column: str, path: Path, line: int) -> list:
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise DataError(f"{path}:{line}: column {column}: bad list literal {value[:60]!r}") from None
+    if not isinstance(parsed, list):
+        raise DataError(f"{path}:{line}: column {column}: expected a list, got {type(parsed).__name__}")
+    return parsed
+
+
+def read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    samples: list[Sample] = []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}:1: missing columns {missing}")
+        for row in reader:
+            line = reader.line_num
+            history = [_int(str(v), path, line) for v in _literal_list(row["history_item_id"], "history_item_id", path, line)]
+            target = _int(row["item_id"], path, line)
+            hist_sids = _literal_list(row["history_item_sid"], "history_item_sid", path, line)
+            if len(hist_sids) != len(history):
+                raise DataError(f"{path}:{line}: {len(history)} history ids but {len(hist_sids)} history SIDs")
+            for item_id, sid_text in [*zip(history, hist_sids), (target, row["item_sid"])]:
+                if item_id not in catalog.items:
+                    raise DataError(f"{path}:{line}: unknown item id {item_id} (not in the index)")
+                try:
+                    sid = parse_sid(str(sid_text), catalog.depth)
+                except ValueError as e:
+                    raise DataError(f"{path}:{line}: {e}") from None
+                if sid not in catalog.sid_index:
+                    raise DataError(f"{path}:{line}: SID {sid_text} is not in the index")
+                if sid != catalog.items[item_id].sid:
+                    raise DataError(f"{path}:{line}: item {item_id} has SID {sid_text}, the index says {''.join(catalog.items[item_id].sid)}")
+            samples.append(Sample(row["user_id"], tuple(history), target))
+    return samples
+
+
+def write_dataset(
+    out: Path,
+    catalog: SidCatalog,
+    splits: dict[str, list[Sample]],
+    meta: dict[int, dict[str, str]],
+    embeddings: np.ndarray | None,
+) -> None:
+    """Write a data set in the folder layout (used by ``vstar synth`` and tests)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.json").write_text(json.dumps(catalog.to_index()))
+    (out / "item.json").write_text(json.dumps({str(k): v for k, v in sorted(meta.items())}))
+    if embeddings is not None:
+        np.save(out / "item_emb.npy", embeddings.astype(np.float32))
+    title = {i: m.get("title", "") for i, m in meta.items()}
+    for split, rows in splits.items():
+        with (out / f"{split}.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            for s in rows:
+                w.writerow([
+                    s.user_id,
+                    repr([title[i] for i in s.history]),
+                    title[s.target],
+                    repr(list(s.history)),
+                    s.target,
+                    repr(["".join(catalog.sid_of(i)) for i in s.history]),
+                    "".join(catalog.sid_of(s.target)),
+                ])
+
+
+__all__ = ["DataError", "Item", "RecDataset", "Sample", "load_dataset", "load_minionerec", "parse_splits", "write_dataset"]

@@ -1,0 +1,80 @@
+"""Ranking metrics, computed exactly as MiniOneRec computes them.
+
+A recommendation list is a ranked list of SID indices; the target counts as hit
+at rank r (0-based) if its SID stands at position r. HR@K = share of rows with
+r < K; NDCG@K = mean of 1 / log2(r + 2) over rows with r < K (one relevant item,
+so the ideal DCG is 1). Item-based baselines are mapped to SIDs first (an item's
+SID, first occurrence kept), so every recommender is scored by this one code.
+
+Beyond accuracy: ``coverage@K`` is the share of catalog items that appear (via
+their SID) in some top-K list; ``tail_share@K`` is the share of recommended items
+that are long-tail, i.e. outside the most popular 20% of items by training
+interactions (the usual Pareto split).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from models.sid_catalog import SidCatalog
+
+CUTOFFS = (1, 3, 5, 10, 20, 50)
+
+
+def target_rank(ranked: Sequence[int], target: int) -> int | None:
+    for r, sid in enumerate(ranked):
+        if sid == target:
+            return r
+    return None
+
+
+def rank_metrics(ranked_lists: Sequence[Sequence[int]], targets: Sequence[int], cutoffs: Iterable[int] = CUTOFFS) -> dict[str, float]:
+    if len(ranked_lists) != len(targets):
+        raise ValueError(f"{len(ranked_lists)} ranked lists for {len(targets)} targets")
+    n = max(len(targets), 1)
+    ranks = [target_rank(lst, t) for lst, t in zip(ranked_lists, targets)]
+    out: dict[str, float] = {}
+    for k in cutoffs:
+        out[f"HR@{k}"] = sum(1 for r in ranks if r is not None and r < k) / n
+        out[f"NDCG@{k}"] = sum(1.0 / math.log2(r + 2) for r in ranks if r is not None and r < k) / n
+    return out
+
+
+def tail_items(catalog: SidCatalog, train_item_counts: Counter[int], head_share: float = 0.2) -> set[int]:
+    """Items outside the most popular ``head_share`` of the catalog."""
+    order = sorted(catalog.items, key=lambda i: (-train_item_counts.get(i, 0), i))
+    n_head = int(round(head_share * len(order)))
+    return set(order[n_head:])
+
+
+def beyond_accuracy(
+    ranked_lists: Sequence[Sequence[int]], catalog: SidCatalog, tail: set[int], k: int = 10
+) -> dict[str, float]:
+    covered: set[int] = set()
+    recommended = tail_hits = 0
+    for lst in ranked_lists:
+        for sid in lst[:k]:
+            items = catalog.items_of_sid[sid]
+            covered.update(items)
+            recommended += len(items)
+            tail_hits += sum(1 for i in items if i in tail)
+    return {
+        f"coverage@{k}": len(covered) / catalog.num_items,
+        f"tail_share@{k}": tail_hits / max(recommended, 1),
+    }
+
+
+def items_to_sid_ranking(items: Iterable[int], catalog: SidCatalog, limit: int) -> list[int]:
+    """Rank SIDs by their first item in an item ranking (for item-based baselines)."""
+    seen: set[int] = set()
+    out: list[int] = []
+    for i in items:
+        s = catalog.sid_index[catalog.items[i].sid]
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+            if len(out) == limit:
+                break
+    return out
