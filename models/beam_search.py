@@ -148,7 +148,8 @@ def beam_search(
     batch_offset = (torch.arange(b, device=dev) * k)[:, None]  # (B, 1)
     for level in range(1, trie.depth):
         mask = torch.cat([mask, mask.new_ones((b * k, 1))], dim=1)
-        log_probs, _ = decode_step(model, cache, tokens[-1].reshape(-1), mask, pos + level - 1)
+        # rows of invalid beams (score -inf) carry token -1: feed any valid id, they stay -inf
+        log_probs, _ = decode_step(model, cache, tokens[-1].reshape(-1).clamp(min=0), mask, pos + level - 1)
         cand = level_log_probs(log_probs, trie, level, nodes.reshape(-1))  # (B*K, C)
         cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)

@@ -23,6 +23,8 @@ def hf_beam_search(
     config: BeamSearchConfig,
 ) -> DecodeResult:
     k = config.num_beams
+    if k < 2:
+        raise ValueError("HF beam search needs num_beams >= 2 (num_beams=1 is greedy search)")
     prompt_len = input_ids.shape[1]
 
     def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:

@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random catalog and data set, a tiny policy, the real data set.
+
+Nothing is downloaded (HF_HUB_OFFLINE=1); models are built from a config with a
+fixed seed. Tests that need ../shared/data skip with a stated reason on a fresh
+clone, where that folder does not exist.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from models.policy import Policy  # noqa: E402
+from models.sid_catalog import Item, SidCatalog, level_token  # noqa: E402
+from training.data import RecDataset, Sample, load_dataset, write_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VSTAR_SHARED_DATA", REPO.parent / "shared" / "data" / "amazon-industrial"))
+
+
+def make_catalog(num_items: int = 120, codes: tuple[int, int, int] = (6, 5, 5), seed: int = 0) -> SidCatalog:
+    rng = random.Random(seed)
+    items = {}
+    for i in range(num_items):
+        sid = tuple(level_token(lv, rng.randrange(c)) for lv, c in enumerate(codes))
+        items[i] = Item(i, f"item {i}", sid)
+    return SidCatalog(items)
+
+
+def make_samples(catalog: SidCatalog, n: int, seed: int, prefix: str = "u") -> list[Sample]:
+    rng = random.Random(seed)
+    ids = sorted(catalog.items)
+    out = []
+    for u in range(n):
+        hist = tuple(rng.choice(ids) for _ in range(rng.randrange(1, 8)))
+        out.append(Sample(f"{prefix}{u}", hist, rng.choice(ids)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog() -> SidCatalog:
+    return make_catalog()
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_catalog: SidCatalog) -> Policy:
+    policy = Policy.from_preset("tiny", tiny_catalog, seed=0)
+    policy.model.eval()
+    return policy
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_catalog: SidCatalog) -> Path:
+    out = tmp_path_factory.mktemp("tiny_data")
+    splits = {"train": make_samples(tiny_catalog, 200, 1), "valid": make_samples(tiny_catalog, 40, 2), "test": make_samples(tiny_catalog, 40, 3)}
+    meta = {i: {"title": it.title} for i, it in tiny_catalog.items.items()}
+    emb = np.random.default_rng(0).normal(size=(tiny_catalog.num_items, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    write_dataset(out, tiny_catalog, splits, meta, emb)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_data_dir: Path) -> RecDataset:
+    return load_dataset(tiny_data_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    if not (SHARED_DATA / "index.json").exists():
+        pytest.skip(f"real data set not found at {SHARED_DATA} (a fresh clone has no ../shared; CI has it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_dataset(shared_data_dir: Path) -> RecDataset:
+    return load_dataset(shared_data_dir)
