@@ -1,0 +1,109 @@
+"""``create_app(settings)``: the FastAPI application, its lifespan and its middleware.
+
+Lifespan loads everything once, before the first request: the checkpoint
+(policy, SID catalog with item titles, value head), the store (a Redis pool or
+the in-process store) and the recommender with its micro-batcher. A missing or
+broken checkpoint raises here, so the server fails at startup, loudly, instead
+of answering 500s later; a warm-up decode proves the model runs. Redis being
+down at startup is not fatal: the service starts degraded and recovers when
+Redis comes back (``service.stores``).
+
+Middleware, outermost first: request id + access log, catch-all 500, body size
+limit, then FastAPI's routing and exception handlers (``service.errors``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from models.checkpoint import CheckpointError, load_checkpoint
+from service.errors import install_error_handling
+from service.json_logs import configure_logging
+from service.metrics import ServiceMetrics
+from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.recommender import Recommender
+from service.routes import build_router
+from service.schemas import request_models
+from service.settings import Settings
+from service.stores import MemoryStore, RedisStore, Store
+
+log = logging.getLogger("service.app")
+
+
+def build_store(settings: Settings) -> Store:
+    if settings.redis_url is None:
+        return MemoryStore(settings.stored_history_max, settings.memory_cache_entries)
+    return RedisStore(
+        str(settings.redis_url), settings.stored_history_max, settings.redis_timeout_s, settings.redis_retry_after_s
+    )
+
+
+def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender:
+    if settings.checkpoint is None:
+        raise CheckpointError("no checkpoint configured: set VSTAR_CHECKPOINT or pass --checkpoint")
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    t0 = time.perf_counter()
+    checkpoint = load_checkpoint(settings.checkpoint, settings.device)
+    recommender = Recommender(checkpoint, settings, build_store(settings), metrics)
+    if settings.warmup:
+        recommender.warmup()
+    log.info(
+        "model loaded",
+        extra={
+            "checkpoint": str(settings.checkpoint),
+            "model_version": checkpoint.model_version,
+            "items": checkpoint.policy.catalog.num_items,
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
+    return recommender
+
+
+def create_app(settings: Settings) -> FastAPI:
+    configure_logging(settings.log_level)
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            recommender = load_recommender(settings, metrics)
+        except CheckpointError:
+            log.exception("startup failed: bad checkpoint")
+            raise
+        recommender.start()
+        if not await recommender.store.ping():
+            log.warning("redis unreachable at startup; serving degraded until it answers")
+        app.state.recommender = recommender
+        log.info("settings", extra={"settings": settings.model_dump(mode="json")})
+        try:
+            yield
+        finally:
+            app.state.recommender = None
+            await recommender.close()
+
+    app = FastAPI(
+        title="vstar recommendation service",
+        version="1",
+        summary="Generative recommendations over semantic IDs: beam search, or value-guided search under a cap.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.recommender = None
+    app.include_router(build_router(request_models(settings)))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_error_handling(app)  # adds the catch-all, outside the body limit
+    app.add_middleware(RequestContextMiddleware, log_requests=settings.access_log)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn's factory for ``vstar serve`` (each worker process reads the environment)."""
+    return create_app(Settings())

@@ -1,0 +1,119 @@
+"""Dynamic micro-batching: requests that arrive together share one decode.
+
+One asyncio task drains a queue. It takes the first waiting job, then keeps
+collecting for at most ``max_wait_s`` or until ``max_size`` jobs are in hand,
+splits them into groups of equal ``key`` (the decoder config: jobs with
+different beam widths cannot share a beam search without changing each other's
+results) and runs each group through ``run`` on the model executor, off the
+event loop. While a group decodes, new arrivals queue up and form the next
+batch, so under load batches fill without any waiting.
+
+Results are identical to decoding each job alone because beam search scores
+every prompt of a batch independently (rows only share the padded matmuls);
+``tests/service/test_batching.py`` checks it through the HTTP API.
+
+``max_size == 1`` turns batching off: jobs are decoded one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("service.batcher")
+J = TypeVar("J")  # a job: what one request asks the model for
+R = TypeVar("R")  # its result
+
+
+@dataclass
+class _Pending(Generic[J, R]):
+    key: Hashable
+    job: J
+    future: asyncio.Future[R] = field(repr=False)
+
+
+class MicroBatcher(Generic[J, R]):
+    def __init__(
+        self,
+        run: Callable[[Hashable, Sequence[J]], Sequence[R]],  # runs in the executor; one result per job
+        executor: Executor,
+        max_size: int,
+        max_wait_s: float,
+        on_batch: Callable[[Hashable, int], None] | None = None,  # (key, size) after each decode
+    ) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        self.run = run
+        self.executor = executor
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        assert self._task is None, "batcher already started"
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("server shutting down"))
+
+    async def submit(self, key: Hashable, job: J) -> R:
+        assert self._task is not None, "batcher not started"
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(key, job, future))
+        return await future
+
+    async def _collect(self) -> list[_Pending[J, R]]:
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            groups: dict[Hashable, list[_Pending[J, R]]] = {}
+            for pending in batch:
+                if not pending.future.done():  # the client may have gone away while it queued
+                    groups.setdefault(pending.key, []).append(pending)
+            for key, group in groups.items():
+                await self._run_group(loop, key, group)
+
+    async def _run_group(self, loop: asyncio.AbstractEventLoop, key: Hashable, group: list[_Pending[J, R]]) -> None:
+        try:
+            results: Sequence[Any] = await loop.run_in_executor(self.executor, self.run, key, [p.job for p in group])
+            assert len(results) == len(group), "run must return one result per job"
+        except Exception as e:  # handed to each waiting request, which reports it
+            for p in group:
+                if not p.future.done():
+                    p.future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(key, len(group))
+        for p, r in zip(group, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(r)

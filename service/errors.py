@@ -1,0 +1,136 @@
+"""Domain exceptions and the one place that turns them into HTTP responses.
+
+Every error a client sees has the body ``{"error": {"type": ..., "message": ...}}``.
+Routes and the recommender raise the exceptions below; ``install_error_handling``
+registers one handler per kind, the mappings of FastAPI's validation errors
+(422, message naming each field) and Starlette's routing errors (404/405), and
+a catch-all middleware: any other exception becomes a 500 whose body carries
+only the request id, while the trace goes to the log under that id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.json_logs import current_request_id
+
+log = logging.getLogger("service.errors")
+
+
+class ServiceError(Exception):
+    """Base of the errors a client may see; ``status`` and ``type`` pick the response."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServiceError):
+    """A field is well-typed but its value is not acceptable (unknown items, bad SIDs, ...)."""
+
+    status = 422
+    type = "invalid_request"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(ServiceError):
+    status = 404
+    type = "not_found"
+
+
+class StoreUnavailable(ServiceError):
+    """Redis is configured but cannot be reached; the request needs it."""
+
+    status = 503
+    type = "store_unavailable"
+
+
+class NotReady(ServiceError):
+    status = 503
+    type = "not_ready"
+
+
+def error_body(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message}}
+
+
+def validation_message(errors: Sequence[Any], limit: int = 5) -> str:
+    """``"body.k: Input should be less than or equal to 100; ..."`` for FastAPI's error list."""
+    parts = []
+    for err in list(errors)[:limit]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    if len(errors) > limit:
+        parts.append(f"... and {len(errors) - limit} more")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(error_body("invalid_request", validation_message(exc.errors())), status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+class CatchAllMiddleware:
+    """Outermost-but-one layer: an unhandled exception becomes a bare 500 with the request id.
+
+    Done here rather than in Starlette's ``ServerErrorMiddleware`` so the trace is
+    logged once, with the request id, and the exception does not reach the server.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            rid = current_request_id()
+            log.exception("unhandled error", extra={"path": scope.get("path"), "method": scope.get("method")})
+            if started:  # headers are gone; all we can do is drop the connection
+                raise
+            body = error_body("internal_error", f"internal server error (request id {rid})")
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
+def install_error_handling(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(CatchAllMiddleware)

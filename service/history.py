@@ -1,0 +1,98 @@
+"""History entries: what clients send (item ids, SID strings) resolved against the catalog.
+
+An entry is an item id (an int, or a string of digits, which is how stored
+histories hold them) or a SID string. Resolution checks everything and raises
+one ``InvalidInput`` listing every bad entry by kind, so a client fixes a
+request in one round trip. Stored entries are written in the normalised form
+``HistoryEvent.stored()`` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from models.sid_catalog import Sid, SidCatalog, parse_sid, sid_to_str
+from service.errors import InvalidInput
+
+MAX_LISTED = 10  # bad entries quoted per kind in an error message
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    item_id: int | None  # None when the client named a SID rather than an item
+    sid: Sid
+
+    def stored(self) -> str:
+        return str(self.item_id) if self.item_id is not None else sid_to_str(self.sid)
+
+
+def _short(text: str, limit: int = 48) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _listed(values: Sequence[object]) -> str:
+    shown = ", ".join(_short(repr(v)) for v in values[:MAX_LISTED])
+    return f"[{shown}{', ...' if len(values) > MAX_LISTED else ''}] ({len(values)})"
+
+
+def resolve_entries(catalog: SidCatalog, entries: Iterable[int | str], field: str) -> list[HistoryEvent]:
+    """Resolve every entry or raise ``InvalidInput(field, ...)`` listing all the bad ones."""
+    events: list[HistoryEvent] = []
+    unknown_ids: list[int | str] = []
+    malformed: list[str] = []
+    unknown_sids: list[str] = []
+    for entry in entries:
+        if isinstance(entry, int) or (entry.isascii() and entry.isdigit()):
+            # a 30-digit id is no catalog id; the bound also keeps int() away from huge strings
+            item = catalog.items.get(int(entry)) if len(str(entry)) <= 20 else None
+            if item is None:
+                unknown_ids.append(entry)
+            else:
+                events.append(HistoryEvent(item.item_id, item.sid))
+            continue
+        try:
+            sid = parse_sid(entry, catalog.depth)
+        except ValueError:
+            malformed.append(entry)
+            continue
+        if sid not in catalog.sid_index:
+            unknown_sids.append(entry)
+        else:
+            events.append(HistoryEvent(None, sid))
+    problems = []
+    if unknown_ids:
+        problems.append(f"unknown item ids {_listed(unknown_ids)}")
+    if malformed:
+        problems.append(f"malformed SIDs {_listed(malformed)}: expected {catalog.depth} tokens like <a_1><b_2><c_3>")
+    if unknown_sids:
+        problems.append(f"SIDs not in the catalog {_listed(unknown_sids)}")
+    if problems:
+        raise InvalidInput(field, "; ".join(problems))
+    return events
+
+
+def resolve_stored(catalog: SidCatalog, entries: Iterable[str]) -> tuple[list[HistoryEvent], int]:
+    """Stored entries, skipping any a newer catalog no longer knows; returns (events, skipped)."""
+    events: list[HistoryEvent] = []
+    skipped = 0
+    for entry in entries:
+        try:
+            events.extend(resolve_entries(catalog, [entry], "stored history"))
+        except InvalidInput:
+            skipped += 1
+    return events, skipped
+
+
+def excluded_items(catalog: SidCatalog, events: Iterable[HistoryEvent]) -> frozenset[int]:
+    """Items a user already has: the named items, and every item of a named SID."""
+    out: set[int] = set()
+    for e in events:
+        out.update([e.item_id] if e.item_id is not None else catalog.items_of(e.sid))
+    return frozenset(out)
+
+
+def fully_excluded_sids(catalog: SidCatalog, excluded: frozenset[int]) -> int:
+    """How many SIDs have every item excluded: the extra beams needed to still return k."""
+    sids = {catalog.items[i].sid for i in excluded}
+    return sum(all(i in excluded for i in catalog.items_of(sid)) for sid in sids)

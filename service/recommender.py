@@ -1,0 +1,261 @@
+"""The recommender: the one object that does the service's work, built once at startup.
+
+A request goes: history (stored + given, resolved against the catalog) ->
+exclusion set -> response cache -> decode (micro-batched, on the model thread)
+-> SIDs expanded to items, excluded items dropped, cut to k -> response.
+
+Design decisions:
+
+* The decoders work on SIDs; one SID can name several items, so each result
+  row is a SID with all its items. ``exclude_history`` removes the user's items
+  from those lists and drops a SID whose items are all excluded; the decode asks
+  for ``k`` plus that many extra beams, so k items still come back when k exist.
+* The response cache key is the model version plus the normalised request: the
+  SIDs the prompt actually sees (the last ``max_history``), the exclusion set
+  when exclusion is on, ``k``, the mode and, for VED only, budget and cap. A
+  user's new event changes the key, so the cache never needs invalidating.
+* All model work runs on one executor thread, so torch owns the cores and
+  the event loop keeps answering health checks and cache hits meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from models.beam_search import BeamSearchConfig, beam_search
+from models.checkpoint import LoadedCheckpoint
+from models.sid_catalog import Sid, sid_to_str
+from service.batcher import MicroBatcher
+from service.errors import InvalidInput, NotFound, StoreUnavailable
+from service.history import HistoryEvent, excluded_items, fully_excluded_sids, resolve_entries, resolve_stored
+from service.metrics import ServiceMetrics
+from service.schemas import (
+    EventsResponse,
+    HistoryItem,
+    HistoryResponse,
+    ItemResponse,
+    Readiness,
+    RecommendedItem,
+    RecommendRequest,
+    RecommendResponse,
+)
+from service.settings import Settings
+from service.stores import RedisStore, Store
+
+log = logging.getLogger("service.recommender")
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    history: tuple[Sid, ...]  # the SIDs the prompt sees, oldest first
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    sid_index: list[int]  # ranked catalog SID indices, -1 where no valid SID
+    scores: list[float]
+
+
+class Recommender:
+    def __init__(self, checkpoint: LoadedCheckpoint, settings: Settings, store: Store, metrics: ServiceMetrics) -> None:
+        self.policy = checkpoint.policy
+        self.catalog = checkpoint.policy.catalog
+        self.model_version = checkpoint.model_version
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.max_prompt_history = self.policy.prompt.max_history
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vstar-model")
+        self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
+            self._decode, self.executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000, self._on_batch
+        )
+
+    # ---- lifecycle
+
+    def warmup(self) -> None:
+        """Decode one request synchronously: a checkpoint that cannot decode fails the start."""
+        first = self.catalog.sids[0]
+        rows = self._decode(BeamSearchConfig(self.settings.default_k), [DecodeJob((first,))])
+        assert rows and rows[0].sid_index[0] >= 0, "warm-up decode returned no valid SID"
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+        self.executor.shutdown(wait=True)
+        await self.store.close()
+
+    # ---- model thread
+
+    def _decode(self, key: Hashable, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        assert isinstance(key, BeamSearchConfig)
+        ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
+        res = beam_search(self.policy.model, self.policy.trie, ids, mask, key)
+        return [DecodeRow(s, sc) for s, sc in zip(res.sid_index.tolist(), res.scores.tolist(), strict=True)]
+
+    def _on_batch(self, key: Hashable, size: int) -> None:
+        if isinstance(key, BeamSearchConfig):
+            self.metrics.batch_size.observe(size)
+
+    # ---- requests
+
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        started = time.perf_counter()
+        try:
+            response = await self._recommend(req, started)
+        except (InvalidInput, NotFound, StoreUnavailable) as e:
+            self.metrics.requests.labels(req.mode, type(e).__name__).inc()
+            raise
+        self.metrics.requests.labels(req.mode, "ok").inc()
+        self.metrics.latency.labels(req.mode).observe(time.perf_counter() - started)
+        return response
+
+    async def _recommend(self, req: RecommendRequest, started: float) -> RecommendResponse:
+        events, stored_state = await self._history_for(req)
+        excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
+        seen = events[-self.max_prompt_history :]
+        key = self._cache_key(req, seen, excluded)
+        body = await self._cache_get(key)
+        cached = body is not None
+        if body is None:
+            body = await self._search(req, seen, excluded)
+            await self._cache_set(key, body)
+        return RecommendResponse(
+            items=[RecommendedItem(**it) for it in body["items"]],
+            mode=req.mode,
+            cap_hit=body["cap_hit"],
+            search=body["search"],
+            model_version=self.model_version,
+            server_time_ms=round((time.perf_counter() - started) * 1000, 3),
+            history_length=len(events),
+            history_truncated=len(events) > self.max_prompt_history,
+            stored_history=stored_state,
+            cached=cached,
+        )
+
+    async def _search(
+        self, req: RecommendRequest, seen: list[HistoryEvent], excluded: frozenset[int]
+    ) -> dict[str, Any]:
+        extra = fully_excluded_sids(self.catalog, excluded)
+        config = req.to_decode_config(extra)
+        config = BeamSearchConfig(min(config.num_beams, len(self.catalog.sids)))
+        row = await self.batcher.submit(config, DecodeJob(tuple(e.sid for e in seen)))
+        return {"items": self._rank(row, excluded, req.k), "cap_hit": False, "search": None}
+
+    def _rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for idx, score in zip(row.sid_index, row.scores, strict=True):
+            if idx < 0 or not math.isfinite(score):
+                continue
+            items = [i for i in self.catalog.items_of_sid[idx] if i not in excluded]
+            if not items:
+                continue
+            sid = sid_to_str(self.catalog.sids[idx])
+            out.append({"sid": sid, "item_ids": items, "titles": [self.catalog.items[i].title for i in items],
+                        "score": score})
+            if len(out) == k:
+                break
+        return out
+
+    async def _history_for(self, req: RecommendRequest) -> tuple[list[HistoryEvent], str]:
+        """Stored history (if a user is named) followed by the request's; and how the store answered."""
+        given = resolve_entries(self.catalog, req.history or [], "history")
+        if req.user_id is None:
+            if not given:
+                raise InvalidInput("history", "give a non-empty history, or a user_id with a stored history")
+            return given, "none"
+        try:
+            stored, skipped = resolve_stored(self.catalog, await self.store.history(req.user_id))
+        except StoreUnavailable:
+            self.metrics.store_errors.labels("read_history").inc()
+            if not given:
+                raise StoreUnavailable(
+                    "user_id: the history store is unavailable; send the history in the request"
+                ) from None
+            return given, "unavailable"
+        if skipped:
+            log.warning("stored history has entries the catalog does not know", extra={"skipped": skipped})
+        if not stored and not given:
+            raise NotFound(f"user_id: no stored history for user {req.user_id!r} and the request has no history")
+        return stored + given, "used" if stored else "none"
+
+    def _cache_key(self, req: RecommendRequest, seen: list[HistoryEvent], excluded: frozenset[int]) -> str:
+        norm: dict[str, Any] = {
+            "v": self.model_version,
+            "h": [sid_to_str(e.sid) for e in seen],
+            "x": sorted(excluded),
+            "k": req.k,
+            "m": req.mode,
+        }
+        if req.mode == "ved":
+            norm |= {"b": req.budget, "l": req.cap_ms(self.settings)}
+        return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()
+
+    async def _cache_get(self, key: str) -> dict[str, Any] | None:
+        if self.settings.cache_ttl_s == 0:
+            return None
+        try:
+            raw = await self.store.cache_get(key)
+        except StoreUnavailable:
+            self.metrics.store_errors.labels("read_cache").inc()
+            raw = None
+        self.metrics.cache.labels("hit" if raw is not None else "miss").inc()
+        return None if raw is None else json.loads(raw)
+
+    async def _cache_set(self, key: str, body: dict[str, Any]) -> None:
+        if self.settings.cache_ttl_s == 0:
+            return
+        try:
+            await self.store.cache_set(key, json.dumps(body).encode(), self.settings.cache_ttl_s)
+        except StoreUnavailable:
+            self.metrics.store_errors.labels("write_cache").inc()
+
+    async def append_events(self, user_id: str, entries: Sequence[int | str]) -> EventsResponse:
+        events = resolve_entries(self.catalog, entries, "items")
+        try:
+            length = await self.store.append(user_id, [e.stored() for e in events])
+        except StoreUnavailable:
+            self.metrics.store_errors.labels("append_history").inc()
+            raise StoreUnavailable("the history store is unavailable; the events were not stored, retry") from None
+        return EventsResponse(user_id=user_id, appended=len(events), history_length=length)
+
+    async def history(self, user_id: str) -> HistoryResponse:
+        try:
+            stored, _ = resolve_stored(self.catalog, await self.store.history(user_id))
+        except StoreUnavailable:
+            self.metrics.store_errors.labels("read_history").inc()
+            raise
+        if not stored:
+            raise NotFound(f"user_id: no stored history for user {user_id!r}")
+        items = [
+            HistoryItem(
+                item_id=e.item_id,
+                sid=sid_to_str(e.sid),
+                title=self.catalog.items[e.item_id].title if e.item_id is not None else None,
+            )
+            for e in stored
+        ]
+        return HistoryResponse(user_id=user_id, history=items)
+
+    def item(self, item_id: int) -> ItemResponse:
+        item = self.catalog.items.get(item_id)
+        if item is None:
+            raise NotFound(f"item_id: unknown item {item_id}")
+        return ItemResponse(item_id=item.item_id, sid=sid_to_str(item.sid), title=item.title)
+
+    async def readiness(self) -> Readiness:
+        if isinstance(self.store, RedisStore):
+            redis = "ok" if await self.store.ping() else "unreachable"
+        else:
+            redis = "not_configured"
+        status = "ready" if redis != "unreachable" else "degraded"
+        return Readiness(status=status, model="loaded", model_version=self.model_version, redis=redis)

@@ -1,0 +1,87 @@
+"""HTTP routes: glue between the wire schemas and the recommender, nothing else.
+
+No ``from __future__ import annotations`` here: the request body classes are
+built per app from the settings (``schemas.request_models``), so the handlers'
+annotations must be evaluated where those classes are in scope.
+"""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.errors import NotReady
+from service.recommender import Recommender
+from service.schemas import (
+    ErrorResponse,
+    EventsResponse,
+    Health,
+    HistoryResponse,
+    ItemResponse,
+    Readiness,
+    RecommendResponse,
+    RequestModels,
+)
+
+
+def get_recommender(request: Request) -> Recommender:
+    recommender: Recommender | None = request.app.state.recommender
+    if recommender is None:
+        raise NotReady("the model is not loaded yet")
+    return recommender
+
+
+RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in (413, 422, *codes)}
+
+
+def build_router(models: RequestModels) -> APIRouter:
+    router = APIRouter()
+    RecommendBody = models.recommend  # noqa: N806 - a class, named like one
+    EventsBody = models.events  # noqa: N806
+    UserId = Annotated[  # noqa: N806
+        str, Path(min_length=1, max_length=models.max_user_id_length, pattern=models.user_id_pattern)
+    ]
+
+    @router.post("/recommend", responses=_errors(404, 503), tags=["recommend"])
+    async def recommend(body: RecommendBody, recommender: RecommenderDep) -> RecommendResponse:
+        """Rank k items for a history (given, stored under `user_id`, or both: stored first)."""
+        return await recommender.recommend(body)
+
+    @router.post("/users/{user_id}/events", responses=_errors(503), tags=["users"])
+    async def append_events(user_id: UserId, body: EventsBody, recommender: RecommenderDep) -> EventsResponse:
+        """Append interactions to the user's stored history; 503 if they cannot be stored."""
+        return await recommender.append_events(user_id, body.items)
+
+    @router.get("/users/{user_id}/history", responses=_errors(404, 503), tags=["users"])
+    async def history(user_id: UserId, recommender: RecommenderDep) -> HistoryResponse:
+        """The user's stored history, oldest first."""
+        return await recommender.history(user_id)
+
+    @router.get("/items/{item_id}", responses=_errors(404), tags=["items"])
+    async def item(item_id: int, recommender: RecommenderDep) -> ItemResponse:
+        """One catalog item: its SID and title."""
+        return recommender.item(item_id)
+
+    @router.get("/healthz", tags=["ops"])
+    async def healthz() -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok")
+
+    @router.get("/readyz", responses={503: {"model": Readiness}}, tags=["ops"])
+    async def readyz(request: Request, response: Response) -> Readiness:
+        """Readiness: model loaded; Redis reachable (degraded, still 200, when it is not) or not configured."""
+        recommender: Recommender | None = request.app.state.recommender
+        if recommender is None:
+            response.status_code = 503
+            return Readiness(status="not_ready", model="not_loaded", model_version=None, redis="not_configured")
+        return await recommender.readiness()
+
+    @router.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -1,0 +1,162 @@
+"""Wire schemas: what clients send and receive. Decoders never see these.
+
+Requests are strict (a string is not an int, ``true`` is not 1) and closed
+(unknown fields are rejected), so a client's typo is a 422 naming the field
+instead of a silently ignored option.
+
+The limits a client can hit are ``Field`` bounds taken from ``Settings``:
+``request_models(settings)`` derives the bounded request classes once per app,
+so the OpenAPI schema always states the limits the server enforces. A request
+converts itself into the decoder's config with ``to_decode_config()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from models.beam_search import BeamSearchConfig
+from service.settings import Settings
+
+HistoryEntry = int | str  # an item id, or a SID string such as "<a_1><b_2><c_3>"
+Mode = Literal["beam", "ved"]
+
+
+class RecommendRequest(BaseModel):
+    """Unbounded base; the app serves the subclass made by ``request_models``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: str | None = Field(None, description="Use this user's stored history (plus `history`, if given).")
+    history: list[HistoryEntry] | None = Field(None, description="Item ids or SID strings, oldest first.")
+    k: int = Field(10, description="How many recommendations.")
+    mode: Mode = Field("beam", description="beam: exact top-k beam search; ved: value-guided search under a cap.")
+    budget: int | None = Field(None, description="VED: token budget (default: the search's own).")
+    latency_ms: int | None = Field(None, description="VED: latency cap in ms (default from settings).")
+    exclude_history: bool | None = Field(None, description="Drop items already in the history (default from settings).")
+
+    def to_decode_config(self, extra_beams: int) -> BeamSearchConfig:
+        """The beam decoder's config: ``k`` plus the beams that exclusion may remove."""
+        return BeamSearchConfig(num_beams=self.k + extra_beams)
+
+    def cap_ms(self, settings: Settings) -> int:
+        return self.latency_ms if self.latency_ms is not None else settings.ved_default_latency_ms
+
+    def excludes_history(self, settings: Settings) -> bool:
+        return settings.exclude_history_default if self.exclude_history is None else self.exclude_history
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    items: list[HistoryEntry] = Field(description="Interactions to append, oldest first: item ids or SID strings.")
+
+
+class RecommendedItem(BaseModel):
+    sid: str
+    item_ids: list[int] = Field(description="Every catalog item with this SID (a SID may name several).")
+    titles: list[str]
+    score: float = Field(description="beam: summed log-probability of the SID; ved: the search's score.")
+
+
+class SearchStats(BaseModel):
+    tokens_spent: int
+    nodes: int
+    max_depth: int
+    iterations: int
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItem]
+    mode: Mode
+    cap_hit: bool = Field(description="VED stopped at the latency cap (always false for beam).")
+    search: SearchStats | None = Field(None, description="VED search statistics; null for beam.")
+    model_version: str
+    server_time_ms: float
+    history_length: int = Field(description="History entries used (stored + given).")
+    history_truncated: bool = Field(description="The history was cut to the model's maximum prompt length.")
+    stored_history: Literal["used", "none", "unavailable"] = Field(
+        description="used: the user's stored history was read; none: no user_id or nothing stored; "
+        "unavailable: Redis is down, so only the request's history was used."
+    )
+    cached: bool = Field(description="Served from the response cache.")
+
+
+class HistoryItem(BaseModel):
+    item_id: int | None = Field(description="null when the event was given as a SID")
+    sid: str
+    title: str | None
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    history: list[HistoryItem]
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    appended: int
+    history_length: int
+
+
+class ItemResponse(BaseModel):
+    item_id: int
+    sid: str
+    title: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded", "not_ready"]
+    model: Literal["loaded", "not_loaded"]
+    model_version: str | None
+    redis: Literal["ok", "unreachable", "not_configured"]
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    recommend: type[RecommendRequest]
+    events: type[EventsRequest]
+    user_id_pattern: str
+    max_user_id_length: int
+
+
+USER_ID_PATTERN = r"^[A-Za-z0-9_.@:-]+$"
+
+
+def request_models(settings: Settings) -> RequestModels:
+    """Request classes whose bounds are this deployment's settings."""
+    entry_list = list[HistoryEntry]
+    recommend = create_model(
+        "RecommendRequest",
+        __base__=RecommendRequest,
+        user_id=(str | None, Field(None, min_length=1, max_length=settings.max_user_id_length, pattern=USER_ID_PATTERN,
+                                   description="Use this user's stored history (plus `history`, if given).")),
+        history=(entry_list | None, Field(None, min_length=1, max_length=settings.max_request_history,
+                                          description="Item ids or SID strings, oldest first.")),
+        k=(int, Field(settings.default_k, ge=1, le=settings.max_k, description="How many recommendations.")),
+        budget=(int | None, Field(None, ge=1, le=settings.ved_max_budget, description="VED: token budget.")),
+        latency_ms=(int | None, Field(None, ge=1, le=settings.ved_max_latency_ms,
+                                      description=f"VED: cap in ms (default {settings.ved_default_latency_ms}).")),
+    )
+    events = create_model(
+        "EventsRequest",
+        __base__=EventsRequest,
+        items=(entry_list, Field(min_length=1, max_length=settings.max_events,
+                                 description="Interactions to append, oldest first: item ids or SID strings.")),
+    )
+    return RequestModels(recommend, events, USER_ID_PATTERN, settings.max_user_id_length)
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="invalid_request, unknown_user, not_found, payload_too_large, store_unavailable, ...")
+    message: str = Field(description="Names the offending field first: `history: unknown item ids [...]`.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

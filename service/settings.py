@@ -1,0 +1,78 @@
+"""Service settings: one typed ``Settings`` read from the environment (prefix ``VSTAR_``).
+
+Every limit a client can hit is a named setting here, and the request schemas
+take their ``Field`` bounds from these values (``service.schemas``), so the
+OpenAPI document always shows the limits the server enforces. Tests build a
+``Settings`` object instead of editing the environment.
+
+``REDIS_URL`` is accepted under that bare name (the issue's contract, and the
+usual name in compose files) as well as ``VSTAR_REDIS_URL``. Without it the
+service uses in-process stores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, RedisDsn, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VSTAR_", extra="ignore", frozen=True)
+
+    # --- model
+    checkpoint: Path | None = Field(None, description="Checkpoint folder; the app refuses to start without one.")
+    device: str = Field("cpu", description="torch device the model runs on.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
+    warmup: bool = Field(True, description="Decode one request at startup, so a broken model fails the start.")
+
+    # --- stores
+    redis_url: RedisDsn | None = Field(
+        None, validation_alias=AliasChoices("REDIS_URL", "VSTAR_REDIS_URL", "redis_url"),
+        description="Redis for histories and the response cache; unset = in-process stores.",
+    )
+    redis_timeout_s: float = Field(0.25, gt=0, description="Connect and command timeout; an outage costs at most this.")
+    redis_retry_after_s: float = Field(1.0, ge=0, description="After a Redis failure, skip Redis this long.")
+    cache_ttl_s: int = Field(300, ge=0, description="Response cache TTL; 0 disables the cache.")
+    memory_cache_entries: int = Field(10_000, ge=1, description="Size of the in-process response cache (LRU).")
+    stored_history_max: int = Field(100, ge=1, description="Most recent events kept per user.")
+
+    # --- request limits (the schemas' Field bounds)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
+    default_k: int = Field(10, ge=1)
+    max_request_history: int = Field(100, ge=1, description="Most history entries one request may carry.")
+    max_events: int = Field(100, ge=1, description="Most events one POST may append.")
+    max_user_id_length: int = Field(128, ge=1)
+    exclude_history_default: bool = Field(False, description="Drop items the user has, unless asked.")
+
+    # --- VED
+    ved_default_latency_ms: int = Field(50, ge=1, description="VED cap when a request gives none.")
+    ved_max_latency_ms: int = Field(1000, ge=1, description="Largest latency_ms a request may ask for.")
+    ved_max_budget: int = Field(20_000, ge=1, description="Largest VED token budget a request may ask for.")
+    ved_margin_ms: float = Field(3.0, ge=0, description="Reserved for ranking and serialising after the search stops.")
+
+    # --- beam micro-batching
+    batch_max_size: int = Field(32, ge=1, description="Most requests merged into one decode; 1 disables batching.")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="How long the first request of a batch waits for company.")
+
+    # --- logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = Field(True, description="One JSON line per request.")
+
+    @model_validator(mode="after")
+    def _check_defaults_within_limits(self) -> Settings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k={self.default_k} exceeds max_k={self.max_k}")
+        if self.ved_default_latency_ms > self.ved_max_latency_ms:
+            raise ValueError(
+                f"ved_default_latency_ms={self.ved_default_latency_ms} "
+                f"exceeds ved_max_latency_ms={self.ved_max_latency_ms}"
+            )
+        return self
+
+    @property
+    def batching(self) -> bool:
+        return self.batch_max_size > 1
