@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from models.sid_trie import SidTrie
@@ -53,9 +52,9 @@ class DecodeResult:
 
 @dataclass
 class Prefill:
-    """Result of running the prompts once: last-position log-probs and the cache."""
+    """Result of running the prompts once: last-position logits and the cache."""
 
-    log_probs: torch.Tensor  # (B, V) float32
+    logits: torch.Tensor  # (B, V) at the last prompt position
     cache: DynamicCache
     attention_mask: torch.Tensor  # (B, T)
     next_position: torch.Tensor  # (B,) position id of the first generated token
@@ -82,10 +81,10 @@ def prefill(
         logits_to_keep=1,
         output_hidden_states=want_hidden,
     )
-    log_probs = nn.functional.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+    logits = out.logits[:, -1, :]
     hidden = out.hidden_states[-1][:, -1, :] if want_hidden else None
     next_pos = attention_mask.long().sum(-1)
-    return Prefill(log_probs, cache, attention_mask, next_pos, hidden)
+    return Prefill(logits, cache, attention_mask, next_pos, hidden)
 
 
 @torch.inference_mode()
@@ -97,7 +96,7 @@ def decode_step(
     position_ids: torch.Tensor,  # (N,)
     want_hidden: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One cached step; returns float32 log-probs (N, V) and optionally the last hidden state."""
+    """One cached step; returns the logits (N, V) and optionally the last hidden state (N, H)."""
     out = model(
         input_ids=token_ids[:, None],
         attention_mask=attention_mask,
@@ -106,15 +105,21 @@ def decode_step(
         use_cache=True,
         output_hidden_states=want_hidden,
     )
-    log_probs = nn.functional.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-    return log_probs, (out.hidden_states[-1][:, -1, :] if want_hidden else None)
+    return out.logits[:, -1, :], (out.hidden_states[-1][:, -1, :] if want_hidden else None)
 
 
-def level_log_probs(log_probs: torch.Tensor, trie: SidTrie, level: int, nodes: torch.Tensor) -> torch.Tensor:
-    """Log-probs of each node's children at ``level``, -inf for invalid codes: (N, C)."""
-    cols = trie.level_token_ids[level].clamp(min=0)
-    lp = log_probs.gather(1, cols.expand(log_probs.shape[0], -1))
-    return lp.masked_fill(trie.children[nodes] < 0, float("-inf"))
+def level_log_probs(logits: torch.Tensor, trie: SidTrie, level: int, nodes: torch.Tensor) -> torch.Tensor:
+    """Log-probs of each node's children at ``level``, -inf for invalid codes: (N, C).
+
+    Equals ``log_softmax(logits)[:, level columns]`` masked by the trie, to float
+    rounding, but the full-vocabulary work is one fused log-sum-exp, only the
+    level's columns are written, and the mask is one row lookup in the trie's
+    additive bias table.
+    """
+    logits = logits.float()
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1)
+    picked = logits.index_select(1, trie.level_columns[level])  # (N, C)
+    return picked - log_norm + trie.mask_bias.index_select(0, nodes)
 
 
 @torch.inference_mode()
@@ -132,7 +137,7 @@ def beam_search(
     pre = prefill(model, input_ids, attention_mask)
 
     root = torch.zeros(b, dtype=torch.long, device=dev)
-    cand = level_log_probs(pre.log_probs, trie, 0, root)  # (B, C)
+    cand = level_log_probs(pre.logits, trie, 0, root)  # (B, C)
     width = min(k, c)
     scores, codes = cand.topk(width, dim=-1)  # (B, width)
     if width < k:
@@ -149,8 +154,8 @@ def beam_search(
     for level in range(1, trie.depth):
         mask = torch.cat([mask, mask.new_ones((b * k, 1))], dim=1)
         # rows of invalid beams (score -inf) carry token -1: feed any valid id, they stay -inf
-        log_probs, _ = decode_step(model, cache, tokens[-1].reshape(-1).clamp(min=0), mask, pos + level - 1)
-        cand = level_log_probs(log_probs, trie, level, nodes.reshape(-1))  # (B*K, C)
+        logits, _ = decode_step(model, cache, tokens[-1].reshape(-1).clamp(min=0), mask, pos + level - 1)
+        cand = level_log_probs(logits, trie, level, nodes.reshape(-1))  # (B*K, C)
         cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)
         parent, codes = flat // c, flat % c

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, parse_sid
@@ -146,12 +146,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         raise CheckpointError(f"checkpoint {folder}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        prompt = PromptFormat(**manifest["prompt"])
+        # The SID-only tokenizer must be read as saved: AutoTokenizer would pick
+        # the architecture's tokenizer class (Qwen2's) and drop its word-level model.
+        tokenizer_cls = AutoTokenizer if prompt.text_template else PreTrainedTokenizerFast
+        tokenizer = tokenizer_cls.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {folder}: cannot load model or tokenizer: {e}") from None
     tokenizer.padding_side = "left"
     model.eval()
-    policy = Policy(model, tokenizer, catalog, PromptFormat(**manifest["prompt"])).to(device)
+    policy = Policy(model, tokenizer, catalog, prompt).to(device)
     extras = {}
     for name in manifest.get("extras", []):
         f = folder / f"{name}.safetensors"

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from models.sid_catalog import Sid
@@ -30,7 +30,7 @@ TEXT_TEMPLATE = "The user bought these items in order: {history}.\nThe next item
 def build_sid_tokenizer(sid_tokens: Sequence[str]) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS.values(), *sid_tokens])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern=r"<[^<>]+>", behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(r"<[^<>]+>"), behavior="isolated")
     tok = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
     tok.padding_side = "left"
     return tok

@@ -51,6 +51,9 @@ class SidTrie:
         for parent, code, child in edges:
             children[parent, code] = child
         self.children = children  # (nodes, C)
+        # Additive mask: 0 for a valid child code, -inf otherwise; one row lookup per node.
+        self.mask_bias = torch.where(children >= 0, 0.0, float("-inf"))  # (nodes, C) float32
+        self.level_columns = level_ids.clamp(min=0)  # (depth, C) gather-safe vocabulary ids
         self.node_depth = torch.tensor(node_depth, dtype=torch.long)  # (nodes,)
         leaf_sid = torch.full((num_nodes,), -1, dtype=torch.long)
         for i, sid in enumerate(catalog.sids):
@@ -71,6 +74,8 @@ class SidTrie:
     def to(self, device: torch.device | str) -> SidTrie:
         self.level_token_ids = self.level_token_ids.to(device)
         self.children = self.children.to(device)
+        self.mask_bias = self.mask_bias.to(device)
+        self.level_columns = self.level_columns.to(device)
         self.node_depth = self.node_depth.to(device)
         self.leaf_sid = self.leaf_sid.to(device)
         return self

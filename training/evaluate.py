@@ -91,7 +91,32 @@ def score_rankings(
 
 
 def make_decoder(checkpoint: Any, name: str, beams: int, budget: int | None = None) -> DecodeFn:
-    """The decoder named on the command line, configured from a loaded checkpoint."""
+    """The decoder named on the command line, configured from a loaded checkpoint.
+
+    ``ved`` ranks ``beams`` SIDs with the checkpoint's value head (a
+    ``CheckpointError`` if it has none) under a budget of ``budget`` tokens.
+    """
     if name == "beam":
+        if budget is not None:
+            raise ValueError("--budget applies to --decoder ved")
         return beam_decoder(beams)
-    raise ValueError(f"unknown decoder {name!r}; choose beam")
+    if name == "ved":
+        return ved_decoder(checkpoint, beams, budget)
+    raise ValueError(f"unknown decoder {name!r}; choose beam or ved")
+
+
+def ved_decoder(checkpoint: Any, num_candidates: int, budget: int | None) -> DecodeFn:
+    from training.rollout import require_module
+    from training.value_io import load_value_head
+
+    require_module("models.ved", "--decoder ved")
+    from models.ved import VEDConfig, ved_search
+
+    head = load_value_head(checkpoint, checkpoint.policy.device)
+    config = VEDConfig(num_candidates=num_candidates, budget=budget)
+
+    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> DecodeResult:
+        with torch.no_grad():
+            return ved_search(policy.model, head, policy.trie, ids, mask, config).decode
+
+    return run

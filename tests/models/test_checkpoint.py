@@ -1,0 +1,63 @@
+"""Checkpoints: the folder alone rebuilds the policy; writes are atomic; bad folders fail loudly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.beam_search import BeamSearchConfig, beam_search
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.policy import Policy
+
+
+def test_round_trip_rebuilds_same_decoder(tiny_policy: Policy, tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "ck", tiny_policy, {"stage": "test"}, extras={"head": {"w": torch.ones(3)}})
+    loaded = load_checkpoint(path)
+    assert loaded.manifest["stage"] == "test" and loaded.model_version
+    assert torch.equal(loaded.extras["head"]["w"], torch.ones(3))
+    assert loaded.policy.catalog.sids == tiny_policy.catalog.sids
+    hist = [[tiny_policy.catalog.sids[3], tiny_policy.catalog.sids[7]]]
+    a = beam_search(tiny_policy.model, tiny_policy.trie, *tiny_policy.encode_prompts(hist), BeamSearchConfig(5))
+    b = beam_search(loaded.policy.model, loaded.policy.trie, *loaded.policy.encode_prompts(hist), BeamSearchConfig(5))
+    assert torch.equal(a.sid_index, b.sid_index)
+    torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_overwrite_is_atomic_and_leaves_no_temp(tiny_policy: Policy, tmp_path: Path) -> None:
+    first = load_checkpoint(save_checkpoint(tmp_path / "ck", tiny_policy)).model_version
+    second = load_checkpoint(save_checkpoint(tmp_path / "ck", tiny_policy)).model_version
+    assert first != second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_failed_write_keeps_old_checkpoint(tiny_policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_checkpoint(tmp_path / "ck", tiny_policy, {"stage": "old"})
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tiny_policy.tokenizer, "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path / "ck", tiny_policy, {"stage": "new"})
+    assert load_checkpoint(tmp_path / "ck").manifest["stage"] == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_bad_folders_fail_with_named_problem(tiny_policy: Policy, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
+    path = save_checkpoint(tmp_path / "ck", tiny_policy, extras={"value_head": {"w": torch.zeros(1)}})
+    (path / "value_head.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="value_head.safetensors is missing"):
+        load_checkpoint(path)
+    (path / "catalog.json").unlink()
+    with pytest.raises(CheckpointError, match="catalog.json is missing"):
+        load_checkpoint(path)
+    path = save_checkpoint(tmp_path / "ck2", tiny_policy)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        load_checkpoint(path)

@@ -1,0 +1,63 @@
+"""SID catalog and trie: parsing, one-to-many SIDs, and the dense children table (property tests)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.policy import Policy
+from models.sid_catalog import Item, SidCatalog, level_token, parse_sid
+from models.sid_tokenizer import build_sid_tokenizer
+from models.sid_trie import SidTrie
+
+
+def test_parse_sid() -> None:
+    assert parse_sid("<a_1><b_22><c_333>") == ("<a_1>", "<b_22>", "<c_333>")
+    for bad in ("<a_1><b_2", "<b_1><a_2><c_3>", "a_1b_2c_3", ""):
+        with pytest.raises(ValueError, match="malformed SID"):
+            parse_sid(bad)
+    with pytest.raises(ValueError, match="expected 3"):
+        parse_sid("<a_1><b_2>", depth=3)
+
+
+def test_shared_sid_keeps_all_items() -> None:
+    sid = ("<a_0>", "<b_0>", "<c_0>")
+    cat = SidCatalog({1: Item(1, "x", sid), 2: Item(2, "y", sid), 3: Item(3, "z", ("<a_1>", "<b_0>", "<c_0>"))})
+    assert cat.items_of(sid) == [1, 2] and len(cat.sids) == 2
+    with pytest.raises(ValueError, match="unknown item id 9"):
+        cat.sid_of(9)
+
+
+sid_lists = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4), st.integers(0, 9)), min_size=1, max_size=60)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sid_lists)
+def test_trie_children_match_brute_force(codes: list[tuple[int, int, int]]) -> None:
+    items = {i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(sid))) for i, sid in enumerate(codes)}
+    cat = SidCatalog(items)
+    tok = build_sid_tokenizer(cat.vocabulary())
+    trie = SidTrie(cat, tok.convert_tokens_to_ids)
+    distinct = sorted(set(codes))
+    for depth in range(3):
+        for prefix in {c[:depth] for c in distinct}:
+            ids = tok.convert_tokens_to_ids([level_token(lv, c) for lv, c in enumerate(prefix)])
+            expected = sorted({c[depth] for c in distinct if c[:depth] == prefix})
+            got = sorted(int(t[3:-1]) for t in tok.convert_ids_to_tokens(trie.allowed_token_ids(ids)))
+            assert got == expected
+    leaves = [int(trie.leaf_sid[trie.node_of_token_ids(tok.convert_tokens_to_ids(list(s)))]) for s in cat.sids]
+    assert leaves == list(range(len(cat.sids)))
+    assert int((trie.mask_bias == 0).sum()) == int((trie.children >= 0).sum())
+
+
+def test_invalid_prefix_has_no_children(tiny_policy: Policy) -> None:
+    trie = tiny_policy.trie
+    assert trie.allowed_token_ids([0]) == [] and trie.node_of_token_ids([0]) == -1
+    assert trie.allowed_token_ids(tiny_policy.tokenizer.convert_tokens_to_ids(list(tiny_policy.catalog.sids[0]))) == []
+
+
+def test_prompt_tokenizes_every_sid_token(tiny_policy: Policy) -> None:
+    sids = tiny_policy.catalog.sids[:3]
+    ids = tiny_policy.prompt.encode(tiny_policy.tokenizer, sids)
+    assert tiny_policy.tokenizer.convert_ids_to_tokens(ids) == [t for s in sids for t in s] + ["<sep>"]

@@ -1,0 +1,102 @@
+"""Data loading: the real files load, and malformed input fails with file, line and problem."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from training.data import COLUMNS, DataError, load_dataset, load_minionerec, parse_splits
+
+
+def copy_data(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_row(path: Path, row_index: int, **changes: str) -> None:
+    rows = list(csv.DictReader(path.open(newline="")))
+    rows[row_index].update(changes)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_tiny_dataset_round_trips(tiny_dataset, tiny_catalog) -> None:
+    assert {k: len(v) for k, v in tiny_dataset.splits.items()} == {"train": 200, "valid": 40, "test": 40}
+    assert tiny_dataset.catalog.sids == tiny_catalog.sids
+    assert tiny_dataset.embeddings is not None and tiny_dataset.embeddings.shape[0] == tiny_catalog.num_items
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"item_id": "99999"}, "unknown item id 99999"),
+        ({"history_item_id": "[1, 2"}, "bad list literal"),
+        ({"item_sid": "<a_1><b_2>"}, "malformed SID"),
+        ({"item_sid": "<a_99><b_99><c_99>"}, "is not in the index"),
+        ({"history_item_id": str(list(range(11)))}, "history SIDs"),
+        ({"item_id": "seven"}, "not an integer item id"),
+    ],
+)
+def test_bad_rows_name_file_line_and_problem(tiny_data_dir: Path, tmp_path: Path, changes: dict, message: str) -> None:
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    rewrite_row(data / "valid.csv", 4, **changes)
+    with pytest.raises(DataError, match=message) as err:
+        load_dataset(data)
+    assert "valid.csv:6" in str(err.value)  # header is line 1, row index 4 is line 6
+
+
+def test_sid_that_disagrees_with_index(tiny_data_dir: Path, tmp_path: Path, tiny_catalog) -> None:
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    rows = list(csv.DictReader((data / "test.csv").open(newline="")))
+    other = next(s for s in tiny_catalog.sids if "".join(s) != rows[0]["item_sid"])
+    rewrite_row(data / "test.csv", 0, item_sid="".join(other))
+    with pytest.raises(DataError, match=r"test.csv:2: item \d+ has SID"):
+        load_dataset(data)
+
+
+def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    (data / "index.json").write_text("{not json")
+    with pytest.raises(DataError, match="index.json:1: invalid JSON"):
+        load_dataset(data)
+    (data / "index.json").unlink()
+    with pytest.raises(DataError, match="index.json: file not found"):
+        load_dataset(data)
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(tmp_path / "nowhere")
+
+
+def test_minionerec_layout(tiny_data_dir: Path, tmp_path: Path) -> None:
+    base = tmp_path / "MiniOneRec" / "data" / "Amazon"
+    for split in ("train", "valid", "test"):
+        (base / split).mkdir(parents=True)
+        shutil.copy(tiny_data_dir / f"{split}.csv", base / split / f"Toys_5_2016-10-2018-11.csv")
+    (base / "index").mkdir()
+    shutil.copy(tiny_data_dir / "index.json", base / "index" / "Toys.index.json")
+    shutil.copy(tiny_data_dir / "item.json", base / "index" / "Toys.item.json")
+    ds = load_minionerec(tmp_path / "MiniOneRec", "Toys")
+    assert len(ds.splits["test"]) == 40 and ds.name == "Toys" and ds.embeddings is None
+    with pytest.raises(DataError, match="no .* for split"):
+        load_minionerec(tmp_path / "MiniOneRec", "Games")
+
+
+def test_parse_splits() -> None:
+    assert parse_splits("train,valid") == ["train", "valid"]
+    with pytest.raises(ValueError, match="--train-splits"):
+        parse_splits("train,holdout")
+
+
+def test_shared_industrial_loads(shared_dataset) -> None:
+    ds = shared_dataset
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 10393, "valid": 4532, "test": 4533}
+    assert ds.catalog.num_items == 3686
+    shared = [items for items in ds.catalog.items_of_sid if len(items) > 1]
+    assert sum(len(i) for i in shared) == 31  # items sharing a SID, per the data set's stats.json
+    assert max(len(s.history) for s in ds.splits["test"]) == 10
+    assert json.loads((Path(ds.files["index"]).parent / "stats.json").read_text())["items"] == 3686

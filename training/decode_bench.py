@@ -1,0 +1,120 @@
+"""``vstar bench decode``: our constrained beam search against HF ``generate`` and the floor.
+
+For each (K, batch) cell the same prompts are decoded by
+
+* ``ours``: ``models.beam_search.beam_search``;
+* ``reference``: HF ``generate`` with a trie ``prefix_allowed_tokens_fn`` and
+  ``length_penalty=0`` (how the public MiniOneRec code decodes);
+* ``forward``: the bare forward passes any such decode needs - one prefill of the
+  B prompts, the cache expanded to B*K rows, then one cached step of B*K rows per
+  further SID level - with no search logic. That is the floor.
+
+The three are timed interleaved (one run of each per repeat) so that load from
+other processes hits them alike; the median is reported. ``identical`` is true
+when ours returns the same SIDs in the same order as the reference for every
+prompt, with scores equal to float tolerance.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from models.beam_search import BeamSearchConfig, beam_search, prompt_position_ids
+from models.hf_beam_search import hf_beam_search
+from models.policy import Policy, pad_left
+from models.sid_catalog import Sid
+from transformers import DynamicCache
+
+
+@torch.inference_mode()
+def forward_floor(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, k: int) -> None:
+    model, trie = policy.model, policy.trie
+    b = ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=mask, position_ids=prompt_position_ids(mask), cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(k)
+    step_mask = mask.repeat_interleave(k, dim=0)
+    pos = mask.sum(-1).repeat_interleave(k)
+    for level in range(1, trie.depth):
+        step_mask = torch.cat([step_mask, step_mask.new_ones((b * k, 1))], dim=1)
+        tok = trie.level_token_ids[level - 1].clamp(min=0)[:1].expand(b * k)
+        model(input_ids=tok[:, None], attention_mask=step_mask, position_ids=(pos + level - 1)[:, None], cache=cache, use_cache=True)
+
+
+def sample_histories(policy: Policy, n: int, length: int, seed: int) -> list[list[Sid]]:
+    rng = random.Random(seed)
+    sids = policy.catalog.sids
+    return [[rng.choice(sids) for _ in range(length)] for _ in range(n)]
+
+
+def same_results(a: Any, b: Any) -> bool:
+    if not torch.equal(a.sid_index, b.sid_index):
+        return False
+    finite = torch.isfinite(b.scores)
+    return bool(torch.allclose(a.scores[finite], b.scores[finite], rtol=1e-4, atol=1e-4))
+
+
+def time_cell(policy: Policy, histories: list[list[Sid]], k: int, repeats: int) -> dict[str, Any]:
+    ids, mask = pad_left([policy.prompt.encode(policy.tokenizer, h) for h in histories], int(policy.tokenizer.pad_token_id), policy.device)
+    config = BeamSearchConfig(k)
+    runs: dict[str, Callable[[], Any]] = {
+        "ours": lambda: beam_search(policy.model, policy.trie, ids, mask, config),
+        "reference": lambda: hf_beam_search(policy.model, policy.trie, ids, mask, config),
+        "forward": lambda: forward_floor(policy, ids, mask, k),
+    }
+    identical = same_results(runs["ours"](), runs["reference"]())  # also the warm-up
+    runs["forward"]()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1000)
+    ms = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "k": k,
+        "batch": len(histories),
+        "ours_ms": round(ms["ours"], 3),
+        "reference_ms": round(ms["reference"], 3),
+        "forward_ms": round(ms["forward"], 3),
+        "speedup": round(ms["reference"] / ms["ours"], 2),
+        "floor_ratio": round(ms["ours"] / ms["forward"], 3),
+        "identical": identical,
+    }
+
+
+def run_decode_bench(
+    policy: Policy,
+    ks: tuple[int, ...] = (10, 50),
+    batches: tuple[int, ...] = (1, 32),
+    history_len: int = 10,
+    repeats: int = 10,
+    seed: int = 0,
+    histories: list[list[Sid]] | None = None,
+) -> dict[str, Any]:
+    policy.model.eval()
+    rows = []
+    for k in ks:
+        for b in batches:
+            hs = histories[:b] if histories is not None else sample_histories(policy, b, history_len, seed + b)
+            rows.append(time_cell(policy, hs, k, repeats))
+    return {"rows": rows, "device": str(policy.device), "threads": torch.get_num_threads(), "repeats": repeats}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = ["| K | batch | ours ms | reference ms | forward (floor) ms | speed-up | ours / floor | identical |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['k']} | {r['batch']} | {r['ours_ms']:.2f} | {r['reference_ms']:.2f} | {r['forward_ms']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['floor_ratio']:.2f} | {r['identical']} |"
+        )
+    return "\n".join(lines)
