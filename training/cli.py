@@ -51,6 +51,48 @@ def setup_logging() -> None:
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command()
+    def synth(
+        out: Annotated[Path, typer.Option("--out", help="Folder to write the synthetic data set into.")],
+        items: Annotated[int, typer.Option("--items", help="Catalog size (at least 5).")] = 600,
+        users: Annotated[int, typer.Option("--users", min=1, help="Number of users.")] = 400,
+        seed: SeedOpt = 0,
+        codebook_size: Annotated[
+            int | None, typer.Option("--codebook-size", min=2, help="SID codes per level (default: 2^k, C*C >= items).")
+        ] = None,
+    ) -> None:
+        """Synthetic data set in the --data layout: taxonomy catalog, drifting users, time split, k-means SIDs."""
+        from training.sid_builder import SidBuildConfig
+        from training.synth import SynthConfig, write_synth
+
+        try:
+            config = SynthConfig(items=items, users=users, seed=seed)
+            stats = write_synth(out, config, SidBuildConfig(codebook_size, seed=seed))
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        write_json(None, stats)
+
+    @app.command()
+    def sids(
+        data: Annotated[Path, typer.Option("--data", help="Folder with item_emb.npy (row i = item id i).")],
+        codebook_size: Annotated[
+            int | None, typer.Option("--codebook-size", min=2, help="SID codes per level (default: 2^k, C*C >= items).")
+        ] = None,
+        levels: Annotated[int, typer.Option("--levels", min=1, max=8, help="Tokens per SID.")] = 3,
+        seed: SeedOpt = 0,
+        out: Annotated[Path | None, typer.Option("--out", help="index.json to write (default DIR/index.json).")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Overwrite an existing index.json.")] = False,
+        json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+    ) -> None:
+        """Balanced residual k-means SIDs from item_emb.npy; prints collision rates and codebook usage."""
+        from training.sid_builder import SidBuildConfig, write_index
+
+        try:
+            report = write_index(data, SidBuildConfig(codebook_size, levels=levels, seed=seed), out, force)
+        except (ValueError, FileExistsError) as e:
+            raise typer.BadParameter(str(e)) from None
+        write_json(json_out, report)
+
+    @app.command()
     def sft(
         out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to write (best model).")],
         data: DataOpt = None,
@@ -112,3 +154,39 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         result = evaluate(ckpt.policy, rows, ds.samples(parse_splits(train_splits)), make_decoder(ckpt, decoder, beams, budget), batch_size)
         result |= {"split": split, "decoder": decoder, "beams": beams, "budget": budget, "checkpoint": str(checkpoint)}
         write_json(json_out, result)
+
+    @bench.command(name="decode")
+    def bench_decode(
+        checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint folder (default: a fresh tiny model on a synthetic catalog).")] = None,
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows: [...]} here.")] = None,
+        beams: Annotated[str, typer.Option("--beams", help="Comma list of K.")] = "10,50",
+        batches: Annotated[str, typer.Option("--batches", help="Comma list of batch sizes.")] = "1,32",
+        repeats: Annotated[int, typer.Option("--repeats", min=1)] = 10,
+        device: DeviceOpt = "cpu",
+    ) -> None:
+        """Time our beam search, HF generate (reference) and the bare forward passes (floor)."""
+        from models.checkpoint import load_checkpoint
+        from training.decode_bench import format_table, run_decode_bench
+
+        policy = load_checkpoint(checkpoint, device).policy if checkpoint else demo_policy(device)
+        result = run_decode_bench(
+            policy, tuple(int(k) for k in beams.split(",")), tuple(int(b) for b in batches.split(",")), repeats=repeats
+        )
+        typer.echo(format_table(result), err=True)
+        write_json(json_out, result)
+
+    from training.rl_cli import register_rl  # the RL stage: rl, diagnose, bench train
+
+    register_rl(app, bench)
+
+
+def demo_policy(device: str) -> Any:
+    """A random tiny-preset policy over a random 3-level catalog (256 codes per level, 3,000 items)."""
+    import random
+
+    from models.policy import Policy
+    from models.sid_catalog import Item, SidCatalog, level_token
+
+    rng = random.Random(0)
+    items = {i: Item(i, "", tuple(level_token(lv, rng.randrange(256)) for lv in range(3))) for i in range(3000)}
+    return Policy.from_preset("tiny", SidCatalog(items), seed=0).to(device)
