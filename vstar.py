@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from loadtests.cli import register as register_loadtests
 from service.cli import register as register_service
 from training.cli import register as register_training
 
@@ -16,6 +17,7 @@ bench = typer.Typer(help="Benchmarks that print figures and ratios against a ref
 app.add_typer(bench, name="bench")
 register_training(app, bench)
 register_service(app, bench)
+register_loadtests(app, bench)
 
 
 def main() -> None:

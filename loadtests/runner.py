@@ -1,0 +1,173 @@
+"""``vstar loadtest``: headless locust runs for beam and VED at several user counts.
+
+Each point (mode, users) is its own ``locust --headless`` subprocess with one
+user class, all users spawned at once and the statistics reset once they are
+up, so a point measures steady closed-loop load at that concurrency. Locust
+runs in a child process because it monkey-patches with gevent on import; this
+process only plans, waits and reports (``loadtests.results``).
+
+Bounded: every point runs ``duration_s`` (at most ``MAX_DURATION_S``) and is
+killed at ``duration_s + GRACE_S``; the whole plan's length is known up front.
+Only loopback hosts are accepted (``loadtests.target``), and the server must
+answer ``/readyz`` before any load is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import httpx
+
+from loadtests.histories import read_histories, split_path
+from loadtests.results import MODES, PointResult, read_point, write_report
+from loadtests.target import require_loopback
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+USER_CLASSES = {"beam": "BeamUser", "ved": "VedUser"}
+MAX_DURATION_S = 600
+GRACE_S = 30  # locust start-up plus --stop-timeout, before a point is killed
+MAX_USERS = 1024
+_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?$")
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``"30s"``, ``"2m"``, ``"1m30s"`` or ``"45"`` (locust's spellings)."""
+    match = _DURATION_RE.match(text.strip())
+    if not text.strip() or match is None:
+        raise ValueError(f"duration must look like 30s, 2m or 1m30s, got {text!r}")
+    hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def parse_users(text: str) -> tuple[int, ...]:
+    """``"1,8,32"`` -> ``(1, 8, 32)``, sorted and without repeats."""
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"--users must be a comma list of integers, got {text!r}") from None
+    if not counts or counts[0] < 1 or counts[-1] > MAX_USERS:
+        raise ValueError(f"--users must list counts in 1..{MAX_USERS}, got {text!r}")
+    return tuple(counts)
+
+
+@dataclass(frozen=True)
+class LoadTestPlan:
+    host: str  # base URL of the service, loopback only
+    data: Path  # data set folder; histories come from <data>/<split>.csv
+    out: Path
+    users: tuple[int, ...] = (1, 8, 32)
+    modes: tuple[str, ...] = MODES
+    duration_s: int = 30  # per point, after all users are up
+    k: int = 10
+    budget: int | None = None  # VED tokens; None = the server's default
+    latency_ms: int | None = None  # VED cap; None = the server's default
+    event_share: float = 0.1  # share of user tasks that post an event instead of asking
+    exclude_history: bool = False
+    split: str = "test"
+    seed: int = 0
+    extra_locust_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.duration_s <= MAX_DURATION_S:
+            raise ValueError(f"duration must be 1..{MAX_DURATION_S} s per point, got {self.duration_s}")
+        if not self.users or min(self.users) < 1:
+            raise ValueError(f"users must be positive counts, got {self.users}")
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(f"modes must be a subset of {MODES}, got {self.modes}")
+        if any(v is not None and v < 1 for v in (self.k, self.budget, self.latency_ms)):
+            raise ValueError("k, budget and latency_ms must be positive")
+        if not 0.0 <= self.event_share <= 1.0:
+            raise ValueError(f"event_share must lie in [0, 1], got {self.event_share}")
+
+    @property
+    def points(self) -> list[tuple[str, int]]:
+        return [(mode, users) for mode in self.modes for users in self.users]
+
+    @property
+    def max_seconds(self) -> int:
+        """Upper bound of the whole plan's wall time."""
+        return len(self.points) * (self.duration_s + GRACE_S)
+
+
+def locust_command(plan: LoadTestPlan, mode: str, users: int, prefix: Path) -> list[str]:
+    """The headless locust invocation for one point."""
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+        "--host", plan.host, "--users", str(users), "--spawn-rate", str(users), "--reset-stats",
+        "--run-time", f"{plan.duration_s}s", "--stop-timeout", "5", "--exit-code-on-error", "0",
+        "--csv", str(prefix), "--loglevel", "WARNING", "--vstar-report", str(prefix),
+        "--vstar-data", str(plan.data), "--vstar-split", plan.split, "--vstar-k", str(plan.k),
+        "--vstar-event-share", str(plan.event_share), "--vstar-seed", str(plan.seed),
+    ]  # fmt: skip
+    if plan.budget is not None:
+        command += ["--vstar-budget", str(plan.budget)]
+    if plan.latency_ms is not None:
+        command += ["--vstar-latency-ms", str(plan.latency_ms)]
+    if plan.exclude_history:
+        command.append("--vstar-exclude-history")
+    return [*command, *plan.extra_locust_args, USER_CLASSES[mode]]
+
+
+def wait_ready(host: str, timeout_s: float = 60.0) -> None:
+    """Poll ``/readyz`` until it answers 200; ``RuntimeError`` with the last answer otherwise."""
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{host}/readyz", timeout=2.0)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise RuntimeError(f"{host}/readyz not ready after {timeout_s:.0f} s ({last})")
+
+
+def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
+    """One locust run; its CSV, counts and log stay under ``<out>/raw``."""
+    raw = plan.out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    stem = raw / f"{mode}_u{users}"
+    for stale in raw.glob(f"{stem.name}_*"):
+        stale.unlink()
+    log = stem.with_name(stem.name + ".log")
+    with log.open("w") as log_file:
+        proc = subprocess.run(
+            locust_command(plan, mode, users, stem), stdout=log_file, stderr=subprocess.STDOUT,
+            timeout=plan.duration_s + GRACE_S, check=False,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"locust exited {proc.returncode} for {mode} at {users} users; see {log}")
+    try:
+        return read_point(stem, mode, users)
+    except ValueError as e:
+        raise RuntimeError(f"{mode} at {users} users left no usable report ({e}); see {log}") from None
+
+
+def run_plan(plan: LoadTestPlan, echo: Callable[[str], None] = print) -> tuple[list[PointResult], dict[str, Path]]:
+    """Every point of the plan in order, then the table, plot and JSON in ``plan.out``."""
+    plan = replace(plan, host=require_loopback(plan.host))
+    read_histories(split_path(plan.data, plan.split), limit=1)  # a bad --data fails here, not in every child
+    wait_ready(plan.host)
+    echo(f"{len(plan.points)} points of {plan.duration_s} s, at most {plan.max_seconds} s in all")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    points = []
+    for mode, users in plan.points:
+        point = run_point(plan, mode, users)
+        r = point.recommend
+        echo(f"{mode:>4} users={users:<4} rps={r.rps:8.1f} p50={r.p50_ms} p99={r.p99_ms} failures={point.failures}")
+        points.append(point)
+    meta = asdict(plan) | {
+        "data": str(plan.data), "out": str(plan.out), "started": started, "locust": version("locust"),
+        "title": f"/recommend latency vs concurrency (k={plan.k}, {plan.duration_s} s per point)",
+    }  # fmt: skip
+    return points, write_report(points, plan.out, json.loads(json.dumps(meta, default=str)), cap_ms=plan.latency_ms)

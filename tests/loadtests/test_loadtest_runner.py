@@ -1,0 +1,121 @@
+"""The load-test plan, locust command line, history reader and loopback guard (no locust run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loadtests.histories import HistorySampler, read_histories, split_path
+from loadtests.runner import GRACE_S, LoadTestPlan, locust_command, parse_duration, parse_users
+from loadtests.target import require_loopback
+from training.data import RecDataset
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("45", 45), ("2m", 120), ("1m30s", 90), ("1h", 3600)])
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10ms", "-5s", "1.5s"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_parse_users_sorts_and_dedupes() -> None:
+    assert parse_users("32, 1,8,8") == (1, 8, 32)
+    for bad in ("", "0,8", "a,b", "5000"):
+        with pytest.raises(ValueError, match="--users"):
+            parse_users(bad)
+
+
+def plan(**overrides: object) -> LoadTestPlan:
+    base: dict = {"host": "http://127.0.0.1:8000", "data": Path("/d"), "out": Path("/o")}
+    return LoadTestPlan(**(base | overrides))
+
+
+def test_plan_points_and_time_bound() -> None:
+    p = plan(users=(1, 8), duration_s=20)
+    assert p.points == [("beam", 1), ("beam", 8), ("ved", 1), ("ved", 8)]
+    assert p.max_seconds == 4 * (20 + GRACE_S)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"duration_s": 0}, {"duration_s": 3600}, {"modes": ("greedy",)}, {"modes": ()}, {"k": 0}, {"budget": 0},
+     {"latency_ms": 0}, {"event_share": 1.5}, {"users": ()}],
+)  # fmt: skip
+def test_plan_rejects_bad_values(overrides: dict) -> None:
+    with pytest.raises(ValueError):
+        plan(**overrides)
+
+
+def test_locust_command_for_a_ved_point() -> None:
+    p = plan(users=(8,), budget=400, latency_ms=50, exclude_history=True)
+    cmd = locust_command(p, "ved", 8, Path("/o/raw/ved_u8"))
+    assert cmd[1:3] == ["-m", "locust"] and cmd[-1] == "VedUser"
+    flags = dict(zip(cmd[3:-1:1], cmd[4:], strict=False))
+    assert flags["--users"] == "8" and flags["--spawn-rate"] == "8" and flags["--run-time"] == "30s"
+    assert flags["--host"] == "http://127.0.0.1:8000" and flags["--vstar-report"] == "/o/raw/ved_u8"
+    assert flags["--vstar-budget"] == "400" and flags["--vstar-latency-ms"] == "50"
+    assert "--headless" in cmd and "--reset-stats" in cmd and "--vstar-exclude-history" in cmd
+
+
+def test_locust_command_leaves_server_defaults_alone() -> None:
+    cmd = locust_command(plan(), "beam", 1, Path("/o/raw/beam_u1"))
+    assert cmd[-1] == "BeamUser"
+    assert "--vstar-budget" not in cmd and "--vstar-latency-ms" not in cmd and "--vstar-exclude-history" not in cmd
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000", "http://127.0.0.2:80/", "http://localhost:8000", "http://[::1]:8000"]
+)
+def test_loopback_hosts_pass(url: str) -> None:
+    assert require_loopback(url) == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://10.0.0.5:8000", "http://192.168.1.1", "https://8.8.8.8", "http://[2001:db8::1]:80"]
+)
+def test_other_hosts_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        require_loopback(url)
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "ftp://127.0.0.1", "http://"])
+def test_malformed_hosts_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="http"):
+        require_loopback(url)
+
+
+def test_read_histories_matches_load_dataset(tiny_data_dir: Path, tiny_dataset: RecDataset) -> None:
+    rows = read_histories(split_path(tiny_data_dir, "test"))
+    expected = [s for s in tiny_dataset.splits["test"] if s.history]
+    assert [(r.user_id, r.item_ids, r.target) for r in rows] == [(s.user_id, s.history, s.target) for s in expected]
+    catalog = tiny_dataset.catalog
+    assert all(r.sids == tuple("".join(catalog.sid_of(i)) for i in r.item_ids) for r in rows)
+    assert len(read_histories(split_path(tiny_data_dir, "test"), limit=3)) == 3
+
+
+def test_read_histories_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not found"):
+        read_histories(tmp_path / "test.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,history_item_id,history_item_sid,item_id\nu1,[1,2,\"['<a_1>']\",3\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:2"):
+        read_histories(bad)
+    short = tmp_path / "short.csv"
+    short.write_text("user_id,item_id\nu1,3\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        read_histories(short)
+
+
+def test_sampler_streams_repeat_per_user_and_differ_between_users(tiny_data_dir: Path) -> None:
+    sampler = HistorySampler(read_histories(split_path(tiny_data_dir, "test")), seed=7)
+    first = [sampler.draw(sampler.stream(0)) for _ in range(1)]
+    a, b, c = sampler.stream(0), sampler.stream(0), sampler.stream(1)
+    draws_a = [sampler.draw(a) for _ in range(20)]
+    assert draws_a == [sampler.draw(b) for _ in range(20)]
+    assert draws_a != [sampler.draw(c) for _ in range(20)]
+    assert first[0] == draws_a[0]
