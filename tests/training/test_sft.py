@@ -1,0 +1,100 @@
+"""SFT and eval on the tiny data set: a step trains, selection keeps the best, resume continues, CLI contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from models.checkpoint import load_checkpoint
+from models.policy import Policy
+from training.sft import SFTConfig, collate, encode_sample, split_for_training, train_sft
+from vstar import app
+
+
+def test_collate_masks_everything_but_the_target(tiny_dataset) -> None:
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog)
+    rows = [encode_sample(policy, s) for s in tiny_dataset.splits["train"][:4]]
+    batch = collate(rows, 0)
+    for i, (prompt, target) in enumerate(rows):
+        labelled = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        assert labelled == target and len(target) == 3
+        assert batch["attention_mask"][i].sum() == len(prompt) + 3
+        assert batch["position_ids"][i, : len(prompt) + 3].tolist() == list(range(len(prompt) + 3))
+
+
+def test_holdout_rule(tiny_dataset) -> None:
+    train, select = split_for_training(tiny_dataset, SFTConfig(train_splits=("train", "valid"), holdout=10))
+    assert len(train) == 200 + 30 and select == tiny_dataset.splits["valid"][30:]
+    train, select = split_for_training(tiny_dataset, SFTConfig(train_splits=("train",)))
+    assert len(train) == 200 and select == tiny_dataset.splits["valid"]
+    with pytest.raises(ValueError, match="test split"):
+        SFTConfig(train_splits=("train", "test"))
+
+
+def test_training_changes_weights_and_is_deterministic(tiny_dataset, tmp_path: Path) -> None:
+    config = SFTConfig(preset="tiny", max_steps=4, batch_size=16, lr=1e-2, eval_limit=16, seed=3)
+    init = Policy.from_preset("tiny", tiny_dataset.catalog, seed=3).model.state_dict()
+    summary = train_sft(tiny_dataset, tmp_path / "a", config, progress=False)
+    assert summary["steps"] == 4 and summary["history"]
+    trained = load_checkpoint(tmp_path / "a").policy.model.state_dict()
+    assert any(not torch.equal(init[k], trained[k]) for k in init)
+    train_sft(tiny_dataset, tmp_path / "b", config, progress=False)
+    again = load_checkpoint(tmp_path / "b").policy.model.state_dict()
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
+
+
+def test_resume_continues_to_the_same_weights(tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = SFTConfig(preset="tiny", epochs=2, batch_size=50, eval_limit=8, seed=1)  # 4 steps per epoch
+    train_sft(tiny_dataset, tmp_path / "full", config, progress=False)
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def crash_on_sixth(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(tiny_dataset, tmp_path / "part", config, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert load_checkpoint(tmp_path / "part.resume").trainer_state()["train_state"]["step"] == 4
+    summary = train_sft(tiny_dataset, tmp_path / "part", config, resume=True, progress=False)
+    assert summary["steps"] == 8
+    a = load_checkpoint(tmp_path / "full.resume").policy.model.state_dict()
+    b = load_checkpoint(tmp_path / "part.resume").policy.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(ValueError, match="different configuration"):
+        train_sft(tiny_dataset, tmp_path / "part", SFTConfig(**{**config.__dict__, "lr": 0.5}), resume=True, progress=False)
+    with pytest.raises(ValueError, match="no interrupted run"):
+        train_sft(tiny_dataset, tmp_path / "never", config, resume=True, progress=False)
+
+
+def test_cli_sft_then_eval_writes_contract_json(tiny_data_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    ck = tmp_path / "ck"
+    res = runner.invoke(app, ["sft", "--data", str(tiny_data_dir), "--out", str(ck), "--preset", "tiny", "--max-steps", "3", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(ck), "--split", "test", "--beams", "20", "--json", str(out), "--limit", "10"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert payload["rows"] == 10 and payload["seconds"] >= 0
+    for k in (1, 3, 5, 10, 20, 50):
+        assert 0 <= payload["metrics"][f"HR@{k}"] <= 1 and f"NDCG@{k}" in payload["metrics"]
+    assert payload["metrics"]["HR@10"] >= payload["metrics"]["NDCG@10"]
+    assert "coverage@10" in payload["metrics"] and "tail_share@10" in payload["metrics"]
+
+
+def test_cli_errors_are_clear(tiny_data_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["sft", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "--data" in res.output
+    res = runner.invoke(app, ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "huge", "--max-steps", "1"])
+    assert res.exit_code != 0 and "unknown preset" in str(res.exception)
