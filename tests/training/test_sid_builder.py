@@ -1,0 +1,205 @@
+"""Balanced residual k-means SIDs: balance, collision resolution, determinism, errors, the ``vstar sids`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from models.sid_catalog import SidCatalog
+from training.cli import register
+from training.data import DataError
+from training.sid_builder import (
+    SidBuildConfig,
+    auto_codebook_size,
+    balanced_assign,
+    balanced_kmeans,
+    build_sids,
+    load_embeddings,
+    resolve_collisions,
+    write_index,
+)
+
+
+def blobs(n: int, dim: int = 8, centres: int = 5, seed: int = 0) -> np.ndarray:
+    """Unit vectors around a few centres: uneven natural clusters that balancing must even out."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centres, dim))
+    x = c[rng.integers(centres, size=n) ** 2 % centres] + 0.3 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def emb_dir(tmp_path: Path, emb: np.ndarray) -> Path:
+    np.save(tmp_path / "item_emb.npy", emb)
+    return tmp_path
+
+
+def test_balanced_usage_and_no_collisions() -> None:
+    n, c = 300, 8
+    build = build_sids(blobs(n), SidBuildConfig(codebook_size=c, levels=3))
+    # collision resolution never touches the first token; deeper levels give way where prefixes overflow
+    assert np.bincount(build.codes[:, 0], minlength=c).max() <= math.ceil(n / c)
+    assert len({tuple(r) for r in build.codes.tolist()}) == n
+    assert build.report["after"] == {"distinct_sids": n, "collision_rate": 0.0, "items_sharing_a_sid": 0}
+    assert build.report["before"]["collision_rate"] >= 0.0
+    assert [u["level"] for u in build.report["codebook_usage"]] == [1, 2, 3]
+    assert all(u["usage"] == 1.0 for u in build.report["codebook_usage"])
+
+
+def test_balanced_kmeans_caps_every_code() -> None:
+    x = blobs(203, centres=3)  # three natural clusters of very different sizes
+    centroids, codes = balanced_kmeans(x, 7, iters=20, rng=np.random.default_rng(0))
+    counts = np.bincount(codes, minlength=7)
+    assert counts.max() <= math.ceil(203 / 7) and (counts > 0).all()
+    assert centroids.shape == (7, 8)
+
+
+def test_deterministic_for_a_seed() -> None:
+    emb = blobs(120)
+    a, b = build_sids(emb, SidBuildConfig(seed=5)), build_sids(emb, SidBuildConfig(seed=5))
+    np.testing.assert_array_equal(a.codes, b.codes)
+    assert not np.array_equal(a.codes, build_sids(emb, SidBuildConfig(seed=6)).codes)
+
+
+def test_balanced_assign_respects_capacity() -> None:
+    dist = np.random.default_rng(0).random((50, 6))
+    dist[:, 0] -= 1.0  # every row prefers column 0
+    codes = balanced_assign(dist, capacity=9)
+    assert (codes >= 0).all() and np.bincount(codes).max() <= 9
+    np.testing.assert_array_equal(balanced_assign(dist, capacity=50), dist.argmin(1))
+
+
+# 1-D codebooks (L=2, C=3): level 1 at 0 / 10 / 20, level 2 at 0 / 1 / 2
+CODEBOOKS = np.array([[[0.0], [10.0], [20.0]], [[0.0], [1.0], [2.0]]], dtype=np.float32)
+
+
+def test_resolution_moves_to_the_nearest_free_code_under_the_prefix() -> None:
+    x = np.array([[0.95], [1.2], [1.6], [10.0]], dtype=np.float32)
+    codes = np.array([[0, 1], [0, 1], [0, 1], [1, 0]])
+    resolved, counts = resolve_collisions(codes, x, CODEBOOKS)
+    # item 0 fits <0,1> best and keeps it; item 1 (next best) takes the nearest free code 2, item 2 what is left
+    assert resolved.tolist() == [[0, 1], [0, 2], [0, 0], [1, 0]]
+    assert counts == {"moved_items": 2, "moved_above_last_level": 0}
+
+
+def test_a_full_prefix_climbs_to_the_nearest_subtree_with_room() -> None:
+    x = np.array([[0.95], [1.2], [1.6], [2.5], [10.0]], dtype=np.float32)
+    codes = np.array([[0, 1], [0, 1], [0, 1], [0, 1], [1, 0]])
+    resolved, counts = resolve_collisions(codes, x, CODEBOOKS)
+    # prefix <0> has three SIDs for four items: the worst fit (2.5) goes to the nearest first-level code with room
+    assert resolved.tolist() == [[0, 1], [0, 2], [0, 0], [1, 1], [1, 0]]
+    assert counts == {"moved_items": 3, "moved_above_last_level": 1}
+
+
+def test_more_items_than_sids_keep_sharing() -> None:
+    x = np.zeros((10, 1), dtype=np.float32)
+    resolved, counts = resolve_collisions(np.zeros((10, 2), dtype=np.int64), x, CODEBOOKS)
+    assert len({tuple(r) for r in resolved.tolist()}) == 9 and counts["moved_items"] == 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    dim=st.integers(1, 6),
+    c=st.integers(2, 8),
+    levels=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_every_item_gets_a_sid_of_the_right_depth(n: int, dim: int, c: int, levels: int, seed: int) -> None:
+    emb = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    config = SidBuildConfig(codebook_size=c, levels=levels, iters=5, seed=seed)
+    if c**levels < n:
+        with pytest.raises(ValueError, match="codebook too small"):
+            build_sids(emb, config)
+        return
+    build = build_sids(emb, config)
+    assert build.codes.shape == (n, levels) and build.codes.min() >= 0 and build.codes.max() < c
+    assert np.bincount(build.codes[:, 0]).max() <= math.ceil(n / c)
+    catalog = SidCatalog.from_index(build.index())
+    assert catalog.num_items == n and catalog.depth == levels
+    assert len(catalog.sids) == n, "resolved SIDs are unique whenever C ** levels >= N"
+
+
+def test_auto_codebook_size() -> None:
+    assert [auto_codebook_size(n) for n in (1, 16, 17, 600, 3686, 10**9)] == [4, 4, 8, 32, 64, 256]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"codebook_size": 1}, "at least 2"), ({"levels": 0}, "levels"), ({"levels": 9}, "levels"), ({"iters": 0}, "it")],
+)
+def test_bad_config(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SidBuildConfig(**kwargs)
+
+
+def test_codebook_too_small() -> None:
+    with pytest.raises(ValueError, match=r"codebook too small: 2\^3 = 8 SIDs for 9 items"):
+        build_sids(blobs(9), SidBuildConfig(codebook_size=2))
+
+
+def test_bad_embedding_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"item_emb.npy: file not found"):
+        load_embeddings(tmp_path)
+    np.save(tmp_path / "item_emb.npy", np.ones(5, dtype=np.float32))
+    with pytest.raises(DataError, match=r"shape \(5,\), expected \(items, dim\)"):
+        load_embeddings(tmp_path)
+    bad = blobs(5)
+    bad[2, 1] = np.nan
+    np.save(tmp_path / "item_emb.npy", bad)
+    with pytest.raises(DataError, match="NaN"):
+        load_embeddings(tmp_path)
+    np.save(tmp_path / "item_emb.npy", blobs(5))
+    (tmp_path / "item.json").write_text(json.dumps({str(i): {"title": "x"} for i in range(4)}))
+    with pytest.raises(DataError, match="5 rows but .*item.json has 4 items"):
+        load_embeddings(tmp_path)
+
+
+def test_write_index_refuses_to_overwrite(tmp_path: Path) -> None:
+    data = emb_dir(tmp_path, blobs(40))
+    report = write_index(data, SidBuildConfig())
+    assert report["out"] == str(data / "index.json")
+    first = (data / "index.json").read_text()
+    assert len(json.loads(first)) == 40
+    with pytest.raises(FileExistsError, match="CSVs .* carry SIDs that must match"):
+        write_index(data, SidBuildConfig(seed=1))
+    write_index(data, SidBuildConfig(seed=1), force=True)
+    assert (data / "index.json").read_text() != first
+    write_index(data, SidBuildConfig(), out=data / "alt" / "index.json")
+    assert (data / "alt" / "index.json").read_text() == first
+
+
+def test_cli(tmp_path: Path) -> None:
+    app, bench = typer.Typer(), typer.Typer()
+    app.add_typer(bench, name="bench")
+    register(app, bench)
+    data = emb_dir(tmp_path, blobs(64))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["sids", "--data", str(data), "--codebook-size", "4", "--json", str(tmp_path / "r.json")])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.output)
+    assert report["codebook_size"] == 4 and report["after"]["collision_rate"] == 0.0  # 4^3 SIDs for 64 items: all used
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    again = runner.invoke(app, ["sids", "--data", str(data)])
+    assert again.exit_code == 2 and "--force" in again.output
+    missing = runner.invoke(app, ["sids", "--data", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "item_emb.npy" in missing.output
+
+
+@pytest.mark.shared_data
+def test_real_embeddings(shared_data_dir: Path, tmp_path: Path) -> None:
+    """The first 1,000 Industrial embeddings (a copy; ../shared is never written): no collisions left."""
+    shutil.copy(shared_data_dir / "item_emb.npy", tmp_path / "full.npy")
+    emb = np.load(tmp_path / "full.npy")[:1000]
+    build = build_sids(emb, SidBuildConfig(iters=8))
+    assert build.report["codebook_size"] == 32
+    assert build.report["after"]["collision_rate"] == 0.0
+    assert all(u["usage"] > 0.9 for u in build.report["codebook_usage"])

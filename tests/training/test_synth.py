@@ -1,0 +1,134 @@
+"""``vstar synth``: layout (load_dataset validates it), determinism, MiniOneRec's time split, hierarchy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from training.cli import register
+from training.data import load_dataset
+from training.synth import MAX_HISTORY, TAXONOMY, SynthConfig, SynthData, generate, write_synth
+
+SMALL = SynthConfig(items=150, users=80, seed=3)
+DATA_FILES = ("train.csv", "valid.csv", "test.csv", "index.json", "item.json", "item_emb.npy", "stats.json")
+
+
+@pytest.fixture(scope="module")
+def small() -> SynthData:
+    return generate(SMALL)
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    write_synth(out, SMALL)
+    return out
+
+
+def test_loads_with_load_dataset(small_dir: Path) -> None:
+    ds = load_dataset(small_dir)
+    assert ds.catalog.num_items == SMALL.items
+    assert all(len(ds.splits[s]) > 0 for s in ("train", "valid", "test"))
+    assert ds.embeddings is not None and ds.embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(ds.embeddings, axis=1), 1.0, atol=1e-5)
+    meta = json.loads((small_dir / "item.json").read_text())
+    assert set(meta) == {str(i) for i in range(SMALL.items)}
+    for entry in meta.values():
+        dept, cat, kind = entry["categories"].split(" > ")
+        assert kind in TAXONOMY[dept][cat]
+        assert kind in entry["title"] and entry["description"]
+
+
+def test_deterministic_for_a_seed(tmp_path: Path, small_dir: Path) -> None:
+    write_synth(tmp_path / "again", SMALL)
+    for name in DATA_FILES:
+        assert (tmp_path / "again" / name).read_bytes() == (small_dir / name).read_bytes(), name
+    write_synth(tmp_path / "other", SynthConfig(items=150, users=80, seed=4))
+    assert (tmp_path / "other" / "train.csv").read_bytes() != (small_dir / "train.csv").read_bytes()
+
+
+def test_global_time_split(small: SynthData) -> None:
+    times = small.times
+    for split in ("train", "valid", "test"):
+        assert times[split] == sorted(times[split]), f"{split} is not sorted by target time"
+    assert max(times["train"]) <= min(times["valid"]) <= max(times["valid"]) <= min(times["test"])
+    total = sum(len(v) for v in small.splits.values())
+    assert len(small.splits["train"]) == int(0.8 * total)
+    assert len(small.splits["valid"]) == int(0.1 * total)
+
+
+def test_sliding_window_over_each_users_sequence(small: SynthData) -> None:
+    """Each user's next sample extends the previous window by its target, cut to the last 10 items."""
+    by_user: dict[str, list] = {}
+    for split in ("train", "valid", "test"):
+        for sample, t in zip(small.splits[split], small.times[split], strict=True):
+            by_user.setdefault(sample.user_id, []).append((t, sample))
+    for rows in by_user.values():
+        rows.sort(key=lambda r: r[0])
+        first = rows[0][1]
+        assert len(first.history) == 1
+        seq = [*first.history, first.target]
+        for _, sample in rows[1:]:
+            assert 1 <= len(sample.history) <= MAX_HISTORY
+            assert sample.history == tuple(seq[-MAX_HISTORY:])
+            seq.append(sample.target)
+        assert len(seq) == len(set(seq)), "a user repeated an item"
+        assert SMALL.min_events <= len(seq) <= SMALL.max_events
+
+
+def test_embeddings_follow_the_hierarchy(small: SynthData) -> None:
+    """Mean cosine similarity falls from same leaf to same category to same department to the rest."""
+    emb = small.embeddings
+    sim = emb @ emb.T
+    path = [small.leaves[j] for j in small.leaf_of]
+    off_diag = ~np.eye(len(path), dtype=bool)
+
+    def same(depth: int) -> np.ndarray:
+        ids = {prefix: i for i, prefix in enumerate(sorted({p[:depth] for p in path}))}
+        keys = np.array([ids[p[:depth]] for p in path])
+        return (keys[:, None] == keys[None, :]) & off_diag
+
+    leaf, cat, dept = same(3), same(2), same(1)
+    means = [sim[leaf].mean(), sim[cat & ~leaf].mean(), sim[dept & ~cat].mean(), sim[~dept].mean()]
+    assert means == sorted(means, reverse=True), means
+
+
+def test_sids_follow_departments(small: SynthData) -> None:
+    """Residual k-means recovers the tree: most first-level codes hold a single department."""
+    depts = [small.leaves[j][0] for j in small.leaf_of]
+    groups: dict[str, list[str]] = {}
+    for item_id, dept in enumerate(depts):
+        groups.setdefault(small.catalog.sid_of(item_id)[0], []).append(dept)
+    majority = sum(max(g.count(d) for d in set(g)) for g in groups.values())
+    assert majority / len(depts) > 0.8
+    assert small.sid_report["after"]["collision_rate"] == 0.0
+
+
+def test_refuses_to_clobber_a_foreign_data_set(tmp_path: Path) -> None:
+    (tmp_path / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match="vstar synth did not write"):
+        write_synth(tmp_path, SMALL)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"items": 4}, "--items"), ({"users": 0}, "--users")])
+def test_bad_config(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SynthConfig(**kwargs)
+
+
+def test_cli(tmp_path: Path) -> None:
+    app, bench = typer.Typer(), typer.Typer()
+    app.add_typer(bench, name="bench")
+    register(app, bench)
+    runner = CliRunner()
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "d"), "--items", "40", "--users", "20"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["sids"]["items"] == 40
+    assert load_dataset(tmp_path / "d").catalog.num_items == 40
+    bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "e"), "--items", "3"])
+    assert bad.exit_code == 2 and "--items must be at least" in bad.output
