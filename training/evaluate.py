@@ -109,10 +109,10 @@ def ved_decoder(checkpoint: Any, num_candidates: int, budget: int | None) -> Dec
     from training.rollout import require_module
     from training.value_io import load_value_head
 
+    head = load_value_head(checkpoint, checkpoint.policy.device)
     require_module("models.ved", "--decoder ved")
     from models.ved import VEDConfig, ved_search
 
-    head = load_value_head(checkpoint, checkpoint.policy.device)
     config = VEDConfig(num_candidates=num_candidates, budget=budget)
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> DecodeResult:

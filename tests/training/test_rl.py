@@ -1,0 +1,197 @@
+"""RL trainer: loss formulas, one-step smoke tests (TRL style), run/resume, and the CLI contracts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.policy import Policy
+from training.data import RecDataset
+from training.diagnose import DIAGNOSTIC_KEYS
+from training.rl import RLConfig, RLTrainer, train_rl
+from training.rl_bench import clone
+from training.rl_loss import clipped_pg, k3_kl, policy_loss
+from training.value_io import new_value_head
+
+HAS_VED = importlib.util.find_spec("models.ved") is not None
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_policy: Policy) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("rl") / "init", tiny_policy, {"stage": "sft"})
+
+
+def params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def changed(before: list[torch.Tensor], model: torch.nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+# ---- formulas
+
+
+def test_config_rejects_switches_without_vstar_and_test_split() -> None:
+    with pytest.raises(ValueError, match="--algo vstar"):
+        RLConfig(algo="grpo", sibling=False)
+    with pytest.raises(ValueError, match="test split"):
+        RLConfig(train_splits=("train", "test"))
+    with pytest.raises(ValueError, match="algo"):
+        RLConfig(algo="ppo")
+
+
+def test_clipped_pg_and_k3_hand_cases() -> None:
+    ratio = torch.tensor([1.5, 0.5, 1.5, 0.5])
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    # A > 0: gains above 1 + eps are clipped; A < 0: losses below 1 - eps are clipped
+    torch.testing.assert_close(clipped_pg(ratio, adv, 0.2), torch.tensor([-1.2, -0.5, 1.5, 0.8]))
+    logp = torch.log(torch.tensor([0.25, 0.5]))
+    ref = torch.log(torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(k3_kl(logp, ref), torch.tensor([2 - math.log(2) - 1, 0.0]))
+
+
+def test_policy_loss_combines_terms() -> None:
+    logp = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.5]]))
+    ref = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    adv = torch.tensor([1.0, -1.0])
+    sib_adv = torch.tensor([[0.7, 0.0], [-0.7, 0.0]])
+    sib_w = torch.tensor([[0.5, 0.0], [1.0, 0.0]])
+    loss, stats = policy_loss(logp, logp.detach(), ref, adv, sib_adv, sib_w, 0.2, 0.1, 2.0)
+    grpo = (-1 - 1 + 1 + 1) / 4  # ratio 1: -A per token
+    sib = (-0.7 * 0.5 + 0.7 * 1.0) / 1.5
+    kl = (2 - math.log(2) - 1) / 4
+    assert stats["grpo_loss"] == pytest.approx(grpo) and stats["sibling_loss"] == pytest.approx(sib)
+    assert loss.item() == pytest.approx(grpo + 2.0 * sib + 0.1 * kl, rel=1e-5)
+
+
+# ---- one-step smoke tests
+
+
+def test_grpo_step_updates_policy_not_reference(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:
+    policy, reference = clone(tiny_policy), clone(tiny_policy)
+    ref_before, before = params(reference.model), params(policy.model)
+    trainer = RLTrainer(policy, reference, RLConfig(algo="grpo", batch_size=8, lr=1e-3), total_steps=4)
+    stats = trainer.step(tiny_dataset.splits["train"][:8])
+    assert math.isfinite(stats["loss"]) and math.isnan(stats["value_loss"])
+    assert changed(before, policy.model) and not changed(ref_before, reference.model)
+    assert stats["sibling_tokens"] == 0 and stats["tokens_per_prompt"] == 16 * 2
+    assert stats["distinct"] == 16 and 0 <= stats["reachability"] <= 1
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_vstar_step_without_ved_trains_value_head(tiny_policy: Policy, tiny_dataset: RecDataset, dense: bool) -> None:
+    policy, reference = clone(tiny_policy), clone(tiny_policy)
+    head = new_value_head(policy)
+    ref_before, before, head_before = params(reference.model), params(policy.model), params(head)
+    config = RLConfig(algo="vstar", ved=False, dense=dense, batch_size=8, lr=1e-3)
+    trainer = RLTrainer(policy, reference, config, 4, head, tiny_dataset.embeddings)
+    stats = trainer.step(tiny_dataset.splits["train"][:8])
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["value_loss"])
+    assert changed(before, policy.model) and not changed(ref_before, reference.model)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert changed(head_before, head)
+    assert stats["sibling_tokens"] > 0  # 16 candidates over a 6x5x5 trie always share parents
+
+
+@pytest.mark.skipif(not HAS_VED, reason="models/ved.py (VED) is not in this tree yet")
+def test_vstar_step_with_ved(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:
+    policy, reference = clone(tiny_policy), clone(tiny_policy)
+    head = new_value_head(policy)
+    trainer = RLTrainer(policy, reference, RLConfig(algo="vstar", batch_size=4), 4, head, tiny_dataset.embeddings)
+    stats = trainer.step(tiny_dataset.splits["train"][:4])
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["value_loss"]) and stats["tokens_per_prompt"] > 0
+
+
+def test_dense_rewards_need_embeddings(tiny_policy: Policy) -> None:
+    with pytest.raises(ValueError, match="item embeddings"):
+        RLTrainer(tiny_policy, tiny_policy, RLConfig(algo="vstar", ved=False), 1, new_value_head(tiny_policy), None)
+
+
+# ---- runs
+
+
+def test_train_rl_writes_checkpoint_and_resumes(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "rl"
+    config = RLConfig(algo="vstar", ved=False, max_steps=3, batch_size=4, eval_every=1, eval_limit=8)
+    original = RLTrainer.step
+    calls = {"n": 0}
+
+    def interrupted(self: RLTrainer, samples: list) -> dict[str, float]:
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, samples)
+
+    monkeypatch.setattr(RLTrainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(tiny_dataset, init_ckpt, out, config, progress=False)
+    monkeypatch.setattr(RLTrainer, "step", original)
+    summary = train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
+    assert summary["steps"] == 3 and [h["step"] for h in summary["history"]] == [0, 1, 2, 3]
+    steps = [json.loads(line)["step"] for line in Path(summary["steps_log"]).read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    ckpt = load_checkpoint(out)
+    assert ckpt.manifest["stage"] == "rl" and ckpt.manifest["selection"]["step"] >= 1
+    assert "value_head" in ckpt.extras and ckpt.manifest["value_head"]["hidden_size"] == 32
+    with pytest.raises(ValueError, match="different configuration"):
+        train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
+
+
+@pytest.mark.skipif(HAS_VED, reason="VED is in the tree")
+def test_vstar_without_ved_module_fails_clearly(tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="models/ved.py"):
+        train_rl(tiny_dataset, init_ckpt, tmp_path / "x", RLConfig(algo="vstar", max_steps=1), progress=False)
+
+
+# ---- CLI contracts
+
+
+def invoke(args: list[str]) -> str:
+    from vstar import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grpo"
+    data, init = str(tiny_data_dir), str(init_ckpt)
+    invoke(["rl", "--data", data, "--init", init, "--out", str(out), "--algo", "grpo", "--max-steps", "1",
+            "--batch-size", "4", "--eval-limit", "8", "--json", str(tmp_path / "rl.json")])  # fmt: skip
+    assert json.loads((tmp_path / "rl.json").read_text())["steps"] == 1
+    invoke(["diagnose", "--data", str(tiny_data_dir), "--checkpoint", str(out), "--decoder", "beam", "--limit", "6",
+            "--json", str(tmp_path / "d.json")])  # fmt: skip
+    diag = json.loads((tmp_path / "d.json").read_text())
+    assert (
+        tuple(diag)
+        == DIAGNOSTIC_KEYS
+        == ("reachability", "nonzero_adv_share", "reward_std", "distinct_l1", "tokens_per_prompt")
+    )
+    assert diag["tokens_per_prompt"] == 32 and diag["nonzero_adv_share"] == diag["reachability"]
+
+
+def test_ved_on_a_checkpoint_without_value_head_is_a_clear_error(tiny_data_dir: Path, init_ckpt: Path) -> None:
+    from models.checkpoint import CheckpointError
+    from training.evaluate import make_decoder
+
+    ckpt = load_checkpoint(init_ckpt)
+    with pytest.raises((CheckpointError, ValueError), match="has no value head"):
+        make_decoder(ckpt, "ved", 10, None)
+
+
+@pytest.mark.skipif(not HAS_VED, reason="models/ved.py (VED) is not in this tree yet")
+def test_cli_bench_train_writes_both_keys(tmp_path: Path) -> None:
+    invoke(["bench", "train", "--steps", "1", "--batch-size", "2", "--json", str(tmp_path / "b.json")])
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert set(bench) == {"grpo_s_per_step", "vstar_s_per_step"} and all(v > 0 for v in bench.values())

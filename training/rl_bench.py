@@ -1,0 +1,88 @@
+"""``vstar bench train``: seconds per RL step of GRPO and of V-STAR, same batch, same start model.
+
+Each trainer starts from its own copy of the same weights (policy and frozen
+reference), runs one untimed warm-up step, then ``steps`` timed steps on the
+same prompts. Without ``--data`` the setup is a synthetic catalog and random
+histories with a random preset model, so the bench runs anywhere in seconds;
+with ``--data`` (and ``--checkpoint``) it times the real configuration. The
+JSON holds the two figures; the ratio is printed alongside.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.policy import Policy
+from models.sid_catalog import Item, SidCatalog, level_token
+from training.data import RecDataset, Sample
+from training.rl import RLConfig, RLTrainer, check_catalog
+from training.rollout import require_module
+from training.value_io import new_value_head
+
+
+def synthetic_dataset(num_items: int = 1000, codes: tuple[int, int, int] = (32, 16, 16), seed: int = 0) -> RecDataset:
+    """Random catalog, random histories (1-10 items) and random unit embeddings, in memory."""
+    rng = random.Random(seed)
+    items = {
+        i: Item(i, "", tuple(level_token(lv, rng.randrange(c)) for lv, c in enumerate(codes))) for i in range(num_items)
+    }
+    catalog = SidCatalog(items)
+    ids = sorted(items)
+    rows = [
+        Sample(f"u{u}", tuple(rng.choice(ids) for _ in range(rng.randrange(1, 11))), rng.choice(ids))
+        for u in range(256)
+    ]
+    emb = np.random.default_rng(seed).normal(size=(num_items, 64)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return RecDataset("synthetic", catalog, {"train": rows, "valid": [], "test": []}, emb)
+
+
+def clone(policy: Policy) -> Policy:
+    return Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.catalog, policy.prompt)
+
+
+def time_trainer(
+    policy: Policy, config: RLConfig, samples: list[Sample], item_emb: np.ndarray | None, steps: int
+) -> float:
+    """Mean seconds of ``steps`` RL steps after one warm-up, on copies of ``policy``."""
+    trainer_policy = clone(policy)
+    head = new_value_head(trainer_policy) if config.use_value else None
+    trainer = RLTrainer(trainer_policy, clone(policy), config, steps + 1, head, item_emb)
+    trainer.step(samples)
+    return float(np.mean([trainer.step(samples)["seconds"] for _ in range(steps)]))
+
+
+def run_train_bench(
+    data: RecDataset | None,
+    checkpoint: Path | None,
+    preset: str,
+    batch_size: int,
+    steps: int,
+    budget: int | None,
+    device: str,
+) -> dict[str, float]:
+    require_module("models.value_head", "the V-STAR trainer")
+    require_module("models.ved", "the V-STAR trainer")
+    torch.manual_seed(0)
+    ds = data or synthetic_dataset()
+    if checkpoint is not None:
+        policy = load_checkpoint(checkpoint, device).policy
+        check_catalog(policy, ds)
+    else:
+        policy = Policy.from_preset(preset, ds.catalog, seed=0).to(device)
+    samples = list(ds.splits["train"][:batch_size])
+    grpo = time_trainer(policy, RLConfig(algo="grpo", batch_size=batch_size), samples, ds.embeddings, steps)
+    vstar_config = RLConfig(algo="vstar", batch_size=batch_size, ved_budget=budget)
+    vstar = time_trainer(policy, vstar_config, samples, ds.embeddings, steps)
+    print(
+        f"bench train: {len(samples)} prompts x 16 candidates, {steps} steps; V-STAR / GRPO = {vstar / grpo:.2f}x",
+        file=sys.stderr,
+    )
+    return {"grpo_s_per_step": round(grpo, 4), "vstar_s_per_step": round(vstar, 4)}

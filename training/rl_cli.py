@@ -1,0 +1,133 @@
+"""The RL stage's subcommands: ``vstar rl``, ``vstar diagnose`` and ``vstar bench train``.
+
+``training.cli.register`` calls ``register_rl``; handlers only parse options,
+build configs and call ``training.rl`` / ``training.diagnose`` /
+``training.rl_bench``. Heavy imports stay inside the handlers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.cli import (
+    DataOpt,
+    DeviceOpt,
+    EpochsOpt,
+    NameOpt,
+    RootOpt,
+    SeedOpt,
+    SplitsOpt,
+    StepsOpt,
+    load_data,
+    setup_logging,
+    write_json,
+)
+
+BudgetOpt = Annotated[int | None, typer.Option("--budget", min=1, help="VED token budget per prompt (default: VED's).")]
+
+
+def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
+    @app.command()
+    def rl(
+        init: Annotated[
+            Path, typer.Option("--init", help="SFT checkpoint to start from; also the frozen KL reference.")
+        ],
+        out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to write (best model by validation).")],
+        data: DataOpt = None,
+        minionerec_root: RootOpt = None,
+        dataset: NameOpt = None,
+        algo: Annotated[str, typer.Option("--algo", help="grpo (MiniOneRec baseline) or vstar.")] = "grpo",
+        no_sibling: Annotated[bool, typer.Option("--no-sibling", help="V-STAR without Sibling-GRPO (D).")] = False,
+        no_ved: Annotated[bool, typer.Option("--no-ved", help="V-STAR with beam search instead of VED (C).")] = False,
+        no_dense: Annotated[
+            bool, typer.Option("--no-dense", help="V-STAR value head on the sparse terminal reward (A).")
+        ] = False,
+        train_splits: SplitsOpt = "train",
+        epochs: EpochsOpt = 1,
+        max_steps: StepsOpt = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per step.")] = 16,
+        num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,
+        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Policy learning rate.")] = 1e-4,
+        value_lr: Annotated[float, typer.Option("--value-lr", min=0.0, help="Value head learning rate.")] = 1e-3,
+        beta: Annotated[float, typer.Option("--beta", min=0.0, help="KL weight.")] = 1e-3,
+        w_sib: Annotated[float, typer.Option("--w-sib", min=0.0, help="Weight of the Sibling-GRPO term.")] = 1.0,
+        ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help="Policy updates per rollout.")] = 1,
+        budget: BudgetOpt = None,
+        eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between validations.")] = 100,
+        eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help="Validation rows decoded.")] = 1000,
+        holdout: Annotated[
+            int, typer.Option("--holdout", min=1, help="Valid rows held out when valid is trained on.")
+        ] = 500,
+        seed: SeedOpt = 0,
+        device: DeviceOpt = "cpu",
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")
+        ] = False,
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")] = None,
+    ) -> None:
+        """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
+        from training.data import parse_splits
+        from training.rl import RLConfig, train_rl
+
+        setup_logging()
+        ds = load_data(data, minionerec_root, dataset)
+        config = RLConfig(
+            algo=algo, sibling=not no_sibling, ved=not no_ved, dense=not no_dense, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, num_candidates=num_candidates, lr=lr, value_lr=value_lr, beta=beta, w_sib=w_sib,
+            ppo_epochs=ppo_epochs, ved_budget=budget, train_splits=tuple(parse_splits(train_splits)), holdout=holdout,
+            eval_every=eval_every, eval_limit=eval_limit, seed=seed,
+        )  # fmt: skip
+        write_json(json_out, train_rl(ds, init, out, config, device=device, resume=resume))
+
+    @app.command()
+    def diagnose(
+        checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder (VED needs its value head).")],
+        data: DataOpt = None,
+        minionerec_root: RootOpt = None,
+        dataset: NameOpt = None,
+        decoder: Annotated[str, typer.Option("--decoder", help="beam or ved.")] = "beam",
+        budget: BudgetOpt = None,
+        num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,
+        split: Annotated[str, typer.Option("--split", help="train, valid or test.")] = "valid",
+        limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N rows.")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+        seed: SeedOpt = 0,
+        device: DeviceOpt = "cpu",
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write the diagnostics here.")] = None,
+    ) -> None:
+        """Candidate-set diagnostics of one decoder: reachability, non-zero-advantage share, reward std, ..."""
+        from models.checkpoint import load_checkpoint
+        from training.diagnose import candidate_source
+        from training.diagnose import diagnose as run_diagnose
+
+        ds = load_data(data, minionerec_root, dataset)
+        if split not in ds.splits:
+            raise typer.BadParameter(f"unknown split {split!r}")
+        ckpt = load_checkpoint(checkpoint, device)
+        rows = ds.splits[split][:limit] if limit else ds.splits[split]
+        source = candidate_source(ckpt, decoder, num_candidates, budget, seed)
+        write_json(json_out, run_diagnose(ckpt.policy, rows, source, batch_size))
+
+    @bench.command(name="train")
+    def bench_train(
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write {grpo_s_per_step, vstar_s_per_step} here.")
+        ] = None,
+        data: DataOpt = None,
+        checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Start model (default: random).")] = None,
+        preset: Annotated[str, typer.Option("--preset", help="Random model preset without --checkpoint.")] = "tiny",
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per step.")] = 8,
+        steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per trainer (after one warm-up).")] = 3,
+        budget: BudgetOpt = None,
+        device: DeviceOpt = "cpu",
+    ) -> None:
+        """Seconds per RL step of GRPO and of V-STAR on the same batch and the same start model."""
+        from training.rl_bench import run_train_bench
+
+        if checkpoint is not None and data is None:
+            raise typer.BadParameter("--checkpoint needs --data (the prompts to train on)")
+        ds = load_data(data, None, None) if data is not None else None
+        write_json(json_out, run_train_bench(ds, checkpoint, preset, batch_size, steps, budget, device))

@@ -1,0 +1,151 @@
+"""Rollouts of the RL stage: prompts -> candidate sets C(x) -> training sequences.
+
+A candidate source is a callable over left-padded prompts that returns the
+ranked SIDs per prompt and the tokens it decoded per prompt. Two sources:
+
+* ``beam_source``: constrained beam search of width G (MiniOneRec's GRPO).
+  Budget accounting follows VED's rule (tokens decoded by the backbone, the
+  prompt's prefill excluded): the first level comes from the prefill and the
+  last level's tokens are never fed back, so beam search spends G * (depth - 1).
+* ``ved_source``: value-guided efficient decoding (``models.ved``) with a frozen
+  value head; its own per-prompt statistics report what it spent.
+
+The training sequences are each prompt (left-padded as in decoding, so
+positions match the rollout) followed by one candidate's SID tokens; invalid
+slots (a prompt with fewer than G valid SIDs) are dropped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.beam_search import BeamSearchConfig, DecodeResult, beam_search, prompt_position_ids
+from models.policy import Policy
+from training.data import Sample
+
+CandidateSource = Callable[[Policy, torch.Tensor, torch.Tensor], "Candidates"]
+
+
+@dataclass
+class Candidates:
+    decode: DecodeResult
+    tokens_spent: list[int]  # (B,) tokens decoded per prompt, prefill excluded
+
+
+@dataclass
+class Rollout:
+    """One step's prompts, candidate sets and targets."""
+
+    prompt_ids: torch.Tensor  # (B, T) left-padded
+    prompt_mask: torch.Tensor  # (B, T)
+    sid_index: torch.Tensor  # (B, G) catalog SID index, -1 where no valid SID
+    token_ids: torch.Tensor  # (B, G, D) vocabulary ids
+    target_sid: list[int]  # (B,)
+    target_item: list[int]  # (B,)
+    target_tokens: torch.Tensor  # (B, D) vocabulary ids of the target SID
+    tokens_spent: list[int]  # (B,)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.sid_index >= 0  # (B, G)
+
+    def candidates(self, b: int) -> list[int]:
+        """Valid SID indices of prompt ``b`` in rank order."""
+        return [s for s in self.sid_index[b].tolist() if s >= 0]
+
+    def paths(self, b: int) -> list[tuple[int, ...]]:
+        """Token paths of prompt ``b``'s valid candidates, same order as ``candidates``."""
+        keep = self.valid[b]
+        return [tuple(t) for t in self.token_ids[b][keep].tolist()]
+
+
+def beam_tokens(num_beams: int, depth: int) -> int:
+    """Tokens constrained beam search feeds the backbone per prompt, prefill excluded."""
+    return num_beams * (depth - 1)
+
+
+def beam_source(num_candidates: int) -> CandidateSource:
+    config = BeamSearchConfig(num_candidates)
+
+    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> Candidates:
+        decode = beam_search(policy.model, policy.trie, ids, mask, config)
+        return Candidates(decode, [beam_tokens(num_candidates, policy.trie.depth)] * ids.shape[0])
+
+    return run
+
+
+def ved_source(value_head: nn.Module, config: object) -> CandidateSource:
+    """VED with ``value_head`` frozen (eval mode, no grad) while it decodes."""
+    from models.ved import ved_search
+
+    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> Candidates:
+        was_training = value_head.training
+        value_head.eval()
+        try:
+            with torch.no_grad():
+                result = ved_search(policy.model, value_head, policy.trie, ids, mask, config)
+        finally:
+            value_head.train(was_training)
+        return Candidates(result.decode, [int(s.tokens_spent) for s in result.stats])
+
+    return run
+
+
+def collect(policy: Policy, samples: Sequence[Sample], source: CandidateSource) -> Rollout:
+    """Decode a candidate set per sample with the policy in eval mode."""
+    catalog = policy.catalog
+    ids, mask = policy.encode_prompts([[catalog.sid_of(i) for i in s.history] for s in samples])
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        cand = source(policy, ids, mask)
+    finally:
+        policy.model.train(was_training)
+    target_sids = [catalog.sid_of(s.target) for s in samples]
+    target_tokens = torch.tensor([policy.tokenizer.convert_tokens_to_ids(list(sid)) for sid in target_sids])  # (B, D)
+    return Rollout(
+        ids,
+        mask,
+        cand.decode.sid_index,
+        cand.decode.token_ids,
+        [catalog.sid_index[sid] for sid in target_sids],
+        [s.target for s in samples],
+        target_tokens,
+        cand.tokens_spent,
+    )
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + candidate sequences of the valid candidates, flattened."""
+
+    input_ids: torch.Tensor  # (N, T+D)
+    attention_mask: torch.Tensor  # (N, T+D)
+    position_ids: torch.Tensor  # (N, T+D)
+    row: torch.Tensor  # (N,) prompt index b
+    col: torch.Tensor  # (N,) candidate slot g
+    depth: int
+
+    @property
+    def prompt_width(self) -> int:
+        return int(self.input_ids.shape[1]) - self.depth
+
+
+def sequences(rollout: Rollout) -> SequenceBatch:
+    b, g, d = rollout.token_ids.shape
+    row, col = torch.nonzero(rollout.valid, as_tuple=True)  # (N,), (N,)
+    prompt = rollout.prompt_ids[row]  # (N, T)
+    ids = torch.cat([prompt, rollout.token_ids[row, col]], dim=1)  # (N, T+D)
+    mask = torch.cat([rollout.prompt_mask[row], rollout.prompt_mask.new_ones(len(row), d)], dim=1)  # (N, T+D)
+    return SequenceBatch(ids, mask, prompt_position_ids(mask), row, col, d)
+
+
+def require_module(name: str, purpose: str) -> None:
+    """Fail with a clear ``ValueError`` when a module a command needs is not in this tree."""
+    if importlib.util.find_spec(name) is None:
+        raise ValueError(f"{purpose} needs {name.replace('.', '/')}.py, which is not in this tree yet")
