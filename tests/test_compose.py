@@ -1,0 +1,136 @@
+"""The deployment files: docker-compose.yml validates and keeps its contract; the images keep theirs.
+
+``docker-compose config -q`` runs Debian's docker-compose 1.29 (``apt-get install
+docker-compose``) on the root file; there is no Docker engine here, so building
+and running the images is out of reach, and the Dockerfiles are checked as text
+for the house rules (multi-stage, dependencies before code, non-root,
+healthcheck, no weights).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILES = {"service": REPO / "docker" / "Dockerfile.service", "train": REPO / "docker" / "Dockerfile.train"}
+
+
+def test_docker_compose_config_validates() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose (Debian's 1.29 package) is not installed: apt-get install -y docker-compose")
+    # the host variables are left to their defaults, as on a fresh GPU host
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VSTAR_")}
+    for profiles in ([], ["--profile", "train", "--profile", "loadtest"]):
+        out = subprocess.run(
+            [binary, "-f", str(COMPOSE), *profiles, "config", "-q"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml", reason="pyyaml is not installed")
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_redis_persists_and_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    assert any(v.endswith(":/data") for v in redis["volumes"]) and "redis-data" in compose["volumes"]
+
+
+def test_api_waits_for_redis_reserves_a_gpu_and_mounts_checkpoints(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    devices = api["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices)
+    assert "checkpoints:/checkpoints:ro" in api["volumes"] and "checkpoints" in compose["volumes"]
+    env = api["environment"]
+    assert env["REDIS_URL"].startswith("redis://redis:6379")
+    assert env["VSTAR_CHECKPOINT"].startswith("/checkpoints/")
+    assert "ports" not in api, "replicas publish no host port; the load balancer does"
+
+
+def test_load_balancer_fronts_the_api_replicas(compose: dict[str, Any]) -> None:
+    lb = compose["services"]["lb"]
+    assert lb["depends_on"]["api"]["condition"] == "service_healthy"
+    assert "healthcheck" in lb and lb["ports"]
+    conf_mount = next(v for v in lb["volumes"] if v.endswith("nginx.conf:ro"))
+    conf = (REPO / conf_mount.split(":")[0]).read_text()
+    assert "resolver 127.0.0.11" in conf, "api must be re-resolved so --scale api=N is picked up"
+    assert re.search(r"set \$api_upstream http://api:8000;", conf) and "proxy_pass $api_upstream;" in conf
+
+
+def test_train_profile_runs_sft_then_vstar_rl_into_the_volume(compose: dict[str, Any]) -> None:
+    train = compose["services"]["train"]
+    assert train["profiles"] == ["train"]
+    script = " ".join(train["command"])
+    sft, rl = script.index("vstar sft"), script.index("vstar rl")
+    assert sft < rl and "--algo vstar" in script[rl:] and "&&" in script[sft:rl]
+    assert (
+        "--out /checkpoints/sft" in script and "--init /checkpoints/sft" in script and "--out /checkpoints/rl" in script
+    )
+    assert "checkpoints:/checkpoints" in train["volumes"]
+    assert train["deploy"]["resources"]["reservations"]["devices"]
+    # the api serves what train writes by default
+    assert compose["services"]["api"]["environment"]["VSTAR_CHECKPOINT"] == "/checkpoints/${VSTAR_SERVE_CHECKPOINT:-rl}"
+
+
+def test_loadtest_profile_runs_locust_against_the_balancer_on_loopback(compose: dict[str, Any]) -> None:
+    lt = compose["services"]["loadtest"]
+    assert lt["profiles"] == ["loadtest"]
+    assert lt["network_mode"] == "service:lb" and lt["depends_on"]["lb"]["condition"] == "service_healthy"
+    assert lt["entrypoint"] == ["vstar", "loadtest"] and "--host=http://127.0.0.1:80" in lt["command"]
+
+
+def test_only_profiled_services_start_by_default(compose: dict[str, Any]) -> None:
+    default = {name for name, svc in compose["services"].items() if "profiles" not in svc}
+    assert default == {"redis", "api", "lb"}
+
+
+def stages(text: str) -> list[str]:
+    return re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, flags=re.MULTILINE | re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_layers_nonroot_healthcheck(name: str) -> None:
+    text = DOCKERFILES[name].read_text()
+    assert {"builder", "runtime"} <= set(stages(text)), "multi-stage: a builder and a runtime stage"
+    runtime = text[text.index("AS runtime") :]
+    assert "COPY --from=builder /opt/venv /opt/venv" in runtime and "COPY . " not in runtime
+    user = re.findall(r"^USER\s+(\S+)", runtime, flags=re.MULTILINE)
+    assert user and user[-1] not in ("root", "0"), "the runtime stage runs as a non-root user"
+    assert re.search(r"^HEALTHCHECK\s", runtime, flags=re.MULTILINE)
+    # dependencies are installed from pyproject.toml before the code is copied in
+    deps, code = text.index("COPY pyproject.toml"), text.index("COPY . /src")
+    assert deps < text.index("pip install -r /tmp/requirements.txt") < code
+    assert text.index("--index-url") < deps, "torch comes from its own index first"
+    assert not re.search(
+        r"^(COPY|ADD)\s.*(safetensors|checkpoints|runs|data)", text, flags=re.MULTILINE | re.IGNORECASE
+    )
+    assert 'VOLUME ["/checkpoints"]' in runtime
+
+
+def test_service_image_cuda_by_default_cpu_by_build_arg() -> None:
+    text = DOCKERFILES["service"].read_text()
+    assert re.search(r"^ARG VARIANT=cuda$", text, flags=re.MULTILINE)
+    assert "FROM os-${VARIANT} AS os" in text and {"os-cuda", "os-cpu"} <= set(stages(text))
+    assert "TORCH_CPU_INDEX_URL" in text and "TORCH_CUDA_INDEX_URL" in text
+    assert "/healthz" in text
+
+
+def test_dockerignore_keeps_environments_data_and_weights_out() -> None:
+    patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"}
+    assert {".git", ".venv", "runs", "data", "**/*.safetensors", "**/*.npy"} <= patterns
