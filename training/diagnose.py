@@ -12,6 +12,9 @@ computed as in training. Reported means over prompts:
 * ``distinct_l1``: distinct first-level SID tokens in C(x) (prefix diversity);
 * ``tokens_per_prompt``: tokens the decoder fed the backbone, prefill excluded.
 
+``--budget B`` with beam search runs the widest beam B pays for and keeps its G
+best, so beam and VED can be compared at equal cost.
+
 The trainer logs the same figures every step (``candidate_stats``).
 """
 
@@ -85,9 +88,7 @@ def candidate_source(
 ) -> CandidateSource:
     """The candidate source named on the command line: ``beam`` or ``ved`` (with the checkpoint's value head)."""
     if decoder == "beam":
-        if budget is not None:
-            raise ValueError("--budget applies to --decoder ved (beam search spends G * (depth - 1) tokens)")
-        return beam_source(num_candidates)
+        return beam_source(num_candidates, budget)
     if decoder != "ved":
         raise ValueError(f"unknown decoder {decoder!r}; choose beam or ved")
     head = load_value_head(checkpoint, checkpoint.policy.device)

@@ -38,31 +38,24 @@ Deviations from the papers and choices the papers leave open:
   renormalised over valid tokens.
 * No separate reward model, no format reward, no title-alignment tasks
   (MiniOneRec mixes those into RL); rollouts are SID-only prompts.
-* Model selection: HR@10 (ties NDCG@10) by beam search on valid, or on the held-
-  out valid rows when valid is trained on; the init model's score is logged as
-  step 0 but never selected. Test is never looked at.
+* Model selection (``training.rl_run``): HR@10 (ties NDCG@10) by beam search on
+  valid, or on the held-out valid rows when valid is trained on; the init
+  model's score is logged as step 0 but never selected. Test is never looked at.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
-from training.data import RecDataset, Sample
+from training.data import Sample
 from training.diagnose import candidate_stats
-from training.evaluate import beam_decoder, evaluate
 from training.rewards import (
     LEVEL_WEIGHTS,
     batch_sibling_advantages,
@@ -72,11 +65,9 @@ from training.rewards import (
     sid_embeddings,
 )
 from training.rl_loss import policy_loss, token_log_probs, value_td_loss
-from training.rollout import CandidateSource, beam_source, collect, require_module, sequences, ved_source
-from training.sft import SFTConfig, autocast_dtype, cosine_schedule, epoch_batches, seed_everything, split_for_training
-from training.value_io import load_value_head, new_value_head, value_head_manifest
+from training.rollout import CandidateSource, SequenceBatch, beam_source, collect, sequences, ved_source
+from training.sft import autocast_dtype, cosine_schedule
 
-log = logging.getLogger(__name__)
 ALGOS = ("grpo", "vstar")
 
 
@@ -141,15 +132,6 @@ class RLConfig:
         return self.algo == "vstar"
 
 
-@dataclass
-class RLState:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best: tuple[float, float] = (-1.0, -1.0)
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 class RLTrainer:
     """Policy, frozen reference, optional value head and their optimizers; ``step`` is one RL step."""
 
@@ -199,73 +181,80 @@ class RLTrainer:
         return ved_source(self.value_head, ved)
 
     def step(self, samples: list[Sample]) -> dict[str, float]:
-        c = self.config
+        """One RL step on ``samples``; returns the step's figures."""
         start = time.perf_counter()
-        # 1. rollout: C(x) per prompt
+        # 1. rollout: V_phi frozen, C(x) per prompt from VED (or beam search)
         rollout = collect(self.policy, samples, self.source())
         batch = sequences(rollout)
-        rows, cols = batch.row.cpu(), batch.col.cpu()  # (N,) each
-        # 2. reward
+        # 2. reward: rule + ranking
         rewards, rule = batch_standard_rewards(rollout.sid_index, rollout.target_sid)  # (B, G) each
-        # 3. advantage
+        # 3. advantage: group-wide, plus sibling sets
         adv = group_advantages(rewards, rollout.valid.cpu())  # (B, G)
-        if c.use_sibling:
+        if self.config.use_sibling:
             sib_adv, sib_w = batch_sibling_advantages(rollout.token_ids, rollout.valid, rewards)  # (B, G, D) each
         else:
             sib_adv = sib_w = torch.zeros(rollout.token_ids.shape)
-        # 4. loss: policy update(s)
-        dev = self.policy.device
-        adv_n, sib_adv_n, sib_w_n = (t[rows, cols].to(dev) for t in (adv, sib_adv, sib_w))  # (N,), (N, D), (N, D)
+        # 4. loss: GRPO + w_sib * Sibling-GRPO + beta * KL, then the policy step
+        rows, cols = batch.row.cpu(), batch.col.cpu()  # (N,) each
+        stats, hidden = self.policy_update(batch, adv[rows, cols], sib_adv[rows, cols], sib_w[rows, cols])
+        # 5. dense (or terminal) rewards -> TD update of V_phi
+        value_loss = float("nan")
+        if self.value_head is not None:
+            assert hidden is not None
+            sid_emb = self.sid_emb if self.config.dense else None
+            v_rewards = batch_value_rewards(
+                rollout.token_ids, rollout.sid_index, rollout.target_tokens, rollout.target_item, rule, sid_emb,
+                self.item_emb, self.config.level_weights,
+            )  # (B, G, D+1)  # fmt: skip
+            value_loss = self.value_update(hidden, batch.attention_mask, v_rewards[rows, cols])
+        self.step_count += 1
+        figures = {
+            "value_loss": value_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "seconds": time.perf_counter() - start,
+        }
+        return candidate_stats(rollout, rewards, adv) | stats | figures
+
+    def policy_update(
+        self,
+        batch: SequenceBatch,
+        adv: torch.Tensor,  # (N,) group advantage per candidate
+        sib_adv: torch.Tensor,  # (N, D)
+        sib_w: torch.Tensor,  # (N, D)
+    ) -> tuple[dict[str, float], torch.Tensor | None]:
+        """``ppo_epochs`` clipped updates on one rollout; returns the figures of the last and the
+        detached backbone states (N, T+D, H) of the first forward (for V_phi), or None without a value head."""
+        c, dev = self.config, self.policy.device
+        adv, sib_adv, sib_w = adv.to(dev), sib_adv.to(dev), sib_w.to(dev)
         with torch.no_grad(), self.autocast():
             ref_logp, _ = token_log_probs(self.reference.model, batch)  # (N, D)
         old_logp = hidden = None
-        for _ in range(c.ppo_epochs):
+        for epoch in range(c.ppo_epochs):
             with self.autocast():
-                logp, h = token_log_probs(
-                    self.policy.model, batch, want_hidden=hidden is None and self.value_head is not None
-                )
-            if old_logp is None:
+                want_hidden = epoch == 0 and self.value_head is not None
+                logp, h = token_log_probs(self.policy.model, batch, want_hidden)  # (N, D), (N, T+D, H) | None
+            if epoch == 0:  # the rollout policy's log-probs: ratio 1 on the first epoch
                 old_logp, hidden = logp.detach(), (h.detach() if h is not None else None)
-            loss, stats = policy_loss(logp, old_logp, ref_logp, adv_n, sib_adv_n, sib_w_n, c.clip_eps, c.beta, c.w_sib)
+            assert old_logp is not None
+            loss, stats = policy_loss(logp, old_logp, ref_logp, adv, sib_adv, sib_w, c.clip_eps, c.beta, c.w_sib)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.grad_clip)
             self.optimizer.step()
         self.scheduler.step()
-        # 5. dense rewards -> TD update of V_phi
-        value_loss = float("nan")
-        if self.value_head is not None:
-            assert hidden is not None and self.value_optimizer is not None
-            sid_emb = self.sid_emb if c.dense else None
-            v_rewards = batch_value_rewards(
-                rollout.token_ids,
-                rollout.sid_index,
-                rollout.target_tokens,
-                rollout.target_item,
-                rule,
-                sid_emb,
-                self.item_emb,
-                c.level_weights,
-            )[rows, cols].to(dev)  # (N, D+1)
-            self.value_head.train()
-            v_loss = value_td_loss(self.value_head, hidden, batch.attention_mask, v_rewards, c.gamma)
-            self.value_optimizer.zero_grad(set_to_none=True)
-            v_loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), c.grad_clip)
-            self.value_optimizer.step()
-            self.value_head.eval()
-            value_loss = v_loss.item()
-        self.step_count += 1
-        return (
-            candidate_stats(rollout, rewards, adv)
-            | stats
-            | {
-                "loss": loss.item(),
-                "value_loss": value_loss,
-                "lr": self.scheduler.get_last_lr()[0],
-                "seconds": time.perf_counter() - start,
-            }
-        )
+        return stats | {"loss": loss.item()}, hidden
+
+    def value_update(self, hidden: torch.Tensor, attention_mask: torch.Tensor, rewards: torch.Tensor) -> float:
+        """One TD step of V_phi with its own optimizer: hidden (N, T+D, H), rewards (N, D+1) of s_0..s_D."""
+        assert self.value_head is not None and self.value_optimizer is not None
+        self.value_head.train()
+        loss = value_td_loss(self.value_head, hidden, attention_mask, rewards.to(hidden.device), self.config.gamma)
+        self.value_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), self.config.grad_clip)
+        self.value_optimizer.step()
+        self.value_head.eval()
+        return loss.item()
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.policy.device.type, dtype=self.amp, enabled=self.amp is not None)
@@ -286,143 +275,3 @@ class RLTrainer:
         self.step_count = int(state["step_count"])
         if self.value_optimizer is not None:
             self.value_optimizer.load_state_dict(state["value_optimizer"])
-
-
-def check_catalog(policy: Policy, data: RecDataset) -> None:
-    if policy.catalog.to_index() != data.catalog.to_index():
-        raise ValueError(f"the --init checkpoint was trained on another catalog than {data.name}: its SIDs differ")
-
-
-def train_rl(
-    data: RecDataset,
-    init: str | Path,
-    out: str | Path,
-    config: RLConfig,
-    device: str = "cpu",
-    resume: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """RL from the ``init`` checkpoint; the best model by validation goes to ``out``. Returns a summary."""
-    out = Path(out)
-    resume_dir = out.parent / f"{out.name}.resume"
-    steps_file = out.parent / f"{out.name}.steps.jsonl"
-    if config.use_value:
-        require_module("models.value_head", "--algo vstar (the value head)")
-    if config.use_ved:
-        require_module("models.ved", "--algo vstar (VED builds the candidate sets; --no-ved uses beam search)")
-    seed_everything(config.seed)
-    train_rows, select_rows = split_for_training(
-        data, SFTConfig(train_splits=config.train_splits, holdout=config.holdout)
-    )
-    select_rows = select_rows[: config.eval_limit]
-    if not train_rows:
-        raise ValueError("no training rows: check --train-splits")
-    start_ckpt = load_checkpoint(init, device)
-    check_catalog(start_ckpt.policy, data)
-    reference = load_checkpoint(init, device).policy
-    trainer_state = None
-    if resume:
-        if not resume_dir.exists():
-            raise ValueError(f"--resume: no interrupted run at {resume_dir}")
-        start_ckpt = load_checkpoint(resume_dir, device)
-        trainer_state = start_ckpt.trainer_state()
-        if (
-            trainer_state is None
-            or trainer_state.get("config") != asdict(config)
-            or trainer_state.get("init") != str(init)
-        ):
-            raise ValueError(f"--resume: {resume_dir} was written with a different configuration or --init")
-    policy = start_ckpt.policy
-    value_head = None
-    if config.use_value:
-        value_head = (
-            load_value_head(start_ckpt, device) if "value_head" in start_ckpt.extras else new_value_head(policy)
-        )
-    total_steps = config.max_steps or math.ceil(len(train_rows) / config.batch_size) * config.epochs
-    trainer = RLTrainer(policy, reference, config, total_steps, value_head, data.embeddings)
-    state = RLState()
-    if trainer_state is not None:
-        trainer.load_state_dict(trainer_state["trainer"])
-        state = RLState(**trainer_state["state"])
-        torch.set_rng_state(trainer_state["torch_rng"])
-        kept = (
-            [ln for ln in steps_file.read_text().splitlines() if json.loads(ln)["step"] <= state.step]
-            if steps_file.exists()
-            else []
-        )
-        steps_file.write_text("".join(ln + "\n" for ln in kept))
-    elif steps_file.exists():
-        steps_file.unlink()
-    manifest: dict[str, Any] = {
-        "stage": "rl",
-        "rl_config": asdict(config),
-        "init": str(init),
-        "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
-    }
-    if value_head is not None:
-        manifest["value_head"] = value_head_manifest(value_head)
-    log.info(
-        "RL config %s; %d training rows, %d selection rows, %d steps",
-        asdict(config),
-        len(train_rows),
-        len(select_rows),
-        total_steps,
-    )
-
-    def validate() -> None:
-        m = evaluate(policy, select_rows, train_rows, beam_decoder(config.eval_beams), progress=False)["metrics"]
-        score = (m["HR@10"], m["NDCG@10"])
-        state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
-        log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
-        extras = {"value_head": value_head.state_dict()} if value_head is not None else {}
-        if state.step > 0 and score > state.best:
-            state.best = score
-            save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
-        save_checkpoint(
-            resume_dir,
-            policy,
-            manifest,
-            extras,
-            trainer_state={
-                "config": asdict(config),
-                "init": str(init),
-                "trainer": trainer.state_dict(),
-                "state": asdict(state),
-                "torch_rng": torch.get_rng_state(),
-            },
-        )
-
-    if trainer_state is None:
-        validate()
-    lengths = [len(s.history) for s in train_rows]
-    start, seconds = time.perf_counter(), []
-    bar = tqdm(total=total_steps, initial=state.step, desc=f"rl {config.algo}", disable=not progress)
-    while state.step < total_steps:
-        batches = epoch_batches(lengths, config.batch_size, config.seed, state.epoch)
-        for bi in range(state.batch_in_epoch, len(batches)):
-            stats = trainer.step([train_rows[i] for i in batches[bi]])
-            state.step, state.batch_in_epoch = state.step + 1, bi + 1
-            seconds.append(stats["seconds"])
-            with steps_file.open("a") as f:
-                f.write(json.dumps({"step": state.step, "epoch": state.epoch} | stats) + "\n")
-            bar.update(1)
-            bar.set_postfix(
-                r=f"{stats['reward_mean']:.3f}", reach=f"{stats['reachability']:.2f}", kl=f"{stats['kl']:.4f}"
-            )
-            if state.step % config.eval_every == 0 or state.step >= total_steps:
-                validate()
-            if state.step >= total_steps:
-                break
-        if state.batch_in_epoch >= len(batches):
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    bar.close()
-    return {
-        "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]},
-        "steps": state.step,
-        "seconds": round(time.perf_counter() - start, 1),
-        "s_per_step": round(float(np.mean(seconds)), 3) if seconds else None,
-        "history": state.history,
-        "steps_log": str(steps_file),
-        "train_rows": len(train_rows),
-        "selection_rows": len(select_rows),
-    }

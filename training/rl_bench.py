@@ -22,7 +22,8 @@ from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from training.data import RecDataset, Sample
-from training.rl import RLConfig, RLTrainer, check_catalog
+from training.rl import RLConfig, RLTrainer
+from training.rl_run import check_catalog
 from training.rollout import require_module
 from training.value_io import new_value_head
 

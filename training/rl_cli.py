@@ -70,7 +70,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
         from training.data import parse_splits
-        from training.rl import RLConfig, train_rl
+        from training.rl import RLConfig
+        from training.rl_run import train_rl
 
         setup_logging()
         ds = load_data(data, minionerec_root, dataset)
@@ -89,7 +90,14 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
         decoder: Annotated[str, typer.Option("--decoder", help="beam or ved.")] = "beam",
-        budget: BudgetOpt = None,
+        budget: Annotated[
+            int | None,
+            typer.Option(
+                "--budget",
+                min=1,
+                help="Tokens per prompt: VED's budget; for beam, the widest beam it pays for, keeping the G best.",
+            ),
+        ] = None,
         num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,
         split: Annotated[str, typer.Option("--split", help="train, valid or test.")] = "valid",
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N rows.")] = None,

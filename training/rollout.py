@@ -69,12 +69,19 @@ def beam_tokens(num_beams: int, depth: int) -> int:
     return num_beams * (depth - 1)
 
 
-def beam_source(num_candidates: int) -> CandidateSource:
-    config = BeamSearchConfig(num_candidates)
+def beam_source(num_candidates: int, budget: int | None = None) -> CandidateSource:
+    """Beam search of width G; with a token ``budget``, the widest beam it pays for, keeping its G best.
+
+    The budgeted form compares beam search with VED at equal cost.
+    """
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> Candidates:
-        decode = beam_search(policy.model, policy.trie, ids, mask, config)
-        return Candidates(decode, [beam_tokens(num_candidates, policy.trie.depth)] * ids.shape[0])
+        depth = policy.trie.depth
+        width = num_candidates if budget is None else max(num_candidates, budget // max(depth - 1, 1))
+        decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width))
+        if width > num_candidates:
+            decode = DecodeResult(*(t[:, :num_candidates] for t in (decode.sid_index, decode.scores, decode.token_ids)))
+        return Candidates(decode, [beam_tokens(width, depth)] * ids.shape[0])
 
     return run
 

@@ -15,9 +15,10 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
 from training.data import RecDataset
 from training.diagnose import DIAGNOSTIC_KEYS
-from training.rl import RLConfig, RLTrainer, train_rl
+from training.rl import RLConfig, RLTrainer
 from training.rl_bench import clone
 from training.rl_loss import clipped_pg, k3_kl, policy_loss
+from training.rl_run import train_rl
 from training.value_io import new_value_head
 
 HAS_VED = importlib.util.find_spec("models.ved") is not None
@@ -170,7 +171,7 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
     invoke(["rl", "--data", data, "--init", init, "--out", str(out), "--algo", "grpo", "--max-steps", "1",
             "--batch-size", "4", "--eval-limit", "8", "--json", str(tmp_path / "rl.json")])  # fmt: skip
     assert json.loads((tmp_path / "rl.json").read_text())["steps"] == 1
-    invoke(["diagnose", "--data", str(tiny_data_dir), "--checkpoint", str(out), "--decoder", "beam", "--limit", "6",
+    invoke(["diagnose", "--data", data, "--checkpoint", str(out), "--decoder", "beam", "--limit", "6",
             "--json", str(tmp_path / "d.json")])  # fmt: skip
     diag = json.loads((tmp_path / "d.json").read_text())
     assert (
@@ -179,6 +180,10 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
         == ("reachability", "nonzero_adv_share", "reward_std", "distinct_l1", "tokens_per_prompt")
     )
     assert diag["tokens_per_prompt"] == 32 and diag["nonzero_adv_share"] == diag["reachability"]
+    invoke(["diagnose", "--data", data, "--checkpoint", str(out), "--decoder", "beam", "--budget", "64", "--limit", "6",
+            "--json", str(tmp_path / "d64.json")])  # fmt: skip
+    wide = json.loads((tmp_path / "d64.json").read_text())
+    assert wide["tokens_per_prompt"] == 64  # width 32, its 16 best
 
 
 def test_ved_on_a_checkpoint_without_value_head_is_a_clear_error(tiny_data_dir: Path, init_ckpt: Path) -> None:

@@ -1,0 +1,197 @@
+"""Running the RL stage: data, resume, validation, checkpoints around ``RLTrainer.step``.
+
+* Prompts are the training rows in seeded, length-bucketed batches
+  (``training.sft.epoch_batches``); ``--seed`` fixes the order and VED's draws.
+* Every step's figures go to ``<out>.steps.jsonl`` (reward mean, non-zero
+  advantage share, within-group reward std, distinct candidates, reachability,
+  value loss, tokens spent, losses, KL, seconds), every ``LOG_EVERY`` steps to
+  the log, every step to the tqdm bar.
+* Selection: HR@10 (ties NDCG@10) by beam search on valid (the held-out valid
+  rows when valid is trained on) every ``eval_every`` steps and at the end; the
+  best goes to ``--out`` (policy + value head extra + manifest). The init
+  model's score is recorded as step 0 and never selected; test is never read.
+* ``<out>.resume`` holds the latest state (weights, value head, both
+  optimizers, scheduler, position in the data, RNG) after each validation;
+  ``--resume`` continues from it. All writes are atomic (``save_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.policy import Policy
+from training.data import RecDataset
+from training.evaluate import beam_decoder, evaluate
+from training.rl import RLConfig, RLTrainer
+from training.rollout import require_module
+from training.sft import SFTConfig, epoch_batches, seed_everything, split_for_training
+from training.value_io import load_value_head, new_value_head, value_head_manifest
+
+log = logging.getLogger(__name__)
+LOG_EVERY = 10  # steps between log lines
+LOGGED = (
+    "reward_mean", "nonzero_adv_share", "reward_std", "distinct", "reachability", "value_loss", "tokens_per_prompt",
+    "kl", "seconds",
+)  # fmt: skip
+
+
+@dataclass
+class RLState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best: tuple[float, float] = (-1.0, -1.0)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_catalog(policy: Policy, data: RecDataset) -> None:
+    if policy.catalog.to_index() != data.catalog.to_index():
+        raise ValueError(f"the --init checkpoint was trained on another catalog than {data.name}: its SIDs differ")
+
+
+def train_rl(
+    data: RecDataset,
+    init: str | Path,
+    out: str | Path,
+    config: RLConfig,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """RL from the ``init`` checkpoint; the best model by validation goes to ``out``. Returns a summary."""
+    out = Path(out)
+    resume_dir = out.parent / f"{out.name}.resume"
+    steps_file = out.parent / f"{out.name}.steps.jsonl"
+    if config.use_value:
+        require_module("models.value_head", "--algo vstar (the value head)")
+    if config.use_ved:
+        require_module("models.ved", "--algo vstar (VED builds the candidate sets; --no-ved uses beam search)")
+    seed_everything(config.seed)
+    train_rows, select_rows = split_for_training(
+        data, SFTConfig(train_splits=config.train_splits, holdout=config.holdout)
+    )
+    select_rows = select_rows[: config.eval_limit]
+    if not train_rows:
+        raise ValueError("no training rows: check --train-splits")
+    start_ckpt = load_checkpoint(init, device)
+    check_catalog(start_ckpt.policy, data)
+    reference = load_checkpoint(init, device).policy
+    trainer_state = None
+    if resume:
+        if not resume_dir.exists():
+            raise ValueError(f"--resume: no interrupted run at {resume_dir}")
+        start_ckpt = load_checkpoint(resume_dir, device)
+        trainer_state = start_ckpt.trainer_state()
+        if (
+            trainer_state is None
+            or trainer_state.get("config") != asdict(config)
+            or trainer_state.get("init") != str(init)
+        ):
+            raise ValueError(f"--resume: {resume_dir} was written with a different configuration or --init")
+    policy = start_ckpt.policy
+    value_head = None
+    if config.use_value:
+        value_head = (
+            load_value_head(start_ckpt, device) if "value_head" in start_ckpt.extras else new_value_head(policy)
+        )
+    total_steps = config.max_steps or math.ceil(len(train_rows) / config.batch_size) * config.epochs
+    trainer = RLTrainer(policy, reference, config, total_steps, value_head, data.embeddings)
+    state = RLState()
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state["trainer"])
+        state = RLState(**trainer_state["state"])
+        torch.set_rng_state(trainer_state["torch_rng"])
+        kept = (
+            [ln for ln in steps_file.read_text().splitlines() if json.loads(ln)["step"] <= state.step]
+            if steps_file.exists()
+            else []
+        )
+        steps_file.write_text("".join(ln + "\n" for ln in kept))
+    elif steps_file.exists():
+        steps_file.unlink()
+    manifest: dict[str, Any] = {
+        "stage": "rl",
+        "rl_config": asdict(config),
+        "init": str(init),
+        "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
+    }
+    if value_head is not None:
+        manifest["value_head"] = value_head_manifest(value_head)
+    log.info(
+        "RL config %s; %d training rows, %d selection rows, %d steps",
+        asdict(config),
+        len(train_rows),
+        len(select_rows),
+        total_steps,
+    )
+
+    def validate() -> None:
+        m = evaluate(policy, select_rows, train_rows, beam_decoder(config.eval_beams), progress=False)["metrics"]
+        score = (m["HR@10"], m["NDCG@10"])
+        state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
+        log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
+        extras = {"value_head": value_head.state_dict()} if value_head is not None else {}
+        if state.step > 0 and score > state.best:
+            state.best = score
+            save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
+        save_checkpoint(
+            resume_dir,
+            policy,
+            manifest,
+            extras,
+            trainer_state={
+                "config": asdict(config),
+                "init": str(init),
+                "trainer": trainer.state_dict(),
+                "state": asdict(state),
+                "torch_rng": torch.get_rng_state(),
+            },
+        )
+
+    if trainer_state is None:
+        validate()
+    lengths = [len(s.history) for s in train_rows]
+    start, seconds = time.perf_counter(), []
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"rl {config.algo}", disable=not progress)
+    while state.step < total_steps:
+        batches = epoch_batches(lengths, config.batch_size, config.seed, state.epoch)
+        for bi in range(state.batch_in_epoch, len(batches)):
+            stats = trainer.step([train_rows[i] for i in batches[bi]])
+            state.step, state.batch_in_epoch = state.step + 1, bi + 1
+            seconds.append(stats["seconds"])
+            with steps_file.open("a") as f:
+                f.write(json.dumps({"step": state.step, "epoch": state.epoch} | stats) + "\n")
+            bar.update(1)
+            bar.set_postfix(
+                reach=f"{stats['reachability']:.2f}", std=f"{stats['reward_std']:.3f}", kl=f"{stats['kl']:.4f}"
+            )
+            if state.step % LOG_EVERY == 0:
+                log.info("step %d: %s", state.step, " ".join(f"{k} {stats[k]:.4g}" for k in LOGGED))
+            if state.step % config.eval_every == 0 or state.step >= total_steps:
+                validate()
+            if state.step >= total_steps:
+                break
+        if state.batch_in_epoch >= len(batches):
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    bar.close()
+    return {
+        "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]},
+        "steps": state.step,
+        "seconds": round(time.perf_counter() - start, 1),
+        "s_per_step": round(float(np.mean(seconds)), 3) if seconds else None,
+        "history": state.history,
+        "steps_log": str(steps_file),
+        "train_rows": len(train_rows),
+        "selection_rows": len(select_rows),
+    }
