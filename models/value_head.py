@@ -65,7 +65,7 @@ class ValueHeadConfig:
 
 
 class ValueHead(nn.Module):
-    """One shallow Transformer block (causal self-attention over the backbone's final hidden states) + an MLP to a scalar."""
+    """One shallow causal Transformer block over the backbone's final hidden states + an MLP to a scalar."""
 
     def __init__(self, config: ValueHeadConfig) -> None:
         super().__init__()
@@ -131,7 +131,9 @@ class ValueHead(nn.Module):
         return self._finish(hidden, attended.reshape(n, h))
 
 
-def value_head_for(policy: Policy, num_heads: int = 4, ffn_size: int = 0, mlp_hidden: int = 0, dropout: float = 0.0) -> ValueHead:
+def value_head_for(
+    policy: Policy, num_heads: int = 4, ffn_size: int = 0, mlp_hidden: int = 0, dropout: float = 0.0
+) -> ValueHead:
     """A freshly initialised value head sized for ``policy``'s backbone, on its device."""
     hidden = int(policy.model.config.hidden_size)
     config = ValueHeadConfig(hidden, num_heads, ffn_size, mlp_hidden, dropout)

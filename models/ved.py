@@ -1,0 +1,375 @@
+"""VED: value-guided efficient decoding over valid SIDs (issue 3, part C).
+
+Per prompt, a prefix tree (``models.search_tree``) is grown within a budget of
+backbone tokens and the ``num_candidates`` highest-valued complete SIDs are
+returned.
+
+1. init: constrained beam search of width ``init_beams``; every prefix kept at
+   every level becomes a tree node, and every node (complete SIDs included) is
+   run through the backbone once to read V(s) and the policy over its children.
+   When the kept prefixes could not hold ``min(num_candidates, #SIDs)``
+   complete SIDs, a level keeps the next prefixes by score until they can (the
+   trie's leaf counts say so); so the initial tree alone always answers, and a
+   deadline that has passed returns it. Where this never binds, the initial
+   tree holds exactly beam search's prefixes.
+2. selection, 3. gated expansion, 4. backpropagation: see ``SearchTree`` for U,
+   the gate and the descent rule. The new child is drawn from the selected
+   node's unexpanded valid codes by the policy's probabilities renormalised over
+   them (Gumbel-max).
+
+Choices the issue leaves open:
+
+* value of a complete SID: V at its last token (= its G, since H = 0 there).
+  Candidates are ranked by it, ties by path log-prob. ``DecodeResult.scores``
+  holds that value, ``VEDResult.log_probs`` the path log-probs.
+* budget: tokens fed to the backbone per prompt, prefill excluded; every tree
+  node below the root costs exactly one, the initial tree's included. Default:
+  ``BUDGET_MULTIPLE`` (2) x what beam search of width ``num_candidates`` feeds
+  ((depth - 1) x width), raised to the least budget that always fits the
+  initial tree, depth x max(init_beams, num_candidates); an explicit budget
+  below that is a ``ValueError``.
+* a gate-failed selection still counts as an iteration and backs up one visit
+  along its path (so the next descent leans elsewhere); it spends no token.
+  After ``gate_patience`` consecutive failures the gate is waived for one
+  expansion: the gate orders the search but never stalls it, so the search
+  always spends its budget or exhausts the tree (every valid SID present).
+* budget that cannot be spent is reported, not hidden: ``VEDStats`` gives the
+  budget, ``tokens_spent`` and ``stop_reason`` ("budget", "exhausted" or
+  "deadline").
+* deadline (anytime): checked before each step; a step is at most one batched
+  forward, so the overshoot is one step. The initial tree is always built.
+* batching: each step runs up to ``expansions_per_step`` selections per prompt
+  (visits are backed up at once, so they spread) and evaluates all new nodes of
+  all prompts in one forward. 1 is the strictly sequential loop of the issue.
+* KV reuse: the prompts are prefilled once; each node keeps its own key/value
+  per layer, and a node is evaluated on a cache assembled from its prompt's
+  cache and its ancestors' entries (the gaps of shorter paths are masked out).
+  The value head likewise keeps keys/values per prompt position and per node.
+* randomness: counter-based (a hash of the seed, the prompt's tokens, the new
+  node's id and the code), so a prompt's result does not depend on its batch
+  neighbours, and equal seeds give equal results. Vary ``seed`` per RL step.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+from models.beam_search import DecodeResult, decode_step, level_log_probs, prompt_position_ids
+from models.search_tree import SearchTree, rank_within
+from models.sid_trie import SidTrie
+from models.value_head import ValueHead
+
+BUDGET_MULTIPLE = 2
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class VEDConfig:
+    num_candidates: int = 16  # G: complete SIDs returned
+    init_beams: int = 8  # width of the initial constrained beam search
+    budget: int | None = None  # backbone tokens per prompt; None: see resolve_budget
+    lam: float = 0.1  # entropy weight in G(s) = V(s) + lam * H(s)
+    beta: float = 1.0  # exploration weight in U(s)
+    seed: int = 0
+    deadline: float | None = None  # time.perf_counter() value after which no new step starts
+    expansions_per_step: int = 4  # selections per prompt per batched forward
+    gate_patience: int = 16  # consecutive gate failures after which one expansion skips the gate
+
+    def __post_init__(self) -> None:
+        for name in ("num_candidates", "init_beams", "expansions_per_step", "gate_patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"budget must be >= 1, got {self.budget}")
+        if self.lam < 0 or self.beta < 0:
+            raise ValueError(f"lam and beta must be >= 0, got {self.lam}, {self.beta}")
+
+
+def resolve_budget(config: VEDConfig, depth: int) -> int:
+    """The per-prompt token budget ``config`` means for SIDs of ``depth`` tokens."""
+    least = depth * max(config.init_beams, config.num_candidates)
+    if config.budget is None:
+        return max(BUDGET_MULTIPLE * (depth - 1) * config.num_candidates, least)
+    if config.budget < least:
+        raise ValueError(
+            f"budget {config.budget} is below depth x max(init_beams, num_candidates) = {least}, "
+            "the most the initial tree may need"
+        )
+    return config.budget
+
+
+@dataclass
+class VEDStats:
+    tokens_spent: int  # backbone tokens, prefill excluded, initial tree included
+    nodes: int  # tree nodes, root included
+    max_depth: int  # deepest node reached
+    iterations: int  # selections, gate-failed ones included
+    cap_hit: bool  # the deadline stopped a search that had budget and work left
+    budget: int = 0
+    init_tokens: int = 0  # spent by the initial tree
+    gate_failures: int = 0
+    leaves: int = 0  # complete SIDs in the tree
+    stop_reason: str = ""  # "budget" | "exhausted" (every valid SID in the tree) | "deadline"
+
+
+@dataclass
+class VEDResult:
+    """Candidates best first by value, their paths' statistics, and the trees.
+
+    ``decode.scores`` is each candidate's value V(s_D); slots beyond the
+    complete SIDs found hold sid_index -1, score -inf, token -1. The ``path_*``
+    tensors run over the candidate's states s_0 (the root) .. s_D, as the value
+    head's TD targets do. ``tree`` is the whole search (visits, values, the
+    policy at each node) for diagnostics.
+    """
+
+    decode: DecodeResult
+    log_probs: torch.Tensor  # (B, G) policy log-prob of each candidate, -inf at empty slots
+    path_values: torch.Tensor  # (B, G, D+1) V(s_0..s_D) as the frozen head gave them
+    path_entropy: torch.Tensor  # (B, G, D+1) H(s_0..s_D)
+    path_visits: torch.Tensor  # (B, G, D+1) N(s_0..s_D) at the end of the search
+    stats: list[VEDStats]
+    tree: SearchTree
+
+
+_LEAF_COUNTS: weakref.WeakKeyDictionary[SidTrie, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def trie_leaf_counts(trie: SidTrie) -> torch.Tensor:
+    """Complete SIDs under each trie node: (nodes,). Cached per trie."""
+    counts = _LEAF_COUNTS.get(trie)
+    if counts is None or counts.device != trie.children.device:
+        counts = (trie.leaf_sid >= 0).long()
+        for d in range(trie.depth - 1, -1, -1):
+            at = torch.nonzero(trie.node_depth == d).flatten()
+            kids = trie.children[at]  # (n_d, C)
+            counts[at] = torch.where(kids >= 0, counts[kids.clamp(min=0)], 0).sum(-1)
+        _LEAF_COUNTS[trie] = counts
+    return counts
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (int64 tensors holding values < 2**32; no overflow)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def prompt_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """A 32-bit key per prompt from the seed and its tokens, blind to padding: (B,)."""
+    tok = _mix32((input_ids.long() * 4099 + prompt_position_ids(attention_mask)) & _MASK32)  # (B, T)
+    content = (tok * attention_mask.long()).sum(-1) & _MASK32  # (B,)
+    return _mix32(content ^ _mix32(torch.tensor(seed & _MASK32, device=input_ids.device)))
+
+
+def gumbel_noise(keys: torch.Tensor, counters: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise per (key, counter, code): keys, counters (N,) -> (N, C) float32."""
+    codes = torch.arange(num_codes, device=keys.device)
+    x = _mix32(keys[:, None] ^ _mix32((counters[:, None] * num_codes + codes) & _MASK32))  # (N, C)
+    u = (x.double() + 0.5) / 2.0**32
+    return (-torch.log(-torch.log(u))).float()
+
+
+class _Search:
+    """One VED call: the prompts' caches, the per-node caches and the trees."""
+
+    def __init__(
+        self, model: PreTrainedModel, head: ValueHead, trie: SidTrie, config: VEDConfig, budget: int, batch: int
+    ) -> None:
+        self.model, self.head, self.trie, self.config, self.budget = model, head, trie, config, budget
+        self.device = trie.children.device
+        self.tree = SearchTree.empty(batch, budget + 1, trie.codebook_size, trie.depth, config.lam, self.device)
+        self.dtype = next(head.parameters()).dtype
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Run the prompts once; keep their caches (backbone and value head) and evaluate the roots."""
+        self.keys = prompt_keys(input_ids, attention_mask, self.config.seed)  # (B,)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_position_ids(attention_mask),
+            cache=cache, use_cache=True, logits_to_keep=1, output_hidden_states=True,
+        )
+        hidden = out.hidden_states[-1].to(self.dtype)  # (B, T, H)
+        self.mask = attention_mask.long()  # (B, T)
+        self.next_position = self.mask.sum(-1)  # (B,)
+        self.prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]  # each (B, kvh, T, hd)
+        self.head_k, self.head_v = self.head.kv(hidden)  # (B, heads, T, d)
+        b, m = self.tree.parent.shape
+        self.node_kv = [(k.new_zeros(b, m, k.shape[1], k.shape[3]), v.new_zeros(b, m, v.shape[1], v.shape[3]))
+                        for k, v in self.prompt_kv]  # per layer, each (B, M, kvh, hd)
+        head_k = self.head_k.new_zeros(b, m, self.head_k.shape[1], self.head_k.shape[3])  # (B, M, heads, d)
+        self.node_head_kv = (head_k, head_k.clone())
+        root_value = self.head.step(hidden[:, -1], self.head_k, self.head_v, self.mask)  # (B,)
+        roots = torch.zeros(b, dtype=torch.long, device=self.device)
+        log_probs = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+        root_lp = level_log_probs(log_probs, self.trie, 0, roots)  # (B, C)
+        self.tree.evaluate(torch.arange(b, device=self.device), roots, root_value, root_lp)
+
+    def evaluate(self, rows: torch.Tensor, nodes: torch.Tensor) -> None:
+        """Feed the nodes' tokens to the backbone in one batch, on their prompt + ancestor caches."""
+        tree, n = self.tree, rows.shape[0]
+        depth = tree.depth[rows, nodes]  # (N,) >= 1
+        width = int(depth.max()) - 1
+        ancestors = tree.path[rows, nodes, :width].clamp(min=0)  # (N, A)
+        seen = torch.arange(width, device=self.device)[None, :] < (depth - 1)[:, None]  # (N, A)
+        mask = torch.cat([self.mask[rows], seen.long(), self.mask.new_ones(n, 1)], dim=1)  # (N, T+A+1)
+        past = []
+        for (pk, pv), (nk, nv) in zip(self.prompt_kv, self.node_kv, strict=True):
+            k = torch.cat([pk[rows], nk[rows[:, None], ancestors].transpose(1, 2)], dim=2)  # (N, kvh, T+A, hd)
+            v = torch.cat([pv[rows], nv[rows[:, None], ancestors].transpose(1, 2)], dim=2)
+            past.append((k, v))
+        cache = DynamicCache(past, config=self.model.config)
+        position = self.next_position[rows] + depth - 1  # (N,)
+        logits, hidden = decode_step(self.model, cache, tree.token[rows, nodes], mask, position, want_hidden=True)
+        assert hidden is not None
+        for (nk, nv), layer in zip(self.node_kv, cache.layers, strict=True):
+            nk[rows, nodes] = layer.keys[:, :, -1]
+            nv[rows, nodes] = layer.values[:, :, -1]
+        h = hidden.to(self.dtype)  # (N, H)
+        own_k, own_v = self.head.kv(h[:, None])  # (N, heads, 1, d)
+        hk, hv = self.node_head_kv
+        hk[rows, nodes], hv[rows, nodes] = own_k[:, :, 0], own_v[:, :, 0]
+        keys = torch.cat([self.head_k[rows], hk[rows[:, None], ancestors].transpose(1, 2), own_k], dim=2)
+        values = torch.cat([self.head_v[rows], hv[rows[:, None], ancestors].transpose(1, 2), own_v], dim=2)
+        value = self.head.step(h, keys, values, mask)  # (N,)
+        child_lp = torch.full((n, self.trie.codebook_size), float("-inf"), device=self.device)
+        for level in range(1, self.trie.depth):
+            at = depth == level
+            if at.any():
+                child_lp[at] = level_log_probs(logits[at], self.trie, level, tree.trie_node[rows[at], nodes[at]])
+        tree.evaluate(rows, nodes, value, child_lp)
+
+    def add(self, rows: torch.Tensor, parents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Allocate children (one visit each up their path); returns their ids, not yet evaluated."""
+        tree = self.tree
+        level = tree.depth[rows, parents]  # (N,)
+        trie_nodes = self.trie.children[tree.trie_node[rows, parents], codes]
+        nodes = tree.allocate(rows, parents, codes, trie_nodes, self.trie.level_token_ids[level, codes])
+        tree.backup(rows, nodes)
+        return nodes
+
+    def initial_tree(self, target: int) -> None:
+        """Beam search of width init_beams, widened where needed to hold ``target`` complete SIDs."""
+        tree, c, k = self.tree, self.trie.codebook_size, self.config.init_beams
+        b = tree.size.shape[0]
+        leaf_counts = trie_leaf_counts(self.trie)
+        rows = torch.arange(b, device=self.device)
+        nodes = torch.zeros(b, dtype=torch.long, device=self.device)
+        for _ in range(self.trie.depth):
+            slot = rank_within(rows)  # (F,) position of each frontier node in its prompt
+            scores = torch.full((b, int(slot.max()) + 1, c), float("-inf"), device=self.device)
+            scores[rows, slot] = tree.log_prob[rows, nodes, None] + tree.child_log_prob[rows, nodes]
+            frontier = torch.full(scores.shape[:2], 0, dtype=torch.long, device=self.device)
+            frontier[rows, slot] = nodes
+            scores, order = scores.flatten(1).sort(dim=1, descending=True)  # (B, W*C)
+            parents, codes = frontier.gather(1, order // c), order % c
+            finite = torch.isfinite(scores)
+            kids = self.trie.children[tree.trie_node.gather(1, parents), codes].clamp(min=0)
+            holds = torch.where(finite, leaf_counts[kids], 0).cumsum(1)  # (B, W*C)
+            width = ((holds >= target).long().argmax(1) + 1).clamp(min=k)  # (B,)
+            keep = finite & (torch.arange(scores.shape[1], device=self.device)[None] < width[:, None])
+            rows, pos = torch.nonzero(keep, as_tuple=True)
+            nodes = self.add(rows, parents[rows, pos], codes[rows, pos])
+            self.evaluate(rows, nodes)
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 2-4 until budget, exhaustion or deadline; (iterations, gate failures, cap_hit), each (B,)."""
+        tree, cfg = self.tree, self.config
+        b = tree.size.shape[0]
+        zeros = torch.zeros(b, dtype=torch.long, device=self.device)
+        iterations, failures, stall = zeros.clone(), zeros.clone(), zeros.clone()
+        cap_hit = torch.zeros(b, dtype=torch.bool, device=self.device)
+        while True:
+            active = tree.open_nodes()[:, 0] & (tree.size - 1 < self.budget)
+            if not bool(active.any()):
+                break
+            if cfg.deadline is not None and time.perf_counter() >= cfg.deadline:
+                cap_hit = active
+                break
+            new_rows, new_nodes = [], []
+            for _ in range(cfg.expansions_per_step):
+                need = active & tree.open_nodes()[:, 0] & (tree.size - 1 < self.budget)
+                while bool(need.any()):
+                    selected = tree.select(need, cfg.beta)  # (B,)
+                    ok = need & (tree.passes_gate(selected) | (stall >= cfg.gate_patience))
+                    fail = need & ~ok
+                    iterations += need.long()
+                    failures += fail.long()
+                    stall = torch.where(fail, stall + 1, torch.where(ok, 0, stall))
+                    if bool(fail.any()):
+                        at = torch.nonzero(fail).flatten()
+                        tree.backup(at, selected[at])
+                    if bool(ok.any()):
+                        at = torch.nonzero(ok).flatten()
+                        parents = selected[at]
+                        noise = gumbel_noise(self.keys[at], tree.size[at], self.trie.codebook_size)
+                        codes = tree.sample_child(at, parents, noise)
+                        new_rows.append(at)
+                        new_nodes.append(self.add(at, parents, codes))
+                    need &= ~ok
+            if new_rows:
+                self.evaluate(torch.cat(new_rows), torch.cat(new_nodes))
+        return iterations, failures, cap_hit
+
+    def stats(
+        self, iterations: torch.Tensor, failures: torch.Tensor, cap_hit: torch.Tensor, init_tokens: torch.Tensor
+    ) -> list[VEDStats]:
+        """Per prompt; the loop only ever stops on the deadline, an exhausted tree or the budget."""
+        tree = self.tree
+        spent = (tree.size - 1).tolist()
+        still_open = tree.open_nodes()[:, 0].tolist()
+        out = []
+        for i, live in enumerate(tree.live):
+            reason = "deadline" if cap_hit[i] else ("budget" if still_open[i] else "exhausted")
+            out.append(VEDStats(
+                tokens_spent=spent[i], nodes=int(live.sum()), max_depth=int(tree.depth[i][live].max()),
+                iterations=int(iterations[i]), cap_hit=bool(cap_hit[i]), budget=self.budget,
+                init_tokens=int(init_tokens[i]), gate_failures=int(failures[i]),
+                leaves=int((live & (tree.depth[i] == self.trie.depth)).sum()), stop_reason=reason,
+            ))
+        return out
+
+    def result(self, stats: list[VEDStats]) -> VEDResult:
+        """The top ``num_candidates`` complete SIDs per prompt by value, with their paths' statistics."""
+        tree, g = self.tree, self.config.num_candidates
+        top = tree.ranked_leaves(g)  # (B, G)
+        valid = top >= 0
+        t = top.clamp(min=0)
+        sid_index = torch.where(valid, self.trie.leaf_sid[tree.trie_node.gather(1, t)], -1)
+        path = tree.path.gather(1, t[..., None].expand(-1, -1, self.trie.depth)).clamp(min=0)  # (B, G, D)
+        tokens = torch.where(valid[..., None], tree.token.gather(1, path.flatten(1)).view_as(path), -1)
+        scores = torch.where(valid, tree.value.gather(1, t), float("-inf"))
+        log_probs = torch.where(valid, tree.log_prob.gather(1, t), float("-inf"))
+        states = torch.cat([torch.zeros_like(path[..., :1]), path], dim=-1)  # (B, G, D+1) s_0..s_D
+
+        def along(x: torch.Tensor) -> torch.Tensor:  # (B, M) -> (B, G, D+1)
+            return x.gather(1, states.flatten(1)).view_as(states)
+
+        decode = DecodeResult(sid_index, scores, tokens)
+        return VEDResult(decode, log_probs, along(tree.value), along(tree.entropy), along(tree.visits), stats, tree)
+
+
+@torch.no_grad()
+def ved_search(
+    model: PreTrainedModel,
+    value_head: ValueHead,
+    trie: SidTrie,
+    input_ids: torch.Tensor,  # (B, T) left-padded prompts
+    attention_mask: torch.Tensor,  # (B, T)
+    config: VEDConfig,
+) -> VEDResult:
+    """Value-guided search for ``config.num_candidates`` complete SIDs per prompt (see the module doc)."""
+    budget = resolve_budget(config, trie.depth)
+    search = _Search(model, value_head, trie, config, budget, int(input_ids.shape[0]))
+    search.prefill(input_ids, attention_mask)
+    num_sids = int((trie.leaf_sid >= 0).sum())
+    search.initial_tree(min(config.num_candidates, num_sids))
+    init_tokens = search.tree.size - 1
+    iterations, failures, cap_hit = search.run()
+    return search.result(search.stats(iterations, failures, cap_hit, init_tokens))
