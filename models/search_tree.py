@@ -30,7 +30,7 @@ branches could never come back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,6 +71,8 @@ class SearchTree:
     child_log_prob: torch.Tensor  # (B, M, C) policy log-probs of the next codes, -inf where invalid
     size: torch.Tensor  # (B,) allocated nodes, root included
     lam: float
+    # expandable / open masks, valid until the next allocate or evaluate (visits do not change them)
+    _masks: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(
@@ -121,6 +123,7 @@ class SearchTree:
         self.path[rows, idx] = path
         self.child[rows, parents, codes] = idx
         self.n_children.index_put_((rows, parents), torch.ones_like(rows), accumulate=True)
+        self._masks = None
         return idx
 
     def evaluate(
@@ -134,18 +137,25 @@ class SearchTree:
         self.child_log_prob[rows, nodes] = child_log_prob
         self.n_valid[rows, nodes] = torch.isfinite(child_log_prob).sum(-1)
         self.live[rows, nodes] = True
+        self._masks = None
+
+    def _expandable_and_open(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._masks is None:
+            expandable = self.live & (self.n_valid > self.n_children)  # (B, M)
+            is_open = expandable.clone()
+            for d in range(self.max_depth, 0, -1):
+                up = (is_open & (self.depth == d)).long()  # (B, M)
+                is_open |= torch.zeros_like(up).scatter_add_(1, self.parent.clamp(min=0), up) > 0
+            self._masks = (expandable, is_open & self.live)
+        return self._masks
 
     def expandable(self) -> torch.Tensor:
         """Live nodes with a valid code not expanded yet: (B, M)."""
-        return self.live & (self.n_valid > self.n_children)
+        return self._expandable_and_open()[0]
 
     def open_nodes(self) -> torch.Tensor:
         """Live nodes whose live subtree still holds an expandable node: (B, M)."""
-        is_open = self.expandable()
-        for d in range(self.max_depth, 0, -1):
-            up = (is_open & (self.depth == d)).long()  # (B, M)
-            is_open |= torch.zeros_like(up).scatter_add_(1, self.parent.clamp(min=0), up) > 0
-        return is_open & self.live
+        return self._expandable_and_open()[1]
 
     def depth_mean(self) -> torch.Tensor:
         """Mean G of the live nodes at each depth: (B, D + 1); NaN at an empty depth."""
@@ -169,7 +179,7 @@ class SearchTree:
         moving = rows & is_open[:, 0]
         cur = torch.zeros(b, dtype=torch.long, device=rows.device)
         selected = torch.full_like(cur, -1)
-        for _ in range(self.max_depth + 1):
+        for _ in range(self.max_depth):  # a complete SID is never open: the descent ends above it
             kids = self.child[ar, cur]  # (B, C)
             usable = (kids >= 0) & is_open.gather(1, kids.clamp(min=0))  # (B, C)
             u_kids = torch.where(usable, u.gather(1, kids.clamp(min=0)), float("-inf"))  # (B, C)

@@ -41,10 +41,14 @@ Choices the issue leaves open:
 * batching: each step runs up to ``expansions_per_step`` selections per prompt
   (visits are backed up at once, so they spread) and evaluates all new nodes of
   all prompts in one forward. 1 is the strictly sequential loop of the issue.
-* KV reuse: the prompts are prefilled once; each node keeps its own key/value
-  per layer, and a node is evaluated on a cache assembled from its prompt's
-  cache and its ancestors' entries (the gaps of shorter paths are masked out).
-  The value head likewise keeps keys/values per prompt position and per node.
+* KV reuse: the prompts are prefilled once. Per layer, one buffer holds the
+  keys (and one the values) of every prompt position followed by one slot per
+  tree node, filled when the node is evaluated; a batch of nodes runs on a
+  cache gathered from it in one indexing op (prompt + ancestors; the unused
+  slots of shorter paths are masked out). The value head keeps its own
+  keys/values the same way, so a node's value is one query (``ValueHead.step``).
+  VED prefills by itself, not with ``beam_search.prefill``, because the value
+  head needs the final hidden state at every prompt position.
 * randomness: counter-based (a hash of the seed, the prompt's tokens, the new
   node's id and the code), so a prompt's result does not depend on its batch
   neighbours, and equal seeds give equal results. Vary ``seed`` per RL step.
@@ -190,7 +194,7 @@ class _Search:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Run the prompts once; keep their caches (backbone and value head) and evaluate the roots."""
         self.keys = prompt_keys(input_ids, attention_mask, self.config.seed)  # (B,)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)  # as beam_search.prefill, plus every position's hidden state
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_position_ids(attention_mask),
             cache=cache, use_cache=True, logits_to_keep=1, output_hidden_states=True,
@@ -198,14 +202,18 @@ class _Search:
         hidden = out.hidden_states[-1].to(self.dtype)  # (B, T, H)
         self.mask = attention_mask.long()  # (B, T)
         self.next_position = self.mask.sum(-1)  # (B,)
-        self.prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]  # each (B, kvh, T, hd)
-        self.head_k, self.head_v = self.head.kv(hidden)  # (B, heads, T, d)
-        b, m = self.tree.parent.shape
-        self.node_kv = [(k.new_zeros(b, m, k.shape[1], k.shape[3]), v.new_zeros(b, m, v.shape[1], v.shape[3]))
-                        for k, v in self.prompt_kv]  # per layer, each (B, M, kvh, hd)
-        head_k = self.head_k.new_zeros(b, m, self.head_k.shape[1], self.head_k.shape[3])  # (B, M, heads, d)
-        self.node_head_kv = (head_k, head_k.clone())
-        root_value = self.head.step(hidden[:, -1], self.head_k, self.head_v, self.mask)  # (B,)
+        b, t, m = input_ids.shape[0], input_ids.shape[1], self.tree.parent.shape[1]
+
+        def slots(x: torch.Tensor) -> torch.Tensor:
+            """(B, heads, T, d) -> (B, T+M, heads, d): the prompt's positions, then one slot per tree node."""
+            buffer = x.new_zeros(b, t + m, x.shape[1], x.shape[3])
+            buffer[:, :t] = x.transpose(1, 2)
+            return buffer
+
+        self.backbone_kv = [(slots(layer.keys), slots(layer.values)) for layer in cache.layers]
+        head_k, head_v = self.head.kv(hidden)  # (B, heads, T, d)
+        self.head_kv = (slots(head_k), slots(head_v))
+        root_value = self.head.step(hidden[:, -1], head_k, head_v, self.mask)  # (B,)
         roots = torch.zeros(b, dtype=torch.long, device=self.device)
         log_probs = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
         root_lp = level_log_probs(log_probs, self.trie, 0, roots)  # (B, C)
@@ -213,36 +221,35 @@ class _Search:
 
     def evaluate(self, rows: torch.Tensor, nodes: torch.Tensor) -> None:
         """Feed the nodes' tokens to the backbone in one batch, on their prompt + ancestor caches."""
-        tree, n = self.tree, rows.shape[0]
+        tree, n, t = self.tree, rows.shape[0], self.mask.shape[1]
         depth = tree.depth[rows, nodes]  # (N,) >= 1
         width = int(depth.max()) - 1
         ancestors = tree.path[rows, nodes, :width].clamp(min=0)  # (N, A)
         seen = torch.arange(width, device=self.device)[None, :] < (depth - 1)[:, None]  # (N, A)
         mask = torch.cat([self.mask[rows], seen.long(), self.mask.new_ones(n, 1)], dim=1)  # (N, T+A+1)
-        past = []
-        for (pk, pv), (nk, nv) in zip(self.prompt_kv, self.node_kv, strict=True):
-            k = torch.cat([pk[rows], nk[rows[:, None], ancestors].transpose(1, 2)], dim=2)  # (N, kvh, T+A, hd)
-            v = torch.cat([pv[rows], nv[rows[:, None], ancestors].transpose(1, 2)], dim=2)
-            past.append((k, v))
+        prompt = torch.arange(t, device=self.device).expand(n, -1)  # (N, T)
+        past_slots = torch.cat([prompt, t + ancestors], dim=1)  # (N, T+A): the gaps of shorter paths are masked
+        at = (rows[:, None], past_slots)
+        past = [(k[at].transpose(1, 2), v[at].transpose(1, 2)) for k, v in self.backbone_kv]  # (N, kvh, T+A, hd)
         cache = DynamicCache(past, config=self.model.config)
         position = self.next_position[rows] + depth - 1  # (N,)
         logits, hidden = decode_step(self.model, cache, tree.token[rows, nodes], mask, position, want_hidden=True)
         assert hidden is not None
-        for (nk, nv), layer in zip(self.node_kv, cache.layers, strict=True):
-            nk[rows, nodes] = layer.keys[:, :, -1]
-            nv[rows, nodes] = layer.values[:, :, -1]
+        own = (rows, t + nodes)
+        for (k, v), layer in zip(self.backbone_kv, cache.layers, strict=True):
+            k[own], v[own] = layer.keys[:, :, -1], layer.values[:, :, -1]
         h = hidden.to(self.dtype)  # (N, H)
         own_k, own_v = self.head.kv(h[:, None])  # (N, heads, 1, d)
-        hk, hv = self.node_head_kv
-        hk[rows, nodes], hv[rows, nodes] = own_k[:, :, 0], own_v[:, :, 0]
-        keys = torch.cat([self.head_k[rows], hk[rows[:, None], ancestors].transpose(1, 2), own_k], dim=2)
-        values = torch.cat([self.head_v[rows], hv[rows[:, None], ancestors].transpose(1, 2), own_v], dim=2)
-        value = self.head.step(h, keys, values, mask)  # (N,)
+        head_k, head_v = self.head_kv
+        head_k[own], head_v[own] = own_k[:, :, 0], own_v[:, :, 0]
+        at = (rows[:, None], torch.cat([past_slots, t + nodes[:, None]], dim=1))  # (N, T+A+1) with the node itself
+        value = self.head.step(h, head_k[at].transpose(1, 2), head_v[at].transpose(1, 2), mask)  # (N,)
         child_lp = torch.full((n, self.trie.codebook_size), float("-inf"), device=self.device)
         for level in range(1, self.trie.depth):
-            at = depth == level
-            if at.any():
-                child_lp[at] = level_log_probs(logits[at], self.trie, level, tree.trie_node[rows[at], nodes[at]])
+            here = depth == level
+            if here.any():
+                trie_nodes = tree.trie_node[rows[here], nodes[here]]
+                child_lp[here] = level_log_probs(logits[here], self.trie, level, trie_nodes)
         tree.evaluate(rows, nodes, value, child_lp)
 
     def add(self, rows: torch.Tensor, parents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -278,48 +285,46 @@ class _Search:
             nodes = self.add(rows, parents[rows, pos], codes[rows, pos])
             self.evaluate(rows, nodes)
 
-    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Steps 2-4 until budget, exhaustion or deadline; (iterations, gate failures, cap_hit), each (B,)."""
-        tree, cfg = self.tree, self.config
+    def run(self) -> torch.Tensor:
+        """Steps 2-4 until the budget is spent, the tree is exhausted or the deadline passes; cap_hit (B,)."""
+        tree, deadline = self.tree, self.config.deadline
         b = tree.size.shape[0]
-        zeros = torch.zeros(b, dtype=torch.long, device=self.device)
-        iterations, failures, stall = zeros.clone(), zeros.clone(), zeros.clone()
-        cap_hit = torch.zeros(b, dtype=torch.bool, device=self.device)
+        self.iterations = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.failures, self.stall = self.iterations.clone(), self.iterations.clone()
         while True:
             active = tree.open_nodes()[:, 0] & (tree.size - 1 < self.budget)
             if not bool(active.any()):
-                break
-            if cfg.deadline is not None and time.perf_counter() >= cfg.deadline:
-                cap_hit = active
-                break
-            new_rows, new_nodes = [], []
-            for _ in range(cfg.expansions_per_step):
-                need = active & tree.open_nodes()[:, 0] & (tree.size - 1 < self.budget)
-                while bool(need.any()):
-                    selected = tree.select(need, cfg.beta)  # (B,)
-                    ok = need & (tree.passes_gate(selected) | (stall >= cfg.gate_patience))
-                    fail = need & ~ok
-                    iterations += need.long()
-                    failures += fail.long()
-                    stall = torch.where(fail, stall + 1, torch.where(ok, 0, stall))
-                    if bool(fail.any()):
-                        at = torch.nonzero(fail).flatten()
-                        tree.backup(at, selected[at])
-                    if bool(ok.any()):
-                        at = torch.nonzero(ok).flatten()
-                        parents = selected[at]
-                        noise = gumbel_noise(self.keys[at], tree.size[at], self.trie.codebook_size)
-                        codes = tree.sample_child(at, parents, noise)
-                        new_rows.append(at)
-                        new_nodes.append(self.add(at, parents, codes))
-                    need &= ~ok
-            if new_rows:
-                self.evaluate(torch.cat(new_rows), torch.cat(new_nodes))
-        return iterations, failures, cap_hit
+                return torch.zeros_like(active)
+            if deadline is not None and time.perf_counter() >= deadline:
+                return active
+            self.step(active)
 
-    def stats(
-        self, iterations: torch.Tensor, failures: torch.Tensor, cap_hit: torch.Tensor, init_tokens: torch.Tensor
-    ) -> list[VEDStats]:
+    def step(self, active: torch.Tensor) -> None:
+        """Selections until each active prompt (B,) made ``expansions_per_step`` children, then one forward."""
+        tree, cfg = self.tree, self.config
+        made = torch.zeros_like(self.iterations)  # expansions of this step per prompt
+        new_rows, new_nodes = [], []
+        need = active
+        while bool(need.any()):
+            selected = tree.select(need, cfg.beta)  # (B,)
+            ok = need & (tree.passes_gate(selected) | (self.stall >= cfg.gate_patience))
+            fail = need & ~ok
+            self.iterations += need.long()
+            self.failures += fail.long()
+            self.stall = torch.where(fail, self.stall + 1, torch.where(ok, 0, self.stall))
+            if bool(fail.any()):
+                at = torch.nonzero(fail).flatten()
+                tree.backup(at, selected[at])
+            if bool(ok.any()):
+                at = torch.nonzero(ok).flatten()
+                noise = gumbel_noise(self.keys[at], tree.size[at], self.trie.codebook_size)  # keyed by the new id
+                new_rows.append(at)
+                new_nodes.append(self.add(at, selected[at], tree.sample_child(at, selected[at], noise)))
+                made += ok.long()
+            need = need & (made < cfg.expansions_per_step) & tree.open_nodes()[:, 0] & (tree.size - 1 < self.budget)
+        self.evaluate(torch.cat(new_rows), torch.cat(new_nodes))
+
+    def stats(self, cap_hit: torch.Tensor, init_tokens: torch.Tensor) -> list[VEDStats]:
         """Per prompt; the loop only ever stops on the deadline, an exhausted tree or the budget."""
         tree = self.tree
         spent = (tree.size - 1).tolist()
@@ -329,8 +334,8 @@ class _Search:
             reason = "deadline" if cap_hit[i] else ("budget" if still_open[i] else "exhausted")
             out.append(VEDStats(
                 tokens_spent=spent[i], nodes=int(live.sum()), max_depth=int(tree.depth[i][live].max()),
-                iterations=int(iterations[i]), cap_hit=bool(cap_hit[i]), budget=self.budget,
-                init_tokens=int(init_tokens[i]), gate_failures=int(failures[i]),
+                iterations=int(self.iterations[i]), cap_hit=bool(cap_hit[i]), budget=self.budget,
+                init_tokens=int(init_tokens[i]), gate_failures=int(self.failures[i]),
                 leaves=int((live & (tree.depth[i] == self.trie.depth)).sum()), stop_reason=reason,
             ))
         return out
@@ -371,5 +376,5 @@ def ved_search(
     num_sids = int((trie.leaf_sid >= 0).sum())
     search.initial_tree(min(config.num_candidates, num_sids))
     init_tokens = search.tree.size - 1
-    iterations, failures, cap_hit = search.run()
-    return search.result(search.stats(iterations, failures, cap_hit, init_tokens))
+    cap_hit = search.run()
+    return search.result(search.stats(cap_hit, init_tokens))

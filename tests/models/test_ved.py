@@ -212,11 +212,13 @@ def test_budget_accounting(tiny_policy: Policy, head: ValueHead) -> None:
     assert live.tolist() == [41, 41, 41]
 
 
-def test_exhaustive_budget_finds_the_true_top_by_value(tiny_policy: Policy, head: ValueHead) -> None:
+@pytest.mark.parametrize("per_step", [1, 8])
+def test_exhaustive_budget_finds_the_true_top_by_value(tiny_policy: Policy, head: ValueHead, per_step: int) -> None:
     trie = tiny_policy.trie
     ids, mask = prompts(tiny_policy, [3, 1], 1)
     g = 10
-    res = ved_search(tiny_policy.model, head, trie, ids, mask, VEDConfig(num_candidates=g, budget=trie.num_nodes - 1))
+    config = VEDConfig(num_candidates=g, budget=trie.num_nodes - 1, expansions_per_step=per_step)
+    res = ved_search(tiny_policy.model, head, trie, ids, mask, config)
     brute = brute_force_values(tiny_policy, head, ids, mask)  # (B, S, D+1)
     for b, s in enumerate(res.stats):
         assert s.stop_reason == "exhausted" and s.tokens_spent == trie.num_nodes - 1
