@@ -23,7 +23,10 @@ not touch the policy.
 Deviations from the papers and choices the papers leave open:
 
 * Ranking reward: penalties normalised over the wrong candidates (they sum to
-  exactly -1); MiniOneRec's code normalises over all G ranks.
+  exactly -1); MiniOneRec's code normalises over all G ranks. A group that
+  reaches its target thus sums to 1 - 1 = 0 and one that does not is all 0:
+  the logged reward mean is ~0 by construction; reachability and the
+  within-group reward std are the informative figures.
 * Advantages use the unbiased std (TRL); a sibling set with all children equal
   gets 0. Sibling terms count each child token once (weight 1/n(h+v)) and are
   averaged over child tokens, so w_sib = 1 puts them on GRPO's per-token scale.
@@ -32,6 +35,17 @@ Deviations from the papers and choices the papers leave open:
   step: one forward serves both updates. TD runs along each candidate path over
   s_0 (the prompt, r = 0) .. s_D (the full SID, r = r_D, then terminal 0), so
   a prefix shared by k candidates contributes k transitions.
+* ``--no-dense``: V_phi's only reward is the exact match (1 or 0) at s_D; the
+  ranking part is a property of the whole list, not of one path.
+* V_phi starts fresh (small random output layer, so VED is steered mostly by
+  the entropy bonus at first) unless ``--init`` carries a value head; there is
+  no separate value warm-up phase.
+* VED draws with seed ``seed * 1_000_003 + step`` (new draws every step,
+  reproducible); its default budget is VED's: 2x what beam search of width G
+  feeds the backbone, G * (depth - 1) = 32 tokens for G = 16, so 64.
+* Learning rate: 1e-4 for the from-scratch presets (1/20 of SFT's 2e-3; the
+  paper's 1e-5 is for pretrained LMs, pass ``--lr 1e-5`` with ``--base-model``
+  SFT checkpoints); V_phi 1e-3. Batch: 16 prompts x 16 candidates per step.
 * Dropout is off during RL (policy and reference in eval mode): the importance
   ratio is exactly 1 on the first inner epoch and the KL compares like with like.
 * Log-probs use the full-vocabulary softmax (TRL, beam scores), not the softmax

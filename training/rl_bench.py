@@ -6,6 +6,12 @@ same prompts. Without ``--data`` the setup is a synthetic catalog and random
 histories with a random preset model, so the bench runs anywhere in seconds;
 with ``--data`` (and ``--checkpoint``) it times the real configuration. The
 JSON holds the two figures; the ratio is printed alongside.
+
+CPU threads default to one (``--threads``): on a shared machine, torch's
+intra-op threads spin-wait on each other under load, and VED's many small
+tensor ops then slow down by an order of magnitude (13.5 s vs 0.38 s for one
+VED call of 8 prompts on the synthetic setup, 2 threads vs 1, 2-core box at
+load 5), so single-thread figures are the comparable ones.
 """
 
 from __future__ import annotations
@@ -83,7 +89,8 @@ def run_train_bench(
     vstar_config = RLConfig(algo="vstar", batch_size=batch_size, ved_budget=budget)
     vstar = time_trainer(policy, vstar_config, samples, ds.embeddings, steps)
     print(
-        f"bench train: {len(samples)} prompts x 16 candidates, {steps} steps; V-STAR / GRPO = {vstar / grpo:.2f}x",
+        f"bench train: {len(samples)} prompts x 16 candidates, {steps} steps, {torch.get_num_threads()} threads; "
+        f"V-STAR / GRPO = {vstar / grpo:.2f}x",
         file=sys.stderr,
     )
     return {"grpo_s_per_step": round(grpo, 4), "vstar_s_per_step": round(vstar, 4)}

@@ -130,10 +130,18 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per step.")] = 8,
         steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per trainer (after one warm-up).")] = 3,
         budget: BudgetOpt = None,
+        threads: Annotated[
+            int, typer.Option("--threads", min=0, help="torch CPU threads; 0 keeps torch's default.")
+        ] = 1,
         device: DeviceOpt = "cpu",
     ) -> None:
         """Seconds per RL step of GRPO and of V-STAR on the same batch and the same start model."""
+        import torch
+
         from training.rl_bench import run_train_bench
+
+        if threads:
+            torch.set_num_threads(threads)
 
         if checkpoint is not None and data is None:
             raise typer.BadParameter("--checkpoint needs --data (the prompts to train on)")

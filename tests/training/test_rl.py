@@ -197,6 +197,7 @@ def test_ved_on_a_checkpoint_without_value_head_is_a_clear_error(tiny_data_dir: 
 
 @pytest.mark.skipif(not HAS_VED, reason="models/ved.py (VED) is not in this tree yet")
 def test_cli_bench_train_writes_both_keys(tmp_path: Path) -> None:
-    invoke(["bench", "train", "--steps", "1", "--batch-size", "2", "--json", str(tmp_path / "b.json")])
-    bench = json.loads((tmp_path / "b.json").read_text())
+    out = tmp_path / "b.json"
+    invoke(["bench", "train", "--steps", "1", "--batch-size", "2", "--threads", "0", "--json", str(out)])
+    bench = json.loads(out.read_text())
     assert set(bench) == {"grpo_s_per_step", "vstar_s_per_step"} and all(v > 0 for v in bench.values())
