@@ -22,6 +22,7 @@ from training.cli import (
     SplitsOpt,
     StepsOpt,
     load_data,
+    run_training,
     setup_logging,
     write_json,
 )
@@ -71,17 +72,22 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
         from training.data import parse_splits
         from training.rl import RLConfig
-        from training.rl_run import train_rl
+        from training.rl_run import check_modules, train_rl
 
         setup_logging()
+        try:
+            config = RLConfig(
+                algo=algo, sibling=not no_sibling, ved=not no_ved, dense=not no_dense, epochs=epochs,
+                max_steps=max_steps, batch_size=batch_size, num_candidates=num_candidates, lr=lr, value_lr=value_lr,
+                beta=beta, w_sib=w_sib, ppo_epochs=ppo_epochs, ved_budget=budget,
+                train_splits=tuple(parse_splits(train_splits)), holdout=holdout, eval_every=eval_every,
+                eval_limit=eval_limit, seed=seed,
+            )  # fmt: skip
+            check_modules(config)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
-        config = RLConfig(
-            algo=algo, sibling=not no_sibling, ved=not no_ved, dense=not no_dense, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, num_candidates=num_candidates, lr=lr, value_lr=value_lr, beta=beta, w_sib=w_sib,
-            ppo_epochs=ppo_epochs, ved_budget=budget, train_splits=tuple(parse_splits(train_splits)), holdout=holdout,
-            eval_every=eval_every, eval_limit=eval_limit, seed=seed,
-        )  # fmt: skip
-        write_json(json_out, train_rl(ds, init, out, config, device=device, resume=resume))
+        run_training(lambda dev: train_rl(ds, init, out, config, device=dev, resume=resume), device, json_out)
 
     @app.command()
     def diagnose(

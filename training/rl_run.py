@@ -13,6 +13,12 @@
 * ``<out>.resume`` holds the latest state (weights, value head, both
   optimizers, scheduler, position in the data, RNG) after each validation;
   ``--resume`` continues from it. All writes are atomic (``save_checkpoint``).
+* Under ``torchrun`` / ``accelerate launch`` (``training.distributed``):
+  ``--batch-size`` prompts is the global batch; each rank rolls out, rewards and
+  computes advantages for its slice (groups never straddle ranks, so this is
+  exact), DDP averages the scaled gradients of the policy and of V_phi, the
+  step figures are prompt-weighted means over the ranks (``seconds``: the
+  slowest rank), validation is sharded, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -32,10 +38,10 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
 from training.data import RecDataset
-from training.evaluate import beam_decoder, evaluate
+from training.distributed import barrier, is_main, require_global_batch, shard, weighted_mean
 from training.rl import RLConfig, RLTrainer
 from training.rollout import require_module
-from training.sft import SFTConfig, epoch_batches, seed_everything, split_for_training
+from training.sft import SFTConfig, epoch_batches, seed_everything, selection_score, split_for_training
 from training.value_io import load_value_head, new_value_head, value_head_manifest
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,14 @@ class RLState:
     batch_in_epoch: int = 0
     best: tuple[float, float] = (-1.0, -1.0)
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_modules(config: RLConfig) -> None:
+    """Fail fast with a ``ValueError`` when the V-STAR parts ``config`` needs are not in this tree."""
+    if config.use_value:
+        require_module("models.value_head", "--algo vstar (the value head)")
+    if config.use_ved:
+        require_module("models.ved", "--algo vstar (VED builds the candidate sets; --no-ved uses beam search)")
 
 
 def check_catalog(policy: Policy, data: RecDataset) -> None:
@@ -73,10 +87,8 @@ def train_rl(
     out = Path(out)
     resume_dir = out.parent / f"{out.name}.resume"
     steps_file = out.parent / f"{out.name}.steps.jsonl"
-    if config.use_value:
-        require_module("models.value_head", "--algo vstar (the value head)")
-    if config.use_ved:
-        require_module("models.ved", "--algo vstar (VED builds the candidate sets; --no-ved uses beam search)")
+    check_modules(config)
+    require_global_batch(config.batch_size)
     seed_everything(config.seed)
     train_rows, select_rows = split_for_training(
         data, SFTConfig(train_splits=config.train_splits, holdout=config.holdout)
@@ -112,13 +124,14 @@ def train_rl(
         trainer.load_state_dict(trainer_state["trainer"])
         state = RLState(**trainer_state["state"])
         torch.set_rng_state(trainer_state["torch_rng"])
-        kept = (
-            [ln for ln in steps_file.read_text().splitlines() if json.loads(ln)["step"] <= state.step]
-            if steps_file.exists()
-            else []
-        )
-        steps_file.write_text("".join(ln + "\n" for ln in kept))
-    elif steps_file.exists():
+        if is_main():
+            kept = (
+                [ln for ln in steps_file.read_text().splitlines() if json.loads(ln)["step"] <= state.step]
+                if steps_file.exists()
+                else []
+            )
+            steps_file.write_text("".join(ln + "\n" for ln in kept))
+    elif steps_file.exists() and is_main():
         steps_file.unlink()
     manifest: dict[str, Any] = {
         "stage": "rl",
@@ -137,41 +150,48 @@ def train_rl(
     )
 
     def validate() -> None:
-        m = evaluate(policy, select_rows, train_rows, beam_decoder(config.eval_beams), progress=False)["metrics"]
-        score = (m["HR@10"], m["NDCG@10"])
+        score = selection_score(policy, select_rows, train_rows, config.eval_beams)
         state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
         log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
         extras = {"value_head": value_head.state_dict()} if value_head is not None else {}
         if state.step > 0 and score > state.best:
             state.best = score
-            save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
-        save_checkpoint(
-            resume_dir,
-            policy,
-            manifest,
-            extras,
-            trainer_state={
-                "config": asdict(config),
-                "init": str(init),
-                "trainer": trainer.state_dict(),
-                "state": asdict(state),
-                "torch_rng": torch.get_rng_state(),
-            },
-        )
+            if is_main():
+                save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
+        if is_main():
+            save_checkpoint(
+                resume_dir,
+                policy,
+                manifest,
+                extras,
+                trainer_state={
+                    "config": asdict(config),
+                    "init": str(init),
+                    "trainer": trainer.state_dict(),
+                    "state": asdict(state),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
+        barrier()
 
     if trainer_state is None:
         validate()
     lengths = [len(s.history) for s in train_rows]
     start, seconds = time.perf_counter(), []
-    bar = tqdm(total=total_steps, initial=state.step, desc=f"rl {config.algo}", disable=not progress)
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"rl {config.algo}", disable=not progress or not is_main())
     while state.step < total_steps:
         batches = epoch_batches(lengths, config.batch_size, config.seed, state.epoch)
         for bi in range(state.batch_in_epoch, len(batches)):
-            stats = trainer.step([train_rows[i] for i in batches[bi]])
+            part = shard(batches[bi])  # this rank's prompts of the global batch
+            samples = [train_rows[i] for i in part.rows]
+            # a stand-in shard (an empty slice of a short last batch) trains with weight 0
+            stats = trainer.step(samples) if part.counted else trainer.step(samples, counted=False)
+            stats = weighted_mean(stats, len(part.rows) if part.counted else 0, maxed=("seconds",))
             state.step, state.batch_in_epoch = state.step + 1, bi + 1
             seconds.append(stats["seconds"])
-            with steps_file.open("a") as f:
-                f.write(json.dumps({"step": state.step, "epoch": state.epoch} | stats) + "\n")
+            if is_main():
+                with steps_file.open("a") as f:
+                    f.write(json.dumps({"step": state.step, "epoch": state.epoch} | stats) + "\n")
             bar.update(1)
             bar.set_postfix(
                 reach=f"{stats['reachability']:.2f}", std=f"{stats['reward_std']:.3f}", kl=f"{stats['kl']:.4f}"

@@ -148,10 +148,16 @@ def test_train_rl_writes_checkpoint_and_resumes(
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
 
 
-@pytest.mark.skipif(HAS_VED, reason="VED is in the tree")
-def test_vstar_without_ved_module_fails_clearly(tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path) -> None:
+def test_vstar_without_ved_module_fails_clearly(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "models.ved" else real_find_spec(name)
+    )
     with pytest.raises(ValueError, match="models/ved.py"):
         train_rl(tiny_dataset, init_ckpt, tmp_path / "x", RLConfig(algo="vstar", max_steps=1), progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 # ---- CLI contracts
