@@ -22,7 +22,8 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.errors import install_error_handling
 from service.json_logs import configure_logging
 from service.metrics import ServiceMetrics
@@ -44,6 +45,23 @@ def build_store(settings: Settings) -> Store:
     )
 
 
+def load_value_head(checkpoint: LoadedCheckpoint, device: str) -> ValueHead:
+    """The checkpoint's value head; a fresh one (with a warning) when it has none, as SFT checkpoints do."""
+    state = checkpoint.extras.get("value_head")
+    if state is None:
+        log.warning("checkpoint has no value head: VED runs with a freshly initialised one (fine for SFT checkpoints)")
+        return value_head_for(checkpoint.policy).eval()
+    config = checkpoint.manifest.get("value_head")
+    if config is None:
+        raise CheckpointError(f"checkpoint {checkpoint.path}: value_head weights without manifest['value_head']")
+    try:
+        head = ValueHead(ValueHeadConfig(**config))
+        head.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {checkpoint.path}: cannot load the value head: {e}") from None
+    return head.to(device).eval()
+
+
 def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender:
     if settings.checkpoint is None:
         raise CheckpointError("no checkpoint configured: set VSTAR_CHECKPOINT or pass --checkpoint")
@@ -51,7 +69,9 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
         torch.set_num_threads(settings.torch_threads)
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(settings.checkpoint, settings.device)
-    recommender = Recommender(checkpoint, settings, build_store(settings), metrics)
+    recommender = Recommender(
+        checkpoint, load_value_head(checkpoint, settings.device), settings, build_store(settings), metrics
+    )
     if settings.warmup:
         recommender.warmup()
     log.info(

@@ -16,6 +16,13 @@ Design decisions:
   user's new event changes the key, so the cache never needs invalidating.
 * All model work runs on one executor thread, so torch owns the cores and
   the event loop keeps answering health checks and cache hits meanwhile.
+* VED is an anytime search: each request's deadline is its arrival plus its
+  cap, less ``ved_margin_ms`` for ranking and serialising. Concurrent VED
+  requests with the same k and budget share one batched search, which stops at
+  the earliest of their deadlines. A deadline that passes before the search
+  loop starts (a queue, a tiny cap) returns VED's initial beam tree, which
+  always holds k + extra complete SIDs. Results that hit the cap are not
+  cached: a later, unhurried request deserves the full search.
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ import math
 import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import LoadedCheckpoint
 from models.sid_catalog import Sid, sid_to_str
+from models.value_head import ValueHead
+from models.ved import VEDConfig, VEDStats, resolve_budget, ved_search
 from service.batcher import MicroBatcher
 from service.errors import InvalidInput, NotFound, StoreUnavailable
 from service.history import HistoryEvent, excluded_items, fully_excluded_sids, resolve_entries, resolve_stored
@@ -56,17 +65,27 @@ log = logging.getLogger("service.recommender")
 @dataclass(frozen=True)
 class DecodeJob:
     history: tuple[Sid, ...]  # the SIDs the prompt sees, oldest first
+    deadline: float | None = None  # VED: time.perf_counter() value to stop by
 
 
 @dataclass(frozen=True)
 class DecodeRow:
     sid_index: list[int]  # ranked catalog SID indices, -1 where no valid SID
     scores: list[float]
+    stats: VEDStats | None = None  # VED only
 
 
 class Recommender:
-    def __init__(self, checkpoint: LoadedCheckpoint, settings: Settings, store: Store, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        checkpoint: LoadedCheckpoint,
+        value_head: ValueHead,
+        settings: Settings,
+        store: Store,
+        metrics: ServiceMetrics,
+    ) -> None:
         self.policy = checkpoint.policy
+        self.value_head = value_head
         self.catalog = checkpoint.policy.catalog
         self.model_version = checkpoint.model_version
         self.settings = settings
@@ -83,8 +102,9 @@ class Recommender:
     def warmup(self) -> None:
         """Decode one request synchronously: a checkpoint that cannot decode fails the start."""
         first = self.catalog.sids[0]
-        rows = self._decode(BeamSearchConfig(self.settings.default_k), [DecodeJob((first,))])
-        assert rows and rows[0].sid_index[0] >= 0, "warm-up decode returned no valid SID"
+        for config in (BeamSearchConfig(self.settings.default_k), VEDConfig(num_candidates=self.settings.default_k)):
+            rows = self._decode(config, [DecodeJob((first,))])
+            assert rows[0].sid_index[0] >= 0, f"warm-up decode ({type(config).__name__}) returned no valid SID"
 
     def start(self) -> None:
         self.batcher.start()
@@ -97,10 +117,16 @@ class Recommender:
     # ---- model thread
 
     def _decode(self, key: Hashable, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
-        assert isinstance(key, BeamSearchConfig)
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
-        res = beam_search(self.policy.model, self.policy.trie, ids, mask, key)
-        return [DecodeRow(s, sc) for s, sc in zip(res.sid_index.tolist(), res.scores.tolist(), strict=True)]
+        if isinstance(key, BeamSearchConfig):
+            res = beam_search(self.policy.model, self.policy.trie, ids, mask, key)
+            return [DecodeRow(s, sc) for s, sc in zip(res.sid_index.tolist(), res.scores.tolist(), strict=True)]
+        assert isinstance(key, VEDConfig) and key.deadline is None
+        deadlines = [j.deadline for j in jobs if j.deadline is not None]
+        config = replace(key, deadline=min(deadlines, default=None))
+        out = ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+        rows = zip(out.decode.sid_index.tolist(), out.decode.scores.tolist(), out.stats, strict=True)
+        return [DecodeRow(s, sc, st) for s, sc, st in rows]
 
     def _on_batch(self, key: Hashable, size: int) -> None:
         if isinstance(key, BeamSearchConfig):
@@ -127,8 +153,9 @@ class Recommender:
         body = await self._cache_get(key)
         cached = body is not None
         if body is None:
-            body = await self._search(req, seen, excluded)
-            await self._cache_set(key, body)
+            body = await self._search(req, seen, excluded, started)
+            if not body["cap_hit"]:
+                await self._cache_set(key, body)
         return RecommendResponse(
             items=[RecommendedItem(**it) for it in body["items"]],
             mode=req.mode,
@@ -143,13 +170,28 @@ class Recommender:
         )
 
     async def _search(
-        self, req: RecommendRequest, seen: list[HistoryEvent], excluded: frozenset[int]
+        self, req: RecommendRequest, seen: list[HistoryEvent], excluded: frozenset[int], started: float
     ) -> dict[str, Any]:
-        extra = fully_excluded_sids(self.catalog, excluded)
-        config = req.to_decode_config(extra)
-        config = BeamSearchConfig(min(config.num_beams, len(self.catalog.sids)))
-        row = await self.batcher.submit(config, DecodeJob(tuple(e.sid for e in seen)))
-        return {"items": self._rank(row, excluded, req.k), "cap_hit": False, "search": None}
+        config = req.to_decode_config(fully_excluded_sids(self.catalog, excluded))
+        history = tuple(e.sid for e in seen)
+        if isinstance(config, BeamSearchConfig):
+            config = BeamSearchConfig(min(config.num_beams, len(self.catalog.sids)))
+            row = await self.batcher.submit(config, DecodeJob(history))
+            return {"items": self._rank(row, excluded, req.k), "cap_hit": False, "search": None}
+        try:
+            resolve_budget(config, self.catalog.depth)
+        except ValueError as e:
+            raise InvalidInput("budget", f"{e} (k={req.k})") from None
+        deadline = started + (req.cap_ms(self.settings) - self.settings.ved_margin_ms) / 1000
+        row = await self.batcher.submit(config, DecodeJob(history, deadline))
+        stats = row.stats
+        assert stats is not None
+        self.metrics.ved_tokens.observe(stats.tokens_spent)
+        if stats.cap_hit:
+            self.metrics.cap_hits.inc()
+        search = {"tokens_spent": stats.tokens_spent, "nodes": stats.nodes, "max_depth": stats.max_depth,
+                  "iterations": stats.iterations}
+        return {"items": self._rank(row, excluded, req.k), "cap_hit": stats.cap_hit, "search": search}
 
     def _rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

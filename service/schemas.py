@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from models.beam_search import BeamSearchConfig
+from models.ved import VEDConfig
 from service.settings import Settings
 
 HistoryEntry = int | str  # an item id, or a SID string such as "<a_1><b_2><c_3>"
@@ -37,9 +38,15 @@ class RecommendRequest(BaseModel):
     latency_ms: int | None = Field(None, description="VED: latency cap in ms (default from settings).")
     exclude_history: bool | None = Field(None, description="Drop items already in the history (default from settings).")
 
-    def to_decode_config(self, extra_beams: int) -> BeamSearchConfig:
-        """The beam decoder's config: ``k`` plus the beams that exclusion may remove."""
-        return BeamSearchConfig(num_beams=self.k + extra_beams)
+    def to_decode_config(self, extra: int) -> BeamSearchConfig | VEDConfig:
+        """The decoder's config: ``k`` plus ``extra`` results (those exclusion may remove).
+
+        VED's deadline is left unset: the recommender sets it at decode time to the
+        earliest deadline of the requests sharing the search.
+        """
+        if self.mode == "beam":
+            return BeamSearchConfig(num_beams=self.k + extra)
+        return VEDConfig(num_candidates=self.k + extra, budget=self.budget)
 
     def cap_ms(self, settings: Settings) -> int:
         return self.latency_ms if self.latency_ms is not None else settings.ved_default_latency_ms

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # --- VED
     ved_default_latency_ms: int = Field(50, ge=1, description="VED cap when a request gives none.")
     ved_max_latency_ms: int = Field(1000, ge=1, description="Largest latency_ms a request may ask for.")
-    ved_max_budget: int = Field(20_000, ge=1, description="Largest VED token budget a request may ask for.")
+    ved_max_budget: int = Field(4096, ge=1, description="Largest VED token budget a request may ask for.")
     ved_margin_ms: float = Field(3.0, ge=0, description="Reserved for ranking and serialising after the search stops.")
 
     # --- beam micro-batching

@@ -1,0 +1,70 @@
+"""Service test fixtures: a tiny checkpoint on disk, the real Redis, settings, a client factory.
+
+Redis is the real server at 127.0.0.1:6379 (``.ci/run`` starts one), DB index
+15 only, flushed before and after the session; tests skip with the reason when
+nothing answers there. Outage tests run their own ``redis-server`` on a free
+port (``private_redis``) so they can stop and restart it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from models.checkpoint import save_checkpoint
+from models.policy import Policy
+from service.settings import Settings
+from tests.service.redis_server import PrivateRedis
+
+REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_policy: Policy) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("service") / "ckpt", tiny_policy, manifest={"note": "service tests"})
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=0.5)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as e:
+        pytest.skip(f"no Redis at 127.0.0.1:6379 ({e}); CI starts redis-server, locally run `redis-server &`")
+    client.flushdb()
+    yield REDIS_TEST_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> Iterator[str]:
+    """The test DB, flushed after the test."""
+    yield redis_url
+    redis.Redis.from_url(redis_url).flushdb()
+
+
+@pytest.fixture(scope="session")
+def make_settings(tiny_checkpoint: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        base: dict[str, Any] = {"checkpoint": tiny_checkpoint, "access_log": False, "log_level": "WARNING"}
+        return Settings(**(base | overrides))
+
+    return make
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed; the outage tests start and stop their own")
+    server = PrivateRedis(binary)
+    server.start()
+    yield server
+    if server.proc is not None:
+        server.stop()

@@ -1,0 +1,198 @@
+"""Every endpoint through the app in-process, against the real Redis (DB 15)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from models.sid_catalog import SidCatalog, sid_to_str
+from service.app import create_app
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def client(make_settings: Callable[..., Settings], redis_url: str) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(redis_url=redis_url))) as c:
+        yield c
+
+
+def metric(client: TestClient, name: str) -> float:
+    """Sum of every sample of a metric (all label sets)."""
+    total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_recommend_by_history(client: TestClient, tiny_catalog: SidCatalog) -> None:
+    sid = sid_to_str(tiny_catalog.sid_of(7))
+    r = client.post("/recommend", json={"history": [3, sid, "12"], "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == "beam" and body["cap_hit"] is False and body["search"] is None
+    assert len(body["items"]) == 5 and body["history_length"] == 3 and not body["history_truncated"]
+    assert body["stored_history"] == "none" and body["model_version"]
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    for it in body["items"]:
+        assert it["item_ids"] == tiny_catalog.items_of(tuple(it["sid"].replace("><", ">|<").split("|")))
+        assert it["titles"] == [tiny_catalog.items[i].title for i in it["item_ids"]]
+    assert r.headers["x-request-id"]
+
+
+def test_history_is_cut_to_the_prompt_length(client: TestClient) -> None:
+    r = client.post("/recommend", json={"history": list(range(15)), "k": 3})
+    assert r.status_code == 200 and r.json()["history_truncated"] is True and r.json()["history_length"] == 15
+
+
+def test_cache_miss_then_hit(client: TestClient) -> None:
+    req = {"history": [40, 41, 42], "k": 4}
+    hit, miss = 'vstar_cache_lookups_total{result="hit"}', 'vstar_cache_lookups_total{result="miss"}'
+    hits, misses = metric(client, hit), metric(client, miss)
+    first, second = client.post("/recommend", json=req).json(), client.post("/recommend", json=req).json()
+    assert first["cached"] is False and second["cached"] is True
+    assert first["items"] == second["items"]
+    assert metric(client, hit) == hits + 1 and metric(client, miss) == misses + 1
+    # a different k is a different normalised request
+    assert client.post("/recommend", json=req | {"k": 5}).json()["cached"] is False
+
+
+def test_events_history_and_user_recommendations(client: TestClient, tiny_catalog: SidCatalog) -> None:
+    sid = sid_to_str(tiny_catalog.sid_of(9))
+    r = client.post("/users/alice/events", json={"items": [1, 2]})
+    assert r.status_code == 200 and r.json() == {"user_id": "alice", "appended": 2, "history_length": 2}
+    r = client.post("/users/alice/events", json={"items": [sid]})
+    assert r.json()["history_length"] == 3
+    hist = client.get("/users/alice/history").json()["history"]
+    assert [h["item_id"] for h in hist] == [1, 2, None] and hist[2]["sid"] == sid
+    assert hist[0]["title"] == tiny_catalog.items[1].title and hist[2]["title"] is None
+
+    by_user = client.post("/recommend", json={"user_id": "alice", "k": 3}).json()
+    by_history = client.post("/recommend", json={"history": [1, 2, sid], "k": 3}).json()
+    assert by_user["stored_history"] == "used" and by_user["history_length"] == 3
+    assert by_user["items"] == by_history["items"]
+    both = client.post("/recommend", json={"user_id": "alice", "history": [5], "k": 3}).json()
+    assert both["history_length"] == 4
+    assert both["items"] == client.post("/recommend", json={"history": [1, 2, sid, 5], "k": 3}).json()["items"]
+
+
+def test_stored_history_is_capped(make_settings: Callable[..., Settings], clean_redis: str) -> None:
+    with TestClient(create_app(make_settings(redis_url=clean_redis, stored_history_max=3))) as c:
+        c.post("/users/bob/events", json={"items": [1, 2]})
+        assert c.post("/users/bob/events", json={"items": [3, 4]}).json()["history_length"] == 3
+        assert [h["item_id"] for h in c.get("/users/bob/history").json()["history"]] == [2, 3, 4]
+
+
+def test_exclude_history_drops_seen_items_and_still_returns_k(client: TestClient) -> None:
+    plain = client.post("/recommend", json={"history": [10], "k": 6}).json()["items"]
+    seen = [i for it in plain[:3] for i in it["item_ids"]]
+    r = client.post("/recommend", json={"history": [10, *seen], "k": 6, "exclude_history": True}).json()
+    assert len(r["items"]) == 6
+    assert not {i for it in r["items"] for i in it["item_ids"]} & set(seen + [10])
+
+
+def test_items_health_ready_metrics(client: TestClient, tiny_catalog: SidCatalog) -> None:
+    r = client.get("/items/4")
+    assert r.json() == {"item_id": 4, "sid": sid_to_str(tiny_catalog.sid_of(4)), "title": tiny_catalog.items[4].title}
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["redis"] == "ok"
+    text = client.get("/metrics").text
+    for name in ("vstar_recommend_requests_total", "vstar_recommend_latency_seconds_bucket", "vstar_beam_batch_size",
+                 "vstar_cache_lookups_total", "vstar_ved_cap_hits_total", "vstar_ved_tokens_spent"):
+        assert name in text
+
+
+def test_in_process_stores_without_redis(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings())) as c:
+        assert c.get("/readyz").json()["redis"] == "not_configured"
+        c.post("/users/carol/events", json={"items": [7]})
+        r = c.post("/recommend", json={"user_id": "carol", "k": 2})
+        assert r.status_code == 200 and r.json()["stored_history"] == "used"
+        assert c.post("/recommend", json={"user_id": "carol", "k": 2}).json()["cached"] is True
+
+
+BAD_REQUESTS = [
+    ({"history": [1], "k": 0}, "k"),
+    ({"history": [1], "k": 101}, "k"),
+    ({"history": [1], "k": "10"}, "k"),
+    ({"history": [1], "k": 2.5}, "k"),
+    ({"history": [1], "k": True}, "k"),
+    ({"history": [1], "mode": "greedy"}, "mode"),
+    ({"history": [1], "mode": "ved", "budget": 0}, "budget"),
+    ({"history": [1], "mode": "ved", "latency_ms": 100000}, "latency_ms"),
+    ({"history": [1, 99999]}, "history: unknown item ids [99999]"),
+    ({"history": ["<a_1><b_2>", "nope"]}, "history: malformed SIDs ['<a_1><b_2>', 'nope']"),
+    ({"history": ["<a_0><b_0><c_999>"]}, "history: SIDs not in the catalog"),
+    ({"history": "1,2"}, "history"),
+    ({"history": [[1]]}, "history"),
+    ({"history": []}, "history"),
+    ({"history": list(range(101))}, "history"),
+    ({}, "history"),
+    ({"k": 3}, "history"),
+    ({"history": [1], "colour": "red"}, "colour"),
+    ({"user_id": "", "history": [1]}, "user_id"),
+    ({"user_id": "has space"}, "user_id"),
+]
+
+
+@pytest.mark.parametrize(("body", "names"), BAD_REQUESTS)
+def test_bad_input_is_422_naming_the_field(client: TestClient, body: dict, names: str) -> None:
+    r = client.post("/recommend", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request" and names in err["message"]
+
+
+def test_unknown_user_without_history_is_404(client: TestClient) -> None:
+    r = client.post("/recommend", json={"user_id": "nobody", "k": 3})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    assert r.json()["error"]["message"].startswith("user_id:")
+    assert client.get("/users/nobody/history").status_code == 404
+
+
+def test_other_errors_share_the_error_body(client: TestClient) -> None:
+    assert client.post("/users/dave/events", json={"items": [123456]}).json()["error"]["message"].startswith("items:")
+    assert client.post("/users/dave/events", json={"items": []}).status_code == 422
+    assert client.get("/items/abc").status_code == 422
+    missing = client.get("/items/100000")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+    assert client.get("/nowhere").json() == {"error": {"type": "not_found", "message": "Not Found"}}
+    assert client.get("/recommend").json()["error"]["type"] == "method_not_allowed"
+    bad_json = client.post("/recommend", content=b"{", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 422 and bad_json.json()["error"]["type"] == "invalid_request"
+
+
+def test_oversized_bodies_get_413(client: TestClient) -> None:
+    big = b'{"history": [' + b"1," * 40000 + b'1]}'
+    r = client.post("/recommend", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit counts streamed bytes
+        yield b'{"history": ['
+        for _ in range(100):
+            yield b"1," * 500
+        yield b"1]}"
+
+    r = client.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+
+def test_unexpected_errors_are_500_without_a_trace(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(make_settings())
+    with TestClient(app) as c:
+        def boom(*args: object) -> None:
+            raise RuntimeError("secret internals")
+
+        monkeypatch.setattr(app.state.recommender.batcher, "run", boom)
+        r = c.post("/recommend", json={"history": [1]}, headers={"x-request-id": "req-42"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "req-42"
+    assert r.json() == {"error": {"type": "internal_error", "message": "internal server error (request id req-42)"}}
+    assert "secret" not in r.text
+    logged = [rec for rec in caplog.records if rec.name == "service.errors"]
+    assert logged and logged[0].exc_info is not None and logged[0].__dict__["request_id"] == "req-42"

@@ -1,0 +1,99 @@
+"""Micro-batching: concurrent requests share a decode, and each gets what it would get alone.
+
+Also: the model runs off the event loop, so /healthz answers while a decode is busy.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from fastapi.testclient import TestClient
+
+from models.beam_search import BeamSearchConfig, beam_search
+from models.policy import Policy
+from models.sid_catalog import SidCatalog, sid_to_str
+from service.app import create_app
+from service.settings import Settings
+
+
+def decode_alone(policy: Policy, history: list[int], k: int) -> tuple[list[str], torch.Tensor]:
+    ids, mask = policy.encode_prompts([[policy.catalog.sid_of(i) for i in history]])
+    res = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(k))
+    sids = [sid_to_str(policy.catalog.sids[s]) for s in res.sid_index[0].tolist() if s >= 0]
+    return sids, res.scores[0][: len(sids)]
+
+
+def test_concurrent_requests_are_batched_and_equal_decoding_alone(
+    make_settings: Callable[..., Settings], tiny_policy: Policy, tiny_catalog: SidCatalog
+) -> None:
+    rng = random.Random(5)
+    ids = sorted(tiny_catalog.items)
+    histories = [[rng.choice(ids) for _ in range(rng.randrange(1, 12))] for _ in range(12)]
+    settings = make_settings(batch_max_size=16, batch_max_wait_ms=300, cache_ttl_s=0)
+    app = create_app(settings)
+    sizes: list[int] = []
+    with TestClient(app) as c:
+        batcher = app.state.recommender.batcher
+        original = batcher.run
+
+        def spy(key: Hashable, jobs: Sequence[object]) -> Sequence[object]:
+            sizes.append(len(jobs))
+            return original(key, jobs)
+
+        batcher.run = spy
+        with ThreadPoolExecutor(len(histories)) as pool:
+            futures = [pool.submit(c.post, "/recommend", json={"history": h, "k": 7}) for h in histories]
+            responses = [f.result().json() for f in futures]
+        assert "vstar_beam_batch_size_count" in c.get("/metrics").text
+    assert max(sizes) > 1, f"no batch formed: {sizes}"
+    assert sum(sizes) == len(histories)
+    for history, body in zip(histories, responses, strict=True):
+        sids, scores = decode_alone(tiny_policy, history, 7)
+        got = [(it["sid"], it["score"]) for it in body["items"]]
+        assert [sid for sid, _ in got] == sids, (history, got, scores.tolist())
+        torch.testing.assert_close(torch.tensor([it["score"] for it in body["items"]]), scores, rtol=1e-5, atol=1e-5)
+
+
+def test_different_k_are_decoded_in_separate_groups(
+    make_settings: Callable[..., Settings], tiny_policy: Policy
+) -> None:
+    app = create_app(make_settings(batch_max_size=8, batch_max_wait_ms=300, cache_ttl_s=0))
+    with TestClient(app) as c, ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(c.post, "/recommend", json={"history": [3, 4], "k": k}) for k in (2, 5, 2, 5)]
+        responses = [f.result().json() for f in futures]
+    for k, body in zip((2, 5, 2, 5), responses, strict=True):
+        assert [it["sid"] for it in body["items"]] == decode_alone(tiny_policy, [3, 4], k)[0]
+
+
+def test_unbatched_server_gives_the_same_answers(make_settings: Callable[..., Settings], tiny_policy: Policy) -> None:
+    with TestClient(create_app(make_settings(batch_max_size=1, cache_ttl_s=0))) as c:
+        body = c.post("/recommend", json={"history": [11, 12, 13], "k": 6}).json()
+    assert [it["sid"] for it in body["items"]] == decode_alone(tiny_policy, [11, 12, 13], 6)[0]
+
+
+def test_health_answers_while_the_model_is_busy(make_settings: Callable[..., Settings]) -> None:
+    app = create_app(make_settings(cache_ttl_s=0))
+    release = threading.Event()
+    with TestClient(app) as c:
+        batcher = app.state.recommender.batcher
+        original = batcher.run
+
+        def slow(key: Hashable, jobs: Sequence[object]) -> Sequence[object]:
+            release.wait(10)
+            return original(key, jobs)
+
+        batcher.run = slow
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(c.post, "/recommend", json={"history": [1], "k": 2})
+            time.sleep(0.2)
+            t0 = time.perf_counter()
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/readyz").status_code == 200
+            assert time.perf_counter() - t0 < 1.0 and not pending.done()
+            release.set()
+            assert pending.result().status_code == 200

@@ -1,0 +1,72 @@
+"""Redis outage and recovery, against a private redis-server this test stops and starts.
+
+The decision under test (see service/stores.py): with Redis down the service
+keeps answering requests that carry a history, answers 503 where the stored
+history or an event write is needed, reports "degraded" on /readyz (still 200,
+so a shared-Redis outage does not take every replica out of rotation), and
+recovers without a restart once Redis is back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service.redis_server import PrivateRedis, free_port
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_outage_and_recovery(make_settings: Callable[..., Settings], private_redis: PrivateRedis) -> None:
+    settings = make_settings(redis_url=private_redis.url, redis_retry_after_s=0.1, redis_timeout_s=0.2)
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/users/erin/events", json={"items": [1, 2]}).status_code == 200
+        assert c.post("/recommend", json={"user_id": "erin", "k": 3}).json()["stored_history"] == "used"
+
+        private_redis.stop()
+        r = c.post("/recommend", json={"history": [1, 2], "k": 3})
+        assert r.status_code == 200 and r.json()["stored_history"] == "none" and len(r.json()["items"]) == 3
+        r = c.post("/recommend", json={"user_id": "erin", "history": [3], "k": 3})
+        assert r.status_code == 200 and r.json()["stored_history"] == "unavailable" and r.json()["history_length"] == 1
+        r = c.post("/recommend", json={"user_id": "erin", "k": 3})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "store_unavailable"
+        assert r.json()["error"]["message"].startswith("user_id:")
+        r = c.post("/users/erin/events", json={"items": [4]})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "store_unavailable"
+        assert r.headers["retry-after"] == "1"
+        assert c.get("/users/erin/history").status_code == 503
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json() | {"model_version": None} == {
+            "status": "degraded", "model": "loaded", "model_version": None, "redis": "unreachable"
+        }
+        assert c.get("/healthz").status_code == 200
+        assert "vstar_store_errors_total" in c.get("/metrics").text
+
+        private_redis.start()  # same port, empty data (no persistence): recovery, not durability
+        assert wait_until(lambda: c.get("/readyz").json()["status"] == "ready")
+        assert wait_until(lambda: c.post("/users/erin/events", json={"items": [5]}).status_code == 200)
+        assert c.get("/users/erin/history").json()["history"][-1]["item_id"] == 5
+        assert c.post("/recommend", json={"user_id": "erin", "k": 3}).status_code == 200
+
+
+def test_starts_degraded_when_redis_is_down(make_settings: Callable[..., Settings]) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with TestClient(create_app(make_settings(redis_url=dead, redis_retry_after_s=0.05))) as c:
+        assert c.get("/readyz").json()["status"] == "degraded"
+        t0 = time.perf_counter()
+        for _ in range(5):
+            r = c.post("/recommend", json={"user_id": "zed", "history": [8, 9], "k": 2})
+            assert r.status_code == 200 and r.json()["stored_history"] == "unavailable"
+        assert time.perf_counter() - t0 < 5  # refused connections fail fast; no hang per request
+        assert c.post("/users/zed/events", json={"items": [1]}).status_code == 503
