@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,6 +48,16 @@ def write_json(path: Path | None, payload: dict[str, Any]) -> None:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_training(train: Callable[[str], dict[str, Any]], device: str, json_out: Path | None) -> None:
+    """``train(device)``, inside a process group when torchrun / accelerate launched us; rank 0 writes the summary."""
+    from training.distributed import distributed_session, is_main
+
+    with distributed_session(device) as rank_device:
+        summary = train(rank_device)
+        if is_main():
+            write_json(json_out, summary)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -123,7 +134,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             batch_size=batch_size, lr=lr, train_splits=tuple(parse_splits(train_splits)), holdout=holdout,
             eval_every=eval_every, seed=seed,
         )
-        write_json(json_out, train_sft(ds, out, config, device=device, resume=resume))
+        run_training(lambda dev: train_sft(ds, out, config, device=dev, resume=resume), device, json_out)
 
     @app.command(name="eval")
     def eval_cmd(

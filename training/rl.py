@@ -70,6 +70,7 @@ from torch import nn
 from models.policy import Policy
 from training.data import Sample
 from training.diagnose import candidate_stats
+from training.distributed import loss_scales, wrap_ddp
 from training.rewards import (
     LEVEL_WEIGHTS,
     batch_sibling_advantages,
@@ -167,6 +168,9 @@ class RLTrainer:
             p.requires_grad_(False)
         reference.model.eval()
         policy.model.eval()  # dropout off: see the module docstring
+        # the loss forwards go through these (DDP under torchrun; the modules themselves otherwise)
+        self.policy_forward = wrap_ddp(policy.model)
+        self.value_forward = wrap_ddp(value_head) if value_head is not None else None
         self.item_emb = item_emb
         self.sid_emb = sid_embeddings(policy.catalog.items_of_sid, item_emb) if item_emb is not None else None
         self.optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -194,8 +198,12 @@ class RLTrainer:
         assert self.value_head is not None
         return ved_source(self.value_head, ved)
 
-    def step(self, samples: list[Sample]) -> dict[str, float]:
-        """One RL step on ``samples``; returns the step's figures."""
+    def step(self, samples: list[Sample], counted: bool = True) -> dict[str, float]:
+        """One RL step on ``samples``; returns the step's figures.
+
+        Distributed, ``samples`` is this rank's shard and ``counted=False`` marks a stand-in shard
+        (weight 0); the losses are scaled so that DDP's gradient is the global batch's.
+        """
         start = time.perf_counter()
         # 1. rollout: V_phi frozen, C(x) per prompt from VED (or beam search)
         rollout = collect(self.policy, samples, self.source())
@@ -210,7 +218,9 @@ class RLTrainer:
             sib_adv = sib_w = torch.zeros(rollout.token_ids.shape)
         # 4. loss: GRPO + w_sib * Sibling-GRPO + beta * KL, then the policy step
         rows, cols = batch.row.cpu(), batch.col.cpu()  # (N,) each
-        stats, hidden = self.policy_update(batch, adv[rows, cols], sib_adv[rows, cols], sib_w[rows, cols])
+        counts = [len(rows) * batch.depth, float(sib_w[rows, cols].sum())] if counted else [0, 0]
+        scales = loss_scales(counts)  # [per-token terms, sibling term]; [1.0, 1.0] in one process
+        stats, hidden = self.policy_update(batch, adv[rows, cols], sib_adv[rows, cols], sib_w[rows, cols], scales)
         # 5. dense (or terminal) rewards -> TD update of V_phi
         value_loss = float("nan")
         if self.value_head is not None:
@@ -220,7 +230,7 @@ class RLTrainer:
                 rollout.token_ids, rollout.sid_index, rollout.target_tokens, rollout.target_item, rule, sid_emb,
                 self.item_emb, self.config.level_weights,
             )  # (B, G, D+1)  # fmt: skip
-            value_loss = self.value_update(hidden, batch.attention_mask, v_rewards[rows, cols])
+            value_loss = self.value_update(hidden, batch.attention_mask, v_rewards[rows, cols], scales[0])
         self.step_count += 1
         figures = {
             "value_loss": value_loss,
@@ -235,6 +245,7 @@ class RLTrainer:
         adv: torch.Tensor,  # (N,) group advantage per candidate
         sib_adv: torch.Tensor,  # (N, D)
         sib_w: torch.Tensor,  # (N, D)
+        scales: list[float] | None = None,  # loss factors [per-token, sibling] (training.distributed)
     ) -> tuple[dict[str, float], torch.Tensor | None]:
         """``ppo_epochs`` clipped updates on one rollout; returns the figures of the last and the
         detached backbone states (N, T+D, H) of the first forward (for V_phi), or None without a value head."""
@@ -246,11 +257,13 @@ class RLTrainer:
         for epoch in range(c.ppo_epochs):
             with self.autocast():
                 want_hidden = epoch == 0 and self.value_head is not None
-                logp, h = token_log_probs(self.policy.model, batch, want_hidden)  # (N, D), (N, T+D, H) | None
+                logp, h = token_log_probs(self.policy_forward, batch, want_hidden)  # (N, D), (N, T+D, H) | None
             if epoch == 0:  # the rollout policy's log-probs: ratio 1 on the first epoch
                 old_logp, hidden = logp.detach(), (h.detach() if h is not None else None)
             assert old_logp is not None
-            loss, stats = policy_loss(logp, old_logp, ref_logp, adv, sib_adv, sib_w, c.clip_eps, c.beta, c.w_sib)
+            loss, stats = policy_loss(
+                logp, old_logp, ref_logp, adv, sib_adv, sib_w, c.clip_eps, c.beta, c.w_sib, *(scales or [1.0, 1.0])
+            )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.grad_clip)
@@ -258,13 +271,17 @@ class RLTrainer:
         self.scheduler.step()
         return stats | {"loss": loss.item()}, hidden
 
-    def value_update(self, hidden: torch.Tensor, attention_mask: torch.Tensor, rewards: torch.Tensor) -> float:
-        """One TD step of V_phi with its own optimizer: hidden (N, T+D, H), rewards (N, D+1) of s_0..s_D."""
-        assert self.value_head is not None and self.value_optimizer is not None
+    def value_update(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, rewards: torch.Tensor, scale: float = 1.0
+    ) -> float:
+        """One TD step of V_phi with its own optimizer: hidden (N, T+D, H), rewards (N, D+1) of s_0..s_D.
+
+        ``scale`` multiplies the loss before backward (``training.distributed.loss_scales``)."""
+        assert self.value_head is not None and self.value_forward is not None and self.value_optimizer is not None
         self.value_head.train()
-        loss = value_td_loss(self.value_head, hidden, attention_mask, rewards.to(hidden.device), self.config.gamma)
+        loss = value_td_loss(self.value_forward, hidden, attention_mask, rewards.to(hidden.device), self.config.gamma)
         self.value_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale).backward()
         torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), self.config.grad_clip)
         self.value_optimizer.step()
         self.value_head.eval()

@@ -70,13 +70,15 @@ def policy_loss(
     clip_eps: float,
     beta: float,
     w_sib: float,
+    token_scale: float = 1.0,  # factor on the per-token means (GRPO, KL); see training.distributed.loss_scales
+    sibling_scale: float = 1.0,  # factor on the sibling mean
 ) -> tuple[torch.Tensor, dict[str, float]]:
     ratio = torch.exp(logp - old_logp)  # (N, D)
     grpo = clipped_pg(ratio, adv[:, None], clip_eps).mean()
     children = sib_weight.sum()
     sib = (clipped_pg(ratio, sib_adv, clip_eps) * sib_weight).sum() / children.clamp(min=1.0)
     kl = k3_kl(logp, ref_logp.detach()).mean()
-    loss = grpo + w_sib * sib + beta * kl
+    loss = token_scale * grpo + w_sib * (sibling_scale * sib) + beta * (token_scale * kl)  # 1.0: exactly the means
     clipped = ((ratio - 1).abs() > clip_eps).float().mean()
     stats = {
         "grpo_loss": grpo.item(),

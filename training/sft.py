@@ -15,6 +15,12 @@ Design decisions:
 * The best model goes to ``--out``; the latest state (weights, optimizer,
   scheduler, position in the data) to ``<out>.resume`` after each validation,
   so ``--resume`` continues an interrupted run. Both writes are atomic.
+* Under ``torchrun`` / ``accelerate launch`` (``training.distributed``): DDP,
+  ``--batch-size`` is the global batch (each rank trains on its slice, the loss
+  weighted by the rank's share of target tokens, so the gradient is the global
+  batch's), validation is sharded over the ranks, rank 0 alone writes, and each
+  rank draws its own dropout masks. With the same global batch and no dropout,
+  N processes give the parameters of one up to float rounding.
 """
 
 from __future__ import annotations
@@ -35,6 +41,18 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
 from training.data import RecDataset, Sample
+from training.distributed import (
+    barrier,
+    fork_rng,
+    is_main,
+    loss_scales,
+    require_global_batch,
+    shard,
+    shard_rows,
+    weighted_mean,
+    world_size,
+    wrap_ddp,
+)
 from training.evaluate import beam_decoder, evaluate
 
 log = logging.getLogger(__name__)
@@ -113,6 +131,18 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
 
 
+def selection_score(
+    policy: Policy, select_rows: Sequence[Sample], train_rows: Sequence[Sample], beams: int
+) -> tuple[float, float]:
+    """(HR@10, NDCG@10) by beam search on the selection rows; sharded and row-weighted over the ranks."""
+    part = shard_rows(select_rows)
+    m = {"HR@10": 0.0, "NDCG@10": 0.0}
+    if part or world_size() == 1:
+        m = evaluate(policy, part, train_rows, beam_decoder(beams), progress=False)["metrics"]
+    m = weighted_mean({k: m[k] for k in ("HR@10", "NDCG@10")}, len(part))
+    return m["HR@10"], m["NDCG@10"]
+
+
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
@@ -158,6 +188,7 @@ def train_sft(
     """Train, keep the best checkpoint at ``out``; returns a summary."""
     out = Path(out)
     resume_dir = out.parent / f"{out.name}.resume"
+    require_global_batch(config.batch_size)
     seed_everything(config.seed)
     train_rows, select_rows = split_for_training(data, config)
     if not train_rows:
@@ -183,6 +214,7 @@ def train_sft(
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     model = policy.model
+    train_model = wrap_ddp(model)  # DDP when distributed; the same parameters as ``model``
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     if trainer_state is not None:
@@ -190,6 +222,7 @@ def train_sft(
         scheduler.load_state_dict(trainer_state["scheduler"])
         state = TrainState(**trainer_state["train_state"])
         torch.set_rng_state(trainer_state["torch_rng"])
+    fork_rng(config.seed, state.step)
     amp = autocast_dtype(policy.device)
     eval_every = config.eval_every or steps_per_epoch
     manifest = {
@@ -200,34 +233,38 @@ def train_sft(
     log.info("SFT config %s; %d training rows, %d selection rows, %d steps", asdict(config), len(encoded), len(select_rows), total_steps)
 
     def validate() -> None:
-        result = evaluate(policy, select_rows, train_rows, beam_decoder(config.eval_beams), progress=False)
-        m = result["metrics"]
-        score = (m["HR@10"], m["NDCG@10"])
-        state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": m["HR@10"], "NDCG@10": m["NDCG@10"]})
+        score = selection_score(policy, select_rows, train_rows, config.eval_beams)
+        state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
         log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
         if score > state.best:
             state.best = score
-            save_checkpoint(out, policy, manifest | {"selection": state.history[-1]})
-        save_checkpoint(resume_dir, policy, manifest, trainer_state={
-            "config": asdict(config),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "train_state": asdict(state),
-            "torch_rng": torch.get_rng_state(),
-        })
+            if is_main():
+                save_checkpoint(out, policy, manifest | {"selection": state.history[-1]})
+        if is_main():
+            save_checkpoint(resume_dir, policy, manifest, trainer_state={
+                "config": asdict(config),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "train_state": asdict(state),
+                "torch_rng": torch.get_rng_state(),
+            })
+        barrier()
 
     start = time.perf_counter()
     model.train()
-    bar = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not progress)
+    bar = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not progress or not is_main())
     last_validated = state.step if resume else -1
     while state.step < total_steps:
         batches = epoch_batches(lengths, config.batch_size, config.seed, state.epoch)
         for bi in range(state.batch_in_epoch, len(batches)):
-            batch = {k: v.to(policy.device) for k, v in collate([encoded[i] for i in batches[bi]], int(policy.tokenizer.pad_token_id)).items()}
+            part = shard(batches[bi])  # this rank's slice of the global batch
+            rows = [encoded[i] for i in part.rows]
+            batch = {k: v.to(policy.device) for k, v in collate(rows, int(policy.tokenizer.pad_token_id)).items()}
             with torch.autocast(policy.device.type, dtype=amp, enabled=amp is not None):
-                loss = model(**batch).loss
+                loss = train_model(**batch).loss  # mean over this shard's target tokens
+            (scale,) = loss_scales([sum(len(t) for _, t in rows) if part.counted else 0])  # 1.0 in one process
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()

@@ -1,0 +1,180 @@
+"""DDP on CPU: ``torchrun --nproc-per-node 2`` (gloo) against one in-process run with the same global batch.
+
+Each 2-process run goes through the real CLI under ``torch.distributed.run``,
+behind a launcher that records every ``save_checkpoint`` call with its rank, so
+the test also sees that rank 0 alone wrote. Batch sizes are chosen so that the
+shards are unequal (the loss weighting matters) and one step has a global batch
+of one row (rank 1 runs a weight-0 stand-in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint
+from training.data import RecDataset
+from training.distributed import Shard, loss_scales, shard, weighted_mean
+from training.rl import RLConfig
+from training.rl_run import train_rl
+from training.sft import SFTConfig, epoch_batches, train_sft
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 300
+ATOL = 1e-5
+LAUNCHER = """
+import os
+import models.checkpoint as checkpoint
+
+real_save = checkpoint.save_checkpoint
+
+
+def spy(path, *args, **kwargs):
+    with open(os.environ["VSTAR_TEST_WRITES"], "a") as f:
+        f.write(f"{os.environ['RANK']} {path}\\n")
+    return real_save(path, *args, **kwargs)
+
+
+checkpoint.save_checkpoint = spy  # before the CLI imports training.sft / training.rl_run
+from vstar import main  # noqa: E402
+
+main()
+"""
+
+
+def torchrun(tmp_path: Path, args: list[str], nproc: int = 2) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run ``vstar ARGS`` under torchrun with ``nproc`` CPU processes; returns the result and the recorded writes."""
+    launcher, writes = tmp_path / "launch.py", tmp_path / "writes.txt"
+    launcher.write_text(LAUNCHER)
+    writes.unlink(missing_ok=True)
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VSTAR_TEST_WRITES": str(writes),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(launcher)]
+    result = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return result, (writes.read_text().splitlines() if writes.exists() else [])
+
+
+def max_abs_diff(a: Path, b: Path, extra: str | None = None) -> float:
+    """Largest |difference| over the policy parameters (or the ``extra`` state dict) of two checkpoints."""
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    sa = ca.extras[extra] if extra else ca.policy.model.state_dict()
+    sb = cb.extras[extra] if extra else cb.policy.model.state_dict()
+    assert sa.keys() == sb.keys()
+    return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+
+
+def assert_rank0_wrote(writes: list[str], *paths: Path) -> None:
+    assert writes, "no checkpoint was written"
+    assert {w.split(" ", 1)[0] for w in writes} == {"0"}, writes
+    assert {Path(w.split(" ", 1)[1]) for w in writes} == set(paths), writes
+
+
+# ---- helpers, in one process (no process group: the identity)
+
+
+def test_helpers_are_the_identity_without_a_launcher() -> None:
+    assert shard([4, 5, 6]) == Shard([4, 5, 6], True)
+    assert loss_scales([3, 0]) == [1.0, 1.0]
+    assert weighted_mean({"a": 0.1, "seconds": 2.0}, 7, maxed=("seconds",)) == {"a": 0.1, "seconds": 2.0}
+
+
+# ---- 2 processes against 1
+
+
+@pytest.mark.slow
+def test_sft_two_processes_match_one(tiny_dataset: RecDataset, tiny_data_dir: Path, tmp_path: Path) -> None:
+    # 200 rows, global batch 199: step shards of 99/100 rows, then a 1-row batch (rank 1: weight-0 stand-in)
+    assert sorted(len(b) for b in epoch_batches([1] * 200, 199, 3, 0)) == [1, 199]
+    config = SFTConfig(preset="tiny", max_steps=2, batch_size=199, lr=1e-2, seed=3)
+    one = train_sft(tiny_dataset, tmp_path / "one", config, progress=False)
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "two"), "--preset", "tiny"]
+    args += ["--max-steps", "2", "--batch-size", "199", "--lr", "0.01", "--seed", "3"]
+    result, writes = torchrun(tmp_path, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_rank0_wrote(writes, tmp_path / "two", tmp_path / "two.resume")
+    diff = max_abs_diff(tmp_path / "one.resume", tmp_path / "two.resume")
+    print(f"SFT 2 vs 1 process: max |param diff| {diff:.3g}")
+    assert diff < ATOL
+    assert max_abs_diff(tmp_path / "one.resume", tmp_path / "one") == 0.0  # trained, selected at step 2
+    assert load_checkpoint(tmp_path / "two.resume").trainer_state()["train_state"]["step"] == one["steps"] == 2
+
+
+RL_CASES = {
+    # 200 rows in global batches of 9: prompt shards of 4 and 5
+    "grpo": ["--batch-size", "9", "--seed", "0"],
+    # 201 rows (train + 1 valid row) in batches of 8; seed 98 puts the 1-row batch first (rank 1: stand-in)
+    "vstar": ["--batch-size", "8", "--seed", "98", "--train-splits", "train,valid", "--holdout", "39"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", sorted(RL_CASES))
+def test_rl_two_processes_match_one(algo: str, tiny_dataset: RecDataset, tiny_data_dir: Path, tmp_path: Path) -> None:
+    init = tmp_path / "init"
+    train_sft(tiny_dataset, init, SFTConfig(preset="tiny", max_steps=2, batch_size=64, lr=1e-2), progress=False)
+    case = dict(zip(RL_CASES[algo][::2], RL_CASES[algo][1::2], strict=True))
+    config = RLConfig(
+        algo=algo, max_steps=2, batch_size=int(case["--batch-size"]), num_candidates=16, lr=1e-2, eval_every=2,
+        eval_limit=8, seed=int(case["--seed"]), train_splits=tuple(case.get("--train-splits", "train").split(",")),
+        holdout=int(case.get("--holdout", 500)),
+    )  # fmt: skip
+    train_rl(tiny_dataset, init, tmp_path / "one", config, progress=False)
+    one_steps = [json.loads(line) for line in (tmp_path / "one.steps.jsonl").read_text().splitlines()]
+    assert all(s["nonzero_adv_share"] > 0 for s in one_steps), "no policy-gradient signal: the test would be vacuous"
+    args = ["rl", "--data", str(tiny_data_dir), "--init", str(init), "--out", str(tmp_path / "two"), "--algo", algo]
+    args += ["--max-steps", "2", "--num-candidates", "16", "--lr", "0.01", "--eval-every", "2", "--eval-limit", "8"]
+    result, writes = torchrun(tmp_path, args + RL_CASES[algo])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_rank0_wrote(writes, tmp_path / "two", tmp_path / "two.resume")
+    diff = max_abs_diff(tmp_path / "one.resume", tmp_path / "two.resume")
+    moved = max_abs_diff(init, tmp_path / "two.resume")
+    print(f"RL {algo} 2 vs 1 process: max |param diff| {diff:.3g} (moved {moved:.3g} from init)")
+    assert diff < ATOL and moved > 100 * ATOL
+    if algo == "vstar":
+        value_diff = max_abs_diff(tmp_path / "one.resume", tmp_path / "two.resume", "value_head")
+        print(f"RL vstar value head: max |param diff| {value_diff:.3g}")
+        assert value_diff < ATOL
+    two_steps = [json.loads(line) for line in (tmp_path / "two.steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in two_steps] == [1, 2]
+    for a, b in zip(one_steps, two_steps, strict=True):  # prompt-weighted means over ranks = one process's means
+        assert a["reachability"] == pytest.approx(b["reachability"]) and a["distinct"] == pytest.approx(b["distinct"])
+
+
+@pytest.mark.slow
+def test_global_batch_smaller_than_world_is_a_clear_error(tiny_data_dir: Path, tmp_path: Path) -> None:
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "tiny", "--batch-size", "1"]
+    result, writes = torchrun(tmp_path, args)
+    assert result.returncode != 0 and not writes
+    assert "--batch-size 1 is the global batch and must be >= the world size 2" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_weighted_losses_give_the_global_gradient(tiny_dataset: RecDataset) -> None:
+    """The scaling rule itself, simulated in one process: sum_r (W * n_r / N) * mean_r / W == global mean."""
+    from models.policy import Policy
+    from training.sft import collate, encode_sample
+
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog, seed=0)
+    rows = [encode_sample(policy, s) for s in tiny_dataset.splits["train"][:5]]
+    pad = int(policy.tokenizer.pad_token_id)
+
+    def grads(parts: list[list[tuple[list[int], list[int]]]]) -> list[torch.Tensor]:
+        policy.model.zero_grad()
+        total = sum(len(t) for part in parts for _, t in part)
+        for part in parts:
+            scale = len(parts) * sum(len(t) for _, t in part) / total
+            (policy.model(**collate(part, pad)).loss * scale / len(parts)).backward()
+        return [p.grad.clone() for p in policy.model.parameters()]
+
+    whole, split = grads([rows]), grads([rows[:2], rows[2:]])
+    assert max(float((a - b).abs().max()) for a, b in zip(whole, split, strict=True)) < 1e-6
