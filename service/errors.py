@@ -92,8 +92,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+    kind = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        exc.status_code, "http_error"
+    )
+    # FastAPI's only 400 is a body it cannot read (not UTF-8, say): name the body as the field
+    message = f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail)
+    return JSONResponse(error_body(kind, message), status_code=exc.status_code, headers=exc.headers)
 
 
 class CatchAllMiddleware:

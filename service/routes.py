@@ -35,7 +35,7 @@ RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorResponse} for code in (413, 422, *codes)}
+    return {code: {"model": ErrorResponse} for code in (400, 413, 422, *codes)}
 
 
 def build_router(models: RequestModels) -> APIRouter:

@@ -196,3 +196,14 @@ def test_unexpected_errors_are_500_without_a_trace(
     assert "secret" not in r.text
     logged = [rec for rec in caplog.records if rec.name == "service.errors"]
     assert logged and logged[0].exc_info is not None and logged[0].__dict__["request_id"] == "req-42"
+
+
+def test_limits_come_from_settings(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(max_k=7, default_k=5, max_request_history=4, ved_max_latency_ms=300)
+    with TestClient(create_app(settings)) as c:
+        schema = c.get("/openapi.json").json()["components"]["schemas"]["RecommendRequest"]["properties"]
+        assert schema["k"]["maximum"] == 7 and schema["history"]["anyOf"][0]["maxItems"] == 4
+        assert c.post("/recommend", json={"history": [1], "k": 8}).status_code == 422
+        assert c.post("/recommend", json={"history": [1, 2, 3, 4, 5]}).status_code == 422
+        assert c.post("/recommend", json={"history": [1], "mode": "ved", "latency_ms": 301}).status_code == 422
+        assert c.post("/recommend", json={"history": [1], "k": 7}).status_code == 200

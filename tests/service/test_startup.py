@@ -1,0 +1,81 @@
+"""Startup fails fast and loudly on a bad checkpoint; a good value head is loaded, a missing one replaced."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from models.checkpoint import CheckpointError, save_checkpoint
+from models.policy import Policy
+from models.value_head import ValueHead, ValueHeadConfig, value_head_for
+from service.app import create_app
+from service.settings import Settings
+
+
+def start(settings: Settings) -> None:
+    with TestClient(create_app(settings)) as c:
+        c.get("/healthz")
+
+
+def test_no_checkpoint_configured(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint configured"):
+        start(make_settings(checkpoint=None))
+
+
+def test_missing_checkpoint_folder(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        start(make_settings(checkpoint=tmp_path / "nope"))
+
+
+def test_corrupt_manifest(make_settings: Callable[..., Settings], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        start(make_settings(checkpoint=broken))
+
+
+def test_value_head_of_the_wrong_size(
+    make_settings: Callable[..., Settings], tiny_policy: Policy, tmp_path: Path
+) -> None:
+    wrong = ValueHead(ValueHeadConfig(hidden_size=16, num_heads=2))
+    path = save_checkpoint(tmp_path / "wrong", tiny_policy, manifest={"value_head": asdict(ValueHeadConfig(32))},
+                           extras={"value_head": wrong.state_dict()})
+    with pytest.raises(CheckpointError, match="cannot load the value head"):
+        start(make_settings(checkpoint=path))
+
+
+def test_value_head_is_loaded_from_the_checkpoint(
+    make_settings: Callable[..., Settings], tiny_policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    head = value_head_for(tiny_policy)
+    path = save_checkpoint(tmp_path / "vstar", tiny_policy, manifest={"value_head": asdict(head.config)},
+                           extras={"value_head": head.state_dict()})
+    app = create_app(make_settings(checkpoint=path))
+    with caplog.at_level(logging.WARNING), TestClient(app):
+        loaded = app.state.recommender.value_head
+        for name, tensor in head.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor)
+    assert not [r for r in caplog.records if "no value head" in r.getMessage()]
+
+
+def test_settings_reject_inconsistent_defaults(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="default_k"):
+        Settings(checkpoint=tiny_checkpoint, default_k=20, max_k=10)
+    with pytest.raises(ValueError, match="ved_default_latency_ms"):
+        Settings(checkpoint=tiny_checkpoint, ved_default_latency_ms=500, ved_max_latency_ms=100)
+
+
+def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/3")
+    monkeypatch.setenv("VSTAR_CHECKPOINT", str(tiny_checkpoint))
+    monkeypatch.setenv("VSTAR_BATCH_MAX_SIZE", "4")
+    s = Settings()
+    assert str(s.redis_url) == "redis://127.0.0.1:6379/3" and s.checkpoint == tiny_checkpoint and s.batch_max_size == 4
