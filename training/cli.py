@@ -190,6 +190,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
     register_rl(app, bench)
 
+    from training.baselines_cli import register_baseline  # baseline pop|sasrec
+
+    register_baseline(app)
+
 
 def demo_policy(device: str) -> Any:
     """A random tiny-preset policy over a random 3-level catalog (256 codes per level, 3,000 items)."""

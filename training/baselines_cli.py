@@ -1,0 +1,90 @@
+"""``vstar baseline pop|sasrec``: the README table's baselines, written in ``vstar eval``'s JSON shape.
+
+``training.cli.register`` calls ``register_baseline``; the handler parses
+options, builds a ``SASRecConfig`` and calls ``training.baselines``. Bad input
+(unknown baseline or split, a trained-on evaluation split, an invalid SASRec
+setting) exits with a usage error naming the problem. Heavy imports stay
+inside the handler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.cli import (
+    DataOpt,
+    EpochsOpt,
+    NameOpt,
+    RootOpt,
+    SeedOpt,
+    SplitsOpt,
+    StepsOpt,
+    load_data,
+    setup_logging,
+    write_json,
+)
+
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.")]
+PopCountsOpt = Annotated[str, typer.Option("--pop-counts", help="pop: count targets, or all (targets and histories).")]
+PatienceOpt = Annotated[
+    int, typer.Option("--patience", min=1, help="sasrec: epochs without a better selection score before stopping.")
+]
+HoldoutOpt = Annotated[
+    int, typer.Option("--holdout", min=1, help="Latest valid rows held out for selection when valid is trained on.")
+]
+
+
+def register_baseline(app: typer.Typer) -> None:
+    @app.command()
+    def baseline(
+        name: Annotated[str, typer.Argument(help="pop (most popular items) or sasrec (Kang & McAuley 2018).")],
+        data: DataOpt = None,
+        minionerec_root: RootOpt = None,
+        dataset: NameOpt = None,
+        json_out: JsonOpt = None,
+        train_splits: SplitsOpt = "train",
+        split: Annotated[str, typer.Option("--split", help="test, or valid if not trained on.")] = "test",
+        pop_counts: PopCountsOpt = "targets",
+        loss: Annotated[str, typer.Option("--loss", help="sasrec: ce (full softmax) or bce (sampled).")] = "ce",
+        loss_on: Annotated[str, typer.Option("--loss-on", help="sasrec: last position or all (paper).")] = "last",
+        hidden: Annotated[int, typer.Option("--hidden", min=1, help="sasrec: embedding width.")] = 64,
+        blocks: Annotated[int, typer.Option("--blocks", min=1, help="sasrec: self-attention blocks.")] = 2,
+        heads: Annotated[int, typer.Option("--heads", min=1, help="sasrec: attention heads.")] = 1,
+        dropout: Annotated[float, typer.Option("--dropout", help="sasrec: dropout rate.")] = 0.2,
+        lr: Annotated[float, typer.Option("--lr", help="sasrec: AdamW learning rate.")] = 1e-3,
+        weight_decay: Annotated[float, typer.Option("--weight-decay", help="sasrec: AdamW weight decay.")] = 0.0,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sasrec: rows per step.")] = 128,
+        epochs: EpochsOpt = 200,
+        max_steps: StepsOpt = None,
+        patience: PatienceOpt = 5,
+        holdout: HoldoutOpt = 500,
+        seed: SeedOpt = 0,
+        threads: Annotated[int, typer.Option("--threads", min=0, help="sasrec: torch threads (0: default).")] = 1,
+    ) -> None:
+        """Most-popular or SASRec, scored on a split exactly as `vstar eval` scores the generative model."""
+        from training.baselines import POP_COUNTS, check_request, run_pop, run_sasrec
+        from training.data import parse_splits
+        from training.sasrec import SASRecConfig, num_threads
+
+        setup_logging()
+        ds = load_data(data, minionerec_root, dataset)
+        try:
+            splits = parse_splits(train_splits)
+            check_request(ds, name, split, splits)
+            if pop_counts not in POP_COUNTS:
+                raise ValueError(f"--pop-counts must be one of {POP_COUNTS}, got {pop_counts!r}")
+            config = SASRecConfig(
+                hidden=hidden, blocks=blocks, heads=heads, dropout=dropout, loss=loss, loss_on=loss_on,
+                epochs=epochs, max_steps=max_steps, patience=patience, batch_size=batch_size, lr=lr,
+                weight_decay=weight_decay, seed=seed,
+            )
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        if name == "pop":
+            write_json(json_out, run_pop(ds, split, splits, pop_counts))
+        else:
+            with num_threads(threads or None):  # 1 by default: see training.sasrec
+                write_json(json_out, run_sasrec(ds, split, splits, config, holdout))
