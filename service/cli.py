@@ -1,9 +1,83 @@
-"""``vstar serve`` and ``vstar bench serve`` (registered on the root command)."""
+"""``vstar serve`` and ``vstar bench serve`` (registered on the root command).
+
+``serve`` hands the checkpoint to the app through ``VSTAR_CHECKPOINT``, so every
+uvicorn worker process builds its app from the same environment
+(``service.app:create_app_from_env``); every other setting is read there too
+(``service.settings``). Heavy imports stay inside the handlers.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder to serve.")]
+
+
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{name}: expected a comma list of integers, got {text!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{name}: empty list")
+    return values
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Service commands are added by the service issue."""
+    @app.command()
+    def serve(
+        checkpoint: CheckpointOpt,
+        host: Annotated[str, typer.Option("--host", help="Interface to bind; 0.0.0.0 in a container.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+        workers: Annotated[int, typer.Option("--workers", min=1, help="uvicorn worker processes.")] = 1,
+    ) -> None:
+        """Serve recommendations over HTTP (settings: VSTAR_* and REDIS_URL, see the README)."""
+        import uvicorn
+        from pydantic import ValidationError
+
+        from service.settings import Settings
+
+        if not (checkpoint / "manifest.json").exists():
+            raise typer.BadParameter(f"{checkpoint} is not a checkpoint folder (no manifest.json)")
+        os.environ["VSTAR_CHECKPOINT"] = str(checkpoint.resolve())
+        try:
+            settings = Settings()  # fail here, once, on a bad environment rather than in every worker
+        except ValidationError as e:
+            raise typer.BadParameter(f"bad VSTAR_* settings in the environment:\n{e}") from None
+        uvicorn.run(
+            "service.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
+            log_config=None, access_log=False, log_level=settings.log_level.lower(),
+        )
+
+    @bench.command(name="serve")
+    def bench_serve(
+        checkpoint: CheckpointOpt,
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+        clients: Annotated[str, typer.Option("--clients", help="Concurrent clients of the beam cells.")] = "1,8,32",
+        caps: Annotated[str, typer.Option("--caps", help="VED latency caps in ms.")] = "20,50,100",
+        ved_clients: Annotated[str, typer.Option("--ved-clients", help="Concurrent clients of the VED cells.")] = "1,8",
+        k: Annotated[int, typer.Option("--k", min=1, max=100)] = 10,
+        duration_s: Annotated[float, typer.Option("--duration-s", min=0.1, max=120, help="Seconds per cell.")] = 5.0,
+        max_requests: Annotated[int, typer.Option("--max-requests", min=1, max=100_000, help="Per cell.")] = 3000,
+        torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="Server threads.")] = None,
+    ) -> None:
+        """p50/p99 latency and throughput of the real server: beam with and without batching, VED under caps."""
+        from service.bench import BenchConfig
+        from service.bench import bench_serve as run
+
+        config = BenchConfig(
+            clients=_int_list(clients, "--clients"), caps_ms=_int_list(caps, "--caps"),
+            ved_clients=_int_list(ved_clients, "--ved-clients"), k=k, duration_s=duration_s,
+            max_requests=max_requests, torch_threads=torch_threads,
+        )
+        result = run(checkpoint, config)
+        text = json.dumps(result, indent=2)
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(text + "\n")
+        typer.echo(text)

@@ -7,7 +7,7 @@ layout) or scrape workers individually.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -32,6 +32,10 @@ class ServiceMetrics:
         self.ved_tokens = Histogram(
             "vstar_ved_tokens_spent", "Tokens VED spent per request.",
             buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r,
+        )
+        self.ved_margin = Gauge(
+            "vstar_ved_deadline_margin_seconds", "How much earlier than its cap a VED search is told to stop.",
+            registry=r,
         )
         self.store_errors = Counter(
             "vstar_store_errors", "Store operations that failed (Redis down).", ["op"], registry=r

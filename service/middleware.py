@@ -4,8 +4,8 @@ Pure ASGI (not ``BaseHTTPMiddleware``) so the request-id context variable is
 visible to the handlers and nothing buffers the response.
 
 * ``RequestContextMiddleware`` takes a sane ``X-Request-ID`` from the client or
-  makes one, sets it for logging, echoes it in the response and logs one JSON
-  line per request with status and duration.
+  makes one, sets it for logging, echoes it in the response, notes the arrival
+  time in the scope and logs one JSON line per request with status and duration.
 * ``BodyLimitMiddleware`` answers 413 before reading a body whose declared
   ``Content-Length`` is too large, and counts the bytes of a streamed body
   (no length) so a chunked upload cannot get around the limit either.
@@ -27,6 +27,7 @@ from service.errors import error_body
 from service.json_logs import reset_request_id, set_request_id
 
 access_log = logging.getLogger("service.access")
+ARRIVAL_KEY = "vstar.arrival"  # scope key: time.perf_counter() when the request arrived
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -43,6 +44,7 @@ class RequestContextMiddleware:
         rid = given if _CLIENT_ID_RE.match(given) else uuid.uuid4().hex
         token = set_request_id(rid)
         start = time.perf_counter()
+        scope[ARRIVAL_KEY] = start  # VED's latency cap counts from here, body parsing included
         status = 500
 
         async def send_with_id(message: Message) -> None:

@@ -17,7 +17,8 @@ Design decisions:
 * All model work runs on one executor thread, so torch owns the cores and
   the event loop keeps answering health checks and cache hits meanwhile.
 * VED is an anytime search: each request's deadline is its arrival plus its
-  cap, less ``ved_margin_ms`` for ranking and serialising. Concurrent VED
+  cap, less a margin learnt from how far past their deadlines earlier searches
+  finished (``service.deadline``). Concurrent VED
   requests with the same k and budget share one batched search, which stops at
   the earliest of their deadlines. A deadline that passes before the search
   loop starts (a queue, a tiny cap) returns VED's initial beam tree, which
@@ -43,6 +44,7 @@ from models.sid_catalog import Sid, sid_to_str
 from models.value_head import ValueHead
 from models.ved import VEDConfig, VEDStats, resolve_budget, ved_search
 from service.batcher import MicroBatcher
+from service.deadline import DeadlineMargin
 from service.errors import InvalidInput, NotFound, StoreUnavailable
 from service.history import HistoryEvent, excluded_items, fully_excluded_sids, resolve_entries, resolve_stored
 from service.metrics import ServiceMetrics
@@ -73,6 +75,7 @@ class DecodeRow:
     sid_index: list[int]  # ranked catalog SID indices, -1 where no valid SID
     scores: list[float]
     stats: VEDStats | None = None  # VED only
+    deadline: float | None = None  # VED: the deadline the shared search ran under
 
 
 class Recommender:
@@ -92,6 +95,7 @@ class Recommender:
         self.store = store
         self.metrics = metrics
         self.max_prompt_history = self.policy.prompt.max_history
+        self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vstar-model")
         self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
             self._decode, self.executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000, self._on_batch
@@ -126,7 +130,7 @@ class Recommender:
         config = replace(key, deadline=min(deadlines, default=None))
         out = ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
         rows = zip(out.decode.sid_index.tolist(), out.decode.scores.tolist(), out.stats, strict=True)
-        return [DecodeRow(s, sc, st) for s, sc, st in rows]
+        return [DecodeRow(s, sc, st, config.deadline) for s, sc, st in rows]
 
     def _on_batch(self, key: Hashable, size: int) -> None:
         if isinstance(key, BeamSearchConfig):
@@ -134,8 +138,9 @@ class Recommender:
 
     # ---- requests
 
-    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
-        started = time.perf_counter()
+    async def recommend(self, req: RecommendRequest, arrival: float | None = None) -> RecommendResponse:
+        """``arrival``: ``time.perf_counter()`` when the request reached the server; the clock starts there."""
+        started = arrival if arrival is not None else time.perf_counter()
         try:
             response = await self._recommend(req, started)
         except (InvalidInput, NotFound, StoreUnavailable) as e:
@@ -182,16 +187,20 @@ class Recommender:
             resolve_budget(config, self.catalog.depth)
         except ValueError as e:
             raise InvalidInput("budget", f"{e} (k={req.k})") from None
-        deadline = started + (req.cap_ms(self.settings) - self.settings.ved_margin_ms) / 1000
+        deadline = self.deadline_margin.deadline(started, req.cap_ms(self.settings))
         row = await self.batcher.submit(config, DecodeJob(history, deadline))
         stats = row.stats
-        assert stats is not None
+        assert stats is not None and row.deadline is not None
+        items = self._rank(row, excluded, req.k)
+        if stats.cap_hit and stats.iterations > 0:  # the loop ran and the deadline stopped it
+            self.deadline_margin.report(time.perf_counter() - row.deadline)
+            self.metrics.ved_margin.set(self.deadline_margin.margin_s())
         self.metrics.ved_tokens.observe(stats.tokens_spent)
         if stats.cap_hit:
             self.metrics.cap_hits.inc()
         search = {"tokens_spent": stats.tokens_spent, "nodes": stats.nodes, "max_depth": stats.max_depth,
                   "iterations": stats.iterations}
-        return {"items": self._rank(row, excluded, req.k), "cap_hit": stats.cap_hit, "search": search}
+        return {"items": items, "cap_hit": stats.cap_hit, "search": search}
 
     def _rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.errors import NotReady
+from service.middleware import ARRIVAL_KEY
 from service.recommender import Recommender
 from service.schemas import (
     ErrorResponse,
@@ -47,9 +48,9 @@ def build_router(models: RequestModels) -> APIRouter:
     ]
 
     @router.post("/recommend", responses=_errors(404, 503), tags=["recommend"])
-    async def recommend(body: RecommendBody, recommender: RecommenderDep) -> RecommendResponse:
+    async def recommend(body: RecommendBody, request: Request, recommender: RecommenderDep) -> RecommendResponse:
         """Rank k items for a history (given, stored under `user_id`, or both: stored first)."""
-        return await recommender.recommend(body)
+        return await recommender.recommend(body, arrival=request.scope.get(ARRIVAL_KEY))
 
     @router.post("/users/{user_id}/events", responses=_errors(503), tags=["users"])
     async def append_events(user_id: UserId, body: EventsBody, recommender: RecommenderDep) -> EventsResponse:

@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     ved_default_latency_ms: int = Field(50, ge=1, description="VED cap when a request gives none.")
     ved_max_latency_ms: int = Field(1000, ge=1, description="Largest latency_ms a request may ask for.")
     ved_max_budget: int = Field(4096, ge=1, description="Largest VED token budget a request may ask for.")
-    ved_margin_ms: float = Field(3.0, ge=0, description="Reserved for ranking and serialising after the search stops.")
+    ved_margin_ms: float = Field(
+        3.0, ge=0, description="Least time kept between VED's deadline and the cap (more is learnt: service.deadline)."
+    )
 
     # --- beam micro-batching
     batch_max_size: int = Field(32, ge=1, description="Most requests merged into one decode; 1 disables batching.")

@@ -1,0 +1,225 @@
+"""``vstar bench serve``: latency and throughput of the real server, measured from outside.
+
+The server is started as a subprocess (``python -m vstar serve``) on a free
+loopback port, once with micro-batching and once without, and is driven by N
+concurrent ``httpx`` clients, each sending its next request as soon as the last
+one is answered (closed loop). Per cell it records client-side latency (what a
+caller sees: HTTP and JSON included), p50/p99, throughput, and for VED the share
+of answers that hit the cap.
+
+Decisions:
+
+* the response cache is off (``VSTAR_CACHE_TTL_S=0``) and the stores are
+  in-process: the benchmark measures the decode path, not Redis;
+* histories are random catalog items (1-10 of them, seeded), fresh for every
+  request; each cell starts with a few unrecorded warm-up requests per client;
+* every cell is bounded by ``duration_s`` and ``max_requests``; every request by
+  ``request_timeout_s``; the server start by ``startup_timeout_s``;
+* loopback only: the server binds 127.0.0.1 and the clients talk to it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    clients: tuple[int, ...] = (1, 8, 32)  # beam cells, with and without batching
+    caps_ms: tuple[int, ...] = (20, 50, 100)  # VED cells
+    ved_clients: tuple[int, ...] = (1, 8)
+    k: int = 10
+    duration_s: float = 5.0  # per cell
+    max_requests: int = 3000  # per cell
+    warmup_per_client: int = 2
+    request_timeout_s: float = 30.0
+    startup_timeout_s: float = 180.0
+    torch_threads: int | None = None  # server's torch threads; None: torch's default
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.clients or min(self.clients) < 1 or (self.ved_clients and min(self.ved_clients) < 1):
+            raise ValueError("client counts must be >= 1")
+        if self.caps_ms and min(self.caps_ms) < 1:
+            raise ValueError("caps must be >= 1 ms")
+        if self.duration_s <= 0 or self.max_requests < 1:
+            raise ValueError("duration_s must be > 0 and max_requests >= 1")
+
+
+@dataclass
+class CellResult:
+    latencies_ms: list[float] = field(default_factory=list)
+    server_ms: list[float] = field(default_factory=list)
+    cap_hits: int = 0
+    errors: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        lat = np.asarray(self.latencies_ms or [float("nan")])
+        n = len(self.latencies_ms)
+        return {
+            "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "rps": round(n / self.elapsed_s, 1) if self.elapsed_s else 0.0,
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def item_ids_of(checkpoint: Path) -> list[int]:
+    """The catalog's item ids, read from the checkpoint without loading the model."""
+    return sorted(int(i) for i in json.loads((checkpoint / "catalog.json").read_text())["items"])
+
+
+class HistorySource:
+    def __init__(self, item_ids: list[int], seed: int) -> None:
+        self.item_ids = item_ids
+        self.rng = random.Random(seed)
+
+    def next(self) -> list[int]:
+        return [self.rng.choice(self.item_ids) for _ in range(self.rng.randint(1, 10))]
+
+
+@contextmanager
+def running_server(checkpoint: Path, batching: bool, config: BenchConfig) -> Iterator[str]:
+    """Start ``vstar serve`` on a free loopback port; yield its base URL; stop it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "VSTAR_REDIS_URL")}
+    env |= {
+        "VSTAR_CACHE_TTL_S": "0",
+        "VSTAR_BATCH_MAX_SIZE": "32" if batching else "1",
+        "VSTAR_LOG_LEVEL": "WARNING",
+        "VSTAR_ACCESS_LOG": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if config.torch_threads is not None:
+        env["VSTAR_TORCH_THREADS"] = str(config.torch_threads)
+    cmd = [sys.executable, "-m", "vstar", "serve", "--checkpoint", str(checkpoint), "--host", HOST, "--port", str(port)]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://{HOST}:{port}"
+        try:
+            wait_ready(url, proc, config.startup_timeout_s, log)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: Any) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read().decode(errors='replace')[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not ready after {timeout_s:.0f} s")
+
+
+async def run_cell(
+    url: str, make_body: Callable[[], dict[str, Any]], clients: int, config: BenchConfig
+) -> CellResult:
+    result = CellResult()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=config.request_timeout_s, limits=limits) as http:
+
+        async def warm() -> None:
+            for _ in range(config.warmup_per_client):
+                await http.post("/recommend", json=make_body())
+
+        await asyncio.gather(*(warm() for _ in range(clients)))
+        issued = 0
+        stop_at = time.perf_counter() + config.duration_s
+
+        async def client() -> None:
+            nonlocal issued
+            while time.perf_counter() < stop_at and issued < config.max_requests:
+                issued += 1
+                t0 = time.perf_counter()
+                r = await http.post("/recommend", json=make_body())
+                dt = (time.perf_counter() - t0) * 1000
+                if r.status_code != 200:
+                    result.errors.append(f"{r.status_code} {r.text[:200]}")
+                    continue
+                body = r.json()
+                result.latencies_ms.append(dt)
+                result.server_ms.append(body["server_time_ms"])
+                result.cap_hits += bool(body["cap_hit"])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        result.elapsed_s = time.perf_counter() - t0
+    return result
+
+
+def log_cell(label: str, cell: CellResult, summary: dict[str, Any]) -> None:
+    server = np.asarray(cell.server_ms or [float("nan")])
+    print(
+        f"{label:<34} n={len(cell.latencies_ms):>5} p50={summary['p50_ms']:>8.2f} ms p99={summary['p99_ms']:>8.2f} ms "
+        f"rps={summary['rps']:>7.1f}  server p50/p99={np.percentile(server, 50):.1f}/{np.percentile(server, 99):.1f} ms"
+        + (f"  ERRORS={len(cell.errors)} first: {cell.errors[0]}" if cell.errors else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[str, Any]]]:
+    """Run every cell; returns ``{"beam": [...], "ved": [...]}`` in the issue's shape."""
+    histories = HistorySource(item_ids_of(checkpoint), config.seed)
+    out: dict[str, list[dict[str, Any]]] = {"beam": [], "ved": []}
+
+    def beam_body() -> dict[str, Any]:
+        return {"history": histories.next(), "k": config.k}
+
+    for batching in (True, False):
+        with running_server(checkpoint, batching, config) as url:
+            for clients in config.clients:
+                cell = asyncio.run(run_cell(url, beam_body, clients, config))
+                row = {"clients": clients, "batching": batching, **cell.summary()}
+                log_cell(f"beam clients={clients} batching={batching}", cell, row)
+                out["beam"].append(row)
+            if not batching:
+                continue
+            for cap in config.caps_ms:
+                for clients in config.ved_clients:
+
+                    def ved_body(cap: int = cap) -> dict[str, Any]:
+                        return {"history": histories.next(), "k": config.k, "mode": "ved", "latency_ms": cap}
+
+                    cell = asyncio.run(run_cell(url, ved_body, clients, config))
+                    share = cell.cap_hits / len(cell.latencies_ms) if cell.latencies_ms else 0.0
+                    row = {"cap_ms": cap, "clients": clients, **cell.summary(), "cap_hit_share": round(share, 3)}
+                    log_cell(f"ved cap={cap} ms clients={clients}", cell, row)
+                    out["ved"].append(row)
+    return out

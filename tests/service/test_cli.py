@@ -1,0 +1,50 @@
+"""``vstar serve`` and ``vstar bench serve``: the real server in a subprocess, measured in the issue's shape."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from service.bench import BenchConfig, bench_serve
+from service.deadline import DeadlineMargin
+from vstar import app
+
+
+def test_serve_rejects_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path)])
+    assert result.exit_code != 0 and "not a checkpoint folder" in result.output
+
+
+def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
+    config = BenchConfig(clients=(1, 3), caps_ms=(50,), ved_clients=(2,), duration_s=0.3, max_requests=30,
+                         warmup_per_client=1, torch_threads=1)
+    out = bench_serve(tiny_checkpoint, config)
+    assert [(r["clients"], r["batching"]) for r in out["beam"]] == [(1, True), (3, True), (1, False), (3, False)]
+    for row in out["beam"]:
+        assert set(row) == {"clients", "batching", "p50_ms", "p99_ms", "rps"}
+        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["rps"] > 0
+    (ved,) = out["ved"]
+    assert set(ved) == {"cap_ms", "clients", "p50_ms", "p99_ms", "rps", "cap_hit_share"}
+    assert ved["cap_ms"] == 50 and ved["clients"] == 2 and 0 <= ved["cap_hit_share"] <= 1
+
+
+def test_bench_config_is_bounded() -> None:
+    with pytest.raises(ValueError):
+        BenchConfig(clients=(0,))
+    with pytest.raises(ValueError):
+        BenchConfig(duration_s=0)
+
+
+def test_deadline_margin_learns_the_overrun_and_forgets_it() -> None:
+    margin = DeadlineMargin(floor_s=0.003, quantile=0.9, horizon_s=0.2)
+    assert margin.deadline(10.0, 50) == pytest.approx(10.047)
+    for overrun in [0.004] * 9 + [0.010]:
+        margin.report(overrun)
+    assert 0.003 + 0.004 <= margin.margin_s() <= 0.003 + 0.010
+    margin.report(-0.02)  # a request that finished early never lowers the margin below the floor
+    assert margin.margin_s() >= 0.003
+    time.sleep(0.25)
+    assert margin.margin_s() == pytest.approx(0.003)
