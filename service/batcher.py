@@ -8,6 +8,12 @@ results) and runs each group through ``run`` on the model executor, off the
 event loop. While a group decodes, new arrivals queue up and form the next
 batch, so under load batches fill without any waiting.
 
+The wait is skipped when the load is serial: if nothing arrived while the
+previous batch decoded and nothing is queued, a lone request is decoded at
+once. Waiting could only find company that is not coming, and on a busy CPU a
+2 ms sleep costs a lone request ~10 ms of wake-up latency (measured with
+``vstar bench serve``: 27 -> 17 ms p50 at one client, same throughput at eight).
+
 Results are identical to decoding each job alone because beam search scores
 every prompt of a batch independently (rows only share the padded matmuls);
 ``tests/service/test_batching.py`` checks it through the HTTP API.
@@ -54,6 +60,8 @@ class MicroBatcher(Generic[J, R]):
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._decoding = False
+        self._arrived_while_decoding = 0  # during the current (or last) decode
 
     def start(self) -> None:
         assert self._task is None, "batcher already started"
@@ -72,11 +80,14 @@ class MicroBatcher(Generic[J, R]):
     async def submit(self, key: Hashable, job: J) -> R:
         assert self._task is not None, "batcher not started"
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._arrived_while_decoding += self._decoding
         await self._queue.put(_Pending(key, job, future))
         return await future
 
     async def _collect(self) -> list[_Pending[J, R]]:
         batch = [await self._queue.get()]
+        if self._queue.empty() and self._arrived_while_decoding == 0:
+            return batch  # serial load: nobody to wait for
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
         while len(batch) < self.max_size:
@@ -100,8 +111,10 @@ class MicroBatcher(Generic[J, R]):
             for pending in batch:
                 if not pending.future.done():  # the client may have gone away while it queued
                     groups.setdefault(pending.key, []).append(pending)
+            self._decoding, self._arrived_while_decoding = True, 0
             for key, group in groups.items():
                 await self._run_group(loop, key, group)
+            self._decoding = False
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, key: Hashable, group: list[_Pending[J, R]]) -> None:
         try:
