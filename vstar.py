@@ -6,6 +6,9 @@ never import each other; heavy imports happen inside the commands.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 from loadtests.cli import register as register_loadtests
@@ -18,6 +21,32 @@ app.add_typer(bench, name="bench")
 register_training(app, bench)
 register_service(app, bench)
 register_loadtests(app, bench)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data, checkpoints and reports.")] = Path("runs/demo"),
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the service on the result at the end.")] = True,
+    port: Annotated[int, typer.Option("--port", help="Port of the service (127.0.0.1).")] = 8000,
+    rl_steps: Annotated[int, typer.Option("--rl-steps", min=1, help="V-STAR steps after SFT.")] = 30,
+) -> None:
+    """The embedded default end to end: synthetic data, tiny model (SFT, then V-STAR), test metrics, then the service."""
+    data, sft, rl = out / "data", out / "sft", out / "vstar"
+    steps = [
+        ["synth", "--out", str(data)] if not (data / "index.json").exists() else None,
+        ["sft", "--data", str(data), "--out", str(sft), "--preset", "tiny", "--epochs", "8", "--lr", "5e-3",
+         "--json", str(out / "sft.json")],
+        ["eval", "--data", str(data), "--checkpoint", str(sft), "--split", "test", "--json", str(out / "sft.test.json")],
+        ["rl", "--data", str(data), "--init", str(sft), "--out", str(rl), "--algo", "vstar", "--max-steps", str(rl_steps),
+         "--eval-every", str(rl_steps), "--json", str(out / "vstar.json")],
+        ["eval", "--data", str(data), "--checkpoint", str(rl), "--split", "test", "--json", str(out / "vstar.test.json")],
+    ]
+    for args in filter(None, steps):
+        typer.secho(f"$ vstar {' '.join(args)}", fg=typer.colors.CYAN, err=True)
+        app(args=args, standalone_mode=False)
+    if serve:
+        typer.secho(f"serving {rl} on http://127.0.0.1:{port} (Ctrl-C stops it)", fg=typer.colors.GREEN, err=True)
+        app(args=["serve", "--checkpoint", str(rl), "--host", "127.0.0.1", "--port", str(port)], standalone_mode=False)
 
 
 def main() -> None:

@@ -111,15 +111,14 @@ def decode_step(
 def level_log_probs(logits: torch.Tensor, trie: SidTrie, level: int, nodes: torch.Tensor) -> torch.Tensor:
     """Log-probs of each node's children at ``level``, -inf for invalid codes: (N, C).
 
-    Equals ``log_softmax(logits)[:, level columns]`` masked by the trie, to float
-    rounding, but the full-vocabulary work is one fused log-sum-exp, only the
-    level's columns are written, and the mask is one row lookup in the trie's
-    additive bias table.
+    ``log_softmax`` over the full vocabulary, exactly as HF computes it before
+    its constraint mask (PyTorch's fused kernel is faster here than a separate
+    log-sum-exp), then only the level's columns are kept and the mask is one
+    row lookup in the trie's additive bias table.
     """
-    logits = logits.float()
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1)
-    picked = logits.index_select(1, trie.level_columns[level])  # (N, C)
-    return picked - log_norm + trie.mask_bias.index_select(0, nodes)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    picked = log_probs.index_select(1, trie.level_columns[level])  # (N, C)
+    return picked + trie.mask_bias.index_select(0, nodes)
 
 
 @torch.inference_mode()
@@ -144,26 +143,33 @@ def beam_search(
         scores = torch.cat([scores, scores.new_full((b, k - width), float("-inf"))], dim=1)
         codes = torch.cat([codes, codes.new_zeros((b, k - width))], dim=1)
     nodes = trie.children[0, codes].clamp(min=0)  # (B, K)
-    tokens = [trie.level_token_ids[0, codes]]  # per level (B, K)
+    tokens = trie.level_token_ids[0, codes].unsqueeze(-1)  # (B, K, levels so far)
 
     cache = pre.cache
     cache.batch_repeat_interleave(k)
-    mask = attention_mask.repeat_interleave(k, dim=0)  # (B*K, T)
+    t = attention_mask.shape[1]
+    full_mask = torch.cat(
+        [attention_mask.repeat_interleave(k, dim=0), attention_mask.new_ones((b * k, trie.depth - 1))], dim=1
+    )  # (B*K, T + depth - 1)
     pos = pre.next_position.repeat_interleave(k)  # (B*K,)
     batch_offset = (torch.arange(b, device=dev) * k)[:, None]  # (B, 1)
     for level in range(1, trie.depth):
-        mask = torch.cat([mask, mask.new_ones((b * k, 1))], dim=1)
         # rows of invalid beams (score -inf) carry token -1: feed any valid id, they stay -inf
-        logits, _ = decode_step(model, cache, tokens[-1].reshape(-1).clamp(min=0), mask, pos + level - 1)
+        logits, _ = decode_step(
+            model, cache, tokens[:, :, -1].reshape(-1).clamp(min=0), full_mask[:, : t + level], pos + level - 1
+        )
         cand = level_log_probs(logits, trie, level, nodes.reshape(-1))  # (B*K, C)
         cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)
         parent, codes = flat // c, flat % c
         nodes = trie.children[nodes.gather(1, parent), codes].clamp(min=0)
-        tokens = [t.gather(1, parent) for t in tokens] + [trie.level_token_ids[level, codes]]
+        tokens = torch.cat(
+            [tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)), trie.level_token_ids[level, codes].unsqueeze(-1)],
+            dim=-1,
+        )
         if level < trie.depth - 1:
             cache.reorder_cache((parent + batch_offset).reshape(-1))
 
     valid = torch.isfinite(scores)
     sid_index = torch.where(valid, trie.leaf_sid[nodes], -1)
-    return DecodeResult(sid_index, scores, torch.stack(tokens, dim=-1))
+    return DecodeResult(sid_index, scores, tokens)

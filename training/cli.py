@@ -119,6 +119,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         holdout: Annotated[int, typer.Option("--holdout", min=1, help="Most recent valid rows held out for model selection when valid is trained on.")] = 500,
         eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="Steps between validations (0: each epoch).")] = 0,
         seed: SeedOpt = 0,
+        crop_prob: Annotated[float, typer.Option("--crop-prob", min=0.0, max=1.0, help="Chance a history is cut to a random recent suffix each step.")] = 0.0,
+        text_init: Annotated[bool, typer.Option("--text-init", help="Initialise SID token embeddings from item_emb.npy (PCA of token means).")] = False,
         device: DeviceOpt = "cpu",
         resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")] = False,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")] = None,
@@ -132,7 +134,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         config = SFTConfig(
             preset=preset, base_model=str(base_model) if base_model else None, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, lr=lr, train_splits=tuple(parse_splits(train_splits)), holdout=holdout,
-            eval_every=eval_every, seed=seed,
+            eval_every=eval_every, seed=seed, crop_prob=crop_prob, text_init=text_init,
         )
         run_training(lambda dev: train_sft(ds, out, config, device=dev, resume=resume), device, json_out)
 

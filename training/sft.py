@@ -76,6 +76,8 @@ class SFTConfig:
     eval_beams: int = 10
     seed: int = 0
     max_history: int = 10
+    crop_prob: float = 0.0  # chance a training row's history is cut to a random recent suffix (each step)
+    text_init: bool = False  # initialise SID token embeddings from the items' text embeddings
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -88,6 +90,8 @@ class SFTConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if "test" in self.train_splits:
             raise ValueError("training on the test split is not allowed")
+        if not 0 <= self.crop_prob <= 1:
+            raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
 
 
 @dataclass
@@ -114,6 +118,50 @@ def encode_sample(policy: Policy, sample: Sample) -> tuple[list[int], list[int]]
     prompt = policy.prompt.encode(policy.tokenizer, [cat.sid_of(i) for i in sample.history])
     target = policy.tokenizer.convert_tokens_to_ids(list(cat.sid_of(sample.target)))
     return prompt, list(target)
+
+
+def crop_histories(
+    policy: Policy,
+    samples: Sequence[Sample],
+    index: Sequence[int],
+    rows: list[tuple[list[int], list[int]]],
+    prob: float,
+    seed: tuple[int, int],
+) -> list[tuple[list[int], list[int]]]:
+    """Cut some histories to a random recent suffix: more (recent item -> target) contexts per row."""
+    rng = np.random.default_rng(list(seed))
+    out = list(rows)
+    for j, i in enumerate(index):
+        hist = samples[i].history
+        if len(hist) > 1 and rng.random() < prob:
+            keep = int(rng.integers(1, len(hist)))
+            out[j] = encode_sample(policy, Sample(samples[i].user_id, hist[-keep:], samples[i].target))
+    return out
+
+
+@torch.no_grad()
+def init_sid_embeddings(policy: Policy, item_emb: np.ndarray) -> None:
+    """Set each SID token's input embedding to the mean text embedding of its items, projected by PCA.
+
+    The projection keeps the top principal directions of those token means and
+    rescales them to the embedding matrix's current std, so training starts with
+    semantically close tokens close together instead of random.
+    """
+    cat, emb = policy.catalog, policy.model.get_input_embeddings().weight
+    token_ids, means = [], []
+    for level in range(cat.depth):
+        for token in cat.tokens_of_level(level):
+            items = [i for i, it in cat.items.items() if it.sid[level] == token]
+            token_ids.append(policy.tokenizer.convert_tokens_to_ids(token))
+            means.append(item_emb[items].mean(axis=0))
+    x = torch.tensor(np.stack(means), dtype=torch.float32)
+    x = x - x.mean(dim=0, keepdim=True)
+    u, sv, _ = torch.linalg.svd(x, full_matrices=False)
+    dim = min(emb.shape[1], u.shape[1])
+    proj = torch.zeros(len(token_ids), emb.shape[1])
+    proj[:, :dim] = u[:, :dim] * sv[:dim]
+    proj *= emb.std() / proj.std()
+    emb[torch.tensor(token_ids)] = proj.to(emb.device, emb.dtype)
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -209,6 +257,10 @@ def train_sft(
     else:
         policy = Policy.from_preset(config.preset, data.catalog, config.seed, config.max_history).to(device)
 
+    if config.text_init and not resume:
+        if data.embeddings is None:
+            raise ValueError("--text-init needs item_emb.npy in the data set")
+        init_sid_embeddings(policy, data.embeddings)
     encoded = [encode_sample(policy, s) for s in train_rows]
     lengths = [len(p) + len(t) for p, t in encoded]
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
@@ -259,6 +311,8 @@ def train_sft(
         for bi in range(state.batch_in_epoch, len(batches)):
             part = shard(batches[bi])  # this rank's slice of the global batch
             rows = [encoded[i] for i in part.rows]
+            if config.crop_prob > 0:
+                rows = crop_histories(policy, train_rows, part.rows, rows, config.crop_prob, (config.seed, state.step))
             batch = {k: v.to(policy.device) for k, v in collate(rows, int(policy.tokenizer.pad_token_id)).items()}
             with torch.autocast(policy.device.type, dtype=amp, enabled=amp is not None):
                 loss = train_model(**batch).loss  # mean over this shard's target tokens
