@@ -50,7 +50,9 @@ def load_value_head(checkpoint: LoadedCheckpoint, device: str) -> ValueHead:
     state = checkpoint.extras.get("value_head")
     if state is None:
         log.warning("checkpoint has no value head: VED runs with a freshly initialised one (fine for SFT checkpoints)")
-        return value_head_for(checkpoint.policy).eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same head in every worker, so VED answers do not depend on which one serves
+            return value_head_for(checkpoint.policy).eval()
     config = checkpoint.manifest.get("value_head")
     if config is None:
         raise CheckpointError(f"checkpoint {checkpoint.path}: value_head weights without manifest['value_head']")

@@ -79,3 +79,12 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_che
     monkeypatch.setenv("VSTAR_BATCH_MAX_SIZE", "4")
     s = Settings()
     assert str(s.redis_url) == "redis://127.0.0.1:6379/3" and s.checkpoint == tiny_checkpoint and s.batch_max_size == 4
+
+
+def test_a_fresh_value_head_is_the_same_in_every_worker(make_settings: Callable[..., Settings]) -> None:
+    heads = []
+    for _ in range(2):
+        app = create_app(make_settings())
+        with TestClient(app):
+            heads.append(app.state.recommender.value_head.state_dict())
+    assert all(torch.equal(heads[0][name], heads[1][name]) for name in heads[0])
