@@ -16,7 +16,9 @@ from service.cli import register as register_service
 from training.cli import register as register_training
 
 app = typer.Typer(help="V-STAR generative recommender: data, training, evaluation and serving.", no_args_is_help=True)
-bench = typer.Typer(help="Benchmarks that print figures and ratios against a reference measured in the same run.", no_args_is_help=True)
+bench = typer.Typer(
+    help="Benchmarks that print figures and ratios against a reference measured in the same run.", no_args_is_help=True
+)
 app.add_typer(bench, name="bench")
 register_training(app, bench)
 register_service(app, bench)
@@ -25,21 +27,73 @@ register_loadtests(app, bench)
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data, checkpoints and reports.")] = Path("runs/demo"),
-    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the service on the result at the end.")] = True,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data, checkpoints and reports.")] = Path(
+        "runs/demo"
+    ),
+    serve: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Start the service on the result at the end.")
+    ] = True,
     port: Annotated[int, typer.Option("--port", help="Port of the service (127.0.0.1).")] = 8000,
     rl_steps: Annotated[int, typer.Option("--rl-steps", min=1, help="V-STAR steps after SFT.")] = 30,
 ) -> None:
-    """The embedded default end to end: synthetic data, tiny model (SFT, then V-STAR), test metrics, then the service."""
+    """The embedded default end to end: synthetic data, tiny model (SFT, V-STAR), test metrics, then the service."""
     data, sft, rl = out / "data", out / "sft", out / "vstar"
     steps = [
         ["synth", "--out", str(data)] if not (data / "index.json").exists() else None,
-        ["sft", "--data", str(data), "--out", str(sft), "--preset", "tiny", "--epochs", "8", "--lr", "5e-3",
-         "--json", str(out / "sft.json")],
-        ["eval", "--data", str(data), "--checkpoint", str(sft), "--split", "test", "--json", str(out / "sft.test.json")],
-        ["rl", "--data", str(data), "--init", str(sft), "--out", str(rl), "--algo", "vstar", "--max-steps", str(rl_steps),
-         "--eval-every", str(rl_steps), "--json", str(out / "vstar.json")],
-        ["eval", "--data", str(data), "--checkpoint", str(rl), "--split", "test", "--json", str(out / "vstar.test.json")],
+        [
+            "sft",
+            "--data",
+            str(data),
+            "--out",
+            str(sft),
+            "--preset",
+            "tiny",
+            "--epochs",
+            "8",
+            "--lr",
+            "5e-3",
+            "--json",
+            str(out / "sft.json"),
+        ],
+        [
+            "eval",
+            "--data",
+            str(data),
+            "--checkpoint",
+            str(sft),
+            "--split",
+            "test",
+            "--json",
+            str(out / "sft.test.json"),
+        ],
+        [
+            "rl",
+            "--data",
+            str(data),
+            "--init",
+            str(sft),
+            "--out",
+            str(rl),
+            "--algo",
+            "vstar",
+            "--max-steps",
+            str(rl_steps),
+            "--eval-every",
+            str(rl_steps),
+            "--json",
+            str(out / "vstar.json"),
+        ],
+        [
+            "eval",
+            "--data",
+            str(data),
+            "--checkpoint",
+            str(rl),
+            "--split",
+            "test",
+            "--json",
+            str(out / "vstar.test.json"),
+        ],
     ]
     for args in filter(None, steps):
         typer.secho(f"$ vstar {' '.join(args)}", fg=typer.colors.CYAN, err=True)

@@ -164,7 +164,10 @@ def beam_search(
         parent, codes = flat // c, flat % c
         nodes = trie.children[nodes.gather(1, parent), codes].clamp(min=0)
         tokens = torch.cat(
-            [tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)), trie.level_token_ids[level, codes].unsqueeze(-1)],
+            [
+                tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)),
+                trie.level_token_ids[level, codes].unsqueeze(-1),
+            ],
             dim=-1,
         )
         if level < trie.depth - 1:

@@ -143,7 +143,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     except (json.JSONDecodeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {folder}: unreadable manifest or catalog: {e}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {folder}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {folder}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
         prompt = PromptFormat(**manifest["prompt"])

@@ -34,8 +34,7 @@ def parse_sid(text: str, depth: int | None = None) -> Sid:
     for level, token in enumerate(tokens):
         if token[1] != LEVEL_PREFIXES[level]:
             raise ValueError(
-                f"malformed SID {text!r}: token {level + 1} is {token}, "
-                f"expected level letter {LEVEL_PREFIXES[level]!r}"
+                f"malformed SID {text!r}: token {level + 1} is {token}, expected level letter {LEVEL_PREFIXES[level]!r}"
             )
     if depth is not None and len(tokens) != depth:
         raise ValueError(f"malformed SID {text!r}: {len(tokens)} tokens, expected {depth}")
@@ -88,9 +87,7 @@ class SidCatalog:
             self.items_of_sid[self.sid_index[self.items[item_id].sid]].append(item_id)
 
     @classmethod
-    def from_index(
-        cls, index: Mapping[str, Sequence[str]], titles: Mapping[int, str] | None = None
-    ) -> SidCatalog:
+    def from_index(cls, index: Mapping[str, Sequence[str]], titles: Mapping[int, str] | None = None) -> SidCatalog:
         """Build from MiniOneRec's ``index.json`` shape: ``{"0": ["<a_1>", "<b_2>", "<c_3>"]}``."""
         titles = titles or {}
         items: dict[int, Item] = {}

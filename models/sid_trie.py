@@ -21,9 +21,7 @@ from models.sid_catalog import SidCatalog
 class SidTrie:
     def __init__(self, catalog: SidCatalog, token_to_id: Callable[[str], int]) -> None:
         self.depth = catalog.depth
-        codes_per_level = [
-            [int(t[3:-1]) for t in catalog.tokens_of_level(lv)] for lv in range(self.depth)
-        ]
+        codes_per_level = [[int(t[3:-1]) for t in catalog.tokens_of_level(lv)] for lv in range(self.depth)]
         self.codebook_size = max(max(c) for c in codes_per_level) + 1
         level_ids = torch.full((self.depth, self.codebook_size), -1, dtype=torch.long)
         for lv, codes in enumerate(codes_per_level):

@@ -59,7 +59,11 @@ def tiny_policy(tiny_catalog: SidCatalog) -> Policy:
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_catalog: SidCatalog) -> Path:
     out = tmp_path_factory.mktemp("tiny_data")
-    splits = {"train": make_samples(tiny_catalog, 200, 1), "valid": make_samples(tiny_catalog, 40, 2), "test": make_samples(tiny_catalog, 40, 3)}
+    splits = {
+        "train": make_samples(tiny_catalog, 200, 1),
+        "valid": make_samples(tiny_catalog, 40, 2),
+        "test": make_samples(tiny_catalog, 40, 3),
+    }
     meta = {i: {"title": it.title} for i, it in tiny_catalog.items.items()}
     emb = np.random.default_rng(0).normal(size=(tiny_catalog.num_items, 16)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)

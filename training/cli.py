@@ -14,10 +14,21 @@ from typing import Annotated, Any
 
 import typer
 
-DataOpt = Annotated[Path | None, typer.Option("--data", help="Data set folder (train/valid/test CSV, index.json, item.json, item_emb.npy).")]
-RootOpt = Annotated[Path | None, typer.Option("--minionerec-root", help="A MiniOneRec checkout, read in its own layout (with --dataset).")]
-NameOpt = Annotated[str | None, typer.Option("--dataset", help="Data set name inside --minionerec-root, e.g. Industrial_and_Scientific.")]
-SplitsOpt = Annotated[str, typer.Option("--train-splits", help="Comma list of splits to train on: train or train,valid.")]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", help="Data set folder (train/valid/test CSV, index.json, item.json, item_emb.npy)."),
+]
+RootOpt = Annotated[
+    Path | None,
+    typer.Option("--minionerec-root", help="A MiniOneRec checkout, read in its own layout (with --dataset)."),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option("--dataset", help="Data set name inside --minionerec-root, e.g. Industrial_and_Scientific."),
+]
+SplitsOpt = Annotated[
+    str, typer.Option("--train-splits", help="Comma list of splits to train on: train or train,valid.")
+]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training rows.")]
 StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
@@ -109,20 +120,45 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
-        preset: Annotated[str, typer.Option("--preset", help="tiny or small (built from a config, nothing downloaded).")] = "small",
-        base_model: Annotated[Path | None, typer.Option("--base-model", help="Local pretrained causal LM folder (e.g. Qwen2.5-0.5B).")] = None,
+        preset: Annotated[
+            str, typer.Option("--preset", help="tiny or small (built from a config, nothing downloaded).")
+        ] = "small",
+        base_model: Annotated[
+            Path | None, typer.Option("--base-model", help="Local pretrained causal LM folder (e.g. Qwen2.5-0.5B).")
+        ] = None,
         train_splits: SplitsOpt = "train",
         epochs: EpochsOpt = 10,
         max_steps: StepsOpt = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
         lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-3,
-        holdout: Annotated[int, typer.Option("--holdout", min=1, help="Most recent valid rows held out for model selection when valid is trained on.")] = 500,
-        eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="Steps between validations (0: each epoch).")] = 0,
+        holdout: Annotated[
+            int,
+            typer.Option(
+                "--holdout", min=1, help="Most recent valid rows held out for model selection when valid is trained on."
+            ),
+        ] = 500,
+        eval_every: Annotated[
+            int, typer.Option("--eval-every", min=0, help="Steps between validations (0: each epoch).")
+        ] = 0,
         seed: SeedOpt = 0,
-        crop_prob: Annotated[float, typer.Option("--crop-prob", min=0.0, max=1.0, help="Chance a history is cut to a random recent suffix each step.")] = 0.0,
-        text_init: Annotated[bool, typer.Option("--text-init", help="Initialise SID token embeddings from item_emb.npy (PCA of token means).")] = False,
+        crop_prob: Annotated[
+            float,
+            typer.Option(
+                "--crop-prob", min=0.0, max=1.0, help="Chance a history is cut to a random recent suffix each step."
+            ),
+        ] = 0.0,
+        text_init: Annotated[
+            bool,
+            typer.Option("--text-init", help="Initialise SID token embeddings from item_emb.npy (PCA of token means)."),
+        ] = False,
+        embed_dropout: Annotated[
+            float,
+            typer.Option("--embed-dropout", min=0.0, max=0.99, help="Dropout on input embeddings while training."),
+        ] = 0.0,
         device: DeviceOpt = "cpu",
-        resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")] = False,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")
+        ] = False,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")] = None,
     ) -> None:
         """Supervised next-SID training; keeps the best checkpoint by validation HR@10."""
@@ -132,9 +168,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         setup_logging()
         ds = load_data(data, minionerec_root, dataset)
         config = SFTConfig(
-            preset=preset, base_model=str(base_model) if base_model else None, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, lr=lr, train_splits=tuple(parse_splits(train_splits)), holdout=holdout,
-            eval_every=eval_every, seed=seed, crop_prob=crop_prob, text_init=text_init,
+            preset=preset,
+            base_model=str(base_model) if base_model else None,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            lr=lr,
+            train_splits=tuple(parse_splits(train_splits)),
+            holdout=holdout,
+            eval_every=eval_every,
+            seed=seed,
+            crop_prob=crop_prob,
+            text_init=text_init,
+            embed_dropout=embed_dropout,
         )
         run_training(lambda dev: train_sft(ds, out, config, device=dev, resume=resume), device, json_out)
 
@@ -145,14 +191,18 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
         split: Annotated[str, typer.Option("--split", help="valid or test.")] = "test",
-        beams: Annotated[int, typer.Option("--beams", min=1, help="Beam width; also the length of each ranked list.")] = 50,
+        beams: Annotated[
+            int, typer.Option("--beams", min=1, help="Beam width; also the length of each ranked list.")
+        ] = 50,
         decoder: Annotated[str, typer.Option("--decoder", help="beam or ved.")] = "beam",
         budget: Annotated[int | None, typer.Option("--budget", min=1, help="VED token budget per prompt.")] = None,
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N rows.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
         train_splits: SplitsOpt = "train",
         device: DeviceOpt = "cpu",
-        json_out: Annotated[Path | None, typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.")] = None,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.")
+        ] = None,
     ) -> None:
         """HR@K / NDCG@K (MiniOneRec's definitions), catalog coverage and long-tail share on a split."""
         from models.checkpoint import load_checkpoint
@@ -164,13 +214,24 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown split {split!r}")
         ckpt = load_checkpoint(checkpoint, device)
         rows = ds.splits[split][:limit] if limit else ds.splits[split]
-        result = evaluate(ckpt.policy, rows, ds.samples(parse_splits(train_splits)), make_decoder(ckpt, decoder, beams, budget), batch_size)
+        result = evaluate(
+            ckpt.policy,
+            rows,
+            ds.samples(parse_splits(train_splits)),
+            make_decoder(ckpt, decoder, beams, budget),
+            batch_size,
+        )
         result |= {"split": split, "decoder": decoder, "beams": beams, "budget": budget, "checkpoint": str(checkpoint)}
         write_json(json_out, result)
 
     @bench.command(name="decode")
     def bench_decode(
-        checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint folder (default: a fresh tiny model on a synthetic catalog).")] = None,
+        checkpoint: Annotated[
+            Path | None,
+            typer.Option(
+                "--checkpoint", help="Checkpoint folder (default: a fresh tiny model on a synthetic catalog)."
+            ),
+        ] = None,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows: [...]} here.")] = None,
         beams: Annotated[str, typer.Option("--beams", help="Comma list of K.")] = "10,50",
         batches: Annotated[str, typer.Option("--batches", help="Comma list of batch sizes.")] = "1,32",

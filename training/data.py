@@ -167,12 +167,14 @@ def read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
             raise DataError(f"{path}:1: missing columns {missing}")
         for row in reader:
             line = reader.line_num
-            history = [_int(str(v), path, line) for v in _literal_list(row["history_item_id"], "history_item_id", path, line)]
+            history = [
+                _int(str(v), path, line) for v in _literal_list(row["history_item_id"], "history_item_id", path, line)
+            ]
             target = _int(row["item_id"], path, line)
             hist_sids = _literal_list(row["history_item_sid"], "history_item_sid", path, line)
             if len(hist_sids) != len(history):
                 raise DataError(f"{path}:{line}: {len(history)} history ids but {len(hist_sids)} history SIDs")
-            for item_id, sid_text in [*zip(history, hist_sids), (target, row["item_sid"])]:
+            for item_id, sid_text in [*zip(history, hist_sids, strict=False), (target, row["item_sid"])]:
                 if item_id not in catalog.items:
                     raise DataError(f"{path}:{line}: unknown item id {item_id} (not in the index)")
                 try:
@@ -182,7 +184,8 @@ def read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
                 if sid not in catalog.sid_index:
                     raise DataError(f"{path}:{line}: SID {sid_text} is not in the index")
                 if sid != catalog.items[item_id].sid:
-                    raise DataError(f"{path}:{line}: item {item_id} has SID {sid_text}, the index says {''.join(catalog.items[item_id].sid)}")
+                    expected = "".join(catalog.items[item_id].sid)
+                    raise DataError(f"{path}:{line}: item {item_id} has SID {sid_text}, the index says {expected}")
             samples.append(Sample(row["user_id"], tuple(history), target))
     return samples
 
@@ -206,15 +209,26 @@ def write_dataset(
             w = csv.writer(f)
             w.writerow(COLUMNS)
             for s in rows:
-                w.writerow([
-                    s.user_id,
-                    repr([title[i] for i in s.history]),
-                    title[s.target],
-                    repr(list(s.history)),
-                    s.target,
-                    repr(["".join(catalog.sid_of(i)) for i in s.history]),
-                    "".join(catalog.sid_of(s.target)),
-                ])
+                w.writerow(
+                    [
+                        s.user_id,
+                        repr([title[i] for i in s.history]),
+                        title[s.target],
+                        repr(list(s.history)),
+                        s.target,
+                        repr(["".join(catalog.sid_of(i)) for i in s.history]),
+                        "".join(catalog.sid_of(s.target)),
+                    ]
+                )
 
 
-__all__ = ["DataError", "Item", "RecDataset", "Sample", "load_dataset", "load_minionerec", "parse_splits", "write_dataset"]
+__all__ = [
+    "DataError",
+    "Item",
+    "RecDataset",
+    "Sample",
+    "load_dataset",
+    "load_minionerec",
+    "parse_splits",
+    "write_dataset",
+]

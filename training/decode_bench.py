@@ -25,12 +25,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from models.beam_search import BeamSearchConfig, beam_search, prompt_position_ids
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy, pad_left
 from models.sid_catalog import Sid
-from transformers import DynamicCache
 
 
 @torch.inference_mode()
@@ -38,14 +38,27 @@ def forward_floor(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, k: int)
     model, trie = policy.model, policy.trie
     b = ids.shape[0]
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=mask, position_ids=prompt_position_ids(mask), cache=cache, use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=prompt_position_ids(mask),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache.batch_repeat_interleave(k)
     step_mask = mask.repeat_interleave(k, dim=0)
     pos = mask.sum(-1).repeat_interleave(k)
     for level in range(1, trie.depth):
         step_mask = torch.cat([step_mask, step_mask.new_ones((b * k, 1))], dim=1)
         tok = trie.level_token_ids[level - 1].clamp(min=0)[:1].expand(b * k)
-        model(input_ids=tok[:, None], attention_mask=step_mask, position_ids=(pos + level - 1)[:, None], cache=cache, use_cache=True)
+        model(
+            input_ids=tok[:, None],
+            attention_mask=step_mask,
+            position_ids=(pos + level - 1)[:, None],
+            cache=cache,
+            use_cache=True,
+        )
 
 
 def sample_histories(policy: Policy, n: int, length: int, seed: int) -> list[list[Sid]]:
@@ -62,7 +75,11 @@ def same_results(a: Any, b: Any) -> bool:
 
 
 def time_cell(policy: Policy, histories: list[list[Sid]], k: int, repeats: int) -> dict[str, Any]:
-    ids, mask = pad_left([policy.prompt.encode(policy.tokenizer, h) for h in histories], int(policy.tokenizer.pad_token_id), policy.device)
+    ids, mask = pad_left(
+        [policy.prompt.encode(policy.tokenizer, h) for h in histories],
+        int(policy.tokenizer.pad_token_id),
+        policy.device,
+    )
     config = BeamSearchConfig(k)
     runs: dict[str, Callable[[], Any]] = {
         "ours": lambda: beam_search(policy.model, policy.trie, ids, mask, config),
@@ -112,7 +129,10 @@ def run_decode_bench(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = ["| K | batch | ours ms | reference ms | forward (floor) ms | speed-up | ours / floor | identical |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| K | batch | ours ms | reference ms | forward (floor) ms | speed-up | ours / floor | identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         lines.append(
             f"| {r['k']} | {r['batch']} | {r['ours_ms']:.2f} | {r['reference_ms']:.2f} | {r['forward_ms']:.2f} | "

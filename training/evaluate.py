@@ -50,7 +50,7 @@ def rank_samples(
         for start in tqdm(range(0, len(order), batch_size), desc="decode", disable=not progress, leave=False):
             idx = order[start : start + batch_size]
             ids, mask = pad_left([prompts[i] for i in idx], int(policy.tokenizer.pad_token_id), policy.device)
-            for i, row in zip(idx, decode(policy, ids, mask).ranked()):
+            for i, row in zip(idx, decode(policy, ids, mask).ranked(), strict=False):
                 ranked[i] = row
     finally:
         policy.model.train(was_training)

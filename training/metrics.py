@@ -30,11 +30,13 @@ def target_rank(ranked: Sequence[int], target: int) -> int | None:
     return None
 
 
-def rank_metrics(ranked_lists: Sequence[Sequence[int]], targets: Sequence[int], cutoffs: Iterable[int] = CUTOFFS) -> dict[str, float]:
+def rank_metrics(
+    ranked_lists: Sequence[Sequence[int]], targets: Sequence[int], cutoffs: Iterable[int] = CUTOFFS
+) -> dict[str, float]:
     if len(ranked_lists) != len(targets):
         raise ValueError(f"{len(ranked_lists)} ranked lists for {len(targets)} targets")
     n = max(len(targets), 1)
-    ranks = [target_rank(lst, t) for lst, t in zip(ranked_lists, targets)]
+    ranks = [target_rank(lst, t) for lst, t in zip(ranked_lists, targets, strict=False)]
     out: dict[str, float] = {}
     for k in cutoffs:
         out[f"HR@{k}"] = sum(1 for r in ranks if r is not None and r < k) / n

@@ -78,6 +78,7 @@ class SFTConfig:
     max_history: int = 10
     crop_prob: float = 0.0  # chance a training row's history is cut to a random recent suffix (each step)
     text_init: bool = False  # initialise SID token embeddings from the items' text embeddings
+    embed_dropout: float = 0.0  # dropout on the input embeddings (Qwen2 has attention dropout only)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -90,6 +91,8 @@ class SFTConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if "test" in self.train_splits:
             raise ValueError("training on the test split is not allowed")
+        if not 0 <= self.embed_dropout < 1:
+            raise ValueError(f"embed_dropout must be in [0, 1), got {self.embed_dropout}")
         if not 0 <= self.crop_prob <= 1:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
 
@@ -137,6 +140,15 @@ def crop_histories(
             keep = int(rng.integers(1, len(hist)))
             out[j] = encode_sample(policy, Sample(samples[i].user_id, hist[-keep:], samples[i].target))
     return out
+
+
+def add_embedding_dropout(policy: Policy, p: float) -> None:
+    """Dropout on the token embeddings while training: a forward hook, so nothing changes in the checkpoint."""
+
+    def hook(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(output, p, module.training)
+
+    policy.model.get_input_embeddings().register_forward_hook(hook)
 
 
 @torch.no_grad()
@@ -261,6 +273,8 @@ def train_sft(
         if data.embeddings is None:
             raise ValueError("--text-init needs item_emb.npy in the data set")
         init_sid_embeddings(policy, data.embeddings)
+    if config.embed_dropout > 0:
+        add_embedding_dropout(policy, config.embed_dropout)
     encoded = [encode_sample(policy, s) for s in train_rows]
     lengths = [len(p) + len(t) for p, t in encoded]
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
@@ -282,7 +296,13 @@ def train_sft(
         "sft_config": asdict(config),
         "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
     }
-    log.info("SFT config %s; %d training rows, %d selection rows, %d steps", asdict(config), len(encoded), len(select_rows), total_steps)
+    log.info(
+        "SFT config %s; %d training rows, %d selection rows, %d steps",
+        asdict(config),
+        len(encoded),
+        len(select_rows),
+        total_steps,
+    )
 
     def validate() -> None:
         score = selection_score(policy, select_rows, train_rows, config.eval_beams)
@@ -293,13 +313,18 @@ def train_sft(
             if is_main():
                 save_checkpoint(out, policy, manifest | {"selection": state.history[-1]})
         if is_main():
-            save_checkpoint(resume_dir, policy, manifest, trainer_state={
-                "config": asdict(config),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "train_state": asdict(state),
-                "torch_rng": torch.get_rng_state(),
-            })
+            save_checkpoint(
+                resume_dir,
+                policy,
+                manifest,
+                trainer_state={
+                    "config": asdict(config),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "train_state": asdict(state),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
         barrier()
 
     start = time.perf_counter()

@@ -32,11 +32,11 @@ def test_every_output_is_a_catalog_sid_and_sorted(tiny_policy: Policy) -> None:
     ids, mask = tiny_policy.encode_prompts(histories(tiny_policy, 4, 0))
     res = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(30))
     assert res.sid_index.shape == (4, 30) and res.token_ids.shape == (4, 30, 3)
-    for row, scores, toks in zip(res.sid_index.tolist(), res.scores, res.token_ids):
+    for row, scores, toks in zip(res.sid_index.tolist(), res.scores, res.token_ids, strict=False):
         valid = [s for s in row if s >= 0]
         assert len(valid) == len(set(valid)) == 30
         assert torch.all(scores[:-1] >= scores[1:])
-        for s, t in zip(row, toks.tolist()):
+        for s, t in zip(row, toks.tolist(), strict=False):
             assert tuple(tiny_policy.tokenizer.convert_ids_to_tokens(t)) == tiny_policy.catalog.sids[s]
 
 

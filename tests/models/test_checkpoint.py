@@ -33,7 +33,9 @@ def test_overwrite_is_atomic_and_leaves_no_temp(tiny_policy: Policy, tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
-def test_failed_write_keeps_old_checkpoint(tiny_policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_keeps_old_checkpoint(
+    tiny_policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     save_checkpoint(tmp_path / "ck", tiny_policy, {"stage": "old"})
 
     def boom(*args: object, **kwargs: object) -> None:

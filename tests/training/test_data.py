@@ -76,7 +76,7 @@ def test_minionerec_layout(tiny_data_dir: Path, tmp_path: Path) -> None:
     base = tmp_path / "MiniOneRec" / "data" / "Amazon"
     for split in ("train", "valid", "test"):
         (base / split).mkdir(parents=True)
-        shutil.copy(tiny_data_dir / f"{split}.csv", base / split / f"Toys_5_2016-10-2018-11.csv")
+        shutil.copy(tiny_data_dir / f"{split}.csv", base / split / "Toys_5_2016-10-2018-11.csv")
     (base / "index").mkdir()
     shutil.copy(tiny_data_dir / "index.json", base / "index" / "Toys.index.json")
     shutil.copy(tiny_data_dir / "item.json", base / "index" / "Toys.item.json")

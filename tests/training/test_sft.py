@@ -71,7 +71,9 @@ def test_resume_continues_to_the_same_weights(tiny_dataset, tmp_path: Path, monk
     b = load_checkpoint(tmp_path / "part.resume").policy.model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(ValueError, match="different configuration"):
-        train_sft(tiny_dataset, tmp_path / "part", SFTConfig(**{**config.__dict__, "lr": 0.5}), resume=True, progress=False)
+        train_sft(
+            tiny_dataset, tmp_path / "part", SFTConfig(**{**config.__dict__, "lr": 0.5}), resume=True, progress=False
+        )
     with pytest.raises(ValueError, match="no interrupted run"):
         train_sft(tiny_dataset, tmp_path / "never", config, resume=True, progress=False)
 
@@ -79,10 +81,42 @@ def test_resume_continues_to_the_same_weights(tiny_dataset, tmp_path: Path, monk
 def test_cli_sft_then_eval_writes_contract_json(tiny_data_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     ck = tmp_path / "ck"
-    res = runner.invoke(app, ["sft", "--data", str(tiny_data_dir), "--out", str(ck), "--preset", "tiny", "--max-steps", "3", "--epochs", "1"])
+    res = runner.invoke(
+        app,
+        [
+            "sft",
+            "--data",
+            str(tiny_data_dir),
+            "--out",
+            str(ck),
+            "--preset",
+            "tiny",
+            "--max-steps",
+            "3",
+            "--epochs",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = tmp_path / "eval.json"
-    res = runner.invoke(app, ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(ck), "--split", "test", "--beams", "20", "--json", str(out), "--limit", "10"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--data",
+            str(tiny_data_dir),
+            "--checkpoint",
+            str(ck),
+            "--split",
+            "test",
+            "--beams",
+            "20",
+            "--json",
+            str(out),
+            "--limit",
+            "10",
+        ],
+    )
     assert res.exit_code == 0, res.output
     payload = json.loads(out.read_text())
     assert payload["rows"] == 10 and payload["seconds"] >= 0
@@ -96,5 +130,7 @@ def test_cli_errors_are_clear(tiny_data_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["sft", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "--data" in res.output
-    res = runner.invoke(app, ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "huge", "--max-steps", "1"])
+    res = runner.invoke(
+        app, ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "huge", "--max-steps", "1"]
+    )
     assert res.exit_code != 0 and "unknown preset" in str(res.exception)
