@@ -42,10 +42,10 @@ class Settings(BaseSettings):
     # --- request limits (the schemas' Field bounds)
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Larger request bodies get 413.")
     max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
-    default_k: int = Field(10, ge=1)
+    default_k: int = Field(10, ge=1, description="k when a request gives none.")
     max_request_history: int = Field(100, ge=1, description="Most history entries one request may carry.")
     max_events: int = Field(100, ge=1, description="Most events one POST may append.")
-    max_user_id_length: int = Field(128, ge=1)
+    max_user_id_length: int = Field(128, ge=1, description="User ids are 1..this many of [A-Za-z0-9_.@:-].")
     exclude_history_default: bool = Field(False, description="Drop items the user has, unless asked.")
 
     # --- VED
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(2.0, ge=0, description="How long the first request of a batch waits for company.")
 
     # --- logging
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="JSON logs on stderr.")
     access_log: bool = Field(True, description="One JSON line per request.")
 
     @model_validator(mode="after")
