@@ -59,7 +59,7 @@ from service.schemas import (
     RecommendResponse,
 )
 from service.settings import Settings
-from service.stores import RedisStore, Store
+from service.stores import Store
 
 log = logging.getLogger("service.recommender")
 
@@ -304,7 +304,7 @@ class Recommender:
         return ItemResponse(item_id=item.item_id, sid=sid_to_str(item.sid), title=item.title)
 
     async def readiness(self) -> Readiness:
-        if isinstance(self.store, RedisStore):
+        if self.store.kind == "redis":
             redis = "ok" if await self.store.ping() else "unreachable"
         else:
             redis = "not_configured"

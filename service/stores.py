@@ -122,11 +122,6 @@ class RedisStore(Store):
         self._down_until = 0.0  # monotonic time before which Redis is not tried
         self._healthy = True
 
-    @property
-    def healthy(self) -> bool:
-        """Whether the last Redis call succeeded."""
-        return self._healthy
-
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         if time.monotonic() < self._down_until:
             raise StoreUnavailable(f"Redis is unavailable ({what}); retrying in under {self.retry_after_s:g} s")

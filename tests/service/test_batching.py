@@ -1,6 +1,8 @@
 """Micro-batching: concurrent requests share a decode, and each gets what it would get alone.
 
-Also: the model runs off the event loop, so /healthz answers while a decode is busy.
+"Alone" is the app's own loaded model decoding that one history with the same
+config. Also: the model runs off the event loop, so /healthz answers while a
+decode is busy.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from fastapi.testclient import TestClient
@@ -28,14 +31,19 @@ def decode_alone(policy: Policy, history: list[int], k: int) -> tuple[list[str],
     return sids, res.scores[0][: len(sids)]
 
 
+def post_together(client: TestClient, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(client.post, "/recommend", json=b) for b in bodies]
+        return [f.result().json() for f in futures]
+
+
 def test_concurrent_requests_are_batched_and_equal_decoding_alone(
-    make_settings: Callable[..., Settings], tiny_policy: Policy, tiny_catalog: SidCatalog
+    make_settings: Callable[..., Settings], tiny_catalog: SidCatalog
 ) -> None:
     rng = random.Random(5)
     ids = sorted(tiny_catalog.items)
     histories = [[rng.choice(ids) for _ in range(rng.randrange(1, 12))] for _ in range(12)]
-    settings = make_settings(batch_max_size=16, batch_max_wait_ms=300, cache_ttl_s=0)
-    app = create_app(settings)
+    app = create_app(make_settings(batch_max_size=16, batch_max_wait_ms=300, cache_ttl_s=0))
     sizes: list[int] = []
     with TestClient(app) as c:
         batcher = app.state.recommender.batcher
@@ -46,34 +54,33 @@ def test_concurrent_requests_are_batched_and_equal_decoding_alone(
             return original(key, jobs)
 
         batcher.run = spy
-        with ThreadPoolExecutor(len(histories)) as pool:
-            futures = [pool.submit(c.post, "/recommend", json={"history": h, "k": 7}) for h in histories]
-            responses = [f.result().json() for f in futures]
+        responses = post_together(c, [{"history": h, "k": 7} for h in histories])
         assert "vstar_beam_batch_size_count" in c.get("/metrics").text
+        policy = app.state.recommender.policy
     assert max(sizes) > 1, f"no batch formed: {sizes}"
     assert sum(sizes) == len(histories)
     for history, body in zip(histories, responses, strict=True):
-        sids, scores = decode_alone(tiny_policy, history, 7)
+        sids, scores = decode_alone(policy, history, 7)
         got = [(it["sid"], it["score"]) for it in body["items"]]
         assert [sid for sid, _ in got] == sids, (history, got, scores.tolist())
-        torch.testing.assert_close(torch.tensor([it["score"] for it in body["items"]]), scores, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor([s for _, s in got]), scores, rtol=1e-5, atol=1e-5)
 
 
-def test_different_k_are_decoded_in_separate_groups(
-    make_settings: Callable[..., Settings], tiny_policy: Policy
-) -> None:
+def test_different_k_are_decoded_in_separate_groups(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings(batch_max_size=8, batch_max_wait_ms=300, cache_ttl_s=0))
-    with TestClient(app) as c, ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(c.post, "/recommend", json={"history": [3, 4], "k": k}) for k in (2, 5, 2, 5)]
-        responses = [f.result().json() for f in futures]
+    with TestClient(app) as c:
+        responses = post_together(c, [{"history": [3, 4], "k": k} for k in (2, 5, 2, 5)])
+        policy = app.state.recommender.policy
     for k, body in zip((2, 5, 2, 5), responses, strict=True):
-        assert [it["sid"] for it in body["items"]] == decode_alone(tiny_policy, [3, 4], k)[0]
+        assert [it["sid"] for it in body["items"]] == decode_alone(policy, [3, 4], k)[0]
 
 
-def test_unbatched_server_gives_the_same_answers(make_settings: Callable[..., Settings], tiny_policy: Policy) -> None:
-    with TestClient(create_app(make_settings(batch_max_size=1, cache_ttl_s=0))) as c:
+def test_unbatched_server_gives_the_same_answers(make_settings: Callable[..., Settings]) -> None:
+    app = create_app(make_settings(batch_max_size=1, cache_ttl_s=0))
+    with TestClient(app) as c:
         body = c.post("/recommend", json={"history": [11, 12, 13], "k": 6}).json()
-    assert [it["sid"] for it in body["items"]] == decode_alone(tiny_policy, [11, 12, 13], 6)[0]
+        policy = app.state.recommender.policy
+    assert [it["sid"] for it in body["items"]] == decode_alone(policy, [11, 12, 13], 6)[0]
 
 
 def test_health_answers_while_the_model_is_busy(make_settings: Callable[..., Settings]) -> None:
