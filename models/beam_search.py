@@ -6,7 +6,10 @@ order, same summed log-probabilities), which is how the public MiniOneRec code
 decodes, but does only the work that any such decode needs:
 
 * the prompts are prefilled once, B rows rather than HF's B*K copies, and the
-  cache is expanded to the beams afterwards;
+  beams never copy it: they decode as K query positions in their prompt's row
+  with a 4D "tree" attention mask (each beam sees the prompt and its own
+  ancestors), so there is no per-beam cache expansion and no reorder after
+  pruning (the same math as HF's B*K rows; masked keys weigh exactly 0);
 * validity comes from the trie's dense ``children`` table: a level's logits are
   gathered to that level's codebook columns, masked and ranked in one ``topk``
   over (K x codebook) per prompt, with no Python loop over beams or prompts;
@@ -121,6 +124,21 @@ def level_log_probs(logits: torch.Tensor, trie: SidTrie, level: int, nodes: torc
     return picked + trie.mask_bias.index_select(0, nodes)
 
 
+def tree_mask(prompt_bias: torch.Tensor, ancestors: torch.Tensor, eye_bias: torch.Tensor, neg: float) -> torch.Tensor:
+    """Additive 4D mask for one tree-attention step: (B, 1, K, T + L*K) for L = levels fed so far.
+
+    Query j sees the prompt's real positions, its ancestor's slot in each earlier
+    level's block of K, and its own slot (the diagonal) in the newest block.
+    """
+    b, k, done = ancestors.shape
+    parts = [prompt_bias[:, None, :].expand(b, k, -1)]
+    if done:
+        hit = torch.nn.functional.one_hot(ancestors, k).bool()  # (B, K, done, K)
+        parts.append(torch.zeros(hit.shape, dtype=eye_bias.dtype, device=eye_bias.device).masked_fill(~hit, neg).flatten(2))
+    parts.append(eye_bias.expand(b, k, k))
+    return torch.cat(parts, dim=-1)[:, None]
+
+
 @torch.inference_mode()
 def beam_search(
     model: PreTrainedModel,
@@ -145,20 +163,23 @@ def beam_search(
     nodes = trie.children[0, codes].clamp(min=0)  # (B, K)
     tokens = trie.level_token_ids[0, codes].unsqueeze(-1)  # (B, K, levels so far)
 
+    # Tree attention: the K beams of a prompt stay in the prompt's row as K query
+    # positions, each attending to the prompt and to its own ancestors only, so
+    # the prompt's cache is never copied per beam nor reordered after pruning.
     cache = pre.cache
-    cache.batch_repeat_interleave(k)
     t = attention_mask.shape[1]
-    full_mask = torch.cat(
-        [attention_mask.repeat_interleave(k, dim=0), attention_mask.new_ones((b * k, trie.depth - 1))], dim=1
-    )  # (B*K, T + depth - 1)
-    pos = pre.next_position.repeat_interleave(k)  # (B*K,)
-    batch_offset = (torch.arange(b, device=dev) * k)[:, None]  # (B, 1)
+    neg = torch.finfo(model.dtype).min
+    prompt_bias = torch.zeros((b, t), dtype=model.dtype, device=dev).masked_fill(attention_mask == 0, neg)
+    eye_bias = torch.full((k, k), neg, dtype=model.dtype, device=dev).fill_diagonal_(0.0)  # (K, K)
+    ancestors = torch.zeros((b, k, 0), dtype=torch.long, device=dev)  # slot of each earlier level's token
     for level in range(1, trie.depth):
+        mask = tree_mask(prompt_bias, ancestors, eye_bias, neg)  # (B, 1, K, T + level*K)
+        position = pre.next_position[:, None].expand(b, k) + level - 1  # (B, K)
         # rows of invalid beams (score -inf) carry token -1: feed any valid id, they stay -inf
-        logits, _ = decode_step(
-            model, cache, tokens[:, :, -1].reshape(-1).clamp(min=0), full_mask[:, : t + level], pos + level - 1
+        out = model(
+            input_ids=tokens[:, :, -1].clamp(min=0), attention_mask=mask, position_ids=position, cache=cache, use_cache=True
         )
-        cand = level_log_probs(logits, trie, level, nodes.reshape(-1))  # (B*K, C)
+        cand = level_log_probs(out.logits.reshape(b * k, -1), trie, level, nodes.reshape(-1))  # (B*K, C)
         cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)
         parent, codes = flat // c, flat % c
@@ -170,8 +191,7 @@ def beam_search(
             ],
             dim=-1,
         )
-        if level < trie.depth - 1:
-            cache.reorder_cache((parent + batch_offset).reshape(-1))
+        ancestors = torch.cat([ancestors.gather(1, parent.unsqueeze(-1).expand(-1, -1, level - 1)), parent[..., None]], -1)
 
     valid = torch.isfinite(scores)
     sid_index = torch.where(valid, trie.leaf_sid[nodes], -1)
