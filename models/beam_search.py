@@ -134,7 +134,8 @@ def tree_mask(prompt_bias: torch.Tensor, ancestors: torch.Tensor, eye_bias: torc
     parts = [prompt_bias[:, None, :].expand(b, k, -1)]
     if done:
         hit = torch.nn.functional.one_hot(ancestors, k).bool()  # (B, K, done, K)
-        parts.append(torch.zeros(hit.shape, dtype=eye_bias.dtype, device=eye_bias.device).masked_fill(~hit, neg).flatten(2))
+        block = torch.zeros(hit.shape, dtype=eye_bias.dtype, device=eye_bias.device).masked_fill(~hit, neg)
+        parts.append(block.flatten(2))
     parts.append(eye_bias.expand(b, k, k))
     return torch.cat(parts, dim=-1)[:, None]
 
@@ -176,9 +177,8 @@ def beam_search(
         mask = tree_mask(prompt_bias, ancestors, eye_bias, neg)  # (B, 1, K, T + level*K)
         position = pre.next_position[:, None].expand(b, k) + level - 1  # (B, K)
         # rows of invalid beams (score -inf) carry token -1: feed any valid id, they stay -inf
-        out = model(
-            input_ids=tokens[:, :, -1].clamp(min=0), attention_mask=mask, position_ids=position, cache=cache, use_cache=True
-        )
+        step_ids = tokens[:, :, -1].clamp(min=0)  # (B, K)
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
         cand = level_log_probs(out.logits.reshape(b * k, -1), trie, level, nodes.reshape(-1))  # (B*K, C)
         cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)
@@ -191,7 +191,8 @@ def beam_search(
             ],
             dim=-1,
         )
-        ancestors = torch.cat([ancestors.gather(1, parent.unsqueeze(-1).expand(-1, -1, level - 1)), parent[..., None]], -1)
+        inherited = ancestors.gather(1, parent.unsqueeze(-1).expand(-1, -1, level - 1))
+        ancestors = torch.cat([inherited, parent[..., None]], dim=-1)  # (B, K, level)
 
     valid = torch.isfinite(scores)
     sid_index = torch.where(valid, trie.leaf_sid[nodes], -1)
