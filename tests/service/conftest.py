@@ -9,6 +9,9 @@ port (``private_redis``) so they can stop and restart it.
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,6 @@ import redis
 from models.checkpoint import save_checkpoint
 from models.policy import Policy
 from service.settings import Settings
-from tests.service.redis_server import PrivateRedis
 
 REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
 
@@ -58,6 +60,46 @@ def make_settings(tiny_checkpoint: Path) -> Callable[..., Settings]:
     return make
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server on a free loopback port that a test may stop and start again."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
     binary = shutil.which("redis-server")
@@ -68,3 +110,9 @@ def private_redis() -> Iterator[PrivateRedis]:
     yield server
     if server.proc is not None:
         server.stop()
+
+
+@pytest.fixture
+def dead_redis_url() -> str:
+    """A Redis URL where nothing listens."""
+    return f"redis://127.0.0.1:{free_port()}/0"

@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.redis_server import PrivateRedis, free_port
+
+
+class RedisServer(Protocol):
+    """The ``private_redis`` fixture: a redis-server this test may stop and start."""
+
+    url: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
@@ -28,7 +38,7 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     return False
 
 
-def test_outage_and_recovery(make_settings: Callable[..., Settings], private_redis: PrivateRedis) -> None:
+def test_outage_and_recovery(make_settings: Callable[..., Settings], private_redis: RedisServer) -> None:
     settings = make_settings(redis_url=private_redis.url, redis_retry_after_s=0.1, redis_timeout_s=0.2)
     with TestClient(create_app(settings)) as c:
         assert c.post("/users/erin/events", json={"items": [1, 2]}).status_code == 200
@@ -60,9 +70,8 @@ def test_outage_and_recovery(make_settings: Callable[..., Settings], private_red
         assert c.post("/recommend", json={"user_id": "erin", "k": 3}).status_code == 200
 
 
-def test_starts_degraded_when_redis_is_down(make_settings: Callable[..., Settings]) -> None:
-    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    with TestClient(create_app(make_settings(redis_url=dead, redis_retry_after_s=0.05))) as c:
+def test_starts_degraded_when_redis_is_down(make_settings: Callable[..., Settings], dead_redis_url: str) -> None:
+    with TestClient(create_app(make_settings(redis_url=dead_redis_url, redis_retry_after_s=0.05))) as c:
         assert c.get("/readyz").json()["status"] == "degraded"
         t0 = time.perf_counter()
         for _ in range(5):
