@@ -13,13 +13,25 @@ margin only while it lasts. Requests whose deadline passed before the loop
 started (the anytime fallback) report nothing: their overrun is the initial
 tree's cost, which no earlier deadline can shorten, and counting it would push
 every later deadline in front of the loop.
+
+``InitialTreeCost`` is the other half: how long VED takes to answer from its
+initial tree (prefill, the initial beam tree with every node's value, ranking),
+per batch-size bucket (the next power of two). A request whose time left when
+the model thread picks it up is below that cost is answered by a plain beam
+search instead (the recommender's fallback), since VED could not even finish
+its initial tree in time. The cost is a baseline per bucket (the start value,
+replaced by the warm-up's own timing of the initial tree) raised by a high
+quantile of recent searches that stopped right after their initial tree: under
+load the tree costs more than it did at startup, and those reports say by how
+much; they expire after ``horizon_s``, like the margin's.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -53,3 +65,46 @@ class DeadlineMargin:
     def deadline(self, arrival: float, cap_ms: float) -> float:
         """A ``time.perf_counter()`` deadline for a request that arrived at ``arrival`` with ``cap_ms``."""
         return arrival + cap_ms / 1000 - self.margin_s()
+
+
+class InitialTreeCost:
+    def __init__(
+        self, start_s: float, quantile: float = 0.95, horizon_s: float = 30.0, window: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if start_s <= 0:
+            raise ValueError(f"start_s must be > 0, got {start_s}")
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        self.start_s, self.quantile, self.horizon_s, self.clock = start_s, quantile, horizon_s, clock
+        self._baseline: dict[int, float] = {}
+        self._reports: defaultdict[int, deque[tuple[float, float]]] = defaultdict(lambda: deque(maxlen=window))
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        """The least power of two >= ``batch``."""
+        return 1 << max(batch - 1, 0).bit_length()
+
+    def set_baseline(self, batch: int, seconds: float) -> None:
+        """A direct timing of the initial tree for ``batch`` prompts (the warm-up's), replacing the start value."""
+        with self._lock:
+            self._baseline[self.bucket(batch)] = seconds
+
+    def report(self, batch: int, seconds: float) -> None:
+        """Wall time of a search over ``batch`` prompts that stopped right after its initial tree."""
+        with self._lock:
+            self._reports[self.bucket(batch)].append((self.clock(), seconds))
+
+    def cost_s(self, batch: int) -> float:
+        """Seconds VED needs to answer ``batch`` prompts from its initial tree."""
+        b, now = self.bucket(batch), self.clock()
+        with self._lock:
+            baseline = self._baseline.get(b, self.start_s)
+            reports = self._reports[b]
+            while reports and now - reports[0][0] > self.horizon_s:
+                reports.popleft()
+            recent = [seconds for _, seconds in reports]
+        if not recent:
+            return baseline
+        return max(baseline, float(np.quantile(recent, self.quantile)))

@@ -29,6 +29,10 @@ class ServiceMetrics:
         )
         self.cache = Counter("vstar_cache_lookups", "Response cache lookups.", ["result"], registry=r)
         self.cap_hits = Counter("vstar_ved_cap_hits", "VED searches stopped by the latency cap.", registry=r)
+        self.ved_fallbacks = Counter(
+            "vstar_ved_fallbacks", "VED requests answered by the initial beam (too little time for the tree).",
+            registry=r,
+        )
         self.ved_tokens = Histogram(
             "vstar_ved_tokens_spent", "Tokens VED spent per request.",
             buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r,

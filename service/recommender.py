@@ -20,10 +20,17 @@ Design decisions:
   cap, less a margin learnt from how far past their deadlines earlier searches
   finished (``service.deadline``). Concurrent VED
   requests with the same k and budget share one batched search, which stops at
-  the earliest of their deadlines. A deadline that passes before the search
-  loop starts (a queue, a tiny cap) returns VED's initial beam tree, which
-  always holds k + extra complete SIDs. Results that hit the cap are not
-  cached: a later, unhurried request deserves the full search.
+  the earliest of their deadlines. Results that hit the cap are not cached: a
+  later, unhurried request deserves the full search.
+* The anytime fallback: VED's initial tree (a beam with every node, complete
+  SIDs included, run through the backbone and the value head) costs 2-2.5x a
+  plain beam search, so a request that could not see it finish is answered by
+  the initial beam alone: constrained beam search of width max(k + extra,
+  init_beams), ranked by log-prob, ``cap_hit`` true, ``fallback:
+  "initial_beam"`` in its stats. The decision is taken per job when the model
+  thread picks the batch up (queueing counts): time left below the learnt cost
+  of the initial tree (``InitialTreeCost``, timed at warm-up) means fallback.
+  A batch's fallbacks are decoded first, their deadlines being the nearest.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from models.sid_catalog import Sid, sid_to_str
 from models.value_head import ValueHead
 from models.ved import VEDConfig, VEDStats, resolve_budget, ved_search
 from service.batcher import MicroBatcher
-from service.deadline import DeadlineMargin
+from service.deadline import DeadlineMargin, InitialTreeCost
 from service.errors import InvalidInput, NotFound, StoreUnavailable
 from service.history import HistoryEvent, excluded_items, fully_excluded_sids, resolve_entries, resolve_stored
 from service.metrics import ServiceMetrics
@@ -76,6 +83,7 @@ class DecodeRow:
     scores: list[float]
     stats: VEDStats | None = None  # VED only
     deadline: float | None = None  # VED: the deadline the shared search ran under
+    fallback: bool = False  # VED: answered by the initial beam, not by the search
 
 
 class Recommender:
@@ -96,6 +104,7 @@ class Recommender:
         self.metrics = metrics
         self.max_prompt_history = self.policy.prompt.max_history
         self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
+        self.init_cost = InitialTreeCost(settings.ved_init_cost_ms / 1000)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vstar-model")
         self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
             self._decode, self.executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000, self._on_batch
@@ -109,6 +118,23 @@ class Recommender:
         for config in (BeamSearchConfig(self.settings.default_k), VEDConfig(num_candidates=self.settings.default_k)):
             rows = self._decode(config, [DecodeJob((first,))])
             assert rows[0].sid_index[0] >= 0, f"warm-up decode ({type(config).__name__}) returned no valid SID"
+        self._time_initial_tree()
+
+    def _time_initial_tree(self) -> None:
+        """Time VED's initial tree (a passed deadline stops it there) per batch bucket, on the longest prompts."""
+        config = VEDConfig(num_candidates=self.settings.default_k, deadline=0.0)
+        history = list(self.catalog.sids[: self.max_prompt_history])
+        batch = 1
+        while True:
+            ids, mask = self.policy.encode_prompts([history] * batch)
+            for _ in range(2):  # the first run pays one-off allocations; keep the second
+                started = time.perf_counter()
+                ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+                seconds = time.perf_counter() - started
+            self.init_cost.set_baseline(batch, seconds)
+            if batch >= self.settings.batch_max_size:
+                return
+            batch *= 2
 
     def start(self) -> None:
         self.batcher.start()
@@ -121,16 +147,46 @@ class Recommender:
     # ---- model thread
 
     def _decode(self, key: Hashable, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
-        ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
         if isinstance(key, BeamSearchConfig):
-            res = beam_search(self.policy.model, self.policy.trie, ids, mask, key)
-            return [DecodeRow(s, sc) for s, sc in zip(res.sid_index.tolist(), res.scores.tolist(), strict=True)]
+            return self._beam(key, jobs)
         assert isinstance(key, VEDConfig) and key.deadline is None
+        now, cost = time.perf_counter(), self.init_cost.cost_s(len(jobs))
+        late = [j.deadline is not None and j.deadline - now < cost for j in jobs]
+        fallen = [j for j, x in zip(jobs, late, strict=True) if x]
+        searched = [j for j, x in zip(jobs, late, strict=True) if not x]
+        beam_rows = iter(self._initial_beam(key, fallen) if fallen else [])  # first: their deadlines are nearest
+        ved_rows = iter(self._ved(key, searched) if searched else [])
+        return [next(beam_rows) if x else next(ved_rows) for x in late]
+
+    def _beam(self, config: BeamSearchConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
+        res = beam_search(self.policy.model, self.policy.trie, ids, mask, config)
+        return [DecodeRow(s, sc) for s, sc in zip(res.sid_index.tolist(), res.scores.tolist(), strict=True)]
+
+    def _ved(self, config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
         deadlines = [j.deadline for j in jobs if j.deadline is not None]
-        config = replace(key, deadline=min(deadlines, default=None))
+        config = replace(config, deadline=min(deadlines, default=None))
+        ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
+        started = time.perf_counter()
         out = ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+        if all(st.cap_hit and st.iterations == 0 for st in out.stats):  # it stopped right after its initial tree
+            self.init_cost.report(len(jobs), time.perf_counter() - started)
         rows = zip(out.decode.sid_index.tolist(), out.decode.scores.tolist(), out.stats, strict=True)
         return [DecodeRow(s, sc, st, config.deadline) for s, sc, st in rows]
+
+    def _initial_beam(self, config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        """The anytime fallback: VED's initial beam without the tree, with stats that say what was spent."""
+        trie = self.policy.trie
+        width = min(max(config.num_candidates, config.init_beams), len(self.catalog.sids))
+        kept = [min(width, int((trie.node_depth == d).sum())) for d in range(1, trie.depth + 1)]  # beams per level
+        rows = self._beam(BeamSearchConfig(width), jobs)
+        deadline = min(j.deadline for j in jobs if j.deadline is not None)
+        stats = VEDStats(
+            tokens_spent=sum(kept[:-1]), nodes=1 + sum(kept), max_depth=trie.depth, iterations=0, cap_hit=True,
+            budget=resolve_budget(config, trie.depth), init_tokens=sum(kept[:-1]), leaves=kept[-1],
+            stop_reason="deadline",
+        )
+        return [replace(row, stats=replace(stats), deadline=deadline, fallback=True) for row in rows]
 
     def _on_batch(self, key: Hashable, size: int) -> None:
         if isinstance(key, BeamSearchConfig):
@@ -198,8 +254,10 @@ class Recommender:
         self.metrics.ved_tokens.observe(stats.tokens_spent)
         if stats.cap_hit:
             self.metrics.cap_hits.inc()
+        if row.fallback:
+            self.metrics.ved_fallbacks.inc()
         search = {"tokens_spent": stats.tokens_spent, "nodes": stats.nodes, "max_depth": stats.max_depth,
-                  "iterations": stats.iterations}
+                  "iterations": stats.iterations, "fallback": "initial_beam" if row.fallback else None}
         return {"items": items, "cap_hit": stats.cap_hit, "search": search}
 
     def _rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[dict[str, Any]]:

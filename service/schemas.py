@@ -73,6 +73,10 @@ class SearchStats(BaseModel):
     nodes: int
     max_depth: int
     iterations: int
+    fallback: Literal["initial_beam"] | None = Field(
+        None, description="initial_beam: too little time was left for VED's initial tree, so a constrained beam "
+        "search of width max(k, init_beams) answered (scores are summed log-probabilities); null: VED ran.",
+    )
 
 
 class RecommendResponse(BaseModel):

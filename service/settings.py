@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         3.0, ge=0, description="Least time kept between VED's deadline and the cap (more is learnt: service.deadline)."
     )
 
+    ved_init_cost_ms: float = Field(
+        100.0, gt=0, description="VED's initial-tree cost assumed until measured (the warm-up times it "
+        "per batch size); a request with less time left gets the beam fallback.",
+    )
+
     # --- beam micro-batching
     batch_max_size: int = Field(32, ge=1, description="Most requests merged into one decode; 1 disables batching.")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="How long the first request of a batch waits for company.")

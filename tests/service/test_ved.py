@@ -16,9 +16,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from models.beam_search import BeamSearchConfig, beam_search
 from models.sid_catalog import sid_to_str
-from models.ved import VEDConfig, ved_search
+from models.ved import VEDConfig
 from service.app import create_app
+from service.deadline import InitialTreeCost
 from service.settings import Settings
 
 
@@ -42,16 +44,56 @@ def test_ved_returns_k_items_with_search_stats(client: TestClient) -> None:
     assert stats["tokens_spent"] > 0 and stats["nodes"] > stats["tokens_spent"] - 1 and stats["max_depth"] == 3
 
 
-def test_anytime_fallback_returns_the_initial_tree(app: FastAPI, client: TestClient) -> None:
-    """A cap that has passed before the search loop starts returns the initial beam tree's k SIDs."""
+def initial_beam_sids(app: FastAPI, items: list[int], width: int) -> list[str]:
+    """What beam search of ``width`` answers alone for the history ``items``."""
+    policy = app.state.recommender.policy
+    ids, mask = policy.encode_prompts([[policy.catalog.sid_of(i) for i in items]])
+    res = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width))
+    return [sid_to_str(policy.catalog.sids[i]) for i in res.ranked()[0]]
+
+
+def test_anytime_fallback_returns_the_initial_beam(app: FastAPI, client: TestClient) -> None:
+    """A cap that passes before VED could build its initial tree is answered by the initial beam alone."""
     body = client.post("/recommend", json={"history": [4, 5], "k": 7, "mode": "ved", "latency_ms": 1}).json()
-    assert body["cap_hit"] is True and body["search"]["iterations"] == 0 and len(body["items"]) == 7
-    rec = app.state.recommender
-    policy = rec.policy
-    ids, mask = policy.encode_prompts([[policy.catalog.sid_of(4), policy.catalog.sid_of(5)]])
-    initial = ved_search(policy.model, rec.value_head, policy.trie, ids, mask, VEDConfig(7, deadline=0.0))
-    expected = [sid_to_str(policy.catalog.sids[i]) for i in initial.decode.ranked()[0]]
-    assert [it["sid"] for it in body["items"]] == expected
+    assert body["cap_hit"] is True and len(body["items"]) == 7
+    stats = body["search"]
+    assert stats["fallback"] == "initial_beam" and stats["iterations"] == 0 and stats["max_depth"] == 3
+    assert stats["tokens_spent"] > 0 and stats["nodes"] > stats["tokens_spent"]
+    width = max(7, VEDConfig().init_beams)
+    assert [it["sid"] for it in body["items"]] == initial_beam_sids(app, [4, 5], width)[:7]
+
+
+def test_fallback_follows_the_learnt_initial_tree_cost(
+    app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below the learnt cost: the beam answer (and the width covers k); well above it: the full search."""
+    body = {"history": [8, 9], "k": 12, "mode": "ved", "latency_ms": 300}
+    monkeypatch.setattr(app.state.recommender, "init_cost", InitialTreeCost(start_s=5.0))
+    slow = client.post("/recommend", json=body).json()
+    assert slow["cap_hit"] is True and slow["search"]["fallback"] == "initial_beam"
+    assert [it["sid"] for it in slow["items"]] == initial_beam_sids(app, [8, 9], 12)
+    monkeypatch.setattr(app.state.recommender, "init_cost", InitialTreeCost(start_s=0.001))
+    fast = client.post("/recommend", json=body | {"latency_ms": 1000}).json()
+    assert fast["search"]["fallback"] is None and fast["search"]["iterations"] > 0 and len(fast["items"]) == 12
+
+
+def test_initial_tree_cost_learns_from_reports_and_forgets_them() -> None:
+    now = [100.0]
+    cost = InitialTreeCost(start_s=0.2, quantile=0.9, horizon_s=10.0, clock=lambda: now[0])
+    assert [cost.bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert cost.cost_s(1) == cost.cost_s(8) == 0.2  # nothing measured: the start value
+    cost.set_baseline(1, 0.03)
+    cost.set_baseline(5, 0.08)
+    assert cost.cost_s(1) == 0.03 and cost.cost_s(7) == 0.08 and cost.cost_s(16) == 0.2
+    for seconds in [0.04] * 9 + [0.06]:  # under load the tree took longer than at warm-up
+        cost.report(1, seconds)
+    assert 0.04 <= cost.cost_s(1) <= 0.06 and cost.cost_s(8) == 0.08  # other buckets are untouched
+    cost.report(1, 0.01)  # a fast report never takes the cost below the baseline
+    assert cost.cost_s(1) >= 0.04
+    now[0] += 10.5  # the reports expire: back to the warm-up's timing
+    assert cost.cost_s(1) == 0.03
+    with pytest.raises(ValueError):
+        InitialTreeCost(start_s=0)
 
 
 def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
