@@ -69,6 +69,7 @@ class CellResult:
     latencies_ms: list[float] = field(default_factory=list)
     server_ms: list[float] = field(default_factory=list)
     cap_hits: int = 0
+    fallbacks: int = 0  # VED answers from the initial beam (the anytime fallback)
     errors: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -178,6 +179,7 @@ async def run_cell(
                 result.latencies_ms.append(dt)
                 result.server_ms.append(body["server_time_ms"])
                 result.cap_hits += bool(body["cap_hit"])
+                result.fallbacks += bool(body["search"] and body["search"]["fallback"])
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(h) for h in https))
@@ -222,8 +224,9 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                         return {"history": histories.next(), "k": config.k, "mode": "ved", "latency_ms": cap}
 
                     cell = asyncio.run(run_cell(url, ved_body, clients, config))
-                    share = cell.cap_hits / len(cell.latencies_ms) if cell.latencies_ms else 0.0
-                    row = {"cap_ms": cap, "clients": clients, **cell.summary(), "cap_hit_share": round(share, 3)}
+                    n = max(len(cell.latencies_ms), 1)
+                    row = {"cap_ms": cap, "clients": clients, **cell.summary(),
+                           "cap_hit_share": round(cell.cap_hits / n, 3), "fallback_share": round(cell.fallbacks / n, 3)}
                     log_cell(f"ved cap={cap} ms clients={clients}", cell, row)
                     out["ved"].append(row)
     return out

@@ -23,7 +23,10 @@ its initial tree in time. The cost is a baseline per bucket (the start value,
 replaced by the warm-up's own timing of the initial tree) raised by a high
 quantile of recent searches that stopped right after their initial tree: under
 load the tree costs more than it did at startup, and those reports say by how
-much; they expire after ``horizon_s``, like the margin's.
+much; they expire after ``horizon_s``, like the margin's. They count only from
+``min_reports`` on: those reports only ever come from searches that ran over, so
+one stray spike would otherwise send every request of the next ``horizon_s`` to
+the fallback, and none of those would report again.
 """
 
 from __future__ import annotations
@@ -69,14 +72,15 @@ class DeadlineMargin:
 
 class InitialTreeCost:
     def __init__(
-        self, start_s: float, quantile: float = 0.95, horizon_s: float = 30.0, window: int = 64,
-        clock: Callable[[], float] = time.monotonic,
+        self, start_s: float, quantile: float = 0.9, horizon_s: float = 30.0, window: int = 64,
+        min_reports: int = 3, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if start_s <= 0:
             raise ValueError(f"start_s must be > 0, got {start_s}")
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         self.start_s, self.quantile, self.horizon_s, self.clock = start_s, quantile, horizon_s, clock
+        self.min_reports = min_reports
         self._baseline: dict[int, float] = {}
         self._reports: defaultdict[int, deque[tuple[float, float]]] = defaultdict(lambda: deque(maxlen=window))
         self._lock = threading.Lock()
@@ -105,6 +109,6 @@ class InitialTreeCost:
             while reports and now - reports[0][0] > self.horizon_s:
                 reports.popleft()
             recent = [seconds for _, seconds in reports]
-        if not recent:
+        if len(recent) < self.min_reports:
             return baseline
         return max(baseline, float(np.quantile(recent, self.quantile)))

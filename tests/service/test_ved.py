@@ -85,6 +85,10 @@ def test_initial_tree_cost_learns_from_reports_and_forgets_them() -> None:
     cost.set_baseline(1, 0.03)
     cost.set_baseline(5, 0.08)
     assert cost.cost_s(1) == 0.03 and cost.cost_s(7) == 0.08 and cost.cost_s(16) == 0.2
+    cost.report(1, 0.5)
+    cost.report(1, 0.5)
+    assert cost.cost_s(1) == 0.03  # two stray spikes do not count yet
+    now[0] += 10.5
     for seconds in [0.04] * 9 + [0.06]:  # under load the tree took longer than at warm-up
         cost.report(1, seconds)
     assert 0.04 <= cost.cost_s(1) <= 0.06 and cost.cost_s(8) == 0.08  # other buckets are untouched
