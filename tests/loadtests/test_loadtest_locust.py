@@ -72,8 +72,8 @@ def test_locustfile_lists_both_user_classes() -> None:
 @pytest.mark.slow
 def test_run_plan_against_a_stub(stub_url: str, tiny_data_dir: Path, tmp_path: Path) -> None:
     plan = LoadTestPlan(
-        host=stub_url, data=tiny_data_dir, out=tmp_path / "lt", users=(1,), duration_s=1, k=5, latency_ms=40,
-        event_share=0.2,
+        host=stub_url, data=tiny_data_dir, out=tmp_path / "lt", users=(1,), duration_s=2, k=5, latency_ms=40,
+        event_share=0.5,
     )  # fmt: skip
     points, paths = run_plan(plan, echo=lambda _: None)
     assert [(p.mode, p.users) for p in points] == [("beam", 1), ("ved", 1)]
