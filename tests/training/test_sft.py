@@ -11,7 +11,16 @@ from typer.testing import CliRunner
 
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
-from training.sft import SFTConfig, collate, encode_sample, split_for_training, train_sft
+from training.sft import (
+    SFTConfig,
+    add_embedding_dropout,
+    collate,
+    crop_histories,
+    encode_sample,
+    init_sid_embeddings,
+    split_for_training,
+    train_sft,
+)
 from vstar import app
 
 
@@ -134,3 +143,46 @@ def test_cli_errors_are_clear(tiny_data_dir: Path, tmp_path: Path) -> None:
         app, ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "huge", "--max-steps", "1"]
     )
     assert res.exit_code != 0 and "unknown preset" in str(res.exception)
+
+
+def test_crop_keeps_target_and_a_recent_suffix(tiny_dataset) -> None:
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog)
+    samples = [s for s in tiny_dataset.splits["train"] if len(s.history) > 3][:20]
+    rows = [encode_sample(policy, s) for s in samples]
+    cropped = crop_histories(policy, samples, range(len(samples)), rows, 1.0, (0, 0))
+    assert cropped == crop_histories(policy, samples, range(len(samples)), rows, 1.0, (0, 0))  # seeded
+    sep = policy.tokenizer.convert_tokens_to_ids("<sep>")
+    for (prompt, target), (full_prompt, full_target), s in zip(cropped, rows, samples, strict=True):
+        assert target == full_target and prompt[-1] == sep
+        kept = (len(prompt) - 1) // 3
+        assert 1 <= kept < len(s.history) and full_prompt[-len(prompt) :] == prompt  # a suffix of the history
+    assert crop_histories(policy, samples, range(len(samples)), rows, 0.0, (0, 0)) == rows
+
+
+def test_text_init_puts_similar_tokens_close(tiny_dataset) -> None:
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog, seed=0)
+    emb = tiny_dataset.embeddings.copy()
+    cat = tiny_dataset.catalog
+    first = [it.sid[0] for it in cat.items.values()]
+    emb[:] = [
+        [1.0, 0.0] + [0.0] * (emb.shape[1] - 2) if f == first[0] else [0.0, 1.0] + [0.0] * (emb.shape[1] - 2)
+        for f in first
+    ]
+    init_sid_embeddings(policy, emb)
+    table = policy.model.get_input_embeddings().weight
+    ids = policy.tokenizer.convert_tokens_to_ids(cat.tokens_of_level(0))
+    same = [i for i, t in zip(ids, cat.tokens_of_level(0), strict=True) if t != first[0]]
+    assert torch.allclose(table[same[0]], table[same[1]], atol=1e-5)  # identical text -> identical init
+    assert not torch.allclose(table[same[0]], table[policy.tokenizer.convert_tokens_to_ids(first[0])], atol=1e-3)
+
+
+def test_embedding_dropout_only_while_training(tiny_dataset) -> None:
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog, seed=0)
+    add_embedding_dropout(policy, 0.5)
+    ids, mask = policy.encode_prompts([[tiny_dataset.catalog.sids[0]]])
+    policy.model.eval()
+    a, b = (policy.model(input_ids=ids, attention_mask=mask).logits for _ in range(2))
+    assert torch.equal(a, b)
+    policy.model.train()
+    c, d = (policy.model(input_ids=ids, attention_mask=mask).logits for _ in range(2))
+    assert not torch.equal(c, d)
