@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from training.data import RecDataset
-from training.distributed import barrier, is_main, require_global_batch, shard, weighted_mean
+from training.distributed import is_main, require_global_batch, shard, weighted_mean
 from training.rl import RLConfig, RLTrainer
 from training.rollout import require_module
-from training.sft import SFTConfig, epoch_batches, seed_everything, selection_score, split_for_training
+from training.sft import (
+    SFTConfig,
+    TrainState,
+    epoch_batches,
+    seed_everything,
+    select_and_save,
+    split_for_training,
+)
 from training.value_io import load_value_head, new_value_head, value_head_manifest
 
 log = logging.getLogger(__name__)
@@ -50,15 +57,6 @@ LOGGED = (
     "reward_mean", "nonzero_adv_share", "reward_std", "distinct", "reachability", "value_loss", "tokens_per_prompt",
     "kl", "seconds",
 )  # fmt: skip
-
-
-@dataclass
-class RLState:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best: tuple[float, float] = (-1.0, -1.0)
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def check_modules(config: RLConfig) -> None:
@@ -119,10 +117,10 @@ def train_rl(
         )
     total_steps = config.max_steps or math.ceil(len(train_rows) / config.batch_size) * config.epochs
     trainer = RLTrainer(policy, reference, config, total_steps, value_head, data.embeddings)
-    state = RLState()
+    state = TrainState()
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state["trainer"])
-        state = RLState(**trainer_state["state"])
+        state = TrainState(**trainer_state["state"])
         torch.set_rng_state(trainer_state["torch_rng"])
         if is_main():
             kept = (
@@ -150,29 +148,15 @@ def train_rl(
     )
 
     def validate() -> None:
-        score = selection_score(policy, select_rows, train_rows, config.eval_beams)
-        state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
-        log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
         extras = {"value_head": value_head.state_dict()} if value_head is not None else {}
-        if state.step > 0 and score > state.best:
-            state.best = score
-            if is_main():
-                save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
-        if is_main():
-            save_checkpoint(
-                resume_dir,
-                policy,
-                manifest,
-                extras,
-                trainer_state={
-                    "config": asdict(config),
-                    "init": str(init),
-                    "trainer": trainer.state_dict(),
-                    "state": asdict(state),
-                    "torch_rng": torch.get_rng_state(),
-                },
-            )
-        barrier()
+        # step 0 scores the SFT model for the log; it is never selected as the RL result
+        select_and_save(policy, state, select_rows, train_rows, config.eval_beams, out, resume_dir, manifest, lambda: {
+            "config": asdict(config),
+            "init": str(init),
+            "trainer": trainer.state_dict(),
+            "state": asdict(state),
+            "torch_rng": torch.get_rng_state(),
+        }, extras, selectable=state.step > 0)  # fmt: skip
 
     if trainer_state is None:
         validate()

@@ -29,7 +29,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,33 @@ def selection_score(
     return m["HR@10"], m["NDCG@10"]
 
 
+def select_and_save(
+    policy: Policy,
+    state: TrainState,
+    select_rows: Sequence[Sample],
+    train_rows: Sequence[Sample],
+    eval_beams: int,
+    out: Path,
+    resume_dir: Path,
+    manifest: dict[str, Any],
+    trainer_state: Callable[[], dict[str, Any]],
+    extras: dict[str, dict[str, torch.Tensor]] | None = None,
+    selectable: bool = True,
+) -> None:
+    """One validation of SFT or RL: score the selection rows, keep the best model at ``out``
+    (when ``selectable``) and the latest state at ``resume_dir``; rank 0 writes, all ranks wait."""
+    score = selection_score(policy, select_rows, train_rows, eval_beams)
+    state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
+    log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
+    if selectable and score > state.best:
+        state.best = score
+        if is_main():
+            save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
+    if is_main():
+        save_checkpoint(resume_dir, policy, manifest, extras, trainer_state=trainer_state())
+    barrier()
+
+
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
@@ -305,27 +332,13 @@ def train_sft(
     )
 
     def validate() -> None:
-        score = selection_score(policy, select_rows, train_rows, config.eval_beams)
-        state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
-        log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
-        if score > state.best:
-            state.best = score
-            if is_main():
-                save_checkpoint(out, policy, manifest | {"selection": state.history[-1]})
-        if is_main():
-            save_checkpoint(
-                resume_dir,
-                policy,
-                manifest,
-                trainer_state={
-                    "config": asdict(config),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "train_state": asdict(state),
-                    "torch_rng": torch.get_rng_state(),
-                },
-            )
-        barrier()
+        select_and_save(policy, state, select_rows, train_rows, config.eval_beams, out, resume_dir, manifest, lambda: {
+            "config": asdict(config),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "train_state": asdict(state),
+            "torch_rng": torch.get_rng_state(),
+        })  # fmt: skip
 
     start = time.perf_counter()
     model.train()
