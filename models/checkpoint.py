@@ -97,6 +97,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "model_version": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
             "prompt": policy.prompt.to_dict(),
+            "tokenizer_class": type(policy.tokenizer).__name__,
             "extras": sorted(extras or {}),
             "versions": {
                 "torch": torch.__version__,
@@ -149,9 +150,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
         prompt = PromptFormat(**manifest["prompt"])
-        # The SID-only tokenizer must be read as saved: AutoTokenizer would pick
-        # the architecture's tokenizer class (Qwen2's) and drop its word-level model.
-        tokenizer_cls = AutoTokenizer if prompt.text_template else PreTrainedTokenizerFast
+        # Load with the class that saved it: AutoTokenizer would pick the architecture's
+        # class (Qwen2's) and drop the word-level model of the SID-only tokenizer.
+        tokenizer_cls = getattr(transformers, str(manifest.get("tokenizer_class")), None)
+        if tokenizer_cls is None:
+            tokenizer_cls = AutoTokenizer if prompt.text_template else PreTrainedTokenizerFast
         tokenizer = tokenizer_cls.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {folder}: cannot load model or tokenizer: {e}") from None

@@ -1,0 +1,64 @@
+"""``--base-model``: a local pretrained causal LM gets the SID tokens, a text prompt, and round-trips.
+
+The "pretrained" LM is a tiny Qwen2 with a word-level text tokenizer, saved to a
+folder the way a downloaded checkpoint would be; nothing is fetched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from models.beam_search import BeamSearchConfig, beam_search
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.policy import Policy
+from models.sid_catalog import SidCatalog
+from training.sft import SFTConfig, train_sft
+
+
+@pytest.fixture(scope="module")
+def text_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    words = ["<unk>", "<eos>", "The", "user", "bought", "these", "items", "in", "order:", "next", "item", "is:"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, max_position_embeddings=128, eos_token_id=1,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("text_lm")
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_sid_tokens_added_and_prompt_uses_them(text_lm: Path, tiny_catalog: SidCatalog) -> None:
+    policy = Policy.from_pretrained_lm(str(text_lm), tiny_catalog)
+    vocab = tiny_catalog.vocabulary()
+    ids = policy.tokenizer.convert_tokens_to_ids(vocab)
+    assert len(set(ids)) == len(vocab) and min(ids) >= 12  # new ids, one per SID token
+    assert policy.model.get_input_embeddings().weight.shape[0] >= len(policy.tokenizer)
+    history = [tiny_catalog.sids[0], tiny_catalog.sids[5]]
+    tokens = policy.tokenizer.convert_ids_to_tokens(policy.prompt.encode(policy.tokenizer, history))
+    assert [t for t in tokens if t in set(vocab)] == [*history[0], *history[1]]
+    ids, mask = policy.encode_prompts([history])
+    res = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(5))
+    assert all(0 <= s < len(tiny_catalog.sids) for s in res.sid_index[0].tolist())
+
+
+def test_checkpoint_round_trip_and_sft(text_lm: Path, tiny_dataset, tmp_path: Path) -> None:
+    policy = Policy.from_pretrained_lm(str(text_lm), tiny_dataset.catalog)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "ck", policy)).policy
+    history = [[tiny_dataset.catalog.sids[1]]]
+    a = beam_search(policy.model, policy.trie, *policy.encode_prompts(history), BeamSearchConfig(4))
+    b = beam_search(loaded.model, loaded.trie, *loaded.encode_prompts(history), BeamSearchConfig(4))
+    assert torch.equal(a.sid_index, b.sid_index)
+    config = SFTConfig(base_model=str(text_lm), max_steps=2, batch_size=8, lr=1e-3, eval_limit=8)
+    summary = train_sft(tiny_dataset, tmp_path / "sft", config, progress=False)
+    assert summary["steps"] == 2
+    assert load_checkpoint(tmp_path / "sft").policy.prompt.text_template
