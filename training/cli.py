@@ -32,6 +32,8 @@ SplitsOpt = Annotated[
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training rows.")]
 StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")]
+SummaryOpt = Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
 
 
@@ -156,10 +158,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.Option("--embed-dropout", min=0.0, max=0.99, help="Dropout on input embeddings while training."),
         ] = 0.0,
         device: DeviceOpt = "cpu",
-        resume: Annotated[
-            bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")
-        ] = False,
-        json_out: Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")] = None,
+        resume: ResumeOpt = False,
+        json_out: SummaryOpt = None,
     ) -> None:
         """Supervised next-SID training; keeps the best checkpoint by validation HR@10."""
         from training.data import parse_splits

@@ -25,9 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from models.beam_search import BeamSearchConfig, beam_search, prompt_position_ids
+from models.beam_search import BeamSearchConfig, beam_search, decode_step, prefill
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy, pad_left
 from models.sid_catalog import Sid
@@ -35,30 +34,16 @@ from models.sid_catalog import Sid
 
 @torch.inference_mode()
 def forward_floor(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, k: int) -> None:
-    model, trie = policy.model, policy.trie
-    b = ids.shape[0]
-    cache = DynamicCache(config=model.config)
-    model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=prompt_position_ids(mask),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache.batch_repeat_interleave(k)
+    """The floor: beam search's own prefill and cached steps on B*K rows, without any search."""
+    trie, b = policy.trie, ids.shape[0]
+    pre = prefill(policy.model, ids, mask)
+    pre.cache.batch_repeat_interleave(k)
     step_mask = mask.repeat_interleave(k, dim=0)
-    pos = mask.sum(-1).repeat_interleave(k)
+    pos = pre.next_position.repeat_interleave(k)
     for level in range(1, trie.depth):
         step_mask = torch.cat([step_mask, step_mask.new_ones((b * k, 1))], dim=1)
         tok = trie.level_token_ids[level - 1].clamp(min=0)[:1].expand(b * k)
-        model(
-            input_ids=tok[:, None],
-            attention_mask=step_mask,
-            position_ids=(pos + level - 1)[:, None],
-            cache=cache,
-            use_cache=True,
-        )
+        decode_step(policy.model, pre.cache, tok, step_mask, pos + level - 1)
 
 
 def sample_histories(policy: Policy, n: int, length: int, seed: int) -> list[list[Sid]]:

@@ -17,10 +17,12 @@ from training.cli import (
     DeviceOpt,
     EpochsOpt,
     NameOpt,
+    ResumeOpt,
     RootOpt,
     SeedOpt,
     SplitsOpt,
     StepsOpt,
+    SummaryOpt,
     load_data,
     run_training,
     setup_logging,
@@ -64,10 +66,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         ] = 500,
         seed: SeedOpt = 0,
         device: DeviceOpt = "cpu",
-        resume: Annotated[
-            bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")
-        ] = False,
-        json_out: Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")] = None,
+        resume: ResumeOpt = False,
+        json_out: SummaryOpt = None,
     ) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
         from training.data import parse_splits
