@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from models.sid_catalog import Sid, SidCatalog
-from models.sid_tokenizer import TEXT_TEMPLATE, PromptFormat, add_sid_tokens, build_sid_tokenizer
+from models.sid_tokenizer import TEXT_TEMPLATE, PromptFormat, add_sid_tokens, build_sid_tokenizer, prompt_vocabulary
 from models.sid_trie import SidTrie
 
 
@@ -83,10 +83,13 @@ class Policy:
         return self
 
     @classmethod
-    def from_preset(cls, name: str, catalog: SidCatalog, seed: int = 0, max_history: int = 10) -> Policy:
+    def from_preset(
+        cls, name: str, catalog: SidCatalog, seed: int = 0, max_history: int = 10, item_tokens: bool = False
+    ) -> Policy:
         preset = preset_config(name)
-        tokenizer = build_sid_tokenizer(catalog.vocabulary())
-        max_positions = 3 * max_history + 64
+        prompt = PromptFormat(max_history=max_history, item_tokens=item_tokens)
+        tokenizer = build_sid_tokenizer(prompt_vocabulary(catalog, item_tokens))
+        max_positions = prompt.tokens_per_item * max_history + 64
         config = Qwen2Config(
             vocab_size=len(tokenizer),
             hidden_size=preset.hidden_size,
@@ -103,15 +106,17 @@ class Policy:
         )
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
-        return cls(model, tokenizer, catalog, PromptFormat(max_history=max_history))
+        return cls(model, tokenizer, catalog, prompt)
 
     @classmethod
-    def from_pretrained_lm(cls, path: str, catalog: SidCatalog, max_history: int = 10) -> Policy:
+    def from_pretrained_lm(
+        cls, path: str, catalog: SidCatalog, max_history: int = 10, item_tokens: bool = False
+    ) -> Policy:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        add_sid_tokens(tokenizer, catalog.vocabulary())
+        add_sid_tokens(tokenizer, prompt_vocabulary(catalog, item_tokens))
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         model.resize_token_embeddings(len(tokenizer))
-        return cls(model, tokenizer, catalog, PromptFormat(max_history, TEXT_TEMPLATE))
+        return cls(model, tokenizer, catalog, PromptFormat(max_history, TEXT_TEMPLATE, item_tokens))
 
     def encode_prompts(self, histories: Sequence[Sequence[Sid]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and attention mask for a batch of SID histories."""

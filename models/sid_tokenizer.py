@@ -21,10 +21,20 @@ from dataclasses import asdict, dataclass
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from models.sid_catalog import Sid
+from models.sid_catalog import Sid, SidCatalog
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "unk_token": "<unk>", "sep_token": "<sep>"}
 TEXT_TEMPLATE = "The user bought these items in order: {history}.\nThe next item is: "
+
+
+def item_token(sid: Sid) -> str:
+    """The prompt-only token naming one whole SID: ``<a_30><b_191><c_20>`` -> ``<item_30_191_20>``."""
+    return "<item_" + "_".join(tok[3:-1] for tok in sid) + ">"
+
+
+def prompt_vocabulary(catalog: SidCatalog, item_tokens: bool) -> list[str]:
+    """The SID tokens, level by level, then (with ``item_tokens``) one token per distinct SID."""
+    return catalog.vocabulary() + ([item_token(sid) for sid in catalog.sids] if item_tokens else [])
 
 
 def build_sid_tokenizer(sid_tokens: Sequence[str]) -> PreTrainedTokenizerFast:
@@ -50,21 +60,31 @@ class PromptFormat:
     """How a history becomes a prompt.
 
     ``max_history`` keeps the most recent items (MiniOneRec's windows hold at
-    most 10); ``text_template`` is empty for the SID-only tokenizer.
+    most 10); ``text_template`` is empty for the SID-only tokenizer. With
+    ``item_tokens`` every history item is followed by its whole-SID token
+    (``item_token``): the three level tokens are shared by many items, so the
+    prompt also names the item itself, as an item-ID model would. Those tokens
+    only ever appear in prompts; decoders generate level tokens alone.
     """
 
     max_history: int = 10
     text_template: str = ""
+    item_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
 
+    @property
+    def tokens_per_item(self) -> int:
+        return 4 if self.item_tokens else 3
+
     def render(self, history: Sequence[Sid]) -> str:
         recent = history[-self.max_history :]
+        words = ["".join(sid) + (item_token(sid) if self.item_tokens else "") for sid in recent]
         if not self.text_template:
-            return "".join("".join(sid) for sid in recent) + "<sep>"
-        return self.text_template.format(history=", ".join("".join(sid) for sid in recent))
+            return "".join(words) + "<sep>"
+        return self.text_template.format(history=", ".join(words))
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, history: Sequence[Sid]) -> list[int]:
         return list(tokenizer(self.render(history), add_special_tokens=False)["input_ids"])

@@ -136,7 +136,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         holdout: Annotated[
             int,
             typer.Option(
-                "--holdout", min=1, help="Most recent valid rows held out for model selection when valid is trained on."
+                "--holdout",
+                min=0,
+                help="Most recent valid rows held out for model selection when valid is trained on "
+                "(0: train on all of valid and keep the last model, e.g. to refit with an epoch count chosen before).",
             ),
         ] = 500,
         eval_every: Annotated[
@@ -157,6 +160,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             float,
             typer.Option("--embed-dropout", min=0.0, max=0.99, help="Dropout on input embeddings while training."),
         ] = 0.0,
+        item_tokens: Annotated[
+            bool,
+            typer.Option("--item-tokens", help="Follow each history item in the prompt by a whole-SID token."),
+        ] = False,
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
         json_out: SummaryOpt = None,
@@ -181,6 +188,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             crop_prob=crop_prob,
             text_init=text_init,
             embed_dropout=embed_dropout,
+            item_tokens=item_tokens,
         )
         run_training(lambda dev: train_sft(ds, out, config, device=dev, resume=resume), device, json_out)
 

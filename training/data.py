@@ -24,13 +24,14 @@ import ast
 import csv
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from models.sid_catalog import Item, SidCatalog, parse_sid
+from models.sid_catalog import Item, SidCatalog, parse_sid, sid_to_str
 
 SPLITS = ("train", "valid", "test")
 COLUMNS = ("user_id", "history_item_title", "item_title", "history_item_id", "item_id", "history_item_sid", "item_sid")
@@ -70,6 +71,17 @@ class RecDataset:
             h.update(key.encode())
             h.update(self.files[key].read_bytes())
         return h.hexdigest()
+
+
+def popular_sids(catalog: SidCatalog, samples: Sequence[Sample], limit: int = 1000) -> list[tuple[str, int]]:
+    """(SID, count) of the SIDs most often a training target, most frequent first (ties: catalog order).
+
+    Checkpoints record it; the service answers from it when even the cheapest
+    model answer would miss a request's hard latency cap.
+    """
+    counts = Counter(catalog.sid_index[catalog.sid_of(s.target)] for s in samples)
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))[:limit]
+    return [(sid_to_str(catalog.sids[i]), counts[i]) for i in ranked]
 
 
 def parse_splits(text: str) -> list[str]:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
-from training.data import RecDataset
+from training.data import RecDataset, popular_sids
 from training.distributed import is_main, require_global_batch, shard, weighted_mean
 from training.rl import RLConfig, RLTrainer
 from training.rollout import require_module
@@ -136,6 +136,7 @@ def train_rl(
         "rl_config": asdict(config),
         "init": str(init),
         "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
+        "popular_sids": popular_sids(data.catalog, train_rows),
     }
     if value_head is not None:
         manifest["value_head"] = value_head_manifest(value_head)

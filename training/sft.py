@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
-from training.data import RecDataset, Sample
+from models.sid_tokenizer import item_token
+from training.data import RecDataset, Sample, popular_sids
 from training.distributed import (
     barrier,
     fork_rng,
@@ -79,6 +80,7 @@ class SFTConfig:
     crop_prob: float = 0.0  # chance a training row's history is cut to a random recent suffix (each step)
     text_init: bool = False  # initialise SID token embeddings from the items' text embeddings
     embed_dropout: float = 0.0  # dropout on the input embeddings (Qwen2 has attention dropout only)
+    item_tokens: bool = False  # follow each history item in the prompt by its whole-SID token
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -155,7 +157,8 @@ def add_embedding_dropout(policy: Policy, p: float) -> None:
 def init_sid_embeddings(policy: Policy, item_emb: np.ndarray) -> None:
     """Set each SID token's input embedding to the mean text embedding of its items, projected by PCA.
 
-    The projection keeps the top principal directions of those token means and
+    Whole-SID item tokens, when the prompt has them, get the mean of their own
+    items the same way. The projection keeps the top principal directions of those token means and
     rescales them to the embedding matrix's current std, so training starts with
     semantically close tokens close together instead of random.
     """
@@ -165,6 +168,10 @@ def init_sid_embeddings(policy: Policy, item_emb: np.ndarray) -> None:
         for token in cat.tokens_of_level(level):
             items = [i for i, it in cat.items.items() if it.sid[level] == token]
             token_ids.append(policy.tokenizer.convert_tokens_to_ids(token))
+            means.append(item_emb[items].mean(axis=0))
+    if policy.prompt.item_tokens:
+        for sid, items in zip(cat.sids, cat.items_of_sid, strict=True):
+            token_ids.append(policy.tokenizer.convert_tokens_to_ids(item_token(sid)))
             means.append(item_emb[items].mean(axis=0))
     x = torch.tensor(np.stack(means), dtype=torch.float32)
     x = x - x.mean(dim=0, keepdim=True)
@@ -217,7 +224,15 @@ def select_and_save(
     selectable: bool = True,
 ) -> None:
     """One validation of SFT or RL: score the selection rows, keep the best model at ``out``
-    (when ``selectable``) and the latest state at ``resume_dir``; rank 0 writes, all ranks wait."""
+    (when ``selectable``) and the latest state at ``resume_dir``; rank 0 writes, all ranks wait.
+    With no selection rows the latest model is kept at ``out``."""
+    if not select_rows:  # nothing held out (a refit): the latest model is the one to keep
+        state.history.append({"step": state.step, "epoch": state.epoch})
+        if is_main():
+            save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
+            save_checkpoint(resume_dir, policy, manifest, extras, trainer_state=trainer_state())
+        barrier()
+        return
     score = selection_score(policy, select_rows, train_rows, eval_beams)
     state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
     log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
@@ -277,6 +292,7 @@ def train_sft(
     resume_dir = out.parent / f"{out.name}.resume"
     require_global_batch(config.batch_size)
     seed_everything(config.seed)
+    torch.set_flush_denormal(True)  # CPU: denormal gradients and Adam moments can slow a step tenfold
     train_rows, select_rows = split_for_training(data, config)
     if not train_rows:
         raise ValueError("no training rows: check --train-splits")
@@ -292,9 +308,13 @@ def train_sft(
         if trainer_state is None or trainer_state.get("config") != asdict(config):
             raise ValueError(f"--resume: {resume_dir} was written with a different configuration")
     elif config.base_model:
-        policy = Policy.from_pretrained_lm(config.base_model, data.catalog, config.max_history).to(device)
+        policy = Policy.from_pretrained_lm(
+            config.base_model, data.catalog, config.max_history, config.item_tokens
+        ).to(device)
     else:
-        policy = Policy.from_preset(config.preset, data.catalog, config.seed, config.max_history).to(device)
+        policy = Policy.from_preset(
+            config.preset, data.catalog, config.seed, config.max_history, config.item_tokens
+        ).to(device)
 
     if config.text_init and not resume:
         if data.embeddings is None:
@@ -322,6 +342,7 @@ def train_sft(
         "stage": "sft",
         "sft_config": asdict(config),
         "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
+        "popular_sids": popular_sids(data.catalog, train_rows),
     }
     log.info(
         "SFT config %s; %d training rows, %d selection rows, %d steps",

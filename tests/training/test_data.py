@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from training.data import COLUMNS, DataError, load_dataset, load_minionerec, parse_splits
+from models.sid_catalog import sid_to_str
+from training.data import COLUMNS, DataError, Sample, load_dataset, load_minionerec, parse_splits, popular_sids
 
 
 def copy_data(src: Path, dst: Path) -> Path:
@@ -100,3 +101,11 @@ def test_shared_industrial_loads(shared_dataset) -> None:
     assert sum(len(i) for i in shared) == 31  # items sharing a SID, per the data set's stats.json
     assert max(len(s.history) for s in ds.splits["test"]) == 10
     assert json.loads((Path(ds.files["index"]).parent / "stats.json").read_text())["items"] == 3686
+
+
+def test_popular_sids_counts_training_targets_per_sid(tiny_dataset) -> None:
+    cat = tiny_dataset.catalog
+    a, b = cat.items_of_sid[4][0], cat.items_of_sid[1][0]
+    rows = [Sample("u", (1,), a), Sample("v", (2,), b), Sample("w", (3,), a)]
+    assert popular_sids(cat, rows) == [(sid_to_str(cat.sids[4]), 2), (sid_to_str(cat.sids[1]), 1)]
+    assert popular_sids(cat, rows, limit=1) == [(sid_to_str(cat.sids[4]), 2)]

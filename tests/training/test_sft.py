@@ -186,3 +186,30 @@ def test_embedding_dropout_only_while_training(tiny_dataset) -> None:
     policy.model.train()
     c, d = (policy.model(input_ids=ids, attention_mask=mask).logits for _ in range(2))
     assert not torch.equal(c, d)
+
+
+def test_holdout_zero_trains_on_all_of_valid_and_keeps_the_last(tiny_dataset, tmp_path: Path) -> None:
+    config = SFTConfig(preset="tiny", max_steps=3, batch_size=64, train_splits=("train", "valid"), holdout=0)
+    train, select = split_for_training(tiny_dataset, config)
+    assert len(train) == 200 + 40 and select == []
+    summary = train_sft(tiny_dataset, tmp_path / "refit", config, progress=False)
+    assert summary["selection_rows"] == 0 and summary["history"][-1] == {"step": 3, "epoch": 0}
+    saved = load_checkpoint(tmp_path / "refit")
+    assert saved.manifest["selection"]["step"] == 3
+
+
+def test_text_init_covers_item_tokens(tiny_dataset) -> None:
+    from models.sid_tokenizer import item_token
+
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog, seed=0, item_tokens=True)
+    cat = tiny_dataset.catalog
+    emb = tiny_dataset.embeddings.copy()
+    emb[:] = 0.0
+    emb[cat.items_of_sid[0], 0] = 1.0  # only SID 0's items differ
+    table = policy.model.get_input_embeddings().weight
+    before = table.detach().clone()
+    init_sid_embeddings(policy, emb)
+    ids = policy.tokenizer.convert_tokens_to_ids([item_token(s) for s in cat.sids[:3]])
+    assert not torch.equal(table[ids], before[ids])  # initialised
+    assert torch.allclose(table[ids[1]], table[ids[2]], atol=1e-5)  # same text mean -> same init
+    assert not torch.allclose(table[ids[0]], table[ids[1]], atol=1e-3)
