@@ -3,9 +3,10 @@
 VED checks its deadline before each step, so a search stopped by the deadline
 still finishes the step it is in, then ranks its leaves, and the response is
 serialised after that. How long that tail takes depends on the machine, the
-batch and the load, so it is learnt rather than guessed: every request whose
-search loop ran and was stopped by its deadline reports how far past the
-deadline its response was ready; the next deadline is set earlier by a high
+batch and the load, so it is learnt rather than guessed: every search whose
+loop ran and was stopped by its deadline reports how far past the deadline it
+finished (the model thread reports it, so it counts even when the hard cap
+answered the request from popularity meanwhile); the next deadline is set earlier by a high
 quantile of the recent reports (never less than the static ``ved_margin_ms``).
 
 Reports expire after ``horizon_s``, so a burst of load on the machine raises the

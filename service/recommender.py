@@ -31,10 +31,22 @@ Design decisions:
   thread picks the batch up (queueing counts): time left below the learnt cost
   of the initial tree (``InitialTreeCost``, timed at warm-up) means fallback.
   A batch's fallbacks are decoded first, their deadlines being the nearest.
+* The hard cap: a VED request waits for its decode until ``cap - ved_respond_ms``
+  at most. If the model thread has not answered by then (queued behind other
+  batches, or a search that ran too far past its deadline), it is answered from
+  the checkpoint's popularity list (its most frequent training targets,
+  ``popular_sids``), with ``fallback: "popular"``; the abandoned job is dropped
+  from the queue, or its result discarded. So a VED answer never misses its cap
+  by more than the HTTP round trip, and the share of such answers says how often
+  the machine was too slow for the cap asked (``vstar bench serve`` reports it).
+* Overruns are reported to the deadline margin by the model thread, when the
+  search ends, so the margin learns from searches whose request the hard cap
+  already answered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -47,7 +59,7 @@ from typing import Any
 
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import LoadedCheckpoint
-from models.sid_catalog import Sid, sid_to_str
+from models.sid_catalog import Sid, parse_sid, sid_to_str
 from models.value_head import ValueHead
 from models.ved import VEDConfig, VEDStats, resolve_budget, ved_search
 from service.batcher import MicroBatcher
@@ -105,10 +117,24 @@ class Recommender:
         self.max_prompt_history = self.policy.prompt.max_history
         self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
         self.init_cost = InitialTreeCost(settings.ved_init_cost_ms / 1000)
+        self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vstar-model")
         self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
             self._decode, self.executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000, self._on_batch
         )
+
+    def _prior_order(self, popular: Sequence[Sequence[Any]]) -> tuple[list[int], list[float]]:
+        """Every catalog SID index with a popularity log-probability: the checkpoint's training-target
+        counts (``popular_sids``), add-half smoothed over the whole catalog; most popular first."""
+        counts: dict[int, int] = {}
+        for sid, count in popular:
+            idx = self.catalog.sid_index.get(tuple(parse_sid(sid)))
+            if idx is not None:
+                counts[idx] = counts.get(idx, 0) + int(count)
+        n = len(self.catalog.sids)
+        total = sum(counts.values()) + 0.5 * n
+        order = sorted(range(n), key=lambda i: (-counts.get(i, 0), i))
+        return order, [math.log((counts.get(i, 0) + 0.5) / total) for i in order]
 
     # ---- lifecycle
 
@@ -170,8 +196,14 @@ class Recommender:
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
         started = time.perf_counter()
         out = ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+        finished = time.perf_counter()
         if all(st.cap_hit and st.iterations == 0 for st in out.stats):  # it stopped right after its initial tree
-            self.init_cost.report(len(jobs), time.perf_counter() - started)
+            self.init_cost.report(len(jobs), finished - started)
+        elif config.deadline is not None and any(st.cap_hit and st.iterations > 0 for st in out.stats):
+            # the loop ran and the deadline stopped it: learn how far past the deadline it finished. Reported
+            # here, not by the request, so it is learnt even when the hard cap answered that request already.
+            self.deadline_margin.report(finished - config.deadline)
+            self.metrics.ved_margin.set(self.deadline_margin.margin_s())
         rows = zip(out.decode.sid_index.tolist(), out.decode.scores.tolist(), out.stats, strict=True)
         return [DecodeRow(s, sc, st, config.deadline) for s, sc, st in rows]
 
@@ -244,14 +276,18 @@ class Recommender:
             resolve_budget(config, self.catalog.depth)
         except ValueError as e:
             raise InvalidInput("budget", f"{e} (k={req.k})") from None
-        deadline = self.deadline_margin.deadline(started, req.cap_ms(self.settings))
-        row = await self.batcher.submit(config, DecodeJob(history, deadline))
+        cap_ms = req.cap_ms(self.settings)
+        deadline = self.deadline_margin.deadline(started, cap_ms)
+        answer_by = started + (cap_ms - self.settings.ved_respond_ms) / 1000
+        try:
+            row = await asyncio.wait_for(
+                self.batcher.submit(config, DecodeJob(history, deadline)), max(answer_by - time.perf_counter(), 0.0)
+            )
+        except asyncio.TimeoutError:  # not even the initial beam in time: the hard cap wins
+            return self._prior_answer(excluded, req.k)
         stats = row.stats
         assert stats is not None and row.deadline is not None
         items = self._rank(row, excluded, req.k)
-        if stats.cap_hit and stats.iterations > 0:  # the loop ran and the deadline stopped it
-            self.deadline_margin.report(time.perf_counter() - row.deadline)
-            self.metrics.ved_margin.set(self.deadline_margin.margin_s())
         self.metrics.ved_tokens.observe(stats.tokens_spent)
         if stats.cap_hit:
             self.metrics.cap_hits.inc()
@@ -260,6 +296,15 @@ class Recommender:
         search = {"tokens_spent": stats.tokens_spent, "nodes": stats.nodes, "max_depth": stats.max_depth,
                   "iterations": stats.iterations, "fallback": "initial_beam" if row.fallback else None}
         return {"items": items, "cap_hit": stats.cap_hit, "search": search}
+
+    def _prior_answer(self, excluded: frozenset[int], k: int) -> dict[str, Any]:
+        """The last resort of the hard cap: the most popular training targets, no model work at all."""
+        self.metrics.cap_hits.inc()
+        self.metrics.ved_fallbacks.inc()
+        self.metrics.ved_tokens.observe(0)
+        row = DecodeRow(*self.prior)
+        search = {"tokens_spent": 0, "nodes": 0, "max_depth": 0, "iterations": 0, "fallback": "popular"}
+        return {"items": self._rank(row, excluded, k), "cap_hit": True, "search": search}
 
     def _rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

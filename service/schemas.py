@@ -73,9 +73,11 @@ class SearchStats(BaseModel):
     nodes: int
     max_depth: int
     iterations: int
-    fallback: Literal["initial_beam"] | None = Field(
+    fallback: Literal["initial_beam", "popular"] | None = Field(
         None, description="initial_beam: too little time was left for VED's initial tree, so a constrained beam "
-        "search of width max(k, init_beams) answered (scores are summed log-probabilities); null: VED ran.",
+        "search of width max(k, init_beams) answered (scores are summed log-probabilities); popular: not even "
+        "that could finish within the cap, so the most frequent training targets answered (scores are their "
+        "smoothed log-frequencies); null: VED ran.",
     )
 
 

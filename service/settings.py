@@ -53,9 +53,13 @@ class Settings(BaseSettings):
     ved_max_latency_ms: int = Field(1000, ge=1, description="Largest latency_ms a request may ask for.")
     ved_max_budget: int = Field(4096, ge=1, description="Largest VED token budget a request may ask for.")
     ved_margin_ms: float = Field(
-        3.0, ge=0, description="Least time kept between VED's deadline and the cap (more is learnt: service.deadline)."
+        5.0, ge=0, description="Least time kept between VED's deadline and the cap (more is learnt: service.deadline)."
     )
 
+    ved_respond_ms: float = Field(
+        2.0, ge=0, description="Time kept after VED's last chance to answer for sending the response: a request "
+        "whose decode has not finished by cap - this is answered from the popularity list (the hard cap).",
+    )
     ved_init_cost_ms: float = Field(
         100.0, gt=0, description="VED's initial-tree cost assumed until measured (the warm-up times it "
         "per batch size); a request with less time left gets the beam fallback.",
