@@ -5,7 +5,8 @@ loopback port, once with micro-batching and once without, and is driven by N
 concurrent ``httpx`` clients, each sending its next request as soon as the last
 one is answered (closed loop). Per cell it records client-side latency (what a
 caller sees: HTTP and JSON included), p50/p99, throughput, and for VED the share
-of answers that hit the cap.
+of answers that hit the cap, answered by the initial beam (the anytime
+fallback) and answered from popularity (the hard cap).
 
 Decisions:
 
@@ -70,6 +71,7 @@ class CellResult:
     server_ms: list[float] = field(default_factory=list)
     cap_hits: int = 0
     fallbacks: int = 0  # VED answers from the initial beam (the anytime fallback)
+    popular: int = 0  # VED answers from the popularity list (the hard cap: no model answer in time)
     errors: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -179,7 +181,9 @@ async def run_cell(
                 result.latencies_ms.append(dt)
                 result.server_ms.append(body["server_time_ms"])
                 result.cap_hits += bool(body["cap_hit"])
-                result.fallbacks += bool(body["search"] and body["search"]["fallback"])
+                fallback = body["search"] and body["search"]["fallback"]
+                result.fallbacks += fallback == "initial_beam"
+                result.popular += fallback == "popular"
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(h) for h in https))
@@ -226,7 +230,8 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                     cell = asyncio.run(run_cell(url, ved_body, clients, config))
                     n = max(len(cell.latencies_ms), 1)
                     row = {"cap_ms": cap, "clients": clients, **cell.summary(),
-                           "cap_hit_share": round(cell.cap_hits / n, 3), "fallback_share": round(cell.fallbacks / n, 3)}
+                           "cap_hit_share": round(cell.cap_hits / n, 3), "fallback_share": round(cell.fallbacks / n, 3),
+                           "popular_share": round(cell.popular / n, 3)}
                     log_cell(f"ved cap={cap} ms clients={clients}", cell, row)
                     out["ved"].append(row)
     return out

@@ -27,8 +27,11 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
         assert set(row) == {"clients", "batching", "p50_ms", "p99_ms", "rps"}
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["rps"] > 0
     (ved,) = out["ved"]
-    assert set(ved) == {"cap_ms", "clients", "p50_ms", "p99_ms", "rps", "cap_hit_share", "fallback_share"}
-    assert ved["cap_ms"] == 50 and ved["clients"] == 2 and 0 <= ved["fallback_share"] <= ved["cap_hit_share"] <= 1
+    assert set(ved) == {
+        "cap_ms", "clients", "p50_ms", "p99_ms", "rps", "cap_hit_share", "fallback_share", "popular_share"
+    }
+    assert ved["cap_ms"] == 50 and ved["clients"] == 2
+    assert 0 <= ved["fallback_share"] + ved["popular_share"] <= ved["cap_hit_share"] <= 1
 
 
 def test_bench_config_is_bounded() -> None:
