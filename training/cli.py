@@ -145,6 +145,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         eval_every: Annotated[
             int, typer.Option("--eval-every", min=0, help="Steps between validations (0: each epoch).")
         ] = 0,
+        eval_limit: Annotated[
+            int, typer.Option("--eval-limit", min=1, help="Selection rows decoded at each validation (the first N).")
+        ] = 1000,
         seed: SeedOpt = 0,
         crop_prob: Annotated[
             float,
@@ -159,6 +162,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         embed_dropout: Annotated[
             float,
             typer.Option("--embed-dropout", min=0.0, max=0.99, help="Dropout on input embeddings while training."),
+        ] = 0.0,
+        hidden_dropout: Annotated[
+            float,
+            typer.Option(
+                "--hidden-dropout", min=0.0, max=0.99, help="Residual dropout on each layer's attention and MLP outputs."
+            ),
         ] = 0.0,
         item_tokens: Annotated[
             bool,
@@ -184,11 +193,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             train_splits=tuple(parse_splits(train_splits)),
             holdout=holdout,
             eval_every=eval_every,
+            eval_limit=eval_limit,
             seed=seed,
             crop_prob=crop_prob,
             text_init=text_init,
             embed_dropout=embed_dropout,
             item_tokens=item_tokens,
+            hidden_dropout=hidden_dropout,
         )
         run_training(lambda dev: train_sft(ds, out, config, device=dev, resume=resume), device, json_out)
 

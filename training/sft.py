@@ -81,6 +81,7 @@ class SFTConfig:
     text_init: bool = False  # initialise SID token embeddings from the items' text embeddings
     embed_dropout: float = 0.0  # dropout on the input embeddings (Qwen2 has attention dropout only)
     item_tokens: bool = False  # follow each history item in the prompt by its whole-SID token
+    hidden_dropout: float = 0.0  # residual dropout on every layer's attention and MLP outputs
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -95,6 +96,8 @@ class SFTConfig:
             raise ValueError("training on the test split is not allowed")
         if not 0 <= self.embed_dropout < 1:
             raise ValueError(f"embed_dropout must be in [0, 1), got {self.embed_dropout}")
+        if not 0 <= self.hidden_dropout < 1:
+            raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}")
         if not 0 <= self.crop_prob <= 1:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
 
@@ -151,6 +154,26 @@ def add_embedding_dropout(policy: Policy, p: float) -> None:
         return torch.nn.functional.dropout(output, p, module.training)
 
     policy.model.get_input_embeddings().register_forward_hook(hook)
+
+
+def add_residual_dropout(policy: Policy, p: float) -> None:
+    """Dropout on each decoder layer's attention and MLP outputs before they join the residual stream
+    (GPT-2 / BERT's residual dropout; Qwen2 has none), as forward hooks: the checkpoint is unchanged."""
+
+    def on_attention(module: torch.nn.Module, inputs: object, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (torch.nn.functional.dropout(output[0], p, module.training), *output[1:])
+        return torch.nn.functional.dropout(output, p, module.training)
+
+    def on_mlp(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(output, p, module.training)
+
+    layers = getattr(getattr(policy.model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers):
+        raise ValueError(f"--hidden-dropout: {type(policy.model).__name__} has no model.layers[i].self_attn / .mlp")
+    for layer in layers:
+        layer.self_attn.register_forward_hook(on_attention)
+        layer.mlp.register_forward_hook(on_mlp)
 
 
 @torch.no_grad()
@@ -322,6 +345,8 @@ def train_sft(
         init_sid_embeddings(policy, data.embeddings)
     if config.embed_dropout > 0:
         add_embedding_dropout(policy, config.embed_dropout)
+    if config.hidden_dropout > 0:
+        add_residual_dropout(policy, config.hidden_dropout)
     encoded = [encode_sample(policy, s) for s in train_rows]
     lengths = [len(p) + len(t) for p, t in encoded]
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)

@@ -213,3 +213,17 @@ def test_text_init_covers_item_tokens(tiny_dataset) -> None:
     assert not torch.equal(table[ids], before[ids])  # initialised
     assert torch.allclose(table[ids[1]], table[ids[2]], atol=1e-5)  # same text mean -> same init
     assert not torch.allclose(table[ids[0]], table[ids[1]], atol=1e-3)
+
+
+def test_residual_dropout_only_while_training(tiny_dataset) -> None:
+    from training.sft import add_residual_dropout
+
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog, seed=0)
+    ids, mask = policy.encode_prompts([[tiny_dataset.catalog.sids[0], tiny_dataset.catalog.sids[1]]])
+    policy.model.eval()
+    before = policy.model(input_ids=ids, attention_mask=mask).logits
+    add_residual_dropout(policy, 0.5)
+    assert torch.equal(policy.model(input_ids=ids, attention_mask=mask).logits, before)  # eval: untouched
+    policy.model.train()
+    c, d = (policy.model(input_ids=ids, attention_mask=mask).logits for _ in range(2))
+    assert not torch.equal(c, d)
