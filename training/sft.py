@@ -423,7 +423,7 @@ def train_sft(
     if last_validated != state.step:
         validate()
     return {
-        "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]},
+        "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,  # None: a refit
         "steps": state.step,
         "seconds": round(time.perf_counter() - start, 1),
         "history": state.history,

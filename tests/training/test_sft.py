@@ -194,6 +194,7 @@ def test_holdout_zero_trains_on_all_of_valid_and_keeps_the_last(tiny_dataset, tm
     assert len(train) == 200 + 40 and select == []
     summary = train_sft(tiny_dataset, tmp_path / "refit", config, progress=False)
     assert summary["selection_rows"] == 0 and summary["history"][-1] == {"step": 3, "epoch": 0}
+    assert summary["best"] is None
     saved = load_checkpoint(tmp_path / "refit")
     assert saved.manifest["selection"]["step"] == 3
 
