@@ -12,6 +12,13 @@ Design decisions:
   valid split is itself trained on (``--train-splits train,valid``), the last
   ``holdout`` rows of valid (the most recent ones) are held out of training and
   used for selection instead; test is never looked at.
+* ``--holdout 0`` trains on all of valid and keeps the last model: the refit,
+  once the configuration and epoch count were chosen on a held-out run.
+* Regularisers for this small-data regime, each a forward hook so checkpoints
+  are unchanged: dropout on the input embeddings and residual dropout on every
+  layer's attention and MLP outputs (Qwen2 has attention dropout only), plus
+  history cropping. ``--item-tokens`` adds a whole-SID token per history item
+  to the prompt (``models.sid_tokenizer``).
 * The best model goes to ``--out``; the latest state (weights, optimizer,
   scheduler, position in the data) to ``<out>.resume`` after each validation,
   so ``--resume`` continues an interrupted run. Both writes are atomic.
