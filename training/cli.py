@@ -166,7 +166,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         hidden_dropout: Annotated[
             float,
             typer.Option(
-                "--hidden-dropout", min=0.0, max=0.99, help="Residual dropout on each layer's attention and MLP outputs."
+                "--hidden-dropout", min=0.0, max=0.99, help="Residual dropout on each layer's attention and MLP output."
             ),
         ] = 0.0,
         item_tokens: Annotated[

@@ -228,3 +228,8 @@ def test_residual_dropout_only_while_training(tiny_dataset) -> None:
     policy.model.train()
     c, d = (policy.model(input_ids=ids, attention_mask=mask).logits for _ in range(2))
     assert not torch.equal(c, d)
+
+
+def test_denormal_flushing_is_scoped_to_training(tiny_dataset, tmp_path: Path) -> None:
+    train_sft(tiny_dataset, tmp_path / "s", SFTConfig(preset="tiny", max_steps=1, eval_limit=4), progress=False)
+    assert torch.tensor(1e-40, dtype=torch.float32).item() != 0.0  # denormals work again afterwards
