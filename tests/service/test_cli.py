@@ -24,11 +24,12 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
     out = bench_serve(tiny_checkpoint, config)
     assert [(r["clients"], r["batching"]) for r in out["beam"]] == [(1, True), (3, True), (1, False), (3, False)]
     for row in out["beam"]:
-        assert set(row) == {"clients", "batching", "p50_ms", "p99_ms", "rps"}
+        assert set(row) == {"clients", "batching", "p50_ms", "p99_ms", "rps", "server_p50_ms", "server_p99_ms"}
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["rps"] > 0
     (ved,) = out["ved"]
     assert set(ved) == {
-        "cap_ms", "clients", "p50_ms", "p99_ms", "rps", "cap_hit_share", "fallback_share", "popular_share"
+        "cap_ms", "clients", "p50_ms", "p99_ms", "rps", "server_p50_ms", "server_p99_ms",
+        "cap_hit_share", "fallback_share", "popular_share",
     }
     assert ved["cap_ms"] == 50 and ved["clients"] == 2
     assert 0 <= ved["fallback_share"] + ved["popular_share"] <= ved["cap_hit_share"] <= 1
