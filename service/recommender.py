@@ -94,7 +94,6 @@ class DecodeRow:
     sid_index: list[int]  # ranked catalog SID indices, -1 where no valid SID
     scores: list[float]
     stats: VEDStats | None = None  # VED only
-    deadline: float | None = None  # VED: the deadline the shared search ran under
     fallback: bool = False  # VED: answered by the initial beam, not by the search
 
 
@@ -205,7 +204,7 @@ class Recommender:
             self.deadline_margin.report(finished - config.deadline)
             self.metrics.ved_margin.set(self.deadline_margin.margin_s())
         rows = zip(out.decode.sid_index.tolist(), out.decode.scores.tolist(), out.stats, strict=True)
-        return [DecodeRow(s, sc, st, config.deadline) for s, sc, st in rows]
+        return [DecodeRow(s, sc, st) for s, sc, st in rows]
 
     def _initial_beam(self, config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
         """The anytime fallback: VED's initial beam without the tree, with stats that say what was spent."""
@@ -213,13 +212,12 @@ class Recommender:
         width = min(max(config.num_candidates, config.init_beams), len(self.catalog.sids))
         kept = [min(width, int((trie.node_depth == d).sum())) for d in range(1, trie.depth + 1)]  # beams per level
         rows = self._beam(BeamSearchConfig(width), jobs)
-        deadline = min(j.deadline for j in jobs if j.deadline is not None)
         stats = VEDStats(
             tokens_spent=sum(kept[:-1]), nodes=1 + sum(kept), max_depth=trie.depth, iterations=0, cap_hit=True,
             budget=resolve_budget(config, trie.depth), init_tokens=sum(kept[:-1]), leaves=kept[-1],
             stop_reason="deadline",
         )
-        return [replace(row, stats=replace(stats), deadline=deadline, fallback=True) for row in rows]
+        return [replace(row, stats=replace(stats), fallback=True) for row in rows]
 
     def _on_batch(self, key: Hashable, size: int) -> None:
         if isinstance(key, BeamSearchConfig):
@@ -286,7 +284,7 @@ class Recommender:
         except asyncio.TimeoutError:  # not even the initial beam in time: the hard cap wins
             return self._prior_answer(excluded, req.k)
         stats = row.stats
-        assert stats is not None and row.deadline is not None
+        assert stats is not None
         items = self._rank(row, excluded, req.k)
         self.metrics.ved_tokens.observe(stats.tokens_spent)
         if stats.cap_hit:
