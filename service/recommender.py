@@ -122,7 +122,7 @@ class Recommender:
             self._decode, self.executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000, self._on_batch
         )
 
-    def _prior_order(self, popular: Sequence[Sequence[Any]]) -> tuple[list[int], list[float]]:
+    def _prior_order(self, popular: Sequence[Sequence[Any]]) -> DecodeRow:
         """Every catalog SID index with a popularity log-probability: the checkpoint's training-target
         counts (``popular_sids``), add-half smoothed over the whole catalog; most popular first."""
         counts: dict[int, int] = {}
@@ -133,7 +133,7 @@ class Recommender:
         n = len(self.catalog.sids)
         total = sum(counts.values()) + 0.5 * n
         order = sorted(range(n), key=lambda i: (-counts.get(i, 0), i))
-        return order, [math.log((counts.get(i, 0) + 0.5) / total) for i in order]
+        return DecodeRow(order, [math.log((counts.get(i, 0) + 0.5) / total) for i in order])
 
     # ---- lifecycle
 
@@ -300,9 +300,8 @@ class Recommender:
         self.metrics.cap_hits.inc()
         self.metrics.ved_fallbacks.inc()
         self.metrics.ved_tokens.observe(0)
-        row = DecodeRow(*self.prior)
         search = {"tokens_spent": 0, "nodes": 0, "max_depth": 0, "iterations": 0, "fallback": "popular"}
-        return {"items": self._rank(row, excluded, k), "cap_hit": True, "search": search}
+        return {"items": self._rank(self.prior, excluded, k), "cap_hit": True, "search": search}
 
     def _rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

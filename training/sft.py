@@ -155,33 +155,33 @@ def crop_histories(
     return out
 
 
-def add_embedding_dropout(policy: Policy, p: float) -> None:
-    """Dropout on the token embeddings while training: a forward hook, so nothing changes in the checkpoint."""
+def dropout_hook(p: float) -> Callable[[torch.nn.Module, object, Any], Any]:
+    """A forward hook applying dropout to a module's output (the first element of a tuple output)
+    while the module trains; hooks leave the checkpoint unchanged."""
 
-    def hook(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.dropout(output, p, module.training)
-
-    policy.model.get_input_embeddings().register_forward_hook(hook)
-
-
-def add_residual_dropout(policy: Policy, p: float) -> None:
-    """Dropout on each decoder layer's attention and MLP outputs before they join the residual stream
-    (GPT-2 / BERT's residual dropout; Qwen2 has none), as forward hooks: the checkpoint is unchanged."""
-
-    def on_attention(module: torch.nn.Module, inputs: object, output: Any) -> Any:
+    def hook(module: torch.nn.Module, inputs: object, output: Any) -> Any:
         if isinstance(output, tuple):
             return (torch.nn.functional.dropout(output[0], p, module.training), *output[1:])
         return torch.nn.functional.dropout(output, p, module.training)
 
-    def on_mlp(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.dropout(output, p, module.training)
+    return hook
 
+
+def add_embedding_dropout(policy: Policy, p: float) -> None:
+    """Dropout on the token embeddings while training."""
+    policy.model.get_input_embeddings().register_forward_hook(dropout_hook(p))
+
+
+def add_residual_dropout(policy: Policy, p: float) -> None:
+    """Dropout on each decoder layer's attention and MLP outputs before they join the residual stream
+    (GPT-2 / BERT's residual dropout; Qwen2 has none)."""
     layers = getattr(getattr(policy.model, "model", None), "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers):
         raise ValueError(f"--hidden-dropout: {type(policy.model).__name__} has no model.layers[i].self_attn / .mlp")
+    hook = dropout_hook(p)
     for layer in layers:
-        layer.self_attn.register_forward_hook(on_attention)
-        layer.mlp.register_forward_hook(on_mlp)
+        layer.self_attn.register_forward_hook(hook)
+        layer.mlp.register_forward_hook(hook)
 
 
 @torch.no_grad()
