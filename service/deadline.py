@@ -15,19 +15,19 @@ started (the anytime fallback) report nothing: their overrun is the initial
 tree's cost, which no earlier deadline can shorten, and counting it would push
 every later deadline in front of the loop.
 
-``InitialTreeCost`` is the other half: how long VED takes to answer from its
+``BatchCost`` is the other half: how long one kind of decode takes for a batch,
+per batch-size bucket (the next power of two). The recommender keeps two: VED's
 initial tree (prefill, the initial beam tree with every node's value, ranking),
-per batch-size bucket (the next power of two). A request whose time left when
-the model thread picks it up is below that cost is answered by a plain beam
-search instead (the recommender's fallback), since VED could not even finish
-its initial tree in time. The cost is a baseline per bucket (the start value,
-replaced by the warm-up's own timing of the initial tree) raised by a high
-quantile of recent searches that stopped right after their initial tree: under
-load the tree costs more than it did at startup, and those reports say by how
-much; they expire after ``horizon_s``, like the margin's. They count only from
-``min_reports`` on: those reports only ever come from searches that ran over, so
-one stray spike would otherwise send every request of the next ``horizon_s`` to
-the fallback, and none of those would report again.
+below whose cost a request is answered by a plain beam search instead (the
+anytime fallback), and that initial beam itself, below whose cost the request
+is not decoded at all (it is answered from popularity at once: load shedding).
+The cost is a baseline per bucket (the start value, replaced by the warm-up's
+own timing) raised by a high quantile of recent reports: under load a decode
+costs more than it did at startup, and the reports say by how much; they expire
+after ``horizon_s``, like the margin's. They count only from ``min_reports`` on:
+the initial tree's reports only ever come from searches that ran over, so one
+stray spike would otherwise send every request of the next ``horizon_s`` to the
+fallback, and none of those would report again.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class DeadlineMargin:
         return arrival + cap_ms / 1000 - self.margin_s()
 
 
-class InitialTreeCost:
+class BatchCost:
     def __init__(
         self, start_s: float, quantile: float = 0.9, horizon_s: float = 30.0, window: int = 64,
         min_reports: int = 3, clock: Callable[[], float] = time.monotonic,
@@ -92,17 +92,17 @@ class InitialTreeCost:
         return 1 << max(batch - 1, 0).bit_length()
 
     def set_baseline(self, batch: int, seconds: float) -> None:
-        """A direct timing of the initial tree for ``batch`` prompts (the warm-up's), replacing the start value."""
+        """A direct timing of the decode for ``batch`` prompts (the warm-up's), replacing the start value."""
         with self._lock:
             self._baseline[self.bucket(batch)] = seconds
 
     def report(self, batch: int, seconds: float) -> None:
-        """Wall time of a search over ``batch`` prompts that stopped right after its initial tree."""
+        """Wall time of a decode of ``batch`` prompts."""
         with self._lock:
             self._reports[self.bucket(batch)].append((self.clock(), seconds))
 
     def cost_s(self, batch: int) -> float:
-        """Seconds VED needs to answer ``batch`` prompts from its initial tree."""
+        """Seconds the decode needs for ``batch`` prompts."""
         b, now = self.bucket(batch), self.clock()
         with self._lock:
             baseline = self._baseline.get(b, self.start_s)

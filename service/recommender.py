@@ -29,14 +29,20 @@ Design decisions:
   init_beams), ranked by log-prob, ``cap_hit`` true, ``fallback:
   "initial_beam"`` in its stats. The decision is taken per job when the model
   thread picks the batch up (queueing counts): time left below the learnt cost
-  of the initial tree (``InitialTreeCost``, timed at warm-up) means fallback.
+  of the initial tree (``BatchCost``, timed at warm-up) means fallback.
   A batch's fallbacks are decoded first, their deadlines being the nearest.
+* Load shedding: before that, the model thread keeps only the jobs that can
+  still be answered before their hard cap (below): the most jobs whose time
+  left all covers the initial beam's learnt cost for that many prompts, the
+  least urgent first. The others are not decoded at all and are answered from
+  popularity at once, so an overloaded model spends its time on answers that
+  will be used instead of on work the hard cap throws away.
 * The hard cap: a VED request waits for its decode until ``cap - ved_respond_ms``
   at most. If the model thread has not answered by then (queued behind other
   batches, or a search that ran too far past its deadline), it is answered from
   the checkpoint's popularity list (its most frequent training targets,
-  ``popular_sids``), with ``fallback: "popular"``; the abandoned job is dropped
-  from the queue, or its result discarded. So a VED answer never misses its cap
+  ``popular_sids``), with ``fallback: "popular"`` (as are shed jobs); the
+  abandoned job is dropped from the queue, or its result discarded. So a VED answer never misses its cap
   by more than the HTTP round trip, and the share of such answers says how often
   the machine was too slow for the cap asked (``vstar bench serve`` reports it).
 * Overruns are reported to the deadline margin by the model thread, when the
@@ -63,7 +69,7 @@ from models.sid_catalog import Sid, parse_sid, sid_to_str
 from models.value_head import ValueHead
 from models.ved import VEDConfig, VEDStats, resolve_budget, ved_search
 from service.batcher import MicroBatcher
-from service.deadline import DeadlineMargin, InitialTreeCost
+from service.deadline import BatchCost, DeadlineMargin
 from service.errors import InvalidInput, NotFound, StoreUnavailable
 from service.history import HistoryEvent, excluded_items, fully_excluded_sids, resolve_entries, resolve_stored
 from service.metrics import ServiceMetrics
@@ -87,6 +93,7 @@ log = logging.getLogger("service.recommender")
 class DecodeJob:
     history: tuple[Sid, ...]  # the SIDs the prompt sees, oldest first
     deadline: float | None = None  # VED: time.perf_counter() value to stop by
+    answer_by: float | None = None  # VED: the hard cap; a job that cannot be decoded by then is shed
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,10 @@ class DecodeRow:
     scores: list[float]
     stats: VEDStats | None = None  # VED only
     fallback: bool = False  # VED: answered by the initial beam, not by the search
+    shed: bool = False  # VED: not decoded, it could not be answered before its hard cap
+
+
+SHED = DecodeRow([], [], shed=True)
 
 
 class Recommender:
@@ -115,7 +126,8 @@ class Recommender:
         self.metrics = metrics
         self.max_prompt_history = self.policy.prompt.max_history
         self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
-        self.init_cost = InitialTreeCost(settings.ved_init_cost_ms / 1000)
+        self.init_cost = BatchCost(settings.ved_init_cost_ms / 1000)  # VED's initial tree
+        self.beam_cost = BatchCost(settings.ved_init_cost_ms / 1000, min_reports=1)  # the fallback's initial beam
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vstar-model")
         self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
@@ -143,21 +155,27 @@ class Recommender:
         for config in (BeamSearchConfig(self.settings.default_k), VEDConfig(num_candidates=self.settings.default_k)):
             rows = self._decode(config, [DecodeJob((first,))])
             assert rows[0].sid_index[0] >= 0, f"warm-up decode ({type(config).__name__}) returned no valid SID"
-        self._time_initial_tree()
+        self._time_ved_fallbacks()
 
-    def _time_initial_tree(self) -> None:
-        """Time VED's initial tree (a passed deadline stops it there) per batch bucket, on the longest prompts."""
+    def _time_ved_fallbacks(self) -> None:
+        """Time VED's initial tree (a passed deadline stops it there) and the initial beam per batch bucket,
+        on the longest prompts; the least of three runs is the decode's own cost (one-off allocations and
+        load spikes are not)."""
         config = VEDConfig(num_candidates=self.settings.default_k, deadline=0.0)
-        history = list(self.catalog.sids[: self.max_prompt_history])
+        history = tuple(self.catalog.sids[: self.max_prompt_history])
         batch = 1
         while True:
-            ids, mask = self.policy.encode_prompts([history] * batch)
-            runs = []
-            for _ in range(3):  # the least: the tree's own cost (one-off allocations and load spikes are not)
+            ids, mask = self.policy.encode_prompts([list(history)] * batch)
+            tree, beam = [], []
+            for _ in range(3):
                 started = time.perf_counter()
                 ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
-                runs.append(time.perf_counter() - started)
-            self.init_cost.set_baseline(batch, min(runs))
+                tree.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                self._initial_beam(replace(config, deadline=None), [DecodeJob(history)] * batch, report=False)
+                beam.append(time.perf_counter() - started)
+            self.init_cost.set_baseline(batch, min(tree))
+            self.beam_cost.set_baseline(batch, min(beam))
             if batch >= self.settings.batch_max_size:
                 return
             batch *= 2
@@ -176,13 +194,26 @@ class Recommender:
         if isinstance(key, BeamSearchConfig):
             return self._beam(key, jobs)
         assert isinstance(key, VEDConfig) and key.deadline is None
-        now, cost = time.perf_counter(), self.init_cost.cost_s(len(jobs))
+        now = time.perf_counter()
+        kept = self._admit(jobs, now)
+        cost = self.init_cost.cost_s(sum(kept))
         late = [j.deadline is not None and j.deadline - now < cost for j in jobs]
-        fallen = [j for j, x in zip(jobs, late, strict=True) if x]
-        searched = [j for j, x in zip(jobs, late, strict=True) if not x]
+        fallen = [j for j, k, x in zip(jobs, kept, late, strict=True) if k and x]
+        searched = [j for j, k, x in zip(jobs, kept, late, strict=True) if k and not x]
         beam_rows = iter(self._initial_beam(key, fallen) if fallen else [])  # first: their deadlines are nearest
         ved_rows = iter(self._ved(key, searched) if searched else [])
-        return [next(beam_rows) if x else next(ved_rows) for x in late]
+        return [SHED if not k else next(beam_rows) if x else next(ved_rows) for k, x in zip(kept, late, strict=True)]
+
+    def _admit(self, jobs: Sequence[DecodeJob], now: float) -> list[bool]:
+        """Load shedding: keep the most jobs m such that the m with the most time left before their hard cap
+        all have at least the initial beam's cost for m prompts left; the rest are not decoded."""
+        left = [math.inf if j.answer_by is None else j.answer_by - now for j in jobs]
+        order = sorted(range(len(jobs)), key=lambda i: -left[i])
+        m = len(jobs)
+        while m > 0 and left[order[m - 1]] < self.beam_cost.cost_s(m):
+            m -= 1
+        kept = set(order[:m])
+        return [i in kept for i in range(len(jobs))]
 
     def _beam(self, config: BeamSearchConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
@@ -206,12 +237,15 @@ class Recommender:
         rows = zip(out.decode.sid_index.tolist(), out.decode.scores.tolist(), out.stats, strict=True)
         return [DecodeRow(s, sc, st) for s, sc, st in rows]
 
-    def _initial_beam(self, config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+    def _initial_beam(self, config: VEDConfig, jobs: Sequence[DecodeJob], report: bool = True) -> list[DecodeRow]:
         """The anytime fallback: VED's initial beam without the tree, with stats that say what was spent."""
         trie = self.policy.trie
         width = min(max(config.num_candidates, config.init_beams), len(self.catalog.sids))
         kept = [min(width, int((trie.node_depth == d).sum())) for d in range(1, trie.depth + 1)]  # beams per level
+        started = time.perf_counter()
         rows = self._beam(BeamSearchConfig(width), jobs)
+        if report:
+            self.beam_cost.report(len(jobs), time.perf_counter() - started)
         stats = VEDStats(
             tokens_spent=sum(kept[:-1]), nodes=1 + sum(kept), max_depth=trie.depth, iterations=0, cap_hit=True,
             budget=resolve_budget(config, trie.depth), init_tokens=sum(kept[:-1]), leaves=kept[-1],
@@ -279,9 +313,12 @@ class Recommender:
         answer_by = started + (cap_ms - self.settings.ved_respond_ms) / 1000
         try:
             row = await asyncio.wait_for(
-                self.batcher.submit(config, DecodeJob(history, deadline)), max(answer_by - time.perf_counter(), 0.0)
+                self.batcher.submit(config, DecodeJob(history, deadline, answer_by)),
+                max(answer_by - time.perf_counter(), 0.0),
             )
         except asyncio.TimeoutError:  # not even the initial beam in time: the hard cap wins
+            return self._prior_answer(excluded, req.k)
+        if row.shed:  # the model could not have answered in time: popularity, at once
             return self._prior_answer(excluded, req.k)
         stats = row.stats
         assert stats is not None

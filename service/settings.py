@@ -61,8 +61,9 @@ class Settings(BaseSettings):
         "whose decode has not finished by cap - this is answered from the popularity list (the hard cap).",
     )
     ved_init_cost_ms: float = Field(
-        100.0, gt=0, description="VED's initial-tree cost assumed until measured (the warm-up times it "
-        "per batch size); a request with less time left gets the beam fallback.",
+        100.0, gt=0, description="VED's initial-tree and initial-beam costs assumed until measured (the "
+        "warm-up times both per batch size); a request with less time left than the tree's gets the beam "
+        "fallback, one with less than the beam's is answered from popularity at once (load shedding).",
     )
 
     # --- beam micro-batching

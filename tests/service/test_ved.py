@@ -20,7 +20,8 @@ from models.beam_search import BeamSearchConfig, beam_search
 from models.sid_catalog import sid_to_str
 from models.ved import VEDConfig
 from service.app import create_app
-from service.deadline import DeadlineMargin, InitialTreeCost
+from service.deadline import BatchCost, DeadlineMargin
+from service.recommender import DecodeJob
 from service.settings import Settings
 
 
@@ -56,7 +57,7 @@ def test_anytime_fallback_returns_the_initial_beam(
     app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A cap that passes before VED could build its initial tree is answered by the initial beam alone."""
-    monkeypatch.setattr(app.state.recommender, "init_cost", InitialTreeCost(start_s=5.0))
+    monkeypatch.setattr(app.state.recommender, "init_cost", BatchCost(start_s=5.0))
     body = client.post("/recommend", json={"history": [4, 5], "k": 7, "mode": "ved", "latency_ms": 500}).json()
     assert body["cap_hit"] is True and len(body["items"]) == 7
     stats = body["search"]
@@ -71,18 +72,18 @@ def test_fallback_follows_the_learnt_initial_tree_cost(
 ) -> None:
     """Below the learnt cost: the beam answer (and the width covers k); well above it: the full search."""
     body = {"history": [8, 9], "k": 12, "mode": "ved", "latency_ms": 300}
-    monkeypatch.setattr(app.state.recommender, "init_cost", InitialTreeCost(start_s=5.0))
+    monkeypatch.setattr(app.state.recommender, "init_cost", BatchCost(start_s=5.0))
     slow = client.post("/recommend", json=body).json()
     assert slow["cap_hit"] is True and slow["search"]["fallback"] == "initial_beam"
     assert [it["sid"] for it in slow["items"]] == initial_beam_sids(app, [8, 9], 12)
-    monkeypatch.setattr(app.state.recommender, "init_cost", InitialTreeCost(start_s=0.001))
+    monkeypatch.setattr(app.state.recommender, "init_cost", BatchCost(start_s=0.001))
     fast = client.post("/recommend", json=body | {"latency_ms": 1000}).json()
     assert fast["search"]["fallback"] is None and fast["search"]["iterations"] > 0 and len(fast["items"]) == 12
 
 
 def test_initial_tree_cost_learns_from_reports_and_forgets_them() -> None:
     now = [100.0]
-    cost = InitialTreeCost(start_s=0.2, quantile=0.9, horizon_s=10.0, clock=lambda: now[0])
+    cost = BatchCost(start_s=0.2, quantile=0.9, horizon_s=10.0, clock=lambda: now[0])
     assert [cost.bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
     assert cost.cost_s(1) == cost.cost_s(8) == 0.2  # nothing measured: the start value
     cost.set_baseline(1, 0.03)
@@ -100,7 +101,7 @@ def test_initial_tree_cost_learns_from_reports_and_forgets_them() -> None:
     now[0] += 10.5  # the reports expire: back to the warm-up's timing
     assert cost.cost_s(1) == 0.03
     with pytest.raises(ValueError):
-        InitialTreeCost(start_s=0)
+        BatchCost(start_s=0)
 
 
 def slow_down(app: FastAPI, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
@@ -159,6 +160,34 @@ def test_hard_cap_answers_from_popularity_when_the_model_cannot(
     assert scores == sorted(scores, reverse=True) and scores[0] < 0  # smoothed log-frequencies
     # the abandoned decode finishes on the model thread before the next test decodes
     time.sleep(1.0)
+
+
+def test_requests_that_cannot_make_their_cap_are_shed_before_any_model_work(
+    app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = app.state.recommender
+    monkeypatch.setattr(rec, "beam_cost", BatchCost(start_s=5.0))  # nothing fits a 400 ms cap
+    calls: list[int] = []
+    forward = rec.policy.model.forward
+    monkeypatch.setattr(rec.policy.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    started = time.perf_counter()
+    answer = client.post("/recommend", json={"history": [2], "k": 3, "mode": "ved", "latency_ms": 400}).json()
+    assert (time.perf_counter() - started) * 1000 < 300  # answered at once, not at the cap
+    assert answer["cap_hit"] is True and answer["search"]["fallback"] == "popular" and len(answer["items"]) == 3
+    assert calls == []
+
+
+def test_admission_keeps_the_most_jobs_that_can_all_finish(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = app.state.recommender
+    cost = BatchCost(start_s=1.0)
+    for batch, seconds in ((1, 0.01), (2, 0.02), (4, 0.04)):
+        cost.set_baseline(batch, seconds)
+    monkeypatch.setattr(rec, "beam_cost", cost)
+    now = 100.0
+    jobs = [DecodeJob((), answer_by=now + left) for left in (0.005, 0.03, 0.015)] + [DecodeJob(())]
+    assert rec._admit(jobs, now) == [False, True, False, True]  # 4 or 3 would need 40 ms each; 2 need 20 ms
+    assert rec._admit(jobs[:1], now) == [False]
+    assert rec._admit([DecodeJob((), answer_by=now + 0.05)] * 3, now) == [True] * 3
 
 
 def test_concurrent_ved_requests_share_a_search_and_its_earliest_deadline(
