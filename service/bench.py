@@ -17,14 +17,7 @@ Decisions:
   request; each cell starts with a few unrecorded warm-up requests per client;
 * every cell is bounded by ``duration_s`` and ``max_requests``; every request by
   ``request_timeout_s``; the server start by ``startup_timeout_s``;
-* loopback only: the server binds 127.0.0.1 and the clients talk to it alone;
-* ``server_nice`` (``--server-nice``) starts the server at a lower CPU priority.
-  On a small machine the load generator shares the cores with the server, and a
-  client whose answer has arrived may wait for a core behind the server's own
-  threads: its latency then counts the load generator's scheduling, not the
-  service. With the server niced the clients run as soon as an answer arrives,
-  as they would on a host of their own; the server still gets every cycle the
-  clients leave. The server's clock (``server_*``) is reported either way.
+* loopback only: the server binds 127.0.0.1 and the clients talk to it alone.
 """
 
 from __future__ import annotations
@@ -62,7 +55,6 @@ class BenchConfig:
     request_timeout_s: float = 30.0
     startup_timeout_s: float = 180.0
     torch_threads: int | None = None  # server's torch threads; None: torch's default
-    server_nice: int = 0  # niceness added to the server process (0-19): the load generator goes first
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,8 +64,6 @@ class BenchConfig:
             raise ValueError("caps must be >= 1 ms")
         if self.duration_s <= 0 or self.max_requests < 1:
             raise ValueError("duration_s must be > 0 and max_requests >= 1")
-        if not 0 <= self.server_nice <= 19:
-            raise ValueError(f"server_nice must be in 0..19, got {self.server_nice}")
 
 
 @dataclass
@@ -121,10 +111,8 @@ class HistorySource:
 
 
 @contextmanager
-def running_server(
-    checkpoint: Path, batching: bool, config: BenchConfig
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Start ``vstar serve`` on a free loopback port; yield its base URL and process; stop it."""
+def running_server(checkpoint: Path, batching: bool, config: BenchConfig) -> Iterator[str]:
+    """Start ``vstar serve`` on a free loopback port; yield its base URL; stop it."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "VSTAR_REDIS_URL")}
     env |= {
@@ -138,15 +126,11 @@ def running_server(
         env["VSTAR_TORCH_THREADS"] = str(config.torch_threads)
     cmd = [sys.executable, "-m", "vstar", "serve", "--checkpoint", str(checkpoint), "--host", HOST, "--port", str(port)]
     with tempfile.TemporaryFile() as log:
-        nice = config.server_nice
-        # niceness is per thread on Linux: set before exec, so every thread the server starts inherits it
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=(lambda: os.nice(nice)) if nice else None
-        )
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://{HOST}:{port}"
         try:
             wait_ready(url, proc, config.startup_timeout_s, log)
-            yield url, proc
+            yield url
         finally:
             proc.terminate()
             try:
@@ -233,7 +217,7 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
         return {"history": histories.next(), "k": config.k}
 
     for batching in (True, False):
-        with running_server(checkpoint, batching, config) as (url, _):
+        with running_server(checkpoint, batching, config) as url:
             for clients in config.clients:
                 cell = asyncio.run(run_cell(url, beam_body, clients, config))
                 row = {"clients": clients, "batching": batching, **cell.summary()}

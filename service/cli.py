@@ -65,9 +65,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         duration_s: Annotated[float, typer.Option("--duration-s", min=0.1, max=120, help="Seconds per cell.")] = 5.0,
         max_requests: Annotated[int, typer.Option("--max-requests", min=1, max=100_000, help="Per cell.")] = 3000,
         torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="Server threads.")] = None,
-        server_nice: Annotated[
-            int, typer.Option("--server-nice", min=0, max=19, help="Server niceness (clients first).")
-        ] = 0,
     ) -> None:
         """p50/p99 latency and throughput of the real server: beam with and without batching, VED under caps."""
         from service.bench import BenchConfig
@@ -76,7 +73,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         config = BenchConfig(
             clients=_int_list(clients, "--clients"), caps_ms=_int_list(caps, "--caps"),
             ved_clients=_int_list(ved_clients, "--ved-clients"), k=k, duration_s=duration_s,
-            max_requests=max_requests, torch_threads=torch_threads, server_nice=server_nice,
+            max_requests=max_requests, torch_threads=torch_threads,
         )
         result = run(checkpoint, config)
         text = json.dumps(result, indent=2)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from service.bench import BenchConfig, bench_serve, running_server
+from service.bench import BenchConfig, bench_serve
 from service.deadline import DeadlineMargin
 from vstar import app
 
@@ -36,17 +35,9 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
     assert 0 <= ved["fallback_share"] + ved["popular_share"] <= ved["cap_hit_share"] <= 1
 
 
-def test_bench_server_runs_at_the_niceness_asked(tiny_checkpoint: Path) -> None:
-    config = BenchConfig(torch_threads=1, server_nice=3)
-    with running_server(tiny_checkpoint, True, config) as (_, proc):
-        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 3
-
-
 def test_bench_config_is_bounded() -> None:
     with pytest.raises(ValueError):
         BenchConfig(clients=(0,))
-    with pytest.raises(ValueError, match="server_nice"):
-        BenchConfig(server_nice=20)
     with pytest.raises(ValueError):
         BenchConfig(duration_s=0)
 
