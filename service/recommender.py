@@ -127,7 +127,9 @@ class Recommender:
         self.max_prompt_history = self.policy.prompt.max_history
         self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
         self.init_cost = BatchCost(settings.ved_init_cost_ms / 1000)  # VED's initial tree
-        self.beam_cost = BatchCost(settings.ved_init_cost_ms / 1000, min_reports=1)  # the fallback's initial beam
+        # the fallback's initial beam; its median, not a high quantile: a job is shed only when it would
+        # probably miss its cap, and the hard cap still answers the ones that do
+        self.beam_cost = BatchCost(settings.ved_init_cost_ms / 1000, quantile=0.5, min_reports=1)
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vstar-model")
         self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
