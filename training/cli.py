@@ -155,6 +155,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 "--crop-prob", min=0.0, max=1.0, help="Chance a history is cut to a random recent suffix each step."
             ),
         ] = 0.0,
+        last_item_prob: Annotated[
+            float,
+            typer.Option(
+                "--last-item-prob", min=0.0, max=1.0, help="Chance a history is cut to its last item alone each step."
+            ),
+        ] = 0.0,
         text_init: Annotated[
             bool,
             typer.Option("--text-init", help="Initialise SID token embeddings from item_emb.npy (PCA of token means)."),
@@ -196,6 +202,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             eval_limit=eval_limit,
             seed=seed,
             crop_prob=crop_prob,
+            last_item_prob=last_item_prob,
             text_init=text_init,
             embed_dropout=embed_dropout,
             item_tokens=item_tokens,

@@ -86,6 +86,7 @@ class SFTConfig:
     seed: int = 0
     max_history: int = 10
     crop_prob: float = 0.0  # chance a training row's history is cut to a random recent suffix (each step)
+    last_item_prob: float = 0.0  # chance a training row's history is cut to its last item alone (each step)
     text_init: bool = False  # initialise SID token embeddings from the items' text embeddings
     embed_dropout: float = 0.0  # dropout on the input embeddings (Qwen2 has attention dropout only)
     item_tokens: bool = False  # follow each history item in the prompt by its whole-SID token
@@ -108,6 +109,10 @@ class SFTConfig:
             raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}")
         if not 0 <= self.crop_prob <= 1:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
+        if not 0 <= self.last_item_prob <= 1 or self.crop_prob + self.last_item_prob > 1:
+            raise ValueError(
+                f"last_item_prob must be in [0, 1 - crop_prob], got {self.last_item_prob} (crop_prob {self.crop_prob})"
+            )
 
 
 @dataclass
@@ -143,14 +148,20 @@ def crop_histories(
     rows: list[tuple[list[int], list[int]]],
     prob: float,
     seed: tuple[int, int],
+    last_item_prob: float = 0.0,
 ) -> list[tuple[list[int], list[int]]]:
-    """Cut some histories to a random recent suffix: more (recent item -> target) contexts per row."""
+    """Cut some histories to a random recent suffix (``prob``) or to the last item alone (``last_item_prob``):
+    more (recent item -> target) contexts per row; the last-item rows teach each observed transition on its
+    own, as an item-to-item model counts it."""
     rng = np.random.default_rng(list(seed))
     out = list(rows)
     for j, i in enumerate(index):
         hist = samples[i].history
-        if len(hist) > 1 and rng.random() < prob:
-            keep = int(rng.integers(1, len(hist)))
+        if len(hist) < 2:
+            continue
+        u = rng.random()
+        if u < prob + last_item_prob:
+            keep = 1 if u >= prob else int(rng.integers(1, len(hist)))
             out[j] = encode_sample(policy, Sample(samples[i].user_id, hist[-keep:], samples[i].target))
     return out
 
@@ -425,8 +436,11 @@ def _train_sft(
         for bi in range(state.batch_in_epoch, len(batches)):
             part = shard(batches[bi])  # this rank's slice of the global batch
             rows = [encoded[i] for i in part.rows]
-            if config.crop_prob > 0:
-                rows = crop_histories(policy, train_rows, part.rows, rows, config.crop_prob, (config.seed, state.step))
+            if config.crop_prob > 0 or config.last_item_prob > 0:
+                rows = crop_histories(
+                    policy, train_rows, part.rows, rows, config.crop_prob, (config.seed, state.step),
+                    config.last_item_prob,
+                )
             batch = {k: v.to(policy.device) for k, v in collate(rows, int(policy.tokenizer.pad_token_id)).items()}
             with torch.autocast(policy.device.type, dtype=amp, enabled=amp is not None):
                 loss = train_model(**batch).loss  # mean over this shard's target tokens

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
+from training.data import Sample
 from training.sft import (
     SFTConfig,
     add_embedding_dropout,
@@ -157,6 +158,20 @@ def test_crop_keeps_target_and_a_recent_suffix(tiny_dataset) -> None:
         kept = (len(prompt) - 1) // 3
         assert 1 <= kept < len(s.history) and full_prompt[-len(prompt) :] == prompt  # a suffix of the history
     assert crop_histories(policy, samples, range(len(samples)), rows, 0.0, (0, 0)) == rows
+
+
+def test_last_item_crop_keeps_the_last_item_alone(tiny_dataset) -> None:
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog)
+    samples = [s for s in tiny_dataset.splits["train"] if len(s.history) > 3][:20]
+    rows = [encode_sample(policy, s) for s in samples]
+    cropped = crop_histories(policy, samples, range(len(samples)), rows, 0.0, (0, 0), last_item_prob=1.0)
+    for (prompt, target), s in zip(cropped, samples, strict=True):
+        assert (prompt, target) == encode_sample(policy, Sample(s.user_id, s.history[-1:], s.target))
+    mixed = crop_histories(policy, samples, range(len(samples)), rows, 0.5, (0, 1), last_item_prob=0.5)
+    kept = [(len(p) - 1) // 3 for p, _ in mixed]
+    assert all(1 <= k < len(s.history) for k, s in zip(kept, samples, strict=True)) and kept.count(1) < len(kept)
+    with pytest.raises(ValueError, match="last_item_prob"):
+        SFTConfig(crop_prob=0.6, last_item_prob=0.5)
 
 
 def test_text_init_puts_similar_tokens_close(tiny_dataset) -> None:
