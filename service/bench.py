@@ -2,9 +2,10 @@
 
 The server is started as a subprocess (``python -m vstar serve``) on a free
 loopback port, once with micro-batching and once without, and is driven by N
-concurrent ``httpx`` clients, each sending its next request as soon as the last
+concurrent clients, each sending its next request as soon as the last
 one is answered (closed loop). Per cell it records client-side latency (what a
-caller sees: HTTP and JSON included), p50/p99, the same from the server's own
+caller sees: HTTP included, from the request's first byte written to the
+response's last byte read), p50/p99, the same from the server's own
 clock (``server_time_ms``: arrival to response built), throughput, and for VED the share
 of answers that hit the cap, answered by the initial beam (the anytime
 fallback) and answered from popularity (the hard cap).
@@ -17,7 +18,14 @@ Decisions:
   request; each cell starts with a few unrecorded warm-up requests per client;
 * every cell is bounded by ``duration_s`` and ``max_requests``; every request by
   ``request_timeout_s``; the server start by ``startup_timeout_s``;
-* loopback only: the server binds 127.0.0.1 and the clients talk to it alone.
+* loopback only: the server binds 127.0.0.1 and the clients talk to it alone;
+* the clients are lean: one keep-alive HTTP/1.1 connection each on asyncio
+  streams, the request bytes written directly and the response parsed by
+  ``httptools`` (the C parser uvicorn itself uses). The load generator shares
+  the machine with the server, and batched answers arrive together: a client
+  library that spends a millisecond per response (``httpx`` does, here) makes
+  the last of eight simultaneous answers look several milliseconds slower than
+  it was, which is the load generator, not the service.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httptools
 import httpx
 import numpy as np
 
@@ -155,35 +164,90 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: A
     raise RuntimeError(f"server not ready after {timeout_s:.0f} s")
 
 
+class _Response:
+    """httptools callbacks for one response."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.complete = False
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class LeanClient:
+    """One keep-alive HTTP/1.1 connection for POSTing JSON; see the module notes for why not ``httpx``."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        parsed = httpx.URL(url)
+        self.host, self.port, self.timeout_s = parsed.host, parsed.port or 80, timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, payload: dict[str, Any]) -> tuple[int, bytes, float]:
+        """(status, body, seconds from the request's first byte written to the response's last byte read)."""
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        data = json.dumps(payload).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(data)}\r\n\r\n"
+        )
+        response = _Response()
+        parser = httptools.HttpResponseParser(response)
+        t0 = time.perf_counter()
+        self._writer.write(head.encode() + data)
+        await asyncio.wait_for(self._read(self._reader, parser, response), self.timeout_s)
+        elapsed = time.perf_counter() - t0
+        if not parser.should_keep_alive():
+            await self.aclose()
+        return parser.get_status_code(), bytes(response.body), elapsed
+
+    @staticmethod
+    async def _read(reader: asyncio.StreamReader, parser: httptools.HttpResponseParser, response: _Response) -> None:
+        while not response.complete:
+            chunk = await reader.read(1 << 16)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            parser.feed_data(chunk)
+
+    async def aclose(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            await self._writer.wait_closed()
+            self._reader = self._writer = None
+
+
 async def run_cell(
     url: str, make_body: Callable[[], dict[str, Any]], clients: int, config: BenchConfig
 ) -> CellResult:
-    """One closed-loop cell. Each client has its own connection (an ``AsyncClient`` of its own):
-    httpx's shared pool serialises 32 connections badly (224 vs 736 GET /healthz per second here)."""
+    """One closed-loop cell; each client has a connection of its own."""
     result = CellResult()
-    https = [httpx.AsyncClient(base_url=url, timeout=config.request_timeout_s) for _ in range(clients)]
+    https = [LeanClient(url, config.request_timeout_s) for _ in range(clients)]
     try:
 
-        async def warm(http: httpx.AsyncClient) -> None:
+        async def warm(http: LeanClient) -> None:
             for _ in range(config.warmup_per_client):
-                await http.post("/recommend", json=make_body())
+                await http.post("/recommend", make_body())
 
         await asyncio.gather(*(warm(h) for h in https))
         issued = 0
         stop_at = time.perf_counter() + config.duration_s
 
-        async def client(http: httpx.AsyncClient) -> None:
+        async def client(http: LeanClient) -> None:
             nonlocal issued
             while time.perf_counter() < stop_at and issued < config.max_requests:
                 issued += 1
-                t0 = time.perf_counter()
-                r = await http.post("/recommend", json=make_body())
-                dt = (time.perf_counter() - t0) * 1000
-                if r.status_code != 200:
-                    result.errors.append(f"{r.status_code} {r.text[:200]}")
+                status, raw, seconds = await http.post("/recommend", make_body())
+                if status != 200:
+                    result.errors.append(f"{status} {raw[:200].decode(errors='replace')}")
                     continue
-                body = r.json()
-                result.latencies_ms.append(dt)
+                body = json.loads(raw)
+                result.latencies_ms.append(seconds * 1000)
                 result.server_ms.append(body["server_time_ms"])
                 result.cap_hits += bool(body["cap_hit"])
                 fallback = body["search"] and body["search"]["fallback"]

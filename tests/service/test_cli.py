@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from service.bench import BenchConfig, bench_serve
+from service.bench import BenchConfig, LeanClient, bench_serve, running_server
 from service.deadline import DeadlineMargin
 from vstar import app
 
@@ -33,6 +35,22 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
     }
     assert ved["cap_ms"] == 50 and ved["clients"] == 2
     assert 0 <= ved["fallback_share"] + ved["popular_share"] <= ved["cap_hit_share"] <= 1
+
+
+def test_lean_client_reads_answers_and_errors_over_one_connection(tiny_checkpoint: Path) -> None:
+    async def talk(url: str) -> list[tuple[int, bytes, float]]:
+        client = LeanClient(url, timeout_s=30.0)
+        try:
+            return [await client.post("/recommend", body) for body in ({"history": [1], "k": 3}, {"k": 3}) * 2]
+        finally:
+            await client.aclose()
+
+    with running_server(tiny_checkpoint, True, BenchConfig(torch_threads=1)) as url:
+        answers = asyncio.run(talk(url))
+    assert [status for status, _, _ in answers] == [200, 422, 200, 422]
+    ok, bad = json.loads(answers[0][1]), json.loads(answers[1][1])
+    assert len(ok["items"]) == 3 and "history" in bad["error"]["message"]
+    assert all(0 < seconds < 30 for _, _, seconds in answers)
 
 
 def test_bench_config_is_bounded() -> None:
