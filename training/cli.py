@@ -216,7 +216,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
-        split: Annotated[str, typer.Option("--split", help="valid or test.")] = "test",
+        split: Annotated[str, typer.Option("--split", help="test, valid, or train (how well a model fits its own rows).")] = "test",
         beams: Annotated[
             int, typer.Option("--beams", min=1, help="Beam width; also the length of each ranked list.")
         ] = 50,
