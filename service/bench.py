@@ -191,7 +191,6 @@ class LeanClient:
         """(status, body, seconds from the request's first byte written to the response's last byte read)."""
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        assert self._reader is not None
         data = json.dumps(payload).encode()
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\ncontent-type: application/json\r\n"
@@ -201,16 +200,16 @@ class LeanClient:
         parser = httptools.HttpResponseParser(response)
         t0 = time.perf_counter()
         self._writer.write(head.encode() + data)
-        await asyncio.wait_for(self._read(self._reader, parser, response), self.timeout_s)
+        await asyncio.wait_for(self._read(parser, response), self.timeout_s)
         elapsed = time.perf_counter() - t0
         if not parser.should_keep_alive():
             await self.aclose()
         return parser.get_status_code(), bytes(response.body), elapsed
 
-    @staticmethod
-    async def _read(reader: asyncio.StreamReader, parser: httptools.HttpResponseParser, response: _Response) -> None:
+    async def _read(self, parser: httptools.HttpResponseParser, response: _Response) -> None:
+        assert self._reader is not None
         while not response.complete:
-            chunk = await reader.read(1 << 16)
+            chunk = await self._reader.read(1 << 16)
             if not chunk:
                 raise ConnectionError("the server closed the connection")
             parser.feed_data(chunk)
