@@ -127,12 +127,22 @@ def run_sasrec(
     rows = data.splits[split]
     ranked = sid_rankings(rank_items(model, rows, index, depth), catalog)
     result = score_rankings(ranked, rows, train_rows, catalog, seconds=time.perf_counter() - start)
-    log.info("SASRec best epoch %d (selection HR@10 %.4f); %s HR@10 %.4f", summary["best"]["epoch"],
-             summary["best"]["HR@10"], split, result["metrics"]["HR@10"])
+    log.info(
+        "SASRec best epoch %d (selection HR@10 %.4f); %s HR@10 %.4f",
+        summary["best"]["epoch"],
+        summary["best"]["HR@10"],
+        split,
+        result["metrics"]["HR@10"],
+    )
     header = _header("sasrec", split, train_splits, len(train_rows)) | {"selection_rows": len(select_rows)}
     return result | header | {"train_seconds": summary.pop("train_seconds"), "sasrec": summary}
 
 
 def _header(name: str, split: str, train_splits: Sequence[str], train_rows: int) -> dict[str, Any]:
-    return {"baseline": name, "split": split, "train_splits": list(train_splits), "train_rows": train_rows,
-            "ranking_length": RANKING_LENGTH}
+    return {
+        "baseline": name,
+        "split": split,
+        "train_splits": list(train_splits),
+        "train_rows": train_rows,
+        "ranking_length": RANKING_LENGTH,
+    }

@@ -77,9 +77,19 @@ def register_baseline(app: typer.Typer) -> None:
             if pop_counts not in POP_COUNTS:
                 raise ValueError(f"--pop-counts must be one of {POP_COUNTS}, got {pop_counts!r}")
             config = SASRecConfig(
-                hidden=hidden, blocks=blocks, heads=heads, dropout=dropout, loss=loss, loss_on=loss_on,
-                epochs=epochs, max_steps=max_steps, patience=patience, batch_size=batch_size, lr=lr,
-                weight_decay=weight_decay, seed=seed,
+                hidden=hidden,
+                blocks=blocks,
+                heads=heads,
+                dropout=dropout,
+                loss=loss,
+                loss_on=loss_on,
+                epochs=epochs,
+                max_steps=max_steps,
+                patience=patience,
+                batch_size=batch_size,
+                lr=lr,
+                weight_decay=weight_decay,
+                seed=seed,
             )
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None

@@ -290,8 +290,9 @@ def train_sasrec(
                 break
         score = select_score(model)
         mean_loss = float(np.mean(losses))
-        history.append({"epoch": epoch, "step": step, "loss": round(mean_loss, 4), "HR@10": score[0],
-                        "NDCG@10": score[1]})
+        history.append(
+            {"epoch": epoch, "step": step, "loss": round(mean_loss, 4), "HR@10": score[0], "NDCG@10": score[1]}
+        )
         log.info("epoch %d: loss %.4f, selection HR@10 %.4f NDCG@10 %.4f", epoch, mean_loss, *score)
         bar.set_postfix(loss=f"{mean_loss:.3f}", hr10=f"{score[0]:.4f}", best=f"{max(score, best_score)[0]:.4f}")
         if score > best_score:

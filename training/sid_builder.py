@@ -228,14 +228,16 @@ def level_usage(codes: np.ndarray, codebook_size: int) -> list[dict[str, float |
         counts = np.bincount(codes[:, level], minlength=codebook_size)
         used = counts[counts > 0]
         p = used / used.sum()
-        out.append({
-            "level": level + 1,
-            "codes_used": int(used.size),
-            "usage": round(used.size / codebook_size, 4),
-            "max_items_per_code": int(used.max()),
-            "min_items_per_code": int(used.min()),
-            "entropy": round(float(-(p * np.log(p)).sum() / math.log(codebook_size)), 4),
-        })
+        out.append(
+            {
+                "level": level + 1,
+                "codes_used": int(used.size),
+                "usage": round(used.size / codebook_size, 4),
+                "max_items_per_code": int(used.max()),
+                "min_items_per_code": int(used.min()),
+                "entropy": round(float(-(p * np.log(p)).sum() / math.log(codebook_size)), 4),
+            }
+        )
     return out
 
 
