@@ -38,17 +38,23 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cud
 
 
 def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
-    from training.data import load_dataset, load_minionerec
+    from training.data import DataError, load_dataset, load_minionerec
 
     if data is not None and root is not None:
         raise typer.BadParameter("give either --data or --minionerec-root, not both")
     if root is not None:
         if not dataset:
             raise typer.BadParameter("--minionerec-root needs --dataset NAME")
-        return load_minionerec(root, dataset)
+        try:
+            return load_minionerec(root, dataset)
+        except DataError as e:
+            raise typer.BadParameter(str(e), param_hint="--minionerec-root") from None
     if data is None:
         raise typer.BadParameter("--data DIR (or --minionerec-root DIR --dataset NAME) is required")
-    return load_dataset(data)
+    try:
+        return load_dataset(data)
+    except DataError as e:  # a missing or malformed file: one line naming it, no traceback
+        raise typer.BadParameter(str(e), param_hint="--data") from None
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
@@ -179,6 +185,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             bool,
             typer.Option("--item-tokens", help="Follow each history item in the prompt by a whole-SID token."),
         ] = False,
+        precision: Annotated[
+            str,
+            typer.Option("--precision", help="auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16."),
+        ] = "auto",
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
         json_out: SummaryOpt = None,
@@ -188,26 +198,30 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from training.sft import SFTConfig, train_sft
 
         setup_logging()
+        try:
+            config = SFTConfig(
+                preset=preset,
+                base_model=str(base_model) if base_model else None,
+                epochs=epochs,
+                max_steps=max_steps,
+                batch_size=batch_size,
+                lr=lr,
+                train_splits=tuple(parse_splits(train_splits)),
+                holdout=holdout,
+                eval_every=eval_every,
+                eval_limit=eval_limit,
+                seed=seed,
+                crop_prob=crop_prob,
+                last_item_prob=last_item_prob,
+                text_init=text_init,
+                embed_dropout=embed_dropout,
+                item_tokens=item_tokens,
+                hidden_dropout=hidden_dropout,
+                precision=precision,
+            )
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
-        config = SFTConfig(
-            preset=preset,
-            base_model=str(base_model) if base_model else None,
-            epochs=epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            lr=lr,
-            train_splits=tuple(parse_splits(train_splits)),
-            holdout=holdout,
-            eval_every=eval_every,
-            eval_limit=eval_limit,
-            seed=seed,
-            crop_prob=crop_prob,
-            last_item_prob=last_item_prob,
-            text_init=text_init,
-            embed_dropout=embed_dropout,
-            item_tokens=item_tokens,
-            hidden_dropout=hidden_dropout,
-        )
         run_training(lambda dev: train_sft(ds, out, config, device=dev, resume=resume), device, json_out)
 
     @app.command(name="eval")
@@ -216,7 +230,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
-        split: Annotated[str, typer.Option("--split", help="test, valid, or train (how well a model fits its own rows).")] = "test",
+        split: Annotated[
+            str, typer.Option("--split", help="test, valid, or train (how well a model fits its own rows).")
+        ] = "test",
         beams: Annotated[
             int, typer.Option("--beams", min=1, help="Beam width; also the length of each ranked list.")
         ] = 50,

@@ -67,6 +67,9 @@ from training.evaluate import beam_decoder, evaluate
 log = logging.getLogger(__name__)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class SFTConfig:
     preset: str = "small"
@@ -91,8 +94,11 @@ class SFTConfig:
     embed_dropout: float = 0.0  # dropout on the input embeddings (Qwen2 has attention dropout only)
     item_tokens: bool = False  # follow each history item in the prompt by its whole-SID token
     hidden_dropout: float = 0.0  # residual dropout on every layer's attention and MLP outputs
+    precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -309,10 +315,16 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
+    if precision == "fp32":
+        return None
+    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "bf16":
+        if not bf16_ok:
+            raise ValueError(f"precision bf16: {device} does not support bfloat16")
         return torch.bfloat16
-    return None
+    return torch.bfloat16 if device.type == "cuda" and bf16_ok else None
 
 
 def seed_everything(seed: int) -> None:
@@ -372,9 +384,9 @@ def _train_sft(
         if trainer_state is None or trainer_state.get("config") != asdict(config):
             raise ValueError(f"--resume: {resume_dir} was written with a different configuration")
     elif config.base_model:
-        policy = Policy.from_pretrained_lm(
-            config.base_model, data.catalog, config.max_history, config.item_tokens
-        ).to(device)
+        policy = Policy.from_pretrained_lm(config.base_model, data.catalog, config.max_history, config.item_tokens).to(
+            device
+        )
     else:
         policy = Policy.from_preset(
             config.preset, data.catalog, config.seed, config.max_history, config.item_tokens
@@ -402,7 +414,7 @@ def _train_sft(
         state = TrainState(**trainer_state["train_state"])
         torch.set_rng_state(trainer_state["torch_rng"])
     fork_rng(config.seed, state.step)
-    amp = autocast_dtype(policy.device)
+    amp = autocast_dtype(policy.device, config.precision)
     eval_every = config.eval_every or steps_per_epoch
     manifest = {
         "stage": "sft",
@@ -438,7 +450,12 @@ def _train_sft(
             rows = [encoded[i] for i in part.rows]
             if config.crop_prob > 0 or config.last_item_prob > 0:
                 rows = crop_histories(
-                    policy, train_rows, part.rows, rows, config.crop_prob, (config.seed, state.step),
+                    policy,
+                    train_rows,
+                    part.rows,
+                    rows,
+                    config.crop_prob,
+                    (config.seed, state.step),
                     config.last_item_prob,
                 )
             batch = {k: v.to(policy.device) for k, v in collate(rows, int(policy.tokenizer.pad_token_id)).items()}

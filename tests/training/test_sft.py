@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from training.data import Sample
 from training.sft import (
     SFTConfig,
     add_embedding_dropout,
+    autocast_dtype,
     collate,
     crop_histories,
     encode_sample,
@@ -248,3 +250,21 @@ def test_residual_dropout_only_while_training(tiny_dataset) -> None:
 def test_denormal_flushing_is_scoped_to_training(tiny_dataset, tmp_path: Path) -> None:
     train_sft(tiny_dataset, tmp_path / "s", SFTConfig(preset="tiny", max_steps=1, eval_limit=4), progress=False)
     assert torch.tensor(1e-40, dtype=torch.float32).item() != 0.0  # denormals work again afterwards
+
+
+def test_precision_picks_the_autocast_dtype_and_rejects_unknown_names() -> None:
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu) is None and autocast_dtype(cpu, "fp32") is None  # auto: fp32 on CPU
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        SFTConfig(precision="fp16")
+
+
+def test_sft_cli_names_bad_options_and_missing_data_without_a_traceback(tiny_data_dir, tmp_path) -> None:
+    runner = CliRunner()
+    bad = runner.invoke(app, ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "c"), "--precision", "fp16"])
+    assert bad.exit_code == 2 and "precision must be one of" in bad.output and "Traceback" not in bad.output
+    missing = runner.invoke(app, ["sft", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
+    text = re.sub(r"[│╭╮╰╯─\s]+", " ", missing.output)  # unwrap rich's error box
+    assert missing.exit_code == 2 and "Invalid value for --data" in text and "does not exist" in text
+    assert not (tmp_path / "c").exists()
