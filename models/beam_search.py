@@ -23,6 +23,8 @@ get -1 / -inf in the unused slots (HF would return junk continuations there).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,21 @@ class Prefill:
     last_hidden: torch.Tensor | None = None  # (B, H) final-layer state at the last prompt token
 
 
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """``{name: cache}`` for ``model.forward``: transformers renamed ``past_key_values`` to ``cache`` in 5.2x.
+
+    A wrong name is not an error there (it lands in ``**kwargs`` and the model
+    silently runs without the cache), so the name is read off the signature.
+    """
+    return {_cache_keyword(type(model)): cache}
+
+
 def prompt_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """HF generate's position ids for left-padded prompts."""
     pos = attention_mask.long().cumsum(-1) - 1
@@ -79,7 +96,7 @@ def prefill(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=prompt_position_ids(attention_mask),
-        cache=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         logits_to_keep=1,
         output_hidden_states=want_hidden,
@@ -104,7 +121,7 @@ def decode_step(
         input_ids=token_ids[:, None],
         attention_mask=attention_mask,
         position_ids=position_ids[:, None],
-        cache=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         output_hidden_states=want_hidden,
     )
@@ -178,7 +195,9 @@ def beam_search(
         position = pre.next_position[:, None].expand(b, k) + level - 1  # (B, K)
         # rows of invalid beams (score -inf) carry token -1: feed any valid id, they stay -inf
         step_ids = tokens[:, :, -1].clamp(min=0)  # (B, K)
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+        out = model(
+            input_ids=step_ids, attention_mask=mask, position_ids=position, **cache_kwargs(model, cache), use_cache=True
+        )
         cand = level_log_probs(out.logits.reshape(b * k, -1), trie, level, nodes.reshape(-1))  # (B*K, C)
         cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)

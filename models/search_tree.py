@@ -84,14 +84,24 @@ class SearchTree:
             return torch.full((batch, *shape), fill, dtype=dtype, device=device)
 
         return cls(
-            parent=full(capacity, fill=-1), depth=full(capacity), code=full(capacity, fill=-1),
-            trie_node=full(capacity), token=full(capacity, fill=-1), path=full(capacity, max_depth, fill=-1),
-            log_prob=full(capacity, dtype=torch.float), value=full(capacity, dtype=torch.float),
-            entropy=full(capacity, dtype=torch.float), score=full(capacity, dtype=torch.float),
-            visits=full(capacity, dtype=torch.float), live=full(capacity, dtype=torch.bool),
-            n_valid=full(capacity), n_children=full(capacity), child=full(capacity, codebook_size, fill=-1),
+            parent=full(capacity, fill=-1),
+            depth=full(capacity),
+            code=full(capacity, fill=-1),
+            trie_node=full(capacity),
+            token=full(capacity, fill=-1),
+            path=full(capacity, max_depth, fill=-1),
+            log_prob=full(capacity, dtype=torch.float),
+            value=full(capacity, dtype=torch.float),
+            entropy=full(capacity, dtype=torch.float),
+            score=full(capacity, dtype=torch.float),
+            visits=full(capacity, dtype=torch.float),
+            live=full(capacity, dtype=torch.bool),
+            n_valid=full(capacity),
+            n_children=full(capacity),
+            child=full(capacity, codebook_size, fill=-1),
             child_log_prob=full(capacity, codebook_size, fill=float("-inf"), dtype=torch.float),
-            size=torch.ones(batch, dtype=torch.long, device=device), lam=lam,
+            size=torch.ones(batch, dtype=torch.long, device=device),
+            lam=lam,
         )
 
     @property

@@ -64,7 +64,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from models.beam_search import DecodeResult, decode_step, level_log_probs, prompt_position_ids
+from models.beam_search import DecodeResult, cache_kwargs, decode_step, level_log_probs, prompt_position_ids
 from models.search_tree import SearchTree, rank_within
 from models.sid_trie import SidTrie
 from models.value_head import ValueHead
@@ -196,8 +196,13 @@ class _Search:
         self.keys = prompt_keys(input_ids, attention_mask, self.config.seed)  # (B,)
         cache = DynamicCache(config=self.model.config)  # as beam_search.prefill, plus every position's hidden state
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_position_ids(attention_mask),
-            cache=cache, use_cache=True, logits_to_keep=1, output_hidden_states=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=prompt_position_ids(attention_mask),
+            **cache_kwargs(self.model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=True,
         )
         hidden = out.hidden_states[-1].to(self.dtype)  # (B, T, H)
         self.mask = attention_mask.long()  # (B, T)
@@ -332,12 +337,20 @@ class _Search:
         out = []
         for i, live in enumerate(tree.live):
             reason = "deadline" if cap_hit[i] else ("budget" if still_open[i] else "exhausted")
-            out.append(VEDStats(
-                tokens_spent=spent[i], nodes=int(live.sum()), max_depth=int(tree.depth[i][live].max()),
-                iterations=int(self.iterations[i]), cap_hit=bool(cap_hit[i]), budget=self.budget,
-                init_tokens=int(init_tokens[i]), gate_failures=int(self.failures[i]),
-                leaves=int((live & (tree.depth[i] == self.trie.depth)).sum()), stop_reason=reason,
-            ))
+            out.append(
+                VEDStats(
+                    tokens_spent=spent[i],
+                    nodes=int(live.sum()),
+                    max_depth=int(tree.depth[i][live].max()),
+                    iterations=int(self.iterations[i]),
+                    cap_hit=bool(cap_hit[i]),
+                    budget=self.budget,
+                    init_tokens=int(init_tokens[i]),
+                    gate_failures=int(self.failures[i]),
+                    leaves=int((live & (tree.depth[i] == self.trie.depth)).sum()),
+                    stop_reason=reason,
+                )
+            )
         return out
 
     def result(self, stats: list[VEDStats]) -> VEDResult:

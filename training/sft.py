@@ -227,8 +227,8 @@ def init_sid_embeddings(policy: Policy, item_emb: np.ndarray) -> None:
     dim = min(emb.shape[1], u.shape[1])
     proj = torch.zeros(len(token_ids), emb.shape[1])
     proj[:, :dim] = u[:, :dim] * sv[:dim]
-    proj *= emb.std() / proj.std()
-    emb[torch.tensor(token_ids)] = proj.to(emb.device, emb.dtype)
+    proj *= emb.std().item() / proj.std()  # the embedding may live on a GPU: a plain float crosses devices
+    emb[torch.tensor(token_ids, device=emb.device)] = proj.to(emb.device, emb.dtype)
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
