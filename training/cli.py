@@ -185,6 +185,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             bool,
             typer.Option("--item-tokens", help="Follow each history item in the prompt by a whole-SID token."),
         ] = False,
+        ema: Annotated[
+            float,
+            typer.Option(
+                "--ema",
+                min=0.0,
+                max=0.9999999,
+                help="Decay of a moving average of the weights that is validated and saved instead (0: off).",
+            ),
+        ] = 0.0,
         precision: Annotated[
             str,
             typer.Option("--precision", help="auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16."),
@@ -218,6 +227,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 item_tokens=item_tokens,
                 hidden_dropout=hidden_dropout,
                 precision=precision,
+                ema=ema,
             )
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None

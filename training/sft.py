@@ -37,13 +37,14 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -95,6 +96,7 @@ class SFTConfig:
     item_tokens: bool = False  # follow each history item in the prompt by its whole-SID token
     hidden_dropout: float = 0.0  # residual dropout on every layer's attention and MLP outputs
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -111,6 +113,8 @@ class SFTConfig:
             raise ValueError("training on the test split is not allowed")
         if not 0 <= self.embed_dropout < 1:
             raise ValueError(f"embed_dropout must be in [0, 1), got {self.embed_dropout}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1) (0: off), got {self.ema}")
         if not 0 <= self.hidden_dropout < 1:
             raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}")
         if not 0 <= self.crop_prob <= 1:
@@ -258,6 +262,42 @@ def selection_score(
     return m["HR@10"], m["NDCG@10"]
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (``torch.optim.swa_utils``), swapped in on demand.
+
+    ``swapped_in()`` puts the averaged weights into the live model and restores the
+    training weights on exit, so selection, decoding and checkpoints see the average
+    while the optimizer keeps stepping the raw weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.model = model
+        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def update(self) -> None:
+        self.average.update_parameters(self.model)
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        live = self.model.state_dict()
+        saved = {k: v.detach().clone() for k, v in live.items()}
+        with torch.no_grad():
+            for k, v in self.average.module.state_dict().items():
+                live[k].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in saved.items():
+                    live[k].copy_(v)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.average.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.average.load_state_dict(state)
+
+
 def select_and_save(
     policy: Policy,
     state: TrainState,
@@ -270,24 +310,28 @@ def select_and_save(
     trainer_state: Callable[[], dict[str, Any]],
     extras: dict[str, dict[str, torch.Tensor]] | None = None,
     selectable: bool = True,
+    averaged: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> None:
     """One validation of SFT or RL: score the selection rows, keep the best model at ``out``
     (when ``selectable``) and the latest state at ``resume_dir``; rank 0 writes, all ranks wait.
-    With no selection rows the latest model is kept at ``out``."""
+    With no selection rows the latest model is kept at ``out``. Inside ``averaged()`` the policy
+    holds the weights to score and keep (an EMA); the resume state keeps the training weights."""
     if not select_rows:  # nothing held out (a refit): the latest model is the one to keep
         state.history.append({"step": state.step, "epoch": state.epoch})
         if is_main():
-            save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
+            with averaged():
+                save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
             save_checkpoint(resume_dir, policy, manifest, extras, trainer_state=trainer_state())
         barrier()
         return
-    score = selection_score(policy, select_rows, train_rows, eval_beams)
-    state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
-    log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
-    if selectable and score > state.best:
-        state.best = score
-        if is_main():
-            save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
+    with averaged():
+        score = selection_score(policy, select_rows, train_rows, eval_beams)
+        state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
+        log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
+        if selectable and score > state.best:
+            state.best = score
+            if is_main():
+                save_checkpoint(out, policy, manifest | {"selection": state.history[-1]}, extras)
     if is_main():
         save_checkpoint(resume_dir, policy, manifest, extras, trainer_state=trainer_state())
     barrier()
@@ -413,6 +457,9 @@ def _train_sft(
         scheduler.load_state_dict(trainer_state["scheduler"])
         state = TrainState(**trainer_state["train_state"])
         torch.set_rng_state(trainer_state["torch_rng"])
+    ema = WeightAverage(model, config.ema) if config.ema > 0 else None
+    if ema is not None and trainer_state is not None:
+        ema.load_state_dict(trainer_state["ema"])
     fork_rng(config.seed, state.step)
     amp = autocast_dtype(policy.device, config.precision)
     eval_every = config.eval_every or steps_per_epoch
@@ -437,7 +484,8 @@ def _train_sft(
             "scheduler": scheduler.state_dict(),
             "train_state": asdict(state),
             "torch_rng": torch.get_rng_state(),
-        })  # fmt: skip
+        } | ({"ema": ema.state_dict()} if ema is not None else {}),
+        averaged=ema.swapped_in if ema is not None else nullcontext)  # fmt: skip
 
     start = time.perf_counter()
     model.train()
@@ -467,6 +515,8 @@ def _train_sft(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update()
             state.step += 1
             state.batch_in_epoch = bi + 1
             bar.update(1)

@@ -268,3 +268,43 @@ def test_sft_cli_names_bad_options_and_missing_data_without_a_traceback(tiny_dat
     text = re.sub(r"[│╭╮╰╯─\s]+", " ", missing.output)  # unwrap rich's error box
     assert missing.exit_code == 2 and "Invalid value for --data" in text and "does not exist" in text
     assert not (tmp_path / "c").exists()
+
+
+def test_ema_is_what_gets_saved_and_it_survives_a_resume(
+    tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return load_checkpoint(path).policy.model.state_dict()
+
+    refit = {"preset": "tiny", "epochs": 2, "batch_size": 50, "seed": 1, "train_splits": ("train", "valid")}
+    # a vanishing decay: the average is the last weights, so the swap in and out is exact
+    train_sft(tiny_dataset, tmp_path / "near", SFTConfig(**refit, holdout=0, ema=1e-9), progress=False)
+    near, raw = weights(tmp_path / "near"), weights(tmp_path / "near.resume")
+    assert all(torch.allclose(near[k], raw[k], atol=1e-6) for k in raw)
+
+    config = SFTConfig(**refit, holdout=0, ema=0.5)
+    train_sft(tiny_dataset, tmp_path / "full", config, progress=False)
+    kept, raw = weights(tmp_path / "full"), weights(tmp_path / "full.resume")
+    assert any(not torch.allclose(kept[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crash_on_sixth(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(tiny_dataset, tmp_path / "part", config, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train_sft(tiny_dataset, tmp_path / "part", config, resume=True, progress=False)
+    resumed = weights(tmp_path / "part")
+    assert all(torch.allclose(kept[k], resumed[k], atol=1e-6) for k in kept)
+
+    selected = train_sft(
+        tiny_dataset, tmp_path / "sel", SFTConfig(**refit, holdout=8, eval_limit=8, ema=0.5), progress=False
+    )
+    assert all("HR@10" in h for h in selected["history"])
+    with pytest.raises(ValueError, match="ema must be in"):
+        SFTConfig(ema=1.0)
