@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from models.beam_search import BeamSearchConfig, beam_search
+from models.beam_search import BeamSearchConfig, beam_search, cache_kwargs
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy
 
@@ -63,3 +63,19 @@ def test_more_beams_than_sids_pads_with_invalid(tiny_policy: Policy) -> None:
 def test_rejects_zero_beams() -> None:
     with pytest.raises(ValueError, match="num_beams"):
         BeamSearchConfig(0)
+
+
+def test_cache_goes_under_the_keyword_the_model_takes() -> None:
+    """transformers renamed ``past_key_values`` to ``cache``; a wrong name would be swallowed by ``**kwargs``."""
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
+            return past_key_values
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
+            return cache
+
+    marker = object()
+    for model in (Old(), New()):
+        assert model(input_ids=None, **cache_kwargs(model, marker)) is marker
