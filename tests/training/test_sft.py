@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,23 +60,27 @@ def test_training_changes_weights_and_is_deterministic(tiny_dataset, tmp_path: P
     assert all(torch.equal(trained[k], again[k]) for k in trained)
 
 
+def interrupt_at_step(n: int, monkeypatch: pytest.MonkeyPatch, run: Callable[[], object]) -> None:
+    """Run ``run`` with the optimizer's ``n``-th step raising KeyboardInterrupt (a crash mid-training)."""
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crashing(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+
+
 def test_resume_continues_to_the_same_weights(tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = SFTConfig(preset="tiny", epochs=2, batch_size=50, eval_limit=8, seed=1)  # 4 steps per epoch
     train_sft(tiny_dataset, tmp_path / "full", config, progress=False)
 
-    real_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def crash_on_sixth(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_sixth)
-    with pytest.raises(KeyboardInterrupt):
-        train_sft(tiny_dataset, tmp_path / "part", config, progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupt_at_step(6, monkeypatch, lambda: train_sft(tiny_dataset, tmp_path / "part", config, progress=False))
     assert load_checkpoint(tmp_path / "part.resume").trainer_state()["train_state"]["step"] == 4
     summary = train_sft(tiny_dataset, tmp_path / "part", config, resume=True, progress=False)
     assert summary["steps"] == 8
@@ -286,18 +291,7 @@ def test_ema_is_what_gets_saved_and_it_survives_a_resume(
     train_sft(tiny_dataset, tmp_path / "full", config, progress=False)
     kept, raw = weights(tmp_path / "full"), weights(tmp_path / "full.resume")
     assert any(not torch.allclose(kept[k], raw[k]) for k in raw if raw[k].is_floating_point())
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def crash_on_sixth(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_sixth)
-    with pytest.raises(KeyboardInterrupt):
-        train_sft(tiny_dataset, tmp_path / "part", config, progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    interrupt_at_step(6, monkeypatch, lambda: train_sft(tiny_dataset, tmp_path / "part", config, progress=False))
     train_sft(tiny_dataset, tmp_path / "part", config, resume=True, progress=False)
     resumed = weights(tmp_path / "part")
     assert all(torch.allclose(kept[k], resumed[k], atol=1e-6) for k in kept)
