@@ -221,9 +221,7 @@ class LeanClient:
             self._reader = self._writer = None
 
 
-async def run_cell(
-    url: str, make_body: Callable[[], dict[str, Any]], clients: int, config: BenchConfig
-) -> CellResult:
+async def run_cell(url: str, make_body: Callable[[], dict[str, Any]], clients: int, config: BenchConfig) -> CellResult:
     """One closed-loop cell; each client has a connection of its own."""
     result = CellResult()
     https = [LeanClient(url, config.request_timeout_s) for _ in range(clients)]
@@ -296,9 +294,14 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
 
                     cell = asyncio.run(run_cell(url, ved_body, clients, config))
                     n = max(len(cell.latencies_ms), 1)
-                    row = {"cap_ms": cap, "clients": clients, **cell.summary(),
-                           "cap_hit_share": round(cell.cap_hits / n, 3), "fallback_share": round(cell.fallbacks / n, 3),
-                           "popular_share": round(cell.popular / n, 3)}
+                    row = {
+                        "cap_ms": cap,
+                        "clients": clients,
+                        **cell.summary(),
+                        "cap_hit_share": round(cell.cap_hits / n, 3),
+                        "fallback_share": round(cell.fallbacks / n, 3),
+                        "popular_share": round(cell.popular / n, 3),
+                    }
                     log_cell(f"ved cap={cap} ms clients={clients}", cell, row)
                     out["ved"].append(row)
     return out

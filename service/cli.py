@@ -50,8 +50,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         except ValidationError as e:
             raise typer.BadParameter(f"bad VSTAR_* settings in the environment:\n{e}") from None
         uvicorn.run(
-            "service.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
-            log_config=None, access_log=False, log_level=settings.log_level.lower(),
+            "service.app:create_app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=None,
+            access_log=False,
+            log_level=settings.log_level.lower(),
         )
 
     @bench.command(name="serve")
@@ -71,9 +77,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from service.bench import bench_serve as run
 
         config = BenchConfig(
-            clients=_int_list(clients, "--clients"), caps_ms=_int_list(caps, "--caps"),
-            ved_clients=_int_list(ved_clients, "--ved-clients"), k=k, duration_s=duration_s,
-            max_requests=max_requests, torch_threads=torch_threads,
+            clients=_int_list(clients, "--clients"),
+            caps_ms=_int_list(caps, "--caps"),
+            ved_clients=_int_list(ved_clients, "--ved-clients"),
+            k=k,
+            duration_s=duration_s,
+            max_requests=max_requests,
+            torch_threads=torch_threads,
         )
         result = run(checkpoint, config)
         text = json.dumps(result, indent=2)

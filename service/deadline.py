@@ -73,8 +73,13 @@ class DeadlineMargin:
 
 class BatchCost:
     def __init__(
-        self, start_s: float, quantile: float = 0.9, horizon_s: float = 30.0, window: int = 64,
-        min_reports: int = 3, clock: Callable[[], float] = time.monotonic,
+        self,
+        start_s: float,
+        quantile: float = 0.9,
+        horizon_s: float = 30.0,
+        window: int = 64,
+        min_reports: int = 3,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if start_s <= 0:
             raise ValueError(f"start_s must be > 0, got {start_s}")

@@ -20,25 +20,34 @@ class ServiceMetrics:
             "vstar_recommend_requests", "Recommendation requests by mode and outcome.", ["mode", "outcome"], registry=r
         )
         self.latency = Histogram(
-            "vstar_recommend_latency_seconds", "Server time per answered recommendation.", ["mode"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "vstar_recommend_latency_seconds",
+            "Server time per answered recommendation.",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "vstar_beam_batch_size", "Requests merged into one beam decode.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+            "vstar_beam_batch_size",
+            "Requests merged into one beam decode.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
         )
         self.cache = Counter("vstar_cache_lookups", "Response cache lookups.", ["result"], registry=r)
         self.cap_hits = Counter("vstar_ved_cap_hits", "VED searches stopped by the latency cap.", registry=r)
         self.ved_fallbacks = Counter(
-            "vstar_ved_fallbacks", "VED requests answered by the initial beam (too little time for the tree).",
+            "vstar_ved_fallbacks",
+            "VED requests answered by the initial beam (too little time for the tree).",
             registry=r,
         )
         self.ved_tokens = Histogram(
-            "vstar_ved_tokens_spent", "Tokens VED spent per request.",
-            buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r,
+            "vstar_ved_tokens_spent",
+            "Tokens VED spent per request.",
+            buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=r,
         )
         self.ved_margin = Gauge(
-            "vstar_ved_deadline_margin_seconds", "How much earlier than its cap a VED search is told to stop.",
+            "vstar_ved_deadline_margin_seconds",
+            "How much earlier than its cap a VED search is told to stop.",
             registry=r,
         )
         self.store_errors = Counter(

@@ -249,8 +249,14 @@ class Recommender:
         if report:
             self.beam_cost.report(len(jobs), time.perf_counter() - started)
         stats = VEDStats(
-            tokens_spent=sum(kept[:-1]), nodes=1 + sum(kept), max_depth=trie.depth, iterations=0, cap_hit=True,
-            budget=resolve_budget(config, trie.depth), init_tokens=sum(kept[:-1]), leaves=kept[-1],
+            tokens_spent=sum(kept[:-1]),
+            nodes=1 + sum(kept),
+            max_depth=trie.depth,
+            iterations=0,
+            cap_hit=True,
+            budget=resolve_budget(config, trie.depth),
+            init_tokens=sum(kept[:-1]),
+            leaves=kept[-1],
             stop_reason="deadline",
         )
         return [replace(row, stats=replace(stats), fallback=True) for row in rows]
@@ -330,8 +336,13 @@ class Recommender:
             self.metrics.cap_hits.inc()
         if row.fallback:
             self.metrics.ved_fallbacks.inc()
-        search = {"tokens_spent": stats.tokens_spent, "nodes": stats.nodes, "max_depth": stats.max_depth,
-                  "iterations": stats.iterations, "fallback": "initial_beam" if row.fallback else None}
+        search = {
+            "tokens_spent": stats.tokens_spent,
+            "nodes": stats.nodes,
+            "max_depth": stats.max_depth,
+            "iterations": stats.iterations,
+            "fallback": "initial_beam" if row.fallback else None,
+        }
         return {"items": items, "cap_hit": stats.cap_hit, "search": search}
 
     def _prior_answer(self, excluded: frozenset[int], k: int) -> dict[str, Any]:
@@ -351,8 +362,9 @@ class Recommender:
             if not items:
                 continue
             sid = sid_to_str(self.catalog.sids[idx])
-            out.append({"sid": sid, "item_ids": items, "titles": [self.catalog.items[i].title for i in items],
-                        "score": score})
+            out.append(
+                {"sid": sid, "item_ids": items, "titles": [self.catalog.items[i].title for i in items], "score": score}
+            )
             if len(out) == k:
                 break
         return out

@@ -74,7 +74,8 @@ class SearchStats(BaseModel):
     max_depth: int
     iterations: int
     fallback: Literal["initial_beam", "popular"] | None = Field(
-        None, description="initial_beam: too little time was left for VED's initial tree, so a constrained beam "
+        None,
+        description="initial_beam: too little time was left for VED's initial tree, so a constrained beam "
         "search of width max(k, init_beams) answered (scores are summed log-probabilities); popular: not even "
         "that could finish within the cap, so the most frequent training targets answered (scores are their "
         "smoothed log-frequencies); null: VED ran.",
@@ -148,20 +149,48 @@ def request_models(settings: Settings) -> RequestModels:
     recommend = create_model(
         "RecommendRequest",
         __base__=RecommendRequest,
-        user_id=(str | None, Field(None, min_length=1, max_length=settings.max_user_id_length, pattern=USER_ID_PATTERN,
-                                   description="Use this user's stored history (plus `history`, if given).")),
-        history=(entry_list | None, Field(None, min_length=1, max_length=settings.max_request_history,
-                                          description="Item ids or SID strings, oldest first.")),
+        user_id=(
+            str | None,
+            Field(
+                None,
+                min_length=1,
+                max_length=settings.max_user_id_length,
+                pattern=USER_ID_PATTERN,
+                description="Use this user's stored history (plus `history`, if given).",
+            ),
+        ),
+        history=(
+            entry_list | None,
+            Field(
+                None,
+                min_length=1,
+                max_length=settings.max_request_history,
+                description="Item ids or SID strings, oldest first.",
+            ),
+        ),
         k=(int, Field(settings.default_k, ge=1, le=settings.max_k, description="How many recommendations.")),
         budget=(int | None, Field(None, ge=1, le=settings.ved_max_budget, description="VED: token budget.")),
-        latency_ms=(int | None, Field(None, ge=1, le=settings.ved_max_latency_ms,
-                                      description=f"VED: cap in ms (default {settings.ved_default_latency_ms}).")),
+        latency_ms=(
+            int | None,
+            Field(
+                None,
+                ge=1,
+                le=settings.ved_max_latency_ms,
+                description=f"VED: cap in ms (default {settings.ved_default_latency_ms}).",
+            ),
+        ),
     )
     events = create_model(
         "EventsRequest",
         __base__=EventsRequest,
-        items=(entry_list, Field(min_length=1, max_length=settings.max_events,
-                                 description="Interactions to append, oldest first: item ids or SID strings.")),
+        items=(
+            entry_list,
+            Field(
+                min_length=1,
+                max_length=settings.max_events,
+                description="Interactions to append, oldest first: item ids or SID strings.",
+            ),
+        ),
     )
     return RequestModels(recommend, events, USER_ID_PATTERN, settings.max_user_id_length)
 

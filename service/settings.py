@@ -30,7 +30,8 @@ class Settings(BaseSettings):
 
     # --- stores
     redis_url: RedisDsn | None = Field(
-        None, validation_alias=AliasChoices("REDIS_URL", "VSTAR_REDIS_URL", "redis_url"),
+        None,
+        validation_alias=AliasChoices("REDIS_URL", "VSTAR_REDIS_URL", "redis_url"),
         description="Redis for histories and the response cache; unset = in-process stores.",
     )
     redis_timeout_s: float = Field(0.25, gt=0, description="Connect and command timeout; an outage costs at most this.")
@@ -57,11 +58,15 @@ class Settings(BaseSettings):
     )
 
     ved_respond_ms: float = Field(
-        2.0, ge=0, description="Time kept after VED's last chance to answer for sending the response: a request "
+        2.0,
+        ge=0,
+        description="Time kept after VED's last chance to answer for sending the response: a request "
         "whose decode has not finished by cap - this is answered from the popularity list (the hard cap).",
     )
     ved_init_cost_ms: float = Field(
-        100.0, gt=0, description="VED's initial-tree and initial-beam costs assumed until measured (the "
+        100.0,
+        gt=0,
+        description="VED's initial-tree and initial-beam costs assumed until measured (the "
         "warm-up times both per batch size); a request with less time left than the tree's gets the beam "
         "fallback, one with less than the beam's is answered from popularity at once (load shedding).",
     )

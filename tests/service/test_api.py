@@ -101,8 +101,14 @@ def test_items_health_ready_metrics(client: TestClient, tiny_catalog: SidCatalog
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["redis"] == "ok"
     text = client.get("/metrics").text
-    for name in ("vstar_recommend_requests_total", "vstar_recommend_latency_seconds_bucket", "vstar_beam_batch_size",
-                 "vstar_cache_lookups_total", "vstar_ved_cap_hits_total", "vstar_ved_tokens_spent"):
+    for name in (
+        "vstar_recommend_requests_total",
+        "vstar_recommend_latency_seconds_bucket",
+        "vstar_beam_batch_size",
+        "vstar_cache_lookups_total",
+        "vstar_ved_cap_hits_total",
+        "vstar_ved_tokens_spent",
+    ):
         assert name in text
 
 
@@ -167,7 +173,7 @@ def test_other_errors_share_the_error_body(client: TestClient) -> None:
 
 
 def test_oversized_bodies_get_413(client: TestClient) -> None:
-    big = b'{"history": [' + b"1," * 40000 + b'1]}'
+    big = b'{"history": [' + b"1," * 40000 + b"1]}"
     r = client.post("/recommend", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
 
@@ -186,6 +192,7 @@ def test_unexpected_errors_are_500_without_a_trace(
 ) -> None:
     app = create_app(make_settings())
     with TestClient(app) as c:
+
         def boom(*args: object) -> None:
             raise RuntimeError("secret internals")
 

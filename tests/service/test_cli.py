@@ -21,8 +21,15 @@ def test_serve_rejects_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:
 
 
 def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
-    config = BenchConfig(clients=(1, 3), caps_ms=(50,), ved_clients=(2,), duration_s=0.3, max_requests=30,
-                         warmup_per_client=1, torch_threads=1)
+    config = BenchConfig(
+        clients=(1, 3),
+        caps_ms=(50,),
+        ved_clients=(2,),
+        duration_s=0.3,
+        max_requests=30,
+        warmup_per_client=1,
+        torch_threads=1,
+    )
     out = bench_serve(tiny_checkpoint, config)
     assert [(r["clients"], r["batching"]) for r in out["beam"]] == [(1, True), (3, True), (1, False), (3, False)]
     for row in out["beam"]:
@@ -30,8 +37,16 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["rps"] > 0
     (ved,) = out["ved"]
     assert set(ved) == {
-        "cap_ms", "clients", "p50_ms", "p99_ms", "rps", "server_p50_ms", "server_p99_ms",
-        "cap_hit_share", "fallback_share", "popular_share",
+        "cap_ms",
+        "clients",
+        "p50_ms",
+        "p99_ms",
+        "rps",
+        "server_p50_ms",
+        "server_p99_ms",
+        "cap_hit_share",
+        "fallback_share",
+        "popular_share",
     }
     assert ved["cap_ms"] == 50 and ved["clients"] == 2
     assert 0 <= ved["fallback_share"] + ved["popular_share"] <= ved["cap_hit_share"] <= 1

@@ -58,7 +58,10 @@ def test_outage_and_recovery(make_settings: Callable[..., Settings], private_red
         assert c.get("/users/erin/history").status_code == 503
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json() | {"model_version": None} == {
-            "status": "degraded", "model": "loaded", "model_version": None, "redis": "unreachable"
+            "status": "degraded",
+            "model": "loaded",
+            "model_version": None,
+            "redis": "unreachable",
         }
         assert c.get("/healthz").status_code == 200
         assert "vstar_store_errors_total" in c.get("/metrics").text

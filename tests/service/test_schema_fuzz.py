@@ -40,7 +40,6 @@ def test_no_server_errors(api_schema: schemathesis.BaseSchema, mode: GenerationM
         if mode is GenerationMode.NEGATIVE and not (raw.get("parameters") or raw.get("requestBody")):
             continue  # nothing to get wrong in GET /healthz
 
-
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def check(case: schemathesis.Case) -> None:

@@ -46,8 +46,12 @@ def test_value_head_of_the_wrong_size(
     make_settings: Callable[..., Settings], tiny_policy: Policy, tmp_path: Path
 ) -> None:
     wrong = ValueHead(ValueHeadConfig(hidden_size=16, num_heads=2))
-    path = save_checkpoint(tmp_path / "wrong", tiny_policy, manifest={"value_head": asdict(ValueHeadConfig(32))},
-                           extras={"value_head": wrong.state_dict()})
+    path = save_checkpoint(
+        tmp_path / "wrong",
+        tiny_policy,
+        manifest={"value_head": asdict(ValueHeadConfig(32))},
+        extras={"value_head": wrong.state_dict()},
+    )
     with pytest.raises(CheckpointError, match="cannot load the value head"):
         start(make_settings(checkpoint=path))
 
@@ -56,8 +60,12 @@ def test_value_head_is_loaded_from_the_checkpoint(
     make_settings: Callable[..., Settings], tiny_policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     head = value_head_for(tiny_policy)
-    path = save_checkpoint(tmp_path / "vstar", tiny_policy, manifest={"value_head": asdict(head.config)},
-                           extras={"value_head": head.state_dict()})
+    path = save_checkpoint(
+        tmp_path / "vstar",
+        tiny_policy,
+        manifest={"value_head": asdict(head.config)},
+        extras={"value_head": head.state_dict()},
+    )
     app = create_app(make_settings(checkpoint=path))
     with caplog.at_level(logging.WARNING), TestClient(app):
         loaded = app.state.recommender.value_head

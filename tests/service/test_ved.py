@@ -204,18 +204,23 @@ def test_concurrent_ved_requests_share_a_search_and_its_earliest_deadline(
     monkeypatch.setattr(batcher, "run", spy)
     monkeypatch.setattr(batcher, "max_wait_s", 0.3)
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(client.post, "/recommend",
-                               json={"history": [i + 1], "k": 4, "mode": "ved", "latency_ms": 900}) for i in range(3)]
+        futures = [
+            pool.submit(client.post, "/recommend", json={"history": [i + 1], "k": 4, "mode": "ved", "latency_ms": 900})
+            for i in range(3)
+        ]
         bodies = [f.result().json() for f in futures]
     assert all(len(b["items"]) == 4 for b in bodies)
     assert any(isinstance(key, VEDConfig) and size > 1 for key, size in seen)
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"history": [1], "mode": "ved", "budget": 5}, "budget"),
-    ({"history": [1], "mode": "ved", "budget": 10**6}, "budget"),
-    ({"history": [1], "mode": "ved", "latency_ms": 0}, "latency_ms"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"history": [1], "mode": "ved", "budget": 5}, "budget"),
+        ({"history": [1], "mode": "ved", "budget": 10**6}, "budget"),
+        ({"history": [1], "mode": "ved", "latency_ms": 0}, "latency_ms"),
+    ],
+)
 def test_bad_ved_parameters_are_422(client: TestClient, body: dict[str, Any], field: str) -> None:
     r = client.post("/recommend", json=body)
     assert r.status_code == 422 and field in r.json()["error"]["message"]
