@@ -1,4 +1,5 @@
-"""VED deadlines that keep the latency cap: the cap, less what a search runs past its deadline.
+"""VED deadlines that keep the latency cap: the hard cap's last chance to answer (the cap less
+``ved_respond_ms``), less what a search runs past its deadline.
 
 VED checks its deadline before each step, so a search stopped by the deadline
 still finishes the step it is in, then ranks its leaves, and the response is

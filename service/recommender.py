@@ -317,8 +317,9 @@ class Recommender:
         except ValueError as e:
             raise InvalidInput("budget", f"{e} (k={req.k})") from None
         cap_ms = req.cap_ms(self.settings)
-        deadline = self.deadline_margin.deadline(started, cap_ms)
         answer_by = started + (cap_ms - self.settings.ved_respond_ms) / 1000
+        # the search's overrun must end before the hard cap's last chance, not before the cap itself
+        deadline = self.deadline_margin.deadline(started, cap_ms - self.settings.ved_respond_ms)
         try:
             row = await asyncio.wait_for(
                 self.batcher.submit(config, DecodeJob(history, deadline, answer_by)),

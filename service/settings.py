@@ -58,10 +58,11 @@ class Settings(BaseSettings):
     )
 
     ved_respond_ms: float = Field(
-        2.0,
+        4.0,
         ge=0,
-        description="Time kept after VED's last chance to answer for sending the response: a request "
-        "whose decode has not finished by cap - this is answered from the popularity list (the hard cap).",
+        description="Time kept after VED's last chance to answer for what the server's clock does not see "
+        "(reading the request before it is stamped, sending the response, waits for the GIL on a busy host): a "
+        "request whose decode has not finished by cap - this is answered from the popularity list (the hard cap).",
     )
     ved_init_cost_ms: float = Field(
         100.0,

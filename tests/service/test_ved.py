@@ -224,3 +224,23 @@ def test_concurrent_ved_requests_share_a_search_and_its_earliest_deadline(
 def test_bad_ved_parameters_are_422(client: TestClient, body: dict[str, Any], field: str) -> None:
     r = client.post("/recommend", json=body)
     assert r.status_code == 422 and field in r.json()["error"]["message"]
+
+
+def test_search_deadline_counts_back_from_the_hard_caps_last_chance(
+    app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search may overrun its deadline by the margin and still answer before ``cap - ved_respond_ms``."""
+    rec = app.state.recommender
+    monkeypatch.setattr(rec, "deadline_margin", DeadlineMargin(0.007))
+    jobs: list[DecodeJob] = []
+    submit = rec.batcher.submit
+
+    async def spy(key: Hashable, job: DecodeJob) -> Any:
+        jobs.append(job)
+        return await submit(key, job)
+
+    monkeypatch.setattr(rec.batcher, "submit", spy)
+    client.post("/recommend", json={"history": [4, 5], "k": 3, "mode": "ved", "latency_ms": 300})
+    (job,) = jobs
+    assert job.answer_by is not None and job.deadline is not None
+    assert job.answer_by - job.deadline == pytest.approx(0.007)
