@@ -190,7 +190,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.Option(
                 "--ema",
                 min=0.0,
-                max=0.9999999,
                 help="Decay of a moving average of the weights that is validated and saved instead (0: off).",
             ),
         ] = 0.0,
