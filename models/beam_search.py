@@ -63,7 +63,7 @@ class Prefill:
     cache: DynamicCache
     attention_mask: torch.Tensor  # (B, T)
     next_position: torch.Tensor  # (B,) position id of the first generated token
-    last_hidden: torch.Tensor | None = None  # (B, H) final-layer state at the last prompt token
+    hidden: torch.Tensor | None = None  # (B, T, H) final-layer states of every prompt position (want_hidden)
 
 
 @functools.cache
@@ -102,7 +102,7 @@ def prefill(
         output_hidden_states=want_hidden,
     )
     logits = out.logits[:, -1, :]
-    hidden = out.hidden_states[-1][:, -1, :] if want_hidden else None
+    hidden = out.hidden_states[-1] if want_hidden else None
     next_pos = attention_mask.long().sum(-1)
     return Prefill(logits, cache, attention_mask, next_pos, hidden)
 

@@ -64,7 +64,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from models.beam_search import DecodeResult, cache_kwargs, decode_step, level_log_probs, prompt_position_ids
+from models.beam_search import DecodeResult, decode_step, level_log_probs, prefill, prompt_position_ids
 from models.search_tree import SearchTree, rank_within
 from models.sid_trie import SidTrie
 from models.value_head import ValueHead
@@ -194,17 +194,9 @@ class _Search:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Run the prompts once; keep their caches (backbone and value head) and evaluate the roots."""
         self.keys = prompt_keys(input_ids, attention_mask, self.config.seed)  # (B,)
-        cache = DynamicCache(config=self.model.config)  # as beam_search.prefill, plus every position's hidden state
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=prompt_position_ids(attention_mask),
-            **cache_kwargs(self.model, cache),
-            use_cache=True,
-            logits_to_keep=1,
-            output_hidden_states=True,
-        )
-        hidden = out.hidden_states[-1].to(self.dtype)  # (B, T, H)
+        pre = prefill(self.model, input_ids, attention_mask, want_hidden=True)
+        assert pre.hidden is not None
+        hidden = pre.hidden.to(self.dtype)  # (B, T, H)
         self.mask = attention_mask.long()  # (B, T)
         self.next_position = self.mask.sum(-1)  # (B,)
         b, t, m = input_ids.shape[0], input_ids.shape[1], self.tree.parent.shape[1]
@@ -215,12 +207,12 @@ class _Search:
             buffer[:, :t] = x.transpose(1, 2)
             return buffer
 
-        self.backbone_kv = [(slots(layer.keys), slots(layer.values)) for layer in cache.layers]
+        self.backbone_kv = [(slots(layer.keys), slots(layer.values)) for layer in pre.cache.layers]
         head_k, head_v = self.head.kv(hidden)  # (B, heads, T, d)
         self.head_kv = (slots(head_k), slots(head_v))
         root_value = self.head.step(hidden[:, -1], head_k, head_v, self.mask)  # (B,)
         roots = torch.zeros(b, dtype=torch.long, device=self.device)
-        log_probs = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+        log_probs = F.log_softmax(pre.logits.float(), dim=-1)  # (B, V)
         root_lp = level_log_probs(log_probs, self.trie, 0, roots)  # (B, C)
         self.tree.evaluate(torch.arange(b, device=self.device), roots, root_value, root_lp)
 
