@@ -17,8 +17,11 @@ decodes, but does only the work that any such decode needs:
   HF's position ids, so scores match HF on the same padded batch).
 
 Scores are float32 log-probabilities under the full-vocabulary softmax, as HF
-computes them before its constraint mask. Prompts with fewer than K valid SIDs
-get -1 / -inf in the unused slots (HF would return junk continuations there).
+computes them before its constraint mask. With ``bonus`` (shallow fusion with
+a count prior, ``models.transition``), a beam is ranked by its log-probability
+plus its node's bonus, and the scores returned include the leaf's bonus.
+Prompts with fewer than K valid SIDs get -1 / -inf in the unused slots (HF
+would return junk continuations there).
 """
 
 from __future__ import annotations
@@ -164,6 +167,7 @@ def beam_search(
     input_ids: torch.Tensor,  # (B, T) left-padded
     attention_mask: torch.Tensor,  # (B, T)
     config: BeamSearchConfig,
+    bonus: torch.Tensor | None = None,  # (B, trie nodes) added to a beam's score at each node it reaches
 ) -> DecodeResult:
     k = config.num_beams
     b = input_ids.shape[0]
@@ -173,6 +177,8 @@ def beam_search(
 
     root = torch.zeros(b, dtype=torch.long, device=dev)
     cand = level_log_probs(pre.logits, trie, 0, root)  # (B, C)
+    if bonus is not None:
+        cand = cand + bonus.gather(1, trie.children[0].clamp(min=0).expand(b, -1))
     width = min(k, c)
     scores, codes = cand.topk(width, dim=-1)  # (B, width)
     if width < k:
@@ -199,6 +205,10 @@ def beam_search(
             input_ids=step_ids, attention_mask=mask, position_ids=position, **cache_kwargs(model, cache), use_cache=True
         )
         cand = level_log_probs(out.logits.reshape(b * k, -1), trie, level, nodes.reshape(-1))  # (B*K, C)
+        if bonus is not None:  # the step from each beam's node to each child: their bonuses' difference
+            child = trie.children[nodes].clamp(min=0).reshape(b, k * c)  # (B, K*C)
+            step = bonus.gather(1, child) - bonus.gather(1, nodes).repeat_interleave(c, dim=1)
+            cand = cand + step.reshape(b * k, c)
         cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)
         parent, codes = flat // c, flat % c

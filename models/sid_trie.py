@@ -57,6 +57,13 @@ class SidTrie:
         for i, sid in enumerate(catalog.sids):
             leaf_sid[prefix_node[tuple(int(t[3:-1]) for t in sid)]] = i
         self.leaf_sid = leaf_sid  # (nodes,)
+        self.sid_node = torch.tensor(
+            [prefix_node[tuple(int(t[3:-1]) for t in sid)] for sid in catalog.sids], dtype=torch.long
+        )  # (SIDs,) the leaf of each SID index
+        parent = torch.zeros(num_nodes, dtype=torch.long)  # the root is its own parent
+        for p, _, child in edges:
+            parent[child] = p
+        self.parent = parent  # (nodes,)
         self._prefix_node = prefix_node
         self._id_to_level_code = {
             int(level_ids[lv, c]): (lv, c)
@@ -76,7 +83,13 @@ class SidTrie:
         self.level_columns = self.level_columns.to(device)
         self.node_depth = self.node_depth.to(device)
         self.leaf_sid = self.leaf_sid.to(device)
+        self.sid_node = self.sid_node.to(device)
+        self.parent = self.parent.to(device)
         return self
+
+    def level_nodes(self, level: int) -> torch.Tensor:
+        """Ids of the nodes at ``level`` (0: the root, ``depth``: the leaves); ids are numbered by level."""
+        return torch.nonzero(self.node_depth == level).flatten()
 
     def node_of_token_ids(self, token_ids: Sequence[int]) -> int:
         """Node reached by a prefix of vocabulary ids; -1 if it is not a valid prefix."""

@@ -1,4 +1,4 @@
-"""``vstar baseline pop|sasrec``: the README table's baselines, written in ``vstar eval``'s JSON shape.
+"""``vstar baseline pop|transition|sasrec``: the README table's baselines, written in ``vstar eval``'s JSON shape.
 
 ``training.cli.register`` calls ``register_baseline``; the handler parses
 options, builds a ``SASRecConfig`` and calls ``training.baselines``. Bad input
@@ -40,7 +40,12 @@ HoldoutOpt = Annotated[
 def register_baseline(app: typer.Typer) -> None:
     @app.command()
     def baseline(
-        name: Annotated[str, typer.Argument(help="pop (most popular items) or sasrec (Kang & McAuley 2018).")],
+        name: Annotated[
+            str,
+            typer.Argument(
+                help="pop (most popular items), transition (item-transition counts) or sasrec (Kang & McAuley 2018)."
+            ),
+        ],
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
@@ -48,6 +53,9 @@ def register_baseline(app: typer.Typer) -> None:
         train_splits: SplitsOpt = "train",
         split: Annotated[str, typer.Option("--split", help="test, or valid if not trained on.")] = "test",
         pop_counts: PopCountsOpt = "targets",
+        window: Annotated[
+            int, typer.Option("--window", min=1, help="transition: last history items whose successors are counted.")
+        ] = 3,
         loss: Annotated[str, typer.Option("--loss", help="sasrec: ce (full softmax) or bce (sampled).")] = "ce",
         loss_on: Annotated[str, typer.Option("--loss-on", help="sasrec: last position or all (paper).")] = "last",
         hidden: Annotated[int, typer.Option("--hidden", min=1, help="sasrec: embedding width.")] = 64,
@@ -64,8 +72,8 @@ def register_baseline(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         threads: Annotated[int, typer.Option("--threads", min=0, help="sasrec: torch threads (0: default).")] = 1,
     ) -> None:
-        """Most-popular or SASRec, scored on a split exactly as `vstar eval` scores the generative model."""
-        from training.baselines import POP_COUNTS, check_request, run_pop, run_sasrec
+        """Most-popular, item transitions or SASRec, scored on a split as `vstar eval` scores the generative model."""
+        from training.baselines import POP_COUNTS, check_request, run_pop, run_sasrec, run_transition
         from training.data import parse_splits
         from training.sasrec import SASRecConfig, num_threads
 
@@ -95,6 +103,8 @@ def register_baseline(app: typer.Typer) -> None:
             raise typer.BadParameter(str(e)) from None
         if name == "pop":
             write_json(json_out, run_pop(ds, split, splits, pop_counts))
+        elif name == "transition":
+            write_json(json_out, run_transition(ds, split, splits, window))
         else:
             with num_threads(threads or None):  # 1 by default: see training.sasrec
                 write_json(json_out, run_sasrec(ds, split, splits, config, holdout))

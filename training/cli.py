@@ -35,6 +35,14 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data ord
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")]
 SummaryOpt = Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
+FusionOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--fusion-weight",
+        min=0.0,
+        help="Weight of the transition counts fused into beam search (0: off; default: chosen on held-out rows).",
+    ),
+]
 
 
 def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
@@ -197,6 +205,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             str,
             typer.Option("--precision", help="auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16."),
         ] = "auto",
+        fusion_weight: FusionOpt = None,
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
         json_out: SummaryOpt = None,
@@ -227,6 +236,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 hidden_dropout=hidden_dropout,
                 precision=precision,
                 ema=ema,
+                fusion_weight=fusion_weight,
             )
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
@@ -250,6 +260,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N rows.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
         train_splits: SplitsOpt = "train",
+        fusion_weight: Annotated[
+            float | None,
+            typer.Option(
+                "--fusion-weight",
+                min=0.0,
+                help="Weight of the transition counts fused into beam search (default: the checkpoint's; 0: off).",
+            ),
+        ] = None,
         device: DeviceOpt = "cpu",
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.")
@@ -258,22 +276,54 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """HR@K / NDCG@K (MiniOneRec's definitions), catalog coverage and long-tail share on a split."""
         from models.checkpoint import load_checkpoint
         from training.data import parse_splits
-        from training.evaluate import evaluate, make_decoder
+        from training.evaluate import checkpoint_fusion, evaluate, make_decoder
 
         ds = load_data(data, minionerec_root, dataset)
         if split not in ds.splits:
             raise typer.BadParameter(f"unknown split {split!r}")
         ckpt = load_checkpoint(checkpoint, device)
         rows = ds.splits[split][:limit] if limit else ds.splits[split]
-        result = evaluate(
-            ckpt.policy,
-            rows,
-            ds.samples(parse_splits(train_splits)),
-            make_decoder(ckpt, decoder, beams, budget),
-            batch_size,
-        )
-        result |= {"split": split, "decoder": decoder, "beams": beams, "budget": budget, "checkpoint": str(checkpoint)}
+        try:
+            fusion = checkpoint_fusion(ckpt, 0.0 if decoder != "beam" and fusion_weight is None else fusion_weight)
+            decode = make_decoder(ckpt, decoder, beams, budget, fusion)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        result = evaluate(ckpt.policy, rows, ds.samples(parse_splits(train_splits)), decode, batch_size)
+        result |= {
+            "split": split,
+            "decoder": decoder,
+            "beams": beams,
+            "budget": budget,
+            "fusion_weight": fusion.weight if fusion else 0.0,
+            "checkpoint": str(checkpoint),
+        }
         write_json(json_out, result)
+
+    @app.command()
+    def fuse(
+        checkpoint: Annotated[Path, typer.Option("--checkpoint", help="SFT checkpoint trained with held-out rows.")],
+        data: DataOpt = None,
+        minionerec_root: RootOpt = None,
+        dataset: NameOpt = None,
+        weights: Annotated[
+            str, typer.Option("--weights", help="Comma list of fusion weights to score on the held-out rows.")
+        ] = "0,0.25,0.5,1,1.5,2,3",
+        device: DeviceOpt = "cpu",
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write the choice and its grid here.")] = None,
+    ) -> None:
+        """Choose a checkpoint's fusion weight on its held-out rows and store it, as SFT does when it ends."""
+        from training.fusion import fuse_checkpoint
+
+        try:
+            grid = tuple(float(w) for w in weights.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"--weights must be a comma list of numbers, got {weights!r}") from None
+        setup_logging()
+        ds = load_data(data, minionerec_root, dataset)
+        try:
+            write_json(json_out, fuse_checkpoint(checkpoint, ds, grid, device=device))
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
 
     @bench.command(name="decode")
     def bench_decode(

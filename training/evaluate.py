@@ -2,7 +2,10 @@
 
 Rows are decoded in batches sorted by prompt length (less padding); results are
 put back in row order before scoring. The decoder is beam search by default;
-``decode_fn`` lets other decoders (VED) plug in with the same signature.
+``decode_fn`` lets other decoders (VED) plug in with the same signature. A
+decoder sees each batch's prompts and the item histories they encode, which is
+what beam search's shallow fusion with the transition counts needs
+(``models.transition``; a checkpoint's chosen fusion is ``checkpoint_fusion``).
 """
 
 from __future__ import annotations
@@ -17,17 +20,22 @@ from tqdm import tqdm
 
 from models.beam_search import BeamSearchConfig, DecodeResult, beam_search
 from models.policy import Policy, pad_left
+from models.transition import STATE_NAME as TRANSITIONS
+from models.transition import ShallowFusion, TransitionCounts
 from training.data import Sample
 from training.metrics import CUTOFFS, beyond_accuracy, rank_metrics, tail_items
 
-DecodeFn = Callable[[Policy, torch.Tensor, torch.Tensor], DecodeResult]
+Histories = Sequence[Sequence[int]]
+DecodeFn = Callable[[Policy, torch.Tensor, torch.Tensor, Histories], DecodeResult]
 
 
-def beam_decoder(num_beams: int) -> DecodeFn:
+def beam_decoder(num_beams: int, fusion: ShallowFusion | None = None) -> DecodeFn:
+    """Constrained beam search; with ``fusion``, fused with the transition counts."""
     config = BeamSearchConfig(num_beams)
 
-    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> DecodeResult:
-        return beam_search(policy.model, policy.trie, ids, mask, config)
+    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, histories: Histories) -> DecodeResult:
+        bonus = fusion.node_bonus(histories, policy.catalog, policy.trie) if fusion else None
+        return beam_search(policy.model, policy.trie, ids, mask, config, bonus)
 
     return run
 
@@ -50,7 +58,8 @@ def rank_samples(
         for start in tqdm(range(0, len(order), batch_size), desc="decode", disable=not progress, leave=False):
             idx = order[start : start + batch_size]
             ids, mask = pad_left([prompts[i] for i in idx], int(policy.tokenizer.pad_token_id), policy.device)
-            for i, row in zip(idx, decode(policy, ids, mask).ranked(), strict=False):
+            result = decode(policy, ids, mask, [samples[i].history for i in idx])
+            for i, row in zip(idx, result.ranked(), strict=False):
                 ranked[i] = row
     finally:
         policy.model.train(was_training)
@@ -90,7 +99,9 @@ def score_rankings(
     return {"metrics": metrics, "rows": len(samples), "seconds": round(seconds, 2)}
 
 
-def make_decoder(checkpoint: Any, name: str, beams: int, budget: int | None = None) -> DecodeFn:
+def make_decoder(
+    checkpoint: Any, name: str, beams: int, budget: int | None = None, fusion: ShallowFusion | None = None
+) -> DecodeFn:
     """The decoder named on the command line, configured from a loaded checkpoint.
 
     ``ved`` ranks ``beams`` SIDs with the checkpoint's value head (a
@@ -99,7 +110,9 @@ def make_decoder(checkpoint: Any, name: str, beams: int, budget: int | None = No
     if name == "beam":
         if budget is not None:
             raise ValueError("--budget applies to --decoder ved")
-        return beam_decoder(beams)
+        return beam_decoder(beams, fusion)
+    if fusion is not None:
+        raise ValueError("shallow fusion applies to --decoder beam; pass --fusion-weight 0 with --decoder ved")
     if name == "ved":
         return ved_decoder(checkpoint, beams, budget)
     raise ValueError(f"unknown decoder {name!r}; choose beam or ved")
@@ -115,8 +128,26 @@ def ved_decoder(checkpoint: Any, num_candidates: int, budget: int | None) -> Dec
 
     config = VEDConfig(num_candidates=num_candidates, budget=budget)
 
-    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> DecodeResult:
+    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, histories: Histories) -> DecodeResult:
         with torch.no_grad():
             return ved_search(policy.model, head, policy.trie, ids, mask, config).decode
 
     return run
+
+
+def checkpoint_fusion(checkpoint: Any, weight: float | None = None) -> ShallowFusion | None:
+    """The shallow fusion a checkpoint was selected with, or with ``weight`` instead; None when off.
+
+    ``weight`` None takes the checkpoint's chosen weight (none chosen: off); a
+    weight above 0 needs the checkpoint's transition counts.
+    """
+    chosen = checkpoint.manifest.get("fusion") or {}
+    w = float(chosen.get("weight", 0.0)) if weight is None else weight
+    if w < 0:
+        raise ValueError(f"the fusion weight must be >= 0, got {w}")
+    if w == 0:
+        return None
+    state = checkpoint.extras.get(TRANSITIONS)
+    if state is None:
+        raise ValueError(f"checkpoint {checkpoint.path} has no transition counts to fuse with; use --fusion-weight 0")
+    return ShallowFusion(TransitionCounts.from_state(state), w)

@@ -64,6 +64,7 @@ from training.distributed import (
     wrap_ddp,
 )
 from training.evaluate import beam_decoder, evaluate
+from training.fusion import fuse_trained
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class SFTConfig:
     hidden_dropout: float = 0.0  # residual dropout on every layer's attention and MLP outputs
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
+    fusion_weight: float | None = None  # shallow fusion with transition counts; None: chosen on the held-out rows
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -113,6 +115,8 @@ class SFTConfig:
             raise ValueError("training on the test split is not allowed")
         if not 0 <= self.embed_dropout < 1:
             raise ValueError(f"embed_dropout must be in [0, 1), got {self.embed_dropout}")
+        if self.fusion_weight is not None and self.fusion_weight < 0:
+            raise ValueError(f"fusion_weight must be >= 0, got {self.fusion_weight}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1) (0: off), got {self.ema}")
         if not 0 <= self.hidden_dropout < 1:
@@ -533,6 +537,10 @@ def _train_sft(
     bar.close()
     if last_validated != state.step:
         validate()
+    fusion = None
+    if is_main():  # the kept model's fusion with the transition counts (training.fusion)
+        fusion = fuse_trained(out, config.fusion_weight, train_rows, select_rows, str(policy.device))
+    barrier()
     return {
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,  # None: a refit
         "steps": state.step,
@@ -540,4 +548,5 @@ def _train_sft(
         "history": state.history,
         "train_rows": len(train_rows),
         "selection_rows": len(select_rows),
+        "fusion": fusion,
     }

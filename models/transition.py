@@ -1,0 +1,137 @@
+"""Item-transition counts: the count baseline, and the prior beam search fuses with the policy.
+
+``C[x][y]`` counts the training rows whose last history item is ``x`` and whose
+target is ``y``. The data sets are sliding windows over each user's timeline,
+so each observed transition (one interaction followed by the next) is the
+target of exactly one row and is counted once. A history ``h`` scores item
+``y`` by ``S(y) = sum_k C[h_-k][y] / k`` over its last ``window`` items (the
+last item weighs 1, the one before 1/2, ...); the baseline ranks items by
+``S``, popularity breaking ties and filling the rest of the list.
+
+Shallow fusion. Beam search ranks a complete SID by ``log p_policy(sid) + w *
+log(1 + S(sid))`` (``S`` summed over the items that share the SID), so a row
+with no observed transition is ranked by the policy alone, and the one weight
+``w`` is chosen on held-out rows. A prefix at an earlier level gets ``w *
+log(1 + max S)`` over the SIDs below it: an upper bound of what any of its
+completions can add, so beam search does not prune a prefix that leads to a
+strong transition before it reaches it, and the per-level increments telescope
+to the complete SID's bonus. ``node_bonus`` builds that table per row over the
+trie's nodes; ``models.beam_search`` adds it.
+
+The counts are plain data: a checkpoint stores them as the extra
+``transitions`` (``to_state`` / ``from_state``), so decoding needs no data set.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from models.sid_catalog import SidCatalog
+from models.sid_trie import SidTrie
+
+STATE_NAME = "transitions"  # checkpoint extra that holds the counts
+
+
+class TransitionCounts:
+    def __init__(self, counts: dict[int, Counter[int]], window: int = 3) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.counts = counts
+        self.window = window
+
+    @classmethod
+    def fit(cls, rows: Iterable[tuple[Sequence[int], int]], window: int = 3) -> TransitionCounts:
+        """Count (last history item -> target) over ``(history, target)`` rows; empty histories count nothing."""
+        counts: dict[int, Counter[int]] = defaultdict(Counter)
+        for history, target in rows:
+            if history:
+                counts[int(history[-1])][int(target)] += 1
+        return cls(dict(counts), window)
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(c) for c in self.counts.values())
+
+    def scores(self, history: Sequence[int]) -> dict[int, float]:
+        """``S(y)`` for every item ``y`` that followed one of the last ``window`` history items."""
+        out: dict[int, float] = defaultdict(float)
+        for k, item in enumerate(reversed(history[-self.window :]), start=1):
+            for nxt, c in self.counts.get(int(item), {}).items():
+                out[nxt] += c / k
+        return out
+
+    def rank_items(self, history: Sequence[int], popular: Sequence[int], depth: int) -> list[int]:
+        """The ``depth`` best items: by score, ties by the order of ``popular``, then ``popular`` fills the rest."""
+        scored = self.scores(history)
+        pop_rank = {item: r for r, item in enumerate(popular)}
+        top = sorted(scored, key=lambda i: (-scored[i], pop_rank.get(i, len(pop_rank)), i))[:depth]
+        seen = set(top)
+        for item in popular:
+            if len(top) >= depth:
+                break
+            if item not in seen:
+                top.append(item)
+        return top
+
+    def sid_scores(self, history: Sequence[int], catalog: SidCatalog) -> dict[int, float]:
+        """``S`` per SID index: the scores of the items that share it, summed."""
+        out: dict[int, float] = defaultdict(float)
+        for item, s in self.scores(history).items():
+            if item in catalog.items:
+                out[catalog.sid_index[catalog.items[item].sid]] += s
+        return out
+
+    def node_bonus(
+        self, histories: Sequence[Sequence[int]], catalog: SidCatalog, trie: SidTrie, weight: float
+    ) -> torch.Tensor:
+        """(B, nodes) fusion bonus ``weight * log(1 + max S)`` below each trie node, 0 where nothing followed."""
+        leaf = torch.zeros((len(histories), len(catalog.sids)))
+        for row, history in enumerate(histories):
+            sids = self.sid_scores(history, catalog)
+            if sids:
+                leaf[row, list(sids)] = torch.tensor(list(sids.values()))
+        dev = trie.children.device
+        bonus = torch.zeros((len(histories), trie.num_nodes), device=dev)
+        bonus[:, trie.sid_node] = torch.log1p(leaf.to(dev)) * weight
+        for level in range(trie.depth, 0, -1):  # children before parents: nodes are numbered by level
+            nodes = trie.level_nodes(level)
+            parents = trie.parent[nodes].expand(len(histories), -1)
+            bonus.scatter_reduce_(1, parents, bonus[:, nodes], reduce="amax")
+        return bonus
+
+    def to_state(self) -> dict[str, torch.Tensor]:
+        src = [x for x, c in self.counts.items() for _ in c]
+        dst = [y for c in self.counts.values() for y in c]
+        n = [v for c in self.counts.values() for v in c.values()]
+        return {
+            "src": torch.tensor(src, dtype=torch.long),
+            "dst": torch.tensor(dst, dtype=torch.long),
+            "count": torch.tensor(n, dtype=torch.long),
+            "window": torch.tensor(self.window),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> TransitionCounts:
+        counts: dict[int, Counter[int]] = defaultdict(Counter)
+        for x, y, n in zip(state["src"].tolist(), state["dst"].tolist(), state["count"].tolist(), strict=True):
+            counts[x][y] = n
+        return cls(dict(counts), int(state["window"]))
+
+
+@dataclass(frozen=True)
+class ShallowFusion:
+    """Beam search fused with transition counts at ``weight`` (chosen on held-out rows)."""
+
+    counts: TransitionCounts
+    weight: float
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"fusion weight must be >= 0, got {self.weight}")
+
+    def node_bonus(self, histories: Sequence[Sequence[int]], catalog: SidCatalog, trie: SidTrie) -> torch.Tensor:
+        return self.counts.node_bonus(histories, catalog, trie, self.weight)

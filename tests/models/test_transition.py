@@ -1,0 +1,118 @@
+"""Item-transition counts and shallow fusion: exact counts on hand-made rows, ties, the fused beam search."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from models.beam_search import BeamSearchConfig, beam_search
+from models.policy import Policy
+from models.sid_catalog import Item, SidCatalog, level_token
+from models.sid_trie import SidTrie
+from models.transition import ShallowFusion, TransitionCounts
+
+# (history, target): 1 -> 2 twice, 1 -> 3 once, 2 -> 3 once, 3 -> 4 once; the empty history counts nothing
+ROWS = [((1,), 2), ((5, 1), 2), ((1,), 3), ((1, 2), 3), ((2, 3), 4), ((), 9)]
+
+
+def test_counts_each_last_item_transition() -> None:
+    counts = TransitionCounts.fit(ROWS)
+    assert counts.counts == {1: {2: 2, 3: 1}, 2: {3: 1}, 3: {4: 1}}
+    assert counts.num_pairs == 4
+
+
+def test_scores_weight_the_last_items_1_half_third() -> None:
+    counts = TransitionCounts.fit(ROWS)
+    # history (..., 1, 2, 3): 3 -> 4 at weight 1, 2 -> 3 at 1/2, 1 -> {2: 2, 3: 1} at 1/3
+    assert counts.scores((7, 1, 2, 3)) == pytest.approx({4: 1.0, 3: 0.5 + 1 / 3, 2: 2 / 3})
+    assert TransitionCounts(counts.counts, window=1).scores((1, 2, 3)) == {4: 1.0}
+    assert counts.scores((8,)) == {}
+
+
+def test_ties_go_to_the_more_popular_item_and_popularity_fills_the_list() -> None:
+    counts = TransitionCounts.fit([((1,), 2), ((1,), 3)])  # 2 and 3 tie after item 1
+    assert counts.rank_items((1,), popular=[3, 7, 2, 8], depth=4) == [3, 2, 7, 8]
+    assert counts.rank_items((1,), popular=[2, 3], depth=1) == [2]
+    assert counts.rank_items((99,), popular=[7, 8, 9], depth=2) == [7, 8]  # nothing followed 99: popularity
+
+
+def test_state_round_trip() -> None:
+    counts = TransitionCounts.fit(ROWS, window=2)
+    back = TransitionCounts.from_state(counts.to_state())
+    assert back.counts == counts.counts and back.window == 2
+
+
+def small_catalog() -> SidCatalog:
+    sids = list(itertools.product(range(3), range(2), range(2)))[:10]
+    items = {i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(sid))) for i, sid in enumerate(sids)}
+    items[10] = Item(10, "", items[4].sid)  # two items share a SID: their scores add up
+    return SidCatalog(items)
+
+
+def test_node_bonus_is_the_max_below_each_node() -> None:
+    catalog = small_catalog()
+    tokens = sorted({t for s in catalog.sids for t in s})
+    trie = SidTrie(catalog, {t: i for i, t in enumerate(tokens)}.get)
+    counts = TransitionCounts.fit([((0,), 4), ((0,), 10), ((0,), 4), ((0,), 9)])
+    bonus = counts.node_bonus([(0,), (5,)], catalog, trie, weight=2.0)
+    sid4 = catalog.sid_index[catalog.items[4].sid]
+    sid9 = catalog.sid_index[catalog.items[9].sid]
+    leaf = bonus[0, trie.sid_node]
+    assert leaf[sid4] == pytest.approx(2.0 * torch.log1p(torch.tensor(3.0)))  # items 4 and 10: 2 + 1
+    assert leaf[sid9] == pytest.approx(2.0 * torch.log1p(torch.tensor(1.0)))
+    assert torch.count_nonzero(leaf) == 2 and torch.count_nonzero(bonus[1]) == 0
+    assert bonus[0, 0] == pytest.approx(leaf[sid4])  # the root sees the best SID below it
+    for node in range(1, trie.num_nodes):  # every node's bonus bounds its children's
+        kids = trie.children[node][trie.children[node] >= 0]
+        if len(kids):
+            assert bonus[0, node] == pytest.approx(bonus[0, kids].max())
+
+
+def brute_force_fused(
+    policy: Policy, ids: torch.Tensor, mask: torch.Tensor, bonus: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every SID's log-prob plus its leaf's bonus: the ranking exhaustive search would return."""
+    every = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(len(policy.catalog.sids)))
+    fused = torch.full(every.scores.shape, float("-inf"))
+    for b in range(ids.shape[0]):
+        for j, s in enumerate(every.sid_index[b].tolist()):
+            fused[b, j] = every.scores[b, j] + bonus[b, policy.trie.sid_node[s]]
+    return fused, every.sid_index
+
+
+def test_fused_beam_scores_are_log_prob_plus_leaf_bonus(tiny_policy: Policy) -> None:
+    catalog = tiny_policy.catalog
+    hists = [(0, 1), (2,), (5, 3)]
+    counts = TransitionCounts.fit([((1,), 7), ((1,), 8), ((1,), 7), ((2,), 9), ((3,), 11)])
+    fusion = ShallowFusion(counts, 1.5)
+    bonus = fusion.node_bonus(hists, catalog, tiny_policy.trie)
+    ids, mask = tiny_policy.encode_prompts([[catalog.sid_of(i) for i in h] for h in hists])
+    k = len(catalog.sids)  # exhaustive: the fused ranking must equal brute force exactly
+    fused = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(k), bonus)
+    want, sids = brute_force_fused(tiny_policy, ids, mask, bonus)
+    for b in range(len(hists)):
+        by_sid = dict(zip(sids[b].tolist(), want[b].tolist(), strict=True))
+        got = dict(zip(fused.sid_index[b].tolist(), fused.scores[b].tolist(), strict=True))
+        assert got == pytest.approx(by_sid, abs=1e-4)
+        assert torch.all(fused.scores[b, :-1] >= fused.scores[b, 1:])
+
+
+def test_a_large_weight_puts_the_observed_transitions_first(tiny_policy: Policy) -> None:
+    catalog = tiny_policy.catalog
+    counts = TransitionCounts.fit([((1,), 7), ((1,), 7), ((1,), 30)])
+    ids, mask = tiny_policy.encode_prompts([[catalog.sid_of(1)]])
+    bonus = ShallowFusion(counts, 50.0).node_bonus([(1,)], catalog, tiny_policy.trie)
+    top = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(5), bonus).ranked()[0]
+    assert top[:2] == [catalog.sid_index[catalog.items[7].sid], catalog.sid_index[catalog.items[30].sid]]
+    plain = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(5))
+    zero = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(5), torch.zeros_like(bonus))
+    assert torch.equal(plain.sid_index, zero.sid_index)  # no transitions: the policy's own ranking
+
+
+def test_rejects_negative_weight_and_window() -> None:
+    with pytest.raises(ValueError, match="fusion weight"):
+        ShallowFusion(TransitionCounts({}), -1.0)
+    with pytest.raises(ValueError, match="window"):
+        TransitionCounts({}, window=0)

@@ -1,0 +1,122 @@
+"""Shallow fusion with the transition counts: choose its weight on held-out rows, store it in the checkpoint.
+
+``models.transition`` has the counts and the fused beam search; this module
+is the selection step that SFT runs when it ends and that ``vstar fuse`` runs
+on an existing checkpoint:
+
+* the counts are fit on the checkpoint's own training rows (re-derived from its
+  stored SFT config and checked against its data fingerprint), so the held-out
+  rows are outside both the model's and the counts' training data;
+* each weight of ``FUSION_WEIGHTS`` is scored by beam search with
+  ``FUSION_BEAMS`` beams (``vstar eval``'s default) on the held-out selection
+  rows; the best NDCG@10 wins (ties: HR@10, then the smaller weight). NDCG@10
+  rather than SFT's HR@10 because what fusion changes is the order at the top;
+* the counts (extra ``transitions``) and the choice (manifest ``fusion``: the
+  weight and every weight's score) are written into the checkpoint, which
+  ``vstar eval`` then decodes with. A refit has no held-out rows: it takes the
+  weight chosen by its held-out run (``--fusion-weight``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from models.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from models.transition import STATE_NAME, ShallowFusion, TransitionCounts
+from training.data import RecDataset, Sample
+from training.evaluate import beam_decoder, evaluate
+
+log = logging.getLogger(__name__)
+
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+FUSION_BEAMS = 50
+REPORTED = ("HR@1", "HR@3", "HR@5", "HR@10", "NDCG@3", "NDCG@5", "NDCG@10")
+
+
+def fit_counts(rows: Sequence[Sample]) -> TransitionCounts:
+    return TransitionCounts.fit((s.history, s.target) for s in rows)
+
+
+def choose_weight(
+    checkpoint: LoadedCheckpoint,
+    counts: TransitionCounts,
+    select_rows: Sequence[Sample],
+    train_rows: Sequence[Sample],
+    weights: Sequence[float] = FUSION_WEIGHTS,
+    beams: int = FUSION_BEAMS,
+) -> dict[str, Any]:
+    """Score every weight on ``select_rows``; returns the manifest's ``fusion`` entry."""
+    if not select_rows:
+        raise ValueError("choosing the fusion weight needs held-out rows; a refit takes --fusion-weight")
+    if not weights or any(w < 0 for w in weights):
+        raise ValueError(f"fusion weights must be a non-empty list of numbers >= 0, got {list(weights)}")
+    grid = []
+    for w in weights:
+        decode = beam_decoder(beams, ShallowFusion(counts, w) if w > 0 else None)
+        m = evaluate(checkpoint.policy, select_rows, train_rows, decode, progress=False)["metrics"]
+        grid.append({"weight": w} | {k: round(m[k], 4) for k in REPORTED})
+        log.info("fusion weight %g: held-out HR@10 %.4f NDCG@10 %.4f", w, m["HR@10"], m["NDCG@10"])
+    best = max(grid, key=lambda r: (r["NDCG@10"], r["HR@10"], -r["weight"]))
+    return {"weight": best["weight"], "selection_rows": len(select_rows), "beams": beams, "grid": grid}
+
+
+def write_fusion(path: Path, checkpoint: LoadedCheckpoint, counts: TransitionCounts, fusion: dict[str, Any]) -> None:
+    """Rewrite the checkpoint at ``path`` with the counts and the fusion choice (atomically)."""
+    manifest = {k: v for k, v in checkpoint.manifest.items() if k not in ("model_version", "extras")}
+    extras = dict(checkpoint.extras) | {STATE_NAME: counts.to_state()}
+    save_checkpoint(path, checkpoint.policy, manifest | {"fusion": fusion}, extras)
+
+
+def fuse_trained(
+    path: Path,
+    weight: float | None,
+    train_rows: Sequence[Sample],
+    select_rows: Sequence[Sample],
+    device: str = "cpu",
+    weights: Sequence[float] = FUSION_WEIGHTS,
+    beams: int = FUSION_BEAMS,
+) -> dict[str, Any]:
+    """Fit the counts on ``train_rows`` and store them with a weight in the checkpoint at ``path``.
+
+    ``weight`` None chooses it on ``select_rows`` (with none held out: 0, fusion off).
+    """
+    checkpoint = load_checkpoint(path, device)
+    counts = fit_counts(train_rows)
+    if weight is not None:
+        fusion: dict[str, Any] = {"weight": weight, "chosen_by": "given"}
+    elif select_rows:
+        fusion = choose_weight(checkpoint, counts, select_rows, train_rows, weights, beams) | {"chosen_by": "held-out"}
+    else:
+        log.warning("no held-out rows to choose the fusion weight on: fusion off (give --fusion-weight)")
+        fusion = {"weight": 0.0, "chosen_by": "nothing held out"}
+    write_fusion(path, checkpoint, counts, fusion)
+    log.info("fusion weight %g (%s), %d transition pairs", fusion["weight"], fusion["chosen_by"], counts.num_pairs)
+    return fusion | {"transition_pairs": counts.num_pairs}
+
+
+def fuse_checkpoint(
+    path: str | Path,
+    data: RecDataset,
+    weights: Sequence[float] = FUSION_WEIGHTS,
+    beams: int = FUSION_BEAMS,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """``vstar fuse``: what SFT does when it ends, for a checkpoint written without it."""
+    from training.sft import SFTConfig, split_for_training
+
+    path = Path(path)
+    manifest = load_checkpoint(path, "cpu").manifest
+    if manifest.get("stage") != "sft" or "sft_config" not in manifest:
+        raise ValueError(f"checkpoint {path} is not an SFT checkpoint (stage {manifest.get('stage')!r})")
+    if manifest.get("data", {}).get("fingerprint") != data.fingerprint():
+        raise ValueError(f"checkpoint {path} was trained on other data than {data.name!r} (fingerprints differ)")
+    stored = dict(manifest["sft_config"])
+    config = SFTConfig(**(stored | {"train_splits": tuple(stored["train_splits"])}))
+    train_rows, select_rows = split_for_training(data, config)
+    fusion = fuse_trained(
+        path, config.fusion_weight, train_rows, select_rows[: config.eval_limit], device, weights, beams
+    )
+    return {"checkpoint": str(path)} | fusion
