@@ -137,93 +137,123 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
         preset: Annotated[
-            str, typer.Option("--preset", help="tiny or small (built from a config, nothing downloaded).")
+            str,
+            typer.Option(
+                "--preset",
+                help="tiny or small (built from a config, nothing downloaded). small brings its training recipe: "
+                "the defaults marked [recipe] below; any option given overrides it.",
+            ),
         ] = "small",
         base_model: Annotated[
-            Path | None, typer.Option("--base-model", help="Local pretrained causal LM folder (e.g. Qwen2.5-0.5B).")
+            Path | None,
+            typer.Option("--base-model", help="Local pretrained causal LM folder (e.g. Qwen2.5-0.5B); no recipe."),
         ] = None,
-        train_splits: SplitsOpt = "train",
-        epochs: EpochsOpt = 10,
+        train_splits: Annotated[
+            str | None,
+            typer.Option("--train-splits", help="Comma list of splits to train on [recipe: train,valid; else train]."),
+        ] = None,
+        epochs: Annotated[
+            int | None, typer.Option("--epochs", min=1, help="Passes over the training rows [recipe: 20; else 10].")
+        ] = None,
         max_steps: StepsOpt = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-        lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-3,
+        batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Rows per step [64].")] = None,
+        lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak AdamW learning rate [2e-3].")] = None,
         holdout: Annotated[
-            int,
+            int | None,
             typer.Option(
                 "--holdout",
                 min=0,
-                help="Most recent valid rows held out for model selection when valid is trained on "
-                "(0: train on all of valid and keep the last model, e.g. to refit with an epoch count chosen before).",
+                help="Most recent valid rows held out to select the epoch and the fusion weight when valid is "
+                "trained on [recipe: 2000; else 500] (0: train on all of valid and keep the last model, a refit).",
             ),
-        ] = 500,
+        ] = None,
         eval_every: Annotated[
-            int, typer.Option("--eval-every", min=0, help="Steps between validations (0: each epoch).")
-        ] = 0,
+            int | None, typer.Option("--eval-every", min=0, help="Steps between validations (0: each epoch) [0].")
+        ] = None,
         eval_limit: Annotated[
-            int, typer.Option("--eval-limit", min=1, help="Selection rows decoded at each validation (the first N).")
-        ] = 1000,
-        seed: SeedOpt = 0,
+            int | None,
+            typer.Option(
+                "--eval-limit", min=1, help="Selection rows decoded at each validation [recipe: 2000; else 1000]."
+            ),
+        ] = None,
+        seed: Annotated[
+            int | None, typer.Option("--seed", help="Seed for weights, data order and sampling [0].")
+        ] = None,
         crop_prob: Annotated[
-            float,
+            float | None,
             typer.Option(
-                "--crop-prob", min=0.0, max=1.0, help="Chance a history is cut to a random recent suffix each step."
+                "--crop-prob",
+                min=0.0,
+                max=1.0,
+                help="Chance a history is cut to a random recent suffix each step [recipe: 0.3; else 0].",
             ),
-        ] = 0.0,
+        ] = None,
         last_item_prob: Annotated[
-            float,
+            float | None,
             typer.Option(
-                "--last-item-prob", min=0.0, max=1.0, help="Chance a history is cut to its last item alone each step."
+                "--last-item-prob",
+                min=0.0,
+                max=1.0,
+                help="Chance a history is cut to its last item alone each step [recipe: 0.2; else 0].",
             ),
-        ] = 0.0,
+        ] = None,
         text_init: Annotated[
-            bool,
-            typer.Option("--text-init", help="Initialise SID token embeddings from item_emb.npy (PCA of token means)."),
-        ] = False,
-        embed_dropout: Annotated[
-            float,
-            typer.Option("--embed-dropout", min=0.0, max=0.99, help="Dropout on input embeddings while training."),
-        ] = 0.0,
-        hidden_dropout: Annotated[
-            float,
+            bool | None,
             typer.Option(
-                "--hidden-dropout", min=0.0, max=0.99, help="Residual dropout on each layer's attention and MLP output."
+                "--text-init/--no-text-init",
+                help="Initialise SID token embeddings from item_emb.npy (PCA of token means) [recipe: on; else off].",
             ),
-        ] = 0.0,
+        ] = None,
+        embed_dropout: Annotated[
+            float | None,
+            typer.Option(
+                "--embed-dropout", min=0.0, max=0.99, help="Dropout on input embeddings [recipe: 0.25; else 0]."
+            ),
+        ] = None,
+        hidden_dropout: Annotated[
+            float | None,
+            typer.Option(
+                "--hidden-dropout",
+                min=0.0,
+                max=0.99,
+                help="Residual dropout on each layer's attention and MLP output [recipe: 0.1; else 0].",
+            ),
+        ] = None,
         item_tokens: Annotated[
-            bool,
+            bool | None,
             typer.Option("--item-tokens", help="Follow each history item in the prompt by a whole-SID token."),
-        ] = False,
+        ] = None,
         ema: Annotated[
-            float,
+            float | None,
             typer.Option(
                 "--ema",
                 min=0.0,
-                help="Decay of a moving average of the weights that is validated and saved instead (0: off).",
+                help="Decay of a moving average of the weights, validated and saved instead [recipe: 0.999; else 0].",
             ),
-        ] = 0.0,
+        ] = None,
         precision: Annotated[
-            str,
+            str | None,
             typer.Option("--precision", help="auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16."),
-        ] = "auto",
+        ] = None,
         fusion_weight: FusionOpt = None,
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
         json_out: SummaryOpt = None,
     ) -> None:
-        """Supervised next-SID training; keeps the best checkpoint by validation HR@10."""
+        """Supervised next-SID training; keeps the best checkpoint by held-out HR@10, then chooses its fusion weight."""
         from training.data import parse_splits
-        from training.sft import SFTConfig, train_sft
+        from training.sft import recipe_config, train_sft
 
         setup_logging()
         try:
-            config = SFTConfig(
-                preset=preset,
-                base_model=str(base_model) if base_model else None,
+            config = recipe_config(
+                preset,
+                str(base_model) if base_model else None,
                 epochs=epochs,
                 max_steps=max_steps,
                 batch_size=batch_size,
                 lr=lr,
-                train_splits=tuple(parse_splits(train_splits)),
+                train_splits=tuple(parse_splits(train_splits)) if train_splits is not None else None,
                 holdout=holdout,
                 eval_every=eval_every,
                 eval_limit=eval_limit,

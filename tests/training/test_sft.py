@@ -150,7 +150,19 @@ def test_cli_errors_are_clear(tiny_data_dir: Path, tmp_path: Path) -> None:
     res = runner.invoke(
         app, ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "huge", "--max-steps", "1"]
     )
-    assert res.exit_code != 0 and "unknown preset" in str(res.exception)
+    assert res.exit_code == 2 and "unknown preset" in res.output and "Traceback" not in res.output
+
+
+def test_small_preset_brings_its_recipe_and_options_override_it() -> None:
+    from training.sft import RECIPES, recipe_config
+
+    config = recipe_config("small")
+    assert config.epochs == 20 and config.train_splits == ("train", "valid") and config.holdout == 2000
+    assert config.ema == 0.999 and config.text_init and config.fusion_weight is None
+    assert recipe_config("small", epochs=3, text_init=False).epochs == 3
+    assert not recipe_config("small", text_init=False).text_init
+    assert recipe_config("tiny") == SFTConfig(preset="tiny") and RECIPES["tiny"] == {}
+    assert recipe_config("small", base_model="/m").ema == 0.0  # a pretrained LM gets no recipe
 
 
 def test_crop_keeps_target_and_a_recent_suffix(tiny_dataset) -> None:
