@@ -143,8 +143,6 @@ def checkpoint_fusion(checkpoint: Any, weight: float | None = None) -> ShallowFu
     """
     chosen = checkpoint.manifest.get("fusion") or {}
     w = float(chosen.get("weight", 0.0)) if weight is None else weight
-    if w < 0:
-        raise ValueError(f"the fusion weight must be >= 0, got {w}")
     if w == 0:
         return None
     state = checkpoint.extras.get(TRANSITIONS)

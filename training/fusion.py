@@ -36,10 +36,6 @@ FUSION_BEAMS = 50
 REPORTED = ("HR@1", "HR@3", "HR@5", "HR@10", "NDCG@3", "NDCG@5", "NDCG@10")
 
 
-def fit_counts(rows: Sequence[Sample]) -> TransitionCounts:
-    return TransitionCounts.fit((s.history, s.target) for s in rows)
-
-
 def choose_weight(
     checkpoint: LoadedCheckpoint,
     counts: TransitionCounts,
@@ -84,7 +80,7 @@ def fuse_trained(
     ``weight`` None chooses it on ``select_rows`` (with none held out: 0, fusion off).
     """
     checkpoint = load_checkpoint(path, device)
-    counts = fit_counts(train_rows)
+    counts = TransitionCounts.fit((s.history, s.target) for s in train_rows)
     if weight is not None:
         fusion: dict[str, Any] = {"weight": weight, "chosen_by": "given"}
     elif select_rows:
