@@ -336,16 +336,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
         weights: Annotated[
-            str, typer.Option("--weights", help="Comma list of fusion weights to score on the held-out rows.")
-        ] = "0,0.25,0.5,1,1.5,2,3",
+            str | None,
+            typer.Option(
+                "--weights", help="Comma list of fusion weights to score on the held-out rows (default: SFT's grid)."
+            ),
+        ] = None,
         device: DeviceOpt = "cpu",
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the choice and its grid here.")] = None,
     ) -> None:
         """Choose a checkpoint's fusion weight on its held-out rows and store it, as SFT does when it ends."""
-        from training.fusion import fuse_checkpoint
+        from training.fusion import FUSION_WEIGHTS, fuse_checkpoint
 
         try:
-            grid = tuple(float(w) for w in weights.split(","))
+            grid = tuple(float(w) for w in weights.split(",")) if weights else FUSION_WEIGHTS
         except ValueError:
             raise typer.BadParameter(f"--weights must be a comma list of numbers, got {weights!r}") from None
         setup_logging()

@@ -446,10 +446,10 @@ def _train_sft(
     resume_dir = out.parent / f"{out.name}.resume"
     require_global_batch(config.batch_size)
     seed_everything(config.seed)
-    train_rows, select_rows = split_for_training(data, config)
+    train_rows, held_out = split_for_training(data, config)
     if not train_rows:
         raise ValueError("no training rows: check --train-splits")
-    select_rows = select_rows[: config.eval_limit]
+    select_rows = held_out[: config.eval_limit]
 
     state = TrainState()
     trainer_state = None
@@ -568,7 +568,7 @@ def _train_sft(
         validate()
     fusion = None
     if is_main():  # the kept model's fusion with the transition counts (training.fusion)
-        fusion = fuse_trained(out, config.fusion_weight, train_rows, select_rows, str(policy.device))
+        fusion = fuse_trained(out, config.fusion_weight, train_rows, held_out, config.eval_limit, str(policy.device))
     barrier()
     return {
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,  # None: a refit

@@ -1,0 +1,75 @@
+"""Choosing the fusion weight on held-out rows and storing the counts (``training.fusion``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.policy import Policy
+from models.transition import STATE_NAME, TransitionCounts
+from training.data import Sample
+from training.fusion import REPORTED, choose_weight, fuse_trained
+
+
+def transitions_that_decide(dataset, n: int) -> tuple[list[Sample], list[Sample]]:
+    """Training rows whose one-item histories always go x -> x + 1, and held-out rows that follow the same rule."""
+    items = sorted(dataset.catalog.items)
+    train = [Sample(f"t{i}", (items[i],), items[i + 1]) for i in range(n)]
+    held = [Sample(f"h{i}", (items[i],), items[i + 1]) for i in range(n)]
+    return train, held
+
+
+def test_the_weight_with_the_best_mean_of_the_reported_metrics_wins(tiny_dataset, tiny_policy: Policy) -> None:
+    train, held = transitions_that_decide(tiny_dataset, 30)
+    counts = TransitionCounts.fit((s.history, s.target) for s in train)
+    ckpt = type("Ckpt", (), {"policy": tiny_policy})()
+    choice = choose_weight(ckpt, counts, held, train, weights=(0.0, 12.0), beams=10)
+    by_weight = {r["weight"]: r for r in choice["grid"]}
+    for row in choice["grid"]:
+        assert row["mean"] == pytest.approx(sum(row[k] for k in REPORTED) / len(REPORTED), abs=1e-3)
+    # a random policy never finds x + 1 first; the counts (every held-out transition was observed) always do
+    assert by_weight[12.0]["HR@1"] == 1.0 and by_weight[0.0]["HR@1"] < 0.5
+    assert choice["weight"] == 12.0 and choice["selection_rows"] == 30
+
+
+def test_ties_go_to_the_smaller_weight(tiny_dataset, tiny_policy: Policy) -> None:
+    train, held = transitions_that_decide(tiny_dataset, 10)
+    counts = TransitionCounts.fit((s.history, s.target) for s in train)
+    ckpt = type("Ckpt", (), {"policy": tiny_policy})()
+    choice = choose_weight(ckpt, counts, held, train, weights=(12.0, 20.0), beams=10)
+    assert choice["grid"][0]["mean"] == choice["grid"][1]["mean"] and choice["weight"] == 12.0
+
+
+def test_choosing_needs_held_out_rows_and_valid_weights(tiny_dataset, tiny_policy: Policy) -> None:
+    train, held = transitions_that_decide(tiny_dataset, 5)
+    counts = TransitionCounts.fit((s.history, s.target) for s in train)
+    ckpt = type("Ckpt", (), {"policy": tiny_policy})()
+    with pytest.raises(ValueError, match="held-out rows"):
+        choose_weight(ckpt, counts, [], train)
+    with pytest.raises(ValueError, match=">= 0"):
+        choose_weight(ckpt, counts, held, train, weights=(1.0, -1.0))
+
+
+def test_stored_counts_include_the_held_out_rows(tiny_dataset, tiny_policy: Policy, tmp_path: Path) -> None:
+    train, held = transitions_that_decide(tiny_dataset, 20)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, tiny_policy, {"stage": "sft"})
+    extra = Sample("late", (train[0].history[0],), train[5].target)  # held out beyond the scored rows
+    fusion = fuse_trained(path, None, train, [*held, extra], eval_limit=20, weights=(0.0, 12.0), beams=10)
+    assert fusion["weight"] == 12.0 and fusion["selection_rows"] == 20 and fusion["count_rows"] == 41
+    stored = TransitionCounts.from_state(load_checkpoint(path).extras[STATE_NAME])
+    x = train[0].history[0]
+    assert stored.counts[x] == {train[0].target: 2, train[5].target: 1}  # train + held-out + the late row
+
+
+def test_a_given_weight_is_stored_without_scoring(tiny_dataset, tiny_policy: Policy, tmp_path: Path) -> None:
+    train, _ = transitions_that_decide(tiny_dataset, 8)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, tiny_policy, {"stage": "sft"})
+    fusion = fuse_trained(path, 2.5, train, [])
+    loaded = load_checkpoint(path)
+    assert loaded.manifest["fusion"] == {"weight": 2.5, "chosen_by": "given", "count_rows": 8}
+    assert fusion == loaded.manifest["fusion"] | {"transition_pairs": 8}
+    assert TransitionCounts.from_state(loaded.extras[STATE_NAME]).num_pairs == 8
