@@ -1,4 +1,5 @@
-"""``vstar baseline pop|transition|sasrec``: the README table's baselines, written in ``vstar eval``'s JSON shape.
+"""``vstar baseline pop|transition|sasrec``: the README table's baselines, written in ``vstar eval``'s JSON shape;
+``vstar compare``: paired differences between two methods' eval files (``training.compare``).
 
 ``training.cli.register`` calls ``register_baseline``; the handler parses
 options, builds a ``SASRecConfig`` and calls ``training.baselines``. Bad input
@@ -108,3 +109,24 @@ def register_baseline(app: typer.Typer) -> None:
         else:
             with num_threads(threads or None):  # 1 by default: see training.sasrec
                 write_json(json_out, run_sasrec(ds, split, splits, config, holdout))
+
+    @app.command()
+    def compare(
+        base: Annotated[str, typer.Option("--base", help="Comma list of eval JSON files of the base method's seeds.")],
+        other: Annotated[str, typer.Option("--other", help="Comma list of eval JSON files of the other method's.")],
+        samples: Annotated[int, typer.Option("--samples", min=100, help="Bootstrap draws over rows.")] = 2000,
+        seed: SeedOpt = 0,
+        json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison here.")] = None,
+    ) -> None:
+        """Paired test differences (other - base) per metric, with 95% bootstrap intervals over rows."""
+        from training.compare import compare_runs
+
+        paths = {name: [Path(p) for p in value.split(",") if p] for name, value in (("base", base), ("other", other))}
+        for name, files in paths.items():
+            missing = [str(p) for p in files if not p.is_file()]
+            if not files or missing:
+                raise typer.BadParameter(f"--{name}: no such eval JSON {', '.join(missing) or '(empty list)'}")
+        try:
+            write_json(json_out, compare_runs(paths["base"], paths["other"], samples, seed))
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None

@@ -65,12 +65,14 @@ def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
         raise typer.BadParameter(str(e), param_hint="--data") from None
 
 
+PER_ROW = ("target_ranks",)  # written to the file, too long for the terminal
+
+
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
-    text = json.dumps(payload, indent=2)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    typer.echo(text)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    typer.echo(json.dumps({k: v for k, v in payload.items() if k not in PER_ROW}, indent=2))
 
 
 def setup_logging() -> None:

@@ -23,7 +23,7 @@ from models.policy import Policy, pad_left
 from models.transition import STATE_NAME as TRANSITIONS
 from models.transition import ShallowFusion, TransitionCounts
 from training.data import Sample
-from training.metrics import CUTOFFS, beyond_accuracy, rank_metrics, tail_items
+from training.metrics import CUTOFFS, beyond_accuracy, rank_metrics, tail_items, target_rank
 
 Histories = Sequence[Sequence[int]]
 DecodeFn = Callable[[Policy, torch.Tensor, torch.Tensor, Histories], DecodeResult]
@@ -91,12 +91,14 @@ def score_rankings(
 ) -> dict[str, Any]:
     targets = [catalog.sid_index[catalog.items[s.target].sid] for s in samples]
     metrics = rank_metrics(ranked, targets, cutoffs)
+    ranks = [target_rank(lst, t) for lst, t in zip(ranked, targets, strict=True)]
     counts: Counter[int] = Counter()
     for s in train_samples:
         counts.update(s.history)
         counts[s.target] += 1
     metrics |= beyond_accuracy(ranked, catalog, tail_items(catalog, counts), k=10)
-    return {"metrics": metrics, "rows": len(samples), "seconds": round(seconds, 2)}
+    # target_ranks (0-based, None: not ranked) let ``vstar compare`` pair two runs row by row
+    return {"metrics": metrics, "rows": len(samples), "seconds": round(seconds, 2), "target_ranks": ranks}
 
 
 def make_decoder(

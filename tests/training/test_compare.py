@@ -1,0 +1,72 @@
+"""Paired bootstrap comparison of eval files (``training.compare``, ``vstar compare``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from training.compare import load_ranks, paired_bootstrap, row_metric
+from vstar import app
+
+
+def eval_file(path: Path, ranks: list[int | None]) -> Path:
+    path.write_text(json.dumps({"metrics": {}, "rows": len(ranks), "target_ranks": ranks}))
+    return path
+
+
+def test_row_metrics_follow_the_ranks() -> None:
+    ranks = np.array([0, 2, 9, -1])
+    assert row_metric(ranks, "HR@1").tolist() == [1, 0, 0, 0]
+    assert row_metric(ranks, "HR@10").tolist() == [1, 1, 1, 0]
+    assert row_metric(ranks, "NDCG@3").tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert row_metric(ranks, "NDCG@10")[2] == pytest.approx(1 / math.log2(11))
+
+
+def test_identical_runs_differ_by_nothing() -> None:
+    ranks = np.random.default_rng(0).integers(-1, 20, size=(2, 300))
+    out = paired_bootstrap(ranks, ranks, samples=200)
+    assert all(m["diff"] == 0 and m["ci95"] == [0, 0] for m in out.values())
+
+
+def test_a_better_method_has_an_interval_above_zero_and_seeds_are_averaged() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.integers(-1, 20, size=400)
+    better = np.where(base > 0, base - 1, base)  # every ranked target one place higher
+    out = paired_bootstrap(base[None], np.stack([better, better]), metrics=("HR@1", "NDCG@10"), samples=500)
+    for m in out.values():
+        assert m["diff"] > 0 and 0 < m["ci95"][0] <= m["diff"] <= m["ci95"][1]
+        assert m["relative"] == pytest.approx(m["diff"] / m["base"], abs=2e-3)
+    # two seeds: a row's figure is the seeds' mean
+    half = paired_bootstrap(base[None], np.stack([base, better]), metrics=("HR@1",), samples=100)
+    assert half["HR@1"]["diff"] == pytest.approx(out["HR@1"]["diff"] / 2, abs=1e-4)
+
+
+def test_files_must_hold_ranks_for_the_same_rows(tmp_path: Path) -> None:
+    a = eval_file(tmp_path / "a.json", [0, None, 3])
+    assert load_ranks([a]).tolist() == [[0, -1, 3]]
+    b = eval_file(tmp_path / "b.json", [0, 1])
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        load_ranks([a, b])
+    (tmp_path / "old.json").write_text(json.dumps({"metrics": {}}))
+    with pytest.raises(ValueError, match="no target_ranks"):
+        load_ranks([tmp_path / "old.json"])
+
+
+def test_cli_writes_the_comparison_and_names_bad_files(tmp_path: Path) -> None:
+    a = eval_file(tmp_path / "a.json", [5, None, 3, 0] * 10)
+    b = eval_file(tmp_path / "b.json", [0, None, 3, 0] * 10)
+    out = tmp_path / "cmp.json"
+    result = CliRunner().invoke(app, ["compare", "--base", str(a), "--other", str(b), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["rows"] == 40 and payload["metrics"]["HR@1"]["diff"] == 0.25
+    result = CliRunner().invoke(app, ["compare", "--base", str(a), "--other", str(tmp_path / "nope.json")])
+    assert result.exit_code == 2 and "nope.json" in result.output
+    c = eval_file(tmp_path / "c.json", [0])
+    result = CliRunner().invoke(app, ["compare", "--base", str(a), "--other", str(c)])
+    assert result.exit_code == 2 and "rows" in result.output

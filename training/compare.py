@@ -1,0 +1,85 @@
+"""Paired comparison of two recommenders on the same rows, with bootstrap confidence intervals.
+
+``vstar eval`` (and the baselines) store each row's target rank (``target_ranks``:
+0-based, null when the target is not in the list). Two methods scored on the
+same split are compared row by row: each row's HR@K / NDCG@K under the other
+method minus under the base, so the row-to-row spread that both share cancels.
+With several seeds per method, a row's figure is its mean over the method's
+seeds; the bootstrap then resamples rows (``samples`` draws, seeded), and the
+interval is the percentile interval of the mean difference. It measures how
+sure the difference is over *rows*; the spread over seeds is the seeds' std
+reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = ("HR@1", "HR@3", "HR@5", "HR@10", "NDCG@3", "NDCG@5", "NDCG@10")
+
+
+def row_metric(ranks: np.ndarray, name: str) -> np.ndarray:
+    """Per-row HR@K or NDCG@K from 0-based target ranks (-1: not ranked)."""
+    kind, k = name.split("@")
+    hit = (ranks >= 0) & (ranks < int(k))
+    if kind == "HR":
+        return hit.astype(float)
+    return np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
+
+
+def load_ranks(paths: Sequence[Path]) -> np.ndarray:
+    """(seeds, rows) target ranks from eval JSON files of one method; -1 where not ranked."""
+    runs = []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        if "target_ranks" not in payload:
+            raise ValueError(f"{path} has no target_ranks (written by an older vstar eval; run it again)")
+        runs.append([-1 if r is None else int(r) for r in payload["target_ranks"]])
+    if len({len(r) for r in runs}) != 1:
+        raise ValueError(f"the runs {', '.join(map(str, paths))} scored different numbers of rows")
+    return np.asarray(runs)
+
+
+def paired_bootstrap(
+    base: np.ndarray, other: np.ndarray, metrics: Sequence[str] = METRICS, samples: int = 2000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Mean difference (other - base), relative to base, and its 95% bootstrap interval, per metric."""
+    if base.shape[1] != other.shape[1]:
+        raise ValueError(f"base scored {base.shape[1]} rows and other {other.shape[1]}: compare the same split")
+    rng = np.random.default_rng(seed)
+    n = base.shape[1]
+    draws = rng.integers(0, n, size=(samples, n))
+    out = {}
+    for name in metrics:
+        b = np.mean([row_metric(r, name) for r in base], axis=0)
+        o = np.mean([row_metric(r, name) for r in other], axis=0)
+        diff = o - b
+        boot = diff[draws].mean(axis=1)
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        base_mean = float(b.mean())
+        scale = 1.0 / base_mean if base_mean > 0 else math.nan  # relative figures: fractions of the base's mean
+        out[name] = {
+            "base": round(base_mean, 4),
+            "other": round(float(o.mean()), 4),
+            "diff": round(float(diff.mean()), 4),
+            "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "relative": round(float(diff.mean()) * scale, 4),
+            "relative_ci95": [round(float(lo) * scale, 4), round(float(hi) * scale, 4)],
+        }
+    return out
+
+
+def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    return {
+        "base": [str(p) for p in base],
+        "other": [str(p) for p in other],
+        "rows": int(load_ranks(base).shape[1]),
+        "bootstrap_samples": samples,
+        "metrics": paired_bootstrap(load_ranks(base), load_ranks(other), samples=samples, seed=seed),
+    }
