@@ -13,6 +13,10 @@
 * ``<out>.resume`` holds the latest state (weights, value head, both
   optimizers, scheduler, position in the data, RNG) after each validation;
   ``--resume`` continues from it. All writes are atomic (``save_checkpoint``).
+* Shallow fusion with the transition counts (``training.fusion``): when the run
+  ends, the kept model's fusion weight is chosen on the held-out rows as SFT
+  chooses it (RL sharpens the policy, so the SFT model's weight does not carry
+  over), and the counts are stored with it; ``vstar eval`` decodes with both.
 * Under ``torchrun`` / ``accelerate launch`` (``training.distributed``):
   ``--batch-size`` prompts is the global batch; each rank rolls out, rewards and
   computes advantages for its slice (groups never straddle ranks, so this is
@@ -38,7 +42,8 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from training.data import RecDataset, popular_sids
-from training.distributed import is_main, require_global_batch, shard, weighted_mean
+from training.distributed import barrier, is_main, require_global_batch, shard, weighted_mean
+from training.fusion import fuse_trained
 from training.rl import RLConfig, RLTrainer
 from training.rollout import require_module
 from training.sft import (
@@ -88,10 +93,8 @@ def train_rl(
     check_modules(config)
     require_global_batch(config.batch_size)
     seed_everything(config.seed)
-    train_rows, select_rows = split_for_training(
-        data, SFTConfig(train_splits=config.train_splits, holdout=config.holdout)
-    )
-    select_rows = select_rows[: config.eval_limit]
+    train_rows, held_out = split_for_training(data, SFTConfig(train_splits=config.train_splits, holdout=config.holdout))
+    select_rows = held_out[: config.eval_limit]
     if not train_rows:
         raise ValueError("no training rows: check --train-splits")
     start_ckpt = load_checkpoint(init, device)
@@ -190,6 +193,10 @@ def train_rl(
         if state.batch_in_epoch >= len(batches):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     bar.close()
+    fusion = None
+    if is_main():  # the kept model's fusion with the transition counts
+        fusion = fuse_trained(out, None, train_rows, held_out, config.eval_limit, device)
+    barrier()
     return {
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]},
         "steps": state.step,
@@ -199,4 +206,5 @@ def train_rl(
         "steps_log": str(steps_file),
         "train_rows": len(train_rows),
         "selection_rows": len(select_rows),
+        "fusion": fusion,
     }

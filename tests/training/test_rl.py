@@ -144,6 +144,9 @@ def test_train_rl_writes_checkpoint_and_resumes(
     ckpt = load_checkpoint(out)
     assert ckpt.manifest["stage"] == "rl" and ckpt.manifest["selection"]["step"] >= 1
     assert "value_head" in ckpt.extras and ckpt.manifest["value_head"]["hidden_size"] == 32
+    # the kept model's fusion weight is chosen on the held-out rows, the counts stored beside it
+    assert ckpt.manifest["fusion"]["chosen_by"] == "held-out" and "transitions" in ckpt.extras
+    assert summary["fusion"]["weight"] == ckpt.manifest["fusion"]["weight"]
     with pytest.raises(ValueError, match="different configuration"):
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
 
