@@ -1,23 +1,91 @@
 """The ``vstar`` console command: one entry point over training, benchmarks and serving.
 
 Each package registers its own subcommands, so ``training`` and ``service``
-never import each other; heavy imports happen inside the commands.
+never import each other; heavy imports happen inside the commands, after their
+options are checked, so a simple mistake is reported before torch loads.
+
+Errors: a usage error, or a ``ValueError`` raised by the project's own code (the
+house rule for bad input: a malformed data file, a missing or broken
+checkpoint, an invalid setting), is printed as one line, ``Error: ...``, and the
+command exits with 2. A ``ValueError`` raised inside a library, and any other
+exception, is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError  # typer >= 0.29 vendors click
+from typer.core import TyperGroup
 
 from loadtests.cli import register as register_loadtests
 from service.cli import register as register_service
 from training.cli import register as register_training
 
-app = typer.Typer(help="V-STAR generative recommender: data, training, evaluation and serving.", no_args_is_help=True)
+PROJECT_PACKAGES = ("models", "training", "service", "loadtests", "vstar", "__main__")
+# Plain click help, not rich's: rich reads "[recipe: 20]" in a help text as markup and drops it,
+# and shows flags as "<bool>" as if they took a value.
+HELP = {"rich_markup_mode": None, "context_settings": {"max_content_width": 120}}
+
+
+def raised_by_project(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is the project's code (not a library's)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", "")) if tb is not None else ""
+    return module.split(".")[0] in PROJECT_PACKAGES
+
+
+def fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"Error: {' '.join(line.strip() for line in message.splitlines() if line.strip())}", err=True)
+    sys.exit(code)
+
+
+class OneLineErrors(TyperGroup):
+    """The root command: the project's errors become one line on stderr and exit status 2 (see the module doc)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:  # the caller handles errors (the demo runs its steps this way)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as e:  # `vstar` or `vstar bench` alone: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.TyperException as e:  # click's usage errors and the BadParameter our handlers raise
+            ctx = getattr(e, "ctx", None)
+            fail(e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else ""), e.exit_code)
+        except typer.Abort:
+            fail("aborted", 1)
+        except ValueError as e:
+            if not raised_by_project(e):
+                raise
+            fail(str(e), 2)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    help="V-STAR generative recommender: data, training, evaluation and serving.",
+    no_args_is_help=True,
+    **HELP,
+)
 bench = typer.Typer(
-    help="Benchmarks that print figures and ratios against a reference measured in the same run.", no_args_is_help=True
+    help="Benchmarks that print figures and ratios against a reference measured in the same run.",
+    no_args_is_help=True,
+    **HELP,
 )
 app.add_typer(bench, name="bench")
 register_training(app, bench)
