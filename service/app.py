@@ -8,6 +8,9 @@ of answering 500s later; a warm-up decode proves the model runs. Redis being
 down at startup is not fatal: the service starts degraded and recovers when
 Redis comes back (``service.stores``).
 
+``/docs`` (Swagger UI) and ``/redoc`` load their scripts from assets the
+``fastapi-offline`` package ships, so they render on a machine with no internet.
+
 Middleware, outermost first: request id + access log, catch-all 500, body size
 limit, then FastAPI's routing and exception handlers (``service.errors``).
 """
@@ -22,6 +25,7 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
@@ -116,7 +120,8 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.recommender = None
             await recommender.close()
 
-    app = FastAPI(
+    # /docs and /redoc from assets packaged with fastapi-offline, not a CDN: they render with no network
+    app = FastAPIOffline(
         title="vstar recommendation service",
         version="1",
         summary="Generative recommendations over semantic IDs: beam search, or value-guided search under a cap.",
