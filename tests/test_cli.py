@@ -104,7 +104,7 @@ def commands(cmd: typer.core.TyperGroup, path: str = "vstar") -> Iterator[tuple[
 
 def test_every_option_has_help_and_flags_look_like_flags() -> None:
     found = dict(commands(typer.main.get_command(app)))
-    assert {"vstar sft", "vstar eval", "vstar rl", "vstar demo", "vstar bench decode"} <= set(found)
+    assert {"vstar sft", "vstar eval", "vstar rl", "vstar demo", "vstar bench decode", "vstar plot"} <= set(found)
     for path, cmd in found.items():
         for param in cmd.params:
             if isinstance(param, typer.core.TyperOption):

@@ -1,4 +1,4 @@
-"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, baseline, bench decode.
+"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, fuse, plot, baseline, bench decode.
 
 Handlers parse options, build configs and call the modules that do the work;
 heavy imports stay inside the handlers so ``vstar --help`` is instant. Each
@@ -37,6 +37,10 @@ StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop a
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")]
 SummaryOpt = Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")]
+TensorBoardOpt = Annotated[
+    Path | None,
+    typer.Option("--tensorboard", help="Folder for TensorBoard scalars (loss, lr, held-out HR/NDCG) [<out>.tb]."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
 Decoder = Literal["beam", "ved"]
 Split = Literal["test", "valid", "train"]
@@ -252,6 +256,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
         json_out: SummaryOpt = None,
+        tensorboard: TensorBoardOpt = None,
     ) -> None:
         """Supervised next-SID training; keeps the best checkpoint by held-out HR@10, then chooses its fusion weight."""
         from training.data import parse_splits
@@ -284,9 +289,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
+        from training.scalar_log import default_folder
         from training.sft import train_sft
 
-        run_training(lambda dev: train_sft(ds, out, config, device=dev, resume=resume), device, json_out)
+        curves = tensorboard or default_folder(out)
+        run_training(lambda dev: train_sft(ds, out, config, dev, resume, tensorboard=curves), device, json_out)
 
     @app.command(name="eval")
     def eval_cmd(
@@ -399,6 +406,22 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         result = run_decode_bench(policy, *grid, repeats=repeats)
         typer.echo(format_table(result), err=True)
         write_json(json_out, result)
+
+    @app.command()
+    def plot(
+        runs: Annotated[
+            list[Path],
+            typer.Argument(help="SFT / RL runs: checkpoint folders (their <out>.tb is read) or TensorBoard folders."),
+        ],
+        out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
+        smoothing: Annotated[
+            float, typer.Option("--smoothing", min=0.0, max=0.99, help="TensorBoard's smoothing of per-step curves.")
+        ] = 0.6,
+    ) -> None:
+        """Training curves of runs as one PNG: loss, lr, held-out HR@10 / NDCG@10; RL reward std, reachability..."""
+        from training.curve_plot import plot_runs
+
+        typer.echo(f"wrote {plot_runs(runs, out, smoothing)}")
 
     from training.rl_cli import register_rl  # the RL stage: rl, diagnose, bench train
 

@@ -25,6 +25,7 @@ from training.cli import (
     SplitsOpt,
     StepsOpt,
     SummaryOpt,
+    TensorBoardOpt,
     load_data,
     require_checkpoint,
     run_training,
@@ -73,12 +74,14 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
         json_out: SummaryOpt = None,
+        tensorboard: TensorBoardOpt = None,
     ) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
         require_checkpoint(init, "--init")
         from training.data import parse_splits
         from training.rl import RLConfig
         from training.rl_run import check_modules, train_rl
+        from training.scalar_log import default_folder
 
         setup_logging()
         try:
@@ -93,7 +96,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
-        run_training(lambda dev: train_rl(ds, init, out, config, device=dev, resume=resume), device, json_out)
+        curves = tensorboard or default_folder(out)
+        run_training(lambda dev: train_rl(ds, init, out, config, dev, resume, tensorboard=curves), device, json_out)
 
     @app.command()
     def diagnose(

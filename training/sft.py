@@ -19,6 +19,8 @@ Design decisions:
   layer's attention and MLP outputs (Qwen2 has attention dropout only), plus
   history cropping. ``--item-tokens`` adds a whole-SID token per history item
   to the prompt (``models.sid_tokenizer``).
+* Curves: loss and learning rate every step, the held-out HR@10 / NDCG@10 at
+  each validation, as TensorBoard scalars (``training.scalar_log``).
 * The best model goes to ``--out``; the latest state (weights, optimizer,
   scheduler, position in the data) to ``<out>.resume`` after each validation,
   so ``--resume`` continues an interrupted run. Both writes are atomic.
@@ -65,6 +67,7 @@ from training.distributed import (
 )
 from training.evaluate import beam_decoder, evaluate
 from training.fusion import fuse_trained
+from training.scalar_log import ScalarLog
 from training.sft_config import SFTConfig
 from training.sft_config import recipe_config as recipe_config  # re-exported
 
@@ -341,10 +344,11 @@ def train_sft(
     device: str = "cpu",
     resume: bool = False,
     progress: bool = True,
+    tensorboard: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, keep the best checkpoint at ``out``; returns a summary."""
+    """Train, keep the best checkpoint at ``out``; returns a summary. Curves go to ``tensorboard`` if given."""
     with flush_denormals():
-        return _train_sft(data, out, config, device, resume, progress)
+        return _train_sft(data, out, config, device, resume, progress, tensorboard)
 
 
 def _train_sft(
@@ -354,6 +358,7 @@ def _train_sft(
     device: str,
     resume: bool,
     progress: bool,
+    tensorboard: Path | None,
 ) -> dict[str, Any]:
     out = Path(out)
     resume_dir = out.parent / f"{out.name}.resume"
@@ -407,6 +412,7 @@ def _train_sft(
     if ema is not None and trainer_state is not None:
         ema.load_state_dict(trainer_state["ema"])
     fork_rng(config.seed, state.step)
+    curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
     amp = autocast_dtype(policy.device, config.precision)
     eval_every = config.eval_every or steps_per_epoch
     manifest = {
@@ -432,6 +438,7 @@ def _train_sft(
             "torch_rng": torch.get_rng_state(),
         } | ({"ema": ema.state_dict()} if ema is not None else {}),
         averaged=ema.swapped_in if ema is not None else nullcontext)  # fmt: skip
+        curves.validated(state.step, state.history[-1])
 
     start = time.perf_counter()
     model.train()
@@ -460,11 +467,13 @@ def _train_sft(
             (loss * scale).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # this step's
             scheduler.step()
             if ema is not None:
                 ema.update()
             state.step += 1
             state.batch_in_epoch = bi + 1
+            curves.add(state.step, {"train/loss": loss.item(), "train/lr": lr})
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=state.epoch)
             if state.step % eval_every == 0 or state.step >= total_steps:
@@ -479,6 +488,7 @@ def _train_sft(
     bar.close()
     if last_validated != state.step:
         validate()
+    curves.close()
     fusion = None
     if is_main():  # the kept model's fusion with the transition counts (training.fusion)
         fusion = fuse_trained(out, config.fusion_weight, train_rows, select_rows, str(policy.device))
