@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from transformers.utils import logging as hf_logging
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
@@ -95,6 +96,7 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
 
 def create_app(settings: Settings) -> FastAPI:
     configure_logging(settings.log_level)
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would be plain text amid the JSON lines
     metrics = ServiceMetrics()
 
     @asynccontextmanager
