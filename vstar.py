@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from typer._click.exceptions import NoArgsIsHelpError  # typer >= 0.29 vendors click
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click from 0.28 on
 from typer.core import TyperGroup
 
 from loadtests.cli import register as register_loadtests
@@ -70,7 +70,7 @@ class OneLineErrors(TyperGroup):
             e.show()
             sys.exit(e.exit_code)
         except typer.TyperException as e:  # click's usage errors and the BadParameter our handlers raise
-            ctx = getattr(e, "ctx", None)
+            ctx = e.ctx if isinstance(e, UsageError) else None
             fail(e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else ""), e.exit_code)
         except typer.Abort:
             fail("aborted", 1)

@@ -1,4 +1,5 @@
-"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, fuse, plot, baseline, bench decode.
+"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, fuse, bench decode (and, registered from their
+own modules: rl, diagnose, bench train, baseline, plot).
 
 Handlers parse options, build configs and call the modules that do the work;
 heavy imports stay inside the handlers so ``vstar --help`` is instant. Each
@@ -407,22 +408,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         typer.echo(format_table(result), err=True)
         write_json(json_out, result)
 
-    @app.command()
-    def plot(
-        runs: Annotated[
-            list[Path],
-            typer.Argument(help="SFT / RL runs: checkpoint folders (their <out>.tb is read) or TensorBoard folders."),
-        ],
-        out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
-        smoothing: Annotated[
-            float, typer.Option("--smoothing", min=0.0, max=0.99, help="TensorBoard's smoothing of per-step curves.")
-        ] = 0.6,
-    ) -> None:
-        """Training curves of runs as one PNG: loss, lr, held-out HR@10 / NDCG@10; RL reward std, reachability..."""
-        from training.curve_plot import plot_runs
-
-        typer.echo(f"wrote {plot_runs(runs, out, smoothing)}")
-
     from training.rl_cli import register_rl  # the RL stage: rl, diagnose, bench train
 
     register_rl(app, bench)
@@ -430,6 +415,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     from training.baselines_cli import register_baseline  # baseline pop|sasrec
 
     register_baseline(app)
+
+    from training.plot_cli import register_plot  # plot
+
+    register_plot(app)
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
