@@ -19,6 +19,9 @@ Design decisions:
   layer's attention and MLP outputs (Qwen2 has attention dropout only), plus
   history cropping. ``--item-tokens`` adds a whole-SID token per history item
   to the prompt (``models.sid_tokenizer``).
+* The configuration (``SFTConfig``, the presets' recipes) lives in
+  ``training.sft_config``, which imports nothing heavy, so the CLI checks it
+  before torch loads.
 * Curves: loss and learning rate every step, the held-out HR@10 / NDCG@10 at
   each validation, as TensorBoard scalars (``training.scalar_log``).
 * The best model goes to ``--out``; the latest state (weights, optimizer,
@@ -69,7 +72,6 @@ from training.evaluate import beam_decoder, evaluate
 from training.fusion import fuse_trained
 from training.scalar_log import ScalarLog
 from training.sft_config import SFTConfig
-from training.sft_config import recipe_config as recipe_config  # re-exported
 
 log = logging.getLogger(__name__)
 
