@@ -1,23 +1,96 @@
 """The ``vstar`` console command: one entry point over training, benchmarks and serving.
 
 Each package registers its own subcommands, so ``training`` and ``service``
-never import each other; heavy imports happen inside the commands.
+never import each other; heavy imports happen inside the commands, after their
+options are checked, so a simple mistake is reported before torch loads.
+
+Errors: a usage error, or a ``ValueError`` raised by the project's own code (the
+house rule for bad input: a malformed data file, a missing or broken
+checkpoint, an invalid setting), is printed as one line, ``Error: ...``, and the
+command exits with 2. A ``ValueError`` raised inside a library, and any other
+exception, is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click from 0.28 on
+from typer.core import TyperGroup
 
 from loadtests.cli import register as register_loadtests
 from service.cli import register as register_service
 from training.cli import register as register_training
 
-app = typer.Typer(help="V-STAR generative recommender: data, training, evaluation and serving.", no_args_is_help=True)
+PROJECT_PACKAGES = ("models", "training", "service", "loadtests", "vstar", "__main__")
+# Plain click help, not rich's: rich reads "[recipe: 20]" in a help text as markup and drops it,
+# and shows flags as "<bool>" as if they took a value.
+HELP = {"rich_markup_mode": None, "context_settings": {"max_content_width": 120}}
+
+
+def raised_by_project(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is the project's code (not a library's)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", "")) if tb is not None else ""
+    return module.split(".")[0] in PROJECT_PACKAGES
+
+
+def fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"Error: {' '.join(line.strip() for line in message.splitlines() if line.strip())}", err=True)
+    sys.exit(code)
+
+
+class OneLineErrors(TyperGroup):
+    """The root command: the project's errors become one line on stderr and exit status 2 (see the module doc)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:  # the caller handles errors (the demo runs its steps this way)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as e:  # `vstar` or `vstar bench` alone: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.TyperException as e:  # click's usage errors and the BadParameter our handlers raise
+            ctx = e.ctx if isinstance(e, UsageError) else None
+            fail(e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else ""), e.exit_code)
+        except typer.Abort:
+            fail("aborted", 1)
+        except ValueError as e:
+            if not raised_by_project(e):
+                raise
+            fail(str(e), 2)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    help="V-STAR generative recommender: data, training, evaluation and serving.",
+    no_args_is_help=True,
+    **HELP,
+)
 bench = typer.Typer(
-    help="Benchmarks that print figures and ratios against a reference measured in the same run.", no_args_is_help=True
+    help="Benchmarks that print figures and ratios against a reference measured in the same run.",
+    no_args_is_help=True,
+    **HELP,
 )
 app.add_typer(bench, name="bench")
 register_training(app, bench)
@@ -33,74 +106,55 @@ def demo(
     serve: Annotated[
         bool, typer.Option("--serve/--no-serve", help="Start the service on the result at the end.")
     ] = True,
-    port: Annotated[int, typer.Option("--port", help="Port of the service (127.0.0.1).")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port of the service (127.0.0.1).")] = 8000,
     rl_steps: Annotated[int, typer.Option("--rl-steps", min=1, help="V-STAR steps after SFT.")] = 30,
 ) -> None:
     """The embedded default end to end: synthetic data, tiny model (SFT, V-STAR), test metrics, then the service."""
-    data, sft, rl = out / "data", out / "sft", out / "vstar"
-    steps = [
-        ["synth", "--out", str(data)] if not (data / "index.json").exists() else None,
-        [
-            "sft",
-            "--data",
-            str(data),
-            "--out",
-            str(sft),
-            "--preset",
-            "tiny",
-            "--epochs",
-            "8",
-            "--lr",
-            "5e-3",
-            "--json",
-            str(out / "sft.json"),
-        ],
-        [
-            "eval",
-            "--data",
-            str(data),
-            "--checkpoint",
-            str(sft),
-            "--split",
-            "test",
-            "--json",
-            str(out / "sft.test.json"),
-        ],
-        [
-            "rl",
-            "--data",
-            str(data),
-            "--init",
-            str(sft),
-            "--out",
-            str(rl),
-            "--algo",
-            "vstar",
-            "--max-steps",
-            str(rl_steps),
-            "--eval-every",
-            str(rl_steps),
-            "--json",
-            str(out / "vstar.json"),
-        ],
-        [
-            "eval",
-            "--data",
-            str(data),
-            "--checkpoint",
-            str(rl),
-            "--split",
-            "test",
-            "--json",
-            str(out / "vstar.test.json"),
-        ],
-    ]
-    for args in filter(None, steps):
+    from training.demo import curl_command, demo_steps, example_request, report
+
+    for args in demo_steps(out, rl_steps, with_synth=not (out / "data" / "index.json").exists()):
         typer.secho(f"$ vstar {' '.join(args)}", fg=typer.colors.CYAN, err=True)
-        app(args=args, standalone_mode=False)
-    if serve:
-        typer.secho(f"serving {rl} on http://127.0.0.1:{port} (Ctrl-C stops it)", fg=typer.colors.GREEN, err=True)
-        app(args=["serve", "--checkpoint", str(rl), "--host", "127.0.0.1", "--port", str(port)], standalone_mode=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # each step's JSON is in its file under --out
+            app(args=args, standalone_mode=False)
+    summary = report(out, rl_steps)
+    curl = curl_command(example_request(out / "data"), port)
+    if not serve:
+        typer.echo(f"{summary}\n\nServe the result with: vstar serve --checkpoint {out / 'vstar'} --port {port}")
+        typer.echo(f"then ask it for recommendations:\n  {curl}")
+        return
+    typer.secho(f"starting the service on {out / 'vstar'} (its own process, JSON logs)", fg="green", err=True)
+    serve_until_stopped(out / "vstar", port, f"{summary}\n\nThe service answers on http://127.0.0.1:{port}:\n  {curl}")
+
+
+def serve_until_stopped(checkpoint: Path, port: int, ready_message: str) -> None:
+    """``vstar serve`` in a child process (one log format per process); ``ready_message`` once it is ready."""
+    import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines would be plain text amid the JSON
+    cmd = [sys.executable, "-m", "vstar", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+    server = subprocess.Popen(cmd)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                fail(f"the service stopped with exit status {server.returncode} before it was ready (log above)", 1)
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                fail("the service was not ready after 300 s (log above)", 1)
+            time.sleep(0.3)
+        typer.echo(ready_message + "\n(Ctrl-C stops it)")
+        server.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the server too: let it shut down
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait()
 
 
 def main() -> None:

@@ -8,6 +8,9 @@ of answering 500s later; a warm-up decode proves the model runs. Redis being
 down at startup is not fatal: the service starts degraded and recovers when
 Redis comes back (``service.stores``).
 
+``/docs`` (Swagger UI) and ``/redoc`` load their scripts from assets the
+``fastapi-offline`` package ships, so they render on a machine with no internet.
+
 Middleware, outermost first: request id + access log, catch-all 500, body size
 limit, then FastAPI's routing and exception handlers (``service.errors``).
 """
@@ -22,6 +25,8 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+from transformers.utils import logging as hf_logging
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
@@ -91,6 +96,7 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
 
 def create_app(settings: Settings) -> FastAPI:
     configure_logging(settings.log_level)
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would be plain text amid the JSON lines
     metrics = ServiceMetrics()
 
     @asynccontextmanager
@@ -116,7 +122,8 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.recommender = None
             await recommender.close()
 
-    app = FastAPI(
+    # /docs and /redoc from assets packaged with fastapi-offline, not a CDN: they render with no network
+    app = FastAPIOffline(
         title="vstar recommendation service",
         version="1",
         summary="Generative recommendations over semantic IDs: beam search, or value-guided search under a cap.",

@@ -33,7 +33,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     def serve(
         checkpoint: CheckpointOpt,
         host: Annotated[str, typer.Option("--host", help="Interface to bind; 0.0.0.0 in a container.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+        port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on.")] = 8000,
         workers: Annotated[int, typer.Option("--workers", min=1, help="uvicorn worker processes.")] = 1,
     ) -> None:
         """Serve recommendations over HTTP (settings: VSTAR_* and REDIS_URL, see the README)."""
@@ -67,7 +67,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         clients: Annotated[str, typer.Option("--clients", help="Concurrent clients of the beam cells.")] = "1,8,32",
         caps: Annotated[str, typer.Option("--caps", help="VED latency caps in ms.")] = "20,50,100",
         ved_clients: Annotated[str, typer.Option("--ved-clients", help="Concurrent clients of the VED cells.")] = "1,8",
-        k: Annotated[int, typer.Option("--k", min=1, max=100)] = 10,
+        k: Annotated[int, typer.Option("--k", min=1, max=100, help="Items per request.")] = 10,
         duration_s: Annotated[float, typer.Option("--duration-s", min=0.1, max=120, help="Seconds per cell.")] = 5.0,
         max_requests: Annotated[int, typer.Option("--max-requests", min=1, max=100_000, help="Per cell.")] = 3000,
         torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="Server threads.")] = None,

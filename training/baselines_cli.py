@@ -11,7 +11,7 @@ inside the handler.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -29,7 +29,9 @@ from training.cli import (
 )
 
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.")]
-PopCountsOpt = Annotated[str, typer.Option("--pop-counts", help="pop: count targets, or all (targets and histories).")]
+PopCountsOpt = Annotated[
+    Literal["targets", "all"], typer.Option("--pop-counts", help="pop: count targets, or all (targets and histories).")
+]
 PatienceOpt = Annotated[
     int, typer.Option("--patience", min=1, help="sasrec: epochs without a better selection score before stopping.")
 ]
@@ -42,7 +44,7 @@ def register_baseline(app: typer.Typer) -> None:
     @app.command()
     def baseline(
         name: Annotated[
-            str,
+            Literal["pop", "transition", "sasrec"],
             typer.Argument(
                 help="pop (most popular items), transition (item-transition counts) or sasrec (Kang & McAuley 2018)."
             ),
@@ -52,13 +54,19 @@ def register_baseline(app: typer.Typer) -> None:
         dataset: NameOpt = None,
         json_out: JsonOpt = None,
         train_splits: SplitsOpt = "train",
-        split: Annotated[str, typer.Option("--split", help="test, or valid if not trained on.")] = "test",
+        split: Annotated[
+            Literal["test", "valid"], typer.Option("--split", help="The split to score (valid: if not trained on).")
+        ] = "test",
         pop_counts: PopCountsOpt = "targets",
         window: Annotated[
             int, typer.Option("--window", min=1, help="transition: last history items whose successors are counted.")
         ] = 3,
-        loss: Annotated[str, typer.Option("--loss", help="sasrec: ce (full softmax) or bce (sampled).")] = "ce",
-        loss_on: Annotated[str, typer.Option("--loss-on", help="sasrec: last position or all (paper).")] = "last",
+        loss: Annotated[
+            Literal["ce", "bce"], typer.Option("--loss", help="sasrec: ce (full softmax) or bce (sampled).")
+        ] = "ce",
+        loss_on: Annotated[
+            Literal["last", "all"], typer.Option("--loss-on", help="sasrec: last position or all (paper).")
+        ] = "last",
         hidden: Annotated[int, typer.Option("--hidden", min=1, help="sasrec: embedding width.")] = 64,
         blocks: Annotated[int, typer.Option("--blocks", min=1, help="sasrec: self-attention blocks.")] = 2,
         heads: Annotated[int, typer.Option("--heads", min=1, help="sasrec: attention heads.")] = 1,
@@ -74,17 +82,16 @@ def register_baseline(app: typer.Typer) -> None:
         threads: Annotated[int, typer.Option("--threads", min=0, help="sasrec: torch threads (0: default).")] = 1,
     ) -> None:
         """Most-popular, item transitions or SASRec, scored on a split as `vstar eval` scores the generative model."""
-        from training.baselines import POP_COUNTS, check_request, run_pop, run_sasrec, run_transition
         from training.data import parse_splits
+
+        splits = parse_splits(train_splits)
+        from training.baselines import check_request, run_pop, run_sasrec, run_transition
         from training.sasrec import SASRecConfig, num_threads
 
         setup_logging()
         ds = load_data(data, minionerec_root, dataset)
         try:
-            splits = parse_splits(train_splits)
             check_request(ds, name, split, splits)
-            if pop_counts not in POP_COUNTS:
-                raise ValueError(f"--pop-counts must be one of {POP_COUNTS}, got {pop_counts!r}")
             config = SASRecConfig(
                 hidden=hidden,
                 blocks=blocks,

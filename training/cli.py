@@ -1,7 +1,11 @@
-"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, baseline, bench decode.
+"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, fuse, bench decode (and, registered from their
+own modules: rl, diagnose, bench train, baseline, plot).
 
 Handlers parse options, build configs and call the modules that do the work;
-heavy imports stay inside the handlers so ``vstar --help`` is instant.
+heavy imports stay inside the handlers so ``vstar --help`` is instant. Each
+handler checks its options (choices at parse time, configs built from light
+modules, checkpoint folders by their manifest) before it imports torch or reads
+data, so a simple mistake is reported in well under a second.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -34,7 +38,13 @@ StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop a
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")]
 SummaryOpt = Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")]
+TensorBoardOpt = Annotated[
+    Path | None,
+    typer.Option("--tensorboard", help="Folder for TensorBoard scalars (loss, lr, held-out HR/NDCG) [<out>.tb]."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
+Decoder = Literal["beam", "ved"]
+Split = Literal["test", "valid", "train"]
 FusionOpt = Annotated[
     float | None,
     typer.Option(
@@ -66,6 +76,14 @@ def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
 
 
 PER_ROW = ("target_ranks",)  # written to the file, too long for the terminal
+
+
+def require_checkpoint(path: Path, option: str = "--checkpoint") -> Path:
+    """A cheap look before torch loads: the folder exists and has the manifest every checkpoint has."""
+    if not (path / "manifest.json").is_file():
+        what = "does not exist" if not path.exists() else "is not a checkpoint folder (no manifest.json)"
+        raise typer.BadParameter(f"{path} {what}", param_hint=option)
+    return path
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
@@ -139,10 +157,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
         preset: Annotated[
-            str,
+            Literal["tiny", "small"],
             typer.Option(
                 "--preset",
-                help="tiny or small (built from a config, nothing downloaded). small brings its training recipe: "
+                help="Model size, built from a config (nothing downloaded). small brings its training recipe: "
                 "the defaults marked [recipe] below; any option given overrides it.",
             ),
         ] = "small",
@@ -234,17 +252,18 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             ),
         ] = None,
         precision: Annotated[
-            str | None,
-            typer.Option("--precision", help="auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16."),
+            Literal["auto", "fp32", "bf16"] | None,
+            typer.Option("--precision", help="auto: bf16 autocast on GPUs that support it, else fp32 [auto]."),
         ] = None,
         fusion_weight: FusionOpt = None,
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
         json_out: SummaryOpt = None,
+        tensorboard: TensorBoardOpt = None,
     ) -> None:
         """Supervised next-SID training; keeps the best checkpoint by held-out HR@10, then chooses its fusion weight."""
         from training.data import parse_splits
-        from training.sft import recipe_config, train_sft
+        from training.sft_config import recipe_config
 
         setup_logging()
         try:
@@ -273,7 +292,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
-        run_training(lambda dev: train_sft(ds, out, config, device=dev, resume=resume), device, json_out)
+        from training.scalar_log import default_folder
+        from training.sft import train_sft
+
+        curves = tensorboard or default_folder(out)
+        run_training(lambda dev: train_sft(ds, out, config, dev, resume, tensorboard=curves), device, json_out)
 
     @app.command(name="eval")
     def eval_cmd(
@@ -282,15 +305,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
         split: Annotated[
-            str, typer.Option("--split", help="test, valid, or train (how well a model fits its own rows).")
+            Split, typer.Option("--split", help="The split to score (train: how well a model fits its own rows).")
         ] = "test",
         beams: Annotated[
             int, typer.Option("--beams", min=1, help="Beam width; also the length of each ranked list.")
         ] = 50,
-        decoder: Annotated[str, typer.Option("--decoder", help="beam or ved.")] = "beam",
+        decoder: Annotated[
+            Decoder, typer.Option("--decoder", help="beam: constrained beam search; ved: value-guided search.")
+        ] = "beam",
         budget: Annotated[int | None, typer.Option("--budget", min=1, help="VED token budget per prompt.")] = None,
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N rows.")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")] = 32,
         train_splits: SplitsOpt = "train",
         fusion_weight: Annotated[
             float | None,
@@ -306,13 +331,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """HR@K / NDCG@K (MiniOneRec's definitions), catalog coverage and long-tail share on a split."""
-        from models.checkpoint import load_checkpoint
         from training.data import parse_splits
+
+        require_checkpoint(checkpoint)
+        context_splits = parse_splits(train_splits)
+        ds = load_data(data, minionerec_root, dataset)
+        from models.checkpoint import load_checkpoint
         from training.evaluate import checkpoint_fusion, evaluate, make_decoder
 
-        ds = load_data(data, minionerec_root, dataset)
-        if split not in ds.splits:
-            raise typer.BadParameter(f"unknown split {split!r}")
         ckpt = load_checkpoint(checkpoint, device)
         rows = ds.splits[split][:limit] if limit else ds.splits[split]
         try:
@@ -320,7 +346,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             decode = make_decoder(ckpt, decoder, beams, budget, fusion)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
-        result = evaluate(ckpt.policy, rows, ds.samples(parse_splits(train_splits)), decode, batch_size)
+        result = evaluate(ckpt.policy, rows, ds.samples(context_splits), decode, batch_size)
         result |= {
             "split": split,
             "decoder": decoder,
@@ -347,16 +373,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the choice and its grid here.")] = None,
     ) -> None:
         """Choose a checkpoint's fusion weight on its held-out rows and store it, as SFT does when it ends."""
+        try:
+            grid = tuple(float(w) for w in weights.split(",")) if weights else None
+        except ValueError:
+            raise typer.BadParameter(f"--weights must be a comma list of numbers, got {weights!r}") from None
+        require_checkpoint(checkpoint)
+        setup_logging()
+        ds = load_data(data, minionerec_root, dataset)
         from training.fusion import FUSION_WEIGHTS, fuse_checkpoint
 
         try:
-            grid = tuple(float(w) for w in weights.split(",")) if weights else FUSION_WEIGHTS
-        except ValueError:
-            raise typer.BadParameter(f"--weights must be a comma list of numbers, got {weights!r}") from None
-        setup_logging()
-        ds = load_data(data, minionerec_root, dataset)
-        try:
-            write_json(json_out, fuse_checkpoint(checkpoint, ds, grid, device=device))
+            write_json(json_out, fuse_checkpoint(checkpoint, ds, grid or FUSION_WEIGHTS, device=device))
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
 
@@ -371,17 +398,18 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows: [...]} here.")] = None,
         beams: Annotated[str, typer.Option("--beams", help="Comma list of K.")] = "10,50",
         batches: Annotated[str, typer.Option("--batches", help="Comma list of batch sizes.")] = "1,32",
-        repeats: Annotated[int, typer.Option("--repeats", min=1)] = 10,
+        repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per cell (after a warm-up).")] = 10,
         device: DeviceOpt = "cpu",
     ) -> None:
         """Time our beam search, HF generate (reference) and the bare forward passes (floor)."""
+        grid = _int_list(beams, "--beams"), _int_list(batches, "--batches")
+        if checkpoint is not None:
+            require_checkpoint(checkpoint)
         from models.checkpoint import load_checkpoint
         from training.decode_bench import format_table, run_decode_bench
 
         policy = load_checkpoint(checkpoint, device).policy if checkpoint else demo_policy(device)
-        result = run_decode_bench(
-            policy, tuple(int(k) for k in beams.split(",")), tuple(int(b) for b in batches.split(",")), repeats=repeats
-        )
+        result = run_decode_bench(policy, *grid, repeats=repeats)
         typer.echo(format_table(result), err=True)
         write_json(json_out, result)
 
@@ -392,6 +420,20 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     from training.baselines_cli import register_baseline  # baseline pop|sasrec
 
     register_baseline(app)
+
+    from training.plot_cli import register_plot  # plot
+
+    register_plot(app)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected a comma list of integers, got {text!r}", param_hint=option) from None
+    if not values:
+        raise typer.BadParameter("empty list", param_hint=option)
+    return values
 
 
 def demo_policy(device: str) -> Any:

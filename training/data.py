@@ -12,9 +12,11 @@ MiniOneRec's own checkout (``--minionerec-root ROOT --dataset NAME``)::
     ROOT/data/Amazon/{train,valid,test}/NAME*.csv
     ROOT/data/Amazon/index/NAME.index.json, NAME.item.json, NAME.emb-qwen-td.npy
 
-Every row is checked against the index: an unknown item id, a SID that is not
-the item's SID in the index, or a bad list literal is one ``DataError`` naming
-the file, the line and the problem. The SID columns are checked, then dropped:
+Every row is checked against the index: a row with the wrong number of columns,
+an unknown item id, a SID that is not the item's SID in the index, or a bad list
+literal is one ``DataError`` naming the file, the line and the problem. The line
+is where the record starts: a line cut inside a quoted field makes csv read on
+into the next lines, and the error says so. The SID columns are checked, then dropped:
 the index is the single source of truth for SIDs.
 """
 
@@ -177,29 +179,40 @@ def read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{path}:1: missing columns {missing}")
-        for row in reader:
-            line = reader.line_num
-            history = [
-                _int(str(v), path, line) for v in _literal_list(row["history_item_id"], "history_item_id", path, line)
-            ]
-            target = _int(row["item_id"], path, line)
-            hist_sids = _literal_list(row["history_item_sid"], "history_item_sid", path, line)
-            if len(hist_sids) != len(history):
-                raise DataError(f"{path}:{line}: {len(history)} history ids but {len(hist_sids)} history SIDs")
-            for item_id, sid_text in [*zip(history, hist_sids, strict=False), (target, row["item_sid"])]:
-                if item_id not in catalog.items:
-                    raise DataError(f"{path}:{line}: unknown item id {item_id} (not in the index)")
-                try:
-                    sid = parse_sid(str(sid_text), catalog.depth)
-                except ValueError as e:
-                    raise DataError(f"{path}:{line}: {e}") from None
-                if sid not in catalog.sid_index:
-                    raise DataError(f"{path}:{line}: SID {sid_text} is not in the index")
-                if sid != catalog.items[item_id].sid:
-                    expected = "".join(catalog.items[item_id].sid)
-                    raise DataError(f"{path}:{line}: item {item_id} has SID {sid_text}, the index says {expected}")
-            samples.append(Sample(row["user_id"], tuple(history), target))
+        line = 2  # where the next record starts: csv's line_num is where the last one ended
+        try:
+            for row in reader:
+                samples.append(_read_row(row, len(reader.fieldnames or []), catalog, path, line, reader.line_num))
+                line = reader.line_num + 1
+        except csv.Error as e:  # e.g. a quote still open at the end of the file
+            raise DataError(f"{path}:{line}: {e}") from None
     return samples
+
+
+def _read_row(row: dict, width: int, catalog: SidCatalog, path: Path, line: int, end: int) -> Sample:
+    """One record of a split file; ``line`` is where it starts, ``end`` where csv found its end."""
+    fields = [v for k, v in row.items() if k is not None and v is not None] + row.get(None, [])
+    if len(fields) != width:
+        spans = f" (a quoted field runs from here to line {end}: is a quote unclosed?)" if end > line else ""
+        raise DataError(f"{path}:{line}: {len(fields)} columns, the header has {width}{spans}")
+    history = [_int(str(v), path, line) for v in _literal_list(row["history_item_id"], "history_item_id", path, line)]
+    target = _int(row["item_id"], path, line)
+    hist_sids = _literal_list(row["history_item_sid"], "history_item_sid", path, line)
+    if len(hist_sids) != len(history):
+        raise DataError(f"{path}:{line}: {len(history)} history ids but {len(hist_sids)} history SIDs")
+    for item_id, sid_text in [*zip(history, hist_sids, strict=False), (target, row["item_sid"])]:
+        if item_id not in catalog.items:
+            raise DataError(f"{path}:{line}: unknown item id {item_id} (not in the index)")
+        try:
+            sid = parse_sid(str(sid_text), catalog.depth)
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: {e}") from None
+        if sid not in catalog.sid_index:
+            raise DataError(f"{path}:{line}: SID {sid_text} is not in the index")
+        if sid != catalog.items[item_id].sid:
+            expected = "".join(catalog.items[item_id].sid)
+            raise DataError(f"{path}:{line}: item {item_id} has SID {sid_text}, the index says {expected}")
+    return Sample(row["user_id"], tuple(history), target)
 
 
 def write_dataset(

@@ -8,22 +8,26 @@ build configs and call ``training.rl`` / ``training.diagnose`` /
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from training.cli import (
     DataOpt,
+    Decoder,
     DeviceOpt,
     EpochsOpt,
     NameOpt,
     ResumeOpt,
     RootOpt,
     SeedOpt,
+    Split,
     SplitsOpt,
     StepsOpt,
     SummaryOpt,
+    TensorBoardOpt,
     load_data,
+    require_checkpoint,
     run_training,
     setup_logging,
     write_json,
@@ -42,7 +46,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
-        algo: Annotated[str, typer.Option("--algo", help="grpo (MiniOneRec baseline) or vstar.")] = "grpo",
+        algo: Annotated[
+            Literal["grpo", "vstar"], typer.Option("--algo", help="grpo: MiniOneRec's baseline; vstar: V-STAR.")
+        ] = "grpo",
         no_sibling: Annotated[bool, typer.Option("--no-sibling", help="V-STAR without Sibling-GRPO (D).")] = False,
         no_ved: Annotated[bool, typer.Option("--no-ved", help="V-STAR with beam search instead of VED (C).")] = False,
         no_dense: Annotated[
@@ -68,11 +74,14 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
         json_out: SummaryOpt = None,
+        tensorboard: TensorBoardOpt = None,
     ) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
+        require_checkpoint(init, "--init")
         from training.data import parse_splits
         from training.rl import RLConfig
         from training.rl_run import check_modules, train_rl
+        from training.scalar_log import default_folder
 
         setup_logging()
         try:
@@ -87,7 +96,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
-        run_training(lambda dev: train_rl(ds, init, out, config, device=dev, resume=resume), device, json_out)
+        curves = tensorboard or default_folder(out)
+        run_training(lambda dev: train_rl(ds, init, out, config, dev, resume, tensorboard=curves), device, json_out)
 
     @app.command()
     def diagnose(
@@ -95,7 +105,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
-        decoder: Annotated[str, typer.Option("--decoder", help="beam or ved.")] = "beam",
+        decoder: Annotated[
+            Decoder, typer.Option("--decoder", help="beam: constrained beam search; ved: value-guided search.")
+        ] = "beam",
         budget: Annotated[
             int | None,
             typer.Option(
@@ -105,21 +117,20 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             ),
         ] = None,
         num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,
-        split: Annotated[str, typer.Option("--split", help="train, valid or test.")] = "valid",
+        split: Annotated[Split, typer.Option("--split", help="The split whose rows are diagnosed.")] = "valid",
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N rows.")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")] = 32,
         seed: SeedOpt = 0,
         device: DeviceOpt = "cpu",
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the diagnostics here.")] = None,
     ) -> None:
         """Candidate-set diagnostics of one decoder: reachability, non-zero-advantage share, reward std, ..."""
+        require_checkpoint(checkpoint)
+        ds = load_data(data, minionerec_root, dataset)
         from models.checkpoint import load_checkpoint
         from training.diagnose import candidate_source
         from training.diagnose import diagnose as run_diagnose
 
-        ds = load_data(data, minionerec_root, dataset)
-        if split not in ds.splits:
-            raise typer.BadParameter(f"unknown split {split!r}")
         ckpt = load_checkpoint(checkpoint, device)
         rows = ds.splits[split][:limit] if limit else ds.splits[split]
         source = candidate_source(ckpt, decoder, num_candidates, budget, seed)
@@ -132,7 +143,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
         data: DataOpt = None,
         checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Start model (default: random).")] = None,
-        preset: Annotated[str, typer.Option("--preset", help="Random model preset without --checkpoint.")] = "tiny",
+        preset: Annotated[
+            Literal["tiny", "small"], typer.Option("--preset", help="Random model preset without --checkpoint.")
+        ] = "tiny",
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per step.")] = 8,
         steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per trainer (after one warm-up).")] = 3,
         budget: BudgetOpt = None,
@@ -142,14 +155,15 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         device: DeviceOpt = "cpu",
     ) -> None:
         """Seconds per RL step of GRPO and of V-STAR on the same batch and the same start model."""
+        if checkpoint is not None and data is None:
+            raise typer.BadParameter("--checkpoint needs --data (the prompts to train on)")
+        if checkpoint is not None:
+            require_checkpoint(checkpoint)
         import torch
 
         from training.rl_bench import run_train_bench
 
         if threads:
             torch.set_num_threads(threads)
-
-        if checkpoint is not None and data is None:
-            raise typer.BadParameter("--checkpoint needs --data (the prompts to train on)")
         ds = load_data(data, None, None) if data is not None else None
         write_json(json_out, run_train_bench(ds, checkpoint, preset, batch_size, steps, budget, device))

@@ -4,8 +4,9 @@
   (``training.sft.epoch_batches``); ``--seed`` fixes the order and VED's draws.
 * Every step's figures go to ``<out>.steps.jsonl`` (reward mean, non-zero
   advantage share, within-group reward std, distinct candidates, reachability,
-  value loss, tokens spent, losses, KL, seconds), every ``LOG_EVERY`` steps to
-  the log, every step to the tqdm bar.
+  value loss, tokens spent, losses, KL, seconds) and to TensorBoard with the
+  held-out scores (``training.scalar_log``), every ``LOG_EVERY`` steps to the
+  log, every step to the tqdm bar.
 * Selection: HR@10 (ties NDCG@10) by beam search on valid (the held-out valid
   rows when valid is trained on) every ``eval_every`` steps and at the end; the
   best goes to ``--out`` (policy + value head extra + manifest). The init
@@ -46,6 +47,7 @@ from training.distributed import barrier, is_main, require_global_batch, shard, 
 from training.fusion import fuse_trained
 from training.rl import RLConfig, RLTrainer
 from training.rollout import require_module
+from training.scalar_log import ScalarLog
 from training.sft import (
     SFTConfig,
     TrainState,
@@ -85,8 +87,10 @@ def train_rl(
     device: str = "cpu",
     resume: bool = False,
     progress: bool = True,
+    tensorboard: Path | None = None,
 ) -> dict[str, Any]:
-    """RL from the ``init`` checkpoint; the best model by validation goes to ``out``. Returns a summary."""
+    """RL from the ``init`` checkpoint; the best model by validation goes to ``out``. Returns a summary.
+    Curves go to ``tensorboard`` if given."""
     out = Path(out)
     resume_dir = out.parent / f"{out.name}.resume"
     steps_file = out.parent / f"{out.name}.steps.jsonl"
@@ -134,6 +138,7 @@ def train_rl(
             steps_file.write_text("".join(ln + "\n" for ln in kept))
     elif steps_file.exists() and is_main():
         steps_file.unlink()
+    curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
     manifest: dict[str, Any] = {
         "stage": "rl",
         "rl_config": asdict(config),
@@ -161,6 +166,7 @@ def train_rl(
             "state": asdict(state),
             "torch_rng": torch.get_rng_state(),
         }, extras, selectable=state.step > 0)  # fmt: skip
+        curves.validated(state.step, state.history[-1])
 
     if trainer_state is None:
         validate()
@@ -180,6 +186,7 @@ def train_rl(
             if is_main():
                 with steps_file.open("a") as f:
                     f.write(json.dumps({"step": state.step, "epoch": state.epoch} | stats) + "\n")
+            curves.add(state.step, {f"{'train' if k in ('loss', 'lr') else 'rl'}/{k}": v for k, v in stats.items()})
             bar.update(1)
             bar.set_postfix(
                 reach=f"{stats['reachability']:.2f}", std=f"{stats['reward_std']:.3f}", kl=f"{stats['kl']:.4f}"
@@ -193,6 +200,7 @@ def train_rl(
         if state.batch_in_epoch >= len(batches):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     bar.close()
+    curves.close()
     fusion = None
     if is_main():  # the kept model's fusion with the transition counts
         fusion = fuse_trained(out, None, train_rows, held_out, config.eval_limit, device)

@@ -19,6 +19,11 @@ Design decisions:
   layer's attention and MLP outputs (Qwen2 has attention dropout only), plus
   history cropping. ``--item-tokens`` adds a whole-SID token per history item
   to the prompt (``models.sid_tokenizer``).
+* The configuration (``SFTConfig``, the presets' recipes) lives in
+  ``training.sft_config``, which imports nothing heavy, so the CLI checks it
+  before torch loads.
+* Curves: loss and learning rate every step, the held-out HR@10 / NDCG@10 at
+  each validation, as TensorBoard scalars (``training.scalar_log``).
 * The best model goes to ``--out``; the latest state (weights, optimizer,
   scheduler, position in the data) to ``<out>.resume`` after each validation,
   so ``--resume`` continues an interrupted run. Both writes are atomic.
@@ -65,97 +70,10 @@ from training.distributed import (
 )
 from training.evaluate import beam_decoder, evaluate
 from training.fusion import fuse_trained
+from training.scalar_log import ScalarLog
+from training.sft_config import SFTConfig
 
 log = logging.getLogger(__name__)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-# What ``vstar sft --preset NAME`` trains with unless an option says otherwise. ``small``'s
-# recipe was chosen on held-out valid rows of amazon-industrial (README, "Results"): the
-# 2,000 most recent valid rows are held out to select the epoch and the fusion weight, the
-# rest of train + valid is trained on. A pretrained --base-model gets no recipe.
-RECIPES: dict[str, dict[str, Any]] = {
-    "tiny": {},
-    "small": {
-        "epochs": 20,
-        "train_splits": ("train", "valid"),
-        "holdout": 2000,
-        "eval_limit": 2000,
-        "crop_prob": 0.3,
-        "last_item_prob": 0.2,
-        "text_init": True,
-        "embed_dropout": 0.25,
-        "hidden_dropout": 0.1,
-        "ema": 0.999,
-    },
-}
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    preset: str = "small"
-    base_model: str | None = None  # local pretrained LM folder; overrides preset
-    epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps in total
-    batch_size: int = 64
-    lr: float = 2e-3  # from-scratch presets; use ~1e-4 for pretrained LMs
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    grad_clip: float = 1.0
-    train_splits: tuple[str, ...] = ("train",)
-    holdout: int = 500  # rows of valid kept for selection when valid is trained on
-    eval_every: int = 0  # steps between validations; 0 = once per epoch
-    eval_limit: int = 1000  # validation rows decoded (the first N)
-    eval_beams: int = 10
-    seed: int = 0
-    max_history: int = 10
-    crop_prob: float = 0.0  # chance a training row's history is cut to a random recent suffix (each step)
-    last_item_prob: float = 0.0  # chance a training row's history is cut to its last item alone (each step)
-    text_init: bool = False  # initialise SID token embeddings from the items' text embeddings
-    embed_dropout: float = 0.0  # dropout on the input embeddings (Qwen2 has attention dropout only)
-    item_tokens: bool = False  # follow each history item in the prompt by its whole-SID token
-    hidden_dropout: float = 0.0  # residual dropout on every layer's attention and MLP outputs
-    precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16
-    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
-    fusion_weight: float | None = None  # shallow fusion with transition counts; None: chosen on the held-out rows
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("batch_size must be >= 1 and lr > 0")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if "test" in self.train_splits:
-            raise ValueError("training on the test split is not allowed")
-        if not 0 <= self.embed_dropout < 1:
-            raise ValueError(f"embed_dropout must be in [0, 1), got {self.embed_dropout}")
-        if self.fusion_weight is not None and self.fusion_weight < 0:
-            raise ValueError(f"fusion_weight must be >= 0, got {self.fusion_weight}")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"ema must be in [0, 1) (0: off), got {self.ema}")
-        if not 0 <= self.hidden_dropout < 1:
-            raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}")
-        if not 0 <= self.crop_prob <= 1:
-            raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
-        if not 0 <= self.last_item_prob <= 1 or self.crop_prob + self.last_item_prob > 1:
-            raise ValueError(
-                f"last_item_prob must be in [0, 1 - crop_prob], got {self.last_item_prob} (crop_prob {self.crop_prob})"
-            )
-
-
-def recipe_config(preset: str = "small", base_model: str | None = None, **options: Any) -> SFTConfig:
-    """The preset's recipe (none for a base model), overridden by every option that is not None."""
-    if preset not in RECIPES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
-    given = {k: v for k, v in options.items() if v is not None}
-    recipe = {} if base_model else RECIPES[preset]
-    return SFTConfig(preset=preset, base_model=base_model, **(recipe | given))
 
 
 @dataclass
@@ -428,10 +346,11 @@ def train_sft(
     device: str = "cpu",
     resume: bool = False,
     progress: bool = True,
+    tensorboard: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, keep the best checkpoint at ``out``; returns a summary."""
+    """Train, keep the best checkpoint at ``out``; returns a summary. Curves go to ``tensorboard`` if given."""
     with flush_denormals():
-        return _train_sft(data, out, config, device, resume, progress)
+        return _train_sft(data, out, config, device, resume, progress, tensorboard)
 
 
 def _train_sft(
@@ -441,6 +360,7 @@ def _train_sft(
     device: str,
     resume: bool,
     progress: bool,
+    tensorboard: Path | None,
 ) -> dict[str, Any]:
     out = Path(out)
     resume_dir = out.parent / f"{out.name}.resume"
@@ -494,6 +414,7 @@ def _train_sft(
     if ema is not None and trainer_state is not None:
         ema.load_state_dict(trainer_state["ema"])
     fork_rng(config.seed, state.step)
+    curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
     amp = autocast_dtype(policy.device, config.precision)
     eval_every = config.eval_every or steps_per_epoch
     manifest = {
@@ -519,6 +440,7 @@ def _train_sft(
             "torch_rng": torch.get_rng_state(),
         } | ({"ema": ema.state_dict()} if ema is not None else {}),
         averaged=ema.swapped_in if ema is not None else nullcontext)  # fmt: skip
+        curves.validated(state.step, state.history[-1])
 
     start = time.perf_counter()
     model.train()
@@ -547,11 +469,13 @@ def _train_sft(
             (loss * scale).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # this step's
             scheduler.step()
             if ema is not None:
                 ema.update()
             state.step += 1
             state.batch_in_epoch = bi + 1
+            curves.add(state.step, {"train/loss": loss.item(), "train/lr": lr})
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=state.epoch)
             if state.step % eval_every == 0 or state.step >= total_steps:
@@ -566,6 +490,7 @@ def _train_sft(
     bar.close()
     if last_validated != state.step:
         validate()
+    curves.close()
     fusion = None
     if is_main():  # the kept model's fusion with the transition counts (training.fusion)
         fusion = fuse_trained(out, config.fusion_weight, train_rows, held_out, config.eval_limit, str(policy.device))

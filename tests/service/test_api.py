@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -214,3 +215,15 @@ def test_limits_come_from_settings(make_settings: Callable[..., Settings]) -> No
         assert c.post("/recommend", json={"history": [1, 2, 3, 4, 5]}).status_code == 422
         assert c.post("/recommend", json={"history": [1], "mode": "ved", "latency_ms": 301}).status_code == 422
         assert c.post("/recommend", json={"history": [1], "k": 7}).status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_every_asset_from_this_server(client: TestClient, page: str) -> None:
+    html = client.get(page).text
+    urls = re.findall(r"""(?:src|href|spec-url)=["']([^"']+)["']|url: ?["']([^"']+)["']""", html)
+    urls = [a or b for a, b in urls]
+    assert "/openapi.json" in urls and any(u.endswith(".js") for u in urls), html
+    for url in urls:
+        assert url.startswith("/"), f"{page} loads {url} from elsewhere: blank without a network"
+        answer = client.get(url)
+        assert answer.status_code == 200 and len(answer.content) > 1000, url

@@ -141,11 +141,11 @@ def test_cli_writes_eval_shaped_json(tiny_data_dir: Path, tmp_path: Path, name: 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["knn"], "unknown baseline"),
+        (["knn"], "'knn' is not one of 'pop', 'transition', 'sasrec'"),
         (["pop", "--split", "valid", "--train-splits", "train,valid"], "is trained on"),
         (["pop", "--train-splits", "train,test"], "test split"),
-        (["pop", "--split", "future"], "unknown split"),
-        (["sasrec", "--loss", "hinge"], "loss must be one of"),
+        (["pop", "--split", "future"], "'future' is not one of 'test', 'valid'"),
+        (["sasrec", "--loss", "hinge"], "'hinge' is not one of 'ce', 'bce'"),
         (["sasrec", "--hidden", "10", "--heads", "3"], "divisible"),
     ],
 )

@@ -52,6 +52,33 @@ def test_bad_rows_name_file_line_and_problem(tiny_data_dir: Path, tmp_path: Path
     assert "valid.csv:6" in str(err.value)  # header is line 1, row index 4 is line 6
 
 
+def cut_line(line: str, how: str) -> str:
+    """A malformed form of one CSV line: too few columns, or cut in half inside / after its first quoted field."""
+    if how == "two columns":
+        return "hello,world"
+    quote = line.index('"')
+    return line[: quote + 3] if how == "cut inside a quote" else line[: line.index('"', quote + 1) + 2]
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("two columns", r"valid.csv:6: 2 columns, the header has 7$"),
+        ("cut inside a quote", r"valid.csv:6: \d+ columns, the header has 7 \(a quoted field runs from here to line "),
+        ("cut after a quote", r"valid.csv:6: \d+ columns, the header has 7$"),
+    ],
+)
+def test_a_short_or_cut_line_is_named_at_its_own_line(
+    tiny_data_dir: Path, tmp_path: Path, how: str, message: str
+) -> None:
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    lines = (data / "valid.csv").read_text().splitlines(keepends=True)
+    lines[5] = cut_line(lines[5], how) + "\n"  # line 6 of the file
+    (data / "valid.csv").write_text("".join(lines))
+    with pytest.raises(DataError, match=message):
+        load_dataset(data)
+
+
 def test_sid_that_disagrees_with_index(tiny_data_dir: Path, tmp_path: Path, tiny_catalog) -> None:
     data = copy_data(tiny_data_dir, tmp_path / "d")
     rows = list(csv.DictReader((data / "test.csv").open(newline="")))

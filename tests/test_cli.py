@@ -1,0 +1,117 @@
+"""The ``vstar`` command's contract with a user: one-line errors, options checked first, help for every option.
+
+Simple mistakes run in a subprocess where importing torch or transformers
+fails, so a test passes only if the mistake is reported before either loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from models.checkpoint import save_checkpoint
+from models.policy import Policy
+from vstar import app, raised_by_project
+
+REPO = Path(__file__).resolve().parents[1]
+# `vstar ARGS` with torch and transformers unimportable (None in sys.modules makes `import` raise)
+WITHOUT_TORCH = "import sys; sys.modules['torch'] = sys.modules['transformers'] = None; import vstar; vstar.main()"
+
+
+def assert_one_line_error(exit_code: int, output: str, message: str) -> None:
+    lines = output.strip().splitlines()
+    assert exit_code == 2, output
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], output
+    assert "Traceback" not in output
+
+
+@pytest.fixture(scope="module")
+def bad_data(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny data set with valid.csv's line 6 replaced by `hello,world`."""
+    out = tmp_path_factory.mktemp("bad") / "data"
+    out.mkdir()
+    for f in tiny_data_dir.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    lines = (out / "valid.csv").read_text().splitlines(keepends=True)
+    lines[5] = "hello,world\n"
+    (out / "valid.csv").write_text("".join(lines))
+    return out
+
+
+def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str], str]]:
+    (tmp / "empty").mkdir(exist_ok=True)
+    d, out, gone, empty = str(data), str(tmp / "out"), str(tmp / "gone"), str(tmp / "empty")
+    yield ["sft", "--data", d, "--out", out, "--preset", "huge"], "'huge' is not one of 'tiny', 'small'"
+    yield ["sft", "--data", d, "--out", out, "--precision", "fp16"], "'fp16' is not one of"
+    yield ["sft", "--data", d, "--out", out, "--crop-prob", "0.9", "--last-item-prob", "0.5"], "last_item_prob must be"
+    yield ["sft", "--out", out], "--data DIR (or --minionerec-root DIR --dataset NAME) is required"
+    yield ["sft", "--data", str(bad), "--out", out, "--preset", "tiny"], "valid.csv:6: 2 columns, the header has 7"
+    yield ["eval", "--data", d, "--checkpoint", gone], f"{gone} does not exist"
+    yield ["eval", "--data", d, "--checkpoint", empty], f"{empty} is not a checkpoint folder (no manifest.json)"
+    yield ["eval", "--data", d, "--checkpoint", empty, "--decoder", "greedy"], "'greedy' is not one of 'beam', 'ved'"
+    yield ["eval", "--data", d, "--checkpoint", empty, "--split", "dev"], "'dev' is not one of"
+    yield ["fuse", "--data", d, "--checkpoint", gone], "does not exist"
+    yield ["rl", "--data", d, "--init", gone, "--out", out], "Invalid value for --init"
+    yield ["rl", "--data", d, "--init", empty, "--out", out, "--algo", "ppo"], "'ppo' is not one of 'grpo', 'vstar'"
+    yield ["diagnose", "--data", d, "--checkpoint", gone], "does not exist"
+    yield ["baseline", "knn", "--data", d], "'knn' is not one of 'pop', 'transition', 'sasrec'"
+    yield ["bench", "decode", "--beams", "10,x"], "expected a comma list of integers"
+
+
+def test_simple_mistakes_are_one_line_before_torch_loads(tiny_data_dir: Path, bad_data: Path, tmp_path: Path) -> None:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    for args, message in simple_mistakes(tiny_data_dir, bad_data, tmp_path):
+        proc = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.stdout == "", (args, proc.stdout)
+        assert_one_line_error(proc.returncode, proc.stderr, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_checkpoint_is_one_line(tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_policy)
+    (ckpt / "manifest.json").write_text('{"format_version": 1, "prompt": ')
+    result = CliRunner().invoke(app, ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(ckpt)])
+    assert_one_line_error(result.exit_code, result.output, "unreadable manifest or catalog")
+
+
+def test_a_value_error_inside_a_library_is_a_bug_and_keeps_its_traceback() -> None:
+    from training.data import parse_splits
+
+    with pytest.raises(ValueError) as ours:
+        parse_splits("train,dev")
+    with pytest.raises(ValueError) as library:
+        json.loads("{")
+    assert raised_by_project(ours.value) and not raised_by_project(library.value)
+
+
+def commands(cmd: typer.core.TyperGroup, path: str = "vstar") -> Iterator[tuple[str, typer.core.TyperCommand]]:
+    for name, sub in cmd.commands.items():
+        if isinstance(sub, typer.core.TyperGroup):
+            yield from commands(sub, f"{path} {name}")
+        else:
+            yield f"{path} {name}", sub
+
+
+def test_every_option_has_help_and_flags_look_like_flags() -> None:
+    found = dict(commands(typer.main.get_command(app)))
+    assert {"vstar sft", "vstar eval", "vstar rl", "vstar demo", "vstar bench decode", "vstar plot"} <= set(found)
+    for path, cmd in found.items():
+        for param in cmd.params:
+            if isinstance(param, typer.core.TyperOption):
+                assert param.help, f"{path} {param.opts[0]} has no help text"
+        text = CliRunner().invoke(app, [*path.split()[1:], "--help"], terminal_width=200).output
+        assert "<bool>" not in text, f"{path} --help shows a flag as taking a value"
+    sft_help = CliRunner().invoke(app, ["sft", "--help"], terminal_width=200).output
+    assert "--resume " in sft_help and "--text-init / --no-text-init" in sft_help
+    assert "--precision <auto|fp32|bf16>" in sft_help and "[recipe: 20; else 10]" in sft_help
+    assert "--decoder <beam|ved>" in CliRunner().invoke(app, ["eval", "--help"]).output

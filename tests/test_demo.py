@@ -1,0 +1,117 @@
+"""``vstar demo``: its summary, its example request (which the README shows), and one log format per process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from models.checkpoint import save_checkpoint
+from models.policy import Policy
+from service.app import create_app
+from service.settings import Settings
+from training.demo import curl_command, example_request, rl_note
+from training.sid_builder import SidBuildConfig
+from training.synth import SynthConfig, write_synth
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_example_request_is_answered_by_a_model_of_that_data(
+    tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    request = example_request(tiny_data_dir)
+    assert request["k"] == 5 and 1 <= len(request["history"]) <= 3
+    checkpoint = save_checkpoint(tmp_path / "ckpt", tiny_policy)  # the catalog tiny_data_dir was written from
+    with TestClient(create_app(Settings(checkpoint=checkpoint, access_log=False, log_level="WARNING"))) as client:
+        answer = client.post("/recommend", json=request)
+    assert answer.status_code == 200 and len(answer.json()["items"]) == 5
+
+
+def test_the_readme_shows_the_request_the_demo_prints(tmp_path: Path) -> None:
+    write_synth(tmp_path / "data", SynthConfig(), SidBuildConfig(None, seed=0))  # what `vstar synth --out` writes
+    assert curl_command(example_request(tmp_path / "data"), 8000) in (REPO / "README.md").read_text()
+
+
+def test_rl_below_sft_is_explained_against_the_noise() -> None:
+    sft = {"HR@10": 0.25, "NDCG@10": 0.13}
+    assert rl_note(sft, {"HR@10": 0.26, "NDCG@10": 0.13}, 400, 30) is None
+    noise = rl_note(sft, {"HR@10": 0.24, "NDCG@10": 0.125}, 400, 30)  # one standard error: sqrt(.25 * .75 / 400)
+    assert noise is not None and "HR@10 -0.0100, NDCG@10 -0.0050" in noise and "is 0.0217" in noise
+    assert "within two standard errors" in noise and "noise, not a finding" in noise
+    worse = rl_note(sft, {"HR@10": 0.15, "NDCG@10": 0.08}, 400, 30)
+    assert worse is not None and "more than two standard errors" in worse and "made this model worse" in worse
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_lines(stream: object, into: list[str]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: into.extend(iter(stream.readline, "")), daemon=True)  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_demo_reports_serves_its_own_request_and_logs_one_format_per_process(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    write_synth(out / "data", SynthConfig(items=80, users=60), SidBuildConfig(None, seed=0))  # small: the demo keeps it
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vstar", "demo", "--out", str(out), "--rl-steps", "2", "--port", str(port)],
+        cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    stdout: list[str] = []
+    stderr: list[str] = []
+    readers = [read_lines(proc.stdout, stdout), read_lines(proc.stderr, stderr)]
+    try:
+        deadline = time.monotonic() + 900
+        while not any("Ctrl-C stops it" in line for line in stdout):
+            assert proc.poll() is None, "".join(stderr[-30:])
+            assert time.monotonic() < deadline, "the demo did not reach its summary in 15 minutes"
+            time.sleep(0.5)
+        (curl,) = [line.strip() for line in stdout if line.strip().startswith("curl ")]
+        assert curl == curl_command(example_request(out / "data"), port)
+        request = json.loads(curl.split(" -d '", 1)[1].rstrip("'"))
+        answer = httpx.post(f"http://127.0.0.1:{port}/recommend", json=request, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()["items"]) == 5
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, to the demo and its server
+        code = proc.wait(timeout=60)
+        for reader in readers:
+            reader.join(timeout=10)
+    assert code == 0, "".join(stderr[-30:])
+    text = "".join(stdout)
+    for model in ("pop", "SFT", "V-STAR", "SFT + transitions"):
+        assert any(re.fullmatch(rf"\s+{re.escape(model)}\s+0\.\d{{4}}\s+0\.\d{{4}}\s*", line) for line in stdout), text
+    assert f"Files in {out}:" in text
+    for name in (
+        "curves.png",
+        "sft.tb",
+        "vstar.tb",
+        "pop.test.json",
+        "sft.test.json",
+        "vstar.test.json",
+        "sft_fused.test.json",
+    ):
+        assert (out / name).exists(), name
+    assert not any(line.startswith("{") for line in stdout), "a step's JSON reached the screen"
+    banner = next(i for i, line in enumerate(stderr) if line.startswith("starting the service on"))
+    served = [line for line in stderr[banner + 1 :] if line.strip()]
+    assert served and all(isinstance(json.loads(line), dict) for line in served), served[:5]
+    assert any(json.loads(line)["msg"] == "Application startup complete." for line in served)

@@ -1,0 +1,92 @@
+"""Training curves: SFT and RL write TensorBoard scalars (a resume does not double them), `vstar plot` draws them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from models.checkpoint import save_checkpoint
+from models.policy import Policy
+from training.curve_plot import event_folder, plot_runs, read_curves, smooth
+from training.data import RecDataset
+from training.rl import RLConfig
+from training.rl_run import train_rl
+from training.sft import SFTConfig, train_sft
+from vstar import app
+
+SFT = SFTConfig(preset="tiny", epochs=2, batch_size=50, eval_limit=8, seed=1)  # 4 steps per epoch, validated each
+
+
+def interrupt_at_step(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimizer's ``n``-th step raises KeyboardInterrupt (a crash mid-training)."""
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crashing(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == n:
+            monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing)
+
+
+def test_sft_curves_survive_a_resume_without_doubling(
+    tiny_dataset: RecDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = train_sft(tiny_dataset, tmp_path / "full", SFT, progress=False, tensorboard=tmp_path / "full.tb")
+    interrupt_at_step(6, monkeypatch)  # the resume point is the validation after step 4
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(tiny_dataset, tmp_path / "part", SFT, progress=False, tensorboard=tmp_path / "part.tb")
+    train_sft(tiny_dataset, tmp_path / "part", SFT, resume=True, progress=False, tensorboard=tmp_path / "part.tb")
+
+    a, b = read_curves(tmp_path / "full.tb"), read_curves(tmp_path / "part.tb")
+    assert set(a) == {"train/loss", "train/lr", "heldout/HR@10", "heldout/NDCG@10"} == set(b)
+    assert a["train/loss"][0] == b["train/loss"][0] == list(range(1, 9))  # steps 5 and 6 once, not twice
+    assert b["train/loss"][1] == pytest.approx(a["train/loss"][1], abs=1e-4)
+    lr = a["train/lr"][1]  # float32 in the event file
+    assert b["train/lr"][1] == pytest.approx(lr) and lr[0] == pytest.approx(2e-3) and lr[-1] < lr[0]
+    assert a["heldout/HR@10"][0] == [4, 8]
+    assert a["heldout/HR@10"][1] == pytest.approx([h["HR@10"] for h in full["history"]])
+
+
+def test_rl_curves_have_the_step_figures_and_the_init_score(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft"})
+    config = RLConfig(algo="vstar", ved=False, max_steps=2, batch_size=4, eval_every=2, eval_limit=8)
+    summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False, tensorboard=tmp_path / "rl.tb")
+    curves = read_curves(event_folder(tmp_path / "rl"))  # <out>.tb is found from the checkpoint folder
+    steps = [json.loads(line) for line in Path(summary["steps_log"]).read_text().splitlines()]
+    for figure in ("reward_std", "reachability", "value_loss"):
+        assert curves[f"rl/{figure}"] == ([1, 2], pytest.approx([s[figure] for s in steps]))
+    assert curves["train/loss"][0] == [1, 2] and curves["train/lr"][0] == [1, 2]
+    assert curves["heldout/NDCG@10"] == ([0, 2], pytest.approx([h["NDCG@10"] for h in summary["history"]]))
+
+
+def test_plot_draws_runs_and_names_a_folder_without_curves(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, tags in (("sft", ("train/loss", "heldout/HR@10")), ("rl", ("train/loss", "rl/reachability"))):
+        with SummaryWriter(str(tmp_path / f"{name}.tb")) as w:
+            for step in range(1, 6):
+                for tag in tags:
+                    w.add_scalar(tag, 1.0 / step, step)
+    png = plot_runs([tmp_path / "sft", tmp_path / "rl.tb"], tmp_path / "out" / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "out"), "--out", str(tmp_path / "x.png")])
+    assert (
+        result.exit_code == 2
+        and result.output.strip() == f"Error: no TensorBoard event files in {tmp_path / 'out'} or {tmp_path / 'out.tb'}"
+    )
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_smoothing_is_tensorboards_debiased_average() -> None:
+    assert smooth([2.0, 2.0, 2.0], 0.6) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards the zero start
+    assert smooth([0.0, 1.0], 0.5) == pytest.approx([0.0, 0.5 / 0.75])  # (0.5 * 0 + 0.5 * 1) / (1 - 0.5**2)
+    assert smooth([3.0, 1.0], 0.0) == [3.0, 1.0]

@@ -1,0 +1,105 @@
+"""``vstar plot``: the TensorBoard curves of SFT and RL runs as one PNG (matplotlib), for a README or a report.
+
+* The event files are read with TensorBoard's own reader (``EventAccumulator``),
+  so the curves are the ones TensorBoard shows, a resumed run's purged stretch
+  included.
+* One row per run, one panel per curve the run has, in a fixed order: loss,
+  learning rate, held-out HR@10 and NDCG@10 (one panel), then RL's within-group
+  reward std, reachability and value loss.
+* Per-step measurements are drawn raw (faint) and smoothed with TensorBoard's
+  debiased exponential moving average; the learning rate as it is; held-out
+  scores, a few points, as markers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from training.scalar_log import default_folder  # noqa: E402
+
+PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("train/loss",)),
+    ("learning rate", ("train/lr",)),
+    ("held-out HR@10, NDCG@10", ("heldout/HR@10", "heldout/NDCG@10")),
+    ("reward std within groups", ("rl/reward_std",)),
+    ("reachability", ("rl/reachability",)),
+    ("value loss", ("rl/value_loss",)),
+)
+Curves = dict[str, tuple[list[int], list[float]]]
+
+
+def event_folder(run: Path) -> Path:
+    """``run`` itself when it holds event files, else the ``<run>.tb`` that SFT and RL write beside a checkpoint."""
+    for folder in (run, default_folder(run)):
+        if folder.is_dir() and any(folder.glob("events.out.tfevents.*")):
+            return folder
+    raise ValueError(f"no TensorBoard event files in {run} or {default_folder(run)}")
+
+
+def read_curves(folder: Path) -> Curves:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    curves: Curves = {}
+    for tag in events.Tags()["scalars"]:
+        points = events.Scalars(tag)
+        curves[tag] = ([p.step for p in points], [p.value for p in points])
+    return curves
+
+
+def smooth(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased for its zero start."""
+    out, last = [], 0.0
+    for i, v in enumerate(values, start=1):
+        last = last * weight + (1 - weight) * v
+        out.append(last / (1 - weight**i) if weight > 0 else v)
+    return out
+
+
+def plot_runs(runs: Sequence[Path], out: Path, smoothing: float = 0.6) -> Path:
+    """Draw ``runs`` (checkpoint or event folders) to the PNG ``out``; returns ``out``."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    rows = []
+    for run in runs:
+        curves = read_curves(event_folder(run))
+        panels = [(title, [t for t in tags if t in curves]) for title, tags in PANELS]
+        rows.append((run.name, curves, [(title, tags) for title, tags in panels if tags]))
+    cols = max(len(panels) for _, _, panels in rows)
+    if cols == 0:
+        raise ValueError(f"none of {', '.join(t for _, tags in PANELS for t in tags)} in {', '.join(map(str, runs))}")
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.4 * cols, 2.6 * len(rows)), squeeze=False)
+    for r, (name, curves, panels) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(panels):
+                ax.axis("off")
+                continue
+            title, tags = panels[c]
+            for tag in tags:
+                steps, values = curves[tag]
+                label = tag.split("/", 1)[1]
+                if tag.startswith("heldout/"):
+                    ax.plot(steps, values, "o-", markersize=3, label=label)
+                elif tag == "train/lr":  # a schedule, not a noisy measurement
+                    ax.plot(steps, values, linewidth=1.4)
+                else:
+                    (raw,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+                    ax.plot(steps, smooth(values, smoothing), color=raw.get_color(), linewidth=1.4)
+            if len(tags) > 1:
+                ax.legend(fontsize=7)
+            ax.set_title(f"{name}: {title}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
