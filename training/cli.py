@@ -256,6 +256,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.Option("--precision", help="auto: bf16 autocast on GPUs that support it, else fp32 [auto]."),
         ] = None,
         fusion_weight: FusionOpt = None,
+        refit: Annotated[
+            bool | None,
+            typer.Option(
+                "--refit/--no-refit",
+                help="After the held-out run (kept at <out>.heldout), train again on all of train + valid with its "
+                "fusion weight and keep the last model at <out> [recipe: on; else off].",
+            ),
+        ] = None,
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
         json_out: SummaryOpt = None,
@@ -288,6 +296,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 precision=precision,
                 ema=ema,
                 fusion_weight=fusion_weight,
+                refit=refit,
             )
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None

@@ -14,6 +14,11 @@ Design decisions:
   used for selection instead; test is never looked at.
 * ``--holdout 0`` trains on all of valid and keeps the last model: the refit,
   once the configuration and epoch count were chosen on a held-out run.
+  ``--refit`` (on in the small recipe) runs both in one command: the held-out
+  run at ``<out>.heldout`` chooses the fusion weight, then the same
+  configuration is trained from scratch on all of train + valid with that
+  weight. The most recent valid rows are the closest to what is recommended
+  next; a model that never saw them loses about 7% HR@10 on test (README).
 * Regularisers for this small-data regime, each a forward hook so checkpoints
   are unchanged: dropout on the input embeddings and residual dropout on every
   layer's attention and MLP outputs (Qwen2 has attention dropout only), plus
@@ -37,13 +42,14 @@ Design decisions:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -348,9 +354,40 @@ def train_sft(
     progress: bool = True,
     tensorboard: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, keep the best checkpoint at ``out``; returns a summary. Curves go to ``tensorboard`` if given."""
+    """Train, keep the best checkpoint at ``out``; returns a summary. Curves go to ``tensorboard`` if given.
+
+    With ``config.refits`` this is two runs: the held-out run at ``<out>.heldout`` (selection and the
+    fusion weight, as without ``refit``), then the same configuration from scratch on all of train +
+    valid (``holdout`` 0, that weight, last model kept) at ``out``. ``resume`` continues whichever
+    run was interrupted; a finished held-out run (its fusion chosen) is not run again.
+    """
     with flush_denormals():
-        return _train_sft(data, out, config, device, resume, progress, tensorboard)
+        if not config.refits:
+            return _train_sft(data, out, config, device, resume, progress, tensorboard)
+        out = Path(out)
+        heldout_out = out.parent / f"{out.name}.heldout"
+        heldout_curves = tensorboard.with_name(f"{tensorboard.name}-heldout") if tensorboard else None
+        chosen = finished_heldout_run(heldout_out) if resume else None
+        if chosen is None:
+            again = resume and (out.parent / f"{heldout_out.name}.resume").exists()
+            chosen = _train_sft(data, heldout_out, config, device, again, progress, heldout_curves)
+        else:
+            log.info("--resume: the held-out run at %s has finished", heldout_out)
+        refit = replace(config, holdout=0, fusion_weight=chosen["fusion"]["weight"])
+        log.info("refit on all of train + valid with fusion weight %g", refit.fusion_weight)
+        again = resume and (out.parent / f"{out.name}.resume").exists()
+        summary = _train_sft(data, out, refit, device, again, progress, tensorboard)
+        return summary | {"heldout_run": {"checkpoint": str(heldout_out)} | chosen}
+
+
+def finished_heldout_run(path: Path) -> dict[str, Any] | None:
+    """The selection and fusion choice of a finished held-out run at ``path``; None if it has not finished."""
+    if not (path / "manifest.json").is_file():
+        return None
+    manifest = json.loads((path / "manifest.json").read_text())
+    if "fusion" not in manifest:  # the fusion choice is the run's last write
+        return None
+    return {"best": manifest.get("selection"), "fusion": manifest["fusion"]}
 
 
 def _train_sft(

@@ -15,7 +15,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # What ``vstar sft --preset NAME`` trains with unless an option says otherwise. ``small``'s
 # recipe was chosen on held-out valid rows of amazon-industrial (README, "Results"): the
 # 2,000 most recent valid rows are held out to select the epoch and the fusion weight, the
-# rest of train + valid is trained on. A pretrained --base-model gets no recipe.
+# rest of train + valid is trained on; then the same configuration is refit on all of train
+# + valid with the chosen weight (``refit``). A pretrained --base-model gets no recipe.
 RECIPES: dict[str, dict[str, Any]] = {
     "tiny": {},
     "small": {
@@ -29,6 +30,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "embed_dropout": 0.25,
         "hidden_dropout": 0.1,
         "ema": 0.999,
+        "refit": True,
     },
 }
 
@@ -60,6 +62,12 @@ class SFTConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
     fusion_weight: float | None = None  # shallow fusion with transition counts; None: chosen on the held-out rows
+    refit: bool = False  # after a held-out run, train again on all rows with its fusion weight (training.sft)
+
+    @property
+    def refits(self) -> bool:
+        """A held-out run followed by a refit: there are held-out rows to choose on first."""
+        return self.refit and self.holdout > 0 and "valid" in self.train_splits
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

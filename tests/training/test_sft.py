@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import training.sft as sft_module
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from training.data import Sample
@@ -315,3 +316,26 @@ def test_ema_is_what_gets_saved_and_it_survives_a_resume(
     assert all("HR@10" in h for h in selected["history"])
     with pytest.raises(ValueError, match="ema must be in"):
         SFTConfig(ema=1.0)
+
+
+def test_refit_trains_on_everything_with_the_held_out_runs_weight(
+    tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = SFTConfig(
+        preset="tiny", epochs=1, batch_size=50, train_splits=("train", "valid"), holdout=10, eval_limit=10, refit=True
+    )
+    assert config.refits and not SFTConfig(preset="tiny", refit=True).refits  # nothing held out: one run
+    out = tmp_path / "ck"
+    # the held-out run finishes (5 steps over 230 rows); the refit (5 over 240) is interrupted at its 2nd step
+    interrupt_at_step(5 + 2, monkeypatch, lambda: train_sft(tiny_dataset, out, config, progress=False))
+    heldout = load_checkpoint(tmp_path / "ck.heldout").manifest
+    assert heldout["sft_config"]["holdout"] == 10 and heldout["fusion"]["chosen_by"] == "held-out"
+    runs = []
+    real = sft_module._train_sft
+    monkeypatch.setattr(sft_module, "_train_sft", lambda *a: runs.append(a[2]) or real(*a))
+    summary = train_sft(tiny_dataset, out, config, resume=True, progress=False)
+    assert [c.holdout for c in runs] == [0]  # the finished held-out run is not trained again
+    final = load_checkpoint(out).manifest
+    assert final["sft_config"]["holdout"] == 0 and final["data"]["train_rows"] == 240
+    assert final["fusion"] == {"weight": heldout["fusion"]["weight"], "chosen_by": "given", "count_rows": 240}
+    assert summary["steps"] == 5 and summary["heldout_run"]["fusion"]["weight"] == heldout["fusion"]["weight"]
