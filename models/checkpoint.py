@@ -10,9 +10,11 @@ Layout::
     CKPT/<name>.safetensors               extra state dicts (the value head, ...)
     CKPT/trainer_state.pt                 optimizer/scheduler/RNG for --resume (optional)
 
-Writes are atomic: everything goes to a sibling temporary folder which then
-replaces the target with renames, so a crash mid-write leaves either the old
-checkpoint or the new one, never a half-written folder.
+Writes are atomic: everything goes to a sibling staging folder which then
+replaces the target in one step (``models.atomic_folder``), so a process killed
+at any point of a write leaves the old checkpoint or the new one at the path,
+never a half-written folder nor none; what a killed write leaves beside the
+target is removed by the next write.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,6 +34,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from models.atomic_folder import leftovers, publish, staging_folder
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, parse_sid
 from models.sid_tokenizer import PromptFormat
@@ -83,8 +85,7 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write ``policy`` (plus extras) to ``path``; returns the path."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = staging_folder(target)
     try:
         policy.model.save_pretrained(tmp, safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp)
@@ -108,7 +109,7 @@ def save_checkpoint(
         }
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=str))
         _fsync_dir(tmp)
-        _replace_dir(tmp, target)
+        publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -121,20 +122,12 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder")
+        left = [p.name for p in leftovers(folder)]
+        hint = f" (an interrupted write left {', '.join(left)} beside it)" if left else ""
+        raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder{hint}")
     for name in ("manifest.json", "catalog.json", "config.json"):
         if not (folder / name).exists():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
