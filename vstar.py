@@ -7,15 +7,32 @@ never import each other; heavy imports happen inside the commands.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from loadtests.cli import register as register_loadtests
+from models.checkpoint_error import CheckpointError
 from service.cli import register as register_service
 from training.cli import register as register_training
 
-app = typer.Typer(help="V-STAR generative recommender: data, training, evaluation and serving.", no_args_is_help=True)
+
+class Commands(TyperGroup):
+    """The root command: a bad checkpoint ends any subcommand with one line naming the file, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CheckpointError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    help="V-STAR generative recommender: data, training, evaluation and serving.", no_args_is_help=True, cls=Commands
+)
 bench = typer.Typer(
     help="Benchmarks that print figures and ratios against a reference measured in the same run.", no_args_is_help=True
 )
@@ -97,7 +114,9 @@ def demo(
     ]
     for args in filter(None, steps):
         typer.secho(f"$ vstar {' '.join(args)}", fg=typer.colors.CYAN, err=True)
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)  # a step that failed with its one-line error returns its code
+        if code:
+            raise typer.Exit(code)
     if serve:
         typer.secho(f"serving {rl} on http://127.0.0.1:{port} (Ctrl-C stops it)", fg=typer.colors.GREEN, err=True)
         app(args=["serve", "--checkpoint", str(rl), "--host", "127.0.0.1", "--port", str(port)], standalone_mode=False)

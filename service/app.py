@@ -8,8 +8,9 @@ of answering 500s later; a warm-up decode proves the model runs. Redis being
 down at startup is not fatal: the service starts degraded and recovers when
 Redis comes back (``service.stores``).
 
-Middleware, outermost first: request id + access log, catch-all 500, body size
-limit, then FastAPI's routing and exception handlers (``service.errors``).
+Middleware, outermost first: startup failures (lifespan only), request id +
+access log, catch-all 500, body size limit, then FastAPI's routing and
+exception handlers (``service.errors``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.errors import install_error_handling
 from service.json_logs import configure_logging
 from service.metrics import ServiceMetrics
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, StartupFailureMiddleware
 from service.recommender import Recommender
 from service.routes import build_router
 from service.schemas import request_models
@@ -61,7 +62,9 @@ def load_value_head(checkpoint: LoadedCheckpoint, device: str) -> ValueHead:
         head = ValueHead(ValueHeadConfig(**config))
         head.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {checkpoint.path}: cannot load the value head: {e}") from None
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path}: value_head.safetensors does not fit manifest['value_head']: {e}"
+        ) from None
     return head.to(device).eval()
 
 
@@ -97,8 +100,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             recommender = load_recommender(settings, metrics)
-        except CheckpointError:
-            log.exception("startup failed: bad checkpoint")
+        except CheckpointError as e:
+            log.error("startup failed: %s", e)  # one line naming the file; StartupFailureMiddleware drops the trace
             raise
         recommender.start()
         # torch + transformers leave ~400k objects on the heap; a full collection walks all of them
@@ -129,6 +132,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_error_handling(app)  # adds the catch-all, outside the body limit
     app.add_middleware(RequestContextMiddleware, log_requests=settings.access_log)
+    app.add_middleware(StartupFailureMiddleware)
     return app
 
 
