@@ -25,7 +25,9 @@ from service.schemas import (
 )
 
 
-def get_recommender(request: Request) -> Recommender:
+async def get_recommender(request: Request) -> Recommender:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop and a GIL
+    # hand-off per request that starved the event loop (and so VED's hard cap) under load
     recommender: Recommender | None = request.app.state.recommender
     if recommender is None:
         raise NotReady("the model is not loaded yet")

@@ -214,3 +214,28 @@ def test_limits_come_from_settings(make_settings: Callable[..., Settings]) -> No
         assert c.post("/recommend", json={"history": [1, 2, 3, 4, 5]}).status_code == 422
         assert c.post("/recommend", json={"history": [1], "mode": "ved", "latency_ms": 301}).status_code == 422
         assert c.post("/recommend", json={"history": [1], "k": 7}).status_code == 200
+
+
+def test_requests_never_hop_to_a_worker_thread(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tiny_catalog: SidCatalog
+) -> None:
+    """Only the model runs off the event loop: FastAPI sends a plain ``def`` handler or dependency to
+    anyio's thread pool, and that hop per request (a thread wake-up, the GIL handed back and forth) starved
+    the loop under load, so VED's hard-cap timer fired late (issue 12, item 2)."""
+    import anyio.to_thread
+
+    hops: list[object] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting_run_sync(func: Callable[..., object], *args: object, **kwargs: object) -> object:
+        hops.append(func)
+        return await run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting_run_sync)
+    sid = sid_to_str(tiny_catalog.sid_of(2))
+    assert client.post("/users/hop/events", json={"items": [1, sid]}).status_code == 200
+    assert client.post("/recommend", json={"user_id": "hop", "k": 2}).status_code == 200
+    assert client.post("/recommend", json={"history": [1], "k": 2, "mode": "ved", "latency_ms": 500}).status_code == 200
+    assert client.get("/users/hop/history").status_code == 200
+    assert client.get("/items/1").status_code == 200 and client.get("/readyz").status_code == 200
+    assert hops == []
