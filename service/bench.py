@@ -55,8 +55,8 @@ HOST = "127.0.0.1"
 @dataclass(frozen=True)
 class BenchConfig:
     clients: tuple[int, ...] = (1, 8, 32)  # beam cells, with and without batching
-    caps_ms: tuple[int, ...] = (20, 50, 100)  # VED cells
-    ved_clients: tuple[int, ...] = (1, 8)
+    caps_ms: tuple[int, ...] = (50, 100, 200)  # VED cells
+    ved_clients: tuple[int, ...] = (1, 8, 32)
     k: int = 10
     duration_s: float = 5.0  # per cell
     max_requests: int = 3000  # per cell

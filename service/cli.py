@@ -65,8 +65,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         checkpoint: CheckpointOpt,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
         clients: Annotated[str, typer.Option("--clients", help="Concurrent clients of the beam cells.")] = "1,8,32",
-        caps: Annotated[str, typer.Option("--caps", help="VED latency caps in ms.")] = "20,50,100",
-        ved_clients: Annotated[str, typer.Option("--ved-clients", help="Concurrent clients of the VED cells.")] = "1,8",
+        caps: Annotated[str, typer.Option("--caps", help="VED latency caps in ms.")] = "50,100,200",
+        ved_clients: Annotated[
+            str, typer.Option("--ved-clients", help="Concurrent clients of the VED cells.")
+        ] = "1,8,32",
         k: Annotated[int, typer.Option("--k", min=1, max=100)] = 10,
         duration_s: Annotated[float, typer.Option("--duration-s", min=0.1, max=120, help="Seconds per cell.")] = 5.0,
         max_requests: Annotated[int, typer.Option("--max-requests", min=1, max=100_000, help="Per cell.")] = 3000,
