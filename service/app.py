@@ -41,9 +41,20 @@ log = logging.getLogger("service.app")
 
 def build_store(settings: Settings) -> Store:
     if settings.redis_url is None:
-        return MemoryStore(settings.stored_history_max, settings.memory_cache_entries)
+        return MemoryStore(
+            settings.stored_history_max,
+            settings.memory_cache_entries,
+            settings.history_ttl_s,
+            settings.idempotency_ttl_s,
+        )
     return RedisStore(
-        str(settings.redis_url), settings.stored_history_max, settings.redis_timeout_s, settings.redis_retry_after_s
+        str(settings.redis_url),
+        settings.stored_history_max,
+        settings.redis_timeout_s,
+        settings.redis_retry_after_s,
+        settings.history_ttl_s,
+        settings.idempotency_ttl_s,
+        settings.redis_write_settle_s,
     )
 
 

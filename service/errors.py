@@ -52,6 +52,16 @@ class NotFound(ServiceError):
     type = "not_found"
 
 
+class IdempotencyConflict(ServiceError):
+    """The Idempotency-Key was used before for a different write (other items, in another order)."""
+
+    status = 422
+    type = "invalid_request"
+
+    def __init__(self) -> None:
+        super().__init__("Idempotency-Key: already used for other items; a new write needs a new key")
+
+
 class StoreUnavailable(ServiceError):
     """Redis is configured but cannot be reached; the request needs it."""
 

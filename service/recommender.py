@@ -97,7 +97,7 @@ from service.schemas import (
     RecommendResponse,
 )
 from service.settings import Settings
-from service.stores import Store
+from service.stores import Store, WriteOutcomeUnknown
 
 log = logging.getLogger("service.recommender")
 
@@ -470,14 +470,27 @@ class Recommender:
         except StoreUnavailable:
             self.metrics.store_errors.labels("write_cache").inc()
 
-    async def append_events(self, user_id: str, entries: Sequence[int | str]) -> EventsResponse:
+    async def append_events(
+        self, user_id: str, entries: Sequence[int | str], idempotency_key: str | None = None
+    ) -> tuple[EventsResponse, bool]:
+        """The response, and whether it replays an earlier write under the same ``idempotency_key``."""
         events = resolve_entries(self.catalog, entries, "items")
         try:
-            length = await self.store.append(user_id, [e.stored() for e in events])
+            done = await self.store.append(user_id, [e.stored() for e in events], idempotency_key)
+        except WriteOutcomeUnknown:
+            self.metrics.store_errors.labels("append_history").inc()
+            retry = (
+                "retry with the same Idempotency-Key" if idempotency_key else "send an Idempotency-Key to retry safely"
+            )
+            raise StoreUnavailable(
+                f"the history store did not confirm the write; the events may have been stored: {retry}"
+            ) from None
         except StoreUnavailable:
             self.metrics.store_errors.labels("append_history").inc()
             raise StoreUnavailable("the history store is unavailable; the events were not stored, retry") from None
-        return EventsResponse(user_id=user_id, appended=len(events), history_length=length)
+        return EventsResponse(
+            user_id=user_id, appended=done.appended, history_length=done.history_length
+        ), done.replayed
 
     async def history(self, user_id: str) -> HistoryResponse:
         try:

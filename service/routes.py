@@ -7,7 +7,7 @@ annotations must be evaluated where those classes are in scope.
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.errors import NotReady
@@ -35,6 +35,16 @@ async def get_recommender(request: Request) -> Recommender:
 
 
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any 1-128 visible ASCII characters, new for each write; a retry with it never stores twice.",
+    ),
+]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -55,9 +65,20 @@ def build_router(models: RequestModels) -> APIRouter:
         return await recommender.recommend(body, arrival=request.scope.get(ARRIVAL_KEY))
 
     @router.post("/users/{user_id}/events", responses=_errors(503), tags=["users"])
-    async def append_events(user_id: UserId, body: EventsBody, recommender: RecommenderDep) -> EventsResponse:
-        """Append interactions to the user's stored history; 503 if they cannot be stored."""
-        return await recommender.append_events(user_id, body.items)
+    async def append_events(
+        user_id: UserId,
+        body: EventsBody,
+        recommender: RecommenderDep,
+        response: Response,
+        idempotency_key: IdempotencyKey = None,
+    ) -> EventsResponse:
+        """Append interactions to the user's stored history; 503 if they were not stored (or, said so, when that
+        is unknown). With an `Idempotency-Key`, a retry never stores twice: it gets the first write's answer with
+        `Idempotent-Replayed: true`."""
+        answer, replayed = await recommender.append_events(user_id, body.items, idempotency_key)
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return answer
 
     @router.get("/users/{user_id}/history", responses=_errors(404, 503), tags=["users"])
     async def history(user_id: UserId, recommender: RecommenderDep) -> HistoryResponse:

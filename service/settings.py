@@ -39,6 +39,18 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(300, ge=0, description="Response cache TTL; 0 disables the cache.")
     memory_cache_entries: int = Field(10_000, ge=1, description="Size of the in-process response cache (LRU).")
     stored_history_max: int = Field(100, ge=1, description="Most recent events kept per user.")
+    history_ttl_s: int = Field(
+        30 * 24 * 3600, ge=0, description="A user's history expires this long after its last event; 0: never."
+    )
+    idempotency_ttl_s: int = Field(
+        24 * 3600, ge=1, description="How long an Idempotency-Key is remembered: a retry within it never stores twice."
+    )
+    redis_write_settle_s: float = Field(
+        1.0,
+        gt=0,
+        description="After an event write got no answer, how long to keep sending it again (it runs once, "
+        "service.stores) before answering that the outcome is unknown.",
+    )
 
     # --- request limits (the schemas' Field bounds)
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Larger request bodies get 413.")
