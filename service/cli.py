@@ -48,7 +48,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         try:
             settings = Settings()  # fail here, once, on a bad environment rather than in every worker
         except ValidationError as e:
-            raise typer.BadParameter(f"bad VSTAR_* settings in the environment:\n{e}") from None
+            # named by field, never echoing the value: it may be a password or a key
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                for err in e.errors(include_url=False, include_input=False)
+            )
+            raise typer.BadParameter(f"bad VSTAR_* settings in the environment: {problems}") from None
         uvicorn.run(
             "service.app:create_app_from_env",
             factory=True,

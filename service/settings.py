@@ -8,6 +8,9 @@ OpenAPI document always shows the limits the server enforces. Tests build a
 ``REDIS_URL`` is accepted under that bare name (the issue's contract, and the
 usual name in compose files) as well as ``VSTAR_REDIS_URL``. Without it the
 service uses in-process stores.
+
+Secrets stay out of logs and reprs: the Redis URL dumps with its password
+masked and is left out of ``repr``; API keys are ``SecretStr``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, RedisDsn, model_validator
+from pydantic import AliasChoices, Field, RedisDsn, field_serializer, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.json_logs import redact_urls
 
 
 class Settings(BaseSettings):
@@ -32,6 +37,7 @@ class Settings(BaseSettings):
     redis_url: RedisDsn | None = Field(
         None,
         validation_alias=AliasChoices("REDIS_URL", "VSTAR_REDIS_URL", "redis_url"),
+        repr=False,  # may carry a password
         description="Redis for histories and the response cache; unset = in-process stores.",
     )
     redis_timeout_s: float = Field(0.25, gt=0, description="Connect and command timeout; an outage costs at most this.")
@@ -105,6 +111,11 @@ class Settings(BaseSettings):
     # --- logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="JSON logs on stderr.")
     access_log: bool = Field(True, description="One JSON line per request.")
+
+    @field_serializer("redis_url")
+    def _mask_password(self, url: RedisDsn | None) -> str | None:
+        """Dumps (the startup log line) show the URL without its password; the store reads the field itself."""
+        return None if url is None else redact_urls(str(url))
 
     @model_validator(mode="after")
     def _check_defaults_within_limits(self) -> Settings:
