@@ -8,8 +8,10 @@ uvicorn worker process builds its app from the same environment
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +28,14 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
     if not values:
         raise typer.BadParameter(f"{name}: empty list")
     return values
+
+
+def _is_loopback(host: str) -> bool:
+    """Every address ``host`` names is a loopback one (a name that does not resolve is not)."""
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -54,6 +64,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 for err in e.errors(include_url=False, include_input=False)
             )
             raise typer.BadParameter(f"bad VSTAR_* settings in the environment: {problems}") from None
+        if not settings.api_keys and not _is_loopback(host):
+            typer.secho(
+                f"warning: serving on {host} with open writes: anyone who reaches it can rewrite any user's "
+                "history; set VSTAR_API_KEYS=key1,key2 (and VSTAR_REQUIRE_API_KEYS=true)",
+                err=True,
+                fg=typer.colors.YELLOW,
+            )
         uvicorn.run(
             "service.app:create_app_from_env",
             factory=True,

@@ -47,6 +47,13 @@ class InvalidInput(ServiceError):
         self.field = field
 
 
+class Unauthorized(ServiceError):
+    """A write without one of the configured API keys."""
+
+    status = 401
+    type = "unauthorized"
+
+
 class NotFound(ServiceError):
     status = 404
     type = "not_found"

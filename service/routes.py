@@ -5,12 +5,14 @@ built per app from the settings (``schemas.request_models``), so the handlers'
 annotations must be evaluated where those classes are in scope.
 """
 
+import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response, Security
+from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.errors import NotReady
+from service.errors import NotReady, Unauthorized
 from service.middleware import ARRIVAL_KEY
 from service.recommender import Recommender
 from service.schemas import (
@@ -35,6 +37,21 @@ async def get_recommender(request: Request) -> Recommender:
 
 
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of VSTAR_API_KEYS, if any are set.")
+
+
+async def require_api_key(request: Request, key: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
+    """Writes need one of the configured keys (none configured: writes are open)."""
+    allowed = request.app.state.settings.api_keys
+    if not allowed:
+        return
+    if not key:
+        raise Unauthorized("X-API-Key: missing; this server takes events only with an API key")
+    # compare with every key, in constant time, so neither a match nor its position shows in the timing
+    if not sum(secrets.compare_digest(key.encode(), k.get_secret_value().encode()) for k in allowed):
+        raise Unauthorized("X-API-Key: not a valid key")
+
+
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -64,7 +81,12 @@ def build_router(models: RequestModels) -> APIRouter:
         """Rank k items for a history (given, stored under `user_id`, or both: stored first)."""
         return await recommender.recommend(body, arrival=request.scope.get(ARRIVAL_KEY))
 
-    @router.post("/users/{user_id}/events", responses=_errors(503), tags=["users"])
+    @router.post(
+        "/users/{user_id}/events",
+        responses=_errors(401, 503),
+        tags=["users"],
+        dependencies=[Depends(require_api_key)],
+    )
     async def append_events(
         user_id: UserId,
         body: EventsBody,

@@ -16,10 +16,10 @@ masked and is left out of ``repr``; API keys are ``SecretStr``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, RedisDsn, field_serializer, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, RedisDsn, SecretStr, field_serializer, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.json_logs import redact_urls
 
@@ -56,6 +56,16 @@ class Settings(BaseSettings):
         gt=0,
         description="After an event write got no answer, how long to keep sending it again (it runs once, "
         "service.stores) before answering that the outcome is unknown.",
+    )
+
+    # --- write protection
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys that may write events (header X-API-Key), a comma list in VSTAR_API_KEYS; empty: writes "
+        "are open, fine on loopback. Reads stay open either way.",
+    )
+    require_api_keys: bool = Field(
+        False, description="Refuse to start without api_keys (compose sets it, so a deployment cannot forget them)."
     )
 
     # --- request limits (the schemas' Field bounds)
@@ -112,6 +122,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="JSON logs on stderr.")
     access_log: bool = Field(True, description="One JSON line per request.")
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+
     @field_serializer("redis_url")
     def _mask_password(self, url: RedisDsn | None) -> str | None:
         """Dumps (the startup log line) show the URL without its password; the store reads the field itself."""
@@ -121,6 +136,8 @@ class Settings(BaseSettings):
     def _check_defaults_within_limits(self) -> Settings:
         if self.default_k > self.max_k:
             raise ValueError(f"default_k={self.default_k} exceeds max_k={self.max_k}")
+        if self.require_api_keys and not self.api_keys:
+            raise ValueError("require_api_keys is set but no api_keys are given (VSTAR_API_KEYS=key1,key2)")
         if self.ved_default_latency_ms > self.ved_max_latency_ms:
             raise ValueError(
                 f"ved_default_latency_ms={self.ved_default_latency_ms} "
