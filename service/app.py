@@ -139,7 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.recommender = None
-    app.include_router(build_router(request_models(settings)))
+    app.include_router(build_router(request_models(settings), api_keys=bool(settings.api_keys)))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_error_handling(app)  # adds the catch-all, outside the body limit
     app.add_middleware(RequestContextMiddleware, log_requests=settings.access_log)

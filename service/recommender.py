@@ -77,7 +77,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from models.beam_search import BeamSearchConfig, beam_search
-from models.checkpoint import LoadedCheckpoint
+from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.sid_catalog import Sid, parse_sid, sid_to_str
 from models.value_head import ValueHead
 from models.ved import VEDConfig, VEDStats, resolve_budget, ved_search
@@ -150,6 +150,7 @@ class Recommender:
         metrics: ServiceMetrics,
     ) -> None:
         self.policy = checkpoint.policy
+        self.checkpoint_path = checkpoint.path
         self.value_head = value_head
         self.catalog = checkpoint.policy.catalog
         self.model_version = checkpoint.model_version
@@ -201,7 +202,10 @@ class Recommender:
         first = self.catalog.sids[0]
         for config in (BeamSearchConfig(self.settings.default_k), VEDConfig(num_candidates=self.settings.default_k)):
             rows = self._decode(config, [DecodeJob((first,))])
-            assert rows[0].sid_index[0] >= 0, f"warm-up decode ({type(config).__name__}) returned no valid SID"
+            if rows[0].sid_index[0] < 0:  # not an assert: python -O would drop it and serve a model that cannot
+                raise CheckpointError(
+                    f"checkpoint {self.checkpoint_path}: warm-up decode ({type(config).__name__}) returned no valid SID"
+                )
         self._time_ved_fallbacks()
 
     def _time_ved_fallbacks(self) -> None:

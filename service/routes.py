@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response, Securit
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.errors import NotReady, Unauthorized
+from service.errors import NotReady, Unauthorized, UnsupportedMediaType, shorten
 from service.middleware import ARRIVAL_KEY
 from service.recommender import Recommender
 from service.schemas import (
@@ -64,11 +64,22 @@ IdempotencyKey = Annotated[
 ]
 
 
+async def require_json(request: Request) -> None:
+    """A POST body must be declared JSON: anything else is a 415 naming what was sent, not a 422 about a
+    "dictionary" (FastAPI does not parse a body declared otherwise, or not declared at all)."""
+    declared = request.headers.get("content-type")
+    media = (declared or "").split(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        sent = shorten(declared) if declared else "missing"
+        raise UnsupportedMediaType(f"content-type: expected application/json, got {sent}")
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in (400, 413, 422, *codes)}
 
 
-def build_router(models: RequestModels) -> APIRouter:
+def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
+    """``api_keys``: writes need one; only then does the schema declare the X-API-Key scheme."""
     router = APIRouter()
     RecommendBody = models.recommend  # noqa: N806 - a class, named like one
     EventsBody = models.events  # noqa: N806
@@ -76,16 +87,18 @@ def build_router(models: RequestModels) -> APIRouter:
         str, Path(min_length=1, max_length=models.max_user_id_length, pattern=models.user_id_pattern)
     ]
 
-    @router.post("/recommend", responses=_errors(404, 503), tags=["recommend"])
+    @router.post(
+        "/recommend", responses=_errors(404, 415, 503), tags=["recommend"], dependencies=[Depends(require_json)]
+    )
     async def recommend(body: RecommendBody, request: Request, recommender: RecommenderDep) -> RecommendResponse:
         """Rank k items for a history (given, stored under `user_id`, or both: stored first)."""
         return await recommender.recommend(body, arrival=request.scope.get(ARRIVAL_KEY))
 
     @router.post(
         "/users/{user_id}/events",
-        responses=_errors(401, 503),
+        responses=_errors(401, 415, 503),
         tags=["users"],
-        dependencies=[Depends(require_api_key)],
+        dependencies=[Security(require_api_key), Depends(require_json)] if api_keys else [Depends(require_json)],
     )
     async def append_events(
         user_id: UserId,

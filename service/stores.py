@@ -281,12 +281,15 @@ class RedisStore(Store):
         await self._call("write cache", lambda: self._redis.set(CACHE_KEY.format(key), value, ex=ttl_s))
 
     async def ping(self) -> bool:
-        """Always asks Redis (the breaker does not apply), so readiness sees recovery at once."""
-        self._down_until = 0.0
+        """Always asks Redis, so readiness sees recovery at once; the breaker stays as it is while the ping waits
+        (requests meanwhile still skip a Redis that failed) and closes only when Redis has answered."""
         try:
-            await self._call("ping", self._redis.ping)
-        except StoreUnavailable:
+            await self._redis.ping()
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self._failed("ping", e)
             return False
+        self._down_until = 0.0
+        self._answered("ping")
         return True
 
     async def close(self) -> None:

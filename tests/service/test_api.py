@@ -239,3 +239,26 @@ def test_requests_never_hop_to_a_worker_thread(
     assert client.get("/users/hop/history").status_code == 200
     assert client.get("/items/1").status_code == 200 and client.get("/readyz").status_code == 200
     assert hops == []
+
+
+def test_a_huge_unknown_field_name_is_not_echoed_whole(client: TestClient) -> None:
+    r = client.post("/recommend", json={"history": [1], "x" * 50_000: 1})
+    assert r.status_code == 422 and len(r.content) < 1000, len(r.content)
+    assert r.json()["error"]["message"].startswith("body.xxxxxxxx") and "..." in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/recommend", "/users/cy/events"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_that_is_not_declared_json_is_415_naming_the_content_type(
+    client: TestClient, path: str, content_type: str | None
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    r = client.post(path, content=b'{"history": [1], "items": [1]}', headers=headers)
+    assert r.status_code == 415 and r.json()["error"]["type"] == "unsupported_media_type", r.text
+    assert r.json()["error"]["message"].startswith("content-type:")
+    assert (content_type or "missing") in r.json()["error"]["message"]
+    assert client.post(path, json={"history": [1], "items": [1]}).status_code != 415
+    ok = client.post(
+        path, content=b'{"history": [1], "items": [1]}', headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert ok.status_code != 415

@@ -35,11 +35,10 @@ def test_writes_need_one_of_the_keys_when_keys_are_set(
 def test_without_keys_writes_are_open(make_settings: Callable[..., Settings]) -> None:
     with TestClient(create_app(make_settings())) as c:
         assert c.post("/users/bo/events", json={"items": [1]}).status_code == 200
+        assert "securitySchemes" not in c.get("/openapi.json").json()["components"]  # the schema says so too
 
 
-def test_keys_come_from_a_comma_list_in_the_environment(
-    monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path
-) -> None:
+def test_keys_come_from_a_comma_list_in_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
     monkeypatch.setenv("VSTAR_API_KEYS", "alpha-key-1, beta-key-2")
     keys = Settings(checkpoint=tiny_checkpoint).api_keys
     assert [k.get_secret_value() for k in keys] == ["alpha-key-1", "beta-key-2"]

@@ -18,6 +18,7 @@ from models.policy import Policy
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.app import create_app
 from service.json_logs import JsonFormatter
+from service.recommender import DecodeRow, Recommender
 from service.settings import Settings
 from vstar import app
 
@@ -125,3 +126,12 @@ def test_serve_names_a_bad_setting_without_echoing_its_value(
     result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint)])
     assert result.exit_code != 0 and "redis_url" in result.output.lower()
     assert "s3cret-pw" not in result.output
+
+
+def test_a_warm_up_that_decodes_nothing_fails_the_start_even_under_python_O(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real exception, not an assert (``python -O`` drops those and would serve a model that answers nothing)."""
+    monkeypatch.setattr(Recommender, "_decode", lambda self, key, jobs: [DecodeRow([-1], [0.0]) for _ in jobs])
+    with pytest.raises(CheckpointError, match="warm-up decode"):
+        start(make_settings())
