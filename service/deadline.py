@@ -51,14 +51,23 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 class DeadlineMargin:
-    def __init__(self, floor_s: float, quantile: float = 0.95, horizon_s: float = 30.0, window: int = 256) -> None:
+    def __init__(
+        self,
+        floor_s: float,
+        quantile: float = 0.95,
+        horizon_s: float = 30.0,
+        window: int = 256,
+        refresh_s: float = 0.0,  # recompute at most this often (a large window read on every request)
+    ) -> None:
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         self.floor_s = floor_s
         self.quantile = quantile
         self.horizon_s = horizon_s
+        self.refresh_s = refresh_s
         self._reports: deque[tuple[float, float]] = deque(maxlen=window)  # (monotonic time, overrun s)
         self._lock = threading.Lock()
+        self._cached = (-math.inf, floor_s)  # (when computed, margin)
 
     def report(self, overrun_s: float) -> None:
         """How far past its deadline a deadline-stopped request was ready (may be negative)."""
@@ -69,12 +78,14 @@ class DeadlineMargin:
         """Seconds to subtract from a cap to get the deadline handed to VED."""
         now = time.monotonic()
         with self._lock:
+            if now - self._cached[0] < self.refresh_s:
+                return self._cached[1]
             while self._reports and now - self._reports[0][0] > self.horizon_s:
                 self._reports.popleft()
             recent = [overrun for _, overrun in self._reports]
-        if not recent:
-            return self.floor_s
-        return max(self.floor_s, self.floor_s + quantile(recent, self.quantile))
+        margin = max(self.floor_s, self.floor_s + quantile(recent, self.quantile)) if recent else self.floor_s
+        self._cached = (now, margin)
+        return margin
 
     def deadline(self, arrival: float, cap_ms: float) -> float:
         """A ``time.perf_counter()`` deadline for a request that arrived at ``arrival`` with ``cap_ms``."""

@@ -52,7 +52,7 @@ Design decisions:
 * The loop's lateness: a timer fires when the loop thread gets to it, which on a
   host whose cores other processes hold can be tens of milliseconds late. Every
   request answered at or after its last chance reports how late; the last chance
-  is brought forward by a high quantile of recent reports (expiring after 30 s),
+  is brought forward by the 0.999 quantile of recent reports (expiring after 10 s),
   so the cap holds on the server's clock while the host is busy, at the price
   of fewer model answers meanwhile.
 * Overruns are reported to the deadline margin by the model thread, when the
@@ -161,8 +161,10 @@ class Recommender:
         self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
         # how late the event loop has recently honoured the hard cap (its timer's answer, or a decode it had to
         # wait for past the cap's last chance): the loop thread runs late when the host is busy, so the last
-        # chance is brought forward by this much, learnt like the search margin
-        self.cap_lateness = DeadlineMargin(0.0, quantile=0.99)
+        # chance is brought forward by this much, learnt like the search margin. A stall of the loop delays
+        # every request in flight at once, so the quantile is near the top: one stall in the last 10 s that
+        # delayed a handful of answers is enough to keep the next ones clear of the next such stall.
+        self.cap_lateness = DeadlineMargin(0.0, quantile=0.999, horizon_s=10.0, window=8192, refresh_s=0.05)
         self.init_cost = BatchCost(settings.ved_init_cost_ms / 1000)  # VED's initial tree
         # the fallback's initial beam; its median, not a high quantile: a job is shed only when it would
         # probably miss its cap, and the hard cap still answers the ones that do
@@ -373,12 +375,13 @@ class Recommender:
         # the hard cap: a timer that resolves the request's own future with SHED, so the answer is one
         # loop turn away when it fires (asyncio.wait_for would first cancel a task and wait for it)
         future = self.batcher.enqueue(config, DecodeJob(history, deadline, answer_by))
-        timer = asyncio.get_running_loop().call_later(max(answer_by - time.perf_counter(), 0.0), _expire, future)
+        due = max(answer_by, time.perf_counter())  # when the timer is set to fire
+        timer = asyncio.get_running_loop().call_later(due - time.perf_counter(), _expire, future)
         try:
             row = await future
         finally:
             timer.cancel()
-        late = time.perf_counter() - answer_by
+        late = time.perf_counter() - due  # the loop's lateness alone: never counts the reserve it feeds
         if late >= 0:
             self.cap_lateness.report(late)
             self.metrics.ved_cap_lateness.set(self.cap_lateness.margin_s())
