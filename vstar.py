@@ -28,6 +28,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendo
 from typer.core import TyperGroup
 
 from loadtests.cli import register as register_loadtests
+from models.checkpoint_error import CheckpointError
 from service.cli import register as register_service
 from training.cli import register as register_training
 
@@ -74,6 +75,8 @@ class OneLineErrors(TyperGroup):
             fail(e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else ""), e.exit_code)
         except typer.Abort:
             fail("aborted", 1)
+        except CheckpointError as e:  # the project's, even when it wraps a library's error
+            fail(str(e), 2)
         except ValueError as e:
             if not raised_by_project(e):
                 raise

@@ -64,6 +64,7 @@ OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
     ("--vstar-sid-share", "VSTAR_LT_SID_SHARE", float, 0.0, "Share of histories sent as SID strings"),
     ("--vstar-think-ms", "VSTAR_LT_THINK_MS", float, 0.0, "Pause between one user's requests"),
     ("--vstar-seed", "VSTAR_LT_SEED", int, 0, "Seed of the history draws"),
+    ("--vstar-api-key", "VSTAR_LT_API_KEY", str, "", "X-API-Key for event posts (a server with VSTAR_API_KEYS)"),
     ("--vstar-report", "VSTAR_LT_REPORT", str, "", "On quit write PREFIX_final_stats.csv and PREFIX_extra.json"),
 )
 
@@ -180,8 +181,13 @@ class RecommendUser(HttpUser):
     def post_event(self) -> None:
         assert _sampler is not None
         row = _sampler.draw(self.rng)
+        key = self.environment.parsed_options.vstar_api_key
         with self.client.post(
-            f"/users/{self.user_id}/events", json={"items": [row.target]}, name=EVENT_NAME, catch_response=True
+            f"/users/{self.user_id}/events",
+            json={"items": [row.target]},
+            headers={"X-API-Key": key} if key else None,
+            name=EVENT_NAME,
+            catch_response=True,
         ) as response:
             if response.status_code not in (200, 201, 204):
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")

@@ -10,9 +10,11 @@ Layout::
     CKPT/<name>.safetensors               extra state dicts (the value head, ...)
     CKPT/trainer_state.pt                 optimizer/scheduler/RNG for --resume (optional)
 
-Writes are atomic: everything goes to a sibling temporary folder which then
-replaces the target with renames, so a crash mid-write leaves either the old
-checkpoint or the new one, never a half-written folder.
+Writes are atomic: everything goes to a sibling staging folder which then
+replaces the target in one step (``models.atomic_folder``), so a process killed
+at any point of a write leaves the old checkpoint or the new one at the path,
+never a half-written folder nor none; what a killed write leaves beside the
+target is removed by the next write.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,19 +31,18 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from models.atomic_folder import leftovers, publish, staging_folder
+from models.checkpoint_error import CheckpointError
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, parse_sid
 from models.sid_tokenizer import PromptFormat
 
 FORMAT_VERSION = 1
 TRAINER_STATE = "trainer_state.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, incomplete or inconsistent."""
 
 
 @dataclass
@@ -59,7 +59,12 @@ class LoadedCheckpoint:
     def trainer_state(self) -> dict[str, Any] | None:
         assert self.path is not None
         f = self.path / TRAINER_STATE
-        return torch.load(f, map_location="cpu", weights_only=False) if f.exists() else None
+        if not f.exists():
+            return None
+        try:
+            return torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch.load raises whatever unpickling a damaged file raises
+            raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {e}") from None
 
 
 def catalog_to_json(catalog: SidCatalog) -> dict[str, Any]:
@@ -83,8 +88,7 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write ``policy`` (plus extras) to ``path``; returns the path."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = staging_folder(target)
     try:
         policy.model.save_pretrained(tmp, safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp)
@@ -108,7 +112,7 @@ def save_checkpoint(
         }
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=str))
         _fsync_dir(tmp)
-        _replace_dir(tmp, target)
+        publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -121,32 +125,31 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild what ``save_checkpoint`` wrote; ``CheckpointError`` naming the file for anything wrong."""
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder")
+        left = [p.name for p in leftovers(folder)]
+        hint = f" (an interrupted write left {', '.join(left)} beside it)" if left else ""
+        raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder{hint}")
     for name in ("manifest.json", "catalog.json", "config.json"):
         if not (folder / name).exists():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+    manifest = _read_json(folder, "manifest.json")
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        catalog = catalog_from_json(json.loads((folder / "catalog.json").read_text()))
-    except (json.JSONDecodeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {folder}: unreadable manifest or catalog: {e}") from None
+        catalog = catalog_from_json(_read_json(folder, "catalog.json"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {folder}: catalog.json is malformed: {e!r}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {folder}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}"
         )
+    extras = [folder / f"{name}.safetensors" for name in manifest.get("extras", [])]
+    for f in extras:
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {folder}: manifest lists {f.stem} but {f.name} is missing")
+    for f in sorted(folder.glob("*.safetensors")):  # model weights (one file or shards) and the extras
+        _check_safetensors(f)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
         prompt = PromptFormat(**manifest["prompt"])
@@ -156,15 +159,35 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         if tokenizer_cls is None:
             tokenizer_cls = AutoTokenizer if prompt.text_template else PreTrainedTokenizerFast
         tokenizer = tokenizer_cls.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise CheckpointError(f"checkpoint {folder}: cannot load model or tokenizer: {e}") from None
     tokenizer.padding_side = "left"
     model.eval()
     policy = Policy(model, tokenizer, catalog, prompt).to(device)
-    extras = {}
-    for name in manifest.get("extras", []):
-        f = folder / f"{name}.safetensors"
-        if not f.exists():
-            raise CheckpointError(f"checkpoint {folder}: manifest lists {name} but {f.name} is missing")
-        extras[name] = load_file(str(f), device=str(device))
-    return LoadedCheckpoint(policy, manifest, extras, folder)
+    loaded = {}
+    for f in extras:
+        try:
+            loaded[f.stem] = load_file(str(f), device=str(device))
+        except SafetensorError as e:
+            raise CheckpointError(f"checkpoint {folder}: {f.name} is corrupt: {e}") from None
+    return LoadedCheckpoint(policy, manifest, loaded, folder)
+
+
+def _read_json(folder: Path, name: str) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / name).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {folder}: {name} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {folder}: {name} holds {type(data).__name__}, expected an object")
+    return data
+
+
+def _check_safetensors(f: Path) -> None:
+    """Parse the header and check that it covers the file exactly: what a truncated or overwritten file
+    fails (a flipped bit inside the tensor data is not detectable without a checksum)."""
+    try:
+        with safe_open(str(f), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {f.parent}: {f.name} is corrupt: {e}") from None

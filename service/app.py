@@ -11,8 +11,9 @@ Redis comes back (``service.stores``).
 ``/docs`` (Swagger UI) and ``/redoc`` load their scripts from assets the
 ``fastapi-offline`` package ships, so they render on a machine with no internet.
 
-Middleware, outermost first: request id + access log, catch-all 500, body size
-limit, then FastAPI's routing and exception handlers (``service.errors``).
+Middleware, outermost first: startup failures (lifespan only), request id +
+access log, catch-all 500, body size limit, then FastAPI's routing and
+exception handlers (``service.errors``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.errors import install_error_handling
 from service.json_logs import configure_logging
 from service.metrics import ServiceMetrics
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, StartupFailureMiddleware
 from service.recommender import Recommender
 from service.routes import build_router
 from service.schemas import request_models
@@ -45,9 +46,20 @@ log = logging.getLogger("service.app")
 
 def build_store(settings: Settings) -> Store:
     if settings.redis_url is None:
-        return MemoryStore(settings.stored_history_max, settings.memory_cache_entries)
+        return MemoryStore(
+            settings.stored_history_max,
+            settings.memory_cache_entries,
+            settings.history_ttl_s,
+            settings.idempotency_ttl_s,
+        )
     return RedisStore(
-        str(settings.redis_url), settings.stored_history_max, settings.redis_timeout_s, settings.redis_retry_after_s
+        str(settings.redis_url),
+        settings.stored_history_max,
+        settings.redis_timeout_s,
+        settings.redis_retry_after_s,
+        settings.history_ttl_s,
+        settings.idempotency_ttl_s,
+        settings.redis_write_settle_s,
     )
 
 
@@ -66,7 +78,9 @@ def load_value_head(checkpoint: LoadedCheckpoint, device: str) -> ValueHead:
         head = ValueHead(ValueHeadConfig(**config))
         head.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {checkpoint.path}: cannot load the value head: {e}") from None
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path}: value_head.safetensors does not fit manifest['value_head']: {e}"
+        ) from None
     return head.to(device).eval()
 
 
@@ -103,8 +117,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             recommender = load_recommender(settings, metrics)
-        except CheckpointError:
-            log.exception("startup failed: bad checkpoint")
+        except CheckpointError as e:
+            log.error("startup failed: %s", e)  # one line naming the file; StartupFailureMiddleware drops the trace
             raise
         recommender.start()
         # torch + transformers leave ~400k objects on the heap; a full collection walks all of them
@@ -132,10 +146,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.recommender = None
-    app.include_router(build_router(request_models(settings)))
+    app.include_router(build_router(request_models(settings), api_keys=bool(settings.api_keys)))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_error_handling(app)  # adds the catch-all, outside the body limit
     app.add_middleware(RequestContextMiddleware, log_requests=settings.access_log)
+    app.add_middleware(StartupFailureMiddleware)
     return app
 
 

@@ -64,7 +64,8 @@ class MicroBatcher(Generic[J, R]):
         self._arrived_while_decoding = 0  # during the current (or last) decode
 
     def start(self) -> None:
-        assert self._task is None, "batcher already started"
+        if self._task is not None:
+            raise RuntimeError("batcher already started")
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
 
     async def stop(self) -> None:
@@ -78,11 +79,17 @@ class MicroBatcher(Generic[J, R]):
                 pending.future.set_exception(RuntimeError("server shutting down"))
 
     async def submit(self, key: Hashable, job: J) -> R:
-        assert self._task is not None, "batcher not started"
+        return await self.enqueue(key, job)
+
+    def enqueue(self, key: Hashable, job: J) -> asyncio.Future[R]:
+        """Queue ``job`` and return the future of its result. A caller may resolve the future itself first
+        (a deadline that will not wait): the job is then dropped from the queue, or its result discarded."""
+        if self._task is None:
+            raise RuntimeError("batcher not started")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._arrived_while_decoding += self._decoding
-        await self._queue.put(_Pending(key, job, future))
-        return await future
+        self._queue.put_nowait(_Pending(key, job, future))
+        return future
 
     async def _collect(self) -> list[_Pending[J, R]]:
         batch = [await self._queue.get()]

@@ -55,8 +55,8 @@ HOST = "127.0.0.1"
 @dataclass(frozen=True)
 class BenchConfig:
     clients: tuple[int, ...] = (1, 8, 32)  # beam cells, with and without batching
-    caps_ms: tuple[int, ...] = (20, 50, 100)  # VED cells
-    ved_clients: tuple[int, ...] = (1, 8)
+    caps_ms: tuple[int, ...] = (50, 100, 200)  # VED cells
+    ved_clients: tuple[int, ...] = (1, 8, 32)
     k: int = 10
     duration_s: float = 5.0  # per cell
     max_requests: int = 3000  # per cell
@@ -167,15 +167,19 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: A
 class _Response:
     """httptools callbacks for one response."""
 
-    def __init__(self) -> None:
+    def __init__(self, parser_of: Callable[[], httptools.HttpResponseParser]) -> None:
         self.body = bytearray()
         self.complete = False
+        self.keep_alive = False
+        self._parser_of = parser_of
 
     def on_body(self, body: bytes) -> None:
         self.body += body
 
     def on_message_complete(self) -> None:
         self.complete = True
+        # read here: once the message is complete the parser resets, and should_keep_alive() says False
+        self.keep_alive = self._parser_of().should_keep_alive()
 
 
 class LeanClient:
@@ -186,23 +190,25 @@ class LeanClient:
         self.host, self.port, self.timeout_s = parsed.host, parsed.port or 80, timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.connects = 0  # connections opened: one for the client's life unless the server closes it
 
     async def post(self, path: str, payload: dict[str, Any]) -> tuple[int, bytes, float]:
         """(status, body, seconds from the request's first byte written to the response's last byte read)."""
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            self.connects += 1
         data = json.dumps(payload).encode()
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(data)}\r\n\r\n"
         )
-        response = _Response()
+        response = _Response(lambda: parser)
         parser = httptools.HttpResponseParser(response)
         t0 = time.perf_counter()
         self._writer.write(head.encode() + data)
         await asyncio.wait_for(self._read(parser, response), self.timeout_s)
         elapsed = time.perf_counter() - t0
-        if not parser.should_keep_alive():
+        if not response.keep_alive:
             await self.aclose()
         return parser.get_status_code(), bytes(response.body), elapsed
 

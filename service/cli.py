@@ -8,8 +8,10 @@ uvicorn worker process builds its app from the same environment
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +28,14 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
     if not values:
         raise typer.BadParameter(f"{name}: empty list")
     return values
+
+
+def _is_loopback(host: str) -> bool:
+    """Every address ``host`` names is a loopback one (a name that does not resolve is not)."""
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -48,7 +58,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         try:
             settings = Settings()  # fail here, once, on a bad environment rather than in every worker
         except ValidationError as e:
-            raise typer.BadParameter(f"bad VSTAR_* settings in the environment:\n{e}") from None
+            # named by field, never echoing the value: it may be a password or a key
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                for err in e.errors(include_url=False, include_input=False)
+            )
+            raise typer.BadParameter(f"bad VSTAR_* settings in the environment: {problems}") from None
+        if not settings.api_keys and not _is_loopback(host):
+            typer.secho(
+                f"warning: serving on {host} with open writes: anyone who reaches it can rewrite any user's "
+                "history; set VSTAR_API_KEYS=key1,key2 (and VSTAR_REQUIRE_API_KEYS=true)",
+                err=True,
+                fg=typer.colors.YELLOW,
+            )
         uvicorn.run(
             "service.app:create_app_from_env",
             factory=True,
@@ -65,8 +87,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         checkpoint: CheckpointOpt,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
         clients: Annotated[str, typer.Option("--clients", help="Concurrent clients of the beam cells.")] = "1,8,32",
-        caps: Annotated[str, typer.Option("--caps", help="VED latency caps in ms.")] = "20,50,100",
-        ved_clients: Annotated[str, typer.Option("--ved-clients", help="Concurrent clients of the VED cells.")] = "1,8",
+        caps: Annotated[str, typer.Option("--caps", help="VED latency caps in ms.")] = "50,100,200",
+        ved_clients: Annotated[
+            str, typer.Option("--ved-clients", help="Concurrent clients of the VED cells.")
+        ] = "1,8,32",
         k: Annotated[int, typer.Option("--k", min=1, max=100, help="Items per request.")] = 10,
         duration_s: Annotated[float, typer.Option("--duration-s", min=0.1, max=120, help="Seconds per cell.")] = 5.0,
         max_requests: Annotated[int, typer.Option("--max-requests", min=1, max=100_000, help="Per cell.")] = 3000,

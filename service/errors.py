@@ -47,9 +47,26 @@ class InvalidInput(ServiceError):
         self.field = field
 
 
+class Unauthorized(ServiceError):
+    """A write without one of the configured API keys."""
+
+    status = 401
+    type = "unauthorized"
+
+
 class NotFound(ServiceError):
     status = 404
     type = "not_found"
+
+
+class IdempotencyConflict(ServiceError):
+    """The Idempotency-Key was used before for a different write (other items, in another order)."""
+
+    status = 422
+    type = "invalid_request"
+
+    def __init__(self) -> None:
+        super().__init__("Idempotency-Key: already used for other items; a new write needs a new key")
 
 
 class StoreUnavailable(ServiceError):
@@ -64,6 +81,18 @@ class NotReady(ServiceError):
     type = "not_ready"
 
 
+class UnsupportedMediaType(ServiceError):
+    """A body that is not declared JSON (``content-type`` missing or another type)."""
+
+    status = 415
+    type = "unsupported_media_type"
+
+
+def shorten(text: str, limit: int = 48) -> str:
+    """What a message quotes of client input: at most ``limit`` characters (a 50 kB key is not echoed back)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def error_body(type_: str, message: str) -> dict[str, Any]:
     return {"error": {"type": type_, "message": message}}
 
@@ -72,8 +101,8 @@ def validation_message(errors: Sequence[Any], limit: int = 5) -> str:
     """``"body.k: Input should be less than or equal to 100; ..."`` for FastAPI's error list."""
     parts = []
     for err in list(errors)[:limit]:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        loc = ".".join(shorten(str(p)) for p in err.get("loc", ()))  # unknown field names are client input
+        parts.append(f"{loc}: {shorten(str(err.get('msg', 'invalid')), 200)}")
     if len(errors) > limit:
         parts.append(f"... and {len(errors) - limit} more")
     return "; ".join(parts) or "invalid request"

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from models.sid_catalog import Sid, SidCatalog, parse_sid, sid_to_str
-from service.errors import InvalidInput
+from service.errors import InvalidInput, shorten
 
 MAX_LISTED = 10  # bad entries quoted per kind in an error message
 
@@ -27,12 +27,8 @@ class HistoryEvent:
         return str(self.item_id) if self.item_id is not None else sid_to_str(self.sid)
 
 
-def _short(text: str, limit: int = 48) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _listed(values: Sequence[object]) -> str:
-    shown = ", ".join(_short(repr(v)) for v in values[:MAX_LISTED])
+    shown = ", ".join(shorten(repr(v)) for v in values[:MAX_LISTED])
     return f"[{shown}{', ...' if len(values) > MAX_LISTED else ''}] ({len(values)})"
 
 

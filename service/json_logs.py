@@ -4,6 +4,11 @@ The request id lives in a context variable set by ``RequestContextMiddleware``
 (``service.middleware``), so every log call made while handling a request is
 tagged without passing the id around. ``extra={...}`` fields are merged into
 the JSON object.
+
+No secret reaches a log line: settings dump their secrets masked
+(``service.settings``), and as a last guard every line has the password of any
+URL with credentials (``redis://user:password@host``) replaced by ``***``,
+wherever it comes from (an exception message, a library's log).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 
@@ -18,6 +24,12 @@ _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "color_message"}
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@\"]*:)[^\s/@\"]+@")
+
+
+def redact_urls(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``, everywhere in ``text``."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def current_request_id() -> str:
@@ -46,7 +58,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return redact_urls(json.dumps(entry, default=str))
 
 
 class RequestIdFilter(logging.Filter):

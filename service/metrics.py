@@ -50,6 +50,11 @@ class ServiceMetrics:
             "How much earlier than its cap a VED search is told to stop.",
             registry=r,
         )
+        self.ved_cap_lateness = Gauge(
+            "vstar_ved_cap_lateness_seconds",
+            "How far VED's hard cap is brought forward for the event loop's recent lateness in honouring it.",
+            registry=r,
+        )
         self.store_errors = Counter(
             "vstar_store_errors", "Store operations that failed (Redis down).", ["op"], registry=r
         )

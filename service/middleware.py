@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: request ids with an access log line, and the request body limit.
+"""Pure-ASGI middleware: request ids with an access log line, the request body limit, startup failures.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so the request-id context variable is
 visible to the handlers and nothing buffers the response.
@@ -9,12 +9,17 @@ visible to the handlers and nothing buffers the response.
 * ``BodyLimitMiddleware`` answers 413 before reading a body whose declared
   ``Content-Length`` is too large, and counts the bytes of a streamed body
   (no length) so a chunked upload cannot get around the limit either.
+* ``StartupFailureMiddleware`` keeps a bad checkpoint to the one log line the
+  lifespan writes: Starlette hands the server the traceback of a failed startup
+  to log, which for a ``CheckpointError`` (an operator's file to fix, not a
+  bug to trace) only buries the line that names the file.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 import uuid
 
@@ -23,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models.checkpoint_error import CheckpointError
 from service.errors import error_body
 from service.json_logs import reset_request_id, set_request_id
 
@@ -98,3 +104,21 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, receive if declared is not None else counting_receive, send)
+
+
+class StartupFailureMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_trace(message: Message) -> None:
+            # sent from inside Starlette's ``except`` block, so the exception in hand is the startup's
+            if message["type"] == "lifespan.startup.failed" and isinstance(sys.exc_info()[1], CheckpointError):
+                message = {**message, "message": ""}  # the server logs a non-empty message, a traceback here
+            await send(message)
+
+        await self.app(scope, receive, send_without_trace)

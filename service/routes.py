@@ -5,12 +5,14 @@ built per app from the settings (``schemas.request_models``), so the handlers'
 annotations must be evaluated where those classes are in scope.
 """
 
+import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response, Security
+from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.errors import NotReady
+from service.errors import NotReady, Unauthorized, UnsupportedMediaType, shorten
 from service.middleware import ARRIVAL_KEY
 from service.recommender import Recommender
 from service.schemas import (
@@ -25,7 +27,9 @@ from service.schemas import (
 )
 
 
-def get_recommender(request: Request) -> Recommender:
+async def get_recommender(request: Request) -> Recommender:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop and a GIL
+    # hand-off per request that starved the event loop (and so VED's hard cap) under load
     recommender: Recommender | None = request.app.state.recommender
     if recommender is None:
         raise NotReady("the model is not loaded yet")
@@ -33,13 +37,49 @@ def get_recommender(request: Request) -> Recommender:
 
 
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of VSTAR_API_KEYS, if any are set.")
+
+
+async def require_api_key(request: Request, key: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
+    """Writes need one of the configured keys (none configured: writes are open)."""
+    allowed = request.app.state.settings.api_keys
+    if not allowed:
+        return
+    if not key:
+        raise Unauthorized("X-API-Key: missing; this server takes events only with an API key")
+    # compare with every key, in constant time, so neither a match nor its position shows in the timing
+    if not sum(secrets.compare_digest(key.encode(), k.get_secret_value().encode()) for k in allowed):
+        raise Unauthorized("X-API-Key: not a valid key")
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any 1-128 visible ASCII characters, new for each write; a retry with it never stores twice.",
+    ),
+]
+
+
+async def require_json(request: Request) -> None:
+    """A POST body must be declared JSON: anything else is a 415 naming what was sent, not a 422 about a
+    "dictionary" (FastAPI does not parse a body declared otherwise, or not declared at all)."""
+    declared = request.headers.get("content-type")
+    media = (declared or "").split(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        sent = shorten(declared) if declared else "missing"
+        raise UnsupportedMediaType(f"content-type: expected application/json, got {sent}")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in (400, 413, 422, *codes)}
 
 
-def build_router(models: RequestModels) -> APIRouter:
+def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
+    """``api_keys``: writes need one; only then does the schema declare the X-API-Key scheme."""
     router = APIRouter()
     RecommendBody = models.recommend  # noqa: N806 - a class, named like one
     EventsBody = models.events  # noqa: N806
@@ -47,15 +87,33 @@ def build_router(models: RequestModels) -> APIRouter:
         str, Path(min_length=1, max_length=models.max_user_id_length, pattern=models.user_id_pattern)
     ]
 
-    @router.post("/recommend", responses=_errors(404, 503), tags=["recommend"])
+    @router.post(
+        "/recommend", responses=_errors(404, 415, 503), tags=["recommend"], dependencies=[Depends(require_json)]
+    )
     async def recommend(body: RecommendBody, request: Request, recommender: RecommenderDep) -> RecommendResponse:
         """Rank k items for a history (given, stored under `user_id`, or both: stored first)."""
         return await recommender.recommend(body, arrival=request.scope.get(ARRIVAL_KEY))
 
-    @router.post("/users/{user_id}/events", responses=_errors(503), tags=["users"])
-    async def append_events(user_id: UserId, body: EventsBody, recommender: RecommenderDep) -> EventsResponse:
-        """Append interactions to the user's stored history; 503 if they cannot be stored."""
-        return await recommender.append_events(user_id, body.items)
+    @router.post(
+        "/users/{user_id}/events",
+        responses=_errors(401, 415, 503),
+        tags=["users"],
+        dependencies=[Security(require_api_key), Depends(require_json)] if api_keys else [Depends(require_json)],
+    )
+    async def append_events(
+        user_id: UserId,
+        body: EventsBody,
+        recommender: RecommenderDep,
+        response: Response,
+        idempotency_key: IdempotencyKey = None,
+    ) -> EventsResponse:
+        """Append interactions to the user's stored history; 503 if they were not stored (or, said so, when that
+        is unknown). With an `Idempotency-Key`, a retry never stores twice: it gets the first write's answer with
+        `Idempotent-Replayed: true`."""
+        answer, replayed = await recommender.append_events(user_id, body.items, idempotency_key)
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return answer
 
     @router.get("/users/{user_id}/history", responses=_errors(404, 503), tags=["users"])
     async def history(user_id: UserId, recommender: RecommenderDep) -> HistoryResponse:

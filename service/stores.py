@@ -3,8 +3,31 @@
 * ``MemoryStore``: in-process dicts; the embedded default without ``REDIS_URL``.
   Each worker process has its own, which is fine for one worker and for tests.
 * ``RedisStore``: ``redis.asyncio`` with one pool per process. Histories are
-  capped lists (``RPUSH`` + ``LTRIM`` in one transaction); cache entries are
+  capped lists with a TTL, written by one Lua script (below); cache entries are
   ``SET ... EX ttl``.
+
+Event writes are exactly-once (issue 12). A write carries an idempotency key
+(the client's ``Idempotency-Key``, else one made for the request). One script,
+atomic in Redis, appends the events and records ``fingerprint attempt appended
+length`` under the key, or, if the key already has a record, appends nothing
+and returns that record. So:
+
+* a write Redis runs twice (the same request sent again, or a client's retry
+  with the same key) stores once; the same key with other items is refused
+  (``IdempotencyConflict``);
+* a write that got no answer (a timeout: it may still be queued in a stalled
+  Redis; a broken connection) is sent again, the same script with the same key,
+  until Redis answers or ``settle_s`` has passed. Whichever copy runs first
+  stores, the others replay its record, so an answer is always the truth: 200
+  means stored once. A Redis that answers nothing that long leaves the outcome
+  unknown (``WriteOutcomeUnknown``, a 503 that says the events may have been
+  stored): a retry with the same ``Idempotency-Key`` is safe then, one without
+  a key is not. A 503 that says "not stored" comes only when nothing was sent
+  (the circuit breaker below was open).
+* redis-py itself retries once on a connection error only, never on a timeout.
+
+Records of client keys live ``idempotency_ttl_s``; a request without a key
+gets a record for ``OWN_KEY_TTL_S``, enough to settle its own write.
 
 Redis outage policy (a tested decision, see the README):
 
@@ -23,23 +46,58 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from service.errors import StoreUnavailable
+from service.errors import IdempotencyConflict, StoreUnavailable
 
 log = logging.getLogger("service.stores")
 T = TypeVar("T")
 HISTORY_KEY = "vstar:history:{}"
 CACHE_KEY = "vstar:cache:{}"
+IDEMPOTENCY_KEY = "vstar:idem:{}:{}"  # (user id, key): the record of the write made under that key
+OWN_KEY_TTL_S = 60  # a request without Idempotency-Key: long enough to settle its own write
+
+# KEYS: history, record; ARGV: fingerprint, attempt, max history, history TTL (0: none), record TTL, entries...
+# Returns {"stored", record} or {"replayed", record} (an earlier run under the same key).
+WRITE = """
+local record = redis.call('GET', KEYS[2])
+if record then return {'replayed', record} end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 6))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+record = ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. (#ARGV - 5) .. ' ' .. redis.call('LLEN', KEYS[1])
+redis.call('SET', KEYS[2], record, 'EX', ARGV[5])
+return {'stored', record}
+"""
+
+
+class WriteOutcomeUnknown(StoreUnavailable):
+    """A write got no answer, nor did the copies sent after it: it may or may not have run."""
+
+
+@dataclass(frozen=True)
+class Appended:
+    appended: int  # events the write (or the key's earlier one) stored
+    history_length: int  # stored length right after that write
+    replayed: bool = False  # an earlier request with this Idempotency-Key stored them; nothing was appended now
+
+
+def fingerprint(user_id: str, entries: Sequence[str]) -> str:
+    """What an idempotency key promises: this user, these entries in this order."""
+    return hashlib.sha256("\x1f".join([user_id, *entries]).encode()).hexdigest()[:32]
 
 
 class Store(abc.ABC):
@@ -52,8 +110,8 @@ class Store(abc.ABC):
         """The stored entries, oldest first; empty for an unknown user."""
 
     @abc.abstractmethod
-    async def append(self, user_id: str, entries: Sequence[str]) -> int:
-        """Append entries and return the stored length after trimming."""
+    async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
+        """Append entries once per idempotency key; ``IdempotencyConflict`` if the key stored other entries."""
 
     @abc.abstractmethod
     async def cache_get(self, key: str) -> bytes | None: ...
@@ -72,19 +130,37 @@ class Store(abc.ABC):
 class MemoryStore(Store):
     kind = "memory"
 
-    def __init__(self, max_history: int, max_cache_entries: int) -> None:
+    def __init__(self, max_history: int, max_cache_entries: int, history_ttl_s: int, idempotency_ttl_s: int) -> None:
         self.max_history = max_history
         self.max_cache_entries = max_cache_entries
-        self._histories: dict[str, list[str]] = {}
+        self.history_ttl_s = history_ttl_s
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self._histories: dict[str, tuple[float, list[str]]] = {}  # user -> (expiry, entries)
         self._cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # key -> (expiry, body), LRU order
+        # (user, key) -> (expiry, fingerprint, appended, length); insertion order is expiry order (one TTL)
+        self._records: OrderedDict[tuple[str, str], tuple[float, str, int, int]] = OrderedDict()
 
     async def history(self, user_id: str) -> list[str]:
-        return list(self._histories.get(user_id, ()))
+        expiry, entries = self._histories.get(user_id, (0.0, []))
+        if self.history_ttl_s and expiry < time.monotonic():
+            self._histories.pop(user_id, None)
+            return []
+        return list(entries)
 
-    async def append(self, user_id: str, entries: Sequence[str]) -> int:
-        stored = (self._histories.get(user_id, []) + list(entries))[-self.max_history :]
-        self._histories[user_id] = stored
-        return len(stored)
+    async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
+        now, fp = time.monotonic(), fingerprint(user_id, entries)
+        while self._records and next(iter(self._records.values()))[0] < now:
+            self._records.popitem(last=False)
+        if idempotency_key is not None and (user_id, idempotency_key) in self._records:
+            _, stored_fp, appended, length = self._records[(user_id, idempotency_key)]
+            if stored_fp != fp:
+                raise IdempotencyConflict()
+            return Appended(appended, length, replayed=True)
+        stored = ((await self.history(user_id)) + list(entries))[-self.max_history :]
+        self._histories[user_id] = (now + self.history_ttl_s, stored)
+        if idempotency_key is not None:
+            self._records[(user_id, idempotency_key)] = (now + self.idempotency_ttl_s, fp, len(entries), len(stored))
+        return Appended(len(entries), len(stored))
 
     async def cache_get(self, key: str) -> bytes | None:
         hit = self._cache.get(key)
@@ -110,15 +186,29 @@ class MemoryStore(Store):
 class RedisStore(Store):
     kind = "redis"
 
-    def __init__(self, url: str, max_history: int, timeout_s: float, retry_after_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        max_history: int,
+        timeout_s: float,
+        retry_after_s: float,
+        history_ttl_s: int,
+        idempotency_ttl_s: int,
+        settle_s: float,
+    ) -> None:
         self.max_history = max_history
         self.retry_after_s = retry_after_s
+        self.history_ttl_s = history_ttl_s
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self.settle_s = settle_s
         self._redis = Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
+            # a pooled connection that died with the old Redis; never a timeout: the command may be queued
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        self._write = self._redis.register_script(WRITE)
         self._down_until = 0.0  # monotonic time before which Redis is not tried
         self._healthy = True
 
@@ -128,32 +218,61 @@ class RedisStore(Store):
         try:
             result = await op()
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self._down_until = time.monotonic() + self.retry_after_s
-            if self._healthy:
-                log.warning("redis unavailable", extra={"op": what, "error": repr(e)})
-            self._healthy = False
+            self._failed(what, e)
             raise StoreUnavailable(f"Redis is unavailable ({what})") from e
+        self._answered(what)
+        return result
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        self._down_until = time.monotonic() + self.retry_after_s
+        if self._healthy:
+            log.warning("redis unavailable", extra={"op": what, "error": repr(error)})
+        self._healthy = False
+
+    def _answered(self, what: str) -> None:
         if not self._healthy:
             log.info("redis reachable again", extra={"op": what})
         self._healthy = True
-        return result
 
     async def history(self, user_id: str) -> list[str]:
         raw = await self._call("read history", lambda: self._redis.lrange(HISTORY_KEY.format(user_id), 0, -1))
         return [r.decode() for r in raw]
 
-    async def append(self, user_id: str, entries: Sequence[str]) -> int:
-        key = HISTORY_KEY.format(user_id)
+    async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable(f"Redis is unavailable (append history); retrying in under {self.retry_after_s:g} s")
+        record_key = IDEMPOTENCY_KEY.format(user_id, idempotency_key or f"own-{uuid.uuid4().hex}")
+        attempt = uuid.uuid4().hex[:16]
+        fp = fingerprint(user_id, entries)
+        ttl = self.idempotency_ttl_s if idempotency_key is not None else OWN_KEY_TTL_S
+        args = [fp, attempt, self.max_history, self.history_ttl_s, ttl, *entries]
+        try:
+            reply = await self._write(keys=[HISTORY_KEY.format(user_id), record_key], args=args)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self._failed("append history", e)
+            reply = await self._send_again(record_key, HISTORY_KEY.format(user_id), args)
+        else:
+            self._answered("append history")
+        return self._appended(reply[1], fp, attempt)
 
-        async def write() -> int:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, *entries)
-                pipe.ltrim(key, -self.max_history, -1)
-                pipe.llen(key)
-                _, _, length = await pipe.execute()
-            return int(length)
+    async def _send_again(self, record_key: str, history_key: str, args: list[object]) -> list[bytes]:
+        """The same write until Redis answers one copy (it runs once, see above), or ``WriteOutcomeUnknown``."""
+        give_up = time.monotonic() + self.settle_s
+        while True:
+            try:
+                reply: list[bytes] = await self._write(keys=[history_key, record_key], args=args)
+                return reply
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                if time.monotonic() >= give_up:
+                    raise WriteOutcomeUnknown("Redis did not answer whether the write ran (append history)") from e
+                await asyncio.sleep(0.05)  # a refused connection fails at once; do not spin on it
 
-        return await self._call("append history", write)
+    @staticmethod
+    def _appended(record: bytes, fp: str, attempt: str) -> Appended:
+        stored_fp, stored_attempt, appended, length = record.decode().split(" ")
+        if stored_fp != fp:
+            raise IdempotencyConflict()
+        return Appended(int(appended), int(length), replayed=stored_attempt != attempt)
 
     async def cache_get(self, key: str) -> bytes | None:
         return await self._call("read cache", lambda: self._redis.get(CACHE_KEY.format(key)))
@@ -162,12 +281,15 @@ class RedisStore(Store):
         await self._call("write cache", lambda: self._redis.set(CACHE_KEY.format(key), value, ex=ttl_s))
 
     async def ping(self) -> bool:
-        """Always asks Redis (the breaker does not apply), so readiness sees recovery at once."""
-        self._down_until = 0.0
+        """Always asks Redis, so readiness sees recovery at once; the breaker stays as it is while the ping waits
+        (requests meanwhile still skip a Redis that failed) and closes only when Redis has answered."""
         try:
-            await self._call("ping", self._redis.ping)
-        except StoreUnavailable:
+            await self._redis.ping()
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self._failed("ping", e)
             return False
+        self._down_until = 0.0
+        self._answered("ping")
         return True
 
     async def close(self) -> None:

@@ -81,7 +81,7 @@ def test_a_corrupt_checkpoint_is_one_line(tiny_data_dir: Path, tiny_policy: Poli
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny_policy)
     (ckpt / "manifest.json").write_text('{"format_version": 1, "prompt": ')
     result = CliRunner().invoke(app, ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(ckpt)])
-    assert_one_line_error(result.exit_code, result.output, "unreadable manifest or catalog")
+    assert_one_line_error(result.exit_code, result.output, "manifest.json is not valid JSON")
 
 
 def test_a_value_error_inside_a_library_is_a_bug_and_keeps_its_traceback() -> None:

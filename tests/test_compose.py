@@ -63,6 +63,43 @@ def test_api_waits_for_redis_reserves_a_gpu_and_mounts_checkpoints(compose: dict
     assert "ports" not in api, "replicas publish no host port; the load balancer does"
 
 
+def test_published_port_is_loopback_unless_bound_wider(compose: dict[str, Any]) -> None:
+    """As the READMEs say: the balancer answers on 127.0.0.1:8080; VSTAR_HTTP_BIND=0.0.0.0 opens it wider."""
+    assert compose["services"]["lb"]["ports"] == ["${VSTAR_HTTP_BIND:-127.0.0.1}:${VSTAR_HTTP_PORT:-8080}:80"]
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose (Debian's 1.29 package) is not installed: apt-get install -y docker-compose")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VSTAR_")}
+    out = subprocess.run([binary, "-f", str(COMPOSE), "config"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "127.0.0.1:8080:80" in out.stdout or re.search(r"host_ip: 127\.0\.0\.1", out.stdout), out.stdout
+
+
+def test_api_requires_api_keys_in_compose(compose: dict[str, Any]) -> None:
+    env = compose["services"]["api"]["environment"]
+    assert env["VSTAR_REQUIRE_API_KEYS"] == "true" and env["VSTAR_API_KEYS"] == "${VSTAR_API_KEYS:-}"
+    assert compose["services"]["loadtest"]["environment"]["VSTAR_LT_API_KEY"] == "${VSTAR_LT_API_KEY:-}"
+
+
+def test_nginx_rate_limits_each_client_and_answers_429_in_the_error_shape() -> None:
+    conf = (REPO / "docker" / "nginx.conf").read_text()
+    zones = dict(re.findall(r"limit_req_zone \$limit_key zone=(\w+):\d+m rate=(\d+r/s);", conf))
+    assert set(zones) == {"requests", "writes"}
+    assert re.search(r"location / \{[^}]*limit_req zone=requests burst=\d+ nodelay;", conf)
+    events = re.search(r"location ~ \^/users/\[\^/\]\+/events\$ \{[^}]*\}", conf)
+    assert events and "limit_req zone=writes" in events.group(0) and "limit_req zone=requests" in events.group(0)
+    assert "limit_req_status 429;" in conf and '"type": "rate_limited"' in conf
+    assert re.search(r"geo \$limited \{[^}]*127\.0\.0\.1 0;", conf), "loopback (the loadtest profile) is exempt"
+    binary = shutil.which("nginx")
+    if binary is None:
+        pytest.skip("nginx is not installed: apt-get install -y nginx-light (its -t checks the file)")
+    out = subprocess.run(
+        [binary, "-t", "-q", "-c", str(REPO / "docker" / "nginx.conf"), "-g", "pid /tmp/vstar-nginx-test.pid;"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+
+
 def test_load_balancer_fronts_the_api_replicas(compose: dict[str, Any]) -> None:
     lb = compose["services"]["lb"]
     assert lb["depends_on"]["api"]["condition"] == "service_healthy"
@@ -134,3 +171,61 @@ def test_service_image_cuda_by_default_cpu_by_build_arg() -> None:
 def test_dockerignore_keeps_environments_data_and_weights_out() -> None:
     patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"}
     assert {".git", ".venv", "runs", "data", "**/*.safetensors", "**/*.npy"} <= patterns
+
+
+def test_nginx_answers_429_past_a_clients_burst_and_exempts_loopback(tmp_path: Path) -> None:
+    """The real nginx on docker/nginx.conf (listen port and upstream swapped for local ones) in front of a stub."""
+    import http.server
+    import threading
+
+    import httpx
+
+    binary = shutil.which("nginx")
+    if binary is None:
+        pytest.skip("nginx is not installed: apt-get install -y nginx-light")
+
+    class Stub(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    port = free_port()
+    conf = (REPO / "docker" / "nginx.conf").read_text()
+    conf = conf.replace("listen 80;", f"listen 127.0.0.1:{port};").replace("access_log /dev/stdout main;", "")
+    conf = conf.replace("http://api:8000;", f"http://127.0.0.1:{upstream.server_address[1]};")
+    (tmp_path / "nginx.conf").write_text(conf)
+    args = f"pid {tmp_path}/nginx.pid; daemon off; error_log {tmp_path}/error.log;"
+    nginx = subprocess.Popen([binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", args])
+    try:
+        statuses: dict[str, list[int]] = {}
+        for source in ("127.0.0.2", "127.0.0.1"):  # another client address; loopback proper
+            transport = httpx.HTTPTransport(local_address=source, retries=20)
+            with httpx.Client(transport=transport, base_url=f"http://127.0.0.1:{port}") as client:
+                answers = [client.post("/users/u/events", json={"items": [1]}) for _ in range(40)]
+            statuses[source] = [a.status_code for a in answers]
+            limited = [a for a in answers if a.status_code == 429]
+            if limited:
+                assert limited[0].json()["error"]["type"] == "rate_limited"
+                assert limited[0].headers["retry-after"] == "1"
+        assert 0 < statuses["127.0.0.2"].count(200) < 40 and set(statuses["127.0.0.2"]) == {200, 429}
+        assert statuses["127.0.0.1"] == [200] * 40
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=10)
+        upstream.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from models.checkpoint_error import CheckpointError
+
 DataOpt = Annotated[
     Path | None,
     typer.Option("--data", help="Data set folder (train/valid/test CSV, index.json, item.json, item_emb.npy)."),
@@ -353,6 +355,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         try:
             fusion = checkpoint_fusion(ckpt, 0.0 if decoder != "beam" and fusion_weight is None else fusion_weight)
             decode = make_decoder(ckpt, decoder, beams, budget, fusion)
+        except CheckpointError:
+            raise  # one line from the root command
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         result = evaluate(ckpt.policy, rows, ds.samples(context_splits), decode, batch_size)
@@ -393,6 +397,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         try:
             write_json(json_out, fuse_checkpoint(checkpoint, ds, grid or FUSION_WEIGHTS, device=device))
+        except CheckpointError:
+            raise  # one line from the root command
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
 

@@ -39,6 +39,11 @@ def load_value_head(checkpoint: LoadedCheckpoint, device: str | torch.device = "
         )
     from models.value_head import ValueHead, ValueHeadConfig
 
-    head = ValueHead(ValueHeadConfig(**checkpoint.manifest["value_head"]))
-    head.load_state_dict(checkpoint.extras["value_head"])
+    try:
+        head = ValueHead(ValueHeadConfig(**checkpoint.manifest["value_head"]))
+        head.load_state_dict(checkpoint.extras["value_head"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path}: value_head.safetensors does not fit manifest['value_head']: {e}"
+        ) from None
     return head.to(device).eval()

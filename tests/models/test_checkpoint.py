@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ import torch
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.policy import Policy
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_round_trip_rebuilds_same_decoder(tiny_policy: Policy, tmp_path: Path) -> None:
@@ -63,3 +68,52 @@ def test_bad_folders_fail_with_named_problem(tiny_policy: Policy, tmp_path: Path
     (path / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
     with pytest.raises(CheckpointError, match="format_version 99"):
         load_checkpoint(path)
+
+
+# Runs ``save_checkpoint`` over an existing checkpoint and kills the process (``os._exit``: no cleanup
+# runs, as with SIGKILL) just before the n-th file-system change made after the new folder is complete.
+CRASHING_WRITER = """
+import os, sys
+from pathlib import Path
+from models.checkpoint import load_checkpoint, save_checkpoint
+
+target, crash_at = Path(sys.argv[1]), int(sys.argv[2])
+policy = load_checkpoint(target).policy
+CHANGES = {"os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "ctypes.call_function"}
+state = {"armed": False, "seen": 0}
+
+def hook(event, args):
+    if event == "open" and str(args[0]).endswith("manifest.json") and "w" in str(args[1]):
+        state["armed"] = True
+    elif state["armed"] and event in CHANGES:
+        state["seen"] += 1
+        if state["seen"] == crash_at:
+            os._exit(17)
+
+sys.addaudithook(hook)
+save_checkpoint(target, policy, {"stage": "new"})
+"""
+
+
+@pytest.mark.slow
+def test_a_write_killed_at_any_point_leaves_old_or_new_and_no_leftovers(tiny_policy: Policy, tmp_path: Path) -> None:
+    target = tmp_path / "ck"
+    save_checkpoint(target, tiny_policy, {"stage": "old"})
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    kills = 0
+    for crash_at in range(1, 10):
+        run = subprocess.run(
+            [sys.executable, "-c", CRASHING_WRITER, str(target), str(crash_at)],
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+        assert run.returncode in (0, 17), run.stderr.decode()[-2000:]
+        stage = load_checkpoint(target).manifest["stage"]  # a CheckpointError here: nothing at the path
+        assert stage in ("old", "new") and (run.returncode == 17 or stage == "new")
+        save_checkpoint(target, tiny_policy, {"stage": "old"})  # the next write removes what the kill left
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+        if run.returncode == 0:
+            break
+        kills += 1
+    assert kills >= 2, "the writer was killed at fewer than two points: the hook saw no renames"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,8 +81,10 @@ class PrivateRedis:
 
     def start(self) -> None:
         assert self.proc is None
+        # DEBUG SLEEP stalls it on demand (a slow Redis); since Redis 7 DEBUG must be enabled
+        debug = ["--enable-debug-command", "yes"] if self.major_version() >= 7 else []
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *debug],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -93,6 +96,18 @@ class PrivateRedis:
             except redis.exceptions.ConnectionError:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def major_version(self) -> int:
+        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, check=True).stdout
+        return int(out.split("v=")[1].split(".")[0])
+
+    def stall(self, seconds: float) -> threading.Thread:
+        """Block the server for ``seconds`` (``DEBUG SLEEP``), from a thread; returns once the stall has begun."""
+        client = redis.Redis(port=self.port)
+        thread = threading.Thread(target=client.execute_command, args=("DEBUG", "SLEEP", seconds))
+        thread.start()
+        time.sleep(0.05)  # the command is in; Redis is asleep
+        return thread
 
     def stop(self) -> None:
         assert self.proc is not None

@@ -227,3 +227,51 @@ def test_docs_pages_load_every_asset_from_this_server(client: TestClient, page: 
         assert url.startswith("/"), f"{page} loads {url} from elsewhere: blank without a network"
         answer = client.get(url)
         assert answer.status_code == 200 and len(answer.content) > 1000, url
+
+
+def test_requests_never_hop_to_a_worker_thread(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tiny_catalog: SidCatalog
+) -> None:
+    """Only the model runs off the event loop: FastAPI sends a plain ``def`` handler or dependency to
+    anyio's thread pool, and that hop per request (a thread wake-up, the GIL handed back and forth) starved
+    the loop under load, so VED's hard-cap timer fired late (issue 12, item 2)."""
+    import anyio.to_thread
+
+    hops: list[object] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting_run_sync(func: Callable[..., object], *args: object, **kwargs: object) -> object:
+        hops.append(func)
+        return await run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting_run_sync)
+    sid = sid_to_str(tiny_catalog.sid_of(2))
+    assert client.post("/users/hop/events", json={"items": [1, sid]}).status_code == 200
+    assert client.post("/recommend", json={"user_id": "hop", "k": 2}).status_code == 200
+    assert client.post("/recommend", json={"history": [1], "k": 2, "mode": "ved", "latency_ms": 500}).status_code == 200
+    assert client.get("/users/hop/history").status_code == 200
+    assert client.get("/items/1").status_code == 200 and client.get("/readyz").status_code == 200
+    assert hops == []
+
+
+def test_a_huge_unknown_field_name_is_not_echoed_whole(client: TestClient) -> None:
+    r = client.post("/recommend", json={"history": [1], "x" * 50_000: 1})
+    assert r.status_code == 422 and len(r.content) < 1000, len(r.content)
+    assert r.json()["error"]["message"].startswith("body.xxxxxxxx") and "..." in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/recommend", "/users/cy/events"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_that_is_not_declared_json_is_415_naming_the_content_type(
+    client: TestClient, path: str, content_type: str | None
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    r = client.post(path, content=b'{"history": [1], "items": [1]}', headers=headers)
+    assert r.status_code == 415 and r.json()["error"]["type"] == "unsupported_media_type", r.text
+    assert r.json()["error"]["message"].startswith("content-type:")
+    assert (content_type or "missing") in r.json()["error"]["message"]
+    assert client.post(path, json={"history": [1], "items": [1]}).status_code != 415
+    ok = client.post(
+        path, content=b'{"history": [1], "items": [1]}', headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert ok.status_code != 415

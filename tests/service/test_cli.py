@@ -56,9 +56,11 @@ def test_lean_client_reads_answers_and_errors_over_one_connection(tiny_checkpoin
     async def talk(url: str) -> list[tuple[int, bytes, float]]:
         client = LeanClient(url, timeout_s=30.0)
         try:
-            return [await client.post("/recommend", body) for body in ({"history": [1], "k": 3}, {"k": 3}) * 2]
+            answers = [await client.post("/recommend", body) for body in ({"history": [1], "k": 3}, {"k": 3}) * 2]
         finally:
             await client.aclose()
+        assert client.connects == 1, "the connection was not kept alive"
+        return answers
 
     with running_server(tiny_checkpoint, True, BenchConfig(torch_threads=1)) as url:
         answers = asyncio.run(talk(url))

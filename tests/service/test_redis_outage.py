@@ -9,14 +9,19 @@ recovers without a restart once Redis is back.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Protocol
 
+import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.errors import StoreUnavailable
 from service.settings import Settings
+from service.stores import RedisStore
+from tests.service.conftest import PrivateRedis
 
 
 class RedisServer(Protocol):
@@ -82,3 +87,34 @@ def test_starts_degraded_when_redis_is_down(make_settings: Callable[..., Setting
             assert r.status_code == 200 and r.json()["stored_history"] == "unavailable"
         assert time.perf_counter() - t0 < 5  # refused connections fail fast; no hang per request
         assert c.post("/users/zed/events", json={"items": [1]}).status_code == 503
+
+
+def test_readiness_probes_do_not_lift_the_circuit_breaker(private_redis: PrivateRedis) -> None:
+    """While a /readyz ping waits on a stalled Redis, requests still skip Redis instead of each paying a timeout."""
+
+    async def scenario() -> None:
+        store = RedisStore(
+            private_redis.url,
+            10,
+            timeout_s=0.25,
+            retry_after_s=5.0,
+            history_ttl_s=0,
+            idempotency_ttl_s=60,
+            settle_s=0.5,
+        )
+        sleeper = private_redis.stall(1.5)
+        with pytest.raises(StoreUnavailable):
+            await store.history("amy")  # times out: the breaker opens
+        probe = asyncio.ensure_future(store.ping())
+        await asyncio.sleep(0.05)  # the ping is waiting on Redis
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable, match="retrying in under"):
+            await store.history("amy")
+        assert time.perf_counter() - started < 0.1
+        assert await probe is False
+        sleeper.join()
+        assert await store.ping() is True  # Redis is back: the ping sees it at once and closes the breaker
+        assert await store.history("amy") == []
+        await store.close()
+
+    asyncio.run(scenario())

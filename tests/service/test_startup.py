@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from models.checkpoint import CheckpointError, save_checkpoint
 from models.policy import Policy
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.app import create_app
+from service.json_logs import JsonFormatter
+from service.recommender import DecodeRow, Recommender
 from service.settings import Settings
+from vstar import app
 
 
 def start(settings: Settings) -> None:
@@ -38,7 +42,7 @@ def test_corrupt_manifest(make_settings: Callable[..., Settings], tiny_checkpoin
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
     (broken / "manifest.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="unreadable manifest"):
+    with pytest.raises(CheckpointError, match="manifest.json is not valid JSON"):
         start(make_settings(checkpoint=broken))
 
 
@@ -52,7 +56,7 @@ def test_value_head_of_the_wrong_size(
         manifest={"value_head": asdict(ValueHeadConfig(32))},
         extras={"value_head": wrong.state_dict()},
     )
-    with pytest.raises(CheckpointError, match="cannot load the value head"):
+    with pytest.raises(CheckpointError, match=r"value_head.safetensors does not fit manifest\[.value_head.\]"):
         start(make_settings(checkpoint=path))
 
 
@@ -96,3 +100,38 @@ def test_a_fresh_value_head_is_the_same_in_every_worker(make_settings: Callable[
         with TestClient(app):
             heads.append(app.state.recommender.value_head.state_dict())
     assert all(torch.equal(heads[0][name], heads[1][name]) for name in heads[0])
+
+
+def test_secrets_never_reach_the_logs(
+    make_settings: Callable[..., Settings], dead_redis_url: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The startup settings line and the Redis warnings print the URL without its password."""
+    url = dead_redis_url.replace("redis://", "redis://vstar:s3cret-pw@")
+    with TestClient(create_app(make_settings(redis_url=url, log_level="INFO"))) as c:
+        assert c.post("/users/x/events", json={"items": [1]}).status_code == 503
+    logged = capfd.readouterr().err
+    assert '"msg": "settings"' in logged and "redis unavailable" in logged
+    assert "s3cret-pw" not in logged and "redis://vstar:***@127.0.0.1" in logged
+
+
+def test_the_log_formatter_masks_credentials_in_any_url() -> None:
+    record = logging.makeLogRecord({"msg": "cannot reach %s", "args": ("rediss://u:p%40ss@h:6380/1",)})
+    assert JsonFormatter().format(record).count("rediss://u:***@h:6380/1") == 1
+
+
+def test_serve_names_a_bad_setting_without_echoing_its_value(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:s3cret-pw@127.0.0.1:notaport/0")
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint)])
+    assert result.exit_code != 0 and "redis_url" in result.output.lower()
+    assert "s3cret-pw" not in result.output
+
+
+def test_a_warm_up_that_decodes_nothing_fails_the_start_even_under_python_O(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real exception, not an assert (``python -O`` drops those and would serve a model that answers nothing)."""
+    monkeypatch.setattr(Recommender, "_decode", lambda self, key, jobs: [DecodeRow([-1], [0.0]) for _ in jobs])
+    with pytest.raises(CheckpointError, match="warm-up decode"):
+        start(make_settings())

@@ -1,0 +1,93 @@
+"""Replace a folder so that its path always holds the old folder or the new one, never neither.
+
+A checkpoint is a folder, and POSIX cannot rename a folder onto a non-empty
+one. Two renames (target aside, then the new folder in) leave a moment with
+nothing at the path, and a process killed there leaves no checkpoint where
+every reader looks. On Linux ``renameat2(RENAME_EXCHANGE)`` swaps two paths in
+one step: the target path goes from the old folder to the new one, and the old
+one lands under the staging name, from where it is removed. Where the swap is
+refused (another kernel, or a file system without it: ``EINVAL``), the two
+renames are used, and the next write to the target closes their window: a
+target missing beside a folder set aside is first put back.
+
+A write killed at any point leaves at most a staging folder (``.NAME.tmp-*``)
+or a folder set aside (``.NAME.old-*``) next to the target; the next write to
+the same target removes them. One writer per target is assumed (under DDP only
+rank 0 writes), since a second writer's staging folder would look like a
+leftover.
+
+This module touches only the file system (no torch), so a test can kill a
+process in the middle of it cheaply.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def staging_folder(target: Path) -> Path:
+    """A fresh empty folder beside ``target`` to write the new contents into; leftovers are cleared first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def leftovers(target: Path) -> list[Path]:
+    """Staging folders and folders set aside that killed writes to ``target`` left behind."""
+    if not target.parent.is_dir():
+        return []
+    prefixes = (f".{target.name}.tmp-", f".{target.name}.old-")
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefixes))
+
+
+def remove_leftovers(target: Path) -> None:
+    """Put back a folder set aside when the target is missing (the two-rename window), then remove the rest."""
+    found = leftovers(target)
+    aside = [p for p in found if p.name.startswith(f".{target.name}.old-")]
+    if aside and not target.exists():
+        newest = max(aside, key=lambda p: p.stat().st_mtime)
+        os.replace(newest, target)
+        found.remove(newest)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Move the complete folder ``staged`` to ``target``, replacing what is there in one step where possible."""
+    if not target.exists():
+        os.replace(staged, target)  # a rename onto a free name is atomic
+        return
+    if _exchange(staged, target):
+        shutil.rmtree(staged)  # it holds the old folder now
+        return
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, aside)
+    os.replace(staged, target)
+    shutil.rmtree(aside)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where this kernel, libc or file system cannot."""
+    if sys.platform != "linux":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        renameat2 = libc.renameat2  # glibc >= 2.28
+    except AttributeError:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")

@@ -1,0 +1,55 @@
+"""Folder replacement: one-step swap on Linux, the two-rename path's window closed by the next write."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import atomic_folder
+from models.atomic_folder import leftovers, publish, remove_leftovers, staging_folder
+
+
+def folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "file").write_text(text)
+    return path
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="renameat2 is Linux's")
+def test_exchange_swaps_two_folders_in_one_step(tmp_path: Path) -> None:
+    a, b = folder(tmp_path / "a", "A"), folder(tmp_path / "b", "B")
+    assert atomic_folder._exchange(a, b)
+    assert (a / "file").read_text() == "B" and (b / "file").read_text() == "A"
+
+
+def test_publish_replaces_and_leaves_nothing_beside(tmp_path: Path) -> None:
+    target = folder(tmp_path / "ck", "old")
+    staged = staging_folder(target)
+    (staged / "file").write_text("new")
+    publish(staged, target)
+    assert (target / "file").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_two_rename_window_is_closed_by_the_next_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the swap is refused, a kill between the renames leaves the old folder aside; the next write
+    puts it back before anything else, so it is never lost."""
+    monkeypatch.setattr(atomic_folder, "_exchange", lambda a, b: False)
+    target = folder(tmp_path / "ck", "old")
+    os.replace(target, tmp_path / ".ck.old-killed")  # the first rename, then the kill
+    folder(tmp_path / ".ck.tmp-killed", "half")
+    assert [p.name for p in leftovers(target)] == [".ck.old-killed", ".ck.tmp-killed"]
+    remove_leftovers(target)
+    assert (target / "file").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ck"]
+    staged = staging_folder(target)
+    (staged / "file").write_text("new")
+    publish(staged, target)
+    assert (target / "file").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_leftovers_of_other_targets_are_not_touched(tmp_path: Path) -> None:
+    other = folder(tmp_path / ".ck2.tmp-x", "other writer")
+    remove_leftovers(tmp_path / "ck")
+    assert other.exists()

@@ -1,0 +1,59 @@
+"""API keys guard the write endpoint when set; reads stay open; keys never reach a log line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from service.app import create_app
+from service.settings import Settings
+from vstar import app
+
+
+def test_writes_need_one_of_the_keys_when_keys_are_set(
+    make_settings: Callable[..., Settings], capfd: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(api_keys=["key-one-0123456789", "key-two-0123456789"], log_level="INFO")
+    with TestClient(create_app(settings)) as c:
+        for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
+            r = c.post("/users/ann/events", json={"items": [1]}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
+            assert r.json()["error"]["message"].startswith("X-API-Key:")
+        assert c.get("/users/ann/history").status_code == 404  # nothing was stored
+        for key in ("key-one-0123456789", "key-two-0123456789"):
+            assert c.post("/users/ann/events", json={"items": [1]}, headers={"X-API-Key": key}).status_code == 200
+        assert c.post("/recommend", json={"user_id": "ann", "k": 2}).status_code == 200  # reads stay open
+        assert "X-API-Key" in str(c.get("/openapi.json").json()["components"]["securitySchemes"])
+    logged = capfd.readouterr().err
+    assert '"msg": "settings"' in logged and "0123456789" not in logged
+
+
+def test_without_keys_writes_are_open(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings())) as c:
+        assert c.post("/users/bo/events", json={"items": [1]}).status_code == 200
+        assert "securitySchemes" not in c.get("/openapi.json").json()["components"]  # the schema says so too
+
+
+def test_keys_come_from_a_comma_list_in_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
+    monkeypatch.setenv("VSTAR_API_KEYS", "alpha-key-1, beta-key-2")
+    keys = Settings(checkpoint=tiny_checkpoint).api_keys
+    assert [k.get_secret_value() for k in keys] == ["alpha-key-1", "beta-key-2"]
+    with pytest.raises(ValueError, match="require_api_keys"):
+        Settings(checkpoint=tiny_checkpoint, api_keys=[], require_api_keys=True)
+
+
+def test_serve_warns_when_writes_are_open_beyond_loopback(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    monkeypatch.delenv("VSTAR_API_KEYS", raising=False)
+    public = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint), "--host", "0.0.0.0"])
+    assert public.exit_code == 0 and "VSTAR_API_KEYS" in public.output
+    local = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint)])
+    assert local.exit_code == 0 and "VSTAR_API_KEYS" not in local.output

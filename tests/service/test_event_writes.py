@@ -1,0 +1,126 @@
+"""Event writes are exactly-once: against a Redis that stalls, and with a client that retries.
+
+A stall is ``DEBUG SLEEP`` on the private redis-server (``private_redis``): the
+write is sent, Redis answers only after the client's 0.25 s timeout. Whatever
+the service answers then must be true: 200 means the events are stored once,
+503 "not stored" means nothing is stored, and a retry with the same
+``Idempotency-Key`` never stores twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from service.stores import HISTORY_KEY
+from tests.service.conftest import PrivateRedis
+
+
+@pytest.fixture
+def stalling(make_settings: Callable[..., Settings], private_redis: PrivateRedis) -> Iterator[TestClient]:
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.25, redis_retry_after_s=0.0)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def stored(server: PrivateRedis, user: str) -> list[bytes]:
+    return redis.Redis(port=server.port).lrange(HISTORY_KEY.format(user), 0, -1)
+
+
+def wait(thread: threading.Thread) -> None:
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("stall_s", [0.4, 0.8])
+def test_a_stalled_write_is_stored_once_when_acknowledged_and_not_at_all_when_refused(
+    stalling: TestClient, private_redis: PrivateRedis, stall_s: float
+) -> None:
+    for attempt in range(3):
+        user = f"slow{attempt}"
+        sleeper = private_redis.stall(stall_s)
+        r = stalling.post(f"/users/{user}/events", json={"items": [7]})
+        wait(sleeper)
+        entries = stored(private_redis, user)
+        if r.status_code == 200:
+            assert r.json()["appended"] == 1 and entries == [b"7"], (r.json(), entries)
+        else:
+            assert r.status_code == 503 and "not stored" in r.json()["error"]["message"], r.text
+            assert entries == [], entries
+
+
+def test_a_retry_with_the_same_idempotency_key_never_stores_twice(
+    stalling: TestClient, private_redis: PrivateRedis
+) -> None:
+    headers = {"Idempotency-Key": "order-1234-line-1"}
+    sleeper = private_redis.stall(0.6)
+    first = stalling.post("/users/kim/events", json={"items": [3, 4]}, headers=headers)
+    wait(sleeper)
+    for _ in range(2):  # the client retries as told, twice
+        again = stalling.post("/users/kim/events", json={"items": [3, 4]}, headers=headers)
+        assert again.status_code == 200 and again.json() == {"user_id": "kim", "appended": 2, "history_length": 2}
+        if first.status_code == 200:
+            assert again.headers["idempotent-replayed"] == "true"
+    assert stored(private_redis, "kim") == [b"3", b"4"]
+    # another key is another write; the same key for other items is a client bug, refused
+    assert stalling.post("/users/kim/events", json={"items": [5]}, headers={"Idempotency-Key": "k2"}).status_code == 200
+    clash = stalling.post("/users/kim/events", json={"items": [6]}, headers=headers)
+    assert clash.status_code == 422 and clash.json()["error"]["message"].startswith("Idempotency-Key:")
+    assert stored(private_redis, "kim") == [b"3", b"4", b"5"]
+
+
+def test_a_stall_longer_than_the_settling_time_says_the_outcome_is_unknown(
+    make_settings: Callable[..., Settings], private_redis: PrivateRedis
+) -> None:
+    settings = make_settings(
+        redis_url=private_redis.url, redis_timeout_s=0.2, redis_retry_after_s=0.0, redis_write_settle_s=0.3
+    )
+    headers = {"Idempotency-Key": "k-long"}
+    with TestClient(create_app(settings)) as c:
+        sleeper = private_redis.stall(1.5)
+        r = c.post("/users/lee/events", json={"items": [9]}, headers=headers)
+        wait(sleeper)
+        assert r.status_code == 503 and "may have been stored" in r.json()["error"]["message"], r.text
+        retry = c.post("/users/lee/events", json={"items": [9]}, headers=headers)
+        assert retry.status_code == 200 and retry.json()["history_length"] == 1
+    assert stored(private_redis, "lee") == [b"9"]
+
+
+@pytest.mark.parametrize("key", ["", "x" * 300, "has space", "tab\there"])
+def test_a_malformed_idempotency_key_is_422_naming_the_header(stalling: TestClient, key: str) -> None:
+    r = stalling.post("/users/kim/events", json={"items": [1]}, headers={"Idempotency-Key": key})
+    assert r.status_code == 422 and "Idempotency-Key" in r.json()["error"]["message"], r.text
+
+
+def test_the_in_process_store_honours_idempotency_keys_too(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings())) as c:
+        for _ in range(3):
+            r = c.post("/users/mo/events", json={"items": [1]}, headers={"Idempotency-Key": "once"})
+            assert r.status_code == 200 and r.json()["history_length"] == 1
+        assert c.post("/users/mo/events", json={"items": [1]}).json()["history_length"] == 2  # no key: a new event
+        assert c.post("/users/mo/events", json={"items": [2]}, headers={"Idempotency-Key": "once"}).status_code == 422
+
+
+@pytest.mark.parametrize("ttl_s", [3600, 0])
+def test_histories_expire_after_the_ttl(
+    make_settings: Callable[..., Settings], private_redis: PrivateRedis, ttl_s: int
+) -> None:
+    with TestClient(create_app(make_settings(redis_url=private_redis.url, history_ttl_s=ttl_s))) as c:
+        assert c.post("/users/tia/events", json={"items": [1]}).status_code == 200
+    ttl = redis.Redis(port=private_redis.port).ttl(HISTORY_KEY.format("tia"))
+    assert (ttl_s - 5 < ttl <= ttl_s) if ttl_s else ttl == -1  # -1: no expiry
+
+
+def test_in_process_histories_expire_after_the_ttl(make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(history_ttl_s=1))) as c:
+        assert c.post("/users/ned/events", json={"items": [1]}).status_code == 200
+        assert c.get("/users/ned/history").status_code == 200
+        time.sleep(1.1)
+        assert c.get("/users/ned/history").status_code == 404

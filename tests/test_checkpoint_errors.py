@@ -1,0 +1,109 @@
+"""A corrupt checkpoint ends every command that reads one with one line naming the file, never a traceback.
+
+The files are damaged the two ways a real incident does it: cut short (a copy or
+a disk that filled up) and overwritten at the front.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.policy import Policy
+from models.value_head import value_head_for
+from tests.service.conftest import free_port
+from vstar import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def vstar_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_policy: Policy) -> Path:
+    """A checkpoint with a value head and a resume state, as ``vstar rl --algo vstar`` writes."""
+    head = value_head_for(tiny_policy)
+    manifest = {"stage": "sft", "value_head": asdict(head.config)}
+    out = tmp_path_factory.mktemp("corrupt") / "ck"
+    return save_checkpoint(out, tiny_policy, manifest, {"value_head": head.state_dict()}, trainer_state={"step": 1})
+
+
+def damaged(source: Path, dest: Path, name: str, how: str) -> Path:
+    shutil.copytree(source, dest)
+    f = dest / name
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if how == "cut" else b"\x00" * 64 + data[64:])
+    return dest
+
+
+@pytest.mark.parametrize("how", ["cut", "overwritten"])
+@pytest.mark.parametrize("name", ["model.safetensors", "value_head.safetensors"])
+def test_load_names_the_corrupt_file(vstar_checkpoint: Path, tmp_path: Path, name: str, how: str) -> None:
+    path = damaged(vstar_checkpoint, tmp_path / "ck", name, how)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path}: {name} is corrupt: [^\n]+$"):
+        load_checkpoint(path)
+
+
+def test_corrupt_resume_state_is_named(vstar_checkpoint: Path, tmp_path: Path) -> None:
+    path = damaged(vstar_checkpoint, tmp_path / "ck", "trainer_state.pt", "cut")
+    with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt"):
+        load_checkpoint(path).trainer_state()
+
+
+def test_a_malformed_manifest_is_named(vstar_checkpoint: Path, tmp_path: Path) -> None:
+    path = damaged(vstar_checkpoint, tmp_path / "ck", "manifest.json", "overwritten")
+    with pytest.raises(CheckpointError, match="manifest.json is not valid JSON"):
+        load_checkpoint(path)
+
+
+def one_error_line(output: str, name: str) -> None:
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if name in line]
+    assert len(lines) == 1 and " is corrupt: " in lines[0], output[-3000:]
+
+
+COMMANDS = {
+    "eval": ["eval", "--checkpoint", "{ck}", "--data", "{data}", "--limit", "2"],
+    "eval ved": ["eval", "--checkpoint", "{ck}", "--data", "{data}", "--decoder", "ved", "--limit", "2"],
+    "diagnose": ["diagnose", "--checkpoint", "{ck}", "--data", "{data}", "--limit", "2"],
+    "fuse": ["fuse", "--checkpoint", "{ck}", "--data", "{data}"],
+    "rl": ["rl", "--init", "{ck}", "--out", "{out}", "--data", "{data}", "--max-steps", "1"],
+    "bench decode": ["bench", "decode", "--checkpoint", "{ck}", "--repeats", "1"],
+    "bench train": ["bench", "train", "--checkpoint", "{ck}", "--data", "{data}", "--steps", "1"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_reports_a_corrupt_checkpoint_in_one_line(
+    command: str, vstar_checkpoint: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    ck = damaged(vstar_checkpoint, tmp_path / "ck", "model.safetensors", "cut")
+    args = [a.format(ck=ck, data=tiny_data_dir, out=tmp_path / "out") for a in COMMANDS[command]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and not isinstance(result.exception, CheckpointError), result.output[-3000:]
+    one_error_line(result.output, "model.safetensors")
+
+
+def test_sft_resume_reports_a_corrupt_resume_state(tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "sft.resume", tiny_policy, {"stage": "sft"}, trainer_state={"step": 1})
+    damaged(tmp_path / "sft.resume", tmp_path / "bad.resume", "model.safetensors", "overwritten")
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "bad"), "--preset", "tiny", "--resume"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output[-3000:]
+    one_error_line(result.output, "model.safetensors")
+
+
+def test_serve_reports_a_corrupt_checkpoint_in_one_log_line(vstar_checkpoint: Path, tmp_path: Path) -> None:
+    ck = damaged(vstar_checkpoint, tmp_path / "ck", "value_head.safetensors", "overwritten")
+    run = subprocess.run(
+        [sys.executable, "-m", "vstar", "serve", "--checkpoint", str(ck), "--port", str(free_port())],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VSTAR_WARMUP": "false"},
+    )  # fmt: skip
+    assert run.returncode != 0
+    one_error_line(run.stdout + run.stderr, "value_head.safetensors")
