@@ -113,6 +113,7 @@ class RLConfig:
     ved_beta: float = 1.0
     train_splits: tuple[str, ...] = ("train",)
     holdout: int = 500
+    fusion_weight: float | None = None  # shallow fusion of the result; None: the --init checkpoint's weight
     eval_every: int = 100  # steps between validations
     eval_limit: int = 1000
     eval_beams: int = 10
@@ -133,6 +134,8 @@ class RLConfig:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         if "test" in self.train_splits:
             raise ValueError("training on the test split is not allowed")
+        if self.fusion_weight is not None and self.fusion_weight < 0:
+            raise ValueError(f"fusion_weight must be >= 0, got {self.fusion_weight}")
 
     @property
     def use_sibling(self) -> bool:

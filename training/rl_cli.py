@@ -68,8 +68,19 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between validations.")] = 100,
         eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help="Validation rows decoded.")] = 1000,
         holdout: Annotated[
-            int, typer.Option("--holdout", min=1, help="Valid rows held out when valid is trained on.")
+            int,
+            typer.Option(
+                "--holdout", min=0, help="Valid rows held out when valid is trained on (0: none, the last model kept)."
+            ),
         ] = 500,
+        fusion_weight: Annotated[
+            float | None,
+            typer.Option(
+                "--fusion-weight",
+                min=0.0,
+                help="Weight of the transition counts fused into beam search at eval (default: the --init's).",
+            ),
+        ] = None,
         seed: SeedOpt = 0,
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
@@ -90,7 +101,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 max_steps=max_steps, batch_size=batch_size, num_candidates=num_candidates, lr=lr, value_lr=value_lr,
                 beta=beta, w_sib=w_sib, ppo_epochs=ppo_epochs, ved_budget=budget,
                 train_splits=tuple(parse_splits(train_splits)), holdout=holdout, eval_every=eval_every,
-                eval_limit=eval_limit, seed=seed,
+                eval_limit=eval_limit, fusion_weight=fusion_weight, seed=seed,
             )  # fmt: skip
             check_modules(config)
         except ValueError as e:

@@ -14,10 +14,14 @@
 * ``<out>.resume`` holds the latest state (weights, value head, both
   optimizers, scheduler, position in the data, RNG) after each validation;
   ``--resume`` continues from it. All writes are atomic (``save_checkpoint``).
-* Shallow fusion with the transition counts (``training.fusion``): when the run
-  ends, the kept model's fusion weight is chosen on the held-out rows as SFT
-  chooses it (RL sharpens the policy, so the SFT model's weight does not carry
-  over), and the counts are stored with it; ``vstar eval`` decodes with both.
+* Shallow fusion with the transition counts (``training.fusion``): the kept
+  model is fused at the ``--init`` checkpoint's weight (``--fusion-weight``
+  overrides it), with counts of this run's training and held-out rows;
+  ``vstar eval`` decodes with both. The weight is not chosen again on the
+  held-out rows by default: an SFT refit has trained on them, so they would
+  flatter the policy and choose too small a weight. An init without a chosen
+  weight (nothing held out, fusion never chosen) gets one chosen on the
+  held-out rows here, as SFT chooses it.
 * Under ``torchrun`` / ``accelerate launch`` (``training.distributed``):
   ``--batch-size`` prompts is the global batch; each rank rolls out, rewards and
   computes advantages for its slice (groups never straddle ranks, so this is
@@ -72,6 +76,13 @@ def check_modules(config: RLConfig) -> None:
         require_module("models.value_head", "--algo vstar (the value head)")
     if config.use_ved:
         require_module("models.ved", "--algo vstar (VED builds the candidate sets; --no-ved uses beam search)")
+
+
+def reference_fusion(init: str | Path) -> dict[str, Any]:
+    """The ``--init`` checkpoint's fusion choice (manifest ``fusion``), empty when it has none."""
+    manifest = json.loads((Path(init) / "manifest.json").read_text())
+    fusion = manifest.get("fusion") or {}
+    return fusion if fusion.get("chosen_by") != "nothing held out" else {}
 
 
 def check_catalog(policy: Policy, data: RecDataset) -> None:
@@ -203,7 +214,10 @@ def train_rl(
     curves.close()
     fusion = None
     if is_main():  # the kept model's fusion with the transition counts
-        fusion = fuse_trained(out, None, train_rows, held_out, config.eval_limit, device)
+        weight = config.fusion_weight
+        if weight is None and "weight" in (start_fusion := reference_fusion(init)):
+            weight = float(start_fusion["weight"])
+        fusion = fuse_trained(out, weight, train_rows, held_out, config.eval_limit, device)
     barrier()
     return {
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]},

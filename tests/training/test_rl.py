@@ -144,11 +144,25 @@ def test_train_rl_writes_checkpoint_and_resumes(
     ckpt = load_checkpoint(out)
     assert ckpt.manifest["stage"] == "rl" and ckpt.manifest["selection"]["step"] >= 1
     assert "value_head" in ckpt.extras and ckpt.manifest["value_head"]["hidden_size"] == 32
-    # the kept model's fusion weight is chosen on the held-out rows, the counts stored beside it
+    # an init without a fusion choice: the kept model's weight is chosen on the held-out rows
     assert ckpt.manifest["fusion"]["chosen_by"] == "held-out" and "transitions" in ckpt.extras
     assert summary["fusion"]["weight"] == ckpt.manifest["fusion"]["weight"]
     with pytest.raises(ValueError, match="different configuration"):
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
+
+
+@pytest.mark.parametrize("given", [None, 2.5])
+def test_rl_keeps_the_inits_fusion_weight_unless_given(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path, given: float | None
+) -> None:
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, fusion_weight=given)
+    summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    fusion = load_checkpoint(tmp_path / "rl").manifest["fusion"]
+    assert fusion["weight"] == summary["fusion"]["weight"] == (6.0 if given is None else given)
+    assert fusion["chosen_by"] == "given" and fusion["count_rows"] == 240  # train + all of valid (held out)
+    with pytest.raises(ValueError, match="fusion_weight"):
+        RLConfig(fusion_weight=-1.0)
 
 
 def test_vstar_without_ved_module_fails_clearly(
