@@ -52,6 +52,8 @@ def test_rl_below_sft_is_explained_against_the_noise() -> None:
     assert "within two standard errors" in noise and "noise, not a finding" in noise
     worse = rl_note(sft, {"HR@10": 0.15, "NDCG@10": 0.08}, 400, 30)
     assert worse is not None and "more than two standard errors" in worse and "made this model worse" in worse
+    fused = rl_note(sft, {"HR@10": 0.24, "NDCG@10": 0.13}, 400, 30, ("SFT + transitions", "V-STAR + transitions"))
+    assert fused is not None and fused.startswith("V-STAR + transitions ended below SFT + transitions (HR@10")
 
 
 def free_port() -> int:
@@ -97,7 +99,7 @@ def test_demo_reports_serves_its_own_request_and_logs_one_format_per_process(tmp
             reader.join(timeout=10)
     assert code == 0, "".join(stderr[-30:])
     text = "".join(stdout)
-    for model in ("pop", "SFT", "V-STAR", "SFT + transitions"):
+    for model in ("pop", "SFT", "V-STAR", "SFT + transitions", "V-STAR + transitions"):
         assert any(re.fullmatch(rf"\s+{re.escape(model)}\s+0\.\d{{4}}\s+0\.\d{{4}}\s*", line) for line in stdout), text
     assert f"Files in {out}:" in text
     for name in (
@@ -108,6 +110,7 @@ def test_demo_reports_serves_its_own_request_and_logs_one_format_per_process(tmp
         "sft.test.json",
         "vstar.test.json",
         "sft_fused.test.json",
+        "vstar_fused.test.json",
     ):
         assert (out / name).exists(), name
     assert not any(line.startswith("{") for line in stdout), "a step's JSON reached the screen"

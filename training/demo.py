@@ -5,11 +5,10 @@
   baseline, and the training curves as a PNG. Each step is a ``vstar`` command
   line; its JSON goes to a file under ``<out>``.
 * Report: HR@10 and NDCG@10 on the test split for pop, SFT and RL, what each
-  file is, and a ``curl`` request. SFT and RL are compared as models alone
-  (``--fusion-weight 0``): an SFT checkpoint carries the item-transition counts
-  that ``vstar eval`` fuses into beam search by default and an RL checkpoint
-  does not, so a default evaluation would credit SFT with the counts' gain. SFT
-  with the counts is its own row. When RL ends below SFT the report says so and
+  file is, and a ``curl`` request. SFT and RL are compared twice: as models
+  alone (``--fusion-weight 0``) and as ``vstar eval`` decodes them by default,
+  fused with the item-transition counts both checkpoints carry (RL keeps its
+  init's weight). When RL ends below SFT the report says so and
   sets the gap against one binomial standard error of HR@10 on the same rows,
   so a noisy difference reads as noise, not as a finding.
 * The request is the most recent items of the first test row of the demo's own
@@ -27,7 +26,13 @@ from typing import Any
 from training.data import load_dataset
 
 # (label, stem of <stem>.test.json)
-MODELS = (("pop", "pop"), ("SFT", "sft"), ("V-STAR", "vstar"), ("SFT + transitions", "sft_fused"))
+MODELS = (
+    ("pop", "pop"),
+    ("SFT", "sft"),
+    ("V-STAR", "vstar"),
+    ("SFT + transitions", "sft_fused"),
+    ("V-STAR + transitions", "vstar_fused"),
+)
 HISTORY_ITEMS = 3  # items of the example request's history
 
 
@@ -45,6 +50,7 @@ def demo_steps(out: Path, rl_steps: int, with_synth: bool) -> list[list[str]]:
          "--eval-every", str(rl_steps), "--json", str(out / "vstar.json")],
         ["eval", "--data", data, "--checkpoint", rl, "--split", "test", "--fusion-weight", "0",
          "--json", str(out / "vstar.test.json")],
+        ["eval", "--data", data, "--checkpoint", rl, "--split", "test", "--json", str(out / "vstar_fused.test.json")],
         ["baseline", "pop", "--data", data, "--split", "test", "--json", str(out / "pop.test.json")],
         ["plot", sft, rl, "--out", str(out / "curves.png")],
     ]  # fmt: skip
@@ -60,8 +66,10 @@ def curl_command(request: dict[str, Any], port: int) -> str:
     return f"curl -s localhost:{port}/recommend -H 'content-type: application/json' -d '{json.dumps(request)}'"
 
 
-def rl_note(sft: dict[str, float], rl: dict[str, float], rows: int, rl_steps: int) -> str | None:
-    """A plain word on RL ending below SFT (None when it does not)."""
+def rl_note(
+    sft: dict[str, float], rl: dict[str, float], rows: int, rl_steps: int, names: tuple[str, str] = ("SFT", "V-STAR")
+) -> str | None:
+    """A plain word on RL (``names[1]``) ending below SFT (``names[0]``); None when it does not."""
     below = [k for k in ("HR@10", "NDCG@10") if rl[k] < sft[k]]
     if not below:
         return None
@@ -71,13 +79,14 @@ def rl_note(sft: dict[str, float], rl: dict[str, float], rows: int, rl_steps: in
     scale = f"one standard error of an HR@10 of {p:.2f} on {rows} test rows is {se:.4f}"
     if sft["HR@10"] - rl["HR@10"] <= 2 * se:
         return (
-            f"V-STAR ended below SFT ({gaps}). That is within two standard errors ({scale}), so after "
+            f"{names[1]} ended below {names[0]} ({gaps}). That is within two standard errors ({scale}), so after "
             f"{rl_steps} RL steps of 16 prompts it is noise, not a finding; the README's RL section compares GRPO "
             "and V-STAR over longer runs and several seeds on real data."
         )
     return (
-        f"V-STAR ended below SFT ({gaps}), by more than two standard errors ({scale}): these {rl_steps} RL steps "
-        "made this model worse. The demo's RL settings are the defaults, not tuned for the tiny model."
+        f"{names[1]} ended below {names[0]} ({gaps}), by more than two standard errors ({scale}): "
+        f"these {rl_steps} RL steps made this model worse. The demo's RL settings are the defaults, "
+        "not tuned for the tiny model."
     )
 
 
@@ -92,18 +101,20 @@ def report(out: Path, rl_steps: int) -> str:
         lines.append(f"  {label:<20}{m['HR@10']:>8.4f}{m['NDCG@10']:>10.4f}")
     lines += [
         "",
-        f"SFT and V-STAR ({rl_steps} RL steps) rank by the model alone (beam search, 50 beams). The last row is SFT",
-        f"with item-transition counts fused in (weight {weight:g}, chosen on held-out rows): what `vstar eval` reports",
-        "for an SFT checkpoint by default. The V-STAR checkpoint carries no counts.",
+        f"SFT and V-STAR ({rl_steps} RL steps) first rank by the model alone (beam search, 50 beams); the last two",
+        f"rows fuse the item-transition counts into beam search (weight {weight:g}, chosen on held-out rows after SFT",
+        "and kept by RL): what `vstar eval` reports for either checkpoint by default.",
     ]
-    note = rl_note(results["sft"]["metrics"], results["vstar"]["metrics"], rows, rl_steps)
-    lines += ["", *textwrap.wrap(note, 100)] if note else []
+    labels = {stem: label for label, stem in MODELS}
+    for sft, rl in (("sft", "vstar"), ("sft_fused", "vstar_fused")):
+        note = rl_note(results[sft]["metrics"], results[rl]["metrics"], rows, rl_steps, (labels[sft], labels[rl]))
+        lines += ["", *textwrap.wrap(note, 100)] if note else []
     lines += [
         "",
         f"Files in {out}:",
         "  data/                the synthetic data set (vstar synth)",
         "  sft/, vstar/         checkpoints: SFT, then V-STAR from it (serve either with vstar serve)",
-        "  *.test.json          the test metrics above (pop, sft, vstar, sft_fused)",
+        "  *.test.json          the test metrics above (pop, sft, vstar, sft_fused, vstar_fused)",
         "  sft.json, vstar.json the training summaries",
         "  vstar.steps.jsonl    V-STAR's per-step figures",
         f"  sft.tb/, vstar.tb/   TensorBoard curves (tensorboard --logdir {out})",
