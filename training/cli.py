@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,6 +43,21 @@ FusionOpt = Annotated[
         help="Weight of the transition counts fused into beam search (0: off; default: chosen on held-out rows).",
     ),
 ]
+HoldoutOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--holdout",
+        min=1,
+        help="Only the last N rows: with --split valid, the rows `--holdout N` kept out of training.",
+    ),
+]
+
+
+def select_rows(rows: Sequence[Any], limit: int | None, holdout: int | None) -> Sequence[Any]:
+    """The rows a scoring command reads: the last ``holdout`` (the held-out rows of a run trained on the
+    split), then the first ``limit`` of those."""
+    rows = rows[-holdout:] if holdout else rows
+    return rows[:limit] if limit else rows
 
 
 def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
@@ -288,6 +303,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         decoder: Annotated[str, typer.Option("--decoder", help="beam or ved.")] = "beam",
         budget: Annotated[int | None, typer.Option("--budget", min=1, help="VED token budget per prompt.")] = None,
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N rows.")] = None,
+        holdout: HoldoutOpt = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
         train_splits: SplitsOpt = "train",
         fusion_weight: Annotated[
@@ -312,7 +328,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if split not in ds.splits:
             raise typer.BadParameter(f"unknown split {split!r}")
         ckpt = load_checkpoint(checkpoint, device)
-        rows = ds.splits[split][:limit] if limit else ds.splits[split]
+        rows = select_rows(ds.splits[split], limit, holdout)
         try:
             fusion = checkpoint_fusion(ckpt, 0.0 if decoder != "beam" and fusion_weight is None else fusion_weight)
             decode = make_decoder(ckpt, decoder, beams, budget, fusion)

@@ -104,8 +104,9 @@ def make_decoder(
 ) -> DecodeFn:
     """The decoder named on the command line, configured from a loaded checkpoint.
 
-    ``ved`` ranks ``beams`` SIDs with the checkpoint's value head (a
-    ``CheckpointError`` if it has none) under a budget of ``budget`` tokens.
+    ``ved`` returns ``beams`` SIDs searched with the checkpoint's value head (a
+    ``CheckpointError`` if it has none) and VED settings, under a budget of
+    ``budget`` tokens (default: the checkpoint's).
     """
     if name == "beam":
         if budget is not None:
@@ -119,14 +120,15 @@ def make_decoder(
 
 
 def ved_decoder(checkpoint: Any, num_candidates: int, budget: int | None) -> DecodeFn:
+    """VED with the checkpoint's value head and the VED settings it was trained with (``budget`` overrides)."""
     from training.rollout import require_module
-    from training.value_io import load_value_head
+    from training.value_io import checkpoint_ved_config, load_value_head
 
     head = load_value_head(checkpoint, checkpoint.policy.device)
     require_module("models.ved", "--decoder ved")
-    from models.ved import VEDConfig, ved_search
+    from models.ved import ved_search
 
-    config = VEDConfig(num_candidates=num_candidates, budget=budget)
+    config = checkpoint_ved_config(checkpoint, num_candidates, budget)
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, histories: Histories) -> DecodeResult:
         with torch.no_grad():
