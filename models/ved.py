@@ -39,6 +39,32 @@ rows, showed VED's sets narrower than beam search's at equal budget):
 * beta: in units of G's spread within the tree (G standardised per depth);
   raw G's std (0.09-0.12) was dwarfed by the bonus (0.2-1.0).
 
+Defaults, chosen on the 2,000 most recent valid rows (held out of the SFT
+model's training; small preset, seed 0; value head warmed up 200 steps). G =
+16 at 64 tokens, beam search of width 32 keeping its 16 best: reachability
+0.159, 7.22 distinct first-level codes. VED, reachability / distinct codes:
+
+* ``init_beams`` 16 (issue 3: 8): 8 -> 0.1545 / 4.64, 12 -> 0.159 / 5.59,
+  16 -> 0.1575 / 6.23, 32 (no search left) -> 0.159 / 7.22, beam search's own
+  set. At inference (G = 10, 60 tokens; beam search of width 30: HR@10 0.132,
+  coverage@10 0.249, tail share 0.127) init 10 gives 0.1335 / 0.256 / 0.152,
+  16 gives 0.131 / 0.253 / 0.136 and 24 gives 0.132 / 0.249 / 0.128: a wider
+  initial beam keeps reachability, a narrower one lets the search reach
+  further from beam search's list; 16 is the narrowest that keeps both.
+* ``explore_slots`` 0 here, 2 in RL rollouts (``training.rl``): with init 16,
+  1 -> 0.1535 / 6.99, 2 -> 0.153 / 7.66, 4 -> 0.146 / 8.66; 2 is the least
+  that spreads a group over more first-level codes than beam search's. In a
+  recommendation list they cost accuracy (1 of 10: HR@10 0.127).
+* ``value_weight`` 0 (0.25 -> 0.151 with 2 slots, against 0.153): the value
+  head ranks the target 6.8-7.5th of beam search's 16 where log-prob ranks it
+  5.1th. ``child_temperature`` 1 (0 -> 0.151) and ``beta`` 1 (0.5 -> 0.1525,
+  2 -> 0.151) are within noise of each other (one row is 0.0005).
+* Tried and dropped: growing the initial tree best-first by path log-prob
+  until the top G were certain took the whole budget (63.6 of 64 tokens) and
+  reached less than beam search (0.140 vs 0.144 on 500 rows of an earlier
+  model); adding the standardised path log-prob to G did not help the search
+  find beam search's SIDs (0.122-0.126 vs 0.122 at init 8, same rows).
+
 Choices the issue leaves open:
 
 * budget: tokens fed to the backbone per prompt, prefill excluded; every tree
@@ -84,20 +110,20 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from models.beam_search import DecodeResult, decode_step, level_log_probs, prefill, prompt_position_ids
+from models.beam_search import DecodeResult, decode_step, level_log_probs, prefill
 from models.candidate_set import rank_candidates
+from models.search_noise import gumbel_noise, prompt_keys
 from models.search_tree import SearchTree, rank_within, standardise_by_depth
 from models.sid_trie import SidTrie
 from models.value_head import ValueHead
 
 BUDGET_MULTIPLE = 2
-_MASK32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
 class VEDConfig:
     num_candidates: int = 16  # G: complete SIDs returned
-    init_beams: int = 8  # width of the initial constrained beam search
+    init_beams: int = 16  # width of the initial constrained beam search (over the prefix levels)
     budget: int | None = None  # backbone tokens per prompt; None: see resolve_budget
     lam: float = 0.1  # entropy weight in G(s) = V(s) + lam * H(s)
     beta: float = 1.0  # exploration weight in U(s)
@@ -183,28 +209,6 @@ def trie_leaf_counts(trie: SidTrie) -> torch.Tensor:
             counts[at] = torch.where(kids >= 0, counts[kids.clamp(min=0)], 0).sum(-1)
         _LEAF_COUNTS[trie] = counts
     return counts
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (int64 tensors holding values < 2**32; no overflow)."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    return (x >> 16) ^ x
-
-
-def prompt_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """A 32-bit key per prompt from the seed and its tokens, blind to padding: (B,)."""
-    tok = _mix32((input_ids.long() * 4099 + prompt_position_ids(attention_mask)) & _MASK32)  # (B, T)
-    content = (tok * attention_mask.long()).sum(-1) & _MASK32  # (B,)
-    return _mix32(content ^ _mix32(torch.tensor(seed & _MASK32, device=input_ids.device)))
-
-
-def gumbel_noise(keys: torch.Tensor, counters: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise per (key, counter, code): keys, counters (N,) -> (N, C) float32."""
-    codes = torch.arange(num_codes, device=keys.device)
-    x = _mix32(keys[:, None] ^ _mix32((counters[:, None] * num_codes + codes) & _MASK32))  # (N, C)
-    u = (x.double() + 0.5) / 2.0**32
-    return (-torch.log(-torch.log(u))).float()
 
 
 class _Search:

@@ -304,6 +304,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         budget: Annotated[int | None, typer.Option("--budget", min=1, help="VED token budget per prompt.")] = None,
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N rows.")] = None,
         holdout: HoldoutOpt = None,
+        explore_slots: Annotated[
+            int,
+            typer.Option(
+                "--explore-slots",
+                min=0,
+                help="VED: slots given to first-level codes the rest missed (RL's groups use them; 0: by score).",
+            ),
+        ] = 0,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
         train_splits: SplitsOpt = "train",
         fusion_weight: Annotated[
@@ -331,7 +339,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         rows = select_rows(ds.splits[split], limit, holdout)
         try:
             fusion = checkpoint_fusion(ckpt, 0.0 if decoder != "beam" and fusion_weight is None else fusion_weight)
-            decode = make_decoder(ckpt, decoder, beams, budget, fusion)
+            decode = make_decoder(ckpt, decoder, beams, budget, fusion, explore_slots)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         result = evaluate(ckpt.policy, rows, ds.samples(parse_splits(train_splits)), decode, batch_size)
@@ -340,6 +348,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             "decoder": decoder,
             "beams": beams,
             "budget": budget,
+            "explore_slots": explore_slots if decoder == "ved" else None,
             "fusion_weight": fusion.weight if fusion else 0.0,
             "checkpoint": str(checkpoint),
         }

@@ -190,14 +190,19 @@ class ValueQuality:
 
 
 def candidate_source(
-    checkpoint: LoadedCheckpoint, decoder: str, num_candidates: int, budget: int | None, seed: int = 0
+    checkpoint: LoadedCheckpoint,
+    decoder: str,
+    num_candidates: int,
+    budget: int | None,
+    seed: int = 0,
+    explore_slots: int | None = None,
 ) -> CandidateSource:
     """The candidate source named on the command line: ``beam``, or ``ved`` with the checkpoint's value head
-    and VED settings (``budget`` overrides its budget)."""
+    and VED settings, its exploratory slots included (``budget`` and ``explore_slots`` override them)."""
     if decoder == "beam":
         return beam_source(num_candidates, budget)
     if decoder != "ved":
         raise ValueError(f"unknown decoder {decoder!r}; choose beam or ved")
     head = load_value_head(checkpoint, checkpoint.policy.device)
     require_module("models.ved", "--decoder ved")
-    return ved_source(head, checkpoint_ved_config(checkpoint, num_candidates, budget, seed))
+    return ved_source(head, checkpoint_ved_config(checkpoint, num_candidates, budget, seed, explore_slots))

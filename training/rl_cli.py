@@ -61,6 +61,15 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         w_sib: Annotated[float, typer.Option("--w-sib", min=0.0, help="Weight of the Sibling-GRPO term.")] = 1.0,
         ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help="Policy updates per rollout.")] = 1,
         budget: BudgetOpt = None,
+        explore_slots: Annotated[
+            int | None,
+            typer.Option(
+                "--explore-slots",
+                min=0,
+                help="V-STAR: slots of each group that VED gives to first-level codes the rest missed "
+                "(default: RLConfig's).",
+            ),
+        ] = None,
         value_warmup: Annotated[
             int | None,
             typer.Option(
@@ -81,9 +90,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         json_out: SummaryOpt = None,
     ) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
-        from models.ved import VEDConfig
         from training.data import parse_splits
-        from training.rl import VALUE_WARMUP, RLConfig
+        from training.rl import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, rollout_ved_config
         from training.rl_run import check_modules, train_rl
 
         setup_logging()
@@ -92,7 +100,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 algo=algo, sibling=not no_sibling, ved=not no_ved, dense=not no_dense, epochs=epochs,
                 max_steps=max_steps, batch_size=batch_size, num_candidates=num_candidates, lr=lr, value_lr=value_lr,
                 beta=beta, w_sib=w_sib, ppo_epochs=ppo_epochs,
-                ved_config=VEDConfig(num_candidates=num_candidates, budget=budget),
+                ved_config=rollout_ved_config(budget, EXPLORE_SLOTS if explore_slots is None else explore_slots),
                 value_warmup=VALUE_WARMUP if value_warmup is None else value_warmup,
                 train_splits=tuple(parse_splits(train_splits)), holdout=holdout, eval_every=eval_every,
                 eval_limit=eval_limit, seed=seed,
@@ -122,6 +130,10 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         split: Annotated[str, typer.Option("--split", help="train, valid or test.")] = "valid",
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N rows.")] = None,
         holdout: HoldoutOpt = None,
+        explore_slots: Annotated[
+            int | None,
+            typer.Option("--explore-slots", min=0, help="VED: exploratory slots (default: the checkpoint's)."),
+        ] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
         seed: SeedOpt = 0,
         device: DeviceOpt = "cpu",
@@ -139,7 +151,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown split {split!r}")
         ckpt = load_checkpoint(checkpoint, device)
         rows = select_rows(ds.splits[split], limit, holdout)
-        source = candidate_source(ckpt, decoder, num_candidates, budget, seed)
+        source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots)
         head = load_value_head(ckpt, device) if "value_head" in ckpt.extras else None
         result = run_diagnose(ckpt.policy, rows, source, batch_size, value_head=head, item_emb=ds.embeddings)
         write_json(json_out, result)

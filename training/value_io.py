@@ -51,12 +51,22 @@ def load_value_head(checkpoint: LoadedCheckpoint, device: str | torch.device = "
 
 
 def checkpoint_ved_config(
-    checkpoint: LoadedCheckpoint, num_candidates: int, budget: int | None = None, seed: int = 0
+    checkpoint: LoadedCheckpoint,
+    num_candidates: int,
+    budget: int | None = None,
+    seed: int = 0,
+    explore_slots: int | None = None,
 ) -> VEDConfig:
     """The VED settings ``checkpoint`` was trained with (``VEDConfig``'s defaults where it stores none), for
-    ``num_candidates`` SIDs; ``budget`` overrides the stored one when given."""
+    ``num_candidates`` SIDs; ``budget`` and ``explore_slots`` override the stored ones when given."""
     from models.ved import VEDConfig
 
     stored = checkpoint.manifest.get("rl_config", {}).get("ved_config")
     base = VEDConfig(**stored) if stored else VEDConfig()
-    return replace(base, num_candidates=num_candidates, budget=base.budget if budget is None else budget, seed=seed)
+    return replace(
+        base,
+        num_candidates=num_candidates,
+        budget=base.budget if budget is None else budget,
+        explore_slots=base.explore_slots if explore_slots is None else explore_slots,
+        seed=seed,
+    )

@@ -245,7 +245,8 @@ def prefix_count(policy: Policy) -> int:
 
 def test_resolve_budget() -> None:
     assert resolve_budget(VEDConfig(), 3) == 64  # 2 x beam search of width 16: 2 x 16 x 2
-    assert resolve_budget(VEDConfig(num_candidates=2), 3) == 16  # raised to (3 - 1) x max(8, 2)
+    assert resolve_budget(VEDConfig(num_candidates=2), 3) == 32  # raised to (3 - 1) x max(16, 2)
+    assert resolve_budget(VEDConfig(num_candidates=2, init_beams=4), 3) == 8
     assert resolve_budget(VEDConfig(budget=50), 3) == 50
     with pytest.raises(ValueError, match="budget 30"):
         resolve_budget(VEDConfig(num_candidates=16, budget=30), 3)
@@ -260,7 +261,8 @@ def test_complete_sids_cost_nothing(tiny_policy: Policy, head: ValueHead) -> Non
     the initial tree is what beam search of width init_beams feeds (6 level-1 codes exist, then 8 prefixes)."""
     trie = tiny_policy.trie
     ids, mask = prompts(tiny_policy, [2, 5, 3], 0)
-    res = ved_search(tiny_policy.model, head, trie, ids, mask, VEDConfig(num_candidates=8, budget=30))
+    config = VEDConfig(num_candidates=8, init_beams=8, budget=30)
+    res = ved_search(tiny_policy.model, head, trie, ids, mask, config)
     leaf_counts = trie_leaf_counts(trie)
     for b, s in enumerate(res.stats):
         assert s.init_tokens == 6 + 8
@@ -341,15 +343,15 @@ def test_beta_is_in_units_of_the_spread_of_g(tiny_policy: Policy, head: ValueHea
 
 def test_deadline_passed_returns_the_initial_beam(tiny_policy: Policy, head: ValueHead) -> None:
     ids, mask = prompts(tiny_policy, [4, 2], 2)
-    config = VEDConfig(num_candidates=8, deadline=time.perf_counter() - 1.0)
+    config = VEDConfig(num_candidates=8, init_beams=12, deadline=time.perf_counter() - 1.0)
     res = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, config)
-    beam = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(8))
+    beam = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(12))
     for b, s in enumerate(res.stats):
         assert s.cap_hit and s.stop_reason == "deadline" and s.iterations == 0 and s.tokens_spent == s.init_tokens
-        # ranked by path log-prob, the initial tree's best 8 are beam search's 8, in its order, with its scores
-        assert res.decode.sid_index[b].tolist() == beam.sid_index[b].tolist()
-        torch.testing.assert_close(res.log_probs[b], beam.scores[b], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(res.decode.scores[b], beam.scores[b], rtol=1e-5, atol=1e-5)
+        # ranked by path log-prob, the initial tree's best 8 are beam search's (width 12) best 8, in its order
+        assert res.decode.sid_index[b].tolist() == beam.sid_index[b, :8].tolist()
+        torch.testing.assert_close(res.log_probs[b], beam.scores[b, :8], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res.decode.scores[b], beam.scores[b, :8], rtol=1e-5, atol=1e-5)
 
 
 def test_deadline_with_more_candidates_than_beams_still_fills_them(tiny_policy: Policy, head: ValueHead) -> None:

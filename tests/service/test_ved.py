@@ -75,7 +75,7 @@ def test_fallback_follows_the_learnt_initial_tree_cost(
     monkeypatch.setattr(app.state.recommender, "init_cost", BatchCost(start_s=5.0))
     slow = client.post("/recommend", json=body).json()
     assert slow["cap_hit"] is True and slow["search"]["fallback"] == "initial_beam"
-    assert [it["sid"] for it in slow["items"]] == initial_beam_sids(app, [8, 9], 12)
+    assert [it["sid"] for it in slow["items"]] == initial_beam_sids(app, [8, 9], max(12, VEDConfig().init_beams))[:12]
     monkeypatch.setattr(app.state.recommender, "init_cost", BatchCost(start_s=0.001))
     fast = client.post("/recommend", json=body | {"latency_ms": 1000}).json()
     assert fast["search"]["fallback"] is None and fast["search"]["iterations"] > 0 and len(fast["items"]) == 12

@@ -19,7 +19,7 @@ from models.ved import VEDConfig
 from training.cli import select_rows
 from training.data import RecDataset
 from training.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
-from training.rl import VALUE_WARMUP, RLConfig, RLTrainer
+from training.rl import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, RLTrainer
 from training.rl_bench import clone
 from training.rl_loss import clipped_pg, k3_kl, policy_loss
 from training.rl_run import train_rl
@@ -137,6 +137,7 @@ def test_value_warmup_step_trains_only_the_value_head(tiny_policy: Policy, tiny_
 
 def test_rl_config_nests_the_ved_config() -> None:
     assert RLConfig().value_warmup == VALUE_WARMUP > 0
+    assert RLConfig().ved_config == VEDConfig(explore_slots=EXPLORE_SLOTS) and EXPLORE_SLOTS > 0
     config = RLConfig(algo="vstar", num_candidates=8, ved_config=VEDConfig(budget=40, explore_slots=2))
     assert config.ved_config == VEDConfig(num_candidates=8, budget=40, explore_slots=2)  # G comes from the RL config
     assert asdict(config)["ved_config"]["budget"] == 40
@@ -286,3 +287,14 @@ def test_cli_diagnose_reports_the_value_head(tiny_data_dir: Path, tiny_policy: P
     if diag["value_rows"]:
         assert 1 <= diag["target_rank_value"] <= 16 and 1 <= diag["target_rank_logprob"] <= 16
     assert out["x6"]["distinct_l1"] > diag["distinct_l1"]
+    # eval ranks a recommendation list by score unless told otherwise; diagnose kept the checkpoint's slots
+    from training.data import load_dataset
+    from training.evaluate import make_decoder, rank_samples
+
+    ckpt = load_checkpoint(explore)
+    rows = load_dataset(tiny_data_dir).splits["valid"][-12:]
+    codes = {}
+    for slots in (0, 6):
+        ranked = rank_samples(ckpt.policy, rows, make_decoder(ckpt, "ved", 16, explore_slots=slots), progress=False)
+        codes[slots] = sum(len({ckpt.policy.catalog.sids[i][0] for i in r}) for r in ranked)
+    assert codes[6] > codes[0]
