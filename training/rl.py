@@ -46,7 +46,7 @@ Deviations from the papers and choices the papers leave open:
   its within-prompt rank correlation with the dense return at level 1 was
   0.21 / 0.18 / 0.22 / 0.25 after 100 / 200 / 400 / 800 steps, at the full
   SID 0.04 / -0.01 / 0.04 / 0.04 (value lr 3e-4 instead: 0.25 / 0.06 at
-  800), and it ranked the target 6.8-7.5th of 16 where log-prob ranks it
+  800), and it ranked the target 6.7-7.5th of 16 where log-prob ranks it
   5.1th. VED's candidate sets did not change measurably with the warm-up (1 to
   800 steps: reachability 0.1515-0.155 with 2 exploratory slots): 200 steps
   (about 3 CPU minutes) keeps VED from starting on a random head, and longer
