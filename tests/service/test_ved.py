@@ -7,6 +7,7 @@ a search that would run for seconds returns about when its cap says.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from fastapi.testclient import TestClient
 from models.beam_search import BeamSearchConfig, beam_search
 from models.sid_catalog import sid_to_str
 from models.ved import VEDConfig
+from service import schemas
 from service.app import create_app
 from service.deadline import BatchCost, DeadlineMargin
 from service.recommender import DecodeJob
@@ -117,6 +119,9 @@ def slow_down(app: FastAPI, monkeypatch: pytest.MonkeyPatch, seconds: float) -> 
 
 def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     slow_down(app, monkeypatch, 0.02)
+    # one expansion a forward: the tiny catalog has 36 prefixes only (complete SIDs are never fed), which
+    # 4 a forward would search to the end within the cap
+    monkeypatch.setattr(schemas, "VEDConfig", functools.partial(VEDConfig, expansions_per_step=1))
     monkeypatch.setattr(app.state.recommender, "deadline_margin", DeadlineMargin(0.005))
     body = {"history": [6, 7], "k": 5, "mode": "ved", "budget": 2000}
     answers = [client.post("/recommend", json=body | {"latency_ms": 200}).json() for _ in range(6)]
