@@ -7,11 +7,29 @@ j + 1 on its path (itself at j = depth - 1). A node is *allocated* when it is
 chosen and *live* once the backbone has evaluated it (value, policy over its
 children); pending nodes are never descended into.
 
-The quantities of issue 3 (C):
+Nodes are SID *prefixes*, depth 0 .. ``max_depth`` (the SID depth less one): a
+complete SID is never a node, as beam search never feeds one to the backbone.
+The complete SIDs under a live node of depth ``max_depth`` are known, with
+their path log-probs, the moment that node is evaluated: they are VED's
+candidates (``candidate_log_probs``).
+
+The quantities of issue 3 (C), with issue 15's changes:
 
 * ``score`` = G(s) = V(s) + lam * H(s), H the policy's entropy over the valid
-  next tokens renormalised over them (``valid_entropy``; 0 at a complete SID);
-* ``u_score`` = U(s) = G(s) + beta * sqrt(ln(N_root + 1) / (N(s) + 1));
+  next tokens renormalised over them (``valid_entropy``);
+* ``normalised_score`` = G standardised over the live nodes of s's depth in its
+  own tree, (G - mean) / std (0 where the depth has no spread). Raw G is not
+  comparable across depths (lam * H is several times larger near the root) and
+  its spread (std about 0.1) is dwarfed by a bonus of 0.2 - 1.0, so with raw G
+  the visit counts alone steered; standardised, beta is in units of G's spread;
+* ``u_score`` = U(s) = Ĝ(s) + beta * sqrt(ln(N_root + 1) / (N(s) + 1)), the arm
+  of child s during the descent;
+* ``self_u_score``: the arm "expand s itself" (a new child of s), scored
+  Ĝ(s) + beta * sqrt(ln(N_root + 1) / (E(s) + 1)) with E(s) = ``self_visits``,
+  the selections that stopped at s (its children, the initial tree's
+  included, plus gate failures). With N(s) here, as before, the arm's bonus was
+  always the smallest (N(s) >= N(child) + 1): no node ever widened, the root
+  included; counted on its own, it widens as a bandit arm does;
 * ``passes_gate``: G(s) >= the mean G of the live nodes at s's depth (a 1e-6
   tolerance, so ties pass; the root always passes);
 * ``backup``: one visit for every node on the path root..n. Creating a node is
@@ -20,12 +38,9 @@ The quantities of issue 3 (C):
 
 Selection (``select``) starts at the root. At a node s the arms are its live
 children whose subtree is still open (``open_nodes``) and s itself if it has
-an unexpanded valid code; each arm is scored by U, s itself by its own U(s)
-(ties go to s). Descending stops at the node whose own arm wins, which is the
-*selected node*. Letting a node compete with its children is what allows
-widening at any depth (a new level-1 prefix is a child of the root); in a
-tree where only childless nodes could be selected, beam search's pruned
-branches could never come back.
+an unexpanded valid code (ties go to s). Descending stops at the node whose
+own arm wins, which is the *selected node*; a new level-1 prefix is a child of
+the root, so the search can widen at every depth.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 GATE_TOLERANCE = 1e-6
+SPREAD_FLOOR = 1e-6  # a depth whose G varies less than this has no spread: Ĝ = 0 there
 
 
 def valid_entropy(level_log_probs: torch.Tensor) -> torch.Tensor:
@@ -51,6 +67,21 @@ def rank_within(rows: torch.Tensor) -> torch.Tensor:
     return same.tril(-1).sum(1)
 
 
+def standardise_by_depth(x: torch.Tensor, depth: torch.Tensor, live: torch.Tensor, levels: int) -> torch.Tensor:
+    """(x - mean) / std over the live entries of the same depth in each row: (B, M) -> (B, M), 0 off live.
+
+    Population std; 0 where a depth has a single live entry or no spread.
+    """
+    w = live.float()  # (B, M)
+    zeros = torch.zeros(x.shape[0], levels, device=x.device)  # (B, levels)
+    count = zeros.scatter_add(1, depth, w).clamp(min=1)
+    mean = zeros.scatter_add(1, depth, x * w) / count
+    var = (zeros.scatter_add(1, depth, x * x * w) / count - mean**2).clamp(min=0)
+    std = var.sqrt().gather(1, depth)  # (B, M)
+    z = (x - mean.gather(1, depth)) / std.clamp(min=SPREAD_FLOOR)
+    return torch.where(live & (std > SPREAD_FLOOR), z, 0.0)
+
+
 @dataclass
 class SearchTree:
     parent: torch.Tensor  # (B, M) -1 at the root and free slots
@@ -58,12 +89,13 @@ class SearchTree:
     code: torch.Tensor  # (B, M) level code of the node's last token, -1 at the root
     trie_node: torch.Tensor  # (B, M)
     token: torch.Tensor  # (B, M) vocabulary id, -1 at the root
-    path: torch.Tensor  # (B, M, D) node at depth j + 1 on the node's path, -1 below its depth
+    path: torch.Tensor  # (B, M, max_depth) node at depth j + 1 on the node's path, -1 below its depth
     log_prob: torch.Tensor  # (B, M) policy log-prob of the path (full-vocabulary softmax, as beam search)
     value: torch.Tensor  # (B, M) V(s)
     entropy: torch.Tensor  # (B, M) H(s)
     score: torch.Tensor  # (B, M) G(s)
     visits: torch.Tensor  # (B, M) N(s)
+    self_visits: torch.Tensor  # (B, M) E(s): selections of s's own arm (children made + gate failures at s)
     live: torch.Tensor  # (B, M) evaluated by the backbone
     n_valid: torch.Tensor  # (B, M) valid next codes
     n_children: torch.Tensor  # (B, M) allocated children
@@ -78,7 +110,7 @@ class SearchTree:
     def empty(
         cls, batch: int, capacity: int, codebook_size: int, max_depth: int, lam: float, device: torch.device
     ) -> SearchTree:
-        """Trees holding only their (not yet evaluated) root."""
+        """Trees holding only their (not yet evaluated) root; nodes go down to depth ``max_depth``."""
 
         def full(*shape: int, fill: float = 0, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.full((batch, *shape), fill, dtype=dtype, device=device)
@@ -95,6 +127,7 @@ class SearchTree:
             entropy=full(capacity, dtype=torch.float),
             score=full(capacity, dtype=torch.float),
             visits=full(capacity, dtype=torch.float),
+            self_visits=full(capacity, dtype=torch.float),
             live=full(capacity, dtype=torch.bool),
             n_valid=full(capacity),
             n_children=full(capacity),
@@ -120,6 +153,7 @@ class SearchTree:
         idx = self.size[rows] + rank_within(rows)  # (N,)
         assert bool((idx < self.parent.shape[1]).all()), "tree capacity exceeded"
         assert bool((self.child[rows, parents, codes] < 0).all()), "code already expanded"
+        assert bool((self.depth[rows, parents] < self.max_depth).all()), "a complete SID is never a node"
         self.size += torch.bincount(rows, minlength=self.size.shape[0])
         depth = self.depth[rows, parents] + 1  # (N,)
         self.parent[rows, idx] = parents
@@ -132,7 +166,9 @@ class SearchTree:
         path[torch.arange(len(rows), device=rows.device), depth - 1] = idx
         self.path[rows, idx] = path
         self.child[rows, parents, codes] = idx
-        self.n_children.index_put_((rows, parents), torch.ones_like(rows), accumulate=True)
+        ones = torch.ones_like(rows)
+        self.n_children.index_put_((rows, parents), ones, accumulate=True)
+        self.self_visits.index_put_((rows, parents), ones.float(), accumulate=True)
         self._masks = None
         return idx
 
@@ -151,7 +187,7 @@ class SearchTree:
 
     def _expandable_and_open(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._masks is None:
-            expandable = self.live & (self.n_valid > self.n_children)  # (B, M)
+            expandable = self.live & (self.depth < self.max_depth) & (self.n_valid > self.n_children)  # (B, M)
             is_open = expandable.clone()
             for d in range(self.max_depth, 0, -1):
                 up = (is_open & (self.depth == d)).long()  # (B, M)
@@ -160,7 +196,7 @@ class SearchTree:
         return self._masks
 
     def expandable(self) -> torch.Tensor:
-        """Live nodes with a valid code not expanded yet: (B, M)."""
+        """Live prefixes above ``max_depth`` with a valid code not expanded yet: (B, M)."""
         return self._expandable_and_open()[0]
 
     def open_nodes(self) -> torch.Tensor:
@@ -168,16 +204,27 @@ class SearchTree:
         return self._expandable_and_open()[1]
 
     def depth_mean(self) -> torch.Tensor:
-        """Mean G of the live nodes at each depth: (B, D + 1); NaN at an empty depth."""
+        """Mean G of the live nodes at each depth: (B, max_depth + 1); NaN at an empty depth."""
         live = self.live.float()  # (B, M)
         total = torch.zeros(self.live.shape[0], self.max_depth + 1, device=live.device)  # (B, D+1)
         count = total.clone().scatter_add_(1, self.depth, live)
         return total.scatter_add_(1, self.depth, self.score * live) / count
 
-    def u_score(self, beta: float) -> torch.Tensor:
-        """U(s) = G(s) + beta * sqrt(ln(N_root + 1) / (N(s) + 1)) of every node: (B, M)."""
+    def normalised_score(self) -> torch.Tensor:
+        """Ĝ: G standardised over the live nodes of the same depth in each tree: (B, M)."""
+        return standardise_by_depth(self.score, self.depth, self.live, self.max_depth + 1)
+
+    def _bonus(self, beta: float, counts: torch.Tensor) -> torch.Tensor:
         n_root = self.visits[:, :1]  # (B, 1)
-        return self.score + beta * torch.sqrt(torch.log(n_root + 1) / (self.visits + 1))
+        return beta * torch.sqrt(torch.log(n_root + 1) / (counts + 1))
+
+    def u_score(self, beta: float) -> torch.Tensor:
+        """U(s) = Ĝ(s) + beta * sqrt(ln(N_root + 1) / (N(s) + 1)) of every node: (B, M)."""
+        return self.normalised_score() + self._bonus(beta, self.visits)
+
+    def self_u_score(self, beta: float) -> torch.Tensor:
+        """The "expand me" arm of every node, Ĝ(s) + beta * sqrt(ln(N_root + 1) / (E(s) + 1)): (B, M)."""
+        return self.normalised_score() + self._bonus(beta, self.self_visits)
 
     def select(self, rows: torch.Tensor, beta: float) -> torch.Tensor:
         """Descend by U from the root in the prompts ``rows`` (B,) bool; the selected node (B,), -1 elsewhere."""
@@ -185,16 +232,18 @@ class SearchTree:
         ar = torch.arange(b, device=rows.device)
         is_open = self.open_nodes()  # (B, M)
         expandable = self.expandable()  # (B, M)
-        u = self.u_score(beta)  # (B, M)
+        g_hat = self.normalised_score()  # (B, M)
+        u = g_hat + self._bonus(beta, self.visits)  # (B, M)
+        u_own = g_hat + self._bonus(beta, self.self_visits)  # (B, M)
         moving = rows & is_open[:, 0]
         cur = torch.zeros(b, dtype=torch.long, device=rows.device)
         selected = torch.full_like(cur, -1)
-        for _ in range(self.max_depth):  # a complete SID is never open: the descent ends above it
+        for _ in range(self.max_depth + 1):  # the deepest nodes are never open: the descent ends above them
             kids = self.child[ar, cur]  # (B, C)
             usable = (kids >= 0) & is_open.gather(1, kids.clamp(min=0))  # (B, C)
             u_kids = torch.where(usable, u.gather(1, kids.clamp(min=0)), float("-inf"))  # (B, C)
             best_u, best = u_kids.max(dim=-1)  # (B,)
-            u_self = torch.where(expandable[ar, cur], u[ar, cur], float("-inf"))  # (B,)
+            u_self = torch.where(expandable[ar, cur], u_own[ar, cur], float("-inf"))  # (B,)
             stop = moving & (u_self >= best_u)
             selected = torch.where(stop, cur, selected)
             moving &= ~stop
@@ -218,27 +267,26 @@ class SearchTree:
         hit[:, 0] += torch.bincount(rows, minlength=hit.shape[0])
         self.visits += hit
 
-    def sample_child(self, rows: torch.Tensor, nodes: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
+    def fail(self, rows: torch.Tensor, nodes: torch.Tensor) -> None:
+        """A gate-failed selection of ``nodes`` (N,): a visit up their paths and one of their own arms."""
+        self.backup(rows, nodes)
+        self.self_visits.index_put_((rows, nodes), torch.ones_like(nodes, dtype=torch.float), accumulate=True)
+
+    def sample_child(
+        self, rows: torch.Tensor, nodes: torch.Tensor, gumbel: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         """Gumbel-max draw of an unexpanded valid code of each node (N,), gumbel (N, C): (N,) codes.
 
-        Equals sampling from the policy renormalised over the node's
-        not-yet-expanded valid codes.
+        Equals sampling from the policy at ``temperature`` renormalised over the
+        node's not-yet-expanded valid codes; temperature 0 takes the most likely one.
         """
         lp = self.child_log_prob[rows, nodes]  # (N, C)
         free = torch.isfinite(lp) & (self.child[rows, nodes] < 0)  # (N, C)
         assert bool(free.any(-1).all()), "no unexpanded code to sample"
-        return torch.where(free, lp + gumbel, float("-inf")).argmax(-1)
+        return torch.where(free, lp + temperature * gumbel, float("-inf")).argmax(-1)
 
-    def ranked_leaves(self, k: int) -> torch.Tensor:
-        """Top-k live complete SIDs per prompt by value, then path log-prob, then node id: (B, k), -1 pad."""
-        leaf = self.live & (self.depth == self.max_depth)  # (B, M)
-        neg_inf = float("-inf")
-        by_lp = torch.where(leaf, self.log_prob, neg_inf).sort(dim=1, descending=True, stable=True).indices  # (B, M)
-        value = torch.where(leaf, self.value, neg_inf).gather(1, by_lp)  # (B, M) in log-prob order
-        by_value = value.sort(dim=1, descending=True, stable=True).indices
-        order = by_lp.gather(1, by_value)  # (B, M)
-        top = order[:, :k]
-        top = torch.where(leaf.gather(1, top), top, -1)
-        if top.shape[1] < k:
-            top = torch.cat([top, top.new_full((top.shape[0], k - top.shape[1]), -1)], dim=1)
-        return top
+    def candidate_log_probs(self) -> torch.Tensor:
+        """Path log-prob of every complete SID under a live node of depth ``max_depth``: (B, M, C), -inf elsewhere."""
+        frontier = self.live & (self.depth == self.max_depth)  # (B, M)
+        lp = self.log_prob[..., None] + self.child_log_prob  # (B, M, C)
+        return torch.where(frontier[..., None], lp, float("-inf"))

@@ -1,38 +1,84 @@
-"""VED: value-guided efficient decoding over valid SIDs (issue 3, part C).
+"""VED: value-guided efficient decoding over valid SIDs (issue 3, part C; reworked in issue 15).
 
-Per prompt, a prefix tree (``models.search_tree``) is grown within a budget of
-backbone tokens and the ``num_candidates`` highest-valued complete SIDs are
-returned.
+Per prompt, a tree of SID prefixes (``models.search_tree``) is grown within a
+budget of backbone tokens; the complete SIDs under its deepest prefixes are
+the pool from which ``num_candidates`` are returned (``models.candidate_set``).
 
-1. init: constrained beam search of width ``init_beams``; every prefix kept at
-   every level becomes a tree node, and every node (complete SIDs included) is
-   run through the backbone once to read V(s) and the policy over its children.
-   When the kept prefixes could not hold ``min(num_candidates, #SIDs)``
-   complete SIDs, a level keeps the next prefixes by score until they can (the
-   trie's leaf counts say so); so the initial tree alone always answers, and a
-   deadline that has passed returns it. Where this never binds, the initial
-   tree holds exactly beam search's prefixes.
-2. selection, 3. gated expansion, 4. backpropagation: see ``SearchTree`` for U,
-   the gate and the descent rule. The new child is drawn from the selected
-   node's unexpanded valid codes by the policy's probabilities renormalised over
-   them (Gumbel-max).
+1. init: constrained beam search of width ``init_beams`` over the prefix
+   levels 1 .. D-1; every kept prefix becomes a tree node and is run through
+   the backbone once, to read V(s) and the policy over its children. When the
+   kept prefixes could not hold ``min(num_candidates, #SIDs)`` complete SIDs,
+   a level keeps the next prefixes by score until they can (the trie's leaf
+   counts say so), so the initial tree alone always answers, and a deadline
+   that has passed returns it: then the returned set is exactly beam search's
+   (width ``init_beams``) top G, in its order.
+2. selection, 3. gated expansion, 4. backpropagation: see ``SearchTree`` for U
+   (on G standardised within the tree), the "expand me" arm that lets any
+   node widen (the root included), the gate and the descent. The new child is
+   drawn from the selected node's unexpanded valid codes by the policy's
+   probabilities at ``child_temperature``, renormalised over them (Gumbel-max).
+
+Deviations from issue 3's VED (issue 15's instrumentation, 300 held-out valid
+rows, showed VED's sets narrower than beam search's at equal budget):
+
+* accounting: beam search's. A complete SID is never fed to the backbone, so
+  it costs nothing and is never a node: the moment a prefix of depth D-1 is
+  evaluated, all its complete SIDs are known with their path log-probs (as
+  beam search scores its last level). Issue 3's VED fed every complete SID,
+  which cost the initial tree 32 of the default 64 tokens and 19 more tokens
+  on complete SIDs under prefixes it already had.
+* ranking: the returned set is ranked by path log-prob plus ``value_weight``
+  x V of the SID's parent prefix standardised over the tree's prefixes of that
+  depth (a complete SID has no value of its own now); then ``explore_slots``
+  slots go to first-level codes not yet in the set. Issue 3's VED ranked by
+  V(s_D), which cannot rank targets (mean target rank 18.8 of 32 by V, 9.6 by
+  log-prob): re-ranking the very same trees by log-prob raised reachability
+  from 0.050 to 0.113.
+* widening: each node's own arm counts its own selections (``SearchTree``);
+  issue 3's arm used N(s) and never won (0 root expansions per prompt).
+* beta: in units of G's spread within the tree (G standardised per depth);
+  raw G's std (0.09-0.12) was dwarfed by the bonus (0.2-1.0).
+
+Defaults, chosen on the 2,000 most recent valid rows (held out of the SFT
+model's training; small preset, seed 0; value head warmed up 200 steps). G =
+16 at 64 tokens, beam search of width 32 keeping its 16 best: reachability
+0.159, 7.22 distinct first-level codes. VED, reachability / distinct codes:
+
+* ``init_beams`` 16 (issue 3: 8): 8 -> 0.1545 / 4.64, 12 -> 0.159 / 5.59,
+  16 -> 0.1575 / 6.23, 32 (no search left) -> 0.159 / 7.22, beam search's own
+  set. At inference (G = 10, 60 tokens; beam search of width 30: HR@10 0.132,
+  coverage@10 0.249, tail share 0.127) init 10 gives 0.1335 / 0.256 / 0.152,
+  16 gives 0.131 / 0.253 / 0.136 and 24 gives 0.132 / 0.249 / 0.128: a wider
+  initial beam keeps reachability, a narrower one lets the search reach
+  further from beam search's list; 16 is the narrowest that keeps both.
+* ``explore_slots`` 0 here, 2 in RL rollouts (``training.rl``): with init 16,
+  1 -> 0.1535 / 6.99, 2 -> 0.153 / 7.66, 4 -> 0.146 / 8.66; 2 is the least
+  that spreads a group over more first-level codes than beam search's. In a
+  recommendation list they cost accuracy (1 of 10: HR@10 0.127).
+* ``value_weight`` 0 (0.25 -> 0.151 with 2 slots, against 0.153): the value
+  head ranks the target 6.8-7.5th of beam search's 16 where log-prob ranks it
+  5.1th. ``child_temperature`` 1 (0 -> 0.151) and ``beta`` 1 (0.5 -> 0.1525,
+  2 -> 0.151) are within noise of each other (one row is 0.0005).
+* Tried and dropped: growing the initial tree best-first by path log-prob
+  until the top G were certain took the whole budget (63.6 of 64 tokens) and
+  reached less than beam search (0.140 vs 0.144 on 500 rows of an earlier
+  model); adding the standardised path log-prob to G did not help the search
+  find beam search's SIDs (0.122-0.126 vs 0.122 at init 8, same rows).
 
 Choices the issue leaves open:
 
-* value of a complete SID: V at its last token (= its G, since H = 0 there).
-  Candidates are ranked by it, ties by path log-prob. ``DecodeResult.scores``
-  holds that value, ``VEDResult.log_probs`` the path log-probs.
 * budget: tokens fed to the backbone per prompt, prefill excluded; every tree
   node below the root costs exactly one, the initial tree's included. Default:
   ``BUDGET_MULTIPLE`` (2) x what beam search of width ``num_candidates`` feeds
   ((depth - 1) x width), raised to the least budget that always fits the
-  initial tree, depth x max(init_beams, num_candidates); an explicit budget
-  below that is a ``ValueError``.
+  initial tree, (depth - 1) x max(init_beams, num_candidates); an explicit
+  budget below that is a ``ValueError``.
 * a gate-failed selection still counts as an iteration and backs up one visit
-  along its path (so the next descent leans elsewhere); it spends no token.
-  After ``gate_patience`` consecutive failures the gate is waived for one
-  expansion: the gate orders the search but never stalls it, so the search
-  always spends its budget or exhausts the tree (every valid SID present).
+  along its path and one of the node's own arm (so the next descent leans
+  elsewhere); it spends no token. After ``gate_patience`` consecutive failures
+  the gate is waived for one expansion: the gate orders the search but never
+  stalls it, so the search always spends its budget or exhausts the tree
+  (every valid prefix present).
 * budget that cannot be spent is reported, not hidden: ``VEDStats`` gives the
   budget, ``tokens_spent`` and ``stop_reason`` ("budget", "exhausted" or
   "deadline").
@@ -41,14 +87,14 @@ Choices the issue leaves open:
 * batching: each step runs up to ``expansions_per_step`` selections per prompt
   (visits are backed up at once, so they spread) and evaluates all new nodes of
   all prompts in one forward. 1 is the strictly sequential loop of the issue.
-* KV reuse: the prompts are prefilled once. Per layer, one buffer holds the
-  keys (and one the values) of every prompt position followed by one slot per
-  tree node, filled when the node is evaluated; a batch of nodes runs on a
-  cache gathered from it in one indexing op (prompt + ancestors; the unused
-  slots of shorter paths are masked out). The value head keeps its own
-  keys/values the same way, so a node's value is one query (``ValueHead.step``).
-  VED prefills by itself, not with ``beam_search.prefill``, because the value
-  head needs the final hidden state at every prompt position.
+* KV reuse: the prompts are prefilled once (``beam_search.prefill``, which
+  also returns every prompt position's final state for the value head). Per
+  layer, one buffer holds the keys (and one the values) of every prompt
+  position followed by one slot per tree node, filled when the node is
+  evaluated; a batch of nodes runs on a cache gathered from it in one indexing
+  op (prompt + ancestors; the unused slots of shorter paths are masked out).
+  The value head keeps its own keys/values the same way, so a node's value is
+  one query (``ValueHead.step``).
 * randomness: counter-based (a hash of the seed, the prompt's tokens, the new
   node's id and the code), so a prompt's result does not depend on its batch
   neighbours, and equal seeds give equal results. Vary ``seed`` per RL step.
@@ -64,19 +110,20 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from models.beam_search import DecodeResult, decode_step, level_log_probs, prefill, prompt_position_ids
-from models.search_tree import SearchTree, rank_within
+from models.beam_search import DecodeResult, decode_step, level_log_probs, prefill
+from models.candidate_set import rank_candidates
+from models.search_noise import gumbel_noise, prompt_keys
+from models.search_tree import SearchTree, rank_within, standardise_by_depth
 from models.sid_trie import SidTrie
 from models.value_head import ValueHead
 
 BUDGET_MULTIPLE = 2
-_MASK32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
 class VEDConfig:
     num_candidates: int = 16  # G: complete SIDs returned
-    init_beams: int = 8  # width of the initial constrained beam search
+    init_beams: int = 16  # width of the initial constrained beam search (over the prefix levels)
     budget: int | None = None  # backbone tokens per prompt; None: see resolve_budget
     lam: float = 0.1  # entropy weight in G(s) = V(s) + lam * H(s)
     beta: float = 1.0  # exploration weight in U(s)
@@ -84,6 +131,9 @@ class VEDConfig:
     deadline: float | None = None  # time.perf_counter() value after which no new step starts
     expansions_per_step: int = 4  # selections per prompt per batched forward
     gate_patience: int = 16  # consecutive gate failures after which one expansion skips the gate
+    child_temperature: float = 1.0  # the new child's draw: 1 the policy, 0 its most likely unexpanded code
+    value_weight: float = 0.0  # ranking: path log-prob + value_weight * standardised V of the parent prefix
+    explore_slots: int = 0  # the last slots of the returned set go to first-level codes not yet in it
 
     def __post_init__(self) -> None:
         for name in ("num_candidates", "init_beams", "expansions_per_step", "gate_patience"):
@@ -91,18 +141,20 @@ class VEDConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"budget must be >= 1, got {self.budget}")
-        if self.lam < 0 or self.beta < 0:
-            raise ValueError(f"lam and beta must be >= 0, got {self.lam}, {self.beta}")
+        if self.lam < 0 or self.beta < 0 or self.child_temperature < 0 or self.value_weight < 0:
+            raise ValueError("lam, beta, child_temperature and value_weight must be >= 0")
+        if not 0 <= self.explore_slots <= self.num_candidates:
+            raise ValueError(f"explore_slots must be in [0, num_candidates], got {self.explore_slots}")
 
 
 def resolve_budget(config: VEDConfig, depth: int) -> int:
     """The per-prompt token budget ``config`` means for SIDs of ``depth`` tokens."""
-    least = depth * max(config.init_beams, config.num_candidates)
+    least = (depth - 1) * max(config.init_beams, config.num_candidates)
     if config.budget is None:
         return max(BUDGET_MULTIPLE * (depth - 1) * config.num_candidates, least)
     if config.budget < least:
         raise ValueError(
-            f"budget {config.budget} is below depth x max(init_beams, num_candidates) = {least}, "
+            f"budget {config.budget} is below (depth - 1) x max(init_beams, num_candidates) = {least}, "
             "the most the initial tree may need"
         )
     return config.budget
@@ -111,33 +163,34 @@ def resolve_budget(config: VEDConfig, depth: int) -> int:
 @dataclass
 class VEDStats:
     tokens_spent: int  # backbone tokens, prefill excluded, initial tree included
-    nodes: int  # tree nodes, root included
-    max_depth: int  # deepest node reached
+    nodes: int  # tree nodes (prefixes), root included
+    max_depth: int  # deepest state reached: the SID depth once any complete SID is known
     iterations: int  # selections, gate-failed ones included
     cap_hit: bool  # the deadline stopped a search that had budget and work left
     budget: int = 0
     init_tokens: int = 0  # spent by the initial tree
     gate_failures: int = 0
-    leaves: int = 0  # complete SIDs in the tree
-    stop_reason: str = ""  # "budget" | "exhausted" (every valid SID in the tree) | "deadline"
+    leaves: int = 0  # complete SIDs known (the pool the returned set is chosen from)
+    stop_reason: str = ""  # "budget" | "exhausted" (every valid prefix in the tree) | "deadline"
 
 
 @dataclass
 class VEDResult:
-    """Candidates best first by value, their paths' statistics, and the trees.
+    """Candidates in the returned order, their paths' statistics, and the trees.
 
-    ``decode.scores`` is each candidate's value V(s_D); slots beyond the
-    complete SIDs found hold sid_index -1, score -inf, token -1. The ``path_*``
-    tensors run over the candidate's states s_0 (the root) .. s_D, as the value
-    head's TD targets do. ``tree`` is the whole search (visits, values, the
-    policy at each node) for diagnostics.
+    ``decode.scores`` is each candidate's ranking score (path log-prob plus the
+    value term, ``models.candidate_set``); slots beyond the complete SIDs found
+    hold sid_index -1, score -inf, token -1. The ``path_*`` tensors run over
+    the candidate's prefix states s_0 (the root) .. s_{D-1}: the complete SID
+    is never fed to the backbone, so it has no value of its own. ``tree`` is
+    the whole search (visits, values, the policy at each node) for diagnostics.
     """
 
     decode: DecodeResult
     log_probs: torch.Tensor  # (B, G) policy log-prob of each candidate, -inf at empty slots
-    path_values: torch.Tensor  # (B, G, D+1) V(s_0..s_D) as the frozen head gave them
-    path_entropy: torch.Tensor  # (B, G, D+1) H(s_0..s_D)
-    path_visits: torch.Tensor  # (B, G, D+1) N(s_0..s_D) at the end of the search
+    path_values: torch.Tensor  # (B, G, D) V(s_0..s_{D-1}) as the frozen head gave them
+    path_entropy: torch.Tensor  # (B, G, D) H(s_0..s_{D-1})
+    path_visits: torch.Tensor  # (B, G, D) N(s_0..s_{D-1}) at the end of the search
     stats: list[VEDStats]
     tree: SearchTree
 
@@ -158,28 +211,6 @@ def trie_leaf_counts(trie: SidTrie) -> torch.Tensor:
     return counts
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (int64 tensors holding values < 2**32; no overflow)."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    return (x >> 16) ^ x
-
-
-def prompt_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """A 32-bit key per prompt from the seed and its tokens, blind to padding: (B,)."""
-    tok = _mix32((input_ids.long() * 4099 + prompt_position_ids(attention_mask)) & _MASK32)  # (B, T)
-    content = (tok * attention_mask.long()).sum(-1) & _MASK32  # (B,)
-    return _mix32(content ^ _mix32(torch.tensor(seed & _MASK32, device=input_ids.device)))
-
-
-def gumbel_noise(keys: torch.Tensor, counters: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise per (key, counter, code): keys, counters (N,) -> (N, C) float32."""
-    codes = torch.arange(num_codes, device=keys.device)
-    x = _mix32(keys[:, None] ^ _mix32((counters[:, None] * num_codes + codes) & _MASK32))  # (N, C)
-    u = (x.double() + 0.5) / 2.0**32
-    return (-torch.log(-torch.log(u))).float()
-
-
 class _Search:
     """One VED call: the prompts' caches, the per-node caches and the trees."""
 
@@ -188,7 +219,7 @@ class _Search:
     ) -> None:
         self.model, self.head, self.trie, self.config, self.budget = model, head, trie, config, budget
         self.device = trie.children.device
-        self.tree = SearchTree.empty(batch, budget + 1, trie.codebook_size, trie.depth, config.lam, self.device)
+        self.tree = SearchTree.empty(batch, budget + 1, trie.codebook_size, trie.depth - 1, config.lam, self.device)
         self.dtype = next(head.parameters()).dtype
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -259,13 +290,14 @@ class _Search:
         return nodes
 
     def initial_tree(self, target: int) -> None:
-        """Beam search of width init_beams, widened where needed to hold ``target`` complete SIDs."""
+        """Beam search of width init_beams over the prefix levels, widened where needed to hold ``target``
+        complete SIDs under its deepest prefixes."""
         tree, c, k = self.tree, self.trie.codebook_size, self.config.init_beams
         b = tree.size.shape[0]
         leaf_counts = trie_leaf_counts(self.trie)
         rows = torch.arange(b, device=self.device)
         nodes = torch.zeros(b, dtype=torch.long, device=self.device)
-        for _ in range(self.trie.depth):
+        for _ in range(tree.max_depth):
             slot = rank_within(rows)  # (F,) position of each frontier node in its prompt
             scores = torch.full((b, int(slot.max()) + 1, c), float("-inf"), device=self.device)
             scores[rows, slot] = tree.log_prob[rows, nodes, None] + tree.child_log_prob[rows, nodes]
@@ -311,12 +343,13 @@ class _Search:
             self.stall = torch.where(fail, self.stall + 1, torch.where(ok, 0, self.stall))
             if bool(fail.any()):
                 at = torch.nonzero(fail).flatten()
-                tree.backup(at, selected[at])
+                tree.fail(at, selected[at])
             if bool(ok.any()):
                 at = torch.nonzero(ok).flatten()
                 noise = gumbel_noise(self.keys[at], tree.size[at], self.trie.codebook_size)  # keyed by the new id
+                codes = tree.sample_child(at, selected[at], noise, cfg.child_temperature)
                 new_rows.append(at)
-                new_nodes.append(self.add(at, selected[at], tree.sample_child(at, selected[at], noise)))
+                new_nodes.append(self.add(at, selected[at], codes))
                 made += ok.long()
             need = need & (made < cfg.expansions_per_step) & tree.open_nodes()[:, 0] & (tree.size - 1 < self.budget)
         self.evaluate(torch.cat(new_rows), torch.cat(new_nodes))
@@ -326,6 +359,7 @@ class _Search:
         tree = self.tree
         spent = (tree.size - 1).tolist()
         still_open = tree.open_nodes()[:, 0].tolist()
+        leaves = torch.isfinite(tree.candidate_log_probs()).flatten(1).sum(1).tolist()  # (B,)
         out = []
         for i, live in enumerate(tree.live):
             reason = "deadline" if cap_hit[i] else ("budget" if still_open[i] else "exhausted")
@@ -333,36 +367,47 @@ class _Search:
                 VEDStats(
                     tokens_spent=spent[i],
                     nodes=int(live.sum()),
-                    max_depth=int(tree.depth[i][live].max()),
+                    max_depth=self.trie.depth if leaves[i] else int(tree.depth[i][live].max()),
                     iterations=int(self.iterations[i]),
                     cap_hit=bool(cap_hit[i]),
                     budget=self.budget,
                     init_tokens=int(init_tokens[i]),
                     gate_failures=int(self.failures[i]),
-                    leaves=int((live & (tree.depth[i] == self.trie.depth)).sum()),
+                    leaves=int(leaves[i]),
                     stop_reason=reason,
                 )
             )
         return out
 
     def result(self, stats: list[VEDStats]) -> VEDResult:
-        """The top ``num_candidates`` complete SIDs per prompt by value, with their paths' statistics."""
-        tree, g = self.tree, self.config.num_candidates
-        top = tree.ranked_leaves(g)  # (B, G)
-        valid = top >= 0
-        t = top.clamp(min=0)
-        sid_index = torch.where(valid, self.trie.leaf_sid[tree.trie_node.gather(1, t)], -1)
-        path = tree.path.gather(1, t[..., None].expand(-1, -1, self.trie.depth)).clamp(min=0)  # (B, G, D)
-        tokens = torch.where(valid[..., None], tree.token.gather(1, path.flatten(1)).view_as(path), -1)
-        scores = torch.where(valid, tree.value.gather(1, t), float("-inf"))
-        log_probs = torch.where(valid, tree.log_prob.gather(1, t), float("-inf"))
-        states = torch.cat([torch.zeros_like(path[..., :1]), path], dim=-1)  # (B, G, D+1) s_0..s_D
+        """``num_candidates`` complete SIDs per prompt from the pool (``models.candidate_set``), with their
+        paths' statistics."""
+        tree, trie, cfg = self.tree, self.trie, self.config
+        c, prefix = trie.codebook_size, tree.max_depth
+        log_probs = tree.candidate_log_probs().flatten(1)  # (B, M*C): candidate (node n, code k) at n * C + k
+        parent_value = standardise_by_depth(tree.value, tree.depth, tree.live, prefix + 1)  # (B, M)
+        score = log_probs + cfg.value_weight * parent_value.repeat_interleave(c, dim=1)  # (B, M*C)
+        first_code = tree.code.gather(1, tree.path[..., 0].clamp(min=0)).clamp(min=0)  # (B, M)
+        chosen = rank_candidates(score, first_code.repeat_interleave(c, dim=1), cfg.num_candidates, cfg.explore_slots)
+        valid = chosen >= 0  # (B, G)
+        pick = chosen.clamp(min=0)
+        node, code = pick // c, pick % c  # (B, G) each
+        leaf = trie.children[tree.trie_node.gather(1, node), code].clamp(min=0)  # (B, G)
+        sid_index = torch.where(valid, trie.leaf_sid[leaf], -1)
+        path = tree.path.gather(1, node[..., None].expand(-1, -1, prefix)).clamp(min=0)  # (B, G, D-1)
+        tokens = torch.cat(
+            [tree.token.gather(1, path.flatten(1)).view_as(path), trie.level_token_ids[prefix, code][..., None]], -1
+        )  # (B, G, D)
+        tokens = torch.where(valid[..., None], tokens, -1)
+        scores = torch.where(valid, score.gather(1, pick), float("-inf"))
+        states = torch.cat([torch.zeros_like(path[..., :1]), path], dim=-1)  # (B, G, D) s_0..s_{D-1}
 
-        def along(x: torch.Tensor) -> torch.Tensor:  # (B, M) -> (B, G, D+1)
+        def along(x: torch.Tensor) -> torch.Tensor:  # (B, M) -> (B, G, D)
             return x.gather(1, states.flatten(1)).view_as(states)
 
         decode = DecodeResult(sid_index, scores, tokens)
-        return VEDResult(decode, log_probs, along(tree.value), along(tree.entropy), along(tree.visits), stats, tree)
+        cand_lp = torch.where(valid, log_probs.gather(1, pick), float("-inf"))
+        return VEDResult(decode, cand_lp, along(tree.value), along(tree.entropy), along(tree.visits), stats, tree)
 
 
 @torch.no_grad()
@@ -375,6 +420,8 @@ def ved_search(
     config: VEDConfig,
 ) -> VEDResult:
     """Value-guided search for ``config.num_candidates`` complete SIDs per prompt (see the module doc)."""
+    if trie.depth < 2:
+        raise ValueError(f"VED searches over SID prefixes: SIDs of depth {trie.depth} have none")
     budget = resolve_budget(config, trie.depth)
     search = _Search(model, value_head, trie, config, budget, int(input_ids.shape[0]))
     search.prefill(input_ids, attention_mask)

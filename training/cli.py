@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -55,6 +55,21 @@ FusionOpt = Annotated[
         help="Weight of the transition counts fused into beam search (0: off; default: chosen on held-out rows).",
     ),
 ]
+HoldoutOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--holdout",
+        min=1,
+        help="Only the last N rows: with --split valid, the rows `--holdout N` kept out of training.",
+    ),
+]
+
+
+def select_rows(rows: Sequence[Any], limit: int | None, holdout: int | None) -> Sequence[Any]:
+    """The rows a scoring command reads: the last ``holdout`` (the held-out rows of a run trained on the
+    split), then the first ``limit`` of those."""
+    rows = rows[-holdout:] if holdout else rows
+    return rows[:limit] if limit else rows
 
 
 def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
@@ -326,6 +341,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = "beam",
         budget: Annotated[int | None, typer.Option("--budget", min=1, help="VED token budget per prompt.")] = None,
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N rows.")] = None,
+        holdout: HoldoutOpt = None,
+        explore_slots: Annotated[
+            int,
+            typer.Option(
+                "--explore-slots",
+                min=0,
+                help="VED: slots given to first-level codes the rest missed (RL's groups use them; 0: by score).",
+            ),
+        ] = 0,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")] = 32,
         train_splits: SplitsOpt = "train",
         fusion_weight: Annotated[
@@ -351,10 +375,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from training.evaluate import checkpoint_fusion, evaluate, make_decoder
 
         ckpt = load_checkpoint(checkpoint, device)
-        rows = ds.splits[split][:limit] if limit else ds.splits[split]
+        rows = select_rows(ds.splits[split], limit, holdout)
         try:
             fusion = checkpoint_fusion(ckpt, 0.0 if decoder != "beam" and fusion_weight is None else fusion_weight)
-            decode = make_decoder(ckpt, decoder, beams, budget, fusion)
+            decode = make_decoder(ckpt, decoder, beams, budget, fusion, explore_slots)
         except CheckpointError:
             raise  # one line from the root command
         except ValueError as e:
@@ -365,6 +389,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             "decoder": decoder,
             "beams": beams,
             "budget": budget,
+            "explore_slots": explore_slots if decoder == "ved" else None,
             "fusion_weight": fusion.weight if fusion else 0.0,
             "checkpoint": str(checkpoint),
         }

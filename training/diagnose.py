@@ -13,26 +13,44 @@ computed as in training. Reported means over prompts:
 * ``tokens_per_prompt``: tokens the decoder fed the backbone, prefill excluded.
 
 ``--budget B`` with beam search runs the widest beam B pays for and keeps its G
-best, so beam and VED can be compared at equal cost.
+best, so beam and VED can be compared at equal cost. VED decodes with the
+checkpoint's VED settings (``training.value_io.checkpoint_ved_config``).
 
 The trainer logs the same figures every step (``candidate_stats``).
+
+With a checkpoint that has a value head, the head's quality on the same
+candidate sets is added (``VALUE_KEYS``; one forward of prompt + candidate per
+candidate, the value at every state s_0..s_D):
+
+* ``value_spearman``: within-prompt Spearman rank correlation of V(s_D), the
+  value at the complete SID, with its dense reward r_D (the TD target of
+  s_D), averaged over the prompts where both vary; ``value_spearman_l<l>``:
+  the same at the prefix of level l < D, V(s_l) against the discounted dense
+  return from s_l;
+* ``target_rank_value`` / ``target_rank_logprob``: the target's mean rank
+  (1 = first) among the candidates by V(s_D) and by path log-prob, over the
+  ``value_rows`` prompts whose candidate set holds the target. A head worth
+  consulting ranks it higher than the policy does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from models.checkpoint import LoadedCheckpoint
 from models.policy import Policy
 from training.data import Sample
-from training.rewards import batch_standard_rewards, group_advantages
-from training.rollout import CandidateSource, Rollout, beam_source, collect, require_module, ved_source
-from training.value_io import load_value_head
+from training.rewards import GAMMA, batch_standard_rewards, batch_value_rewards, group_advantages
+from training.rollout import CandidateSource, Rollout, beam_source, collect, require_module, sequences, ved_source
+from training.value_io import checkpoint_ved_config, load_value_head
 
 DIAGNOSTIC_KEYS = ("reachability", "nonzero_adv_share", "reward_std", "distinct_l1", "tokens_per_prompt")
+VALUE_KEYS = ("value_spearman", "target_rank_value", "target_rank_logprob", "value_rows")
 
 
 def candidate_stats(rollout: Rollout, rewards: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
@@ -67,12 +85,20 @@ def candidate_stats(rollout: Rollout, rewards: torch.Tensor, adv: torch.Tensor) 
 
 
 def diagnose(
-    policy: Policy, samples: Sequence[Sample], source: CandidateSource, batch_size: int = 32, progress: bool = True
+    policy: Policy,
+    samples: Sequence[Sample],
+    source: CandidateSource,
+    batch_size: int = 32,
+    progress: bool = True,
+    value_head: nn.Module | None = None,
+    item_emb: np.ndarray | None = None,  # (items, dim): the dense reward of the value keys
 ) -> dict[str, float]:
-    """The ``DIAGNOSTIC_KEYS`` of ``source`` over ``samples``, weighted by prompts."""
+    """The ``DIAGNOSTIC_KEYS`` of ``source`` over ``samples``, weighted by prompts; with ``value_head`` (and
+    ``item_emb``) also the value head's quality on the same candidate sets (``VALUE_KEYS``)."""
     if not samples:
         raise ValueError("no rows to diagnose")
     totals = dict.fromkeys(DIAGNOSTIC_KEYS, 0.0)
+    quality = ValueQuality(policy, value_head, item_emb) if value_head is not None and item_emb is not None else None
     for start in tqdm(range(0, len(samples), batch_size), desc="diagnose", disable=not progress, leave=False):
         chunk = list(samples[start : start + batch_size])
         rollout = collect(policy, chunk, source)
@@ -80,19 +106,103 @@ def diagnose(
         stats = candidate_stats(rollout, rewards, group_advantages(rewards, rollout.valid.cpu()))
         for k in DIAGNOSTIC_KEYS:
             totals[k] += stats[k] * len(chunk)
-    return {k: v / len(samples) for k, v in totals.items()}
+        if quality is not None:
+            quality.add(rollout)
+    out = {k: v / len(samples) for k, v in totals.items()}
+    return out | (quality.summary() if quality is not None else {})
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for u in np.unique(v):  # ties share their mean rank
+            tie = v == u
+            r[tie] = r[tie].mean()
+        return r
+
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+class ValueQuality:
+    """Accumulates ``VALUE_KEYS`` over rollouts: V at every state of every candidate vs its dense reward."""
+
+    def __init__(self, policy: Policy, head: nn.Module, item_emb: np.ndarray) -> None:
+        from training.rewards import sid_embeddings
+
+        self.policy, self.head, self.item_emb = policy, head, item_emb
+        self.sid_emb = sid_embeddings(policy.catalog.items_of_sid, item_emb)
+        self.corr: dict[int, list[float]] = {}
+        self.rank_value: list[float] = []
+        self.rank_logprob: list[float] = []
+
+    @torch.no_grad()
+    def add(self, rollout: Rollout) -> None:
+        from training.rl_loss import token_log_probs
+
+        batch = sequences(rollout)
+        was_training = self.head.training
+        self.head.eval()
+        logp, hidden = token_log_probs(self.policy.model, batch, want_hidden=True)  # (N, D), (N, T+D, H)
+        assert hidden is not None
+        d = batch.depth
+        values = self.head(hidden.float(), batch.attention_mask)[:, -(d + 1) :].cpu()  # (N, D+1) V(s_0..s_D)
+        self.head.train(was_training)
+        _, rule = batch_standard_rewards(rollout.sid_index, rollout.target_sid)
+        r = batch_value_rewards(
+            rollout.token_ids, rollout.sid_index, rollout.target_tokens, rollout.target_item, rule, self.sid_emb,
+            self.item_emb,
+        )[batch.row.cpu(), batch.col.cpu()]  # (N, D+1)  # fmt: skip
+        returns = r.clone()
+        for level in range(d - 1, -1, -1):  # discounted return from each state
+            returns[:, level] += GAMMA * returns[:, level + 1]
+        path_lp = logp.sum(-1).cpu()  # (N,)
+        rows = batch.row.cpu()
+        for b in range(rollout.sid_index.shape[0]):
+            at = torch.nonzero(rows == b).flatten()
+            for level in range(1, d + 1):
+                rho = spearman(values[at, level].numpy(), returns[at, level].numpy())
+                if rho is not None:
+                    self.corr.setdefault(level, []).append(rho)
+            hit = [i for i, c in enumerate(batch.col[at].tolist()) if rollout.sid_index[b, c] == rollout.target_sid[b]]
+            if hit:
+                t = at[hit[0]]
+                self.rank_value.append(float((values[at, d] > values[t, d]).sum()) + 1)
+                self.rank_logprob.append(float((path_lp[at] > path_lp[t]).sum()) + 1)
+
+    def summary(self) -> dict[str, float]:
+        def mean(v: list[float]) -> float:
+            return float(np.mean(v)) if v else float("nan")
+
+        depth = self.policy.trie.depth
+        out = {
+            "value_spearman": mean(self.corr.get(depth, [])),
+            "target_rank_value": mean(self.rank_value),
+            "target_rank_logprob": mean(self.rank_logprob),
+            "value_rows": float(len(self.rank_value)),
+        }
+        return out | {f"value_spearman_l{lv}": mean(self.corr.get(lv, [])) for lv in range(1, depth)}
 
 
 def candidate_source(
-    checkpoint: LoadedCheckpoint, decoder: str, num_candidates: int, budget: int | None, seed: int = 0
+    checkpoint: LoadedCheckpoint,
+    decoder: str,
+    num_candidates: int,
+    budget: int | None,
+    seed: int = 0,
+    explore_slots: int | None = None,
 ) -> CandidateSource:
-    """The candidate source named on the command line: ``beam`` or ``ved`` (with the checkpoint's value head)."""
+    """The candidate source named on the command line: ``beam``, or ``ved`` with the checkpoint's value head
+    and VED settings, its exploratory slots included (``budget`` and ``explore_slots`` override them)."""
     if decoder == "beam":
         return beam_source(num_candidates, budget)
     if decoder != "ved":
         raise ValueError(f"unknown decoder {decoder!r}; choose beam or ved")
     head = load_value_head(checkpoint, checkpoint.policy.device)
     require_module("models.ved", "--decoder ved")
-    from models.ved import VEDConfig
-
-    return ved_source(head, VEDConfig(num_candidates=num_candidates, budget=budget, seed=seed))
+    return ved_source(head, checkpoint_ved_config(checkpoint, num_candidates, budget, seed, explore_slots))

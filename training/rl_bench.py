@@ -28,7 +28,7 @@ from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from training.data import RecDataset, Sample
-from training.rl import RLConfig, RLTrainer
+from training.rl import RLConfig, RLTrainer, rollout_ved_config
 from training.rl_run import check_catalog
 from training.rollout import require_module
 from training.value_io import new_value_head
@@ -86,7 +86,7 @@ def run_train_bench(
         policy = Policy.from_preset(preset, ds.catalog, seed=0).to(device)
     samples = list(ds.splits["train"][:batch_size])
     grpo = time_trainer(policy, RLConfig(algo="grpo", batch_size=batch_size), samples, ds.embeddings, steps)
-    vstar_config = RLConfig(algo="vstar", batch_size=batch_size, ved_budget=budget)
+    vstar_config = RLConfig(algo="vstar", batch_size=batch_size, ved_config=rollout_ved_config(budget))
     vstar = time_trainer(policy, vstar_config, samples, ds.embeddings, steps)
     print(
         f"bench train: {len(samples)} prompts x 16 candidates, {steps} steps, {torch.get_num_threads()} threads; "

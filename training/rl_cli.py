@@ -17,6 +17,7 @@ from training.cli import (
     Decoder,
     DeviceOpt,
     EpochsOpt,
+    HoldoutOpt,
     NameOpt,
     ResumeOpt,
     RootOpt,
@@ -29,6 +30,7 @@ from training.cli import (
     load_data,
     require_checkpoint,
     run_training,
+    select_rows,
     setup_logging,
     write_json,
 )
@@ -65,6 +67,24 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         w_sib: Annotated[float, typer.Option("--w-sib", min=0.0, help="Weight of the Sibling-GRPO term.")] = 1.0,
         ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help="Policy updates per rollout.")] = 1,
         budget: BudgetOpt = None,
+        explore_slots: Annotated[
+            int | None,
+            typer.Option(
+                "--explore-slots",
+                min=0,
+                help="V-STAR: slots of each group that VED gives to first-level codes the rest missed "
+                "(default: RLConfig's).",
+            ),
+        ] = None,
+        value_warmup: Annotated[
+            int | None,
+            typer.Option(
+                "--value-warmup",
+                min=0,
+                help="V-STAR: TD-only steps of the value head on beam candidates before RL, policy frozen "
+                "(default: RLConfig's; 0: none).",
+            ),
+        ] = None,
         eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between validations.")] = 100,
         eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help="Validation rows decoded.")] = 1000,
         holdout: Annotated[
@@ -90,7 +110,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
         require_checkpoint(init, "--init")
         from training.data import parse_splits
-        from training.rl import RLConfig
+        from training.rl import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, rollout_ved_config
         from training.rl_run import check_modules, train_rl
         from training.scalar_log import default_folder
 
@@ -99,7 +119,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             config = RLConfig(
                 algo=algo, sibling=not no_sibling, ved=not no_ved, dense=not no_dense, epochs=epochs,
                 max_steps=max_steps, batch_size=batch_size, num_candidates=num_candidates, lr=lr, value_lr=value_lr,
-                beta=beta, w_sib=w_sib, ppo_epochs=ppo_epochs, ved_budget=budget,
+                beta=beta, w_sib=w_sib, ppo_epochs=ppo_epochs,
+                ved_config=rollout_ved_config(budget, EXPLORE_SLOTS if explore_slots is None else explore_slots),
+                value_warmup=VALUE_WARMUP if value_warmup is None else value_warmup,
                 train_splits=tuple(parse_splits(train_splits)), holdout=holdout, eval_every=eval_every,
                 eval_limit=eval_limit, fusion_weight=fusion_weight, seed=seed,
             )  # fmt: skip
@@ -130,22 +152,31 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,
         split: Annotated[Split, typer.Option("--split", help="The split whose rows are diagnosed.")] = "valid",
         limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N rows.")] = None,
+        holdout: HoldoutOpt = None,
+        explore_slots: Annotated[
+            int | None,
+            typer.Option("--explore-slots", min=0, help="VED: exploratory slots (default: the checkpoint's)."),
+        ] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")] = 32,
         seed: SeedOpt = 0,
         device: DeviceOpt = "cpu",
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the diagnostics here.")] = None,
     ) -> None:
-        """Candidate-set diagnostics of one decoder: reachability, non-zero-advantage share, reward std, ..."""
+        """Candidate-set diagnostics of one decoder: reachability, non-zero-advantage share, reward std, ...;
+        with a value head in the checkpoint, also its quality (rank correlation with the dense reward)."""
         require_checkpoint(checkpoint)
         ds = load_data(data, minionerec_root, dataset)
         from models.checkpoint import load_checkpoint
         from training.diagnose import candidate_source
         from training.diagnose import diagnose as run_diagnose
+        from training.value_io import load_value_head
 
         ckpt = load_checkpoint(checkpoint, device)
-        rows = ds.splits[split][:limit] if limit else ds.splits[split]
-        source = candidate_source(ckpt, decoder, num_candidates, budget, seed)
-        write_json(json_out, run_diagnose(ckpt.policy, rows, source, batch_size))
+        rows = select_rows(ds.splits[split], limit, holdout)
+        source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots)
+        head = load_value_head(ckpt, device) if "value_head" in ckpt.extras else None
+        result = run_diagnose(ckpt.policy, rows, source, batch_size, value_head=head, item_emb=ds.embeddings)
+        write_json(json_out, result)
 
     @bench.command(name="train")
     def bench_train(

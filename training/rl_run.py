@@ -90,6 +90,30 @@ def check_catalog(policy: Policy, data: RecDataset) -> None:
         raise ValueError(f"the --init checkpoint was trained on another catalog than {data.name}: its SIDs differ")
 
 
+def warm_up_value(
+    trainer: RLTrainer, train_rows: list, lengths: list[int], config: RLConfig, progress: bool
+) -> dict[str, float]:
+    """``config.value_warmup`` TD-only steps of the value head on the training rows (``value_warmup_step``),
+    in the order of the RL epochs' batches; returns the steps, seconds and the last logged value loss."""
+    start, losses = time.perf_counter(), []
+    bar = tqdm(total=config.value_warmup, desc="value warm-up", disable=not progress or not is_main())
+    epoch = 0
+    while len(losses) < config.value_warmup:
+        for batch in epoch_batches(lengths, config.batch_size, config.seed, epoch):
+            part = shard(batch)
+            stats = trainer.value_warmup_step([train_rows[i] for i in part.rows], counted=part.counted)
+            losses.append(weighted_mean(stats, len(part.rows) if part.counted else 0)["value_loss"])
+            bar.update(1)
+            if len(losses) % LOG_EVERY == 0:
+                log.info("value warm-up step %d: value_loss %.4g", len(losses), np.mean(losses[-LOG_EVERY:]))
+            if len(losses) >= config.value_warmup:
+                break
+        epoch += 1
+    bar.close()
+    tail = losses[-LOG_EVERY:]
+    return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1), "value_loss": float(np.mean(tail))}
+
+
 def train_rl(
     data: RecDataset,
     init: str | Path,
@@ -179,9 +203,12 @@ def train_rl(
         }, extras, selectable=state.step > 0)  # fmt: skip
         curves.validated(state.step, state.history[-1])
 
-    if trainer_state is None:
-        validate()
     lengths = [len(s.history) for s in train_rows]
+    warmup = {}
+    if trainer_state is None:
+        if config.use_value and config.value_warmup:
+            warmup = warm_up_value(trainer, train_rows, lengths, config, progress)
+        validate()
     start, seconds = time.perf_counter(), []
     bar = tqdm(total=total_steps, initial=state.step, desc=f"rl {config.algo}", disable=not progress or not is_main())
     while state.step < total_steps:
@@ -229,4 +256,5 @@ def train_rl(
         "train_rows": len(train_rows),
         "selection_rows": len(select_rows),
         "fusion": fusion,
+        "value_warmup": warmup,
     }

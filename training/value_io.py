@@ -1,21 +1,27 @@
-"""The value head between trainer, checkpoints and decoders.
+"""The value head and VED's settings between trainer, checkpoints and decoders.
 
 A V-STAR checkpoint stores the value head's weights as the ``value_head`` extra
 and its config (a ``ValueHeadConfig`` as a dict) as ``manifest["value_head"]``,
 so the head is rebuilt from the checkpoint alone. Imports of ``models.value_head``
-stay inside the functions so GRPO runs do not need it.
+stay inside the functions so GRPO runs do not need it. An RL checkpoint's
+manifest also holds the ``VEDConfig`` it trained with
+(``manifest["rl_config"]["ved_config"]``); ``checkpoint_ved_config`` reads it
+back for ``vstar eval`` and ``vstar diagnose``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.policy import Policy
+
+if TYPE_CHECKING:
+    from models.ved import VEDConfig
 
 
 def new_value_head(policy: Policy) -> nn.Module:
@@ -47,3 +53,25 @@ def load_value_head(checkpoint: LoadedCheckpoint, device: str | torch.device = "
             f"checkpoint {checkpoint.path}: value_head.safetensors does not fit manifest['value_head']: {e}"
         ) from None
     return head.to(device).eval()
+
+
+def checkpoint_ved_config(
+    checkpoint: LoadedCheckpoint,
+    num_candidates: int,
+    budget: int | None = None,
+    seed: int = 0,
+    explore_slots: int | None = None,
+) -> VEDConfig:
+    """The VED settings ``checkpoint`` was trained with (``VEDConfig``'s defaults where it stores none), for
+    ``num_candidates`` SIDs; ``budget`` and ``explore_slots`` override the stored ones when given."""
+    from models.ved import VEDConfig
+
+    stored = checkpoint.manifest.get("rl_config", {}).get("ved_config")
+    base = VEDConfig(**stored) if stored else VEDConfig()
+    return replace(
+        base,
+        num_candidates=num_candidates,
+        budget=base.budget if budget is None else budget,
+        explore_slots=base.explore_slots if explore_slots is None else explore_slots,
+        seed=seed,
+    )

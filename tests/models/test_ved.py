@@ -1,18 +1,22 @@
 """VED: the tree formulas on a hand-built tree, then contracts of the search on the tiny policy.
 
-Hand cases pin U, the gate, the descent, backup and the entropy over valid
-children; the search is checked for budget accounting, the exhaustive-budget
-optimum (brute force over every catalog SID with the same value definition,
-V at the SID's last token from a full forward), the anytime fallback,
-validity, determinism and batched == one-by-one.
+Hand cases pin the standardised G, U and the "expand me" arm (root widening),
+the gate, the descent, backup and the entropy over valid children; the search
+is checked for beam search's budget accounting (complete SIDs are free), root
+widening, the exhaustive-budget optimum (brute force over every catalog SID:
+path log-prob plus the value term, V of the parent prefix from a full
+forward), the exploratory slots, beta's scale, the anytime fallback (the
+initial beam), validity, determinism and batched == one-by-one.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +25,7 @@ from models.beam_search import BeamSearchConfig, beam_search, prompt_position_id
 from models.policy import Policy, pad_left
 from models.search_tree import SearchTree, valid_entropy
 from models.value_head import ValueHead, value_head_for
-from models.ved import VEDConfig, gumbel_noise, resolve_budget, ved_search
+from models.ved import VEDConfig, gumbel_noise, resolve_budget, trie_leaf_counts, ved_search
 
 NEG = float("-inf")
 
@@ -47,10 +51,12 @@ def entropy(*probs: float) -> float:
 
 
 def hand_tree(root_value: float = 0.0) -> SearchTree:
-    """root -> a (code 0), b (code 1), code 2 unexpanded; a -> a0 (leaf, code 0), code 1 unexpanded.
+    """Prefixes of depth-3 SIDs (nodes down to depth 2): root -> a (code 0), b (code 1), code 2 unexpanded;
+    a -> a0 (code 0, the deepest prefix level: its children are complete SIDs), code 1 unexpanded.
 
     lam = 0.5. G(root) = root_value + 0.5 H(.5, .3, .2); G(a) = 1 + 0.5 H(.6, .4);
-    G(b) = 0.2 (one valid child: H = 0); G(a0) = 0.7. Visits: root 3, a 2, b 1, a0 1.
+    G(b) = 0.2 (one valid child: H = 0); G(a0) = 0.7 + 0.5 H(.5, .5). Visits: root 3, a 2, b 1, a0 1;
+    own arms E: root 2 (a, b), a 1 (a0), b 0, a0 0.
     """
     tree = SearchTree.empty(1, 8, 3, 2, lam=0.5, device=torch.device("cpu"))
     zero = torch.zeros(1, dtype=torch.long)
@@ -63,12 +69,17 @@ def hand_tree(root_value: float = 0.0) -> SearchTree:
     tree.evaluate(zero, zero, torch.tensor([root_value]), torch.tensor([lp(0.5, 0.3, 0.2)]))
     add(0, 0, 1.0, lp(0.3, 0.2, 0))  # a = 1; valid probs renormalise to (.6, .4)
     add(0, 1, 0.2, lp(0.9, 0, 0))  # b = 2
-    add(1, 0, 0.7, [NEG] * 3)  # a0 = 3, a complete SID
+    add(1, 0, 0.7, lp(0.1, 0, 0.1))  # a0 = 3, its two complete SIDs: codes 0 and 2
     return tree
 
 
 def g_values(root_value: float = 0.0) -> list[float]:
-    return [root_value + 0.5 * entropy(0.5, 0.3, 0.2), 1.0 + 0.5 * entropy(0.6, 0.4), 0.2, 0.7]
+    return [
+        root_value + 0.5 * entropy(0.5, 0.3, 0.2),
+        1.0 + 0.5 * entropy(0.6, 0.4),
+        0.2,
+        0.7 + 0.5 * entropy(0.5, 0.5),
+    ]
 
 
 def test_entropy_is_over_valid_children_renormalised() -> None:
@@ -80,34 +91,69 @@ def test_hand_tree_bookkeeping() -> None:
     tree = hand_tree()
     torch.testing.assert_close(tree.score[0, :4], torch.tensor(g_values()))
     assert tree.visits[0, :4].tolist() == [3, 2, 1, 1]
+    assert tree.self_visits[0, :4].tolist() == [2, 1, 0, 0]
+    # a0 has valid children, but they are complete SIDs: never nodes, so a0 is not expandable
     assert tree.expandable()[0, :4].tolist() == [True, True, True, False]
     assert tree.open_nodes()[0, :4].tolist() == [True, True, True, False]
     assert tree.path[0, 3].tolist() == [1, 3] and tree.depth[0, :4].tolist() == [0, 1, 1, 2]
     # path log-prob: the policy's (unrenormalised) log-probs along root -> a -> a0
     assert math.isclose(float(tree.log_prob[0, 3]), math.log(0.5 * 0.3), rel_tol=1e-6)
+    with pytest.raises(AssertionError, match="never a node"):
+        tree.allocate(*(torch.tensor([x]) for x in (0, 3, 0, 0, 7)))
+
+
+def test_candidates_are_the_children_of_the_deepest_prefixes() -> None:
+    cand = hand_tree().candidate_log_probs()[0]  # (M, C)
+    want = torch.full_like(cand, NEG)
+    want[3, 0] = want[3, 2] = math.log(0.5 * 0.3 * 0.1)
+    torch.testing.assert_close(cand, want)
+
+
+def test_g_is_standardised_within_each_depth() -> None:
+    tree = hand_tree()
+    # depth 1 holds a and b: +-1 (population std); the root and a0 are alone at their depths: 0; free slots: 0
+    torch.testing.assert_close(tree.normalised_score()[0], torch.tensor([0.0, 1.0, -1.0, 0.0, 0, 0, 0, 0]))
+    # so U does not change when V and lam scale together: beta is in units of G's spread
+    scaled = hand_tree()
+    scaled.score *= 25.0
+    torch.testing.assert_close(scaled.u_score(1.0), tree.u_score(1.0))
+    torch.testing.assert_close(scaled.self_u_score(1.0), tree.self_u_score(1.0))
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 10.0])
-def test_u_formula(beta: float) -> None:
+def test_u_formulas(beta: float) -> None:
     tree = hand_tree()
-    g, n = g_values(), [3, 2, 1, 1]
-    want = [g[i] + beta * math.sqrt(math.log(3 + 1) / (n[i] + 1)) for i in range(4)]
+    g_hat, n, own = [0.0, 1.0, -1.0, 0.0], [3, 2, 1, 1], [2, 1, 0, 0]
+    want = [g_hat[i] + beta * math.sqrt(math.log(3 + 1) / (n[i] + 1)) for i in range(4)]
     torch.testing.assert_close(tree.u_score(beta)[0, :4], torch.tensor(want))
+    want_own = [g_hat[i] + beta * math.sqrt(math.log(3 + 1) / (own[i] + 1)) for i in range(4)]
+    torch.testing.assert_close(tree.self_u_score(beta)[0, :4], torch.tensor(want_own))
 
 
 @pytest.mark.parametrize(
-    ("root_value", "beta", "selected"),
+    ("beta", "selected"),
     [
-        (0.0, 1.0, 1),  # U: root 1.10 (self) < a 2.02 > b 1.03; at a, a0 is closed -> a
-        (2.0, 1.0, 0),  # U(root) = 3.10 beats its children: widen level 1
-        (0.0, 10.0, 2),  # exploration dominates: b (fewest visits) 8.53 > a 8.13 > root 6.40
-        (0.0, 0.0, 1),  # pure G: a 1.34 > root 0.51 > b 0.2
+        (0.0, 1),  # pure Ĝ: a (+1) beats the root's own arm (0) and b (-1); at a, a0 is closed -> a widens
+        (1.0, 1),  # a 1.68 > root 0.68 > b -0.17; at a: a's own arm is its only one
+        (100.0, 2),  # exploration dominates: b (N = 1) 82.2 > a (N = 2) 69.0 > root (E = 2) 68.0
     ],
 )
-def test_descent_by_u(root_value: float, beta: float, selected: int) -> None:
-    tree = hand_tree(root_value)
+def test_descent_by_u(beta: float, selected: int) -> None:
+    tree = hand_tree()
     assert tree.select(torch.tensor([True]), beta).tolist() == [selected]
     assert tree.select(torch.tensor([False]), beta).tolist() == [-1]
+
+
+def test_the_root_widens_once_its_children_are_visited_more_than_its_own_arm() -> None:
+    """The root's own arm counts its own expansions (E = 2), not its subtree: once a and b have been
+    visited enough, it wins (here a: 1 + sqrt(ln 164 / 83) = 1.25 < root: sqrt(ln 164 / 3) = 1.30).
+    Scored by N(root) instead, as before, it could never beat a child."""
+    tree = hand_tree()
+    for node in (1, 2) * 80:
+        tree.backup(torch.tensor([0]), torch.tensor([node]))
+    assert tree.select(torch.tensor([True]), 1.0).tolist() == [0]
+    old_rule = tree.normalised_score()[0, 0] + math.sqrt(math.log(tree.visits[0, 0] + 1) / (tree.visits[0, 0] + 1))
+    assert float(old_rule) < float(tree.u_score(1.0)[0, 1:3].max())
 
 
 def test_gate_against_depth_mean() -> None:
@@ -119,14 +165,22 @@ def test_gate_against_depth_mean() -> None:
     assert not bool(tree.passes_gate(torch.tensor([-1])))
 
 
-def test_backup_and_sampling_from_unexpanded_codes() -> None:
+def test_backup_fail_and_sampling_from_unexpanded_codes() -> None:
     tree = hand_tree()
     tree.backup(torch.tensor([0]), torch.tensor([3]))
     assert tree.visits[0, :4].tolist() == [4, 3, 1, 2]
+    tree.fail(torch.tensor([0]), torch.tensor([2]))  # a gate failure at b: a visit up its path and of its own arm
+    assert tree.visits[0, :4].tolist() == [5, 3, 2, 2] and tree.self_visits[0, :4].tolist() == [2, 1, 1, 0]
     noise = torch.randn(64, 3) * 10
     rows = torch.zeros(64, dtype=torch.long)
     assert set(tree.sample_child(rows, torch.zeros(64, dtype=torch.long), noise).tolist()) == {2}
     assert set(tree.sample_child(rows, torch.ones(64, dtype=torch.long), noise).tolist()) == {1}
+    # temperature 0: the most likely unexpanded code whatever the noise
+    tree.child_log_prob[0, 0] = torch.tensor(lp(0.2, 0.3, 0.5))
+    tree.child[0, 0, 2] = -1
+    tree.child[0, 0, 1] = -1
+    zeros = torch.zeros(64, dtype=torch.long)
+    assert set(tree.sample_child(rows, zeros, noise, temperature=0.0).tolist()) == {2}
 
 
 def test_hashed_gumbel_draws_follow_the_renormalised_policy() -> None:
@@ -139,16 +193,6 @@ def test_hashed_gumbel_draws_follow_the_renormalised_policy() -> None:
     codes = tree.sample_child(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), noise)
     assert set(codes.tolist()) == {1, 2}
     assert abs(float((codes == 1).float().mean()) - 0.6) < 0.02
-
-
-def test_ranked_leaves_by_value_then_log_prob() -> None:
-    tree = SearchTree.empty(1, 6, 4, 1, lam=0.0, device=torch.device("cpu"))
-    zero = torch.zeros(1, dtype=torch.long)
-    tree.evaluate(zero, zero, torch.tensor([0.0]), torch.tensor([lp(0.4, 0.3, 0.2, 0.1)]))
-    rows = torch.zeros(4, dtype=torch.long)
-    nodes = tree.allocate(rows, torch.zeros(4, dtype=torch.long), torch.arange(4), torch.arange(4), torch.arange(4))
-    tree.evaluate(rows, nodes, torch.tensor([0.1, 0.5, 0.1, 0.3]), torch.full((4, 4), NEG))
-    assert tree.ranked_leaves(6).tolist() == [[2, 4, 1, 3, -1, -1]]
 
 
 # ---- the search on the tiny policy ----------------------------------------------------------
@@ -174,73 +218,140 @@ def head(tiny_policy: Policy) -> ValueHead:
     return net
 
 
-def brute_force_values(policy: Policy, head: ValueHead, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """V at every state s_0..s_D of every catalog SID by one full forward per prompt: (B, S, D+1)."""
+def brute_force(policy: Policy, head: ValueHead, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per prompt and catalog SID, by one full forward per prompt: the path log-prob (B, S) and V at the
+    SID's parent prefix s_{D-1} (B, S); and each SID's parent trie node (S,)."""
     trie, tok = policy.trie, policy.tokenizer
     sids = torch.tensor([tok.convert_tokens_to_ids(list(s)) for s in policy.catalog.sids])  # (S, D)
-    out = []
+    d = trie.depth
+    lps, values = [], []
     for b in range(ids.shape[0]):
         seq = torch.cat([ids[b].expand(len(sids), -1), sids], dim=1)  # (S, T+D)
         m = torch.cat([mask[b].expand(len(sids), -1), torch.ones_like(sids)], dim=1)
         with torch.no_grad():
             pos = prompt_position_ids(m)
             run = policy.model(input_ids=seq, attention_mask=m, position_ids=pos, output_hidden_states=True)
-            out.append(head(run.hidden_states[-1], m)[:, -(trie.depth + 1) :])
-    return torch.stack(out)
+            logp = run.logits[:, -d - 1 : -1].float().log_softmax(-1).gather(-1, sids[..., None])[..., 0]
+            lps.append(logp.sum(-1))
+            values.append(head(run.hidden_states[-1], m)[:, -2])
+    return torch.stack(lps), torch.stack(values), trie.parent[trie.sid_node]
+
+
+def prefix_count(policy: Policy) -> int:
+    """Trie nodes at depths 1 .. D-1: every prefix VED can feed the backbone."""
+    depth = policy.trie.node_depth
+    return int(((depth >= 1) & (depth < policy.trie.depth)).sum())
 
 
 def test_resolve_budget() -> None:
     assert resolve_budget(VEDConfig(), 3) == 64  # 2 x beam search of width 16: 2 x 16 x 2
-    assert resolve_budget(VEDConfig(num_candidates=2), 3) == 24  # raised to 3 x max(8, 2)
+    assert resolve_budget(VEDConfig(num_candidates=2), 3) == 32  # raised to (3 - 1) x max(16, 2)
+    assert resolve_budget(VEDConfig(num_candidates=2, init_beams=4), 3) == 8
     assert resolve_budget(VEDConfig(budget=50), 3) == 50
-    with pytest.raises(ValueError, match="budget 40"):
-        resolve_budget(VEDConfig(num_candidates=16, budget=40), 3)
+    with pytest.raises(ValueError, match="budget 30"):
+        resolve_budget(VEDConfig(num_candidates=16, budget=30), 3)
     with pytest.raises(ValueError, match="init_beams"):
         VEDConfig(init_beams=0)
+    with pytest.raises(ValueError, match="explore_slots"):
+        VEDConfig(num_candidates=4, explore_slots=5)
 
 
-def test_budget_accounting(tiny_policy: Policy, head: ValueHead) -> None:
+def test_complete_sids_cost_nothing(tiny_policy: Policy, head: ValueHead) -> None:
+    """Beam search's accounting: every prefix fed costs one token, a complete SID none (it is never fed);
+    the initial tree is what beam search of width init_beams feeds (6 level-1 codes exist, then 8 prefixes)."""
+    trie = tiny_policy.trie
     ids, mask = prompts(tiny_policy, [2, 5, 3], 0)
-    res = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, VEDConfig(num_candidates=8, budget=40))
-    for s in res.stats:
-        # initial tree, by hand: all 6 level-1 codes (< 8 beams), 8 level-2 prefixes, 8 complete SIDs
-        assert s.init_tokens == 6 + 8 + 8
-        assert s.tokens_spent == s.budget == 40 and s.stop_reason == "budget" and not s.cap_hit
+    config = VEDConfig(num_candidates=8, init_beams=8, budget=30)
+    res = ved_search(tiny_policy.model, head, trie, ids, mask, config)
+    leaf_counts = trie_leaf_counts(trie)
+    for b, s in enumerate(res.stats):
+        assert s.init_tokens == 6 + 8
+        assert s.tokens_spent == s.budget == 30 and s.stop_reason == "budget" and not s.cap_hit
         assert s.nodes == s.tokens_spent + 1 and s.max_depth == 3
+        live = res.tree.live[b]
+        assert int(res.tree.depth[b][live].max()) == 2  # no node is a complete SID
+        deepest = res.tree.trie_node[b][live & (res.tree.depth[b] == 2)]
+        assert s.leaves == int(leaf_counts[deepest].sum())  # every SID under a fed prefix is a candidate
         assert s.iterations >= s.tokens_spent - s.init_tokens + s.gate_failures
-    live = res.tree.live.sum(1)
-    assert live.tolist() == [41, 41, 41]
 
 
-@pytest.mark.parametrize("per_step", [1, 8])
-def test_exhaustive_budget_finds_the_true_top_by_value(tiny_policy: Policy, head: ValueHead, per_step: int) -> None:
+def test_the_search_widens_the_root(tiny_policy: Policy, head: ValueHead) -> None:
+    ids, mask = prompts(tiny_policy, [2, 5, 3], 7)
+    config = VEDConfig(num_candidates=2, init_beams=1, budget=24)
+    res = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, config)
+    beam = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, replace(config, deadline=0.0))
+    assert beam.tree.n_children[:, 0].tolist() == [1, 1, 1]  # the initial tree: one level-1 prefix
+    assert all(n > 1 for n in res.tree.n_children[:, 0].tolist())
+
+
+@pytest.mark.parametrize(("per_step", "value_weight"), [(1, 0.0), (8, 0.0), (4, 0.5)])
+def test_exhaustive_budget_returns_the_true_top_by_score(
+    tiny_policy: Policy, head: ValueHead, per_step: int, value_weight: float
+) -> None:
+    """With every prefix fed, the pool is the catalog and the returned set is its top G by path log-prob
+    plus value_weight x the parent prefix's V standardised over all prefixes of that depth (brute force)."""
     trie = tiny_policy.trie
     ids, mask = prompts(tiny_policy, [3, 1], 1)
-    g = 10
-    config = VEDConfig(num_candidates=g, budget=trie.num_nodes - 1, expansions_per_step=per_step)
+    g, n = 10, prefix_count(tiny_policy)
+    config = VEDConfig(num_candidates=g, budget=n, expansions_per_step=per_step, value_weight=value_weight)
     res = ved_search(tiny_policy.model, head, trie, ids, mask, config)
-    brute = brute_force_values(tiny_policy, head, ids, mask)  # (B, S, D+1)
+    lp_all, v_parent, parent = brute_force(tiny_policy, head, ids, mask)
     for b, s in enumerate(res.stats):
-        assert s.stop_reason == "exhausted" and s.tokens_spent == trie.num_nodes - 1
-        assert s.leaves == len(tiny_policy.catalog.sids)
-        want = brute[b, :, -1].argsort(descending=True)[:g]
+        assert s.stop_reason == "exhausted" and s.tokens_spent == n and s.leaves == len(tiny_policy.catalog.sids)
+        v = torch.zeros(trie.num_nodes).index_put_((parent,), v_parent[b])  # V of each deepest prefix
+        prefixes = parent.unique()
+        z = (v_parent[b] - v[prefixes].mean()) / v[prefixes].std(unbiased=False)
+        score = lp_all[b] + value_weight * z
+        want = score.argsort(descending=True)[:g]
         assert res.decode.sid_index[b].tolist() == want.tolist()
-        torch.testing.assert_close(res.decode.scores[b], brute[b, want, -1], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(res.path_values[b], brute[b, want], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(res.decode.scores[b], score[want], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(res.log_probs[b], lp_all[b, want], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(res.path_values[b, :, -1], v_parent[b, want], rtol=1e-4, atol=1e-4)
+
+
+def test_explore_slots_take_first_level_codes_the_head_missed(tiny_policy: Policy, head: ValueHead) -> None:
+    ids, mask = prompts(tiny_policy, [4, 2, 6], 8)
+    g, k = 8, 3
+    res = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, VEDConfig(g, explore_slots=k))
+    plain = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, VEDConfig(g))
+    assert torch.equal(res.tree.token, plain.tree.token)  # the same search; only the returned set differs
+    first = res.decode.token_ids[..., 0]  # (B, G)
+    for b in range(ids.shape[0]):
+        assert res.decode.sid_index[b, : g - k].tolist() == plain.decode.sid_index[b, : g - k].tolist()
+        pool_codes = set(res.tree.code[b][res.tree.live[b] & (res.tree.depth[b] == 1)].tolist())
+        head_codes = set(first[b, : g - k].tolist())
+        fresh = first[b, g - k :].tolist()
+        assert len(pool_codes) - len(head_codes) >= k  # the pool has codes to explore
+        assert len(set(fresh)) == k and not set(fresh) & head_codes
+
+
+def test_beta_is_in_units_of_the_spread_of_g(tiny_policy: Policy, head: ValueHead) -> None:
+    """V and lam scaled together by 8 scale every G by 8: the standardised G, hence the search, stay the same."""
+    ids, mask = prompts(tiny_policy, [3, 5], 9)
+    scaled = copy.deepcopy(head)
+    with torch.no_grad():
+        scaled.mlp[-1].weight.mul_(8.0)
+        scaled.mlp[-1].bias.mul_(8.0)
+    config = VEDConfig(num_candidates=8, budget=40, lam=0.25, seed=4)
+    res = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, config)
+    big = ved_search(tiny_policy.model, scaled, tiny_policy.trie, ids, mask, replace(config, lam=2.0))
+    torch.testing.assert_close(big.tree.score, res.tree.score * 8, rtol=1e-4, atol=1e-4)
+    assert torch.equal(big.tree.token, res.tree.token)
+    lam_only = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, replace(config, lam=2.0))
+    assert not torch.equal(lam_only.tree.token, res.tree.token)  # G steers this search: the test is not vacuous
 
 
 def test_deadline_passed_returns_the_initial_beam(tiny_policy: Policy, head: ValueHead) -> None:
     ids, mask = prompts(tiny_policy, [4, 2], 2)
-    config = VEDConfig(num_candidates=8, deadline=time.perf_counter() - 1.0)
+    config = VEDConfig(num_candidates=8, init_beams=12, deadline=time.perf_counter() - 1.0)
     res = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, config)
-    beam = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(8))
+    beam = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(12))
     for b, s in enumerate(res.stats):
         assert s.cap_hit and s.stop_reason == "deadline" and s.iterations == 0 and s.tokens_spent == s.init_tokens
-        assert sorted(res.decode.sid_index[b].tolist()) == sorted(beam.sid_index[b].tolist())
-        # the candidates' path log-probs are beam search's scores
-        order = [beam.sid_index[b].tolist().index(i) for i in res.decode.sid_index[b].tolist()]
-        torch.testing.assert_close(res.log_probs[b], beam.scores[b, order], rtol=1e-5, atol=1e-5)
-        assert torch.all(res.decode.scores[b, :-1] >= res.decode.scores[b, 1:])
+        # ranked by path log-prob, the initial tree's best 8 are beam search's (width 12) best 8, in its order
+        assert res.decode.sid_index[b].tolist() == beam.sid_index[b, :8].tolist()
+        torch.testing.assert_close(res.log_probs[b], beam.scores[b, :8], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res.decode.scores[b], beam.scores[b, :8], rtol=1e-5, atol=1e-5)
 
 
 def test_deadline_with_more_candidates_than_beams_still_fills_them(tiny_policy: Policy, head: ValueHead) -> None:

@@ -7,6 +7,7 @@ a search that would run for seconds returns about when its cap says.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from models.beam_search import BeamSearchConfig, beam_search
 from models.sid_catalog import sid_to_str
 from models.ved import VEDConfig
+from service import schemas
 from service.app import create_app
 from service.deadline import BatchCost, DeadlineMargin, quantile
 from service.recommender import DecodeJob
@@ -81,7 +83,7 @@ def test_fallback_follows_the_learnt_initial_tree_cost(
     monkeypatch.setattr(app.state.recommender, "init_cost", BatchCost(start_s=5.0))
     slow = client.post("/recommend", json=body).json()
     assert slow["cap_hit"] is True and slow["search"]["fallback"] == "initial_beam"
-    assert [it["sid"] for it in slow["items"]] == initial_beam_sids(app, [8, 9], 12)
+    assert [it["sid"] for it in slow["items"]] == initial_beam_sids(app, [8, 9], max(12, VEDConfig().init_beams))[:12]
     monkeypatch.setattr(app.state.recommender, "init_cost", BatchCost(start_s=0.001))
     fast = client.post("/recommend", json=body | {"latency_ms": 1000}).json()
     assert fast["search"]["fallback"] is None and fast["search"]["iterations"] > 0 and len(fast["items"]) == 12
@@ -123,6 +125,9 @@ def slow_down(app: FastAPI, monkeypatch: pytest.MonkeyPatch, seconds: float) -> 
 
 def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     slow_down(app, monkeypatch, 0.02)
+    # one expansion a forward: the tiny catalog has 36 prefixes only (complete SIDs are never fed), which
+    # 4 a forward would search to the end within the cap
+    monkeypatch.setattr(schemas, "VEDConfig", functools.partial(VEDConfig, expansions_per_step=1))
     monkeypatch.setattr(app.state.recommender, "deadline_margin", DeadlineMargin(0.005))
     body = {"history": [6, 7], "k": 5, "mode": "ved", "budget": 2000}
     answers = [client.post("/recommend", json=body | {"latency_ms": 200}).json() for _ in range(6)]

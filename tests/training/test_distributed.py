@@ -112,8 +112,8 @@ def test_sft_two_processes_match_one(tiny_dataset: RecDataset, tiny_data_dir: Pa
 RL_CASES = {
     # 200 rows in global batches of 9: prompt shards of 4 and 5
     "grpo": ["--batch-size", "9", "--seed", "0"],
-    # 201 rows (train + 1 valid row) in batches of 8; seed 98 puts the 1-row batch first (rank 1: stand-in)
-    "vstar": ["--batch-size", "8", "--seed", "98", "--train-splits", "train,valid", "--holdout", "39"],
+    # 201 rows (train + 1 valid row) in batches of 8; seed 138 puts the 1-row batch first (rank 1: stand-in)
+    "vstar": "--batch-size 8 --seed 138 --train-splits train,valid --holdout 39 --value-warmup 2".split(),
 }
 
 
@@ -126,7 +126,7 @@ def test_rl_two_processes_match_one(algo: str, tiny_dataset: RecDataset, tiny_da
     config = RLConfig(
         algo=algo, max_steps=2, batch_size=int(case["--batch-size"]), num_candidates=16, lr=1e-2, eval_every=2,
         eval_limit=8, seed=int(case["--seed"]), train_splits=tuple(case.get("--train-splits", "train").split(",")),
-        holdout=int(case.get("--holdout", 500)),
+        holdout=int(case.get("--holdout", 500)), value_warmup=int(case.get("--value-warmup", 0)),
     )  # fmt: skip
     train_rl(tiny_dataset, init, tmp_path / "one", config, progress=False)
     one_steps = [json.loads(line) for line in (tmp_path / "one.steps.jsonl").read_text().splitlines()]

@@ -5,21 +5,25 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
+from models.ved import VEDConfig
+from training.cli import select_rows
 from training.data import RecDataset
-from training.diagnose import DIAGNOSTIC_KEYS
-from training.rl import RLConfig, RLTrainer
+from training.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
+from training.rl import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, RLTrainer
 from training.rl_bench import clone
 from training.rl_loss import clipped_pg, k3_kl, policy_loss
 from training.rl_run import train_rl
-from training.value_io import new_value_head
+from training.value_io import checkpoint_ved_config, new_value_head, value_head_manifest
 
 HAS_VED = importlib.util.find_spec("models.ved") is not None
 
@@ -116,6 +120,31 @@ def test_dense_rewards_need_embeddings(tiny_policy: Policy) -> None:
         RLTrainer(tiny_policy, tiny_policy, RLConfig(algo="vstar", ved=False), 1, new_value_head(tiny_policy), None)
 
 
+def test_value_warmup_step_trains_only_the_value_head(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:
+    """The warm-up schedule: TD steps of V_phi only; the policy, its optimizer, its cosine schedule and the
+    RL step counter stay where they were, so RL then starts exactly as it would have without it."""
+    policy, reference = clone(tiny_policy), clone(tiny_policy)
+    head = new_value_head(policy)
+    before, head_before = params(policy.model), params(head)
+    trainer = RLTrainer(policy, reference, RLConfig(algo="vstar", batch_size=4), 10, head, tiny_dataset.embeddings)
+    lr = trainer.scheduler.get_last_lr()
+    losses = [trainer.value_warmup_step(tiny_dataset.splits["train"][i : i + 4])["value_loss"] for i in (0, 4)]
+    assert all(math.isfinite(x) for x in losses)
+    assert not changed(before, policy.model) and changed(head_before, head)
+    assert trainer.step_count == 0 and trainer.scheduler.last_epoch == 0 and trainer.scheduler.get_last_lr() == lr
+    assert not any(trainer.optimizer.state.values())  # the policy's AdamW never stepped
+
+
+def test_rl_config_nests_the_ved_config() -> None:
+    assert RLConfig().value_warmup == VALUE_WARMUP > 0
+    assert RLConfig().ved_config == VEDConfig(explore_slots=EXPLORE_SLOTS) and EXPLORE_SLOTS > 0
+    config = RLConfig(algo="vstar", num_candidates=8, ved_config=VEDConfig(budget=40, explore_slots=2))
+    assert config.ved_config == VEDConfig(num_candidates=8, budget=40, explore_slots=2)  # G comes from the RL config
+    assert asdict(config)["ved_config"]["budget"] == 40
+    with pytest.raises(ValueError, match="value_warmup"):
+        RLConfig(value_warmup=-1)
+
+
 # ---- runs
 
 
@@ -123,7 +152,7 @@ def test_train_rl_writes_checkpoint_and_resumes(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "rl"
-    config = RLConfig(algo="vstar", ved=False, max_steps=3, batch_size=4, eval_every=1, eval_limit=8)
+    config = RLConfig(algo="vstar", ved=False, max_steps=3, batch_size=4, eval_every=1, eval_limit=8, value_warmup=2)
     original = RLTrainer.step
     calls = {"n": 0}
 
@@ -139,6 +168,7 @@ def test_train_rl_writes_checkpoint_and_resumes(
     monkeypatch.setattr(RLTrainer, "step", original)
     summary = train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
     assert summary["steps"] == 3 and [h["step"] for h in summary["history"]] == [0, 1, 2, 3]
+    assert summary["value_warmup"] == {}  # it ran before the interruption: the resumed run keeps its head
     steps = [json.loads(line)["step"] for line in Path(summary["steps_log"]).read_text().splitlines()]
     assert steps == [1, 2, 3]
     ckpt = load_checkpoint(out)
@@ -175,6 +205,19 @@ def test_vstar_without_ved_module_fails_clearly(
     with pytest.raises(ValueError, match="models/ved.py"):
         train_rl(tiny_dataset, init_ckpt, tmp_path / "x", RLConfig(algo="vstar", max_steps=1), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_warmup_runs_first_and_the_checkpoint_keeps_its_ved_config(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path
+) -> None:
+    ved = VEDConfig(budget=40, explore_slots=2, init_beams=4)
+    config = RLConfig(algo="vstar", max_steps=1, batch_size=4, eval_limit=8, value_warmup=3, ved_config=ved)
+    summary = train_rl(tiny_dataset, init_ckpt, tmp_path / "v", config, progress=False)
+    assert summary["value_warmup"]["steps"] == 3 and math.isfinite(summary["value_warmup"]["value_loss"])
+    ckpt = load_checkpoint(tmp_path / "v")
+    assert checkpoint_ved_config(ckpt, 16) == ved  # what eval / diagnose decode with
+    assert checkpoint_ved_config(ckpt, 10, budget=30, seed=5) == VEDConfig(10, 4, 30, explore_slots=2, seed=5)
+    assert checkpoint_ved_config(load_checkpoint(init_ckpt), 10) == VEDConfig(10)  # an SFT checkpoint: defaults
 
 
 # ---- CLI contracts
@@ -224,3 +267,51 @@ def test_cli_bench_train_writes_both_keys(tmp_path: Path) -> None:
     invoke(["bench", "train", "--steps", "1", "--batch-size", "2", "--threads", "0", "--json", str(out)])
     bench = json.loads(out.read_text())
     assert set(bench) == {"grpo_s_per_step", "vstar_s_per_step"} and all(v > 0 for v in bench.values())
+
+
+def test_spearman_hand_cases() -> None:
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 30.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 1.0, 2.0])) == pytest.approx(-0.5)
+    # ties share their mean rank: ranks (0.5, 0.5, 2) vs (0, 1, 2)
+    assert spearman(np.array([5.0, 5.0, 7.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.8660254)
+    assert spearman(np.array([1.0, 1.0]), np.array([0.0, 1.0])) is None
+
+
+def test_holdout_rows_are_the_last_ones() -> None:
+    rows = list(range(10))
+    assert list(select_rows(rows, None, 3)) == [7, 8, 9] and list(select_rows(rows, 2, 3)) == [7, 8]
+    assert list(select_rows(rows, 2, None)) == [0, 1] and list(select_rows(rows, None, None)) == rows
+
+
+def test_cli_diagnose_reports_the_value_head(tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path) -> None:
+    """With a value head: the candidate-set keys as before, then its quality on the same candidate sets; VED
+    decodes with the checkpoint's VED settings (here explore slots: more first-level codes than without)."""
+    head = new_value_head(tiny_policy)
+    manifest = {"stage": "rl", "value_head": value_head_manifest(head)}
+    rl = asdict(RLConfig(algo="vstar", ved_config=VEDConfig(explore_slots=6)))
+    extras = {"value_head": head.state_dict()}
+    plain = save_checkpoint(tmp_path / "plain", tiny_policy, manifest, extras)
+    explore = save_checkpoint(tmp_path / "x6", tiny_policy, manifest | {"rl_config": rl}, extras)
+    out = {}
+    for name, ckpt in (("plain", plain), ("x6", explore)):
+        invoke(["diagnose", "--data", str(tiny_data_dir), "--checkpoint", str(ckpt), "--decoder", "ved",
+                "--holdout", "12", "--batch-size", "4", "--json", str(tmp_path / f"{name}.json")])  # fmt: skip
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    diag = out["plain"]
+    assert tuple(diag)[: len(DIAGNOSTIC_KEYS)] == DIAGNOSTIC_KEYS and set(VALUE_KEYS) <= set(diag)
+    assert {"value_spearman_l1", "value_spearman_l2"} <= set(diag)
+    assert diag["value_rows"] == round(diag["reachability"] * 12)
+    if diag["value_rows"]:
+        assert 1 <= diag["target_rank_value"] <= 16 and 1 <= diag["target_rank_logprob"] <= 16
+    assert out["x6"]["distinct_l1"] > diag["distinct_l1"]
+    # eval ranks a recommendation list by score unless told otherwise; diagnose kept the checkpoint's slots
+    from training.data import load_dataset
+    from training.evaluate import make_decoder, rank_samples
+
+    ckpt = load_checkpoint(explore)
+    rows = load_dataset(tiny_data_dir).splits["valid"][-12:]
+    codes = {}
+    for slots in (0, 6):
+        ranked = rank_samples(ckpt.policy, rows, make_decoder(ckpt, "ved", 16, explore_slots=slots), progress=False)
+        codes[slots] = sum(len({ckpt.policy.catalog.sids[i][0] for i in r}) for r in ranked)
+    assert codes[6] > codes[0]
