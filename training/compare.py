@@ -8,7 +8,7 @@ With several seeds per method, a row's figure is its mean over the method's
 seeds; the bootstrap then resamples rows (``samples`` draws, seeded), and the
 interval is the percentile interval of the mean difference. It measures how
 sure the difference is over *rows*; the spread over seeds is the seeds' std
-reported beside it.
+reported beside it (``base_seeds`` / ``other_seeds``: mean and std over seeds).
 """
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ def load_ranks(paths: Sequence[Path]) -> np.ndarray:
     return np.asarray(runs)
 
 
+def seed_spread(runs: np.ndarray, name: str) -> dict[str, float]:
+    """Mean and std (n - 1) over a method's seeds of its whole-split figure; std 0 for one seed."""
+    per_seed = np.array([row_metric(r, name).mean() for r in runs])
+    std = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
+    return {"mean": round(float(per_seed.mean()), 4), "std": round(std, 4), "seeds": len(per_seed)}
+
+
 def paired_bootstrap(
     base: np.ndarray, other: np.ndarray, metrics: Sequence[str] = METRICS, samples: int = 2000, seed: int = 0
 ) -> dict[str, dict[str, float]]:
@@ -65,6 +72,8 @@ def paired_bootstrap(
         base_mean = float(b.mean())
         scale = 1.0 / base_mean if base_mean > 0 else math.nan  # relative figures: fractions of the base's mean
         out[name] = {
+            "base_seeds": seed_spread(base, name),
+            "other_seeds": seed_spread(other, name),
             "base": round(base_mean, 4),
             "other": round(float(o.mean()), 4),
             "diff": round(float(diff.mean()), 4),

@@ -41,9 +41,14 @@ def test_a_better_method_has_an_interval_above_zero_and_seeds_are_averaged() -> 
     for m in out.values():
         assert m["diff"] > 0 and 0 < m["ci95"][0] <= m["diff"] <= m["ci95"][1]
         assert m["relative"] == pytest.approx(m["diff"] / m["base"], abs=2e-3)
+    assert out["HR@1"]["other_seeds"] == {"mean": out["HR@1"]["other"], "std": 0.0, "seeds": 2}
     # two seeds: a row's figure is the seeds' mean
     half = paired_bootstrap(base[None], np.stack([base, better]), metrics=("HR@1",), samples=100)
     assert half["HR@1"]["diff"] == pytest.approx(out["HR@1"]["diff"] / 2, abs=1e-4)
+    spread = half["HR@1"]["other_seeds"]
+    hr1 = [float((base == 0).mean()), float((better == 0).mean())]
+    assert spread["mean"] == pytest.approx(np.mean(hr1), abs=1e-4)
+    assert spread["std"] == pytest.approx(np.std(hr1, ddof=1), abs=1e-4)
 
 
 def test_files_must_hold_ranks_for_the_same_rows(tmp_path: Path) -> None:
