@@ -30,7 +30,10 @@ from typer.core import TyperGroup
 from loadtests.cli import register as register_loadtests
 from models.checkpoint_error import CheckpointError
 from service.cli import register as register_service
-from training.cli import register as register_training
+from training.cli.baselines import register_baseline
+from training.cli.commands import register as register_training
+from training.cli.plot import register_plot
+from training.cli.rl import register_rl
 
 PROJECT_PACKAGES = ("models", "training", "service", "loadtests", "vstar", "__main__")
 # Plain click help, not rich's: rich reads "[recipe: 20]" in a help text as markup and drops it,
@@ -97,6 +100,9 @@ bench = typer.Typer(
 )
 app.add_typer(bench, name="bench")
 register_training(app, bench)
+register_rl(app, bench)
+register_baseline(app)
+register_plot(app)
 register_service(app, bench)
 register_loadtests(app, bench)
 

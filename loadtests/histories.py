@@ -1,6 +1,6 @@
 """Real user histories for the load test, read from one split of a data set folder.
 
-A light CSV reader rather than ``training.data.load_dataset``: the locust
+A light CSV reader rather than ``training.data.dataset.load_dataset``: the locust
 process only needs ``user_id``, the history item ids, their SID strings and the
 target of each row, and it must not import torch or build the catalog (it runs
 under gevent, and it starts once per measured point). The rows are the ones the
@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-# The columns this reader needs out of MiniOneRec's seven (see training/data.py).
+# The columns this reader needs out of MiniOneRec's seven (see training/data/dataset.py).
 NEEDED = ("user_id", "history_item_id", "history_item_sid", "item_id")
 
 

@@ -24,17 +24,21 @@ Design:
 
 Saved in checkpoints as ``extras["value_head"] = head.state_dict()`` with
 ``asdict(head.config)`` in the manifest under ``"value_head"``;
-``ValueHead(ValueHeadConfig(**manifest["value_head"]))`` rebuilds it.
+``ValueHead(ValueHeadConfig(**manifest["value_head"]))`` rebuilds it;
+``load_value_head`` does so for trainer, evaluation and service alike (an SFT
+checkpoint has none: the caller says whether that is an error).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.policy import Policy
 
 
@@ -138,3 +142,46 @@ def value_head_for(
     hidden = int(policy.model.config.hidden_size)
     config = ValueHeadConfig(hidden, num_heads, ffn_size, mlp_hidden, dropout)
     return ValueHead(config).to(policy.device)
+
+
+def value_head_manifest(head: ValueHead) -> dict[str, Any]:
+    """What a checkpoint's manifest stores under ``"value_head"`` to rebuild ``head``."""
+    return asdict(head.config)
+
+
+@overload
+def load_value_head(
+    checkpoint: LoadedCheckpoint, device: str | torch.device = ..., required: Literal[True] = ...
+) -> ValueHead: ...
+
+
+@overload
+def load_value_head(
+    checkpoint: LoadedCheckpoint, device: str | torch.device = ..., required: bool = ...
+) -> ValueHead | None: ...
+
+
+def load_value_head(
+    checkpoint: LoadedCheckpoint, device: str | torch.device = "cpu", required: bool = True
+) -> ValueHead | None:
+    """The checkpoint's value head in eval mode; when it has none, a ``CheckpointError`` if ``required``,
+    else None. Weights that do not fit the stored config are always a ``CheckpointError``."""
+    state = checkpoint.extras.get("value_head")
+    if state is None:
+        if not required:
+            return None
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} has no value head (only `vstar rl --algo vstar` writes one); "
+            "use --decoder beam or a V-STAR checkpoint"
+        )
+    config = checkpoint.manifest.get("value_head")
+    if config is None:
+        raise CheckpointError(f"checkpoint {checkpoint.path}: value_head weights without manifest['value_head']")
+    try:
+        head = ValueHead(ValueHeadConfig(**config))
+        head.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path}: value_head.safetensors does not fit manifest['value_head']: {e}"
+        ) from None
+    return head.to(device).eval()

@@ -51,7 +51,7 @@ model's training; small preset, seed 0; value head warmed up 200 steps). G =
   16 gives 0.131 / 0.253 / 0.136 and 24 gives 0.132 / 0.249 / 0.128: a wider
   initial beam keeps reachability, a narrower one lets the search reach
   further from beam search's list; 16 is the narrowest that keeps both.
-* ``explore_slots`` 0 here, 2 in RL rollouts (``training.rl``): with init 16,
+* ``explore_slots`` 0 here, 2 in RL rollouts (``training.rl.trainer``): with init 16,
   1 -> 0.1535 / 6.99, 2 -> 0.153 / 7.66, 4 -> 0.146 / 8.66; 2 is the least
   that spreads a group over more first-level codes than beam search's. In a
   recommendation list they cost accuracy (1 of 10: HR@10 0.127).
@@ -104,7 +104,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn import functional as F
@@ -112,6 +112,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from models.beam_search import DecodeResult, decode_step, level_log_probs, prefill
 from models.candidate_set import rank_candidates
+from models.checkpoint import LoadedCheckpoint
 from models.search_noise import gumbel_noise, prompt_keys
 from models.search_tree import SearchTree, rank_within, standardise_by_depth
 from models.sid_trie import SidTrie
@@ -145,6 +146,27 @@ class VEDConfig:
             raise ValueError("lam, beta, child_temperature and value_weight must be >= 0")
         if not 0 <= self.explore_slots <= self.num_candidates:
             raise ValueError(f"explore_slots must be in [0, num_candidates], got {self.explore_slots}")
+
+
+def checkpoint_ved_config(
+    checkpoint: LoadedCheckpoint,
+    num_candidates: int,
+    budget: int | None = None,
+    seed: int = 0,
+    explore_slots: int | None = None,
+) -> VEDConfig:
+    """The VED settings ``checkpoint`` was trained with (an RL checkpoint's ``manifest["rl_config"]["ved_config"]``;
+    ``VEDConfig``'s defaults where it stores none), for ``num_candidates`` SIDs; ``budget`` and ``explore_slots``
+    override the stored ones when given."""
+    stored = checkpoint.manifest.get("rl_config", {}).get("ved_config")
+    base = VEDConfig(**stored) if stored else VEDConfig()
+    return replace(
+        base,
+        num_candidates=num_candidates,
+        budget=base.budget if budget is None else budget,
+        explore_slots=base.explore_slots if explore_slots is None else explore_slots,
+        seed=seed,
+    )
 
 
 def resolve_budget(config: VEDConfig, depth: int) -> int:

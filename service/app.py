@@ -30,7 +30,7 @@ from fastapi_offline import FastAPIOffline
 from transformers.utils import logging as hf_logging
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
-from models.value_head import ValueHead, ValueHeadConfig, value_head_for
+from models.value_head import ValueHead, load_value_head, value_head_for
 from service.errors import install_error_handling
 from service.json_logs import configure_logging
 from service.metrics import ServiceMetrics
@@ -63,25 +63,15 @@ def build_store(settings: Settings) -> Store:
     )
 
 
-def load_value_head(checkpoint: LoadedCheckpoint, device: str) -> ValueHead:
+def value_head_or_fresh(checkpoint: LoadedCheckpoint, device: str) -> ValueHead:
     """The checkpoint's value head; a fresh one (with a warning) when it has none, as SFT checkpoints do."""
-    state = checkpoint.extras.get("value_head")
-    if state is None:
-        log.warning("checkpoint has no value head: VED runs with a freshly initialised one (fine for SFT checkpoints)")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same head in every worker, so VED answers do not depend on which one serves
-            return value_head_for(checkpoint.policy).eval()
-    config = checkpoint.manifest.get("value_head")
-    if config is None:
-        raise CheckpointError(f"checkpoint {checkpoint.path}: value_head weights without manifest['value_head']")
-    try:
-        head = ValueHead(ValueHeadConfig(**config))
-        head.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"checkpoint {checkpoint.path}: value_head.safetensors does not fit manifest['value_head']: {e}"
-        ) from None
-    return head.to(device).eval()
+    head = load_value_head(checkpoint, device, required=False)
+    if head is not None:
+        return head
+    log.warning("checkpoint has no value head: VED runs with a freshly initialised one (fine for SFT checkpoints)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same head in every worker, so VED answers do not depend on which one serves
+        return value_head_for(checkpoint.policy).eval()
 
 
 def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender:
@@ -92,7 +82,7 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(settings.checkpoint, settings.device)
     recommender = Recommender(
-        checkpoint, load_value_head(checkpoint, settings.device), settings, build_store(settings), metrics
+        checkpoint, value_head_or_fresh(checkpoint, settings.device), settings, build_store(settings), metrics
     )
     if settings.warmup:
         recommender.warmup()

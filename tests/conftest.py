@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from models.policy import Policy  # noqa: E402
 from models.sid_catalog import Item, SidCatalog, level_token  # noqa: E402
-from training.data import RecDataset, Sample, load_dataset, write_dataset  # noqa: E402
+from training.data.dataset import RecDataset, Sample, load_dataset, write_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VSTAR_SHARED_DATA", REPO.parent / "shared" / "data" / "amazon-industrial"))

@@ -85,7 +85,7 @@ def test_a_corrupt_checkpoint_is_one_line(tiny_data_dir: Path, tiny_policy: Poli
 
 
 def test_a_value_error_inside_a_library_is_a_bug_and_keeps_its_traceback() -> None:
-    from training.data import parse_splits
+    from training.data.dataset import parse_splits
 
     with pytest.raises(ValueError) as ours:
         parse_splits("train,dev")

@@ -21,9 +21,9 @@ from models.checkpoint import save_checkpoint
 from models.policy import Policy
 from service.app import create_app
 from service.settings import Settings
+from training.data.sid_builder import SidBuildConfig
+from training.data.synth import SynthConfig, write_synth
 from training.demo import curl_command, example_request, rl_note
-from training.sid_builder import SidBuildConfig
-from training.synth import SynthConfig, write_synth
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from training.data import load_dataset
+from training.data.dataset import load_dataset
 
 # (label, stem of <stem>.test.json)
 MODELS = (

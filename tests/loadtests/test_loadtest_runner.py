@@ -9,7 +9,7 @@ import pytest
 from loadtests.histories import HistorySampler, read_histories, split_path
 from loadtests.runner import GRACE_S, LoadTestPlan, locust_command, parse_duration, parse_users
 from loadtests.target import require_loopback
-from training.data import RecDataset
+from training.data.dataset import RecDataset
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("45", 45), ("2m", 120), ("1m30s", 90), ("1h", 3600)])

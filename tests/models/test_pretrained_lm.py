@@ -17,7 +17,8 @@ from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
 from models.sid_catalog import SidCatalog
-from training.sft import SFTConfig, train_sft
+from training.sft.config import SFTConfig
+from training.sft.trainer import train_sft
 
 
 @pytest.fixture(scope="module")

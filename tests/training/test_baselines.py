@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from training.baselines import (
+from training.baselines.run import (
     popular_items,
     popularity,
     ranking_depth,
@@ -19,10 +19,11 @@ from training.baselines import (
     run_sasrec,
     sid_rankings,
 )
-from training.data import RecDataset, Sample
-from training.evaluate import beam_decoder, evaluate
-from training.metrics import items_to_sid_ranking
-from training.sasrec import ItemIndex, SASRec, SASRecConfig, rank_items, sequence_loss, training_tensors
+from training.baselines.sasrec import ItemIndex, SASRec, SASRecConfig, rank_items, sequence_loss, training_tensors
+from training.data.dataset import RecDataset, Sample
+from training.evaluation.decoders import beam_decoder
+from training.evaluation.evaluate import evaluate
+from training.evaluation.metrics import items_to_sid_ranking
 from vstar import app
 
 TINY = SASRecConfig(hidden=16, blocks=1, heads=2, dropout=0.0, epochs=2, batch_size=32, lr=1e-2, patience=1)

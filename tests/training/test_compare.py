@@ -1,4 +1,4 @@
-"""Paired bootstrap comparison of eval files (``training.compare``, ``vstar compare``)."""
+"""Paired bootstrap comparison of eval files (``training.evaluation.compare``, ``vstar compare``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from training.compare import load_ranks, paired_bootstrap, row_metric
+from training.evaluation.compare import load_ranks, paired_bootstrap, row_metric
 from vstar import app
 
 

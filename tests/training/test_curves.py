@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 
 from models.checkpoint import save_checkpoint
 from models.policy import Policy
-from training.curve_plot import event_folder, plot_runs, read_curves, smooth
-from training.data import RecDataset
-from training.rl import RLConfig
-from training.rl_run import train_rl
-from training.sft import SFTConfig, train_sft
+from training.data.dataset import RecDataset
+from training.evaluation.curve_plot import event_folder, plot_runs, read_curves, smooth
+from training.rl.run import train_rl
+from training.rl.trainer import RLConfig
+from training.sft.config import SFTConfig
+from training.sft.trainer import train_sft
 from vstar import app
 
 SFT = SFTConfig(preset="tiny", epochs=2, batch_size=50, eval_limit=8, seed=1)  # 4 steps per epoch, validated each

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from models.sid_catalog import sid_to_str
-from training.data import COLUMNS, DataError, Sample, load_dataset, load_minionerec, parse_splits, popular_sids
+from training.data.dataset import COLUMNS, DataError, Sample, load_dataset, load_minionerec, parse_splits, popular_sids
 
 
 def copy_data(src: Path, dst: Path) -> Path:

@@ -19,11 +19,13 @@ import pytest
 import torch
 
 from models.checkpoint import load_checkpoint
-from training.data import RecDataset
+from training.data.dataset import RecDataset
 from training.distributed import Shard, loss_scales, shard, weighted_mean
-from training.rl import RLConfig
-from training.rl_run import train_rl
-from training.sft import SFTConfig, epoch_batches, train_sft
+from training.loop import epoch_batches
+from training.rl.run import train_rl
+from training.rl.trainer import RLConfig
+from training.sft.config import SFTConfig
+from training.sft.trainer import train_sft
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
@@ -41,7 +43,7 @@ def spy(path, *args, **kwargs):
     return real_save(path, *args, **kwargs)
 
 
-checkpoint.save_checkpoint = spy  # before the CLI imports training.sft / training.rl_run
+checkpoint.save_checkpoint = spy  # before the CLI imports training.sft.trainer / training.rl.run
 from vstar import main  # noqa: E402
 
 main()
@@ -162,7 +164,7 @@ def test_global_batch_smaller_than_world_is_a_clear_error(tiny_data_dir: Path, t
 def test_weighted_losses_give_the_global_gradient(tiny_dataset: RecDataset) -> None:
     """The scaling rule itself, simulated in one process: sum_r (W * n_r / N) * mean_r / W == global mean."""
     from models.policy import Policy
-    from training.sft import collate, encode_sample
+    from training.sft.batches import collate, encode_sample
 
     policy = Policy.from_preset("tiny", tiny_dataset.catalog, seed=0)
     rows = [encode_sample(policy, s) for s in tiny_dataset.splits["train"][:5]]

@@ -1,4 +1,4 @@
-"""Choosing the fusion weight on held-out rows and storing the counts (``training.fusion``)."""
+"""Choosing the fusion weight on held-out rows and storing the counts (``training.evaluation.fusion``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
 from models.transition import STATE_NAME, TransitionCounts
-from training.data import Sample
-from training.fusion import REPORTED, choose_weight, fuse_trained
+from training.data.dataset import Sample
+from training.evaluation.fusion import REPORTED, choose_weight, fuse_trained
 
 
 def transitions_that_decide(dataset, n: int) -> tuple[list[Sample], list[Sample]]:

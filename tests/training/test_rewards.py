@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.rewards import (
+from training.rl.rewards import (
     ADV_EPS,
     batch_sibling_advantages,
     batch_standard_rewards,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from dataclasses import asdict
@@ -15,17 +14,16 @@ from typer.testing import CliRunner
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
-from models.ved import VEDConfig
-from training.cli import select_rows
-from training.data import RecDataset
-from training.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
-from training.rl import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, RLTrainer
-from training.rl_bench import clone
-from training.rl_loss import clipped_pg, k3_kl, policy_loss
-from training.rl_run import train_rl
-from training.value_io import checkpoint_ved_config, new_value_head, value_head_manifest
-
-HAS_VED = importlib.util.find_spec("models.ved") is not None
+from models.value_head import value_head_for as new_value_head
+from models.value_head import value_head_manifest
+from models.ved import VEDConfig, checkpoint_ved_config
+from training.bench.rl_bench import clone
+from training.cli.options import select_rows
+from training.data.dataset import RecDataset
+from training.rl.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
+from training.rl.loss import clipped_pg, k3_kl, policy_loss
+from training.rl.run import train_rl
+from training.rl.trainer import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, RLTrainer
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +104,6 @@ def test_vstar_step_without_ved_trains_value_head(tiny_policy: Policy, tiny_data
     assert stats["sibling_tokens"] > 0  # 16 candidates over a 6x5x5 trie always share parents
 
 
-@pytest.mark.skipif(not HAS_VED, reason="models/ved.py (VED) is not in this tree yet")
 def test_vstar_step_with_ved(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:
     policy, reference = clone(tiny_policy), clone(tiny_policy)
     head = new_value_head(policy)
@@ -195,18 +192,6 @@ def test_rl_keeps_the_inits_fusion_weight_unless_given(
         RLConfig(fusion_weight=-1.0)
 
 
-def test_vstar_without_ved_module_fails_clearly(
-    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name: None if name == "models.ved" else real_find_spec(name)
-    )
-    with pytest.raises(ValueError, match="models/ved.py"):
-        train_rl(tiny_dataset, init_ckpt, tmp_path / "x", RLConfig(algo="vstar", max_steps=1), progress=False)
-    assert not (tmp_path / "x").exists()
-
-
 def test_warmup_runs_first_and_the_checkpoint_keeps_its_ved_config(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path
 ) -> None:
@@ -254,14 +239,13 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
 
 def test_ved_on_a_checkpoint_without_value_head_is_a_clear_error(tiny_data_dir: Path, init_ckpt: Path) -> None:
     from models.checkpoint import CheckpointError
-    from training.evaluate import make_decoder
+    from training.evaluation.decoders import make_decoder
 
     ckpt = load_checkpoint(init_ckpt)
     with pytest.raises((CheckpointError, ValueError), match="has no value head"):
         make_decoder(ckpt, "ved", 10, None)
 
 
-@pytest.mark.skipif(not HAS_VED, reason="models/ved.py (VED) is not in this tree yet")
 def test_cli_bench_train_writes_both_keys(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
     invoke(["bench", "train", "--steps", "1", "--batch-size", "2", "--threads", "0", "--json", str(out)])
@@ -305,8 +289,9 @@ def test_cli_diagnose_reports_the_value_head(tiny_data_dir: Path, tiny_policy: P
         assert 1 <= diag["target_rank_value"] <= 16 and 1 <= diag["target_rank_logprob"] <= 16
     assert out["x6"]["distinct_l1"] > diag["distinct_l1"]
     # eval ranks a recommendation list by score unless told otherwise; diagnose kept the checkpoint's slots
-    from training.data import load_dataset
-    from training.evaluate import make_decoder, rank_samples
+    from training.data.dataset import load_dataset
+    from training.evaluation.decoders import make_decoder
+    from training.evaluation.evaluate import rank_samples
 
     ckpt = load_checkpoint(explore)
     rows = load_dataset(tiny_data_dir).splits["valid"][-12:]

@@ -10,21 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import training.sft as sft_module
+import training.sft.trainer as sft_module
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
-from training.data import Sample
-from training.sft import (
-    SFTConfig,
-    add_embedding_dropout,
-    autocast_dtype,
-    collate,
-    crop_histories,
-    encode_sample,
-    init_sid_embeddings,
-    split_for_training,
-    train_sft,
-)
+from training.data.dataset import Sample, split_for_training
+from training.optim import autocast_dtype
+from training.sft.batches import collate, crop_histories, encode_sample
+from training.sft.config import SFTConfig
+from training.sft.regularisers import add_embedding_dropout, init_sid_embeddings
+from training.sft.trainer import train_sft
 from vstar import app
 
 
@@ -154,7 +148,7 @@ def test_cli_errors_are_clear(tiny_data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_small_preset_brings_its_recipe_and_options_override_it() -> None:
-    from training.sft_config import RECIPES, recipe_config
+    from training.sft.config import RECIPES, recipe_config
 
     config = recipe_config("small")
     assert config.epochs == 20 and config.train_splits == ("train", "valid") and config.holdout == 2000
@@ -251,7 +245,7 @@ def test_text_init_covers_item_tokens(tiny_dataset) -> None:
 
 
 def test_residual_dropout_only_while_training(tiny_dataset) -> None:
-    from training.sft import add_residual_dropout
+    from training.sft.regularisers import add_residual_dropout
 
     policy = Policy.from_preset("tiny", tiny_dataset.catalog, seed=0)
     ids, mask = policy.encode_prompts([[tiny_dataset.catalog.sids[0], tiny_dataset.catalog.sids[1]]])

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from models.sid_catalog import SidCatalog
-from training.cli import register
-from training.data import DataError
-from training.sid_builder import (
+from training.cli.commands import register
+from training.data.dataset import DataError
+from training.data.sid_builder import (
     SidBuildConfig,
     auto_codebook_size,
     balanced_assign,

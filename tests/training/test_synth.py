@@ -10,9 +10,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from training.cli import register
-from training.data import load_dataset
-from training.synth import MAX_HISTORY, TAXONOMY, SynthConfig, SynthData, generate, write_synth
+from training.cli.commands import register
+from training.data.dataset import load_dataset
+from training.data.synth import MAX_HISTORY, TAXONOMY, SynthConfig, SynthData, generate, write_synth
 
 SMALL = SynthConfig(items=150, users=80, seed=3)
 DATA_FILES = ("train.csv", "valid.csv", "test.csv", "index.json", "item.json", "item_emb.npy", "stats.json")

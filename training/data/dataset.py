@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -73,6 +74,35 @@ class RecDataset:
             h.update(key.encode())
             h.update(self.files[key].read_bytes())
         return h.hexdigest()
+
+
+class HoldoutRule(Protocol):
+    """What ``split_for_training`` reads of a trainer's config (``SFTConfig``, ``RLConfig``, a baseline's)."""
+
+    @property
+    def train_splits(self) -> tuple[str, ...]: ...
+
+    @property
+    def holdout(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A ``HoldoutRule`` on its own, for callers without a trainer config."""
+
+    train_splits: tuple[str, ...] = ("train",)
+    holdout: int = 500
+
+
+def split_for_training(data: RecDataset, rule: HoldoutRule) -> tuple[list[Sample], list[Sample]]:
+    """(training rows, selection rows): the valid split selects; when valid is trained on, its last (most
+    recent) ``holdout`` rows are held out of training and select instead. Test is never read."""
+    train = data.samples([s for s in rule.train_splits if s != "valid"])
+    valid = list(data.splits["valid"])
+    if "valid" in rule.train_splits:
+        cut = max(len(valid) - rule.holdout, 0)
+        return train + valid[:cut], valid[cut:]
+    return train, valid
 
 
 def popular_sids(catalog: SidCatalog, samples: Sequence[Sample], limit: int = 1000) -> list[tuple[str, int]]:

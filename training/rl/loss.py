@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from training.rewards import td_targets
-from training.rollout import SequenceBatch
+from training.rl.rewards import td_targets
+from training.rl.rollout import SequenceBatch
 
 
 def token_log_probs(

@@ -1,6 +1,6 @@
-"""``vstar plot``: the training curves of SFT / RL runs as one PNG (``training.curve_plot`` does the work).
+"""``vstar plot``: the training curves of SFT / RL runs as one PNG (``training.evaluation.curve_plot`` does the work).
 
-``training.cli.register`` calls ``register_plot``; matplotlib and TensorBoard's
+``training.cli.commands.register`` calls ``register_plot``; matplotlib and TensorBoard's
 reader are imported inside the handler so ``vstar --help`` stays instant.
 """
 
@@ -25,6 +25,6 @@ def register_plot(app: typer.Typer) -> None:
         ] = 0.6,
     ) -> None:
         """Training curves of runs as one PNG: loss, lr, held-out HR@10 / NDCG@10; RL reward std, reachability..."""
-        from training.curve_plot import plot_runs
+        from training.evaluation.curve_plot import plot_runs
 
         typer.echo(f"wrote {plot_runs(runs, out, smoothing)}")

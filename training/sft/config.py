@@ -1,6 +1,6 @@
 """SFT's configuration: ``SFTConfig``, the presets' recipes and ``recipe_config``.
 
-Kept apart from ``training.sft`` so that it imports nothing heavy: ``vstar sft``
+Kept apart from ``training.sft.trainer`` so that it imports nothing heavy: ``vstar sft``
 builds and checks its configuration from the command line before torch is
 imported or any data is read, so a bad option is reported at once.
 """
@@ -62,7 +62,7 @@ class SFTConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it, else fp32), fp32, or bf16
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
     fusion_weight: float | None = None  # shallow fusion with transition counts; None: chosen on the held-out rows
-    refit: bool = False  # after a held-out run, train again on all rows with its fusion weight (training.sft)
+    refit: bool = False  # after a held-out run, train again on all rows with its fusion weight (training.sft.trainer)
 
     @property
     def refits(self) -> bool:

@@ -37,8 +37,9 @@ from typing import Any
 
 from models.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from models.transition import STATE_NAME, ShallowFusion, TransitionCounts
-from training.data import RecDataset, Sample
-from training.evaluate import beam_decoder, evaluate
+from training.data.dataset import Sample
+from training.evaluation.decoders import beam_decoder
+from training.evaluation.evaluate import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -116,26 +117,3 @@ def fuse_trained(
     write_fusion(path, checkpoint, counts, fusion)
     log.info("fusion weight %g (%s), %d transition pairs", fusion["weight"], fusion["chosen_by"], counts.num_pairs)
     return fusion | {"transition_pairs": counts.num_pairs}
-
-
-def fuse_checkpoint(
-    path: str | Path,
-    data: RecDataset,
-    weights: Sequence[float] = FUSION_WEIGHTS,
-    beams: int = FUSION_BEAMS,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """``vstar fuse``: what SFT does when it ends, for a checkpoint written without it."""
-    from training.sft import SFTConfig, split_for_training
-
-    path = Path(path)
-    manifest = load_checkpoint(path, "cpu").manifest
-    if manifest.get("stage") != "sft" or "sft_config" not in manifest:
-        raise ValueError(f"checkpoint {path} is not an SFT checkpoint (stage {manifest.get('stage')!r})")
-    if manifest.get("data", {}).get("fingerprint") != data.fingerprint():
-        raise ValueError(f"checkpoint {path} was trained on other data than {data.name!r} (fingerprints differ)")
-    stored = dict(manifest["sft_config"])
-    config = SFTConfig(**(stored | {"train_splits": tuple(stored["train_splits"])}))
-    train_rows, held_out = split_for_training(data, config)
-    fusion = fuse_trained(path, config.fusion_weight, train_rows, held_out, config.eval_limit, device, weights, beams)
-    return {"checkpoint": str(path)} | fusion

@@ -1,7 +1,7 @@
 """Running the RL stage: data, resume, validation, checkpoints around ``RLTrainer.step``.
 
 * Prompts are the training rows in seeded, length-bucketed batches
-  (``training.sft.epoch_batches``); ``--seed`` fixes the order and VED's draws.
+  (``training.loop``, as SFT's); ``--seed`` fixes the order and VED's draws.
 * Every step's figures go to ``<out>.steps.jsonl`` (reward mean, non-zero
   advantage share, within-group reward std, distinct candidates, reachability,
   value loss, tokens spent, losses, KL, seconds) and to TensorBoard with the
@@ -14,7 +14,7 @@
 * ``<out>.resume`` holds the latest state (weights, value head, both
   optimizers, scheduler, position in the data, RNG) after each validation;
   ``--resume`` continues from it. All writes are atomic (``save_checkpoint``).
-* Shallow fusion with the transition counts (``training.fusion``): the kept
+* Shallow fusion with the transition counts (``training.evaluation.fusion``): the kept
   model is fused at the ``--init`` checkpoint's weight (``--fusion-weight``
   overrides it), with counts of this run's training and held-out rows;
   ``vstar eval`` decodes with both. The weight is not chosen again on the
@@ -46,21 +46,14 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
-from training.data import RecDataset, popular_sids
-from training.distributed import barrier, is_main, require_global_batch, shard, weighted_mean
-from training.fusion import fuse_trained
-from training.rl import RLConfig, RLTrainer
-from training.rollout import require_module
+from models.value_head import ValueHead, load_value_head, value_head_for, value_head_manifest
+from training.data.dataset import RecDataset, Sample, popular_sids, split_for_training
+from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
+from training.evaluation.fusion import fuse_trained
+from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, resume_folder, run_steps
+from training.optim import seed_everything
+from training.rl.trainer import RLConfig, RLTrainer
 from training.scalar_log import ScalarLog
-from training.sft import (
-    SFTConfig,
-    TrainState,
-    epoch_batches,
-    seed_everything,
-    select_and_save,
-    split_for_training,
-)
-from training.value_io import load_value_head, new_value_head, value_head_manifest
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 10  # steps between log lines
@@ -68,14 +61,6 @@ LOGGED = (
     "reward_mean", "nonzero_adv_share", "reward_std", "distinct", "reachability", "value_loss", "tokens_per_prompt",
     "kl", "seconds",
 )  # fmt: skip
-
-
-def check_modules(config: RLConfig) -> None:
-    """Fail fast with a ``ValueError`` when the V-STAR parts ``config`` needs are not in this tree."""
-    if config.use_value:
-        require_module("models.value_head", "--algo vstar (the value head)")
-    if config.use_ved:
-        require_module("models.ved", "--algo vstar (VED builds the candidate sets; --no-ved uses beam search)")
 
 
 def reference_fusion(init: str | Path) -> dict[str, Any]:
@@ -91,7 +76,7 @@ def check_catalog(policy: Policy, data: RecDataset) -> None:
 
 
 def warm_up_value(
-    trainer: RLTrainer, train_rows: list, lengths: list[int], config: RLConfig, progress: bool
+    trainer: RLTrainer, train_rows: list[Sample], lengths: list[int], config: RLConfig, progress: bool
 ) -> dict[str, float]:
     """``config.value_warmup`` TD-only steps of the value head on the training rows (``value_warmup_step``),
     in the order of the RL epochs' batches; returns the steps, seconds and the last logged value loss."""
@@ -127,12 +112,10 @@ def train_rl(
     """RL from the ``init`` checkpoint; the best model by validation goes to ``out``. Returns a summary.
     Curves go to ``tensorboard`` if given."""
     out = Path(out)
-    resume_dir = out.parent / f"{out.name}.resume"
     steps_file = out.parent / f"{out.name}.steps.jsonl"
-    check_modules(config)
     require_global_batch(config.batch_size)
     seed_everything(config.seed)
-    train_rows, held_out = split_for_training(data, SFTConfig(train_splits=config.train_splits, holdout=config.holdout))
+    train_rows, held_out = split_for_training(data, config)
     select_rows = held_out[: config.eval_limit]
     if not train_rows:
         raise ValueError("no training rows: check --train-splits")
@@ -141,22 +124,16 @@ def train_rl(
     reference = load_checkpoint(init, device).policy
     trainer_state = None
     if resume:
-        if not resume_dir.exists():
-            raise ValueError(f"--resume: no interrupted run at {resume_dir}")
-        start_ckpt = load_checkpoint(resume_dir, device)
-        trainer_state = start_ckpt.trainer_state()
-        if (
-            trainer_state is None
-            or trainer_state.get("config") != asdict(config)
-            or trainer_state.get("init") != str(init)
-        ):
-            raise ValueError(f"--resume: {resume_dir} was written with a different configuration or --init")
-    policy = start_ckpt.policy
-    value_head = None
-    if config.use_value:
-        value_head = (
-            load_value_head(start_ckpt, device) if "value_head" in start_ckpt.extras else new_value_head(policy)
+        identity = {"config": asdict(config), "init": str(init)}
+        start_ckpt, trainer_state = load_resume(
+            resume_folder(out), device, identity, "a different configuration or --init"
         )
+    policy = start_ckpt.policy
+    value_head: ValueHead | None = None
+    if config.use_value:
+        value_head = load_value_head(start_ckpt, device, required=False)
+        if value_head is None:  # an SFT init: V_phi starts fresh
+            value_head = value_head_for(policy)
     total_steps = config.max_steps or math.ceil(len(train_rows) / config.batch_size) * config.epochs
     trainer = RLTrainer(policy, reference, config, total_steps, value_head, data.embeddings)
     state = TrainState()
@@ -183,6 +160,7 @@ def train_rl(
     }
     if value_head is not None:
         manifest["value_head"] = value_head_manifest(value_head)
+    checkpointer = Checkpointer(policy, out, manifest, select_rows, train_rows, config.eval_beams)
     log.info(
         "RL config %s; %d training rows, %d selection rows, %d steps",
         asdict(config),
@@ -194,7 +172,7 @@ def train_rl(
     def validate() -> None:
         extras = {"value_head": value_head.state_dict()} if value_head is not None else {}
         # step 0 scores the SFT model for the log; it is never selected as the RL result
-        select_and_save(policy, state, select_rows, train_rows, config.eval_beams, out, resume_dir, manifest, lambda: {
+        checkpointer.validate(state, lambda: {
             "config": asdict(config),
             "init": str(init),
             "trainer": trainer.state_dict(),
@@ -209,34 +187,29 @@ def train_rl(
         if config.use_value and config.value_warmup:
             warmup = warm_up_value(trainer, train_rows, lengths, config, progress)
         validate()
+
+    def train_step(part: Shard) -> dict[str, float]:
+        samples = [train_rows[i] for i in part.rows]  # this rank's prompts of the global batch
+        # a stand-in shard (an empty slice of a short last batch) trains with weight 0
+        stats = trainer.step(samples) if part.counted else trainer.step(samples, counted=False)
+        return weighted_mean(stats, len(part.rows) if part.counted else 0, maxed=("seconds",))
+
     start, seconds = time.perf_counter(), []
     bar = tqdm(total=total_steps, initial=state.step, desc=f"rl {config.algo}", disable=not progress or not is_main())
-    while state.step < total_steps:
-        batches = epoch_batches(lengths, config.batch_size, config.seed, state.epoch)
-        for bi in range(state.batch_in_epoch, len(batches)):
-            part = shard(batches[bi])  # this rank's prompts of the global batch
-            samples = [train_rows[i] for i in part.rows]
-            # a stand-in shard (an empty slice of a short last batch) trains with weight 0
-            stats = trainer.step(samples) if part.counted else trainer.step(samples, counted=False)
-            stats = weighted_mean(stats, len(part.rows) if part.counted else 0, maxed=("seconds",))
-            state.step, state.batch_in_epoch = state.step + 1, bi + 1
-            seconds.append(stats["seconds"])
-            if is_main():
-                with steps_file.open("a") as f:
-                    f.write(json.dumps({"step": state.step, "epoch": state.epoch} | stats) + "\n")
-            curves.add(state.step, {f"{'train' if k in ('loss', 'lr') else 'rl'}/{k}": v for k, v in stats.items()})
-            bar.update(1)
-            bar.set_postfix(
-                reach=f"{stats['reachability']:.2f}", std=f"{stats['reward_std']:.3f}", kl=f"{stats['kl']:.4f}"
-            )
-            if state.step % LOG_EVERY == 0:
-                log.info("step %d: %s", state.step, " ".join(f"{k} {stats[k]:.4g}" for k in LOGGED))
-            if state.step % config.eval_every == 0 or state.step >= total_steps:
-                validate()
-            if state.step >= total_steps:
-                break
-        if state.batch_in_epoch >= len(batches):
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    def report(stats: dict[str, float]) -> None:
+        seconds.append(stats["seconds"])
+        if is_main():
+            with steps_file.open("a") as f:
+                f.write(json.dumps({"step": state.step, "epoch": state.epoch} | stats) + "\n")
+        curves.add(state.step, {f"{'train' if k in ('loss', 'lr') else 'rl'}/{k}": v for k, v in stats.items()})
+        bar.update(1)
+        bar.set_postfix(reach=f"{stats['reachability']:.2f}", std=f"{stats['reward_std']:.3f}", kl=f"{stats['kl']:.4f}")
+        if state.step % LOG_EVERY == 0:
+            log.info("step %d: %s", state.step, " ".join(f"{k} {stats[k]:.4g}" for k in LOGGED))
+
+    run_steps(state, Schedule(lengths, config.batch_size, config.seed, total_steps, config.eval_every),
+              train_step, report, validate)  # fmt: skip
     bar.close()
     curves.close()
     fusion = None

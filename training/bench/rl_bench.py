@@ -27,11 +27,10 @@ import torch
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
-from training.data import RecDataset, Sample
-from training.rl import RLConfig, RLTrainer, rollout_ved_config
-from training.rl_run import check_catalog
-from training.rollout import require_module
-from training.value_io import new_value_head
+from models.value_head import value_head_for
+from training.data.dataset import RecDataset, Sample
+from training.rl.run import check_catalog
+from training.rl.trainer import RLConfig, RLTrainer, rollout_ved_config
 
 
 def synthetic_dataset(num_items: int = 1000, codes: tuple[int, int, int] = (32, 16, 16), seed: int = 0) -> RecDataset:
@@ -60,7 +59,7 @@ def time_trainer(
 ) -> float:
     """Mean seconds of ``steps`` RL steps after one warm-up, on copies of ``policy``."""
     trainer_policy = clone(policy)
-    head = new_value_head(trainer_policy) if config.use_value else None
+    head = value_head_for(trainer_policy) if config.use_value else None
     trainer = RLTrainer(trainer_policy, clone(policy), config, steps + 1, head, item_emb)
     trainer.step(samples)
     return float(np.mean([trainer.step(samples)["seconds"] for _ in range(steps)]))
@@ -75,8 +74,6 @@ def run_train_bench(
     budget: int | None,
     device: str,
 ) -> dict[str, float]:
-    require_module("models.value_head", "the V-STAR trainer")
-    require_module("models.ved", "the V-STAR trainer")
     torch.manual_seed(0)
     ds = data or synthetic_dataset()
     if checkpoint is not None:

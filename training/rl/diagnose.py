@@ -14,7 +14,7 @@ computed as in training. Reported means over prompts:
 
 ``--budget B`` with beam search runs the widest beam B pays for and keeps its G
 best, so beam and VED can be compared at equal cost. VED decodes with the
-checkpoint's VED settings (``training.value_io.checkpoint_ved_config``).
+checkpoint's VED settings (``models.ved.checkpoint_ved_config``).
 
 The trainer logs the same figures every step (``candidate_stats``).
 
@@ -44,10 +44,10 @@ from tqdm import tqdm
 
 from models.checkpoint import LoadedCheckpoint
 from models.policy import Policy
-from training.data import Sample
-from training.rewards import GAMMA, batch_standard_rewards, batch_value_rewards, group_advantages
-from training.rollout import CandidateSource, Rollout, beam_source, collect, require_module, sequences, ved_source
-from training.value_io import checkpoint_ved_config, load_value_head
+from training.data.dataset import Sample
+from training.evaluation.decoders import check_decoder, ved_setup
+from training.rl.rewards import GAMMA, batch_standard_rewards, batch_value_rewards, group_advantages
+from training.rl.rollout import CandidateSource, Rollout, beam_source, collect, sequences, ved_source
 
 DIAGNOSTIC_KEYS = ("reachability", "nonzero_adv_share", "reward_std", "distinct_l1", "tokens_per_prompt")
 VALUE_KEYS = ("value_spearman", "target_rank_value", "target_rank_logprob", "value_rows")
@@ -133,7 +133,7 @@ class ValueQuality:
     """Accumulates ``VALUE_KEYS`` over rollouts: V at every state of every candidate vs its dense reward."""
 
     def __init__(self, policy: Policy, head: nn.Module, item_emb: np.ndarray) -> None:
-        from training.rewards import sid_embeddings
+        from training.rl.rewards import sid_embeddings
 
         self.policy, self.head, self.item_emb = policy, head, item_emb
         self.sid_emb = sid_embeddings(policy.catalog.items_of_sid, item_emb)
@@ -143,7 +143,7 @@ class ValueQuality:
 
     @torch.no_grad()
     def add(self, rollout: Rollout) -> None:
-        from training.rl_loss import token_log_probs
+        from training.rl.loss import token_log_probs
 
         batch = sequences(rollout)
         was_training = self.head.training
@@ -199,10 +199,7 @@ def candidate_source(
 ) -> CandidateSource:
     """The candidate source named on the command line: ``beam``, or ``ved`` with the checkpoint's value head
     and VED settings, its exploratory slots included (``budget`` and ``explore_slots`` override them)."""
+    check_decoder(decoder)
     if decoder == "beam":
         return beam_source(num_candidates, budget)
-    if decoder != "ved":
-        raise ValueError(f"unknown decoder {decoder!r}; choose beam or ved")
-    head = load_value_head(checkpoint, checkpoint.policy.device)
-    require_module("models.ved", "--decoder ved")
-    return ved_source(head, checkpoint_ved_config(checkpoint, num_candidates, budget, seed, explore_slots))
+    return ved_source(*ved_setup(checkpoint, num_candidates, budget, seed, explore_slots))

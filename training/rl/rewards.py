@@ -2,7 +2,7 @@
 
 Nothing here touches a model: inputs are candidate sets (SID indices or token
 paths in rank order), rewards and values; outputs are lists, arrays or tensors.
-The trainer (``training.rl``) calls these per group, so each formula is pinned
+The trainer (``training.rl.trainer``) calls these per group, so each formula is pinned
 by hand-computed unit tests and hypothesis properties.
 
 Standard reward (MiniOneRec): ``rule`` (exact match, 1 or 0) plus ``ranking``.

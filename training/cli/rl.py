@@ -1,8 +1,8 @@
 """The RL stage's subcommands: ``vstar rl``, ``vstar diagnose`` and ``vstar bench train``.
 
-``training.cli.register`` calls ``register_rl``; handlers only parse options,
-build configs and call ``training.rl`` / ``training.diagnose`` /
-``training.rl_bench``. Heavy imports stay inside the handlers.
+``vstar.py`` calls ``register_rl``; handlers only parse options,
+build configs and call ``training.rl.trainer`` / ``training.rl.diagnose`` /
+``training.bench.rl_bench``. Heavy imports stay inside the handlers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from training.cli import (
+from training.cli.options import (
     DataOpt,
     Decoder,
     DeviceOpt,
@@ -109,9 +109,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
         require_checkpoint(init, "--init")
-        from training.data import parse_splits
-        from training.rl import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, rollout_ved_config
-        from training.rl_run import check_modules, train_rl
+        from training.data.dataset import parse_splits
+        from training.rl.run import train_rl
+        from training.rl.trainer import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, rollout_ved_config
         from training.scalar_log import default_folder
 
         setup_logging()
@@ -125,7 +125,6 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 train_splits=tuple(parse_splits(train_splits)), holdout=holdout, eval_every=eval_every,
                 eval_limit=eval_limit, fusion_weight=fusion_weight, seed=seed,
             )  # fmt: skip
-            check_modules(config)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
@@ -167,14 +166,14 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         require_checkpoint(checkpoint)
         ds = load_data(data, minionerec_root, dataset)
         from models.checkpoint import load_checkpoint
-        from training.diagnose import candidate_source
-        from training.diagnose import diagnose as run_diagnose
-        from training.value_io import load_value_head
+        from models.value_head import load_value_head
+        from training.rl.diagnose import candidate_source
+        from training.rl.diagnose import diagnose as run_diagnose
 
         ckpt = load_checkpoint(checkpoint, device)
         rows = select_rows(ds.splits[split], limit, holdout)
         source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots)
-        head = load_value_head(ckpt, device) if "value_head" in ckpt.extras else None
+        head = load_value_head(ckpt, device, required=False)
         result = run_diagnose(ckpt.policy, rows, source, batch_size, value_head=head, item_emb=ds.embeddings)
         write_json(json_out, result)
 
@@ -203,7 +202,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             require_checkpoint(checkpoint)
         import torch
 
-        from training.rl_bench import run_train_bench
+        from training.bench.rl_bench import run_train_bench
 
         if threads:
             torch.set_num_threads(threads)

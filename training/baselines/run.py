@@ -3,9 +3,9 @@
 Design decisions:
 
 * Every baseline ranks items per row; the ranking is mapped to a ranking of
-  ``RANKING_LENGTH`` (50) SIDs with ``training.metrics.items_to_sid_ranking`` (an
+  ``RANKING_LENGTH`` (50) SIDs with ``training.evaluation.metrics.items_to_sid_ranking`` (an
   item stands for its SID, the first occurrence counts) and scored by
-  ``training.evaluate.score_rankings``, the code behind ``vstar eval``. So the
+  ``training.evaluation.evaluate.score_rankings``, the code behind ``vstar eval``. So the
   output has eval's shape and its numbers compare like with like.
 * Several items may share a SID, so an item ranking is cut at
   ``50 + items - SIDs`` entries: the fewest that always yield 50 distinct SIDs.
@@ -22,7 +22,7 @@ Design decisions:
   sparse, a single observed transition is strong evidence at the top ranks.
 * Pop and transitions have nothing to select, so they count every row of ``--train-splits``.
   SASRec selects its epoch on rows it does not train on, by SFT's rule
-  (``training.sft.split_for_training``, shared as the RL stage does): the valid
+  (``training.data.dataset.split_for_training``, shared with SFT and RL): the valid
   split, or, when valid is trained on, its most recent ``holdout`` rows. Test is
   never trained on nor selected on, and the evaluated split may not be trained on.
 """
@@ -37,11 +37,10 @@ from typing import Any
 
 from models.sid_catalog import SidCatalog
 from models.transition import TransitionCounts
-from training.data import SPLITS, RecDataset, Sample
-from training.evaluate import score_rankings
-from training.metrics import items_to_sid_ranking
-from training.sasrec import ItemIndex, SASRec, SASRecConfig, rank_items, train_sasrec
-from training.sft import SFTConfig, split_for_training
+from training.baselines.sasrec import ItemIndex, SASRec, SASRecConfig, rank_items, train_sasrec
+from training.data.dataset import SPLITS, Holdout, RecDataset, Sample, split_for_training
+from training.evaluation.evaluate import score_rankings
+from training.evaluation.metrics import items_to_sid_ranking
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ def run_sasrec(
 ) -> dict[str, Any]:
     """Train SASRec, select its epoch on the selection rows, score it on ``split``."""
     check_request(data, "sasrec", split, train_splits)
-    train_rows, select_rows = split_for_training(data, SFTConfig(train_splits=tuple(train_splits), holdout=holdout))
+    train_rows, select_rows = split_for_training(data, Holdout(tuple(train_splits), holdout))
     if not select_rows:
         raise ValueError("no selection rows: the valid split is empty")
     if split == "valid":

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from models.sid_catalog import LEVEL_PREFIXES, level_token
-from training.data import DataError
+from training.data.dataset import DataError
 
 MAX_AUTO_CODEBOOK = 256
 

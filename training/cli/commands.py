@@ -1,5 +1,8 @@
-"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, fuse, bench decode (and, registered from their
-own modules: rl, diagnose, bench train, baseline, plot).
+"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, fuse, bench decode.
+
+The RL stage (``training.cli.rl``), the baselines (``training.cli.baselines``)
+and the plots (``training.cli.plot``) have modules of their own; ``vstar.py``
+registers each, and all of them share ``training.cli.options``.
 
 Handlers parse options, build configs and call the modules that do the work;
 heavy imports stay inside the handlers so ``vstar --help`` is instant. Each
@@ -10,118 +13,36 @@ data, so a simple mistake is reported in well under a second.
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import typer
 
 from models.checkpoint_error import CheckpointError
-
-DataOpt = Annotated[
-    Path | None,
-    typer.Option("--data", help="Data set folder (train/valid/test CSV, index.json, item.json, item_emb.npy)."),
-]
-RootOpt = Annotated[
-    Path | None,
-    typer.Option("--minionerec-root", help="A MiniOneRec checkout, read in its own layout (with --dataset)."),
-]
-NameOpt = Annotated[
-    str | None,
-    typer.Option("--dataset", help="Data set name inside --minionerec-root, e.g. Industrial_and_Scientific."),
-]
-SplitsOpt = Annotated[
-    str, typer.Option("--train-splits", help="Comma list of splits to train on: train or train,valid.")
-]
-EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training rows.")]
-StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")]
-SummaryOpt = Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")]
-TensorBoardOpt = Annotated[
-    Path | None,
-    typer.Option("--tensorboard", help="Folder for TensorBoard scalars (loss, lr, held-out HR/NDCG) [<out>.tb]."),
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
-Decoder = Literal["beam", "ved"]
-Split = Literal["test", "valid", "train"]
-FusionOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--fusion-weight",
-        min=0.0,
-        help="Weight of the transition counts fused into beam search (0: off; default: chosen on held-out rows).",
-    ),
-]
-HoldoutOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--holdout",
-        min=1,
-        help="Only the last N rows: with --split valid, the rows `--holdout N` kept out of training.",
-    ),
-]
-
-
-def select_rows(rows: Sequence[Any], limit: int | None, holdout: int | None) -> Sequence[Any]:
-    """The rows a scoring command reads: the last ``holdout`` (the held-out rows of a run trained on the
-    split), then the first ``limit`` of those."""
-    rows = rows[-holdout:] if holdout else rows
-    return rows[:limit] if limit else rows
-
-
-def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
-    from training.data import DataError, load_dataset, load_minionerec
-
-    if data is not None and root is not None:
-        raise typer.BadParameter("give either --data or --minionerec-root, not both")
-    if root is not None:
-        if not dataset:
-            raise typer.BadParameter("--minionerec-root needs --dataset NAME")
-        try:
-            return load_minionerec(root, dataset)
-        except DataError as e:
-            raise typer.BadParameter(str(e), param_hint="--minionerec-root") from None
-    if data is None:
-        raise typer.BadParameter("--data DIR (or --minionerec-root DIR --dataset NAME) is required")
-    try:
-        return load_dataset(data)
-    except DataError as e:  # a missing or malformed file: one line naming it, no traceback
-        raise typer.BadParameter(str(e), param_hint="--data") from None
-
-
-PER_ROW = ("target_ranks",)  # written to the file, too long for the terminal
-
-
-def require_checkpoint(path: Path, option: str = "--checkpoint") -> Path:
-    """A cheap look before torch loads: the folder exists and has the manifest every checkpoint has."""
-    if not (path / "manifest.json").is_file():
-        what = "does not exist" if not path.exists() else "is not a checkpoint folder (no manifest.json)"
-        raise typer.BadParameter(f"{path} {what}", param_hint=option)
-    return path
-
-
-def write_json(path: Path | None, payload: dict[str, Any]) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-    typer.echo(json.dumps({k: v for k, v in payload.items() if k not in PER_ROW}, indent=2))
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def run_training(train: Callable[[str], dict[str, Any]], device: str, json_out: Path | None) -> None:
-    """``train(device)``, inside a process group when torchrun / accelerate launched us; rank 0 writes the summary."""
-    from training.distributed import distributed_session, is_main
-
-    with distributed_session(device) as rank_device:
-        summary = train(rank_device)
-        if is_main():
-            write_json(json_out, summary)
+from training.cli.options import (
+    DataOpt,
+    Decoder,
+    DeviceOpt,
+    FusionOpt,
+    HoldoutOpt,
+    NameOpt,
+    ResumeOpt,
+    RootOpt,
+    SeedOpt,
+    Split,
+    SplitsOpt,
+    StepsOpt,
+    SummaryOpt,
+    TensorBoardOpt,
+    demo_policy,
+    int_list,
+    load_data,
+    require_checkpoint,
+    run_training,
+    select_rows,
+    setup_logging,
+    write_json,
+)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -136,8 +57,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Synthetic data set in the --data layout: taxonomy catalog, drifting users, time split, k-means SIDs."""
-        from training.sid_builder import SidBuildConfig
-        from training.synth import SynthConfig, write_synth
+        from training.data.sid_builder import SidBuildConfig
+        from training.data.synth import SynthConfig, write_synth
 
         try:
             config = SynthConfig(items=items, users=users, seed=seed)
@@ -159,7 +80,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
     ) -> None:
         """Balanced residual k-means SIDs from item_emb.npy; prints collision rates and codebook usage."""
-        from training.sid_builder import SidBuildConfig, write_index
+        from training.data.sid_builder import SidBuildConfig, write_index
 
         try:
             report = write_index(data, SidBuildConfig(codebook_size, levels=levels, seed=seed), out, force)
@@ -287,8 +208,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         tensorboard: TensorBoardOpt = None,
     ) -> None:
         """Supervised next-SID training; keeps the best checkpoint by held-out HR@10, then chooses its fusion weight."""
-        from training.data import parse_splits
-        from training.sft_config import recipe_config
+        from training.data.dataset import parse_splits
+        from training.sft.config import recipe_config
 
         setup_logging()
         try:
@@ -319,7 +240,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
         from training.scalar_log import default_folder
-        from training.sft import train_sft
+        from training.sft.trainer import train_sft
 
         curves = tensorboard or default_folder(out)
         run_training(lambda dev: train_sft(ds, out, config, dev, resume, tensorboard=curves), device, json_out)
@@ -366,13 +287,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """HR@K / NDCG@K (MiniOneRec's definitions), catalog coverage and long-tail share on a split."""
-        from training.data import parse_splits
+        from training.data.dataset import parse_splits
 
         require_checkpoint(checkpoint)
         context_splits = parse_splits(train_splits)
         ds = load_data(data, minionerec_root, dataset)
         from models.checkpoint import load_checkpoint
-        from training.evaluate import checkpoint_fusion, evaluate, make_decoder
+        from training.evaluation.decoders import checkpoint_fusion, make_decoder
+        from training.evaluation.evaluate import evaluate
 
         ckpt = load_checkpoint(checkpoint, device)
         rows = select_rows(ds.splits[split], limit, holdout)
@@ -418,7 +340,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         require_checkpoint(checkpoint)
         setup_logging()
         ds = load_data(data, minionerec_root, dataset)
-        from training.fusion import FUSION_WEIGHTS, fuse_checkpoint
+        from training.evaluation.fusion import FUSION_WEIGHTS
+        from training.sft.trainer import fuse_checkpoint
 
         try:
             write_json(json_out, fuse_checkpoint(checkpoint, ds, grid or FUSION_WEIGHTS, device=device))
@@ -442,47 +365,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         device: DeviceOpt = "cpu",
     ) -> None:
         """Time our beam search, HF generate (reference) and the bare forward passes (floor)."""
-        grid = _int_list(beams, "--beams"), _int_list(batches, "--batches")
+        grid = int_list(beams, "--beams"), int_list(batches, "--batches")
         if checkpoint is not None:
             require_checkpoint(checkpoint)
         from models.checkpoint import load_checkpoint
-        from training.decode_bench import format_table, run_decode_bench
+        from training.bench.decode_bench import format_table, run_decode_bench
 
         policy = load_checkpoint(checkpoint, device).policy if checkpoint else demo_policy(device)
         result = run_decode_bench(policy, *grid, repeats=repeats)
         typer.echo(format_table(result), err=True)
         write_json(json_out, result)
-
-    from training.rl_cli import register_rl  # the RL stage: rl, diagnose, bench train
-
-    register_rl(app, bench)
-
-    from training.baselines_cli import register_baseline  # baseline pop|sasrec
-
-    register_baseline(app)
-
-    from training.plot_cli import register_plot  # plot
-
-    register_plot(app)
-
-
-def _int_list(text: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(f"expected a comma list of integers, got {text!r}", param_hint=option) from None
-    if not values:
-        raise typer.BadParameter("empty list", param_hint=option)
-    return values
-
-
-def demo_policy(device: str) -> Any:
-    """A random tiny-preset policy over a random 3-level catalog (256 codes per level, 3,000 items)."""
-    import random
-
-    from models.policy import Policy
-    from models.sid_catalog import Item, SidCatalog, level_token
-
-    rng = random.Random(0)
-    items = {i: Item(i, "", tuple(level_token(lv, rng.randrange(256)) for lv in range(3))) for i in range(3000)}
-    return Policy.from_preset("tiny", SidCatalog(items), seed=0).to(device)

@@ -1,8 +1,8 @@
 """``vstar baseline pop|transition|sasrec``: the README table's baselines, written in ``vstar eval``'s JSON shape;
-``vstar compare``: paired differences between two methods' eval files (``training.compare``).
+``vstar compare``: paired differences between two methods' eval files (``training.evaluation.compare``).
 
-``training.cli.register`` calls ``register_baseline``; the handler parses
-options, builds a ``SASRecConfig`` and calls ``training.baselines``. Bad input
+``vstar.py`` calls ``register_baseline``; the handler parses
+options, builds a ``SASRecConfig`` and calls ``training.baselines.run``. Bad input
 (unknown baseline or split, a trained-on evaluation split, an invalid SASRec
 setting) exits with a usage error naming the problem. Heavy imports stay
 inside the handler.
@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from training.cli import (
+from training.cli.options import (
     DataOpt,
     EpochsOpt,
     NameOpt,
@@ -82,11 +82,11 @@ def register_baseline(app: typer.Typer) -> None:
         threads: Annotated[int, typer.Option("--threads", min=0, help="sasrec: torch threads (0: default).")] = 1,
     ) -> None:
         """Most-popular, item transitions or SASRec, scored on a split as `vstar eval` scores the generative model."""
-        from training.data import parse_splits
+        from training.data.dataset import parse_splits
 
         splits = parse_splits(train_splits)
-        from training.baselines import check_request, run_pop, run_sasrec, run_transition
-        from training.sasrec import SASRecConfig, num_threads
+        from training.baselines.run import check_request, run_pop, run_sasrec, run_transition
+        from training.baselines.sasrec import SASRecConfig, num_threads
 
         setup_logging()
         ds = load_data(data, minionerec_root, dataset)
@@ -114,7 +114,7 @@ def register_baseline(app: typer.Typer) -> None:
         elif name == "transition":
             write_json(json_out, run_transition(ds, split, splits, window))
         else:
-            with num_threads(threads or None):  # 1 by default: see training.sasrec
+            with num_threads(threads or None):  # 1 by default: see training.baselines.sasrec
                 write_json(json_out, run_sasrec(ds, split, splits, config, holdout))
 
     @app.command()
@@ -126,7 +126,7 @@ def register_baseline(app: typer.Typer) -> None:
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison here.")] = None,
     ) -> None:
         """Paired test differences (other - base) per metric, with 95% bootstrap intervals over rows."""
-        from training.compare import compare_runs
+        from training.evaluation.compare import compare_runs
 
         paths = {name: [Path(p) for p in value.split(",") if p] for name, value in (("base", base), ("other", other))}
         for name, files in paths.items():

@@ -70,7 +70,7 @@ Deviations from the papers and choices the papers leave open:
   renormalised over valid tokens.
 * No separate reward model, no format reward, no title-alignment tasks
   (MiniOneRec mixes those into RL); rollouts are SID-only prompts.
-* Model selection (``training.rl_run``): HR@10 (ties NDCG@10) by beam search on
+* Model selection (``training.rl.run``): HR@10 (ties NDCG@10) by beam search on
   valid, or on the held-out valid rows when valid is trained on; the init
   model's score is logged as step 0 but never selected. Test is never looked at.
 """
@@ -83,14 +83,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from models.policy import Policy
+from models.value_head import ValueHead
 from models.ved import VEDConfig
-from training.data import Sample
-from training.diagnose import candidate_stats
+from training.data.dataset import Sample
 from training.distributed import loss_scales, wrap_ddp
-from training.rewards import (
+from training.optim import autocast_dtype, cosine_schedule
+from training.rl.diagnose import candidate_stats
+from training.rl.loss import policy_loss, token_log_probs, value_td_loss
+from training.rl.rewards import (
     LEVEL_WEIGHTS,
     batch_sibling_advantages,
     batch_standard_rewards,
@@ -98,13 +100,11 @@ from training.rewards import (
     group_advantages,
     sid_embeddings,
 )
-from training.rl_loss import policy_loss, token_log_probs, value_td_loss
-from training.rollout import CandidateSource, SequenceBatch, beam_source, collect, sequences, ved_source
-from training.sft import autocast_dtype, cosine_schedule
+from training.rl.rollout import CandidateSource, SequenceBatch, beam_source, collect, sequences, ved_source
 
 ALGOS = ("grpo", "vstar")
-VALUE_WARMUP = 200  # default warm-up steps (issue 15)
-EXPLORE_SLOTS = 2  # of the G = 16 candidates of a rollout: first-level codes the rest missed (issue 15)
+VALUE_WARMUP = 200  # default warm-up steps (see the module doc)
+EXPLORE_SLOTS = 2  # of the G = 16 candidates of a rollout: first-level codes the rest missed
 
 
 def rollout_ved_config(budget: int | None = None, explore_slots: int = EXPLORE_SLOTS) -> VEDConfig:
@@ -187,7 +187,7 @@ class RLTrainer:
         reference: Policy,
         config: RLConfig,
         total_steps: int,
-        value_head: nn.Module | None = None,
+        value_head: ValueHead | None = None,
         item_emb: np.ndarray | None = None,  # (items, dim); needed for dense rewards
     ) -> None:
         if config.use_value and value_head is None:

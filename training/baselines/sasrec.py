@@ -31,7 +31,7 @@ Design decisions and deviations from the paper / its reference code:
 * Model selection: HR@10 (ties: NDCG@10) of the SID ranking on the selection
   rows after every epoch; the best weights are kept in memory and training
   stops after ``patience`` epochs without improvement. The selection rows never
-  include test (see ``training.baselines.run_sasrec``).
+  include test (see ``training.baselines.run.run_sasrec``).
 * Deterministic for a seed on one machine and thread count: the seed fixes the
   initial weights, the dropout stream, the epoch permutations and the sampled
   negatives.
@@ -58,7 +58,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.sid_catalog import SidCatalog
-from training.data import Sample
+from training.data.dataset import Sample
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ machine, so it takes seconds and depends on nothing but numpy. Design decisions:
   (``"Power Tools > Drills > Cordless Drill"``).
 - Embeddings: nested Gaussians (department centre + category offset + leaf
   offset + item noise, shrinking scales), L2-normalised float32, so the residual
-  k-means SIDs (training.sid_builder) recover the hierarchy coarse to fine.
+  k-means SIDs (training.data.sid_builder) recover the hierarchy coarse to fine.
 - Users: a Markov process per user whose tastes drift. Each next item is, in
   order of the draw: one of the last item's fixed "complements" (item-to-item
   transitions, the signal a sequence model can learn), another item of the same
@@ -24,7 +24,7 @@ machine, so it takes seconds and depends on nothing but numpy. Design decisions:
   most 10 history items, all samples sorted by target timestamp, then 80/10/10.
   Timestamps are not a CSV column (MiniOneRec has none); ``SynthData.times``
   keeps them for tests.
-- SIDs come from ``training.sid_builder`` on the embeddings, as for any new
+- SIDs come from ``training.data.sid_builder`` on the embeddings, as for any new
   catalog; the whole run is deterministic for a seed.
 """
 
@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from models.sid_catalog import Item, SidCatalog
-from training.data import Sample, write_dataset
-from training.sid_builder import SidBuildConfig, build_sids
+from training.data.dataset import Sample, write_dataset
+from training.data.sid_builder import SidBuildConfig, build_sids
 
 MAX_HISTORY = 10  # MiniOneRec's sliding window
 

@@ -17,16 +17,16 @@ slots (a prompt with fewer than G valid SIDs) are dropped.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from models.beam_search import BeamSearchConfig, DecodeResult, beam_search, prompt_position_ids
 from models.policy import Policy
-from training.data import Sample
+from models.value_head import ValueHead
+from models.ved import VEDConfig, ved_search
+from training.data.dataset import Sample
 
 CandidateSource = Callable[[Policy, torch.Tensor, torch.Tensor], "Candidates"]
 
@@ -86,9 +86,8 @@ def beam_source(num_candidates: int, budget: int | None = None) -> CandidateSour
     return run
 
 
-def ved_source(value_head: nn.Module, config: object) -> CandidateSource:
+def ved_source(value_head: ValueHead, config: VEDConfig) -> CandidateSource:
     """VED with ``value_head`` frozen (eval mode, no grad) while it decodes."""
-    from models.ved import ved_search
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> Candidates:
         was_training = value_head.training
@@ -151,8 +150,3 @@ def sequences(rollout: Rollout) -> SequenceBatch:
     mask = torch.cat([rollout.prompt_mask[row], rollout.prompt_mask.new_ones(len(row), d)], dim=1)  # (N, T+D)
     return SequenceBatch(ids, mask, prompt_position_ids(mask), row, col, d)
 
-
-def require_module(name: str, purpose: str) -> None:
-    """Fail with a clear ``ValueError`` when a module a command needs is not in this tree."""
-    if importlib.util.find_spec(name) is None:
-        raise ValueError(f"{purpose} needs {name.replace('.', '/')}.py, which is not in this tree yet")

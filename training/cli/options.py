@@ -1,0 +1,141 @@
+"""The options and helpers every training-side command module shares (``training.cli.*``).
+
+Option types (``Annotated`` typer options), data loading with one-line errors,
+the cheap checkpoint check before torch loads, JSON output, logging, and the
+distributed session a training command runs in. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", help="Data set folder (train/valid/test CSV, index.json, item.json, item_emb.npy)."),
+]
+RootOpt = Annotated[
+    Path | None,
+    typer.Option("--minionerec-root", help="A MiniOneRec checkout, read in its own layout (with --dataset)."),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option("--dataset", help="Data set name inside --minionerec-root, e.g. Industrial_and_Scientific."),
+]
+SplitsOpt = Annotated[
+    str, typer.Option("--train-splits", help="Comma list of splits to train on: train or train,valid.")
+]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training rows.")]
+StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")]
+SummaryOpt = Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")]
+TensorBoardOpt = Annotated[
+    Path | None,
+    typer.Option("--tensorboard", help="Folder for TensorBoard scalars (loss, lr, held-out HR/NDCG) [<out>.tb]."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
+Decoder = Literal["beam", "ved"]
+Split = Literal["test", "valid", "train"]
+FusionOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--fusion-weight",
+        min=0.0,
+        help="Weight of the transition counts fused into beam search (0: off; default: chosen on held-out rows).",
+    ),
+]
+HoldoutOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--holdout",
+        min=1,
+        help="Only the last N rows: with --split valid, the rows `--holdout N` kept out of training.",
+    ),
+]
+
+
+def select_rows(rows: Sequence[Any], limit: int | None, holdout: int | None) -> Sequence[Any]:
+    """The rows a scoring command reads: the last ``holdout`` (the held-out rows of a run trained on the
+    split), then the first ``limit`` of those."""
+    rows = rows[-holdout:] if holdout else rows
+    return rows[:limit] if limit else rows
+
+
+def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
+    from training.data.dataset import DataError, load_dataset, load_minionerec
+
+    if data is not None and root is not None:
+        raise typer.BadParameter("give either --data or --minionerec-root, not both")
+    if root is not None:
+        if not dataset:
+            raise typer.BadParameter("--minionerec-root needs --dataset NAME")
+        try:
+            return load_minionerec(root, dataset)
+        except DataError as e:
+            raise typer.BadParameter(str(e), param_hint="--minionerec-root") from None
+    if data is None:
+        raise typer.BadParameter("--data DIR (or --minionerec-root DIR --dataset NAME) is required")
+    try:
+        return load_dataset(data)
+    except DataError as e:  # a missing or malformed file: one line naming it, no traceback
+        raise typer.BadParameter(str(e), param_hint="--data") from None
+
+
+PER_ROW = ("target_ranks",)  # written to the file, too long for the terminal
+
+
+def require_checkpoint(path: Path, option: str = "--checkpoint") -> Path:
+    """A cheap look before torch loads: the folder exists and has the manifest every checkpoint has."""
+    if not (path / "manifest.json").is_file():
+        what = "does not exist" if not path.exists() else "is not a checkpoint folder (no manifest.json)"
+        raise typer.BadParameter(f"{path} {what}", param_hint=option)
+    return path
+
+
+def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    typer.echo(json.dumps({k: v for k, v in payload.items() if k not in PER_ROW}, indent=2))
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_training(train: Callable[[str], dict[str, Any]], device: str, json_out: Path | None) -> None:
+    """``train(device)``, inside a process group when torchrun / accelerate launched us; rank 0 writes the summary."""
+    from training.distributed import distributed_session, is_main
+
+    with distributed_session(device) as rank_device:
+        summary = train(rank_device)
+        if is_main():
+            write_json(json_out, summary)
+
+
+def int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected a comma list of integers, got {text!r}", param_hint=option) from None
+    if not values:
+        raise typer.BadParameter("empty list", param_hint=option)
+    return values
+
+
+def demo_policy(device: str) -> Any:
+    """A random tiny-preset policy over a random 3-level catalog (256 codes per level, 3,000 items)."""
+    import random
+
+    from models.policy import Policy
+    from models.sid_catalog import Item, SidCatalog, level_token
+
+    rng = random.Random(0)
+    items = {i: Item(i, "", tuple(level_token(lv, rng.randrange(256)) for lv in range(3))) for i in range(3000)}
+    return Policy.from_preset("tiny", SidCatalog(items), seed=0).to(device)

@@ -1,0 +1,169 @@
+"""The training loop SFT and RL share: data order, steps, resume, validation and checkpoints.
+
+* ``epoch_batches``: a seeded permutation per epoch, sorted by length inside
+  chunks of 32 batches (less padding, still shuffled); ``--seed`` fixes the order.
+* ``run_steps``: the epoch loop. It walks the batches from where ``TrainState``
+  says (so a resumed run continues mid-epoch), gives each step this rank's
+  shard of the global batch (``training.distributed.shard``), counts the step,
+  and validates every ``eval_every`` steps and at the last one.
+* ``load_resume``: the ``<out>.resume`` folder of an interrupted run, refused
+  when it was written by another configuration (its ``identity``).
+* ``Checkpointer``: one validation: score the selection rows (HR@10, ties
+  NDCG@10, by beam search), keep the best model at ``out`` and the latest
+  state at ``<out>.resume``; rank 0 writes, all ranks wait. With no selection
+  rows (a refit) the latest model is kept at ``out``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from models.policy import Policy
+from training.data.dataset import Sample
+from training.distributed import Shard, barrier, is_main, shard, shard_rows, weighted_mean, world_size
+from training.evaluation.decoders import beam_decoder
+from training.evaluation.evaluate import evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best: tuple[float, float] = (-1.0, -1.0)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    chunk = batch_size * 32
+    batches: list[list[int]] = []
+    for start in range(0, len(perm), chunk):
+        part = sorted(perm[start : start + chunk].tolist(), key=lambda i: lengths[i])
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the loop walks the data: rows' lengths (for batching), global batch size, seed, steps, validations."""
+
+    lengths: Sequence[int]
+    batch_size: int
+    seed: int
+    total_steps: int
+    eval_every: int
+
+
+def run_steps(
+    state: TrainState,
+    schedule: Schedule,
+    train_step: Callable[[Shard], dict[str, float]],
+    report: Callable[[dict[str, float]], None],
+    validate: Callable[[], None],
+) -> None:
+    """Steps until ``schedule.total_steps``: ``train_step`` on this rank's shard, the step counted in ``state``,
+    ``report`` with the step's figures, then ``validate`` every ``eval_every`` steps and at the last one."""
+    while state.step < schedule.total_steps:
+        batches = epoch_batches(schedule.lengths, schedule.batch_size, schedule.seed, state.epoch)
+        for bi in range(state.batch_in_epoch, len(batches)):
+            stats = train_step(shard(batches[bi]))
+            state.step, state.batch_in_epoch = state.step + 1, bi + 1
+            report(stats)
+            if state.step % schedule.eval_every == 0 or state.step >= schedule.total_steps:
+                validate()
+            if state.step >= schedule.total_steps:
+                break
+        if state.batch_in_epoch >= len(batches):
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def resume_folder(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its latest state."""
+    return out.parent / f"{out.name}.resume"
+
+
+def load_resume(
+    folder: Path, device: str, identity: dict[str, Any], differs: str = "a different configuration"
+) -> tuple[LoadedCheckpoint, dict[str, Any]]:
+    """The interrupted run at ``folder`` and its trainer state; a ``ValueError`` when there is none or its state
+    does not hold ``identity`` (the configuration, and whatever else must match, key by key)."""
+    if not folder.exists():
+        raise ValueError(f"--resume: no interrupted run at {folder}")
+    loaded = load_checkpoint(folder, device)
+    trainer_state = loaded.trainer_state()
+    if trainer_state is None or any(trainer_state.get(k) != v for k, v in identity.items()):
+        raise ValueError(f"--resume: {folder} was written with {differs}")
+    return loaded, trainer_state
+
+
+def selection_score(
+    policy: Policy, select_rows: Sequence[Sample], train_rows: Sequence[Sample], beams: int
+) -> tuple[float, float]:
+    """(HR@10, NDCG@10) by beam search on the selection rows; sharded and row-weighted over the ranks."""
+    part = shard_rows(select_rows)
+    m = {"HR@10": 0.0, "NDCG@10": 0.0}
+    if part or world_size() == 1:
+        m = evaluate(policy, part, train_rows, beam_decoder(beams), progress=False)["metrics"]
+    m = weighted_mean({k: m[k] for k in ("HR@10", "NDCG@10")}, len(part))
+    return m["HR@10"], m["NDCG@10"]
+
+
+@dataclass
+class Checkpointer:
+    """Validations of one run: the best model to ``out``, the latest state to ``resume_folder(out)``."""
+
+    policy: Policy
+    out: Path
+    manifest: dict[str, Any]
+    select_rows: Sequence[Sample]
+    train_rows: Sequence[Sample]
+    eval_beams: int
+
+    def validate(
+        self,
+        state: TrainState,
+        trainer_state: Callable[[], dict[str, Any]],
+        extras: dict[str, dict[str, torch.Tensor]] | None = None,
+        selectable: bool = True,
+        averaged: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> None:
+        """Score the selection rows and keep the best model (when ``selectable``) and the latest state. Inside
+        ``averaged()`` the policy holds the weights to score and keep (an EMA); the resume state keeps the
+        training weights."""
+        resume_dir = resume_folder(self.out)
+        if not self.select_rows:  # nothing held out (a refit): the latest model is the one to keep
+            state.history.append({"step": state.step, "epoch": state.epoch})
+            if is_main():
+                with averaged():
+                    self._save_best(state, extras)
+                save_checkpoint(resume_dir, self.policy, self.manifest, extras, trainer_state=trainer_state())
+            barrier()
+            return
+        with averaged():
+            score = selection_score(self.policy, self.select_rows, self.train_rows, self.eval_beams)
+            state.history.append({"step": state.step, "epoch": state.epoch, "HR@10": score[0], "NDCG@10": score[1]})
+            log.info("step %d: selection HR@10 %.4f NDCG@10 %.4f", state.step, *score)
+            if selectable and score > state.best:
+                state.best = score
+                if is_main():
+                    self._save_best(state, extras)
+        if is_main():
+            save_checkpoint(resume_dir, self.policy, self.manifest, extras, trainer_state=trainer_state())
+        barrier()
+
+    def _save_best(self, state: TrainState, extras: dict[str, dict[str, torch.Tensor]] | None) -> None:
+        save_checkpoint(self.out, self.policy, self.manifest | {"selection": state.history[-1]}, extras)

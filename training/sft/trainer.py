@@ -1,0 +1,281 @@
+"""Supervised fine-tuning: next-item SID prediction, loss on the target tokens only.
+
+Design decisions:
+
+* AdamW with linear warm-up then cosine decay; fp32 on CPU, bf16 autocast on
+  GPUs that support it.
+* Batches are drawn from a seeded permutation per epoch and sorted by length
+  inside small chunks (less padding, still shuffled); ``--seed`` fixes both the
+  initial weights and the order, so a run is deterministic on one machine.
+* Model selection: HR@10 (ties: NDCG@10) by constrained beam search on the
+  validation rows, after every epoch (or every ``eval_every`` steps). When the
+  valid split is itself trained on (``--train-splits train,valid``), the last
+  ``holdout`` rows of valid (the most recent ones) are held out of training and
+  used for selection instead; test is never looked at.
+* ``--holdout 0`` trains on all of valid and keeps the last model: the refit,
+  once the configuration and epoch count were chosen on a held-out run.
+  ``--refit`` (on in the small recipe) runs both in one command: the held-out
+  run at ``<out>.heldout`` chooses the fusion weight, then the same
+  configuration is trained from scratch on all of train + valid with that
+  weight. The most recent valid rows are the closest to what is recommended
+  next; a model that never saw them loses about 7% HR@10 on test (README).
+* Regularisers for this small-data regime, each a forward hook so checkpoints
+  are unchanged: dropout on the input embeddings and residual dropout on every
+  layer's attention and MLP outputs (Qwen2 has attention dropout only), plus
+  history cropping. ``--item-tokens`` adds a whole-SID token per history item
+  to the prompt (``models.sid_tokenizer``).
+* The configuration (``SFTConfig``, the presets' recipes) lives in
+  ``training.sft.config``, which imports nothing heavy, so the CLI checks it
+  before torch loads. Batches are ``training.sft.batches``, the regularisers
+  ``training.sft.regularisers``; the loop, resume and checkpoints are
+  ``training.loop``, shared with the RL stage.
+* Curves: loss and learning rate every step, the held-out HR@10 / NDCG@10 at
+  each validation, as TensorBoard scalars (``training.scalar_log``).
+* The best model goes to ``--out``; the latest state (weights, optimizer,
+  scheduler, position in the data) to ``<out>.resume`` after each validation,
+  so ``--resume`` continues an interrupted run. Both writes are atomic.
+* Under ``torchrun`` / ``accelerate launch`` (``training.distributed``): DDP,
+  ``--batch-size`` is the global batch (each rank trains on its slice, the loss
+  weighted by the rank's share of target tokens, so the gradient is the global
+  batch's), validation is sharded over the ranks, rank 0 alone writes, and each
+  rank draws its own dropout masks. With the same global batch and no dropout,
+  N processes give the parameters of one up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from models.checkpoint import load_checkpoint
+from models.policy import Policy
+from training.data.dataset import RecDataset, popular_sids, split_for_training
+from training.distributed import Shard, barrier, fork_rng, is_main, loss_scales, require_global_batch, wrap_ddp
+from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fuse_trained
+from training.loop import Checkpointer, Schedule, TrainState, load_resume, resume_folder, run_steps
+from training.optim import autocast_dtype, cosine_schedule, flush_denormals, seed_everything
+from training.scalar_log import ScalarLog
+from training.sft.batches import collate, crop_histories, encode_sample
+from training.sft.config import SFTConfig
+from training.sft.regularisers import WeightAverage, add_embedding_dropout, add_residual_dropout, init_sid_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def train_sft(
+    data: RecDataset,
+    out: str | Path,
+    config: SFTConfig,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    tensorboard: Path | None = None,
+) -> dict[str, Any]:
+    """Train, keep the best checkpoint at ``out``; returns a summary. Curves go to ``tensorboard`` if given.
+
+    With ``config.refits`` this is two runs: the held-out run at ``<out>.heldout`` (selection and the
+    fusion weight, as without ``refit``), then the same configuration from scratch on all of train +
+    valid (``holdout`` 0, that weight, last model kept) at ``out``. ``resume`` continues whichever
+    run was interrupted; a finished held-out run (its fusion chosen) is not run again.
+    """
+    with flush_denormals():
+        if not config.refits:
+            return _train_sft(data, out, config, device, resume, progress, tensorboard)
+        out = Path(out)
+        heldout_out = out.parent / f"{out.name}.heldout"
+        heldout_curves = tensorboard.with_name(f"{tensorboard.name}-heldout") if tensorboard else None
+        chosen = finished_heldout_run(heldout_out) if resume else None
+        if chosen is None:
+            again = resume and resume_folder(heldout_out).exists()
+            chosen = _train_sft(data, heldout_out, config, device, again, progress, heldout_curves)
+        else:
+            log.info("--resume: the held-out run at %s has finished", heldout_out)
+        refit = replace(config, holdout=0, fusion_weight=chosen["fusion"]["weight"])
+        log.info("refit on all of train + valid with fusion weight %g", refit.fusion_weight)
+        again = resume and resume_folder(out).exists()
+        summary = _train_sft(data, out, refit, device, again, progress, tensorboard)
+        return summary | {"heldout_run": {"checkpoint": str(heldout_out)} | chosen}
+
+
+def finished_heldout_run(path: Path) -> dict[str, Any] | None:
+    """The selection and fusion choice of a finished held-out run at ``path``; None if it has not finished."""
+    if not (path / "manifest.json").is_file():
+        return None
+    manifest = json.loads((path / "manifest.json").read_text())
+    if "fusion" not in manifest:  # the fusion choice is the run's last write
+        return None
+    return {"best": manifest.get("selection"), "fusion": manifest["fusion"]}
+
+
+def _train_sft(
+    data: RecDataset,
+    out: str | Path,
+    config: SFTConfig,
+    device: str,
+    resume: bool,
+    progress: bool,
+    tensorboard: Path | None,
+) -> dict[str, Any]:
+    out = Path(out)
+    require_global_batch(config.batch_size)
+    seed_everything(config.seed)
+    train_rows, held_out = split_for_training(data, config)
+    if not train_rows:
+        raise ValueError("no training rows: check --train-splits")
+    select_rows = held_out[: config.eval_limit]
+
+    trainer_state = None
+    if resume:
+        loaded, trainer_state = load_resume(resume_folder(out), device, {"config": asdict(config)})
+        policy = loaded.policy
+    else:
+        policy = new_policy(data, config, device)
+    if config.text_init and not resume:
+        if data.embeddings is None:
+            raise ValueError("--text-init needs item_emb.npy in the data set")
+        init_sid_embeddings(policy, data.embeddings)
+    if config.embed_dropout > 0:
+        add_embedding_dropout(policy, config.embed_dropout)
+    if config.hidden_dropout > 0:
+        add_residual_dropout(policy, config.hidden_dropout)
+    encoded = [encode_sample(policy, s) for s in train_rows]
+    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    model = policy.model
+    train_model = wrap_ddp(model)  # DDP when distributed; the same parameters as ``model``
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    state = TrainState()
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        state = TrainState(**trainer_state["train_state"])
+        torch.set_rng_state(trainer_state["torch_rng"])
+    ema = WeightAverage(model, config.ema) if config.ema > 0 else None
+    if ema is not None and trainer_state is not None:
+        ema.load_state_dict(trainer_state["ema"])
+    fork_rng(config.seed, state.step)
+    curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
+    amp = autocast_dtype(policy.device, config.precision)
+    manifest = {
+        "stage": "sft",
+        "sft_config": asdict(config),
+        "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
+        "popular_sids": popular_sids(data.catalog, train_rows),
+    }
+    checkpointer = Checkpointer(policy, out, manifest, select_rows, train_rows, config.eval_beams)
+    log.info(
+        "SFT config %s; %d training rows, %d selection rows, %d steps",
+        asdict(config),
+        len(encoded),
+        len(select_rows),
+        total_steps,
+    )
+
+    def train_step(part: Shard) -> dict[str, float]:
+        rows = [encoded[i] for i in part.rows]  # this rank's slice of the global batch
+        if config.crop_prob > 0 or config.last_item_prob > 0:
+            rows = crop_histories(
+                policy, train_rows, part.rows, rows, config.crop_prob, (config.seed, state.step), config.last_item_prob
+            )
+        batch = {k: v.to(policy.device) for k, v in collate(rows, int(policy.tokenizer.pad_token_id)).items()}
+        with torch.autocast(policy.device.type, dtype=amp, enabled=amp is not None):
+            loss = train_model(**batch).loss  # mean over this shard's target tokens
+        (scale,) = loss_scales([sum(len(t) for _, t in rows) if part.counted else 0])  # 1.0 in one process
+        optimizer.zero_grad(set_to_none=True)
+        (loss * scale).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # this step's
+        scheduler.step()
+        if ema is not None:
+            ema.update()
+        return {"train/loss": loss.item(), "train/lr": lr}
+
+    bar = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not progress or not is_main())
+
+    def report(stats: dict[str, float]) -> None:
+        curves.add(state.step, stats)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['train/loss']:.3f}", epoch=state.epoch)
+
+    last_validated = state.step if resume else -1
+
+    def validate() -> None:
+        nonlocal last_validated
+        checkpointer.validate(state, lambda: {
+            "config": asdict(config),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "train_state": asdict(state),
+            "torch_rng": torch.get_rng_state(),
+        } | ({"ema": ema.state_dict()} if ema is not None else {}),
+        averaged=ema.swapped_in if ema is not None else nullcontext)  # fmt: skip
+        curves.validated(state.step, state.history[-1])
+        last_validated = state.step
+        model.train()
+
+    start = time.perf_counter()
+    model.train()
+    schedule = Schedule([len(p) + len(t) for p, t in encoded], config.batch_size, config.seed, total_steps,
+                        config.eval_every or steps_per_epoch)  # fmt: skip
+    run_steps(state, schedule, train_step, report, validate)
+    bar.close()
+    if last_validated != state.step:
+        validate()
+    curves.close()
+    fusion = None
+    if is_main():  # the kept model's fusion with the transition counts (training.evaluation.fusion)
+        fusion = fuse_trained(out, config.fusion_weight, train_rows, held_out, config.eval_limit, str(policy.device))
+    barrier()
+    return {
+        "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,  # None: a refit
+        "steps": state.step,
+        "seconds": round(time.perf_counter() - start, 1),
+        "history": state.history,
+        "train_rows": len(train_rows),
+        "selection_rows": len(select_rows),
+        "fusion": fusion,
+    }
+
+
+def new_policy(data: RecDataset, config: SFTConfig, device: str) -> Policy:
+    """The model SFT starts from: a local pretrained LM (``base_model``) or a preset built from its config."""
+    if config.base_model:
+        return Policy.from_pretrained_lm(config.base_model, data.catalog, config.max_history, config.item_tokens).to(
+            device
+        )
+    return Policy.from_preset(config.preset, data.catalog, config.seed, config.max_history, config.item_tokens).to(
+        device
+    )
+
+
+def fuse_checkpoint(
+    path: str | Path,
+    data: RecDataset,
+    weights: Sequence[float] = FUSION_WEIGHTS,
+    beams: int = FUSION_BEAMS,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """``vstar fuse``: what SFT does when it ends, for a checkpoint written without it."""
+    path = Path(path)
+    manifest = load_checkpoint(path, "cpu").manifest
+    if manifest.get("stage") != "sft" or "sft_config" not in manifest:
+        raise ValueError(f"checkpoint {path} is not an SFT checkpoint (stage {manifest.get('stage')!r})")
+    if manifest.get("data", {}).get("fingerprint") != data.fingerprint():
+        raise ValueError(f"checkpoint {path} was trained on other data than {data.name!r} (fingerprints differ)")
+    stored = dict(manifest["sft_config"])
+    config = SFTConfig(**(stored | {"train_splits": tuple(stored["train_splits"])}))
+    train_rows, held_out = split_for_training(data, config)
+    fusion = fuse_trained(path, config.fusion_weight, train_rows, held_out, config.eval_limit, device, weights, beams)
+    return {"checkpoint": str(path)} | fusion
