@@ -196,6 +196,30 @@ class VEDStats:
     stop_reason: str = ""  # "budget" | "exhausted" (every valid prefix in the tree) | "deadline"
 
 
+def initial_beam_width(config: VEDConfig, trie: SidTrie) -> int:
+    """The width of the anytime fallback's beam search: ``max(num_candidates, init_beams)``, at most #SIDs."""
+    return min(max(config.num_candidates, config.init_beams), int((trie.leaf_sid >= 0).sum()))
+
+
+def initial_beam_stats(config: VEDConfig, trie: SidTrie) -> VEDStats:
+    """What the anytime fallback spends: beam search of ``initial_beam_width`` in place of the initial tree,
+    reported as a search the deadline stopped before its first iteration (beam search's accounting: the
+    last level is never fed to the backbone)."""
+    width = initial_beam_width(config, trie)
+    kept = [min(width, int((trie.node_depth == d).sum())) for d in range(1, trie.depth + 1)]  # beams per level
+    return VEDStats(
+        tokens_spent=sum(kept[:-1]),
+        nodes=1 + sum(kept),
+        max_depth=trie.depth,
+        iterations=0,
+        cap_hit=True,
+        budget=resolve_budget(config, trie.depth),
+        init_tokens=sum(kept[:-1]),
+        leaves=kept[-1],
+        stop_reason="deadline",
+    )
+
+
 @dataclass
 class VEDResult:
     """Candidates in the returned order, their paths' statistics, and the trees.

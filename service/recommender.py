@@ -1,4 +1,4 @@
-"""The recommender: the one object that does the service's work, built once at startup.
+"""The recommender: the one object that does the service's work, built once at startup (the request side).
 
 A request goes: history (stored + given, resolved against the catalog) ->
 exclusion set -> response cache -> decode (micro-batched, on the model thread)
@@ -14,31 +14,6 @@ Design decisions:
   SIDs the prompt actually sees (the last ``max_history``), the exclusion set
   when exclusion is on, ``k``, the mode and, for VED only, budget and cap. A
   user's new event changes the key, so the cache never needs invalidating.
-* All model work runs on one executor thread, so torch owns the cores and
-  the event loop keeps answering health checks and cache hits meanwhile. That
-  thread runs at a lower priority (``model_thread_nice``): on a busy CPU the
-  loop, which must answer at the hard cap, wins the cores over model work.
-* VED is an anytime search: each request's deadline is its arrival plus its
-  cap, less a margin learnt from how far past their deadlines earlier searches
-  finished (``service.deadline``). Concurrent VED
-  requests with the same k and budget share one batched search, which stops at
-  the earliest of their deadlines. Results that hit the cap are not cached: a
-  later, unhurried request deserves the full search.
-* The anytime fallback: VED's initial tree (a beam with every node, complete
-  SIDs included, run through the backbone and the value head) costs 2-2.5x a
-  plain beam search, so a request that could not see it finish is answered by
-  the initial beam alone: constrained beam search of width max(k + extra,
-  init_beams), ranked by log-prob, ``cap_hit`` true, ``fallback:
-  "initial_beam"`` in its stats. The decision is taken per job when the model
-  thread picks the batch up (queueing counts): time left below the learnt cost
-  of the initial tree (``BatchCost``, timed at warm-up) means fallback.
-  A batch's fallbacks are decoded first, their deadlines being the nearest.
-* Load shedding: before that, the model thread keeps only the jobs that can
-  still be answered before their hard cap (below): the most jobs whose time
-  left all covers the initial beam's learnt cost for that many prompts, the
-  least urgent first. The others are not decoded at all and are answered from
-  popularity at once, so an overloaded model spends its time on answers that
-  will be used instead of on work the hard cap throws away.
 * The hard cap: a VED request waits for its decode until its last chance,
   ``cap - ved_respond_ms`` less the loop's learnt lateness (below), at most. If
   the model thread has not answered by then (queued behind other batches, or a
@@ -55,9 +30,14 @@ Design decisions:
   is brought forward by the 0.999 quantile of recent reports (expiring after 10 s),
   so the cap holds on the server's clock while the host is busy, at the price
   of fewer model answers meanwhile.
-* Overruns are reported to the deadline margin by the model thread, when the
-  search ends, so the margin learns from searches whose request the hard cap
-  already answered.
+
+* An answer is a frozen ``Answer`` (``RankedSid`` rows, a ``SearchReport``);
+  the response cache stores it as JSON and the response is built from it.
+
+The model thread's side (the executor, micro-batching, VED's deadlines, the
+anytime fallback and load shedding) is ``service.decode_scheduler``; the
+``Recommender`` extends its ``DecodeScheduler`` with the request side, so one
+object built at startup still owns both.
 """
 
 from __future__ import annotations
@@ -67,22 +47,18 @@ import hashlib
 import json
 import logging
 import math
-import os
-import sys
-import threading
 import time
-from collections.abc import Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from models.beam_search import BeamSearchConfig, beam_search
-from models.checkpoint import CheckpointError, LoadedCheckpoint
-from models.sid_catalog import Sid, parse_sid, sid_to_str
+from models.beam_search import BeamSearchConfig
+from models.checkpoint import LoadedCheckpoint
+from models.sid_catalog import parse_sid, sid_to_str
 from models.value_head import ValueHead
-from models.ved import VEDConfig, VEDStats, resolve_budget, ved_search
-from service.batcher import MicroBatcher
-from service.deadline import BatchCost, DeadlineMargin
+from models.ved import resolve_budget
+from service.deadline import DeadlineMargin
+from service.decode_scheduler import SHED, DecodeJob, DecodeRow, DecodeScheduler
 from service.errors import InvalidInput, NotFound, StoreUnavailable
 from service.history import HistoryEvent, excluded_items, fully_excluded_sids, resolve_entries, resolve_stored
 from service.metrics import ServiceMetrics
@@ -95,6 +71,7 @@ from service.schemas import (
     RecommendedItem,
     RecommendRequest,
     RecommendResponse,
+    SearchStats,
 )
 from service.settings import Settings
 from service.stores import Store, WriteOutcomeUnknown
@@ -103,35 +80,42 @@ log = logging.getLogger("service.recommender")
 
 
 @dataclass(frozen=True)
-class DecodeJob:
-    history: tuple[Sid, ...]  # the SIDs the prompt sees, oldest first
-    deadline: float | None = None  # VED: time.perf_counter() value to stop by
-    answer_by: float | None = None  # VED: the hard cap; a job that cannot be decoded by then is shed
+class RankedSid:
+    """One SID of an answer with its catalog items (the user's excluded ones dropped)."""
+
+    sid: str
+    item_ids: list[int]
+    titles: list[str]
+    score: float
 
 
 @dataclass(frozen=True)
-class DecodeRow:
-    sid_index: list[int]  # ranked catalog SID indices, -1 where no valid SID
-    scores: list[float]
-    stats: VEDStats | None = None  # VED only
-    fallback: bool = False  # VED: answered by the initial beam, not by the search
-    shed: bool = False  # VED: not decoded, it could not be answered before its hard cap
+class SearchReport:
+    """What a VED answer spent (``SearchStats`` on the wire); ``fallback``: initial_beam, popular or None."""
+
+    tokens_spent: int
+    nodes: int
+    max_depth: int
+    iterations: int
+    fallback: str | None
 
 
-SHED = DecodeRow([], [], shed=True)
+@dataclass(frozen=True)
+class Answer:
+    """A decode's answer to one request, as the response cache stores it (JSON)."""
 
+    items: list[RankedSid]
+    cap_hit: bool
+    search: SearchReport | None
 
-def lower_priority(nice: int) -> None:
-    """Run in the model thread: raise its niceness by ``nice`` (Linux schedules threads one by one).
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
 
-    The event loop answers VED requests at their hard cap, the model thread only makes answers better, so when
-    both want a busy CPU the loop should win: measured with ``vstar bench serve`` beside training jobs on two
-    cores, 32 clients at cap 50 ms, the hard cap's answers came up to 40-46 ms after their timer at nice 0 and
-    up to 16-25 ms at nice 10.
-    """
-    if nice and sys.platform == "linux":
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Answer:
+        body = json.loads(raw)
+        search = SearchReport(**body["search"]) if body["search"] is not None else None
+        return cls([RankedSid(**it) for it in body["items"]], body["cap_hit"], search)
 
 
 def _expire(future: asyncio.Future[DecodeRow]) -> None:
@@ -140,7 +124,9 @@ def _expire(future: asyncio.Future[DecodeRow]) -> None:
         future.set_result(SHED)
 
 
-class Recommender:
+class Recommender(DecodeScheduler):
+    """The request side over the decode scheduler: history, exclusion, cache, ranking and the response."""
+
     def __init__(
         self,
         checkpoint: LoadedCheckpoint,
@@ -149,36 +135,16 @@ class Recommender:
         store: Store,
         metrics: ServiceMetrics,
     ) -> None:
-        self.policy = checkpoint.policy
-        self.checkpoint_path = checkpoint.path
-        self.value_head = value_head
-        self.catalog = checkpoint.policy.catalog
+        super().__init__(checkpoint, value_head, settings, metrics)
         self.model_version = checkpoint.model_version
-        self.settings = settings
         self.store = store
-        self.metrics = metrics
-        self.max_prompt_history = self.policy.prompt.max_history
-        self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
         # how late the event loop has recently honoured the hard cap (its timer's answer, or a decode it had to
         # wait for past the cap's last chance): the loop thread runs late when the host is busy, so the last
         # chance is brought forward by this much, learnt like the search margin. A stall of the loop delays
         # every request in flight at once, so the quantile is near the top: one stall in the last 10 s that
         # delayed a handful of answers is enough to keep the next ones clear of the next such stall.
         self.cap_lateness = DeadlineMargin(0.0, quantile=0.999, horizon_s=10.0, window=8192, refresh_s=0.05)
-        self.init_cost = BatchCost(settings.ved_init_cost_ms / 1000)  # VED's initial tree
-        # the fallback's initial beam; its median, not a high quantile: a job is shed only when it would
-        # probably miss its cap, and the hard cap still answers the ones that do
-        self.beam_cost = BatchCost(settings.ved_init_cost_ms / 1000, quantile=0.5, min_reports=1)
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
-        self.executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="vstar-model",
-            initializer=lower_priority,
-            initargs=(settings.model_thread_nice,),
-        )
-        self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
-            self._decode, self.executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000, self._on_batch
-        )
 
     def _prior_order(self, popular: Sequence[Sequence[Any]]) -> DecodeRow:
         """Every catalog SID index with a popularity log-probability: the checkpoint's training-target
@@ -193,128 +159,9 @@ class Recommender:
         order = sorted(range(n), key=lambda i: (-counts.get(i, 0), i))
         return DecodeRow(order, [math.log((counts.get(i, 0) + 0.5) / total) for i in order])
 
-    # ---- lifecycle
-
-    def warmup(self) -> None:
-        """Decode one request, then time VED's fallbacks, on the model thread (at its priority), before serving:
-        a checkpoint that cannot decode fails the start."""
-        self.executor.submit(self._warmup).result()
-
-    def _warmup(self) -> None:
-        first = self.catalog.sids[0]
-        for config in (BeamSearchConfig(self.settings.default_k), VEDConfig(num_candidates=self.settings.default_k)):
-            rows = self._decode(config, [DecodeJob((first,))])
-            if rows[0].sid_index[0] < 0:  # not an assert: python -O would drop it and serve a model that cannot
-                raise CheckpointError(
-                    f"checkpoint {self.checkpoint_path}: warm-up decode ({type(config).__name__}) returned no valid SID"
-                )
-        self._time_ved_fallbacks()
-
-    def _time_ved_fallbacks(self) -> None:
-        """Time VED's initial tree (a passed deadline stops it there) and the initial beam per batch bucket,
-        on the longest prompts; the least of three runs is the decode's own cost (one-off allocations and
-        load spikes are not)."""
-        config = VEDConfig(num_candidates=self.settings.default_k, deadline=0.0)
-        history = tuple(self.catalog.sids[: self.max_prompt_history])
-        batch = 1
-        while True:
-            ids, mask = self.policy.encode_prompts([list(history)] * batch)
-            tree, beam = [], []
-            for _ in range(3):
-                started = time.perf_counter()
-                ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
-                tree.append(time.perf_counter() - started)
-                started = time.perf_counter()
-                self._initial_beam(replace(config, deadline=None), [DecodeJob(history)] * batch, report=False)
-                beam.append(time.perf_counter() - started)
-            self.init_cost.set_baseline(batch, min(tree))
-            self.beam_cost.set_baseline(batch, min(beam))
-            if batch >= self.settings.batch_max_size:
-                return
-            batch *= 2
-
-    def start(self) -> None:
-        self.batcher.start()
-
     async def close(self) -> None:
-        await self.batcher.stop()
-        self.executor.shutdown(wait=True)
+        await super().close()
         await self.store.close()
-
-    # ---- model thread
-
-    def _decode(self, key: Hashable, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
-        if isinstance(key, BeamSearchConfig):
-            return self._beam(key, jobs)
-        assert isinstance(key, VEDConfig) and key.deadline is None
-        now = time.perf_counter()
-        kept = self._admit(jobs, now)
-        cost = self.init_cost.cost_s(sum(kept))
-        late = [j.deadline is not None and j.deadline - now < cost for j in jobs]
-        fallen = [j for j, k, x in zip(jobs, kept, late, strict=True) if k and x]
-        searched = [j for j, k, x in zip(jobs, kept, late, strict=True) if k and not x]
-        beam_rows = iter(self._initial_beam(key, fallen) if fallen else [])  # first: their deadlines are nearest
-        ved_rows = iter(self._ved(key, searched) if searched else [])
-        return [SHED if not k else next(beam_rows) if x else next(ved_rows) for k, x in zip(kept, late, strict=True)]
-
-    def _admit(self, jobs: Sequence[DecodeJob], now: float) -> list[bool]:
-        """Load shedding: keep the most jobs m such that the m with the most time left before their hard cap
-        all have at least the initial beam's cost for m prompts left; the rest are not decoded."""
-        left = [math.inf if j.answer_by is None else j.answer_by - now for j in jobs]
-        order = sorted(range(len(jobs)), key=lambda i: -left[i])
-        m = len(jobs)
-        while m > 0 and left[order[m - 1]] < self.beam_cost.cost_s(m):
-            m -= 1
-        kept = set(order[:m])
-        return [i in kept for i in range(len(jobs))]
-
-    def _beam(self, config: BeamSearchConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
-        ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
-        res = beam_search(self.policy.model, self.policy.trie, ids, mask, config)
-        return [DecodeRow(s, sc) for s, sc in zip(res.sid_index.tolist(), res.scores.tolist(), strict=True)]
-
-    def _ved(self, config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
-        deadlines = [j.deadline for j in jobs if j.deadline is not None]
-        config = replace(config, deadline=min(deadlines, default=None))
-        ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
-        started = time.perf_counter()
-        out = ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
-        finished = time.perf_counter()
-        if all(st.cap_hit and st.iterations == 0 for st in out.stats):  # it stopped right after its initial tree
-            self.init_cost.report(len(jobs), finished - started)
-        elif config.deadline is not None and any(st.cap_hit and st.iterations > 0 for st in out.stats):
-            # the loop ran and the deadline stopped it: learn how far past the deadline it finished. Reported
-            # here, not by the request, so it is learnt even when the hard cap answered that request already.
-            self.deadline_margin.report(finished - config.deadline)
-            self.metrics.ved_margin.set(self.deadline_margin.margin_s())
-        rows = zip(out.decode.sid_index.tolist(), out.decode.scores.tolist(), out.stats, strict=True)
-        return [DecodeRow(s, sc, st) for s, sc, st in rows]
-
-    def _initial_beam(self, config: VEDConfig, jobs: Sequence[DecodeJob], report: bool = True) -> list[DecodeRow]:
-        """The anytime fallback: VED's initial beam without the tree, with stats that say what was spent."""
-        trie = self.policy.trie
-        width = min(max(config.num_candidates, config.init_beams), len(self.catalog.sids))
-        kept = [min(width, int((trie.node_depth == d).sum())) for d in range(1, trie.depth + 1)]  # beams per level
-        started = time.perf_counter()
-        rows = self._beam(BeamSearchConfig(width), jobs)
-        if report:
-            self.beam_cost.report(len(jobs), time.perf_counter() - started)
-        stats = VEDStats(
-            tokens_spent=sum(kept[:-1]),
-            nodes=1 + sum(kept),
-            max_depth=trie.depth,
-            iterations=0,
-            cap_hit=True,
-            budget=resolve_budget(config, trie.depth),
-            init_tokens=sum(kept[:-1]),
-            leaves=kept[-1],
-            stop_reason="deadline",
-        )
-        return [replace(row, stats=replace(stats), fallback=True) for row in rows]
-
-    def _on_batch(self, key: Hashable, size: int) -> None:
-        if isinstance(key, BeamSearchConfig):
-            self.metrics.batch_size.observe(size)
 
     # ---- requests
 
@@ -335,17 +182,17 @@ class Recommender:
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
         seen = events[-self.max_prompt_history :]
         key = self._cache_key(req, seen, excluded) if self.settings.cache_ttl_s else None  # None: cache off
-        body = await self._cache_get(key) if key is not None else None
-        cached = body is not None
-        if body is None:
-            body = await self._search(req, seen, excluded, started)
-            if key is not None and not body["cap_hit"]:
-                await self._cache_set(key, body)
+        answer = await self._cache_get(key) if key is not None else None
+        cached = answer is not None
+        if answer is None:
+            answer = await self._search(req, seen, excluded, started)
+            if key is not None and not answer.cap_hit:
+                await self._cache_set(key, answer)
         return RecommendResponse(
-            items=[RecommendedItem(**it) for it in body["items"]],
+            items=[RecommendedItem(**asdict(it)) for it in answer.items],
             mode=req.mode,
-            cap_hit=body["cap_hit"],
-            search=body["search"],
+            cap_hit=answer.cap_hit,
+            search=SearchStats(**asdict(answer.search)) if answer.search is not None else None,
             model_version=self.model_version,
             server_time_ms=round((time.perf_counter() - started) * 1000, 3),
             history_length=len(events),
@@ -356,13 +203,13 @@ class Recommender:
 
     async def _search(
         self, req: RecommendRequest, seen: list[HistoryEvent], excluded: frozenset[int], started: float
-    ) -> dict[str, Any]:
+    ) -> Answer:
         config = req.to_decode_config(fully_excluded_sids(self.catalog, excluded))
         history = tuple(e.sid for e in seen)
         if isinstance(config, BeamSearchConfig):
             config = BeamSearchConfig(min(config.num_beams, len(self.catalog.sids)))
             row = await self.batcher.submit(config, DecodeJob(history))
-            return {"items": self._rank(row, excluded, req.k), "cap_hit": False, "search": None}
+            return Answer(self._rank(row, excluded, req.k), cap_hit=False, search=None)
         try:
             resolve_budget(config, self.catalog.depth)
         except ValueError as e:
@@ -395,25 +242,20 @@ class Recommender:
             self.metrics.cap_hits.inc()
         if row.fallback:
             self.metrics.ved_fallbacks.inc()
-        search = {
-            "tokens_spent": stats.tokens_spent,
-            "nodes": stats.nodes,
-            "max_depth": stats.max_depth,
-            "iterations": stats.iterations,
-            "fallback": "initial_beam" if row.fallback else None,
-        }
-        return {"items": items, "cap_hit": stats.cap_hit, "search": search}
+        fallback = "initial_beam" if row.fallback else None
+        search = SearchReport(stats.tokens_spent, stats.nodes, stats.max_depth, stats.iterations, fallback)
+        return Answer(items, stats.cap_hit, search)
 
-    def _prior_answer(self, excluded: frozenset[int], k: int) -> dict[str, Any]:
+    def _prior_answer(self, excluded: frozenset[int], k: int) -> Answer:
         """The last resort of the hard cap: the most popular training targets, no model work at all."""
         self.metrics.cap_hits.inc()
         self.metrics.ved_fallbacks.inc()
         self.metrics.ved_tokens.observe(0)
-        search = {"tokens_spent": 0, "nodes": 0, "max_depth": 0, "iterations": 0, "fallback": "popular"}
-        return {"items": self._rank(self.prior, excluded, k), "cap_hit": True, "search": search}
+        search = SearchReport(tokens_spent=0, nodes=0, max_depth=0, iterations=0, fallback="popular")
+        return Answer(self._rank(self.prior, excluded, k), cap_hit=True, search=search)
 
-    def _rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+    def _rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[RankedSid]:
+        out: list[RankedSid] = []
         for idx, score in zip(row.sid_index, row.scores, strict=True):
             if idx < 0 or not math.isfinite(score):
                 continue
@@ -421,9 +263,7 @@ class Recommender:
             if not items:
                 continue
             sid = sid_to_str(self.catalog.sids[idx])
-            out.append(
-                {"sid": sid, "item_ids": items, "titles": [self.catalog.items[i].title for i in items], "score": score}
-            )
+            out.append(RankedSid(sid, items, [self.catalog.items[i].title for i in items], score))
             if len(out) == k:
                 break
         return out
@@ -462,18 +302,18 @@ class Recommender:
             norm |= {"b": req.budget, "l": req.cap_ms(self.settings)}
         return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()
 
-    async def _cache_get(self, key: str) -> dict[str, Any] | None:
+    async def _cache_get(self, key: str) -> Answer | None:
         try:
             raw = await self.store.cache_get(key)
         except StoreUnavailable:
             self.metrics.store_errors.labels("read_cache").inc()
             raw = None
         self.metrics.cache.labels("hit" if raw is not None else "miss").inc()
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else Answer.from_json(raw)
 
-    async def _cache_set(self, key: str, body: dict[str, Any]) -> None:
+    async def _cache_set(self, key: str, answer: Answer) -> None:
         try:
-            await self.store.cache_set(key, json.dumps(body).encode(), self.settings.cache_ttl_s)
+            await self.store.cache_set(key, answer.to_json(), self.settings.cache_ttl_s)
         except StoreUnavailable:
             self.metrics.store_errors.labels("write_cache").inc()
 

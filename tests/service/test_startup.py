@@ -17,8 +17,9 @@ from models.checkpoint import CheckpointError, save_checkpoint
 from models.policy import Policy
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.app import create_app
+from service.decode_scheduler import DecodeRow
 from service.json_logs import JsonFormatter
-from service.recommender import DecodeRow, Recommender
+from service.recommender import Recommender
 from service.settings import Settings
 from vstar import app
 

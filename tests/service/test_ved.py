@@ -29,7 +29,7 @@ from models.ved import VEDConfig
 from service import schemas
 from service.app import create_app
 from service.deadline import BatchCost, DeadlineMargin, quantile
-from service.recommender import DecodeJob
+from service.decode_scheduler import DecodeJob
 from service.settings import Settings
 
 

@@ -1,0 +1,231 @@
+"""The decode scheduler: the model thread's side of the recommender.
+
+Requests become ``DecodeJob``s; the micro-batcher groups them by decode
+configuration and this module decodes each group on the one model thread and
+answers one ``DecodeRow`` per job. ``service.recommender`` (the request side:
+history, cache, ranking, the response, the hard cap) builds on it.
+
+Design decisions:
+
+* All model work runs on one executor thread, so torch owns the cores and
+  the event loop keeps answering health checks and cache hits meanwhile. That
+  thread runs at a lower priority (``model_thread_nice``): on a busy CPU the
+  loop, which must answer at the hard cap, wins the cores over model work.
+* VED is an anytime search: each request's deadline is its arrival plus its
+  cap, less a margin learnt from how far past their deadlines earlier searches
+  finished (``service.deadline``). Concurrent VED
+  requests with the same k and budget share one batched search, which stops at
+  the earliest of their deadlines. Results that hit the cap are not cached: a
+  later, unhurried request deserves the full search.
+* The anytime fallback: VED's initial tree (a beam with every node, complete
+  SIDs included, run through the backbone and the value head) costs 2-2.5x a
+  plain beam search, so a request that could not see it finish is answered by
+  the initial beam alone: constrained beam search of width max(k + extra,
+  init_beams), ranked by log-prob, ``cap_hit`` true, ``fallback:
+  "initial_beam"`` in its stats. The decision is taken per job when the model
+  thread picks the batch up (queueing counts): time left below the learnt cost
+  of the initial tree (``BatchCost``, timed at warm-up) means fallback.
+  A batch's fallbacks are decoded first, their deadlines being the nearest.
+* Load shedding: before that, the model thread keeps only the jobs that can
+  still be answered before their hard cap (``service.recommender``): the most jobs whose time
+  left all covers the initial beam's learnt cost for that many prompts, the
+  least urgent first. The others are not decoded at all and are answered from
+  popularity at once, so an overloaded model spends its time on answers that
+  will be used instead of on work the hard cap throws away.
+* Overruns are reported to the deadline margin by the model thread, when the
+  search ends, so the margin learns from searches whose request the hard cap
+  already answered.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from models.beam_search import BeamSearchConfig, beam_search
+from models.checkpoint import CheckpointError, LoadedCheckpoint
+from models.sid_catalog import Sid
+from models.value_head import ValueHead
+from models.ved import VEDConfig, VEDStats, initial_beam_stats, initial_beam_width, ved_search
+from service.batcher import MicroBatcher
+from service.deadline import BatchCost, DeadlineMargin
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    history: tuple[Sid, ...]  # the SIDs the prompt sees, oldest first
+    deadline: float | None = None  # VED: time.perf_counter() value to stop by
+    answer_by: float | None = None  # VED: the hard cap; a job that cannot be decoded by then is shed
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    sid_index: list[int]  # ranked catalog SID indices, -1 where no valid SID
+    scores: list[float]
+    stats: VEDStats | None = None  # VED only
+    fallback: bool = False  # VED: answered by the initial beam, not by the search
+    shed: bool = False  # VED: not decoded, it could not be answered before its hard cap
+
+
+SHED = DecodeRow([], [], shed=True)
+
+
+def lower_priority(nice: int) -> None:
+    """Run in the model thread: raise its niceness by ``nice`` (Linux schedules threads one by one).
+
+    The event loop answers VED requests at their hard cap, the model thread only makes answers better, so when
+    both want a busy CPU the loop should win: measured with ``vstar bench serve`` beside training jobs on two
+    cores, 32 clients at cap 50 ms, the hard cap's answers came up to 40-46 ms after their timer at nice 0 and
+    up to 16-25 ms at nice 10.
+    """
+    if nice and sys.platform == "linux":
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
+
+
+class DecodeScheduler:
+    """The model, the executor thread and the batcher; VED's deadline margin and the fallbacks' learnt costs."""
+
+    def __init__(
+        self,
+        checkpoint: LoadedCheckpoint,
+        value_head: ValueHead,
+        settings: Settings,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.policy = checkpoint.policy
+        self.checkpoint_path = checkpoint.path
+        self.value_head = value_head
+        self.catalog = checkpoint.policy.catalog
+        self.settings = settings
+        self.metrics = metrics
+        self.max_prompt_history = self.policy.prompt.max_history
+        self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
+        self.init_cost = BatchCost(settings.ved_init_cost_ms / 1000)  # VED's initial tree
+        # the fallback's initial beam; its median, not a high quantile: a job is shed only when it would
+        # probably miss its cap, and the hard cap still answers the ones that do
+        self.beam_cost = BatchCost(settings.ved_init_cost_ms / 1000, quantile=0.5, min_reports=1)
+        self.executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="vstar-model",
+            initializer=lower_priority,
+            initargs=(settings.model_thread_nice,),
+        )
+        self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
+            self._decode, self.executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000, self._on_batch
+        )
+
+    # ---- lifecycle
+
+    def warmup(self) -> None:
+        """Decode one request, then time VED's fallbacks, on the model thread (at its priority), before serving:
+        a checkpoint that cannot decode fails the start."""
+        self.executor.submit(self._warmup).result()
+
+    def _warmup(self) -> None:
+        first = self.catalog.sids[0]
+        for config in (BeamSearchConfig(self.settings.default_k), VEDConfig(num_candidates=self.settings.default_k)):
+            rows = self._decode(config, [DecodeJob((first,))])
+            if rows[0].sid_index[0] < 0:  # not an assert: python -O would drop it and serve a model that cannot
+                raise CheckpointError(
+                    f"checkpoint {self.checkpoint_path}: warm-up decode ({type(config).__name__}) returned no valid SID"
+                )
+        self._time_ved_fallbacks()
+
+    def _time_ved_fallbacks(self) -> None:
+        """Time VED's initial tree (a passed deadline stops it there) and the initial beam per batch bucket,
+        on the longest prompts; the least of three runs is the decode's own cost (one-off allocations and
+        load spikes are not)."""
+        config = VEDConfig(num_candidates=self.settings.default_k, deadline=0.0)
+        history = tuple(self.catalog.sids[: self.max_prompt_history])
+        batch = 1
+        while True:
+            ids, mask = self.policy.encode_prompts([list(history)] * batch)
+            tree, beam = [], []
+            for _ in range(3):
+                started = time.perf_counter()
+                ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+                tree.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                self._initial_beam(replace(config, deadline=None), [DecodeJob(history)] * batch, report=False)
+                beam.append(time.perf_counter() - started)
+            self.init_cost.set_baseline(batch, min(tree))
+            self.beam_cost.set_baseline(batch, min(beam))
+            if batch >= self.settings.batch_max_size:
+                return
+            batch *= 2
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+        self.executor.shutdown(wait=True)
+
+    def _decode(self, key: Hashable, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        if isinstance(key, BeamSearchConfig):
+            return self._beam(key, jobs)
+        assert isinstance(key, VEDConfig) and key.deadline is None
+        now = time.perf_counter()
+        kept = self._admit(jobs, now)
+        cost = self.init_cost.cost_s(sum(kept))
+        late = [j.deadline is not None and j.deadline - now < cost for j in jobs]
+        fallen = [j for j, k, x in zip(jobs, kept, late, strict=True) if k and x]
+        searched = [j for j, k, x in zip(jobs, kept, late, strict=True) if k and not x]
+        beam_rows = iter(self._initial_beam(key, fallen) if fallen else [])  # first: their deadlines are nearest
+        ved_rows = iter(self._ved(key, searched) if searched else [])
+        return [SHED if not k else next(beam_rows) if x else next(ved_rows) for k, x in zip(kept, late, strict=True)]
+
+    def _admit(self, jobs: Sequence[DecodeJob], now: float) -> list[bool]:
+        """Load shedding: keep the most jobs m such that the m with the most time left before their hard cap
+        all have at least the initial beam's cost for m prompts left; the rest are not decoded."""
+        left = [math.inf if j.answer_by is None else j.answer_by - now for j in jobs]
+        order = sorted(range(len(jobs)), key=lambda i: -left[i])
+        m = len(jobs)
+        while m > 0 and left[order[m - 1]] < self.beam_cost.cost_s(m):
+            m -= 1
+        kept = set(order[:m])
+        return [i in kept for i in range(len(jobs))]
+
+    def _beam(self, config: BeamSearchConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
+        res = beam_search(self.policy.model, self.policy.trie, ids, mask, config)
+        return [DecodeRow(s, sc) for s, sc in zip(res.sid_index.tolist(), res.scores.tolist(), strict=True)]
+
+    def _ved(self, config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        deadlines = [j.deadline for j in jobs if j.deadline is not None]
+        config = replace(config, deadline=min(deadlines, default=None))
+        ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
+        started = time.perf_counter()
+        out = ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+        finished = time.perf_counter()
+        if all(st.cap_hit and st.iterations == 0 for st in out.stats):  # it stopped right after its initial tree
+            self.init_cost.report(len(jobs), finished - started)
+        elif config.deadline is not None and any(st.cap_hit and st.iterations > 0 for st in out.stats):
+            # the loop ran and the deadline stopped it: learn how far past the deadline it finished. Reported
+            # here, not by the request, so it is learnt even when the hard cap answered that request already.
+            self.deadline_margin.report(finished - config.deadline)
+            self.metrics.ved_margin.set(self.deadline_margin.margin_s())
+        rows = zip(out.decode.sid_index.tolist(), out.decode.scores.tolist(), out.stats, strict=True)
+        return [DecodeRow(s, sc, st) for s, sc, st in rows]
+
+    def _initial_beam(self, config: VEDConfig, jobs: Sequence[DecodeJob], report: bool = True) -> list[DecodeRow]:
+        """The anytime fallback: VED's initial beam without the tree, with stats that say what was spent."""
+        trie = self.policy.trie
+        started = time.perf_counter()
+        rows = self._beam(BeamSearchConfig(initial_beam_width(config, trie)), jobs)
+        if report:
+            self.beam_cost.report(len(jobs), time.perf_counter() - started)
+        return [replace(row, stats=initial_beam_stats(config, trie), fallback=True) for row in rows]
+
+    def _on_batch(self, key: Hashable, size: int) -> None:
+        if isinstance(key, BeamSearchConfig):
+            self.metrics.batch_size.observe(size)
