@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from models.beam_search import prompt_position_ids
+from models.backbone import prompt_position_ids
 
 _MASK32 = 0xFFFFFFFF
 

@@ -13,7 +13,7 @@ The complete SIDs under a live node of depth ``max_depth`` are known, with
 their path log-probs, the moment that node is evaluated: they are VED's
 candidates (``candidate_log_probs``).
 
-The quantities of issue 3 (C), with issue 15's changes:
+The quantities of V-STAR's VED (part C), as reworked (``models.ved``):
 
 * ``score`` = G(s) = V(s) + lam * H(s), H the policy's entropy over the valid
   next tokens renormalised over them (``valid_entropy``);

@@ -45,6 +45,16 @@ def sid_to_str(sid: Sequence[str]) -> str:
     return "".join(sid)
 
 
+def code_text(token: str) -> str:
+    """The code digits of a SID token as written: ``code_text("<b_07>") == "07"``."""
+    return token[3:-1]
+
+
+def token_code(token: str) -> int:
+    """The code of a SID token: ``token_code("<b_7>") == 7``; ``level_token`` is its inverse."""
+    return int(code_text(token))
+
+
 def level_token(level: int, code: int) -> str:
     """The token of code ``code`` at 0-based level ``level``: ``level_token(1, 7) == "<b_7>"``."""
     return f"<{LEVEL_PREFIXES[level]}_{code}>"
@@ -111,7 +121,7 @@ class SidCatalog:
 
     def tokens_of_level(self, level: int) -> list[str]:
         """Every token that occurs at ``level``, sorted by code."""
-        codes = sorted({int(sid[level][3:-1]) for sid in self.sids})
+        codes = sorted({token_code(sid[level]) for sid in self.sids})
         return [level_token(level, c) for c in codes]
 
     def vocabulary(self) -> list[str]:

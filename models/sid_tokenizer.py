@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from models.sid_catalog import Sid, SidCatalog
+from models.sid_catalog import Sid, SidCatalog, code_text
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "unk_token": "<unk>", "sep_token": "<sep>"}
 TEXT_TEMPLATE = "The user bought these items in order: {history}.\nThe next item is: "
@@ -29,7 +29,7 @@ TEXT_TEMPLATE = "The user bought these items in order: {history}.\nThe next item
 
 def item_token(sid: Sid) -> str:
     """The prompt-only token naming one whole SID: ``<a_30><b_191><c_20>`` -> ``<item_30_191_20>``."""
-    return "<item_" + "_".join(tok[3:-1] for tok in sid) + ">"
+    return "<item_" + "_".join(code_text(tok) for tok in sid) + ">"
 
 
 def prompt_vocabulary(catalog: SidCatalog, item_tokens: bool) -> list[str]:

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from models.sid_catalog import SidCatalog
+from models.sid_catalog import SidCatalog, token_code
 
 
 class SidTrie:
     def __init__(self, catalog: SidCatalog, token_to_id: Callable[[str], int]) -> None:
         self.depth = catalog.depth
-        codes_per_level = [[int(t[3:-1]) for t in catalog.tokens_of_level(lv)] for lv in range(self.depth)]
+        codes_per_level = [[token_code(t) for t in catalog.tokens_of_level(lv)] for lv in range(self.depth)]
         self.codebook_size = max(max(c) for c in codes_per_level) + 1
         level_ids = torch.full((self.depth, self.codebook_size), -1, dtype=torch.long)
         for lv, codes in enumerate(codes_per_level):
@@ -39,7 +39,7 @@ class SidTrie:
         edges: list[tuple[int, int, int]] = []
         for lv in range(self.depth):
             for sid in catalog.sids:
-                prefix = tuple(int(t[3:-1]) for t in sid[: lv + 1])
+                prefix = tuple(token_code(t) for t in sid[: lv + 1])
                 if prefix not in prefix_node:
                     prefix_node[prefix] = len(node_depth)
                     node_depth.append(lv + 1)
@@ -55,10 +55,10 @@ class SidTrie:
         self.node_depth = torch.tensor(node_depth, dtype=torch.long)  # (nodes,)
         leaf_sid = torch.full((num_nodes,), -1, dtype=torch.long)
         for i, sid in enumerate(catalog.sids):
-            leaf_sid[prefix_node[tuple(int(t[3:-1]) for t in sid)]] = i
+            leaf_sid[prefix_node[tuple(token_code(t) for t in sid)]] = i
         self.leaf_sid = leaf_sid  # (nodes,)
         self.sid_node = torch.tensor(
-            [prefix_node[tuple(int(t[3:-1]) for t in sid)] for sid in catalog.sids], dtype=torch.long
+            [prefix_node[tuple(token_code(t) for t in sid)] for sid in catalog.sids], dtype=torch.long
         )  # (SIDs,) the leaf of each SID index
         parent = torch.zeros(num_nodes, dtype=torch.long)  # the root is its own parent
         for p, _, child in edges:

@@ -1,4 +1,4 @@
-"""VED: value-guided efficient decoding over valid SIDs (issue 3, part C; reworked in issue 15).
+"""VED: value-guided efficient decoding over valid SIDs (V-STAR's part C), reworked after measurement.
 
 Per prompt, a tree of SID prefixes (``models.search_tree``) is grown within a
 budget of backbone tokens; the complete SIDs under its deepest prefixes are
@@ -18,24 +18,24 @@ the pool from which ``num_candidates`` are returned (``models.candidate_set``).
    drawn from the selected node's unexpanded valid codes by the policy's
    probabilities at ``child_temperature``, renormalised over them (Gumbel-max).
 
-Deviations from issue 3's VED (issue 15's instrumentation, 300 held-out valid
-rows, showed VED's sets narrower than beam search's at equal budget):
+Deviations from the first VED, the paper's as specified (instrumented on 300
+held-out valid rows, its sets were narrower than beam search's at equal budget):
 
 * accounting: beam search's. A complete SID is never fed to the backbone, so
   it costs nothing and is never a node: the moment a prefix of depth D-1 is
   evaluated, all its complete SIDs are known with their path log-probs (as
-  beam search scores its last level). Issue 3's VED fed every complete SID,
+  beam search scores its last level). The first VED fed every complete SID,
   which cost the initial tree 32 of the default 64 tokens and 19 more tokens
   on complete SIDs under prefixes it already had.
 * ranking: the returned set is ranked by path log-prob plus ``value_weight``
   x V of the SID's parent prefix standardised over the tree's prefixes of that
   depth (a complete SID has no value of its own now); then ``explore_slots``
-  slots go to first-level codes not yet in the set. Issue 3's VED ranked by
+  slots go to first-level codes not yet in the set. The first VED ranked by
   V(s_D), which cannot rank targets (mean target rank 18.8 of 32 by V, 9.6 by
   log-prob): re-ranking the very same trees by log-prob raised reachability
   from 0.050 to 0.113.
 * widening: each node's own arm counts its own selections (``SearchTree``);
-  issue 3's arm used N(s) and never won (0 root expansions per prompt).
+  the first VED's arm used N(s) and never won (0 root expansions per prompt).
 * beta: in units of G's spread within the tree (G standardised per depth);
   raw G's std (0.09-0.12) was dwarfed by the bonus (0.2-1.0).
 
@@ -44,7 +44,7 @@ model's training; small preset, seed 0; value head warmed up 200 steps). G =
 16 at 64 tokens, beam search of width 32 keeping its 16 best: reachability
 0.159, 7.22 distinct first-level codes. VED, reachability / distinct codes:
 
-* ``init_beams`` 16 (issue 3: 8): 8 -> 0.1545 / 4.64, 12 -> 0.159 / 5.59,
+* ``init_beams`` 16 (the first VED: 8): 8 -> 0.1545 / 4.64, 12 -> 0.159 / 5.59,
   16 -> 0.1575 / 6.23, 32 (no search left) -> 0.159 / 7.22, beam search's own
   set. At inference (G = 10, 60 tokens; beam search of width 30: HR@10 0.132,
   coverage@10 0.249, tail share 0.127) init 10 gives 0.1335 / 0.256 / 0.152,
@@ -65,7 +65,7 @@ model's training; small preset, seed 0; value head warmed up 200 steps). G =
   model); adding the standardised path log-prob to G did not help the search
   find beam search's SIDs (0.122-0.126 vs 0.122 at init 8, same rows).
 
-Choices the issue leaves open:
+Choices the paper leaves open:
 
 * budget: tokens fed to the backbone per prompt, prefill excluded; every tree
   node below the root costs exactly one, the initial tree's included. Default:
@@ -86,8 +86,8 @@ Choices the issue leaves open:
   forward, so the overshoot is one step. The initial tree is always built.
 * batching: each step runs up to ``expansions_per_step`` selections per prompt
   (visits are backed up at once, so they spread) and evaluates all new nodes of
-  all prompts in one forward. 1 is the strictly sequential loop of the issue.
-* KV reuse: the prompts are prefilled once (``beam_search.prefill``, which
+  all prompts in one forward. 1 is the paper's strictly sequential loop.
+* KV reuse: the prompts are prefilled once (``models.backbone.prefill``, which
   also returns every prompt position's final state for the value head). Per
   layer, one buffer holds the keys (and one the values) of every prompt
   position followed by one slot per tree node, filled when the node is
@@ -110,7 +110,8 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from models.beam_search import DecodeResult, decode_step, level_log_probs, prefill
+from models.backbone import decode_step, prefill
+from models.beam_search import DecodeResult, level_log_probs
 from models.candidate_set import rank_candidates
 from models.checkpoint import LoadedCheckpoint
 from models.search_noise import gumbel_noise, prompt_keys

@@ -6,7 +6,7 @@
   capped lists with a TTL, written by one Lua script (below); cache entries are
   ``SET ... EX ttl``.
 
-Event writes are exactly-once (issue 12). A write carries an idempotency key
+Event writes are exactly-once. A write carries an idempotency key
 (the client's ``Idempotency-Key``, else one made for the request). One script,
 atomic in Redis, appends the events and records ``fingerprint attempt appended
 length`` under the key, or, if the key already has a record, appends nothing

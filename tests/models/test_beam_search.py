@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from models.beam_search import BeamSearchConfig, beam_search, cache_kwargs
+from models.backbone import cache_kwargs
+from models.beam_search import BeamSearchConfig, beam_search
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy
 

@@ -21,7 +21,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models.beam_search import BeamSearchConfig, beam_search, prompt_position_ids
+from models.backbone import prompt_position_ids
+from models.beam_search import BeamSearchConfig, beam_search
 from models.policy import Policy, pad_left
 from models.search_tree import SearchTree, valid_entropy
 from models.value_head import ValueHead, value_head_for

@@ -234,7 +234,7 @@ def test_requests_never_hop_to_a_worker_thread(
 ) -> None:
     """Only the model runs off the event loop: FastAPI sends a plain ``def`` handler or dependency to
     anyio's thread pool, and that hop per request (a thread wake-up, the GIL handed back and forth) starved
-    the loop under load, so VED's hard-cap timer fired late (issue 12, item 2)."""
+    the loop under load, so VED's hard-cap timer fired late."""
     import anyio.to_thread
 
     hops: list[object] = []

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from models.beam_search import BeamSearchConfig, beam_search, decode_step, prefill
+from models.backbone import decode_step, prefill
+from models.beam_search import BeamSearchConfig, beam_search
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy, pad_left
 from models.sid_catalog import Sid

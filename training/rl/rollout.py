@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.beam_search import BeamSearchConfig, DecodeResult, beam_search, prompt_position_ids
+from models.backbone import prompt_position_ids
+from models.beam_search import BeamSearchConfig, DecodeResult, beam_search
 from models.policy import Policy
 from models.value_head import ValueHead
 from models.ved import VEDConfig, ved_search
@@ -149,4 +150,3 @@ def sequences(rollout: Rollout) -> SequenceBatch:
     ids = torch.cat([prompt, rollout.token_ids[row, col]], dim=1)  # (N, T+D)
     mask = torch.cat([rollout.prompt_mask[row], rollout.prompt_mask.new_ones(len(row), d)], dim=1)  # (N, T+D)
     return SequenceBatch(ids, mask, prompt_position_ids(mask), row, col, d)
-
