@@ -38,7 +38,7 @@ from training.cli.rl import register_rl
 PROJECT_PACKAGES = ("models", "training", "service", "loadtests", "vstar", "__main__")
 # Plain click help, not rich's: rich reads "[recipe: 20]" in a help text as markup and drops it,
 # and shows flags as "<bool>" as if they took a value.
-HELP = {"rich_markup_mode": None, "context_settings": {"max_content_width": 120}}
+HELP: dict[str, Any] = {"rich_markup_mode": None, "context_settings": {"max_content_width": 120}}
 
 
 def raised_by_project(error: BaseException) -> bool:
@@ -64,8 +64,10 @@ class OneLineErrors(TyperGroup):
         prog_name: str | None = None,
         complete_var: str | None = None,
         standalone_mode: bool = True,
+        windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
+        extra["windows_expand_args"] = windows_expand_args
         if not standalone_mode:  # the caller handles errors (the demo runs its steps this way)
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

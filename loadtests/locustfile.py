@@ -93,6 +93,7 @@ def _apply_weights(environment: Environment, **_: Any) -> None:
     global _environment
     _environment = environment
     opts = environment.parsed_options
+    assert opts is not None, "locust parses its options before test_start"
     if opts is None:  # library use without a command line: keep the class defaults
         return
     if not 0.0 <= opts.vstar_event_share <= 1.0 or not 0.0 <= opts.vstar_sid_share <= 1.0:
@@ -106,6 +107,7 @@ def _load_histories(environment: Environment, **_: Any) -> None:
     """Check the target and read the split once, before the first user starts."""
     global _sampler
     opts = environment.parsed_options
+    assert opts is not None, "locust parses its options before test_start"
     require_loopback(environment.host or "")
     if not opts.vstar_data:
         raise ValueError("--vstar-data DIR (or VSTAR_LT_DATA) is required: the folder with the split CSVs")

@@ -24,7 +24,7 @@ from loadtests.request_names import EVENT_NAME, recommend_name
 
 MODES = ("beam", "ved")
 # the columns of locust's _stats.csv this module reads (locust 2.x names)
-STATS_COLUMNS = ("Name", "Request Count", "Failure Count", "Requests/s", "Average Response Time")
+STATS_COLUMNS: tuple[str, ...] = ("Name", "Request Count", "Failure Count", "Requests/s", "Average Response Time")
 STATS_COLUMNS += ("50%", "95%", "99%", "100%")
 
 

@@ -8,11 +8,12 @@ names it (``cache_kwargs``), and only the last position's logits kept.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 
@@ -27,10 +28,14 @@ class Prefill:
     hidden: torch.Tensor | None = None  # (B, T, H) final-layer states of every prompt position (want_hidden)
 
 
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+_CACHE_KEYWORDS: dict[type, str] = {}  # per model class
+
+
+def _cache_keyword(model_class: type[nn.Module]) -> str:
+    if model_class not in _CACHE_KEYWORDS:
+        params = inspect.signature(model_class.forward).parameters
+        _CACHE_KEYWORDS[model_class] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORDS[model_class]
 
 
 def cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict[str, DynamicCache]:
@@ -40,6 +45,12 @@ def cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict[str, Dynam
     silently runs without the cache), so the name is read off the signature.
     """
     return {_cache_keyword(type(model)): cache}
+
+
+def layer_kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of one full-attention layer of a ``DynamicCache`` (B, kv heads, T, head dim); the
+    cache's own typing also admits linear-attention layers, which these backbones do not have."""
+    return layer.keys, layer.values
 
 
 def prompt_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

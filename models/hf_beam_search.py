@@ -30,7 +30,7 @@ def hf_beam_search(
     def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:
         return trie.allowed_token_ids(sent[prompt_len:].tolist())
 
-    out = model.generate(
+    out = model.generate(  # type: ignore[operator]  # transformers' typing of generate
         input_ids=input_ids,
         attention_mask=attention_mask,
         max_new_tokens=trie.depth,

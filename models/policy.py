@@ -71,14 +71,20 @@ class Policy:
         self.tokenizer = tokenizer
         self.catalog = catalog
         self.prompt = prompt
-        self.trie = SidTrie(catalog, tokenizer.convert_tokens_to_ids).to(self.device)
+        self.trie = SidTrie(catalog, self.token_id).to(self.device)
+
+    def token_id(self, token: str) -> int:
+        """The vocabulary id of one token."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        assert isinstance(token_id, int)
+        return token_id
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def to(self, device: torch.device | str) -> Policy:
-        self.model.to(device)
+        self.model.to(device)  # type: ignore[arg-type]  # transformers types .to's wrapper by its first argument
         self.trie.to(device)
         return self
 

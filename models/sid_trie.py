@@ -60,10 +60,10 @@ class SidTrie:
         self.sid_node = torch.tensor(
             [prefix_node[tuple(token_code(t) for t in sid)] for sid in catalog.sids], dtype=torch.long
         )  # (SIDs,) the leaf of each SID index
-        parent = torch.zeros(num_nodes, dtype=torch.long)  # the root is its own parent
+        parents = torch.zeros(num_nodes, dtype=torch.long)  # the root is its own parent
         for p, _, child in edges:
-            parent[child] = p
-        self.parent = parent  # (nodes,)
+            parents[child] = p
+        self.parent = parents  # (nodes,)
         self._prefix_node = prefix_node
         self._id_to_level_code = {
             int(level_ids[lv, c]): (lv, c)

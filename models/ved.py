@@ -110,7 +110,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from models.backbone import decode_step, prefill
+from models.backbone import decode_step, layer_kv, prefill
 from models.beam_search import DecodeResult, level_log_probs
 from models.candidate_set import rank_candidates
 from models.checkpoint import LoadedCheckpoint
@@ -285,7 +285,7 @@ class _Search:
             buffer[:, :t] = x.transpose(1, 2)
             return buffer
 
-        self.backbone_kv = [(slots(layer.keys), slots(layer.values)) for layer in pre.cache.layers]
+        self.backbone_kv = [(slots(k), slots(v)) for k, v in map(layer_kv, pre.cache.layers)]
         head_k, head_v = self.head.kv(hidden)  # (B, heads, T, d)
         self.head_kv = (slots(head_k), slots(head_v))
         root_value = self.head.step(hidden[:, -1], head_k, head_v, self.mask)  # (B,)
@@ -312,7 +312,8 @@ class _Search:
         assert hidden is not None
         own = (rows, t + nodes)
         for (k, v), layer in zip(self.backbone_kv, cache.layers, strict=True):
-            k[own], v[own] = layer.keys[:, :, -1], layer.values[:, :, -1]
+            keys, values = layer_kv(layer)
+            k[own], v[own] = keys[:, :, -1], values[:, :, -1]
         h = hidden.to(self.dtype)  # (N, H)
         own_k, own_v = self.head.kv(h[:, None])  # (N, heads, 1, d)
         head_k, head_v = self.head_kv

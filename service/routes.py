@@ -90,7 +90,7 @@ def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
     @router.post(
         "/recommend", responses=_errors(404, 415, 503), tags=["recommend"], dependencies=[Depends(require_json)]
     )
-    async def recommend(body: RecommendBody, request: Request, recommender: RecommenderDep) -> RecommendResponse:
+    async def recommend(body: RecommendBody, request: Request, recommender: RecommenderDep) -> RecommendResponse:  # type: ignore[valid-type]  # noqa: E501
         """Rank k items for a history (given, stored under `user_id`, or both: stored first)."""
         return await recommender.recommend(body, arrival=request.scope.get(ARRIVAL_KEY))
 
@@ -102,7 +102,7 @@ def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
     )
     async def append_events(
         user_id: UserId,
-        body: EventsBody,
+        body: EventsBody,  # type: ignore[valid-type]  # built from the settings at startup
         recommender: RecommenderDep,
         response: Response,
         idempotency_key: IdempotencyKey = None,
@@ -110,7 +110,7 @@ def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
         """Append interactions to the user's stored history; 503 if they were not stored (or, said so, when that
         is unknown). With an `Idempotency-Key`, a retry never stores twice: it gets the first write's answer with
         `Idempotent-Replayed: true`."""
-        answer, replayed = await recommender.append_events(user_id, body.items, idempotency_key)
+        answer, replayed = await recommender.append_events(user_id, body.items, idempotency_key)  # type: ignore[attr-defined]
         if replayed:
             response.headers["Idempotent-Replayed"] = "true"
         return answer

@@ -53,7 +53,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -235,7 +235,11 @@ class RedisStore(Store):
         self._healthy = True
 
     async def history(self, user_id: str) -> list[str]:
-        raw = await self._call("read history", lambda: self._redis.lrange(HISTORY_KEY.format(user_id), 0, -1))
+        # the client is built without decode_responses: replies are bytes (its typing admits str too)
+        raw = await self._call(
+            "read history",
+            lambda: cast("Awaitable[list[bytes]]", self._redis.lrange(HISTORY_KEY.format(user_id), 0, -1)),
+        )
         return [r.decode() for r in raw]
 
     async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
@@ -245,7 +249,7 @@ class RedisStore(Store):
         attempt = uuid.uuid4().hex[:16]
         fp = fingerprint(user_id, entries)
         ttl = self.idempotency_ttl_s if idempotency_key is not None else OWN_KEY_TTL_S
-        args = [fp, attempt, self.max_history, self.history_ttl_s, ttl, *entries]
+        args: list[str | int] = [fp, attempt, self.max_history, self.history_ttl_s, ttl, *entries]
         try:
             reply = await self._write(keys=[HISTORY_KEY.format(user_id), record_key], args=args)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
@@ -255,7 +259,7 @@ class RedisStore(Store):
             self._answered("append history")
         return self._appended(reply[1], fp, attempt)
 
-    async def _send_again(self, record_key: str, history_key: str, args: list[object]) -> list[bytes]:
+    async def _send_again(self, record_key: str, history_key: str, args: list[str | int]) -> list[bytes]:
         """The same write until Redis answers one copy (it runs once, see above), or ``WriteOutcomeUnknown``."""
         give_up = time.monotonic() + self.settle_s
         while True:
@@ -275,7 +279,9 @@ class RedisStore(Store):
         return Appended(int(appended), int(length), replayed=stored_attempt != attempt)
 
     async def cache_get(self, key: str) -> bytes | None:
-        return await self._call("read cache", lambda: self._redis.get(CACHE_KEY.format(key)))
+        return await self._call(
+            "read cache", lambda: cast("Awaitable[bytes | None]", self._redis.get(CACHE_KEY.format(key)))
+        )
 
     async def cache_set(self, key: str, value: bytes, ttl_s: int) -> None:
         await self._call("write cache", lambda: self._redis.set(CACHE_KEY.format(key), value, ex=ttl_s))

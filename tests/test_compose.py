@@ -20,7 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
-DOCKERFILES = {"service": REPO / "docker" / "Dockerfile.service", "train": REPO / "docker" / "Dockerfile.train"}
+DOCKERFILES = {"service": REPO / "docker" / "Dockerfile", "train": REPO / "docker" / "Dockerfile"}  # one file, two targets
 
 
 def test_docker_compose_config_validates() -> None:

@@ -168,7 +168,7 @@ def _descend(
     for level in range(len(prefix), levels):
         room = k ** (levels - level - 1)  # SIDs under one child
         order = np.argsort(((residual - codebooks[level]) ** 2).sum(1), kind="stable")  # (C,)
-        code = next(int(c) for c in order if occupied[(*path, int(c))] < room)
+        code = next(int(c) for c in order if occupied[path + (int(c),)] < room)
         path, residual = (*path, code), residual - codebooks[level][code]
     return path
 

@@ -55,14 +55,14 @@ def seed_spread(runs: np.ndarray, name: str) -> dict[str, float]:
 
 def paired_bootstrap(
     base: np.ndarray, other: np.ndarray, metrics: Sequence[str] = METRICS, samples: int = 2000, seed: int = 0
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Mean difference (other - base), relative to base, and its 95% bootstrap interval, per metric."""
     if base.shape[1] != other.shape[1]:
         raise ValueError(f"base scored {base.shape[1]} rows and other {other.shape[1]}: compare the same split")
     rng = np.random.default_rng(seed)
     n = base.shape[1]
     draws = rng.integers(0, n, size=(samples, n))
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for name in metrics:
         b = np.mean([row_metric(r, name) for r in base], axis=0)
         o = np.mean([row_metric(r, name) for r in other], axis=0)

@@ -39,11 +39,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from models.checkpoint import LoadedCheckpoint
 from models.policy import Policy
+from models.value_head import ValueHead
 from training.data.dataset import Sample
 from training.evaluation.decoders import check_decoder, ved_setup
 from training.rl.rewards import GAMMA, batch_standard_rewards, batch_value_rewards, group_advantages
@@ -90,7 +90,7 @@ def diagnose(
     source: CandidateSource,
     batch_size: int = 32,
     progress: bool = True,
-    value_head: nn.Module | None = None,
+    value_head: ValueHead | None = None,
     item_emb: np.ndarray | None = None,  # (items, dim): the dense reward of the value keys
 ) -> dict[str, float]:
     """The ``DIAGNOSTIC_KEYS`` of ``source`` over ``samples``, weighted by prompts; with ``value_head`` (and
@@ -132,7 +132,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
 class ValueQuality:
     """Accumulates ``VALUE_KEYS`` over rollouts: V at every state of every candidate vs its dense reward."""
 
-    def __init__(self, policy: Policy, head: nn.Module, item_emb: np.ndarray) -> None:
+    def __init__(self, policy: Policy, head: ValueHead, item_emb: np.ndarray) -> None:
         from training.rl.rewards import sid_embeddings
 
         self.policy, self.head, self.item_emb = policy, head, item_emb

@@ -31,7 +31,7 @@ from training.rl.rollout import SequenceBatch
 
 
 def token_log_probs(
-    model: PreTrainedModel, batch: SequenceBatch, want_hidden: bool = False
+    model: PreTrainedModel | nn.Module, batch: SequenceBatch, want_hidden: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (N, D) of each candidate's SID tokens and, optionally, the last hidden states (N, T+D, H)."""
     d = batch.depth

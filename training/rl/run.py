@@ -80,7 +80,8 @@ def warm_up_value(
 ) -> dict[str, float]:
     """``config.value_warmup`` TD-only steps of the value head on the training rows (``value_warmup_step``),
     in the order of the RL epochs' batches; returns the steps, seconds and the last logged value loss."""
-    start, losses = time.perf_counter(), []
+    start = time.perf_counter()
+    losses: list[float] = []
     bar = tqdm(total=config.value_warmup, desc="value warm-up", disable=not progress or not is_main())
     epoch = 0
     while len(losses) < config.value_warmup:

@@ -255,7 +255,7 @@ class RLTrainer:
         self.step_count += 1
         figures = {
             "value_loss": value_loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),
             "seconds": time.perf_counter() - start,
         }
         return candidate_stats(rollout, rewards, adv) | stats | figures

@@ -20,6 +20,7 @@ def encode_sample(policy: Policy, sample: Sample) -> tuple[list[int], list[int]]
     cat = policy.catalog
     prompt = policy.prompt.encode(policy.tokenizer, [cat.sid_of(i) for i in sample.history])
     target = policy.tokenizer.convert_tokens_to_ids(list(cat.sid_of(sample.target)))
+    assert isinstance(target, list)
     return prompt, list(target)
 
 

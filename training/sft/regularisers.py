@@ -62,6 +62,7 @@ def init_sid_embeddings(policy: Policy, item_emb: np.ndarray) -> None:
     semantically close tokens close together instead of random.
     """
     cat, emb = policy.catalog, policy.model.get_input_embeddings().weight
+    assert isinstance(emb, torch.Tensor)
     token_ids, means = [], []
     for level in range(cat.depth):
         for token in cat.tokens_of_level(level):
