@@ -52,7 +52,8 @@ from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.sid_catalog import Sid
 from models.value_head import ValueHead
-from models.ved import VEDConfig, VEDStats, initial_beam_stats, initial_beam_width, ved_search
+from models.ved import ved_search
+from models.ved_config import VEDConfig, VEDStats, initial_beam_stats, initial_beam_width
 from service.batcher import MicroBatcher
 from service.deadline import BatchCost, DeadlineMargin
 from service.metrics import ServiceMetrics

@@ -56,7 +56,7 @@ from models.beam_search import BeamSearchConfig
 from models.checkpoint import LoadedCheckpoint
 from models.sid_catalog import parse_sid, sid_to_str
 from models.value_head import ValueHead
-from models.ved import resolve_budget
+from models.ved_config import resolve_budget
 from service.deadline import DeadlineMargin
 from service.decode_scheduler import SHED, DecodeJob, DecodeRow, DecodeScheduler
 from service.errors import InvalidInput, NotFound, StoreUnavailable

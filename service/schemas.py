@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from models.beam_search import BeamSearchConfig
-from models.ved import VEDConfig
+from models.ved_config import VEDConfig
 from service.settings import Settings
 
 HistoryEntry = int | str  # an item id, or a SID string such as "<a_1><b_2><c_3>"

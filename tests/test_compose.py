@@ -20,7 +20,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
-DOCKERFILES = {"service": REPO / "docker" / "Dockerfile", "train": REPO / "docker" / "Dockerfile"}  # one file, two targets
+DOCKERFILES = {
+    "service": REPO / "docker" / "Dockerfile",
+    "train": REPO / "docker" / "Dockerfile",
+}  # one file, two targets
 
 
 def test_docker_compose_config_validates() -> None:

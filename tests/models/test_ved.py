@@ -26,7 +26,8 @@ from models.beam_search import BeamSearchConfig, beam_search
 from models.policy import Policy, pad_left
 from models.search_tree import SearchTree, valid_entropy
 from models.value_head import ValueHead, value_head_for
-from models.ved import VEDConfig, gumbel_noise, resolve_budget, trie_leaf_counts, ved_search
+from models.ved import gumbel_noise, trie_leaf_counts, ved_search
+from models.ved_config import VEDConfig, resolve_budget
 
 NEG = float("-inf")
 

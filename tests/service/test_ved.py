@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from models.beam_search import BeamSearchConfig, beam_search
 from models.sid_catalog import sid_to_str
-from models.ved import VEDConfig
+from models.ved_config import VEDConfig
 from service import schemas
 from service.app import create_app
 from service.deadline import BatchCost, DeadlineMargin, quantile

@@ -16,7 +16,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
 from models.value_head import value_head_for as new_value_head
 from models.value_head import value_head_manifest
-from models.ved import VEDConfig, checkpoint_ved_config
+from models.ved_config import VEDConfig, checkpoint_ved_config
 from training.bench.rl_bench import clone
 from training.cli.options import select_rows
 from training.data.dataset import RecDataset

@@ -21,7 +21,8 @@ from models.policy import Policy
 from models.transition import STATE_NAME as TRANSITIONS
 from models.transition import ShallowFusion, TransitionCounts
 from models.value_head import ValueHead, load_value_head
-from models.ved import VEDConfig, checkpoint_ved_config, ved_search
+from models.ved import ved_search
+from models.ved_config import VEDConfig, checkpoint_ved_config
 
 DECODERS = ("beam", "ved")
 Histories = Sequence[Sequence[int]]
@@ -41,7 +42,7 @@ def ved_setup(
     explore_slots: int | None = None,
 ) -> tuple[ValueHead, VEDConfig]:
     """The checkpoint's value head (a ``CheckpointError`` if it has none) and the VED settings it trained with
-    (``models.ved.checkpoint_ved_config``; ``budget`` and ``explore_slots`` override them)."""
+    (``models.ved_config.checkpoint_ved_config``; ``budget`` and ``explore_slots`` override them)."""
     head = load_value_head(checkpoint, checkpoint.policy.device)
     return head, checkpoint_ved_config(checkpoint, num_candidates, budget, seed, explore_slots)
 

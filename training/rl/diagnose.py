@@ -14,7 +14,7 @@ computed as in training. Reported means over prompts:
 
 ``--budget B`` with beam search runs the widest beam B pays for and keeps its G
 best, so beam and VED can be compared at equal cost. VED decodes with the
-checkpoint's VED settings (``models.ved.checkpoint_ved_config``).
+checkpoint's VED settings (``models.ved_config.checkpoint_ved_config``).
 
 The trainer logs the same figures every step (``candidate_stats``).
 

@@ -26,7 +26,8 @@ from models.backbone import prompt_position_ids
 from models.beam_search import BeamSearchConfig, DecodeResult, beam_search
 from models.policy import Policy
 from models.value_head import ValueHead
-from models.ved import VEDConfig, ved_search
+from models.ved import ved_search
+from models.ved_config import VEDConfig
 from training.data.dataset import Sample
 
 CandidateSource = Callable[[Policy, torch.Tensor, torch.Tensor], "Candidates"]

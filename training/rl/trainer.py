@@ -86,7 +86,7 @@ import torch
 
 from models.policy import Policy
 from models.value_head import ValueHead
-from models.ved import VEDConfig
+from models.ved_config import VEDConfig
 from training.data.dataset import Sample
 from training.distributed import loss_scales, wrap_ddp
 from training.optim import autocast_dtype, cosine_schedule

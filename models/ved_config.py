@@ -1,0 +1,117 @@
+"""VED's settings and what a search reports: ``VEDConfig``, its token budget, ``VEDStats``.
+
+Kept apart from the search (``models.ved``) so that trainers, checkpoints and
+the service read and store VED's settings without the search itself. An RL
+checkpoint stores the ``VEDConfig`` it trained with
+(``manifest["rl_config"]["ved_config"]``); ``checkpoint_ved_config`` reads it
+back. ``initial_beam_stats`` is what the anytime fallback (beam search in
+place of VED's initial tree) spent, reported as VED reports a search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from models.checkpoint import LoadedCheckpoint
+from models.sid_trie import SidTrie
+
+BUDGET_MULTIPLE = 2
+
+
+@dataclass(frozen=True)
+class VEDConfig:
+    num_candidates: int = 16  # G: complete SIDs returned
+    init_beams: int = 16  # width of the initial constrained beam search (over the prefix levels)
+    budget: int | None = None  # backbone tokens per prompt; None: see resolve_budget
+    lam: float = 0.1  # entropy weight in G(s) = V(s) + lam * H(s)
+    beta: float = 1.0  # exploration weight in U(s)
+    seed: int = 0
+    deadline: float | None = None  # time.perf_counter() value after which no new step starts
+    expansions_per_step: int = 4  # selections per prompt per batched forward
+    gate_patience: int = 16  # consecutive gate failures after which one expansion skips the gate
+    child_temperature: float = 1.0  # the new child's draw: 1 the policy, 0 its most likely unexpanded code
+    value_weight: float = 0.0  # ranking: path log-prob + value_weight * standardised V of the parent prefix
+    explore_slots: int = 0  # the last slots of the returned set go to first-level codes not yet in it
+
+    def __post_init__(self) -> None:
+        for name in ("num_candidates", "init_beams", "expansions_per_step", "gate_patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"budget must be >= 1, got {self.budget}")
+        if self.lam < 0 or self.beta < 0 or self.child_temperature < 0 or self.value_weight < 0:
+            raise ValueError("lam, beta, child_temperature and value_weight must be >= 0")
+        if not 0 <= self.explore_slots <= self.num_candidates:
+            raise ValueError(f"explore_slots must be in [0, num_candidates], got {self.explore_slots}")
+
+
+def checkpoint_ved_config(
+    checkpoint: LoadedCheckpoint,
+    num_candidates: int,
+    budget: int | None = None,
+    seed: int = 0,
+    explore_slots: int | None = None,
+) -> VEDConfig:
+    """The VED settings ``checkpoint`` was trained with (an RL checkpoint's ``manifest["rl_config"]["ved_config"]``;
+    ``VEDConfig``'s defaults where it stores none), for ``num_candidates`` SIDs; ``budget`` and ``explore_slots``
+    override the stored ones when given."""
+    stored = checkpoint.manifest.get("rl_config", {}).get("ved_config")
+    base = VEDConfig(**stored) if stored else VEDConfig()
+    return replace(
+        base,
+        num_candidates=num_candidates,
+        budget=base.budget if budget is None else budget,
+        explore_slots=base.explore_slots if explore_slots is None else explore_slots,
+        seed=seed,
+    )
+
+
+def resolve_budget(config: VEDConfig, depth: int) -> int:
+    """The per-prompt token budget ``config`` means for SIDs of ``depth`` tokens."""
+    least = (depth - 1) * max(config.init_beams, config.num_candidates)
+    if config.budget is None:
+        return max(BUDGET_MULTIPLE * (depth - 1) * config.num_candidates, least)
+    if config.budget < least:
+        raise ValueError(
+            f"budget {config.budget} is below (depth - 1) x max(init_beams, num_candidates) = {least}, "
+            "the most the initial tree may need"
+        )
+    return config.budget
+
+
+@dataclass
+class VEDStats:
+    tokens_spent: int  # backbone tokens, prefill excluded, initial tree included
+    nodes: int  # tree nodes (prefixes), root included
+    max_depth: int  # deepest state reached: the SID depth once any complete SID is known
+    iterations: int  # selections, gate-failed ones included
+    cap_hit: bool  # the deadline stopped a search that had budget and work left
+    budget: int = 0
+    init_tokens: int = 0  # spent by the initial tree
+    gate_failures: int = 0
+    leaves: int = 0  # complete SIDs known (the pool the returned set is chosen from)
+    stop_reason: str = ""  # "budget" | "exhausted" (every valid prefix in the tree) | "deadline"
+
+
+def initial_beam_width(config: VEDConfig, trie: SidTrie) -> int:
+    """The width of the anytime fallback's beam search: ``max(num_candidates, init_beams)``, at most #SIDs."""
+    return min(max(config.num_candidates, config.init_beams), int((trie.leaf_sid >= 0).sum()))
+
+
+def initial_beam_stats(config: VEDConfig, trie: SidTrie) -> VEDStats:
+    """What the anytime fallback spends: beam search of ``initial_beam_width`` in place of the initial tree,
+    reported as a search the deadline stopped before its first iteration (beam search's accounting: the
+    last level is never fed to the backbone)."""
+    width = initial_beam_width(config, trie)
+    kept = [min(width, int((trie.node_depth == d).sum())) for d in range(1, trie.depth + 1)]  # beams per level
+    return VEDStats(
+        tokens_spent=sum(kept[:-1]),
+        nodes=1 + sum(kept),
+        max_depth=trie.depth,
+        iterations=0,
+        cap_hit=True,
+        budget=resolve_budget(config, trie.depth),
+        init_tokens=sum(kept[:-1]),
+        leaves=kept[-1],
+        stop_reason="deadline",
+    )
