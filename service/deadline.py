@@ -17,8 +17,9 @@ tree's cost, which no earlier deadline can shorten, and counting it would push
 every later deadline in front of the loop.
 
 ``BatchCost`` is the other half: how long one kind of decode takes for a batch,
-per batch-size bucket (the next power of two). The recommender keeps two: VED's
-initial tree (prefill, the initial beam tree with every node's value, ranking),
+per batch-size bucket (the next power of two). The decode scheduler
+(``service.decode_scheduler``) keeps two: VED's initial tree (prefill, the
+initial beam tree with every node's value, ranking),
 below whose cost a request is answered by a plain beam search instead (the
 anytime fallback), and that initial beam itself, below whose cost the request
 is not decoded at all (it is answered from popularity at once: load shedding).
