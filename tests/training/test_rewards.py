@@ -207,3 +207,11 @@ def test_dense_reward_bounds(paths: list[tuple[int, int, int]], data: st.DataObj
 def test_td_targets_with_zero_values_are_the_rewards(rewards: list[float], gamma: float) -> None:
     r = torch.tensor([rewards])
     torch.testing.assert_close(td_targets(r, torch.zeros_like(r), gamma), r)
+
+
+def test_sibling_advantages_are_zero_when_every_candidate_ties() -> None:
+    # a reward that float32 cannot hold: the children's means (over 1, 2 and 3 candidates) must still tie exactly
+    paths = [(0, 0, 0), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 0, 2)]
+    adv, weight = sibling_advantages(paths, [1.4623953784682717] * len(paths))
+    assert weight.sum() > 0
+    np.testing.assert_array_equal(adv, 0.0)

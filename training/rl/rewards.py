@@ -147,7 +147,9 @@ def sibling_advantages(paths: Sequence[Sequence[int]], rewards: Sequence[float])
             if len(children) < 2:
                 continue
             members = list(children.values())
-            child_reward = torch.tensor([float(np.mean([rewards[i] for i in m])) for m in members])
+            # float64: children with equal rewards must tie exactly (float32 rounding of their means made
+            # 1-ulp differences that the normalisation turned into advantages of about 1e-3)
+            child_reward = torch.tensor([float(np.mean([rewards[i] for i in m])) for m in members], dtype=torch.float64)
             child_adv = normalise(child_reward).tolist()
             for m, a in zip(members, child_adv, strict=True):
                 adv[m, level] = a
