@@ -215,3 +215,35 @@ def test_sibling_advantages_are_zero_when_every_candidate_ties() -> None:
     adv, weight = sibling_advantages(paths, [1.4623953784682717] * len(paths))
     assert weight.sum() > 0
     np.testing.assert_array_equal(adv, 0.0)
+
+
+def test_sibling_advantages_scaled_by_the_group_keep_small_gaps_small() -> None:
+    # two wrong children whose ranking penalties differ by 0.02: their own std blows the gap up to +-0.70;
+    # scaled by the group's std (the target's +1 among them) the gap stays small, and the target's branch leads
+    paths = [(1, 10, 100), (2, 20, 200), (3, 30, 300)]
+    rewards = [1.0, -0.10, -0.08]
+    own, _ = sibling_advantages(paths[1:], rewards[1:])
+    gap_std = 0.02 / math.sqrt(2)
+    np.testing.assert_allclose(own[:, 0], [-0.01 / (gap_std + ADV_EPS), 0.01 / (gap_std + ADV_EPS)], atol=1e-5)
+    scale = float(np.std(rewards, ddof=1))
+    by_group, weight = sibling_advantages(paths[1:], rewards[1:], scale=scale)
+    np.testing.assert_allclose(by_group[:, 0], [-0.01 / (scale + ADV_EPS), 0.01 / (scale + ADV_EPS)], atol=1e-6)
+    np.testing.assert_array_equal(weight[:, 0], [1.0, 1.0])
+    full, _ = sibling_advantages(paths, rewards, scale=scale)
+    mean = sum(rewards) / 3
+    np.testing.assert_allclose(full[:, 0], [(r - mean) / (scale + ADV_EPS) for r in rewards], atol=1e-6)
+
+
+def test_batch_sibling_advantages_group_norm_uses_each_groups_std() -> None:
+    tokens = torch.tensor([[[1, 10, 100], [2, 20, 200], [3, 30, 300], [0, 0, 0]]])
+    valid = torch.tensor([[True, True, True, False]])
+    rewards = torch.tensor([[1.0, -0.10, -0.08, 0.0]])
+    adv, weight = batch_sibling_advantages(tokens, valid, rewards, "group")
+    scale = float(rewards[0, :3].double().std())
+    mean = float(rewards[0, :3].double().mean())
+    torch.testing.assert_close(adv[0, :3, 0], ((rewards[0, :3].double() - mean) / (scale + ADV_EPS)).float())
+    assert adv[0, 3].abs().sum() == 0 and weight[0, 3].sum() == 0
+    tied, _ = batch_sibling_advantages(tokens, valid, torch.zeros(1, 4), "group")  # no target reached: no signal
+    assert tied.abs().sum() == 0
+    with pytest.raises(ValueError, match="sibling norm"):
+        batch_sibling_advantages(tokens, valid, rewards, "batch")

@@ -49,6 +49,9 @@ def test_config_rejects_switches_without_vstar_and_test_split() -> None:
         RLConfig(train_splits=("train", "test"))
     with pytest.raises(ValueError, match="algo"):
         RLConfig(algo="ppo")
+    with pytest.raises(ValueError, match="sibling_norm"):
+        RLConfig(algo="vstar", sibling_norm="batch")
+    assert RLConfig(algo="vstar").sibling_norm == "group"  # the paper's own-std scale is the ablation
 
 
 def test_clipped_pg_and_k3_hand_cases() -> None:

@@ -65,6 +65,14 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         value_lr: Annotated[float, typer.Option("--value-lr", min=0.0, help="Value head learning rate.")] = 1e-3,
         beta: Annotated[float, typer.Option("--beta", min=0.0, help="KL weight.")] = 1e-3,
         w_sib: Annotated[float, typer.Option("--w-sib", min=0.0, help="Weight of the Sibling-GRPO term.")] = 1.0,
+        sibling_norm: Annotated[
+            Literal["siblings", "group"],
+            typer.Option(
+                "--sibling-norm",
+                help="Sibling-GRPO: divide a sibling set's centred child rewards by the set's own std (siblings) "
+                "or by the whole group's reward std (group).",
+            ),
+        ] = "group",
         ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help="Policy updates per rollout.")] = 1,
         budget: BudgetOpt = None,
         explore_slots: Annotated[
@@ -119,7 +127,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             config = RLConfig(
                 algo=algo, sibling=not no_sibling, ved=not no_ved, dense=not no_dense, epochs=epochs,
                 max_steps=max_steps, batch_size=batch_size, num_candidates=num_candidates, lr=lr, value_lr=value_lr,
-                beta=beta, w_sib=w_sib, ppo_epochs=ppo_epochs,
+                beta=beta, w_sib=w_sib, sibling_norm=sibling_norm, ppo_epochs=ppo_epochs,
                 ved_config=rollout_ved_config(budget, EXPLORE_SLOTS if explore_slots is None else explore_slots),
                 value_warmup=VALUE_WARMUP if value_warmup is None else value_warmup,
                 train_splits=tuple(parse_splits(train_splits)), holdout=holdout, eval_every=eval_every,

@@ -22,7 +22,10 @@ bucket's candidate SIDs, and the target is embedded by its own item's row.
 
 Normalisation: group and sibling advantages are (x - mean) / (std + 1e-4) with
 the unbiased std, as TRL's GRPO (which MiniOneRec trains with) computes it; a
-group or sibling set with fewer than two members gets advantage 0.
+group or sibling set with fewer than two members gets advantage 0. A sibling
+set is centred on its own mean and scaled by its own std or, the trainer's
+default, by the std of the whole group (``SIBLING_NORMS``; why: the trainer's
+module doc).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ import numpy as np
 import torch
 
 ADV_EPS = 1e-4
+# How a sibling set's centred child rewards are scaled: by the set's own std (the method as written) or by the
+# std of the whole group's rewards, so that children whose rewards differ by little get small advantages
+SIBLING_NORMS = ("siblings", "group")
 LEVEL_WEIGHTS = (0.3, 0.5, 1.0)
 GAMMA = 0.99
 
@@ -125,12 +131,16 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return adv
 
 
-def sibling_advantages(paths: Sequence[Sequence[int]], rewards: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def sibling_advantages(
+    paths: Sequence[Sequence[int]], rewards: Sequence[float], scale: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Sibling-GRPO advantages (part D) of one candidate set.
 
     For each level l and each parent prefix h with at least two distinct children
     among ``paths``, child v's reward is the mean reward of the candidates routed
-    through h+v, normalised within the sibling set. Returns (advantage, weight),
+    through h+v, normalised within the sibling set: centred on the set's mean and
+    divided by the set's own std + 1e-4, or by ``scale`` + 1e-4 when given (the
+    group's reward std: ``SIBLING_NORMS``). Returns (advantage, weight),
     both (G, depth): candidate g's token at level l carries its child's advantage
     with weight 1/n(h+v), so that summed over candidates each child token counts
     once. Tokens whose parent has a single child in the set get weight 0.
@@ -150,7 +160,10 @@ def sibling_advantages(paths: Sequence[Sequence[int]], rewards: Sequence[float])
             # float64: children with equal rewards must tie exactly (float32 rounding of their means made
             # 1-ulp differences that the normalisation turned into advantages of about 1e-3)
             child_reward = torch.tensor([float(np.mean([rewards[i] for i in m])) for m in members], dtype=torch.float64)
-            child_adv = normalise(child_reward).tolist()
+            if scale is None:
+                child_adv = normalise(child_reward).tolist()
+            else:
+                child_adv = ((child_reward - child_reward.mean()) / (scale + ADV_EPS)).tolist()
             for m, a in zip(members, child_adv, strict=True):
                 adv[m, level] = a
                 weight[m, level] = 1.0 / len(m)
@@ -182,14 +195,21 @@ def batch_standard_rewards(sid_index: torch.Tensor, target_sid: Sequence[int]) -
 
 
 def batch_sibling_advantages(
-    token_ids: torch.Tensor, valid: torch.Tensor, rewards: torch.Tensor
+    token_ids: torch.Tensor, valid: torch.Tensor, rewards: torch.Tensor, norm: str = "siblings"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sibling advantages and child weights, each (B, G, D); token_ids (B, G, D), valid and rewards (B, G)."""
+    """Sibling advantages and child weights, each (B, G, D); token_ids (B, G, D), valid and rewards (B, G);
+    ``norm`` one of ``SIBLING_NORMS``."""
+    if norm not in SIBLING_NORMS:
+        raise ValueError(f"sibling norm must be one of {SIBLING_NORMS}, got {norm!r}")
     token_ids, valid = token_ids.cpu(), valid.cpu()
     adv, weight = torch.zeros(token_ids.shape), torch.zeros(token_ids.shape)
     for b in range(token_ids.shape[0]):
         keep = valid[b]
-        a, w = sibling_advantages(token_ids[b, keep].tolist(), rewards[b, keep].tolist())
+        group = rewards[b, keep].double()
+        scale = float(group.std()) if norm == "group" and group.numel() >= 2 else None
+        if norm == "group" and scale is None:
+            continue  # a one-member group has no siblings
+        a, w = sibling_advantages(token_ids[b, keep].tolist(), rewards[b, keep].tolist(), scale)
         adv[b, keep], weight[b, keep] = torch.from_numpy(a), torch.from_numpy(w)
     return adv, weight
 
