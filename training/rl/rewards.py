@@ -113,11 +113,12 @@ def terminal_reward(rule: Sequence[float], depth: int) -> np.ndarray:
     return out
 
 
-def normalise(values: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / (std + 1e-4) over a 1-D tensor; zeros when it has fewer than two entries."""
+def normalise(values: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """(x - mean) / (std + 1e-4) over a 1-D tensor, or / (``scale`` + 1e-4) when given; zeros when it has
+    fewer than two entries."""
     if values.numel() < 2:
         return torch.zeros_like(values)
-    return (values - values.mean()) / (values.std() + ADV_EPS)
+    return (values - values.mean()) / ((values.std() if scale is None else scale) + ADV_EPS)
 
 
 def group_advantages(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -160,10 +161,7 @@ def sibling_advantages(
             # float64: children with equal rewards must tie exactly (float32 rounding of their means made
             # 1-ulp differences that the normalisation turned into advantages of about 1e-3)
             child_reward = torch.tensor([float(np.mean([rewards[i] for i in m])) for m in members], dtype=torch.float64)
-            if scale is None:
-                child_adv = normalise(child_reward).tolist()
-            else:
-                child_adv = ((child_reward - child_reward.mean()) / (scale + ADV_EPS)).tolist()
+            child_adv = normalise(child_reward, scale).tolist()
             for m, a in zip(members, child_adv, strict=True):
                 adv[m, level] = a
                 weight[m, level] = 1.0 / len(m)
@@ -205,10 +203,8 @@ def batch_sibling_advantages(
     adv, weight = torch.zeros(token_ids.shape), torch.zeros(token_ids.shape)
     for b in range(token_ids.shape[0]):
         keep = valid[b]
-        group = rewards[b, keep].double()
-        scale = float(group.std()) if norm == "group" and group.numel() >= 2 else None
-        if norm == "group" and scale is None:
-            continue  # a one-member group has no siblings
+        # a group of one has no sibling sets, so it needs no scale
+        scale = float(rewards[b, keep].double().std()) if norm == "group" and keep.sum() >= 2 else None
         a, w = sibling_advantages(token_ids[b, keep].tolist(), rewards[b, keep].tolist(), scale)
         adv[b, keep], weight[b, keep] = torch.from_numpy(a), torch.from_numpy(w)
     return adv, weight
