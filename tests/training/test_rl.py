@@ -195,6 +195,20 @@ def test_rl_keeps_the_inits_fusion_weight_unless_given(
         RLConfig(fusion_weight=-1.0)
 
 
+@pytest.mark.parametrize("splits", [("train",), ("train", "valid"), ("valid",)])
+def test_rl_counts_every_row_before_test_whichever_splits_it_trains_on(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path, splits: tuple[str, ...]
+) -> None:
+    # SFT on train and RL on valid alone (rows SFT never saw) must not drop train from the fused counts
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, train_splits=splits, holdout=10)
+    summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    everything = len(tiny_dataset.samples(["train", "valid"]))
+    assert summary["fusion"]["count_rows"] == everything == 240
+    if splits == ("valid",):
+        assert summary["train_rows"] == len(tiny_dataset.splits["valid"]) - 10
+
+
 def test_warmup_runs_first_and_the_checkpoint_keeps_its_ved_config(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path
 ) -> None:

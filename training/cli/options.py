@@ -28,7 +28,7 @@ NameOpt = Annotated[
     typer.Option("--dataset", help="Data set name inside --minionerec-root, e.g. Industrial_and_Scientific."),
 ]
 SplitsOpt = Annotated[
-    str, typer.Option("--train-splits", help="Comma list of splits to train on: train or train,valid.")
+    str, typer.Option("--train-splits", help="Comma list of splits to train on: train, valid or train,valid.")
 ]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training rows.")]
 StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]

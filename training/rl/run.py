@@ -16,7 +16,9 @@
   ``--resume`` continues from it. All writes are atomic (``save_checkpoint``).
 * Shallow fusion with the transition counts (``training.evaluation.fusion``): the kept
   model is fused at the ``--init`` checkpoint's weight (``--fusion-weight``
-  overrides it), with counts of this run's training and held-out rows;
+  overrides it), with counts of this run's training and held-out rows and,
+  when it trains on valid alone (SFT on train, RL on the rows SFT never saw),
+  of the train split too: every row before test, as SFT's counts;
   ``vstar eval`` decodes with both. The weight is not chosen again on the
   held-out rows by default: an SFT refit has trained on them, so they would
   flatter the policy and choose too small a weight. An init without a chosen
@@ -218,7 +220,8 @@ def train_rl(
         weight = config.fusion_weight
         if weight is None and "weight" in (start_fusion := reference_fusion(init)):
             weight = float(start_fusion["weight"])
-        fusion = fuse_trained(out, weight, train_rows, held_out, config.eval_limit, device)
+        counted = train_rows if "train" in config.train_splits else data.samples(["train"]) + train_rows
+        fusion = fuse_trained(out, weight, counted, held_out, config.eval_limit, device)
     barrier()
     return {
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]},
