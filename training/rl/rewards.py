@@ -115,8 +115,9 @@ def terminal_reward(rule: Sequence[float], depth: int) -> np.ndarray:
 
 def normalise(values: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """(x - mean) / (std + 1e-4) over a 1-D tensor, or / (``scale`` + 1e-4) when given; zeros when it has
-    fewer than two entries."""
-    if values.numel() < 2:
+    fewer than two entries or all are equal (float rounding of their mean would otherwise leave a residue
+    that the 1e-4 floor blows up)."""
+    if values.numel() < 2 or bool(torch.all(values == values[0])):
         return torch.zeros_like(values)
     return (values - values.mean()) / ((values.std() if scale is None else scale) + ADV_EPS)
 
