@@ -21,6 +21,7 @@ from service.schemas import (
     Health,
     HistoryResponse,
     ItemResponse,
+    PathInt,
     Readiness,
     RecommendResponse,
     RequestModels,
@@ -121,7 +122,7 @@ def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
         return await recommender.history(user_id)
 
     @router.get("/items/{item_id}", responses=_errors(404), tags=["items"])
-    async def item(item_id: int, recommender: RecommenderDep) -> ItemResponse:
+    async def item(item_id: PathInt, recommender: RecommenderDep) -> ItemResponse:
         """One catalog item: its SID and title."""
         return recommender.item(item_id)
 

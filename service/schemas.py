@@ -12,16 +12,28 @@ converts itself into the decoder's config with ``to_decode_config()``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from models.beam_search import BeamSearchConfig
 from models.ved_config import VEDConfig
 from service.settings import Settings
 
 HistoryEntry = int | str  # an item id, or a SID string such as "<a_1><b_2><c_3>"
+
+
+def _decimal_digits(value: object) -> object:
+    """A path segment must be written as the integer itself: pydantic's lax int would also take
+    " 5", "+5", "5_0" (50) and "\\x855" (a Unicode space before 5)."""
+    if isinstance(value, str) and not re.fullmatch(r"-?[0-9]+", value):
+        raise ValueError("must be a decimal integer (ASCII digits, an optional leading '-', nothing else)")
+    return value
+
+
+PathInt = Annotated[int, BeforeValidator(_decimal_digits)]  # an integer path parameter, strict about its text
 Mode = Literal["beam", "ved"]
 
 

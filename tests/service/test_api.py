@@ -173,6 +173,14 @@ def test_other_errors_share_the_error_body(client: TestClient) -> None:
     assert bad_json.status_code == 422 and bad_json.json()["error"]["type"] == "invalid_request"
 
 
+@pytest.mark.parametrize("text", ["%C2%855", "%205", "5%20", "+5", "5_0", "--5", "%D9%A5"])
+def test_item_id_in_the_path_is_the_integer_itself(client: TestClient, text: str) -> None:
+    # lax int parsing would serve item 5 (or 50) for these; found by the schema fuzz test ("\x85" then "5")
+    r = client.get(f"/items/{text}")
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("path.item_id:"), r.text
+    assert client.get("/items/05").json()["item_id"] == 5
+
+
 def test_oversized_bodies_get_413(client: TestClient) -> None:
     big = b'{"history": [' + b"1," * 40000 + b"1]}"
     r = client.post("/recommend", content=big, headers={"content-type": "application/json"})
