@@ -178,6 +178,9 @@ def test_item_id_in_the_path_is_the_integer_itself(client: TestClient, text: str
     # lax int parsing would serve item 5 (or 50) for these; found by the schema fuzz test ("\x85" then "5")
     r = client.get(f"/items/{text}")
     assert r.status_code == 422 and r.json()["error"]["message"].startswith("path.item_id:"), r.text
+
+
+def test_item_id_with_leading_zeros_is_that_item(client: TestClient) -> None:
     assert client.get("/items/05").json()["item_id"] == 5
 
 
