@@ -22,7 +22,7 @@ from training.cli.options import select_rows
 from training.data.dataset import RecDataset
 from training.rl.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
 from training.rl.loss import clipped_pg, k3_kl, policy_loss
-from training.rl.run import train_rl
+from training.rl.run import fuse_rl_checkpoint, train_rl
 from training.rl.trainer import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, RLTrainer
 
 
@@ -209,6 +209,58 @@ def test_rl_counts_every_row_before_test_whichever_splits_it_trains_on(
         assert summary["train_rows"] == len(tiny_dataset.splits["valid"]) - 10
 
 
+def test_fuse_chooses_an_rl_checkpoints_weight_on_the_rows_its_run_held_out(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, train_splits=("valid",), holdout=10)
+    train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    assert load_checkpoint(tmp_path / "rl").manifest["fusion"]["chosen_by"] == "given"  # the init's 6
+    fusion = fuse_rl_checkpoint(tmp_path / "rl", tiny_dataset, weights=(0.0, 12.0), beams=10)
+    stored = load_checkpoint(tmp_path / "rl").manifest["fusion"]
+    assert stored["chosen_by"] == "held-out" and stored["weight"] == fusion["weight"] in (0.0, 12.0)
+    assert [r["weight"] for r in stored["grid"]] == [0.0, 12.0]
+    # the first eval_limit of the 10 held-out rows choose; the counts then hold every row before test
+    assert fusion["selection_rows"] == 8 and fusion["count_rows"] == 240
+    assert fusion["init_trained_on_selection_rows"] is None  # the init records no SFT config
+
+
+def test_fuse_refuses_a_run_that_held_nothing_out_and_keeps_its_weight(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    from training.sft.trainer import fuse_checkpoint
+
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, train_splits=("valid",), holdout=0)
+    train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    with pytest.raises(ValueError, match="no held-out rows .* keeps weight 6.0"):
+        fuse_rl_checkpoint(tmp_path / "rl", tiny_dataset)
+    assert load_checkpoint(tmp_path / "rl").manifest["fusion"]["weight"] == 6.0
+    with pytest.raises(ValueError, match="not an RL checkpoint"):
+        fuse_rl_checkpoint(init, tiny_dataset)
+    # an SFT refit likewise: its weight came from its held-out run
+    fp = {"fingerprint": tiny_dataset.fingerprint()}
+    refit = {"stage": "sft", "data": fp, "sft_config": {"train_splits": ["train", "valid"], "holdout": 0},
+             "fusion": {"weight": 8.0, "chosen_by": "given"}}  # fmt: skip
+    save_checkpoint(tmp_path / "refit", tiny_policy, refit)
+    with pytest.raises(ValueError, match="a refit.* keeps weight 8.0"):
+        fuse_checkpoint(tmp_path / "refit", tiny_dataset)
+    assert load_checkpoint(tmp_path / "refit").manifest["fusion"]["weight"] == 8.0
+
+
+def test_fuse_flags_selection_rows_the_init_trained_on(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # RL on train, selected on valid, from an SFT refit that trained on all of valid: every selection row
+    refit = {"stage": "sft", "sft_config": {"train_splits": ["train", "valid"], "holdout": 0}}
+    init = save_checkpoint(tmp_path / "init", tiny_policy, refit | {"fusion": {"weight": 6.0}})
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8)
+    train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    fusion = fuse_rl_checkpoint(tmp_path / "rl", tiny_dataset, weights=(0.0, 2.0), beams=10)
+    assert fusion["init_trained_on_selection_rows"] == 8 == fusion["selection_rows"]
+    assert "trained on 8 of the 8 selection rows" in caplog.text
+
+
 def test_warmup_runs_first_and_the_checkpoint_keeps_its_ved_config(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path
 ) -> None:
@@ -252,6 +304,16 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
             "--json", str(tmp_path / "d64.json")])  # fmt: skip
     wide = json.loads((tmp_path / "d64.json").read_text())
     assert wide["tokens_per_prompt"] == 64  # width 32, its 16 best
+
+
+def test_cli_fuse_takes_an_rl_checkpoint(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Path) -> None:
+    out, data = tmp_path / "grpo", str(tiny_data_dir)
+    invoke(["rl", "--data", data, "--init", str(init_ckpt), "--out", str(out), "--algo", "grpo", "--max-steps", "1",
+            "--batch-size", "4", "--eval-limit", "8", "--fusion-weight", "3"])  # fmt: skip
+    invoke(["fuse", "--data", data, "--checkpoint", str(out), "--weights", "0,12", "--json", str(tmp_path / "f.json")])
+    fusion = json.loads((tmp_path / "f.json").read_text())
+    assert fusion["checkpoint"] == str(out) and fusion["chosen_by"] == "held-out" and fusion["selection_rows"] == 8
+    assert load_checkpoint(out).manifest["fusion"]["weight"] == fusion["weight"]
 
 
 def test_ved_on_a_checkpoint_without_value_head_is_a_clear_error(tiny_data_dir: Path, init_ckpt: Path) -> None:

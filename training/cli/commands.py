@@ -37,6 +37,7 @@ from training.cli.options import (
     demo_policy,
     int_list,
     load_data,
+    read_manifest,
     require_checkpoint,
     run_training,
     select_rows,
@@ -319,7 +320,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
     @app.command()
     def fuse(
-        checkpoint: Annotated[Path, typer.Option("--checkpoint", help="SFT checkpoint trained with held-out rows.")],
+        checkpoint: Annotated[
+            Path, typer.Option("--checkpoint", help="SFT or RL checkpoint trained with held-out rows.")
+        ],
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
@@ -332,19 +335,26 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         device: DeviceOpt = "cpu",
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the choice and its grid here.")] = None,
     ) -> None:
-        """Choose a checkpoint's fusion weight on its held-out rows and store it, as SFT does when it ends."""
+        """Choose a checkpoint's fusion weight on its held-out rows and store it, as SFT does when it ends.
+
+        SFT or RL checkpoints: the rows its run held out select (the first --eval-limit), with counts of every
+        row before them; a run that held nothing out is refused and keeps its weight."""
         try:
             grid = tuple(float(w) for w in weights.split(",")) if weights else None
         except ValueError:
             raise typer.BadParameter(f"--weights must be a comma list of numbers, got {weights!r}") from None
-        require_checkpoint(checkpoint)
+        stage = read_manifest(require_checkpoint(checkpoint)).get("stage")
+        if stage not in ("sft", "rl"):
+            raise typer.BadParameter(f"{checkpoint} is a {stage!r} checkpoint; fuse takes SFT or RL ones")
         setup_logging()
         ds = load_data(data, minionerec_root, dataset)
         from training.evaluation.fusion import FUSION_WEIGHTS
+        from training.rl.run import fuse_rl_checkpoint
         from training.sft.trainer import fuse_checkpoint
 
+        fuse_stage = fuse_rl_checkpoint if stage == "rl" else fuse_checkpoint
         try:
-            write_json(json_out, fuse_checkpoint(checkpoint, ds, grid or FUSION_WEIGHTS, device=device))
+            write_json(json_out, fuse_stage(checkpoint, ds, grid or FUSION_WEIGHTS, device=device))
         except CheckpointError:
             raise  # one line from the root command
         except ValueError as e:

@@ -98,6 +98,17 @@ def require_checkpoint(path: Path, option: str = "--checkpoint") -> Path:
     return path
 
 
+def read_manifest(folder: Path, option: str = "--checkpoint") -> dict[str, Any]:
+    """A checkpoint's manifest (after ``require_checkpoint``), without torch."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise typer.BadParameter(f"{folder}: manifest.json is not valid JSON: {e}", param_hint=option) from None
+    if not isinstance(manifest, dict):
+        raise typer.BadParameter(f"{folder}: manifest.json holds no object", param_hint=option)
+    return manifest
+
+
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

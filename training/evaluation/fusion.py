@@ -2,10 +2,11 @@
 
 ``models.transition`` has the counts and the fused beam search; this module
 is the selection step that SFT runs when it ends and that ``vstar fuse`` runs
-on an existing checkpoint:
+on an existing checkpoint, SFT (``training.sft.trainer``) or RL
+(``training.rl.run``, which fuses at its init's weight unless asked):
 
 * the counts are fit on the checkpoint's own training rows (re-derived from its
-  stored SFT config and checked against its data fingerprint), so the held-out
+  stored SFT or RL config and checked against its data fingerprint), so the held-out
   rows are outside both the model's and the counts' training data;
 * each weight of ``FUSION_WEIGHTS`` is scored by beam search with
   ``FUSION_BEAMS`` beams (``vstar eval``'s default) on the held-out selection

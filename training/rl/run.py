@@ -23,7 +23,8 @@
   held-out rows by default: an SFT refit has trained on them, so they would
   flatter the policy and choose too small a weight. An init without a chosen
   weight (nothing held out, fusion never chosen) gets one chosen on the
-  held-out rows here, as SFT chooses it.
+  held-out rows here, as SFT chooses it. ``vstar fuse`` chooses one for a
+  finished run (``fuse_rl_checkpoint``), when its init's rows are clean.
 * Under ``torchrun`` / ``accelerate launch`` (``training.distributed``):
   ``--batch-size`` prompts is the global batch; each rank rolls out, rewards and
   computes advantages for its slice (groups never straddle ranks, so this is
@@ -38,7 +39,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +51,9 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from models.value_head import ValueHead, load_value_head, value_head_for, value_head_manifest
-from training.data.dataset import RecDataset, Sample, popular_sids, split_for_training
+from training.data.dataset import HoldoutRule, RecDataset, Sample, popular_sids, split_for_training
 from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
-from training.evaluation.fusion import fuse_trained
+from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fuse_trained
 from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, resume_folder, run_steps
 from training.optim import seed_everything
 from training.rl.trainer import RLConfig, RLTrainer
@@ -70,6 +72,78 @@ def reference_fusion(init: str | Path) -> dict[str, Any]:
     manifest = json.loads((Path(init) / "manifest.json").read_text())
     fusion = manifest.get("fusion") or {}
     return fusion if fusion.get("chosen_by") != "nothing held out" else {}
+
+
+def counted_rows(data: RecDataset, rule: HoldoutRule, train_rows: list[Sample]) -> list[Sample]:
+    """The rows the fused counts are fit on besides the held-out ones: the run's training rows and, when it
+    trains on valid alone (SFT on train, RL on the rows SFT never saw), train too: every row before test."""
+    return train_rows if "train" in rule.train_splits else data.samples(["train"]) + train_rows
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """The ``HoldoutRule`` of a stored ``rl_config``."""
+
+    train_splits: tuple[str, ...]
+    holdout: int
+
+
+def fuse_rl_checkpoint(
+    path: str | Path,
+    data: RecDataset,
+    weights: Sequence[float] = FUSION_WEIGHTS,
+    beams: int = FUSION_BEAMS,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """``vstar fuse`` on an RL checkpoint: choose its fusion weight on the rows its run held out (the first
+    ``eval_limit``, the rows it validated on), with counts of every row before them, as SFT chooses its own.
+
+    A run that held nothing out (``--holdout 0`` with valid trained on) has no rows to choose on: that is an
+    error, and the weight it was fused at stays. When the ``--init`` checkpoint is still there and trained on
+    some of those rows (an SFT refit), the choice is made but flagged: such rows flatter the policy and choose
+    too small a weight.
+    """
+    path = Path(path)
+    manifest = load_checkpoint(path, "cpu").manifest
+    if manifest.get("stage") != "rl" or "rl_config" not in manifest:
+        raise ValueError(f"checkpoint {path} is not an RL checkpoint (stage {manifest.get('stage')!r})")
+    if manifest.get("data", {}).get("fingerprint") != data.fingerprint():
+        raise ValueError(f"checkpoint {path} was trained on other data than {data.name!r} (fingerprints differ)")
+    stored = manifest["rl_config"]
+    rule = StoredRows(tuple(stored["train_splits"]), int(stored["holdout"]))
+    train_rows, held_out = split_for_training(data, rule)
+    if not held_out:
+        weight = (manifest.get("fusion") or {}).get("weight")
+        raise ValueError(
+            f"checkpoint {path} trained on every row before test (--train-splits {','.join(rule.train_splits)} "
+            f"--holdout 0): no held-out rows to choose its fusion weight on; it keeps weight {weight}"
+        )
+    select_rows = held_out[: stored["eval_limit"]]
+    seen = init_trained_on(manifest.get("init"), data, select_rows)
+    if seen:
+        log.warning(
+            "the --init checkpoint %s trained on %d of the %d selection rows: they flatter the policy, so the "
+            "weight chosen on them is likely too small",
+            manifest["init"],
+            seen,
+            len(select_rows),
+        )
+    counted = counted_rows(data, rule, train_rows)
+    fusion = fuse_trained(path, None, counted, held_out, stored["eval_limit"], device, weights, beams)
+    return {"checkpoint": str(path), "init_trained_on_selection_rows": seen} | fusion
+
+
+def init_trained_on(init: str | None, data: RecDataset, rows: Sequence[Sample]) -> int | None:
+    """How many of ``rows`` the SFT checkpoint at ``init`` trained on; None when it (or its config) is gone."""
+    try:
+        stored = json.loads((Path(init) / "manifest.json").read_text()).get("sft_config") if init else None
+    except (OSError, ValueError):
+        return None
+    if not stored:
+        return None
+    trained, _ = split_for_training(data, StoredRows(tuple(stored["train_splits"]), int(stored["holdout"])))
+    seen = set(trained)
+    return sum(r in seen for r in rows)
 
 
 def check_catalog(policy: Policy, data: RecDataset) -> None:
@@ -220,8 +294,7 @@ def train_rl(
         weight = config.fusion_weight
         if weight is None and "weight" in (start_fusion := reference_fusion(init)):
             weight = float(start_fusion["weight"])
-        counted = train_rows if "train" in config.train_splits else data.samples(["train"]) + train_rows
-        fusion = fuse_trained(out, weight, counted, held_out, config.eval_limit, device)
+        fusion = fuse_trained(out, weight, counted_rows(data, config, train_rows), held_out, config.eval_limit, device)
     barrier()
     return {
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]},

@@ -267,7 +267,8 @@ def fuse_checkpoint(
     beams: int = FUSION_BEAMS,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """``vstar fuse``: what SFT does when it ends, for a checkpoint written without it."""
+    """``vstar fuse`` on an SFT checkpoint: what SFT does when it ends, for a checkpoint written without it.
+    A refit (nothing held out) is refused and keeps its weight; RL checkpoints: ``training.rl.run``."""
     path = Path(path)
     manifest = load_checkpoint(path, "cpu").manifest
     if manifest.get("stage") != "sft" or "sft_config" not in manifest:
@@ -277,5 +278,11 @@ def fuse_checkpoint(
     stored = dict(manifest["sft_config"])
     config = SFTConfig(**(stored | {"train_splits": tuple(stored["train_splits"])}))
     train_rows, held_out = split_for_training(data, config)
+    if not held_out:  # a refit: its weight came from its held-out run, and stays
+        weight = (manifest.get("fusion") or {}).get("weight")
+        raise ValueError(
+            f"checkpoint {path} trained on every row before test (a refit: --holdout 0): no held-out rows to "
+            f"choose its fusion weight on; it keeps weight {weight}"
+        )
     fusion = fuse_trained(path, config.fusion_weight, train_rows, held_out, config.eval_limit, device, weights, beams)
     return {"checkpoint": str(path)} | fusion
