@@ -209,15 +209,22 @@ def test_rl_counts_every_row_before_test_whichever_splits_it_trains_on(
         assert summary["train_rows"] == len(tiny_dataset.splits["valid"]) - 10
 
 
+def one_step_run(data: RecDataset, policy: Policy, tmp_path: Path, init_manifest: dict, **config) -> Path:
+    """A one-step GRPO run (8 selection rows) from ``policy`` saved with ``init_manifest``; its checkpoint."""
+    init = save_checkpoint(tmp_path / "init", policy, {"stage": "sft"} | init_manifest)
+    train_rl(data, init, tmp_path / "rl", RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, **config),
+             progress=False)  # fmt: skip
+    return tmp_path / "rl"
+
+
 def test_fuse_chooses_an_rl_checkpoints_weight_on_the_rows_its_run_held_out(
     tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
 ) -> None:
-    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
-    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, train_splits=("valid",), holdout=10)
-    train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
-    assert load_checkpoint(tmp_path / "rl").manifest["fusion"]["chosen_by"] == "given"  # the init's 6
-    fusion = fuse_rl_checkpoint(tmp_path / "rl", tiny_dataset, weights=(0.0, 12.0), beams=10)
-    stored = load_checkpoint(tmp_path / "rl").manifest["fusion"]
+    rl = one_step_run(tiny_dataset, tiny_policy, tmp_path, {"fusion": {"weight": 6.0}}, train_splits=("valid",),
+                      holdout=10)  # fmt: skip
+    assert load_checkpoint(rl).manifest["fusion"]["chosen_by"] == "given"  # the init's 6
+    fusion = fuse_rl_checkpoint(rl, tiny_dataset, weights=(0.0, 12.0), beams=10)
+    stored = load_checkpoint(rl).manifest["fusion"]
     assert stored["chosen_by"] == "held-out" and stored["weight"] == fusion["weight"] in (0.0, 12.0)
     assert [r["weight"] for r in stored["grid"]] == [0.0, 12.0]
     # the first eval_limit of the 10 held-out rows choose; the counts then hold every row before test
@@ -230,14 +237,13 @@ def test_fuse_refuses_a_run_that_held_nothing_out_and_keeps_its_weight(
 ) -> None:
     from training.sft.trainer import fuse_checkpoint
 
-    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
-    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, train_splits=("valid",), holdout=0)
-    train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    rl = one_step_run(tiny_dataset, tiny_policy, tmp_path, {"fusion": {"weight": 6.0}}, train_splits=("valid",),
+                      holdout=0)  # fmt: skip
     with pytest.raises(ValueError, match="no held-out rows .* keeps weight 6.0"):
-        fuse_rl_checkpoint(tmp_path / "rl", tiny_dataset)
-    assert load_checkpoint(tmp_path / "rl").manifest["fusion"]["weight"] == 6.0
+        fuse_rl_checkpoint(rl, tiny_dataset)
+    assert load_checkpoint(rl).manifest["fusion"]["weight"] == 6.0
     with pytest.raises(ValueError, match="not an RL checkpoint"):
-        fuse_rl_checkpoint(init, tiny_dataset)
+        fuse_rl_checkpoint(tmp_path / "init", tiny_dataset)
     # an SFT refit likewise: its weight came from its held-out run
     fp = {"fingerprint": tiny_dataset.fingerprint()}
     refit = {"stage": "sft", "data": fp, "sft_config": {"train_splits": ["train", "valid"], "holdout": 0},
@@ -252,11 +258,9 @@ def test_fuse_flags_selection_rows_the_init_trained_on(
     tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # RL on train, selected on valid, from an SFT refit that trained on all of valid: every selection row
-    refit = {"stage": "sft", "sft_config": {"train_splits": ["train", "valid"], "holdout": 0}}
-    init = save_checkpoint(tmp_path / "init", tiny_policy, refit | {"fusion": {"weight": 6.0}})
-    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8)
-    train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
-    fusion = fuse_rl_checkpoint(tmp_path / "rl", tiny_dataset, weights=(0.0, 2.0), beams=10)
+    refit = {"sft_config": {"train_splits": ["train", "valid"], "holdout": 0}, "fusion": {"weight": 6.0}}
+    rl = one_step_run(tiny_dataset, tiny_policy, tmp_path, refit)
+    fusion = fuse_rl_checkpoint(rl, tiny_dataset, weights=(0.0, 2.0), beams=10)
     assert fusion["init_trained_on_selection_rows"] == 8 == fusion["selection_rows"]
     assert "trained on 8 of the 8 selection rows" in caplog.text
 

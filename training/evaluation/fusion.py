@@ -79,6 +79,26 @@ def choose_weight(
     return {"weight": best["weight"], "selection_rows": len(select_rows), "beams": beams, "grid": grid}
 
 
+def fusable_manifest(path: Path, data_fingerprint: str, data_name: str, stage: str) -> dict[str, Any]:
+    """``vstar fuse``'s checks: the manifest of the checkpoint at ``path``, a ``stage`` one trained on this data."""
+    manifest = load_checkpoint(path, "cpu").manifest
+    if manifest.get("stage") != stage or f"{stage}_config" not in manifest:
+        raise ValueError(f"checkpoint {path} is not an {stage.upper()} checkpoint (stage {manifest.get('stage')!r})")
+    if manifest.get("data", {}).get("fingerprint") != data_fingerprint:
+        raise ValueError(f"checkpoint {path} was trained on other data than {data_name!r} (fingerprints differ)")
+    return manifest
+
+
+def require_held_out(path: Path, manifest: dict[str, Any], held_out: Sequence[Sample], how: str) -> None:
+    """A run that held nothing out has nothing to choose on: an error, and the weight it has stays."""
+    if not held_out:
+        weight = (manifest.get("fusion") or {}).get("weight")
+        raise ValueError(
+            f"checkpoint {path} trained on every row before test ({how}): no held-out rows to choose its fusion "
+            f"weight on; it keeps weight {weight}"
+        )
+
+
 def write_fusion(path: Path, checkpoint: LoadedCheckpoint, counts: TransitionCounts, fusion: dict[str, Any]) -> None:
     """Rewrite the checkpoint at ``path`` with the counts and the fusion choice (atomically)."""
     manifest = {k: v for k, v in checkpoint.manifest.items() if k not in ("model_version", "extras")}

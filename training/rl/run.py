@@ -53,7 +53,7 @@ from models.policy import Policy
 from models.value_head import ValueHead, load_value_head, value_head_for, value_head_manifest
 from training.data.dataset import HoldoutRule, RecDataset, Sample, popular_sids, split_for_training
 from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
-from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fuse_trained
+from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_manifest, fuse_trained, require_held_out
 from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, resume_folder, run_steps
 from training.optim import seed_everything
 from training.rl.trainer import RLConfig, RLTrainer
@@ -104,20 +104,11 @@ def fuse_rl_checkpoint(
     too small a weight.
     """
     path = Path(path)
-    manifest = load_checkpoint(path, "cpu").manifest
-    if manifest.get("stage") != "rl" or "rl_config" not in manifest:
-        raise ValueError(f"checkpoint {path} is not an RL checkpoint (stage {manifest.get('stage')!r})")
-    if manifest.get("data", {}).get("fingerprint") != data.fingerprint():
-        raise ValueError(f"checkpoint {path} was trained on other data than {data.name!r} (fingerprints differ)")
+    manifest = fusable_manifest(path, data.fingerprint(), data.name, "rl")
     stored = manifest["rl_config"]
     rule = StoredRows(tuple(stored["train_splits"]), int(stored["holdout"]))
     train_rows, held_out = split_for_training(data, rule)
-    if not held_out:
-        weight = (manifest.get("fusion") or {}).get("weight")
-        raise ValueError(
-            f"checkpoint {path} trained on every row before test (--train-splits {','.join(rule.train_splits)} "
-            f"--holdout 0): no held-out rows to choose its fusion weight on; it keeps weight {weight}"
-        )
+    require_held_out(path, manifest, held_out, f"--train-splits {','.join(rule.train_splits)} --holdout 0")
     select_rows = held_out[: stored["eval_limit"]]
     seen = init_trained_on(manifest.get("init"), data, select_rows)
     if seen:

@@ -57,11 +57,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from training.data.dataset import RecDataset, popular_sids, split_for_training
 from training.distributed import Shard, barrier, fork_rng, is_main, loss_scales, require_global_batch, wrap_ddp
-from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fuse_trained
+from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_manifest, fuse_trained, require_held_out
 from training.loop import Checkpointer, Schedule, TrainState, load_resume, resume_folder, run_steps
 from training.optim import autocast_dtype, cosine_schedule, flush_denormals, seed_everything
 from training.scalar_log import ScalarLog
@@ -270,19 +269,10 @@ def fuse_checkpoint(
     """``vstar fuse`` on an SFT checkpoint: what SFT does when it ends, for a checkpoint written without it.
     A refit (nothing held out) is refused and keeps its weight; RL checkpoints: ``training.rl.run``."""
     path = Path(path)
-    manifest = load_checkpoint(path, "cpu").manifest
-    if manifest.get("stage") != "sft" or "sft_config" not in manifest:
-        raise ValueError(f"checkpoint {path} is not an SFT checkpoint (stage {manifest.get('stage')!r})")
-    if manifest.get("data", {}).get("fingerprint") != data.fingerprint():
-        raise ValueError(f"checkpoint {path} was trained on other data than {data.name!r} (fingerprints differ)")
+    manifest = fusable_manifest(path, data.fingerprint(), data.name, "sft")
     stored = dict(manifest["sft_config"])
     config = SFTConfig(**(stored | {"train_splits": tuple(stored["train_splits"])}))
     train_rows, held_out = split_for_training(data, config)
-    if not held_out:  # a refit: its weight came from its held-out run, and stays
-        weight = (manifest.get("fusion") or {}).get("weight")
-        raise ValueError(
-            f"checkpoint {path} trained on every row before test (a refit: --holdout 0): no held-out rows to "
-            f"choose its fusion weight on; it keeps weight {weight}"
-        )
+    require_held_out(path, manifest, held_out, "a refit: --holdout 0")  # its weight came from its held-out run
     fusion = fuse_trained(path, config.fusion_weight, train_rows, held_out, config.eval_limit, device, weights, beams)
     return {"checkpoint": str(path)} | fusion
