@@ -79,14 +79,17 @@ def choose_weight(
     return {"weight": best["weight"], "selection_rows": len(select_rows), "beams": beams, "grid": grid}
 
 
-def fusable_manifest(path: Path, data_fingerprint: str, data_name: str, stage: str) -> dict[str, Any]:
-    """``vstar fuse``'s checks: the manifest of the checkpoint at ``path``, a ``stage`` one trained on this data."""
-    manifest = load_checkpoint(path, "cpu").manifest
+def fusable_checkpoint(
+    path: Path, data_fingerprint: str, data_name: str, stage: str, device: str = "cpu"
+) -> LoadedCheckpoint:
+    """``vstar fuse``'s checks: the checkpoint at ``path``, loaded once, a ``stage`` one trained on this data."""
+    checkpoint = load_checkpoint(path, device)
+    manifest = checkpoint.manifest
     if manifest.get("stage") != stage or f"{stage}_config" not in manifest:
         raise ValueError(f"checkpoint {path} is not an {stage.upper()} checkpoint (stage {manifest.get('stage')!r})")
     if manifest.get("data", {}).get("fingerprint") != data_fingerprint:
         raise ValueError(f"checkpoint {path} was trained on other data than {data_name!r} (fingerprints differ)")
-    return manifest
+    return checkpoint
 
 
 def require_held_out(path: Path, manifest: dict[str, Any], held_out: Sequence[Sample], how: str) -> None:
@@ -115,14 +118,16 @@ def fuse_trained(
     device: str = "cpu",
     weights: Sequence[float] = FUSION_WEIGHTS,
     beams: int = FUSION_BEAMS,
+    checkpoint: LoadedCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Store transition counts and a fusion weight in the checkpoint at ``path``.
 
     ``weight`` None chooses it on the first ``eval_limit`` rows of ``held_out``
     with counts of ``train_rows`` (with none held out: 0, fusion off); the
     counts stored are then those of ``train_rows`` and all of ``held_out``.
+    ``checkpoint``: the one at ``path`` when the caller has loaded it already.
     """
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = checkpoint or load_checkpoint(path, device)
     counts = TransitionCounts.fit((s.history, s.target) for s in train_rows)
     select_rows = held_out[:eval_limit]
     if weight is not None:

@@ -53,7 +53,7 @@ from models.policy import Policy
 from models.value_head import ValueHead, load_value_head, value_head_for, value_head_manifest
 from training.data.dataset import HoldoutRule, RecDataset, Sample, popular_sids, split_for_training
 from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
-from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_manifest, fuse_trained, require_held_out
+from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
 from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, resume_folder, run_steps
 from training.optim import seed_everything
 from training.rl.trainer import RLConfig, RLTrainer
@@ -87,6 +87,11 @@ class StoredRows:
     train_splits: tuple[str, ...]
     holdout: int
 
+    @classmethod
+    def of(cls, stored: dict[str, Any]) -> StoredRows:
+        """The rule of a manifest's ``rl_config`` or ``sft_config``."""
+        return cls(tuple(stored["train_splits"]), int(stored["holdout"]))
+
 
 def fuse_rl_checkpoint(
     path: str | Path,
@@ -104,9 +109,10 @@ def fuse_rl_checkpoint(
     too small a weight.
     """
     path = Path(path)
-    manifest = fusable_manifest(path, data.fingerprint(), data.name, "rl")
+    checkpoint = fusable_checkpoint(path, data.fingerprint(), data.name, "rl", device)
+    manifest = checkpoint.manifest
     stored = manifest["rl_config"]
-    rule = StoredRows(tuple(stored["train_splits"]), int(stored["holdout"]))
+    rule = StoredRows.of(stored)
     train_rows, held_out = split_for_training(data, rule)
     require_held_out(path, manifest, held_out, f"--train-splits {','.join(rule.train_splits)} --holdout 0")
     select_rows = held_out[: stored["eval_limit"]]
@@ -120,7 +126,7 @@ def fuse_rl_checkpoint(
             len(select_rows),
         )
     counted = counted_rows(data, rule, train_rows)
-    fusion = fuse_trained(path, None, counted, held_out, stored["eval_limit"], device, weights, beams)
+    fusion = fuse_trained(path, None, counted, held_out, stored["eval_limit"], device, weights, beams, checkpoint)
     return {"checkpoint": str(path), "init_trained_on_selection_rows": seen} | fusion
 
 
@@ -132,7 +138,7 @@ def init_trained_on(init: str | None, data: RecDataset, rows: Sequence[Sample]) 
         return None
     if not stored:
         return None
-    trained, _ = split_for_training(data, StoredRows(tuple(stored["train_splits"]), int(stored["holdout"])))
+    trained, _ = split_for_training(data, StoredRows.of(stored))
     seen = set(trained)
     return sum(r in seen for r in rows)
 

@@ -60,7 +60,7 @@ from tqdm import tqdm
 from models.policy import Policy
 from training.data.dataset import RecDataset, popular_sids, split_for_training
 from training.distributed import Shard, barrier, fork_rng, is_main, loss_scales, require_global_batch, wrap_ddp
-from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_manifest, fuse_trained, require_held_out
+from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
 from training.loop import Checkpointer, Schedule, TrainState, load_resume, resume_folder, run_steps
 from training.optim import autocast_dtype, cosine_schedule, flush_denormals, seed_everything
 from training.scalar_log import ScalarLog
@@ -269,10 +269,13 @@ def fuse_checkpoint(
     """``vstar fuse`` on an SFT checkpoint: what SFT does when it ends, for a checkpoint written without it.
     A refit (nothing held out) is refused and keeps its weight; RL checkpoints: ``training.rl.run``."""
     path = Path(path)
-    manifest = fusable_manifest(path, data.fingerprint(), data.name, "sft")
+    checkpoint = fusable_checkpoint(path, data.fingerprint(), data.name, "sft", device)
+    manifest = checkpoint.manifest
     stored = dict(manifest["sft_config"])
     config = SFTConfig(**(stored | {"train_splits": tuple(stored["train_splits"])}))
     train_rows, held_out = split_for_training(data, config)
     require_held_out(path, manifest, held_out, "a refit: --holdout 0")  # its weight came from its held-out run
-    fusion = fuse_trained(path, config.fusion_weight, train_rows, held_out, config.eval_limit, device, weights, beams)
+    fusion = fuse_trained(
+        path, config.fusion_weight, train_rows, held_out, config.eval_limit, device, weights, beams, checkpoint
+    )
     return {"checkpoint": str(path)} | fusion
