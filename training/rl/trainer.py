@@ -76,10 +76,11 @@ Deviations from the papers and choices the papers leave open:
   rows, reachability 0.153 vs 0.159; ``models.ved``). Swept in RL too (V-STAR
   at lr 3e-5, three epochs of valid less its 2,000 most recent rows, scored on
   them by beam search of 50): 0, 4 and 8 slots against 2 moved NDCG@10 by
-  -0.4%, +0.7% and -0.5%, every 95% interval across 0 (two seeds of 2 slots
-  differ by as much: HR@3 +1.2%, HR@10 -2.0%), while the groups' distinct first-level codes
-  went from 6.4 to 8.8 and their reachability only from 0.165 to 0.162; 2
-  stays (README, "Exploratory slots"). VED draws with seed
+  -0.4%, +0.7% and -0.5%, every 95% interval across 0 (two seeds of 2
+  slots differ by as much: HR@3 +1.2%, HR@10 -2.0%), while the groups'
+  distinct first-level codes went from 6.4 to 8.8 and their reachability
+  only from 0.165 to 0.162; 2 stays (README, "Exploratory slots"). VED
+  draws with seed
   ``seed * 1_000_003 + step`` (new draws every step, reproducible); its
   default budget is VED's: 2x what beam search of width G feeds the backbone,
   G * (depth - 1) = 32 tokens for G = 16, so 64.
