@@ -56,12 +56,24 @@ class TransitionCounts:
     def num_pairs(self) -> int:
         return sum(len(c) for c in self.counts.values())
 
-    def scores(self, history: Sequence[int]) -> dict[int, float]:
-        """``S(y)`` for every item ``y`` that followed one of the last ``window`` history items."""
+    def scores(self, history: Sequence[int], leave_out: int | None = None) -> dict[int, float]:
+        """``S(y)`` for every item ``y`` that followed one of the last ``window`` history items.
+
+        ``leave_out``: the row's own target, when the row itself was counted (RL rollouts on rows the counts
+        were fit on): its one transition from the last history item is taken back, so the row's answer scores
+        only what the other rows gave it.
+        """
         out: dict[int, float] = defaultdict(float)
         for k, item in enumerate(reversed(history[-self.window :]), start=1):
             for nxt, c in self.counts.get(int(item), {}).items():
                 out[nxt] += c / k
+        if leave_out is not None and history:
+            last = self.counts.get(int(history[-1]))
+            if last is None or last[int(leave_out)] < 1:
+                raise ValueError(f"leave_out: the transition {int(history[-1])} -> {int(leave_out)} was never counted")
+            out[int(leave_out)] -= 1.0
+            if out[int(leave_out)] <= 1e-9:
+                del out[int(leave_out)]
         return out
 
     def rank_items(self, history: Sequence[int], popular: Sequence[int], depth: int) -> list[int]:
@@ -77,21 +89,29 @@ class TransitionCounts:
                 top.append(item)
         return top
 
-    def sid_scores(self, history: Sequence[int], catalog: SidCatalog) -> dict[int, float]:
-        """``S`` per SID index: the scores of the items that share it, summed."""
+    def sid_scores(self, history: Sequence[int], catalog: SidCatalog, leave_out: int | None = None) -> dict[int, float]:
+        """``S`` per SID index: the scores of the items that share it, summed (``leave_out``: ``scores``)."""
         out: dict[int, float] = defaultdict(float)
-        for item, s in self.scores(history).items():
+        for item, s in self.scores(history, leave_out).items():
             if item in catalog.items:
                 out[catalog.sid_index[catalog.items[item].sid]] += s
         return out
 
     def node_bonus(
-        self, histories: Sequence[Sequence[int]], catalog: SidCatalog, trie: SidTrie, weight: float
+        self,
+        histories: Sequence[Sequence[int]],
+        catalog: SidCatalog,
+        trie: SidTrie,
+        weight: float,
+        leave_out: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """(B, nodes) fusion bonus ``weight * log(1 + max S)`` below each trie node, 0 where nothing followed."""
+        """(B, nodes) fusion bonus ``weight * log(1 + max S)`` below each trie node, 0 where nothing followed;
+        ``leave_out``: each row's own target, for rows the counts include (``scores``)."""
+        if leave_out is not None and len(leave_out) != len(histories):
+            raise ValueError(f"{len(leave_out)} leave-out targets for {len(histories)} histories")
         leaf = torch.zeros((len(histories), len(catalog.sids)))
         for row, history in enumerate(histories):
-            sids = self.sid_scores(history, catalog)
+            sids = self.sid_scores(history, catalog, None if leave_out is None else leave_out[row])
             if sids:
                 leaf[row, list(sids)] = torch.tensor(list(sids.values()))
         dev = trie.children.device
@@ -133,5 +153,11 @@ class ShallowFusion:
         if self.weight < 0:
             raise ValueError(f"fusion weight must be >= 0, got {self.weight}")
 
-    def node_bonus(self, histories: Sequence[Sequence[int]], catalog: SidCatalog, trie: SidTrie) -> torch.Tensor:
-        return self.counts.node_bonus(histories, catalog, trie, self.weight)
+    def node_bonus(
+        self,
+        histories: Sequence[Sequence[int]],
+        catalog: SidCatalog,
+        trie: SidTrie,
+        leave_out: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        return self.counts.node_bonus(histories, catalog, trie, self.weight, leave_out)

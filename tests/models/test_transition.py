@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -38,6 +39,17 @@ def test_ties_go_to_the_more_popular_item_and_popularity_fills_the_list() -> Non
     assert counts.rank_items((99,), popular=[7, 8, 9], depth=2) == [7, 8]  # nothing followed 99: popularity
 
 
+def test_leave_out_takes_back_the_rows_own_transition_only() -> None:
+    counts = TransitionCounts.fit(ROWS)
+    # row ((5, 1), 2): 1 -> 2 was counted twice, once by this row; 5 -> anything never
+    assert counts.scores((5, 1), leave_out=2) == pytest.approx({2: 1.0, 3: 1.0})
+    # row ((1,), 3): 3's only count is its own, so it scores nothing
+    assert counts.scores((1,), leave_out=3) == pytest.approx({2: 2.0})
+    assert counts.scores((), leave_out=9) == {}  # an empty history was never counted
+    with pytest.raises(ValueError, match="1 -> 4 was never counted"):
+        counts.scores((1,), leave_out=4)
+
+
 def test_state_round_trip() -> None:
     counts = TransitionCounts.fit(ROWS, window=2)
     back = TransitionCounts.from_state(counts.to_state())
@@ -68,6 +80,20 @@ def test_node_bonus_is_the_max_below_each_node() -> None:
         kids = trie.children[node][trie.children[node] >= 0]
         if len(kids):
             assert bonus[0, node] == pytest.approx(bonus[0, kids].max())
+
+
+def test_node_bonus_leaves_out_each_rows_own_target() -> None:
+    catalog = small_catalog()
+    tokens = sorted({t for s in catalog.sids for t in s})
+    trie = SidTrie(catalog, {t: i for i, t in enumerate(tokens)}.get)
+    counts = TransitionCounts.fit([((0,), 4), ((0,), 9), ((0,), 9)])
+    full = counts.node_bonus([(0,), (0,)], catalog, trie, weight=1.0)
+    left = counts.node_bonus([(0,), (0,)], catalog, trie, weight=1.0, leave_out=[4, 9])
+    leaf = trie.sid_node[[catalog.sid_index[catalog.items[i].sid] for i in (4, 9)]]
+    assert torch.allclose(full[:, leaf], torch.tensor([[math.log(2), math.log(3)]] * 2))
+    assert torch.allclose(left[:, leaf], torch.tensor([[0.0, math.log(3)], [math.log(2), math.log(2)]]))
+    with pytest.raises(ValueError, match="1 leave-out targets for 2 histories"):
+        counts.node_bonus([(0,), (0,)], catalog, trie, weight=1.0, leave_out=[4])
 
 
 def brute_force_fused(

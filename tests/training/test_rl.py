@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +14,16 @@ from typer.testing import CliRunner
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
+from models.transition import ShallowFusion, TransitionCounts
 from models.value_head import value_head_for as new_value_head
 from models.value_head import value_head_manifest
 from models.ved_config import VEDConfig, checkpoint_ved_config
 from training.bench.rl_bench import clone
 from training.cli.options import select_rows
-from training.data.dataset import RecDataset
+from training.data.dataset import RecDataset, Sample
 from training.rl.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
 from training.rl.loss import clipped_pg, k3_kl, policy_loss
+from training.rl.rollout import beam_source, collect
 from training.rl.run import fuse_rl_checkpoint, train_rl
 from training.rl.trainer import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, RLTrainer
 
@@ -79,6 +81,35 @@ def test_policy_loss_combines_terms() -> None:
 
 
 # ---- one-step smoke tests
+
+
+def test_fused_rollouts_decode_as_served_without_the_rows_own_transition(tiny_policy: Policy) -> None:
+    samples = [Sample("u0", (1, 2), 7), Sample("u1", (3,), 9)]
+    own = TransitionCounts.fit((s.history, s.target) for s in samples)  # each row's own transition only
+    plain = collect(tiny_policy, samples, beam_source(16)).sid_index
+    assert torch.equal(collect(tiny_policy, samples, beam_source(16, fusion=ShallowFusion(own, 50.0))).sid_index, plain)
+    # another row also saw 2 -> 7: that count is the counts' own knowledge, and it reaches row u0
+    other = TransitionCounts.fit([*((s.history, s.target) for s in samples), ((8, 2), 7)])
+    fused = collect(tiny_policy, samples, beam_source(16, fusion=ShallowFusion(other, 50.0))).sid_index
+    sid7 = tiny_policy.catalog.sid_index[tiny_policy.catalog.sid_of(7)]
+    assert fused[0, 0] == sid7 != plain[0, 0]  # counted as the row's own transition too, it would lead there as well
+    assert torch.equal(fused[1], plain[1])
+
+
+def test_fused_rollouts_need_beam_candidates_and_a_weight(
+    tiny_policy: Policy, tiny_dataset: RecDataset, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="--fused-rollouts"):
+        RLConfig(algo="vstar", fused_rollouts=True)
+    RLConfig(algo="vstar", ved=False, fused_rollouts=True)  # GRPO + Sibling: beam candidates
+    with pytest.raises(ValueError, match="transition counts"):
+        RLTrainer(tiny_policy, tiny_policy, RLConfig(fused_rollouts=True), total_steps=1)
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft"})  # no fusion chosen
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, fused_rollouts=True)
+    with pytest.raises(ValueError, match="needs a fusion weight above 0"):
+        train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    summary = train_rl(tiny_dataset, init, tmp_path / "rl", replace(config, fusion_weight=2.0), progress=False)
+    assert summary["steps"] == 1 and load_checkpoint(tmp_path / "rl").manifest["rl_config"]["fused_rollouts"]
 
 
 def test_grpo_step_updates_policy_not_reference(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:

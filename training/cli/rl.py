@@ -109,6 +109,14 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 help="Weight of the transition counts fused into beam search at eval (default: the --init's).",
             ),
         ] = None,
+        fused_rollouts: Annotated[
+            bool,
+            typer.Option(
+                "--fused-rollouts",
+                help="Beam rollouts fused with the transition counts at that weight, as served (each row's own "
+                "transition left out); beam candidates only: --algo grpo or --no-ved.",
+            ),
+        ] = False,
         seed: SeedOpt = 0,
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
@@ -131,7 +139,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 ved_config=rollout_ved_config(budget, EXPLORE_SLOTS if explore_slots is None else explore_slots),
                 value_warmup=VALUE_WARMUP if value_warmup is None else value_warmup,
                 train_splits=tuple(parse_splits(train_splits)), holdout=holdout, eval_every=eval_every,
-                eval_limit=eval_limit, fusion_weight=fusion_weight, seed=seed,
+                eval_limit=eval_limit, fusion_weight=fusion_weight, fused_rollouts=fused_rollouts, seed=seed,
             )  # fmt: skip
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None

@@ -1,12 +1,16 @@
 """Rollouts of the RL stage: prompts -> candidate sets C(x) -> training sequences.
 
-A candidate source is a callable over left-padded prompts that returns the
-ranked SIDs per prompt and the tokens it decoded per prompt. Two sources:
+A candidate source is a callable over left-padded prompts (and the samples
+they were written from) that returns the ranked SIDs per prompt and the tokens
+it decoded per prompt. Two sources:
 
 * ``beam_source``: constrained beam search of width G (MiniOneRec's GRPO).
   Budget accounting follows VED's rule (tokens decoded by the backbone, the
   prompt's prefill excluded): the first level comes from the prefill and the
   last level's tokens are never fed back, so beam search spends G * (depth - 1).
+  With ``fusion`` it is the served decoder, fused with transition counts that
+  include the rollout rows; each row's own transition is left out of them
+  (``models.transition``), so its target is not handed to the search.
 * ``ved_source``: value-guided efficient decoding (``models.ved``) with a frozen
   value head; its own per-prompt statistics report what it spent.
 
@@ -25,12 +29,13 @@ import torch
 from models.backbone import prompt_position_ids
 from models.beam_search import BeamSearchConfig, DecodeResult, beam_search
 from models.policy import Policy
+from models.transition import ShallowFusion
 from models.value_head import ValueHead
 from models.ved import ved_search
 from models.ved_config import VEDConfig
 from training.data.dataset import Sample
 
-CandidateSource = Callable[[Policy, torch.Tensor, torch.Tensor], "Candidates"]
+CandidateSource = Callable[[Policy, torch.Tensor, torch.Tensor, Sequence[Sample]], "Candidates"]
 
 
 @dataclass
@@ -71,16 +76,21 @@ def beam_tokens(num_beams: int, depth: int) -> int:
     return num_beams * (depth - 1)
 
 
-def beam_source(num_candidates: int, budget: int | None = None) -> CandidateSource:
+def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowFusion | None = None) -> CandidateSource:
     """Beam search of width G; with a token ``budget``, the widest beam it pays for, keeping its G best.
 
-    The budgeted form compares beam search with VED at equal cost.
+    The budgeted form compares beam search with VED at equal cost. ``fusion``: fused with counts that
+    include the samples' own rows (each row's transition to its target is left out).
     """
 
-    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> Candidates:
+    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, samples: Sequence[Sample]) -> Candidates:
         depth = policy.trie.depth
         width = num_candidates if budget is None else max(num_candidates, budget // max(depth - 1, 1))
-        decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width))
+        bonus = None
+        if fusion is not None:
+            histories = [s.history for s in samples]
+            bonus = fusion.node_bonus(histories, policy.catalog, policy.trie, [s.target for s in samples])
+        decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width), bonus)
         if width > num_candidates:
             decode = DecodeResult(*(t[:, :num_candidates] for t in (decode.sid_index, decode.scores, decode.token_ids)))
         return Candidates(decode, [beam_tokens(width, depth)] * ids.shape[0])
@@ -91,7 +101,7 @@ def beam_source(num_candidates: int, budget: int | None = None) -> CandidateSour
 def ved_source(value_head: ValueHead, config: VEDConfig) -> CandidateSource:
     """VED with ``value_head`` frozen (eval mode, no grad) while it decodes."""
 
-    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor) -> Candidates:
+    def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, samples: Sequence[Sample]) -> Candidates:
         was_training = value_head.training
         value_head.eval()
         try:
@@ -111,7 +121,7 @@ def collect(policy: Policy, samples: Sequence[Sample], source: CandidateSource) 
     was_training = policy.model.training
     policy.model.eval()
     try:
-        cand = source(policy, ids, mask)
+        cand = source(policy, ids, mask, samples)
     finally:
         policy.model.train(was_training)
     target_sids = [catalog.sid_of(s.target) for s in samples]

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
+from models.transition import ShallowFusion, TransitionCounts
 from models.value_head import ValueHead, load_value_head, value_head_for, value_head_manifest
 from training.data.dataset import HoldoutRule, RecDataset, Sample, popular_sids, split_for_training
 from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
@@ -72,6 +73,27 @@ def reference_fusion(init: str | Path) -> dict[str, Any]:
     manifest = json.loads((Path(init) / "manifest.json").read_text())
     fusion = manifest.get("fusion") or {}
     return fusion if fusion.get("chosen_by") != "nothing held out" else {}
+
+
+def result_fusion_weight(init: str | Path, config: RLConfig) -> float | None:
+    """``--fusion-weight``, else the ``--init`` checkpoint's chosen weight; None when neither has one."""
+    if config.fusion_weight is not None:
+        return config.fusion_weight
+    start_fusion = reference_fusion(init)
+    return float(start_fusion["weight"]) if "weight" in start_fusion else None
+
+
+def fused_rollouts(data: RecDataset, init: str | Path, config: RLConfig, train_rows: list[Sample]) -> ShallowFusion:
+    """The fusion of ``--fused-rollouts``: counts of the rows the result is counted on (``counted_rows``, the
+    training rows among them, each row's own transition left out when it decodes) at the result's weight."""
+    weight = result_fusion_weight(init, config)
+    if not weight:
+        raise ValueError(
+            f"--fused-rollouts needs a fusion weight above 0: the --init checkpoint {init} has {weight}; pass "
+            "--fusion-weight"
+        )
+    rows = counted_rows(data, config, train_rows)
+    return ShallowFusion(TransitionCounts.fit((s.history, s.target) for s in rows), weight)
 
 
 def counted_rows(data: RecDataset, rule: HoldoutRule, train_rows: list[Sample]) -> list[Sample]:
@@ -209,7 +231,8 @@ def train_rl(
         if value_head is None:  # an SFT init: V_phi starts fresh
             value_head = value_head_for(policy)
     total_steps = config.max_steps or math.ceil(len(train_rows) / config.batch_size) * config.epochs
-    trainer = RLTrainer(policy, reference, config, total_steps, value_head, data.embeddings)
+    rollout_fusion = fused_rollouts(data, init, config, train_rows) if config.fused_rollouts else None
+    trainer = RLTrainer(policy, reference, config, total_steps, value_head, data.embeddings, rollout_fusion)
     state = TrainState()
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state["trainer"])
@@ -288,9 +311,7 @@ def train_rl(
     curves.close()
     fusion = None
     if is_main():  # the kept model's fusion with the transition counts
-        weight = config.fusion_weight
-        if weight is None and "weight" in (start_fusion := reference_fusion(init)):
-            weight = float(start_fusion["weight"])
+        weight = result_fusion_weight(init, config)
         fusion = fuse_trained(out, weight, counted_rows(data, config, train_rows), held_out, config.eval_limit, device)
     barrier()
     return {

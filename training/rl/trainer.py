@@ -108,6 +108,7 @@ import numpy as np
 import torch
 
 from models.policy import Policy
+from models.transition import ShallowFusion
 from models.value_head import ValueHead
 from models.ved_config import VEDConfig
 from training.data.dataset import Sample
@@ -163,6 +164,7 @@ class RLConfig:
     train_splits: tuple[str, ...] = ("train",)
     holdout: int = 500
     fusion_weight: float | None = None  # shallow fusion of the result; None: the --init checkpoint's weight
+    fused_rollouts: bool = False  # beam rollouts fused with the counts at that weight, as served (module doc)
     eval_every: int = 100  # steps between validations
     eval_limit: int = 1000
     eval_beams: int = 10
@@ -187,6 +189,8 @@ class RLConfig:
             raise ValueError("training on the test split is not allowed")
         if self.fusion_weight is not None and self.fusion_weight < 0:
             raise ValueError(f"fusion_weight must be >= 0, got {self.fusion_weight}")
+        if self.fused_rollouts and self.use_ved:
+            raise ValueError("--fused-rollouts fuses beam search's rollouts: use it with --algo grpo or --no-ved")
         if self.value_warmup < 0:
             raise ValueError(f"value_warmup must be >= 0, got {self.value_warmup}")
         if self.ved_config.num_candidates != self.num_candidates:  # resolved, like ValueHeadConfig's defaults
@@ -216,7 +220,10 @@ class RLTrainer:
         total_steps: int,
         value_head: ValueHead | None = None,
         item_emb: np.ndarray | None = None,  # (items, dim); needed for dense rewards
+        rollout_fusion: ShallowFusion | None = None,  # counts of the training rows; needed for fused rollouts
     ) -> None:
+        if config.fused_rollouts and rollout_fusion is None:
+            raise ValueError("fused rollouts need the transition counts and a fusion weight")
         if config.use_value and value_head is None:
             raise ValueError("--algo vstar needs a value head")
         if config.use_value and config.dense and item_emb is None:
@@ -230,6 +237,7 @@ class RLTrainer:
         self.policy_forward = wrap_ddp(policy.model)
         self.value_forward = wrap_ddp(value_head) if value_head is not None else None
         self.item_emb = item_emb
+        self.rollout_fusion = rollout_fusion if config.fused_rollouts else None
         self.sid_emb = sid_embeddings(policy.catalog.items_of_sid, item_emb) if item_emb is not None else None
         self.optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = cosine_schedule(self.optimizer, int(config.warmup_ratio * total_steps), total_steps)
@@ -242,7 +250,7 @@ class RLTrainer:
     def source(self) -> CandidateSource:
         c = self.config
         if not c.use_ved:
-            return beam_source(c.num_candidates)
+            return beam_source(c.num_candidates, fusion=self.rollout_fusion)
         assert self.value_head is not None
         return ved_source(self.value_head, replace(c.ved_config, seed=c.seed * 1_000_003 + self.step_count))
 
