@@ -96,6 +96,10 @@ Choices the paper leaves open:
   op (prompt + ancestors; the unused slots of shorter paths are masked out).
   The value head keeps its own keys/values the same way, so a node's value is
   one query (``ValueHead.step``).
+* shallow fusion (``bonus``, optional; ``models.transition``): added where
+  beam search adds it, to the initial tree's prefix scores and to the
+  returned set's ranking score; the search's values and draws ignore it. RL's
+  ``--fused-rollouts`` decodes V-STAR's groups with it, as the served model ranks.
 * randomness: counter-based (a hash of the seed, the prompt's tokens, the new
   node's id and the code), so a prompt's result does not depend on its batch
   neighbours, and equal seeds give equal results. Vary ``seed`` per RL step.
@@ -162,9 +166,17 @@ class _Search:
     """One VED call: the prompts' caches, the per-node caches and the trees."""
 
     def __init__(
-        self, model: PreTrainedModel, head: ValueHead, trie: SidTrie, config: VEDConfig, budget: int, batch: int
+        self,
+        model: PreTrainedModel,
+        head: ValueHead,
+        trie: SidTrie,
+        config: VEDConfig,
+        budget: int,
+        batch: int,
+        bonus: torch.Tensor | None = None,  # (B, trie nodes): shallow fusion, as beam search's
     ) -> None:
         self.model, self.head, self.trie, self.config, self.budget = model, head, trie, config, budget
+        self.bonus = bonus
         self.device = trie.children.device
         self.tree = SearchTree.empty(batch, budget + 1, trie.codebook_size, trie.depth - 1, config.lam, self.device)
         self.dtype = next(head.parameters()).dtype
@@ -249,6 +261,9 @@ class _Search:
             slot = rank_within(rows)  # (F,) position of each frontier node in its prompt
             scores = torch.full((b, int(slot.max()) + 1, c), float("-inf"), device=self.device)
             scores[rows, slot] = tree.log_prob[rows, nodes, None] + tree.child_log_prob[rows, nodes]
+            if self.bonus is not None:  # each child's path log-prob plus its own node's bonus, as beam search
+                kids = self.trie.children[tree.trie_node[rows, nodes]].clamp(min=0)  # (F, C)
+                scores[rows, slot] += self.bonus[rows[:, None], kids]
             frontier = torch.full(scores.shape[:2], 0, dtype=torch.long, device=self.device)
             frontier[rows, slot] = nodes
             scores, order = scores.flatten(1).sort(dim=1, descending=True)  # (B, W*C)
@@ -335,6 +350,9 @@ class _Search:
         log_probs = tree.candidate_log_probs().flatten(1)  # (B, M*C): candidate (node n, code k) at n * C + k
         parent_value = standardise_by_depth(tree.value, tree.depth, tree.live, prefix + 1)  # (B, M)
         score = log_probs + cfg.value_weight * parent_value.repeat_interleave(c, dim=1)  # (B, M*C)
+        if self.bonus is not None:  # the complete SID's bonus, as fused beam search ranks it
+            leaves = trie.children[tree.trie_node].clamp(min=0).flatten(1)  # (B, M*C)
+            score = score + self.bonus.gather(1, leaves)
         first_code = tree.code.gather(1, tree.path[..., 0].clamp(min=0)).clamp(min=0)  # (B, M)
         chosen = rank_candidates(score, first_code.repeat_interleave(c, dim=1), cfg.num_candidates, cfg.explore_slots)
         valid = chosen >= 0  # (B, G)
@@ -366,12 +384,17 @@ def ved_search(
     input_ids: torch.Tensor,  # (B, T) left-padded prompts
     attention_mask: torch.Tensor,  # (B, T)
     config: VEDConfig,
+    bonus: torch.Tensor | None = None,  # (B, trie nodes): shallow fusion with transition counts
 ) -> VEDResult:
-    """Value-guided search for ``config.num_candidates`` complete SIDs per prompt (see the module doc)."""
+    """Value-guided search for ``config.num_candidates`` complete SIDs per prompt (see the module doc).
+
+    ``bonus``: shallow fusion (``models.transition``), added where beam search adds it: to the initial
+    tree's prefix scores and to the returned set's ranking score; the search's own values are untouched.
+    """
     if trie.depth < 2:
         raise ValueError(f"VED searches over SID prefixes: SIDs of depth {trie.depth} have none")
     budget = resolve_budget(config, trie.depth)
-    search = _Search(model, value_head, trie, config, budget, int(input_ids.shape[0]))
+    search = _Search(model, value_head, trie, config, budget, int(input_ids.shape[0]), bonus)
     search.prefill(input_ids, attention_mask)
     num_sids = int((trie.leaf_sid >= 0).sum())
     search.initial_tree(min(config.num_candidates, num_sids))

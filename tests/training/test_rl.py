@@ -17,6 +17,7 @@ from models.policy import Policy
 from models.transition import ShallowFusion, TransitionCounts
 from models.value_head import value_head_for as new_value_head
 from models.value_head import value_head_manifest
+from models.ved import ved_search
 from models.ved_config import VEDConfig, checkpoint_ved_config
 from training.bench.rl_bench import clone
 from training.cli.options import select_rows
@@ -96,20 +97,36 @@ def test_fused_rollouts_decode_as_served_without_the_rows_own_transition(tiny_po
     assert torch.equal(fused[1], plain[1])
 
 
-def test_fused_rollouts_need_beam_candidates_and_a_weight(
-    tiny_policy: Policy, tiny_dataset: RecDataset, tmp_path: Path
-) -> None:
-    with pytest.raises(ValueError, match="--fused-rollouts"):
-        RLConfig(algo="vstar", fused_rollouts=True)
-    RLConfig(algo="vstar", ved=False, fused_rollouts=True)  # GRPO + Sibling: beam candidates
+def test_fused_rollouts_need_a_weight(tiny_policy: Policy, tiny_dataset: RecDataset, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="transition counts"):
         RLTrainer(tiny_policy, tiny_policy, RLConfig(fused_rollouts=True), total_steps=1)
     init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft"})  # no fusion chosen
     config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, fused_rollouts=True)
     with pytest.raises(ValueError, match="needs a fusion weight above 0"):
         train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
-    summary = train_rl(tiny_dataset, init, tmp_path / "rl", replace(config, fusion_weight=2.0), progress=False)
-    assert summary["steps"] == 1 and load_checkpoint(tmp_path / "rl").manifest["rl_config"]["fused_rollouts"]
+    for algo in ("grpo", "vstar"):  # beam search's rollouts and VED's
+        fused = replace(config, algo=algo, fusion_weight=2.0, value_warmup=1)
+        summary = train_rl(tiny_dataset, init, tmp_path / algo, fused, progress=False)
+        assert summary["steps"] == 1 and load_checkpoint(tmp_path / algo).manifest["rl_config"]["fused_rollouts"]
+
+
+def test_fused_ved_ranks_as_fused_beam_search_does(tiny_policy: Policy) -> None:
+    catalog, trie = tiny_policy.catalog, tiny_policy.trie
+    head = new_value_head(tiny_policy)
+    ids, mask = tiny_policy.encode_prompts([[catalog.sid_of(1)], [catalog.sid_of(3), catalog.sid_of(2)]])
+    config = VEDConfig(num_candidates=8, budget=64)
+    plain = ved_search(tiny_policy.model, head, trie, ids, mask, config)
+    zero = ved_search(tiny_policy.model, head, trie, ids, mask, config, torch.zeros(2, trie.num_nodes))
+    assert torch.equal(plain.decode.sid_index, zero.decode.sid_index)
+    # strong transitions lead the set, there even when the unfused search did not return them
+    counts = TransitionCounts.fit([((1,), 30), ((2,), 31)])
+    bonus = ShallowFusion(counts, 50.0).node_bonus([(1,), (3, 2)], catalog, trie)
+    fused = ved_search(tiny_policy.model, head, trie, ids, mask, config, bonus)
+    want = [catalog.sid_index[catalog.sid_of(i)] for i in (30, 31)]
+    assert fused.decode.sid_index[:, 0].tolist() == want
+    assert want[0] not in plain.decode.sid_index[0].tolist() or want[1] not in plain.decode.sid_index[1].tolist()
+    score = fused.log_probs[:, 0] + bonus[[0, 1], trie.sid_node[torch.tensor(want)]]
+    assert torch.allclose(fused.decode.scores[:, 0], score)  # the returned score includes the leaf's bonus
 
 
 def test_grpo_step_updates_policy_not_reference(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:

@@ -113,8 +113,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--fused-rollouts",
-                help="Beam rollouts fused with the transition counts at that weight, as served (each row's own "
-                "transition left out); beam candidates only: --algo grpo or --no-ved.",
+                help="Rollouts (beam search or VED) fused with the transition counts at that weight, as served "
+                "(each row's own transition left out of the counts).",
             ),
         ] = False,
         seed: SeedOpt = 0,

@@ -86,10 +86,7 @@ def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowF
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, samples: Sequence[Sample]) -> Candidates:
         depth = policy.trie.depth
         width = num_candidates if budget is None else max(num_candidates, budget // max(depth - 1, 1))
-        bonus = None
-        if fusion is not None:
-            histories = [s.history for s in samples]
-            bonus = fusion.node_bonus(histories, policy.catalog, policy.trie, [s.target for s in samples])
+        bonus = fusion_bonus(policy, samples, fusion)
         decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width), bonus)
         if width > num_candidates:
             decode = DecodeResult(*(t[:, :num_candidates] for t in (decode.sid_index, decode.scores, decode.token_ids)))
@@ -98,15 +95,24 @@ def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowF
     return run
 
 
-def ved_source(value_head: ValueHead, config: VEDConfig) -> CandidateSource:
-    """VED with ``value_head`` frozen (eval mode, no grad) while it decodes."""
+def fusion_bonus(policy: Policy, samples: Sequence[Sample], fusion: ShallowFusion | None) -> torch.Tensor | None:
+    """(B, trie nodes) bonus of ``fusion`` for rows its counts include: each row's own transition left out."""
+    if fusion is None:
+        return None
+    histories = [s.history for s in samples]
+    return fusion.node_bonus(histories, policy.catalog, policy.trie, [s.target for s in samples])
+
+
+def ved_source(value_head: ValueHead, config: VEDConfig, fusion: ShallowFusion | None = None) -> CandidateSource:
+    """VED with ``value_head`` frozen (eval mode, no grad) while it decodes; ``fusion`` as ``beam_source``'s."""
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, samples: Sequence[Sample]) -> Candidates:
         was_training = value_head.training
         value_head.eval()
+        bonus = fusion_bonus(policy, samples, fusion)
         try:
             with torch.no_grad():
-                result = ved_search(policy.model, value_head, policy.trie, ids, mask, config)
+                result = ved_search(policy.model, value_head, policy.trie, ids, mask, config, bonus)
         finally:
             value_head.train(was_training)
         return Candidates(result.decode, [int(s.tokens_spent) for s in result.stats])

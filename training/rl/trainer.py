@@ -164,7 +164,7 @@ class RLConfig:
     train_splits: tuple[str, ...] = ("train",)
     holdout: int = 500
     fusion_weight: float | None = None  # shallow fusion of the result; None: the --init checkpoint's weight
-    fused_rollouts: bool = False  # beam rollouts fused with the counts at that weight, as served (module doc)
+    fused_rollouts: bool = False  # rollouts fused with the counts at that weight, as served (module doc)
     eval_every: int = 100  # steps between validations
     eval_limit: int = 1000
     eval_beams: int = 10
@@ -189,8 +189,6 @@ class RLConfig:
             raise ValueError("training on the test split is not allowed")
         if self.fusion_weight is not None and self.fusion_weight < 0:
             raise ValueError(f"fusion_weight must be >= 0, got {self.fusion_weight}")
-        if self.fused_rollouts and self.use_ved:
-            raise ValueError("--fused-rollouts fuses beam search's rollouts: use it with --algo grpo or --no-ved")
         if self.value_warmup < 0:
             raise ValueError(f"value_warmup must be >= 0, got {self.value_warmup}")
         if self.ved_config.num_candidates != self.num_candidates:  # resolved, like ValueHeadConfig's defaults
@@ -252,7 +250,8 @@ class RLTrainer:
         if not c.use_ved:
             return beam_source(c.num_candidates, fusion=self.rollout_fusion)
         assert self.value_head is not None
-        return ved_source(self.value_head, replace(c.ved_config, seed=c.seed * 1_000_003 + self.step_count))
+        config = replace(c.ved_config, seed=c.seed * 1_000_003 + self.step_count)
+        return ved_source(self.value_head, config, self.rollout_fusion)
 
     def step(self, samples: list[Sample], counted: bool = True) -> dict[str, float]:
         """One RL step on ``samples``; returns the step's figures.
