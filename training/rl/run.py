@@ -25,6 +25,12 @@
   weight (nothing held out, fusion never chosen) gets one chosen on the
   held-out rows here, as SFT chooses it. ``vstar fuse`` chooses one for a
   finished run (``fuse_rl_checkpoint``), when its init's rows are clean.
+* ``--fused-rollouts``: the rollouts (beam search, or VED's initial tree and
+  returned set) are fused at that same weight with counts of ``counted_rows``
+  less the held-out rows, so the groups are drawn and ranked as the result is
+  served. Those counts include the training rows, so each row's own
+  transition is taken back while it decodes (``models.transition``): its target
+  scores only what the other rows gave it.
 * Under ``torchrun`` / ``accelerate launch`` (``training.distributed``):
   ``--batch-size`` prompts is the global batch; each rank rolls out, rewards and
   computes advantages for its slice (groups never straddle ranks, so this is
