@@ -68,12 +68,12 @@ class TransitionCounts:
             for nxt, c in self.counts.get(int(item), {}).items():
                 out[nxt] += c / k
         if leave_out is not None and history:
-            last = self.counts.get(int(history[-1]))
-            if last is None or last[int(leave_out)] < 1:
-                raise ValueError(f"leave_out: the transition {int(history[-1])} -> {int(leave_out)} was never counted")
-            out[int(leave_out)] -= 1.0
-            if out[int(leave_out)] <= 1e-9:
-                del out[int(leave_out)]
+            last, target = int(history[-1]), int(leave_out)
+            if self.counts.get(last, Counter())[target] < 1:
+                raise ValueError(f"leave_out: the transition {last} -> {target} was never counted")
+            out[target] -= 1.0
+            if out[target] <= 1e-9:
+                del out[target]
         return out
 
     def rank_items(self, history: Sequence[int], popular: Sequence[int], depth: int) -> list[int]:
