@@ -63,7 +63,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,
         lr: Annotated[float, typer.Option("--lr", min=0.0, help="Policy learning rate.")] = 1e-4,
         value_lr: Annotated[float, typer.Option("--value-lr", min=0.0, help="Value head learning rate.")] = 1e-3,
-        beta: Annotated[float, typer.Option("--beta", min=0.0, help="KL weight.")] = 1e-3,
+        beta: Annotated[
+            float, typer.Option("--beta", min=0.0, help="KL weight (chosen on held-out valid rows; MiniOneRec: 1e-3).")
+        ] = 0.03,
         w_sib: Annotated[float, typer.Option("--w-sib", min=0.0, help="Weight of the Sibling-GRPO term.")] = 1.0,
         sibling_norm: Annotated[
             Literal["siblings", "group"],
