@@ -104,7 +104,7 @@ Deviations from the papers and choices the papers leave open:
   0.03 (seeds 0 / 1), 0.0979 at 0.01 (README, "The KL weight where RL pays").
   At 0.03 V-STAR's lr is the shared default 1e-4, not the 3e-5 chosen at 0.1:
   on another SFT model's held-out rows 1e-4 beat 3e-5 by NDCG@10 +1.9% (+0.1,
-  +3.8) fused, +4.7% alone, and drew level with GRPO (+0.4%, two seeds).
+  +3.8) fused, +4.7% alone, and drew level with GRPO (+0.9%, two seeds each).
 * Dropout is off during RL (policy and reference in eval mode): the importance
   ratio is exactly 1 on the first inner epoch and the KL compares like with like.
 * Log-probs use the full-vocabulary softmax (TRL, beam scores), not the softmax
