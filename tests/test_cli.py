@@ -6,6 +6,7 @@ fails, so a test passes only if the mistake is reported before either loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from models.checkpoint import save_checkpoint
 from models.policy import Policy
+from training.rl.trainer import RLConfig
 from vstar import app, raised_by_project
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,3 +117,13 @@ def test_every_option_has_help_and_flags_look_like_flags() -> None:
     assert "--resume " in sft_help and "--text-init / --no-text-init" in sft_help
     assert "--precision <auto|fp32|bf16>" in sft_help and "[recipe: 20; else 10]" in sft_help
     assert "--decoder <beam|ved>" in CliRunner().invoke(app, ["eval", "--help"]).output
+
+
+def test_rl_option_defaults_are_rlconfigs() -> None:
+    """``vstar rl`` writes its defaults out (the CLI may not import torch to read them); they must be RLConfig's."""
+    cmd = typer.main.get_command(app).commands["rl"]
+    config = {f.name: f.default for f in dataclasses.fields(RLConfig) if f.default is not dataclasses.MISSING}
+    shared = {p.name: p.default for p in cmd.params if p.name in config and p.default is not None}
+    assert {"beta", "lr", "value_lr", "w_sib", "batch_size", "num_candidates", "holdout"} <= set(shared)
+    shared["train_splits"] = tuple(shared["train_splits"].split(","))  # a comma list on the command line
+    assert shared == {name: config[name] for name in shared}
