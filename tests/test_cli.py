@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from models.checkpoint import save_checkpoint
 from models.policy import Policy
+from training.data.dataset import parse_splits
 from training.rl.trainer import RLConfig
 from vstar import app, raised_by_project
 
@@ -125,5 +126,5 @@ def test_rl_option_defaults_are_rlconfigs() -> None:
     config = {f.name: f.default for f in dataclasses.fields(RLConfig) if f.default is not dataclasses.MISSING}
     shared = {p.name: p.default for p in cmd.params if p.name in config and p.default is not None}
     assert {"beta", "lr", "value_lr", "w_sib", "batch_size", "num_candidates", "holdout"} <= set(shared)
-    shared["train_splits"] = tuple(shared["train_splits"].split(","))  # a comma list on the command line
+    shared["train_splits"] = tuple(parse_splits(shared["train_splits"]))  # a comma list, parsed as vstar rl does
     assert shared == {name: config[name] for name in shared}
