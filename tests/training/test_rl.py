@@ -183,6 +183,33 @@ def test_value_warmup_step_trains_only_the_value_head(tiny_policy: Policy, tiny_
     assert not any(trainer.optimizer.state.values())  # the policy's AdamW never stepped
 
 
+def test_value_coef_trains_the_backbone_and_leaves_the_head_to_its_own_update(
+    tiny_policy: Policy, tiny_dataset: RecDataset
+) -> None:
+    """value_coef > 0 adds V_phi's TD loss, not detached, to the policy's loss: the same rollout (beam
+    candidates, sibling term off) moves the policy differently, while V_phi's own step, which reads the
+    states before the policy step, is the same as without it."""
+    rows = tiny_dataset.splits["train"][:4]
+    config = RLConfig(algo="vstar", ved=False, sibling=False, batch_size=4)
+    out = []
+    for coef in (0.0, 5.0):
+        policy, reference = clone(tiny_policy), clone(tiny_policy)
+        torch.manual_seed(0)
+        head = new_value_head(policy)
+        trainer = RLTrainer(policy, reference, replace(config, value_coef=coef), 10, head, tiny_dataset.embeddings)
+        stats = trainer.step(rows)
+        out.append((params(policy.model), params(head), stats))
+    (policy_0, head_0, stats_0), (policy_5, head_5, stats_5) = out
+    assert "value_aux_loss" not in stats_0 and math.isfinite(stats_5["value_aux_loss"])
+    assert stats_5["value_aux_loss"] == pytest.approx(stats_0["value_loss"])  # the same TD loss, before either step
+    assert any(not torch.equal(a, b) for a, b in zip(policy_0, policy_5, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(head_0, head_5, strict=True))
+    with pytest.raises(ValueError, match="value_coef"):
+        RLConfig(value_coef=0.5)  # grpo has no value head
+    with pytest.raises(ValueError, match="value_coef"):
+        RLConfig(algo="vstar", value_coef=-1.0)
+
+
 def test_rl_config_nests_the_ved_config() -> None:
     assert RLConfig().value_warmup == VALUE_WARMUP > 0
     assert RLConfig().ved_config == VEDConfig(explore_slots=EXPLORE_SLOTS) and EXPLORE_SLOTS > 0

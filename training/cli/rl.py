@@ -63,6 +63,15 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,
         lr: Annotated[float, typer.Option("--lr", min=0.0, help="Policy learning rate.")] = 1e-4,
         value_lr: Annotated[float, typer.Option("--value-lr", min=0.0, help="Value head learning rate.")] = 1e-3,
+        value_coef: Annotated[
+            float,
+            typer.Option(
+                "--value-coef",
+                min=0.0,
+                help="V-STAR: weight of the value head's TD loss in the policy's loss, so that it also trains the "
+                "backbone (0: the head reads detached states).",
+            ),
+        ] = 0.0,
         beta: Annotated[
             float, typer.Option("--beta", min=0.0, help="KL weight (chosen on held-out valid rows; MiniOneRec: 1e-3).")
         ] = 0.03,
@@ -137,6 +146,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             config = RLConfig(
                 algo=algo, sibling=not no_sibling, ved=not no_ved, dense=not no_dense, epochs=epochs,
                 max_steps=max_steps, batch_size=batch_size, num_candidates=num_candidates, lr=lr, value_lr=value_lr,
+                value_coef=value_coef,
                 beta=beta, w_sib=w_sib, sibling_norm=sibling_norm, ppo_epochs=ppo_epochs,
                 ved_config=rollout_ved_config(budget, EXPLORE_SLOTS if explore_slots is None else explore_slots),
                 value_warmup=VALUE_WARMUP if value_warmup is None else value_warmup,

@@ -17,7 +17,8 @@ Policy loss = GRPO + w_sib * Sibling-GRPO + beta * KL:
 
 Value loss: (V(s_l) - [r_l + gamma * V(s_{l+1})])^2 averaged over the states
 s_0..s_D of every candidate path, the target detached. V reads the backbone's
-last hidden states, detached: the value loss never moves the policy.
+last hidden states, detached by default: the value loss never moves the policy.
+With ``detach=False`` the same loss reaches the backbone (``RLConfig.value_coef``).
 """
 
 from __future__ import annotations
@@ -92,13 +93,14 @@ def policy_loss(
 
 def value_td_loss(
     value_head: nn.Module,
-    hidden: torch.Tensor,  # (N, T+D, H) backbone states, detached
+    hidden: torch.Tensor,  # (N, T+D, H) backbone states
     attention_mask: torch.Tensor,  # (N, T+D)
     rewards: torch.Tensor,  # (N, D+1) reward of s_0 (0), s_1 .. s_D
     gamma: float,
+    detach: bool = True,  # False: the loss's gradient also reaches the backbone through ``hidden``
 ) -> torch.Tensor:
     """Mean squared TD error over the D+1 states of each path (s_0 = the prompt's last position)."""
     states = rewards.shape[1]
-    values = value_head(hidden.detach().float(), attention_mask)[:, -states:]  # (N, D+1)
+    values = value_head((hidden.detach() if detach else hidden).float(), attention_mask)[:, -states:]  # (N, D+1)
     target = td_targets(rewards, values, gamma)  # (N, D+1)
     return nn.functional.mse_loss(values, target)

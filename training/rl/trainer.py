@@ -167,6 +167,7 @@ class RLConfig:
     num_candidates: int = 16
     lr: float = 1e-4  # from-scratch presets (SFT lr 2e-3); ~1e-5 for pretrained LMs
     value_lr: float = 1e-3  # V_phi is fresh and small; its own AdamW
+    value_coef: float = 0.0  # weight of the value loss in the policy's loss (0: V_phi reads detached states)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
@@ -199,6 +200,8 @@ class RLConfig:
             raise ValueError("batch_size must be >= 1 and num_candidates >= 2 (a group needs two members)")
         if self.lr <= 0 or self.value_lr <= 0 or self.clip_eps <= 0 or self.beta < 0 or self.ppo_epochs < 1:
             raise ValueError("lr, value_lr and clip_eps must be > 0, beta >= 0, ppo_epochs >= 1")
+        if self.value_coef < 0 or (self.value_coef > 0 and self.algo != "vstar"):
+            raise ValueError(f"value_coef must be >= 0, and > 0 only with --algo vstar, got {self.value_coef}")
         if self.sibling_norm not in SIBLING_NORMS:
             raise ValueError(f"sibling_norm must be one of {SIBLING_NORMS}, got {self.sibling_norm!r}")
         if not 0 <= self.gamma <= 1:
@@ -295,17 +298,21 @@ class RLTrainer:
         rows, cols = batch.row.cpu(), batch.col.cpu()  # (N,) each
         counts = [len(rows) * batch.depth, float(sib_w[rows, cols].sum())] if counted else [0, 0]
         scales = loss_scales(counts)  # [per-token terms, sibling term]; [1.0, 1.0] in one process
-        stats, hidden = self.policy_update(batch, adv[rows, cols], sib_adv[rows, cols], sib_w[rows, cols], scales)
-        # 5. dense (or terminal) rewards -> TD update of V_phi
-        value_loss = float("nan")
+        v_rewards = None  # (N, D+1): dense (or terminal) rewards of each path's states, for V_phi
         if self.value_head is not None:
-            assert hidden is not None
             sid_emb = self.sid_emb if self.config.dense else None
             v_rewards = batch_value_rewards(
                 rollout.token_ids, rollout.sid_index, rollout.target_tokens, rollout.target_item, rule, sid_emb,
                 self.item_emb, self.config.level_weights,
-            )  # (B, G, D+1)  # fmt: skip
-            value_loss = self.value_update(hidden, batch.attention_mask, v_rewards[rows, cols], scales[0])
+            )[rows, cols]  # fmt: skip
+        stats, hidden = self.policy_update(
+            batch, adv[rows, cols], sib_adv[rows, cols], sib_w[rows, cols], scales, v_rewards
+        )
+        # 5. TD update of V_phi
+        value_loss = float("nan")
+        if self.value_head is not None:
+            assert hidden is not None and v_rewards is not None
+            value_loss = self.value_update(hidden, batch.attention_mask, v_rewards, scales[0])
         self.step_count += 1
         figures = {
             "value_loss": value_loss,
@@ -341,24 +348,38 @@ class RLTrainer:
         sib_adv: torch.Tensor,  # (N, D)
         sib_w: torch.Tensor,  # (N, D)
         scales: list[float] | None = None,  # loss factors [per-token, sibling] (training.distributed)
+        value_rewards: torch.Tensor | None = None,  # (N, D+1) V_phi's rewards; needed when value_coef > 0
     ) -> tuple[dict[str, float], torch.Tensor | None]:
         """``ppo_epochs`` clipped updates on one rollout; returns the figures of the last and the
-        detached backbone states (N, T+D, H) of the first forward (for V_phi), or None without a value head."""
+        detached backbone states (N, T+D, H) of the first forward (for V_phi), or None without a value head.
+
+        With ``value_coef`` > 0 the loss also holds ``value_coef`` x the TD loss of V_phi on the
+        backbone's states, not detached: its gradient trains the backbone; V_phi's own parameters
+        learn only in ``value_update``, which discards this backward's gradient on them."""
         c, dev = self.config, self.policy.device
         adv, sib_adv, sib_w = adv.to(dev), sib_adv.to(dev), sib_w.to(dev)
+        scales = scales or [1.0, 1.0]
+        aux = c.value_coef > 0 and self.value_head is not None
+        if aux and value_rewards is None:
+            raise ValueError("value_coef > 0 needs the value rewards")
         with torch.no_grad(), self.autocast():
             ref_logp, _ = token_log_probs(self.reference.model, batch)  # (N, D)
         old_logp = hidden = None
         for epoch in range(c.ppo_epochs):
             with self.autocast():
-                want_hidden = epoch == 0 and self.value_head is not None
+                want_hidden = (epoch == 0 or aux) and self.value_head is not None
                 logp, h = token_log_probs(self.policy_forward, batch, want_hidden)  # (N, D), (N, T+D, H) | None
             if epoch == 0:  # the rollout policy's log-probs: ratio 1 on the first epoch
                 old_logp, hidden = logp.detach(), (h.detach() if h is not None else None)
             assert old_logp is not None
             loss, stats = policy_loss(
-                logp, old_logp, ref_logp, adv, sib_adv, sib_w, c.clip_eps, c.beta, c.w_sib, *(scales or [1.0, 1.0])
+                logp, old_logp, ref_logp, adv, sib_adv, sib_w, c.clip_eps, c.beta, c.w_sib, *scales
             )
+            if aux:
+                assert self.value_head is not None and value_rewards is not None and h is not None
+                td = value_td_loss(self.value_head, h, batch.attention_mask, value_rewards.to(dev), c.gamma, False)
+                loss = loss + c.value_coef * scales[0] * td
+                stats["value_aux_loss"] = td.item()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.grad_clip)
