@@ -95,6 +95,15 @@ Deviations from the papers and choices the papers leave open:
   NDCG@10 against the same seed's plain run moved by +0.2% / -1.0% (GRPO) and
   +0.8% (V-STAR) at the served weight, inside the 2.0% two plain GRPO seeds
   differ by (README, "Fused rollouts").
+* ``value_coef`` (0 by default, ``--value-coef``): the value head's TD loss,
+  times this weight, also in the policy's loss, its gradient reaching the
+  backbone through the states (PPO's shared actor-critic; V_phi's own weights
+  still learn only in its own step). Tried at 1.0 against 0 where RL pays
+  (V-STAR, seed 0, three epochs of valid less its 2,000 most recent rows,
+  scored on those by beam search of 50): NDCG@10 -0.6% (-1.8, +0.4) fused at
+  the served weight, -0.7% (-2.5, +0.9) alone, KL over the last 100 steps
+  0.41 against 0.44; V ranked the target 7.6th of 16 against 7.0th. It stays off
+  (README, "The value loss into the backbone").
 * Learning rate: 1e-4 for the from-scratch presets (1/20 of SFT's 2e-3; the
   paper's 1e-5 is for pretrained LMs, pass ``--lr 1e-5`` with ``--base-model``
   SFT checkpoints); V_phi 1e-3. Batch: 16 prompts x 16 candidates per step.
