@@ -369,8 +369,9 @@ class RLTrainer:
         adv, sib_adv, sib_w = adv.to(dev), sib_adv.to(dev), sib_w.to(dev)
         scales = scales or [1.0, 1.0]
         aux = c.value_coef > 0 and self.value_head is not None
-        if aux and value_rewards is None:
-            raise ValueError("value_coef > 0 needs the value rewards")
+        if aux:
+            assert value_rewards is not None, "value_coef > 0 needs the value rewards"
+            value_rewards = value_rewards.to(dev)
         with torch.no_grad(), self.autocast():
             ref_logp, _ = token_log_probs(self.reference.model, batch)  # (N, D)
         old_logp = hidden = None
@@ -386,7 +387,7 @@ class RLTrainer:
             )
             if aux:
                 assert self.value_head is not None and value_rewards is not None and h is not None
-                td = value_td_loss(self.value_head, h, batch.attention_mask, value_rewards.to(dev), c.gamma, False)
+                td = value_td_loss(self.value_head, h, batch.attention_mask, value_rewards, c.gamma, False)
                 loss = loss + c.value_coef * scales[0] * td
                 stats["value_aux_loss"] = td.item()
             self.optimizer.zero_grad(set_to_none=True)
