@@ -387,7 +387,7 @@ class RLTrainer:
             )
             if aux:
                 assert self.value_head is not None and value_rewards is not None and h is not None
-                td = value_td_loss(self.value_head, h, batch.attention_mask, value_rewards, c.gamma, False)
+                td = value_td_loss(self.value_head, h, batch.attention_mask, value_rewards, c.gamma, detach=False)
                 loss = loss + c.value_coef * scales[0] * td
                 stats["value_aux_loss"] = td.item()
             self.optimizer.zero_grad(set_to_none=True)
