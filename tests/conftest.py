@@ -25,13 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VSTAR_SHARED_DATA", REPO.parent / "shared" / "data" / "amazon-industrial"))
 
 
-def make_catalog(num_items: int = 120, codes: tuple[int, int, int] = (6, 5, 5), seed: int = 0) -> SidCatalog:
+def make_catalog(num_items: int = 120, codes: tuple[int, ...] = (6, 5, 5), seed: int = 0) -> SidCatalog:
     rng = random.Random(seed)
     items = {}
     for i in range(num_items):
         sid = tuple(level_token(lv, rng.randrange(c)) for lv, c in enumerate(codes))
         items[i] = Item(i, f"item {i}", sid)
-    return SidCatalog(items)
+    return SidCatalog(items, depth=len(codes))
 
 
 def make_samples(catalog: SidCatalog, n: int, seed: int, prefix: str = "u") -> list[Sample]:

@@ -64,6 +64,7 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
     yield ["fuse", "--data", d, "--checkpoint", gone], "does not exist"
     yield ["rl", "--data", d, "--init", gone, "--out", out], "Invalid value for --init"
     yield ["rl", "--data", d, "--init", empty, "--out", out, "--algo", "ppo"], "'ppo' is not one of 'grpo', 'vstar'"
+    yield ["rl", "--data", d, "--init", empty, "--out", out, "--level-weights", "0.3,x"], "a comma list of numbers"
     yield ["diagnose", "--data", d, "--checkpoint", gone], "does not exist"
     yield ["baseline", "knn", "--data", d], "'knn' is not one of 'pop', 'transition', 'sasrec'"
     yield ["bench", "decode", "--beams", "10,x"], "expected a comma list of integers"

@@ -15,9 +15,11 @@ from training.rl.rewards import (
     batch_sibling_advantages,
     batch_standard_rewards,
     batch_value_rewards,
+    default_level_weights,
     dense_reward,
     group_advantages,
     ranking_reward,
+    resolve_level_weights,
     rule_reward,
     sibling_advantages,
     sid_embeddings,
@@ -67,6 +69,16 @@ def test_dense_reward_by_prefix_bucket() -> None:
         ]
     )
     np.testing.assert_allclose(r, expected, atol=1e-6)
+
+
+def test_level_weights_are_the_papers_at_three_tokens_and_keep_its_shape_elsewhere() -> None:
+    assert default_level_weights(3) == (0.3, 0.5, 1.0)
+    assert default_level_weights(4) == pytest.approx((1 / 4, 1 / 3, 1 / 2, 1.0))
+    assert default_level_weights(2) == (0.5, 1.0) and default_level_weights(1) == (1.0,)
+    assert resolve_level_weights(None, 4) == default_level_weights(4)
+    assert resolve_level_weights([0.1, 0.2, 0.7], 3) == (0.1, 0.2, 0.7)
+    with pytest.raises(ValueError, match="3 dense-reward level weights .* SIDs of 4 tokens"):
+        resolve_level_weights((0.3, 0.5, 1.0), 4)
 
 
 def test_sid_embeddings_average_items_sharing_a_sid() -> None:

@@ -55,6 +55,13 @@ def test_config_rejects_switches_without_vstar_and_test_split() -> None:
     with pytest.raises(ValueError, match="sibling_norm"):
         RLConfig(algo="vstar", sibling_norm="batch")
     assert RLConfig(algo="vstar").sibling_norm == "group"  # the paper's own-std scale is the ablation
+    for weights in ((), (0.3, -0.5, 1.0), (0.0, 0.0, 0.0), (0.3, math.nan, 1.0)):
+        with pytest.raises(ValueError, match="level weights must be"):
+            RLConfig(algo="vstar", level_weights=weights)
+    with pytest.raises(ValueError, match="dense reward"):
+        RLConfig(algo="grpo", level_weights=(0.3, 0.5, 1.0))
+    with pytest.raises(ValueError, match="dense reward"):
+        RLConfig(algo="vstar", dense=False, level_weights=(0.3, 0.5, 1.0))
 
 
 def test_clipped_pg_and_k3_hand_cases() -> None:
@@ -458,3 +465,32 @@ def test_cli_diagnose_reports_the_value_head(tiny_data_dir: Path, tiny_policy: P
         ranked = rank_samples(ckpt.policy, rows, make_decoder(ckpt, "ved", 16, explore_slots=slots), progress=False)
         codes[slots] = sum(len({ckpt.policy.catalog.sids[i][0] for i in r}) for r in ranked)
     assert codes[6] > codes[0]
+
+
+def test_vstar_on_sids_of_four_tokens(tmp_path: Path) -> None:
+    """A catalog of four tokens per SID: V-STAR's dense reward takes the default weights for that depth, the run
+    stores them, diagnose reads them back; weights of the wrong length stop the run before it trains."""
+    from tests.conftest import make_catalog, make_samples
+    from training.data.dataset import write_dataset
+    from training.rl.rewards import default_level_weights
+
+    catalog = make_catalog(80, codes=(4, 3, 3, 3), seed=1)
+    splits = {s: make_samples(catalog, n, i) for i, (s, n) in enumerate((("train", 60), ("valid", 16), ("test", 8)))}
+    emb = np.random.default_rng(0).normal(size=(catalog.num_items, 8)).astype(np.float32)
+    data = tmp_path / "d4"
+    write_dataset(data, catalog, splits, {i: {"title": it.title} for i, it in catalog.items.items()}, emb)
+    init = save_checkpoint(tmp_path / "init", Policy.from_preset("tiny", catalog, seed=0), {"stage": "sft"})
+    common = ["rl", "--data", str(data), "--init", str(init), "--algo", "vstar", "--max-steps", "1", "--batch-size",
+              "4", "--eval-limit", "4", "--value-warmup", "1"]  # fmt: skip
+    invoke([*common, "--out", str(tmp_path / "v")])
+    stored = load_checkpoint(tmp_path / "v").manifest["rl_config"]["level_weights"]
+    assert stored == pytest.approx(default_level_weights(4))
+    invoke(["diagnose", "--data", str(data), "--checkpoint", str(tmp_path / "v"), "--decoder", "ved", "--limit", "4",
+            "--json", str(tmp_path / "d.json")])  # fmt: skip
+    assert set(VALUE_KEYS) <= set(json.loads((tmp_path / "d.json").read_text()))
+    from tests.test_cli import assert_one_line_error
+    from vstar import app
+
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "w"), "--level-weights", "0.3,0.5,1"])
+    assert_one_line_error(result.exit_code, result.output, "3 dense-reward level weights (0.3, 0.5, 1) for SIDs of 4")
+    assert not (tmp_path / "w").exists()

@@ -35,6 +35,7 @@ from training.cli.options import (
     SummaryOpt,
     TensorBoardOpt,
     demo_policy,
+    float_list,
     int_list,
     load_data,
     read_manifest,
@@ -339,10 +340,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         SFT or RL checkpoints: the rows its run held out select (the first --eval-limit), with counts of every
         row before them; a run that held nothing out is refused and keeps its weight."""
-        try:
-            grid = tuple(float(w) for w in weights.split(",")) if weights else None
-        except ValueError:
-            raise typer.BadParameter(f"--weights must be a comma list of numbers, got {weights!r}") from None
+        grid = float_list(weights, "--weights") if weights else None
         stage = read_manifest(require_checkpoint(checkpoint)).get("stage")
         if stage not in ("sft", "rl"):
             raise typer.BadParameter(f"{checkpoint} is a {stage!r} checkpoint; fuse takes SFT or RL ones")

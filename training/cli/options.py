@@ -140,6 +140,16 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
+def float_list(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected a comma list of numbers, got {text!r}", param_hint=option) from None
+    if not values:
+        raise typer.BadParameter("empty list", param_hint=option)
+    return values
+
+
 def demo_policy(device: str) -> Any:
     """A random tiny-preset policy over a random 3-level catalog (256 codes per level, 3,000 items)."""
     import random

@@ -27,6 +27,7 @@ from training.cli.options import (
     StepsOpt,
     SummaryOpt,
     TensorBoardOpt,
+    float_list,
     load_data,
     require_checkpoint,
     run_training,
@@ -84,6 +85,14 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 "or by the whole group's reward std (group).",
             ),
         ] = "group",
+        level_weights: Annotated[
+            str | None,
+            typer.Option(
+                "--level-weights",
+                help="V-STAR: the dense reward's weight per SID level, comma-separated (default: the paper's "
+                "0.3,0.5,1.0 for three tokens; for D tokens 1/D, ..., 1/2, 1).",
+            ),
+        ] = None,
         ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help="Policy updates per rollout.")] = 1,
         budget: BudgetOpt = None,
         explore_slots: Annotated[
@@ -135,6 +144,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         tensorboard: TensorBoardOpt = None,
     ) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
+        weights = float_list(level_weights, "--level-weights") if level_weights is not None else None
         require_checkpoint(init, "--init")
         from training.data.dataset import parse_splits
         from training.rl.run import train_rl
@@ -146,7 +156,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             config = RLConfig(
                 algo=algo, sibling=not no_sibling, ved=not no_ved, dense=not no_dense, epochs=epochs,
                 max_steps=max_steps, batch_size=batch_size, num_candidates=num_candidates, lr=lr, value_lr=value_lr,
-                value_coef=value_coef,
+                value_coef=value_coef, level_weights=weights,
                 beta=beta, w_sib=w_sib, sibling_norm=sibling_norm, ppo_epochs=ppo_epochs,
                 ved_config=rollout_ved_config(budget, EXPLORE_SLOTS if explore_slots is None else explore_slots),
                 value_warmup=VALUE_WARMUP if value_warmup is None else value_warmup,
@@ -195,14 +205,17 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         ds = load_data(data, minionerec_root, dataset)
         from models.checkpoint import load_checkpoint
         from models.value_head import load_value_head
-        from training.rl.diagnose import candidate_source
+        from training.rl.diagnose import candidate_source, checkpoint_level_weights
         from training.rl.diagnose import diagnose as run_diagnose
 
         ckpt = load_checkpoint(checkpoint, device)
         rows = select_rows(ds.splits[split], limit, holdout)
         source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots)
         head = load_value_head(ckpt, device, required=False)
-        result = run_diagnose(ckpt.policy, rows, source, batch_size, value_head=head, item_emb=ds.embeddings)
+        weights = checkpoint_level_weights(ckpt)
+        result = run_diagnose(
+            ckpt.policy, rows, source, batch_size, value_head=head, item_emb=ds.embeddings, level_weights=weights
+        )
         write_json(json_out, result)
 
     @bench.command(name="train")

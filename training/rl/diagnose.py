@@ -92,13 +92,18 @@ def diagnose(
     progress: bool = True,
     value_head: ValueHead | None = None,
     item_emb: np.ndarray | None = None,  # (items, dim): the dense reward of the value keys
+    level_weights: Sequence[float] | None = None,  # its w_1..w_D (``checkpoint_level_weights``); None: the default
 ) -> dict[str, float]:
     """The ``DIAGNOSTIC_KEYS`` of ``source`` over ``samples``, weighted by prompts; with ``value_head`` (and
     ``item_emb``) also the value head's quality on the same candidate sets (``VALUE_KEYS``)."""
     if not samples:
         raise ValueError("no rows to diagnose")
     totals = dict.fromkeys(DIAGNOSTIC_KEYS, 0.0)
-    quality = ValueQuality(policy, value_head, item_emb) if value_head is not None and item_emb is not None else None
+    quality = (
+        ValueQuality(policy, value_head, item_emb, level_weights)
+        if value_head is not None and item_emb is not None
+        else None
+    )
     for start in tqdm(range(0, len(samples), batch_size), desc="diagnose", disable=not progress, leave=False):
         chunk = list(samples[start : start + batch_size])
         rollout = collect(policy, chunk, source)
@@ -132,10 +137,13 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
 class ValueQuality:
     """Accumulates ``VALUE_KEYS`` over rollouts: V at every state of every candidate vs its dense reward."""
 
-    def __init__(self, policy: Policy, head: ValueHead, item_emb: np.ndarray) -> None:
-        from training.rl.rewards import sid_embeddings
+    def __init__(
+        self, policy: Policy, head: ValueHead, item_emb: np.ndarray, level_weights: Sequence[float] | None = None
+    ) -> None:
+        from training.rl.rewards import resolve_level_weights, sid_embeddings
 
         self.policy, self.head, self.item_emb = policy, head, item_emb
+        self.level_weights = resolve_level_weights(level_weights, policy.catalog.depth)
         self.sid_emb = sid_embeddings(policy.catalog.items_of_sid, item_emb)
         self.corr: dict[int, list[float]] = {}
         self.rank_value: list[float] = []
@@ -156,7 +164,7 @@ class ValueQuality:
         _, rule = batch_standard_rewards(rollout.sid_index, rollout.target_sid)
         r = batch_value_rewards(
             rollout.token_ids, rollout.sid_index, rollout.target_tokens, rollout.target_item, rule, self.sid_emb,
-            self.item_emb,
+            self.item_emb, self.level_weights,
         )[batch.row.cpu(), batch.col.cpu()]  # (N, D+1)  # fmt: skip
         returns = r.clone()
         for level in range(d - 1, -1, -1):  # discounted return from each state
@@ -203,3 +211,12 @@ def candidate_source(
     if decoder == "beam":
         return beam_source(num_candidates, budget)
     return ved_source(*ved_setup(checkpoint, num_candidates, budget, seed, explore_slots))
+
+
+def checkpoint_level_weights(checkpoint: LoadedCheckpoint) -> tuple[float, ...]:
+    """The dense reward's level weights the checkpoint's RL run trained its value head with; the default for
+    its SIDs' depth when it stored none (an SFT checkpoint, or a run with --no-dense)."""
+    from training.rl.rewards import resolve_level_weights
+
+    stored = (checkpoint.manifest.get("rl_config") or {}).get("level_weights")
+    return resolve_level_weights(stored, checkpoint.policy.catalog.depth)

@@ -16,7 +16,10 @@ Dense semantic reward (V-STAR part A), used only as TD targets for the value
 head: at level l and for each prefix present in the candidate set, the bucket is
 the candidates sharing that prefix; r_l = w_l if the prefix is the target's
 prefix, else -w_l * (1 - cos(mean embedding of the bucket, target embedding)).
-A SID that several items share is embedded as the mean of its items'
+w = (0.3, 0.5, 1.0), the paper's, for SIDs of three tokens; the paper gives no
+weights for other depths, so a catalog of D tokens per SID defaults to the same
+shape, 1 / (D - l + 1) (``default_level_weights``; ``vstar rl --level-weights``
+overrides). A SID that several items share is embedded as the mean of its items'
 embeddings (``sid_embeddings``); the bucket mean is then the mean over the
 bucket's candidate SIDs, and the target is embedded by its own item's row.
 
@@ -41,8 +44,31 @@ ADV_EPS = 1e-4
 # How a sibling set's centred child rewards are scaled: by the set's own std (the method as written) or by the
 # std of the whole group's rewards, so that children whose rewards differ by little get small advantages
 SIBLING_NORMS = ("siblings", "group")
-LEVEL_WEIGHTS = (0.3, 0.5, 1.0)
+LEVEL_WEIGHTS = (0.3, 0.5, 1.0)  # the paper's w_1..w_3, for SIDs of three tokens
 GAMMA = 0.99
+
+
+def default_level_weights(depth: int) -> tuple[float, ...]:
+    """The dense reward's w_1..w_D: the paper's ``LEVEL_WEIGHTS`` for SIDs of three tokens; for any other
+    depth the same shape, 1 / (D - l + 1) at level l (the last level 1, the one before 1/2, then 1/3, ...,
+    so four tokens give 1/4, 1/3, 1/2, 1)."""
+    if depth < 1:
+        raise ValueError(f"SIDs need at least one token, got depth {depth}")
+    if depth == len(LEVEL_WEIGHTS):
+        return LEVEL_WEIGHTS
+    return tuple(1.0 / (depth - level) for level in range(depth))
+
+
+def resolve_level_weights(weights: Sequence[float] | None, depth: int) -> tuple[float, ...]:
+    """``weights`` checked against the catalog's SID depth, or the default for that depth when None."""
+    if weights is None:
+        return default_level_weights(depth)
+    if len(weights) != depth:
+        raise ValueError(
+            f"{len(weights)} dense-reward level weights ({', '.join(f'{w:g}' for w in weights)}) for SIDs of "
+            f"{depth} tokens: give one weight per level (--level-weights), or none for the default"
+        )
+    return tuple(float(w) for w in weights)
 
 
 def rule_reward(candidates: Sequence[int], target: int) -> list[float]:

@@ -46,7 +46,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ from training.distributed import Shard, barrier, is_main, require_global_batch, 
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
 from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, resume_folder, run_steps
 from training.optim import seed_everything
+from training.rl.rewards import resolve_level_weights
 from training.rl.trainer import RLConfig, RLTrainer
 from training.scalar_log import ScalarLog
 
@@ -217,6 +218,8 @@ def train_rl(
     steps_file = out.parent / f"{out.name}.steps.jsonl"
     require_global_batch(config.batch_size)
     seed_everything(config.seed)
+    if config.use_value and config.dense:  # the weights the run uses, in its manifest and resume identity
+        config = replace(config, level_weights=resolve_level_weights(config.level_weights, data.catalog.depth))
     train_rows, held_out = split_for_training(data, config)
     select_rows = held_out[: config.eval_limit]
     if not train_rows:

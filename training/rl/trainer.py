@@ -127,6 +127,7 @@ Deviations from the papers and choices the papers leave open:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -144,12 +145,12 @@ from training.optim import autocast_dtype, cosine_schedule
 from training.rl.diagnose import candidate_stats
 from training.rl.loss import policy_loss, token_log_probs, value_td_loss
 from training.rl.rewards import (
-    LEVEL_WEIGHTS,
     SIBLING_NORMS,
     batch_sibling_advantages,
     batch_standard_rewards,
     batch_value_rewards,
     group_advantages,
+    resolve_level_weights,
     sid_embeddings,
 )
 from training.rl.rollout import CandidateSource, SequenceBatch, beam_source, collect, sequences, ved_source
@@ -185,7 +186,7 @@ class RLConfig:
     w_sib: float = 1.0
     sibling_norm: str = "group"  # one of SIBLING_NORMS: the scale of sibling advantages (see the module doc)
     gamma: float = 0.99
-    level_weights: tuple[float, ...] = LEVEL_WEIGHTS
+    level_weights: tuple[float, ...] | None = None  # A's w_1..w_D; None: the default for the SIDs' depth (rewards)
     ppo_epochs: int = 1  # policy updates per rollout
     ved_config: VEDConfig = field(default_factory=rollout_ved_config)  # C's search; num_candidates is set to G
     value_warmup: int = VALUE_WARMUP  # TD-only steps of V_phi on beam candidates before RL (vstar only)
@@ -213,6 +214,14 @@ class RLConfig:
             raise ValueError(f"value_coef must be >= 0, and > 0 only with --algo vstar, got {self.value_coef}")
         if self.sibling_norm not in SIBLING_NORMS:
             raise ValueError(f"sibling_norm must be one of {SIBLING_NORMS}, got {self.sibling_norm!r}")
+        if self.level_weights is not None and (
+            not self.level_weights
+            or not all(math.isfinite(w) and w >= 0 for w in self.level_weights)
+            or not any(self.level_weights)
+        ):
+            raise ValueError(f"level weights must be finite, >= 0 and not all 0, got {self.level_weights}")
+        if self.level_weights is not None and not (self.algo == "vstar" and self.dense):
+            raise ValueError("level weights weigh V-STAR's dense reward: use them with --algo vstar, not --no-dense")
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         if "test" in self.train_splits:
@@ -267,6 +276,7 @@ class RLTrainer:
         self.item_emb = item_emb
         self.rollout_fusion = rollout_fusion if config.fused_rollouts else None
         self.sid_emb = sid_embeddings(policy.catalog.items_of_sid, item_emb) if item_emb is not None else None
+        self.level_weights = resolve_level_weights(config.level_weights, policy.catalog.depth)
         self.optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = cosine_schedule(self.optimizer, int(config.warmup_ratio * total_steps), total_steps)
         self.value_optimizer = (
@@ -312,7 +322,7 @@ class RLTrainer:
             sid_emb = self.sid_emb if self.config.dense else None
             v_rewards = batch_value_rewards(
                 rollout.token_ids, rollout.sid_index, rollout.target_tokens, rollout.target_item, rule, sid_emb,
-                self.item_emb, self.config.level_weights,
+                self.item_emb, self.level_weights,
             )[rows, cols]  # fmt: skip
         stats, hidden = self.policy_update(
             batch, adv[rows, cols], sib_adv[rows, cols], sib_w[rows, cols], scales, v_rewards
@@ -343,7 +353,7 @@ class RLTrainer:
         assert hidden is not None
         v_rewards = batch_value_rewards(
             rollout.token_ids, rollout.sid_index, rollout.target_tokens, rollout.target_item, rule,
-            self.sid_emb if self.config.dense else None, self.item_emb, self.config.level_weights,
+            self.sid_emb if self.config.dense else None, self.item_emb, self.level_weights,
         )  # (B, G, D+1)  # fmt: skip
         rows, cols = batch.row.cpu(), batch.col.cpu()
         scale = loss_scales([len(rows) * batch.depth] if counted else [0])[0]
