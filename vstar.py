@@ -118,15 +118,20 @@ def demo(
         bool, typer.Option("--serve/--no-serve", help="Start the service on the result at the end.")
     ] = True,
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port of the service (127.0.0.1).")] = 8000,
-    rl_steps: Annotated[int, typer.Option("--rl-steps", min=1, help="V-STAR steps after SFT.")] = 30,
+    rl_steps: Annotated[int, typer.Option("--rl-steps", min=1, help="V-STAR steps after SFT.")] = 60,
 ) -> None:
     """The embedded default end to end: synthetic data, tiny model (SFT, V-STAR), test metrics, then the service."""
-    from training.demo import curl_command, demo_steps, example_request, report
+    from training.demo import curl_command, demo_steps, example_request, report, rl_holdout, synth_step
 
-    for args in demo_steps(out, rl_steps, with_synth=not (out / "data" / "index.json").exists()):
+    def run(args: list[str]) -> None:
         typer.secho(f"$ vstar {' '.join(args)}", fg=typer.colors.CYAN, err=True)
         with contextlib.redirect_stdout(io.StringIO()):  # each step's JSON is in its file under --out
             app(args=args, standalone_mode=False)
+
+    if not (out / "data" / "index.json").exists():
+        run(synth_step(out))
+    for args in demo_steps(out, rl_steps, rl_holdout(out / "data")):
+        run(args)
     summary = report(out, rl_steps)
     curl = curl_command(example_request(out / "data"), port)
     if not serve:

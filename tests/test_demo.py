@@ -23,9 +23,19 @@ from service.app import create_app
 from service.settings import Settings
 from training.data.sid_builder import SidBuildConfig
 from training.data.synth import SynthConfig, write_synth
-from training.demo import curl_command, example_request, rl_note
+from training.demo import curl_command, demo_steps, example_request, rl_holdout, rl_note
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_rl_trains_on_valid_less_the_most_recent_third_which_chooses(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """SFT fits train; the demo's RL trains on rows SFT never trained on (valid), holding out its last third."""
+    assert rl_holdout(tiny_data_dir) == 40 // 3  # the fixture's valid has 40 rows
+    steps = {args[0]: args for args in demo_steps(tmp_path, 60, 154)}
+    rl = steps["rl"]
+    option = {rl[i]: rl[i + 1] for i in range(len(rl) - 1) if rl[i].startswith("--")}
+    assert option["--train-splits"] == "valid" and option["--holdout"] == "154" and option["--max-steps"] == "60"
+    assert option["--eval-every"] == "20" and "--train-splits" not in steps["sft"]  # SFT: train, valid chooses
 
 
 def test_the_example_request_is_answered_by_a_model_of_that_data(
