@@ -11,9 +11,11 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 DataOpt = Annotated[
     Path | None,
@@ -131,20 +133,20 @@ def run_training(train: Callable[[str], dict[str, Any]], device: str, json_out: 
 
 
 def int_list(text: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(f"expected a comma list of integers, got {text!r}", param_hint=option) from None
-    if not values:
-        raise typer.BadParameter("empty list", param_hint=option)
-    return values
+    return comma_list(text, option, int, "integers")
 
 
 def float_list(text: str, option: str) -> tuple[float, ...]:
+    return comma_list(text, option, float, "numbers")
+
+
+def comma_list(text: str, option: str, kind: Callable[[str], T], what: str) -> tuple[T, ...]:
+    """``text`` split at commas, each part converted by ``kind``; a part it refuses or an empty list is a
+    one-line error naming ``option``."""
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise typer.BadParameter(f"expected a comma list of numbers, got {text!r}", param_hint=option) from None
+        raise typer.BadParameter(f"expected a comma list of {what}, got {text!r}", param_hint=option) from None
     if not values:
         raise typer.BadParameter("empty list", param_hint=option)
     return values
