@@ -263,6 +263,29 @@ def test_train_rl_writes_checkpoint_and_resumes(
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
 
 
+def test_a_run_whose_steps_all_score_below_the_init_says_so(
+    tiny_dataset: RecDataset,
+    init_ckpt: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The init is never the RL result; when it outscored every RL step on the selection rows the run warns."""
+    import training.loop
+
+    scores = iter([(0.5, 0.3), (0.2, 0.1), (0.25, 0.1)])  # step 0 (the init), then steps 1 and 2
+    monkeypatch.setattr(training.loop, "selection_score", lambda *args: next(scores))
+    config = RLConfig(max_steps=2, batch_size=4, eval_every=1, eval_limit=8, fusion_weight=0)
+    with caplog.at_level("WARNING", logger="training.rl.run"):
+        summary = train_rl(tiny_dataset, init_ckpt, tmp_path / "rl", config, progress=False)
+    assert summary["below_init"] and summary["best"] == {"HR@10": 0.25, "NDCG@10": 0.1}
+    assert load_checkpoint(tmp_path / "rl").manifest["selection"]["step"] == 2  # still the best RL step
+    assert "no RL step beat the init" in caplog.text
+    scores = iter([(0.5, 0.3), (0.5, 0.31)])
+    summary = train_rl(tiny_dataset, init_ckpt, tmp_path / "rl2", replace(config, max_steps=1), progress=False)
+    assert not summary["below_init"]
+
+
 @pytest.mark.parametrize("given", [None, 2.5])
 def test_rl_keeps_the_inits_fusion_weight_unless_given(
     tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path, given: float | None

@@ -11,6 +11,8 @@
   rows when valid is trained on) every ``eval_every`` steps and at the end; the
   best goes to ``--out`` (policy + value head extra + manifest). The init
   model's score is recorded as step 0 and never selected; test is never read.
+  When no RL step beats it, the run says so (a warning, and ``below_init``
+  in the summary): the RL result is then the best RL model, not a better one.
 * ``<out>.resume`` holds the latest state (weights, value head, both
   optimizers, scheduler, position in the data, RNG) after each validation;
   ``--resume`` continues from it. All writes are atomic (``save_checkpoint``).
@@ -318,6 +320,14 @@ def train_rl(
               train_step, report, validate)  # fmt: skip
     bar.close()
     curves.close()
+    init_score = next(((h["HR@10"], h["NDCG@10"]) for h in state.history if h["step"] == 0 and "HR@10" in h), None)
+    below_init = init_score is not None and state.best < init_score
+    if init_score is not None and below_init and is_main():
+        log.warning(
+            "no RL step beat the init on the %d selection rows (HR@10, NDCG@10: best step %.4f, %.4f; init %.4f, "
+            "%.4f): %s is the best RL model, and the init %s may serve better", len(select_rows), *state.best,
+            *init_score, out, init,
+        )  # fmt: skip
     fusion = None
     if is_main():  # the kept model's fusion with the transition counts
         weight = result_fusion_weight(init, config)
@@ -325,6 +335,7 @@ def train_rl(
     barrier()
     return {
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]},
+        "below_init": below_init,  # the init scored higher on the selection rows than every RL step (logged)
         "steps": state.step,
         "seconds": round(time.perf_counter() - start, 1),
         "s_per_step": round(float(np.mean(seconds)), 3) if seconds else None,
