@@ -118,7 +118,10 @@ def demo(
         bool, typer.Option("--serve/--no-serve", help="Start the service on the result at the end.")
     ] = True,
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port of the service (127.0.0.1).")] = 8000,
-    rl_steps: Annotated[int, typer.Option("--rl-steps", min=1, help="V-STAR steps after SFT.")] = 60,
+    rl_steps: Annotated[
+        int,
+        typer.Option("--rl-steps", min=1, help="V-STAR steps after SFT, on valid less its most recent third."),
+    ] = 60,
 ) -> None:
     """The embedded default end to end: synthetic data, tiny model (SFT, V-STAR), test metrics, then the service."""
     from training.demo import curl_command, demo_steps, example_request, report, rl_holdout, synth_step
