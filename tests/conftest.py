@@ -22,6 +22,7 @@ from models.sid_catalog import Item, SidCatalog, level_token  # noqa: E402
 from training.data.dataset import RecDataset, Sample, load_dataset, write_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "valid", "test")
 SHARED_DATA = Path(os.environ.get("VSTAR_SHARED_DATA", REPO.parent / "shared" / "data" / "amazon-industrial"))
 
 
@@ -56,19 +57,20 @@ def tiny_policy(tiny_catalog: SidCatalog) -> Policy:
     return policy
 
 
+def write_random_dataset(out: Path, catalog: SidCatalog, rows: tuple[int, int, int] = (200, 40, 40)) -> Path:
+    """A data set folder over ``catalog``: random train / valid / test rows, unit-norm random embeddings."""
+    pairs = zip(SPLITS, rows, strict=True)
+    splits = {split: make_samples(catalog, n, seed) for seed, (split, n) in enumerate(pairs, 1)}
+    meta = {i: {"title": it.title} for i, it in catalog.items.items()}
+    emb = np.random.default_rng(0).normal(size=(catalog.num_items, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    write_dataset(out, catalog, splits, meta, emb)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_catalog: SidCatalog) -> Path:
-    out = tmp_path_factory.mktemp("tiny_data")
-    splits = {
-        "train": make_samples(tiny_catalog, 200, 1),
-        "valid": make_samples(tiny_catalog, 40, 2),
-        "test": make_samples(tiny_catalog, 40, 3),
-    }
-    meta = {i: {"title": it.title} for i, it in tiny_catalog.items.items()}
-    emb = np.random.default_rng(0).normal(size=(tiny_catalog.num_items, 16)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    write_dataset(out, tiny_catalog, splits, meta, emb)
-    return out
+    return write_random_dataset(tmp_path_factory.mktemp("tiny_data"), tiny_catalog)
 
 
 @pytest.fixture(scope="session")

@@ -493,15 +493,11 @@ def test_cli_diagnose_reports_the_value_head(tiny_data_dir: Path, tiny_policy: P
 def test_vstar_on_sids_of_four_tokens(tmp_path: Path) -> None:
     """A catalog of four tokens per SID: V-STAR's dense reward takes the default weights for that depth, the run
     stores them, diagnose reads them back; weights of the wrong length stop the run before it trains."""
-    from tests.conftest import make_catalog, make_samples
-    from training.data.dataset import write_dataset
+    from tests.conftest import make_catalog, write_random_dataset
     from training.rl.rewards import default_level_weights
 
     catalog = make_catalog(80, codes=(4, 3, 3, 3), seed=1)
-    splits = {s: make_samples(catalog, n, i) for i, (s, n) in enumerate((("train", 60), ("valid", 16), ("test", 8)))}
-    emb = np.random.default_rng(0).normal(size=(catalog.num_items, 8)).astype(np.float32)
-    data = tmp_path / "d4"
-    write_dataset(data, catalog, splits, {i: {"title": it.title} for i, it in catalog.items.items()}, emb)
+    data = write_random_dataset(tmp_path / "d4", catalog, (60, 16, 8))
     init = save_checkpoint(tmp_path / "init", Policy.from_preset("tiny", catalog, seed=0), {"stage": "sft"})
     common = ["rl", "--data", str(data), "--init", str(init), "--algo", "vstar", "--max-steps", "1", "--batch-size",
               "4", "--eval-limit", "4", "--value-warmup", "1"]  # fmt: skip

@@ -322,11 +322,11 @@ def train_rl(
     curves.close()
     init_score = next(((h["HR@10"], h["NDCG@10"]) for h in state.history if h["step"] == 0 and "HR@10" in h), None)
     below_init = init_score is not None and state.best < init_score
-    if init_score is not None and below_init and is_main():
+    if below_init and is_main():
         log.warning(
-            "no RL step beat the init on the %d selection rows (HR@10, NDCG@10: best step %.4f, %.4f; init %.4f, "
-            "%.4f): %s is the best RL model, and the init %s may serve better", len(select_rows), *state.best,
-            *init_score, out, init,
+            "no RL step beat the init on the %d selection rows (HR@10, NDCG@10: best step %.4f, %.4f; init %s): "
+            "%s is the best RL model, and the init %s may serve better", len(select_rows), *state.best,
+            ", ".join(f"{v:.4f}" for v in init_score or ()), out, init,
         )  # fmt: skip
     fusion = None
     if is_main():  # the kept model's fusion with the transition counts
