@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from models.checkpoint import LoadedCheckpoint
+from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.sid_trie import SidTrie
 
 BUDGET_MULTIPLE = 2
@@ -56,7 +56,10 @@ def checkpoint_ved_config(
     ``VEDConfig``'s defaults where it stores none), for ``num_candidates`` SIDs; ``budget`` and ``explore_slots``
     override the stored ones when given."""
     stored = checkpoint.manifest.get("rl_config", {}).get("ved_config")
-    base = VEDConfig(**stored) if stored else VEDConfig()
+    try:
+        base = VEDConfig(**stored) if stored else VEDConfig()
+    except (TypeError, ValueError) as e:  # an unknown or missing field, or a value out of range
+        raise CheckpointError(f"checkpoint {checkpoint.path}: manifest.json: rl_config.ved_config: {e}") from None
     return replace(
         base,
         num_candidates=num_candidates,

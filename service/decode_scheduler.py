@@ -17,8 +17,12 @@ Design decisions:
   requests with the same k and budget share one batched search, which stops at
   the earliest of their deadlines. Results that hit the cap are not cached: a
   later, unhurried request deserves the full search.
-* The anytime fallback: VED's initial tree (a beam with every node, complete
-  SIDs included, run through the backbone and the value head) costs 2-2.5x a
+* VED searches with the VED settings the checkpoint was trained with
+  (``models.ved_config.checkpoint_ved_config``, as ``vstar eval --decoder ved``),
+  less RL's exploratory slots; the budget is the request's, or VED's own for
+  its k (never one stored with the checkpoint: it could be too small for k).
+* The anytime fallback: VED's initial tree (a beam over the SID prefixes, each
+  run through the backbone and the value head) costs more than a
   plain beam search, so a request that could not see it finish is answered by
   the initial beam alone: constrained beam search of width max(k + extra,
   init_beams), ranked by log-prob, ``cap_hit`` true, ``fallback:
@@ -53,7 +57,7 @@ from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.sid_catalog import Sid
 from models.value_head import ValueHead
 from models.ved import ved_search
-from models.ved_config import VEDConfig, VEDStats, initial_beam_stats, initial_beam_width
+from models.ved_config import VEDConfig, VEDStats, checkpoint_ved_config, initial_beam_stats, initial_beam_width
 from service.batcher import MicroBatcher
 from service.deadline import BatchCost, DeadlineMargin
 from service.metrics import ServiceMetrics
@@ -105,6 +109,9 @@ class DecodeScheduler:
         self.policy = checkpoint.policy
         self.checkpoint_path = checkpoint.path
         self.value_head = value_head
+        # VED searches as the checkpoint trained it to (vstar eval --decoder ved does the same), without RL's
+        # exploratory slots (a list is ranked by score) and with each request's budget, not a stored one
+        self.ved_settings = replace(checkpoint_ved_config(checkpoint, settings.default_k, explore_slots=0), budget=None)
         self.catalog = checkpoint.policy.catalog
         self.settings = settings
         self.metrics = metrics
@@ -133,7 +140,7 @@ class DecodeScheduler:
 
     def _warmup(self) -> None:
         first = self.catalog.sids[0]
-        for config in (BeamSearchConfig(self.settings.default_k), VEDConfig(num_candidates=self.settings.default_k)):
+        for config in (BeamSearchConfig(self.settings.default_k), self.ved_settings):
             rows = self._decode(config, [DecodeJob((first,))])
             if rows[0].sid_index[0] < 0:  # not an assert: python -O would drop it and serve a model that cannot
                 raise CheckpointError(
@@ -145,7 +152,7 @@ class DecodeScheduler:
         """Time VED's initial tree (a passed deadline stops it there) and the initial beam per batch bucket,
         on the longest prompts; the least of three runs is the decode's own cost (one-off allocations and
         load spikes are not)."""
-        config = VEDConfig(num_candidates=self.settings.default_k, deadline=0.0)
+        config = replace(self.ved_settings, deadline=0.0)
         history = tuple(self.catalog.sids[: self.max_prompt_history])
         batch = 1
         while True:

@@ -204,7 +204,7 @@ class Recommender(DecodeScheduler):
     async def _search(
         self, req: RecommendRequest, seen: list[HistoryEvent], excluded: frozenset[int], started: float
     ) -> Answer:
-        config = req.to_decode_config(fully_excluded_sids(self.catalog, excluded))
+        config = req.to_decode_config(fully_excluded_sids(self.catalog, excluded), self.ved_settings)
         history = tuple(e.sid for e in seen)
         if isinstance(config, BeamSearchConfig):
             config = BeamSearchConfig(min(config.num_beams, len(self.catalog.sids)))

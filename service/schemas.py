@@ -13,7 +13,7 @@ converts itself into the decoder's config with ``to_decode_config()``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
@@ -50,15 +50,16 @@ class RecommendRequest(BaseModel):
     latency_ms: int | None = Field(None, description="VED: latency cap in ms (default from settings).")
     exclude_history: bool | None = Field(None, description="Drop items already in the history (default from settings).")
 
-    def to_decode_config(self, extra: int) -> BeamSearchConfig | VEDConfig:
+    def to_decode_config(self, extra: int, ved: VEDConfig) -> BeamSearchConfig | VEDConfig:
         """The decoder's config: ``k`` plus ``extra`` results (those exclusion may remove).
 
-        VED's deadline is left unset: the recommender sets it at decode time to the
-        earliest deadline of the requests sharing the search.
+        VED searches with ``ved``'s settings (the checkpoint's) and this request's budget
+        (None: VED's own for its k). Its deadline is left unset: the recommender sets it at
+        decode time to the earliest deadline of the requests sharing the search.
         """
         if self.mode == "beam":
             return BeamSearchConfig(num_beams=self.k + extra)
-        return VEDConfig(num_candidates=self.k + extra, budget=self.budget)
+        return replace(ved, num_candidates=self.k + extra, budget=self.budget)
 
     def cap_ms(self, settings: Settings) -> int:
         return self.latency_ms if self.latency_ms is not None else settings.ved_default_latency_ms

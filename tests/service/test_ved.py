@@ -7,13 +7,14 @@ a search that would run for seconds returns about when its cap says.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,9 +25,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models.beam_search import BeamSearchConfig, beam_search
+from models.checkpoint import CheckpointError, save_checkpoint
+from models.policy import Policy
 from models.sid_catalog import sid_to_str
 from models.ved_config import VEDConfig
-from service import schemas
 from service.app import create_app
 from service.deadline import BatchCost, DeadlineMargin, quantile
 from service.decode_scheduler import DecodeJob
@@ -89,6 +91,33 @@ def test_fallback_follows_the_learnt_initial_tree_cost(
     assert fast["search"]["fallback"] is None and fast["search"]["iterations"] > 0 and len(fast["items"]) == 12
 
 
+def test_ved_searches_with_the_checkpoint_settings(
+    tmp_path: Path, tiny_policy: Policy, make_settings: Callable[..., Settings]
+) -> None:
+    """An RL checkpoint's stored VED settings steer the service's search, as they do ``vstar eval``'s: its
+    initial beam (4 here, not the default 16), without its exploratory slots or its stored budget."""
+    trained = VEDConfig(init_beams=4, budget=64, explore_slots=2)
+    ckpt = save_checkpoint(tmp_path / "rl", tiny_policy, manifest={"rl_config": {"ved_config": asdict(trained)}})
+    with TestClient(create_app(make_settings(checkpoint=ckpt, cache_ttl_s=0))) as c:
+        assert isinstance(c.app, FastAPI)
+        body = c.post("/recommend", json={"history": [4, 5], "k": 2, "mode": "ved", "latency_ms": 1000}).json()
+        # VED's own budget for k = 2 is (3 - 1) x max(4, 2 x 2) = 8: the initial tree of width 4 spends it all,
+        # so the answer is that beam's best 2 in its order (2 exploratory slots would have replaced both)
+        assert body["search"]["tokens_spent"] == 8 and body["search"]["iterations"] == 0
+        assert [it["sid"] for it in body["items"]] == initial_beam_sids(c.app, [4, 5], 4)[:2]
+        wide = c.post("/recommend", json={"history": [4, 5], "k": 20, "mode": "ved", "latency_ms": 1000})
+        assert wide.status_code == 200 and len(wide.json()["items"]) == 20  # 64 stored would be below 2 x 20
+
+
+def test_a_malformed_stored_ved_config_stops_the_start(
+    tmp_path: Path, tiny_policy: Policy, make_settings: Callable[..., Settings]
+) -> None:
+    ckpt = save_checkpoint(tmp_path / "rl", tiny_policy, manifest={"rl_config": {"ved_config": {"init_beamz": 4}}})
+    with pytest.raises(CheckpointError, match=r"manifest.json: rl_config.ved_config: .*init_beamz"):
+        with TestClient(create_app(make_settings(checkpoint=ckpt))):
+            pass
+
+
 def test_initial_tree_cost_learns_from_reports_and_forgets_them() -> None:
     now = [100.0]
     cost = BatchCost(start_s=0.2, quantile=0.9, horizon_s=10.0, clock=lambda: now[0])
@@ -131,8 +160,9 @@ def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch
     # loop room after the tree and the learnt margin (at 200 ms a busy CI host's tree ran into its deadline)
     cap_ms, floor_s = 400, 0.005
     slow_down(app, monkeypatch, 0.04)
-    monkeypatch.setattr(schemas, "VEDConfig", functools.partial(VEDConfig, expansions_per_step=1))
-    monkeypatch.setattr(app.state.recommender, "deadline_margin", DeadlineMargin(floor_s))
+    rec = app.state.recommender
+    monkeypatch.setattr(rec, "ved_settings", replace(rec.ved_settings, expansions_per_step=1))
+    monkeypatch.setattr(rec, "deadline_margin", DeadlineMargin(floor_s))
     body = {"history": [6, 7], "k": 5, "mode": "ved", "budget": 2000, "latency_ms": cap_ms}
     # a search stopped by its deadline still finishes its step: the first ones may run into the hard cap and be
     # answered from popularity. The model thread reports such an overrun after the hard cap answered, so the next
@@ -148,7 +178,7 @@ def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch
         assert capped["server_time_ms"] < cap_ms + 100  # the hard cap; generous slack for a loaded CI machine
     assert len(searched) == 2 and all(a["search"]["iterations"] > 0 for a in searched)
     # each of those was stopped by its deadline after its loop ran, so it reported a positive overrun
-    assert app.state.recommender.deadline_margin.margin_s() > floor_s
+    assert rec.deadline_margin.margin_s() > floor_s
     for _ in range(3):  # a larger tree overruns by more: the margin may have to learn again
         uncapped = client.post("/recommend", json=body | {"latency_ms": 1000}).json()
         if uncapped["search"]["fallback"] is None:
