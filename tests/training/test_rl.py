@@ -263,6 +263,40 @@ def test_train_rl_writes_checkpoint_and_resumes(
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
 
 
+def test_resumed_vstar_run_continues_to_the_same_weights(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted V-STAR run (VED rollouts, value warm-up, value head and both optimizers), resumed, ends on
+    the weights of the run that was never interrupted: resuming across sessions does not change results."""
+    config = RLConfig(algo="vstar", max_steps=4, batch_size=4, eval_every=2, eval_limit=8, value_warmup=2, seed=3)
+    train_rl(tiny_dataset, init_ckpt, tmp_path / "full", config, progress=False)
+    original = RLTrainer.step
+    calls = {"n": 0}
+
+    def interrupted(self: RLTrainer, samples: list) -> dict[str, float]:
+        if calls["n"] == 3:  # the fourth step: the state of step 2 is the last one saved
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, samples)
+
+    monkeypatch.setattr(RLTrainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(tiny_dataset, init_ckpt, tmp_path / "part", config, progress=False)
+    monkeypatch.setattr(RLTrainer, "step", original)
+    train_rl(tiny_dataset, init_ckpt, tmp_path / "part", config, resume=True, progress=False)
+    full, part = load_checkpoint(tmp_path / "full.resume"), load_checkpoint(tmp_path / "part.resume")
+    a, b = full.policy.model.state_dict(), part.policy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    va, vb = full.extras["value_head"], part.extras["value_head"]
+    assert all(torch.equal(va[k], vb[k]) for k in va)
+    steps = [json.loads(line) for line in (tmp_path / "full.steps.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "part.steps.jsonl").read_text().splitlines()]
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in steps
+    ]
+
+
 def test_a_run_whose_steps_all_score_below_the_init_says_so(
     tiny_dataset: RecDataset,
     init_ckpt: Path,
