@@ -25,7 +25,6 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.policy import Policy
 from models.sid_catalog import sid_to_str
@@ -35,7 +34,7 @@ from service.app import create_app
 from service.deadline import BatchCost, DeadlineMargin, quantile
 from service.decode_scheduler import DecodeJob
 from service.settings import Settings
-from training.evaluation.decoders import ved_decoder
+from training.evaluation.decoders import DecodeFn, beam_decoder, ved_decoder
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +57,15 @@ def test_ved_returns_k_items_with_search_stats(client: TestClient) -> None:
     assert stats["tokens_spent"] > 0 and stats["nodes"] > stats["tokens_spent"] - 1 and stats["max_depth"] == 3
 
 
+def decoded_sids(policy: Policy, items: list[int], decode: DecodeFn) -> list[str]:
+    """What ``decode`` answers alone for the history ``items``, as SID strings in rank order."""
+    ids, mask = policy.encode_prompts([[policy.catalog.sid_of(i) for i in items]])
+    return [sid_to_str(policy.catalog.sids[i]) for i in decode(policy, ids, mask, [items]).ranked()[0]]
+
+
 def initial_beam_sids(app: FastAPI, items: list[int], width: int) -> list[str]:
     """What beam search of ``width`` answers alone for the history ``items``."""
-    policy = app.state.recommender.policy
-    ids, mask = policy.encode_prompts([[policy.catalog.sid_of(i) for i in items]])
-    res = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width))
-    return [sid_to_str(policy.catalog.sids[i]) for i in res.ranked()[0]]
+    return decoded_sids(app.state.recommender.policy, items, beam_decoder(width))
 
 
 def test_anytime_fallback_returns_the_initial_beam(
@@ -118,10 +120,8 @@ def test_ved_searches_with_the_checkpoint_settings(
             "/recommend", json={"history": [4, 5], "k": 6, "mode": "ved", "budget": 40, "latency_ms": 1000}
         ).json()
         assert searched["cap_hit"] is False and searched["search"]["iterations"] > 0
-        decode = ved_decoder(load_checkpoint(ckpt), 6, 40)
-        ids, mask = tiny_policy.encode_prompts([[tiny_policy.catalog.sid_of(i) for i in (4, 5)]])
-        expected = decode(tiny_policy, ids, mask, [[4, 5]]).ranked()[0]
-        assert [it["sid"] for it in searched["items"]] == [sid_to_str(tiny_policy.catalog.sids[i]) for i in expected]
+        expected = decoded_sids(tiny_policy, [4, 5], ved_decoder(load_checkpoint(ckpt), 6, 40))
+        assert [it["sid"] for it in searched["items"]] == expected
         wide = c.post("/recommend", json={"history": [4, 5], "k": 20, "mode": "ved", "latency_ms": 1000})
         assert wide.status_code == 200 and len(wide.json()["items"]) == 20  # 64 stored would be below 2 x 20
 

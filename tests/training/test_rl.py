@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -230,24 +232,29 @@ def test_rl_config_nests_the_ved_config() -> None:
 # ---- runs
 
 
+def interrupt_at_step(n: int, monkeypatch: pytest.MonkeyPatch, run: Callable[[], object]) -> None:
+    """``run`` an RL run killed (KeyboardInterrupt) as its ``n``-th RL step starts; steps work again after."""
+    original = RLTrainer.step
+    calls = {"n": 0}
+
+    def interrupted(self: RLTrainer, samples: list) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, samples)
+
+    monkeypatch.setattr(RLTrainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(RLTrainer, "step", original)
+
+
 def test_train_rl_writes_checkpoint_and_resumes(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "rl"
     config = RLConfig(algo="vstar", ved=False, max_steps=3, batch_size=4, eval_every=1, eval_limit=8, value_warmup=2)
-    original = RLTrainer.step
-    calls = {"n": 0}
-
-    def interrupted(self: RLTrainer, samples: list) -> dict[str, float]:
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, samples)
-
-    monkeypatch.setattr(RLTrainer, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_rl(tiny_dataset, init_ckpt, out, config, progress=False)
-    monkeypatch.setattr(RLTrainer, "step", original)
+    interrupt_at_step(3, monkeypatch, lambda: train_rl(tiny_dataset, init_ckpt, out, config, progress=False))
     summary = train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
     assert summary["steps"] == 3 and [h["step"] for h in summary["history"]] == [0, 1, 2, 3]
     assert summary["value_warmup"] == {}  # it ran before the interruption: the resumed run keeps its head
@@ -269,32 +276,24 @@ def test_resumed_vstar_run_continues_to_the_same_weights(
     """An interrupted V-STAR run (VED rollouts, value warm-up, value head and both optimizers), resumed, ends on
     the weights of the run that was never interrupted: resuming across sessions does not change results."""
     config = RLConfig(algo="vstar", max_steps=4, batch_size=4, eval_every=2, eval_limit=8, value_warmup=2, seed=3)
-    train_rl(tiny_dataset, init_ckpt, tmp_path / "full", config, progress=False)
-    original = RLTrainer.step
-    calls = {"n": 0}
 
-    def interrupted(self: RLTrainer, samples: list) -> dict[str, float]:
-        if calls["n"] == 3:  # the fourth step: the state of step 2 is the last one saved
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, samples)
+    def train(run: str, resume: bool = False) -> None:
+        train_rl(tiny_dataset, init_ckpt, tmp_path / run, config, resume=resume, progress=False)
 
-    monkeypatch.setattr(RLTrainer, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_rl(tiny_dataset, init_ckpt, tmp_path / "part", config, progress=False)
-    monkeypatch.setattr(RLTrainer, "step", original)
-    train_rl(tiny_dataset, init_ckpt, tmp_path / "part", config, resume=True, progress=False)
+    train("full")
+    interrupt_at_step(4, monkeypatch, lambda: train("part"))  # the state of step 2 is the last one saved
+    train("part", resume=True)
     full, part = load_checkpoint(tmp_path / "full.resume"), load_checkpoint(tmp_path / "part.resume")
     a, b = full.policy.model.state_dict(), part.policy.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     va, vb = full.extras["value_head"], part.extras["value_head"]
     assert all(torch.equal(va[k], vb[k]) for k in va)
-    steps = [json.loads(line) for line in (tmp_path / "full.steps.jsonl").read_text().splitlines()]
-    resumed = [json.loads(line) for line in (tmp_path / "part.steps.jsonl").read_text().splitlines()]
-    drop = ("seconds",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
-        {k: v for k, v in r.items() if k not in drop} for r in steps
-    ]
+
+    def step_log(run: str) -> list[dict[str, Any]]:  # every figure but the wall time
+        lines = (tmp_path / f"{run}.steps.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert step_log("part") == step_log("full")
 
 
 def test_a_run_whose_steps_all_score_below_the_init_says_so(
