@@ -36,7 +36,10 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 def staging_folder(target: Path) -> Path:
-    """A fresh empty folder beside ``target`` to write the new contents into; leftovers are cleared first."""
+    """A fresh empty folder beside ``target`` to write the new contents into; leftovers are cleared first.
+    A file at ``target`` is never replaced by a folder: that is a mistaken path, not an old version."""
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder: not replaced", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

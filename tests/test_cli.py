@@ -81,6 +81,41 @@ def test_simple_mistakes_are_one_line_before_torch_loads(tiny_data_dir: Path, ba
     assert not (tmp_path / "out").exists()
 
 
+def test_outputs_that_would_destroy_something_are_refused_before_any_work(tiny_data_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in tiny_data_dir.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    project = tmp_path / "project"
+    (project / "notes").mkdir(parents=True)
+    (project / "notes" / "a.txt").write_text("mine")
+    note = tmp_path / "note.txt"
+    note.write_text("mine")
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "manifest.json").write_text("{}")
+    before = {p: p.read_bytes() for p in [*data.iterdir(), project / "notes" / "a.txt", note, init / "manifest.json"]}
+    d, tiny = str(data), ["--preset", "tiny", "--max-steps", "1"]
+    mistakes = [
+        (["sft", "--data", d, "--out", d, *tiny], f"{data} is a folder that is not a checkpoint (no manifest.json)"),
+        (["sft", "--data", d, "--out", str(project), *tiny], "is a folder that is not a checkpoint"),
+        (["sft", "--data", d, "--out", str(note), *tiny], f"{note} is a file, not a checkpoint folder"),
+        (["sft", "--data", d, "--out", str(tmp_path / "ck"), "--json", str(project), *tiny], "is a folder: give"),
+        (["rl", "--data", d, "--init", str(init), "--out", str(init)], "is the --init checkpoint"),
+        (["rl", "--data", d, "--init", str(init), "--out", d], "is a folder that is not a checkpoint"),
+        (["eval", "--data", d, "--checkpoint", str(init), "--json", f"{note}/m.json"], f"{note} is a file, so"),
+        (["diagnose", "--data", d, "--checkpoint", str(init), "--json", str(data)], "is a folder: give"),
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    for args, message in mistakes:
+        proc = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert_one_line_error(proc.returncode, proc.stderr, message)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "init", "note.txt", "project"]
+
+
 def test_a_corrupt_checkpoint_is_one_line(tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path) -> None:
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny_policy)
     (ckpt / "manifest.json").write_text('{"format_version": 1, "prompt": ')

@@ -53,3 +53,11 @@ def test_leftovers_of_other_targets_are_not_touched(tmp_path: Path) -> None:
     other = folder(tmp_path / ".ck2.tmp-x", "other writer")
     remove_leftovers(tmp_path / "ck")
     assert other.exists()
+
+
+def test_a_file_at_the_target_is_refused_and_kept(tmp_path: Path) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(NotADirectoryError, match="notes.txt"):
+        staging_folder(target)
+    assert target.read_text() == "mine" and sorted(tmp_path.iterdir()) == [target]

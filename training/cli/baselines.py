@@ -25,10 +25,13 @@ from training.cli.options import (
     StepsOpt,
     load_data,
     setup_logging,
+    writable_file,
     write_json,
 )
 
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.")]
+JsonOpt = Annotated[
+    Path | None, typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.", callback=writable_file)
+]
 PopCountsOpt = Annotated[
     Literal["targets", "all"], typer.Option("--pop-counts", help="pop: count targets, or all (targets and histories).")
 ]
@@ -123,7 +126,9 @@ def register_baseline(app: typer.Typer) -> None:
         other: Annotated[str, typer.Option("--other", help="Comma list of eval JSON files of the other method's.")],
         samples: Annotated[int, typer.Option("--samples", min=100, help="Bootstrap draws over rows.")] = 2000,
         seed: SeedOpt = 0,
-        json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison here.")] = None,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write the comparison here.", callback=writable_file)
+        ] = None,
     ) -> None:
         """Paired test differences (other - base) per metric, with 95% bootstrap intervals over rows."""
         from training.evaluation.compare import compare_runs

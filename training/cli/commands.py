@@ -34,6 +34,7 @@ from training.cli.options import (
     StepsOpt,
     SummaryOpt,
     TensorBoardOpt,
+    checkpoint_out,
     demo_policy,
     float_list,
     int_list,
@@ -43,6 +44,7 @@ from training.cli.options import (
     run_training,
     select_rows,
     setup_logging,
+    writable_file,
     write_json,
 )
 
@@ -79,7 +81,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         seed: SeedOpt = 0,
         out: Annotated[Path | None, typer.Option("--out", help="index.json to write (default DIR/index.json).")] = None,
         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing index.json.")] = False,
-        json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Also write the report here.", callback=writable_file)
+        ] = None,
     ) -> None:
         """Balanced residual k-means SIDs from item_emb.npy; prints collision rates and codebook usage."""
         from training.data.sid_builder import SidBuildConfig, write_index
@@ -92,7 +96,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
     @app.command()
     def sft(
-        out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to write (best model).")],
+        out: Annotated[
+            Path, typer.Option("--out", help="Checkpoint folder to write (best model).", callback=checkpoint_out)
+        ],
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
@@ -285,7 +291,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
         device: DeviceOpt = "cpu",
         json_out: Annotated[
-            Path | None, typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.")
+            Path | None,
+            typer.Option("--json", help="Write {metrics, rows, seconds, ...} here.", callback=writable_file),
         ] = None,
     ) -> None:
         """HR@K / NDCG@K (MiniOneRec's definitions), catalog coverage and long-tail share on a split."""
@@ -334,7 +341,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             ),
         ] = None,
         device: DeviceOpt = "cpu",
-        json_out: Annotated[Path | None, typer.Option("--json", help="Write the choice and its grid here.")] = None,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write the choice and its grid here.", callback=writable_file)
+        ] = None,
     ) -> None:
         """Choose a checkpoint's fusion weight on its held-out rows and store it, as SFT does when it ends.
 
@@ -366,7 +375,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 "--checkpoint", help="Checkpoint folder (default: a fresh tiny model on a synthetic catalog)."
             ),
         ] = None,
-        json_out: Annotated[Path | None, typer.Option("--json", help="Write {rows: [...]} here.")] = None,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write {rows: [...]} here.", callback=writable_file)
+        ] = None,
         beams: Annotated[str, typer.Option("--beams", help="Comma list of K.")] = "10,50",
         batches: Annotated[str, typer.Option("--batches", help="Comma list of batch sizes.")] = "1,32",
         repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per cell (after a warm-up).")] = 10,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -16,6 +17,43 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 
 T = TypeVar("T")
+
+
+def writable_file(path: Path | None) -> Path | None:
+    """Typer callback of every output file option (``--json``, a PNG's ``--out``): checked when the command
+    starts, so a path that cannot take a file fails at once, not after the work it was to record."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder: give the path of a file to write")
+    check_parents(path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise typer.BadParameter(f"{path} cannot be written (permission denied)")
+    return path
+
+
+def checkpoint_out(path: Path) -> Path:
+    """Typer callback of a training command's ``--out``: a new folder, or a checkpoint that the run replaces
+    when it ends; never a file, nor a folder of other things (a data set, a project) that it would wipe."""
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} is a file, not a checkpoint folder")
+    if path.is_dir() and not (path / "manifest.json").is_file() and any(path.iterdir()):
+        raise typer.BadParameter(
+            f"{path} is a folder that is not a checkpoint (no manifest.json), and the run would replace "
+            "everything in it: give a new folder"
+        )
+    check_parents(path)
+    return path
+
+
+def check_parents(path: Path) -> None:
+    """The nearest existing folder above ``path`` is a folder this process may write in."""
+    above = next((p for p in path.parents if p.exists()), Path("."))
+    if not above.is_dir():
+        raise typer.BadParameter(f"{above} is a file, so {path} cannot be written under it")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"cannot write under {above} (permission denied)")
+
 
 DataOpt = Annotated[
     Path | None,
@@ -36,7 +74,9 @@ EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the
 StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")]
-SummaryOpt = Annotated[Path | None, typer.Option("--json", help="Write the training summary here.")]
+SummaryOpt = Annotated[
+    Path | None, typer.Option("--json", help="Write the training summary here.", callback=writable_file)
+]
 TensorBoardOpt = Annotated[
     Path | None,
     typer.Option("--tensorboard", help="Folder for TensorBoard scalars (loss, lr, held-out HR/NDCG) [<out>.tb]."),

@@ -27,12 +27,14 @@ from training.cli.options import (
     StepsOpt,
     SummaryOpt,
     TensorBoardOpt,
+    checkpoint_out,
     float_list,
     load_data,
     require_checkpoint,
     run_training,
     select_rows,
     setup_logging,
+    writable_file,
     write_json,
 )
 
@@ -45,7 +47,12 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         init: Annotated[
             Path, typer.Option("--init", help="SFT checkpoint to start from; also the frozen KL reference.")
         ],
-        out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to write (best model by validation).")],
+        out: Annotated[
+            Path,
+            typer.Option(
+                "--out", help="Checkpoint folder to write (best model by validation).", callback=checkpoint_out
+            ),
+        ],
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
@@ -146,6 +153,12 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
         weights = float_list(level_weights, "--level-weights") if level_weights is not None else None
         require_checkpoint(init, "--init")
+        if out.resolve() == init.resolve():
+            raise typer.BadParameter(
+                f"{out} is the --init checkpoint, which the run starts from and keeps as its KL reference: "
+                "write the RL model to another folder",
+                param_hint="--out",
+            )
         from training.data.dataset import parse_splits
         from training.rl.run import train_rl
         from training.rl.trainer import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, rollout_ved_config
@@ -197,7 +210,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")] = 32,
         seed: SeedOpt = 0,
         device: DeviceOpt = "cpu",
-        json_out: Annotated[Path | None, typer.Option("--json", help="Write the diagnostics here.")] = None,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write the diagnostics here.", callback=writable_file)
+        ] = None,
     ) -> None:
         """Candidate-set diagnostics of one decoder: reachability, non-zero-advantage share, reward std, ...;
         with a value head in the checkpoint, also its quality (rank correlation with the dense reward)."""
@@ -221,7 +236,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
     @bench.command(name="train")
     def bench_train(
         json_out: Annotated[
-            Path | None, typer.Option("--json", help="Write {grpo_s_per_step, vstar_s_per_step} here.")
+            Path | None,
+            typer.Option("--json", help="Write {grpo_s_per_step, vstar_s_per_step} here.", callback=writable_file),
         ] = None,
         data: DataOpt = None,
         checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Start model (default: random).")] = None,
