@@ -14,8 +14,10 @@ exception, is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer._click.core import Command
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click from 0.28 on
 from typer.core import TyperGroup
 
@@ -55,6 +58,27 @@ def fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def refuse_non_finite(command: Command) -> None:
+    """Every command (and subcommand) refuses nan and inf in its float options before it runs: no setting here
+    means them, and nan passes every min/max check (each comparison with it is false), so ``--beta nan`` would
+    train a model of nans and ``--fusion-weight nan`` would score 0 without a word."""
+    callback = command.callback
+    if callback is not None and not getattr(callback, "refuses_non_finite", False):
+        flags = {p.name: p.opts[0] for p in command.params if p.name and p.opts}
+
+        @functools.wraps(callback)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            for name, value in kwargs.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise typer.BadParameter(f"{value} is not a finite number", param_hint=flags.get(name, name))
+            return callback(*args, **kwargs)
+
+        checked.refuses_non_finite = True  # type: ignore[attr-defined]
+        command.callback = checked
+    for sub in getattr(command, "commands", {}).values():
+        refuse_non_finite(sub)
+
+
 class OneLineErrors(TyperGroup):
     """The root command: the project's errors become one line on stderr and exit status 2 (see the module doc)."""
 
@@ -68,6 +92,7 @@ class OneLineErrors(TyperGroup):
         **extra: Any,
     ) -> Any:
         extra["windows_expand_args"] = windows_expand_args
+        refuse_non_finite(self)
         if not standalone_mode:  # the caller handles errors (the demo runs its steps this way)
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

@@ -64,10 +64,16 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
     yield ["fuse", "--data", d, "--checkpoint", gone], "does not exist"
     yield ["rl", "--data", d, "--init", gone, "--out", out], "Invalid value for --init"
     yield ["rl", "--data", d, "--init", empty, "--out", out, "--algo", "ppo"], "'ppo' is not one of 'grpo', 'vstar'"
-    yield ["rl", "--data", d, "--init", empty, "--out", out, "--level-weights", "0.3,x"], "a comma list of numbers"
+    yield (
+        ["rl", "--data", d, "--init", empty, "--out", out, "--level-weights", "0.3,x"],
+        "a comma list of finite numbers",
+    )
     yield ["diagnose", "--data", d, "--checkpoint", gone], "does not exist"
     yield ["baseline", "knn", "--data", d], "'knn' is not one of 'pop', 'transition', 'sasrec'"
     yield ["bench", "decode", "--beams", "10,x"], "expected a comma list of integers"
+    yield ["rl", "--data", d, "--init", empty, "--out", out, "--beta", "inf"], "--beta: inf is not a finite number"
+    yield ["fuse", "--data", d, "--checkpoint", gone, "--weights", "3,nan"], "a comma list of finite numbers"
+    yield ["baseline", "sasrec", "--data", d, "--lr", "nan"], "--lr: nan is not a finite number"
 
 
 def test_simple_mistakes_are_one_line_before_torch_loads(tiny_data_dir: Path, bad_data: Path, tmp_path: Path) -> None:

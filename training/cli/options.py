@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -177,7 +178,14 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def float_list(text: str, option: str) -> tuple[float, ...]:
-    return comma_list(text, option, float, "numbers")
+    return comma_list(text, option, finite_float, "finite numbers")
+
+
+def finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text!r} is not a finite number")
+    return number
 
 
 def comma_list(text: str, option: str, kind: Callable[[str], T], what: str) -> tuple[T, ...]:
