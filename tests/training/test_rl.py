@@ -270,6 +270,23 @@ def test_train_rl_writes_checkpoint_and_resumes(
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
 
 
+def test_a_budget_the_initial_tree_cannot_fit_stops_the_run_before_it_writes(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "rl"
+    config = RLConfig(algo="vstar", ved=False, max_steps=3, batch_size=4, eval_every=1, eval_limit=8, value_warmup=1)
+    interrupt_at_step(3, monkeypatch, lambda: train_rl(tiny_dataset, init_ckpt, out, config, progress=False))
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    small = replace(config, ved=True, ved_config=VEDConfig(budget=2))
+    with pytest.raises(ValueError, match="budget 2 is below"):
+        train_rl(tiny_dataset, init_ckpt, out, small, progress=False)
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files
+    assert {p: p.read_bytes() for p in files} == before
+    with pytest.raises(ValueError, match="VED's token budget"):
+        RLConfig(algo="grpo", ved_config=VEDConfig(budget=64))
+
+
 def test_resumed_vstar_run_continues_to_the_same_weights(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -60,6 +60,7 @@ from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from models.transition import ShallowFusion, TransitionCounts
 from models.value_head import ValueHead, load_value_head, value_head_for, value_head_manifest
+from models.ved_config import resolve_budget
 from training.data.dataset import HoldoutRule, RecDataset, Sample, popular_sids, split_for_training
 from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
@@ -222,6 +223,8 @@ def train_rl(
     seed_everything(config.seed)
     if config.use_value and config.dense:  # the weights the run uses, in its manifest and resume identity
         config = replace(config, level_weights=resolve_level_weights(config.level_weights, data.catalog.depth))
+    if config.use_ved:  # a budget the initial tree cannot fit stops the run here, before it writes anything
+        resolve_budget(config.ved_config, data.catalog.depth)
     train_rows, held_out = split_for_training(data, config)
     select_rows = held_out[: config.eval_limit]
     if not train_rows:

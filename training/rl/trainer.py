@@ -230,6 +230,8 @@ class RLConfig:
             raise ValueError(f"fusion_weight must be >= 0, got {self.fusion_weight}")
         if self.value_warmup < 0:
             raise ValueError(f"value_warmup must be >= 0, got {self.value_warmup}")
+        if self.ved_config.budget is not None and not self.use_ved:
+            raise ValueError("--budget is VED's token budget: use it with --algo vstar, without --no-ved")
         if self.ved_config.num_candidates != self.num_candidates:  # resolved, like ValueHeadConfig's defaults
             object.__setattr__(self, "ved_config", replace(self.ved_config, num_candidates=self.num_candidates))
 
