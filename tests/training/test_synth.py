@@ -109,10 +109,14 @@ def test_sids_follow_departments(small: SynthData) -> None:
     assert small.sid_report["after"]["collision_rate"] == 0.0
 
 
-def test_refuses_to_clobber_a_foreign_data_set(tmp_path: Path) -> None:
-    (tmp_path / "index.json").write_text("{}")
+@pytest.mark.parametrize("foreign", ["index.json", "manifest.json", "stats.json"])
+def test_refuses_to_clobber_a_foreign_folder_or_a_file(tmp_path: Path, foreign: str) -> None:
+    (tmp_path / foreign).write_text("{}")  # a real data set, a checkpoint, stats of something else
     with pytest.raises(ValueError, match="vstar synth did not write"):
         write_synth(tmp_path, SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == [foreign] and (tmp_path / foreign).read_text() == "{}"
+    with pytest.raises(ValueError, match="is a file"):
+        write_synth(tmp_path / foreign, SMALL)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"items": 4}, "--items"), ({"users": 0}, "--users")])

@@ -283,13 +283,21 @@ def generate(cfg: SynthConfig, sid_config: SidBuildConfig | None = None) -> Synt
 def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None = None) -> dict[str, Any]:
     """Write the data set to ``out`` in the folder layout, plus a ``stats.json``; returns the stats.
 
-    Refuses a folder that holds a data set not written by ``vstar synth``, so a
-    typo in ``--out`` cannot clobber real data.
+    Writes into a new or empty folder, or over a data set ``vstar synth`` wrote
+    (regenerated); refuses any other folder (a real data set, a checkpoint) and a
+    file, so a typo in ``--out`` cannot clobber them.
     """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; --out is the folder to write the data set into")
     stats_path = out / "stats.json"
-    ours = stats_path.exists() and json.loads(stats_path.read_text()).get("dataset") == "synthetic"
-    if (out / "index.json").exists() and not ours:
-        raise ValueError(f"{out} already holds a data set that vstar synth did not write; choose another --out")
+    try:
+        ours = stats_path.is_file() and json.loads(stats_path.read_text()).get("dataset") == "synthetic"
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        ours = False
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise ValueError(
+            f"{out} holds files that vstar synth did not write (a data set, a checkpoint?); choose a new --out"
+        )
     data = generate(cfg, sid_config)
     write_dataset(out, data.catalog, data.splits, data.meta, data.embeddings)
     stats = {
