@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from models.checkpoint import TRAINER_STATE, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from models.policy import Policy
-from training.data.dataset import Sample
+from training.data.dataset import RecDataset, Sample
 from training.distributed import Shard, barrier, is_main, shard, shard_rows, weighted_mean, world_size
 from training.evaluation.decoders import beam_decoder
 from training.evaluation.evaluate import evaluate
@@ -97,15 +97,28 @@ def resume_folder(out: Path) -> Path:
 
 
 def load_resume(
-    folder: Path, device: str, identity: dict[str, Any], differs: str = "a different configuration"
+    folder: Path,
+    device: str,
+    identity: dict[str, Any],
+    data: RecDataset,
+    differs: str = "a different configuration",
 ) -> tuple[LoadedCheckpoint, dict[str, Any]]:
-    """The interrupted run at ``folder`` and its trainer state; a ``ValueError`` when there is none or its state
-    does not hold ``identity`` (the configuration, and whatever else must match, key by key)."""
+    """The interrupted run at ``folder`` and its trainer state; a ``ValueError`` when there is none, when it
+    trained on other data than ``data``, or when its state does not hold ``identity`` (the configuration, and
+    whatever else must match, key by key)."""
     if not folder.exists():
         raise ValueError(f"--resume: no interrupted run at {folder}")
     loaded = load_checkpoint(folder, device)
+    trained_on = (loaded.manifest.get("data") or {}).get("fingerprint")
+    if trained_on != data.fingerprint():
+        raise ValueError(
+            f"--resume: {folder} was trained on other data (fingerprint {trained_on}) than --data {data.name} "
+            f"({data.fingerprint()})"
+        )
     trainer_state = loaded.trainer_state()
-    if trainer_state is None or any(trainer_state.get(k) != v for k, v in identity.items()):
+    if trainer_state is None:
+        raise ValueError(f"--resume: {folder} holds no trainer state ({TRAINER_STATE} is missing)")
+    if any(trainer_state.get(k) != v for k, v in identity.items()):
         raise ValueError(f"--resume: {folder} was written with {differs}")
     return loaded, trainer_state
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import training.sft.trainer as sft_module
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
-from training.data.dataset import Sample, split_for_training
+from training.data.dataset import Sample, load_dataset, split_for_training
 from training.optim import autocast_dtype
 from training.sft.batches import collate, crop_histories, encode_sample
 from training.sft.config import SFTConfig
@@ -87,6 +87,17 @@ def test_resume_continues_to_the_same_weights(tiny_dataset, tmp_path: Path, monk
         )
     with pytest.raises(ValueError, match="no interrupted run"):
         train_sft(tiny_dataset, tmp_path / "never", config, resume=True, progress=False)
+    other = tmp_path / "other_data"  # the same rows but one more line in test.csv: another data set
+    other.mkdir()
+    for f in tiny_dataset.files.values():
+        (other / f.name).write_bytes(f.read_bytes())
+    with (other / "test.csv").open("a") as f:
+        f.write((other / "test.csv").read_text().splitlines()[-1] + "\n")
+    with pytest.raises(ValueError, match="trained on other data"):
+        train_sft(load_dataset(other), tmp_path / "part", config, resume=True, progress=False)
+    (tmp_path / "part.resume" / "trainer_state.pt").unlink()
+    with pytest.raises(ValueError, match="holds no trainer state"):
+        train_sft(tiny_dataset, tmp_path / "part", config, resume=True, progress=False)
 
 
 def test_cli_sft_then_eval_writes_contract_json(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -236,7 +236,7 @@ def train_rl(
     if resume:
         identity = {"config": asdict(config), "init": str(init)}
         start_ckpt, trainer_state = load_resume(
-            resume_folder(out), device, identity, "a different configuration or --init"
+            resume_folder(out), device, identity, data, "a different configuration or --init"
         )
     policy = start_ckpt.policy
     value_head: ValueHead | None = None

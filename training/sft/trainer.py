@@ -135,7 +135,7 @@ def _train_sft(
 
     trainer_state = None
     if resume:
-        loaded, trainer_state = load_resume(resume_folder(out), device, {"config": asdict(config)})
+        loaded, trainer_state = load_resume(resume_folder(out), device, {"config": asdict(config)}, data)
         policy = loaded.policy
     else:
         policy = new_policy(data, config, device)
