@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from training.evaluation.compare import load_ranks, paired_bootstrap, row_metric
+from training.evaluation.compare import compare_runs, load_ranks, paired_bootstrap, row_metric
 from vstar import app
 
 
-def eval_file(path: Path, ranks: list[int | None]) -> Path:
-    path.write_text(json.dumps({"metrics": {}, "rows": len(ranks), "target_ranks": ranks}))
+def eval_file(path: Path, ranks: list[int | None], **recorded: str) -> Path:
+    path.write_text(json.dumps({"metrics": {}, "rows": len(ranks), "target_ranks": ranks} | recorded))
     return path
 
 
@@ -60,6 +60,21 @@ def test_files_must_hold_ranks_for_the_same_rows(tmp_path: Path) -> None:
     (tmp_path / "old.json").write_text(json.dumps({"metrics": {}}))
     with pytest.raises(ValueError, match="no target_ranks"):
         load_ranks([tmp_path / "old.json"])
+
+
+def test_runs_over_other_rows_are_refused_where_the_files_say_so(tmp_path: Path) -> None:
+    test_a = eval_file(tmp_path / "a.json", [0, 1], split="test", rows_fingerprint="f" * 64)
+    valid = eval_file(tmp_path / "v.json", [0, 1], split="valid", rows_fingerprint="e" * 64)
+    with pytest.raises(ValueError, match=r"different splits \(.*a.json: test; .*v.json: valid\)"):
+        compare_runs([test_a], [valid])
+    other_rows = eval_file(tmp_path / "b.json", [0, 1], split="test", rows_fingerprint="d" * 64)
+    with pytest.raises(ValueError, match="different rows"):
+        compare_runs([test_a], [other_rows])
+    unrecorded = eval_file(tmp_path / "old.json", [1, 0])  # an older file: nothing recorded to check
+    assert compare_runs([test_a], [unrecorded])["rows"] == 2
+    (tmp_path / "bin.json").write_bytes(b"\x80\x81")
+    with pytest.raises(ValueError, match="bin.json: not a readable JSON file"):
+        compare_runs([test_a], [tmp_path / "bin.json"])
 
 
 def test_cli_writes_the_comparison_and_names_bad_files(tmp_path: Path) -> None:

@@ -51,6 +51,14 @@ class Sample:
     target: int
 
 
+def rows_fingerprint(rows: Sequence[Sample]) -> str:
+    """sha256 over the rows in order (user, history, target): two scores of the same rows share it."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r.user_id}\t{','.join(map(str, r.history))}\t{r.target}\n".encode())
+    return h.hexdigest()
+
+
 @dataclass
 class RecDataset:
     name: str

@@ -33,14 +33,30 @@ def row_metric(ranks: np.ndarray, name: str) -> np.ndarray:
     return np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
 
 
+def read_run(path: Path) -> dict[str, Any]:
+    """One eval (or baseline) JSON file; a ``ValueError`` naming it when it is unreadable or not one."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file: {e}") from None
+    if not isinstance(payload, dict) or "target_ranks" not in payload:
+        raise ValueError(f"{path} has no target_ranks (written by an older vstar eval, or not an eval file)")
+    return payload
+
+
+def check_same_rows(paths: Sequence[Path]) -> None:
+    """Every run scored the same rows: the same split and, where the files record them, the same rows in order."""
+    payloads = [read_run(p) for p in paths]
+    for key, what in (("split", "splits"), ("rows_fingerprint", "rows")):
+        seen = {str(p): payload[key] for p, payload in zip(paths, payloads, strict=True) if key in payload}
+        if len(set(seen.values())) > 1:
+            listed = "; ".join(f"{p}: {v if key == 'split' else v[:12]}" for p, v in seen.items())
+            raise ValueError(f"the runs scored different {what} ({listed}): compare runs over the same rows")
+
+
 def load_ranks(paths: Sequence[Path]) -> np.ndarray:
     """(seeds, rows) target ranks from eval JSON files of one method; -1 where not ranked."""
-    runs = []
-    for path in paths:
-        payload = json.loads(Path(path).read_text())
-        if "target_ranks" not in payload:
-            raise ValueError(f"{path} has no target_ranks (written by an older vstar eval; run it again)")
-        runs.append([-1 if r is None else int(r) for r in payload["target_ranks"]])
+    runs = [[-1 if r is None else int(r) for r in read_run(path)["target_ranks"]] for path in paths]
     if len({len(r) for r in runs}) != 1:
         raise ValueError(f"the runs {', '.join(map(str, paths))} scored different numbers of rows")
     return np.asarray(runs)
@@ -85,6 +101,7 @@ def paired_bootstrap(
 
 
 def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    check_same_rows([*base, *other])
     return {
         "base": [str(p) for p in base],
         "other": [str(p) for p in other],

@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from models.policy import Policy, pad_left
-from training.data.dataset import Sample
+from training.data.dataset import Sample, rows_fingerprint
 from training.evaluation.decoders import DecodeFn
 from training.evaluation.metrics import CUTOFFS, beyond_accuracy, rank_metrics, tail_items, target_rank
 
@@ -80,4 +80,10 @@ def score_rankings(
         counts[s.target] += 1
     metrics |= beyond_accuracy(ranked, catalog, tail_items(catalog, counts), k=10)
     # target_ranks (0-based, None: not ranked) let ``vstar compare`` pair two runs row by row
-    return {"metrics": metrics, "rows": len(samples), "seconds": round(seconds, 2), "target_ranks": ranks}
+    return {
+        "metrics": metrics,
+        "rows": len(samples),
+        "rows_fingerprint": rows_fingerprint(samples),  # ``vstar compare`` pairs only runs over the same rows
+        "seconds": round(seconds, 2),
+        "target_ranks": ranks,
+    }
