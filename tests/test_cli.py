@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from models.checkpoint import save_checkpoint
 from models.policy import Policy
+from tests.conftest import make_catalog, write_random_dataset
 from training.data.dataset import parse_splits
 from training.rl.trainer import RLConfig
 from vstar import app, raised_by_project
@@ -127,6 +128,16 @@ def test_a_corrupt_checkpoint_is_one_line(tiny_data_dir: Path, tiny_policy: Poli
     (ckpt / "manifest.json").write_text('{"format_version": 1, "prompt": ')
     result = CliRunner().invoke(app, ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(ckpt)])
     assert_one_line_error(result.exit_code, result.output, "manifest.json is not valid JSON")
+
+
+@pytest.mark.parametrize("command", ["eval", "diagnose"])
+def test_a_checkpoint_of_another_catalog_is_refused(tiny_policy: Policy, tmp_path: Path, command: str) -> None:
+    other = write_random_dataset(tmp_path / "other", make_catalog(seed=7))  # the same size, other SIDs
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_policy)
+    result = CliRunner().invoke(app, [command, "--data", str(other), "--checkpoint", str(ckpt), "--limit", "2"])
+    last = result.output.strip().splitlines()[-1]  # after transformers' weight-loading bar
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert last == "Error: --checkpoint: the checkpoint was trained on another catalog than other: its SIDs differ"
 
 
 def test_a_value_error_inside_a_library_is_a_bug_and_keeps_its_traceback() -> None:

@@ -28,8 +28,7 @@ from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from models.value_head import value_head_for
-from training.data.dataset import RecDataset, Sample
-from training.rl.run import check_catalog
+from training.data.dataset import RecDataset, Sample, check_catalog
 from training.rl.trainer import RLConfig, RLTrainer, rollout_ved_config
 
 
@@ -78,7 +77,7 @@ def run_train_bench(
     ds = data or synthetic_dataset()
     if checkpoint is not None:
         policy = load_checkpoint(checkpoint, device).policy
-        check_catalog(policy, ds)
+        check_catalog(policy.catalog, ds, "--checkpoint")
     else:
         policy = Policy.from_preset(preset, ds.catalog, seed=0).to(device)
     samples = list(ds.splits["train"][:batch_size])

@@ -302,10 +302,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         context_splits = parse_splits(train_splits)
         ds = load_data(data, minionerec_root, dataset)
         from models.checkpoint import load_checkpoint
+        from training.data.dataset import check_catalog
         from training.evaluation.decoders import checkpoint_fusion, make_decoder
         from training.evaluation.evaluate import evaluate
 
         ckpt = load_checkpoint(checkpoint, device)
+        check_catalog(ckpt.policy.catalog, ds, "--checkpoint")
         rows = select_rows(ds.splits[split], limit, holdout)
         try:
             fusion = checkpoint_fusion(ckpt, 0.0 if decoder != "beam" and fusion_weight is None else fusion_weight)

@@ -220,10 +220,12 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         ds = load_data(data, minionerec_root, dataset)
         from models.checkpoint import load_checkpoint
         from models.value_head import load_value_head
+        from training.data.dataset import check_catalog
         from training.rl.diagnose import candidate_source, checkpoint_level_weights
         from training.rl.diagnose import diagnose as run_diagnose
 
         ckpt = load_checkpoint(checkpoint, device)
+        check_catalog(ckpt.policy.catalog, ds, "--checkpoint")
         rows = select_rows(ds.splits[split], limit, holdout)
         source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots)
         head = load_value_head(ckpt, device, required=False)

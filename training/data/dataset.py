@@ -113,6 +113,13 @@ def split_for_training(data: RecDataset, rule: HoldoutRule) -> tuple[list[Sample
     return train, valid
 
 
+def check_catalog(catalog: SidCatalog, data: RecDataset, option: str) -> None:
+    """The checkpoint given by ``option`` was trained on ``data``'s catalog (the same item -> SID map): its
+    SIDs would otherwise name other items, and every score would be wrong without a word."""
+    if catalog.to_index() != data.catalog.to_index():
+        raise ValueError(f"{option}: the checkpoint was trained on another catalog than {data.name}: its SIDs differ")
+
+
 def popular_sids(catalog: SidCatalog, samples: Sequence[Sample], limit: int = 1000) -> list[tuple[str, int]]:
     """(SID, count) of the SIDs most often a training target, most frequent first (ties: catalog order).
 

@@ -57,11 +57,10 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from models.policy import Policy
 from models.transition import ShallowFusion, TransitionCounts
 from models.value_head import ValueHead, load_value_head, value_head_for, value_head_manifest
 from models.ved_config import resolve_budget
-from training.data.dataset import HoldoutRule, RecDataset, Sample, popular_sids, split_for_training
+from training.data.dataset import HoldoutRule, RecDataset, Sample, check_catalog, popular_sids, split_for_training
 from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
 from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, resume_folder, run_steps
@@ -175,11 +174,6 @@ def init_trained_on(init: str | None, data: RecDataset, rows: Sequence[Sample]) 
     return sum(r in seen for r in rows)
 
 
-def check_catalog(policy: Policy, data: RecDataset) -> None:
-    if policy.catalog.to_index() != data.catalog.to_index():
-        raise ValueError(f"the --init checkpoint was trained on another catalog than {data.name}: its SIDs differ")
-
-
 def warm_up_value(
     trainer: RLTrainer, train_rows: list[Sample], lengths: list[int], config: RLConfig, progress: bool
 ) -> dict[str, float]:
@@ -230,7 +224,7 @@ def train_rl(
     if not train_rows:
         raise ValueError("no training rows: check --train-splits")
     start_ckpt = load_checkpoint(init, device)
-    check_catalog(start_ckpt.policy, data)
+    check_catalog(start_ckpt.policy.catalog, data, "--init")
     reference = load_checkpoint(init, device).policy
     trainer_state = None
     if resume:
