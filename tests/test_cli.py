@@ -140,6 +140,22 @@ def test_a_checkpoint_of_another_catalog_is_refused(tiny_policy: Policy, tmp_pat
     assert last == "Error: --checkpoint: the checkpoint was trained on another catalog than other: its SIDs differ"
 
 
+def test_an_empty_split_is_an_error_not_a_score_of_zero(
+    tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in tiny_data_dir.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    (data / "test.csv").write_text((data / "test.csv").read_text().splitlines()[0] + "\n")  # the header alone
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_policy)
+    for args in (["eval", "--checkpoint", str(ckpt)], ["baseline", "pop"]):
+        result = CliRunner().invoke(app, [*args, "--data", str(data)])
+        last = result.output.strip().splitlines()[-1]
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert last.startswith("Error: ") and "the test split of data has no rows to score" in last, result.output
+
+
 def test_a_value_error_inside_a_library_is_a_bug_and_keeps_its_traceback() -> None:
     from training.data.dataset import parse_splits
 

@@ -62,6 +62,8 @@ def check_request(data: RecDataset, name: str, split: str, train_splits: Sequenc
         raise ValueError("training on the test split is not allowed")
     if split in train_splits:
         raise ValueError(f"split {split!r} is trained on; evaluate on a split outside --train-splits")
+    if not data.splits[split]:
+        raise ValueError(f"the {split} split of {data.name} has no rows to score")
 
 
 def ranking_depth(catalog: SidCatalog, limit: int = RANKING_LENGTH) -> int:
