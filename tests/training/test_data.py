@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.sid_catalog import sid_to_str
@@ -98,6 +99,40 @@ def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
         load_dataset(data)
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("item_emb.npy", b"garbage", "item_emb.npy: not a readable .npy array"),
+        ("item_emb.npy", b"", "item_emb.npy: not a readable .npy array"),
+        ("item_emb.npy", "object", "item_emb.npy: not a readable .npy array"),  # pickled objects
+        ("item_emb.npy", "strings", "item_emb.npy: dtype <U1 is not numeric"),
+        ("item_emb.npy", "nan", "item_emb.npy: contains NaN"),
+        ("item_emb.npy", "short", "item_emb.npy: 3 rows but .*index.json has 120 items"),
+        ("index.json", b'{"0": 5}', "index.json: item 0: expected a list of SID tokens, got 5"),
+        ("index.json", b"\x80\x81", "index.json: not UTF-8 text"),
+        ("item.json", b"\xff", "item.json: not UTF-8 text"),
+        ("valid.csv", b"\xff\xfe", "valid.csv: not UTF-8 text"),
+    ],
+)
+def test_unreadable_files_are_named(
+    tiny_data_dir: Path, tmp_path: Path, name: str, content: object, message: str
+) -> None:
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    arrays = {
+        "object": np.array([{"a": 1}] * 120, dtype=object),
+        "strings": np.full((120, 4), "x"),
+        "nan": np.full((120, 4), np.nan, dtype=np.float32),
+        "short": np.ones((3, 4), dtype=np.float32),
+    }
+    if isinstance(content, bytes):
+        (data / name).write_bytes(content)
+    else:
+        with (data / name).open("wb") as f:  # np.save refuses nothing, so each bad array is written as it is
+            np.lib.format.write_array(f, arrays[str(content)], allow_pickle=True)
+    with pytest.raises(DataError, match=message):
+        load_dataset(data)
 
 
 def test_minionerec_layout(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -172,6 +172,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object")
     return data
@@ -184,6 +186,9 @@ def _load(name: str, files: dict[str, Path], emb_path: Path | None) -> RecDatase
     for key, value in meta.items():
         if isinstance(value, dict):
             titles[_int(key, files["item"], 1)] = str(value.get("title", ""))
+    for key, sid in index.items():
+        if not isinstance(sid, list) or not all(isinstance(token, str) for token in sid):
+            raise DataError(f"{files['index']}: item {key}: expected a list of SID tokens, got {sid!r:.60}")
     try:
         catalog = SidCatalog.from_index(index, titles)
     except ValueError as e:
@@ -191,11 +196,30 @@ def _load(name: str, files: dict[str, Path], emb_path: Path | None) -> RecDatase
     splits = {s: read_split(files[s], catalog) for s in SPLITS}
     embeddings = None
     if emb_path is not None:
-        embeddings = np.load(emb_path).astype(np.float32)
-        if embeddings.ndim != 2 or embeddings.shape[0] != catalog.num_items:
-            raise DataError(f"{emb_path}: shape {embeddings.shape}, expected ({catalog.num_items}, dim)")
+        embeddings = read_embeddings(emb_path, catalog.num_items, str(files["index"]))
         files = files | {"item_emb": emb_path}
     return RecDataset(name, catalog, splits, embeddings, files)
+
+
+def read_embeddings(path: Path, items: int | None = None, counted_in: str = "the index") -> np.ndarray:
+    """(items, dim) float32 item embeddings (row i = item id i) from a .npy file of finite numbers; ``items``:
+    the row count that ``counted_in`` gives, when known."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # not .npy, cut short, or pickled objects
+        raise DataError(f"{path}: not a readable .npy array ({e})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise DataError(f"{path}: expected one array (.npy), got {type(array).__name__}")
+    if not np.issubdtype(array.dtype, np.number):
+        raise DataError(f"{path}: dtype {array.dtype} is not numeric")
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise DataError(f"{path}: shape {array.shape}, expected (items, dim)")
+    if items is not None and array.shape[0] != items:
+        raise DataError(f"{path}: {array.shape[0]} rows but {counted_in} has {items} items")
+    embeddings = array.astype(np.float32)
+    if not np.isfinite(embeddings).all():
+        raise DataError(f"{path}: contains NaN or infinite values (or values too large for float32)")
+    return embeddings
 
 
 def _int(value: str, path: Path, line: int) -> int:
@@ -218,8 +242,15 @@ def _literal_list(value: str, column: str, path: Path, line: int) -> list:
 def read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    try:
+        return _read_split(path, catalog)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
     samples: list[Sample] = []
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

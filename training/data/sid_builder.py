@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from models.sid_catalog import LEVEL_PREFIXES, level_token
-from training.data.dataset import DataError
+from training.data.dataset import DataError, read_embeddings
 
 MAX_AUTO_CODEBOOK = 256
 
@@ -284,22 +284,9 @@ def load_embeddings(data_dir: Path) -> np.ndarray:
     path = data_dir / "item_emb.npy"
     if not path.exists():
         raise DataError(f"{path}: file not found (vstar sids needs item embeddings, row i = item id i)")
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise DataError(f"{path}: not a numpy array file: {e}") from None
-    if emb.ndim != 2 or emb.shape[0] < 1 or emb.shape[1] < 1:
-        raise DataError(f"{path}: shape {emb.shape}, expected (items, dim)")
-    if not np.issubdtype(emb.dtype, np.number):
-        raise DataError(f"{path}: dtype {emb.dtype} is not numeric")
-    if not np.isfinite(emb).all():
-        raise DataError(f"{path}: contains NaN or infinite values")
     meta = data_dir / "item.json"
-    if meta.exists():
-        num_items = len(json.loads(meta.read_text()))
-        if num_items != emb.shape[0]:
-            raise DataError(f"{path}: {emb.shape[0]} rows but {meta} has {num_items} items")
-    return emb.astype(np.float32)
+    items = len(json.loads(meta.read_text())) if meta.exists() else None
+    return read_embeddings(path, items, str(meta))
 
 
 def write_index(data_dir: Path, config: SidBuildConfig, out: Path | None = None, force: bool = False) -> dict[str, Any]:
