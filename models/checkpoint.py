@@ -132,7 +132,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         left = [p.name for p in leftovers(folder)]
         hint = f" (an interrupted write left {', '.join(left)} beside it)" if left else ""
         raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder{hint}")
-    for name in ("manifest.json", "catalog.json", "config.json"):
+    for name in ("manifest.json", "catalog.json", "config.json", "tokenizer_config.json"):
         if not (folder / name).exists():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
     manifest = _read_json(folder, "manifest.json")
@@ -161,6 +161,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         tokenizer = tokenizer_cls.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise CheckpointError(f"checkpoint {folder}: cannot load model or tokenizer: {e}") from None
+    if tokenizer.pad_token_id is None:  # every saved tokenizer has one: its config did not load
+        raise CheckpointError(f"checkpoint {folder}: the tokenizer has no pad token (tokenizer_config.json missing?)")
     tokenizer.padding_side = "left"
     model.eval()
     policy = Policy(model, tokenizer, catalog, prompt).to(device)

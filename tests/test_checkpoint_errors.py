@@ -49,6 +49,15 @@ def test_load_names_the_corrupt_file(vstar_checkpoint: Path, tmp_path: Path, nam
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json", "catalog.json"])
+def test_a_missing_file_is_named(vstar_checkpoint: Path, tmp_path: Path, name: str) -> None:
+    path = tmp_path / "ck"
+    shutil.copytree(vstar_checkpoint, path)
+    (path / name).unlink()
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path} is incomplete: {name} is missing$"):
+        load_checkpoint(path)
+
+
 def test_corrupt_resume_state_is_named(vstar_checkpoint: Path, tmp_path: Path) -> None:
     path = damaged(vstar_checkpoint, tmp_path / "ck", "trainer_state.pt", "cut")
     with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt"):
