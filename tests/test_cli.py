@@ -156,6 +156,21 @@ def test_an_empty_split_is_an_error_not_a_score_of_zero(
         assert last.startswith("Error: ") and "the test split of data has no rows to score" in last, result.output
 
 
+def test_a_device_this_machine_lacks_is_one_line(tiny_data_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    mistakes = {"bogus": "'bogus' is not a torch device", "meta": "the models run on cpu, cuda"}
+    if not torch.cuda.is_available():
+        mistakes["cuda"] = "cuda: no CUDA device here"
+    else:
+        mistakes[f"cuda:{torch.cuda.device_count()}"] = f"this machine has {torch.cuda.device_count()} CUDA device"
+    for device, message in mistakes.items():
+        out = str(tmp_path / "ck")
+        for args in (["eval", "--checkpoint", out], ["sft", "--out", out, "--preset", "tiny"]):
+            result = CliRunner().invoke(app, [*args, "--data", str(tiny_data_dir), "--device", device])
+            assert_one_line_error(result.exit_code, result.output, message)
+
+
 def test_a_value_error_inside_a_library_is_a_bug_and_keeps_its_traceback() -> None:
     from training.data.dataset import parse_splits
 

@@ -33,6 +33,31 @@ def writable_file(path: Path | None) -> Path | None:
     return path
 
 
+def device_name(value: str) -> str:
+    """Typer callback of ``--device``: a torch device this machine has. torch is imported only for a device
+    other than the CPU (the command imports it anyway), so a mistake on the CPU is still told before it loads."""
+    if value == "cpu":
+        return value
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise typer.BadParameter(f"{value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise typer.BadParameter(f"{value}: the models run on cpu, cuda (cuda:N) or mps devices")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise typer.BadParameter(f"{value}: no CUDA device here (torch {torch.__version__}, {built})")
+        if device.index is not None and device.index >= count:
+            raise typer.BadParameter(f"{value}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise typer.BadParameter(f"{value}: MPS is not available here")
+    return value
+
+
 def checkpoint_out(path: Path) -> Path:
     """Typer callback of a training command's ``--out``: a new folder, or a checkpoint that the run replaces
     when it ends; never a file, nor a folder of other things (a data set, a project) that it would wipe."""
@@ -82,7 +107,7 @@ TensorBoardOpt = Annotated[
     Path | None,
     typer.Option("--tensorboard", help="Folder for TensorBoard scalars (loss, lr, held-out HR/NDCG) [<out>.tb]."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...", callback=device_name)]
 Decoder = Literal["beam", "ved"]
 Split = Literal["test", "valid", "train"]
 FusionOpt = Annotated[
