@@ -71,10 +71,18 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
     )
     yield ["diagnose", "--data", d, "--checkpoint", gone], "does not exist"
     yield ["baseline", "knn", "--data", d], "'knn' is not one of 'pop', 'transition', 'sasrec'"
-    yield ["bench", "decode", "--beams", "10,x"], "expected a comma list of integers"
+    yield ["bench", "decode", "--beams", "10,x"], "expected a comma list of positive integers"
     yield ["rl", "--data", d, "--init", empty, "--out", out, "--beta", "inf"], "--beta: inf is not a finite number"
     yield ["fuse", "--data", d, "--checkpoint", gone, "--weights", "3,nan"], "a comma list of finite numbers"
     yield ["baseline", "sasrec", "--data", d, "--lr", "nan"], "--lr: nan is not a finite number"
+    yield ["sft", "--data", d, "--out", out, "--base-model", gone], f"{gone} is not a local model folder (no config"
+    yield ["diagnose", "--data", d, "--checkpoint", empty], f"{empty} is not a checkpoint folder"
+    yield ["plot", empty, "--out", str(tmp / "curves")], "the figure is a PNG; give a path ending in .png"
+    yield (
+        ["rl", "--data", d, "--init", empty, "--out", out, "--tensorboard", str(data / "index.json")],
+        "is a file, not a",
+    )
+    yield ["bench", "decode", "--batches", "1,0"], "expected a comma list of positive integers, got '1,0'"
 
 
 def test_simple_mistakes_are_one_line_before_torch_loads(tiny_data_dir: Path, bad_data: Path, tmp_path: Path) -> None:
@@ -112,6 +120,7 @@ def test_outputs_that_would_destroy_something_are_refused_before_any_work(tiny_d
         (["rl", "--data", d, "--init", str(init), "--out", d], "is a folder that is not a checkpoint"),
         (["eval", "--data", d, "--checkpoint", str(init), "--json", f"{note}/m.json"], f"{note} is a file, so"),
         (["diagnose", "--data", d, "--checkpoint", str(init), "--json", str(data)], "is a folder: give"),
+        (["diagnose", "--data", d, "--checkpoint", str(init), "--explore-slots", "2"], "use them with --decoder ved"),
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     for args, message in mistakes:

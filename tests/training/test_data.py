@@ -6,12 +6,22 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from models.sid_catalog import sid_to_str
-from training.data.dataset import COLUMNS, DataError, Sample, load_dataset, load_minionerec, parse_splits, popular_sids
+from training.data.dataset import (
+    COLUMNS,
+    DataError,
+    Sample,
+    load_dataset,
+    load_minionerec,
+    parse_splits,
+    popular_sids,
+    training_rows,
+)
 
 
 def copy_data(src: Path, dst: Path) -> Path:
@@ -171,3 +181,11 @@ def test_popular_sids_counts_training_targets_per_sid(tiny_dataset) -> None:
     rows = [Sample("u", (1,), a), Sample("v", (2,), b), Sample("w", (3,), a)]
     assert popular_sids(cat, rows) == [(sid_to_str(cat.sids[4]), 2), (sid_to_str(cat.sids[1]), 1)]
     assert popular_sids(cat, rows, limit=1) == [(sid_to_str(cat.sids[4]), 2)]
+
+
+def test_a_holdout_that_takes_every_training_row_is_named(tiny_dataset) -> None:
+    rule = SimpleNamespace(train_splits=("valid",), holdout=10_000)
+    with pytest.raises(ValueError, match="--holdout 10000 holds out all 40 valid rows"):
+        training_rows(tiny_dataset, rule)
+    train, select = training_rows(tiny_dataset, SimpleNamespace(train_splits=("valid",), holdout=10))
+    assert len(train) == 30 and len(select) == 10

@@ -219,6 +219,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from training.data.dataset import parse_splits
         from training.sft.config import recipe_config
 
+        if base_model is not None and not (base_model / "config.json").is_file():
+            raise typer.BadParameter(
+                f"{base_model} is not a local model folder (no config.json); nothing is downloaded: give the folder "
+                "of a pretrained causal LM (save_pretrained's layout)",
+                param_hint="--base-model",
+            )
         setup_logging()
         try:
             config = recipe_config(

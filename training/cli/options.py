@@ -58,6 +58,23 @@ def device_name(value: str) -> str:
     return value
 
 
+def png_file(path: Path) -> Path:
+    """Typer callback of a PNG's ``--out``: a writable file path ending in .png."""
+    if path.suffix.lower() != ".png":
+        raise typer.BadParameter(f"{path}: the figure is a PNG; give a path ending in .png")
+    writable_file(path)
+    return path
+
+
+def folder_out(path: Path | None) -> Path | None:
+    """Typer callback of an output folder option (``--tensorboard``): a folder or a new path, not a file."""
+    if path is not None:
+        if path.exists() and not path.is_dir():
+            raise typer.BadParameter(f"{path} is a file, not a folder")
+        check_parents(path)
+    return path
+
+
 def checkpoint_out(path: Path) -> Path:
     """Typer callback of a training command's ``--out``: a new folder, or a checkpoint that the run replaces
     when it ends; never a file, nor a folder of other things (a data set, a project) that it would wipe."""
@@ -105,7 +122,11 @@ SummaryOpt = Annotated[
 ]
 TensorBoardOpt = Annotated[
     Path | None,
-    typer.Option("--tensorboard", help="Folder for TensorBoard scalars (loss, lr, held-out HR/NDCG) [<out>.tb]."),
+    typer.Option(
+        "--tensorboard",
+        help="Folder for TensorBoard scalars (loss, lr, held-out HR/NDCG) [<out>.tb].",
+        callback=folder_out,
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1 ...", callback=device_name)]
 Decoder = Literal["beam", "ved"]
@@ -199,7 +220,14 @@ def run_training(train: Callable[[str], dict[str, Any]], device: str, json_out: 
 
 
 def int_list(text: str, option: str) -> tuple[int, ...]:
-    return comma_list(text, option, int, "integers")
+    return comma_list(text, option, positive_int, "positive integers")
+
+
+def positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise ValueError(f"{number} is not a positive integer")
+    return number
 
 
 def float_list(text: str, option: str) -> tuple[float, ...]:

@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from training.cli.options import png_file
+
 
 def register_plot(app: typer.Typer) -> None:
     @app.command()
@@ -19,7 +21,7 @@ def register_plot(app: typer.Typer) -> None:
             list[Path],
             typer.Argument(help="SFT / RL runs: checkpoint folders (their <out>.tb is read) or TensorBoard folders."),
         ],
-        out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
+        out: Annotated[Path, typer.Option("--out", help="PNG to write.", callback=png_file)],
         smoothing: Annotated[
             float, typer.Option("--smoothing", min=0.0, max=0.99, help="TensorBoard's smoothing of per-step curves.")
         ] = 0.6,

@@ -217,6 +217,10 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         """Candidate-set diagnostics of one decoder: reachability, non-zero-advantage share, reward std, ...;
         with a value head in the checkpoint, also its quality (rank correlation with the dense reward)."""
         require_checkpoint(checkpoint)
+        if decoder == "beam" and explore_slots is not None:
+            raise typer.BadParameter(
+                "exploratory slots are VED's: use them with --decoder ved", param_hint="--explore-slots"
+            )
         ds = load_data(data, minionerec_root, dataset)
         from models.checkpoint import load_checkpoint
         from models.value_head import load_value_head

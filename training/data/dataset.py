@@ -113,6 +113,20 @@ def split_for_training(data: RecDataset, rule: HoldoutRule) -> tuple[list[Sample
     return train, valid
 
 
+def training_rows(data: RecDataset, rule: HoldoutRule) -> tuple[list[Sample], list[Sample]]:
+    """``split_for_training``, with a ``ValueError`` that names the cause when it leaves no row to train on."""
+    train, select = split_for_training(data, rule)
+    if not train:
+        valid = len(data.splits["valid"])
+        if "valid" in rule.train_splits and valid and rule.holdout >= valid:
+            raise ValueError(
+                f"no training rows: --holdout {rule.holdout} holds out all {valid} valid rows, and --train-splits "
+                f"{','.join(rule.train_splits)} has no other rows; give a smaller --holdout"
+            )
+        raise ValueError(f"no training rows in --train-splits {','.join(rule.train_splits)} of {data.name}")
+    return train, select
+
+
 def check_catalog(catalog: SidCatalog, data: RecDataset, option: str) -> None:
     """The checkpoint given by ``option`` was trained on ``data``'s catalog (the same item -> SID map): its
     SIDs would otherwise name other items, and every score would be wrong without a word."""

@@ -60,7 +60,15 @@ from models.checkpoint import load_checkpoint
 from models.transition import ShallowFusion, TransitionCounts
 from models.value_head import ValueHead, load_value_head, value_head_for, value_head_manifest
 from models.ved_config import resolve_budget
-from training.data.dataset import HoldoutRule, RecDataset, Sample, check_catalog, popular_sids, split_for_training
+from training.data.dataset import (
+    HoldoutRule,
+    RecDataset,
+    Sample,
+    check_catalog,
+    popular_sids,
+    split_for_training,
+    training_rows,
+)
 from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
 from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, resume_folder, run_steps
@@ -219,10 +227,8 @@ def train_rl(
         config = replace(config, level_weights=resolve_level_weights(config.level_weights, data.catalog.depth))
     if config.use_ved:  # a budget the initial tree cannot fit stops the run here, before it writes anything
         resolve_budget(config.ved_config, data.catalog.depth)
-    train_rows, held_out = split_for_training(data, config)
+    train_rows, held_out = training_rows(data, config)
     select_rows = held_out[: config.eval_limit]
-    if not train_rows:
-        raise ValueError("no training rows: check --train-splits")
     start_ckpt = load_checkpoint(init, device)
     check_catalog(start_ckpt.policy.catalog, data, "--init")
     reference = load_checkpoint(init, device).policy

@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 from models.policy import Policy
-from training.data.dataset import RecDataset, popular_sids, split_for_training
+from training.data.dataset import RecDataset, popular_sids, split_for_training, training_rows
 from training.distributed import Shard, barrier, fork_rng, is_main, loss_scales, require_global_batch, wrap_ddp
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
 from training.loop import Checkpointer, Schedule, TrainState, load_resume, resume_folder, run_steps
@@ -128,9 +128,7 @@ def _train_sft(
     out = Path(out)
     require_global_batch(config.batch_size)
     seed_everything(config.seed)
-    train_rows, held_out = split_for_training(data, config)
-    if not train_rows:
-        raise ValueError("no training rows: check --train-splits")
+    train_rows, held_out = training_rows(data, config)
     select_rows = held_out[: config.eval_limit]
 
     trainer_state = None
