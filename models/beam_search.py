@@ -96,6 +96,9 @@ def beam_search(
     bonus: torch.Tensor | None = None,  # (B, trie nodes) added to a beam's score at each node it reaches
 ) -> DecodeResult:
     k = config.num_beams
+    sids = int(trie.sid_node.shape[0])
+    if k > sids:  # beams beyond the number of SIDs never hold one: search with as many, pad the rest
+        return padded(beam_search(model, trie, input_ids, attention_mask, BeamSearchConfig(sids), bonus), k)
     b = input_ids.shape[0]
     c = trie.codebook_size
     dev = input_ids.device
@@ -152,3 +155,14 @@ def beam_search(
     valid = torch.isfinite(scores)
     sid_index = torch.where(valid, trie.leaf_sid[nodes], -1)
     return DecodeResult(sid_index, scores, tokens)
+
+
+def padded(result: DecodeResult, k: int) -> DecodeResult:
+    """``result`` with empty slots (SID -1, score -inf, token -1) up to ``k`` per prompt."""
+    b, width, depth = result.token_ids.shape
+    extra = k - width
+    return DecodeResult(
+        torch.cat([result.sid_index, result.sid_index.new_full((b, extra), -1)], dim=1),
+        torch.cat([result.scores, result.scores.new_full((b, extra), float("-inf"))], dim=1),
+        torch.cat([result.token_ids, result.token_ids.new_full((b, extra, depth), -1)], dim=1),
+    )

@@ -61,6 +61,16 @@ def test_more_beams_than_sids_pads_with_invalid(tiny_policy: Policy) -> None:
     assert torch.all(res.sid_index[:, n:] == -1) and torch.all(torch.isinf(res.scores[:, n:]))
 
 
+def test_a_width_far_beyond_the_sids_searches_only_as_many(tiny_policy: Policy) -> None:
+    n = len(tiny_policy.catalog.sids)  # 200,000 beams would need a (K, K) mask of 160 GB
+    ids, mask = tiny_policy.encode_prompts(histories(tiny_policy, 2, 1))
+    exact = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(n))
+    wide = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(200_000))
+    assert wide.sid_index.shape == (2, 200_000) and wide.token_ids.shape == (2, 200_000, tiny_policy.trie.depth)
+    assert torch.equal(wide.sid_index[:, :n], exact.sid_index) and torch.equal(wide.scores[:, :n], exact.scores)
+    assert torch.all(wide.sid_index[:, n:] == -1) and torch.all(wide.token_ids[:, n:] == -1)
+
+
 def test_rejects_zero_beams() -> None:
     with pytest.raises(ValueError, match="num_beams"):
         BeamSearchConfig(0)
