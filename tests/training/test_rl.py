@@ -227,6 +227,8 @@ def test_rl_config_nests_the_ved_config() -> None:
     assert asdict(config)["ved_config"]["budget"] == 40
     with pytest.raises(ValueError, match="value_warmup"):
         RLConfig(value_warmup=-1)
+    with pytest.raises(ValueError, match="VED's token budget"):
+        RLConfig(algo="grpo", ved_config=VEDConfig(budget=64))
 
 
 # ---- runs
@@ -255,6 +257,11 @@ def test_train_rl_writes_checkpoint_and_resumes(
     out = tmp_path / "rl"
     config = RLConfig(algo="vstar", ved=False, max_steps=3, batch_size=4, eval_every=1, eval_limit=8, value_warmup=2)
     interrupt_at_step(3, monkeypatch, lambda: train_rl(tiny_dataset, init_ckpt, out, config, progress=False))
+    # a budget the initial tree cannot fit stops a new run before it writes: the interrupted one stays resumable
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="budget 2 is below"):
+        train_rl(tiny_dataset, init_ckpt, out, replace(config, ved=True, ved_config=VEDConfig(budget=2)))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
     summary = train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
     assert summary["steps"] == 3 and [h["step"] for h in summary["history"]] == [0, 1, 2, 3]
     assert summary["value_warmup"] == {}  # it ran before the interruption: the resumed run keeps its head
@@ -268,23 +275,6 @@ def test_train_rl_writes_checkpoint_and_resumes(
     assert summary["fusion"]["weight"] == ckpt.manifest["fusion"]["weight"]
     with pytest.raises(ValueError, match="different configuration"):
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
-
-
-def test_a_budget_the_initial_tree_cannot_fit_stops_the_run_before_it_writes(
-    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    out = tmp_path / "rl"
-    config = RLConfig(algo="vstar", ved=False, max_steps=3, batch_size=4, eval_every=1, eval_limit=8, value_warmup=1)
-    interrupt_at_step(3, monkeypatch, lambda: train_rl(tiny_dataset, init_ckpt, out, config, progress=False))
-    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
-    before = {p: p.read_bytes() for p in files}
-    small = replace(config, ved=True, ved_config=VEDConfig(budget=2))
-    with pytest.raises(ValueError, match="budget 2 is below"):
-        train_rl(tiny_dataset, init_ckpt, out, small, progress=False)
-    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files
-    assert {p: p.read_bytes() for p in files} == before
-    with pytest.raises(ValueError, match="VED's token budget"):
-        RLConfig(algo="grpo", ved_config=VEDConfig(budget=64))
 
 
 def test_resumed_vstar_run_continues_to_the_same_weights(
