@@ -48,9 +48,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from models.beam_search import BeamSearchConfig
 from models.checkpoint import LoadedCheckpoint
@@ -76,6 +76,7 @@ from service.schemas import (
 from service.settings import Settings
 from service.stores import Store, WriteOutcomeUnknown
 
+T = TypeVar("T")
 log = logging.getLogger("service.recommender")
 
 
@@ -178,16 +179,18 @@ class Recommender(DecodeScheduler):
         return response
 
     async def _recommend(self, req: RecommendRequest, started: float) -> RecommendResponse:
-        events, stored_state = await self._history_for(req)
+        # a VED request's last chance bounds its store calls too: a stalled Redis cannot hold it past its cap
+        answer_by = self._answer_by(req, started) if req.mode == "ved" else None
+        events, stored_state = await self._history_for(req, answer_by)
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
         seen = events[-self.max_prompt_history :]
         key = self._cache_key(req, seen, excluded) if self.settings.cache_ttl_s else None  # None: cache off
-        answer = await self._cache_get(key) if key is not None else None
+        answer = await self._cache_get(key, answer_by) if key is not None else None
         cached = answer is not None
         if answer is None:
-            answer = await self._search(req, seen, excluded, started)
+            answer = await self._search(req, seen, excluded, started, answer_by)
             if key is not None and not answer.cap_hit:
-                await self._cache_set(key, answer)
+                await self._cache_set(key, answer, answer_by)
         return RecommendResponse(
             items=[RecommendedItem(**asdict(it)) for it in answer.items],
             mode=req.mode,
@@ -201,8 +204,29 @@ class Recommender(DecodeScheduler):
             cached=cached,
         )
 
+    def _answer_by(self, req: RecommendRequest, started: float) -> float:
+        """A VED request's last chance (``time.perf_counter()``): its cap less the reserve to respond and the
+        loop's learnt lateness (module doc)."""
+        last_chance_ms = req.cap_ms(self.settings) - self.settings.ved_respond_ms - 1000 * self.cap_lateness.margin_s()
+        return started + last_chance_ms / 1000
+
+    async def _within(self, call: Awaitable[T], by: float | None) -> T:
+        """``call``, given up at ``by`` (a VED request's last chance; None: no bound) as a store that did not
+        answer: the caller treats it as the store being unavailable."""
+        if by is None:
+            return await call
+        try:
+            return await asyncio.wait_for(call, max(by - time.perf_counter(), 0.0))
+        except TimeoutError:
+            raise StoreUnavailable("the store did not answer within the request's latency cap") from None
+
     async def _search(
-        self, req: RecommendRequest, seen: list[HistoryEvent], excluded: frozenset[int], started: float
+        self,
+        req: RecommendRequest,
+        seen: list[HistoryEvent],
+        excluded: frozenset[int],
+        started: float,
+        answer_by: float | None,
     ) -> Answer:
         config = req.to_decode_config(fully_excluded_sids(self.catalog, excluded), self.ved_settings)
         history = tuple(e.sid for e in seen)
@@ -214,11 +238,9 @@ class Recommender(DecodeScheduler):
             resolve_budget(config, self.catalog.depth)
         except ValueError as e:
             raise InvalidInput("budget", f"{e} (k={req.k})") from None
-        cap_ms = req.cap_ms(self.settings)
-        last_chance_ms = cap_ms - self.settings.ved_respond_ms - 1000 * self.cap_lateness.margin_s()
-        answer_by = started + last_chance_ms / 1000
+        assert answer_by is not None
         # the search's overrun must end before the hard cap's last chance, not before the cap itself
-        deadline = self.deadline_margin.deadline(started, last_chance_ms)
+        deadline = self.deadline_margin.deadline(started, (answer_by - started) * 1000)
         # the hard cap: a timer that resolves the request's own future with SHED, so the answer is one
         # loop turn away when it fires (asyncio.wait_for would first cancel a task and wait for it)
         future = self.batcher.enqueue(config, DecodeJob(history, deadline, answer_by))
@@ -268,7 +290,7 @@ class Recommender(DecodeScheduler):
                 break
         return out
 
-    async def _history_for(self, req: RecommendRequest) -> tuple[list[HistoryEvent], str]:
+    async def _history_for(self, req: RecommendRequest, by: float | None) -> tuple[list[HistoryEvent], str]:
         """Stored history (if a user is named) followed by the request's; and how the store answered."""
         given = resolve_entries(self.catalog, req.history or [], "history")
         if req.user_id is None:
@@ -276,7 +298,7 @@ class Recommender(DecodeScheduler):
                 raise InvalidInput("history", "give a non-empty history, or a user_id with a stored history")
             return given, "none"
         try:
-            stored, skipped = resolve_stored(self.catalog, await self.store.history(req.user_id))
+            stored, skipped = resolve_stored(self.catalog, await self._within(self.store.history(req.user_id), by))
         except StoreUnavailable:
             self.metrics.store_errors.labels("read_history").inc()
             if not given:
@@ -302,18 +324,18 @@ class Recommender(DecodeScheduler):
             norm |= {"b": req.budget, "l": req.cap_ms(self.settings)}
         return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()
 
-    async def _cache_get(self, key: str) -> Answer | None:
+    async def _cache_get(self, key: str, by: float | None) -> Answer | None:
         try:
-            raw = await self.store.cache_get(key)
+            raw = await self._within(self.store.cache_get(key), by)
         except StoreUnavailable:
             self.metrics.store_errors.labels("read_cache").inc()
             raw = None
         self.metrics.cache.labels("hit" if raw is not None else "miss").inc()
         return None if raw is None else Answer.from_json(raw)
 
-    async def _cache_set(self, key: str, answer: Answer) -> None:
+    async def _cache_set(self, key: str, answer: Answer, by: float | None) -> None:
         try:
-            await self.store.cache_set(key, answer.to_json(), self.settings.cache_ttl_s)
+            await self._within(self.store.cache_set(key, answer.to_json(), self.settings.cache_ttl_s), by)
         except StoreUnavailable:
             self.metrics.store_errors.labels("write_cache").inc()
 

@@ -118,3 +118,22 @@ def test_readiness_probes_do_not_lift_the_circuit_breaker(private_redis: Private
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_stalled_redis_does_not_hold_a_ved_request_past_its_cap(
+    make_settings: Callable[..., Settings], private_redis: PrivateRedis
+) -> None:
+    """The store calls of a VED request (stored history, cache read and write) end at its last chance: a Redis
+    that stalls longer than the cap, with a socket timeout longer still, leaves the cap to hold."""
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=5.0)
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/users/erin/events", json={"items": [1, 2]}).status_code == 200
+        sleeper = private_redis.stall(2.0)
+        started = time.perf_counter()
+        r = c.post("/recommend", json={"user_id": "erin", "history": [3], "k": 3, "mode": "ved", "latency_ms": 100})
+        elapsed = time.perf_counter() - started
+        sleeper.join()
+        assert r.status_code == 200 and r.json()["stored_history"] == "unavailable", r.text
+        assert elapsed < 1.0, elapsed  # the stall lasts 2 s; before, the request waited for it
+        r = c.post("/recommend", json={"user_id": "erin", "k": 3, "mode": "ved"})  # Redis is back
+        assert r.status_code == 200 and r.json()["stored_history"] == "used"
