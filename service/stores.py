@@ -67,7 +67,15 @@ log = logging.getLogger("service.stores")
 T = TypeVar("T")
 HISTORY_KEY = "vstar:history:{}"
 CACHE_KEY = "vstar:cache:{}"
-IDEMPOTENCY_KEY = "vstar:idem:{}:{}"  # (user id, key): the record of the write made under that key
+IDEMPOTENCY_KEY = "vstar:idem:{}:{}:{}"  # (length of the user id, user id, key): the record of a write
+
+
+def idempotency_record(user_id: str, key: str) -> str:
+    """The Redis key of the record of ``user_id``'s write under ``key``. The user id's length comes first, so
+    that no two (user, key) pairs share a record: ("a", "b:c") and ("a:b", "c") would, joined by ':' alone."""
+    return IDEMPOTENCY_KEY.format(len(user_id), user_id, key)
+
+
 OWN_KEY_TTL_S = 60  # a request without Idempotency-Key: long enough to settle its own write
 
 # KEYS: history, record; ARGV: fingerprint, attempt, max history, history TTL (0: none), record TTL, entries...
@@ -245,7 +253,7 @@ class RedisStore(Store):
     async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
         if time.monotonic() < self._down_until:
             raise StoreUnavailable(f"Redis is unavailable (append history); retrying in under {self.retry_after_s:g} s")
-        record_key = IDEMPOTENCY_KEY.format(user_id, idempotency_key or f"own-{uuid.uuid4().hex}")
+        record_key = idempotency_record(user_id, idempotency_key or f"own-{uuid.uuid4().hex}")
         attempt = uuid.uuid4().hex[:16]
         fp = fingerprint(user_id, entries)
         ttl = self.idempotency_ttl_s if idempotency_key is not None else OWN_KEY_TTL_S

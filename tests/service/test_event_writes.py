@@ -76,6 +76,13 @@ def test_a_retry_with_the_same_idempotency_key_never_stores_twice(
     assert stored(private_redis, "kim") == [b"3", b"4", b"5"]
 
 
+def test_keys_of_different_users_never_share_a_record(stalling: TestClient, private_redis: PrivateRedis) -> None:
+    assert stalling.post("/users/a/events", json={"items": [7]}, headers={"Idempotency-Key": "b:c"}).status_code == 200
+    r = stalling.post("/users/a:b/events", json={"items": [8]}, headers={"Idempotency-Key": "c"})
+    assert r.status_code == 200 and r.json()["appended"] == 1, r.text
+    assert len(stored(private_redis, "a")) == 1 and len(stored(private_redis, "a:b")) == 1
+
+
 def test_a_stall_longer_than_the_settling_time_says_the_outcome_is_unknown(
     make_settings: Callable[..., Settings], private_redis: PrivateRedis
 ) -> None:
