@@ -34,6 +34,13 @@ class VEDConfig:
     explore_slots: int = 0  # the last slots of the returned set go to first-level codes not yet in it
 
     def __post_init__(self) -> None:
+        counts = ("num_candidates", "init_beams", "expansions_per_step", "gate_patience", "explore_slots", "seed")
+        for name in (*counts, *(("budget",) if self.budget is not None else ())):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("lam", "beta", "child_temperature", "value_weight"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         for name in ("num_candidates", "init_beams", "expansions_per_step", "gate_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -55,11 +62,19 @@ def checkpoint_ved_config(
     """The VED settings ``checkpoint`` was trained with (an RL checkpoint's ``manifest["rl_config"]["ved_config"]``;
     ``VEDConfig``'s defaults where it stores none), for ``num_candidates`` SIDs; ``budget`` and ``explore_slots``
     override the stored ones when given."""
-    stored = checkpoint.manifest.get("rl_config", {}).get("ved_config")
+    rl_config = checkpoint.manifest.get("rl_config") or {}
+    if not isinstance(rl_config, dict):
+        raise CheckpointError(f"checkpoint {checkpoint.path}: manifest.json: rl_config: expected an object")
+    stored = rl_config.get("ved_config")
+    where = f"checkpoint {checkpoint.path}: manifest.json: rl_config.ved_config"
+    if stored is not None and not isinstance(stored, dict):
+        raise CheckpointError(f"{where}: expected an object, got {stored!r:.60}")
+    if stored and stored.get("deadline") is not None:  # a moment of one search, never a setting to keep
+        raise CheckpointError(f"{where}: deadline is set ({stored['deadline']!r}); a stored config has none")
     try:
         base = VEDConfig(**stored) if stored else VEDConfig()
-    except (TypeError, ValueError) as e:  # an unknown or missing field, or a value out of range
-        raise CheckpointError(f"checkpoint {checkpoint.path}: manifest.json: rl_config.ved_config: {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown or missing field, or a value out of range or of a wrong type
+        raise CheckpointError(f"{where}: {e}") from None
     return replace(
         base,
         num_candidates=num_candidates,

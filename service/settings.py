@@ -127,6 +127,18 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: Any) -> Any:
         return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
 
+    @field_validator("device")
+    @classmethod
+    def _usable_device(cls, value: str) -> str:
+        """A device this machine has: checked with the settings, so a wrong one stops the start in one line."""
+        if value != "cpu":
+            from models.device import device_problem  # imports torch, which the CPU default does not need here
+
+            problem = device_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_serializer("redis_url")
     def _mask_password(self, url: RedisDsn | None) -> str | None:
         """Dumps (the startup log line) show the URL without its password; the store reads the field itself."""

@@ -84,6 +84,8 @@ def test_settings_reject_inconsistent_defaults(tiny_checkpoint: Path) -> None:
         Settings(checkpoint=tiny_checkpoint, default_k=20, max_k=10)
     with pytest.raises(ValueError, match="ved_default_latency_ms"):
         Settings(checkpoint=tiny_checkpoint, ved_default_latency_ms=500, ved_max_latency_ms=100)
+    with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
+        Settings(checkpoint=tiny_checkpoint, device="gpu0")
 
 
 def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:

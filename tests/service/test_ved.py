@@ -126,11 +126,21 @@ def test_ved_searches_with_the_checkpoint_settings(
         assert wide.status_code == 200 and len(wide.json()["items"]) == 20  # 64 stored would be below 2 x 20
 
 
+@pytest.mark.parametrize(
+    ("rl_config", "message"),
+    [
+        ({"ved_config": {"init_beamz": 4}}, r"rl_config.ved_config: .*init_beamz"),
+        ({"ved_config": {"init_beams": 16.5}}, r"rl_config.ved_config: init_beams must be an integer, got 16.5"),
+        ({"ved_config": {"deadline": 5.0}}, r"rl_config.ved_config: deadline is set \(5.0\)"),
+        ({"ved_config": [4]}, r"rl_config.ved_config: expected an object"),
+        ("oops", r"manifest.json: rl_config: expected an object"),
+    ],
+)
 def test_a_malformed_stored_ved_config_stops_the_start(
-    tmp_path: Path, tiny_policy: Policy, make_settings: Callable[..., Settings]
+    tmp_path: Path, tiny_policy: Policy, make_settings: Callable[..., Settings], rl_config: object, message: str
 ) -> None:
-    ckpt = save_checkpoint(tmp_path / "rl", tiny_policy, manifest={"rl_config": {"ved_config": {"init_beamz": 4}}})
-    with pytest.raises(CheckpointError, match=r"manifest.json: rl_config.ved_config: .*init_beamz"):
+    ckpt = save_checkpoint(tmp_path / "rl", tiny_policy, manifest={"rl_config": rl_config})
+    with pytest.raises(CheckpointError, match=message):
         with TestClient(create_app(make_settings(checkpoint=ckpt))):
             pass
 

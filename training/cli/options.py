@@ -38,23 +38,11 @@ def device_name(value: str) -> str:
     other than the CPU (the command imports it anyway), so a mistake on the CPU is still told before it loads."""
     if value == "cpu":
         return value
-    import torch
+    from models.device import device_problem
 
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise typer.BadParameter(f"{value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise typer.BadParameter(f"{value}: the models run on cpu, cuda (cuda:N) or mps devices")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if not count:
-            built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise typer.BadParameter(f"{value}: no CUDA device here (torch {torch.__version__}, {built})")
-        if device.index is not None and device.index >= count:
-            raise typer.BadParameter(f"{value}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise typer.BadParameter(f"{value}: MPS is not available here")
+    problem = device_problem(value)
+    if problem is not None:
+        raise typer.BadParameter(problem)
     return value
 
 
