@@ -237,7 +237,10 @@ class Recommender(DecodeScheduler):
         try:
             resolve_budget(config, self.catalog.depth)
         except ValueError as e:
-            raise InvalidInput("budget", f"{e} (k={req.k})") from None
+            extra = config.num_candidates - req.k  # the SIDs exclusion may remove: searched for on top of k
+            sids = f"{extra} SID{'s' if extra > 1 else ''} of the history it excludes"
+            because = f"k={req.k} plus the {sids}" if extra else f"k={req.k}"
+            raise InvalidInput("budget", f"{e} ({because})") from None
         assert answer_by is not None
         # the search's overrun must end before the hard cap's last chance, not before the cap itself
         deadline = self.deadline_margin.deadline(started, (answer_by - started) * 1000)

@@ -8,6 +8,7 @@ a search that would run for seconds returns about when its cap says.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -308,6 +309,14 @@ def test_concurrent_ved_requests_share_a_search_and_its_earliest_deadline(
 def test_bad_ved_parameters_are_422(client: TestClient, body: dict[str, Any], field: str) -> None:
     r = client.post("/recommend", json=body)
     assert r.status_code == 422 and field in r.json()["error"]["message"]
+
+
+def test_a_budget_too_small_for_the_excluded_extras_says_so(client: TestClient) -> None:
+    body = {"history": [1, 2], "k": 16, "mode": "ved", "budget": 32, "latency_ms": 900}  # 32 = 2 x max(16, k)
+    assert client.post("/recommend", json=body | {"exclude_history": False}).status_code == 200
+    r = client.post("/recommend", json=body | {"exclude_history": True})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 422 and re.search(r"\(k=16 plus the [12] SIDs? of the history it excludes\)", message)
 
 
 class RecordingMargin(DeadlineMargin):
