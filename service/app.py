@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from models.value_head import ValueHead, load_value_head, value_head_for
-from service.errors import install_error_handling
+from service.errors import StartupError, install_error_handling
 from service.json_logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, StartupFailureMiddleware
@@ -117,6 +117,11 @@ def create_app(settings: Settings) -> FastAPI:
         gc.collect()
         gc.freeze()
         if not await recommender.store.ping():
+            if recommender.store.refusal is not None:
+                message = f"redis refused the settings of VSTAR_REDIS_URL: {recommender.store.refusal}"
+                log.error("startup failed: %s", message)
+                await recommender.close()
+                raise StartupError(message)
             log.warning("redis unreachable at startup; serving degraded until it answers")
         app.state.recommender = recommender
         log.info("settings", extra={"settings": settings.model_dump(mode="json")})

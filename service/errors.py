@@ -25,6 +25,11 @@ from service.json_logs import current_request_id
 log = logging.getLogger("service.errors")
 
 
+class StartupError(Exception):
+    """A setting the service cannot run with, found while it starts (a Redis that refuses the URL's database or
+    credentials): the start stops with one log line naming it, as for a broken checkpoint."""
+
+
 class ServiceError(Exception):
     """Base of the errors a client may see; ``status`` and ``type`` pick the response."""
 

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.checkpoint_error import CheckpointError
-from service.errors import error_body
+from service.errors import StartupError, error_body
 from service.json_logs import reset_request_id, set_request_id
 
 access_log = logging.getLogger("service.access")
@@ -117,7 +117,8 @@ class StartupFailureMiddleware:
 
         async def send_without_trace(message: Message) -> None:
             # sent from inside Starlette's ``except`` block, so the exception in hand is the startup's
-            if message["type"] == "lifespan.startup.failed" and isinstance(sys.exc_info()[1], CheckpointError):
+            failed = message["type"] == "lifespan.startup.failed"
+            if failed and isinstance(sys.exc_info()[1], CheckpointError | StartupError):
                 message = {**message, "message": ""}  # the server logs a non-empty message, a traceback here
             await send(message)
 

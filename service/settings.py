@@ -127,6 +127,15 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: Any) -> Any:
         return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _numbered_database(cls, url: RedisDsn | None) -> RedisDsn | None:
+        """The URL's path names a database by number (redis-py would use database 0 for any other)."""
+        database = (url.path or "").strip("/") if url is not None else ""
+        if database and not database.isdigit():
+            raise ValueError(f"the database in the Redis URL must be a number (redis://host:6379/0), got {database!r}")
+        return url
+
     @field_validator("device")
     @classmethod
     def _usable_device(cls, value: str) -> str:

@@ -58,8 +58,8 @@ from typing import TypeVar, cast
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from service.errors import IdempotencyConflict, StoreUnavailable
 
@@ -112,6 +112,7 @@ class Store(abc.ABC):
     """Histories (lists of normalised entries, oldest first) and cached response bodies."""
 
     kind: str
+    refusal: str | None = None  # why the backend's last ping was refused by it (a setting to fix), if it was
 
     @abc.abstractmethod
     async def history(self, user_id: str) -> list[str]:
@@ -301,7 +302,10 @@ class RedisStore(Store):
             await self._redis.ping()
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self._failed("ping", e)
+            # Redis answered and refused the URL's database or credentials: a setting to fix, not an outage
+            self.refusal = f"{type(e).__name__}: {e}" if isinstance(e, ResponseError | AuthenticationError) else None
             return False
+        self.refusal = None
         self._down_until = 0.0
         self._answered("ping")
         return True

@@ -18,6 +18,7 @@ from models.policy import Policy
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.app import create_app
 from service.decode_scheduler import DecodeRow
+from service.errors import StartupError
 from service.json_logs import JsonFormatter
 from service.recommender import Recommender
 from service.settings import Settings
@@ -86,6 +87,18 @@ def test_settings_reject_inconsistent_defaults(tiny_checkpoint: Path) -> None:
         Settings(checkpoint=tiny_checkpoint, ved_default_latency_ms=500, ved_max_latency_ms=100)
     with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
         Settings(checkpoint=tiny_checkpoint, device="gpu0")
+    with pytest.raises(ValueError, match="database in the Redis URL must be a number .* got 'abc'"):
+        Settings(checkpoint=tiny_checkpoint, redis_url="redis://127.0.0.1:6379/abc")
+
+
+def test_a_redis_that_refuses_the_database_stops_the_start(
+    make_settings: Callable[..., Settings], redis_url: str
+) -> None:
+    """Not an outage (served degraded until Redis answers): Redis answered, and no retry will change its answer."""
+    settings = make_settings(redis_url=redis_url.rsplit("/", 1)[0] + "/100000")
+    with pytest.raises(StartupError, match="redis refused the settings of VSTAR_REDIS_URL: ResponseError: DB index"):
+        with TestClient(create_app(settings)):
+            pass
 
 
 def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
