@@ -36,7 +36,9 @@ class ServiceMetrics:
         self.cap_hits = Counter("vstar_ved_cap_hits", "VED searches stopped by the latency cap.", registry=r)
         self.ved_fallbacks = Counter(
             "vstar_ved_fallbacks",
-            "VED requests answered by the initial beam (too little time for the tree).",
+            "VED requests answered without the tree: by its initial beam (too little time to grow it) or by the "
+            "popularity list (too little time for any model work).",
+            ["kind"],
             registry=r,
         )
         self.ved_tokens = Histogram(

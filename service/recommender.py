@@ -266,7 +266,7 @@ class Recommender(DecodeScheduler):
         if stats.cap_hit:
             self.metrics.cap_hits.inc()
         if row.fallback:
-            self.metrics.ved_fallbacks.inc()
+            self.metrics.ved_fallbacks.labels("initial_beam").inc()
         fallback = "initial_beam" if row.fallback else None
         search = SearchReport(stats.tokens_spent, stats.nodes, stats.max_depth, stats.iterations, fallback)
         return Answer(items, stats.cap_hit, search)
@@ -274,7 +274,7 @@ class Recommender(DecodeScheduler):
     def _prior_answer(self, excluded: frozenset[int], k: int) -> Answer:
         """The last resort of the hard cap: the most popular training targets, no model work at all."""
         self.metrics.cap_hits.inc()
-        self.metrics.ved_fallbacks.inc()
+        self.metrics.ved_fallbacks.labels("popular").inc()
         self.metrics.ved_tokens.observe(0)
         search = SearchReport(tokens_spent=0, nodes=0, max_depth=0, iterations=0, fallback="popular")
         return Answer(self._rank(self.prior, excluded, k), cap_hit=True, search=search)

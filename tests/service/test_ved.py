@@ -214,6 +214,11 @@ def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch
     assert uncapped["search"]["tokens_spent"] > searched[-1]["search"]["tokens_spent"]
 
 
+def fallbacks(rec: Any, kind: str) -> float:
+    """``vstar_ved_fallbacks_total{kind}`` as a scrape reads it (0 before the first)."""
+    return rec.metrics.registry.get_sample_value("vstar_ved_fallbacks_total", {"kind": kind}) or 0.0
+
+
 def test_hard_cap_answers_from_popularity_when_the_model_cannot(
     app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,12 +235,14 @@ def test_hard_cap_answers_from_popularity_when_the_model_cannot(
     slow_down(app, monkeypatch, 0.3)
     excluded = catalog.items_of_sid[3][0]  # the user has an item of the second most popular SID
     body = {"history": [excluded], "k": 4, "mode": "ved", "latency_ms": 60, "exclude_history": True}
+    popular_before, beam_before = fallbacks(rec, "popular"), fallbacks(rec, "initial_beam")
     started = time.perf_counter()
     answer = client.post("/recommend", json=body).json()
     assert (time.perf_counter() - started) * 1000 < 60 + 200  # the model would have taken >= 900 ms
     assert len(lateness.reports) == 1 and 0 <= lateness.reports[0] < 0.2  # how late the timer's answer was
     assert answer["cap_hit"] is True and answer["search"]["fallback"] == "popular"
     assert answer["search"]["tokens_spent"] == 0
+    assert fallbacks(rec, "popular") == popular_before + 1 and fallbacks(rec, "initial_beam") == beam_before
     sids = [it["sid"] for it in answer["items"]]
     expected = [9, 30, 12] if len(catalog.items_of_sid[3]) == 1 else [9, 3, 30, 12]
     assert sids[: len(expected)] == [sid_to_str(catalog.sids[i]) for i in expected] and len(sids) == 4
