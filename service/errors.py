@@ -119,6 +119,13 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=headers)
 
 
+# What FastAPI's "There was an error parsing the body" hides: Python's JSON reader refuses these
+UNREADABLE_BODY = (
+    "cannot be read as JSON: not UTF-8 text, an integer of more than 4300 digits, or arrays and objects nested "
+    "deeper than the reader's limit (about 1000 levels)"
+)
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return JSONResponse(error_body("invalid_request", validation_message(exc.errors())), status_code=422)
@@ -129,8 +136,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     kind = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
         exc.status_code, "http_error"
     )
-    # FastAPI's only 400 is a body it cannot read (not UTF-8, say): name the body as the field
-    message = f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail)
+    # FastAPI's only 400 is a body it cannot read: name the body as the field, and what its reader refuses
+    message = f"body: {UNREADABLE_BODY}" if exc.status_code == 400 else str(exc.detail)
     return JSONResponse(error_body(kind, message), status_code=exc.status_code, headers=exc.headers)
 
 

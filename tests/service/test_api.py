@@ -184,6 +184,15 @@ def test_item_id_with_leading_zeros_is_that_item(client: TestClient) -> None:
     assert client.get("/items/05").json()["item_id"] == 5
 
 
+@pytest.mark.parametrize(
+    "body", [b'{"history": [' + b"7" * 5000 + b"]}", b'{"history": ' + b"[" * 5000 + b"]" * 5000 + b"}"]
+)
+def test_a_body_json_cannot_read_is_400_saying_why(client: TestClient, body: bytes) -> None:
+    r = client.post("/recommend", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request", r.text
+    assert r.json()["error"]["message"].startswith("body: cannot be read as JSON: not UTF-8 text, an integer of more")
+
+
 def test_oversized_bodies_get_413(client: TestClient) -> None:
     big = b'{"history": [' + b"1," * 40000 + b"1]}"
     r = client.post("/recommend", content=big, headers={"content-type": "application/json"})
