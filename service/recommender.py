@@ -23,7 +23,9 @@ Design decisions:
   the abandoned job is dropped from the queue, or its result discarded. So a
   VED answer never misses its cap by more than the HTTP round trip, and the
   share of such answers says how often the machine was too slow for the cap
-  asked (``vstar bench serve`` reports it).
+  asked (``vstar bench serve`` reports it). The request's store calls (stored
+  history, cache read and write) end at the same last chance: a stalled Redis
+  is then treated as an unavailable one, not waited for.
 * The loop's lateness: a timer fires when the loop thread gets to it, which on a
   host whose cores other processes hold can be tens of milliseconds late. Every
   request answered at or after its last chance reports how late; the last chance
