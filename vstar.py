@@ -8,7 +8,8 @@ Errors: a usage error, or a ``ValueError`` raised by the project's own code (the
 house rule for bad input: a malformed data file, a missing or broken
 checkpoint, an invalid setting), is printed as one line, ``Error: ...``, and the
 command exits with 2. A ``ValueError`` raised inside a library, and any other
-exception, is a bug and keeps its traceback.
+exception, is a bug and keeps its traceback. Every float option refuses nan and
+inf before its command runs (``refuse_non_finite``).
 """
 
 from __future__ import annotations

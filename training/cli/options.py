@@ -1,8 +1,11 @@
 """The options and helpers every training-side command module shares (``training.cli.*``).
 
-Option types (``Annotated`` typer options), data loading with one-line errors,
-the cheap checkpoint check before torch loads, JSON output, logging, and the
-distributed session a training command runs in. Nothing here imports torch.
+Option types (``Annotated`` typer options) and the callbacks that check output
+paths and devices as the options are read (so a path that would destroy
+something, or could not take the output, fails before any work), data loading
+with one-line errors, the cheap checkpoint check before torch loads, JSON
+output, logging, and the distributed session a training command runs in.
+Nothing here imports torch, except the device check for a device other than the CPU.
 """
 
 from __future__ import annotations
