@@ -453,6 +453,11 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
             "--json", str(tmp_path / "d64.json")])  # fmt: skip
     wide = json.loads((tmp_path / "d64.json").read_text())
     assert wide["tokens_per_prompt"] == 64  # width 32, its 16 best
+    # a budget below what width G feeds cannot be spent as asked: refused, not silently raised to G's
+    from vstar import app
+
+    short = CliRunner().invoke(app, ["diagnose", "--data", data, "--checkpoint", str(out), "--budget", "20"])
+    assert short.exit_code == 2 and "budget 20 is below what beam search of width G = 16 feeds: 32" in short.output
 
 
 def test_cli_fuse_takes_an_rl_checkpoint(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Path) -> None:

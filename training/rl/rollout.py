@@ -85,7 +85,10 @@ def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowF
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, samples: Sequence[Sample]) -> Candidates:
         depth = policy.trie.depth
-        width = num_candidates if budget is None else max(num_candidates, budget // max(depth - 1, 1))
+        least = num_candidates * max(depth - 1, 1)  # what beam search of width G feeds: it could not spend less
+        if budget is not None and budget < least:
+            raise ValueError(f"budget {budget} is below what beam search of width G = {num_candidates} feeds: {least}")
+        width = num_candidates if budget is None else budget // max(depth - 1, 1)
         bonus = fusion_bonus(policy, samples, fusion)
         decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width), bonus)
         if width > num_candidates:
