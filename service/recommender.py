@@ -23,9 +23,11 @@ Design decisions:
   the abandoned job is dropped from the queue, or its result discarded. So a
   VED answer never misses its cap by more than the HTTP round trip, and the
   share of such answers says how often the machine was too slow for the cap
-  asked (``vstar bench serve`` reports it). The request's store calls (stored
-  history, cache read and write) end at the same last chance: a stalled Redis
-  is then treated as an unavailable one, not waited for.
+  asked (``vstar bench serve`` reports it). The request's cache read and write,
+  and its stored-history read when it carries a history of its own to answer
+  from, end at the same last chance: a stalled Redis is then treated as an
+  unavailable one, not waited for. A request with only a ``user_id`` needs the
+  stored history, and waits for it (the store's own timeout bounds that).
 * The loop's lateness: a timer fires when the loop thread gets to it, which on a
   host whose cores other processes hold can be tens of milliseconds late. Every
   request answered at or after its last chance reports how late; the last chance
@@ -181,7 +183,7 @@ class Recommender(DecodeScheduler):
         return response
 
     async def _recommend(self, req: RecommendRequest, started: float) -> RecommendResponse:
-        # a VED request's last chance bounds its store calls too: a stalled Redis cannot hold it past its cap
+        # a VED request's last chance bounds its store calls too (module doc): a stalled Redis cannot hold it
         answer_by = self._answer_by(req, started) if req.mode == "ved" else None
         events, stored_state = await self._history_for(req, answer_by)
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
@@ -302,8 +304,11 @@ class Recommender(DecodeScheduler):
             if not given:
                 raise InvalidInput("history", "give a non-empty history, or a user_id with a stored history")
             return given, "none"
+        # bounded by the cap only when the request can be answered without the stored history: without a
+        # history of its own it needs the store's answer, and a short cap must not turn a healthy store into a 503
+        read = self.store.history(req.user_id)
         try:
-            stored, skipped = resolve_stored(self.catalog, await self._within(self.store.history(req.user_id), by))
+            stored, skipped = resolve_stored(self.catalog, await (self._within(read, by) if given else read))
         except StoreUnavailable:
             self.metrics.store_errors.labels("read_history").inc()
             if not given:

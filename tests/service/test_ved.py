@@ -318,6 +318,13 @@ def test_bad_ved_parameters_are_422(client: TestClient, body: dict[str, Any], fi
     assert r.status_code == 422 and field in r.json()["error"]["message"]
 
 
+def test_a_request_with_only_a_user_id_waits_for_its_history_whatever_the_cap(client: TestClient) -> None:
+    """Its stored history is all it has: a cap already spent must not turn a healthy store's read into a 503."""
+    assert client.post("/users/cap1/events", json={"items": [3, 4]}).status_code == 200
+    r = client.post("/recommend", json={"user_id": "cap1", "k": 3, "mode": "ved", "latency_ms": 1})
+    assert r.status_code == 200 and r.json()["stored_history"] == "used", r.text
+
+
 def test_a_budget_too_small_for_the_excluded_extras_says_so(client: TestClient) -> None:
     body = {"history": [1, 2], "k": 16, "mode": "ved", "budget": 32, "latency_ms": 900}  # 32 = 2 x max(16, k)
     assert client.post("/recommend", json=body | {"exclude_history": False}).status_code == 200
