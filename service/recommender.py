@@ -84,6 +84,11 @@ T = TypeVar("T")
 log = logging.getLogger("service.recommender")
 
 
+class OutOfTime(StoreUnavailable):
+    """A store call given up at a VED request's last chance: handled as the store being unavailable, but not
+    counted as a store error (the store may be healthy, the cap short)."""
+
+
 @dataclass(frozen=True)
 class RankedSid:
     """One SID of an answer with its catalog items (the user's excluded ones dropped)."""
@@ -222,7 +227,12 @@ class Recommender(DecodeScheduler):
         try:
             return await asyncio.wait_for(call, max(by - time.perf_counter(), 0.0))
         except TimeoutError:
-            raise StoreUnavailable("the store did not answer within the request's latency cap") from None
+            raise OutOfTime("the store did not answer within the request's latency cap") from None
+
+    def _store_error(self, op: str, error: StoreUnavailable) -> None:
+        """Counts a store that failed; a call given up at a request's last chance is the cap's, not the store's."""
+        if not isinstance(error, OutOfTime):
+            self.metrics.store_errors.labels(op).inc()
 
     async def _search(
         self,
@@ -309,8 +319,8 @@ class Recommender(DecodeScheduler):
         read = self.store.history(req.user_id)
         try:
             stored, skipped = resolve_stored(self.catalog, await (self._within(read, by) if given else read))
-        except StoreUnavailable:
-            self.metrics.store_errors.labels("read_history").inc()
+        except StoreUnavailable as e:
+            self._store_error("read_history", e)
             if not given:
                 raise StoreUnavailable(
                     "user_id: the history store is unavailable; send the history in the request"
@@ -337,8 +347,8 @@ class Recommender(DecodeScheduler):
     async def _cache_get(self, key: str, by: float | None) -> Answer | None:
         try:
             raw = await self._within(self.store.cache_get(key), by)
-        except StoreUnavailable:
-            self.metrics.store_errors.labels("read_cache").inc()
+        except StoreUnavailable as e:
+            self._store_error("read_cache", e)
             raw = None
         self.metrics.cache.labels("hit" if raw is not None else "miss").inc()
         return None if raw is None else Answer.from_json(raw)
@@ -346,8 +356,8 @@ class Recommender(DecodeScheduler):
     async def _cache_set(self, key: str, answer: Answer, by: float | None) -> None:
         try:
             await self._within(self.store.cache_set(key, answer.to_json(), self.settings.cache_ttl_s), by)
-        except StoreUnavailable:
-            self.metrics.store_errors.labels("write_cache").inc()
+        except StoreUnavailable as e:
+            self._store_error("write_cache", e)
 
     async def append_events(
         self, user_id: str, entries: Sequence[int | str], idempotency_key: str | None = None

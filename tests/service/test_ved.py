@@ -318,11 +318,24 @@ def test_bad_ved_parameters_are_422(client: TestClient, body: dict[str, Any], fi
     assert r.status_code == 422 and field in r.json()["error"]["message"]
 
 
-def test_a_request_with_only_a_user_id_waits_for_its_history_whatever_the_cap(client: TestClient) -> None:
-    """Its stored history is all it has: a cap already spent must not turn a healthy store's read into a 503."""
+def test_a_request_with_only_a_user_id_waits_for_its_history_whatever_the_cap(app: FastAPI, client: TestClient) -> None:
+    """Its stored history is all it has: a cap already spent must not turn a healthy store's read into a 503.
+    With a history of its own the read is given up at the cap, which is the cap's doing, not a store error."""
+    registry = app.state.recommender.metrics.registry
+
+    def store_errors() -> float:
+        return sum(registry.get_sample_value("vstar_store_errors_total", {"op": op}) or 0.0 for op in OPS)
+
     assert client.post("/users/cap1/events", json={"items": [3, 4]}).status_code == 200
+    before = store_errors()
     r = client.post("/recommend", json={"user_id": "cap1", "k": 3, "mode": "ved", "latency_ms": 1})
     assert r.status_code == 200 and r.json()["stored_history"] == "used", r.text
+    r = client.post("/recommend", json={"user_id": "cap1", "history": [5], "k": 3, "mode": "ved", "latency_ms": 1})
+    assert r.status_code == 200 and r.json()["stored_history"] in ("used", "unavailable"), r.text
+    assert store_errors() == before
+
+
+OPS = ("read_history", "read_cache", "write_cache")
 
 
 def test_a_budget_too_small_for_the_excluded_extras_says_so(client: TestClient) -> None:
