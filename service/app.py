@@ -107,7 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             recommender = load_recommender(settings, metrics)
-        except CheckpointError as e:
+        except (CheckpointError, StartupError) as e:
             log.error("startup failed: %s", e)  # one line naming the file; StartupFailureMiddleware drops the trace
             raise
         recommender.start()

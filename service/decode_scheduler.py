@@ -43,14 +43,18 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from types import FrameType
 
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import CheckpointError, LoadedCheckpoint
@@ -60,8 +64,11 @@ from models.ved import ved_search
 from models.ved_config import VEDConfig, VEDStats, checkpoint_ved_config, initial_beam_stats, initial_beam_width
 from service.batcher import MicroBatcher
 from service.deadline import BatchCost, DeadlineMargin
+from service.errors import StartupError
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+
+log = logging.getLogger("service.decode_scheduler")
 
 
 @dataclass(frozen=True)
@@ -135,20 +142,25 @@ class DecodeScheduler:
 
     def warmup(self) -> None:
         """Decode one request, then time VED's fallbacks, on the model thread (at its priority), before serving:
-        a checkpoint that cannot decode fails the start."""
-        self.executor.submit(self._warmup).result()
+        a checkpoint that cannot decode fails the start. A SIGTERM or SIGINT meanwhile stops the warm-up at its
+        next decode (``StartupError``), so a replica stopped while it starts is not kept for the whole warm-up."""
+        stop = threading.Event()
+        with stop_on_signals(stop):  # the log line comes once a signal would stop it
+            log.info("warming up", extra={"batch_max_size": self.settings.batch_max_size})
+            self.executor.submit(self._warmup, stop).result()
 
-    def _warmup(self) -> None:
+    def _warmup(self, stop: threading.Event) -> None:
         first = self.catalog.sids[0]
         for config in (BeamSearchConfig(self.settings.default_k), self.ved_settings):
+            stopped(stop)
             rows = self._decode(config, [DecodeJob((first,))])
             if rows[0].sid_index[0] < 0:  # not an assert: python -O would drop it and serve a model that cannot
                 raise CheckpointError(
                     f"checkpoint {self.checkpoint_path}: warm-up decode ({type(config).__name__}) returned no valid SID"
                 )
-        self._time_ved_fallbacks()
+        self._time_ved_fallbacks(stop)
 
-    def _time_ved_fallbacks(self) -> None:
+    def _time_ved_fallbacks(self, stop: threading.Event) -> None:
         """Time VED's initial tree (a passed deadline stops it there) and the initial beam per batch bucket,
         on the longest prompts; the least of three runs is the decode's own cost (one-off allocations and
         load spikes are not)."""
@@ -156,6 +168,7 @@ class DecodeScheduler:
         history = tuple(self.catalog.sids[: self.max_prompt_history])
         batch = 1
         while True:
+            stopped(stop)
             ids, mask = self.policy.encode_prompts([list(history)] * batch)
             tree, beam = [], []
             for _ in range(3):
@@ -237,3 +250,36 @@ class DecodeScheduler:
     def _on_batch(self, key: Hashable, size: int) -> None:
         if isinstance(key, BeamSearchConfig):
             self.metrics.batch_size.observe(size)
+
+
+def stopped(stop: threading.Event) -> None:
+    """Raises ``StartupError`` once ``stop`` is set (a signal arrived during the warm-up)."""
+    if stop.is_set():
+        raise StartupError("stopped by a signal during the warm-up")
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Sets ``stop`` on SIGTERM or SIGINT and passes the signal on to the handler in place (uvicorn's, which
+    shuts the server down once it has started). Only in the main thread, where Python runs signal handlers;
+    elsewhere (a test's app) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        before = previous[signal.Signals(signum)]
+        if before == signal.SIG_IGN:
+            return
+        stop.set()
+        if callable(before):
+            before(signum, frame)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +25,10 @@ from service.errors import StartupError
 from service.json_logs import JsonFormatter
 from service.recommender import Recommender
 from service.settings import Settings
+from tests.service.conftest import free_port
 from vstar import app
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def start(settings: Settings) -> None:
@@ -151,3 +157,21 @@ def test_a_warm_up_that_decodes_nothing_fails_the_start_even_under_python_O(
     monkeypatch.setattr(Recommender, "_decode", lambda self, key, jobs: [DecodeRow([-1], [0.0]) for _ in jobs])
     with pytest.raises(CheckpointError, match="warm-up decode"):
         start(make_settings())
+
+
+def test_a_sigterm_during_the_warm_up_stops_the_start(tiny_checkpoint: Path) -> None:
+    """A replica stopped while it warms up exits at the warm-up's next decode, not after the whole warm-up."""
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VSTAR_BATCH_MAX_SIZE": "1024"}
+    cmd = [sys.executable, "-m", "vstar", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(free_port())]
+    server = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    assert server.stderr is not None
+    lines = []
+    for line in server.stderr:  # the JSON log; the warm-up of 11 batch sizes up to 1024 takes many seconds
+        lines.append(line)
+        if '"warming up"' in line:
+            server.send_signal(signal.SIGTERM)
+            break
+    _, rest = server.communicate(timeout=120)
+    log = "".join(lines) + (rest or "")
+    assert "startup failed: stopped by a signal during the warm-up" in log, log
+    assert "Application startup complete" not in log and server.returncode != 0
