@@ -35,12 +35,15 @@ class VEDConfig:
 
     def __post_init__(self) -> None:
         counts = ("num_candidates", "init_beams", "expansions_per_step", "gate_patience", "explore_slots", "seed")
-        for name in (*counts, *(("budget",) if self.budget is not None else ())):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        for name in ("lam", "beta", "child_temperature", "value_weight"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
-                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        kinds = {name: (int, "an integer") for name in counts} | {
+            name: (int | float, "a number") for name in ("lam", "beta", "child_temperature", "value_weight")
+        }
+        if self.budget is not None:
+            kinds["budget"] = (int, "an integer")
+        for name, (kind, what) in kinds.items():  # a stored config may hold anything JSON does
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
         for name in ("num_candidates", "init_beams", "expansions_per_step", "gate_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -109,11 +109,10 @@ def load_resume(
     if not folder.exists():
         raise ValueError(f"--resume: no interrupted run at {folder}")
     loaded = load_checkpoint(folder, device)
-    trained_on = (loaded.manifest.get("data") or {}).get("fingerprint")
-    if trained_on != data.fingerprint():
+    trained_on, given = (loaded.manifest.get("data") or {}).get("fingerprint"), data.fingerprint()
+    if trained_on != given:
         raise ValueError(
-            f"--resume: {folder} was trained on other data (fingerprint {trained_on}) than --data {data.name} "
-            f"({data.fingerprint()})"
+            f"--resume: {folder} was trained on other data (fingerprint {trained_on}) than --data {data.name} ({given})"
         )
     trainer_state = loaded.trainer_state()
     if trainer_state is None:

@@ -44,22 +44,26 @@ def read_run(path: Path) -> dict[str, Any]:
     return payload
 
 
-def check_same_rows(paths: Sequence[Path]) -> None:
+def check_same_rows(runs: dict[Path, dict[str, Any]]) -> None:
     """Every run scored the same rows: the same split and, where the files record them, the same rows in order."""
-    payloads = [read_run(p) for p in paths]
     for key, what in (("split", "splits"), ("rows_fingerprint", "rows")):
-        seen = {str(p): payload[key] for p, payload in zip(paths, payloads, strict=True) if key in payload}
+        seen = {str(p): payload[key] for p, payload in runs.items() if key in payload}
         if len(set(seen.values())) > 1:
             listed = "; ".join(f"{p}: {v if key == 'split' else v[:12]}" for p, v in seen.items())
             raise ValueError(f"the runs scored different {what} ({listed}): compare runs over the same rows")
 
 
+def stack_ranks(paths: Sequence[Path], runs: dict[Path, dict[str, Any]]) -> np.ndarray:
+    """(seeds, rows) target ranks of the files ``paths`` among the read ``runs``; -1 where not ranked."""
+    ranks = [[-1 if r is None else int(r) for r in runs[path]["target_ranks"]] for path in paths]
+    if len({len(r) for r in ranks}) != 1:
+        raise ValueError(f"the runs {', '.join(map(str, paths))} scored different numbers of rows")
+    return np.asarray(ranks)
+
+
 def load_ranks(paths: Sequence[Path]) -> np.ndarray:
     """(seeds, rows) target ranks from eval JSON files of one method; -1 where not ranked."""
-    runs = [[-1 if r is None else int(r) for r in read_run(path)["target_ranks"]] for path in paths]
-    if len({len(r) for r in runs}) != 1:
-        raise ValueError(f"the runs {', '.join(map(str, paths))} scored different numbers of rows")
-    return np.asarray(runs)
+    return stack_ranks(paths, {path: read_run(path) for path in paths})
 
 
 def seed_spread(runs: np.ndarray, name: str) -> dict[str, float]:
@@ -101,11 +105,13 @@ def paired_bootstrap(
 
 
 def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    check_same_rows([*base, *other])
+    runs = {path: read_run(path) for path in [*base, *other]}  # each file read once
+    check_same_rows(runs)
+    base_ranks, other_ranks = stack_ranks(base, runs), stack_ranks(other, runs)
     return {
         "base": [str(p) for p in base],
         "other": [str(p) for p in other],
-        "rows": int(load_ranks(base).shape[1]),
+        "rows": int(base_ranks.shape[1]),
         "bootstrap_samples": samples,
-        "metrics": paired_bootstrap(load_ranks(base), load_ranks(other), samples=samples, seed=seed),
+        "metrics": paired_bootstrap(base_ranks, other_ranks, samples=samples, seed=seed),
     }

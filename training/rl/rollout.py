@@ -85,10 +85,11 @@ def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowF
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, samples: Sequence[Sample]) -> Candidates:
         depth = policy.trie.depth
-        least = num_candidates * max(depth - 1, 1)  # what beam search of width G feeds: it could not spend less
-        if budget is not None and budget < least:
+        per_beam = max(depth - 1, 1)  # tokens a beam feeds: the prefix levels
+        if budget is not None and budget < num_candidates * per_beam:  # width G could not spend less
+            least = num_candidates * per_beam
             raise ValueError(f"budget {budget} is below what beam search of width G = {num_candidates} feeds: {least}")
-        width = num_candidates if budget is None else budget // max(depth - 1, 1)
+        width = num_candidates if budget is None else budget // per_beam
         bonus = fusion_bonus(policy, samples, fusion)
         decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width), bonus)
         if width > num_candidates:
