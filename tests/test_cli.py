@@ -37,6 +37,12 @@ def assert_one_line_error(exit_code: int, output: str, message: str) -> None:
     assert "Traceback" not in output
 
 
+def last_error_line(exit_code: int, output: str) -> str:
+    """The line a failed command ended with, after what loading printed (transformers' weight-loading bar)."""
+    assert exit_code == 2 and "Traceback" not in output, output
+    return output.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def bad_data(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny data set with valid.csv's line 6 replaced by `hello,world`."""
@@ -144,8 +150,7 @@ def test_a_checkpoint_of_another_catalog_is_refused(tiny_policy: Policy, tmp_pat
     other = write_random_dataset(tmp_path / "other", make_catalog(seed=7))  # the same size, other SIDs
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny_policy)
     result = CliRunner().invoke(app, [command, "--data", str(other), "--checkpoint", str(ckpt), "--limit", "2"])
-    last = result.output.strip().splitlines()[-1]  # after transformers' weight-loading bar
-    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = last_error_line(result.exit_code, result.output)
     assert last == "Error: --checkpoint: the checkpoint was trained on another catalog than other: its SIDs differ"
 
 
@@ -160,8 +165,7 @@ def test_an_empty_split_is_an_error_not_a_score_of_zero(
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny_policy)
     for args in (["eval", "--checkpoint", str(ckpt)], ["baseline", "pop"]):
         result = CliRunner().invoke(app, [*args, "--data", str(data)])
-        last = result.output.strip().splitlines()[-1]
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        last = last_error_line(result.exit_code, result.output)
         assert last.startswith("Error: ") and "the test split of data has no rows to score" in last, result.output
 
 
