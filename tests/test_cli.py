@@ -89,6 +89,13 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
         "is a file, not a",
     )
     yield ["bench", "decode", "--batches", "1,0"], "expected a comma list of positive integers, got '1,0'"
+    yield ["embed", "--data", d, "--encoder", gone], f"{gone} is not a local model folder (no config"
+    (tmp / "encoder").mkdir(exist_ok=True)
+    (tmp / "encoder" / "config.json").write_text("{}")
+    encoder = str(tmp / "encoder")
+    yield ["embed", "--data", d, "--encoder", encoder, "--pooling", "max"], "'max' is not one of 'mean', 'cls', 'last'"
+    yield ["embed", "--data", empty, "--encoder", encoder], f"{empty}/item.json: file not found"
+    yield ["embed", "--data", d, "--encoder", encoder], f"{d}/item_emb.npy exists"
 
 
 def test_simple_mistakes_are_one_line_before_torch_loads(tiny_data_dir: Path, bad_data: Path, tmp_path: Path) -> None:

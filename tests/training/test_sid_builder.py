@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from models.sid_catalog import SidCatalog
 from training.cli.commands import register
-from training.data.dataset import DataError
+from training.data.dataset import DataError, load_dataset
 from training.data.sid_builder import (
     SidBuildConfig,
     auto_codebook_size,
@@ -175,6 +175,28 @@ def test_write_index_refuses_to_overwrite(tmp_path: Path) -> None:
     assert (data / "index.json").read_text() != first
     write_index(data, SidBuildConfig(), out=data / "alt" / "index.json")
     assert (data / "alt" / "index.json").read_text() == first
+
+
+def test_update_splits_rewrites_the_sid_columns_to_the_new_index(tiny_data_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    before = load_dataset(data)
+    old_test = (data / "test.csv").read_text()
+    with pytest.raises(ValueError, match="--update-splits rewrites the splits of"):
+        write_index(data, SidBuildConfig(seed=1), out=tmp_path / "index.json", update_splits=True)
+    report = write_index(data, SidBuildConfig(seed=1), force=True, update_splits=True)
+    assert report["splits_updated"] == [str(data / f"{s}.csv") for s in ("train", "valid", "test")]
+    after = load_dataset(data)  # every SID column now matches the new index
+    assert after.catalog.sids != before.catalog.sids
+    assert {s: after.splits[s] for s in after.splits} == {s: before.splits[s] for s in before.splits}
+    assert (data / "test.csv").read_text().splitlines()[0] == old_test.splitlines()[0]
+    assert not list(data.glob(".*.tmp"))
+    # a row naming an item the index lacks stops it before anything is written
+    index, valid = (data / "index.json").read_text(), (data / "valid.csv").read_text()
+    (data / "test.csv").write_text(old_test + "u9,[],x,[],99999,[],<a_0><b_0><c_0>\n")
+    with pytest.raises(DataError, match=r"test.csv:\d+: unknown item id 99999 \(not in the new index\)"):
+        write_index(data, SidBuildConfig(seed=2), force=True, update_splits=True)
+    assert (data / "index.json").read_text() == index and (data / "valid.csv").read_text() == valid
 
 
 def test_cli(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Training-side subcommands of ``vstar``: synth, sids, sft, eval, fuse, bench decode.
+"""Training-side subcommands of ``vstar``: synth, embed, sids, sft, eval, fuse, bench decode.
 
 The RL stage (``training.cli.rl``), the baselines (``training.cli.baselines``)
 and the plots (``training.cli.plot``) have modules of their own; ``vstar.py``
@@ -39,6 +39,7 @@ from training.cli.options import (
     float_list,
     int_list,
     load_data,
+    local_model,
     read_manifest,
     require_checkpoint,
     run_training,
@@ -72,6 +73,44 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         write_json(None, stats)
 
     @app.command()
+    def embed(
+        data: Annotated[Path, typer.Option("--data", help="Folder with item.json (item id -> title, description).")],
+        encoder: Annotated[
+            Path,
+            typer.Option(
+                "--encoder",
+                help="Local text encoder folder (any transformers AutoModel, e.g. all-MiniLM-L6-v2); "
+                "nothing is downloaded.",
+                callback=local_model,
+            ),
+        ],
+        pooling: Annotated[
+            Literal["mean", "cls", "last"] | None,
+            typer.Option("--pooling", help="Token pooling (default: the encoder folder's, else mean)."),
+        ] = None,
+        max_length: Annotated[
+            int | None,
+            typer.Option("--max-length", min=1, help="Tokens per text (default: the encoder folder's, else <= 512)."),
+        ] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")] = 64,
+        device: DeviceOpt = "cpu",
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing item_emb.npy.")] = False,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Also write the report here.", callback=writable_file)
+        ] = None,
+    ) -> None:
+        """Item text embeddings (item_emb.npy, L2-normalised, row i = item id i) from item.json, for vstar sids."""
+        from training.data.dataset import DataError
+        from training.data.item_embed import EmbedConfig, EncoderError, embed_items
+
+        config = EmbedConfig(encoder, pooling, max_length, batch_size, device)
+        try:
+            report = embed_items(data, config, force)
+        except (DataError, EncoderError, FileExistsError) as e:
+            raise typer.BadParameter(str(e)) from None
+        write_json(json_out, report)
+
+    @app.command()
     def sids(
         data: Annotated[Path, typer.Option("--data", help="Folder with item_emb.npy (row i = item id i).")],
         codebook_size: Annotated[
@@ -81,6 +120,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         seed: SeedOpt = 0,
         out: Annotated[Path | None, typer.Option("--out", help="index.json to write (default DIR/index.json).")] = None,
         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing index.json.")] = False,
+        update_splits: Annotated[
+            bool,
+            typer.Option(
+                "--update-splits",
+                help="Also rewrite the SID columns of DIR's train/valid/test.csv to the new index (other columns "
+                "stay); every file is checked before anything is written.",
+            ),
+        ] = False,
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Also write the report here.", callback=writable_file)
         ] = None,
@@ -88,8 +135,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Balanced residual k-means SIDs from item_emb.npy; prints collision rates and codebook usage."""
         from training.data.sid_builder import SidBuildConfig, write_index
 
+        config = SidBuildConfig(codebook_size, levels=levels, seed=seed)
         try:
-            report = write_index(data, SidBuildConfig(codebook_size, levels=levels, seed=seed), out, force)
+            report = write_index(data, config, out, force, update_splits)
         except (ValueError, FileExistsError) as e:
             raise typer.BadParameter(str(e)) from None
         write_json(json_out, report)
@@ -112,7 +160,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = "small",
         base_model: Annotated[
             Path | None,
-            typer.Option("--base-model", help="Local pretrained causal LM folder (e.g. Qwen2.5-0.5B); no recipe."),
+            typer.Option(
+                "--base-model",
+                help="Local pretrained causal LM folder (e.g. Qwen2.5-0.5B); no recipe.",
+                callback=local_model,
+            ),
         ] = None,
         train_splits: Annotated[
             str | None,
@@ -219,12 +271,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from training.data.dataset import parse_splits
         from training.sft.config import recipe_config
 
-        if base_model is not None and not (base_model / "config.json").is_file():
-            raise typer.BadParameter(
-                f"{base_model} is not a local model folder (no config.json); nothing is downloaded: give the folder "
-                "of a pretrained causal LM (save_pretrained's layout)",
-                param_hint="--base-model",
-            )
         setup_logging()
         try:
             config = recipe_config(

@@ -49,6 +49,17 @@ def device_name(value: str) -> str:
     return value
 
 
+def local_model(path: Path | None) -> Path | None:
+    """Typer callback of a pretrained model's folder (``--base-model``, ``--encoder``): nothing is downloaded,
+    so it must be a local folder in ``save_pretrained``'s layout."""
+    if path is not None and not (path / "config.json").is_file():
+        raise typer.BadParameter(
+            f"{path} is not a local model folder (no config.json); nothing is downloaded: give the folder "
+            "of a pretrained model (save_pretrained's layout)"
+        )
+    return path
+
+
 def png_file(path: Path) -> Path:
     """Typer callback of a PNG's ``--out``: a writable file path ending in .png."""
     if path.suffix.lower() != ".png":

@@ -179,7 +179,8 @@ def load_minionerec(root: str | Path, dataset: str) -> RecDataset:
     return _load(dataset, files, emb if emb.exists() else None)
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A data file holding one JSON object (UTF-8), or a DataError naming the file and the problem."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
@@ -194,8 +195,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _load(name: str, files: dict[str, Path], emb_path: Path | None) -> RecDataset:
-    index = _read_json(files["index"])
-    meta = _read_json(files["item"])
+    index = read_json_object(files["index"])
+    meta = read_json_object(files["item"])
     titles = {}
     for key, value in meta.items():
         if isinstance(value, dict):
@@ -305,6 +306,62 @@ def _read_row(row: dict, width: int, catalog: SidCatalog, path: Path, line: int,
     return Sample(row["user_id"], tuple(history), target)
 
 
+@dataclass(frozen=True)
+class RelabeledSplit:
+    """A split file's rows with their SID columns taken from a new index, not yet written."""
+
+    path: Path
+    header: list[str]
+    rows: list[dict[str, str]]
+
+    def write(self) -> None:
+        """Replace the file by a rename, so a reader sees the old rows or the new ones."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=self.header)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+def relabel_splits(data_dir: Path, index: dict[str, list[str]]) -> list[RelabeledSplit]:
+    """The split files of ``data_dir`` with their SID columns (``history_item_sid``, ``item_sid``) from a new
+    ``index``; every other column, and the rows' order, stay. Every file is read and checked (columns, item ids
+    in the index) here, so that a caller writes none of them unless all are good."""
+    sid_text = {int(k): "".join(v) for k, v in index.items()}
+    staged: list[RelabeledSplit] = []
+    for split in SPLITS:
+        path = data_dir / f"{split}.csv"
+        if not path.exists():
+            continue
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                missing = [c for c in COLUMNS if c not in header]
+                if missing:
+                    raise DataError(f"{path}:1: missing columns {missing}")
+                rows = []
+                for row in reader:
+                    line = reader.line_num
+                    if None in row or None in row.values():
+                        raise DataError(f"{path}:{line}: the row's columns do not match the header's {len(header)}")
+                    history = _literal_list(row["history_item_id"], "history_item_id", path, line)
+                    ids = [_int(str(v), path, line) for v in [*history, row["item_id"]]]
+                    unknown = [i for i in ids if i not in sid_text]
+                    if unknown:
+                        raise DataError(f"{path}:{line}: unknown item id {unknown[0]} (not in the new index)")
+                    row["history_item_sid"] = repr([sid_text[i] for i in ids[:-1]])
+                    row["item_sid"] = sid_text[ids[-1]]
+                    rows.append(row)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except csv.Error as e:
+            raise DataError(f"{path}: {e}") from None
+        staged.append(RelabeledSplit(path, header, rows))
+    return staged
+
+
 def write_dataset(
     out: Path,
     catalog: SidCatalog,
@@ -345,5 +402,7 @@ __all__ = [
     "load_dataset",
     "load_minionerec",
     "parse_splits",
+    "RelabeledSplit",
+    "relabel_splits",
     "write_dataset",
 ]

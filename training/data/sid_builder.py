@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from models.sid_catalog import LEVEL_PREFIXES, level_token
-from training.data.dataset import DataError, read_embeddings
+from training.data.dataset import DataError, read_embeddings, relabel_splits
 
 MAX_AUTO_CODEBOOK = 256
 
@@ -289,15 +289,27 @@ def load_embeddings(data_dir: Path) -> np.ndarray:
     return read_embeddings(path, items, str(meta))
 
 
-def write_index(data_dir: Path, config: SidBuildConfig, out: Path | None = None, force: bool = False) -> dict[str, Any]:
-    """Build SIDs from ``data_dir/item_emb.npy`` and write ``index.json`` (default ``data_dir/index.json``)."""
+def write_index(
+    data_dir: Path, config: SidBuildConfig, out: Path | None = None, force: bool = False, update_splits: bool = False
+) -> dict[str, Any]:
+    """Build SIDs from ``data_dir/item_emb.npy`` and write ``index.json`` (default ``data_dir/index.json``);
+    ``update_splits``: also rewrite the SID columns of the split files beside it to the new index."""
     out = out or data_dir / "index.json"
+    if update_splits and out.resolve() != (data_dir / "index.json").resolve():
+        raise ValueError(
+            f"--update-splits rewrites the splits of {data_dir}, whose index is {data_dir / 'index.json'}, not {out}"
+        )
     if out.exists() and not force:
         raise FileExistsError(
             f"{out} exists; the CSVs next to it carry SIDs that must match it, so a new index would make "
-            "them inconsistent. Write elsewhere with --out, or pass --force and regenerate the CSVs' SID columns."
+            "them inconsistent. Write elsewhere with --out, or pass --force --update-splits to rewrite the "
+            "CSVs' SID columns with it."
         )
     build = build_sids(load_embeddings(data_dir), config)
+    index = build.index()
+    splits = relabel_splits(data_dir, index) if update_splits else []  # all checked before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(build.index()))
-    return build.report | {"out": str(out)}
+    out.write_text(json.dumps(index))
+    for split in splits:
+        split.write()
+    return build.report | {"out": str(out), "splits_updated": [str(split.path) for split in splits]}

