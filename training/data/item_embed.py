@@ -58,7 +58,11 @@ TEXT_RULE = (
     f"by spaces, HTML stripped, cut at a word boundary to <= {DESCRIPTION_CHARS} chars); title only if no description"
 )
 # sentence-transformers' 1_Pooling/config.json flag -> our pooling
-ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "last"}
+ST_POOLING: dict[str, Pooling] = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last",
+}
 
 
 class EncoderError(ValueError):
@@ -166,7 +170,7 @@ def folder_pooling(folder: Path) -> Pooling | None:
             f"{folder / '1_Pooling/config.json'}: a pooling other than mean, cls or last token; "
             "choose one with --pooling"
         )
-    return chosen[0] if chosen else None  # type: ignore[return-value]
+    return chosen[0] if chosen else None
 
 
 def weights_sha256(folder: Path) -> str | None:

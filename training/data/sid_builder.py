@@ -1,7 +1,8 @@
 """Semantic IDs for a new catalog: balanced residual k-means over item embeddings.
 
 ``vstar sids --data DIR`` reads ``DIR/item_emb.npy`` (row i = item i) and writes
-an ``index.json`` of ``levels`` tokens per item; ``vstar synth`` calls the same
+an ``index.json`` of ``levels`` tokens per item (``--update-splits``: and
+rewrites the split files' SID columns to it); ``vstar synth`` calls the same
 builder. Design decisions:
 
 - Residual quantisation with one shared codebook per level (as RQ-VAE and
