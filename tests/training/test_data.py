@@ -53,6 +53,7 @@ def test_tiny_dataset_round_trips(tiny_dataset, tiny_catalog) -> None:
         ({"item_sid": "<a_99><b_99><c_99>"}, "is not in the index"),
         ({"history_item_id": str(list(range(11)))}, "history SIDs"),
         ({"item_id": "seven"}, "not an integer item id"),
+        ({"item_sid": ""}, "empty item_sid; a new catalog's SID columns are filled by vstar sids .* --update-splits"),
     ],
 )
 def test_bad_rows_name_file_line_and_problem(tiny_data_dir: Path, tmp_path: Path, changes: dict, message: str) -> None:
@@ -88,6 +89,15 @@ def test_a_short_or_cut_line_is_named_at_its_own_line(
     (data / "valid.csv").write_text("".join(lines))
     with pytest.raises(DataError, match=message):
         load_dataset(data)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tiny_data_dir: Path, tmp_path: Path, tiny_dataset) -> None:
+    """Excel's "CSV UTF-8" and some editors start a file with a BOM; the first column's name stays user_id."""
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    for name in ("valid.csv", "index.json", "item.json"):
+        (data / name).write_bytes(b"\xef\xbb\xbf" + (data / name).read_bytes())
+    loaded = load_dataset(data)
+    assert loaded.splits == tiny_dataset.splits and loaded.catalog.sids == tiny_dataset.catalog.sids
 
 
 def test_sid_that_disagrees_with_index(tiny_data_dir: Path, tmp_path: Path, tiny_catalog) -> None:

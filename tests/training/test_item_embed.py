@@ -73,6 +73,7 @@ def test_item_text_rule() -> None:
     assert item_text({"title": "A &amp; B <br/>", "description": "<p>x&gt;y</p>\n  z"}) == "A & B. x>y z"
     assert item_text({"title": "T", "description": ["as", "a list"]}) == "T. as a list"
     assert item_text({"title": "T", "description": "[not a literal"}) == "T. [not a literal"
+    assert item_text({"title": "T", "description": "Works from <5V to >12V"}) == "T. Works from <5V to >12V"
     long = item_text({"title": "T", "description": " ".join(["word"] * 200)})
     assert long.startswith("T. word") and long.endswith("word")
     assert len(long) - len("T. ") <= DESCRIPTION_CHARS and len(long) - len("T. ") > DESCRIPTION_CHARS - len(" word")
@@ -80,7 +81,8 @@ def test_item_text_rule() -> None:
 
 def test_item_texts_refuses_what_cannot_be_a_row(tmp_path: Path) -> None:
     for entries, message in [
-        ({"0": {"title": "a"}, "2": {"title": "b"}}, "item ids must be 0..1"),
+        ({"0": {"title": "a"}, "2": {"title": "b"}}, "must have ids 0..1 .* 1 is missing and the largest id is 2"),
+        ({"0": {"title": "a"}, "1": {"title": "b"}, "01": {"title": "c"}}, "two keys name item 1"),
         ({"0": {"title": "a"}, "x": {"title": "b"}}, "'x' is not an integer item id"),
         ({"0": "a title"}, "item 0: expected an object with a title, got str"),
         ({"0": {"title": "a"}, "1": {"brand": "b"}}, "item 1 has neither a title nor a description"),
@@ -100,7 +102,7 @@ def test_embed_writes_unit_rows_in_item_order_and_records_how(encoder_dir: Path,
     assert not np.allclose(emb[0], emb[1])
     record = json.loads((data / "item_emb.json").read_text())
     assert record["num_items"] == 4 and record["dim"] == 24 and record["pooling"] == "mean"
-    assert record["max_seq_length_tokens"] == 512 and record["model_weights_sha256"] is not None
+    assert record["max_seq_length_tokens"] == 64 and record["model_weights_sha256"] is not None  # its positions
     assert report["out"] == str(data / "item_emb.npy") and not list(tmp_path.glob(".*tmp-*"))
     # one at a time, unpadded, gives the same rows as padded batches in another order
     one = embed_texts(TextEncoder(EmbedConfig(encoder_dir)), item_texts(data / "item.json"), 1, progress=False)
@@ -116,10 +118,7 @@ def test_last_token_pooling_reads_the_last_real_token_of_a_padded_batch(encoder_
     np.testing.assert_allclose(encoder.encode(texts), alone, atol=1e-5)
     assert not np.allclose(alone, TextEncoder(EmbedConfig(encoder_dir, pooling="cls")).encode(texts))
     # a tokenizer saved to pad on the left is padded on the right: BERT's positions are absolute
-    folder = tmp_path / "left"
-    folder.mkdir()
-    for f in encoder_dir.iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
+    folder = copy_of(encoder_dir, tmp_path / "left")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps(config | {"padding_side": "left"}))
     left = TextEncoder(EmbedConfig(folder, pooling="last"))
@@ -127,10 +126,7 @@ def test_last_token_pooling_reads_the_last_real_token_of_a_padded_batch(encoder_
 
 
 def test_sentence_transformers_folder_settings_are_read(encoder_dir: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "st"
-    folder.mkdir()
-    for f in encoder_dir.iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
+    folder = copy_of(encoder_dir, tmp_path / "st")
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 3}))
@@ -153,10 +149,36 @@ def test_existing_embeddings_are_kept_unless_forced(encoder_dir: Path, tmp_path:
     assert np.load(data / "item_emb.npy").shape == (4, 24)
 
 
-def test_a_folder_that_is_not_an_encoder_is_one_line(tmp_path: Path) -> None:
+def copy_of(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in folder.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
+def test_encoder_folders_that_cannot_embed_are_refused_before_any_work(encoder_dir: Path, tmp_path: Path) -> None:
+    no_tokenizer = copy_of(encoder_dir, tmp_path / "no_tokenizer")
+    for f in no_tokenizer.glob("tokenizer*"):
+        f.unlink()  # transformers would build an empty tokenizer: every word [UNK], rows all alike
+    with pytest.raises(EncoderError, match="no tokenizer"):
+        TextEncoder(EmbedConfig(no_tokenizer))
+    with pytest.raises(EncoderError, match="--max-length 65: .* has 64 positions"):
+        TextEncoder(EmbedConfig(encoder_dir, max_length=65))
+    cut = copy_of(encoder_dir, tmp_path / "cut")
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(EncoderError, match="cannot load a text encoder"):
+        TextEncoder(EmbedConfig(cut))
+    small = copy_of(encoder_dir, tmp_path / "small")
+    config = json.loads((small / "config.json").read_text())
+    BertModel(BertConfig(**{**config, "vocab_size": 4 * len(WORDS)})).save_pretrained(small)
+    with pytest.raises(EncoderError, match=f"the tokenizer has {len(WORDS)} tokens for an embedding table of"):
+        TextEncoder(EmbedConfig(small))
+
+
+def test_a_folder_that_is_not_an_encoder_is_one_line(encoder_dir: Path, tmp_path: Path) -> None:
     data = catalog(tmp_path, ITEMS)
-    broken = tmp_path / "broken"
-    broken.mkdir()
+    broken = copy_of(encoder_dir, tmp_path / "broken")
     (broken / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
     result = CliRunner().invoke(app, ["embed", "--data", str(data), "--encoder", str(broken)])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output

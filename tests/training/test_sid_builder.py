@@ -199,6 +199,27 @@ def test_update_splits_rewrites_the_sid_columns_to_the_new_index(tiny_data_dir: 
     assert (data / "index.json").read_text() == index and (data / "valid.csv").read_text() == valid
 
 
+def test_update_splits_keeps_the_files_form_and_names_start_lines(tiny_data_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    crlf = (data / "train.csv").read_bytes()
+    assert b"\r\n" in crlf  # what csv.writer writes
+    lf = (data / "valid.csv").read_bytes().replace(b"\r\n", b"\n")
+    (data / "valid.csv").write_bytes(b"\xef\xbb\xbf" + lf)  # a BOM and LF line ends, as an editor might
+    write_index(data, SidBuildConfig(seed=1), force=True, update_splits=True)
+    assert b"\r\n" in (data / "train.csv").read_bytes() and b"\r" not in (data / "valid.csv").read_bytes()
+    load_dataset(data)
+    # a record over several lines (a quoted title with line breaks) is named at the line it starts on
+    test = (data / "test.csv").read_text()
+    (data / "test.csv").write_text(test + 'u9,[],"a\nlong\ntitle",[],99999,[],\n')
+    first = test.count("\n") + 1
+    with pytest.raises(DataError, match=f"test.csv:{first}: unknown item id 99999"):
+        write_index(data, SidBuildConfig(seed=2), force=True, update_splits=True)
+    (data / "test.csv").unlink()
+    with pytest.raises(DataError, match="test.csv: file not found"):
+        write_index(data, SidBuildConfig(seed=2), force=True, update_splits=True)
+
+
 def test_cli(tmp_path: Path) -> None:
     app, bench = typer.Typer(), typer.Typer()
     app.add_typer(bench, name="bench")

@@ -184,7 +184,7 @@ def read_json_object(path: Path) -> dict:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (what some editors write) is not data
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     except UnicodeDecodeError as e:
@@ -265,7 +265,7 @@ def read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
 
 def _read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
     samples: list[Sample] = []
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -286,6 +286,11 @@ def _read_row(row: dict, width: int, catalog: SidCatalog, path: Path, line: int,
     if len(fields) != width:
         spans = f" (a quoted field runs from here to line {end}: is a quote unclosed?)" if end > line else ""
         raise DataError(f"{path}:{line}: {len(fields)} columns, the header has {width}{spans}")
+    if not row["item_sid"].strip():
+        raise DataError(
+            f"{path}:{line}: empty item_sid; a new catalog's SID columns are filled by "
+            "vstar sids --data DIR --force --update-splits"
+        )
     history = [_int(str(v), path, line) for v in _literal_list(row["history_item_id"], "history_item_id", path, line)]
     target = _int(row["item_id"], path, line)
     hist_sids = _literal_list(row["history_item_sid"], "history_item_sid", path, line)
@@ -313,12 +318,13 @@ class RelabeledSplit:
     path: Path
     header: list[str]
     rows: list[dict[str, str]]
+    newline: str  # the file's own line ending, kept
 
     def write(self) -> None:
         """Replace the file by a rename, so a reader sees the old rows or the new ones."""
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self.header)
+            writer = csv.DictWriter(f, fieldnames=self.header, lineterminator=self.newline)
             writer.writeheader()
             writer.writerows(self.rows)
         tmp.replace(self.path)
@@ -333,17 +339,19 @@ def relabel_splits(data_dir: Path, index: dict[str, list[str]]) -> list[Relabele
     for split in SPLITS:
         path = data_dir / f"{split}.csv"
         if not path.exists():
-            continue
+            raise DataError(f"{path}: file not found (a data set has train.csv, valid.csv and test.csv)")
+        with path.open("rb") as raw:
+            newline = "\r\n" if raw.readline().endswith(b"\r\n") else "\n"
         try:
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 header = list(reader.fieldnames or [])
                 missing = [c for c in COLUMNS if c not in header]
                 if missing:
                     raise DataError(f"{path}:1: missing columns {missing}")
                 rows = []
+                line = 2  # where the next record starts (csv's line_num is where the last one ended)
                 for row in reader:
-                    line = reader.line_num
                     if None in row or None in row.values():
                         raise DataError(f"{path}:{line}: the row's columns do not match the header's {len(header)}")
                     history = _literal_list(row["history_item_id"], "history_item_id", path, line)
@@ -354,11 +362,12 @@ def relabel_splits(data_dir: Path, index: dict[str, list[str]]) -> list[Relabele
                     row["history_item_sid"] = repr([sid_text[i] for i in ids[:-1]])
                     row["item_sid"] = sid_text[ids[-1]]
                     rows.append(row)
+                    line = reader.line_num + 1
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except csv.Error as e:
             raise DataError(f"{path}: {e}") from None
-        staged.append(RelabeledSplit(path, header, rows))
+        staged.append(RelabeledSplit(path, header, rows, newline))
     return staged
 
 

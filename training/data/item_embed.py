@@ -65,6 +65,9 @@ ST_POOLING: dict[str, Pooling] = {
 }
 
 
+TAG = re.compile(r"<[/!]?[A-Za-z][^<>]*>")  # an HTML tag, not "from <5V to >12V"
+
+
 class EncoderError(ValueError):
     """The encoder folder cannot be loaded or used as a text encoder."""
 
@@ -87,7 +90,7 @@ class EmbedConfig:
 
 
 def _clean(text: str) -> str:
-    text = html.unescape(re.sub(r"<[^>]+>", " ", text))
+    text = html.unescape(TAG.sub(" ", text))
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -135,6 +138,8 @@ def item_texts(path: Path) -> list[str]:
             item = int(key)
         except ValueError:
             raise DataError(f"{path}: key {key!r} is not an integer item id") from None
+        if item in texts:
+            raise DataError(f"{path}: two keys name item {item} (e.g. '1' and '01'): each item id once")
         if not isinstance(entry, dict):
             raise DataError(f"{path}: item {key}: expected an object with a title, got {type(entry).__name__}")
         text = item_text(entry)
@@ -144,8 +149,8 @@ def item_texts(path: Path) -> list[str]:
     missing = sorted(set(range(len(texts))) - texts.keys())
     if missing:
         raise DataError(
-            f"{path}: item ids must be 0..{len(texts) - 1} (row i of item_emb.npy = item i); "
-            f"{len(missing)} missing, the first {missing[0]}"
+            f"{path}: the {len(texts)} items must have ids 0..{len(texts) - 1} (row i of item_emb.npy = item i); "
+            f"{missing[0]} is missing and the largest id is {max(texts)}"
         )
     return [texts[i] for i in range(len(texts))]
 
@@ -185,6 +190,14 @@ def weights_sha256(folder: Path) -> str | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class TextEncoder:
     """A local Hugging Face encoder with its tokenizer, pooled to one vector per text."""
 
@@ -193,12 +206,22 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         folder = config.encoder
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise EncoderError(
+                f"{folder}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer with the model "
+                "(tokenizer.save_pretrained into the same folder)"
+            )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             self.model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EncoderError(f"{folder}: cannot load a text encoder and its tokenizer ({first})") from None
+        except Exception as e:  # transformers and safetensors raise many kinds; each means "not loadable"
+            raise EncoderError(f"{folder}: cannot load a text encoder and its tokenizer ({_first_line(e)})") from None
+        table = self.model.get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) < table // 2:
+            raise EncoderError(
+                f"{folder}: the tokenizer has {len(self.tokenizer)} tokens for an embedding table of {table}: "
+                "is the model's own tokenizer missing from the folder?"
+            )
         if self.tokenizer.pad_token is None:  # decoder LMs ship without one; the mask hides it anyway
             if self.tokenizer.eos_token is None:
                 raise EncoderError(f"{folder}: the tokenizer has neither a pad nor an end-of-text token")
@@ -209,8 +232,17 @@ class TextEncoder:
         self.pooling: Pooling = config.pooling or folder_pooling(folder) or "mean"
         st_length = _folder_json(folder, "sentence_bert_config.json").get("max_seq_length")
         tokenizer_length = getattr(self.tokenizer, "model_max_length", MAX_AUTO_LENGTH)
-        self.max_length = int(config.max_length or st_length or min(tokenizer_length, MAX_AUTO_LENGTH))
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = int(
+            config.max_length or st_length or min(tokenizer_length, MAX_AUTO_LENGTH, positions or 1 << 30)
+        )
+        if positions is not None and self.max_length > positions:
+            raise EncoderError(f"--max-length {self.max_length}: {folder} has {positions} positions")
         self.dim = int(self.model.config.hidden_size)
+        try:  # fail here, not after hours of encoding: a checkpoint of another kind loads but cannot encode
+            self.encode(["probe"])
+        except Exception as e:
+            raise EncoderError(f"{folder}: loads, but cannot encode text ({_first_line(e)})") from None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32 rows, L2-normalised."""
@@ -262,8 +294,8 @@ def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progre
     out = data_dir / "item_emb.npy"
     if out.exists() and not force:
         raise FileExistsError(
-            f"{out} exists, and the index.json beside it was built from it; pass --force to replace it "
-            "(then rebuild the SIDs and the splits' SID columns: vstar sids --force --update-splits)"
+            f"{out} exists (an index.json built from it would no longer match); pass --force to replace it, "
+            "then rebuild the SIDs and the splits' SID columns: vstar sids --force --update-splits"
         )
     start = time.perf_counter()
     texts = item_texts(data_dir / "item.json")

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from models.sid_catalog import LEVEL_PREFIXES, level_token
-from training.data.dataset import DataError, read_embeddings, relabel_splits
+from training.data.dataset import DataError, read_embeddings, read_json_object, relabel_splits
 
 MAX_AUTO_CODEBOOK = 256
 
@@ -286,7 +286,7 @@ def load_embeddings(data_dir: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(f"{path}: file not found (vstar sids needs item embeddings, row i = item id i)")
     meta = data_dir / "item.json"
-    items = len(json.loads(meta.read_text())) if meta.exists() else None
+    items = len(read_json_object(meta)) if meta.exists() else None
     return read_embeddings(path, items, str(meta))
 
 
