@@ -162,7 +162,7 @@ def test_encoder_folders_that_cannot_embed_are_refused_before_any_work(encoder_d
         f.unlink()  # transformers would build an empty tokenizer: every word [UNK], rows all alike
     with pytest.raises(EncoderError, match="no tokenizer"):
         TextEncoder(EmbedConfig(no_tokenizer))
-    with pytest.raises(EncoderError, match="--max-length 65: .* has 64 positions"):
+    with pytest.raises(EncoderError, match="--max-length 65: .* takes at most 64 tokens"):
         TextEncoder(EmbedConfig(encoder_dir, max_length=65))
     cut = copy_of(encoder_dir, tmp_path / "cut")
     weights = (cut / "model.safetensors").read_bytes()

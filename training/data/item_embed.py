@@ -179,18 +179,27 @@ def folder_pooling(folder: Path) -> Pooling | None:
 
 
 def weights_sha256(folder: Path) -> str | None:
-    """sha256 of the encoder's weights file, recorded so that the embeddings name the exact model."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            h = hashlib.sha256()
-            with (folder / name).open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            return h.hexdigest()
-    return None
+    """sha256 of the encoder's weights (its shards in name order), recorded so that the embeddings name the exact
+    model; None when the folder holds neither safetensors nor PyTorch weights."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def _first_line(error: Exception) -> str:
@@ -232,12 +241,10 @@ class TextEncoder:
         self.pooling: Pooling = config.pooling or folder_pooling(folder) or "mean"
         st_length = _folder_json(folder, "sentence_bert_config.json").get("max_seq_length")
         tokenizer_length = getattr(self.tokenizer, "model_max_length", MAX_AUTO_LENGTH)
-        positions = getattr(self.model.config, "max_position_embeddings", None)
-        self.max_length = int(
-            config.max_length or st_length or min(tokenizer_length, MAX_AUTO_LENGTH, positions or 1 << 30)
-        )
-        if positions is not None and self.max_length > positions:
-            raise EncoderError(f"--max-length {self.max_length}: {folder} has {positions} positions")
+        limit = min(tokenizer_length, getattr(self.model.config, "max_position_embeddings", None) or tokenizer_length)
+        self.max_length = int(config.max_length or st_length or min(limit, MAX_AUTO_LENGTH))
+        if self.max_length > limit:  # the tokenizer's limit covers models whose positions start past padding
+            raise EncoderError(f"--max-length {self.max_length}: {folder} takes at most {limit} tokens")
         self.dim = int(self.model.config.hidden_size)
         try:  # fail here, not after hours of encoding: a checkpoint of another kind loads but cannot encode
             self.encode(["probe"])
