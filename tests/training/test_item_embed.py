@@ -214,6 +214,7 @@ def test_equals_sentence_transformers_on_its_own_model() -> None:
 
 @needs_minilm
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_reproduces_the_real_data_sets_embeddings(shared_data_dir: Path, tmp_path: Path) -> None:
     """The first 300 items of amazon-industrial, embedded with the encoder its item_emb.json names, against
     its item_emb.npy: the text rule and the pooling are that file's."""
