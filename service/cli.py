@@ -17,6 +17,8 @@ from typing import Annotated
 
 import typer
 
+from models.output_path import output_file_problem
+
 CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder to serve.")]
 
 
@@ -36,6 +38,14 @@ def _is_loopback(host: str) -> bool:
         return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
     except (socket.gaierror, ValueError):
         return False
+
+
+def _output_file(path: Path | None) -> Path | None:
+    """Typer callback of ``--json``: a path that can take the file, checked before the benchmark runs."""
+    problem = None if path is None else output_file_problem(path)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return path
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -85,7 +95,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @bench.command(name="serve")
     def bench_serve(
         checkpoint: CheckpointOpt,
-        json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write the results here.", callback=_output_file)
+        ] = None,
         clients: Annotated[str, typer.Option("--clients", help="Concurrent clients of the beam cells.")] = "1,8,32",
         caps: Annotated[str, typer.Option("--caps", help="VED latency caps in ms.")] = "50,100,200",
         ved_clients: Annotated[

@@ -20,6 +20,18 @@ def test_serve_rejects_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "not a checkpoint folder" in result.output
 
 
+def test_bench_serve_refuses_a_json_path_that_cannot_take_the_file_before_it_runs(tmp_path: Path) -> None:
+    """Checked as the options are read: the benchmark takes minutes, its result must not be lost at the end."""
+    (tmp_path / "a_file").write_text("mine")
+    for json_out, message in [
+        (tmp_path, "is a folder: give the path of a file to write"),
+        (tmp_path / "a_file" / "out.json", "is a file, so"),
+    ]:
+        result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(tmp_path), "--json", str(json_out)])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
 def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
     config = BenchConfig(
         clients=(1, 3),

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
+
+from models.output_path import output_file_problem, parents_problem
 
 T = TypeVar("T")
 
@@ -26,13 +27,9 @@ T = TypeVar("T")
 def writable_file(path: Path | None) -> Path | None:
     """Typer callback of every output file option (``--json``, a PNG's ``--out``): checked when the command
     starts, so a path that cannot take a file fails at once, not after the work it was to record."""
-    if path is None:
-        return None
-    if path.is_dir():
-        raise typer.BadParameter(f"{path} is a folder: give the path of a file to write")
-    check_parents(path)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise typer.BadParameter(f"{path} cannot be written (permission denied)")
+    problem = None if path is None else output_file_problem(path)
+    if problem is not None:
+        raise typer.BadParameter(problem)
     return path
 
 
@@ -93,11 +90,9 @@ def checkpoint_out(path: Path) -> Path:
 
 def check_parents(path: Path) -> None:
     """The nearest existing folder above ``path`` is a folder this process may write in."""
-    above = next((p for p in path.parents if p.exists()), Path("."))
-    if not above.is_dir():
-        raise typer.BadParameter(f"{above} is a file, so {path} cannot be written under it")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise typer.BadParameter(f"cannot write under {above} (permission denied)")
+    problem = parents_problem(path)
+    if problem is not None:
+        raise typer.BadParameter(problem)
 
 
 DataOpt = Annotated[

@@ -1,0 +1,33 @@
+"""Whether a path can take a command's output file, checked before the work whose result it is to hold.
+
+Shared by the training commands (``--json``, a figure's ``--out``) and the
+service's benchmark (``vstar bench serve --json``), which do not import each
+other: each turns the sentence returned here into its own one-line error.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def parents_problem(path: Path) -> str | None:
+    """What stops this process creating ``path`` (a sentence), or None: the nearest existing folder above it
+    must be a folder it may write in."""
+    above = next((p for p in path.parents if p.exists()), Path("."))
+    if not above.is_dir():
+        return f"{above} is a file, so {path} cannot be written under it"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"cannot write under {above} (permission denied)"
+    return None
+
+
+def output_file_problem(path: Path) -> str | None:
+    """What stops this process writing the file ``path`` (a sentence), or None."""
+    if path.is_dir():
+        return f"{path} is a folder: give the path of a file to write"
+    problem = parents_problem(path)
+    if problem is None and path.exists() and not os.access(path, os.W_OK):
+        return f"{path} cannot be written (permission denied)"
+    return problem
