@@ -209,7 +209,7 @@ def request_models(settings: Settings) -> RequestModels:
 
 
 class ErrorDetail(BaseModel):
-    type: str = Field(description="invalid_request, unknown_user, not_found, payload_too_large, store_unavailable, ...")
+    type: str = Field(description="invalid_request, unauthorized, not_found, payload_too_large, store_unavailable, ...")
     message: str = Field(description="Names the offending field first: `history: unknown item ids [...]`.")
 
 

@@ -82,8 +82,8 @@ class Settings(BaseSettings):
         200,
         ge=1,
         description="VED cap when a request gives none: on a 2-core CPU host shared with training jobs a lone "
-        "request's search ran at 150 and 200 ms, while at 100 ms the initial beam answered 97-100% of the time "
-        "(README, vstar bench serve).",
+        "request's search ran for every request at 200 ms, at 100 ms for 0-99% of them (the initial beam "
+        "answered the rest), at 50 ms never (README, vstar bench serve).",
     )
     ved_max_latency_ms: int = Field(1000, ge=1, description="Largest latency_ms a request may ask for.")
     ved_max_budget: int = Field(4096, ge=1, description="Largest VED token budget a request may ask for.")
