@@ -27,7 +27,7 @@ import csv
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -255,29 +255,29 @@ def _literal_list(value: str, column: str, path: Path, line: int) -> list:
 
 
 def read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
+    return [_read_row(row, width, catalog, path, line, end) for row, width, line, end in split_records(path)]
+
+
+def split_records(path: Path) -> Iterator[tuple[dict, int, int, int]]:
+    """The records of a split file as (row, the header's width, the line it starts on, the line csv ended it
+    on), after checking the header's columns; an unreadable file is a DataError naming it and the line."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    line = 2  # where the next record starts: csv's line_num is where the last one ended
     try:
-        return _read_split(path, catalog)
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            missing = [c for c in COLUMNS if c not in header]
+            if missing:
+                raise DataError(f"{path}:1: missing columns {missing}")
+            for row in reader:
+                yield row, len(header), line, reader.line_num
+                line = reader.line_num + 1
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
-
-
-def _read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
-    samples: list[Sample] = []
-    with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}:1: missing columns {missing}")
-        line = 2  # where the next record starts: csv's line_num is where the last one ended
-        try:
-            for row in reader:
-                samples.append(_read_row(row, len(reader.fieldnames or []), catalog, path, line, reader.line_num))
-                line = reader.line_num + 1
-        except csv.Error as e:  # e.g. a quote still open at the end of the file
-            raise DataError(f"{path}:{line}: {e}") from None
-    return samples
+    except csv.Error as e:  # e.g. a quote still open at the end of the file
+        raise DataError(f"{path}:{line}: {e}") from None
 
 
 def _read_row(row: dict, width: int, catalog: SidCatalog, path: Path, line: int, end: int) -> Sample:
@@ -338,35 +338,22 @@ def relabel_splits(data_dir: Path, index: dict[str, list[str]]) -> list[Relabele
     staged: list[RelabeledSplit] = []
     for split in SPLITS:
         path = data_dir / f"{split}.csv"
-        if not path.exists():
-            raise DataError(f"{path}: file not found (a data set has train.csv, valid.csv and test.csv)")
+        rows = []
+        for row, width, line, _ in split_records(path):
+            if None in row or None in row.values():
+                raise DataError(f"{path}:{line}: the row's columns do not match the header's {width}")
+            history = _literal_list(row["history_item_id"], "history_item_id", path, line)
+            ids = [_int(str(v), path, line) for v in [*history, row["item_id"]]]
+            unknown = [i for i in ids if i not in sid_text]
+            if unknown:
+                raise DataError(f"{path}:{line}: unknown item id {unknown[0]} (not in the new index)")
+            row["history_item_sid"] = repr([sid_text[i] for i in ids[:-1]])
+            row["item_sid"] = sid_text[ids[-1]]
+            rows.append(row)
         with path.open("rb") as raw:
             newline = "\r\n" if raw.readline().endswith(b"\r\n") else "\n"
-        try:
-            with path.open(newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                header = list(reader.fieldnames or [])
-                missing = [c for c in COLUMNS if c not in header]
-                if missing:
-                    raise DataError(f"{path}:1: missing columns {missing}")
-                rows = []
-                line = 2  # where the next record starts (csv's line_num is where the last one ended)
-                for row in reader:
-                    if None in row or None in row.values():
-                        raise DataError(f"{path}:{line}: the row's columns do not match the header's {len(header)}")
-                    history = _literal_list(row["history_item_id"], "history_item_id", path, line)
-                    ids = [_int(str(v), path, line) for v in [*history, row["item_id"]]]
-                    unknown = [i for i in ids if i not in sid_text]
-                    if unknown:
-                        raise DataError(f"{path}:{line}: unknown item id {unknown[0]} (not in the new index)")
-                    row["history_item_sid"] = repr([sid_text[i] for i in ids[:-1]])
-                    row["item_sid"] = sid_text[ids[-1]]
-                    rows.append(row)
-                    line = reader.line_num + 1
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        except csv.Error as e:
-            raise DataError(f"{path}: {e}") from None
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f))  # every column the file has, in its order
         staged.append(RelabeledSplit(path, header, rows, newline))
     return staged
 
