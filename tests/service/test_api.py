@@ -151,7 +151,9 @@ def test_bad_input_is_422_naming_the_field(client: TestClient, body: dict, names
     r = client.post("/recommend", json=body)
     assert r.status_code == 422, r.text
     err = r.json()["error"]
-    assert err["type"] == "invalid_request" and names in err["message"]
+    message = err["message"]
+    assert err["type"] == "invalid_request" and message.removeprefix("body.").startswith(names), message
+    assert message.removeprefix("body.")[len(names)] in ":. (", message  # the field's whole name, not a prefix
 
 
 def test_unknown_user_without_history_is_404(client: TestClient) -> None:

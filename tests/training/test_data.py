@@ -38,10 +38,11 @@ def rewrite_row(path: Path, row_index: int, **changes: str) -> None:
         w.writerows(rows)
 
 
-def test_tiny_dataset_round_trips(tiny_dataset, tiny_catalog) -> None:
+def test_tiny_dataset_round_trips(tiny_dataset, tiny_catalog, tiny_data_dir: Path) -> None:
     assert {k: len(v) for k, v in tiny_dataset.splits.items()} == {"train": 200, "valid": 40, "test": 40}
     assert tiny_dataset.catalog.sids == tiny_catalog.sids
     assert tiny_dataset.embeddings is not None and tiny_dataset.embeddings.shape[0] == tiny_catalog.num_items
+    np.testing.assert_array_equal(tiny_dataset.embeddings, np.load(tiny_data_dir / "item_emb.npy"))  # row i = item i
 
 
 @pytest.mark.parametrize(

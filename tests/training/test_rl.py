@@ -164,12 +164,26 @@ def test_vstar_step_without_ved_trains_value_head(tiny_policy: Policy, tiny_data
     assert stats["sibling_tokens"] > 0  # 16 candidates over a 6x5x5 trie always share parents
 
 
-def test_vstar_step_with_ved(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:
+def test_vstar_step_with_ved(tiny_policy: Policy, tiny_dataset: RecDataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """V-STAR's rollouts come from VED (with its value head), GRPO's from beam search."""
+    import training.rl.trainer as trainer_module
+
+    built: list[str] = []
+    for name in ("ved_source", "beam_source"):
+        real = getattr(trainer_module, name)
+        monkeypatch.setattr(
+            trainer_module, name, lambda *a, _real=real, _name=name, **k: built.append(_name) or _real(*a, **k)
+        )
     policy, reference = clone(tiny_policy), clone(tiny_policy)
     head = new_value_head(policy)
     trainer = RLTrainer(policy, reference, RLConfig(algo="vstar", batch_size=4), 4, head, tiny_dataset.embeddings)
     stats = trainer.step(tiny_dataset.splits["train"][:4])
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["value_loss"]) and stats["tokens_per_prompt"] > 0
+    assert built == ["ved_source"]
+    RLTrainer(clone(tiny_policy), reference, RLConfig(algo="grpo", batch_size=4), 4).step(
+        tiny_dataset.splits["train"][:4]
+    )
+    assert built == ["ved_source", "beam_source"]
 
 
 def test_dense_rewards_need_embeddings(tiny_policy: Policy) -> None:
@@ -363,12 +377,25 @@ def one_step_run(data: RecDataset, policy: Policy, tmp_path: Path, init_manifest
 
 
 def test_fuse_chooses_an_rl_checkpoints_weight_on_the_rows_its_run_held_out(
-    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import training.evaluation.fusion as fusion_module
+
     rl = one_step_run(tiny_dataset, tiny_policy, tmp_path, {"fusion": {"weight": 6.0}}, train_splits=("valid",),
                       holdout=10)  # fmt: skip
     assert load_checkpoint(rl).manifest["fusion"]["chosen_by"] == "given"  # the init's 6
+    seen: dict[str, list] = {}
+    real_choose = fusion_module.choose_weight
+
+    def choose_weight(checkpoint, counts, select_rows, train_rows, *rest):  # type: ignore[no-untyped-def]
+        seen["select"], seen["counted"] = list(select_rows), list(train_rows)
+        return real_choose(checkpoint, counts, select_rows, train_rows, *rest)
+
+    monkeypatch.setattr(fusion_module, "choose_weight", choose_weight)
     fusion = fuse_rl_checkpoint(rl, tiny_dataset, weights=(0.0, 12.0), beams=10)
+    valid = tiny_dataset.splits["valid"]
+    assert seen["select"] == valid[-10:][:8]  # the first eval_limit of the rows the run held out
+    assert seen["counted"] == [*tiny_dataset.splits["train"], *valid[:-10]]  # every row before them
     stored = load_checkpoint(rl).manifest["fusion"]
     assert stored["chosen_by"] == "held-out" and stored["weight"] == fusion["weight"] in (0.0, 12.0)
     assert [r["weight"] for r in stored["grid"]] == [0.0, 12.0]
@@ -498,6 +525,38 @@ def test_holdout_rows_are_the_last_ones() -> None:
     rows = list(range(10))
     assert list(select_rows(rows, None, 3)) == [7, 8, 9] and list(select_rows(rows, 2, 3)) == [7, 8]
     assert list(select_rows(rows, 2, None)) == [0, 1] and list(select_rows(rows, None, None)) == rows
+
+
+def test_value_quality_of_a_head_that_knows_the_returns(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:
+    """A stand-in head whose V is the discounted dense return itself: rank correlation 1 at every level, and
+    the target (the one complete SID with the full reward) first by V."""
+    from training.rl.diagnose import ValueQuality
+    from training.rl.rewards import GAMMA, batch_standard_rewards, batch_value_rewards
+    from training.rl.rollout import sequences
+
+    quality = ValueQuality(tiny_policy, new_value_head(tiny_policy), tiny_dataset.embeddings)
+    rollout = collect(tiny_policy, tiny_dataset.splits["train"][:60], beam_source(16))
+    batch, d = sequences(rollout), tiny_policy.catalog.depth
+    _, rule = batch_standard_rewards(rollout.sid_index, rollout.target_sid)
+    r = batch_value_rewards(
+        rollout.token_ids, rollout.sid_index, rollout.target_tokens, rollout.target_item, rule, quality.sid_emb,
+        quality.item_emb, quality.level_weights,
+    )[batch.row, batch.col]  # fmt: skip
+    returns = r.clone()
+    for level in range(d - 1, -1, -1):
+        returns[:, level] += GAMMA * returns[:, level + 1]
+
+    class KnowsTheReturns(torch.nn.Module):
+        def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.zeros(hidden.shape[0], hidden.shape[1] - d - 1), returns], dim=1)
+
+    quality.head = KnowsTheReturns()  # type: ignore[assignment]
+    quality.add(rollout)
+    summary = quality.summary()
+    assert summary["value_rows"] >= 1  # some groups reach their target
+    assert summary["target_rank_value"] == 1.0 and summary["target_rank_logprob"] >= 1.0
+    assert summary["value_spearman"] == pytest.approx(1.0)
+    assert all(summary[f"value_spearman_l{lv}"] == pytest.approx(1.0) for lv in range(1, d))
 
 
 def test_cli_diagnose_reports_the_value_head(tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path) -> None:
