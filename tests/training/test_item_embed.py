@@ -233,3 +233,38 @@ def test_reproduces_the_real_data_sets_embeddings(shared_data_dir: Path, tmp_pat
     assert (record["pooling"], record["max_seq_length_tokens"]) == (reference["pooling"], 256)
     cos = (np.load(data / "item_emb.npy") * np.load(shared_data_dir / "item_emb.npy")[:300]).sum(1)
     assert np.median(cos) > 0.99999 and cos.min() > 0.995, (np.median(cos), cos.min())
+
+
+def test_a_new_catalog_goes_from_item_json_to_a_trained_model(
+    encoder_dir: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """The README's "Your own catalog": item.json and CSVs whose SID columns are empty, then embed, sids
+    --update-splits, and SFT reads the result."""
+    import csv
+    import shutil
+
+    data = tmp_path / "mine"
+    shutil.copytree(tiny_data_dir, data)
+    for name in ("item_emb.npy", "index.json"):
+        (data / name).unlink()
+    items = json.loads((data / "item.json").read_text())
+    words = WORDS[3:]
+    (data / "item.json").write_text(json.dumps({k: {"title": f"{words[int(k) % 10]} {words[int(k) // 10 % 10]}"}
+                                                for k in items}))  # fmt: skip
+    for split in ("train", "valid", "test"):
+        rows = list(csv.DictReader((data / f"{split}.csv").open(newline="")))
+        for row in rows:
+            row["history_item_sid"] = row["item_sid"] = ""
+        with (data / f"{split}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    runner = CliRunner()
+    for args in (
+        ["embed", "--data", str(data), "--encoder", str(encoder_dir)],
+        ["sids", "--data", str(data), "--force", "--update-splits"],
+        ["sft", "--data", str(data), "--out", str(tmp_path / "sft"), "--preset", "tiny", "--max-steps", "2"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args[0], result.output)
+    assert (tmp_path / "sft" / "manifest.json").is_file()
