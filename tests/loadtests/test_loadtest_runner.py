@@ -42,12 +42,15 @@ def test_plan_points_and_time_bound() -> None:
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [{"duration_s": 0}, {"duration_s": 3600}, {"modes": ("greedy",)}, {"modes": ()}, {"k": 0}, {"budget": 0},
-     {"latency_ms": 0}, {"event_share": 1.5}, {"users": ()}],
+    ("overrides", "message"),
+    [({"duration_s": 0}, "duration must be 1"), ({"duration_s": 3600}, "duration must be 1"),
+     ({"modes": ("greedy",)}, "modes must be a subset"), ({"modes": ()}, "modes must be a subset"),
+     ({"k": 0}, "k, budget and latency_ms must be positive"), ({"budget": 0}, "k, budget and latency_ms"),
+     ({"latency_ms": 0}, "k, budget and latency_ms"), ({"event_share": 1.5}, r"event_share must lie in \[0, 1\]"),
+     ({"users": ()}, "users must be positive counts"), ({"users": (0,)}, "users must be positive counts")],
 )  # fmt: skip
-def test_plan_rejects_bad_values(overrides: dict) -> None:
-    with pytest.raises(ValueError):
+def test_plan_rejects_bad_values(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         plan(**overrides)
 
 

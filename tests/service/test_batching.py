@@ -68,9 +68,20 @@ def test_concurrent_requests_are_batched_and_equal_decoding_alone(
 
 def test_different_k_are_decoded_in_separate_groups(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings(batch_max_size=8, batch_max_wait_ms=300, cache_ttl_s=0))
+    groups: list[tuple[int, int]] = []  # (beam width, jobs) of every decode
     with TestClient(app) as c:
+        batcher = app.state.recommender.batcher
+        original = batcher.run
+
+        def spy(key: Hashable, jobs: Sequence[object]) -> Sequence[object]:
+            groups.append((key.num_beams, len(jobs)))  # type: ignore[attr-defined]
+            return original(key, jobs)
+
+        batcher.run = spy
         responses = post_together(c, [{"history": [3, 4], "k": k} for k in (2, 5, 2, 5)])
         policy = app.state.recommender.policy
+    # however the arrivals fall into batches, each decode holds one k, and both k were decoded
+    assert {width for width, _ in groups} == {2, 5} and sum(n for _, n in groups) == 4, groups
     for k, body in zip((2, 5, 2, 5), responses, strict=True):
         assert [it["sid"] for it in body["items"]] == decode_alone(policy, [3, 4], k)[0]
 

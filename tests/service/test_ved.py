@@ -165,7 +165,7 @@ def test_initial_tree_cost_learns_from_reports_and_forgets_them() -> None:
     assert cost.cost_s(1) >= 0.04
     now[0] += 10.5  # the reports expire: back to the warm-up's timing
     assert cost.cost_s(1) == 0.03
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="start_s must be > 0, got 0"):
         BatchCost(start_s=0)
 
 
@@ -285,24 +285,35 @@ def test_admission_keeps_the_most_jobs_that_can_all_finish(app: FastAPI, monkeyp
 def test_concurrent_ved_requests_share_a_search_and_its_earliest_deadline(
     app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import service.decode_scheduler as scheduler_module
+
     batcher = app.state.recommender.batcher
-    original = batcher.run
-    seen: list[tuple[Hashable, int]] = []
+    original, real_search = batcher.run, scheduler_module.ved_search
+    seen: list[tuple[Hashable, list[float]]] = []  # (key, the jobs' deadlines) of every decode
+    searched: list[float | None] = []  # the deadline each search ran under
 
     def spy(key: Hashable, jobs: Sequence[Any]) -> Sequence[Any]:
-        seen.append((key, len(jobs)))
+        seen.append((key, [j.deadline for j in jobs]))
         return original(key, jobs)
+
+    def search(*args: Any, **kwargs: Any) -> Any:
+        searched.append(args[-1].deadline)
+        return real_search(*args, **kwargs)
 
     monkeypatch.setattr(batcher, "run", spy)
     monkeypatch.setattr(batcher, "max_wait_s", 0.3)
+    monkeypatch.setattr(scheduler_module, "ved_search", search)
     with ThreadPoolExecutor(3) as pool:
         futures = [
-            pool.submit(client.post, "/recommend", json={"history": [i + 1], "k": 4, "mode": "ved", "latency_ms": 900})
-            for i in range(3)
+            pool.submit(client.post, "/recommend", json={"history": [i + 1], "k": 4, "mode": "ved", "latency_ms": cap})
+            for i, cap in enumerate((900, 400, 900))
         ]
         bodies = [f.result().json() for f in futures]
     assert all(len(b["items"]) == 4 for b in bodies)
-    assert any(isinstance(key, VEDConfig) and size > 1 for key, size in seen)
+    ved_decodes = [d for key, d in seen if isinstance(key, VEDConfig)]
+    assert len(searched) == len(ved_decodes) and any(len(d) > 1 for d in ved_decodes), seen
+    for deadlines, deadline in zip(ved_decodes, searched, strict=True):  # a shared search: the earliest deadline
+        assert deadline == min(deadlines)
 
 
 @pytest.mark.parametrize(

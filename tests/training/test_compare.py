@@ -41,6 +41,7 @@ def test_a_better_method_has_an_interval_above_zero_and_seeds_are_averaged() -> 
     for m in out.values():
         assert m["diff"] > 0 and 0 < m["ci95"][0] <= m["diff"] <= m["ci95"][1]
         assert m["relative"] == pytest.approx(m["diff"] / m["base"], abs=2e-3)
+        assert m["relative_ci95"] == pytest.approx([c / m["base"] for c in m["ci95"]], abs=2e-3)
     assert out["HR@1"]["other_seeds"] == {"mean": out["HR@1"]["other"], "std": 0.0, "seeds": 2}
     # two seeds: a row's figure is the seeds' mean
     half = paired_bootstrap(base[None], np.stack([base, better]), metrics=("HR@1",), samples=100)

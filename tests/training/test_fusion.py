@@ -38,7 +38,7 @@ def test_ties_go_to_the_smaller_weight(tiny_dataset, tiny_policy: Policy) -> Non
     train, held = transitions_that_decide(tiny_dataset, 10)
     counts = TransitionCounts.fit((s.history, s.target) for s in train)
     ckpt = type("Ckpt", (), {"policy": tiny_policy})()
-    choice = choose_weight(ckpt, counts, held, train, weights=(12.0, 20.0), beams=10)
+    choice = choose_weight(ckpt, counts, held, train, weights=(20.0, 12.0), beams=10)  # the smaller one last
     assert choice["grid"][0]["mean"] == choice["grid"][1]["mean"] and choice["weight"] == 12.0
 
 

@@ -54,6 +54,25 @@ def test_training_changes_weights_and_is_deterministic(tiny_dataset, tmp_path: P
     assert all(torch.equal(trained[k], again[k]) for k in trained)
 
 
+def test_selection_keeps_the_best_validation_not_the_last(
+    tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validated after each of two steps, the first scoring higher: the kept model is step 1's, the resume
+    state step 2's."""
+    import training.loop as loop_module
+    from training.loop import resume_folder
+
+    scores = iter([(0.3, 0.2), (0.1, 0.1)])
+    monkeypatch.setattr(loop_module, "selection_score", lambda *args: next(scores, (0.0, 0.0)))
+    config = SFTConfig(preset="tiny", max_steps=2, eval_every=1, batch_size=16, lr=1e-2, eval_limit=4, seed=3)
+    summary = train_sft(tiny_dataset, tmp_path / "a", config, progress=False)
+    assert summary["best"] == {"HR@10": 0.3, "NDCG@10": 0.2}
+    kept = load_checkpoint(tmp_path / "a")
+    assert kept.manifest["selection"]["step"] == 1
+    latest = load_checkpoint(resume_folder(tmp_path / "a")).policy.model.state_dict()
+    assert any(not torch.equal(v, latest[k]) for k, v in kept.policy.model.state_dict().items())
+
+
 def interrupt_at_step(n: int, monkeypatch: pytest.MonkeyPatch, run: Callable[[], object]) -> None:
     """Run ``run`` with the optimizer's ``n``-th step raising KeyboardInterrupt (a crash mid-training)."""
     real_step, calls = torch.optim.AdamW.step, {"n": 0}
@@ -269,8 +288,17 @@ def test_residual_dropout_only_while_training(tiny_dataset) -> None:
     assert not torch.equal(c, d)
 
 
-def test_denormal_flushing_is_scoped_to_training(tiny_dataset, tmp_path: Path) -> None:
+def test_denormal_flushing_is_scoped_to_training(tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    during: list[bool] = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        during.append(torch.tensor(1e-40, dtype=torch.float32).item() == 0.0)  # flushed to zero while training
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     train_sft(tiny_dataset, tmp_path / "s", SFTConfig(preset="tiny", max_steps=1, eval_limit=4), progress=False)
+    assert during == [True]
     assert torch.tensor(1e-40, dtype=torch.float32).item() != 0.0  # denormals work again afterwards
 
 
