@@ -19,7 +19,15 @@ from training.baselines.run import (
     run_sasrec,
     sid_rankings,
 )
-from training.baselines.sasrec import ItemIndex, SASRec, SASRecConfig, rank_items, sequence_loss, training_tensors
+from training.baselines.sasrec import (
+    ItemIndex,
+    SASRec,
+    SASRecConfig,
+    rank_items,
+    sequence_loss,
+    train_sasrec,
+    training_tensors,
+)
 from training.data.dataset import RecDataset, Sample
 from training.evaluation.decoders import beam_decoder
 from training.evaluation.evaluate import evaluate
@@ -161,3 +169,19 @@ def test_pop_on_industrial_matches_reference(shared_dataset: RecDataset) -> None
     metrics = run_pop(shared_dataset, "test", ["train", "valid"])["metrics"]
     assert metrics["HR@10"] == pytest.approx(0.0728, abs=5e-4)
     assert metrics["NDCG@10"] == pytest.approx(0.0549, abs=5e-4)
+
+
+def test_sasrec_returns_its_best_epoch_not_its_last(tiny_dataset) -> None:
+    """Two epochs, the first scoring higher on the selection rows: the model returned is epoch 0's."""
+    states, scores = [], iter([(0.3, 0.2), (0.1, 0.1)])
+
+    def select_score(model: torch.nn.Module) -> tuple[float, float]:
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    config = replace(TINY, epochs=2, patience=2)
+    model, summary = train_sasrec(tiny_dataset.catalog, tiny_dataset.splits["train"], select_score, config, False)
+    assert summary["best"] == {"epoch": 0, "HR@10": 0.3, "NDCG@10": 0.2} and len(states) == 2
+    returned = model.state_dict()
+    assert all(torch.equal(returned[k], v) for k, v in states[0].items())
+    assert any(not torch.equal(returned[k], v) for k, v in states[1].items())
