@@ -49,6 +49,16 @@ def test_two_rename_window_is_closed_by_the_next_write(tmp_path: Path, monkeypat
     assert (target / "file").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 
+def test_of_several_folders_set_aside_the_newest_is_put_back(tmp_path: Path) -> None:
+    """Two killed writes, each between its renames: the later one set aside the newer checkpoint."""
+    older = folder(tmp_path / ".ck.old-b", "older")  # names in the other order than times
+    newer = folder(tmp_path / ".ck.old-a", "newer")
+    os.utime(older, (1_000_000, 1_000_000))
+    os.utime(newer, (2_000_000, 2_000_000))
+    remove_leftovers(tmp_path / "ck")
+    assert (tmp_path / "ck" / "file").read_text() == "newer" and [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
 def test_leftovers_of_other_targets_are_not_touched(tmp_path: Path) -> None:
     other = folder(tmp_path / ".ck2.tmp-x", "other writer")
     remove_leftovers(tmp_path / "ck")
