@@ -351,9 +351,9 @@ def relabel_splits(data_dir: Path, index: dict[str, list[str]]) -> list[Relabele
             row["item_sid"] = sid_text[ids[-1]]
             rows.append(row)
         with path.open("rb") as raw:
-            newline = "\r\n" if raw.readline().endswith(b"\r\n") else "\n"
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f))  # every column the file has, in its order
+            first = raw.readline()  # split_records has read the whole file as UTF-8 already
+        newline = "\r\n" if first.endswith(b"\r\n") else "\n"
+        header = next(csv.reader([first.decode("utf-8-sig")]))  # every column the file has, in its order
         staged.append(RelabeledSplit(path, header, rows, newline))
     return staged
 
