@@ -187,7 +187,7 @@ def test_vstar_step_with_ved(tiny_policy: Policy, tiny_dataset: RecDataset, monk
 
 
 def test_dense_rewards_need_embeddings(tiny_policy: Policy) -> None:
-    with pytest.raises(ValueError, match="item embeddings"):
+    with pytest.raises(ValueError, match=r"item embeddings \(item_emb.npy in --data; vstar embed .*--no-dense"):
         RLTrainer(tiny_policy, tiny_policy, RLConfig(algo="vstar", ved=False), 1, new_value_head(tiny_policy), None)
 
 

@@ -372,3 +372,13 @@ def test_refit_trains_on_everything_with_the_held_out_runs_weight(
     assert final["sft_config"]["holdout"] == 0 and final["data"]["train_rows"] == 240
     assert final["fusion"] == {"weight": heldout["fusion"]["weight"], "chosen_by": "given", "count_rows": 240}
     assert summary["steps"] == 5 and summary["heldout_run"]["fusion"]["weight"] == heldout["fusion"]["weight"]
+
+
+def test_text_init_without_embeddings_names_the_command_that_makes_them(tiny_dataset, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    bare = replace(tiny_dataset, embeddings=None)
+    config = SFTConfig(preset="tiny", max_steps=1, text_init=True)
+    with pytest.raises(ValueError, match=r"needs item_emb.npy .*vstar embed --data DIR --encoder PATH.*--no-text-init"):
+        train_sft(bare, tmp_path / "out", config, progress=False)
+    assert not (tmp_path / "out").exists()

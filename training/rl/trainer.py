@@ -266,7 +266,10 @@ class RLTrainer:
         if config.use_value and value_head is None:
             raise ValueError("--algo vstar needs a value head")
         if config.use_value and config.dense and item_emb is None:
-            raise ValueError("dense rewards need item embeddings (item_emb.npy in --data), or pass --no-dense")
+            raise ValueError(
+                "dense rewards need item embeddings (item_emb.npy in --data; vstar embed --data DIR --encoder PATH "
+                "makes it from a local text encoder), or pass --no-dense"
+            )
         self.policy, self.reference, self.config, self.value_head = policy, reference, config, value_head
         for p in reference.model.parameters():
             p.requires_grad_(False)

@@ -139,7 +139,10 @@ def _train_sft(
         policy = new_policy(data, config, device)
     if config.text_init and not resume:
         if data.embeddings is None:
-            raise ValueError("--text-init needs item_emb.npy in the data set")
+            raise ValueError(
+                "--text-init needs item_emb.npy in the data set: make it with vstar embed --data DIR "
+                "--encoder PATH (a local text encoder), or pass --no-text-init"
+            )
         init_sid_embeddings(policy, data.embeddings)
     if config.embed_dropout > 0:
         add_embedding_dropout(policy, config.embed_dropout)
