@@ -8,16 +8,20 @@ uvicorn worker process builds its app from the same environment
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from models.output_path import output_file_problem
+
+if TYPE_CHECKING:
+    import uvicorn
 
 CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder to serve.")]
 
@@ -48,6 +52,26 @@ def _output_file(path: Path | None) -> Path | None:
     return path
 
 
+def _run(config: uvicorn.Config) -> None:
+    """What ``uvicorn.run`` does with ``config``, but a start that failed exits with ``STARTUP_FAILURE`` (3)
+    with several workers too: ``uvicorn.run`` then stops them all and returns, so the command would exit 0."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    if config.workers == 1:
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+        failed = not server.started
+    else:
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+        failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+    if failed:
+        raise typer.Exit(STARTUP_FAILURE)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -60,6 +84,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         import uvicorn
         from pydantic import ValidationError
 
+        from service.json_logs import configure_logging
         from service.settings import Settings
 
         if not (checkpoint / "manifest.json").exists():
@@ -81,7 +106,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 err=True,
                 fg=typer.colors.YELLOW,
             )
-        uvicorn.run(
+        configure_logging(settings.log_level)  # the supervisor's own lines too, as JSON like the workers'
+        config = uvicorn.Config(
             "service.app:create_app_from_env",
             factory=True,
             host=host,
@@ -91,6 +117,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             access_log=False,
             log_level=settings.log_level.lower(),
         )
+        _run(config)
 
     @bench.command(name="serve")
     def bench_serve(

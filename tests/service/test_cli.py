@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,12 +16,37 @@ from typer.testing import CliRunner
 
 from service.bench import BenchConfig, LeanClient, bench_serve, running_server
 from service.deadline import DeadlineMargin
+from tests.service.conftest import free_port
 from vstar import app
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_serve_rejects_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path)])
     assert result.exit_code != 0 and "not a checkpoint folder" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_start_exits_non_zero_with_any_number_of_workers(
+    tiny_checkpoint: Path, tmp_path: Path, workers: int
+) -> None:
+    """A worker that cannot load the model stops the start with exit 3 (uvicorn's STARTUP_FAILURE): with several
+    workers uvicorn.run returned normally after stopping them, so a supervisor saw a clean exit."""
+    broken = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    command = [sys.executable, "vstar.py", "serve", "--checkpoint", str(broken), "--workers", str(workers)]
+    env = os.environ | {"VSTAR_WARMUP": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("REDIS_URL", None)
+    done = subprocess.run(
+        [*command, "--port", str(free_port())], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "model.safetensors" in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert all(json.loads(line)["ts"] for line in lines), lines  # the supervisor's lines are JSON like the workers'
 
 
 def test_bench_serve_refuses_a_json_path_that_cannot_take_the_file_before_it_runs(tmp_path: Path) -> None:
