@@ -10,9 +10,11 @@ Design decisions:
   row is a SID with all its items. ``exclude_history`` removes the user's items
   from those lists and drops a SID whose items are all excluded; the decode asks
   for ``k`` plus that many extra beams, so k items still come back when k exist.
-* The response cache key is the model version plus the normalised request: the
-  SIDs the prompt actually sees (the last ``max_history``), the exclusion set
-  when exclusion is on, ``k``, the mode and, for VED only, budget and cap. A
+* The response cache key is the cache's format (``CACHE_FORMAT``), the model
+  version and the normalised request: the SIDs the prompt actually sees (the
+  last ``max_history``), the exclusion set when exclusion is on, ``k``, the
+  mode and, for VED only, budget and cap. An entry that does not read as an
+  answer (corrupt) is a miss, logged, and the search's answer replaces it. A
   user's new event changes the key, so the cache never needs invalidating.
 * The hard cap: a VED request waits for its decode until its last chance,
   ``cap - ved_respond_ms`` less the loop's learnt lateness (below), at most. If
@@ -25,9 +27,13 @@ Design decisions:
   share of such answers says how often the machine was too slow for the cap
   asked (``vstar bench serve`` reports it). The request's cache read and write,
   and its stored-history read when it carries a history of its own to answer
-  from, end at the same last chance: a stalled Redis is then treated as an
-  unavailable one, not waited for. A request with only a ``user_id`` needs the
-  stored history, and waits for it (the store's own timeout bounds that).
+  from, are bounded by its cap too: the reads end at ``ved_store_share`` of
+  the time to its last chance, the cache write at the last chance. A stalled
+  Redis is then treated as an unavailable one, not waited for, and the search
+  keeps the rest of the time; the call given up on runs on to the store's own
+  timeout, which opens the store's circuit breaker for the next requests and is
+  counted as a store error. A request with only a ``user_id`` needs the stored
+  history, and waits for it (the store's own timeout bounds that).
 * The loop's lateness: a timer fires when the loop thread gets to it, which on a
   host whose cores other processes hold can be tens of milliseconds late. Every
   request answered at or after its last chance reports how late; the last chance
@@ -83,10 +89,14 @@ from service.stores import Store, WriteOutcomeUnknown
 T = TypeVar("T")
 log = logging.getLogger("service.recommender")
 
+# the layout of a cached ``Answer``, part of the cache key: a service that stores answers another way must
+# not read (or be read by) the entries of another version sharing its Redis, in a rolling upgrade
+CACHE_FORMAT = 1
+
 
 class OutOfTime(StoreUnavailable):
-    """A store call given up at a VED request's last chance: handled as the store being unavailable, but not
-    counted as a store error (the store may be healthy, the cap short)."""
+    """A store call a VED request gave up on (its cap): handled as the store being unavailable, but counted as a
+    store error only if the call itself fails later (the store may be healthy, the cap short)."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +133,13 @@ class Answer:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Answer:
-        body = json.loads(raw)
-        search = SearchReport(**body["search"]) if body["search"] is not None else None
-        return cls([RankedSid(**it) for it in body["items"]], body["cap_hit"], search)
+        """Raises ``ValueError`` on a body that is not an answer of this layout (``CACHE_FORMAT``)."""
+        try:
+            body = json.loads(raw)
+            search = SearchReport(**body["search"]) if body["search"] is not None else None
+            return cls([RankedSid(**it) for it in body["items"]], body["cap_hit"], search)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"not a cached answer: {type(e).__name__}: {e}") from None
 
 
 def _expire(future: asyncio.Future[DecodeRow]) -> None:
@@ -188,13 +202,15 @@ class Recommender(DecodeScheduler):
         return response
 
     async def _recommend(self, req: RecommendRequest, started: float) -> RecommendResponse:
-        # a VED request's last chance bounds its store calls too (module doc): a stalled Redis cannot hold it
+        # a VED request's store reads end at a share of its time to its last chance, its cache write at the last
+        # chance itself (module doc): a stalled Redis cannot hold it, nor take the time its search needs
         answer_by = self._answer_by(req, started) if req.mode == "ved" else None
-        events, stored_state = await self._history_for(req, answer_by)
+        reads_by = None if answer_by is None else started + self.settings.ved_store_share * (answer_by - started)
+        events, stored_state = await self._history_for(req, reads_by)
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
         seen = events[-self.max_prompt_history :]
         key = self._cache_key(req, seen, excluded) if self.settings.cache_ttl_s else None  # None: cache off
-        answer = await self._cache_get(key, answer_by) if key is not None else None
+        answer = await self._cache_get(key, reads_by) if key is not None else None
         cached = answer is not None
         if answer is None:
             answer = await self._search(req, seen, excluded, started, answer_by)
@@ -219,18 +235,32 @@ class Recommender(DecodeScheduler):
         last_chance_ms = req.cap_ms(self.settings) - self.settings.ved_respond_ms - 1000 * self.cap_lateness.margin_s()
         return started + last_chance_ms / 1000
 
-    async def _within(self, call: Awaitable[T], by: float | None) -> T:
-        """``call``, given up at ``by`` (a VED request's last chance; None: no bound) as a store that did not
-        answer: the caller treats it as the store being unavailable."""
+    async def _within(self, op: str, call: Awaitable[T], by: float | None) -> T:
+        """``call``, given up at ``by`` (from a VED request's cap; None: no bound) as a store that did not answer:
+        the caller treats it as the store being unavailable. The call itself runs on to the store's own timeout,
+        which judges the store: a stalled Redis opens the store's circuit breaker then, so the next requests
+        skip it at once, and its failure is counted as ``op``'s."""
         if by is None:
             return await call
+        task = asyncio.ensure_future(call)
         try:
-            return await asyncio.wait_for(call, max(by - time.perf_counter(), 0.0))
+            return await asyncio.wait_for(asyncio.shield(task), max(by - time.perf_counter(), 0.0))
         except TimeoutError:
+            task.add_done_callback(lambda done: self._settled_late(op, done))
             raise OutOfTime("the store did not answer within the request's latency cap") from None
 
+    def _settled_late(self, op: str, task: asyncio.Future[Any]) -> None:
+        """A store call its request gave up on has ended: a failure counts as the store's."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, StoreUnavailable):
+            self.metrics.store_errors.labels(op).inc()
+        elif error is not None:
+            log.error("store call failed after its request gave up on it", exc_info=error, extra={"op": op})
+
     def _store_error(self, op: str, error: StoreUnavailable) -> None:
-        """Counts a store that failed; a call given up at a request's last chance is the cap's, not the store's."""
+        """Counts a store that failed; a call its request gave up on is counted when it ends (``_within``)."""
         if not isinstance(error, OutOfTime):
             self.metrics.store_errors.labels(op).inc()
 
@@ -318,7 +348,9 @@ class Recommender(DecodeScheduler):
         # history of its own it needs the store's answer, and a short cap must not turn a healthy store into a 503
         read = self.store.history(req.user_id)
         try:
-            stored, skipped = resolve_stored(self.catalog, await (self._within(read, by) if given else read))
+            stored, skipped = resolve_stored(
+                self.catalog, await (self._within("read_history", read, by) if given else read)
+            )
         except StoreUnavailable as e:
             self._store_error("read_history", e)
             if not given:
@@ -334,6 +366,7 @@ class Recommender(DecodeScheduler):
 
     def _cache_key(self, req: RecommendRequest, seen: list[HistoryEvent], excluded: frozenset[int]) -> str:
         norm: dict[str, Any] = {
+            "f": CACHE_FORMAT,
             "v": self.model_version,
             "h": [sid_to_str(e.sid) for e in seen],
             "x": sorted(excluded),
@@ -346,16 +379,24 @@ class Recommender(DecodeScheduler):
 
     async def _cache_get(self, key: str, by: float | None) -> Answer | None:
         try:
-            raw = await self._within(self.store.cache_get(key), by)
+            raw = await self._within("read_cache", self.store.cache_get(key), by)
         except StoreUnavailable as e:
             self._store_error("read_cache", e)
             raw = None
-        self.metrics.cache.labels("hit" if raw is not None else "miss").inc()
-        return None if raw is None else Answer.from_json(raw)
+        answer = None
+        if raw is not None:
+            try:
+                answer = Answer.from_json(raw)
+            except ValueError as e:  # a corrupt entry: a miss, and the search's answer replaces it
+                log.warning("unreadable response cache entry, treated as a miss", extra={"key": key, "error": str(e)})
+        self.metrics.cache.labels("hit" if answer is not None else "miss").inc()
+        return answer
 
     async def _cache_set(self, key: str, answer: Answer, by: float | None) -> None:
         try:
-            await self._within(self.store.cache_set(key, answer.to_json(), self.settings.cache_ttl_s), by)
+            await self._within(
+                "write_cache", self.store.cache_set(key, answer.to_json(), self.settings.cache_ttl_s), by
+            )
         except StoreUnavailable as e:
             self._store_error("write_cache", e)
 

@@ -91,6 +91,15 @@ class Settings(BaseSettings):
         5.0, ge=0, description="Least time kept between VED's deadline and the cap (more is learnt: service.deadline)."
     )
 
+    ved_store_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of a VED request's time to its last chance that its store reads (stored history when "
+        "the request carries its own, response cache) may take: a slower store is skipped for that request, as if "
+        "unavailable, so a stalled Redis leaves the search the rest (its own timeout decides whether it is down).",
+    )
+
     ved_respond_ms: float = Field(
         4.0,
         ge=0,

@@ -22,8 +22,9 @@ and returns that record. So:
   means stored once. A Redis that answers nothing that long leaves the outcome
   unknown (``WriteOutcomeUnknown``, a 503 that says the events may have been
   stored): a retry with the same ``Idempotency-Key`` is safe then, one without
-  a key is not. A 503 that says "not stored" comes only when nothing was sent
-  (the circuit breaker below was open).
+  a key is not. A 503 that says "not stored" comes only when nothing was sent:
+  the circuit breaker below was open, or Redis refused the first connection
+  (a Redis that is down), which fails at once instead of for ``settle_s``.
 * redis-py itself retries once on a connection error only, never on a timeout.
 
 Records of client keys live ``idempotency_ttl_s``; a request without a key
@@ -192,6 +193,12 @@ class MemoryStore(Store):
         return True
 
 
+def _refused(error: BaseException) -> bool:
+    """Redis refused the connection (redis-py raises ``ConnectionError`` from the ``ConnectionRefusedError``):
+    the command was never sent, unlike a timeout or a connection broken after sending."""
+    return isinstance(error, ConnectionRefusedError) or isinstance(error.__cause__, ConnectionRefusedError)
+
+
 class RedisStore(Store):
     kind = "redis"
 
@@ -263,6 +270,8 @@ class RedisStore(Store):
             reply = await self._write(keys=[HISTORY_KEY.format(user_id), record_key], args=args)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self._failed("append history", e)
+            if _refused(e):  # no connection, so nothing was sent: the write did not run
+                raise StoreUnavailable("Redis refused the connection (append history)") from e
             reply = await self._send_again(record_key, HISTORY_KEY.format(user_id), args)
         else:
             self._answered("append history")

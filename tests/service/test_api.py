@@ -61,6 +61,23 @@ def test_cache_miss_then_hit(client: TestClient) -> None:
     assert client.post("/recommend", json=req | {"k": 5}).json()["cached"] is False
 
 
+def test_an_unreadable_cache_entry_is_a_miss_that_the_answer_replaces(client: TestClient, redis_url: str) -> None:
+    """A corrupt entry, or one another layout wrote, costs a search, not a 500."""
+    import redis
+
+    req = {"history": [43, 44, 45], "k": 4}
+    store = redis.Redis.from_url(redis_url)
+    before = set(store.keys("vstar:cache:*"))
+    fresh = client.post("/recommend", json=req).json()
+    (key,) = set(store.keys("vstar:cache:*")) - before
+    for corrupt in [b"{not json", b'{"items": [{"sid": "x", "extra": 1}], "cap_hit": false, "search": null}']:
+        store.set(key, corrupt)
+        r = client.post("/recommend", json=req)
+        assert r.status_code == 200 and r.json()["cached"] is False and r.json()["items"] == fresh["items"], r.text
+        assert client.post("/recommend", json=req).json()["cached"] is True  # the search's answer replaced it
+    store.close()
+
+
 def test_events_history_and_user_recommendations(client: TestClient, tiny_catalog: SidCatalog) -> None:
     sid = sid_to_str(tiny_catalog.sid_of(9))
     r = client.post("/users/alice/events", json={"items": [1, 2]})

@@ -100,6 +100,22 @@ def test_a_stall_longer_than_the_settling_time_says_the_outcome_is_unknown(
     assert stored(private_redis, "lee") == [b"9"]
 
 
+def test_a_write_to_a_redis_that_refuses_connections_says_not_stored_at_once(
+    make_settings: Callable[..., Settings], private_redis: PrivateRedis
+) -> None:
+    """Redis down (the connection refused): nothing was sent, so the 503 says "not stored" and comes at once,
+    not after the settling time of a write that may have run. The breaker is off, so each write tries Redis."""
+    settings = make_settings(redis_url=private_redis.url, redis_retry_after_s=0.0, redis_write_settle_s=2.0)
+    with TestClient(create_app(settings)) as c:
+        private_redis.stop()
+        for _ in range(2):
+            started = time.perf_counter()
+            r = c.post("/users/ray/events", json={"items": [4]})
+            assert r.status_code == 503 and "the events were not stored, retry" in r.json()["error"]["message"], r.text
+            assert time.perf_counter() - started < 1.0  # the settling time is 2 s
+        private_redis.start()
+
+
 @pytest.mark.parametrize("key", ["", "x" * 300, "has space", "tab\there"])
 def test_a_malformed_idempotency_key_is_422_naming_the_header(stalling: TestClient, key: str) -> None:
     r = stalling.post("/users/kim/events", json={"items": [1]}, headers={"Idempotency-Key": key})

@@ -137,3 +137,26 @@ def test_a_stalled_redis_does_not_hold_a_ved_request_past_its_cap(
         assert elapsed < 1.0, elapsed  # the stall lasts 2 s; before, the request waited for it
         r = c.post("/recommend", json={"user_id": "erin", "k": 3, "mode": "ved"})  # Redis is back
         assert r.status_code == 200 and r.json()["stored_history"] == "used"
+
+
+def test_a_stalled_redis_leaves_a_ved_request_its_search_and_opens_the_breaker(
+    make_settings: Callable[..., Settings], private_redis: PrivateRedis
+) -> None:
+    """A Redis that takes connections and answers nothing: a VED request's store reads give up at a share of its
+    cap, so its search still runs (before, the cache read took the whole cap and every answer was the
+    popularity list); the read runs on to the store's own timeout, which counts the error and opens the breaker."""
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=0.3, redis_retry_after_s=5.0)
+    request = {"user_id": "erin", "history": [3, 4], "k": 3, "mode": "ved", "latency_ms": 200}
+    with TestClient(create_app(settings)) as c:
+        sleeper = private_redis.stall(1.5)
+        r = c.post("/recommend", json=request)
+        assert r.status_code == 200 and r.json()["stored_history"] == "unavailable", r.text
+        assert r.json()["search"]["fallback"] != "popular" and r.json()["search"]["tokens_spent"] > 0, r.text
+        time.sleep(0.4)  # the given-up read reaches the store's timeout
+        errors = [line for line in c.get("/metrics").text.splitlines() if line.startswith("vstar_store_errors_total")]
+        assert any('op="read_history"' in line and not line.endswith(" 0.0") for line in errors), errors
+        started = time.perf_counter()
+        r = c.post("/recommend", json=request)  # the breaker is open: Redis is skipped, not waited for
+        assert r.status_code == 200 and r.json()["search"]["fallback"] != "popular", r.text
+        assert time.perf_counter() - started < 0.2
+        sleeper.join()
