@@ -7,7 +7,9 @@
   shard of the global batch (``training.distributed.shard``), counts the step,
   and validates every ``eval_every`` steps and at the last one.
 * ``load_resume``: the ``<out>.resume`` folder of an interrupted run, refused
-  when it was written by another configuration (its ``identity``).
+  when it was written by another configuration (its ``identity``) or trained
+  on other data; the error names the settings that differ (``differences``).
+  The folders' names are ``training.run_files``'.
 * ``Checkpointer``: one validation: score the selection rows (HR@10, ties
   NDCG@10, by beam search), keep the best model at ``out`` and the latest
   state at ``<out>.resume``; rank 0 writes, all ranks wait. With no selection
@@ -32,8 +34,10 @@ from training.data.dataset import RecDataset, Sample
 from training.distributed import Shard, barrier, is_main, shard, shard_rows, weighted_mean, world_size
 from training.evaluation.decoders import beam_decoder
 from training.evaluation.evaluate import evaluate
+from training.run_files import resume_folder
 
 log = logging.getLogger(__name__)
+RESTART = ": resume with the options it was run with, or start again with --force"
 
 
 @dataclass
@@ -91,11 +95,6 @@ def run_steps(
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
-def resume_folder(out: Path) -> Path:
-    """Where a run writing ``out`` keeps its latest state."""
-    return out.parent / f"{out.name}.resume"
-
-
 def load_resume(
     folder: Path,
     device: str,
@@ -109,17 +108,43 @@ def load_resume(
     if not folder.exists():
         raise ValueError(f"--resume: no interrupted run at {folder}")
     loaded = load_checkpoint(folder, device)
-    trained_on, given = (loaded.manifest.get("data") or {}).get("fingerprint"), data.fingerprint()
+    require_same_data(folder, loaded.manifest, data)
+    trainer_state = loaded.trainer_state()
+    if trainer_state is None:
+        raise ValueError(f"--resume: {folder} holds no trainer state ({TRAINER_STATE} is missing)")
+    changed = differences({k: trainer_state.get(k) for k in identity}, identity)
+    if changed:
+        raise ValueError(f"--resume: {folder} was written with {differs} ({'; '.join(changed)}){RESTART}")
+    return loaded, trainer_state
+
+
+def require_same_data(folder: Path, manifest: dict[str, Any], data: RecDataset) -> None:
+    """A ``ValueError`` when the run at ``folder`` (its ``manifest``) trained on other data than ``data``."""
+    trained_on, given = (manifest.get("data") or {}).get("fingerprint"), data.fingerprint()
     if trained_on != given:
         raise ValueError(
             f"--resume: {folder} was trained on other data (fingerprint {trained_on}) than --data {data.name} ({given})"
         )
-    trainer_state = loaded.trainer_state()
-    if trainer_state is None:
-        raise ValueError(f"--resume: {folder} holds no trainer state ({TRAINER_STATE} is missing)")
-    if any(trainer_state.get(k) != v for k, v in identity.items()):
-        raise ValueError(f"--resume: {folder} was written with {differs}")
-    return loaded, trainer_state
+
+
+def differences(stored: Any, given: Any, name: str = "") -> list[str]:
+    """What differs between stored settings and the given ones, each as ``name (stored there, given now)``;
+    dicts (configurations) key by key, named ``config.lr``. Tuples and lists are alike: a manifest is JSON."""
+    if isinstance(stored, dict) and isinstance(given, dict):
+        keys = sorted(stored.keys() | given.keys())
+        return [d for k in keys for d in differences(stored.get(k), given.get(k), f"{name}.{k}" if name else k)]
+    if plain(stored) == plain(given):
+        return []
+    return [f"{name} ({plain(stored)!r} there, {plain(given)!r} now)"]
+
+
+def plain(value: Any) -> Any:
+    """``value`` with tuples as lists, as it reads back from JSON."""
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 def selection_score(

@@ -1,8 +1,8 @@
 """Training curves as TensorBoard scalars (``torch.utils.tensorboard``), written by SFT and RL.
 
 * Folder: ``<out>.tb`` beside the checkpoint by default (``vstar sft`` / ``vstar rl``
-  ``--tensorboard DIR`` elsewhere): the checkpoint folder is replaced whole at
-  each save, so the event files cannot live inside it. ``tensorboard --logdir
+  ``--tensorboard DIR`` elsewhere; ``training.run_files``): the checkpoint folder
+  is replaced whole at each save, so the event files cannot live inside it. ``tensorboard --logdir
   runs/`` shows every run side by side; ``vstar plot`` draws the same curves.
 * Tags: ``train/loss`` and ``train/lr`` every optimizer step; ``heldout/HR@10``
   and ``heldout/NDCG@10`` at each validation (the selection rows, never test);
@@ -26,10 +26,6 @@ from torch.utils.tensorboard import SummaryWriter
 from training.distributed import is_main
 
 HELDOUT = ("HR@10", "NDCG@10")
-
-
-def default_folder(out: Path) -> Path:
-    return out.parent / f"{out.name}.tb"
 
 
 class ScalarLog:

@@ -617,3 +617,24 @@ def test_vstar_on_sids_of_four_tokens(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "w"), "--level-weights", "0.3,0.5,1"])
     assert_one_line_error(result.exit_code, result.output, "3 dense-reward level weights (0.3, 0.5, 1) for SIDs of 4")
     assert not (tmp_path / "w").exists()
+
+
+def test_a_fresh_run_clears_an_earlier_runs_side_files_once_its_checks_pass(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path
+) -> None:
+    """Without --resume, an earlier run's step log, resume state, held-out run and default curves go before the
+    new run writes; a fresh run refused by its checks (a budget the tree cannot fit) loses none of them."""
+    names = ["rl.steps.jsonl", "rl.resume/manifest.json", "rl.heldout/manifest.json", "rl.tb/events.out.tfevents.0"]
+    earlier = [tmp_path / name for name in names]
+    for path in earlier:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"step": 1}\n')
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_every=1, eval_limit=8)
+    with pytest.raises(ValueError, match="budget 2 is below"):
+        bad = replace(config, algo="vstar", ved_config=VEDConfig(budget=2))
+        train_rl(tiny_dataset, init_ckpt, tmp_path / "rl", bad, progress=False, tensorboard=tmp_path / "rl.tb")
+    assert all(p.read_text() == '{"step": 1}\n' for p in earlier)
+    summary = train_rl(tiny_dataset, init_ckpt, tmp_path / "rl", config, progress=False, tensorboard=tmp_path / "rl.tb")
+    assert [json.loads(line)["step"] for line in Path(summary["steps_log"]).read_text().splitlines()] == [1]
+    assert not (tmp_path / "rl.heldout").exists() and not (tmp_path / "rl.tb" / "events.out.tfevents.0").exists()
+    assert load_checkpoint(tmp_path / "rl.resume").trainer_state()["state"]["step"] == 1

@@ -382,3 +382,52 @@ def test_text_init_without_embeddings_names_the_command_that_makes_them(tiny_dat
     with pytest.raises(ValueError, match=r"needs item_emb.npy .*vstar embed --data DIR --encoder PATH.*--no-text-init"):
         train_sft(bare, tmp_path / "out", config, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_a_finished_held_out_run_of_another_configuration_or_data(tiny_dataset, tmp_path: Path) -> None:
+    """A finished ``<out>.heldout`` gives the refit its fusion weight: --resume takes it only from the same
+    configuration and data, as it takes a ``.resume`` folder (it used to look only for its fusion choice)."""
+    from dataclasses import asdict, replace
+
+    config = SFTConfig(preset="tiny", max_steps=1, train_splits=("train", "valid"), holdout=10, refit=True, seed=1)
+    heldout = tmp_path / "ck.heldout"
+    heldout.mkdir()
+    manifest = {
+        "stage": "sft",
+        "sft_config": asdict(config),
+        "data": {"name": tiny_dataset.name, "fingerprint": tiny_dataset.fingerprint()},
+        "fusion": {"weight": 4.0, "chosen_by": "held-out"},
+    }
+    (heldout / "manifest.json").write_text(json.dumps(manifest))
+    assert sft_module.finished_heldout_run(heldout, config, tiny_dataset)["fusion"]["weight"] == 4.0
+    other = replace(config, seed=9, lr=0.0005)
+    with pytest.raises(ValueError, match=r"different configuration \(lr \(0.002 there, 0.0005 now\); seed \(1 there"):
+        train_sft(tiny_dataset, tmp_path / "ck", other, resume=True, progress=False)
+    (heldout / "manifest.json").write_text(json.dumps(manifest | {"data": {"fingerprint": "another"}}))
+    with pytest.raises(ValueError, match="ck.heldout was trained on other data"):
+        train_sft(tiny_dataset, tmp_path / "ck", config, resume=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.heldout"]  # refused before anything is written
+
+
+def test_a_fresh_run_clears_an_earlier_runs_side_files_once_its_checks_pass(tiny_dataset, tmp_path: Path) -> None:
+    """Without --resume, an earlier run's resume state, held-out run and default curves go before the new run
+    writes (nothing of them mixes in); a fresh run refused by its checks loses none of them."""
+    from dataclasses import replace
+
+    out = tmp_path / "ck"
+    names = ["ck/manifest.json", "ck.resume/manifest.json", "ck.heldout/manifest.json", "ck.tb/events.out.tfevents.0",
+             "ck.tb-heldout/events.out.tfevents.1", "mine.tb/events.out.tfevents.2"]  # fmt: skip
+    earlier = [tmp_path / name for name in names]
+    for path in earlier:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    config = SFTConfig(preset="tiny", max_steps=1, batch_size=50, eval_limit=4)
+    with pytest.raises(ValueError, match="--text-init needs item_emb.npy"):
+        train_sft(replace(tiny_dataset, embeddings=None), out, replace(config, text_init=True), progress=False)
+    assert all(p.read_text() == "{}" for p in earlier)
+    train_sft(tiny_dataset, out, config, progress=False, tensorboard=tmp_path / "mine.tb")
+    assert not any((tmp_path / name).exists() for name in ("ck.heldout", "ck.tb", "ck.tb-heldout"))
+    assert load_checkpoint(tmp_path / "ck.resume").trainer_state()["train_state"]["step"] == 1
+    assert load_checkpoint(out).manifest["stage"] == "sft"
+    assert len(list((tmp_path / "mine.tb").iterdir())) == 2  # a folder the user named is not cleared
+

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from training.scalar_log import default_folder  # noqa: E402
+from training.run_files import default_curves  # noqa: E402
 
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loss", ("train/loss",)),
@@ -37,10 +37,10 @@ Curves = dict[str, tuple[list[int], list[float]]]
 
 def event_folder(run: Path) -> Path:
     """``run`` itself when it holds event files, else the ``<run>.tb`` that SFT and RL write beside a checkpoint."""
-    for folder in (run, default_folder(run)):
+    for folder in (run, default_curves(run)):
         if folder.is_dir() and any(folder.glob("events.out.tfevents.*")):
             return folder
-    raise ValueError(f"no TensorBoard event files in {run} or {default_folder(run)}")
+    raise ValueError(f"no TensorBoard event files in {run} or {default_curves(run)}")
 
 
 def read_curves(folder: Path) -> Curves:

@@ -16,6 +16,8 @@
 * ``<out>.resume`` holds the latest state (weights, value head, both
   optimizers, scheduler, position in the data, RNG) after each validation;
   ``--resume`` continues from it. All writes are atomic (``save_checkpoint``).
+  A fresh run clears an earlier run's side files (``training.run_files``) once
+  its checks have passed; the old ``--out`` stays until the first save.
 * Shallow fusion with the transition counts (``training.evaluation.fusion``): the kept
   model is fused at the ``--init`` checkpoint's weight (``--fusion-weight``
   overrides it), with counts of this run's training and held-out rows and,
@@ -71,10 +73,12 @@ from training.data.dataset import (
 )
 from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
-from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, resume_folder, run_steps
+from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, run_steps
 from training.optim import seed_everything
 from training.rl.rewards import resolve_level_weights
 from training.rl.trainer import RLConfig, RLTrainer
+from training.run_files import clear_side_files, resume_folder
+from training.run_files import steps_file as steps_log
 from training.scalar_log import ScalarLog
 
 log = logging.getLogger(__name__)
@@ -220,7 +224,7 @@ def train_rl(
     """RL from the ``init`` checkpoint; the best model by validation goes to ``out``. Returns a summary.
     Curves go to ``tensorboard`` if given."""
     out = Path(out)
-    steps_file = out.parent / f"{out.name}.steps.jsonl"
+    steps_file = steps_log(out)
     require_global_batch(config.batch_size)
     seed_everything(config.seed)
     if config.use_value and config.dense:  # the weights the run uses, in its manifest and resume identity
@@ -259,8 +263,8 @@ def train_rl(
                 else []
             )
             steps_file.write_text("".join(ln + "\n" for ln in kept))
-    elif steps_file.exists() and is_main():
-        steps_file.unlink()
+    elif is_main():  # a fresh run, its checks passed: nothing of an earlier run at ``out`` mixes in
+        clear_side_files(out)
     curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
     manifest: dict[str, Any] = {
         "stage": "rl",

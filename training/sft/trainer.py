@@ -33,7 +33,11 @@ Design decisions:
   each validation, as TensorBoard scalars (``training.scalar_log``).
 * The best model goes to ``--out``; the latest state (weights, optimizer,
   scheduler, position in the data) to ``<out>.resume`` after each validation,
-  so ``--resume`` continues an interrupted run. Both writes are atomic.
+  so ``--resume`` continues an interrupted run. Both writes are atomic. A
+  finished held-out run is taken by ``--resume`` only when it trained on the
+  same data with the same configuration, as a ``.resume`` folder is. A fresh
+  run first clears an earlier run's side files (``training.run_files``), once
+  its checks on the data have passed.
 * Under ``torchrun`` / ``accelerate launch`` (``training.distributed``): DDP,
   ``--batch-size`` is the global batch (each rank trains on its slice, the loss
   weighted by the rank's share of target tokens, so the gradient is the global
@@ -54,6 +58,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -61,8 +66,18 @@ from models.policy import Policy
 from training.data.dataset import RecDataset, popular_sids, split_for_training, training_rows
 from training.distributed import Shard, barrier, fork_rng, is_main, loss_scales, require_global_batch, wrap_ddp
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
-from training.loop import Checkpointer, Schedule, TrainState, load_resume, resume_folder, run_steps
+from training.loop import (
+    RESTART,
+    Checkpointer,
+    Schedule,
+    TrainState,
+    differences,
+    load_resume,
+    require_same_data,
+    run_steps,
+)
 from training.optim import autocast_dtype, cosine_schedule, flush_denormals, seed_everything
+from training.run_files import clear_side_files, heldout_curves, heldout_folder, resume_folder
 from training.scalar_log import ScalarLog
 from training.sft.batches import collate, crop_histories, encode_sample
 from training.sft.config import SFTConfig
@@ -85,18 +100,21 @@ def train_sft(
     With ``config.refits`` this is two runs: the held-out run at ``<out>.heldout`` (selection and the
     fusion weight, as without ``refit``), then the same configuration from scratch on all of train +
     valid (``holdout`` 0, that weight, last model kept) at ``out``. ``resume`` continues whichever
-    run was interrupted; a finished held-out run (its fusion chosen) is not run again.
+    run was interrupted; a finished held-out run (its fusion chosen) is not run again. Without ``resume``
+    an earlier run's side files at ``out`` are cleared first (``start_fresh``).
     """
+    out = Path(out)
     with flush_denormals():
+        if not resume:
+            start_fresh(data, out, config)
         if not config.refits:
             return _train_sft(data, out, config, device, resume, progress, tensorboard)
-        out = Path(out)
-        heldout_out = out.parent / f"{out.name}.heldout"
-        heldout_curves = tensorboard.with_name(f"{tensorboard.name}-heldout") if tensorboard else None
-        chosen = finished_heldout_run(heldout_out) if resume else None
+        heldout_out = heldout_folder(out)
+        heldout_tb = heldout_curves(tensorboard) if tensorboard else None
+        chosen = finished_heldout_run(heldout_out, config, data) if resume else None
         if chosen is None:
             again = resume and resume_folder(heldout_out).exists()
-            chosen = _train_sft(data, heldout_out, config, device, again, progress, heldout_curves)
+            chosen = _train_sft(data, heldout_out, config, device, again, progress, heldout_tb)
         else:
             log.info("--resume: the held-out run at %s has finished", heldout_out)
         refit = replace(config, holdout=0, fusion_weight=chosen["fusion"]["weight"])
@@ -106,13 +124,33 @@ def train_sft(
         return summary | {"heldout_run": {"checkpoint": str(heldout_out)} | chosen}
 
 
-def finished_heldout_run(path: Path) -> dict[str, Any] | None:
-    """The selection and fusion choice of a finished held-out run at ``path``; None if it has not finished."""
+def start_fresh(data: RecDataset, out: Path, config: SFTConfig) -> None:
+    """Before a new run at ``out``: the checks that need the data, then an earlier run's side files cleared
+    (``training.run_files``), so that a mistake found here loses nothing and nothing old mixes with the new."""
+    require_global_batch(config.batch_size)
+    training_rows(data, config)
+    if config.text_init:
+        text_embeddings(data)
+    if is_main():
+        clear_side_files(out)
+
+
+def finished_heldout_run(path: Path, config: SFTConfig, data: RecDataset) -> dict[str, Any] | None:
+    """The selection and fusion choice of a finished held-out run at ``path``; None if it has not finished.
+    A ``ValueError``, as ``load_resume``'s, when it trained on other data or with another configuration:
+    the refit would take its fusion weight."""
     if not (path / "manifest.json").is_file():
         return None
     manifest = json.loads((path / "manifest.json").read_text())
     if "fusion" not in manifest:  # the fusion choice is the run's last write
         return None
+    require_same_data(path, manifest, data)
+    changed = differences(manifest.get("sft_config"), asdict(config))
+    if changed:
+        raise ValueError(
+            f"--resume: the finished held-out run at {path} was written with a different configuration "
+            f"({'; '.join(changed)}){RESTART}"
+        )
     return {"best": manifest.get("selection"), "fusion": manifest["fusion"]}
 
 
@@ -138,12 +176,7 @@ def _train_sft(
     else:
         policy = new_policy(data, config, device)
     if config.text_init and not resume:
-        if data.embeddings is None:
-            raise ValueError(
-                "--text-init needs item_emb.npy in the data set: make it with vstar embed --data DIR "
-                "--encoder PATH (a local text encoder), or pass --no-text-init"
-            )
-        init_sid_embeddings(policy, data.embeddings)
+        init_sid_embeddings(policy, text_embeddings(data))
     if config.embed_dropout > 0:
         add_embedding_dropout(policy, config.embed_dropout)
     if config.hidden_dropout > 0:
@@ -247,6 +280,17 @@ def _train_sft(
         "selection_rows": len(select_rows),
         "fusion": fusion,
     }
+
+
+def text_embeddings(data: RecDataset) -> np.ndarray:
+    """The item embeddings ``--text-init`` starts the SID tokens from; a ``ValueError`` naming the command
+    that makes them when the data set has none."""
+    if data.embeddings is None:
+        raise ValueError(
+            "--text-init needs item_emb.npy in the data set: make it with vstar embed --data DIR "
+            "--encoder PATH (a local text encoder), or pass --no-text-init"
+        )
+    return data.embeddings
 
 
 def new_policy(data: RecDataset, config: SFTConfig, device: str) -> Policy:
