@@ -232,3 +232,66 @@ def test_rl_option_defaults_are_rlconfigs() -> None:
     assert {"beta", "lr", "value_lr", "w_sib", "batch_size", "num_candidates", "holdout"} <= set(shared)
     shared["train_splits"] = tuple(parse_splits(shared["train_splits"]))  # a comma list, parsed as vstar rl does
     assert shared == {name: config[name] for name in shared}
+
+
+def test_a_fresh_run_onto_an_earlier_ones_files_is_refused_before_any_work(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """An earlier run's checkpoint or side files at --out are kept unless --resume or --force says what to do."""
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "manifest.json").write_text("{}")
+    runs = {"ck": "ck/manifest.json", "h": "h.heldout/manifest.json", "r": "r.resume/manifest.json",
+            "s": "s.steps.jsonl", "t": "t.tb/events.out.tfevents.0"}  # fmt: skip
+    for name in runs.values():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    d, tiny = str(tiny_data_dir), ["--preset", "tiny", "--max-steps", "1"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    mistakes = [
+        (["sft", "--data", d, "--out", str(tmp_path / "ck"), *tiny], f"{tmp_path / 'ck'} holds an earlier run's"),
+        (["sft", "--data", d, "--out", str(tmp_path / "h"), *tiny], f"{tmp_path / 'h.heldout'} exists, from an"),
+        (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "r")], "r.resume exists, from an earlier"),
+        (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "s")], "s.steps.jsonl exists, from an"),
+        (["sft", "--data", d, "--out", str(tmp_path / "t"), *tiny], "t.tb exists, from an earlier run"),
+        (["sft", "--data", d, "--out", str(tmp_path / "ck"), "--resume", "--force", *tiny], "give one of them"),
+    ]
+    for args, message in mistakes:
+        proc = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert_one_line_error(proc.returncode, proc.stderr, message)
+        if "--force" not in args:
+            assert "--resume continues it, --force replaces it" in proc.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_outputs_inside_the_runs_own_folders_or_the_data_are_refused(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """--json or --tensorboard where the checkpoint swap replaces them (the run would train, then fail or lose
+    them), or in the data folder; and an --init that is one of --out's own folders (which the run replaces)."""
+    ck, d, tiny = tmp_path / "ck", str(tiny_data_dir), ["--preset", "tiny", "--max-steps", "1"]
+    data_files = sorted(p.name for p in tiny_data_dir.iterdir())
+    init = tmp_path / "x.resume"
+    init.mkdir()
+    (init / "manifest.json").write_text("{}")
+    (tmp_path / "x.heldout").mkdir()
+    (tmp_path / "x.heldout" / "manifest.json").write_text("{}")
+    sft = ["sft", "--data", d, "--out", str(ck), *tiny]
+    mistakes = [
+        ([*sft, "--json", str(ck)], f"--json: {ck} is the --out checkpoint folder, which the run at --out"),
+        ([*sft, "--json", str(ck / "s.json")], f"{ck / 's.json'} lies inside the --out checkpoint folder, which"),
+        ([*sft, "--json", str(tmp_path / "ck.resume" / "s.json")], "lies inside"),
+        ([*sft, "--tensorboard", str(ck)], f"--tensorboard: {ck} is the --out checkpoint folder"),
+        ([*sft, "--tensorboard", str(tmp_path / "ck.heldout")], "ck.heldout, which the run at --out"),
+        ([*sft, "--tensorboard", d], f"--tensorboard: {d} is the data folder: give a path outside it"),
+        ([*sft, "--tensorboard", f"{d}/tb"], f"lies inside the data folder {d}"),
+        (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "x")], f"--init checkpoint {init} is one of"),
+        (["rl", "--data", d, "--init", str(tmp_path / "x.heldout"), "--out", str(tmp_path / "x")], "writes over"),
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    for args, message in mistakes:
+        proc = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert_one_line_error(proc.returncode, proc.stderr, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.heldout", "x.resume"]
+    assert sorted(p.name for p in tiny_data_dir.iterdir()) == data_files

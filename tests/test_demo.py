@@ -128,3 +128,10 @@ def test_demo_reports_serves_its_own_request_and_logs_one_format_per_process(tmp
     served = [line for line in stderr[banner + 1 :] if line.strip()]
     assert served and all(isinstance(json.loads(line), dict) for line in served), served[:5]
     assert any(json.loads(line)["msg"] == "Application startup complete." for line in served)
+
+
+def test_a_second_demo_into_the_same_folder_replaces_its_runs(tmp_path: Path) -> None:
+    """SFT and RL refuse a fresh run onto an earlier one's files without --force: the demo's own steps pass it,
+    so a rerun trains again (each checkpoint replaced atomically as the new one is written)."""
+    steps = {args[0]: args for args in demo_steps(tmp_path, 60, 154)}
+    assert "--force" in steps["sft"] and "--force" in steps["rl"]

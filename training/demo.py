@@ -11,6 +11,11 @@
   V-STAR moved HR@10 / NDCG@10 from 0.4545 / 0.2642 (the SFT init) to 0.4610 /
   0.2775 (the kept step, 40); the first demo, 30 steps on the train rows SFT
   had fitted, ended below SFT on valid (HR@10 0.4147 -> 0.4082).
+* A second demo into the same ``--out`` trains again: SFT and RL get
+  ``--force``, which replaces the earlier run's checkpoints only as the new ones
+  are written (atomically) and clears its resume state, step log and curves so
+  they do not mix. The demo never clears its folder itself: the data is kept,
+  and a rerun that fails leaves the earlier checkpoints and reports in place.
 * Report: HR@10 and NDCG@10 on the test split for pop, SFT and RL, what each
   file is, and a ``curl`` request. SFT and RL are compared twice: as models
   alone (``--fusion-weight 0``) and as ``vstar eval`` decodes them by default,
@@ -59,14 +64,14 @@ def demo_steps(out: Path, rl_steps: int, holdout: int) -> list[list[str]]:
     """The ``vstar`` command lines the demo runs after its data exists, in order; ``holdout``: ``rl_holdout``."""
     data, sft, rl = str(out / "data"), str(out / "sft"), str(out / "vstar")
     steps = [
-        ["sft", "--data", data, "--out", sft, "--preset", "tiny", "--epochs", "8", "--lr", "5e-3",
+        ["sft", "--data", data, "--out", sft, "--preset", "tiny", "--epochs", "8", "--lr", "5e-3", "--force",
          "--json", str(out / "sft.json")],
         ["eval", "--data", data, "--checkpoint", sft, "--split", "test", "--fusion-weight", "0",
          "--json", str(out / "sft.test.json")],
         ["eval", "--data", data, "--checkpoint", sft, "--split", "test", "--json", str(out / "sft_fused.test.json")],
         ["rl", "--data", data, "--init", sft, "--out", rl, "--algo", "vstar", "--train-splits", "valid",
          "--holdout", str(holdout), "--max-steps", str(rl_steps), "--eval-every", str(max(1, rl_steps // 3)),
-         "--json", str(out / "vstar.json")],
+         "--force", "--json", str(out / "vstar.json")],
         ["eval", "--data", data, "--checkpoint", rl, "--split", "test", "--fusion-weight", "0",
          "--json", str(out / "vstar.test.json")],
         ["eval", "--data", data, "--checkpoint", rl, "--split", "test", "--json", str(out / "vstar_fused.test.json")],

@@ -431,3 +431,19 @@ def test_a_fresh_run_clears_an_earlier_runs_side_files_once_its_checks_pass(tiny
     assert load_checkpoint(out).manifest["stage"] == "sft"
     assert len(list((tmp_path / "mine.tb").iterdir())) == 2  # a folder the user named is not cleared
 
+
+def test_cli_sft_onto_an_earlier_run_needs_resume_or_force(tiny_data_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "ck"
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(out), "--preset", "tiny", "--max-steps", "1",
+            "--eval-limit", "4"]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    again = runner.invoke(app, [*args, "--seed", "3"])
+    assert again.exit_code == 2 and "--resume continues it, --force replaces it" in again.output, again.output
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == kept
+    (tmp_path / "ck.heldout").mkdir()  # a held-out run of an earlier --refit at the same --out
+    forced = runner.invoke(app, [*args, "--seed", "3", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert load_checkpoint(out).manifest["sft_config"]["seed"] == 3 and not (tmp_path / "ck.heldout").exists()
+    assert len(list((tmp_path / "ck.tb").iterdir())) == 1  # the new run's curves alone

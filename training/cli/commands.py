@@ -23,6 +23,7 @@ from training.cli.options import (
     DataOpt,
     Decoder,
     DeviceOpt,
+    ForceOpt,
     FusionOpt,
     HoldoutOpt,
     NameOpt,
@@ -34,6 +35,7 @@ from training.cli.options import (
     StepsOpt,
     SummaryOpt,
     TensorBoardOpt,
+    check_run_outputs,
     checkpoint_out,
     demo_policy,
     float_list,
@@ -264,11 +266,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
+        force: ForceOpt = False,
         json_out: SummaryOpt = None,
         tensorboard: TensorBoardOpt = None,
     ) -> None:
         """Supervised next-SID training; keeps the best checkpoint by held-out HR@10, then chooses its fusion weight."""
         from training.data.dataset import parse_splits
+
+        check_run_outputs(out, json_out, tensorboard, (data, minionerec_root), resume, force)
         from training.sft.config import recipe_config
 
         setup_logging()
@@ -299,10 +304,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
-        from training.scalar_log import default_folder
+        from training.run_files import default_curves
         from training.sft.trainer import train_sft
 
-        curves = tensorboard or default_folder(out)
+        curves = tensorboard or default_curves(out)
         run_training(lambda dev: train_sft(ds, out, config, dev, resume, tensorboard=curves), device, json_out)
 
     @app.command(name="eval")

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 
 from models.output_path import output_file_problem, parents_problem
+from training.run_files import earlier_run, replaced_folders, side_files
 
 T = TypeVar("T")
 
@@ -88,6 +89,48 @@ def checkpoint_out(path: Path) -> Path:
     return path
 
 
+def check_run_outputs(
+    out: Path, json_out: Path | None, tensorboard: Path | None, data: Sequence[Path | None], resume: bool, force: bool
+) -> None:
+    """The checks of a training command's outputs against each other, before any work: ``--json`` and
+    ``--tensorboard`` outside the folders the run replaces whole (``<out>``, ``<out>.resume``, ...) and outside the
+    data set (``data``: ``--data``, ``--minionerec-root``); without ``--resume`` or ``--force``, no earlier run
+    at ``--out`` (``training.run_files``), which the new one would replace."""
+    if resume and force:
+        raise typer.BadParameter("--resume continues the run at --out, --force replaces it: give one of them")
+    for option, path, taken in (
+        ("--json", json_out, [out, *side_files(out)]),
+        ("--tensorboard", tensorboard, replaced_folders(out)),
+    ):
+        problem = None if path is None else overlap_problem(path, taken, out, data)
+        if problem is not None:
+            raise typer.BadParameter(problem, param_hint=option)
+    found = None if resume or force else earlier_run(out)
+    if found is not None:
+        what = f"{out} holds an earlier run's checkpoint" if found == out else f"{found} exists, from an earlier run"
+        raise typer.BadParameter(f"{what}: --resume continues it, --force replaces it", param_hint="--out")
+
+
+def overlap_problem(path: Path, taken: Sequence[Path], out: Path, data: Sequence[Path | None]) -> str | None:
+    """What is wrong with writing ``path`` beside a run at ``out`` (a sentence), or None: it may be none of the
+    run's own paths (``taken``) nor lie inside one, nor lie in a data folder."""
+    for folder in taken:
+        if within(path, folder):
+            where = "is" if within(folder, path) else "lies inside"
+            what = "the --out checkpoint folder" if folder == out else folder
+            return f"{path} {where} {what}, which the run at --out {out} replaces: give a path outside it"
+    for folder in (d for d in data if d is not None):
+        if within(path, folder):
+            where = "is the data folder" if within(folder, path) else f"lies inside the data folder {folder}"
+            return f"{path} {where}: give a path outside it"
+    return None
+
+
+def within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies inside it (links resolved)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def check_parents(path: Path) -> None:
     """The nearest existing folder above ``path`` is a folder this process may write in."""
     problem = parents_problem(path)
@@ -114,6 +157,14 @@ EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the
 StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace an earlier run at --out: its <out>.resume, <out>.heldout, <out>.steps.jsonl and <out>.tb are "
+        "cleared at the start; its checkpoint stays until the new one is written.",
+    ),
+]
 SummaryOpt = Annotated[
     Path | None, typer.Option("--json", help="Write the training summary here.", callback=writable_file)
 ]

@@ -17,6 +17,7 @@ from training.cli.options import (
     Decoder,
     DeviceOpt,
     EpochsOpt,
+    ForceOpt,
     HoldoutOpt,
     NameOpt,
     ResumeOpt,
@@ -27,6 +28,7 @@ from training.cli.options import (
     StepsOpt,
     SummaryOpt,
     TensorBoardOpt,
+    check_run_outputs,
     checkpoint_out,
     float_list,
     load_data,
@@ -37,6 +39,7 @@ from training.cli.options import (
     writable_file,
     write_json,
 )
+from training.run_files import default_curves, replaced_folders
 
 BudgetOpt = Annotated[int | None, typer.Option("--budget", min=1, help="VED token budget per prompt (default: VED's).")]
 
@@ -147,6 +150,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         seed: SeedOpt = 0,
         device: DeviceOpt = "cpu",
         resume: ResumeOpt = False,
+        force: ForceOpt = False,
         json_out: SummaryOpt = None,
         tensorboard: TensorBoardOpt = None,
     ) -> None:
@@ -159,10 +163,16 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 "write the RL model to another folder",
                 param_hint="--out",
             )
+        if any(f.resolve() == init.resolve() for f in replaced_folders(out)):
+            raise typer.BadParameter(
+                f"the --init checkpoint {init} is one of the folders the run at --out {out} writes over (its "
+                "resume state, a held-out run): write the RL model to another folder",
+                param_hint="--out",
+            )
+        check_run_outputs(out, json_out, tensorboard, (data, minionerec_root), resume, force)
         from training.data.dataset import parse_splits
         from training.rl.run import train_rl
         from training.rl.trainer import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, rollout_ved_config
-        from training.scalar_log import default_folder
 
         setup_logging()
         try:
@@ -179,7 +189,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
-        curves = tensorboard or default_folder(out)
+        curves = tensorboard or default_curves(out)
         run_training(lambda dev: train_rl(ds, init, out, config, dev, resume, tensorboard=curves), device, json_out)
 
     @app.command()
