@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,16 @@ def interrupt_at_step(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.optim.AdamW, "step", crashing)
 
 
+def next_second() -> None:
+    """Wait for the clock's next second. Event files are read in name order: the second the writer opened,
+    host, pid, then a per-process writer count that sorts as text ("10" before "9"). A real resume is a later
+    process; in one process within one second, the resumed run's file could sort first, depending on how many
+    writers earlier tests opened."""
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.05)
+
+
 def test_sft_curves_survive_a_resume_without_doubling(
     tiny_dataset: RecDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -43,6 +54,7 @@ def test_sft_curves_survive_a_resume_without_doubling(
     interrupt_at_step(6, monkeypatch)  # the resume point is the validation after step 4
     with pytest.raises(KeyboardInterrupt):
         train_sft(tiny_dataset, tmp_path / "part", SFT, progress=False, tensorboard=tmp_path / "part.tb")
+    next_second()
     train_sft(tiny_dataset, tmp_path / "part", SFT, resume=True, progress=False, tensorboard=tmp_path / "part.tb")
 
     a, b = read_curves(tmp_path / "full.tb"), read_curves(tmp_path / "part.tb")
