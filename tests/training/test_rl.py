@@ -291,6 +291,30 @@ def test_train_rl_writes_checkpoint_and_resumes(
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
 
 
+def test_resume_drops_a_cut_short_last_step_line_and_names_a_malformed_one(
+    tiny_dataset: RecDataset,
+    init_ckpt: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out, steps_file = tmp_path / "rl", tmp_path / "rl.steps.jsonl"
+    config = RLConfig(algo="grpo", max_steps=3, batch_size=4, eval_every=1, eval_limit=8, fusion_weight=0)
+    interrupt_at_step(3, monkeypatch, lambda: train_rl(tiny_dataset, init_ckpt, out, config, progress=False))
+    written = steps_file.read_text()
+    first, second = written.splitlines(keepends=True)
+    steps_file.write_text(first + '{"step": 1.5, "epo\n' + second)  # a damaged line that is not the last
+    with pytest.raises(ValueError, match=rf"{steps_file}:2: not a step record"):
+        train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
+    assert steps_file.read_text() == first + '{"step": 1.5, "epo\n' + second  # left as it was
+    steps_file.write_text(written + '{"step": 3, "epoch": 0, "rewa')  # killed while writing step 3's line
+    with caplog.at_level("WARNING", logger="training.rl.run"):
+        summary = train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
+    assert "rl.steps.jsonl:3: dropping the last line, cut short" in caplog.text
+    assert [json.loads(line)["step"] for line in steps_file.read_text().splitlines()] == [1, 2, 3]
+    assert summary["steps"] == 3
+
+
 def test_resumed_vstar_run_continues_to_the_same_weights(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

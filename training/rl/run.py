@@ -211,6 +211,33 @@ def warm_up_value(
     return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1), "value_loss": float(np.mean(tail))}
 
 
+def step_records(steps_file: Path) -> list[tuple[str, int]]:
+    """(line, step) of each record in ``<out>.steps.jsonl``, for ``--resume`` to keep those up to its state.
+
+    A last line cut short (no newline at its end: the run was killed while writing it) is dropped with a
+    warning; a malformed line anywhere else is a ``ValueError`` naming the file and the line.
+    """
+    if not steps_file.exists():
+        return []
+    text = steps_file.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            records.append((line, int(record["step"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if number == len(lines) and not text.endswith("\n"):
+                log.warning("%s:%d: dropping the last line, cut short (the run was stopped while writing it)",
+                            steps_file, number)  # fmt: skip
+                break
+            raise ValueError(
+                f"{steps_file}:{number}: not a step record ({type(e).__name__}: {e}); fix or remove that line "
+                "to --resume"
+            ) from None
+    return records
+
+
 def train_rl(
     data: RecDataset,
     init: str | Path,
@@ -257,12 +284,8 @@ def train_rl(
         state = TrainState(**trainer_state["state"])
         torch.set_rng_state(trainer_state["torch_rng"])
         if is_main():
-            kept = (
-                [ln for ln in steps_file.read_text().splitlines() if json.loads(ln)["step"] <= state.step]
-                if steps_file.exists()
-                else []
-            )
-            steps_file.write_text("".join(ln + "\n" for ln in kept))
+            kept = [line for line, step in step_records(steps_file) if step <= state.step]
+            steps_file.write_text("".join(line + "\n" for line in kept))
     elif is_main():  # a fresh run, its checks passed: nothing of an earlier run at ``out`` mixes in
         clear_side_files(out)
     curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
