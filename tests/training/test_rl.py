@@ -392,6 +392,15 @@ def test_rl_counts_every_row_before_test_whichever_splits_it_trains_on(
         assert summary["train_rows"] == len(tiny_dataset.splits["valid"]) - 10
 
 
+def test_a_run_that_held_nothing_out_reports_no_best_score(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, train_splits=("valid",), holdout=0)
+    summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    assert summary["selection_rows"] == 0 and summary["best"] is None and not summary["below_init"]  # not -1.0
+
+
 def one_step_run(data: RecDataset, policy: Policy, tmp_path: Path, init_manifest: dict, **config) -> Path:
     """A one-step GRPO run (8 selection rows) from ``policy`` saved with ``init_manifest``; its checkpoint."""
     init = save_checkpoint(tmp_path / "init", policy, {"stage": "sft"} | init_manifest)

@@ -364,7 +364,8 @@ def train_rl(
         fusion = fuse_trained(out, weight, counted_rows(data, config, train_rows), held_out, config.eval_limit, device)
     barrier()
     return {
-        "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]},
+        # None: nothing held out (--holdout 0 with valid trained on), the last model kept, as SFT says it
+        "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,
         "below_init": below_init,  # the init scored higher on the selection rows than every RL step (logged)
         "steps": state.step,
         "seconds": round(time.perf_counter() - start, 1),
