@@ -176,6 +176,11 @@ def test_parse_splits() -> None:
         parse_splits("train,holdout")
 
 
+def test_a_split_named_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="--train-splits names train more than once, got 'train,valid,train'"):
+        parse_splits("train,valid,train")
+
+
 def test_shared_industrial_loads(shared_dataset) -> None:
     ds = shared_dataset
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 10393, "valid": 4532, "test": 4533}

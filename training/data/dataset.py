@@ -150,6 +150,11 @@ def parse_splits(text: str) -> list[str]:
     bad = [s for s in names if s not in SPLITS]
     if not names or bad:
         raise ValueError(f"--train-splits must be a comma list of {SPLITS}, got {text!r}")
+    repeated = sorted({s for s in names if names.count(s) > 1})
+    if repeated:  # each row would count twice: trained on twice, or counted twice toward the long tail
+        raise ValueError(
+            f"--train-splits names {', '.join(repeated)} more than once, got {text!r}: give each split once"
+        )
     return names
 
 
