@@ -23,7 +23,7 @@ from service.app import create_app
 from service.settings import Settings
 from training.data.sid_builder import SidBuildConfig
 from training.data.synth import SynthConfig, write_synth
-from training.demo import curl_command, demo_steps, example_request, rl_holdout, rl_note
+from training.demo import curl_command, demo_steps, example_request, figure, rl_holdout, rl_note
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,10 @@ def test_rl_trains_on_valid_less_the_most_recent_third_which_chooses(tiny_data_d
     option = {rl[i]: rl[i + 1] for i in range(len(rl) - 1) if rl[i].startswith("--")}
     assert option["--train-splits"] == "valid" and option["--holdout"] == "154" and option["--max-steps"] == "60"
     assert option["--eval-every"] == "20" and "--train-splits" not in steps["sft"]  # SFT: train, valid chooses
+
+
+def test_a_metric_not_measured_prints_as_a_dash() -> None:
+    assert figure(None) == "-" and figure(0.38664) == "0.3866"
 
 
 def test_the_example_request_is_answered_by_a_model_of_that_data(

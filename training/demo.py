@@ -114,6 +114,11 @@ def rl_note(
     )
 
 
+def figure(value: float | None) -> str:
+    """A metric in a printed table: four decimals, or "-" where the file has null (not measured)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def report(out: Path, rl_steps: int) -> str:
     """The summary table, the note on RL, and what each file under ``out`` is."""
     results = {stem: json.loads((out / f"{stem}.test.json").read_text()) for _, stem in MODELS}
@@ -122,7 +127,7 @@ def report(out: Path, rl_steps: int) -> str:
     lines = [f"Test split of the demo's data ({rows} rows):", "", f"  {'model':<20}{'HR@10':>8}{'NDCG@10':>10}"]
     for label, stem in MODELS:
         m = results[stem]["metrics"]
-        lines.append(f"  {label:<20}{m['HR@10']:>8.4f}{m['NDCG@10']:>10.4f}")
+        lines.append(f"  {label:<20}{figure(m['HR@10']):>8}{figure(m['NDCG@10']):>10}")
     lines += [
         "",
         *textwrap.wrap(

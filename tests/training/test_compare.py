@@ -14,8 +14,8 @@ from training.evaluation.compare import compare_runs, load_ranks, paired_bootstr
 from vstar import app
 
 
-def eval_file(path: Path, ranks: list[int | None], **recorded: str) -> Path:
-    path.write_text(json.dumps({"metrics": {}, "rows": len(ranks), "target_ranks": ranks} | recorded))
+def eval_file(path: Path, ranks: list[int | None], metrics: dict | None = None, **recorded: str) -> Path:
+    path.write_text(json.dumps({"metrics": metrics or {}, "rows": len(ranks), "target_ranks": ranks} | recorded))
     return path
 
 
@@ -91,3 +91,13 @@ def test_cli_writes_the_comparison_and_names_bad_files(tmp_path: Path) -> None:
     c = eval_file(tmp_path / "c.json", [0])
     result = CliRunner().invoke(app, ["compare", "--base", str(a), "--other", str(c)])
     assert result.exit_code == 2 and "rows" in result.output
+
+
+def test_a_metric_a_file_did_not_measure_is_null_in_the_comparison(tmp_path: Path) -> None:
+    # vstar eval --beams 5: HR@10 and NDCG@10 are null there, and its ranks stop at 4
+    short = eval_file(tmp_path / "a.json", [0, 4, None, 2], {"HR@5": 0.75, "HR@10": None, "NDCG@10": None})
+    full = eval_file(tmp_path / "b.json", [0, 7, 9, 2])
+    out = compare_runs([short], [full], samples=100)["metrics"]
+    assert list(out) == ["HR@1", "HR@3", "HR@5", "HR@10", "NDCG@3", "NDCG@5", "NDCG@10"]
+    assert out["HR@10"] is None and out["NDCG@10"] is None  # not a gain of 0.5 for the longer list
+    assert out["HR@5"]["diff"] == -0.25

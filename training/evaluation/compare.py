@@ -9,6 +9,9 @@ seeds; the bootstrap then resamples rows (``samples`` draws, seeded), and the
 interval is the percentile interval of the mean difference. It measures how
 sure the difference is over *rows*; the spread over seeds is the seeds' std
 reported beside it (``base_seeds`` / ``other_seeds``: mean and std over seeds).
+A metric that some file records as null (a cut-off beyond its ranked lists,
+``vstar eval --beams 5`` and HR@10: ``training.evaluation.metrics``) is null in
+the comparison too: its ranks cannot say who did better there.
 """
 
 from __future__ import annotations
@@ -104,14 +107,21 @@ def paired_bootstrap(
     return out
 
 
+def unmeasured(runs: dict[Path, dict[str, Any]]) -> set[str]:
+    """The metrics some run's file records as null: cut-offs beyond its ranked lists."""
+    return {name for payload in runs.values() for name, value in payload.get("metrics", {}).items() if value is None}
+
+
 def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
     runs = {path: read_run(path) for path in [*base, *other]}  # each file read once
     check_same_rows(runs)
     base_ranks, other_ranks = stack_ranks(base, runs), stack_ranks(other, runs)
+    measured = [name for name in METRICS if name not in unmeasured(runs)]
+    compared = paired_bootstrap(base_ranks, other_ranks, measured, samples=samples, seed=seed)
     return {
         "base": [str(p) for p in base],
         "other": [str(p) for p in other],
         "rows": int(base_ranks.shape[1]),
         "bootstrap_samples": samples,
-        "metrics": paired_bootstrap(base_ranks, other_ranks, samples=samples, seed=seed),
+        "metrics": {name: compared.get(name) for name in METRICS},  # None: not measured by every file
     }

@@ -72,7 +72,7 @@ def score_rankings(
     seconds: float = 0.0,
 ) -> dict[str, Any]:
     targets = [catalog.sid_index[catalog.items[s.target].sid] for s in samples]
-    metrics = rank_metrics(ranked, targets, cutoffs)
+    metrics = rank_metrics(ranked, targets, cutoffs, len(catalog.sids))  # None: a cut-off beyond the lists
     ranks = [target_rank(lst, t) for lst, t in zip(ranked, targets, strict=True)]
     counts: Counter[int] = Counter()
     for s in train_samples:

@@ -10,6 +10,12 @@ Beyond accuracy: ``coverage@K`` is the share of catalog items that appear (via
 their SID) in some top-K list; ``tail_share@K`` is the share of recommended items
 that are long-tail, i.e. outside the most popular 20% of items by training
 interactions (the usual Pareto split).
+
+A cut-off K beyond the ranked lists (``vstar eval --beams 20`` and HR@50) is not
+a measurement: what ranks 21 to 50 would have held is unknown, and HR@50 would
+only repeat HR@20. Such figures are None (null in the JSON files, "-" in printed
+tables), unless the lists rank every SID of the catalog: then a target below
+them is a miss at any cut-off.
 """
 
 from __future__ import annotations
@@ -30,17 +36,31 @@ def target_rank(ranked: Sequence[int], target: int) -> int | None:
     return None
 
 
+def measures(ranked_lists: Sequence[Sequence[int]], k: int, catalog_size: int | None = None) -> bool:
+    """Whether the lists measure cut-off ``k``: the longest is at least ``k`` long, or ranks all
+    ``catalog_size`` SIDs."""
+    longest = max((len(lst) for lst in ranked_lists), default=0)
+    return longest >= k or (catalog_size is not None and longest >= catalog_size)
+
+
 def rank_metrics(
-    ranked_lists: Sequence[Sequence[int]], targets: Sequence[int], cutoffs: Iterable[int] = CUTOFFS
-) -> dict[str, float]:
+    ranked_lists: Sequence[Sequence[int]],
+    targets: Sequence[int],
+    cutoffs: Iterable[int] = CUTOFFS,
+    catalog_size: int | None = None,
+) -> dict[str, float | None]:
+    """HR@K and NDCG@K per cut-off; None for a cut-off the lists do not measure (``measures``)."""
     if len(ranked_lists) != len(targets):
         raise ValueError(f"{len(ranked_lists)} ranked lists for {len(targets)} targets")
     n = max(len(targets), 1)
     ranks = [target_rank(lst, t) for lst, t in zip(ranked_lists, targets, strict=False)]
-    out: dict[str, float] = {}
+    out: dict[str, float | None] = {}
     for k in cutoffs:
-        out[f"HR@{k}"] = sum(1 for r in ranks if r is not None and r < k) / n
-        out[f"NDCG@{k}"] = sum(1.0 / math.log2(r + 2) for r in ranks if r is not None and r < k) / n
+        measured = measures(ranked_lists, k, catalog_size)
+        out[f"HR@{k}"] = sum(1 for r in ranks if r is not None and r < k) / n if measured else None
+        out[f"NDCG@{k}"] = (
+            sum(1.0 / math.log2(r + 2) for r in ranks if r is not None and r < k) / n if measured else None
+        )
     return out
 
 
@@ -53,7 +73,10 @@ def tail_items(catalog: SidCatalog, train_item_counts: Counter[int], head_share:
 
 def beyond_accuracy(
     ranked_lists: Sequence[Sequence[int]], catalog: SidCatalog, tail: set[int], k: int = 10
-) -> dict[str, float]:
+) -> dict[str, float | None]:
+    """coverage@K and tail_share@K; None when the lists do not measure K (``measures``)."""
+    if not measures(ranked_lists, k, len(catalog.sids)):
+        return {f"coverage@{k}": None, f"tail_share@{k}": None}
     covered: set[int] = set()
     recommended = tail_hits = 0
     for lst in ranked_lists:
