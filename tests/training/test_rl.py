@@ -520,6 +520,20 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
     assert short.exit_code == 2 and "budget 20 is below what beam search of width G = 16 feeds: 32" in short.output
 
 
+def test_more_candidates_than_the_catalog_has_sids_are_refused(
+    tiny_data_dir: Path, tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path
+) -> None:
+    from vstar import app
+
+    sids = len(tiny_dataset.catalog.sids)
+    for args in (["rl", "--init", str(init_ckpt), "--out", str(tmp_path / "rl")], ["diagnose", "--checkpoint",
+                 str(init_ckpt), "--json", str(tmp_path / "d.json")]):  # fmt: skip
+        result = CliRunner().invoke(app, [*args, "--data", str(tiny_data_dir), "--num-candidates", str(sids + 1)])
+        assert result.exit_code == 2, result.output
+        assert f"--num-candidates {sids + 1} is more than the {sids} SIDs of" in result.output
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
 def test_cli_fuse_takes_an_rl_checkpoint(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Path) -> None:
     out, data = tmp_path / "grpo", str(tiny_data_dir)
     invoke(["rl", "--data", data, "--init", str(init_ckpt), "--out", str(out), "--algo", "grpo", "--max-steps", "1",

@@ -224,6 +224,17 @@ def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
         raise typer.BadParameter(str(e), param_hint="--data") from None
 
 
+def require_candidates(num_candidates: int, data: Any) -> None:
+    """``--num-candidates`` G no larger than the catalog: a group of G distinct SIDs is otherwise the whole
+    catalog, every target reached."""
+    sids = len(data.catalog.sids)
+    if num_candidates > sids:
+        raise typer.BadParameter(
+            f"--num-candidates {num_candidates} is more than the {sids} SIDs of {data.name}'s catalog: a group "
+            f"would be the whole catalog; give at most {sids}"
+        )
+
+
 PER_ROW = ("target_ranks",)  # written to the file, too long for the terminal
 
 

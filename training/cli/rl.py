@@ -32,6 +32,7 @@ from training.cli.options import (
     checkpoint_out,
     float_list,
     load_data,
+    require_candidates,
     require_checkpoint,
     run_training,
     select_rows,
@@ -189,6 +190,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
+        require_candidates(num_candidates, ds)
         curves = tensorboard or default_curves(out)
         run_training(lambda dev: train_rl(ds, init, out, config, dev, resume, tensorboard=curves), device, json_out)
 
@@ -233,6 +235,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 "exploratory slots are VED's: use them with --decoder ved", param_hint="--explore-slots"
             )
         ds = load_data(data, minionerec_root, dataset)
+        require_candidates(num_candidates, ds)
         from models.checkpoint import load_checkpoint
         from models.value_head import load_value_head
         from training.data.dataset import check_catalog
