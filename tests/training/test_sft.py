@@ -190,6 +190,18 @@ def test_small_preset_brings_its_recipe_and_options_override_it() -> None:
     assert recipe_config("small", base_model="/m").ema == 0.0  # a pretrained LM gets no recipe
 
 
+def test_an_explicit_refit_that_would_not_run_is_refused() -> None:
+    from training.sft.config import recipe_config
+
+    assert not recipe_config("small", train_splits=("train",)).refits  # the recipe's refit gives way silently
+    assert recipe_config("tiny", refit=True, train_splits=("train", "valid")).refits
+    for options in ({"train_splits": ("train",)}, {"train_splits": ("train", "valid"), "holdout": 0}):
+        with pytest.raises(ValueError, match="--refit trains again on all of train"):
+            recipe_config("small", refit=True, **options)
+    with pytest.raises(ValueError, match="got --train-splits train --holdout 500"):
+        recipe_config("tiny", refit=True)
+
+
 def test_crop_keeps_target_and_a_recent_suffix(tiny_dataset) -> None:
     policy = Policy.from_preset("tiny", tiny_dataset.catalog)
     samples = [s for s in tiny_dataset.splits["train"] if len(s.history) > 3][:20]

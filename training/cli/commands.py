@@ -261,7 +261,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.Option(
                 "--refit/--no-refit",
                 help="After the held-out run (kept at <out>.heldout), train again on all of train + valid with its "
-                "fusion weight and keep the last model at <out> [recipe: on; else off].",
+                "fusion weight and keep the last model at <out>; needs valid in --train-splits and --holdout above 0 "
+                "[recipe: on, off without those; else off].",
             ),
         ] = None,
         device: DeviceOpt = "cpu",

@@ -104,4 +104,11 @@ def recipe_config(preset: str = "small", base_model: str | None = None, **option
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
     given = {k: v for k, v in options.items() if v is not None}
     recipe = {} if base_model else RECIPES[preset]
-    return SFTConfig(preset=preset, base_model=base_model, **(recipe | given))
+    config = SFTConfig(preset=preset, base_model=base_model, **(recipe | given))
+    if given.get("refit") and not config.refits:  # the recipe's refit alone gives way to such options
+        raise ValueError(
+            "--refit trains again on all of train + valid after a run that held valid rows out: it needs valid "
+            f"in --train-splits and --holdout above 0, got --train-splits {','.join(config.train_splits)} "
+            f"--holdout {config.holdout}"
+        )
+    return config
