@@ -79,6 +79,14 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
         ["rl", "--data", d, "--init", empty, "--out", out, "--level-weights", "0.3,x"],
         "a comma list of finite numbers",
     )
+    rl = ["rl", "--data", d, "--init", empty, "--out", out]
+    yield [*rl, "--explore-slots", "4"], "--explore-slots is a V-STAR option, which --algo grpo would ignore"
+    yield (
+        [*rl, "--value-warmup", "0", "--w-sib", "1", "--sibling-norm", "siblings", "--value-lr", "1", "--algo", "grpo"],
+        "--value-lr, --w-sib, --sibling-norm, --value-warmup are V-STAR options, which --algo grpo would ignore",
+    )
+    yield [*rl, "--algo", "vstar", "--no-sibling", "--w-sib", "2"], "--w-sib is read by Sibling-GRPO alone, which"
+    yield [*rl, "--algo", "vstar", "--no-ved", "--explore-slots", "1"], "--explore-slots is read by VED alone, which"
     yield ["diagnose", "--data", d, "--checkpoint", gone], "does not exist"
     yield ["baseline", "knn", "--data", d], "'knn' is not one of 'pop', 'transition', 'sasrec'"
     yield ["bench", "decode", "--beams", "10,x"], "expected a comma list of positive integers"

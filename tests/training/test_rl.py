@@ -119,6 +119,21 @@ def test_fused_rollouts_need_a_weight(tiny_policy: Policy, tiny_dataset: RecData
         assert summary["steps"] == 1 and load_checkpoint(tmp_path / algo).manifest["rl_config"]["fused_rollouts"]
 
 
+def test_fused_rollouts_without_a_weight_say_where_the_zero_came_from(
+    tiny_policy: Policy, tiny_dataset: RecDataset, tmp_path: Path
+) -> None:
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, fused_rollouts=True)
+    cases = [
+        ({"weight": 6.0}, 0.0, "--fusion-weight is 0;"),  # the init has a weight: the 0 is the option's
+        ({}, None, "the --init checkpoint .* has no chosen fusion weight;"),
+        ({"weight": 0.0, "chosen_by": "held-out"}, None, "the --init checkpoint .* has fusion weight 0;"),
+    ]
+    for i, (fusion, given, message) in enumerate(cases):
+        init = save_checkpoint(tmp_path / f"init{i}", tiny_policy, {"stage": "sft", "fusion": fusion})
+        with pytest.raises(ValueError, match=f"--fused-rollouts needs a fusion weight above 0: {message}"):
+            train_rl(tiny_dataset, init, tmp_path / f"rl{i}", replace(config, fusion_weight=given), progress=False)
+
+
 def test_fused_ved_ranks_as_fused_beam_search_does(tiny_policy: Policy) -> None:
     catalog, trie = tiny_policy.catalog, tiny_policy.trie
     head = new_value_head(tiny_policy)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
 from training.cli.options import (
     DataOpt,
@@ -43,11 +44,43 @@ from training.cli.options import (
 from training.run_files import default_curves, replaced_folders
 
 BudgetOpt = Annotated[int | None, typer.Option("--budget", min=1, help="VED token budget per prompt (default: VED's).")]
+# vstar rl's options that only V-STAR reads, by parameter; and those that only one part of it reads, by the switch
+# that turns the part off. Given explicitly where they would be ignored, they are refused (left at their defaults,
+# they are not): a run must not look configured by an option it never read.
+VSTAR_OPTIONS = {
+    "no_sibling": "--no-sibling", "no_ved": "--no-ved", "no_dense": "--no-dense", "value_lr": "--value-lr",
+    "value_coef": "--value-coef", "w_sib": "--w-sib", "sibling_norm": "--sibling-norm",
+    "level_weights": "--level-weights", "budget": "--budget", "explore_slots": "--explore-slots",
+    "value_warmup": "--value-warmup",
+}  # fmt: skip
+PART_OPTIONS = {
+    "no_sibling": ("Sibling-GRPO", {"w_sib": "--w-sib", "sibling_norm": "--sibling-norm"}),
+    "no_ved": ("VED", {"budget": "--budget", "explore_slots": "--explore-slots"}),
+    "no_dense": ("the dense reward", {"level_weights": "--level-weights"}),
+}
+
+
+def ignored_options(ctx: typer.Context, algo: str) -> str | None:
+    """The problem with options given on the command line that this run would ignore, or None."""
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    if algo == "grpo":
+        named = [flag for name, flag in VSTAR_OPTIONS.items() if name in given]
+        if named:
+            what = "is a V-STAR option" if len(named) == 1 else "are V-STAR options"
+            return f"{', '.join(named)} {what}, which --algo grpo would ignore: use with --algo vstar"
+        return None
+    for switch, (part, options) in PART_OPTIONS.items():
+        named = [flag for name, flag in options.items() if name in given]
+        if ctx.params[switch] and named:
+            what = "is" if len(named) == 1 else "are"
+            return f"{', '.join(named)} {what} read by {part} alone, which {VSTAR_OPTIONS[switch]} switches off"
+    return None
 
 
 def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command()
     def rl(
+        ctx: typer.Context,
         init: Annotated[
             Path, typer.Option("--init", help="SFT checkpoint to start from; also the frozen KL reference.")
         ],
@@ -157,6 +190,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """RL from an SFT checkpoint: MiniOneRec's GRPO or V-STAR (value-guided search + Sibling-GRPO)."""
         weights = float_list(level_weights, "--level-weights") if level_weights is not None else None
+        problem = ignored_options(ctx, algo)
+        if problem is not None:
+            raise typer.BadParameter(problem)
         require_checkpoint(init, "--init")
         if out.resolve() == init.resolve():
             raise typer.BadParameter(

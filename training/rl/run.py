@@ -109,10 +109,13 @@ def fused_rollouts(data: RecDataset, init: str | Path, config: RLConfig, train_r
     training rows among them, each row's own transition left out when it decodes) at the result's weight."""
     weight = result_fusion_weight(init, config)
     if not weight:
-        raise ValueError(
-            f"--fused-rollouts needs a fusion weight above 0: the --init checkpoint {init} has {weight}; pass "
-            "--fusion-weight"
-        )
+        if config.fusion_weight is not None:
+            source = f"--fusion-weight is {config.fusion_weight:g}"
+        elif weight is None:
+            source = f"the --init checkpoint {init} has no chosen fusion weight"
+        else:
+            source = f"the --init checkpoint {init} has fusion weight {weight:g}"
+        raise ValueError(f"--fused-rollouts needs a fusion weight above 0: {source}; pass --fusion-weight W above 0")
     rows = counted_rows(data, config, train_rows)
     return ShallowFusion(TransitionCounts.fit((s.history, s.target) for s in rows), weight)
 
