@@ -188,6 +188,18 @@ def test_an_empty_split_is_an_error_not_a_score_of_zero(
         assert last.startswith("Error: ") and "the test split of data has no rows to score" in last, result.output
 
 
+@pytest.mark.parametrize("command", ["eval", "diagnose"])
+def test_a_holdout_beyond_the_split_is_refused_before_the_checkpoint_loads(
+    tiny_data_dir: Path, tmp_path: Path, command: str
+) -> None:
+    ckpt = tmp_path / "ckpt"  # a manifest alone: the refusal comes before the checkpoint loads
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text("{}")
+    args = [command, "--data", str(tiny_data_dir), "--checkpoint", str(ckpt), "--split", "valid", "--holdout", "41"]
+    result = CliRunner().invoke(app, args)
+    assert_one_line_error(result.exit_code, result.output, "--holdout 41 is more than the 40 rows of the valid split")
+
+
 def test_a_device_this_machine_lacks_is_one_line(tiny_data_dir: Path, tmp_path: Path) -> None:
     import torch
 

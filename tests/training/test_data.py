@@ -205,3 +205,11 @@ def test_a_holdout_that_takes_every_training_row_is_named(tiny_dataset) -> None:
         training_rows(tiny_dataset, rule)
     train, select = training_rows(tiny_dataset, SimpleNamespace(train_splits=("valid",), holdout=10))
     assert len(train) == 30 and len(select) == 10
+
+
+def test_a_holdout_that_takes_every_valid_row_of_train_and_valid_is_named(tiny_dataset) -> None:
+    rule = SimpleNamespace(train_splits=("train", "valid"), holdout=40)  # all 40 valid rows: none trained on
+    with pytest.raises(ValueError, match="no valid rows to train on: --holdout 40 holds out all 40 valid rows"):
+        training_rows(tiny_dataset, rule)
+    train, select = training_rows(tiny_dataset, SimpleNamespace(train_splits=("train", "valid"), holdout=39))
+    assert len(train) == 201 and len(select) == 39

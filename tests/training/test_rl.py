@@ -585,8 +585,8 @@ def test_spearman_hand_cases() -> None:
 
 def test_holdout_rows_are_the_last_ones() -> None:
     rows = list(range(10))
-    assert list(select_rows(rows, None, 3)) == [7, 8, 9] and list(select_rows(rows, 2, 3)) == [7, 8]
-    assert list(select_rows(rows, 2, None)) == [0, 1] and list(select_rows(rows, None, None)) == rows
+    assert list(select_rows(rows, None, 3, "valid")) == [7, 8, 9] and list(select_rows(rows, 2, 3, "valid")) == [7, 8]
+    assert list(select_rows(rows, 2, None, "valid")) == [0, 1] and list(select_rows(rows, None, None, "valid")) == rows
 
 
 def test_value_quality_of_a_head_that_knows_the_returns(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:

@@ -359,6 +359,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         require_checkpoint(checkpoint)
         context_splits = parse_splits(train_splits)
         ds = load_data(data, minionerec_root, dataset)
+        rows = select_rows(ds.splits[split], limit, holdout, split)
+        if not rows:
+            raise typer.BadParameter(f"the {split} split of {ds.name} has no rows to score", param_hint="--split")
         from models.checkpoint import load_checkpoint
         from training.data.dataset import check_catalog
         from training.evaluation.decoders import checkpoint_fusion, make_decoder
@@ -366,9 +369,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         ckpt = load_checkpoint(checkpoint, device)
         check_catalog(ckpt.policy.catalog, ds, "--checkpoint")
-        rows = select_rows(ds.splits[split], limit, holdout)
-        if not rows:
-            raise typer.BadParameter(f"the {split} split of {ds.name} has no rows to score", param_hint="--split")
         try:
             fusion = checkpoint_fusion(ckpt, 0.0 if decoder != "beam" and fusion_weight is None else fusion_weight)
             decode = make_decoder(ckpt, decoder, beams, budget, fusion, explore_slots)

@@ -197,9 +197,14 @@ HoldoutOpt = Annotated[
 ]
 
 
-def select_rows(rows: Sequence[Any], limit: int | None, holdout: int | None) -> Sequence[Any]:
+def select_rows(rows: Sequence[Any], limit: int | None, holdout: int | None, split: str) -> Sequence[Any]:
     """The rows a scoring command reads: the last ``holdout`` (the held-out rows of a run trained on the
-    split), then the first ``limit`` of those."""
+    split), then the first ``limit`` of those. A ``holdout`` beyond the split is an error: it would score the
+    whole split as if it were the held-out rows."""
+    if holdout is not None and holdout > len(rows):
+        raise typer.BadParameter(
+            f"--holdout {holdout} is more than the {len(rows)} rows of the {split} split; give at most {len(rows)}"
+        )
     rows = rows[-holdout:] if holdout else rows
     return rows[:limit] if limit else rows
 

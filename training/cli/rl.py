@@ -272,6 +272,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             )
         ds = load_data(data, minionerec_root, dataset)
         require_candidates(num_candidates, ds)
+        rows = select_rows(ds.splits[split], limit, holdout, split)
         from models.checkpoint import load_checkpoint
         from models.value_head import load_value_head
         from training.data.dataset import check_catalog
@@ -280,7 +281,6 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
 
         ckpt = load_checkpoint(checkpoint, device)
         check_catalog(ckpt.policy.catalog, ds, "--checkpoint")
-        rows = select_rows(ds.splits[split], limit, holdout)
         source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots)
         head = load_value_head(ckpt, device, required=False)
         weights = checkpoint_level_weights(ckpt)

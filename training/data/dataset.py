@@ -114,16 +114,22 @@ def split_for_training(data: RecDataset, rule: HoldoutRule) -> tuple[list[Sample
 
 
 def training_rows(data: RecDataset, rule: HoldoutRule) -> tuple[list[Sample], list[Sample]]:
-    """``split_for_training``, with a ``ValueError`` that names the cause when it leaves no row to train on."""
+    """``split_for_training``, with a ``ValueError`` that names the cause when it leaves no row to train on, or
+    none of valid when ``--train-splits`` names it (a ``--holdout`` as large as the split)."""
     train, select = split_for_training(data, rule)
-    if not train:
-        valid = len(data.splits["valid"])
-        if "valid" in rule.train_splits and valid and rule.holdout >= valid:
+    valid, splits = len(data.splits["valid"]), ",".join(rule.train_splits)
+    if "valid" in rule.train_splits and valid and rule.holdout >= valid:
+        if not train:
             raise ValueError(
                 f"no training rows: --holdout {rule.holdout} holds out all {valid} valid rows, and --train-splits "
-                f"{','.join(rule.train_splits)} has no other rows; give a smaller --holdout"
+                f"{splits} has no other rows; give a smaller --holdout"
             )
-        raise ValueError(f"no training rows in --train-splits {','.join(rule.train_splits)} of {data.name}")
+        raise ValueError(
+            f"no valid rows to train on: --holdout {rule.holdout} holds out all {valid} valid rows, though "
+            f"--train-splits {splits} names valid; give a --holdout below {valid}"
+        )
+    if not train:
+        raise ValueError(f"no training rows in --train-splits {splits} of {data.name}")
     return train, select
 
 
