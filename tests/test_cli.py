@@ -248,6 +248,22 @@ def test_every_option_has_help_and_flags_look_like_flags() -> None:
     assert "--decoder <beam|ved>" in CliRunner().invoke(app, ["eval", "--help"]).output
 
 
+def option_help(path: str, flag: str) -> str:
+    cmd = dict(commands(typer.main.get_command(app)))[path]
+    return next(p.help for p in cmd.params if flag in p.opts and p.help)
+
+
+def test_shared_options_say_what_they_do_in_each_command() -> None:
+    for path in ("vstar sft", "vstar rl"):  # --max-steps overrides --epochs there (the demo relies on it)
+        assert "in place of --epochs" in option_help(path, "--max-steps")
+    assert "or when --epochs end first" in option_help("vstar baseline", "--max-steps")  # SASRec: a cap
+    eval_splits = option_help("vstar eval", "--train-splits")
+    assert "long tail of tail_share@10" in eval_splits and "to train on" not in eval_splits
+    assert "learns from" in option_help("vstar baseline", "--train-splits")
+    assert option_help("vstar compare", "--seed") == "Seed for the bootstrap's draws of rows."
+    assert option_help("vstar diagnose", "--seed") == "Seed for VED's random draws (beam search draws nothing)."
+
+
 def test_rl_option_defaults_are_rlconfigs() -> None:
     """``vstar rl`` writes its defaults out (the CLI may not import torch to read them); they must be RLConfig's."""
     cmd = typer.main.get_command(app).commands["rl"]

@@ -21,8 +21,6 @@ from training.cli.options import (
     NameOpt,
     RootOpt,
     SeedOpt,
-    SplitsOpt,
-    StepsOpt,
     load_data,
     setup_logging,
     writable_file,
@@ -56,7 +54,14 @@ def register_baseline(app: typer.Typer) -> None:
         minionerec_root: RootOpt = None,
         dataset: NameOpt = None,
         json_out: JsonOpt = None,
-        train_splits: SplitsOpt = "train",
+        train_splits: Annotated[
+            str,
+            typer.Option(
+                "--train-splits",
+                help="Comma list of the splits the baseline learns from (pop's and transition's counts, SASRec's "
+                "training and selection rows) and whose rows define the long tail of tail_share@10.",
+            ),
+        ] = "train",
         split: Annotated[
             Literal["test", "valid"], typer.Option("--split", help="The split to score (valid: if not trained on).")
         ] = "test",
@@ -78,7 +83,12 @@ def register_baseline(app: typer.Typer) -> None:
         weight_decay: Annotated[float, typer.Option("--weight-decay", help="sasrec: AdamW weight decay.")] = 0.0,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sasrec: rows per step.")] = 128,
         epochs: EpochsOpt = 200,
-        max_steps: StepsOpt = None,
+        max_steps: Annotated[
+            int | None,
+            typer.Option(
+                "--max-steps", min=1, help="sasrec: stop after this many optimizer steps, or when --epochs end first."
+            ),
+        ] = None,
         patience: PatienceOpt = 5,
         holdout: HoldoutOpt = 500,
         seed: SeedOpt = 0,
@@ -125,7 +135,7 @@ def register_baseline(app: typer.Typer) -> None:
         base: Annotated[str, typer.Option("--base", help="Comma list of eval JSON files of the base method's seeds.")],
         other: Annotated[str, typer.Option("--other", help="Comma list of eval JSON files of the other method's.")],
         samples: Annotated[int, typer.Option("--samples", min=100, help="Bootstrap draws over rows.")] = 2000,
-        seed: SeedOpt = 0,
+        seed: Annotated[int, typer.Option("--seed", help="Seed for the bootstrap's draws of rows.")] = 0,
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Write the comparison here.", callback=writable_file)
         ] = None,

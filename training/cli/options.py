@@ -154,8 +154,24 @@ SplitsOpt = Annotated[
     str, typer.Option("--train-splits", help="Comma list of splits to train on: train, valid or train,valid.")
 ]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training rows.")]
-StepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
+StepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-steps",
+        min=1,
+        help="Total optimizer steps, in place of --epochs: the run takes exactly this many (more or fewer passes "
+        "over the rows than --epochs would make), and the learning-rate schedule spans them.",
+    ),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
+TailSplitsOpt = Annotated[
+    str,
+    typer.Option(
+        "--train-splits",
+        help="Comma list of the splits the model trained on: their rows define the long tail of tail_share@10 "
+        "(nothing is trained here).",
+    ),
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote <out>.resume.")]
 ForceOpt = Annotated[
     bool,

@@ -257,7 +257,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             typer.Option("--explore-slots", min=0, help="VED: exploratory slots (default: the checkpoint's)."),
         ] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")] = 32,
-        seed: SeedOpt = 0,
+        seed: Annotated[
+            int, typer.Option("--seed", help="Seed for VED's random draws (beam search draws nothing).")
+        ] = 0,
         device: DeviceOpt = "cpu",
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Write the diagnostics here.", callback=writable_file)

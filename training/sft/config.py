@@ -40,7 +40,7 @@ class SFTConfig:
     preset: str = "small"
     base_model: str | None = None  # local pretrained LM folder; overrides preset
     epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps in total
+    max_steps: int | None = None  # optimizer steps in all, in place of epochs (the lr schedule spans them)
     batch_size: int = 64
     lr: float = 2e-3  # from-scratch presets; use ~1e-4 for pretrained LMs
     weight_decay: float = 0.01
