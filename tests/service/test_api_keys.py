@@ -49,9 +49,9 @@ def test_keys_come_from_a_comma_list_in_the_environment(monkeypatch: pytest.Monk
 def test_serve_warns_when_writes_are_open_beyond_loopback(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import uvicorn
+    import service.cli
 
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(service.cli, "_run", lambda config: None)  # the checks before the server starts, only
     monkeypatch.delenv("VSTAR_API_KEYS", raising=False)
     public = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint), "--host", "0.0.0.0"])
     assert public.exit_code == 0 and "VSTAR_API_KEYS" in public.output
