@@ -118,7 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
         gc.freeze()
         if not await recommender.store.ping():
             if recommender.store.refusal is not None:
-                message = f"redis refused the settings of VSTAR_REDIS_URL: {recommender.store.refusal}"
+                message = f"redis refused the settings of REDIS_URL (or VSTAR_REDIS_URL): {recommender.store.refusal}"
                 log.error("startup failed: %s", message)
                 await recommender.close()
                 raise StartupError(message)

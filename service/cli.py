@@ -52,6 +52,15 @@ def _output_file(path: Path | None) -> Path | None:
     return path
 
 
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """``"VSTAR_MAX_K: "`` for a setting's error location, the environment variable it is read from; ``""`` for
+    an error of several settings (their names are in its message)."""
+    if not loc:
+        return ""
+    field = str(loc[0])
+    return ("REDIS_URL" if field == "redis_url" else f"VSTAR_{field.upper()}") + ": "
+
+
 def _run(config: uvicorn.Config) -> None:
     """What ``uvicorn.run`` does with ``config``, but a start that failed exits with ``STARTUP_FAILURE`` (3)
     with several workers too: ``uvicorn.run`` then stops them all and returns, so the command would exit 0."""
@@ -95,8 +104,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         except ValidationError as e:
             # named by field, never echoing the value: it may be a password or a key
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                for err in e.errors(include_url=False, include_input=False)
+                f"{_variable(err['loc'])}{err['msg']}" for err in e.errors(include_url=False, include_input=False)
             )
             raise typer.BadParameter(f"bad VSTAR_* settings in the environment: {problems}") from None
         if not settings.api_keys and not _is_loopback(host):

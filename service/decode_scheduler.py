@@ -124,6 +124,7 @@ class DecodeScheduler:
         self.metrics = metrics
         self.max_prompt_history = self.policy.prompt.max_history
         self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
+        metrics.ved_margin.set_function(self.deadline_margin.margin_s)  # the margin in force at each scrape
         self.init_cost = BatchCost(settings.ved_init_cost_ms / 1000)  # VED's initial tree
         # the fallback's initial beam; its median, not a high quantile: a job is shed only when it would
         # probably miss its cap, and the hard cap still answers the ones that do
@@ -234,7 +235,6 @@ class DecodeScheduler:
             # the loop ran and the deadline stopped it: learn how far past the deadline it finished. Reported
             # here, not by the request, so it is learnt even when the hard cap answered that request already.
             self.deadline_margin.report(finished - config.deadline)
-            self.metrics.ved_margin.set(self.deadline_margin.margin_s())
         rows = zip(out.decode.sid_index.tolist(), out.decode.scores.tolist(), out.stats, strict=True)
         return [DecodeRow(s, sc, st) for s, sc, st in rows]
 

@@ -128,7 +128,14 @@ UNREADABLE_BODY = (
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse(error_body("invalid_request", validation_message(exc.errors())), status_code=422)
+    errors = exc.errors()
+    syntax = [e for e in errors if e.get("type") == "json_invalid"]
+    if syntax:  # not JSON at all, like a body the reader refuses (400 below), not a JSON value that fails the schema
+        loc, reason = syntax[0].get("loc", ()), syntax[0].get("ctx", {}).get("error", "")
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        message = f"body: not valid JSON{where}" + (f": {shorten(str(reason), 200)}" if reason else "")
+        return JSONResponse(error_body("invalid_request", message), status_code=400)
+    return JSONResponse(error_body("invalid_request", validation_message(errors)), status_code=422)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

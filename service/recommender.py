@@ -168,6 +168,7 @@ class Recommender(DecodeScheduler):
         # every request in flight at once, so the quantile is near the top: one stall in the last 10 s that
         # delayed a handful of answers is enough to keep the next ones clear of the next such stall.
         self.cap_lateness = DeadlineMargin(0.0, quantile=0.999, horizon_s=10.0, window=8192, refresh_s=0.05)
+        metrics.ved_cap_lateness.set_function(self.cap_lateness.margin_s)  # in force at each scrape, not stale
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
 
     def _prior_order(self, popular: Sequence[Sequence[Any]]) -> DecodeRow:
@@ -300,7 +301,6 @@ class Recommender(DecodeScheduler):
         late = time.perf_counter() - due  # the loop's lateness alone: never counts the reserve it feeds
         if late >= 0:
             self.cap_lateness.report(late)
-            self.metrics.ved_cap_lateness.set(self.cap_lateness.margin_s())
         if row.shed:  # shed by the model thread, or the hard cap's timer: popularity, at once
             return self._prior_answer(excluded, req.k)
         stats = row.stats

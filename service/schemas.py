@@ -45,7 +45,11 @@ class RecommendRequest(BaseModel):
     user_id: str | None = Field(None, description="Use this user's stored history (plus `history`, if given).")
     history: list[HistoryEntry] | None = Field(None, description="Item ids or SID strings, oldest first.")
     k: int = Field(10, description="How many recommendations.")
-    mode: Mode = Field("beam", description="beam: exact top-k beam search; ved: value-guided search under a cap.")
+    mode: Mode = Field(
+        "beam",
+        description="beam: constrained beam search of width k (plus the SIDs exclude_history may drop), so a larger k "
+        "can rank SIDs a smaller one missed; ved: value-guided search under a token budget and a latency cap.",
+    )
     budget: int | None = Field(None, description="VED: token budget (default: the search's own).")
     latency_ms: int | None = Field(None, description="VED: latency cap in ms (default from settings).")
     exclude_history: bool | None = Field(None, description="Drop items already in the history (default from settings).")

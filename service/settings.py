@@ -165,13 +165,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_defaults_within_limits(self) -> Settings:
         if self.default_k > self.max_k:
-            raise ValueError(f"default_k={self.default_k} exceeds max_k={self.max_k}")
+            raise ValueError(f"VSTAR_DEFAULT_K={self.default_k} exceeds VSTAR_MAX_K={self.max_k}")
         if self.require_api_keys and not self.api_keys:
             raise ValueError("require_api_keys is set but no api_keys are given (VSTAR_API_KEYS=key1,key2)")
         if self.ved_default_latency_ms > self.ved_max_latency_ms:
             raise ValueError(
-                f"ved_default_latency_ms={self.ved_default_latency_ms} "
-                f"exceeds ved_max_latency_ms={self.ved_max_latency_ms}"
+                f"VSTAR_VED_DEFAULT_LATENCY_MS={self.ved_default_latency_ms} "
+                f"exceeds VSTAR_VED_MAX_LATENCY_MS={self.ved_max_latency_ms}"
             )
         return self
 

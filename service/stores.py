@@ -145,7 +145,8 @@ class MemoryStore(Store):
         self.max_cache_entries = max_cache_entries
         self.history_ttl_s = history_ttl_s
         self.idempotency_ttl_s = idempotency_ttl_s
-        self._histories: dict[str, tuple[float, list[str]]] = {}  # user -> (expiry, entries)
+        # user -> (expiry, entries); last-write order is expiry order (one TTL), so expired users leave from the front
+        self._histories: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
         self._cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # key -> (expiry, body), LRU order
         # (user, key) -> (expiry, fingerprint, appended, length); insertion order is expiry order (one TTL)
         self._records: OrderedDict[tuple[str, str], tuple[float, str, int, int]] = OrderedDict()
@@ -161,6 +162,8 @@ class MemoryStore(Store):
         now, fp = time.monotonic(), fingerprint(user_id, entries)
         while self._records and next(iter(self._records.values()))[0] < now:
             self._records.popitem(last=False)
+        while self.history_ttl_s and self._histories and next(iter(self._histories.values()))[0] < now:
+            self._histories.popitem(last=False)  # users no one reads again expire too, not only on a read
         if idempotency_key is not None and (user_id, idempotency_key) in self._records:
             _, stored_fp, appended, length = self._records[(user_id, idempotency_key)]
             if stored_fp != fp:
@@ -168,6 +171,7 @@ class MemoryStore(Store):
             return Appended(appended, length, replayed=True)
         stored = ((await self.history(user_id)) + list(entries))[-self.max_history :]
         self._histories[user_id] = (now + self.history_ttl_s, stored)
+        self._histories.move_to_end(user_id)
         if idempotency_key is not None:
             self._records[(user_id, idempotency_key)] = (now + self.idempotency_ttl_s, fp, len(entries), len(stored))
         return Appended(len(entries), len(stored))

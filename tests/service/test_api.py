@@ -189,7 +189,7 @@ def test_other_errors_share_the_error_body(client: TestClient) -> None:
     assert client.get("/nowhere").json() == {"error": {"type": "not_found", "message": "Not Found"}}
     assert client.get("/recommend").json()["error"]["type"] == "method_not_allowed"
     bad_json = client.post("/recommend", content=b"{", headers={"content-type": "application/json"})
-    assert bad_json.status_code == 422 and bad_json.json()["error"]["type"] == "invalid_request"
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request"
 
 
 @pytest.mark.parametrize("text", ["%C2%855", "%205", "5%20", "+5", "5_0", "--5", "%D9%A5"])
@@ -210,6 +210,30 @@ def test_a_body_json_cannot_read_is_400_saying_why(client: TestClient, body: byt
     r = client.post("/recommend", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request", r.text
     assert r.json()["error"]["message"].startswith("body: cannot be read as JSON: not UTF-8 text, an integer of more")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"history": [1', "body: not valid JSON at character 14: Expecting"),
+        (b'{"history": [1,], "k": 3}', "body: not valid JSON at character 15: Expecting value"),
+    ],
+)
+def test_a_body_that_is_not_json_is_400_naming_where_reading_stopped(
+    client: TestClient, body: bytes, message: str
+) -> None:
+    r = client.post("/recommend", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request", r.text
+    assert r.json()["error"]["message"].startswith(message), r.text
+
+
+def test_the_margins_in_force_are_scraped_from_the_start(make_settings: Callable[..., Settings]) -> None:
+    """The VED deadline margin and cap lateness gauges read the values in force at each scrape (they read 0.0
+    until a report came, and kept a report's value after it expired)."""
+    with TestClient(create_app(make_settings(ved_margin_ms=7.0))) as c:
+        text = c.get("/metrics").text
+    assert "vstar_ved_deadline_margin_seconds 0.007" in text, text
+    assert "vstar_ved_cap_lateness_seconds 0.0" in text
 
 
 def test_oversized_bodies_get_413(client: TestClient) -> None:

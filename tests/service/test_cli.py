@@ -49,6 +49,21 @@ def test_a_failed_start_exits_non_zero_with_any_number_of_workers(
     assert all(json.loads(line)["ts"] for line in lines), lines  # the supervisor's lines are JSON like the workers'
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"VSTAR_MAX_K": "many"}, "bad VSTAR_* settings in the environment: VSTAR_MAX_K: Input should be a valid"),
+        ({"VSTAR_DEFAULT_K": "200"}, "environment: Value error, VSTAR_DEFAULT_K=200 exceeds VSTAR_MAX_K=100"),
+        ({"REDIS_URL": "redis://h:1/x"}, "REDIS_URL: Value error, the database in the Redis URL must be a number"),
+    ],
+)
+def test_serve_names_a_bad_setting_by_its_environment_variable(
+    tiny_checkpoint: Path, env: dict[str, str], message: str
+) -> None:
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint)], env=env)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
 def test_bench_serve_refuses_a_json_path_that_cannot_take_the_file_before_it_runs(tmp_path: Path) -> None:
     """Checked as the options are read: the benchmark takes minutes, its result must not be lost at the end."""
     (tmp_path / "a_file").write_text("mine")

@@ -147,3 +147,22 @@ def test_in_process_histories_expire_after_the_ttl(make_settings: Callable[..., 
         assert c.get("/users/ned/history").status_code == 200
         time.sleep(1.1)
         assert c.get("/users/ned/history").status_code == 404
+
+
+def test_in_process_histories_no_one_reads_again_are_dropped_when_they_expire() -> None:
+    """Memory is bounded by the users active within the TTL: an expired history goes at the next write of
+    anyone, not only when its own user is read again."""
+    import asyncio
+
+    from service.stores import MemoryStore
+
+    async def scenario() -> MemoryStore:
+        store = MemoryStore(max_history=10, max_cache_entries=10, history_ttl_s=1, idempotency_ttl_s=60)
+        for user in ("a", "b", "c"):
+            await store.append(user, ["1"])
+        await asyncio.sleep(1.1)
+        await store.append("d", ["3"])
+        return store
+
+    store = asyncio.run(scenario())
+    assert list(store._histories) == ["d"]
