@@ -28,7 +28,8 @@ Design decisions:
   asked (``vstar bench serve`` reports it). The request's cache read and write,
   and its stored-history read when it carries a history of its own to answer
   from, are bounded by its cap too: the reads end at ``ved_store_share`` of
-  the time to its last chance, the cache write at the last chance. A stalled
+  the time to its last chance, and the cache write gets as long (at most to the
+  last chance), so a stalled Redis delays the answer by that share. A stalled
   Redis is then treated as an unavailable one, not waited for, and the search
   keeps the rest of the time; the call given up on runs on to the store's own
   timeout, which opens the store's circuit breaker for the next requests and is
@@ -203,10 +204,11 @@ class Recommender(DecodeScheduler):
         return response
 
     async def _recommend(self, req: RecommendRequest, started: float) -> RecommendResponse:
-        # a VED request's store reads end at a share of its time to its last chance, its cache write at the last
-        # chance itself (module doc): a stalled Redis cannot hold it, nor take the time its search needs
+        # a VED request's store reads end at a share of its time to its last chance, and its cache write gets as
+        # long (module doc): a stalled Redis cannot hold it, nor take the time its search needs
         answer_by = self._answer_by(req, started) if req.mode == "ved" else None
-        reads_by = None if answer_by is None else started + self.settings.ved_store_share * (answer_by - started)
+        share_s = None if answer_by is None else self.settings.ved_store_share * (answer_by - started)
+        reads_by = None if share_s is None else started + share_s
         events, stored_state = await self._history_for(req, reads_by)
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
         seen = events[-self.max_prompt_history :]
@@ -216,7 +218,10 @@ class Recommender(DecodeScheduler):
         if answer is None:
             answer = await self._search(req, seen, excluded, started, answer_by)
             if key is not None and not answer.cap_hit:
-                await self._cache_set(key, answer, answer_by)
+                write_by = None
+                if answer_by is not None and share_s is not None:  # as long as the reads had, up to the last chance
+                    write_by = min(answer_by, time.perf_counter() + share_s)
+                await self._cache_set(key, answer, write_by)
         return RecommendResponse(
             items=[RecommendedItem(**asdict(it)) for it in answer.items],
             mode=req.mode,
