@@ -383,8 +383,34 @@ def test_refit_trains_on_everything_with_the_held_out_runs_weight(
     assert [c.holdout for c in runs] == [0]  # the finished held-out run is not trained again
     final = load_checkpoint(out).manifest
     assert final["sft_config"]["holdout"] == 0 and final["data"]["train_rows"] == 240
-    assert final["fusion"] == {"weight": heldout["fusion"]["weight"], "chosen_by": "given", "count_rows": 240}
+    assert final["fusion"] == {"weight": heldout["fusion"]["weight"], "chosen_by": "given", "count_rows": 240} | {
+        "transition_pairs": final["fusion"]["transition_pairs"]
+    }
     assert summary["steps"] == 5 and summary["heldout_run"]["fusion"]["weight"] == heldout["fusion"]["weight"]
+
+
+def test_a_resumed_refit_reports_its_finished_held_out_run_as_the_run_did(
+    tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refit interrupted after its held-out run finished: the resumed run's summary is the uninterrupted
+    run's, ``heldout_run`` included (its figures read back from the held-out run's manifest), but for the wall
+    time of the resumed part and the paths."""
+    config = SFTConfig(
+        preset="tiny", epochs=1, batch_size=50, train_splits=("train", "valid"), holdout=10, eval_limit=10, refit=True
+    )
+    full = train_sft(tiny_dataset, tmp_path / "full", config, progress=False)
+    interrupt_at_step(5 + 2, monkeypatch, lambda: train_sft(tiny_dataset, tmp_path / "part", config, progress=False))
+    part = train_sft(tiny_dataset, tmp_path / "part", config, resume=True, progress=False)
+    full_heldout, part_heldout = full.pop("heldout_run"), part.pop("heldout_run")
+    assert list(part_heldout) == list(full_heldout)  # checkpoint, best, steps, seconds, history, ... fusion
+    assert {k: v for k, v in part_heldout.items() if k not in ("checkpoint", "seconds")} == {
+        k: v for k, v in full_heldout.items() if k not in ("checkpoint", "seconds")
+    }
+    assert part_heldout["seconds"] == load_checkpoint(tmp_path / "part.heldout").manifest["run"]["seconds"]
+    assert set(part_heldout["best"]) == {"HR@10", "NDCG@10"} and part_heldout["fusion"]["transition_pairs"] > 0
+    assert list(part) == list(full) and {k: v for k, v in part.items() if k != "seconds"} == {
+        k: v for k, v in full.items() if k != "seconds"
+    }
 
 
 def test_text_init_without_embeddings_names_the_command_that_makes_them(tiny_dataset, tmp_path: Path) -> None:
@@ -410,6 +436,7 @@ def test_resume_refuses_a_finished_held_out_run_of_another_configuration_or_data
         "sft_config": asdict(config),
         "data": {"name": tiny_dataset.name, "fingerprint": tiny_dataset.fingerprint()},
         "fusion": {"weight": 4.0, "chosen_by": "held-out"},
+        "run": {"best": {"HR@10": 0.1, "NDCG@10": 0.05}, "steps": 1},
     }
     (heldout / "manifest.json").write_text(json.dumps(manifest))
     assert sft_module.finished_heldout_run(heldout, config, tiny_dataset)["fusion"]["weight"] == 4.0

@@ -24,9 +24,12 @@ on an existing checkpoint, SFT (``training.sft.trainer``) or RL
   is not refit; its selection stands). The count baseline is fit on the same
   rows, so the two compare like with like;
 * the counts (extra ``transitions``) and the choice (manifest ``fusion``: the
-  weight, every weight's score and the rows counted) are written into the
-  checkpoint, which ``vstar eval`` then decodes with. A refit has no held-out
-  rows: it takes the weight chosen by its held-out run (``--fusion-weight``).
+  weight, every weight's score, the rows counted and their transition pairs)
+  are written into the checkpoint, which ``vstar eval`` then decodes with. A
+  refit has no held-out rows: it takes the weight chosen by its held-out run
+  (``--fusion-weight``). SFT writes its run's figures (manifest ``run``) in the
+  same write, so that a resumed refit reports its finished held-out run as the
+  run itself did (``training.sft.trainer``).
 """
 
 from __future__ import annotations
@@ -102,11 +105,19 @@ def require_held_out(path: Path, manifest: dict[str, Any], held_out: Sequence[Sa
         )
 
 
-def write_fusion(path: Path, checkpoint: LoadedCheckpoint, counts: TransitionCounts, fusion: dict[str, Any]) -> None:
-    """Rewrite the checkpoint at ``path`` with the counts and the fusion choice (atomically)."""
+def write_fusion(
+    path: Path,
+    checkpoint: LoadedCheckpoint,
+    counts: TransitionCounts,
+    fusion: dict[str, Any],
+    run: dict[str, Any] | None = None,
+) -> None:
+    """Rewrite the checkpoint at ``path`` with the counts and the fusion choice (atomically); ``run``, the
+    figures of the run that trained it, goes to manifest ``run`` in the same write (None: kept as it was)."""
     manifest = {k: v for k, v in checkpoint.manifest.items() if k not in ("model_version", "extras")}
     extras = dict(checkpoint.extras) | {STATE_NAME: counts.to_state()}
-    save_checkpoint(path, checkpoint.policy, manifest | {"fusion": fusion}, extras)
+    written = {"fusion": fusion} | ({"run": run} if run is not None else {})
+    save_checkpoint(path, checkpoint.policy, manifest | written, extras)
 
 
 def fuse_trained(
@@ -119,13 +130,15 @@ def fuse_trained(
     weights: Sequence[float] = FUSION_WEIGHTS,
     beams: int = FUSION_BEAMS,
     checkpoint: LoadedCheckpoint | None = None,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Store transition counts and a fusion weight in the checkpoint at ``path``.
 
     ``weight`` None chooses it on the first ``eval_limit`` rows of ``held_out``
     with counts of ``train_rows`` (with none held out: 0, fusion off); the
     counts stored are then those of ``train_rows`` and all of ``held_out``.
-    ``checkpoint``: the one at ``path`` when the caller has loaded it already.
+    ``checkpoint``: the one at ``path`` when the caller has loaded it already;
+    ``run``: the training run's figures, stored with the choice (``write_fusion``).
     """
     checkpoint = checkpoint or load_checkpoint(path, device)
     counts = TransitionCounts.fit((s.history, s.target) for s in train_rows)
@@ -139,7 +152,7 @@ def fuse_trained(
         fusion = {"weight": 0.0, "chosen_by": "nothing held out"}
     counted = [*train_rows, *held_out]
     counts = TransitionCounts.fit((s.history, s.target) for s in counted)
-    fusion["count_rows"] = len(counted)
-    write_fusion(path, checkpoint, counts, fusion)
+    fusion |= {"count_rows": len(counted), "transition_pairs": counts.num_pairs}
+    write_fusion(path, checkpoint, counts, fusion, run)
     log.info("fusion weight %g (%s), %d transition pairs", fusion["weight"], fusion["chosen_by"], counts.num_pairs)
-    return fusion | {"transition_pairs": counts.num_pairs}
+    return fusion

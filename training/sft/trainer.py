@@ -35,7 +35,9 @@ Design decisions:
   scheduler, position in the data) to ``<out>.resume`` after each validation,
   so ``--resume`` continues an interrupted run. Both writes are atomic. A
   finished held-out run is taken by ``--resume`` only when it trained on the
-  same data with the same configuration, as a ``.resume`` folder is. A fresh
+  same data with the same configuration, as a ``.resume`` folder is, and is
+  reported as it reported itself: its summary's figures are stored in its
+  manifest (``run``) with its fusion choice. A fresh
   run first clears an earlier run's side files (``training.run_files``), once
   its checks on the data have passed.
 * Under ``torchrun`` / ``accelerate launch`` (``training.distributed``): DDP,
@@ -136,13 +138,15 @@ def start_fresh(data: RecDataset, out: Path, config: SFTConfig) -> None:
 
 
 def finished_heldout_run(path: Path, config: SFTConfig, data: RecDataset) -> dict[str, Any] | None:
-    """The selection and fusion choice of a finished held-out run at ``path``; None if it has not finished.
-    A ``ValueError``, as ``load_resume``'s, when it trained on other data or with another configuration:
-    the refit would take its fusion weight."""
+    """The summary of a finished held-out run at ``path`` as the run returned it, from its manifest's ``run``
+    and ``fusion``; None if it has not finished (or finished without recording its figures: ``--resume``
+    then continues it from its last state, which only fuses it again). A ``ValueError``, as
+    ``load_resume``'s, when it trained on other data or with another configuration: the refit would take
+    its fusion weight."""
     if not (path / "manifest.json").is_file():
         return None
     manifest = json.loads((path / "manifest.json").read_text())
-    if "fusion" not in manifest:  # the fusion choice is the run's last write
+    if "fusion" not in manifest or "run" not in manifest:  # the run's figures and fusion are its last write
         return None
     require_same_data(path, manifest, data)
     changed = differences(manifest.get("sft_config"), asdict(config))
@@ -151,7 +155,7 @@ def finished_heldout_run(path: Path, config: SFTConfig, data: RecDataset) -> dic
             f"--resume: the finished held-out run at {path} was written with a different configuration "
             f"({'; '.join(changed)}){RESTART}"
         )
-    return {"best": manifest.get("selection"), "fusion": manifest["fusion"]}
+    return manifest["run"] | {"fusion": manifest["fusion"]}
 
 
 def _train_sft(
@@ -267,19 +271,21 @@ def _train_sft(
     if last_validated != state.step:
         validate()
     curves.close()
-    fusion = None
-    if is_main():  # the kept model's fusion with the transition counts (training.evaluation.fusion)
-        fusion = fuse_trained(out, config.fusion_weight, train_rows, held_out, config.eval_limit, str(policy.device))
-    barrier()
-    return {
+    run = {
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,  # None: a refit
         "steps": state.step,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(time.perf_counter() - start, 1),  # stored: until the fusion; returned: to the end
         "history": state.history,
         "train_rows": len(train_rows),
         "selection_rows": len(select_rows),
-        "fusion": fusion,
     }
+    fusion = None
+    if is_main():  # the kept model's fusion with the transition counts (training.evaluation.fusion), and the
+        # run's figures in the same write: a resumed refit reports its finished held-out run from them
+        device = str(policy.device)
+        fusion = fuse_trained(out, config.fusion_weight, train_rows, held_out, config.eval_limit, device, run=run)
+    barrier()
+    return run | {"seconds": round(time.perf_counter() - start, 1), "fusion": fusion}
 
 
 def text_embeddings(data: RecDataset) -> np.ndarray:
