@@ -293,7 +293,7 @@ def test_train_rl_writes_checkpoint_and_resumes(
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
     summary = train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
     assert summary["steps"] == 3 and [h["step"] for h in summary["history"]] == [0, 1, 2, 3]
-    assert summary["value_warmup"] == {}  # it ran before the interruption: the resumed run keeps its head
+    assert summary["value_warmup"]["steps"] == 2  # it ran before the interruption: reported, not run again
     steps = [json.loads(line)["step"] for line in Path(summary["steps_log"]).read_text().splitlines()]
     assert steps == [1, 2, 3]
     ckpt = load_checkpoint(out)
@@ -354,6 +354,35 @@ def test_resumed_vstar_run_continues_to_the_same_weights(
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
     assert step_log("part") == step_log("full")
+
+
+def test_a_resumed_vstar_run_reports_what_the_uninterrupted_run_does(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary of an interrupted V-STAR run, resumed, is the uninterrupted run's but for wall times and
+    paths: the value warm-up that ran before the interruption is reported (read back from the manifest)."""
+    config = RLConfig(algo="vstar", max_steps=3, batch_size=4, eval_every=2, eval_limit=8, value_warmup=2, seed=3)
+    warmups = []
+    real = RLTrainer.value_warmup_step
+    monkeypatch.setattr(RLTrainer, "value_warmup_step", lambda *a, **k: warmups.append(1) or real(*a, **k))
+
+    def train(run: str, resume: bool = False) -> dict[str, Any]:
+        return train_rl(tiny_dataset, init_ckpt, tmp_path / run, config, resume=resume, progress=False)
+
+    full = train("full")
+    interrupt_at_step(3, monkeypatch, lambda: train("part"))  # after the validation of step 2
+    assert len(warmups) == 2 * 2
+    part = train("part", resume=True)
+    assert len(warmups) == 2 * 2  # the resumed run does not warm up again
+
+    def figures(summary: dict[str, Any]) -> dict[str, Any]:  # all but the wall times and the paths
+        warmup = {k: v for k, v in summary["value_warmup"].items() if k != "seconds"}
+        wall = ("seconds", "s_per_step", "steps_log")
+        return {k: v for k, v in summary.items() if k not in wall} | {"value_warmup": warmup}
+
+    assert list(part) == list(full) and list(part["value_warmup"]) == ["steps", "seconds", "value_loss"]
+    assert figures(part) == figures(full) and part["value_warmup"]["steps"] == 2
+    assert load_checkpoint(tmp_path / "part").manifest["value_warmup"] == part["value_warmup"]
 
 
 def test_a_run_whose_steps_all_score_below_the_init_says_so(

@@ -15,7 +15,9 @@
   in the summary): the RL result is then the best RL model, not a better one.
 * ``<out>.resume`` holds the latest state (weights, value head, both
   optimizers, scheduler, position in the data, RNG) after each validation;
-  ``--resume`` continues from it. All writes are atomic (``save_checkpoint``).
+  ``--resume`` continues from it. The value warm-up's figures are in the
+  manifests (``value_warmup``), so a resumed run reports the warm-up it does
+  not run again. All writes are atomic (``save_checkpoint``).
   A fresh run clears an earlier run's side files (``training.run_files``) once
   its checks have passed; the old ``--out`` stays until the first save.
 * Shallow fusion with the transition counts (``training.evaluation.fusion``): the kept
@@ -292,16 +294,6 @@ def train_rl(
     elif is_main():  # a fresh run, its checks passed: nothing of an earlier run at ``out`` mixes in
         clear_side_files(out)
     curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
-    manifest: dict[str, Any] = {
-        "stage": "rl",
-        "rl_config": asdict(config),
-        "init": str(init),
-        "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
-        "popular_sids": popular_sids(data.catalog, train_rows),
-    }
-    if value_head is not None:
-        manifest["value_head"] = value_head_manifest(value_head)
-    checkpointer = Checkpointer(policy, out, manifest, select_rows, train_rows, config.eval_beams)
     log.info(
         "RL config %s; %d training rows, %d selection rows, %d steps",
         asdict(config),
@@ -309,6 +301,24 @@ def train_rl(
         len(select_rows),
         total_steps,
     )
+    lengths = [len(s.history) for s in train_rows]
+    if trainer_state is not None:  # the warm-up ran before the interruption: its figures are in the manifest
+        warmup = start_ckpt.manifest.get("value_warmup", {})  # {}: a state written before they were recorded
+    elif config.use_value and config.value_warmup:
+        warmup = warm_up_value(trainer, train_rows, lengths, config, progress)
+    else:
+        warmup = {}
+    manifest: dict[str, Any] = {
+        "stage": "rl",
+        "rl_config": asdict(config),
+        "init": str(init),
+        "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
+        "popular_sids": popular_sids(data.catalog, train_rows),
+        "value_warmup": warmup,
+    }
+    if value_head is not None:
+        manifest["value_head"] = value_head_manifest(value_head)
+    checkpointer = Checkpointer(policy, out, manifest, select_rows, train_rows, config.eval_beams)
 
     def validate() -> None:
         extras = {"value_head": value_head.state_dict()} if value_head is not None else {}
@@ -322,11 +332,7 @@ def train_rl(
         }, extras, selectable=state.step > 0)  # fmt: skip
         curves.validated(state.step, state.history[-1])
 
-    lengths = [len(s.history) for s in train_rows]
-    warmup = {}
     if trainer_state is None:
-        if config.use_value and config.value_warmup:
-            warmup = warm_up_value(trainer, train_rows, lengths, config, progress)
         validate()
 
     def train_step(part: Shard) -> dict[str, float]:
