@@ -360,11 +360,17 @@ def test_a_resumed_vstar_run_reports_what_the_uninterrupted_run_does(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The summary of an interrupted V-STAR run, resumed, is the uninterrupted run's but for wall times and
-    paths: the value warm-up that ran before the interruption is reported (read back from the manifest)."""
+    paths: the value warm-up that ran before the interruption is reported (read back from the manifest), and
+    s_per_step is over every step, those before the interruption included (from the resume state)."""
     config = RLConfig(algo="vstar", max_steps=3, batch_size=4, eval_every=2, eval_limit=8, value_warmup=2, seed=3)
     warmups = []
-    real = RLTrainer.value_warmup_step
-    monkeypatch.setattr(RLTrainer, "value_warmup_step", lambda *a, **k: warmups.append(1) or real(*a, **k))
+    real_warmup, real_step = RLTrainer.value_warmup_step, RLTrainer.step
+    monkeypatch.setattr(RLTrainer, "value_warmup_step", lambda *a, **k: warmups.append(1) or real_warmup(*a, **k))
+
+    def timed(self: RLTrainer, samples: list[Sample]) -> dict[str, float]:  # step n takes n seconds
+        return real_step(self, samples) | {"seconds": float(self.step_count)}
+
+    monkeypatch.setattr(RLTrainer, "step", timed)
 
     def train(run: str, resume: bool = False) -> dict[str, Any]:
         return train_rl(tiny_dataset, init_ckpt, tmp_path / run, config, resume=resume, progress=False)
@@ -377,11 +383,12 @@ def test_a_resumed_vstar_run_reports_what_the_uninterrupted_run_does(
 
     def figures(summary: dict[str, Any]) -> dict[str, Any]:  # all but the wall times and the paths
         warmup = {k: v for k, v in summary["value_warmup"].items() if k != "seconds"}
-        wall = ("seconds", "s_per_step", "steps_log")
+        wall = ("seconds", "steps_log")
         return {k: v for k, v in summary.items() if k not in wall} | {"value_warmup": warmup}
 
     assert list(part) == list(full) and list(part["value_warmup"]) == ["steps", "seconds", "value_loss"]
     assert figures(part) == figures(full) and part["value_warmup"]["steps"] == 2
+    assert part["s_per_step"] == full["s_per_step"] == 2.0  # (1 + 2 + 3) / 3, not step 3's alone
     assert load_checkpoint(tmp_path / "part").manifest["value_warmup"] == part["value_warmup"]
 
 

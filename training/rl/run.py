@@ -14,10 +14,11 @@
   When no RL step beats it, the run says so (a warning, and ``below_init``
   in the summary): the RL result is then the best RL model, not a better one.
 * ``<out>.resume`` holds the latest state (weights, value head, both
-  optimizers, scheduler, position in the data, RNG) after each validation;
-  ``--resume`` continues from it. The value warm-up's figures are in the
-  manifests (``value_warmup``), so a resumed run reports the warm-up it does
-  not run again. All writes are atomic (``save_checkpoint``).
+  optimizers, scheduler, position in the data, RNG, each step's seconds for
+  ``s_per_step``) after each validation; ``--resume`` continues from it. The
+  value warm-up's figures are in the manifests (``value_warmup``), so a
+  resumed run reports the warm-up it does not run again. All writes are
+  atomic (``save_checkpoint``).
   A fresh run clears an earlier run's side files (``training.run_files``) once
   its checks have passed; the old ``--out`` stays until the first save.
 * Shallow fusion with the transition counts (``training.evaluation.fusion``): the kept
@@ -319,6 +320,9 @@ def train_rl(
     if value_head is not None:
         manifest["value_head"] = value_head_manifest(value_head)
     checkpointer = Checkpointer(policy, out, manifest, select_rows, train_rows, config.eval_beams)
+    # each step's seconds, those before an interruption included: s_per_step is over every step of the run
+    # ([] from a resume state written before they were kept)
+    seconds: list[float] = list(trainer_state.get("step_seconds", [])) if trainer_state is not None else []
 
     def validate() -> None:
         extras = {"value_head": value_head.state_dict()} if value_head is not None else {}
@@ -329,6 +333,7 @@ def train_rl(
             "trainer": trainer.state_dict(),
             "state": asdict(state),
             "torch_rng": torch.get_rng_state(),
+            "step_seconds": seconds,
         }, extras, selectable=state.step > 0)  # fmt: skip
         curves.validated(state.step, state.history[-1])
 
@@ -341,7 +346,7 @@ def train_rl(
         stats = trainer.step(samples) if part.counted else trainer.step(samples, counted=False)
         return weighted_mean(stats, len(part.rows) if part.counted else 0, maxed=("seconds",))
 
-    start, seconds = time.perf_counter(), []
+    start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state.step, desc=f"rl {config.algo}", disable=not progress or not is_main())
 
     def report(stats: dict[str, float]) -> None:
