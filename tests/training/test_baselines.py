@@ -136,7 +136,7 @@ def test_sasrec_bce_trains_and_selects_on_recent_valid_rows(tiny_dataset: RecDat
 def test_cli_writes_eval_shaped_json(tiny_data_dir: Path, tmp_path: Path, name: str) -> None:
     out = tmp_path / f"{name}.json"
     args = ["baseline", name, "--data", str(tiny_data_dir), "--json", str(out), "--train-splits", "train,valid"]
-    args += ["--epochs", "1", "--max-steps", "2", "--hidden", "16", "--seed", "3"]
+    args += ["--epochs", "1", "--max-steps", "2", "--hidden", "16", "--seed", "3", "--holdout", "10"]
     threads = torch.get_num_threads()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -156,6 +156,11 @@ def test_cli_writes_eval_shaped_json(tiny_data_dir: Path, tmp_path: Path, name: 
         (["pop", "--split", "future"], "'future' is not one of 'test', 'valid'"),
         (["sasrec", "--loss", "hinge"], "'hinge' is not one of 'ce', 'bce'"),
         (["sasrec", "--hidden", "10", "--heads", "3"], "divisible"),
+        (  # it trained on none of valid without a word
+            ["sasrec", "--train-splits", "train,valid", "--holdout", "40"],
+            "no valid rows to train on: --holdout 40 holds out all 40 valid rows",
+        ),
+        (["sasrec", "--train-splits", "valid", "--holdout", "40"], "no training rows: --holdout 40 holds out all 40"),
     ],
 )
 def test_cli_rejects_bad_input(tiny_data_dir: Path, args: list[str], message: str) -> None:

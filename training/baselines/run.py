@@ -22,9 +22,11 @@ Design decisions:
   sparse, a single observed transition is strong evidence at the top ranks.
 * Pop and transitions have nothing to select, so they count every row of ``--train-splits``.
   SASRec selects its epoch on rows it does not train on, by SFT's rule
-  (``training.data.dataset.split_for_training``, shared with SFT and RL): the valid
-  split, or, when valid is trained on, its most recent ``holdout`` rows. Test is
-  never trained on nor selected on, and the evaluated split may not be trained on.
+  (``training.data.dataset.training_rows``, shared with SFT and RL): the valid
+  split, or, when valid is trained on, its most recent ``holdout`` rows; a
+  ``holdout`` that takes all of valid while ``--train-splits`` names it is refused,
+  as SFT refuses it. Test is never trained on nor selected on, and the evaluated
+  split may not be trained on.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 from models.sid_catalog import SidCatalog
 from models.transition import TransitionCounts
 from training.baselines.sasrec import ItemIndex, SASRec, SASRecConfig, rank_items, train_sasrec
-from training.data.dataset import SPLITS, Holdout, RecDataset, Sample, split_for_training
+from training.data.dataset import SPLITS, Holdout, RecDataset, Sample, training_rows
 from training.evaluation.evaluate import score_rankings
 from training.evaluation.metrics import items_to_sid_ranking
 
@@ -131,7 +133,7 @@ def run_sasrec(
 ) -> dict[str, Any]:
     """Train SASRec, select its epoch on the selection rows, score it on ``split``."""
     check_request(data, "sasrec", split, train_splits)
-    train_rows, select_rows = split_for_training(data, Holdout(tuple(train_splits), holdout))
+    train_rows, select_rows = training_rows(data, Holdout(tuple(train_splits), holdout))
     if not select_rows:
         raise ValueError("no selection rows: the valid split is empty")
     if split == "valid":

@@ -95,7 +95,7 @@ def register_baseline(app: typer.Typer) -> None:
         threads: Annotated[int, typer.Option("--threads", min=0, help="sasrec: torch threads (0: default).")] = 1,
     ) -> None:
         """Most-popular, item transitions or SASRec, scored on a split as `vstar eval` scores the generative model."""
-        from training.data.dataset import parse_splits
+        from training.data.dataset import Holdout, parse_splits, training_rows
 
         splits = parse_splits(train_splits)
         from training.baselines.run import check_request, run_pop, run_sasrec, run_transition
@@ -105,6 +105,8 @@ def register_baseline(app: typer.Typer) -> None:
         ds = load_data(data, minionerec_root, dataset)
         try:
             check_request(ds, name, split, splits)
+            if name == "sasrec":  # before training: a --holdout that takes all of valid, as sft refuses it
+                training_rows(ds, Holdout(tuple(splits), holdout))
             config = SASRecConfig(
                 hidden=hidden,
                 blocks=blocks,
