@@ -6,10 +6,25 @@ the handler so ``vstar --help`` stays instant.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import ClickException  # typer vendors click from 0.28 on
+
+from models.output_path import parents_problem
+
+
+def _out_folder(path: Path) -> Path:
+    """Typer callback of ``--out``: a folder or a new path this process may create, checked before the server is
+    waited for and any load is sent (the report is written after the last point)."""
+    problem = f"{path} is a file, not a folder" if path.exists() and not path.is_dir() else parents_problem(path)
+    if problem is None and path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        problem = f"cannot write in {path} (permission denied)"
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return path
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -20,7 +35,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         host: Annotated[
             str, typer.Option("--host", help="Service base URL on this machine, e.g. http://127.0.0.1:8000.")
         ],
-        out: Annotated[Path, typer.Option("--out", help="Folder for table.md, latency.png, results.json and raw/.")],
+        out: Annotated[
+            Path,
+            typer.Option(
+                "--out", help="Folder for table.md, latency.png, results.json and raw/.", callback=_out_folder
+            ),
+        ],
         data: Annotated[Path, typer.Option("--data", help="Data set folder; histories come from <data>/<split>.csv.")],
         users: Annotated[str, typer.Option("--users", help="Comma list of concurrent user counts.")] = "1,8,32",
         duration: Annotated[str, typer.Option("--duration", help="Measured time per point: 30s, 2m, 1m30s.")] = "30s",
@@ -46,8 +66,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 modes=tuple(m.strip() for m in modes.split(",") if m.strip()), k=k, budget=budget,
                 latency_ms=latency_ms, event_share=event_share, exclude_history=exclude_history, split=split, seed=seed,
             )  # fmt: skip
-            _, paths = run_plan(plan, echo=typer.echo)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
+        try:
+            _, paths = run_plan(plan, echo=typer.echo)
+        except ValueError as e:  # --host, --data: before any load is sent
+            raise typer.BadParameter(str(e)) from None
+        except RuntimeError as e:  # the server never got ready, or a locust run failed: the run's error, one line
+            raise ClickException(str(e)) from None
         typer.echo(paths["table"].read_text())
         typer.echo(f"wrote {paths['table']}, {paths['plot']}, {paths['json']}")

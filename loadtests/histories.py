@@ -45,8 +45,9 @@ def read_histories(path: Path, limit: int | None = None) -> list[HistoryRow]:
             if len(ids) != len(sids):
                 raise ValueError(f"{path}:{reader.line_num}: {len(ids)} history ids but {len(sids)} SIDs")
             if ids:
-                history = tuple(int(i) for i in ids)
-                rows.append(HistoryRow(row["user_id"], history, tuple(str(s) for s in sids), int(row["item_id"])))
+                history = tuple(_int(i, path, reader.line_num) for i in ids)
+                target = _int(row["item_id"], path, reader.line_num)
+                rows.append(HistoryRow(row["user_id"], history, tuple(str(s) for s in sids), target))
             if limit is not None and len(rows) >= limit:
                 break
     if not rows:
@@ -67,6 +68,16 @@ def _list(text: str, path: Path, line: int) -> list:
     if not isinstance(value, list):
         raise ValueError(f"{path}:{line}: expected a list, got {type(value).__name__}")
     return value
+
+
+def _int(value: object, path: Path, line: int) -> int:
+    """An item id: an integer, or an int-like string as the CSV holds it."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{path}:{line}: item id {str(value)[:60]!r} is not an integer") from None
 
 
 class HistorySampler:

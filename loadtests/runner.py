@@ -8,8 +8,11 @@ process only plans, waits and reports (``loadtests.results``).
 
 Bounded: every point runs ``duration_s`` (at most ``MAX_DURATION_S``) and is
 killed at ``duration_s + GRACE_S``; the whole plan's length is known up front.
-Only loopback hosts are accepted (``loadtests.target``), and the server must
-answer ``/readyz`` before any load is sent.
+Only loopback hosts are accepted (``loadtests.target``), the whole split is read
+once here (a bad row is named before the server is waited for), and the server
+must answer ``/readyz`` before any load is sent. A point that fails (locust's
+exit status, no report, or no request at all: users that failed to start) stops
+the plan, and the points measured before it are written as the report.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def locust_command(plan: LoadTestPlan, mode: str, users: int, prefix: Path) -> l
 
 
 def wait_ready(host: str, timeout_s: float = 60.0) -> None:
-    """Poll ``/readyz`` until it answers 200; ``RuntimeError`` with the last answer otherwise."""
+    """Poll ``/readyz`` until it answers 200 (a server still loading its model refuses connections for a while);
+    ``RuntimeError`` with the last answer otherwise."""
     deadline, last = time.monotonic() + timeout_s, "no answer"
     while time.monotonic() < deadline:
         try:
@@ -129,7 +133,10 @@ def wait_ready(host: str, timeout_s: float = 60.0) -> None:
         except httpx.HTTPError as e:
             last = repr(e)
         time.sleep(0.5)
-    raise RuntimeError(f"{host}/readyz not ready after {timeout_s:.0f} s ({last})")
+    raise RuntimeError(
+        f"{host}/readyz not ready after {timeout_s:.0f} s ({last}); start `vstar serve` there first, or give "
+        "--host the URL it listens on"
+    )
 
 
 def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
@@ -140,34 +147,56 @@ def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
     for stale in raw.glob(f"{stem.name}_*"):
         stale.unlink()
     log = stem.with_name(stem.name + ".log")
+    limit = plan.duration_s + GRACE_S
     with log.open("w") as log_file:
-        proc = subprocess.run(
-            locust_command(plan, mode, users, stem), stdout=log_file, stderr=subprocess.STDOUT,
-            timeout=plan.duration_s + GRACE_S, check=False,
-        )  # fmt: skip
+        try:
+            proc = subprocess.run(
+                locust_command(plan, mode, users, stem), stdout=log_file, stderr=subprocess.STDOUT,
+                timeout=limit, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"locust ran past {limit} s for {mode} at {users} users and was killed; see {log}"
+            ) from None
     if proc.returncode != 0:
         raise RuntimeError(f"locust exited {proc.returncode} for {mode} at {users} users; see {log}")
     try:
-        return read_point(stem, mode, users)
+        point = read_point(stem, mode, users)
     except ValueError as e:
         raise RuntimeError(f"{mode} at {users} users left no usable report ({e}); see {log}") from None
+    if point.requests == 0:  # its users failed before their first request: not a measurement of 0 RPS
+        raise RuntimeError(f"{mode} at {users} users sent no request (its users failed to start?); see {log}")
+    return point
 
 
 def run_plan(plan: LoadTestPlan, echo: Callable[[str], None] = print) -> tuple[list[PointResult], dict[str, Path]]:
     """Every point of the plan in order, then the table, plot and JSON in ``plan.out``."""
     plan = replace(plan, host=require_loopback(plan.host))
-    read_histories(split_path(plan.data, plan.split), limit=1)  # a bad --data fails here, not in every child
+    # the whole split, as every child reads it: a bad row fails here, not as a point of children that never started
+    read_histories(split_path(plan.data, plan.split))
     wait_ready(plan.host)
     echo(f"{len(plan.points)} points of {plan.duration_s} s, at most {plan.max_seconds} s in all")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    points = []
+    points: list[PointResult] = []
     for mode, users in plan.points:
-        point = run_point(plan, mode, users)
+        try:
+            point = run_point(plan, mode, users)
+        except RuntimeError as e:
+            if not points:
+                raise
+            paths = _report(plan, points, started)  # the points measured so far are not lost with the run
+            raise RuntimeError(f"{e} (the {len(points)} points measured before it are in {paths['table']})") from None
         r = point.recommend
         echo(f"{mode:>4} users={users:<4} rps={r.rps:8.1f} p50={r.p50_ms} p99={r.p99_ms} failures={point.failures}")
         points.append(point)
+    return points, _report(plan, points, started)
+
+
+def _report(plan: LoadTestPlan, points: list[PointResult], started: str) -> dict[str, Path]:
+    """``write_report`` of ``points`` with the plan as metadata (a run cut short says so in its title)."""
+    cut = "" if len(points) == len(plan.points) else f", {len(points)} of {len(plan.points)} points: cut short"
     meta = asdict(plan) | {
         "data": str(plan.data), "out": str(plan.out), "started": started, "locust": version("locust"),
-        "title": f"/recommend latency vs concurrency (k={plan.k}, {plan.duration_s} s per point)",
+        "title": f"/recommend latency vs concurrency (k={plan.k}, {plan.duration_s} s per point{cut})",
     }  # fmt: skip
-    return points, write_report(points, plan.out, json.loads(json.dumps(meta, default=str)), cap_ms=plan.latency_ms)
+    return write_report(points, plan.out, json.loads(json.dumps(meta, default=str)), cap_ms=plan.latency_ms)

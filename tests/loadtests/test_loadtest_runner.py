@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from loadtests import runner
 from loadtests.histories import HistorySampler, read_histories, split_path
-from loadtests.runner import GRACE_S, LoadTestPlan, locust_command, parse_duration, parse_users
+from loadtests.runner import GRACE_S, LoadTestPlan, locust_command, parse_duration, parse_users, run_plan, run_point
 from loadtests.target import require_loopback
 from training.data.dataset import RecDataset
 
@@ -122,3 +126,62 @@ def test_sampler_streams_repeat_per_user_and_differ_between_users(tiny_data_dir:
     assert draws_a == [sampler.draw(b) for _ in range(20)]
     assert draws_a != [sampler.draw(c) for _ in range(20)]
     assert first[0] == draws_a[0]
+
+
+def test_read_histories_names_the_line_of_an_item_id_that_is_no_integer(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,history_item_id,history_item_sid,item_id\nu1,[1],\"['<a_1>']\",3\nu2,[1],\"['<a_1>']\",x\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:3: item id 'x' is not an integer"):
+        read_histories(bad)
+
+
+def fake_locust(requests: int) -> Callable[..., subprocess.CompletedProcess]:
+    """``subprocess.run`` for a locust point that exits 0 having written its report with ``requests`` requests."""
+
+    def run(command: list[str], **_: object) -> subprocess.CompletedProcess:
+        prefix = Path(command[command.index("--vstar-report") + 1])
+        mode = "ved" if command[-1] == "VedUser" else "beam"
+        rows = f"POST,/recommend [{mode}],{requests},0,5,5.0,1,9,400.0,10.0,0.0" + ",5" * 11 if requests else ""
+        prefix.with_name(prefix.name + "_final_stats.csv").write_text(STATS_HEADER + "\n" + rows + "\n")
+        prefix.with_name(prefix.name + "_extra.json").write_text(json.dumps({mode: {"responses": requests}}))
+        return subprocess.CompletedProcess(command, 0)
+
+    return run
+
+
+STATS_HEADER = (
+    "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
+    "Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%"
+)
+
+
+def test_a_point_whose_users_sent_nothing_is_an_error_not_a_row_of_zeros(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Users that failed to start (the locustfile's listener raised) leave an empty report and locust exits 0."""
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(0))
+    with pytest.raises(RuntimeError, match="beam at 1 users sent no request"):
+        run_point(plan(out=tmp_path), "beam", 1)
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(7))
+    assert run_point(plan(out=tmp_path), "beam", 1).recommend.requests == 7
+
+
+def test_a_failed_point_keeps_the_points_measured_before_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    done = iter([fake_locust(7)])
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        step = next(done, None)
+        if step is None:
+            return subprocess.CompletedProcess(command, 1)  # the second point's locust fails
+        return step(command, **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "run", run)
+    monkeypatch.setattr(runner, "wait_ready", lambda host: None)
+    out = tmp_path / "lt"
+    with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users.*the 1 points measured before it"):
+        run_plan(plan(data=tiny_data_dir, out=out, users=(1,)), echo=lambda _: None)
+    assert "| beam | 1 | 7 |" in (out / "table.md").read_text()
+    report = json.loads((out / "results.json").read_text())
+    assert len(report["points"]) == 1 and "cut short" in report["meta"]["title"]
