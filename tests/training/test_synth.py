@@ -119,6 +119,14 @@ def test_refuses_to_clobber_a_foreign_folder_or_a_file(tmp_path: Path, foreign: 
         write_synth(tmp_path / foreign, SMALL)
 
 
+def test_an_out_under_a_file_is_refused_before_the_data_set_is_generated(tmp_path: Path) -> None:
+    """It generated the whole data set, then raised NotADirectoryError (a traceback) when writing it."""
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(ValueError, match=r"--out: .*notes is a file, so .*notes/data cannot be written under it"):
+        write_synth(tmp_path / "notes" / "data", SMALL)
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [({"items": 4}, "--items"), ({"users": 0}, "--users")])
 def test_bad_config(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):

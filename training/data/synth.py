@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from models.output_path import parents_problem
 from models.sid_catalog import Item, SidCatalog
 from training.data.dataset import Sample, write_dataset
 from training.data.sid_builder import SidBuildConfig, build_sids
@@ -289,6 +290,9 @@ def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None =
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; --out is the folder to write the data set into")
+    problem = parents_problem(out)  # a path under a file: NotADirectoryError once the data set was generated
+    if problem is not None:
+        raise ValueError(f"--out: {problem}")
     stats_path = out / "stats.json"
     try:
         ours = stats_path.is_file() and json.loads(stats_path.read_text()).get("dataset") == "synthetic"
