@@ -106,8 +106,16 @@ def free_port() -> int:
 
 
 def item_ids_of(checkpoint: Path) -> list[int]:
-    """The catalog's item ids, read from the checkpoint without loading the model."""
-    return sorted(int(i) for i in json.loads((checkpoint / "catalog.json").read_text())["items"])
+    """The catalog's item ids, read from the checkpoint without loading the model; ``ValueError`` naming the file
+    when it cannot give them (before any server is started)."""
+    path = checkpoint / "catalog.json"
+    if not path.is_file():
+        raise ValueError(f"{checkpoint} is not a complete checkpoint: {path.name} is missing")
+    try:
+        items = json.loads(path.read_text())["items"]
+        return sorted(int(i) for i in items)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} holds no catalog of items ({type(e).__name__}: {e})") from None
 
 
 class HistorySource:
@@ -150,11 +158,14 @@ def running_server(checkpoint: Path, batching: bool, config: BenchConfig) -> Ite
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: Any) -> None:
+    """Poll ``/readyz`` until it answers 200; ``RuntimeError`` in one line when the server exits first (its first
+    error, a broken checkpoint for instance) or is not ready in time."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read().decode(errors='replace')[-4000:]}")
+            why = first_error(log.read().decode(errors="replace"))
+            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready: {why}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
                 return
@@ -162,6 +173,19 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log: A
             pass
         time.sleep(0.2)
     raise RuntimeError(f"server not ready after {timeout_s:.0f} s")
+
+
+def first_error(log: str) -> str:
+    """The message of the server's first ERROR line (its log is JSON lines), else its last line."""
+    lines = [line for line in log.splitlines() if line.strip()]
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("level") == "ERROR" and record.get("msg"):
+            return str(record["msg"])
+    return lines[-1].strip() if lines else "no output"
 
 
 class _Response:

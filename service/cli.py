@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer._click.exceptions import ClickException  # typer vendors click from 0.28 on
 
 from models.output_path import output_file_problem
 
@@ -144,9 +145,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="Server threads.")] = None,
     ) -> None:
         """p50/p99 latency and throughput of the real server: beam with and without batching, VED under caps."""
-        from service.bench import BenchConfig
+        from service.bench import BenchConfig, item_ids_of
         from service.bench import bench_serve as run
 
+        if not (checkpoint / "manifest.json").exists():
+            raise typer.BadParameter(f"{checkpoint} is not a checkpoint folder (no manifest.json)")
+        item_ids_of(checkpoint)  # a catalog it cannot read is named here, before a server starts
         config = BenchConfig(
             clients=_int_list(clients, "--clients"),
             caps_ms=_int_list(caps, "--caps"),
@@ -156,7 +160,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             max_requests=max_requests,
             torch_threads=torch_threads,
         )
-        result = run(checkpoint, config)
+        try:
+            result = run(checkpoint, config)
+        except RuntimeError as e:  # a server that did not start (a broken checkpoint): its error, one line
+            raise ClickException(str(e)) from None
         text = json.dumps(result, indent=2)
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)

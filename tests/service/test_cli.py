@@ -76,6 +76,35 @@ def test_bench_serve_refuses_a_json_path_that_cannot_take_the_file_before_it_run
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
+def one_line(output: str) -> str:
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in output, output[-3000:]
+    return lines[0]
+
+
+def test_bench_serve_names_a_folder_that_is_no_checkpoint_before_a_server_starts(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """It raised FileNotFoundError on catalog.json, a traceback."""
+    result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(tmp_path / "gone")])
+    assert result.exit_code == 2 and "gone is not a checkpoint folder (no manifest.json)" in one_line(result.output)
+    broken = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (broken / "catalog.json").write_text("[1, 2")
+    result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(broken)])
+    assert result.exit_code == 2 and "catalog.json holds no catalog of items" in one_line(result.output)
+
+
+def test_bench_serve_names_why_the_server_did_not_start_in_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The server's log went up in a RuntimeError with a traceback; its first error is the line."""
+    broken = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (broken / "config.json").unlink()
+    args = ["bench", "serve", "--checkpoint", str(broken), "--clients", "1", "--caps", "50", "--ved-clients", "1"]
+    result = CliRunner().invoke(app, args, env={"VSTAR_WARMUP": "false"})
+    line = one_line(result.output)
+    assert result.exit_code == 1 and "the server exited with status 3 before it was ready" in line, line
+    assert "config.json is missing" in line
+
+
 def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
     config = BenchConfig(
         clients=(1, 3),
