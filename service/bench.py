@@ -85,17 +85,20 @@ class CellResult:
     errors: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
-    def summary(self) -> dict[str, float]:
-        lat = np.asarray(self.latencies_ms or [float("nan")])
-        server = np.asarray(self.server_ms or [float("nan")])
+    def summary(self) -> dict[str, float | None]:
+        """The cell's figures; a percentile of no answered request is None (JSON null), not NaN (not JSON)."""
+
+        def percentile(values: list[float], q: int) -> float | None:
+            return round(float(np.percentile(values, q)), 2) if values else None
+
         n = len(self.latencies_ms)
         return {
-            "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "p50_ms": percentile(self.latencies_ms, 50),
+            "p99_ms": percentile(self.latencies_ms, 99),
             "rps": round(n / self.elapsed_s, 1) if self.elapsed_s else 0.0,
             # the server's own clock, arrival to response built (its server_time_ms): no HTTP, no client
-            "server_p50_ms": round(float(np.percentile(server, 50)), 2),
-            "server_p99_ms": round(float(np.percentile(server, 99)), 2),
+            "server_p50_ms": percentile(self.server_ms, 50),
+            "server_p99_ms": percentile(self.server_ms, 99),
         }
 
 
@@ -290,9 +293,12 @@ async def run_cell(url: str, make_body: Callable[[], dict[str, Any]], clients: i
 
 
 def log_cell(label: str, cell: CellResult, summary: dict[str, Any]) -> None:
+    def ms(key: str, spec: str) -> str:
+        return "-" if summary[key] is None else format(summary[key], spec)
+
     print(
-        f"{label:<34} n={len(cell.latencies_ms):>5} p50={summary['p50_ms']:>8.2f} ms p99={summary['p99_ms']:>8.2f} ms "
-        f"rps={summary['rps']:>7.1f}  server p50/p99={summary['server_p50_ms']:.1f}/{summary['server_p99_ms']:.1f} ms"
+        f"{label:<34} n={len(cell.latencies_ms):>5} p50={ms('p50_ms', '>8.2f')} ms p99={ms('p99_ms', '>8.2f')} ms "
+        f"rps={summary['rps']:>7.1f}  server p50/p99={ms('server_p50_ms', '.1f')}/{ms('server_p99_ms', '.1f')} ms"
         + (f"  ERRORS={len(cell.errors)} first: {cell.errors[0]}" if cell.errors else ""),
         file=sys.stderr,
         flush=True,

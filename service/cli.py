@@ -164,7 +164,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             result = run(checkpoint, config)
         except RuntimeError as e:  # a server that did not start (a broken checkpoint): its error, one line
             raise ClickException(str(e)) from None
-        text = json.dumps(result, indent=2)
+        text = json.dumps(result, indent=2, allow_nan=False)  # a figure never measured is null
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(text + "\n")

@@ -64,6 +64,17 @@ def test_serve_names_a_bad_setting_by_its_environment_variable(
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
 
+def test_a_bench_cell_without_an_answered_request_has_null_percentiles() -> None:
+    """NaN there made the --json file invalid JSON; the log line prints '-' for them."""
+    from service.bench import CellResult, log_cell
+
+    cell = CellResult(errors=["503 ..."], elapsed_s=1.0)
+    summary = cell.summary()
+    assert summary == {"p50_ms": None, "p99_ms": None, "rps": 0.0, "server_p50_ms": None, "server_p99_ms": None}
+    json.dumps(summary, allow_nan=False)
+    log_cell("beam clients=1", cell, summary)  # formats without a number
+
+
 def test_bench_serve_refuses_a_json_path_that_cannot_take_the_file_before_it_runs(tmp_path: Path) -> None:
     """Checked as the options are read: the benchmark takes minutes, its result must not be lost at the end."""
     (tmp_path / "a_file").write_text("mine")
