@@ -97,6 +97,11 @@ def test_plot_draws_runs_and_names_a_folder_without_curves(tmp_path: Path) -> No
         and result.output.strip() == f"Error: no TensorBoard event files in {tmp_path / 'out'} or {tmp_path / 'out.tb'}"
     )
     assert not (tmp_path / "x.png").exists()
+    with SummaryWriter(str(tmp_path / "other.tb")) as w:  # event files, but none of the curves
+        w.add_scalar("other/thing", 1.0, 1)
+    with pytest.raises(ValueError, match=rf"none of train/loss, .* in {tmp_path / 'other'}$"):
+        plot_runs([tmp_path / "sft", tmp_path / "other"], tmp_path / "y.png")  # was a blank row beside sft's
+    assert not (tmp_path / "y.png").exists()
 
 
 def test_smoothing_is_tensorboards_debiased_average() -> None:

@@ -71,9 +71,10 @@ def plot_runs(runs: Sequence[Path], out: Path, smoothing: float = 0.6) -> Path:
         curves = read_curves(event_folder(run))
         panels = [(title, [t for t in tags if t in curves]) for title, tags in PANELS]
         rows.append((run.name, curves, [(title, tags) for title, tags in panels if tags]))
+    empty = [str(run) for run, (_, _, panels) in zip(runs, rows, strict=True) if not panels]
+    if empty:  # a run without any of them would be a blank row among the others
+        raise ValueError(f"none of {', '.join(t for _, tags in PANELS for t in tags)} in {', '.join(empty)}")
     cols = max(len(panels) for _, _, panels in rows)
-    if cols == 0:
-        raise ValueError(f"none of {', '.join(t for _, tags in PANELS for t in tags)} in {', '.join(map(str, runs))}")
     fig, axes = plt.subplots(len(rows), cols, figsize=(3.4 * cols, 2.6 * len(rows)), squeeze=False)
     for r, (name, curves, panels) in enumerate(rows):
         for c in range(cols):
