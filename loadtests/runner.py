@@ -46,7 +46,7 @@ def parse_duration(text: str) -> int:
     """Seconds in ``"30s"``, ``"2m"``, ``"1m30s"`` or ``"45"`` (locust's spellings)."""
     match = _DURATION_RE.match(text.strip())
     if not text.strip() or match is None:
-        raise ValueError(f"duration must look like 30s, 2m or 1m30s, got {text!r}")
+        raise ValueError(f"--duration must look like 30s, 2m or 1m30s, got {text!r}")
     hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds
 
@@ -81,15 +81,17 @@ class LoadTestPlan:
 
     def __post_init__(self) -> None:
         if not 1 <= self.duration_s <= MAX_DURATION_S:
-            raise ValueError(f"duration must be 1..{MAX_DURATION_S} s per point, got {self.duration_s}")
+            raise ValueError(f"--duration must be 1..{MAX_DURATION_S} s per point, got {self.duration_s} s")
         if not self.users or min(self.users) < 1:
-            raise ValueError(f"users must be positive counts, got {self.users}")
+            raise ValueError(f"--users must be positive counts, got {self.users}")
         if not self.modes or any(m not in MODES for m in self.modes):
-            raise ValueError(f"modes must be a subset of {MODES}, got {self.modes}")
+            raise ValueError(
+                f"--modes must name some of {', '.join(MODES)} (a comma list), got {','.join(self.modes) or 'none'}"
+            )
         if any(v is not None and v < 1 for v in (self.k, self.budget, self.latency_ms)):
-            raise ValueError("k, budget and latency_ms must be positive")
+            raise ValueError("--k, --budget and --latency-ms must be positive")
         if not 0.0 <= self.event_share <= 1.0:
-            raise ValueError(f"event_share must lie in [0, 1], got {self.event_share}")
+            raise ValueError(f"--event-share must lie in [0, 1], got {self.event_share}")
 
     @property
     def points(self) -> list[tuple[str, int]]:
