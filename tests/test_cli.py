@@ -164,6 +164,14 @@ def test_a_corrupt_checkpoint_is_one_line(tiny_data_dir: Path, tiny_policy: Poli
     assert_one_line_error(result.exit_code, result.output, "manifest.json is not valid JSON")
 
 
+def test_bench_decode_refuses_beams_wider_than_the_catalog(tiny_policy: Policy, tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_policy)
+    sids = len(tiny_policy.catalog.sids)
+    result = CliRunner().invoke(app, ["bench", "decode", "--checkpoint", str(ckpt), "--beams", f"5,{sids + 1}"])
+    last = last_error_line(result.exit_code, result.output)
+    assert f"--beams {sids + 1} is more than the {sids} SIDs of the catalog; give at most {sids}" in last, last
+
+
 @pytest.mark.parametrize("command", ["eval", "diagnose"])
 def test_a_checkpoint_of_another_catalog_is_refused(tiny_policy: Policy, tmp_path: Path, command: str) -> None:
     other = write_random_dataset(tmp_path / "other", make_catalog(seed=7))  # the same size, other SIDs

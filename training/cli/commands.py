@@ -452,6 +452,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from training.bench.decode_bench import format_table, run_decode_bench
 
         policy = load_checkpoint(checkpoint, device).policy if checkpoint else demo_policy(device)
+        sids = len(policy.catalog.sids)
+        if max(grid[0]) > sids:  # a beam wider than the catalog ranks beams that do not exist
+            raise typer.BadParameter(
+                f"--beams {max(grid[0])} is more than the {sids} SIDs of the catalog; give at most {sids}"
+            )
         result = run_decode_bench(policy, *grid, repeats=repeats)
         typer.echo(format_table(result), err=True)
         write_json(json_out, result)
