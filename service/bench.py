@@ -305,10 +305,25 @@ def log_cell(label: str, cell: CellResult, summary: dict[str, Any]) -> None:
     )
 
 
+class BenchCutShort(RuntimeError):
+    """The server stopped answering during a cell; ``partial`` holds the cells measured before it."""
+
+    def __init__(self, message: str, partial: dict[str, list[dict[str, Any]]]) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
 def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[str, Any]]]:
-    """Run every cell; returns ``{"beam": [...], "ved": [...]}`` in the issue's shape."""
+    """Run every cell; returns ``{"beam": [...], "ved": [...]}`` in the issue's shape. A server that stops
+    answering mid-run raises ``BenchCutShort`` with the cells measured so far."""
     histories = HistorySource(item_ids_of(checkpoint), config.seed)
     out: dict[str, list[dict[str, Any]]] = {"beam": [], "ved": []}
+
+    def measure(label: str, url: str, body: Callable[[], dict[str, Any]], clients: int) -> CellResult:
+        try:
+            return asyncio.run(run_cell(url, body, clients, config))
+        except (OSError, EOFError) as e:  # refused, reset or cut-short connections; timeouts (an OSError too)
+            raise BenchCutShort(f"{label}: the server stopped answering ({type(e).__name__}: {e})", out) from None
 
     def beam_body() -> dict[str, Any]:
         return {"history": histories.next(), "k": config.k}
@@ -316,9 +331,10 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
     for batching in (True, False):
         with running_server(checkpoint, batching, config) as url:
             for clients in config.clients:
-                cell = asyncio.run(run_cell(url, beam_body, clients, config))
+                label = f"beam clients={clients} batching={batching}"
+                cell = measure(label, url, beam_body, clients)
                 row = {"clients": clients, "batching": batching, **cell.summary()}
-                log_cell(f"beam clients={clients} batching={batching}", cell, row)
+                log_cell(label, cell, row)
                 out["beam"].append(row)
             if not batching:
                 continue
@@ -328,7 +344,8 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                     def ved_body(cap: int = cap) -> dict[str, Any]:
                         return {"history": histories.next(), "k": config.k, "mode": "ved", "latency_ms": cap}
 
-                    cell = asyncio.run(run_cell(url, ved_body, clients, config))
+                    label = f"ved cap={cap} ms clients={clients}"
+                    cell = measure(label, url, ved_body, clients)
                     n = max(len(cell.latencies_ms), 1)
                     row = {
                         "cap_ms": cap,
@@ -338,6 +355,6 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                         "fallback_share": round(cell.fallbacks / n, 3),
                         "popular_share": round(cell.popular / n, 3),
                     }
-                    log_cell(f"ved cap={cap} ms clients={clients}", cell, row)
+                    log_cell(label, cell, row)
                     out["ved"].append(row)
     return out

@@ -14,7 +14,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer._click.exceptions import ClickException  # typer vendors click from 0.28 on
@@ -60,6 +60,15 @@ def _variable(loc: tuple[int | str, ...]) -> str:
         return ""
     field = str(loc[0])
     return ("REDIS_URL" if field == "redis_url" else f"VSTAR_{field.upper()}") + ": "
+
+
+def _write_result(result: dict[str, Any], json_out: Path | None) -> None:
+    """The benchmark's rows on stdout and in ``json_out``; a figure never measured is null, never NaN."""
+    text = json.dumps(result, indent=2, allow_nan=False)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
+    typer.echo(text)
 
 
 def _run(config: uvicorn.Config) -> None:
@@ -145,7 +154,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="Server threads.")] = None,
     ) -> None:
         """p50/p99 latency and throughput of the real server: beam with and without batching, VED under caps."""
-        from service.bench import BenchConfig, item_ids_of
+        from service.bench import BenchConfig, BenchCutShort, item_ids_of
         from service.bench import bench_serve as run
 
         if not (checkpoint / "manifest.json").exists():
@@ -162,10 +171,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         )
         try:
             result = run(checkpoint, config)
+        except BenchCutShort as e:  # the cells measured before the server stopped are kept, then its error
+            cells = sum(len(rows) for rows in e.partial.values())
+            _write_result(e.partial, json_out)
+            kept = f"; the {cells} cells measured before it are " + (f"in {json_out}" if json_out else "above")
+            raise ClickException(f"{e}{kept}") from None
         except RuntimeError as e:  # a server that did not start (a broken checkpoint): its error, one line
             raise ClickException(str(e)) from None
-        text = json.dumps(result, indent=2, allow_nan=False)  # a figure never measured is null
-        if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(text + "\n")
-        typer.echo(text)
+        _write_result(result, json_out)

@@ -75,6 +75,36 @@ def test_a_bench_cell_without_an_answered_request_has_null_percentiles() -> None
     log_cell("beam clients=1", cell, summary)  # formats without a number
 
 
+def test_bench_serve_keeps_the_cells_measured_before_the_server_stopped(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Minutes of cells were lost with a traceback when the server died mid-run; now they are written, then one
+    line says which cell it stopped in."""
+    import contextlib
+
+    import service.bench
+    from service.bench import CellResult
+
+    calls = iter(range(10))
+
+    async def cell(url: str, body: object, clients: int, config: BenchConfig) -> CellResult:
+        if next(calls) == 1:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return CellResult(latencies_ms=[1.0, 2.0], server_ms=[0.5, 0.6], elapsed_s=1.0)
+
+    monkeypatch.setattr(service.bench, "run_cell", cell)
+    monkeypatch.setattr(service.bench, "running_server", lambda *a: contextlib.nullcontext("http://x"))
+    out = tmp_path / "bench.json"
+    command = ["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--json", str(out), "--clients", "1,8"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1, result.output
+    assert "Error: beam clients=8 batching=True: the server stopped answering (ConnectionResetError" in result.output
+    assert f"the 1 cells measured before it are in {out}" in " ".join(result.output.split())
+    kept = json.loads(out.read_text())
+    assert kept == {"beam": [{"clients": 1, "batching": True, "p50_ms": 1.5, "p99_ms": 1.99, "rps": 2.0,
+                              "server_p50_ms": 0.55, "server_p99_ms": 0.6}], "ved": []}  # fmt: skip
+
+
 def test_bench_serve_refuses_a_json_path_that_cannot_take_the_file_before_it_runs(tmp_path: Path) -> None:
     """Checked as the options are read: the benchmark takes minutes, its result must not be lost at the end."""
     (tmp_path / "a_file").write_text("mine")
