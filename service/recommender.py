@@ -171,6 +171,7 @@ class Recommender(DecodeScheduler):
         self.cap_lateness = DeadlineMargin(0.0, quantile=0.999, horizon_s=10.0, window=8192, refresh_s=0.05)
         metrics.ved_cap_lateness.set_function(self.cap_lateness.margin_s)  # in force at each scrape, not stale
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
+        self._given_up: set[asyncio.Future[Any]] = set()  # store calls running on after their request left them
 
     def _prior_order(self, popular: Sequence[Sequence[Any]]) -> DecodeRow:
         """Every catalog SID index with a popularity log-probability: the checkpoint's training-target
@@ -187,6 +188,9 @@ class Recommender(DecodeScheduler):
 
     async def close(self) -> None:
         await super().close()
+        for task in list(self._given_up):  # nobody waits for them any more: not left pending at shutdown
+            task.cancel()
+        await asyncio.gather(*self._given_up, return_exceptions=True)
         await self.store.close()
 
     # ---- requests
@@ -252,11 +256,13 @@ class Recommender(DecodeScheduler):
         try:
             return await asyncio.wait_for(asyncio.shield(task), max(by - time.perf_counter(), 0.0))
         except TimeoutError:
+            self._given_up.add(task)  # the loop holds tasks weakly: kept here until it ends
             task.add_done_callback(lambda done: self._settled_late(op, done))
             raise OutOfTime("the store did not answer within the request's latency cap") from None
 
     def _settled_late(self, op: str, task: asyncio.Future[Any]) -> None:
         """A store call its request gave up on has ended: a failure counts as the store's."""
+        self._given_up.discard(task)
         if task.cancelled():
             return
         error = task.exception()

@@ -160,3 +160,22 @@ def test_a_stalled_redis_leaves_a_ved_request_its_search_and_opens_the_breaker(
         assert r.status_code == 200 and r.json()["search"]["fallback"] != "popular", r.text
         assert time.perf_counter() - started < 0.2
         sleeper.join()
+
+
+def test_a_store_call_given_up_on_is_cancelled_at_shutdown(
+    make_settings: Callable[..., Settings], private_redis: PrivateRedis
+) -> None:
+    """A VED request left its read to a stalled Redis with a long timeout; shutting down cancels that call rather
+    than leaving it pending past the loop."""
+    settings = make_settings(redis_url=private_redis.url, redis_timeout_s=5.0)
+    app = create_app(settings)
+    with TestClient(app) as c:
+        assert c.post("/recommend", json={"history": [5], "k": 3, "mode": "ved"}).status_code == 200  # warm
+        sleeper = private_redis.stall(1.5)
+        r = c.post("/recommend", json={"history": [3, 4], "k": 3, "mode": "ved", "latency_ms": 200})
+        assert r.status_code == 200 and r.json()["search"]["fallback"] != "popular", r.text
+        recommender = app.state.recommender
+        given_up = set(recommender._given_up)
+        assert given_up  # the cache read runs on, up to its 5 s timeout
+    assert all(task.cancelled() for task in given_up) and not recommender._given_up
+    sleeper.join()
