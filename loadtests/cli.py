@@ -6,22 +6,19 @@ the handler so ``vstar --help`` stays instant.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from typer._click.exceptions import ClickException  # typer vendors click from 0.28 on
 
-from models.output_path import parents_problem
+from models.output_path import output_folder_problem
 
 
 def _out_folder(path: Path) -> Path:
     """Typer callback of ``--out``: a folder or a new path this process may create, checked before the server is
     waited for and any load is sent (the report is written after the last point)."""
-    problem = f"{path} is a file, not a folder" if path.exists() and not path.is_dir() else parents_problem(path)
-    if problem is None and path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
-        problem = f"cannot write in {path} (permission denied)"
+    problem = output_folder_problem(path)
     if problem is not None:
         raise typer.BadParameter(problem)
     return path

@@ -1,8 +1,9 @@
 """Whether a path can take a command's output file, checked before the work whose result it is to hold.
 
-Shared by the training commands (``--json``, a figure's ``--out``) and the
-service's benchmark (``vstar bench serve --json``), which do not import each
-other: each turns the sentence returned here into its own one-line error.
+Shared by the training commands (``--json``, a figure's ``--out``,
+``--tensorboard``), the service's benchmark (``vstar bench serve --json``) and
+the load test (``vstar loadtest --out``), which do not import each other: each
+turns the sentence returned here into its own one-line error.
 Nothing here imports torch.
 """
 
@@ -31,3 +32,12 @@ def output_file_problem(path: Path) -> str | None:
     if problem is None and path.exists() and not os.access(path, os.W_OK):
         return f"{path} cannot be written (permission denied)"
     return problem
+
+
+def output_folder_problem(path: Path) -> str | None:
+    """What stops this process writing files into the folder ``path``, new or existing (a sentence), or None."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        return f"cannot write in {path} (permission denied)"
+    return parents_problem(path)

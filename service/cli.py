@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder to serve.")]
 
 
+def _require_checkpoint(path: Path) -> None:
+    """A folder with a manifest, checked before a server starts (after the other options' own checks)."""
+    if not (path / "manifest.json").exists():
+        raise typer.BadParameter(f"{path} is not a checkpoint folder (no manifest.json)")
+
+
 def _int_list(text: str, name: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -106,8 +112,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from service.json_logs import configure_logging
         from service.settings import Settings
 
-        if not (checkpoint / "manifest.json").exists():
-            raise typer.BadParameter(f"{checkpoint} is not a checkpoint folder (no manifest.json)")
+        _require_checkpoint(checkpoint)
         os.environ["VSTAR_CHECKPOINT"] = str(checkpoint.resolve())
         try:
             settings = Settings()  # fail here, once, on a bad environment rather than in every worker
@@ -154,12 +159,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="Server threads.")] = None,
     ) -> None:
         """p50/p99 latency and throughput of the real server: beam with and without batching, VED under caps."""
-        from service.bench import BenchConfig, BenchCutShort, item_ids_of
+        from service.bench import BenchConfig, BenchCutShort
         from service.bench import bench_serve as run
 
-        if not (checkpoint / "manifest.json").exists():
-            raise typer.BadParameter(f"{checkpoint} is not a checkpoint folder (no manifest.json)")
-        item_ids_of(checkpoint)  # a catalog it cannot read is named here, before a server starts
+        _require_checkpoint(checkpoint)  # its catalog is read next, by bench_serve, before a server starts
         config = BenchConfig(
             clients=_int_list(clients, "--clients"),
             caps_ms=_int_list(caps, "--caps"),

@@ -54,6 +54,7 @@ object built at startup still owns both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -246,19 +247,25 @@ class Recommender(DecodeScheduler):
         return started + last_chance_ms / 1000
 
     async def _within(self, op: str, call: Awaitable[T], by: float | None) -> T:
-        """``call``, given up at ``by`` (from a VED request's cap; None: no bound) as a store that did not answer:
-        the caller treats it as the store being unavailable. The call itself runs on to the store's own timeout,
-        which judges the store: a stalled Redis opens the store's circuit breaker then, so the next requests
-        skip it at once, and its failure is counted as ``op``'s."""
-        if by is None:
-            return await call
-        task = asyncio.ensure_future(call)
+        """The store call ``call``; a failure is counted as ``op``'s and raised (``StoreUnavailable``). With
+        ``by`` (from a VED request's cap; None: no bound) it is given up at ``by`` as a store that did not answer
+        (``OutOfTime``), and the call itself runs on to the store's own timeout, which judges the store: a
+        stalled Redis opens the store's circuit breaker then, so the next requests skip it at once, and its
+        failure is counted when it ends."""
         try:
-            return await asyncio.wait_for(asyncio.shield(task), max(by - time.perf_counter(), 0.0))
-        except TimeoutError:
-            self._given_up.add(task)  # the loop holds tasks weakly: kept here until it ends
-            task.add_done_callback(lambda done: self._settled_late(op, done))
-            raise OutOfTime("the store did not answer within the request's latency cap") from None
+            if by is None:
+                return await call
+            task = asyncio.ensure_future(call)
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), max(by - time.perf_counter(), 0.0))
+            except TimeoutError:
+                self._given_up.add(task)  # the loop holds tasks weakly: kept here until it ends
+                task.add_done_callback(lambda done: self._settled_late(op, done))
+                raise OutOfTime("the store did not answer within the request's latency cap") from None
+        except StoreUnavailable as e:
+            if not isinstance(e, OutOfTime):  # a call given up on is counted when it ends (_settled_late)
+                self.metrics.store_errors.labels(op).inc()
+            raise
 
     def _settled_late(self, op: str, task: asyncio.Future[Any]) -> None:
         """A store call its request gave up on has ended: a failure counts as the store's."""
@@ -270,11 +277,6 @@ class Recommender(DecodeScheduler):
             self.metrics.store_errors.labels(op).inc()
         elif error is not None:
             log.error("store call failed after its request gave up on it", exc_info=error, extra={"op": op})
-
-    def _store_error(self, op: str, error: StoreUnavailable) -> None:
-        """Counts a store that failed; a call its request gave up on is counted when it ends (``_within``)."""
-        if not isinstance(error, OutOfTime):
-            self.metrics.store_errors.labels(op).inc()
 
     async def _search(
         self,
@@ -357,13 +359,10 @@ class Recommender(DecodeScheduler):
             return given, "none"
         # bounded by the cap only when the request can be answered without the stored history: without a
         # history of its own it needs the store's answer, and a short cap must not turn a healthy store into a 503
-        read = self.store.history(req.user_id)
         try:
-            stored, skipped = resolve_stored(
-                self.catalog, await (self._within("read_history", read, by) if given else read)
-            )
-        except StoreUnavailable as e:
-            self._store_error("read_history", e)
+            raw = await self._within("read_history", self.store.history(req.user_id), by if given else None)
+            stored, skipped = resolve_stored(self.catalog, raw)
+        except StoreUnavailable:
             if not given:
                 raise StoreUnavailable(
                     "user_id: the history store is unavailable; send the history in the request"
@@ -391,8 +390,7 @@ class Recommender(DecodeScheduler):
     async def _cache_get(self, key: str, by: float | None) -> Answer | None:
         try:
             raw = await self._within("read_cache", self.store.cache_get(key), by)
-        except StoreUnavailable as e:
-            self._store_error("read_cache", e)
+        except StoreUnavailable:
             raw = None
         answer = None
         if raw is not None:
@@ -404,12 +402,10 @@ class Recommender(DecodeScheduler):
         return answer
 
     async def _cache_set(self, key: str, answer: Answer, by: float | None) -> None:
-        try:
+        with contextlib.suppress(StoreUnavailable):  # counted by _within; the answer goes out uncached
             await self._within(
                 "write_cache", self.store.cache_set(key, answer.to_json(), self.settings.cache_ttl_s), by
             )
-        except StoreUnavailable as e:
-            self._store_error("write_cache", e)
 
     async def append_events(
         self, user_id: str, entries: Sequence[int | str], idempotency_key: str | None = None
@@ -434,11 +430,7 @@ class Recommender(DecodeScheduler):
         ), done.replayed
 
     async def history(self, user_id: str) -> HistoryResponse:
-        try:
-            stored, _ = resolve_stored(self.catalog, await self.store.history(user_id))
-        except StoreUnavailable:
-            self.metrics.store_errors.labels("read_history").inc()
-            raise
+        stored, _ = resolve_stored(self.catalog, await self._within("read_history", self.store.history(user_id), None))
         if not stored:
             raise NotFound(f"user_id: no stored history for user {user_id!r}")
         items = [

@@ -271,9 +271,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         tensorboard: TensorBoardOpt = None,
     ) -> None:
         """Supervised next-SID training; keeps the best checkpoint by held-out HR@10, then chooses its fusion weight."""
-        from training.data.dataset import parse_splits
-
         check_run_outputs(out, json_out, tensorboard, (data, minionerec_root), resume, force)
+        from training.data.dataset import parse_splits
         from training.sft.config import recipe_config
 
         setup_logging()

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
-from models.output_path import output_file_problem, parents_problem
+from models.output_path import output_file_problem, output_folder_problem, parents_problem
 from training.run_files import earlier_run, replaced_folders, side_files
 
 T = TypeVar("T")
@@ -68,10 +68,9 @@ def png_file(path: Path) -> Path:
 
 def folder_out(path: Path | None) -> Path | None:
     """Typer callback of an output folder option (``--tensorboard``): a folder or a new path, not a file."""
-    if path is not None:
-        if path.exists() and not path.is_dir():
-            raise typer.BadParameter(f"{path} is a file, not a folder")
-        check_parents(path)
+    problem = None if path is None else output_folder_problem(path)
+    if problem is not None:
+        raise typer.BadParameter(problem)
     return path
 
 

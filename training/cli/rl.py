@@ -54,9 +54,9 @@ VSTAR_OPTIONS = {
     "value_warmup": "--value-warmup",
 }  # fmt: skip
 PART_OPTIONS = {
-    "no_sibling": ("Sibling-GRPO", {"w_sib": "--w-sib", "sibling_norm": "--sibling-norm"}),
-    "no_ved": ("VED", {"budget": "--budget", "explore_slots": "--explore-slots"}),
-    "no_dense": ("the dense reward", {"level_weights": "--level-weights"}),
+    "no_sibling": ("Sibling-GRPO", ("w_sib", "sibling_norm")),
+    "no_ved": ("VED", ("budget", "explore_slots")),
+    "no_dense": ("the dense reward", ("level_weights",)),
 }
 
 
@@ -70,7 +70,7 @@ def ignored_options(ctx: typer.Context, algo: str) -> str | None:
             return f"{', '.join(named)} {what}, which --algo grpo would ignore: use with --algo vstar"
         return None
     for switch, (part, options) in PART_OPTIONS.items():
-        named = [flag for name, flag in options.items() if name in given]
+        named = [VSTAR_OPTIONS[name] for name in options if name in given]
         if ctx.params[switch] and named:
             what = "is" if len(named) == 1 else "are"
             return f"{', '.join(named)} {what} read by {part} alone, which {VSTAR_OPTIONS[switch]} switches off"
@@ -194,18 +194,15 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         if problem is not None:
             raise typer.BadParameter(problem)
         require_checkpoint(init, "--init")
-        if out.resolve() == init.resolve():
-            raise typer.BadParameter(
-                f"{out} is the --init checkpoint, which the run starts from and keeps as its KL reference: "
-                "write the RL model to another folder",
-                param_hint="--out",
+        taken = next((f for f in replaced_folders(out) if f.resolve() == init.resolve()), None)
+        if taken is not None:  # the run would write over the checkpoint it starts from
+            what = (
+                f"{out} is the --init checkpoint, which the run starts from and keeps as its KL reference"
+                if taken == out
+                else f"the --init checkpoint {init} is one of the folders the run at --out {out} writes over (its "
+                "resume state, a held-out run)"
             )
-        if any(f.resolve() == init.resolve() for f in replaced_folders(out)):
-            raise typer.BadParameter(
-                f"the --init checkpoint {init} is one of the folders the run at --out {out} writes over (its "
-                "resume state, a held-out run): write the RL model to another folder",
-                param_hint="--out",
-            )
+            raise typer.BadParameter(f"{what}: write the RL model to another folder", param_hint="--out")
         check_run_outputs(out, json_out, tensorboard, (data, minionerec_root), resume, force)
         from training.data.dataset import parse_splits
         from training.rl.run import train_rl

@@ -116,7 +116,8 @@ def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 200
     runs = {path: read_run(path) for path in [*base, *other]}  # each file read once
     check_same_rows(runs)
     base_ranks, other_ranks = stack_ranks(base, runs), stack_ranks(other, runs)
-    measured = [name for name in METRICS if name not in unmeasured(runs)]
+    missing = unmeasured(runs)
+    measured = [name for name in METRICS if name not in missing]
     compared = paired_bootstrap(base_ranks, other_ranks, measured, samples=samples, seed=seed)
     return {
         "base": [str(p) for p in base],
