@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from models.beam_search import BeamSearchConfig
 from models.ved_config import VEDConfig
@@ -53,6 +53,15 @@ class RecommendRequest(BaseModel):
     budget: int | None = Field(None, description="VED: token budget (default: the search's own).")
     latency_ms: int | None = Field(None, description="VED: latency cap in ms (default from settings).")
     exclude_history: bool | None = Field(None, description="Drop items already in the history (default from settings).")
+
+    @model_validator(mode="after")
+    def _ved_fields_need_ved(self) -> RecommendRequest:
+        """A beam request has no budget and no cap: one given would be silently ignored."""
+        given = [name for name in ("budget", "latency_ms") if getattr(self, name) is not None]
+        if self.mode == "beam" and given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise ValueError(f"{' and '.join(given)} {verb} to mode 'ved' only; beam search has neither")
+        return self
 
     def to_decode_config(self, extra: int, ved: VEDConfig) -> BeamSearchConfig | VEDConfig:
         """The decoder's config: ``k`` plus ``extra`` results (those exclusion may remove).

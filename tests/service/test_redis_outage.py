@@ -157,7 +157,7 @@ def test_a_stalled_redis_leaves_a_ved_request_its_search_and_opens_the_breaker(
         errors = [line for line in c.get("/metrics").text.splitlines() if line.startswith("vstar_store_errors_total")]
         assert any('op="read_history"' in line and not line.endswith(" 0.0") for line in errors), errors
         started = time.perf_counter()  # the breaker is open: Redis is skipped, not waited for (a beam request
-        r = c.post("/recommend", json={**request, "mode": "beam"})  # would wait the store's 1 s timeout)
+        r = c.post("/recommend", json={"user_id": "erin", "history": [3, 4], "k": 3})  # would wait the store's 1 s)
         assert r.status_code == 200 and r.json()["stored_history"] == "unavailable", r.text
         assert time.perf_counter() - started < 0.5
         sleeper.join()

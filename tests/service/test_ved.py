@@ -327,11 +327,14 @@ def test_concurrent_ved_requests_share_a_search_and_its_earliest_deadline(
         ({"history": [1], "mode": "ved", "budget": 5}, "budget"),
         ({"history": [1], "mode": "ved", "budget": 10**6}, "budget"),
         ({"history": [1], "mode": "ved", "latency_ms": 0}, "latency_ms"),
+        ({"history": [1], "mode": "beam", "budget": 64}, "budget applies to mode 'ved' only"),
+        ({"history": [1], "latency_ms": 100}, "latency_ms applies to mode 'ved' only"),  # beam: the default mode
+        ({"history": [1], "mode": "beam", "budget": 64, "latency_ms": 100}, "budget and latency_ms apply"),
     ],
 )
 def test_bad_ved_parameters_are_422(client: TestClient, body: dict[str, Any], field: str) -> None:
     r = client.post("/recommend", json=body)
-    assert r.status_code == 422 and field in r.json()["error"]["message"]
+    assert r.status_code == 422 and re.search(field, r.json()["error"]["message"]), r.text
 
 
 def test_a_request_with_only_a_user_id_waits_for_its_history_whatever_the_cap(app: FastAPI, client: TestClient) -> None:
