@@ -18,6 +18,7 @@ exception handlers (``service.errors``).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
@@ -98,6 +99,13 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
     return recommender
 
 
+async def _refresh_gauges(metrics: ServiceMetrics, every_s: float = 1.0) -> None:
+    """Multiprocess mode: this worker's gauges, as other workers' scrapes read them, at most ``every_s`` old."""
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(every_s)
+
+
 def create_app(settings: Settings) -> FastAPI:
     configure_logging(settings.log_level)
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would be plain text amid the JSON lines
@@ -125,11 +133,16 @@ def create_app(settings: Settings) -> FastAPI:
             log.warning("redis unreachable at startup; serving degraded until it answers")
         app.state.recommender = recommender
         log.info("settings", extra={"settings": settings.model_dump(mode="json")})
+        refresher = asyncio.create_task(_refresh_gauges(metrics)) if metrics.multiprocess else None
         try:
             yield
         finally:
             app.state.recommender = None
+            if refresher is not None:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
             await recommender.close()
+            metrics.close()
 
     # /docs and /redoc from assets packaged with fastapi-offline, not a CDN: they render with no network
     app = FastAPIOffline(

@@ -13,6 +13,8 @@ import ipaddress
 import json
 import os
 import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -84,17 +86,49 @@ def _run(config: uvicorn.Config) -> None:
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
+    class Supervisor(Multiprocess):
+        """Restarts a worker that died, as uvicorn's does, and takes its live gauges out of the scrape."""
+
+        def keep_subprocess_alive(self) -> None:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            before = [p.pid for p in self.processes]
+            super().keep_subprocess_alive()
+            for pid, process in zip(before, self.processes, strict=True):
+                if pid is not None and process.pid != pid:
+                    mark_process_dead(pid)
+
     if config.workers == 1:
         server = uvicorn.Server(config)
         with contextlib.suppress(KeyboardInterrupt):
             server.run()
         failed = not server.started
     else:
-        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
-        supervisor.run()
+        with _metrics_folder():
+            supervisor = Supervisor(config, sockets=[config.bind_socket()])
+            supervisor.run()
         failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
     if failed:
         raise typer.Exit(STARTUP_FAILURE)
+
+
+@contextlib.contextmanager
+def _metrics_folder() -> Iterator[None]:
+    """Several workers: prometheus-client's multiprocess mode, so that a scrape of any worker counts them all.
+    A ``PROMETHEUS_MULTIPROC_DIR`` already set is used as it is (it must be a folder, emptied by whoever set
+    it); otherwise a fresh temporary folder, removed when the server stops."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        if not Path(given).is_dir():
+            raise typer.BadParameter(f"PROMETHEUS_MULTIPROC_DIR={given} is not a folder (prometheus-client needs one)")
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="vstar-metrics-") as folder:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # the workers, spawned after this, inherit it
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

@@ -124,7 +124,7 @@ class DecodeScheduler:
         self.metrics = metrics
         self.max_prompt_history = self.policy.prompt.max_history
         self.deadline_margin = DeadlineMargin(settings.ved_margin_ms / 1000)
-        metrics.ved_margin.set_function(self.deadline_margin.margin_s)  # the margin in force at each scrape
+        metrics.track(metrics.ved_margin, self.deadline_margin.margin_s)  # the margin in force at each scrape
         self.init_cost = BatchCost(settings.ved_init_cost_ms / 1000)  # VED's initial tree
         # the fallback's initial beam; its median, not a high quantile: a job is shed only when it would
         # probably miss its cap, and the hard cap still answers the ones that do

@@ -1,20 +1,36 @@
 """Prometheus metrics, one registry per app (tests build many apps in one process).
 
-With ``--workers N`` each worker process keeps its own registry, so a scrape
-sees the worker that answered it; run one worker per container (the usual
-layout) or scrape workers individually.
+With ``--workers N`` (``vstar serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` for
+them, prometheus-client's multiprocess mode) every worker writes its metrics to
+files there, and a scrape answered by any worker reads all of them: counters and
+histograms are summed over the workers, and each gauge has one sample per live
+worker (label ``pid``). A worker's gauges are written each second and at each
+scrape it answers (``refresh``); a worker that stops removes its own, and the
+supervisor those of a worker that died.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus-client writes metric values to ``PROMETHEUS_MULTIPROC_DIR`` (decided when it was first
+    imported, from the environment)."""
+    return values.ValueClass is not values.MutexValue
 
 
 class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = multiprocess_mode()
+        self._tracked: list[tuple[Gauge, Callable[[], float]]] = []
         r = self.registry
         self.requests = Counter(
             "vstar_recommend_requests", "Recommendation requests by mode and outcome.", ["mode", "outcome"], registry=r
@@ -51,15 +67,40 @@ class ServiceMetrics:
             "vstar_ved_deadline_margin_seconds",
             "How much earlier than its cap a VED search is told to stop.",
             registry=r,
+            multiprocess_mode="liveall",
         )
         self.ved_cap_lateness = Gauge(
             "vstar_ved_cap_lateness_seconds",
             "How far VED's hard cap is brought forward for the event loop's recent lateness in honouring it.",
             registry=r,
+            multiprocess_mode="liveall",
         )
         self.store_errors = Counter(
             "vstar_store_errors", "Store operations that failed (Redis down).", ["op"], registry=r
         )
 
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """``gauge`` shows ``read()`` as of each scrape (in multiprocess mode, as of this worker's last refresh)."""
+        if self.multiprocess:
+            self._tracked.append((gauge, read))
+            gauge.set(read())
+        else:
+            gauge.set_function(read)
+
+    def refresh(self) -> None:
+        """Writes the tracked gauges' current values (multiprocess mode: other workers' scrapes read them)."""
+        for gauge, read in self._tracked:
+            gauge.set(read())
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        self.refresh()
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker)
+        return generate_latest(every_worker)
+
+    def close(self) -> None:
+        """This worker is stopping: its live gauges leave the scrape (multiprocess mode)."""
+        if self.multiprocess:
+            mark_process_dead(os.getpid())

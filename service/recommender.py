@@ -170,7 +170,7 @@ class Recommender(DecodeScheduler):
         # every request in flight at once, so the quantile is near the top: one stall in the last 10 s that
         # delayed a handful of answers is enough to keep the next ones clear of the next such stall.
         self.cap_lateness = DeadlineMargin(0.0, quantile=0.999, horizon_s=10.0, window=8192, refresh_s=0.05)
-        metrics.ved_cap_lateness.set_function(self.cap_lateness.margin_s)  # in force at each scrape, not stale
+        metrics.track(metrics.ved_cap_lateness, self.cap_lateness.margin_s)  # in force at each scrape, not stale
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
         self._given_up: set[asyncio.Future[Any]] = set()  # store calls running on after their request left them
 

@@ -8,9 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -47,6 +49,56 @@ def test_a_failed_start_exits_non_zero_with_any_number_of_workers(
     assert "model.safetensors" in done.stderr
     lines = done.stderr.strip().splitlines()
     assert all(json.loads(line)["ts"] for line in lines), lines  # the supervisor's lines are JSON like the workers'
+
+
+def _metric_samples(text: str, name: str) -> list[tuple[str, float]]:
+    """(labels, value) of every sample of ``name`` in a Prometheus text exposition."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in "{ ":
+            labels, value = line[len(name) :].rsplit(" ", 1)
+            out.append((labels.strip(), float(value)))
+    return out
+
+
+@pytest.mark.slow
+def test_several_workers_answer_a_scrape_with_all_their_metrics(tiny_checkpoint: Path) -> None:
+    """With --workers 2 every scrape counts the requests of both workers (each kept its own registry, so a scrape
+    saw only the worker that answered it), each live worker has its own gauge sample, and the metrics folder
+    vstar made is gone once the server stops."""
+    port = free_port()
+    env = os.environ | {"VSTAR_WARMUP": "false", "OMP_NUM_THREADS": "1", "VSTAR_TORCH_THREADS": "1"}
+    env.pop("REDIS_URL", None)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [sys.executable, "vstar.py", "serve", "--checkpoint", str(tiny_checkpoint), "--workers", "2"]
+    server = subprocess.Popen([*command, "--port", str(port)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready = 0
+        for _ in range(600):  # both workers ready: two answers in a row from a fresh connection each
+            try:
+                ready = ready + 1 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200 else 0
+            except httpx.TransportError:
+                ready = 0
+            if ready >= 10:
+                break
+            time.sleep(0.1)
+        n = 24
+        for i in range(n):  # a new connection each: the kernel hands them to either worker
+            r = httpx.post(f"{url}/recommend", json={"history": [i % 5 + 1], "k": 3}, timeout=30)
+            assert r.status_code == 200, r.text
+        for _ in range(6):
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            counted = sum(v for _, v in _metric_samples(text, "vstar_recommend_requests_total"))
+            assert counted == n, text
+            pids = {labels for labels, _ in _metric_samples(text, "vstar_ved_deadline_margin_seconds")}
+            assert len(pids) == 2 and all('pid="' in labels for labels in pids), pids
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=60)
+    folders = {json.loads(line).get("settings", {}).get("checkpoint") for line in stderr.splitlines()}
+    assert str(tiny_checkpoint.resolve()) in folders, stderr[-2000:]  # the workers started and logged
+    assert not any(Path(tempfile.gettempdir()).glob("vstar-metrics-*")), "the metrics folder outlived the server"
 
 
 @pytest.mark.parametrize(
