@@ -101,6 +101,18 @@ def test_several_workers_answer_a_scrape_with_all_their_metrics(tiny_checkpoint:
     assert not any(Path(tempfile.gettempdir()).glob("vstar-metrics-*")), "the metrics folder outlived the server"
 
 
+def test_several_workers_refuse_a_metrics_folder_that_is_not_one(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_folder = tmp_path / "metrics"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(not_a_folder))
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    args = ["serve", "--checkpoint", str(tiny_checkpoint), "--workers", "2", "--port", str(free_port())]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and f"PROMETHEUS_MULTIPROC_DIR={not_a_folder} is not a folder" in result.output
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
