@@ -118,9 +118,15 @@ class Policy:
     def from_pretrained_lm(
         cls, path: str, catalog: SidCatalog, max_history: int = 10, item_tokens: bool = False
     ) -> Policy:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        """A ``ValueError`` naming the folder when it holds no causal LM that loads (missing or damaged
+        weights, an architecture without a causal LM head)."""
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        except Exception as e:  # transformers and safetensors raise many kinds; each means "not loadable"
+            problem = f"cannot load a causal LM and its tokenizer ({first_line(e)})"
+            raise ValueError(f"base model {path}: {problem}") from None
         add_sid_tokens(tokenizer, prompt_vocabulary(catalog, item_tokens))
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         model.resize_token_embeddings(len(tokenizer))
         return cls(model, tokenizer, catalog, PromptFormat(max_history, TEXT_TEMPLATE, item_tokens))
 
@@ -144,6 +150,11 @@ def pad_left(
             ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def preset_dict(name: str) -> dict[str, object]:

@@ -6,6 +6,7 @@ folder the way a downloaded checkpoint would be; nothing is fetched.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,18 @@ def test_checkpoint_round_trip_and_sft(text_lm: Path, tiny_dataset, tmp_path: Pa
     summary = train_sft(tiny_dataset, tmp_path / "sft", config, progress=False)
     assert summary["steps"] == 2
     assert load_checkpoint(tmp_path / "sft").policy.prompt.text_template
+
+
+@pytest.mark.parametrize("damage", ["no weights", "truncated weights"])
+def test_unloadable_base_model_is_one_value_error(
+    text_lm: Path, tiny_catalog: SidCatalog, tmp_path: Path, damage: str
+) -> None:
+    folder = tmp_path / "lm"
+    shutil.copytree(text_lm, folder)
+    weights = folder / "model.safetensors"
+    if damage == "no weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"base model {folder}: cannot load a causal LM"):
+        Policy.from_pretrained_lm(str(folder), tiny_catalog)
