@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -28,6 +29,16 @@ from transformers import (
 from models.sid_catalog import Sid, SidCatalog
 from models.sid_tokenizer import TEXT_TEMPLATE, PromptFormat, add_sid_tokens, build_sid_tokenizer, prompt_vocabulary
 from models.sid_trie import SidTrie
+
+# The files a saved tokenizer has one of (fast, word-piece, BPE, SentencePiece), as ``vstar embed`` checks them.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,14 @@ class Policy:
         cls, path: str, catalog: SidCatalog, max_history: int = 10, item_tokens: bool = False
     ) -> Policy:
         """A ``ValueError`` naming the folder when it holds no causal LM that loads (missing or damaged
-        weights, an architecture without a causal LM head)."""
+        weights, an architecture without a causal LM head) or no tokenizer: ``AutoTokenizer`` would build
+        an empty one for some architectures (Qwen2's), which drops the prompt's text and shrinks the
+        embeddings to the SID tokens."""
+        if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(
+                f"base model {path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                "into the same folder (tokenizer.save_pretrained)"
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)

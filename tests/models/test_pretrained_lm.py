@@ -79,3 +79,10 @@ def test_unloadable_base_model_is_one_value_error(
         weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=f"base model {folder}: cannot load a causal LM"):
         Policy.from_pretrained_lm(str(folder), tiny_catalog)
+
+
+def test_base_model_without_tokenizer_is_refused(text_lm: Path, tiny_catalog: SidCatalog, tmp_path: Path) -> None:
+    folder = tmp_path / "lm"
+    shutil.copytree(text_lm, folder, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(ValueError, match=f"base model {folder}: no tokenizer"):  # Qwen2's would be empty
+        Policy.from_pretrained_lm(str(folder), tiny_catalog)
