@@ -130,9 +130,9 @@ class Policy:
         cls, path: str, catalog: SidCatalog, max_history: int = 10, item_tokens: bool = False
     ) -> Policy:
         """A ``ValueError`` naming the folder when it holds no causal LM that loads (missing or damaged
-        weights, an architecture without a causal LM head) or no tokenizer: ``AutoTokenizer`` would build
-        an empty one for some architectures (Qwen2's), which drops the prompt's text and shrinks the
-        embeddings to the SID tokens."""
+        weights, an architecture without a causal LM head), no tokenizer (``AutoTokenizer`` would build
+        an empty one for some architectures, Qwen2's, which drops the prompt's text and shrinks the
+        embeddings to the SID tokens), or a tokenizer with more tokens than the model has embeddings."""
         if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
             raise ValueError(
                 f"base model {path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
@@ -144,6 +144,14 @@ class Policy:
         except Exception as e:  # transformers and safetensors raise many kinds; each means "not loadable"
             problem = f"cannot load a causal LM and its tokenizer ({first_line(e)})"
             raise ValueError(f"base model {path}: {problem}") from None
+        table = model.get_input_embeddings().weight
+        assert isinstance(table, torch.Tensor)
+        rows, words = table.shape[0], tokenizer.vocab_size  # the vocabulary itself, without added tokens
+        if words > rows:  # the resize below would give the tokens past the table fresh rows, silently
+            raise ValueError(
+                f"base model {path}: the tokenizer's vocabulary has {words} tokens for an embedding table of {rows} "
+                f"rows, so its tokens from id {rows} on have no pretrained embedding: is it another model's tokenizer?"
+            )
         add_sid_tokens(tokenizer, prompt_vocabulary(catalog, item_tokens))
         model.resize_token_embeddings(len(tokenizer))
         return cls(model, tokenizer, catalog, PromptFormat(max_history, TEXT_TEMPLATE, item_tokens))

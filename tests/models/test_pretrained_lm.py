@@ -86,3 +86,15 @@ def test_base_model_without_tokenizer_is_refused(text_lm: Path, tiny_catalog: Si
     shutil.copytree(text_lm, folder, ignore=shutil.ignore_patterns("tokenizer*"))
     with pytest.raises(ValueError, match=f"base model {folder}: no tokenizer"):  # Qwen2's would be empty
         Policy.from_pretrained_lm(str(folder), tiny_catalog)
+
+
+def test_tokenizer_longer_than_the_embeddings_is_refused(
+    text_lm: Path, tiny_catalog: SidCatalog, tmp_path: Path
+) -> None:
+    folder = tmp_path / "lm"
+    shutil.copytree(text_lm, folder)
+    config = Qwen2Config.from_pretrained(text_lm)
+    config.vocab_size = 8  # the tokenizer has 12 tokens: ids 8..11 would get fresh rows
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    with pytest.raises(ValueError, match="the tokenizer.s vocabulary has 12 tokens for an embedding table of 8 rows"):
+        Policy.from_pretrained_lm(str(folder), tiny_catalog)
