@@ -47,10 +47,12 @@ def build_sid_tokenizer(sid_tokens: Sequence[str]) -> PreTrainedTokenizerFast:
 
 
 def add_sid_tokens(tokenizer: PreTrainedTokenizerBase, sid_tokens: Sequence[str]) -> int:
-    """Add SID tokens to a pretrained tokenizer; returns how many were new."""
+    """Add SID tokens to a pretrained tokenizer, and a pad token when it has none; returns how many were new."""
     added = tokenizer.add_tokens(list(sid_tokens))
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.pad_token is None:  # neither: a pad token of its own (the attention mask hides it)
+        added += tokenizer.add_special_tokens({"pad_token": SPECIAL_TOKENS["pad_token"]})
     tokenizer.padding_side = "left"
     return int(added)
 

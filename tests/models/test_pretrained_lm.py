@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -98,3 +98,22 @@ def test_tokenizer_longer_than_the_embeddings_is_refused(
     Qwen2ForCausalLM(config).save_pretrained(folder)
     with pytest.raises(ValueError, match="the tokenizer.s vocabulary has 12 tokens for an embedding table of 8 rows"):
         Policy.from_pretrained_lm(str(folder), tiny_catalog)
+
+
+def test_tokenizer_without_pad_or_eos_gets_a_pad_token(tiny_catalog: SidCatalog, tmp_path: Path) -> None:
+    words = ["<unk>", "The", "user", "bought", "these", "items", "in", "order:", "next", "item", "is:"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "lm"  # a Llama: AutoTokenizer adds no end-of-text token of its own, as it does for Qwen2
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>").save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, max_position_embeddings=128,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    policy = Policy.from_pretrained_lm(str(folder), tiny_catalog)
+    pad = policy.tokenizer.pad_token_id
+    assert pad is not None and pad < policy.model.get_input_embeddings().weight.shape[0]
+    ids, mask = policy.encode_prompts([[tiny_catalog.sids[0]], tiny_catalog.sids[:3]])
+    assert ids[0, 0] == pad and mask[0, 0] == 0
+    assert load_checkpoint(save_checkpoint(tmp_path / "ck", policy)).policy.tokenizer.pad_token_id == pad
