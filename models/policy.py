@@ -12,6 +12,7 @@ prompt format. Two ways in:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -39,6 +41,7 @@ TOKENIZER_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
+GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")  # the fast class's names (4.x, 5.x)
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ class Policy:
                 "into the same folder (tokenizer.save_pretrained)"
             )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = pretrained_tokenizer(Path(path))
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         except Exception as e:  # transformers and safetensors raise many kinds; each means "not loadable"
             problem = f"cannot load a causal LM and its tokenizer ({first_line(e)})"
@@ -176,6 +179,18 @@ def pad_left(
             ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def pretrained_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a pretrained LM's folder holds. A ``tokenizer.json`` saved as the generic fast class is loaded
+    as it was saved: ``AutoTokenizer`` takes the architecture's class instead for some (Qwen2's, for every Qwen2
+    model), which rebuilds it as a byte-level BPE and encodes the text of another kind (word-level, ...) to
+    nothing, so the prompt would silently lose its text. Other classes are ``AutoTokenizer``'s choice."""
+    config = folder / "tokenizer_config.json"
+    declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if declared in GENERIC_TOKENIZERS and (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def first_line(error: Exception) -> str:

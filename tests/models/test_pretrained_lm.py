@@ -53,6 +53,14 @@ def test_sid_tokens_added_and_prompt_uses_them(text_lm: Path, tiny_catalog: SidC
     assert all(0 <= s < len(tiny_catalog.sids) for s in res.sid_index[0].tolist())
 
 
+def test_prompt_keeps_the_text_of_a_word_level_tokenizer(text_lm: Path, tiny_catalog: SidCatalog) -> None:
+    policy = Policy.from_pretrained_lm(str(text_lm), tiny_catalog)  # AutoTokenizer: Qwen2's, which read it as BPE
+    tokens = policy.tokenizer.convert_ids_to_tokens(policy.prompt.encode(policy.tokenizer, [tiny_catalog.sids[0]]))
+    assert tokens == ["The", "user", "bought", "these", "items", "in", "order:", *tiny_catalog.sids[0], "<unk>"] + [
+        "The", "next", "item", "is:",
+    ]  # fmt: skip
+
+
 def test_checkpoint_round_trip_and_sft(text_lm: Path, tiny_dataset, tmp_path: Path) -> None:
     policy = Policy.from_pretrained_lm(str(text_lm), tiny_dataset.catalog)
     loaded = load_checkpoint(save_checkpoint(tmp_path / "ck", policy)).policy
