@@ -30,3 +30,16 @@ def device_problem(name: str) -> str | None:
     if device.type == "mps" and not torch.backends.mps.is_available():
         return f"{name}: MPS is not available here"
     return None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on ``device`` has run: CUDA and MPS kernels run asynchronously, so a clock read
+    right after a call that queued them times the queueing, not the work. Nothing to wait for on the CPU.
+
+    The device is named: ``torch.cuda.synchronize()`` without one waits for the current device only (cuda:0
+    unless set), not for a model on cuda:1.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

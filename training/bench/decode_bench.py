@@ -28,6 +28,7 @@ import torch
 
 from models.backbone import decode_step, prefill
 from models.beam_search import BeamSearchConfig, beam_search
+from models.device import synchronize
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy, pad_left
 from models.sid_catalog import Sid
@@ -75,13 +76,12 @@ def time_cell(policy: Policy, histories: list[list[Sid]], k: int, repeats: int) 
     identical = same_results(runs["ours"](), runs["reference"]())  # also the warm-up
     runs["forward"]()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
     for _ in range(repeats):
         for name, fn in runs.items():
-            sync()
+            synchronize(policy.device)  # the model's device: cuda:1's work is not waited for on cuda:0
             t0 = time.perf_counter()
             fn()
-            sync()
+            synchronize(policy.device)
             times[name].append((time.perf_counter() - t0) * 1000)
     ms = {name: min(v) for name, v in times.items()}
     return {
