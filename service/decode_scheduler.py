@@ -58,6 +58,7 @@ from types import FrameType
 
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import CheckpointError, LoadedCheckpoint
+from models.device import synchronize
 from models.sid_catalog import Sid
 from models.value_head import ValueHead
 from models.ved import ved_search
@@ -175,6 +176,7 @@ class DecodeScheduler:
             for _ in range(3):
                 started = time.perf_counter()
                 ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+                synchronize(self.policy.device)  # on a GPU its last kernels may still be queued
                 tree.append(time.perf_counter() - started)
                 started = time.perf_counter()
                 self._initial_beam(replace(config, deadline=None), [DecodeJob(history)] * batch, report=False)
@@ -228,6 +230,7 @@ class DecodeScheduler:
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
         started = time.perf_counter()
         out = ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+        synchronize(self.policy.device)  # the search is done when its kernels are, not when they are queued
         finished = time.perf_counter()
         if all(st.cap_hit and st.iterations == 0 for st in out.stats):  # it stopped right after its initial tree
             self.init_cost.report(len(jobs), finished - started)

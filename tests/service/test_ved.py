@@ -429,3 +429,30 @@ def test_the_model_thread_yields_the_cpu_to_the_event_loop(app: FastAPI) -> None
 @given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=300), st.floats(0.0, 1.0))
 def test_quantile_is_numpys(values: list[float], q: float) -> None:
     assert quantile(values, q) == pytest.approx(float(np.quantile(values, q)), abs=1e-9)
+
+
+def test_the_searchs_timings_wait_for_the_models_device(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock is read after the device has run the search (on a GPU its kernels are queued, not run, when
+    ``ved_search`` returns): the learnt initial-tree cost, at warm-up and from reports, times the work."""
+    import service.decode_scheduler as scheduler_module
+
+    rec = app.state.recommender
+    events: list[str] = []
+    real_search = scheduler_module.ved_search
+
+    def search(*args: Any, **kwargs: Any) -> Any:
+        events.append("search")
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler_module, "ved_search", search)
+    monkeypatch.setattr(scheduler_module, "synchronize", lambda device: events.append(f"wait {device}"))
+    monkeypatch.setattr(rec.init_cost, "report", lambda batch, seconds: events.append("report"))
+    monkeypatch.setattr(rec.init_cost, "set_baseline", lambda batch, seconds: events.append("baseline"))
+    monkeypatch.setattr(rec.beam_cost, "set_baseline", lambda batch, seconds: None)
+    monkeypatch.setattr(rec, "settings", rec.settings.model_copy(update={"batch_max_size": 1}))  # one bucket
+    config = replace(rec.ved_settings, num_candidates=4, deadline=None)
+    rec._ved(config, [DecodeJob((rec.catalog.sids[0],), deadline=0.0)])  # past: it stops after its initial tree
+    assert events == ["search", f"wait {rec.policy.device}", "report"]
+    events.clear()
+    rec._time_ved_fallbacks(threading.Event())
+    assert events == ["search", f"wait {rec.policy.device}"] * 3 + ["baseline"]
