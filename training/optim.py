@@ -5,6 +5,8 @@
   ``precision`` forces one or the other.
 * ``flush_denormals``: denormal floats as zero while training on CPU, where they
   are slow; restored after, being process-wide state.
+* ``rng_state`` / ``restore_rng_state``: the generators a resume state keeps, the
+  CPU's and, training on a GPU, that device's (its dropout masks are drawn there).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +47,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The torch generator states a resume state keeps: ``torch_rng`` (the CPU's) and, on a CUDA device,
+    ``cuda_rng``, that device's: there dropout draws from the device's own generator, not the CPU's."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what ``rng_state`` kept (a state written before ``cuda_rng`` was kept: the CPU's alone)."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import training.sft.trainer as sft_module
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from training.data.dataset import Sample, load_dataset, split_for_training
-from training.optim import autocast_dtype
+from training.optim import autocast_dtype, restore_rng_state, rng_state
 from training.sft.batches import collate, crop_histories, encode_sample
 from training.sft.config import SFTConfig
 from training.sft.regularisers import add_embedding_dropout, init_sid_embeddings
@@ -87,6 +87,26 @@ def interrupt_at_step(n: int, monkeypatch: pytest.MonkeyPatch, run: Callable[[],
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+
+
+def test_a_resume_state_keeps_the_gpus_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU dropout draws from the device's generator: a resume state that kept only the CPU's restarted
+    the masks from the seed's (``seed_everything``) instead of continuing them. The CPU's state is unchanged."""
+    gpu_state = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    got: list[object] = []
+    put: list[tuple[torch.Tensor, object]] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": got.append(device) or gpu_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": put.append((state, device)))
+    assert set(rng_state(torch.device("cpu"))) == {"torch_rng"}
+    kept = rng_state(torch.device("cuda:1"))
+    assert set(kept) == {"torch_rng", "cuda_rng"} and kept["cuda_rng"] is gpu_state
+    assert got == [torch.device("cuda:1")]  # the policy's device, not the current one
+    torch.rand(3)  # the CPU's generator moves on; the restore puts it back
+    restore_rng_state(kept, torch.device("cuda:1"))
+    assert torch.equal(torch.get_rng_state(), kept["torch_rng"]) and put == [(gpu_state, torch.device("cuda:1"))]
+    restore_rng_state({"torch_rng": kept["torch_rng"]}, torch.device("cuda:1"))  # a state written before: CPU's
+    restore_rng_state(kept, torch.device("cpu"))
+    assert len(put) == 1
 
 
 def test_resume_continues_to_the_same_weights(tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,7 +78,14 @@ from training.loop import (
     require_same_data,
     run_steps,
 )
-from training.optim import autocast_dtype, cosine_schedule, flush_denormals, seed_everything
+from training.optim import (
+    autocast_dtype,
+    cosine_schedule,
+    flush_denormals,
+    restore_rng_state,
+    rng_state,
+    seed_everything,
+)
 from training.run_files import clear_side_files, heldout_curves, heldout_folder, resume_folder
 from training.scalar_log import ScalarLog
 from training.sft.batches import collate, crop_histories, encode_sample
@@ -197,7 +204,7 @@ def _train_sft(
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         state = TrainState(**trainer_state["train_state"])
-        torch.set_rng_state(trainer_state["torch_rng"])
+        restore_rng_state(trainer_state, policy.device)  # the GPU's generator too: dropout draws there
     ema = WeightAverage(model, config.ema) if config.ema > 0 else None
     if ema is not None and trainer_state is not None:
         ema.load_state_dict(trainer_state["ema"])
@@ -255,8 +262,7 @@ def _train_sft(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "train_state": asdict(state),
-            "torch_rng": torch.get_rng_state(),
-        } | ({"ema": ema.state_dict()} if ema is not None else {}),
+        } | rng_state(policy.device) | ({"ema": ema.state_dict()} if ema is not None else {}),
         averaged=ema.swapped_in if ema is not None else nullcontext)  # fmt: skip
         curves.validated(state.step, state.history[-1])
         last_validated = state.step
