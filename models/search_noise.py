@@ -30,6 +30,8 @@ def prompt_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int
 
 def gumbel_noise(keys: torch.Tensor, counters: torch.Tensor, num_codes: int) -> torch.Tensor:
     """Gumbel(0, 1) noise per (key, counter, code): keys, counters (N,) -> (N, C) float32."""
+    if keys.device.type == "mps":  # MPS has no float64 (converting raises): the same draws, made on the CPU
+        return gumbel_noise(keys.cpu(), counters.cpu(), num_codes).to(keys.device)
     codes = torch.arange(num_codes, device=keys.device)
     x = _mix32(keys[:, None] ^ _mix32((counters[:, None] * num_codes + codes) & _MASK32))  # (N, C)
     u = (x.double() + 0.5) / 2.0**32
