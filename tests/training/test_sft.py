@@ -207,7 +207,22 @@ def test_small_preset_brings_its_recipe_and_options_override_it() -> None:
     assert recipe_config("small", epochs=3, text_init=False).epochs == 3
     assert not recipe_config("small", text_init=False).text_init
     assert recipe_config("tiny") == SFTConfig(preset="tiny") and RECIPES["tiny"] == {}
-    assert recipe_config("small", base_model="/m").ema == 0.0  # a pretrained LM gets no recipe
+    base = recipe_config("small", base_model="/m")  # a pretrained LM gets no preset's recipe, a fine-tuning lr
+    assert base.ema == 0.0 and base.epochs == 10 and base.lr == 3e-4
+    assert recipe_config("small", base_model="/m", lr=1e-5).lr == 1e-5
+
+
+def test_preset_with_base_model_is_refused(tmp_path: Path) -> None:
+    """--preset builds the model that --base-model replaces: both given is one line, before any work."""
+    model = tmp_path / "lm"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    args = ["sft", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--base-model", str(model)]
+    result = CliRunner().invoke(app, [*args, "--preset", "small"])
+    assert result.exit_code == 2 and "--preset builds a model from a config, which --base-model replaces" in (
+        result.output
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_explicit_refit_that_would_not_run_is_refused() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
 from models.checkpoint_error import CheckpointError
 from training.cli.options import (
@@ -145,6 +146,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
     @app.command()
     def sft(
+        ctx: typer.Context,
         out: Annotated[
             Path, typer.Option("--out", help="Checkpoint folder to write (best model).", callback=checkpoint_out)
         ],
@@ -163,7 +165,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             Path | None,
             typer.Option(
                 "--base-model",
-                help="Local pretrained causal LM folder (e.g. Qwen2.5-0.5B); no recipe.",
+                help="Local pretrained causal LM folder (e.g. Qwen2.5-0.5B), in place of --preset: no preset's recipe; "
+                "--lr 3e-4 (MiniOneRec's SFT) unless given.",
                 callback=local_model,
             ),
         ] = None,
@@ -176,7 +179,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
         max_steps: StepsOpt = None,
         batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Rows per step [64].")] = None,
-        lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak AdamW learning rate [2e-3].")] = None,
+        lr: Annotated[
+            float | None, typer.Option("--lr", min=0.0, help="Peak AdamW learning rate [2e-3; --base-model: 3e-4].")
+        ] = None,
         holdout: Annotated[
             int | None,
             typer.Option(
@@ -271,6 +276,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         tensorboard: TensorBoardOpt = None,
     ) -> None:
         """Supervised next-SID training; keeps the best checkpoint by held-out HR@10, then chooses its fusion weight."""
+        if base_model is not None and ctx.get_parameter_source("preset") is not ParameterSource.DEFAULT:
+            raise typer.BadParameter("--preset builds a model from a config, which --base-model replaces: give one")
         check_run_outputs(out, json_out, tensorboard, (data, minionerec_root), resume, force)
         from training.data.dataset import parse_splits
         from training.sft.config import recipe_config

@@ -16,7 +16,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # recipe was chosen on held-out valid rows of amazon-industrial (README, "Results"): the
 # 2,000 most recent valid rows are held out to select the epoch and the fusion weight, the
 # rest of train + valid is trained on; then the same configuration is refit on all of train
-# + valid with the chosen weight (``refit``). A pretrained --base-model gets no recipe.
+# + valid with the chosen weight (``refit``). A pretrained --base-model gets no preset's
+# recipe, only ``BASE_MODEL_RECIPE``.
 RECIPES: dict[str, dict[str, Any]] = {
     "tiny": {},
     "small": {
@@ -35,6 +36,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# A pretrained LM is fine-tuned, not trained from scratch: the presets' 2e-3 would wash out what it learnt.
+# 3e-4 is MiniOneRec's SFT learning rate (its sft.py default, for Qwen models on data in this format);
+# not measured here (no GPU), and --lr overrides it.
+BASE_MODEL_RECIPE: dict[str, Any] = {"lr": 3e-4}
+
+
 @dataclass(frozen=True)
 class SFTConfig:
     preset: str = "small"
@@ -42,7 +49,7 @@ class SFTConfig:
     epochs: int = 10
     max_steps: int | None = None  # optimizer steps in all, in place of epochs (the lr schedule spans them)
     batch_size: int = 64
-    lr: float = 2e-3  # from-scratch presets; use ~1e-4 for pretrained LMs
+    lr: float = 2e-3  # the presets, trained from scratch (a --base-model: BASE_MODEL_RECIPE's)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
@@ -99,11 +106,11 @@ class SFTConfig:
 
 
 def recipe_config(preset: str = "small", base_model: str | None = None, **options: Any) -> SFTConfig:
-    """The preset's recipe (none for a base model), overridden by every option that is not None."""
+    """The preset's recipe (a base model's: ``BASE_MODEL_RECIPE``), overridden by every option that is not None."""
     if preset not in RECIPES:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(RECIPES)}")
     given = {k: v for k, v in options.items() if v is not None}
-    recipe = {} if base_model else RECIPES[preset]
+    recipe = BASE_MODEL_RECIPE if base_model else RECIPES[preset]
     config = SFTConfig(preset=preset, base_model=base_model, **(recipe | given))
     if given.get("refit") and not config.refits:  # the recipe's refit alone gives way to such options
         raise ValueError(
