@@ -128,6 +128,23 @@ def test_serve_names_a_bad_setting_by_its_environment_variable(
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.parametrize(("workers", "redis", "warned"), [(2, False, True), (2, True, False), (1, False, False)])
+def test_several_workers_without_redis_are_warned_that_histories_are_per_worker(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, workers: int, redis: bool, warned: bool
+) -> None:
+    import service.cli
+
+    monkeypatch.setattr(service.cli, "_run", lambda config: None)  # the checks and warnings, no server
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("VSTAR_REDIS_URL", raising=False)
+    env = {"REDIS_URL": "redis://127.0.0.1:6379/0"} if redis else {}
+    args = ["serve", "--checkpoint", str(tiny_checkpoint), "--workers", str(workers)]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert ("each worker keeps its own user histories" in said) is warned, said
+
+
 def test_a_bench_cell_without_an_answered_request_has_null_percentiles() -> None:
     """NaN there made the --json file invalid JSON; the log line prints '-' for them."""
     from service.bench import CellResult, log_cell
