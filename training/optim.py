@@ -32,15 +32,21 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
+    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32). ``auto`` takes bf16 on a GPU that
+    runs it natively (compute capability 8 or more, or ROCm); ``bf16`` also where the GPU emulates it."""
     if precision == "fp32":
         return None
-    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
     if precision == "bf16":
-        if not bf16_ok:
+        if not (device.type == "cpu" or (device.type == "cuda" and _cuda_bf16(device, emulated=True))):
             raise ValueError(f"precision bf16: {device} does not support bfloat16")
         return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and bf16_ok else None
+    return torch.bfloat16 if device.type == "cuda" and _cuda_bf16(device, emulated=False) else None
+
+
+def _cuda_bf16(device: torch.device, emulated: bool) -> bool:
+    """Whether the GPU ``device`` itself (not the current one, torch's default) supports bfloat16."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=emulated)
 
 
 def seed_everything(seed: int) -> None:

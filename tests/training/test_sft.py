@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -348,6 +349,31 @@ def test_denormal_flushing_is_scoped_to_training(tiny_dataset, tmp_path: Path, m
     train_sft(tiny_dataset, tmp_path / "s", SFTConfig(preset="tiny", max_steps=1, eval_limit=4), progress=False)
     assert during == [True]
     assert torch.tensor(1e-40, dtype=torch.float32).item() != 0.0  # denormals work again afterwards
+
+
+def test_auto_precision_asks_the_training_gpu_for_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda:1: the GPU asked is cuda:1 (torch asks the current device, cuda:0 unless set), and auto takes
+    bf16 only where it runs natively (an emulating GPU, compute capability 7, would run it slowly)."""
+    import contextlib
+
+    asked: list[tuple[str, bool]] = []
+    current = ["cuda:0"]
+
+    @contextlib.contextmanager
+    def on(device: torch.device) -> Any:
+        before, current[0] = current[0], str(device)
+        yield
+        current[0] = before
+
+    def supported(including_emulation: bool = True) -> bool:
+        asked.append((current[0], including_emulation))
+        return including_emulation  # an emulating GPU
+
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    gpu = torch.device("cuda:1")
+    assert autocast_dtype(gpu) is None and autocast_dtype(gpu, "bf16") is torch.bfloat16
+    assert asked == [("cuda:1", False), ("cuda:1", True)]
 
 
 def test_precision_picks_the_autocast_dtype_and_rejects_unknown_names() -> None:

@@ -257,7 +257,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
         precision: Annotated[
             Literal["auto", "fp32", "bf16"] | None,
-            typer.Option("--precision", help="auto: bf16 autocast on GPUs that support it, else fp32 [auto]."),
+            typer.Option(
+                "--precision",
+                help="auto: bf16 autocast on GPUs that run it natively (compute capability 8+), else fp32 [auto].",
+            ),
         ] = None,
         fusion_weight: FusionOpt = None,
         refit: Annotated[
