@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -68,12 +69,15 @@ def test_sft_curves_survive_a_resume_without_doubling(
 
 
 def test_rl_curves_have_the_step_figures_and_the_init_score(
-    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft"})
     config = RLConfig(algo="vstar", ved=False, max_steps=2, batch_size=4, eval_every=2, eval_limit=8)
     summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False, tensorboard=tmp_path / "rl.tb")
-    curves = read_curves(event_folder(tmp_path / "rl"))  # <out>.tb is found from the checkpoint folder
+    with caplog.at_level(logging.INFO):  # as `vstar demo` logs: the reader's INFO line per run was noise there
+        curves = read_curves(event_folder(tmp_path / "rl"))  # <out>.tb is found from the checkpoint folder
+    assert not [r for r in caplog.records if r.name.startswith("tensorboard")], caplog.records
+    assert logging.getLogger("tensorboard").level == logging.NOTSET  # put back as it was
     steps = [json.loads(line) for line in Path(summary["steps_log"]).read_text().splitlines()]
     for figure in ("reward_std", "reachability", "value_loss"):
         assert curves[f"rl/{figure}"] == ([1, 2], pytest.approx([s[figure] for s in steps]))

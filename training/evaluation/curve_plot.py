@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,7 +46,13 @@ def event_folder(run: Path) -> Path:
 
 def read_curves(folder: Path) -> Curves:
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
-    events.Reload()
+    quiet = logging.getLogger("tensorboard")  # its reader logs "No path found after <file>" at INFO per run
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))
+    try:
+        events.Reload()
+    finally:
+        quiet.setLevel(level)
     curves: Curves = {}
     for tag in events.Tags()["scalars"]:
         points = events.Scalars(tag)
