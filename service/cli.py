@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -163,15 +164,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 err=True,
                 fg=typer.colors.YELLOW,
             )
-        if workers > 1 and settings.redis_url is None:
-            typer.secho(
-                f"warning: --workers {workers} without REDIS_URL: each worker keeps its own user histories, "
-                "idempotency keys and response cache, so a user's events reach one worker only and requests by "
-                "user_id answered by the others do not see them; set REDIS_URL to share them",
-                err=True,
-                fg=typer.colors.YELLOW,
-            )
         configure_logging(settings.log_level)  # the supervisor's own lines too, as JSON like the workers'
+        if workers > 1 and settings.redis_url is None:
+            logging.getLogger(__name__).warning(
+                "--workers %d without REDIS_URL: each worker keeps its own user histories, idempotency keys and "
+                "response cache, so a user's events reach one worker only and requests by user_id answered by the "
+                "others do not see them; set REDIS_URL to share them",
+                workers,
+            )
         config = uvicorn.Config(
             "service.app:create_app_from_env",
             factory=True,
