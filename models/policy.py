@@ -155,9 +155,10 @@ class Policy:
                 f"base model {path}: the tokenizer's vocabulary has {words} tokens for an embedding table of {rows} "
                 f"rows, so its tokens from id {rows} on have no pretrained embedding: is it another model's tokenizer?"
             )
+        bos = adds_bos(tokenizer)  # before the SID tokens: the text tokenizer as pretrained
         add_sid_tokens(tokenizer, prompt_vocabulary(catalog, item_tokens))
         model.resize_token_embeddings(len(tokenizer))
-        return cls(model, tokenizer, catalog, PromptFormat(max_history, TEXT_TEMPLATE, item_tokens))
+        return cls(model, tokenizer, catalog, PromptFormat(max_history, TEXT_TEMPLATE, item_tokens, bos=bos))
 
     def encode_prompts(self, histories: Sequence[Sequence[Sid]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and attention mask for a batch of SID histories."""
@@ -191,6 +192,13 @@ def pretrained_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     if declared in GENERIC_TOKENIZERS and (folder / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer starts every text with its beginning-of-text token by default (Llama's does, so its
+    model never saw a text without one; Qwen's has no such token)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and list(tokenizer("a")["input_ids"][:1]) == [bos]
 
 
 def first_line(error: Exception) -> str:

@@ -66,12 +66,16 @@ class PromptFormat:
     ``item_tokens`` every history item is followed by its whole-SID token
     (``item_token``): the three level tokens are shared by many items, so the
     prompt also names the item itself, as an item-ID model would. Those tokens
-    only ever appear in prompts; decoders generate level tokens alone.
+    only ever appear in prompts; decoders generate level tokens alone. With
+    ``bos`` the prompt starts with the tokenizer's beginning-of-text token: a
+    pretrained LM whose tokenizer puts one first (Llama's) saw it at the start
+    of every text it learnt from (``models.policy.adds_bos``; Qwen's has none).
     """
 
     max_history: int = 10
     text_template: str = ""
     item_tokens: bool = False
+    bos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_history < 1:
@@ -89,7 +93,8 @@ class PromptFormat:
         return self.text_template.format(history=", ".join(words))
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, history: Sequence[Sid]) -> list[int]:
-        return list(tokenizer(self.render(history), add_special_tokens=False)["input_ids"])
+        ids = list(tokenizer(self.render(history), add_special_tokens=False)["input_ids"])
+        return [int(tokenizer.bos_token_id), *ids] if self.bos else ids
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

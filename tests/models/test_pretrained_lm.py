@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from models.beam_search import BeamSearchConfig, beam_search
@@ -59,6 +59,44 @@ def test_prompt_keeps_the_text_of_a_word_level_tokenizer(text_lm: Path, tiny_cat
     assert tokens == ["The", "user", "bought", "these", "items", "in", "order:", *tiny_catalog.sids[0], "<unk>"] + [
         "The", "next", "item", "is:",
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama-style folder: its tokenizer puts <s> before every text, as Llama's does."""
+    words = ["<unk>", "<s>", "</s>", "The", "user", "bought", "these", "items", "in", "order:", "next", "item", "is:"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("llama_lm")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_prompt_starts_with_bos_where_the_pretrained_tokenizer_puts_one(
+    llama_lm: Path, text_lm: Path, tiny_catalog: SidCatalog, tmp_path: Path
+) -> None:
+    """A Llama-style model saw <s> first in every text it learnt from: its prompts start so too, in training and
+    decoding alike (one encoder), and a saved checkpoint keeps it; a tokenizer without one (Qwen's) is unchanged."""
+    history = [tiny_catalog.sids[0]]
+    policy = Policy.from_pretrained_lm(str(llama_lm), tiny_catalog)
+    tokens = policy.tokenizer.convert_ids_to_tokens(policy.prompt.encode(policy.tokenizer, history))
+    assert tokens[:4] == ["<s>", "The", "user", "bought"] and tokens.count("<s>") == 1
+    ids, _ = policy.encode_prompts([history])
+    assert ids[0, 0].item() == policy.tokenizer.bos_token_id
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "ck", policy)).policy
+    assert loaded.prompt.bos and loaded.prompt.encode(loaded.tokenizer, history) == policy.prompt.encode(
+        policy.tokenizer, history
+    )
+    plain = Policy.from_pretrained_lm(str(text_lm), tiny_catalog)
+    assert not plain.prompt.bos and plain.prompt.encode(plain.tokenizer, history)[0] != plain.tokenizer.bos_token_id
 
 
 def test_checkpoint_round_trip_and_sft(text_lm: Path, tiny_dataset, tmp_path: Path) -> None:
