@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,36 @@ def test_redis_persists_and_has_a_healthcheck(compose: dict[str, Any]) -> None:
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command
     assert any(v.endswith(":/data") for v in redis["volumes"]) and "redis-data" in compose["volumes"]
+
+
+def test_redis_healthcheck_fails_on_an_error_reply(compose: dict[str, Any], tmp_path: Path) -> None:
+    """While Redis reads its AOF back, PING answers ``LOADING`` (an error reply), and redis-cli exits 0 on error
+    replies unless given ``-e``: the api, waiting for a healthy redis, would start against one that cannot serve
+    histories yet. A refused PING (NOAUTH) is the same kind of error reply, on a local redis-server."""
+    test = compose["services"]["redis"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "redis-cli"] and "-e" in test, test
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        pytest.skip("redis-server / redis-cli are not installed: apt-get install -y redis-server")
+    port = free_port()
+    redis = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--requirepass", "pw", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        probe = [cli, "-h", "127.0.0.1", "-p", str(port), *test[2:]]  # the healthcheck's command, against this server
+        for _ in range(100):
+            out = subprocess.run(probe, capture_output=True, text=True, timeout=10)
+            if "NOAUTH" in out.stdout + out.stderr:
+                break
+            time.sleep(0.05)  # not listening yet
+        assert "NOAUTH" in out.stdout + out.stderr and out.returncode != 0, (out.returncode, out.stdout, out.stderr)
+        authed = [cli, "-h", "127.0.0.1", "-p", str(port), "--no-auth-warning", "-a", "pw", *test[2:]]
+        assert subprocess.run(authed, capture_output=True, timeout=10).returncode == 0
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
 
 
 def test_api_waits_for_redis_reserves_a_gpu_and_mounts_checkpoints(compose: dict[str, Any]) -> None:
