@@ -9,11 +9,15 @@ healthcheck, no weights).
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import re
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,29 +211,35 @@ def test_dockerignore_keeps_environments_data_and_weights_out() -> None:
     assert {".git", ".venv", "runs", "data", "**/*.safetensors", "**/*.npy"} <= patterns
 
 
-def test_nginx_answers_429_past_a_clients_burst_and_exempts_loopback(tmp_path: Path) -> None:
-    """The real nginx on docker/nginx.conf (listen port and upstream swapped for local ones) in front of a stub."""
-    import http.server
-    import threading
+class _Stub(http.server.BaseHTTPRequestHandler):
+    """A replica stand-in: 200 ``{}`` to any GET or POST, keeping each request's path and headers."""
 
-    import httpx
+    seen: list[tuple[str, dict[str, str]]] = []
 
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.seen.append((self.path, dict(self.headers)))
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def nginx_in_front_of_a_stub(tmp_path: Path) -> Iterator[tuple[int, type[_Stub]]]:
+    """The real nginx on docker/nginx.conf (listen port and upstream swapped for local ones) in front of a stub;
+    yields nginx's port and the stub's class, whose ``seen`` lists what reached the "replica"."""
     binary = shutil.which("nginx")
     if binary is None:
         pytest.skip("nginx is not installed: apt-get install -y nginx-light")
-
-    class Stub(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            self.rfile.read(int(self.headers.get("content-length") or 0))
-            self.send_response(200)
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    stub = type("Stub", (_Stub,), {"seen": []})
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), stub)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     port = free_port()
     conf = (REPO / "docker" / "nginx.conf").read_text()
@@ -239,6 +249,18 @@ def test_nginx_answers_429_past_a_clients_burst_and_exempts_loopback(tmp_path: P
     args = f"pid {tmp_path}/nginx.pid; daemon off; error_log {tmp_path}/error.log;"
     nginx = subprocess.Popen([binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", args])
     try:
+        yield port, stub
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=10)
+        upstream.shutdown()
+
+
+def test_nginx_answers_429_past_a_clients_burst_and_exempts_loopback(tmp_path: Path) -> None:
+    """The real nginx on docker/nginx.conf in front of a stub."""
+    import httpx
+
+    with nginx_in_front_of_a_stub(tmp_path) as (port, _):
         statuses: dict[str, list[int]] = {}
         for source in ("127.0.0.2", "127.0.0.1"):  # another client address; loopback proper
             transport = httpx.HTTPTransport(local_address=source, retries=20)
@@ -251,10 +273,21 @@ def test_nginx_answers_429_past_a_clients_burst_and_exempts_loopback(tmp_path: P
                 assert limited[0].headers["retry-after"] == "1"
         assert 0 < statuses["127.0.0.2"].count(200) < 40 and set(statuses["127.0.0.2"]) == {200, 429}
         assert statuses["127.0.0.1"] == [200] * 40
-    finally:
-        nginx.terminate()
-        nginx.wait(timeout=10)
-        upstream.shutdown()
+
+
+def test_nginx_keeps_metrics_off_the_balancer(tmp_path: Path) -> None:
+    """Each replica has its own counters: through the round-robin balancer a scrape would read another replica each
+    time, and the published port would show them to anyone. nginx answers 404 in the error shape instead."""
+    import httpx
+
+    with nginx_in_front_of_a_stub(tmp_path) as (port, stub):
+        transport = httpx.HTTPTransport(local_address="127.0.0.2", retries=20)
+        with httpx.Client(transport=transport, base_url=f"http://127.0.0.1:{port}") as client:
+            answers = [client.get(path) for path in ("/metrics", "/metrics?name=x", "/./metrics")]
+            assert client.get("/readyz").status_code == 200  # the rest still reaches a replica
+        for answer in answers:
+            assert answer.status_code == 404 and answer.json()["error"]["type"] == "not_found", answer.url
+        assert [path for path, _ in stub.seen] == ["/readyz"]
 
 
 def free_port() -> int:
