@@ -290,6 +290,25 @@ def test_nginx_keeps_metrics_off_the_balancer(tmp_path: Path) -> None:
         assert [path for path, _ in stub.seen] == ["/readyz"]
 
 
+def test_nginx_passes_on_the_request_ids_the_service_keeps(tmp_path: Path) -> None:
+    """A client's X-Request-ID reaches the replica when the service would keep it; any other is replaced by nginx's
+    own (which the service keeps), so nginx's log line and the replica's name the same id."""
+    import httpx
+
+    from service.middleware import _CLIENT_ID_RE
+
+    sent = ["trace-1.a:b_c", "x" * 64, "", "x" * 65, "has space", "semi;colon", "ünï"]
+    with nginx_in_front_of_a_stub(tmp_path) as (port, stub):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", transport=httpx.HTTPTransport(retries=20)) as client:
+            for rid in sent:
+                assert client.get("/readyz", headers={"X-Request-ID": rid.encode()}).status_code == 200
+    passed = [{k.lower(): v for k, v in headers.items()}["x-request-id"] for _, headers in stub.seen]
+    assert len(passed) == len(sent)
+    for rid, got in zip(sent, passed, strict=True):
+        assert _CLIENT_ID_RE.match(got), (rid, got)
+        assert (got == rid) == bool(_CLIENT_ID_RE.match(rid)), (rid, got)
+
+
 def free_port() -> int:
     import socket
 
