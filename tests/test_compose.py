@@ -209,6 +209,7 @@ def test_service_image_cuda_by_default_cpu_by_build_arg() -> None:
 def test_dockerignore_keeps_environments_data_and_weights_out() -> None:
     patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"}
     assert {".git", ".venv", "runs", "data", "**/*.safetensors", "**/*.npy"} <= patterns
+    assert ".env" in patterns, "compose's .env holds the API keys; COPY . /src would put it in the builder's layer"
 
 
 class _Stub(http.server.BaseHTTPRequestHandler):
