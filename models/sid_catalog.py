@@ -16,14 +16,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 LEVEL_PREFIXES = "abcdefgh"
-_TOKEN_RE = re.compile(r"<([a-h])_(\d+)>")
-_SID_RE = re.compile(r"^(?:<[a-h]_\d+>)+$")
+_TOKEN_RE = re.compile(r"<([a-h])_(\d+)>", re.ASCII)
+_SID_RE = re.compile(r"^(?:<[a-h]_\d+>)+$", re.ASCII)  # ASCII digits: int() reads others too
 
 Sid = tuple[str, ...]
 
 
 def parse_sid(text: str, depth: int | None = None) -> Sid:
-    """Split ``"<a_1><b_2><c_3>"`` into its tokens, checking the level letters.
+    """Split ``"<a_1><b_2><c_3>"`` into its tokens, checking the level letters and that codes are written
+    without leading zeros (``<b_07>`` would be a token of its own, outside the vocabulary, for code 7).
 
     Raises ``ValueError`` naming the problem for anything else.
     """
@@ -35,6 +36,11 @@ def parse_sid(text: str, depth: int | None = None) -> Sid:
         if token[1] != LEVEL_PREFIXES[level]:
             raise ValueError(
                 f"malformed SID {text!r}: token {level + 1} is {token}, expected level letter {LEVEL_PREFIXES[level]!r}"
+            )
+        if code_text(token) != str(token_code(token)):  # the vocabulary and the trie spell codes without them
+            raise ValueError(
+                f"malformed SID {text!r}: token {level + 1} is {token}, a code with a leading zero; "
+                f"write it {level_token(level, token_code(token))}"
             )
     if depth is not None and len(tokens) != depth:
         raise ValueError(f"malformed SID {text!r}: {len(tokens)} tokens, expected {depth}")

@@ -21,6 +21,17 @@ def test_parse_sid() -> None:
         parse_sid("<a_1><b_2>", depth=3)
 
 
+def test_a_code_is_written_as_the_vocabulary_writes_it() -> None:
+    # "<b_07>" is no token of the vocabulary (level_token writes "<b_7>"): the prompt read it as <unk>, and the
+    # trie put "<a_1><b_07>" and "<a_1><b_7>" on one leaf, leaving one of the two SIDs unreachable
+    assert parse_sid("<a_0><b_10><c_7>") == ("<a_0>", "<b_10>", "<c_7>")
+    for bad, token in (("<a_1><b_07>", "<b_07>"), ("<a_00><b_7>", "<a_00>")):
+        with pytest.raises(ValueError, match=f"{token}, a code with a leading zero; write it"):
+            parse_sid(bad)
+    with pytest.raises(ValueError, match="malformed SID"):
+        parse_sid("<a_\u0661><b_7>")  # an Arabic-Indic digit one, which int() reads as 1
+
+
 def test_shared_sid_keeps_all_items() -> None:
     sid = ("<a_0>", "<b_0>", "<c_0>")
     cat = SidCatalog({1: Item(1, "x", sid), 2: Item(2, "y", sid), 3: Item(3, "z", ("<a_1>", "<b_0>", "<c_0>"))})
