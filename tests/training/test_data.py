@@ -156,6 +156,30 @@ def test_unreadable_files_are_named(
         load_dataset(data)
 
 
+def test_item_ids_beside_embeddings_must_be_their_rows(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Row i of item_emb.npy is item i: a catalog of 1-based ids (1..N) beside it is refused in one line (the
+    dense reward and --text-init indexed the array by id: a traceback at N, the wrong item's row below it);
+    without the array such ids load."""
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    index = json.loads((data / "index.json").read_text())
+    (data / "index.json").write_text(json.dumps({str(int(k) + 1): v for k, v in index.items()}))
+    for split in ("train", "valid", "test"):
+        path = data / f"{split}.csv"
+        rows = list(csv.DictReader(path.open(newline="")))
+        for row in rows:
+            row["history_item_id"] = str([int(i) + 1 for i in json.loads(row["history_item_id"])])
+            row["item_id"] = str(int(row["item_id"]) + 1)
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+    n = len(index)
+    with pytest.raises(DataError, match=rf"index.json: the {n} items must have ids 0..{n - 1} \(row i of item_emb.npy"):
+        load_dataset(data)
+    (data / "item_emb.npy").unlink()
+    assert max(load_dataset(data).catalog.items) == n
+
+
 def test_minionerec_layout(tiny_data_dir: Path, tmp_path: Path) -> None:
     base = tmp_path / "MiniOneRec" / "data" / "Amazon"
     for split in ("train", "valid", "test"):

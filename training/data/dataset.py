@@ -223,6 +223,12 @@ def _load(name: str, files: dict[str, Path], emb_path: Path | None) -> RecDatase
     embeddings = None
     if emb_path is not None:
         embeddings = read_embeddings(emb_path, catalog.num_items, str(files["index"]))
+        if max(catalog.items) >= catalog.num_items:  # N distinct ids below N are 0..N-1
+            missing = min(set(range(catalog.num_items)) - catalog.items.keys())
+            raise DataError(
+                f"{files['index']}: the {catalog.num_items} items must have ids 0..{catalog.num_items - 1} "
+                f"(row i of {emb_path.name} = item i); {missing} is missing and the largest id is {max(catalog.items)}"
+            )
         files = files | {"item_emb": emb_path}
     return RecDataset(name, catalog, splits, embeddings, files)
 
