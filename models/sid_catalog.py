@@ -12,6 +12,7 @@ a checkpoint folder alone rebuilds the policy's output space.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -107,16 +108,22 @@ class SidCatalog:
         """Build from MiniOneRec's ``index.json`` shape: ``{"0": ["<a_1>", "<b_2>", "<c_3>"]}``."""
         titles = titles or {}
         items: dict[int, Item] = {}
-        depth = None
         for key, tokens in index.items():
             try:
                 item_id = int(key)
             except ValueError:
                 raise ValueError(f"index key {key!r} is not an integer item id") from None
-            sid = parse_sid("".join(tokens))
-            depth = depth or len(sid)
-            items[item_id] = Item(item_id, titles.get(item_id, ""), sid)
-        return cls(items, depth=depth or 3)
+            items[item_id] = Item(item_id, titles.get(item_id, ""), parse_sid("".join(tokens)))
+        lengths = Counter(len(item.sid) for item in items.values())
+        depth = lengths.most_common(1)[0][0] if items else 3
+        if len(lengths) > 1:  # name an item off the common length, not whichever came first
+            odd = next(item for item in items.values() if len(item.sid) != depth)
+            counts = ", ".join(f"{length} tokens: {n} items" for length, n in lengths.most_common())
+            raise ValueError(
+                f"SIDs of mixed lengths ({counts}; e.g. item {odd.item_id}: {sid_to_str(odd.sid)}): "
+                "every SID needs the same number of tokens"
+            )
+        return cls(items, depth=depth)
 
     def to_index(self) -> dict[str, list[str]]:
         return {str(i): list(item.sid) for i, item in sorted(self.items.items())}

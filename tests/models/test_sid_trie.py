@@ -32,6 +32,15 @@ def test_a_code_is_written_as_the_vocabulary_writes_it() -> None:
         parse_sid("<a_\u0661><b_7>")  # an Arabic-Indic digit one, which int() reads as 1
 
 
+def test_sids_of_mixed_lengths_name_an_item_off_the_common_length() -> None:
+    # the depth was the first item's: one short SID first in index.json blamed every other item for it
+    index = {"0": ["<a_1>", "<b_2>"]} | {str(i): ["<a_1>", "<b_2>", f"<c_{i}>"] for i in range(1, 5)}
+    message = r"mixed lengths \(3 tokens: 4 items, 2 tokens: 1 items; e.g. item 0: <a_1><b_2>\)"
+    with pytest.raises(ValueError, match=message):
+        SidCatalog.from_index(index)
+    assert SidCatalog.from_index({"0": ["<a_1>", "<b_2>"], "1": ["<a_1>", "<b_3>"]}).depth == 2
+
+
 def test_shared_sid_keeps_all_items() -> None:
     sid = ("<a_0>", "<b_0>", "<c_0>")
     cat = SidCatalog({1: Item(1, "x", sid), 2: Item(2, "y", sid), 3: Item(3, "z", ("<a_1>", "<b_0>", "<c_0>"))})
