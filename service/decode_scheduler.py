@@ -120,6 +120,11 @@ class DecodeScheduler:
         # VED searches as the checkpoint trained it to (vstar eval --decoder ved does the same), without RL's
         # exploratory slots (a list is ranked by score) and with each request's budget, not a stored one
         self.ved_settings = replace(checkpoint_ved_config(checkpoint, settings.default_k, explore_slots=0), budget=None)
+        if self.policy.catalog.depth < 2:  # the warm-up's VED decode would die on it with a traceback
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path}: SIDs of {self.policy.catalog.depth} token: the service also answers "
+                "with VED, which searches over SID prefixes, so it needs SIDs of at least 2 tokens"
+            )
         self.catalog = checkpoint.policy.catalog
         self.settings = settings
         self.metrics = metrics

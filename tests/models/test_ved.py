@@ -256,6 +256,10 @@ def test_resolve_budget() -> None:
         VEDConfig(init_beams=0)
     with pytest.raises(ValueError, match="explore_slots"):
         VEDConfig(num_candidates=4, explore_slots=5)
+    # SIDs of one token have no prefixes: the RL run checks the budget before it writes anything, so this
+    # stops it there (it used to stop at VED's first search, <out>.resume written)
+    with pytest.raises(ValueError, match="SIDs of depth 1 have none"):
+        resolve_budget(VEDConfig(), 1)
 
 
 def test_complete_sids_cost_nothing(tiny_policy: Policy, head: ValueHead) -> None:

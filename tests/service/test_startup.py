@@ -25,6 +25,7 @@ from service.errors import StartupError
 from service.json_logs import JsonFormatter
 from service.recommender import Recommender
 from service.settings import Settings
+from tests.conftest import make_catalog
 from tests.service.conftest import free_port
 from vstar import app
 
@@ -159,6 +160,15 @@ def test_a_warm_up_that_decodes_nothing_fails_the_start_even_under_python_O(
     monkeypatch.setattr(Recommender, "_decode", lambda self, key, jobs: [DecodeRow([-1], [0.0]) for _ in jobs])
     with pytest.raises(CheckpointError, match="warm-up decode"):
         start(make_settings())
+
+
+def test_sids_of_one_token_stop_the_start_in_one_line(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """VED searches over SID prefixes, which one-token SIDs (vstar sids --levels 1) lack: the warm-up's VED
+    decode died with a traceback; now the start stops with a CheckpointError, the one log line."""
+    policy = Policy.from_preset("tiny", make_catalog(40, codes=(50,)), seed=0)
+    path = save_checkpoint(tmp_path / "flat", policy, manifest={"note": "one-token SIDs"})
+    with pytest.raises(CheckpointError, match="SIDs of 1 token: the service also answers with VED"):
+        start(make_settings(checkpoint=path))
 
 
 def test_a_sigterm_during_the_warm_up_stops_the_start(tiny_checkpoint: Path) -> None:
