@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from models.sid_catalog import Sid, SidCatalog, parse_sid, sid_to_str
+from models.sid_catalog import Sid, SidCatalog, level_token, parse_sid, sid_to_str
 from service.errors import InvalidInput, shorten
 
 MAX_LISTED = 10  # bad entries quoted per kind in an error message
@@ -60,7 +60,8 @@ def resolve_entries(catalog: SidCatalog, entries: Iterable[int | str], field: st
     if unknown_ids:
         problems.append(f"unknown item ids {_listed(unknown_ids)}")
     if malformed:
-        problems.append(f"malformed SIDs {_listed(malformed)}: expected {catalog.depth} tokens like <a_1><b_2><c_3>")
+        example = "".join(level_token(level, level + 1) for level in range(catalog.depth))  # <a_1><b_2><c_3> for 3
+        problems.append(f"malformed SIDs {_listed(malformed)}: expected {catalog.depth} tokens like {example}")
     if unknown_sids:
         problems.append(f"SIDs not in the catalog {_listed(unknown_sids)}")
     if problems:

@@ -1,0 +1,17 @@
+"""History entries resolved against the catalog: the error names each bad entry with the catalog's own SID shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.errors import InvalidInput
+from service.history import resolve_entries
+from tests.conftest import make_catalog
+
+
+@pytest.mark.parametrize(("codes", "example"), [((6, 5), "<a_1><b_2>"), ((6, 5, 5, 4), "<a_1><b_2><c_3><d_4>")])
+def test_a_malformed_sid_is_shown_the_catalogs_own_shape(codes: tuple[int, ...], example: str) -> None:
+    # the example was <a_1><b_2><c_3> whatever the depth: "expected 2 tokens like <a_1><b_2><c_3>"
+    catalog = make_catalog(30, codes=codes)
+    with pytest.raises(InvalidInput, match=f"expected {len(codes)} tokens like {example}$"):
+        resolve_entries(catalog, ["<a_1><b_2><c_3><d_4><e_5>"], "history")
