@@ -108,11 +108,14 @@ class SidCatalog:
         """Build from MiniOneRec's ``index.json`` shape: ``{"0": ["<a_1>", "<b_2>", "<c_3>"]}``."""
         titles = titles or {}
         items: dict[int, Item] = {}
+        keys: dict[int, str] = {}
         for key, tokens in index.items():
-            try:
-                item_id = int(key)
-            except ValueError:
-                raise ValueError(f"index key {key!r} is not an integer item id") from None
+            if not re.fullmatch(r"[0-9]+", key):  # int() also reads " 1", "+1", "1_0" and other scripts' digits
+                raise ValueError(f"index key {key!r} is not an item id (decimal digits)")
+            item_id = int(key)
+            if item_id in keys:  # "1" and "01": one would silently replace the other
+                raise ValueError(f"index keys {keys[item_id]!r} and {key!r} both name item {item_id}")
+            keys[item_id] = key
             items[item_id] = Item(item_id, titles.get(item_id, ""), parse_sid("".join(tokens)))
         lengths = Counter(len(item.sid) for item in items.values())
         depth = lengths.most_common(1)[0][0] if items else 3

@@ -41,6 +41,20 @@ def test_sids_of_mixed_lengths_name_an_item_off_the_common_length() -> None:
     assert SidCatalog.from_index({"0": ["<a_1>", "<b_2>"], "1": ["<a_1>", "<b_3>"]}).depth == 2
 
 
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (["1", "01"], "index keys '1' and '01' both name item 1"),  # one replaced the other, silently
+        (["1", "+2"], r"index key '\+2' is not an item id \(decimal digits\)"),
+        (["1", " 2"], r"index key ' 2' is not an item id"),
+    ],
+)
+def test_index_keys_name_one_item_each(keys: list[str], message: str) -> None:
+    index = {key: ["<a_1>", "<b_2>", f"<c_{i}>"] for i, key in enumerate(keys)}
+    with pytest.raises(ValueError, match=message):
+        SidCatalog.from_index(index)
+
+
 def test_shared_sid_keeps_all_items() -> None:
     sid = ("<a_0>", "<b_0>", "<c_0>")
     cat = SidCatalog({1: Item(1, "x", sid), 2: Item(2, "y", sid), 3: Item(3, "z", ("<a_1>", "<b_0>", "<c_0>"))})

@@ -115,6 +115,9 @@ def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
     (data / "index.json").write_text("{not json")
     with pytest.raises(DataError, match="index.json:1: invalid JSON"):
         load_dataset(data)
+    (data / "index.json").write_text('{"0": ["<a_1>", "<b_2>", "<c_3>"], "0": ["<a_1>", "<b_2>", "<c_4>"]}')
+    with pytest.raises(DataError, match="index.json: key '0' appears twice in one object"):  # json kept the last
+        load_dataset(data)
     (data / "index.json").unlink()
     with pytest.raises(DataError, match="index.json: file not found"):
         load_dataset(data)

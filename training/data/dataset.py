@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -190,14 +190,30 @@ def load_minionerec(root: str | Path, dataset: str) -> RecDataset:
     return _load(dataset, files, emb if emb.exists() else None)
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
 def read_json_object(path: Path) -> dict:
     """A data file holding one JSON object (UTF-8), or a DataError naming the file and the problem."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (what some editors write) is not data
+        # a BOM (what some editors write) is not data; a key given twice is refused (json keeps the last, silently)
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_repeated_keys)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except _RepeatedKey as e:
+        raise DataError(f"{path}: key {e.args[0]!r} appears twice in one object (which one holds?)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(data, dict):
