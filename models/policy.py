@@ -28,19 +28,11 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
 from models.sid_catalog import Sid, SidCatalog
 from models.sid_tokenizer import TEXT_TEMPLATE, PromptFormat, add_sid_tokens, build_sid_tokenizer, prompt_vocabulary
 from models.sid_trie import SidTrie
 
-# The files a saved tokenizer has one of (fast, word-piece, BPE, SentencePiece), as ``vstar embed`` checks them.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")  # the fast class's names (4.x, 5.x)
 
 
@@ -136,7 +128,7 @@ class Policy:
         weights, an architecture without a causal LM head), no tokenizer (``AutoTokenizer`` would build
         an empty one for some architectures, Qwen2's, which drops the prompt's text and shrinks the
         embeddings to the SID tokens), or a tokenizer with more tokens than the model has embeddings."""
-        if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        if not has_tokenizer(Path(path)):
             raise ValueError(
                 f"base model {path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
                 "into the same folder (tokenizer.save_pretrained)"
@@ -199,11 +191,6 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     model never saw a text without one; Qwen's has no such token)."""
     bos = tokenizer.bos_token_id
     return bos is not None and list(tokenizer("a")["input_ids"][:1]) == [bos]
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def preset_dict(name: str) -> dict[str, object]:

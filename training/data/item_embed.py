@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
 from training.data.dataset import DataError, read_json_object
 
 Pooling = Literal["mean", "cls", "last"]
@@ -192,21 +193,6 @@ def weights_sha256(folder: Path) -> str | None:
     return h.hexdigest()
 
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 class TextEncoder:
     """A local Hugging Face encoder with its tokenizer, pooled to one vector per text."""
 
@@ -215,7 +201,7 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         folder = config.encoder
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if not has_tokenizer(folder):
             raise EncoderError(
                 f"{folder}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer with the model "
                 "(tokenizer.save_pretrained into the same folder)"
@@ -224,7 +210,7 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             self.model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
         except Exception as e:  # transformers and safetensors raise many kinds; each means "not loadable"
-            raise EncoderError(f"{folder}: cannot load a text encoder and its tokenizer ({_first_line(e)})") from None
+            raise EncoderError(f"{folder}: cannot load a text encoder and its tokenizer ({first_line(e)})") from None
         table = self.model.get_input_embeddings().weight.shape[0]
         if len(self.tokenizer) < table // 2:
             raise EncoderError(
@@ -249,7 +235,7 @@ class TextEncoder:
         try:  # fail here, not after hours of encoding: a checkpoint of another kind loads but cannot encode
             self.encode(["probe"])
         except Exception as e:
-            raise EncoderError(f"{folder}: loads, but cannot encode text ({_first_line(e)})") from None
+            raise EncoderError(f"{folder}: loads, but cannot encode text ({first_line(e)})") from None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32 rows, L2-normalised."""
