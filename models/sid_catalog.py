@@ -33,6 +33,8 @@ def parse_sid(text: str, depth: int | None = None) -> Sid:
     if not _SID_RE.match(text):
         raise ValueError(f"malformed SID {text!r}: expected tokens like <a_1><b_2><c_3>")
     tokens = tuple(f"<{m.group(1)}_{m.group(2)}>" for m in _TOKEN_RE.finditer(text))
+    if len(tokens) > len(LEVEL_PREFIXES):  # the levels are the letters a..h: no token has a letter past them
+        raise ValueError(f"malformed SID {text!r}: {len(tokens)} tokens, at most {len(LEVEL_PREFIXES)}")
     for level, token in enumerate(tokens):
         if token[1] != LEVEL_PREFIXES[level]:
             raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from models.sid_catalog import SidCatalog
 from service.errors import InvalidInput
 from service.history import resolve_entries
 from tests.conftest import make_catalog
@@ -15,3 +16,10 @@ def test_a_malformed_sid_is_shown_the_catalogs_own_shape(codes: tuple[int, ...],
     catalog = make_catalog(30, codes=codes)
     with pytest.raises(InvalidInput, match=f"expected {len(codes)} tokens like {example}$"):
         resolve_entries(catalog, ["<a_1><b_2><c_3><d_4><e_5>"], "history")
+
+
+def test_a_sid_of_more_tokens_than_levels_is_malformed_not_a_500(tiny_catalog: SidCatalog) -> None:
+    # nine tokens, the ninth past the level letters a..h: parse_sid raised IndexError, and POST /recommend a 500
+    nine = "<a_1><b_1><c_1><d_1><e_1><f_1><g_1><h_1><a_1>"
+    with pytest.raises(InvalidInput, match=r"^history: malformed SIDs \['<a_1>.*\(1\): expected 3 tokens"):
+        resolve_entries(tiny_catalog, [nine], "history")
