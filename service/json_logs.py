@@ -7,7 +7,7 @@ the JSON object.
 
 No secret reaches a log line: settings dump their secrets masked
 (``service.settings``), and as a last guard every line has the password of any
-URL with credentials (``redis://user:password@host``) replaced by ``***``,
+URL with credentials (``redis://user:password@host``, or ``?password=`` in its query) replaced by ``***``,
 wherever it comes from (an exception message, a library's log).
 """
 
@@ -25,11 +25,14 @@ _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "color_message"}
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@\"]*:)[^\s/@\"]+@")
+# redis-py also reads the password from the query: redis://host:6379/0?password=...
+_QUERY_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?\"]*\?(?:[^\s#\"]*&)?password=)[^\s&#\"]+")
 
 
 def redact_urls(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host``, everywhere in ``text``."""
-    return _URL_PASSWORD.sub(r"\g<head>***@", text)
+    """``scheme://user:password@host`` -> ``scheme://user:***@host`` and ``...?password=secret`` ->
+    ``...?password=***``, everywhere in ``text``."""
+    return _QUERY_PASSWORD.sub(r"\g<head>***", _URL_PASSWORD.sub(r"\g<head>***@", text))
 
 
 def current_request_id() -> str:

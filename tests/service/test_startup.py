@@ -139,6 +139,16 @@ def test_secrets_never_reach_the_logs(
     assert "s3cret-pw" not in logged and "redis://vstar:***@127.0.0.1" in logged
 
 
+def test_a_password_in_the_redis_urls_query_never_reaches_the_logs(
+    make_settings: Callable[..., Settings], dead_redis_url: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """redis-py takes the password from the query too (``?password=``): the settings line printed it whole."""
+    with TestClient(create_app(make_settings(redis_url=dead_redis_url + "?password=s3cret-pw", log_level="INFO"))):
+        pass
+    logged = capfd.readouterr().err
+    assert '"msg": "settings"' in logged and "s3cret-pw" not in logged and "?password=***" in logged
+
+
 def test_the_log_formatter_masks_credentials_in_any_url() -> None:
     record = logging.makeLogRecord({"msg": "cannot reach %s", "args": ("rediss://u:p%40ss@h:6380/1",)})
     assert JsonFormatter().format(record).count("rediss://u:***@h:6380/1") == 1
