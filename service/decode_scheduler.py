@@ -154,7 +154,12 @@ class DecodeScheduler:
         stop = threading.Event()
         with stop_on_signals(stop):  # the log line comes once a signal would stop it
             log.info("warming up", extra={"batch_max_size": self.settings.batch_max_size})
-            self.executor.submit(self._warmup, stop).result()
+            done = self.executor.submit(self._warmup, stop)
+            while True:  # in slices: a signal the kernel gave another thread (the model's) runs its handler here,
+                try:  # and Python runs it only when this thread runs, not while it sleeps in one long wait
+                    return done.result(timeout=0.05)
+                except TimeoutError:
+                    continue
 
     def _warmup(self, stop: threading.Event) -> None:
         first = self.catalog.sids[0]

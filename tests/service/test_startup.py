@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,7 @@ from models.checkpoint import CheckpointError, save_checkpoint
 from models.policy import Policy
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.app import create_app
-from service.decode_scheduler import DecodeRow
+from service.decode_scheduler import DecodeRow, stopped
 from service.errors import StartupError
 from service.json_logs import JsonFormatter
 from service.recommender import Recommender
@@ -179,6 +180,27 @@ def test_sids_of_one_token_stop_the_start_in_one_line(make_settings: Callable[..
     path = save_checkpoint(tmp_path / "flat", policy, manifest={"note": "one-token SIDs"})
     with pytest.raises(CheckpointError, match="SIDs of 1 token: the service also answers with VED"):
         start(make_settings(checkpoint=path))
+
+
+def test_a_signal_the_model_thread_receives_still_stops_the_warm_up(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel hands a process's SIGTERM to any of its threads. When the model thread got it, Python ran the
+    handler only once the main thread ran again: it slept in one wait for the whole warm-up, which then went on
+    to the end (seen in CI: 10 s of warm-up after the signal). The main thread now waits in slices."""
+    with TestClient(create_app(make_settings())) as client:
+        recommender = client.app.state.recommender  # type: ignore[attr-defined]
+
+        def warmup(stop: threading.Event) -> None:  # on the model thread, as the real one runs
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # delivered to this thread alone
+            if not stop.wait(2.0):
+                raise AssertionError("the signal did not reach the warm-up")
+            stopped(stop)
+
+        monkeypatch.setattr(recommender, "_warmup", warmup)
+        assert threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+        with pytest.raises(StartupError, match="stopped by a signal during the warm-up"):
+            recommender.warmup()
 
 
 def test_a_sigterm_during_the_warm_up_stops_the_start(tiny_checkpoint: Path) -> None:
