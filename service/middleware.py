@@ -34,7 +34,7 @@ from service.json_logs import reset_request_id, set_request_id
 
 access_log = logging.getLogger("service.access")
 ARRIVAL_KEY = "vstar.arrival"  # scope key: time.perf_counter() when the request arrived
-_CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # fullmatch: "$" would also take a final newline
 
 
 class RequestContextMiddleware:
@@ -47,7 +47,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get("x-request-id", "")
-        rid = given if _CLIENT_ID_RE.match(given) else uuid.uuid4().hex
+        rid = given if _CLIENT_ID_RE.fullmatch(given) else uuid.uuid4().hex
         token = set_request_id(rid)
         start = time.perf_counter()
         scope[ARRIVAL_KEY] = start  # VED's latency cap counts from here, body parsing included
@@ -86,7 +86,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > self.max_bytes):
             message = f"request body: larger than the limit of {self.max_bytes} bytes"
             await JSONResponse(error_body("payload_too_large", message), status_code=413)(scope, receive, send)
             return
