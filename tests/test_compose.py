@@ -306,8 +306,8 @@ def test_nginx_passes_on_the_request_ids_the_service_keeps(tmp_path: Path) -> No
     passed = [{k.lower(): v for k, v in headers.items()}["x-request-id"] for _, headers in stub.seen]
     assert len(passed) == len(sent)
     for rid, got in zip(sent, passed, strict=True):
-        assert _CLIENT_ID_RE.match(got), (rid, got)
-        assert (got == rid) == bool(_CLIENT_ID_RE.match(rid)), (rid, got)
+        assert _CLIENT_ID_RE.fullmatch(got), (rid, got)
+        assert (got == rid) == bool(_CLIENT_ID_RE.fullmatch(rid)), (rid, got)
 
 
 def free_port() -> int:
