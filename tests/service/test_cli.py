@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,18 +71,18 @@ def test_several_workers_answer_a_scrape_with_all_their_metrics(tiny_checkpoint:
     env = os.environ | {"VSTAR_WARMUP": "false", "OMP_NUM_THREADS": "1", "VSTAR_TORCH_THREADS": "1"}
     env.pop("REDIS_URL", None)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    folders_before = set(Path(tempfile.gettempdir()).glob("vstar-metrics-*"))
     command = [sys.executable, "vstar.py", "serve", "--checkpoint", str(tiny_checkpoint), "--workers", "2"]
     server = subprocess.Popen([*command, "--port", str(port)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    assert server.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(server.stderr or ()), daemon=True)  # the JSON log
+    reader.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        ready = 0
-        for _ in range(600):  # both workers ready: two answers in a row from a fresh connection each
-            try:
-                ready = ready + 1 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200 else 0
-            except httpx.TransportError:
-                ready = 0
-            if ready >= 10:
-                break
+        deadline = time.monotonic() + 120  # both workers serving: a worker still starting accepts nothing
+        while sum("Application startup complete" in line for line in lines) < 2:
+            assert time.monotonic() < deadline and server.poll() is None, "".join(lines)[-2000:]
             time.sleep(0.1)
         n = 24
         for i in range(n):  # a new connection each: the kernel hands them to either worker
@@ -95,10 +96,10 @@ def test_several_workers_answer_a_scrape_with_all_their_metrics(tiny_checkpoint:
             assert len(pids) == 2 and all('pid="' in labels for labels in pids), pids
     finally:
         server.terminate()
-        _, stderr = server.communicate(timeout=60)
-    folders = {json.loads(line).get("settings", {}).get("checkpoint") for line in stderr.splitlines()}
-    assert str(tiny_checkpoint.resolve()) in folders, stderr[-2000:]  # the workers started and logged
-    assert not any(Path(tempfile.gettempdir()).glob("vstar-metrics-*")), "the metrics folder outlived the server"
+        server.wait(timeout=60)
+        reader.join(timeout=10)
+    left = set(Path(tempfile.gettempdir()).glob("vstar-metrics-*")) - folders_before
+    assert not left, f"the metrics folder outlived the server: {left}"
 
 
 def test_several_workers_refuse_a_metrics_folder_that_is_not_one(
