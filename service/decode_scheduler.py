@@ -62,7 +62,14 @@ from models.device import synchronize
 from models.sid_catalog import Sid
 from models.value_head import ValueHead
 from models.ved import ved_search
-from models.ved_config import VEDConfig, VEDStats, checkpoint_ved_config, initial_beam_stats, initial_beam_width
+from models.ved_config import (
+    VEDConfig,
+    VEDStats,
+    checkpoint_ved_config,
+    initial_beam_stats,
+    initial_beam_width,
+    resolve_budget,
+)
 from service.batcher import MicroBatcher
 from service.deadline import BatchCost, DeadlineMargin
 from service.errors import StartupError
@@ -120,11 +127,13 @@ class DecodeScheduler:
         # VED searches as the checkpoint trained it to (vstar eval --decoder ved does the same), without RL's
         # exploratory slots (a list is ranked by score) and with each request's budget, not a stored one
         self.ved_settings = replace(checkpoint_ved_config(checkpoint, settings.default_k, explore_slots=0), budget=None)
-        if self.policy.catalog.depth < 2:  # the warm-up's VED decode would die on it with a traceback
+        try:  # VED's own rule for the catalogs it can search (the warm-up's VED decode would die on the others)
+            resolve_budget(self.ved_settings, self.policy.catalog.depth)
+        except ValueError as e:
             raise CheckpointError(
                 f"checkpoint {checkpoint.path}: SIDs of {self.policy.catalog.depth} token: the service also answers "
-                "with VED, which searches over SID prefixes, so it needs SIDs of at least 2 tokens"
-            )
+                f"with VED ({e})"
+            ) from None
         self.catalog = checkpoint.policy.catalog
         self.settings = settings
         self.metrics = metrics

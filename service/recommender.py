@@ -212,8 +212,8 @@ class Recommender(DecodeScheduler):
         # a VED request's store reads end at a share of its time to its last chance, and its cache write gets as
         # long (module doc): a stalled Redis cannot hold it, nor take the time its search needs
         answer_by = self._answer_by(req, started) if req.mode == "ved" else None
-        share_s = None if answer_by is None else self.settings.ved_store_share * (answer_by - started)
-        reads_by = None if share_s is None else started + share_s
+        share_s = 0.0 if answer_by is None else self.settings.ved_store_share * (answer_by - started)
+        reads_by = None if answer_by is None else started + share_s
         events, stored_state = await self._history_for(req, reads_by)
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
         seen = events[-self.max_prompt_history :]
@@ -223,9 +223,8 @@ class Recommender(DecodeScheduler):
         if answer is None:
             answer = await self._search(req, seen, excluded, started, answer_by)
             if key is not None and not answer.cap_hit:
-                write_by = None
-                if answer_by is not None and share_s is not None:  # as long as the reads had, up to the last chance
-                    write_by = min(answer_by, time.perf_counter() + share_s)
+                # as long as the reads had, up to the last chance
+                write_by = None if answer_by is None else min(answer_by, time.perf_counter() + share_s)
                 await self._cache_set(key, answer, write_by)
         return RecommendResponse(
             items=[RecommendedItem(**asdict(it)) for it in answer.items],
