@@ -86,7 +86,7 @@ from service.schemas import (
     SearchStats,
 )
 from service.settings import Settings
-from service.stores import Store, WriteOutcomeUnknown
+from service.stores import Store, StoreRefused, WriteOutcomeUnknown
 
 T = TypeVar("T")
 log = logging.getLogger("service.recommender")
@@ -420,6 +420,11 @@ class Recommender(DecodeScheduler):
             )
             raise StoreUnavailable(
                 f"the history store did not confirm the write; the events may have been stored: {retry}"
+            ) from None
+        except StoreRefused as e:
+            self.metrics.store_errors.labels("append_history").inc()
+            raise StoreUnavailable(
+                f"the history store refused the write ({e.reason}); the events were not stored"
             ) from None
         except StoreUnavailable:
             self.metrics.store_errors.labels("append_history").inc()

@@ -23,8 +23,12 @@ and returns that record. So:
   unknown (``WriteOutcomeUnknown``, a 503 that says the events may have been
   stored): a retry with the same ``Idempotency-Key`` is safe then, one without
   a key is not. A 503 that says "not stored" comes only when nothing was sent:
-  the circuit breaker below was open, or Redis refused the first connection
-  (a Redis that is down), which fails at once instead of for ``settle_s``.
+  the circuit breaker below was open, Redis refused the first connection
+  (a Redis that is down), which fails at once instead of for ``settle_s``, or
+  Redis answered the first copy with an error (``StoreRefused``: out of memory
+  under ``maxmemory``, a read-only replica, a key of another type). Redis
+  refuses those at the script's first write, its RPUSH (a script that has
+  written is never refused for memory after), so nothing was stored.
 * redis-py itself retries once on a connection error only, never on a timeout.
 
 Records of client keys live ``idempotency_ttl_s``; a request without a key
@@ -38,7 +42,9 @@ Redis outage policy (a tested decision, see the README):
   none), and an event write is answered with 503, so no event is lost silently;
 * after a failure the store stops calling Redis for ``redis_retry_after_s``
   (a small circuit breaker), so an outage costs requests nothing beyond that,
-  then tries again: recovery needs no restart;
+  then tries again: recovery needs no restart. An error Redis answered with
+  (``StoreRefused``) is no outage and leaves the breaker closed: a Redis out of
+  memory refuses writes but still serves the histories it holds;
 * commands retry once on a connection error, which is what a pooled connection
   that died with the old Redis needs after Redis comes back.
 """
@@ -96,6 +102,14 @@ return {'stored', record}
 
 class WriteOutcomeUnknown(StoreUnavailable):
     """A write got no answer, nor did the copies sent after it: it may or may not have run."""
+
+
+class StoreRefused(StoreUnavailable):
+    """Redis answered the command with an error (``reason``, Redis's words): the command did not run."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"Redis refused the command ({what}): {reason}")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -232,12 +246,15 @@ class RedisStore(Store):
         self._write = self._redis.register_script(WRITE)
         self._down_until = 0.0  # monotonic time before which Redis is not tried
         self._healthy = True
+        self._refusing: str | None = None  # the last error Redis answered with, until a command succeeds
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         if time.monotonic() < self._down_until:
             raise StoreUnavailable(f"Redis is unavailable ({what}); retrying in under {self.retry_after_s:g} s")
         try:
             result = await op()
+        except ResponseError as e:
+            raise self._refusal(what, e) from e
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self._failed(what, e)
             raise StoreUnavailable(f"Redis is unavailable ({what})") from e
@@ -250,10 +267,19 @@ class RedisStore(Store):
             log.warning("redis unavailable", extra={"op": what, "error": repr(error)})
         self._healthy = False
 
+    def _refusal(self, what: str, error: ResponseError) -> StoreRefused:
+        """Redis is up and said no: logged once per distinct reason, the breaker left as it is."""
+        reason = f"{type(error).__name__}: {error}"  # redis-py keeps Redis's error code in the class (OOM ...)
+        if reason != self._refusing:
+            log.warning("redis refused a command", extra={"op": what, "error": repr(error)})
+        self._refusing = reason
+        return StoreRefused(what, reason)
+
     def _answered(self, what: str) -> None:
         if not self._healthy:
             log.info("redis reachable again", extra={"op": what})
         self._healthy = True
+        self._refusing = None
 
     async def history(self, user_id: str) -> list[str]:
         # the client is built without decode_responses: replies are bytes (its typing admits str too)
@@ -273,6 +299,8 @@ class RedisStore(Store):
         args: list[str | int] = [fp, attempt, self.max_history, self.history_ttl_s, ttl, *entries]
         try:
             reply = await self._write(keys=[HISTORY_KEY.format(user_id), record_key], args=args)
+        except ResponseError as e:  # the script failed at or before its first write: nothing was stored
+            raise self._refusal("append history", e) from e
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self._failed("append history", e)
             if _refused(e):  # no connection, so nothing was sent: the write did not run

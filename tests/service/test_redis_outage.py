@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -180,3 +181,27 @@ def test_a_store_call_given_up_on_is_cancelled_at_shutdown(
         assert given_up  # the cache read runs on, up to its 5 s timeout
     assert all(task.cancelled() for task in given_up) and not recommender._given_up
     sleeper.join()
+
+
+def test_a_write_redis_refuses_is_answered_at_once_as_not_stored_and_reads_go_on(
+    make_settings: Callable[..., Settings], private_redis: PrivateRedis
+) -> None:
+    """Redis out of memory (``maxmemory``) answers the write's script with an error at its first write: the
+    events were not stored, which the 503 says at once (not after the settle time, as "may have been
+    stored"), and the breaker stays closed, so the stored histories are still read."""
+    settings = make_settings(redis_url=private_redis.url, redis_retry_after_s=30.0, redis_write_settle_s=5.0)
+    admin = redis.Redis(port=private_redis.port)
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/users/erin/events", json={"items": [1, 2]}).status_code == 200
+        admin.config_set("maxmemory", 1)
+        started = time.monotonic()
+        r = c.post("/users/erin/events", json={"items": [3]})
+        assert time.monotonic() - started < 2.5  # the settle time is 5 s
+        message = r.json()["error"]["message"]
+        assert r.status_code == 503 and "refused the write (OutOfMemoryError" in message, message
+        assert message.endswith("the events were not stored")
+        assert [e["item_id"] for e in c.get("/users/erin/history").json()["history"]] == [1, 2]
+        assert c.post("/recommend", json={"user_id": "erin", "k": 3}).json()["stored_history"] == "used"
+        admin.config_set("maxmemory", 0)
+        assert c.post("/users/erin/events", json={"items": [3]}).status_code == 200
+        assert [e["item_id"] for e in c.get("/users/erin/history").json()["history"]] == [1, 2, 3]
