@@ -130,7 +130,10 @@ def create_app(settings: Settings) -> FastAPI:
                 log.error("startup failed: %s", message)
                 await recommender.close()
                 raise StartupError(message)
-            log.warning("redis unreachable at startup; serving degraded until it answers")
+            hint = recommender.store.unreachable_hint()
+            log.warning(
+                "redis unreachable at startup; serving degraded until it answers" + (f" ({hint})" if hint else "")
+            )
         app.state.recommender = recommender
         log.info("settings", extra={"settings": settings.model_dump(mode="json")})
         refresher = asyncio.create_task(_refresh_gauges(metrics)) if metrics.multiprocess else None

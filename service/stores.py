@@ -148,6 +148,10 @@ class Store(abc.ABC):
     async def ping(self) -> bool:
         """True when the backend answers now (always true in process)."""
 
+    def unreachable_hint(self) -> str | None:
+        """A setting that may explain why ``ping`` got no answer, beyond an outage; None if none."""
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -247,6 +251,7 @@ class RedisStore(Store):
         self._down_until = 0.0  # monotonic time before which Redis is not tried
         self._healthy = True
         self._refusing: str | None = None  # the last error Redis answered with, until a command succeeds
+        self.tls = url.startswith("rediss://")
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         if time.monotonic() < self._down_until:
@@ -351,6 +356,13 @@ class RedisStore(Store):
         self._down_until = 0.0
         self._answered("ping")
         return True
+
+    def unreachable_hint(self) -> str | None:
+        """A ``rediss://`` URL sent to a port without TLS waits for the TLS handshake until the timeout, as a
+        stalled server does (the handshake's bytes are no Redis command to answer)."""
+        if self.tls:
+            return "REDIS_URL asks for TLS (rediss://): a port that does not speak TLS never answers its handshake"
+        return None
 
     async def close(self) -> None:
         await self._redis.aclose()

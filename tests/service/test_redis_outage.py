@@ -10,6 +10,7 @@ recovers without a restart once Redis is back.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -88,6 +89,20 @@ def test_starts_degraded_when_redis_is_down(make_settings: Callable[..., Setting
             assert r.status_code == 200 and r.json()["stored_history"] == "unavailable"
         assert time.perf_counter() - t0 < 5  # refused connections fail fast; no hang per request
         assert c.post("/users/zed/events", json={"items": [1]}).status_code == 503
+
+
+def test_a_tls_url_to_a_port_without_tls_says_so_at_startup(
+    make_settings: Callable[..., Settings], private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rediss:// to a plain Redis waits out the TLS handshake like a stalled server: the warning names TLS."""
+    url = private_redis.url.replace("redis://", "rediss://")
+    with caplog.at_level(logging.WARNING), TestClient(create_app(make_settings(redis_url=url))) as c:
+        assert c.get("/readyz").json()["redis"] == "unreachable"
+    warned = [r.getMessage() for r in caplog.records if "unreachable at startup" in r.getMessage()]
+    assert len(warned) == 1 and "asks for TLS (rediss://)" in warned[0], warned
+    with caplog.at_level(logging.WARNING), TestClient(create_app(make_settings(redis_url=private_redis.url))):
+        pass
+    assert len([r for r in caplog.records if "unreachable at startup" in r.getMessage()]) == 1
 
 
 def test_readiness_probes_do_not_lift_the_circuit_breaker(private_redis: PrivateRedis) -> None:
