@@ -101,7 +101,7 @@ class Policy:
         preset = preset_config(name)
         prompt = PromptFormat(max_history=max_history, item_tokens=item_tokens)
         tokenizer = build_sid_tokenizer(prompt_vocabulary(catalog, item_tokens))
-        max_positions = prompt.tokens_per_item * max_history + 64
+        max_positions = prompt.tokens_per_item(catalog.depth) * max_history + 64
         config = Qwen2Config(
             vocab_size=len(tokenizer),
             hidden_size=preset.hidden_size,

@@ -81,9 +81,9 @@ class PromptFormat:
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
 
-    @property
-    def tokens_per_item(self) -> int:
-        return 4 if self.item_tokens else 3
+    def tokens_per_item(self, depth: int) -> int:
+        """Prompt tokens per history item for SIDs of ``depth`` tokens (one more with ``item_tokens``)."""
+        return depth + int(self.item_tokens)
 
     def render(self, history: Sequence[Sid]) -> str:
         recent = history[-self.max_history :]

@@ -27,7 +27,17 @@ def test_prompt_has_four_tokens_per_item(tiny_catalog: SidCatalog) -> None:
     tokens = policy.tokenizer.convert_ids_to_tokens(ids)
     assert tokens == [*sids[0], item_token(sids[0]), *sids[1], item_token(sids[1]), "<sep>"]
     assert policy.tokenizer.unk_token_id not in ids
-    assert PromptFormat(item_tokens=True).tokens_per_item == 4 and PromptFormat().tokens_per_item == 3
+    assert PromptFormat(item_tokens=True).tokens_per_item(3) == 4 and PromptFormat().tokens_per_item(3) == 3
+
+
+def test_a_preset_has_positions_for_a_full_history_of_deeper_sids() -> None:
+    """The position table holds max_history items of the catalog's own depth (it took 3 tokens an item)."""
+    from tests.conftest import make_catalog
+
+    for codes, item_tokens, per_item in [((4, 3, 3), False, 3), ((4, 3, 3, 3, 3, 3, 3, 3), True, 9)]:
+        catalog = make_catalog(80, codes=codes, seed=1)
+        policy = Policy.from_preset("tiny", catalog, max_history=20, item_tokens=item_tokens)
+        assert policy.model.config.max_position_embeddings == per_item * 20 + 64
 
 
 def test_decoding_never_emits_item_tokens_and_matches_hf(tiny_catalog: SidCatalog) -> None:
