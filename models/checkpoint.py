@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -61,8 +63,17 @@ class LoadedCheckpoint:
         f = self.path / TRAINER_STATE
         if not f.exists():
             return None
-        try:
-            return torch.load(f, map_location="cpu", weights_only=False)
+        try:  # tensors and plain data only: unpickling anything else could run code a checkpoint carries
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e):
+                raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {e}") from None
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            raise CheckpointError(
+                f"checkpoint {self.path}: {TRAINER_STATE} holds more than tensors and plain data"
+                f" ({found.group(1) if found else 'other objects'}), which vstar never writes; not loaded: unpickling"
+                " it could run code"
+            ) from None
         except Exception as e:  # torch.load raises whatever unpickling a damaged file raises
             raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {e}") from None
 

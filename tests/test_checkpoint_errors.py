@@ -6,6 +6,7 @@ a disk that filled up) and overwritten at the front.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -62,6 +64,28 @@ def test_corrupt_resume_state_is_named(vstar_checkpoint: Path, tmp_path: Path) -
     path = damaged(vstar_checkpoint, tmp_path / "ck", "trainer_state.pt", "cut")
     with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt"):
         load_checkpoint(path).trainer_state()
+
+
+class RunsCode:
+    """What a hostile trainer_state.pt could hold: unpickling it would call os.system to create ``mark``."""
+
+    def __init__(self, mark: Path) -> None:
+        self.mark = mark
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.mark}",))
+
+
+def test_a_resume_state_that_would_run_code_is_refused_unrun(vstar_checkpoint: Path, tmp_path: Path) -> None:
+    """The trainer state is read with torch's weights-only unpickler: a pickled call is named, never made."""
+    path, mark = tmp_path / "ck", tmp_path / "ran"
+    shutil.copytree(vstar_checkpoint, path)
+    torch.save({"step": 1, "rng": RunsCode(mark)}, path / "trainer_state.pt")
+    refused = r"trainer_state.pt holds more than tensors and plain data \((posix|nt).system\)"
+    with pytest.raises(CheckpointError, match=refused):
+        load_checkpoint(path).trainer_state()
+    assert not mark.exists()
+    assert load_checkpoint(vstar_checkpoint).trainer_state() == {"step": 1}
 
 
 def test_a_malformed_manifest_is_named(vstar_checkpoint: Path, tmp_path: Path) -> None:
