@@ -31,20 +31,45 @@ from training.rl.rewards import td_targets
 from training.rl.rollout import SequenceBatch
 
 
+def output_head(model: PreTrainedModel | nn.Module) -> nn.Linear:
+    """The LM head of ``model`` (behind DDP's wrapper or not)."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    assert isinstance(inner, PreTrainedModel), f"expected a Hugging Face model, got {type(inner).__name__}"
+    head = inner.get_output_embeddings()
+    assert isinstance(head, nn.Linear), f"expected a linear LM head, got {type(head).__name__}"
+    return head
+
+
 def token_log_probs(
     model: PreTrainedModel | nn.Module, batch: SequenceBatch, want_hidden: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (N, D) of each candidate's SID tokens and, optionally, the last hidden states (N, T+D, H)."""
+    """Log-probs (N, D) of each candidate's SID tokens and, optionally, the last hidden states (N, T+D, H).
+
+    The log-probs are float32 whatever the model runs in: under bf16 autocast (CUDA) or with a bf16 model
+    the LM head's logits would be bf16 (8 mantissa bits: a logit of 20 is rounded to a multiple of 1/8), and
+    upcasting them afterwards keeps that rounding in the ratio and the KL. There the head is applied again
+    to the final hidden states in float32, autocast off; an fp32 model without autocast uses its own logits
+    (the same computation, so fp32 results are unchanged).
+    """
     d = batch.depth
+    head = output_head(model)
+    device_type = batch.input_ids.device.type
+    fp32_head = head.weight.dtype != torch.float32 or torch.is_autocast_enabled(device_type)
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
-        logits_to_keep=d + 1,
-        output_hidden_states=want_hidden,
+        logits_to_keep=1 if fp32_head else d + 1,
+        output_hidden_states=want_hidden or fp32_head,
     )
-    logits = out.logits[:, :-1, :].float()  # (N, D, V): position T-1+l predicts token l
+    if fp32_head:
+        with torch.autocast(device_type, enabled=False):
+            last = out.hidden_states[-1][:, -d - 1 : -1, :].float()  # (N, D, H)
+            bias = head.bias.float() if head.bias is not None else None
+            logits = nn.functional.linear(last, head.weight.float(), bias)  # (N, D, V) float32
+    else:
+        logits = out.logits[:, :-1, :].float()  # (N, D, V): position T-1+l predicts token l
     tokens = batch.input_ids[:, -d:]  # (N, D)
     logp = logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (N, D)
     return logp, (out.hidden_states[-1] if want_hidden else None)
