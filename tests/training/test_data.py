@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -240,3 +241,18 @@ def test_a_holdout_that_takes_every_valid_row_of_train_and_valid_is_named(tiny_d
         training_rows(tiny_dataset, rule)
     train, select = training_rows(tiny_dataset, SimpleNamespace(train_splits=("train", "valid"), holdout=39))
     assert len(train) == 201 and len(select) == 39
+
+
+def test_an_empty_valid_split_is_warned_of_where_it_should_choose(
+    tmp_path, tiny_catalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Training on train with no valid rows keeps the last model, which a warning says; a refit (valid
+    trained on, nothing held out) chooses nothing by design and is not warned of."""
+    from tests.conftest import write_random_dataset
+
+    data = load_dataset(write_random_dataset(tmp_path / "d", tiny_catalog, (50, 0, 5)))
+    with caplog.at_level(logging.WARNING):
+        assert training_rows(data, SimpleNamespace(train_splits=("train",), holdout=0))[1] == []
+        training_rows(data, SimpleNamespace(train_splits=("train", "valid"), holdout=0))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"{data.name}: valid.csv has no rows, so no row chooses the kept model: the last one is kept"]

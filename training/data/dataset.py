@@ -26,6 +26,7 @@ import ast
 import csv
 import hashlib
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import numpy as np
 
 from models.sid_catalog import Item, SidCatalog, parse_sid, sid_to_str
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 COLUMNS = ("user_id", "history_item_title", "item_title", "history_item_id", "item_id", "history_item_sid", "item_sid")
 
@@ -130,6 +132,8 @@ def training_rows(data: RecDataset, rule: HoldoutRule) -> tuple[list[Sample], li
         )
     if not train:
         raise ValueError(f"no training rows in --train-splits {splits} of {data.name}")
+    if not select and "valid" not in rule.train_splits:  # a refit (valid trained on, --holdout 0) chooses nothing
+        log.warning("%s: valid.csv has no rows, so no row chooses the kept model: the last one is kept", data.name)
     return train, select
 
 
