@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -304,6 +305,27 @@ def test_train_rl_writes_checkpoint_and_resumes(
     assert summary["fusion"]["weight"] == ckpt.manifest["fusion"]["weight"]
     with pytest.raises(ValueError, match="different configuration"):
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
+
+
+def test_a_resume_whose_init_was_replaced_is_refused(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same --init path holding another checkpoint (its model version) would change the reference model
+    mid-run; a state written before the version was kept resumes as before."""
+    init, out = tmp_path / "init", tmp_path / "rl"
+    shutil.copytree(init_ckpt, init)
+    config = RLConfig(algo="grpo", max_steps=3, batch_size=4, eval_every=1, eval_limit=8, fusion_weight=0)
+    interrupt_at_step(3, monkeypatch, lambda: train_rl(tiny_dataset, init, out, config, progress=False))
+    was = load_checkpoint(init)
+    manifest = {k: v for k, v in was.manifest.items() if k != "model_version"}
+    save_checkpoint(init, was.policy, manifest, was.extras)  # the same weights saved again (an SFT rerun)
+    with pytest.raises(ValueError, match=r"--init checkpoint .*init was replaced since the run began"):
+        train_rl(tiny_dataset, init, out, config, resume=True, progress=False)
+    state_file = tmp_path / "rl.resume" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["init_version"]
+    torch.save(state, state_file)
+    assert train_rl(tiny_dataset, init, out, config, resume=True, progress=False)["steps"] == 3
 
 
 def test_resume_drops_a_cut_short_last_step_line_and_names_a_malformed_one(

@@ -268,13 +268,21 @@ def train_rl(
     select_rows = held_out[: config.eval_limit]
     start_ckpt = load_checkpoint(init, device)
     check_catalog(start_ckpt.policy.catalog, data, "--init")
-    reference = load_checkpoint(init, device).policy
+    reference_ckpt = load_checkpoint(init, device)
+    reference, reference_version = reference_ckpt.policy, reference_ckpt.model_version
     trainer_state = None
     if resume:
         identity = {"config": asdict(config), "init": str(init)}
         start_ckpt, trainer_state = load_resume(
             resume_folder(out), device, identity, data, "a different configuration or --init"
         )
+        was = trainer_state.get("init_version")  # states written before it was kept have none
+        if was is not None and was != reference_version:
+            raise ValueError(
+                f"--resume: the --init checkpoint {init} was replaced since the run began (model version {was} "
+                f"then, {reference_version} now), so the reference model and the counts would change mid-run: "
+                "put the original back, or start again with --force"
+            )
     policy = start_ckpt.policy
     value_head: ValueHead | None = None
     if config.use_value:
@@ -330,6 +338,7 @@ def train_rl(
         checkpointer.validate(state, lambda: {
             "config": asdict(config),
             "init": str(init),
+            "init_version": reference_version,
             "trainer": trainer.state_dict(),
             "state": asdict(state),
             "torch_rng": torch.get_rng_state(),
