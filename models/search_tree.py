@@ -67,16 +67,28 @@ def rank_within(rows: torch.Tensor) -> torch.Tensor:
     return same.tril(-1).sum(1)
 
 
+def sum_by_depth(x: torch.Tensor, depth: torch.Tensor, levels: int, by_reduction: bool | None = None) -> torch.Tensor:
+    """Per row, the sum of ``x`` over the entries of each depth: (B, M) -> (B, levels).
+
+    On CUDA a scatter-add adds floats atomically, in an order that varies from run to run, so a near tie
+    downstream could break either way; there (``by_reduction`` None: on CUDA) each depth is summed by a
+    reduction of its own, in a fixed order. Elsewhere the scatter-add's sequential sum is kept, which the
+    reported CPU figures were measured with.
+    """
+    if x.is_cuda if by_reduction is None else by_reduction:
+        return torch.stack([torch.where(depth == d, x, 0.0).sum(1) for d in range(levels)], dim=1)
+    return torch.zeros(x.shape[0], levels, dtype=x.dtype, device=x.device).scatter_add(1, depth, x)
+
+
 def standardise_by_depth(x: torch.Tensor, depth: torch.Tensor, live: torch.Tensor, levels: int) -> torch.Tensor:
     """(x - mean) / std over the live entries of the same depth in each row: (B, M) -> (B, M), 0 off live.
 
     Population std; 0 where a depth has a single live entry or no spread.
     """
     w = live.float()  # (B, M)
-    zeros = torch.zeros(x.shape[0], levels, device=x.device)  # (B, levels)
-    count = zeros.scatter_add(1, depth, w).clamp(min=1)
-    mean = zeros.scatter_add(1, depth, x * w) / count
-    var = (zeros.scatter_add(1, depth, x * x * w) / count - mean**2).clamp(min=0)
+    count = sum_by_depth(w, depth, levels).clamp(min=1)  # (B, levels)
+    mean = sum_by_depth(x * w, depth, levels) / count
+    var = (sum_by_depth(x * x * w, depth, levels) / count - mean**2).clamp(min=0)
     std = var.sqrt().gather(1, depth)  # (B, M)
     z = (x - mean.gather(1, depth)) / std.clamp(min=SPREAD_FLOOR)
     return torch.where(live & (std > SPREAD_FLOOR), z, 0.0)
@@ -206,9 +218,8 @@ class SearchTree:
     def depth_mean(self) -> torch.Tensor:
         """Mean G of the live nodes at each depth: (B, max_depth + 1); NaN at an empty depth."""
         live = self.live.float()  # (B, M)
-        total = torch.zeros(self.live.shape[0], self.max_depth + 1, device=live.device)  # (B, D+1)
-        count = total.clone().scatter_add_(1, self.depth, live)
-        return total.scatter_add_(1, self.depth, self.score * live) / count
+        levels = self.max_depth + 1
+        return sum_by_depth(self.score * live, self.depth, levels) / sum_by_depth(live, self.depth, levels)
 
     def normalised_score(self) -> torch.Tensor:
         """Ĝ: G standardised over the live nodes of the same depth in each tree: (B, M)."""

@@ -102,10 +102,11 @@ Choices the paper leaves open:
   ``--fused-rollouts`` decodes V-STAR's groups with it, as the served model ranks.
 * randomness: counter-based (a hash of the seed, the prompt's tokens, the new
   node's id and the code), so a prompt's result does not depend on its batch
-  neighbours, and equal seeds give equal results (on one CPU: on CUDA the
-  per-depth sums of ``standardise_by_depth`` are atomic float adds, whose order
-  varies, so a near tie can break either way from run to run). Vary ``seed`` per
-  RL step.
+  neighbours, and equal seeds give equal results on one CPU. On CUDA the
+  per-depth sums (``models.search_tree.sum_by_depth``) are reductions rather
+  than a scatter-add's atomic float adds, whose order varies from run to run
+  and could break a near tie either way; run-to-run equality there is by that
+  reading of the kernels, not measured here (no GPU). Vary ``seed`` per RL step.
 """
 
 from __future__ import annotations

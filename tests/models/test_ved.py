@@ -24,7 +24,7 @@ import torch
 from models.backbone import prompt_position_ids
 from models.beam_search import BeamSearchConfig, beam_search
 from models.policy import Policy, pad_left
-from models.search_tree import SearchTree, valid_entropy
+from models.search_tree import SearchTree, sum_by_depth, valid_entropy
 from models.value_head import ValueHead, value_head_for
 from models.ved import gumbel_noise, trie_leaf_counts, ved_search
 from models.ved_config import VEDConfig, resolve_budget
@@ -120,6 +120,18 @@ def test_g_is_standardised_within_each_depth() -> None:
     scaled.score *= 25.0
     torch.testing.assert_close(scaled.u_score(1.0), tree.u_score(1.0))
     torch.testing.assert_close(scaled.self_u_score(1.0), tree.self_u_score(1.0))
+
+
+def test_sums_by_depth_agree_by_scatter_and_by_reduction() -> None:
+    """CUDA sums each depth by a reduction (a fixed order; a scatter-add's atomic adds vary from run to run),
+    the CPU by the scatter-add its figures were measured with: the same sums either way."""
+    g = torch.Generator().manual_seed(0)
+    x, depth = torch.randn(5, 40, generator=g), torch.randint(0, 4, (5, 40), generator=g)
+    scatter = sum_by_depth(x, depth, 4, by_reduction=False)
+    torch.testing.assert_close(sum_by_depth(x, depth, 4, by_reduction=True), scatter)
+    assert torch.equal(sum_by_depth(x, depth, 4), scatter)  # on the CPU: the scatter-add itself
+    expected = torch.tensor([[float(x[b][depth[b] == d].sum()) for d in range(4)] for b in range(5)])
+    torch.testing.assert_close(scatter, expected)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 10.0])
