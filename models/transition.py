@@ -61,17 +61,19 @@ class TransitionCounts:
 
         ``leave_out``: the row's own target, when the row itself was counted (RL rollouts on rows the counts
         were fit on): its one transition from the last history item is taken back, so the row's answer scores
-        only what the other rows gave it.
+        only what the other rows gave it. That count adds ``1 / k`` at every position ``k`` of the window that
+        holds the last item (a history ``(x, x)`` scores it at 1 and 1/2), and all of it is taken back.
         """
         out: dict[int, float] = defaultdict(float)
-        for k, item in enumerate(reversed(history[-self.window :]), start=1):
-            for nxt, c in self.counts.get(int(item), {}).items():
+        window = [int(item) for item in reversed(history[-self.window :])]
+        for k, item in enumerate(window, start=1):
+            for nxt, c in self.counts.get(item, {}).items():
                 out[nxt] += c / k
         if leave_out is not None and history:
-            last, target = int(history[-1]), int(leave_out)
+            last, target = window[0], int(leave_out)
             if self.counts.get(last, Counter())[target] < 1:
                 raise ValueError(f"leave_out: the transition {last} -> {target} was never counted")
-            out[target] -= 1.0
+            out[target] -= sum(1.0 / k for k, item in enumerate(window, start=1) if item == last)
             if out[target] <= 1e-9:
                 del out[target]
         return out

@@ -50,6 +50,14 @@ def test_leave_out_takes_back_the_rows_own_transition_only() -> None:
         counts.scores((1,), leave_out=4)
 
 
+def test_leave_out_takes_back_the_whole_own_transition_when_the_last_item_repeats() -> None:
+    # row ((1, 1), 2) is the only 1 -> 2: its one count scores 2 at 1 (last item) and 1/2 (the one before)
+    counts = TransitionCounts.fit([((1, 1), 2), ((1,), 3)])
+    assert counts.scores((1, 1)) == pytest.approx({2: 1.5, 3: 1.5})
+    assert counts.scores((1, 1), leave_out=2) == pytest.approx({3: 1.5})  # as if counted without the row
+    assert counts.scores((1, 4, 1), leave_out=2) == pytest.approx({3: 1 + 1 / 3})
+
+
 def test_state_round_trip() -> None:
     counts = TransitionCounts.fit(ROWS, window=2)
     back = TransitionCounts.from_state(counts.to_state())
