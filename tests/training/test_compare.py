@@ -101,3 +101,24 @@ def test_a_metric_a_file_did_not_measure_is_null_in_the_comparison(tmp_path: Pat
     assert list(out) == ["HR@1", "HR@3", "HR@5", "HR@10", "NDCG@3", "NDCG@5", "NDCG@10"]
     assert out["HR@10"] is None and out["NDCG@10"] is None  # not a gain of 0.5 for the longer list
     assert out["HR@5"]["diff"] == -0.25
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"target_ranks": None}, "target_ranks is not a non-empty list"),
+        ({"target_ranks": []}, "target_ranks is not a non-empty list"),
+        ({"target_ranks": [0, "x"]}, "target_ranks holds 'x'"),
+        ({"target_ranks": [0, -3]}, "target_ranks holds -3"),
+        ({"target_ranks": [0, 1.5]}, "target_ranks holds 1.5"),
+        ({"target_ranks": [0, 1], "metrics": None}, "metrics is not an object"),
+    ],
+)
+def test_a_malformed_eval_file_is_a_one_line_error_naming_it(tmp_path: Path, payload: dict, message: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(payload))
+    good = eval_file(tmp_path / "good.json", [0, 1])
+    with pytest.raises(ValueError, match=message):
+        compare_runs([good], [bad])
+    result = CliRunner().invoke(app, ["compare", "--base", str(good), "--other", str(bad)])
+    assert result.exit_code == 2 and "bad.json" in result.output and "Traceback" not in result.output

@@ -44,6 +44,14 @@ def read_run(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable JSON file: {e}") from None
     if not isinstance(payload, dict) or "target_ranks" not in payload:
         raise ValueError(f"{path} has no target_ranks (written by an older vstar eval, or not an eval file)")
+    ranks = payload["target_ranks"]
+    if not isinstance(ranks, list) or not ranks:
+        raise ValueError(f"{path}: target_ranks is not a non-empty list (one rank per row scored)")
+    bad = next((r for r in ranks if r is not None and (type(r) is not int or r < 0)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: target_ranks holds {bad!r}; a rank is a 0-based integer, or null when not ranked")
+    if not isinstance(payload.get("metrics", {}), dict):
+        raise ValueError(f"{path}: metrics is not an object of metric -> figure")
     return payload
 
 
