@@ -122,3 +122,13 @@ def test_a_malformed_eval_file_is_a_one_line_error_naming_it(tmp_path: Path, pay
         compare_runs([good], [bad])
     result = CliRunner().invoke(app, ["compare", "--base", str(good), "--other", str(bad)])
     assert result.exit_code == 2 and "bad.json" in result.output and "Traceback" not in result.output
+
+
+def test_a_base_that_never_hits_has_null_relative_figures_not_nan(tmp_path: Path) -> None:
+    base = eval_file(tmp_path / "a.json", [None, 5, None, 7])  # HR@1 0: no relative figure
+    other = eval_file(tmp_path / "b.json", [0, 5, None, 7])
+    out = tmp_path / "cmp.json"
+    result = CliRunner().invoke(app, ["compare", "--base", str(base), "--other", str(other), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    hr1 = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["metrics"]["HR@1"]
+    assert hr1["diff"] == 0.25 and hr1["relative"] is None and hr1["relative_ci95"] is None

@@ -17,7 +17,6 @@ the comparison too: its ranks cannot say who did better there.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,7 +100,7 @@ def paired_bootstrap(
         boot = diff[draws].mean(axis=1)
         lo, hi = np.percentile(boot, [2.5, 97.5])
         base_mean = float(b.mean())
-        scale = 1.0 / base_mean if base_mean > 0 else math.nan  # relative figures: fractions of the base's mean
+        scale = 1.0 / base_mean if base_mean > 0 else None  # relative figures: fractions of the base's mean
         out[name] = {
             "base_seeds": seed_spread(base, name),
             "other_seeds": seed_spread(other, name),
@@ -109,8 +108,9 @@ def paired_bootstrap(
             "other": round(float(o.mean()), 4),
             "diff": round(float(diff.mean()), 4),
             "ci95": [round(float(lo), 4), round(float(hi), 4)],
-            "relative": round(float(diff.mean()) * scale, 4),
-            "relative_ci95": [round(float(lo) * scale, 4), round(float(hi) * scale, 4)],
+            # a base of 0 has no relative figures: null (JSON has no NaN)
+            "relative": None if scale is None else round(float(diff.mean()) * scale, 4),
+            "relative_ci95": None if scale is None else [round(float(lo) * scale, 4), round(float(hi) * scale, 4)],
         }
     return out
 
