@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
+from models.sid_catalog import Item, SidCatalog, level_token
 from tests.conftest import make_catalog
+from training.data.dataset import Sample
+from training.evaluation.evaluate import score_rankings
 from training.evaluation.metrics import beyond_accuracy, rank_metrics
 
 
@@ -23,3 +28,15 @@ def test_coverage_and_tail_share_beyond_the_lists_are_not_measured() -> None:
     assert beyond_accuracy(short, catalog, set(), k=10) == {"coverage@10": None, "tail_share@10": None}
     measured = beyond_accuracy(short, catalog, set(), k=3)
     assert measured["coverage@3"] is not None and measured["coverage@3"] > 0 and measured["tail_share@3"] == 0.0
+
+
+def test_a_sid_listed_twice_takes_one_place_and_a_shared_sid_is_a_hit() -> None:
+    sid = [tuple(level_token(lv, c) for lv, c in enumerate(codes)) for codes in ((0, 0, 0), (0, 0, 1), (1, 0, 0))]
+    # items 0 and 1 share SID 0; item 2 has SID 1, item 3 SID 2
+    catalog = SidCatalog({i: Item(i, "", sid[s]) for i, s in enumerate((0, 0, 1, 2))})
+    rows = [Sample("u", (2,), 3), Sample("v", (2,), 1)]
+    out = score_rankings([[0, 0, 2], [0, 1, 2]], rows, rows, catalog, cutoffs=(1, 2))
+    # row u: SID 2 is second among the distinct SIDs (0, 2), not third; row v: item 1's SID 0 ranks first
+    assert out["target_ranks"] == [1, 0]
+    assert out["metrics"]["HR@2"] == 1.0 and out["metrics"]["NDCG@2"] == pytest.approx((1 / math.log2(3) + 1) / 2)
+    assert out["metrics"]["HR@1"] == 0.5

@@ -19,7 +19,14 @@ from tqdm import tqdm
 from models.policy import Policy, pad_left
 from training.data.dataset import Sample, rows_fingerprint
 from training.evaluation.decoders import DecodeFn
-from training.evaluation.metrics import CUTOFFS, beyond_accuracy, rank_metrics, tail_items, target_rank
+from training.evaluation.metrics import (
+    CUTOFFS,
+    beyond_accuracy,
+    distinct_sids,
+    rank_metrics,
+    tail_items,
+    target_rank,
+)
 
 
 def rank_samples(
@@ -71,6 +78,7 @@ def score_rankings(
     cutoffs: Sequence[int] = CUTOFFS,
     seconds: float = 0.0,
 ) -> dict[str, Any]:
+    ranked = [distinct_sids(lst) for lst in ranked]  # a SID listed twice takes one place (``metrics``)
     targets = [catalog.sid_index[catalog.items[s.target].sid] for s in samples]
     metrics = rank_metrics(ranked, targets, cutoffs, len(catalog.sids))  # None: a cut-off beyond the lists
     ranks = [target_rank(lst, t) for lst, t in zip(ranked, targets, strict=True)]

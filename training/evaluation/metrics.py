@@ -4,7 +4,11 @@ A recommendation list is a ranked list of SID indices; the target counts as hit
 at rank r (0-based) if its SID stands at position r. HR@K = share of rows with
 r < K; NDCG@K = mean of 1 / log2(r + 2) over rows with r < K (one relevant item,
 so the ideal DCG is 1). Item-based baselines are mapped to SIDs first (an item's
-SID, first occurrence kept), so every recommender is scored by this one code.
+SID, first occurrence kept), so every recommender is scored by this one code. A
+list is scored as its distinct SIDs (``distinct_sids``, first occurrence kept): a
+SID listed twice takes one place, not two (beam search and VED return distinct
+SIDs; the rule holds for any decoder). A recommended SID shared by several items
+is a hit for each of them: the metrics are on SIDs, as MiniOneRec's are.
 
 Beyond accuracy: ``coverage@K`` is the share of catalog items that appear (via
 their SID) in some top-K list; ``tail_share@K`` is the share of recommended items
@@ -27,6 +31,11 @@ from collections.abc import Iterable, Sequence
 from models.sid_catalog import SidCatalog
 
 CUTOFFS = (1, 3, 5, 10, 20, 50)
+
+
+def distinct_sids(ranked: Sequence[int]) -> list[int]:
+    """``ranked`` without repeats, first occurrence kept: the list a user would be shown."""
+    return list(dict.fromkeys(ranked))
 
 
 def target_rank(ranked: Sequence[int], target: int) -> int | None:
