@@ -52,6 +52,10 @@ class TransitionCounts:
                 counts[int(history[-1])][int(target)] += 1
         return cls(dict(counts), window)
 
+    def counted(self, history: Sequence[int], target: int) -> bool:
+        """Whether the row ``(history, target)``'s own transition (last history item -> target) is counted."""
+        return bool(history) and self.counts.get(int(history[-1]), Counter())[int(target)] > 0
+
     @property
     def num_pairs(self) -> int:
         return sum(len(c) for c in self.counts.values())

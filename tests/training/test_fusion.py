@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
 from models.transition import STATE_NAME, TransitionCounts
 from training.data.dataset import Sample
 from training.evaluation.fusion import REPORTED, choose_weight, fuse_trained
+from vstar import app
 
 
 def transitions_that_decide(dataset, n: int) -> tuple[list[Sample], list[Sample]]:
@@ -73,3 +76,24 @@ def test_a_given_weight_is_stored_without_scoring(tiny_dataset, tiny_policy: Pol
     assert loaded.manifest["fusion"] == {"weight": 2.5, "chosen_by": "given", "count_rows": 8, "transition_pairs": 8}
     assert fusion == loaded.manifest["fusion"]  # what a resumed refit reports of its held-out run
     assert TransitionCounts.from_state(loaded.extras[STATE_NAME]).num_pairs == 8
+
+
+def test_eval_warns_when_the_counts_hold_the_scored_rows_own_transitions(
+    tiny_dataset, tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    # an SFT checkpoint's counts are fit on every row before test (train + valid), as fuse_trained stores them
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, tiny_policy, {"stage": "sft"})
+    fuse_trained(path, 2.0, tiny_dataset.samples(["train"]), tiny_dataset.splits["valid"])
+    base = ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(path), "--beams", "5", "--limit", "10"]
+    counts = TransitionCounts.from_state(load_checkpoint(path).extras[STATE_NAME])
+    valid = CliRunner().invoke(app, [*base, "--split", "valid", "--json", str(tmp_path / "v.json")])
+    assert valid.exit_code == 0, valid.output
+    assert "own transition (last history item -> target) of 10 of the 10 valid rows" in valid.stderr
+    assert json.loads((tmp_path / "v.json").read_text())["own_transitions_counted"] == 10
+    test_rows = tiny_dataset.splits["test"][:10]
+    assert sum(counts.counted(s.history, s.target) for s in test_rows) < 10  # test rows meet only other rows'
+    for args in (["--split", "test"], ["--split", "valid", "--fusion-weight", "0"]):
+        quiet = CliRunner().invoke(app, [*base, *args, "--json", str(tmp_path / "q.json")])
+        assert quiet.exit_code == 0 and "warning" not in quiet.stderr, quiet.output
+        assert json.loads((tmp_path / "q.json").read_text())["own_transitions_counted"] is None

@@ -384,8 +384,20 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise  # one line from the root command
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
+        # the stored counts are fit on every row before test: valid or train rows scored fused meet their own answer
+        counted = (
+            None if fusion is None or split == "test" else sum(fusion.counts.counted(r.history, r.target) for r in rows)
+        )
+        if counted:
+            typer.echo(
+                f"warning: the checkpoint's transition counts include the own transition (last history item -> "
+                f"target) of {counted} of the {len(rows)} {split} rows scored: fused, they are scored with counts "
+                "that point to their answers, so the figures are optimistic (--fusion-weight 0: the policy alone)",
+                err=True,
+            )
         result = evaluate(ckpt.policy, rows, ds.samples(context_splits), decode, batch_size)
         result |= {
+            "own_transitions_counted": counted,
             "split": split,
             "decoder": decoder,
             "beams": beams,
