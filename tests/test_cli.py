@@ -72,6 +72,7 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
     yield ["eval", "--data", d, "--checkpoint", empty], f"{empty} is not a checkpoint folder (no manifest.json)"
     yield ["eval", "--data", d, "--checkpoint", empty, "--decoder", "greedy"], "'greedy' is not one of 'beam', 'ved'"
     yield ["eval", "--data", d, "--checkpoint", empty, "--split", "dev"], "'dev' is not one of"
+    yield ["eval", "--data", d, "--checkpoint", empty, "--train-splits", "train,test"], "no model trains on test"
     yield ["fuse", "--data", d, "--checkpoint", gone], "does not exist"
     yield ["rl", "--data", d, "--init", gone, "--out", out], "Invalid value for --init"
     yield ["rl", "--data", d, "--init", empty, "--out", out, "--algo", "ppo"], "'ppo' is not one of 'grpo', 'vstar'"

@@ -364,8 +364,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """HR@K / NDCG@K (MiniOneRec's definitions), catalog coverage and long-tail share on a split."""
         from training.data.dataset import parse_splits
 
-        require_checkpoint(checkpoint)
         context_splits = parse_splits(train_splits)
+        if "test" in context_splits:  # its targets would shape the long tail that test is scored against
+            raise typer.BadParameter(
+                "no model trains on test: name the splits it trained on", param_hint="--train-splits"
+            )
+        require_checkpoint(checkpoint)
         ds = load_data(data, minionerec_root, dataset)
         rows = select_rows(ds.splits[split], limit, holdout, split)
         if not rows:

@@ -13,7 +13,10 @@ is a hit for each of them: the metrics are on SIDs, as MiniOneRec's are.
 Beyond accuracy: ``coverage@K`` is the share of catalog items that appear (via
 their SID) in some top-K list; ``tail_share@K`` is the share of recommended items
 that are long-tail, i.e. outside the most popular 20% of items by training
-interactions (the usual Pareto split).
+interactions (the usual Pareto split), counted as their appearances in the
+training rows: each row's history items and its target (``evaluate``). The
+rows are sliding windows, so an early item of a user counts once for each of
+that user's later rows; ties at the boundary go by item id.
 
 A cut-off K beyond the ranked lists (``vstar eval --beams 20`` and HR@50) is not
 a measurement: what ranks 21 to 50 would have held is unknown, and HR@50 would
