@@ -86,6 +86,10 @@ def test_cli_writes_the_comparison_and_names_bad_files(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     payload = json.loads(out.read_text())
     assert payload["rows"] == 40 and payload["metrics"]["HR@1"]["diff"] == 0.25
+    assert payload["bootstrap_seed"] == 0 and payload["bootstrap_samples"] == 2000
+    twice = ["compare", "--base", f"{a},{tmp_path}/../{tmp_path.name}/a.json", "--other", str(b)]
+    result = CliRunner().invoke(app, twice)  # one run would count as two seeds
+    assert result.exit_code == 2 and "--base names" in result.output and "more than once" in result.output
     result = CliRunner().invoke(app, ["compare", "--base", str(a), "--other", str(tmp_path / "nope.json")])
     assert result.exit_code == 2 and "nope.json" in result.output
     c = eval_file(tmp_path / "c.json", [0])

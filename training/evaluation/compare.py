@@ -127,6 +127,11 @@ def unmeasured(runs: dict[Path, dict[str, Any]]) -> set[str]:
 
 
 def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    for side, paths in (("--base", base), ("--other", other)):
+        named = [Path(p).resolve() for p in paths]
+        twice = sorted({str(p) for p in named if named.count(p) > 1})
+        if twice:  # one run counted as two seeds would shrink the seeds' std and weigh that run double
+            raise ValueError(f"{side} names {', '.join(twice)} more than once: give each seed's file once")
     runs = {path: read_run(path) for path in [*base, *other]}  # each file read once
     check_same_rows(runs)
     base_ranks, other_ranks = stack_ranks(base, runs), stack_ranks(other, runs)
@@ -138,5 +143,6 @@ def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 200
         "other": [str(p) for p in other],
         "rows": int(base_ranks.shape[1]),
         "bootstrap_samples": samples,
+        "bootstrap_seed": seed,
         "metrics": {name: compared.get(name) for name in METRICS},  # None: not measured by every file
     }
