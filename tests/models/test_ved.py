@@ -303,11 +303,15 @@ def test_the_search_widens_the_root(tiny_policy: Policy, head: ValueHead) -> Non
 
 
 @pytest.mark.parametrize(("per_step", "value_weight"), [(1, 0.0), (8, 0.0), (4, 0.5)])
+@pytest.mark.parametrize("by", ["search", "completion"])
 def test_exhaustive_budget_returns_the_true_top_by_score(
-    tiny_policy: Policy, head: ValueHead, per_step: int, value_weight: float
+    tiny_policy: Policy, head: ValueHead, per_step: int, value_weight: float, by: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With every prefix fed, the pool is the catalog and the returned set is its top G by path log-prob
-    plus value_weight x the parent prefix's V standardised over all prefixes of that depth (brute force)."""
+    plus value_weight x the parent prefix's V standardised over all prefixes of that depth (brute force);
+    whether the search gets there or, as a budget that covers the catalog does, the completion."""
+    if by == "search":
+        monkeypatch.setattr("models.ved.covers_the_catalog", lambda trie, budget: False)
     trie = tiny_policy.trie
     ids, mask = prompts(tiny_policy, [3, 1], 1)
     g, n = 10, prefix_count(tiny_policy)
@@ -325,6 +329,26 @@ def test_exhaustive_budget_returns_the_true_top_by_score(
         torch.testing.assert_close(res.decode.scores[b], score[want], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(res.log_probs[b], lp_all[b, want], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(res.path_values[b, :, -1], v_parent[b, want], rtol=1e-4, atol=1e-4)
+
+
+def test_a_budget_that_covers_the_catalog_completes_the_tree_without_searching(
+    tiny_policy: Policy, head: ValueHead
+) -> None:
+    """The search would exhaust the tree (its budget cannot run out first), after selections that mostly fail
+    the gate near the end: every prefix is added a level at a time instead. One token less searches."""
+    ids, mask = prompts(tiny_policy, [3, 1, 4], 2)
+    n = prefix_count(tiny_policy)
+    done = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, VEDConfig(num_candidates=6, budget=n))
+    assert [(s.iterations, s.gate_failures, s.tokens_spent, s.stop_reason) for s in done.stats] == [
+        (0, 0, n, "exhausted")
+    ] * 3
+    fewer = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, VEDConfig(num_candidates=6, budget=n - 1))
+    assert all(s.iterations > 0 and s.stop_reason == "budget" for s in fewer.stats)
+    late = VEDConfig(num_candidates=6, budget=4 * n, deadline=0.0)  # a deadline passed: the initial tree
+    assert all(
+        s.cap_hit and s.tokens_spent < n
+        for s in ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, late).stats
+    )
 
 
 def test_explore_slots_take_first_level_codes_the_head_missed(tiny_policy: Policy, head: ValueHead) -> None:
@@ -350,7 +374,7 @@ def test_beta_is_in_units_of_the_spread_of_g(tiny_policy: Policy, head: ValueHea
     with torch.no_grad():
         scaled.mlp[-1].weight.mul_(8.0)
         scaled.mlp[-1].bias.mul_(8.0)
-    config = VEDConfig(num_candidates=8, budget=40, lam=0.25, seed=4)
+    config = VEDConfig(num_candidates=8, init_beams=8, budget=30, lam=0.25, seed=4)  # 36 prefixes: a search
     res = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, config)
     big = ved_search(tiny_policy.model, scaled, tiny_policy.trie, ids, mask, replace(config, lam=2.0))
     torch.testing.assert_close(big.tree.score, res.tree.score * 8, rtol=1e-4, atol=1e-4)
@@ -399,7 +423,10 @@ def test_outputs_are_distinct_valid_sids_in_the_trie(tiny_policy: Policy, head: 
 
 def test_seeded_and_deterministic(tiny_policy: Policy, head: ValueHead) -> None:
     ids, mask = prompts(tiny_policy, [3, 2], 5)
-    runs = [ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, VEDConfig(seed=s)) for s in (7, 7, 8)]
+    config = VEDConfig(num_candidates=4, init_beams=4, budget=30)  # below the 36 prefixes: a search
+    runs = [
+        ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, replace(config, seed=s)) for s in (7, 7, 8)
+    ]
     assert torch.equal(runs[0].decode.sid_index, runs[1].decode.sid_index)
     assert torch.equal(runs[0].tree.token, runs[1].tree.token)
     assert not torch.equal(runs[0].tree.token, runs[2].tree.token)

@@ -93,7 +93,8 @@ def test_fallback_follows_the_learnt_initial_tree_cost(
     assert slow["cap_hit"] is True and slow["search"]["fallback"] == "initial_beam"
     assert [it["sid"] for it in slow["items"]] == initial_beam_sids(app, [8, 9], max(12, VEDConfig().init_beams))[:12]
     monkeypatch.setattr(app.state.recommender, "init_cost", BatchCost(start_s=0.001))
-    fast = client.post("/recommend", json=body | {"latency_ms": 1000}).json()
+    # a budget below the tiny catalog's 36 prefixes (one that covers them all completes the tree unsearched)
+    fast = client.post("/recommend", json=body | {"latency_ms": 1000, "budget": 34}).json()
     assert fast["search"]["fallback"] is None and fast["search"]["iterations"] > 0 and len(fast["items"]) == 12
 
 
@@ -116,12 +117,13 @@ def test_ved_searches_with_the_checkpoint_settings(
         # so the answer is that beam's best 2 in its order (2 exploratory slots would have replaced both)
         assert body["search"]["tokens_spent"] == 8 and body["search"]["iterations"] == 0
         assert [it["sid"] for it in body["items"]] == initial_beam_sids(c.app, [4, 5], 4)[:2]
-        # a search that runs: the very list vstar eval --decoder ved gives for the same k and budget
+        # a search that runs (a budget below the catalog's 36 prefixes): the very list vstar eval --decoder ved
+        # gives for the same k and budget
         searched = c.post(
-            "/recommend", json={"history": [4, 5], "k": 6, "mode": "ved", "budget": 40, "latency_ms": 1000}
+            "/recommend", json={"history": [4, 5], "k": 6, "mode": "ved", "budget": 34, "latency_ms": 1000}
         ).json()
         assert searched["cap_hit"] is False and searched["search"]["iterations"] > 0
-        expected = decoded_sids(tiny_policy, [4, 5], ved_decoder(load_checkpoint(ckpt), 6, 40))
+        expected = decoded_sids(tiny_policy, [4, 5], ved_decoder(load_checkpoint(ckpt), 6, 34))
         assert [it["sid"] for it in searched["items"]] == expected
         wide = c.post("/recommend", json={"history": [4, 5], "k": 20, "mode": "ved", "latency_ms": 1000})
         assert wide.status_code == 200 and len(wide.json()["items"]) == 20  # 64 stored would be below 2 x 20
@@ -182,8 +184,9 @@ def slow_down(app: FastAPI, monkeypatch: pytest.MonkeyPatch, seconds: float) -> 
 
 def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     # every forward sleeps 40 ms, so wall time is mostly sleep and a loaded host changes the ratios little: the
-    # initial tree is 4 forwards, a deadline-stopped search overruns by about one, and the whole search takes 17
-    # (one expansion a forward: the tiny catalog has 36 prefixes only, complete SIDs are never fed, which 4 a
+    # initial tree is 4 forwards, a deadline-stopped search overruns by about one, and the whole search takes 13
+    # (one expansion a forward up to the budget, 35: the tiny catalog has 36 prefixes only, complete SIDs are
+    # never fed, and a budget that covers them all is spent without a search, a level a forward; 4 expansions a
     # forward would search to the end within the cap). A 400 ms cap is 10 forwards: it binds, and it leaves the
     # loop room after the tree and the learnt margin (at 200 ms a busy CI host's tree ran into its deadline)
     cap_ms, floor_s = 400, 0.005
@@ -191,7 +194,7 @@ def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch
     rec = app.state.recommender
     monkeypatch.setattr(rec, "ved_settings", replace(rec.ved_settings, expansions_per_step=1))
     monkeypatch.setattr(rec, "deadline_margin", DeadlineMargin(floor_s))
-    body = {"history": [6, 7], "k": 5, "mode": "ved", "budget": 2000, "latency_ms": cap_ms}
+    body = {"history": [6, 7], "k": 5, "mode": "ved", "budget": 35, "latency_ms": cap_ms}
     # a search stopped by its deadline still finishes its step: the first ones may run into the hard cap and be
     # answered from popularity. The model thread reports such an overrun after the hard cap answered, so the next
     # request may be sent before the margin learnt it; the margin learns, and later searches stop early enough to
