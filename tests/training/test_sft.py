@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -548,3 +549,30 @@ def test_cli_sft_onto_an_earlier_run_needs_resume_or_force(tiny_data_dir: Path, 
     assert forced.exit_code == 0, forced.output
     assert load_checkpoint(out).manifest["sft_config"]["seed"] == 3 and not (tmp_path / "ck.heldout").exists()
     assert len(list((tmp_path / "ck.tb").iterdir())) == 1  # the new run's curves alone
+
+
+def test_a_run_that_starts_over_under_resume_purges_its_own_earlier_curves(
+    tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refit's held-out run, or the refit, interrupted after its first step but before its first validation has
+    no resume state: --resume starts it over. Its curves used to keep the interrupted attempt's step 1 beside the
+    new one's (TensorBoard purges only a step that goes back, and 1 does not go back from 1)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    config = SFTConfig(
+        preset="tiny", epochs=1, batch_size=50, train_splits=("train", "valid"), holdout=10, eval_limit=10, refit=True
+    )
+    train_sft(tiny_dataset, tmp_path / "full", config, progress=False, tensorboard=tmp_path / "full.tb")
+    full = curves(tmp_path / "full.tb"), curves(tmp_path / "full.tb-heldout")
+    assert [s for s, _ in full[0]["train/lr"]] == [1, 2, 3, 4, 5] == [s for s, _ in full[1]["train/loss"]]
+    for name, crash in (("heldout", 2), ("refit", 5 + 2)):  # each run validates once, at its 5th and last step
+        out, tb = tmp_path / name, tmp_path / f"{name}.tb"
+        run = functools.partial(train_sft, tiny_dataset, out, config, progress=False, tensorboard=tb)
+        interrupt_at_step(crash, monkeypatch, run)
+        run(resume=True)
+        assert (curves(tb), curves(tmp_path / f"{name}.tb-heldout")) == full, name

@@ -123,13 +123,13 @@ def train_sft(
         chosen = finished_heldout_run(heldout_out, config, data) if resume else None
         if chosen is None:
             again = resume and resume_folder(heldout_out).exists()
-            chosen = _train_sft(data, heldout_out, config, device, again, progress, heldout_tb)
+            chosen = _train_sft(data, heldout_out, config, device, again, progress, heldout_tb, resume)
         else:
             log.info("--resume: the held-out run at %s has finished", heldout_out)
         refit = replace(config, holdout=0, fusion_weight=chosen["fusion"]["weight"])
         log.info("refit on all of train + valid with fusion weight %g", refit.fusion_weight)
         again = resume and resume_folder(out).exists()
-        summary = _train_sft(data, out, refit, device, again, progress, tensorboard)
+        summary = _train_sft(data, out, refit, device, again, progress, tensorboard, resume)
         return summary | {"heldout_run": {"checkpoint": str(heldout_out)} | chosen}
 
 
@@ -173,7 +173,11 @@ def _train_sft(
     resume: bool,
     progress: bool,
     tensorboard: Path | None,
+    restarted: bool = False,
 ) -> dict[str, Any]:
+    """One run at ``out``. ``restarted``: under ``--resume``, so that ``tensorboard`` holds this run's own curves
+    from an interrupted attempt; a run that starts over (interrupted before its first validation wrote a resume
+    state) purges them, as a resumed one purges those past its resume point."""
     out = Path(out)
     require_global_batch(config.batch_size)
     seed_everything(config.seed)
@@ -209,7 +213,7 @@ def _train_sft(
     if ema is not None and trainer_state is not None:
         ema.load_state_dict(trainer_state["ema"])
     fork_rng(config.seed, state.step)
-    curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
+    curves = ScalarLog(tensorboard, state.step if trainer_state is not None or restarted else None)
     amp = autocast_dtype(policy.device, config.precision)
     manifest = {
         "stage": "sft",
