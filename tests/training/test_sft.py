@@ -576,3 +576,20 @@ def test_a_run_that_starts_over_under_resume_purges_its_own_earlier_curves(
         interrupt_at_step(crash, monkeypatch, run)
         run(resume=True)
         assert (curves(tb), curves(tmp_path / f"{name}.tb-heldout")) == full, name
+
+
+def test_a_vstar_checkpoint_as_base_model_is_refused(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A vstar checkpoint has a config.json and loads as a causal LM, so --base-model trained from it: with the text
+    prompt of a pretrained LM, whose words its tokenizer lacks (each an <unk>), and SIDs that may be another
+    catalog's. One line instead, before any work; the API refuses it too, before an earlier run's files go."""
+    ck = tmp_path / "ck"
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(ck), "--preset", "tiny", "--max-steps", "1",
+            "--eval-limit", "4"]  # fmt: skip
+    assert CliRunner().invoke(app, args).exit_code == 0
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, [*args[:5], "--base-model", str(ck), "--force", *args[7:]])
+    assert result.exit_code == 2 and f"--base-model {ck} is a vstar checkpoint, not a pretrained LM" in result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(ValueError, match="is a vstar checkpoint"):
+        train_sft(load_dataset(tiny_data_dir), ck, SFTConfig(base_model=str(ck), max_steps=1), progress=False)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == kept

@@ -283,7 +283,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.BadParameter("--preset builds a model from a config, which --base-model replaces: give one")
         check_run_outputs(out, json_out, tensorboard, (data, minionerec_root), resume, force)
         from training.data.dataset import parse_splits
-        from training.sft.config import recipe_config
+        from training.sft.config import base_model_problem, recipe_config
+
+        problem = base_model_problem(base_model) if base_model is not None else None
+        if problem is not None:
+            raise typer.BadParameter(problem)
 
         setup_logging()
         try:

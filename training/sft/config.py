@@ -8,6 +8,7 @@ imported or any data is read, so a bad option is reported at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -119,3 +120,15 @@ def recipe_config(preset: str = "small", base_model: str | None = None, **option
             f"--holdout {config.holdout}"
         )
     return config
+
+
+def base_model_problem(path: str | Path) -> str | None:
+    """What is wrong with ``path`` as ``--base-model`` that can be seen without torch, or None: a vstar checkpoint
+    (its ``manifest.json``) loads as a causal LM, but its tokenizer has no words for the text prompt a pretrained LM
+    is given (they became ``<unk>``), and its SID tokens may name another catalog's items: it trained, silently."""
+    if (Path(path) / "manifest.json").is_file():
+        return (
+            f"--base-model {path} is a vstar checkpoint, not a pretrained LM: continue its run with --resume at its "
+            "--out, or train from it with vstar rl --init"
+        )
+    return None

@@ -89,7 +89,7 @@ from training.optim import (
 from training.run_files import clear_side_files, heldout_curves, heldout_folder, resume_folder
 from training.scalar_log import ScalarLog
 from training.sft.batches import collate, crop_histories, encode_sample
-from training.sft.config import SFTConfig
+from training.sft.config import SFTConfig, base_model_problem
 from training.sft.regularisers import WeightAverage, add_embedding_dropout, add_residual_dropout, init_sid_embeddings
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,9 @@ def start_fresh(data: RecDataset, out: Path, config: SFTConfig) -> None:
     """Before a new run at ``out``: the checks that need the data, then an earlier run's side files cleared
     (``training.run_files``), so that a mistake found here loses nothing and nothing old mixes with the new."""
     require_global_batch(config.batch_size)
+    problem = base_model_problem(config.base_model) if config.base_model else None
+    if problem is not None:
+        raise ValueError(problem)
     training_rows(data, config)
     if config.text_init:
         text_embeddings(data)
