@@ -316,7 +316,8 @@ def test_a_fresh_run_onto_an_earlier_ones_files_is_refused_before_any_work(tiny_
 
 def test_outputs_inside_the_runs_own_folders_or_the_data_are_refused(tiny_data_dir: Path, tmp_path: Path) -> None:
     """--json or --tensorboard where the checkpoint swap replaces them (the run would train, then fail or lose
-    them), or in the data folder; and an --init that is one of --out's own folders (which the run replaces)."""
+    them), or in the data folder, as --out (it wrote <out>, <out>.resume and <out>.tb among the data files); and
+    an --init that is one of --out's own folders (which the run replaces)."""
     ck, d, tiny = tmp_path / "ck", str(tiny_data_dir), ["--preset", "tiny", "--max-steps", "1"]
     data_files = sorted(p.name for p in tiny_data_dir.iterdir())
     init = tmp_path / "x.resume"
@@ -333,6 +334,7 @@ def test_outputs_inside_the_runs_own_folders_or_the_data_are_refused(tiny_data_d
         ([*sft, "--tensorboard", str(tmp_path / "ck.heldout")], "ck.heldout, which the run at --out"),
         ([*sft, "--tensorboard", d], f"--tensorboard: {d} is the data folder: give a path outside it"),
         ([*sft, "--tensorboard", f"{d}/tb"], f"lies inside the data folder {d}"),
+        (["sft", "--data", d, "--out", f"{d}/ck", *tiny], f"--out: {d}/ck lies inside the data folder {d}: give"),
         (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "x")], f"--init checkpoint {init} is one of"),
         (["rl", "--data", d, "--init", str(tmp_path / "x.heldout"), "--out", str(tmp_path / "x")], "writes over"),
     ]

@@ -91,12 +91,16 @@ def checkpoint_out(path: Path) -> Path:
 def check_run_outputs(
     out: Path, json_out: Path | None, tensorboard: Path | None, data: Sequence[Path | None], resume: bool, force: bool
 ) -> None:
-    """The checks of a training command's outputs against each other, before any work: ``--json`` and
-    ``--tensorboard`` outside the folders the run replaces whole (``<out>``, ``<out>.resume``, ...) and outside the
-    data set (``data``: ``--data``, ``--minionerec-root``); without ``--resume`` or ``--force``, no earlier run
-    at ``--out`` (``training.run_files``), which the new one would replace."""
+    """The checks of a training command's outputs against each other, before any work: ``--out`` outside the data
+    set (``data``: ``--data``, ``--minionerec-root``), ``--json`` and ``--tensorboard`` outside the folders the run
+    replaces whole (``<out>``, ``<out>.resume``, ...) and outside the data set; without ``--resume`` or
+    ``--force``, no earlier run at ``--out`` (``training.run_files``), which the new one would replace."""
     if resume and force:
         raise typer.BadParameter("--resume continues the run at --out, --force replaces it: give one of them")
+    for folder in (d for d in data if d is not None):  # the run's checkpoints and side files would mix with the data
+        if within(out, folder):
+            where = "is the data folder" if within(folder, out) else f"lies inside the data folder {folder}"
+            raise typer.BadParameter(f"{out} {where}: give a path outside it", param_hint="--out")
     for option, path, taken in (
         ("--json", json_out, [out, *side_files(out)]),
         ("--tensorboard", tensorboard, replaced_folders(out)),
