@@ -275,7 +275,7 @@ def _train_sft(
         last_validated = state.step
         model.train()
 
-    start = time.perf_counter()
+    start, start_step = time.perf_counter(), state.step
     model.train()
     schedule = Schedule([len(p) + len(t) for p, t in encoded], config.batch_size, config.seed, total_steps,
                         config.eval_every or steps_per_epoch)  # fmt: skip
@@ -284,10 +284,14 @@ def _train_sft(
     if last_validated != state.step:
         validate()
     curves.close()
+    trained, ran = time.perf_counter() - start, state.step - start_step  # this process's steps: a resume's own
     run = {
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,  # None: a refit
         "steps": state.step,
-        "seconds": round(time.perf_counter() - start, 1),  # stored: until the fusion; returned: to the end
+        "steps_per_epoch": steps_per_epoch,
+        "seconds": round(trained, 1),  # stored: until the fusion; returned: to the end
+        # an epoch's steps with their validations, timed over the steps this process ran (None: it ran none)
+        "seconds_per_epoch": round(trained * steps_per_epoch / ran, 1) if ran else None,
         "history": state.history,
         "train_rows": len(train_rows),
         "selection_rows": len(select_rows),
