@@ -134,6 +134,21 @@ def test_base_model_without_tokenizer_is_refused(text_lm: Path, tiny_catalog: Si
         Policy.from_pretrained_lm(str(folder), tiny_catalog)
 
 
+def test_a_base_model_that_does_not_load_loses_no_earlier_run(text_lm: Path, tiny_dataset, tmp_path: Path) -> None:
+    """A fresh run (what --force starts) builds its model before it clears an earlier run's side files: a
+    pretrained folder that does not load stops it with that run's resume state and curves in place."""
+    folder, out = tmp_path / "lm", tmp_path / "sft"
+    shutil.copytree(text_lm, folder, ignore=shutil.ignore_patterns("tokenizer*"))
+    earlier = [tmp_path / "sft.resume" / "trainer_state.pt", tmp_path / "sft.tb" / "events"]
+    for f in earlier:
+        f.parent.mkdir()
+        f.write_text("an earlier run's")
+    config = SFTConfig(base_model=str(folder), max_steps=2, batch_size=8, eval_limit=8)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        train_sft(tiny_dataset, out, config, progress=False)
+    assert all(f.read_text() == "an earlier run's" for f in earlier)
+
+
 def test_tokenizer_longer_than_the_embeddings_is_refused(
     text_lm: Path, tiny_catalog: SidCatalog, tmp_path: Path
 ) -> None:

@@ -114,16 +114,17 @@ def train_sft(
     """
     out = Path(out)
     with flush_denormals():
+        built = None  # a new run's model, built before anything is cleared (``start_fresh``)
         if not resume:
-            start_fresh(data, out, config)
+            built = start_fresh(data, out, config, device)
         if not config.refits:
-            return _train_sft(data, out, config, device, resume, progress, tensorboard)
+            return _train_sft(data, out, config, device, resume, progress, tensorboard, policy=built)
         heldout_out = heldout_folder(out)
         heldout_tb = heldout_curves(tensorboard) if tensorboard else None
         chosen = finished_heldout_run(heldout_out, config, data) if resume else None
         if chosen is None:
             again = resume and resume_folder(heldout_out).exists()
-            chosen = _train_sft(data, heldout_out, config, device, again, progress, heldout_tb, resume)
+            chosen = _train_sft(data, heldout_out, config, device, again, progress, heldout_tb, resume, built)
         else:
             log.info("--resume: the held-out run at %s has finished", heldout_out)
         refit = replace(config, holdout=0, fusion_weight=chosen["fusion"]["weight"])
@@ -133,9 +134,11 @@ def train_sft(
         return summary | {"heldout_run": {"checkpoint": str(heldout_out)} | chosen}
 
 
-def start_fresh(data: RecDataset, out: Path, config: SFTConfig) -> None:
-    """Before a new run at ``out``: the checks that need the data, then an earlier run's side files cleared
-    (``training.run_files``), so that a mistake found here loses nothing and nothing old mixes with the new."""
+def start_fresh(data: RecDataset, out: Path, config: SFTConfig, device: str) -> Policy:
+    """Before a new run at ``out``: the checks that need the data, and the run's model built (seeded as the
+    run seeds it), then an earlier run's side files cleared (``training.run_files``), so that a mistake found
+    here (a pretrained LM that does not load, dropout its layers cannot take) loses nothing and nothing old
+    mixes with the new. Returns the model for the (first) run."""
     require_global_batch(config.batch_size)
     problem = base_model_problem(config.base_model) if config.base_model else None
     if problem is not None:
@@ -143,8 +146,11 @@ def start_fresh(data: RecDataset, out: Path, config: SFTConfig) -> None:
     training_rows(data, config)
     if config.text_init:
         text_embeddings(data)
+    seed_everything(config.seed)
+    policy = fresh_policy(data, config, device)
     if is_main():
         clear_side_files(out)
+    return policy
 
 
 def finished_heldout_run(path: Path, config: SFTConfig, data: RecDataset) -> dict[str, Any] | None:
@@ -177,28 +183,25 @@ def _train_sft(
     progress: bool,
     tensorboard: Path | None,
     restarted: bool = False,
+    policy: Policy | None = None,
 ) -> dict[str, Any]:
     """One run at ``out``. ``restarted``: under ``--resume``, so that ``tensorboard`` holds this run's own curves
     from an interrupted attempt; a run that starts over (interrupted before its first validation wrote a resume
-    state) purges them, as a resumed one purges those past its resume point."""
+    state) purges them, as a resumed one purges those past its resume point. ``policy``: a new run's model,
+    built (``fresh_policy``) right after ``seed_everything(config.seed)`` with nothing drawn since."""
     out = Path(out)
     require_global_batch(config.batch_size)
-    seed_everything(config.seed)
+    if policy is None:
+        seed_everything(config.seed)
     train_rows, held_out = training_rows(data, config)
     select_rows = held_out[: config.eval_limit]
 
     trainer_state = None
     if resume:
         loaded, trainer_state = load_resume(resume_folder(out), device, {"config": asdict(config)}, data)
-        policy = loaded.policy
-    else:
-        policy = new_policy(data, config, device)
-    if config.text_init and not resume:
-        init_sid_embeddings(policy, text_embeddings(data))
-    if config.embed_dropout > 0:
-        add_embedding_dropout(policy, config.embed_dropout)
-    if config.hidden_dropout > 0:
-        add_residual_dropout(policy, config.hidden_dropout)
+        policy = with_dropout(loaded.policy, config)
+    elif policy is None:
+        policy = fresh_policy(data, config, device)
     encoded = [encode_sample(policy, s) for s in train_rows]
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -314,6 +317,24 @@ def text_embeddings(data: RecDataset) -> np.ndarray:
             "--encoder PATH (a local text encoder), or pass --no-text-init"
         )
     return data.embeddings
+
+
+def fresh_policy(data: RecDataset, config: SFTConfig, device: str) -> Policy:
+    """A new run's model: built (``new_policy``), its SID embeddings from the item texts (``text_init``), and
+    its dropout."""
+    policy = new_policy(data, config, device)
+    if config.text_init:
+        init_sid_embeddings(policy, text_embeddings(data))
+    return with_dropout(policy, config)
+
+
+def with_dropout(policy: Policy, config: SFTConfig) -> Policy:
+    """``policy`` with the configuration's embedding and residual dropout added (none where 0)."""
+    if config.embed_dropout > 0:
+        add_embedding_dropout(policy, config.embed_dropout)
+    if config.hidden_dropout > 0:
+        add_residual_dropout(policy, config.hidden_dropout)
+    return policy
 
 
 def new_policy(data: RecDataset, config: SFTConfig, device: str) -> Policy:
