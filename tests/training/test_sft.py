@@ -130,6 +130,10 @@ def test_resume_continues_to_the_same_weights(tiny_dataset, tmp_path: Path, monk
         )
     with pytest.raises(ValueError, match="no interrupted run"):
         train_sft(tiny_dataset, tmp_path / "never", config, resume=True, progress=False)
+    refits = SFTConfig(**{**config.__dict__, "train_splits": ("train", "valid"), "holdout": 10, "refit": True})
+    with pytest.raises(ValueError, match="no interrupted run"):  # with --refit it used to start afresh
+        train_sft(tiny_dataset, tmp_path / "never", refits, resume=True, progress=False)
+    assert not list(tmp_path.glob("never*"))
     other = tmp_path / "other_data"  # the same rows but one more line in test.csv: another data set
     other.mkdir()
     for f in tiny_dataset.files.values():

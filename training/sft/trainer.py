@@ -86,7 +86,7 @@ from training.optim import (
     rng_state,
     seed_everything,
 )
-from training.run_files import clear_side_files, heldout_curves, heldout_folder, resume_folder
+from training.run_files import clear_side_files, earlier_run, heldout_curves, heldout_folder, resume_folder
 from training.scalar_log import ScalarLog
 from training.sft.batches import collate, crop_histories, encode_sample
 from training.sft.config import SFTConfig, base_model_problem
@@ -115,6 +115,8 @@ def train_sft(
     out = Path(out)
     with flush_denormals():
         built = None  # a new run's model, built before anything is cleared (``start_fresh``)
+        if resume and earlier_run(out) is None:  # with --refit it would start afresh without a word
+            raise ValueError(f"--resume: no interrupted run at {out}")
         if not resume:
             built = start_fresh(data, out, config, device)
         if not config.refits:
