@@ -36,6 +36,7 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from models.atomic_folder import leftovers, publish, staging_folder
 from models.checkpoint_error import CheckpointError
@@ -100,6 +101,8 @@ def save_checkpoint(
     """Atomically write ``policy`` (plus extras) to ``path``; returns the path."""
     target = Path(path)
     tmp = staging_folder(target)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" at every validation would break the run's own bar
     try:
         policy.model.save_pretrained(tmp, safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp)
@@ -127,6 +130,9 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return target
 
 

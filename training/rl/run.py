@@ -175,7 +175,9 @@ def fuse_rl_checkpoint(
             len(select_rows),
         )
     counted = counted_rows(data, rule, train_rows)
-    fusion = fuse_trained(path, None, counted, held_out, stored["eval_limit"], device, weights, beams, checkpoint)
+    fusion = fuse_trained(
+        path, None, counted, held_out, stored["eval_limit"], device, weights, beams, checkpoint, progress=True
+    )
     return {"checkpoint": str(path), "init_trained_on_selection_rows": seen} | fusion
 
 

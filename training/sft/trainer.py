@@ -262,13 +262,15 @@ def _train_sft(
 
     def report(stats: dict[str, float]) -> None:
         curves.add(state.step, stats)
+        bar.set_postfix(loss=f"{stats['train/loss']:.3f}", epoch=state.epoch, refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{stats['train/loss']:.3f}", epoch=state.epoch)
 
     last_validated = state.step if resume else -1
 
     def validate() -> None:
         nonlocal last_validated
+        if len(select_rows):  # the bar stands still meanwhile: say why
+            bar.set_postfix_str(f"validating on {len(select_rows)} held-out rows", refresh=True)
         checkpointer.validate(state, lambda: {
             "config": asdict(config),
             "optimizer": optimizer.state_dict(),
@@ -305,7 +307,9 @@ def _train_sft(
     if is_main():  # the kept model's fusion with the transition counts (training.evaluation.fusion), and the
         # run's figures in the same write: a resumed refit reports its finished held-out run from them
         device = str(policy.device)
-        fusion = fuse_trained(out, config.fusion_weight, train_rows, held_out, config.eval_limit, device, run=run)
+        fusion = fuse_trained(
+            out, config.fusion_weight, train_rows, held_out, config.eval_limit, device, run=run, progress=progress
+        )
     barrier()
     return run | {"seconds": round(time.perf_counter() - start, 1), "fusion": fusion}
 
@@ -367,6 +371,15 @@ def fuse_checkpoint(
     train_rows, held_out = split_for_training(data, config)
     require_held_out(path, manifest, held_out, "a refit: --holdout 0")  # its weight came from its held-out run
     fusion = fuse_trained(
-        path, config.fusion_weight, train_rows, held_out, config.eval_limit, device, weights, beams, checkpoint
+        path,
+        config.fusion_weight,
+        train_rows,
+        held_out,
+        config.eval_limit,
+        device,
+        weights,
+        beams,
+        checkpoint,
+        progress=True,
     )
     return {"checkpoint": str(path)} | fusion
