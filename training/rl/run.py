@@ -334,7 +334,11 @@ def train_rl(
     # ([] from a resume state written before they were kept)
     seconds: list[float] = list(trainer_state.get("step_seconds", [])) if trainer_state is not None else []
 
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"rl {config.algo}", disable=not progress or not is_main())
+
     def validate() -> None:
+        if select_rows:  # the bar stands still meanwhile: say why
+            bar.set_postfix_str(f"validating on {len(select_rows)} held-out rows", refresh=True)
         extras = {"value_head": value_head.state_dict()} if value_head is not None else {}
         # step 0 scores the SFT model for the log; it is never selected as the RL result
         checkpointer.validate(state, lambda: {
@@ -358,7 +362,6 @@ def train_rl(
         return weighted_mean(stats, len(part.rows) if part.counted else 0, maxed=("seconds",))
 
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state.step, desc=f"rl {config.algo}", disable=not progress or not is_main())
 
     def report(stats: dict[str, float]) -> None:
         seconds.append(stats["seconds"])
@@ -366,8 +369,13 @@ def train_rl(
             with steps_file.open("a") as f:
                 f.write(json.dumps({"step": state.step, "epoch": state.epoch} | stats) + "\n")
         curves.add(state.step, {f"{'train' if k in ('loss', 'lr') else 'rl'}/{k}": v for k, v in stats.items()})
+        postfix = {
+            "reach": f"{stats['reachability']:.2f}",
+            "std": f"{stats['reward_std']:.3f}",
+            "kl": f"{stats['kl']:.4f}",
+        }
+        bar.set_postfix(postfix, refresh=False)
         bar.update(1)
-        bar.set_postfix(reach=f"{stats['reachability']:.2f}", std=f"{stats['reward_std']:.3f}", kl=f"{stats['kl']:.4f}")
         if state.step % LOG_EVERY == 0:
             log.info("step %d: %s", state.step, " ".join(f"{k} {stats[k]:.4g}" for k in LOGGED))
 
