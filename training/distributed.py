@@ -166,8 +166,12 @@ def loss_scales(local_counts: Sequence[float]) -> list[float]:
     return [world_size() * c / t if t > 0 else 0.0 for c, t in zip(local_counts, totals, strict=True)]
 
 
-def weighted_mean(metrics: Mapping[str, float], weight: float, maxed: Sequence[str] = ()) -> dict[str, float]:
-    """Metrics averaged over the ranks with ``weight`` (e.g. rows) per rank; ``maxed`` keys take the maximum.
+def weighted_mean(
+    metrics: Mapping[str, float], weight: float, maxed: Sequence[str] = (), summed: Sequence[str] = ()
+) -> dict[str, float]:
+    """Metrics averaged over the ranks with ``weight`` (e.g. rows) per rank; ``maxed`` keys take the maximum,
+    ``summed`` keys (counts over the rank's part of the batch) the sum over the ranks with a weight above 0
+    (a stand-in shard counts nothing).
 
     Not distributed: ``metrics`` unchanged.
     """
@@ -182,6 +186,8 @@ def weighted_mean(metrics: Mapping[str, float], weight: float, maxed: Sequence[s
     for k in keys:
         if k in maxed:
             out[k] = max(m[k] for _, m in parts)
+        elif k in summed:
+            out[k] = sum(m[k] for w, m in parts if w > 0)
         else:
             out[k] = sum(w * m[k] for w, m in parts) / total if total > 0 else float("nan")
     return out

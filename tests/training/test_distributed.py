@@ -87,7 +87,7 @@ def assert_rank0_wrote(writes: list[str], *paths: Path) -> None:
 def test_helpers_are_the_identity_without_a_launcher() -> None:
     assert shard([4, 5, 6]) == Shard([4, 5, 6], True)
     assert loss_scales([3, 0]) == [1.0, 1.0]
-    assert weighted_mean({"a": 0.1, "seconds": 2.0}, 7, maxed=("seconds",)) == {"a": 0.1, "seconds": 2.0}
+    assert weighted_mean({"a": 0.1, "seconds": 2.0}, 7, maxed=("seconds",), summed=("a",)) == {"a": 0.1, "seconds": 2.0}
 
 
 # ---- 2 processes against 1
@@ -157,6 +157,7 @@ def test_rl_two_processes_match_one(
     assert [s["step"] for s in two_steps] == [1, 2]
     for a, b in zip(one_steps, two_steps, strict=True):  # prompt-weighted means over ranks = one process's means
         assert a["reachability"] == pytest.approx(b["reachability"]) and a["distinct"] == pytest.approx(b["distinct"])
+        assert a["sibling_tokens"] == pytest.approx(b["sibling_tokens"])  # a count over the batch: summed
 
 
 @pytest.mark.slow

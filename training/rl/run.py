@@ -92,6 +92,9 @@ LOGGED = (
 )  # fmt: skip
 
 
+SUMMED = ("sibling_tokens",)  # step figures that count over the batch (the others are means): summed over ranks
+
+
 def reference_fusion(init: str | Path) -> dict[str, Any]:
     """The ``--init`` checkpoint's fusion choice (manifest ``fusion``), empty when it has none."""
     manifest = json.loads((Path(init) / "manifest.json").read_text())
@@ -359,7 +362,8 @@ def train_rl(
         samples = [train_rows[i] for i in part.rows]  # this rank's prompts of the global batch
         # a stand-in shard (an empty slice of a short last batch) trains with weight 0
         stats = trainer.step(samples) if part.counted else trainer.step(samples, counted=False)
-        return weighted_mean(stats, len(part.rows) if part.counted else 0, maxed=("seconds",))
+        # sibling_tokens is a count over the batch: summed, as one process counts it over the whole batch
+        return weighted_mean(stats, len(part.rows) if part.counted else 0, maxed=("seconds",), summed=SUMMED)
 
     start = time.perf_counter()
 
