@@ -154,6 +154,15 @@ def sum_over_ranks(values: Sequence[float]) -> list[float]:
     return total.tolist()
 
 
+def global_mean(value: float, count: float) -> float:
+    """The mean over the whole batch of a rank's mean ``value`` over its ``count`` elements (0 for a stand-in
+    shard), e.g. the step's loss for the curves; ``value`` itself when not distributed."""
+    if not dist.is_initialized():
+        return value
+    weighted, total = sum_over_ranks([value * count, count])
+    return weighted / total if total > 0 else float("nan")
+
+
 def loss_scales(local_counts: Sequence[float]) -> list[float]:
     """Per-term loss factors ``world * local / global`` that turn rank means into the global-batch mean.
 

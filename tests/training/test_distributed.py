@@ -20,7 +20,8 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from training.data.dataset import RecDataset
-from training.distributed import Shard, loss_scales, shard, weighted_mean
+from training.distributed import Shard, global_mean, loss_scales, shard, weighted_mean
+from training.evaluation.curve_plot import read_curves
 from training.loop import epoch_batches
 from training.rl.run import train_rl
 from training.rl.trainer import RLConfig
@@ -87,6 +88,7 @@ def assert_rank0_wrote(writes: list[str], *paths: Path) -> None:
 def test_helpers_are_the_identity_without_a_launcher() -> None:
     assert shard([4, 5, 6]) == Shard([4, 5, 6], True)
     assert loss_scales([3, 0]) == [1.0, 1.0]
+    assert global_mean(0.25, 7) == 0.25
     assert weighted_mean({"a": 0.1, "seconds": 2.0}, 7, maxed=("seconds",), summed=("a",)) == {"a": 0.1, "seconds": 2.0}
 
 
@@ -98,7 +100,7 @@ def test_sft_two_processes_match_one(tiny_dataset: RecDataset, tiny_data_dir: Pa
     # 200 rows, global batch 199: step shards of 99/100 rows, then a 1-row batch (rank 1: weight-0 stand-in)
     assert sorted(len(b) for b in epoch_batches([1] * 200, 199, 3, 0)) == [1, 199]
     config = SFTConfig(preset="tiny", max_steps=2, batch_size=199, lr=1e-2, seed=3)
-    one = train_sft(tiny_dataset, tmp_path / "one", config, progress=False)
+    one = train_sft(tiny_dataset, tmp_path / "one", config, progress=False, tensorboard=tmp_path / "one.tb")
     args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "two"), "--preset", "tiny"]
     args += ["--max-steps", "2", "--batch-size", "199", "--lr", "0.01", "--seed", "3"]
     result, writes = torchrun(tmp_path, args)
@@ -109,6 +111,10 @@ def test_sft_two_processes_match_one(tiny_dataset: RecDataset, tiny_data_dir: Pa
     assert diff < ATOL
     assert max_abs_diff(tmp_path / "one.resume", tmp_path / "one") == 0.0  # trained, selected at step 2
     assert load_checkpoint(tmp_path / "two.resume").trainer_state()["train_state"]["step"] == one["steps"] == 2
+    # the loss curve is the global batch's, not rank 0's slice's (its 99 rows: 9.9e-4 off at step 1)
+    one_loss, two_loss = (read_curves(tmp_path / f"{run}.tb")["train/loss"] for run in ("one", "two"))
+    assert one_loss[0] == two_loss[0] == [1, 2]
+    assert two_loss[1] == pytest.approx(one_loss[1], abs=1e-5)
 
 
 RL_CASES = {

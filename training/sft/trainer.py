@@ -66,7 +66,16 @@ from tqdm import tqdm
 
 from models.policy import Policy
 from training.data.dataset import RecDataset, popular_sids, split_for_training, training_rows
-from training.distributed import Shard, barrier, fork_rng, is_main, loss_scales, require_global_batch, wrap_ddp
+from training.distributed import (
+    Shard,
+    barrier,
+    fork_rng,
+    global_mean,
+    is_main,
+    loss_scales,
+    require_global_batch,
+    wrap_ddp,
+)
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
 from training.loop import (
     RESTART,
@@ -247,7 +256,8 @@ def _train_sft(
         batch = {k: v.to(policy.device) for k, v in collate(rows, int(policy.tokenizer.pad_token_id)).items()}
         with torch.autocast(policy.device.type, dtype=amp, enabled=amp is not None):
             loss = train_model(**batch).loss  # mean over this shard's target tokens
-        (scale,) = loss_scales([sum(len(t) for _, t in rows) if part.counted else 0])  # 1.0 in one process
+        tokens = sum(len(t) for _, t in rows) if part.counted else 0  # this shard's target tokens
+        (scale,) = loss_scales([tokens])  # 1.0 in one process
         optimizer.zero_grad(set_to_none=True)
         (loss * scale).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -256,7 +266,8 @@ def _train_sft(
         scheduler.step()
         if ema is not None:
             ema.update()
-        return {"train/loss": loss.item(), "train/lr": lr}
+        # the curve's loss is the global batch's (a rank's own is over its slice only); one process: loss.item()
+        return {"train/loss": global_mean(loss.item(), tokens), "train/lr": float(lr)}
 
     bar = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not progress or not is_main())
 
