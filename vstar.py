@@ -19,6 +19,7 @@ import functools
 import io
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
@@ -54,8 +55,22 @@ def raised_by_project(error: BaseException) -> bool:
     return module.split(".")[0] in PROJECT_PACKAGES
 
 
-def fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"Error: {' '.join(line.strip() for line in message.splitlines() if line.strip())}", err=True)
+RANK_GRACE_S = 5.0  # a launched rank other than 0 waits this long before it reports an error (``fail``)
+
+
+def fail(message: str, code: int, grace_s: float = RANK_GRACE_S) -> NoReturn:
+    """``message`` as one line on stderr, then exit with ``code``.
+
+    Under torchrun / accelerate launch every rank checks the same options and data, so a bad input fails on
+    each of them: rank 0 reports it, and a rank other than 0 first waits ``grace_s``, in which the launcher,
+    seeing rank 0 exit, stops it; one that is still running failed alone (e.g. on its own slice of the data)
+    and reports it with its rank.
+    """
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    if rank != "0":
+        time.sleep(grace_s)
+    where = f"rank {rank}: " if rank != "0" else ""
+    typer.echo(f"Error: {where}{' '.join(line.strip() for line in message.splitlines() if line.strip())}", err=True)
     sys.exit(code)
 
 
@@ -104,8 +119,8 @@ class OneLineErrors(TyperGroup):
         except typer.TyperException as e:  # click's usage errors and the BadParameter our handlers raise
             ctx = e.ctx if isinstance(e, UsageError) else None
             fail(e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else ""), e.exit_code)
-        except typer.Abort:
-            fail("aborted", 1)
+        except typer.Abort:  # Ctrl-C: under a launcher every rank got it; no rank waits to say so
+            fail("aborted", 1, grace_s=0)
         except CheckpointError as e:  # the project's, even when it wraps a library's error
             fail(str(e), 2)
         except ValueError as e:

@@ -92,10 +92,11 @@ def distributed_session(device: str) -> Iterator[str]:
         yield device
         return
     device = init_distributed(device)
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
+    yield device
+    # Not on an exception: the group stays until this process exits. Destroyed at once, it would fail the
+    # other ranks' pending collectives, and a rank that failed alone would be stopped with them (the launcher
+    # stops every rank when one exits) before it reported why (``vstar.fail`` waits first on ranks other than 0).
+    dist.destroy_process_group()
 
 
 def require_global_batch(batch_size: int) -> None:

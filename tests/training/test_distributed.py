@@ -51,10 +51,13 @@ main()
 """
 
 
-def torchrun(tmp_path: Path, args: list[str], nproc: int = 2) -> tuple[subprocess.CompletedProcess[str], list[str]]:
-    """Run ``vstar ARGS`` under torchrun with ``nproc`` CPU processes; returns the result and the recorded writes."""
+def torchrun(
+    tmp_path: Path, args: list[str], nproc: int = 2, before: str = ""
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run ``vstar ARGS`` under torchrun with ``nproc`` CPU processes (``before``: code the launcher runs
+    first); returns the result and the recorded writes."""
     launcher, writes = tmp_path / "launch.py", tmp_path / "writes.txt"
-    launcher.write_text(LAUNCHER)
+    launcher.write_text(before + LAUNCHER)
     writes.unlink(missing_ok=True)
     env = os.environ | {
         "OMP_NUM_THREADS": "1",
@@ -171,8 +174,38 @@ def test_global_batch_smaller_than_world_is_a_clear_error(tiny_data_dir: Path, t
     args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "tiny", "--batch-size", "1"]
     result, writes = torchrun(tmp_path, args)
     assert result.returncode != 0 and not writes
-    assert "--batch-size 1 is the global batch and must be >= the world size 2" in result.stderr
+    assert result.stderr.count("--batch-size 1 is the global batch and must be >= the world size 2") == 1  # rank 0's
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_bad_option_is_one_error_not_one_per_rank(tiny_data_dir: Path, tmp_path: Path) -> None:
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--bogus", "3"]
+    result, _ = torchrun(tmp_path, args)
+    assert result.returncode != 0
+    assert result.stderr.count("Error: No such option: --bogus") == 1, result.stderr[-3000:]
+
+
+RANK_1_FAILS = """
+import os
+import training.sft.trainer as trainer
+
+
+def fail_on_rank_1(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise ValueError("bad rows on rank 1 alone")
+
+
+trainer.start_fresh = fail_on_rank_1
+"""
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_alone_is_reported_with_its_rank(tiny_data_dir: Path, tmp_path: Path) -> None:
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "tiny", "--max-steps", "2"]
+    result, _ = torchrun(tmp_path, args, before=RANK_1_FAILS)
+    assert result.returncode != 0
+    assert result.stderr.count("Error: rank 1: bad rows on rank 1 alone") == 1, result.stderr[-3000:]
 
 
 def test_weighted_losses_give_the_global_gradient(tiny_dataset: RecDataset) -> None:
