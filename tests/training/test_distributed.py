@@ -120,6 +120,22 @@ def test_sft_two_processes_match_one(tiny_dataset: RecDataset, tiny_data_dir: Pa
     assert two_loss[1] == pytest.approx(one_loss[1], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_sft_refit_runs_on_every_rank(tiny_dataset: RecDataset, tiny_data_dir: Path, tmp_path: Path) -> None:
+    # the held-out run's fusion weight is chosen on rank 0 alone; the refit on every rank trains with it
+    config = SFTConfig(preset="tiny", max_steps=2, batch_size=64, lr=1e-2, train_splits=("train", "valid"), holdout=20,
+                       eval_limit=20, refit=True)  # fmt: skip
+    one = train_sft(tiny_dataset, tmp_path / "one", config, progress=False)
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "two"), "--preset", "tiny", "--refit"]
+    args += ["--max-steps", "2", "--batch-size", "64", "--lr", "0.01", "--train-splits", "train,valid"]
+    args += ["--holdout", "20", "--eval-limit", "20", "--json", str(tmp_path / "two.json")]
+    result, _ = torchrun(tmp_path, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["fusion"]["weight"] == two["heldout_run"]["fusion"]["weight"] == one["fusion"]["weight"]
+    assert max_abs_diff(tmp_path / "one", tmp_path / "two") < ATOL
+
+
 RL_CASES = {
     # 200 rows in global batches of 9: prompt shards of 4 and 5
     "grpo": ["--batch-size", "9", "--seed", "0"],

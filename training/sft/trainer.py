@@ -68,8 +68,8 @@ from models.policy import Policy
 from training.data.dataset import RecDataset, popular_sids, split_for_training, training_rows
 from training.distributed import (
     Shard,
-    barrier,
     fork_rng,
+    from_main,
     global_mean,
     is_main,
     loss_scales,
@@ -321,7 +321,7 @@ def _train_sft(
         fusion = fuse_trained(
             out, config.fusion_weight, train_rows, held_out, config.eval_limit, device, run=run, progress=progress
         )
-    barrier()
+    fusion = from_main(fusion)  # every rank: a --refit trains on with the weight rank 0 chose
     return run | {"seconds": round(time.perf_counter() - start, 1), "fusion": fusion}
 
 
