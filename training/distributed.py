@@ -222,7 +222,8 @@ def barrier() -> None:
 def fork_rng(seed: int, step: int) -> None:
     """Give each rank its own torch RNG stream (dropout masks) from (seed, rank, step); no-op when not distributed.
 
-    Reproducible across a ``--resume`` with the same world size without storing every rank's RNG state.
+    Called before every step, so a ``--resume`` with the same world size draws what the uninterrupted run
+    drew, without storing every rank's RNG state.
     """
     if dist.is_initialized():
         torch.manual_seed(int(np.random.SeedSequence([seed, rank(), step]).generate_state(1)[0]))

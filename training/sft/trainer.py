@@ -229,7 +229,6 @@ def _train_sft(
     ema = WeightAverage(model, config.ema) if config.ema > 0 else None
     if ema is not None and trainer_state is not None:
         ema.load_state_dict(trainer_state["ema"])
-    fork_rng(config.seed, state.step)
     curves = ScalarLog(tensorboard, state.step if trainer_state is not None or restarted else None)
     amp = autocast_dtype(policy.device, config.precision)
     manifest = {
@@ -248,6 +247,9 @@ def _train_sft(
     )
 
     def train_step(part: Shard) -> dict[str, float]:
+        # distributed: this step's dropout masks from (seed, rank, step), so that a resumed run draws what the
+        # uninterrupted one drew (the resume state holds rank 0's RNG alone); one process: a no-op
+        fork_rng(config.seed, state.step)
         rows = [encoded[i] for i in part.rows]  # this rank's slice of the global batch
         if config.crop_prob > 0 or config.last_item_prob > 0:
             rows = crop_histories(
