@@ -600,3 +600,32 @@ def test_a_vstar_checkpoint_as_base_model_is_refused(tiny_data_dir: Path, tmp_pa
     with pytest.raises(ValueError, match="is a vstar checkpoint"):
         train_sft(load_dataset(tiny_data_dir), ck, SFTConfig(base_model=str(ck), max_steps=1), progress=False)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == kept
+
+
+def test_a_refit_does_not_keep_the_held_out_runs_model_alive(tiny_dataset, tmp_path: Path, monkeypatch) -> None:
+    """The held-out run's model, built before the side files are cleared (``start_fresh``), is freed once that run
+    ends: the refit trains a model of its own, and two models at once would double a large --base-model's memory."""
+    import gc
+    import weakref
+
+    built: list[weakref.ref] = []
+    real_fresh, real_run = sft_module.fresh_policy, sft_module._train_sft
+    alive_at_refit: list[bool] = []
+
+    def fresh(*args: Any, **kwargs: Any) -> Policy:
+        policy = real_fresh(*args, **kwargs)
+        built.append(weakref.ref(policy.model))
+        return policy
+
+    def run(data: Any, out: Path, config: SFTConfig, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if config.holdout == 0:  # the refit: the held-out run has ended
+            gc.collect()
+            alive_at_refit.append(built[0]() is not None)
+        return real_run(data, out, config, *args, **kwargs)
+
+    monkeypatch.setattr(sft_module, "fresh_policy", fresh)
+    monkeypatch.setattr(sft_module, "_train_sft", run)
+    config = SFTConfig(preset="tiny", max_steps=1, batch_size=50, train_splits=("train", "valid"), holdout=10,
+                       eval_limit=10, refit=True)  # fmt: skip
+    train_sft(tiny_dataset, tmp_path / "ck", config, progress=False)
+    assert alive_at_refit == [False]

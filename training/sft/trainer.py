@@ -136,6 +136,7 @@ def train_sft(
         if chosen is None:
             again = resume and resume_folder(heldout_out).exists()
             chosen = _train_sft(data, heldout_out, config, device, again, progress, heldout_tb, resume, built)
+            built = None  # that run's model, trained: freed before the refit builds its own (not two models at once)
         else:
             log.info("--resume: the held-out run at %s has finished", heldout_out)
         refit = replace(config, holdout=0, fusion_weight=chosen["fusion"]["weight"])
