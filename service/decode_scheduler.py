@@ -251,9 +251,11 @@ class DecodeScheduler:
         out = ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
         synchronize(self.policy.device)  # the search is done when its kernels are, not when they are queued
         finished = time.perf_counter()
-        if all(st.cap_hit and st.iterations == 0 for st in out.stats):  # it stopped right after its initial tree
+        # what the tree grew by after the initial one: a search's selections, or a completion's levels (a budget
+        # that covers the catalog: ``models.ved``), which makes no selections, so iterations cannot tell
+        if all(st.cap_hit and st.tokens_spent == st.init_tokens for st in out.stats):  # stopped right after it
             self.init_cost.report(len(jobs), finished - started)
-        elif config.deadline is not None and any(st.cap_hit and st.iterations > 0 for st in out.stats):
+        elif config.deadline is not None and any(st.cap_hit and st.tokens_spent > st.init_tokens for st in out.stats):
             # the loop ran and the deadline stopped it: learn how far past the deadline it finished. Reported
             # here, not by the request, so it is learnt even when the hard cap answered that request already.
             self.deadline_margin.report(finished - config.deadline)

@@ -459,3 +459,43 @@ def test_the_searchs_timings_wait_for_the_models_device(app: FastAPI, monkeypatc
     events.clear()
     rec._time_ved_fallbacks(threading.Event())
     assert events == ["search", f"wait {rec.policy.device}"] * 3 + ["baseline"]
+
+
+class RecordingCost(BatchCost):
+    def __init__(self) -> None:
+        super().__init__(start_s=0.05)
+        self.reports: list[tuple[int, float]] = []
+
+    def report(self, batch: int, seconds: float) -> None:
+        self.reports.append((batch, seconds))
+        super().report(batch, seconds)
+
+
+def test_a_completion_stopped_by_its_deadline_is_learnt_as_a_search_not_as_the_initial_tree(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget that covers the catalog completes the tree with no selections (iterations 0). Its deadline
+    passing after a completion level is an overrun of the search's (the margin learns it), not the cost of the
+    initial tree alone, which learns only from searches that stopped right after it."""
+    import models.ved
+
+    rec = app.state.recommender
+    cost, margin = RecordingCost(), RecordingMargin()
+    monkeypatch.setattr(rec, "init_cost", cost)
+    monkeypatch.setattr(rec, "deadline_margin", margin)
+    clock = iter([0.0, 2.0, 2.0])  # the complete() checks: before level 1 (in time), before level 2 (passed)
+    monkeypatch.setattr(models.ved, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    real_search = models.ved.ved_search
+
+    def search(*args: Any) -> Any:  # the deadline of the patched clock: between the first and second level
+        *rest, config = args
+        return real_search(*rest, replace(config, deadline=1.0))
+
+    monkeypatch.setattr("service.decode_scheduler.ved_search", search)
+    catalog = rec.policy.catalog
+    # the tiny catalog has 36 prefixes; an initial beam of 2 leaves first-level codes to the completion
+    config = replace(rec.ved_settings, num_candidates=2, init_beams=2, budget=400)
+    job = DecodeJob(tuple(catalog.sids[i] for i in (6, 7)), deadline=time.perf_counter() + 0.001)
+    (row,) = rec._ved(config, [job])
+    assert row.stats.cap_hit and row.stats.iterations == 0 and row.stats.tokens_spent > row.stats.init_tokens
+    assert cost.reports == [] and len(margin.reports) == 1
