@@ -67,13 +67,16 @@ class LoadedCheckpoint:
         try:  # tensors and plain data only: unpickling anything else could run code a checkpoint carries
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {e}") from None
+            # the weights-only unpickler says "Weights only load failed" both for a class or function it will not
+            # load (a GLOBAL) and for bytes that are no pickle at all (an "Unsupported operand"): damage
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if found is None:
+                detail = str(e).split("WeightsUnpickler error:")[-1]
+                reason = next((line.strip() for line in detail.splitlines() if line.strip()), "unreadable")
+                raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {reason}") from None
             raise CheckpointError(
                 f"checkpoint {self.path}: {TRAINER_STATE} holds more than tensors and plain data"
-                f" ({found.group(1) if found else 'other objects'}), which vstar never writes; not loaded: unpickling"
-                " it could run code"
+                f" ({found.group(1)}), which vstar never writes; not loaded: unpickling it could run code"
             ) from None
         except Exception as e:  # torch.load raises whatever unpickling a damaged file raises
             raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {e}") from None

@@ -60,9 +60,17 @@ def test_a_missing_file_is_named(vstar_checkpoint: Path, tmp_path: Path, name: s
         load_checkpoint(path)
 
 
-def test_corrupt_resume_state_is_named(vstar_checkpoint: Path, tmp_path: Path) -> None:
-    path = damaged(vstar_checkpoint, tmp_path / "ck", "trainer_state.pt", "cut")
-    with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt"):
+@pytest.mark.parametrize("how", ["cut", "overwritten", "replaced"])
+def test_corrupt_resume_state_is_named(vstar_checkpoint: Path, tmp_path: Path, how: str) -> None:
+    """Damage is called corrupt, not a file that holds objects vstar never writes (the weights-only unpickler
+    words both as "Weights only load failed": bytes that are no pickle are an "Unsupported operand")."""
+    if how == "replaced":
+        path = tmp_path / "ck"
+        shutil.copytree(vstar_checkpoint, path)
+        (path / "trainer_state.pt").write_text("overwritten by something else")
+    else:
+        path = damaged(vstar_checkpoint, tmp_path / "ck", "trainer_state.pt", how)
+    with pytest.raises(CheckpointError, match=r"trainer_state.pt is corrupt: [^\n]+$"):
         load_checkpoint(path).trainer_state()
 
 
