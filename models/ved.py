@@ -82,12 +82,13 @@ Choices the paper leaves open:
   (every valid prefix present).
 * a budget that covers every prefix of the catalog (small catalogs: the demo's
   600 SIDs have 289, and k = 100's default budget is 400) completes the tree
-  after the initial one, a level a forward, with no selections: the search
-  would end with that same tree, as it only stops on the budget or an
-  exhausted tree, but near the end its selections mostly fail the gate
-  (measured on the demo's V-STAR checkpoint, k = 100: 1,284 iterations, 1,030
-  of them gate failures, 1.83 s; completed: 0.026 s, the same SIDs in the same
-  order on 12 prompts x 4 settings, scores equal to 1e-4).
+  after the initial one, a level at a time (forwards no wider than the initial
+  tree's), with no selections: the search would end with the same nodes (the
+  visit counts differ), as it only stops on the budget or an exhausted tree,
+  but near the end its selections mostly fail the gate (measured on the demo's
+  V-STAR checkpoint, k = 100: 1,284 iterations, 1,030 of them gate failures,
+  1.83 s; completed: 0.026 s, the same SIDs in the same order on 12 prompts x
+  4 settings, scores equal to 1e-4).
 * budget that cannot be spent is reported, not hidden: ``VEDStats`` gives the
   budget, ``tokens_spent`` and ``stop_reason`` ("budget", "exhausted" or
   "deadline").
@@ -329,23 +330,27 @@ class _Search:
         self.evaluate(torch.cat(new_rows), torch.cat(new_nodes))
 
     def complete(self) -> torch.Tensor:
-        """Every valid prefix the initial tree lacks, a level at a time, in one forward per level; cap_hit (B,).
+        """Every valid prefix the initial tree lacks, a level at a time; cap_hit (B,).
 
         For a budget that covers every prefix of the catalog (``covers_the_catalog``): the search would end
-        with this very tree (it spends its budget or exhausts the tree, and the budget cannot run out first),
-        after selections that mostly fail the gate near the end (1,030 failures, 1.8 s for k = 100 on the
-        demo's 600-SID catalog).
+        with these very nodes (it spends its budget or exhausts the tree, and the budget cannot run out
+        first), after selections that mostly fail the gate near the end (1,030 failures, 1.8 s for k = 100 on
+        the demo's 600-SID catalog); only the visit counts differ, which the search's own steps add. A forward
+        evaluates at most as many nodes as the initial tree's widest level could (B x max(init_beams, G)), so
+        memory stays what the initial tree needs, and the deadline is checked before each.
         """
-        tree, deadline = self.tree, self.config.deadline
+        tree, deadline, cfg = self.tree, self.config.deadline, self.config
         b = tree.size.shape[0]
+        chunk = b * max(cfg.init_beams, cfg.num_candidates)
         for level in range(1, tree.max_depth + 1):
-            if deadline is not None and time.perf_counter() >= deadline:
-                return tree.open_nodes()[:, 0]
             parents = tree.live & (tree.depth == level - 1)  # (B, M)
             free = parents[..., None] & torch.isfinite(tree.child_log_prob) & (tree.child < 0)  # (B, M, C)
             rows, nodes, codes = torch.nonzero(free, as_tuple=True)
-            if rows.numel():
-                self.evaluate(rows, self.add(rows, nodes, codes))
+            for start in range(0, rows.numel(), chunk):
+                if deadline is not None and time.perf_counter() >= deadline:
+                    return tree.open_nodes()[:, 0]
+                part = slice(start, start + chunk)
+                self.evaluate(rows[part], self.add(rows[part], nodes[part], codes[part]))
         return torch.zeros(b, dtype=torch.bool, device=self.device)
 
     def stats(self, cap_hit: torch.Tensor, init_tokens: torch.Tensor) -> list[VEDStats]:

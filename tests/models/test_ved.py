@@ -344,6 +344,14 @@ def test_a_budget_that_covers_the_catalog_completes_the_tree_without_searching(
     ] * 3
     fewer = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, VEDConfig(num_candidates=6, budget=n - 1))
     assert all(s.iterations > 0 and s.stop_reason == "budget" for s in fewer.stats)
+    # forwards no wider than the initial tree's (3 prompts x 2 nodes here): many of them, the same nodes and SIDs
+    narrow = VEDConfig(num_candidates=2, init_beams=2, budget=n)
+    chunked = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, narrow)
+    assert [s.tokens_spent for s in chunked.stats] == [n] * 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("models.ved.covers_the_catalog", lambda trie, budget: False)
+        searched = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, narrow)
+    assert torch.equal(chunked.decode.sid_index, searched.decode.sid_index)
     late = VEDConfig(num_candidates=6, budget=4 * n, deadline=0.0)  # a deadline passed: the initial tree
     assert all(
         s.cap_hit and s.tokens_spent < n
