@@ -22,6 +22,7 @@ from training.data.dataset import (
     parse_splits,
     popular_sids,
     training_rows,
+    warn_if_nothing_selects,
 )
 
 
@@ -244,15 +245,18 @@ def test_a_holdout_that_takes_every_valid_row_of_train_and_valid_is_named(tiny_d
 
 
 def test_an_empty_valid_split_is_warned_of_where_it_should_choose(
-    tmp_path, tiny_catalog, caplog: pytest.LogCaptureFixture
+    tmp_path, tiny_catalog, tiny_dataset, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Training on train with no valid rows keeps the last model, which a warning says; a refit (valid
-    trained on, nothing held out) chooses nothing by design and is not warned of."""
+    """Training with no valid rows to choose on keeps the last model, which a warning says (on train alone, or on
+    train and valid with rows held out of an empty valid); a refit (valid trained on, nothing held out) chooses
+    nothing by design and is not warned of, nor is a data set with valid rows."""
     from tests.conftest import write_random_dataset
 
     data = load_dataset(write_random_dataset(tmp_path / "d", tiny_catalog, (50, 0, 5)))
     with caplog.at_level(logging.WARNING):
-        assert training_rows(data, SimpleNamespace(train_splits=("train",), holdout=0))[1] == []
-        training_rows(data, SimpleNamespace(train_splits=("train", "valid"), holdout=0))
+        warn_if_nothing_selects(data, SimpleNamespace(train_splits=("train",), holdout=0))
+        warn_if_nothing_selects(data, SimpleNamespace(train_splits=("train", "valid"), holdout=10))
+        warn_if_nothing_selects(data, SimpleNamespace(train_splits=("train", "valid"), holdout=0))
+        warn_if_nothing_selects(tiny_dataset, SimpleNamespace(train_splits=("train",), holdout=0))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warned == [f"{data.name}: valid.csv has no rows, so no row chooses the kept model: the last one is kept"]
+    assert warned == [f"{data.name}: valid.csv has no rows, so no row chooses the kept model: the last one is kept"] * 2

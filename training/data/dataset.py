@@ -132,9 +132,15 @@ def training_rows(data: RecDataset, rule: HoldoutRule) -> tuple[list[Sample], li
         )
     if not train:
         raise ValueError(f"no training rows in --train-splits {splits} of {data.name}")
-    if not select and "valid" not in rule.train_splits:  # a refit (valid trained on, --holdout 0) chooses nothing
-        log.warning("%s: valid.csv has no rows, so no row chooses the kept model: the last one is kept", data.name)
     return train, select
+
+
+def warn_if_nothing_selects(data: RecDataset, rule: HoldoutRule) -> None:
+    """A warning when ``rule`` leaves no selection row though the run is not a refit (valid trained on with
+    ``--holdout 0``, which chooses nothing by design): an empty valid.csv, so the last model is kept."""
+    refit = "valid" in rule.train_splits and rule.holdout == 0
+    if not refit and not split_for_training(data, rule)[1]:
+        log.warning("%s: valid.csv has no rows, so no row chooses the kept model: the last one is kept", data.name)
 
 
 def check_catalog(catalog: SidCatalog, data: RecDataset, option: str) -> None:

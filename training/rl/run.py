@@ -73,6 +73,7 @@ from training.data.dataset import (
     popular_sids,
     split_for_training,
     training_rows,
+    warn_if_nothing_selects,
 )
 from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
@@ -270,6 +271,8 @@ def train_rl(
     if config.use_ved:  # a budget the initial tree cannot fit stops the run here, before it writes anything
         resolve_budget(config.ved_config, data.catalog.depth)
     train_rows, held_out = training_rows(data, config)
+    if is_main():
+        warn_if_nothing_selects(data, config)
     select_rows = held_out[: config.eval_limit]
     start_ckpt = load_checkpoint(init, device)
     check_catalog(start_ckpt.policy.catalog, data, "--init")

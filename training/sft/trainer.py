@@ -65,7 +65,13 @@ import torch
 from tqdm import tqdm
 
 from models.policy import Policy
-from training.data.dataset import RecDataset, popular_sids, split_for_training, training_rows
+from training.data.dataset import (
+    RecDataset,
+    popular_sids,
+    split_for_training,
+    training_rows,
+    warn_if_nothing_selects,
+)
 from training.distributed import (
     Shard,
     fork_rng,
@@ -122,6 +128,8 @@ def train_sft(
     an earlier run's side files at ``out`` are cleared first (``start_fresh``).
     """
     out = Path(out)
+    if is_main():
+        warn_if_nothing_selects(data, config)  # once: the held-out run and the refit read the rows again
     with flush_denormals():
         built = None  # a new run's model, built before anything is cleared (``start_fresh``)
         if resume and earlier_run(out) is None:  # with --refit it would start afresh without a word
