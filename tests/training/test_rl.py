@@ -572,7 +572,12 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
     data, init = str(tiny_data_dir), str(init_ckpt)
     invoke(["rl", "--data", data, "--init", init, "--out", str(out), "--algo", "grpo", "--max-steps", "1",
             "--batch-size", "4", "--eval-limit", "8", "--json", str(tmp_path / "rl.json")])  # fmt: skip
-    assert json.loads((tmp_path / "rl.json").read_text())["steps"] == 1
+    summary = json.loads((tmp_path / "rl.json").read_text())
+    assert summary["steps"] == 1 and summary["autocast"] is None  # auto: fp32 on the CPU
+    invoke(["rl", "--data", data, "--init", init, "--out", str(tmp_path / "bf16"), "--algo", "grpo", "--max-steps",
+            "1", "--batch-size", "4", "--eval-limit", "8", "--precision", "bf16",
+            "--json", str(tmp_path / "b.json")])  # fmt: skip
+    assert json.loads((tmp_path / "b.json").read_text())["autocast"] == "bfloat16"
     invoke(["diagnose", "--data", data, "--checkpoint", str(out), "--decoder", "beam", "--limit", "6",
             "--json", str(tmp_path / "d.json")])  # fmt: skip
     diag = json.loads((tmp_path / "d.json").read_text())

@@ -183,6 +183,14 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         ] = False,
         seed: SeedOpt = 0,
         device: DeviceOpt = "cpu",
+        precision: Annotated[
+            Literal["auto", "fp32", "bf16"],
+            typer.Option(
+                "--precision",
+                help="auto: bf16 autocast on GPUs that run it natively (compute capability 8+), else fp32; the "
+                "log-probs of the ratio and the KL are float32 either way.",
+            ),
+        ] = "auto",
         resume: ResumeOpt = False,
         force: ForceOpt = False,
         json_out: SummaryOpt = None,
@@ -225,7 +233,11 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         ds = load_data(data, minionerec_root, dataset)
         require_candidates(num_candidates, ds)
         curves = tensorboard or default_curves(out)
-        run_training(lambda dev: train_rl(ds, init, out, config, dev, resume, tensorboard=curves), device, json_out)
+        run_training(
+            lambda dev: train_rl(ds, init, out, config, dev, resume, tensorboard=curves, precision=precision),
+            device,
+            json_out,
+        )
 
     @app.command()
     def diagnose(

@@ -259,9 +259,11 @@ def train_rl(
     resume: bool = False,
     progress: bool = True,
     tensorboard: Path | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """RL from the ``init`` checkpoint; the best model by validation goes to ``out``. Returns a summary.
-    Curves go to ``tensorboard`` if given."""
+    Curves go to ``tensorboard`` if given. ``precision``: the autocast of the forwards (``auto``: bf16 on a GPU
+    that runs it natively); like the device, not part of the run's identity, so a resume may change it."""
     out = Path(out)
     steps_file = steps_log(out)
     require_global_batch(config.batch_size)
@@ -299,7 +301,7 @@ def train_rl(
             value_head = value_head_for(policy)
     total_steps = config.max_steps or math.ceil(len(train_rows) / config.batch_size) * config.epochs
     rollout_fusion = fused_rollouts(data, init, config, train_rows) if config.fused_rollouts else None
-    trainer = RLTrainer(policy, reference, config, total_steps, value_head, data.embeddings, rollout_fusion)
+    trainer = RLTrainer(policy, reference, config, total_steps, value_head, data.embeddings, rollout_fusion, precision)
     state = TrainState()
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state["trainer"])
@@ -410,6 +412,7 @@ def train_rl(
         "steps": state.step,
         "seconds": round(time.perf_counter() - start, 1),
         "s_per_step": round(float(np.mean(seconds)), 3) if seconds else None,
+        "autocast": str(trainer.amp).removeprefix("torch.") if trainer.amp is not None else None,  # None: fp32
         "history": state.history,
         "steps_log": str(steps_file),
         "train_rows": len(train_rows),

@@ -260,6 +260,7 @@ class RLTrainer:
         value_head: ValueHead | None = None,
         item_emb: np.ndarray | None = None,  # (items, dim); needed for dense rewards
         rollout_fusion: ShallowFusion | None = None,  # counts of the training rows; needed for fused rollouts
+        precision: str = "auto",  # autocast: ``training.optim.autocast_dtype`` (the log-probs stay float32)
     ) -> None:
         if config.fused_rollouts and rollout_fusion is None:
             raise ValueError("fused rollouts need the transition counts and a fusion weight")
@@ -287,7 +288,7 @@ class RLTrainer:
         self.value_optimizer = (
             torch.optim.AdamW(value_head.parameters(), lr=config.value_lr) if value_head is not None else None
         )
-        self.amp = autocast_dtype(policy.device)
+        self.amp = autocast_dtype(policy.device, precision)
         self.step_count = 0
 
     def source(self) -> CandidateSource:
