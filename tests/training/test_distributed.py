@@ -122,7 +122,8 @@ def test_sft_two_processes_match_one(tiny_dataset: RecDataset, tiny_data_dir: Pa
 
 @pytest.mark.slow
 def test_sft_refit_runs_on_every_rank(tiny_dataset: RecDataset, tiny_data_dir: Path, tmp_path: Path) -> None:
-    # the held-out run's fusion weight is chosen on rank 0 alone; the refit on every rank trains with it
+    # the held-out run's fusion weight is chosen with each rank scoring its half of the held-out rows (the grid
+    # row-weighted over the ranks: one process's grid), and the refit on every rank trains with it
     config = SFTConfig(preset="tiny", max_steps=2, batch_size=64, lr=1e-2, train_splits=("train", "valid"), holdout=20,
                        eval_limit=20, refit=True)  # fmt: skip
     one = train_sft(tiny_dataset, tmp_path / "one", config, progress=False)
@@ -133,6 +134,10 @@ def test_sft_refit_runs_on_every_rank(tiny_dataset: RecDataset, tiny_data_dir: P
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["fusion"]["weight"] == two["heldout_run"]["fusion"]["weight"] == one["fusion"]["weight"]
+    grids = [run["heldout_run"]["fusion"]["grid"] for run in (one, two)]
+    assert [[row["weight"] for row in g] for g in grids] == [[row["weight"] for row in grids[0]]] * 2
+    for a, b in zip(*grids, strict=True):
+        assert all(b[k] == pytest.approx(a[k], abs=2e-4) for k in a)  # means of 4 digits, 20 rows in 2 halves
     assert max_abs_diff(tmp_path / "one", tmp_path / "two") < ATOL
 
 

@@ -30,6 +30,10 @@ on an existing checkpoint, SFT (``training.sft.trainer``) or RL
   (``--fusion-weight``). SFT writes its run's figures (manifest ``run``) in the
   same write, so that a resumed refit reports its finished held-out run as the
   run itself did (``training.sft.trainer``).
+* under torchrun every rank scores its slice of the held-out rows for each
+  weight and the scores are row-weighted over the ranks (as a validation is),
+  so the choice costs 1/N of one process's time and no rank waits on another
+  for the whole of it; rank 0 alone writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from tqdm import tqdm
 from models.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from models.transition import STATE_NAME, ShallowFusion, TransitionCounts
 from training.data.dataset import Sample
+from training.distributed import barrier, is_main, shard_rows, weighted_mean, world_size
 from training.evaluation.decoders import beam_decoder
 from training.evaluation.evaluate import evaluate
 
@@ -70,14 +75,18 @@ def choose_weight(
     if not weights or any(w < 0 for w in weights):
         raise ValueError(f"fusion weights must be a non-empty list of numbers >= 0, got {list(weights)}")
     grid = []
-    bar = tqdm(weights, desc="fusion weights", unit="weight", disable=not progress, leave=False)
+    part = shard_rows(select_rows)  # this rank's slice; all of them in one process
+    bar = tqdm(weights, desc="fusion weights", unit="weight", disable=not progress or not is_main(), leave=False)
     for w in bar:
         decode = beam_decoder(beams, ShallowFusion(counts, w) if w > 0 else None)
-        m = evaluate(checkpoint.policy, select_rows, train_rows, decode, progress=False)["metrics"]
+        m = dict.fromkeys(REPORTED, 0.0)  # a rank with no rows (more ranks than rows) weighs 0
+        if part or world_size() == 1:
+            m = evaluate(checkpoint.policy, part, train_rows, decode, progress=False)["metrics"]
+        m = weighted_mean({k: m[k] for k in REPORTED}, len(part))
         row = {"weight": w} | {k: round(m[k], 4) for k in REPORTED}
         grid.append(row | {"mean": round(sum(m[k] for k in REPORTED) / len(REPORTED), 4)})
         bar.set_postfix(weight=w, mean=grid[-1]["mean"])
-        log.info(
+        log.info(  # every rank logs it; the CLI quiets ranks other than 0
             "fusion weight %g: held-out mean %.4f (HR@1 %.4f, NDCG@10 %.4f)",
             w,
             grid[-1]["mean"],
@@ -161,6 +170,8 @@ def fuse_trained(
     counted = [*train_rows, *held_out]
     counts = TransitionCounts.fit((s.history, s.target) for s in counted)
     fusion |= {"count_rows": len(counted), "transition_pairs": counts.num_pairs}
-    write_fusion(path, checkpoint, counts, fusion, run)
-    log.info("fusion weight %g (%s), %d transition pairs", fusion["weight"], fusion["chosen_by"], counts.num_pairs)
+    if is_main():
+        write_fusion(path, checkpoint, counts, fusion, run)
+        log.info("fusion weight %g (%s), %d transition pairs", fusion["weight"], fusion["chosen_by"], counts.num_pairs)
+    barrier()  # the checkpoint holds the choice before any rank goes on
     return fusion

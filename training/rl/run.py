@@ -75,7 +75,7 @@ from training.data.dataset import (
     training_rows,
     warn_if_nothing_selects,
 )
-from training.distributed import Shard, barrier, is_main, require_global_batch, shard, weighted_mean
+from training.distributed import Shard, is_main, require_global_batch, shard, weighted_mean
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
 from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, run_steps
 from training.optim import seed_everything
@@ -400,11 +400,10 @@ def train_rl(
             "%s is the best RL model, and the init %s may serve better", len(select_rows), *state.best,
             ", ".join(f"{v:.4f}" for v in init_score or ()), out, init,
         )  # fmt: skip
-    fusion = None
-    if is_main():  # the kept model's fusion with the transition counts
-        weight = result_fusion_weight(init, config)
-        fusion = fuse_trained(out, weight, counted_rows(data, config, train_rows), held_out, config.eval_limit, device)
-    barrier()
+    # the kept model's fusion with the transition counts (each rank scores its slice of the held-out rows when
+    # the weight is chosen here; rank 0 writes)
+    weight = result_fusion_weight(init, config)
+    fusion = fuse_trained(out, weight, counted_rows(data, config, train_rows), held_out, config.eval_limit, device)
     return {
         # None: nothing held out (--holdout 0 with valid trained on), the last model kept, as SFT says it
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,

@@ -325,14 +325,14 @@ def _train_sft(
         "train_rows": len(train_rows),
         "selection_rows": len(select_rows),
     }
-    fusion = None
-    if is_main():  # the kept model's fusion with the transition counts (training.evaluation.fusion), and the
-        # run's figures in the same write: a resumed refit reports its finished held-out run from them
-        device = str(policy.device)
-        fusion = fuse_trained(
-            out, config.fusion_weight, train_rows, held_out, config.eval_limit, device, run=run, progress=progress
-        )
-    fusion = from_main(fusion)  # every rank: a --refit trains on with the weight rank 0 chose
+    # the kept model's fusion with the transition counts (training.evaluation.fusion: each rank scores its
+    # slice of the held-out rows, rank 0 writes), and the run's figures in the same write: a resumed refit
+    # reports its finished held-out run from them
+    device = str(policy.device)
+    fusion = fuse_trained(
+        out, config.fusion_weight, train_rows, held_out, config.eval_limit, device, run=run, progress=progress
+    )
+    fusion = from_main(fusion)  # every rank: a --refit trains on with the weight rank 0 wrote
     return run | {"seconds": round(time.perf_counter() - start, 1), "fusion": fusion}
 
 
