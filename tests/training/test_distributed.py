@@ -280,3 +280,52 @@ def test_weighted_losses_give_the_global_gradient(tiny_dataset: RecDataset) -> N
 
     whole, split = grads([rows]), grads([rows[:2], rows[2:]])
     assert max(float((a - b).abs().max()) for a, b in zip(whole, split, strict=True)) < 1e-6
+
+
+SLOW_READS_ON_RANK_1 = """
+import os
+import time
+import models.checkpoint as checkpoint
+
+real_load, real_write = checkpoint.load_checkpoint, checkpoint.save_checkpoint
+
+
+def record(event, path):
+    with open(os.environ["VSTAR_TEST_WRITES"] + ".events", "a") as f:
+        f.write(f"{time.time()} {os.environ['RANK']} {event} {path}\\n")
+
+
+def slow_load(path, *args, **kwargs):
+    if os.environ["RANK"] == "1":
+        time.sleep(3)  # a slow reader (a large model, a busy file system)
+    loaded = real_load(path, *args, **kwargs)
+    record("read", path)
+    return loaded
+
+
+def timed_write(path, *args, **kwargs):
+    record("write", path)
+    return real_write(path, *args, **kwargs)
+
+
+checkpoint.load_checkpoint, checkpoint.save_checkpoint = slow_load, timed_write
+"""
+
+
+@pytest.mark.slow
+def test_a_given_fusion_weight_is_written_while_no_rank_reads_the_checkpoint(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """With the weight given there is no choice (no collective) between the fusion's load of ``--out`` and rank
+    0's rewrite of it: a rank other than 0 that read it then could find it mid-replace (missing, where the file
+    system has no atomic swap). Only rank 0, which writes, reads it; the other ranks wait at the barrier."""
+    out = tmp_path / "x"
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(out), "--preset", "tiny", "--max-steps", "1"]
+    args += ["--batch-size", "64", "--fusion-weight", "1"]
+    result, _ = torchrun(tmp_path, args, before=SLOW_READS_ON_RANK_1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [line.split() for line in (tmp_path / "writes.txt.events").read_text().splitlines()]
+    last_write = max(float(t) for t, rank, what, path in events if what == "write" and path == str(out))
+    reads = [(float(t), rank) for t, rank, what, path in events if what == "read" and path == str(out)]
+    assert all(t < last_write for t, _ in reads), events
+    assert load_checkpoint(out).manifest["fusion"]["weight"] == 1.0

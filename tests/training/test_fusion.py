@@ -97,3 +97,28 @@ def test_eval_warns_when_the_counts_hold_the_scored_rows_own_transitions(
         quiet = CliRunner().invoke(app, [*base, *args, "--json", str(tmp_path / "q.json")])
         assert quiet.exit_code == 0 and "warning" not in quiet.stderr, quiet.output
         assert json.loads((tmp_path / "q.json").read_text())["own_transitions_counted"] is None
+
+
+def test_a_rank_other_than_0_reads_the_checkpoint_only_to_choose(
+    tiny_dataset, tiny_policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rank 0 rewrites the checkpoint; with no choice to make (no collective holds it back) a rank that read the
+    checkpoint meanwhile could catch it mid-replace, and it needs none of it: the weight is given, or nothing was
+    held out (whose warning rank 0 alone gives)."""
+    import logging
+
+    import training.evaluation.fusion as fusion_module
+
+    train, held = transitions_that_decide(tiny_dataset, 8)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, tiny_policy, {"stage": "sft"})
+    loads: list[Path] = []
+    monkeypatch.setattr(fusion_module, "load_checkpoint", lambda p, device="cpu": loads.append(p) or load_checkpoint(p))
+    monkeypatch.setattr(fusion_module, "is_main", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert fuse_trained(path, 2.5, train, held)["weight"] == 2.5
+        assert fuse_trained(path, None, train, [])["weight"] == 0.0
+    assert loads == [] and "fusion" not in load_checkpoint(path).manifest  # rank 0 writes
+    assert not caplog.records
+    fuse_trained(path, None, train, held, weights=(0.0,), beams=10)  # a choice: every rank scores its slice
+    assert loads == [path]

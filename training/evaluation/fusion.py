@@ -156,21 +156,29 @@ def fuse_trained(
     ``checkpoint``: the one at ``path`` when the caller has loaded it already;
     ``run``: the training run's figures, stored with the choice (``write_fusion``).
     """
-    checkpoint = checkpoint or load_checkpoint(path, device)
-    counts = TransitionCounts.fit((s.history, s.target) for s in train_rows)
     select_rows = held_out[:eval_limit]
+    choosing = weight is None and bool(select_rows)
+    # rank 0 reads it to rewrite it; the other ranks only to score their slices of a choice, whose collectives
+    # keep rank 0 from writing until each has read it. Read with no choice to make, it could be mid-replace
+    # (rank 0 writing meanwhile: missing, where the file system cannot swap folders in one step).
+    if checkpoint is None and (is_main() or choosing):
+        checkpoint = load_checkpoint(path, device)
+    counts = TransitionCounts.fit((s.history, s.target) for s in train_rows)
     if weight is not None:
         fusion: dict[str, Any] = {"weight": weight, "chosen_by": "given"}
-    elif select_rows:
+    elif choosing:
+        assert checkpoint is not None
         chosen = choose_weight(checkpoint, counts, select_rows, train_rows, weights, beams, progress)
         fusion = chosen | {"chosen_by": "held-out"}
     else:
-        log.warning("no held-out rows to choose the fusion weight on: fusion off (give --fusion-weight)")
+        if is_main():  # once, not once a rank (ranks other than 0 log warnings)
+            log.warning("no held-out rows to choose the fusion weight on: fusion off (give --fusion-weight)")
         fusion = {"weight": 0.0, "chosen_by": "nothing held out"}
     counted = [*train_rows, *held_out]
     counts = TransitionCounts.fit((s.history, s.target) for s in counted)
     fusion |= {"count_rows": len(counted), "transition_pairs": counts.num_pairs}
     if is_main():
+        assert checkpoint is not None
         write_fusion(path, checkpoint, counts, fusion, run)
         log.info("fusion weight %g (%s), %d transition pairs", fusion["weight"], fusion["chosen_by"], counts.num_pairs)
     barrier()  # the checkpoint holds the choice before any rank goes on
