@@ -55,6 +55,7 @@ def raised_by_project(error: BaseException) -> bool:
     return module.split(".")[0] in PROJECT_PACKAGES
 
 
+DISTRIBUTED = ("sft", "rl")  # the commands that run across the processes of a launcher (training.distributed)
 RANK_GRACE_S = 5.0  # a launched rank other than 0 waits this long before it reports an error (``fail``)
 
 
@@ -109,6 +110,11 @@ class OneLineErrors(TyperGroup):
     ) -> Any:
         extra["windows_expand_args"] = windows_expand_args
         refuse_non_finite(self)
+        command = next((a for a in (sys.argv[1:] if args is None else args) if not a.startswith("-")), None)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command is not None and command not in DISTRIBUTED:
+            # every launched process would run it whole, and write the same files at once
+            fail(f"vstar {command} runs in one process: launch it without torchrun (vstar sft and vstar rl train "
+                 "across processes)", 2)  # fmt: skip
         if not standalone_mode:  # the caller handles errors (the demo runs its steps this way)
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:

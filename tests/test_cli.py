@@ -346,3 +346,18 @@ def test_outputs_inside_the_runs_own_folders_or_the_data_are_refused(tiny_data_d
         assert_one_line_error(proc.returncode, proc.stderr, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.heldout", "x.resume"]
     assert sorted(p.name for p in tiny_data_dir.iterdir()) == data_files
+
+
+def test_a_command_that_runs_in_one_process_is_refused_under_a_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun every process would run it whole and write the same files at once: only sft and rl train
+    across processes. With one process (WORLD_SIZE 1) it runs."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for command in (["fuse", "--data", "x", "--checkpoint", "y"], ["eval", "--help"], ["bench", "decode"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert f"vstar {command[0]} runs in one process: launch it without torchrun" in result.output
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert CliRunner().invoke(app, ["eval", "--help"]).exit_code == 0
