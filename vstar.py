@@ -59,7 +59,7 @@ DISTRIBUTED = ("sft", "rl")  # the commands that run across the processes of a l
 RANK_GRACE_S = 5.0  # a launched rank other than 0 waits this long before it reports an error (``fail``)
 
 
-def fail(message: str, code: int, grace_s: float = RANK_GRACE_S) -> NoReturn:
+def fail(message: str, code: int, grace_s: float | None = None) -> NoReturn:
     """``message`` as one line on stderr, then exit with ``code``.
 
     Under torchrun / accelerate launch every rank checks the same options and data, so a bad input fails on
@@ -69,7 +69,7 @@ def fail(message: str, code: int, grace_s: float = RANK_GRACE_S) -> NoReturn:
     """
     rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
     if rank != "0":
-        time.sleep(grace_s)
+        time.sleep(RANK_GRACE_S if grace_s is None else grace_s)
     where = f"rank {rank}: " if rank != "0" else ""
     typer.echo(f"Error: {where}{' '.join(line.strip() for line in message.splitlines() if line.strip())}", err=True)
     sys.exit(code)

@@ -222,10 +222,15 @@ def test_rl_two_processes_match_one(
         assert a["sibling_tokens"] == pytest.approx(b["sibling_tokens"])  # a count over the batch: summed
 
 
+# an error every rank hits: rank 0 reports it, and rank 1 is stopped by the launcher while it waits to report;
+# a wait longer than the default 5 s keeps a loaded machine (rank 0 slower to start) from showing it twice
+PATIENT_RANKS = "import vstar\nvstar.RANK_GRACE_S = 60.0\n"
+
+
 @pytest.mark.slow
 def test_global_batch_smaller_than_world_is_a_clear_error(tiny_data_dir: Path, tmp_path: Path) -> None:
     args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "tiny", "--batch-size", "1"]
-    result, writes = torchrun(tmp_path, args)
+    result, writes = torchrun(tmp_path, args, before=PATIENT_RANKS)
     assert result.returncode != 0 and not writes
     assert result.stderr.count("--batch-size 1 is the global batch and must be >= the world size 2") == 1  # rank 0's
     assert not (tmp_path / "x").exists()
@@ -234,7 +239,7 @@ def test_global_batch_smaller_than_world_is_a_clear_error(tiny_data_dir: Path, t
 @pytest.mark.slow
 def test_a_bad_option_is_one_error_not_one_per_rank(tiny_data_dir: Path, tmp_path: Path) -> None:
     args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--bogus", "3"]
-    result, _ = torchrun(tmp_path, args)
+    result, _ = torchrun(tmp_path, args, before=PATIENT_RANKS)
     assert result.returncode != 0
     assert result.stderr.count("Error: No such option: --bogus") == 1, result.stderr[-3000:]
 
