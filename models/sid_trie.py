@@ -53,6 +53,7 @@ class SidTrie:
         self.mask_bias = torch.where(children >= 0, 0.0, float("-inf"))  # (nodes, C) float32
         self.level_columns = level_ids.clamp(min=0)  # (depth, C) gather-safe vocabulary ids
         self.node_depth = torch.tensor(node_depth, dtype=torch.long)  # (nodes,)
+        self.num_prefixes = sum(1 for d in node_depth if 1 <= d < self.depth)  # the nodes VED can feed
         leaf_sid = torch.full((num_nodes,), -1, dtype=torch.long)
         for i, sid in enumerate(catalog.sids):
             leaf_sid[prefix_node[tuple(token_code(t) for t in sid)]] = i

@@ -414,8 +414,7 @@ class _Search:
 
 def covers_the_catalog(trie: SidTrie, budget: int) -> bool:
     """Whether ``budget`` tokens pay for every SID prefix of the catalog (trie nodes of depth 1 .. D-1)."""
-    prefixes = int(((trie.node_depth >= 1) & (trie.node_depth < trie.depth)).sum())
-    return budget >= prefixes
+    return budget >= trie.num_prefixes
 
 
 @torch.no_grad()
