@@ -31,9 +31,9 @@ import torch
 from models.checkpoint import TRAINER_STATE, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from models.policy import Policy
 from training.data.dataset import RecDataset, Sample
-from training.distributed import Shard, barrier, is_main, shard, shard_rows, weighted_mean, world_size
+from training.distributed import Shard, barrier, is_main, shard
 from training.evaluation.decoders import beam_decoder
-from training.evaluation.evaluate import evaluate
+from training.evaluation.evaluate import sharded_metrics
 from training.run_files import resume_folder
 
 log = logging.getLogger(__name__)
@@ -151,11 +151,7 @@ def selection_score(
     policy: Policy, select_rows: Sequence[Sample], train_rows: Sequence[Sample], beams: int
 ) -> tuple[float, float]:
     """(HR@10, NDCG@10) by beam search on the selection rows; sharded and row-weighted over the ranks."""
-    part = shard_rows(select_rows)
-    m = {"HR@10": 0.0, "NDCG@10": 0.0}
-    if part or world_size() == 1:
-        m = evaluate(policy, part, train_rows, beam_decoder(beams), progress=False)["metrics"]
-    m = weighted_mean({k: m[k] for k in ("HR@10", "NDCG@10")}, len(part))
+    m = sharded_metrics(policy, select_rows, train_rows, beam_decoder(beams), ("HR@10", "NDCG@10"))
     return m["HR@10"], m["NDCG@10"]
 
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from models.policy import Policy, pad_left
 from training.data.dataset import Sample, rows_fingerprint
+from training.distributed import shard_rows, weighted_mean, world_size
 from training.evaluation.decoders import DecodeFn
 from training.evaluation.metrics import (
     CUTOFFS,
@@ -95,3 +96,16 @@ def score_rankings(
         "seconds": round(seconds, 2),
         "target_ranks": ranks,
     }
+
+
+def sharded_metrics(
+    policy: Policy, rows: Sequence[Sample], train_rows: Sequence[Sample], decode: DecodeFn, names: Sequence[str]
+) -> dict[str, float]:
+    """The metrics ``names`` of ``evaluate`` on ``rows``, each rank decoding its contiguous slice and the figures
+    row-weighted over the ranks (summed in rank order, so every rank gets the same); one process: every row. A
+    rank left without a row (more ranks than rows) weighs 0."""
+    part = shard_rows(rows)
+    metrics: dict[str, Any] = dict.fromkeys(names, 0.0)
+    if part or world_size() == 1:
+        metrics = evaluate(policy, part, train_rows, decode, progress=False)["metrics"]
+    return weighted_mean({k: metrics[k] for k in names}, len(part))

@@ -48,9 +48,9 @@ from tqdm import tqdm
 from models.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from models.transition import STATE_NAME, ShallowFusion, TransitionCounts
 from training.data.dataset import Sample
-from training.distributed import barrier, is_main, shard_rows, weighted_mean, world_size
+from training.distributed import barrier, is_main
 from training.evaluation.decoders import beam_decoder
-from training.evaluation.evaluate import evaluate
+from training.evaluation.evaluate import sharded_metrics
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,10 @@ def choose_weight(
     if not weights or any(w < 0 for w in weights):
         raise ValueError(f"fusion weights must be a non-empty list of numbers >= 0, got {list(weights)}")
     grid = []
-    part = shard_rows(select_rows)  # this rank's slice; all of them in one process
     bar = tqdm(weights, desc="fusion weights", unit="weight", disable=not progress or not is_main(), leave=False)
     for w in bar:
         decode = beam_decoder(beams, ShallowFusion(counts, w) if w > 0 else None)
-        m = dict.fromkeys(REPORTED, 0.0)  # a rank with no rows (more ranks than rows) weighs 0
-        if part or world_size() == 1:
-            m = evaluate(checkpoint.policy, part, train_rows, decode, progress=False)["metrics"]
-        m = weighted_mean({k: m[k] for k in REPORTED}, len(part))
+        m = sharded_metrics(checkpoint.policy, select_rows, train_rows, decode, REPORTED)  # each rank its slice
         row = {"weight": w} | {k: round(m[k], 4) for k in REPORTED}
         grid.append(row | {"mean": round(sum(m[k] for k in REPORTED) / len(REPORTED), 4)})
         bar.set_postfix(weight=w, mean=grid[-1]["mean"])
