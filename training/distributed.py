@@ -203,16 +203,6 @@ def weighted_mean(
     return out
 
 
-def from_main(value: T) -> T:
-    """Rank 0's ``value`` on every rank (what rank 0 alone computed, e.g. the fusion it chose); ``value``
-    itself when not distributed."""
-    if not dist.is_initialized():
-        return value
-    box: list[T | None] = [value if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]  # type: ignore[return-value]
-
-
 def barrier() -> None:
     """Wait for every rank (no-op when not distributed); used after rank 0's checkpoint writes."""
     if dist.is_initialized():

@@ -75,7 +75,6 @@ from training.data.dataset import (
 from training.distributed import (
     Shard,
     fork_rng,
-    from_main,
     global_mean,
     is_main,
     loss_scales,
@@ -326,13 +325,12 @@ def _train_sft(
         "selection_rows": len(select_rows),
     }
     # the kept model's fusion with the transition counts (training.evaluation.fusion: each rank scores its
-    # slice of the held-out rows, rank 0 writes), and the run's figures in the same write: a resumed refit
-    # reports its finished held-out run from them
+    # slice of the held-out rows, rank 0 writes; every rank gets the same choice, which a --refit trains on),
+    # and the run's figures in the same write: a resumed refit reports its finished held-out run from them
     device = str(policy.device)
     fusion = fuse_trained(
         out, config.fusion_weight, train_rows, held_out, config.eval_limit, device, run=run, progress=progress
     )
-    fusion = from_main(fusion)  # every rank: a --refit trains on with the weight rank 0 wrote
     return run | {"seconds": round(time.perf_counter() - start, 1), "fusion": fusion}
 
 
