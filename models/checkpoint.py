@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import platform
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -66,20 +64,26 @@ class LoadedCheckpoint:
             return None
         try:  # tensors and plain data only: unpickling anything else could run code a checkpoint carries
             return torch.load(f, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            # the weights-only unpickler says "Weights only load failed" both for a class or function it will not
-            # load (a GLOBAL) and for bytes that are no pickle at all (an "Unsupported operand"): damage
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            if found is None:
-                detail = str(e).split("WeightsUnpickler error:")[-1]
-                reason = next((line.strip() for line in detail.splitlines() if line.strip()), "unreadable")
-                raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {reason}") from None
-            raise CheckpointError(
-                f"checkpoint {self.path}: {TRAINER_STATE} holds more than tensors and plain data"
-                f" ({found.group(1)}), which vstar never writes; not loaded: unpickling it could run code"
-            ) from None
         except Exception as e:  # torch.load raises whatever unpickling a damaged file raises
-            raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {e}") from None
+            unsafe = _unsafe_globals(f)
+            if unsafe:
+                raise CheckpointError(
+                    f"checkpoint {self.path}: {TRAINER_STATE} holds more than tensors and plain data"
+                    f" ({', '.join(unsafe)}), which vstar never writes; not loaded: unpickling it could run code"
+                ) from None
+            # the weights-only unpickler's own reason comes after its advice on weights_only=False
+            detail = str(e).split("WeightsUnpickler error:")[-1]
+            reason = next((line.strip() for line in detail.splitlines() if line.strip()), type(e).__name__)
+            raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {reason}") from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions a ``torch.save`` file names that the weights-only unpickler refuses (read
+    without unpickling); none for a file that is no such archive (damage)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # cut short, overwritten, not a torch.save archive: corrupt, which the caller says
+        return []
 
 
 def catalog_to_json(catalog: SidCatalog) -> dict[str, Any]:
