@@ -86,9 +86,9 @@ Choices the paper leaves open:
   tree's), with no selections: the search would end with the same nodes (the
   visit counts differ), as it only stops on the budget or an exhausted tree,
   but near the end its selections mostly fail the gate (measured on the demo's
-  V-STAR checkpoint, k = 100: 1,284 iterations, 1,030 of them gate failures,
-  1.83 s; completed: 0.026 s, the same SIDs in the same order on 12 prompts x
-  4 settings, scores equal to 1e-4).
+  V-STAR checkpoint, k = 100, one prompt, an idle 2-core VM: 1,284 iterations,
+  1,030 of them gate failures, 0.85 s; completed: 0.019 s, the same SIDs in the
+  same order on 12 prompts x 4 settings, scores equal to 1e-4).
 * budget that cannot be spent is reported, not hidden: ``VEDStats`` gives the
   budget, ``tokens_spent`` and ``stop_reason`` ("budget", "exhausted" or
   "deadline").
@@ -334,7 +334,7 @@ class _Search:
 
         For a budget that covers every prefix of the catalog (``covers_the_catalog``): the search would end
         with these very nodes (it spends its budget or exhausts the tree, and the budget cannot run out
-        first), after selections that mostly fail the gate near the end (1,030 failures, 1.8 s for k = 100 on
+        first), after selections that mostly fail the gate near the end (1,030 failures, 0.85 s for k = 100 on
         the demo's 600-SID catalog); only the visit counts differ, which the search's own steps add. A forward
         evaluates at most as many nodes as the initial tree's widest level could (B x max(init_beams, G)), so
         memory stays what the initial tree needs, and the deadline is checked before each.
