@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.checkpoint import LoadedCheckpoint
 from models.sid_catalog import SidCatalog
 from models.sid_trie import SidTrie
 
@@ -167,3 +168,19 @@ class ShallowFusion:
         leave_out: Sequence[int] | None = None,
     ) -> torch.Tensor:
         return self.counts.node_bonus(histories, catalog, trie, self.weight, leave_out)
+
+
+def checkpoint_fusion(checkpoint: LoadedCheckpoint, weight: float | None = None) -> ShallowFusion | None:
+    """The shallow fusion a checkpoint was selected with, or with ``weight`` instead; None when off.
+
+    ``weight`` None takes the checkpoint's chosen weight (none chosen: off); a
+    weight above 0 needs the checkpoint's transition counts.
+    """
+    chosen = checkpoint.manifest.get("fusion") or {}
+    w = float(chosen.get("weight", 0.0)) if weight is None else weight
+    if w == 0:
+        return None
+    state = checkpoint.extras.get(STATE_NAME)
+    if state is None:
+        raise ValueError(f"checkpoint {checkpoint.path} has no transition counts to fuse with; use --fusion-weight 0")
+    return ShallowFusion(TransitionCounts.from_state(state), w)

@@ -30,6 +30,10 @@ Design decisions:
   thread picks the batch up (queueing counts): time left below the learnt cost
   of the initial tree (``BatchCost``, timed at warm-up) means fallback.
   A batch's fallbacks are decoded first, their deadlines being the nearest.
+* Beam search is fused with the checkpoint's transition counts at its chosen
+  weight (manifest ``fusion``), as ``vstar eval`` decodes it by default: the
+  ranking the checkpoint was selected and measured with. VED, and its initial
+  beam, are not fused, as ``vstar eval --decoder ved`` does not fuse.
 * Load shedding: before that, the model thread keeps only the jobs that can
   still be answered before their hard cap (``service.recommender``): the most jobs whose time
   left all covers the initial beam's learnt cost for that many prompts, the
@@ -60,6 +64,7 @@ from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.device import synchronize
 from models.sid_catalog import Sid
+from models.transition import checkpoint_fusion
 from models.value_head import ValueHead
 from models.ved import ved_search
 from models.ved_config import (
@@ -84,6 +89,7 @@ class DecodeJob:
     history: tuple[Sid, ...]  # the SIDs the prompt sees, oldest first
     deadline: float | None = None  # VED: time.perf_counter() value to stop by
     answer_by: float | None = None  # VED: the hard cap; a job that cannot be decoded by then is shed
+    items: tuple[int, ...] = ()  # beam with shallow fusion: the history's last items (-1: given as a SID)
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,10 @@ class DecodeScheduler:
                 f"with VED ({e})"
             ) from None
         self.catalog = checkpoint.policy.catalog
+        try:  # beam search ranks as vstar eval's default decoder: fused at the checkpoint's weight, if it has one
+            self.fusion = checkpoint_fusion(checkpoint)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {checkpoint.path}: shallow fusion: {e}") from None
         self.settings = settings
         self.metrics = metrics
         self.max_prompt_history = self.policy.prompt.max_history
@@ -238,9 +248,12 @@ class DecodeScheduler:
         kept = set(order[:m])
         return [i in kept for i in range(len(jobs))]
 
-    def _beam(self, config: BeamSearchConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+    def _beam(self, config: BeamSearchConfig, jobs: Sequence[DecodeJob], fused: bool = True) -> list[DecodeRow]:
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
-        res = beam_search(self.policy.model, self.policy.trie, ids, mask, config)
+        bonus = None
+        if fused and self.fusion is not None:
+            bonus = self.fusion.node_bonus([j.items for j in jobs], self.catalog, self.policy.trie)
+        res = beam_search(self.policy.model, self.policy.trie, ids, mask, config, bonus)
         return [DecodeRow(s, sc) for s, sc in zip(res.sid_index.tolist(), res.scores.tolist(), strict=True)]
 
     def _ved(self, config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
@@ -266,7 +279,7 @@ class DecodeScheduler:
         """The anytime fallback: VED's initial beam without the tree, with stats that say what was spent."""
         trie = self.policy.trie
         started = time.perf_counter()
-        rows = self._beam(BeamSearchConfig(initial_beam_width(config, trie)), jobs)
+        rows = self._beam(BeamSearchConfig(initial_beam_width(config, trie)), jobs, fused=False)
         if report:
             self.beam_cost.report(len(jobs), time.perf_counter() - started)
         return [replace(row, stats=initial_beam_stats(config, trie), fallback=True) for row in rows]

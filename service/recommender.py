@@ -12,8 +12,9 @@ Design decisions:
   for ``k`` plus that many extra beams, so k items still come back when k exist.
 * The response cache key is the cache's format (``CACHE_FORMAT``), the model
   version and the normalised request: the SIDs the prompt actually sees (the
-  last ``max_history``), the exclusion set when exclusion is on, ``k``, the
-  mode and, for VED only, budget and cap. An entry that does not read as an
+  last ``max_history``), for a beam fused with transition counts the items of
+  the counts' window (items sharing a SID rank apart then), the exclusion set
+  when exclusion is on, ``k``, the mode and, for VED only, budget and cap. An entry that does not read as an
   answer (corrupt) is a miss, logged, and the search's answer replaces it. A
   user's new event changes the key, so the cache never needs invalidating.
 * The hard cap: a VED request waits for its decode until its last chance,
@@ -217,11 +218,12 @@ class Recommender(DecodeScheduler):
         events, stored_state = await self._history_for(req, reads_by)
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
         seen = events[-self.max_prompt_history :]
-        key = self._cache_key(req, seen, excluded) if self.settings.cache_ttl_s else None  # None: cache off
+        fused = self._fused_items(events) if req.mode == "beam" else ()
+        key = self._cache_key(req, seen, fused, excluded) if self.settings.cache_ttl_s else None  # None: cache off
         answer = await self._cache_get(key, reads_by) if key is not None else None
         cached = answer is not None
         if answer is None:
-            answer = await self._search(req, seen, excluded, started, answer_by)
+            answer = await self._search(req, seen, fused, excluded, started, answer_by)
             if key is not None and not answer.cap_hit:
                 # as long as the reads had, up to the last chance
                 write_by = None if answer_by is None else min(answer_by, time.perf_counter() + share_s)
@@ -281,6 +283,7 @@ class Recommender(DecodeScheduler):
         self,
         req: RecommendRequest,
         seen: list[HistoryEvent],
+        fused: tuple[int, ...],
         excluded: frozenset[int],
         started: float,
         answer_by: float | None,
@@ -289,7 +292,7 @@ class Recommender(DecodeScheduler):
         history = tuple(e.sid for e in seen)
         if isinstance(config, BeamSearchConfig):
             config = BeamSearchConfig(min(config.num_beams, len(self.catalog.sids)))
-            row = await self.batcher.submit(config, DecodeJob(history))
+            row = await self.batcher.submit(config, DecodeJob(history, items=fused))
             return Answer(self._rank(row, excluded, req.k), cap_hit=False, search=None)
         try:
             resolve_budget(config, self.catalog.depth)
@@ -373,7 +376,16 @@ class Recommender(DecodeScheduler):
             raise NotFound(f"user_id: no stored history for user {req.user_id!r} and the request has no history")
         return stored + given, "used" if stored else "none"
 
-    def _cache_key(self, req: RecommendRequest, seen: list[HistoryEvent], excluded: frozenset[int]) -> str:
+    def _fused_items(self, events: list[HistoryEvent]) -> tuple[int, ...]:
+        """What beam search's shallow fusion reads of the history: its last items, as many as the transition
+        counts' window (-1 for an entry given as a SID: no item, no transitions); none without fusion."""
+        if self.fusion is None:
+            return ()
+        return tuple(-1 if e.item_id is None else e.item_id for e in events[-self.fusion.counts.window :])
+
+    def _cache_key(
+        self, req: RecommendRequest, seen: list[HistoryEvent], fused: tuple[int, ...], excluded: frozenset[int]
+    ) -> str:
         norm: dict[str, Any] = {
             "f": CACHE_FORMAT,
             "v": self.model_version,
@@ -382,6 +394,8 @@ class Recommender(DecodeScheduler):
             "k": req.k,
             "m": req.mode,
         }
+        if fused:  # the items themselves rank, not only their SIDs
+            norm["t"] = list(fused)
         if req.mode == "ved":
             norm |= {"b": req.budget, "l": req.cap_ms(self.settings)}
         return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()

@@ -379,8 +379,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if not rows:
             raise typer.BadParameter(f"the {split} split of {ds.name} has no rows to score", param_hint="--split")
         from models.checkpoint import load_checkpoint
+        from models.transition import checkpoint_fusion
         from training.data.dataset import check_catalog
-        from training.evaluation.decoders import checkpoint_fusion, make_decoder
+        from training.evaluation.decoders import make_decoder
         from training.evaluation.evaluate import evaluate
 
         ckpt = load_checkpoint(checkpoint, device)

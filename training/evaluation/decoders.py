@@ -5,8 +5,9 @@ histories they encode, and returns the ranked SIDs (``models.beam_search``'s
 ``DecodeResult``). ``make_decoder`` builds the one ``vstar eval`` names;
 ``ved_setup`` is what any VED consumer needs from a checkpoint (its value head
 and the VED settings it trained with), shared with the RL stage's candidate
-sources (``training.rl.diagnose``). ``checkpoint_fusion`` is the shallow
-fusion with the transition counts a checkpoint was selected with.
+sources (``training.rl.diagnose``). ``models.transition.checkpoint_fusion``
+(the service's too) is the shallow fusion with the transition counts a
+checkpoint was selected with.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import torch
 from models.beam_search import BeamSearchConfig, DecodeResult, beam_search
 from models.checkpoint import LoadedCheckpoint
 from models.policy import Policy
-from models.transition import STATE_NAME as TRANSITIONS
-from models.transition import ShallowFusion, TransitionCounts
+from models.transition import ShallowFusion
 from models.value_head import ValueHead, load_value_head
 from models.ved import ved_search
 from models.ved_config import VEDConfig, checkpoint_ved_config
@@ -97,19 +97,3 @@ def ved_decoder(
             return ved_search(policy.model, head, policy.trie, ids, mask, config).decode
 
     return run
-
-
-def checkpoint_fusion(checkpoint: LoadedCheckpoint, weight: float | None = None) -> ShallowFusion | None:
-    """The shallow fusion a checkpoint was selected with, or with ``weight`` instead; None when off.
-
-    ``weight`` None takes the checkpoint's chosen weight (none chosen: off); a
-    weight above 0 needs the checkpoint's transition counts.
-    """
-    chosen = checkpoint.manifest.get("fusion") or {}
-    w = float(chosen.get("weight", 0.0)) if weight is None else weight
-    if w == 0:
-        return None
-    state = checkpoint.extras.get(TRANSITIONS)
-    if state is None:
-        raise ValueError(f"checkpoint {checkpoint.path} has no transition counts to fuse with; use --fusion-weight 0")
-    return ShallowFusion(TransitionCounts.from_state(state), w)
