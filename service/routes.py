@@ -5,7 +5,10 @@ built per app from the settings (``schemas.request_models``), so the handlers'
 annotations must be evaluated where those classes are in scope.
 """
 
+import asyncio
+import contextlib
 import secrets
+from collections.abc import Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response, Security
@@ -75,6 +78,34 @@ async def require_json(request: Request) -> None:
         raise UnsupportedMediaType(f"content-type: expected application/json, got {sent}")
 
 
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never read
+
+
+async def _hung_up(request: Request) -> None:
+    """Returns when the client disconnects (the body is read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_hung_up(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """``work``'s result, or, when the client disconnects first, ``work`` cancelled (a queued decode is dropped,
+    a running one's result discarded) and a 499 nobody reads. Neither Starlette nor uvicorn cancels a handler
+    whose client went: the model would decode answers for clients that timed out, under load most of all."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()  # the client went, or this handler was cancelled itself
+    if not task.cancelled() and task.done():
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # its own cleanup (a VED request's timer) runs before the handler ends
+    return Response(status_code=CLIENT_GONE)
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in (400, 413, 422, *codes)}
 
@@ -93,7 +124,7 @@ def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
     )
     async def recommend(body: RecommendBody, request: Request, recommender: RecommenderDep) -> RecommendResponse:  # type: ignore[valid-type]  # noqa: E501
         """Rank k items for a history (given, stored under `user_id`, or both: stored first)."""
-        return await recommender.recommend(body, arrival=request.scope.get(ARRIVAL_KEY))
+        return await unless_hung_up(request, recommender.recommend(body, arrival=request.scope.get(ARRIVAL_KEY)))
 
     @router.post(
         "/users/{user_id}/events",

@@ -1,0 +1,82 @@
+"""A client that hangs up while its request waits for the model costs the model nothing.
+
+Nothing in Starlette or uvicorn cancels a handler when its client goes: without
+the route's own watch, a beam request whose client timed out (and, typically,
+retried) was still decoded, so an overloaded server spent its model time on
+answers nobody would read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from fastapi.testclient import TestClient
+from starlette.types import Message
+
+from service.app import create_app
+from service.decode_scheduler import DecodeJob
+from service.settings import Settings
+
+
+def test_a_request_whose_client_hung_up_is_not_decoded(make_settings: Callable[..., Settings]) -> None:
+    app = create_app(make_settings(cache_ttl_s=0, batch_max_size=1))
+    decoded: list[tuple[Any, ...]] = []
+    with TestClient(app) as client:
+        batcher, policy = app.state.recommender.batcher, app.state.recommender.policy
+        original = batcher.run
+
+        def slow(key: Hashable, jobs: Sequence[DecodeJob]) -> Sequence[object]:
+            decoded.extend(j.history for j in jobs)
+            time.sleep(0.6)  # the model is busy: the next request queues
+            return original(key, jobs)
+
+        batcher.run = slow
+        busy = threading.Thread(target=client.post, args=("/recommend",), kwargs={"json": {"history": [1], "k": 3}})
+        busy.start()
+        time.sleep(0.2)  # the first decode runs
+
+        async def hang_up() -> list[Message]:
+            body = json.dumps({"history": [2, 4], "k": 3}).encode()
+            sent: list[Message] = []
+            messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+            async def receive() -> Message:
+                message = next(messages, None)
+                if message is not None:
+                    return message
+                await asyncio.sleep(0.1)  # queued behind the busy decode, then the client is gone
+                return {"type": "http.disconnect"}
+
+            async def send(message: Message) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "http_version": "1.1",
+                "method": "POST",
+                "path": "/recommend",
+                "raw_path": b"/recommend",
+                "query_string": b"",
+                "root_path": "",
+                "scheme": "http",
+                "server": ("testserver", 80),
+                "client": ("testclient", 50000),
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "app": app,
+            }
+            await app(scope, receive, send)
+            return sent
+
+        assert client.portal is not None
+        sent = client.portal.call(hang_up)
+        busy.join()
+        time.sleep(0.8)  # any decode of the abandoned request would have started by now
+    abandoned = tuple(policy.catalog.sid_of(i) for i in (2, 4))
+    assert abandoned not in decoded, "the model decoded a request whose client had hung up"
+    assert len(decoded) == 1
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499  # the access log's status
