@@ -30,10 +30,11 @@ Design decisions:
   thread picks the batch up (queueing counts): time left below the learnt cost
   of the initial tree (``BatchCost``, timed at warm-up) means fallback.
   A batch's fallbacks are decoded first, their deadlines being the nearest.
-* Beam search is fused with the checkpoint's transition counts at its chosen
-  weight (manifest ``fusion``), as ``vstar eval`` decodes it by default: the
-  ranking the checkpoint was selected and measured with. VED, and its initial
-  beam, are not fused, as ``vstar eval --decoder ved`` does not fuse.
+* Both decoders are fused with the checkpoint's transition counts at its
+  chosen weight (manifest ``fusion``), as ``vstar eval`` decodes by default:
+  the ranking the checkpoint was selected and measured with. VED adds the
+  bonus where ``models.ved`` does (its initial tree and its returned set's
+  ranking), and so does its initial-beam fallback, a beam search.
 * Load shedding: before that, the model thread keeps only the jobs that can
   still be answered before their hard cap (``service.recommender``): the most jobs whose time
   left all covers the initial beam's learnt cost for that many prompts, the
@@ -59,6 +60,8 @@ from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import FrameType
+
+import torch
 
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import CheckpointError, LoadedCheckpoint
@@ -89,7 +92,7 @@ class DecodeJob:
     history: tuple[Sid, ...]  # the SIDs the prompt sees, oldest first
     deadline: float | None = None  # VED: time.perf_counter() value to stop by
     answer_by: float | None = None  # VED: the hard cap; a job that cannot be decoded by then is shed
-    items: tuple[int, ...] = ()  # beam with shallow fusion: the history's last items (-1: given as a SID)
+    items: tuple[int, ...] = ()  # with shallow fusion: the history's last items (-1: given as a SID)
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class DecodeScheduler:
                 f"with VED ({e})"
             ) from None
         self.catalog = checkpoint.policy.catalog
-        try:  # beam search ranks as vstar eval's default decoder: fused at the checkpoint's weight, if it has one
+        try:  # decoders rank as vstar eval's do by default: fused at the checkpoint's weight, if it has one
             self.fusion = checkpoint_fusion(checkpoint)
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"checkpoint {checkpoint.path}: shallow fusion: {e}") from None
@@ -248,12 +251,15 @@ class DecodeScheduler:
         kept = set(order[:m])
         return [i in kept for i in range(len(jobs))]
 
-    def _beam(self, config: BeamSearchConfig, jobs: Sequence[DecodeJob], fused: bool = True) -> list[DecodeRow]:
+    def _bonus(self, jobs: Sequence[DecodeJob]) -> torch.Tensor | None:
+        """The shallow fusion's (jobs, trie nodes) bonus from each job's last items; None without fusion."""
+        if self.fusion is None:
+            return None
+        return self.fusion.node_bonus([j.items for j in jobs], self.catalog, self.policy.trie)
+
+    def _beam(self, config: BeamSearchConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
-        bonus = None
-        if fused and self.fusion is not None:
-            bonus = self.fusion.node_bonus([j.items for j in jobs], self.catalog, self.policy.trie)
-        res = beam_search(self.policy.model, self.policy.trie, ids, mask, config, bonus)
+        res = beam_search(self.policy.model, self.policy.trie, ids, mask, config, self._bonus(jobs))
         return [DecodeRow(s, sc) for s, sc in zip(res.sid_index.tolist(), res.scores.tolist(), strict=True)]
 
     def _ved(self, config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
@@ -261,7 +267,9 @@ class DecodeScheduler:
         config = replace(config, deadline=min(deadlines, default=None))
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
         started = time.perf_counter()
-        out = ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+        out = ved_search(
+            self.policy.model, self.value_head, self.policy.trie, ids, mask, config, bonus=self._bonus(jobs)
+        )
         synchronize(self.policy.device)  # the search is done when its kernels are, not when they are queued
         finished = time.perf_counter()
         # what the tree grew by after the initial one: a search's selections, or a completion's levels (a budget
@@ -279,7 +287,7 @@ class DecodeScheduler:
         """The anytime fallback: VED's initial beam without the tree, with stats that say what was spent."""
         trie = self.policy.trie
         started = time.perf_counter()
-        rows = self._beam(BeamSearchConfig(initial_beam_width(config, trie)), jobs, fused=False)
+        rows = self._beam(BeamSearchConfig(initial_beam_width(config, trie)), jobs)
         if report:
             self.beam_cost.report(len(jobs), time.perf_counter() - started)
         return [replace(row, stats=initial_beam_stats(config, trie), fallback=True) for row in rows]

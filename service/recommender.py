@@ -12,8 +12,8 @@ Design decisions:
   for ``k`` plus that many extra beams, so k items still come back when k exist.
 * The response cache key is the cache's format (``CACHE_FORMAT``), the model
   version and the normalised request: the SIDs the prompt actually sees (the
-  last ``max_history``), for a beam fused with transition counts the items of
-  the counts' window (items sharing a SID rank apart then), the exclusion set
+  last ``max_history``), when fused with transition counts the items of the
+  counts' window (items sharing a SID rank apart then), the exclusion set
   when exclusion is on, ``k``, the mode and, for VED only, budget and cap. An entry that does not read as an
   answer (corrupt) is a miss, logged, and the search's answer replaces it. A
   user's new event changes the key, so the cache never needs invalidating.
@@ -218,7 +218,7 @@ class Recommender(DecodeScheduler):
         events, stored_state = await self._history_for(req, reads_by)
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
         seen = events[-self.max_prompt_history :]
-        fused = self._fused_items(events) if req.mode == "beam" else ()
+        fused = self._fused_items(events)
         key = self._cache_key(req, seen, fused, excluded) if self.settings.cache_ttl_s else None  # None: cache off
         answer = await self._cache_get(key, reads_by) if key is not None else None
         cached = answer is not None
@@ -306,7 +306,7 @@ class Recommender(DecodeScheduler):
         deadline = self.deadline_margin.deadline(started, (answer_by - started) * 1000)
         # the hard cap: a timer that resolves the request's own future with SHED, so the answer is one
         # loop turn away when it fires (asyncio.wait_for would first cancel a task and wait for it)
-        future = self.batcher.enqueue(config, DecodeJob(history, deadline, answer_by))
+        future = self.batcher.enqueue(config, DecodeJob(history, deadline, answer_by, fused))
         due = max(answer_by, time.perf_counter())  # when the timer is set to fire
         timer = asyncio.get_running_loop().call_later(due - time.perf_counter(), _expire, future)
         try:
@@ -377,7 +377,7 @@ class Recommender(DecodeScheduler):
         return stored + given, "used" if stored else "none"
 
     def _fused_items(self, events: list[HistoryEvent]) -> tuple[int, ...]:
-        """What beam search's shallow fusion reads of the history: its last items, as many as the transition
+        """What the decoders' shallow fusion reads of the history: its last items, as many as the transition
         counts' window (-1 for an entry given as a SID: no item, no transitions); none without fusion."""
         if self.fusion is None:
             return ()

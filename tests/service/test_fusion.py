@@ -1,8 +1,8 @@
-"""Shallow fusion as served: beam answers rank as ``vstar eval`` decodes the checkpoint by default.
+"""Shallow fusion as served: answers rank as ``vstar eval`` decodes the checkpoint by default.
 
 A checkpoint with a fusion weight and transition counts (what ``vstar sft`` and
-``vstar fuse`` write) is evaluated fused; the service must answer with that same
-ranking, not the policy alone. VED stays unfused, as ``vstar eval --decoder ved``.
+``vstar fuse`` write) is evaluated fused, by beam search and by VED; the service
+must answer with that same ranking, not the policy alone.
 """
 
 from __future__ import annotations
@@ -13,15 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
 from models.sid_catalog import SidCatalog, sid_to_str
 from models.transition import STATE_NAME, TransitionCounts, checkpoint_fusion
+from models.value_head import value_head_for, value_head_manifest
+from models.ved_config import VEDConfig
 from service.app import create_app
+from service.deadline import BatchCost
 from service.settings import Settings
-from training.evaluation.decoders import beam_decoder
+from training.evaluation.decoders import DecodeFn, beam_decoder, ved_decoder
 
 WEIGHT = 4.0
 
@@ -39,20 +43,26 @@ def fused_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_policy: Poli
     a, b = shared_sid_pair(tiny_catalog)
     # a -> item 7 and b -> item 11, strongly: fused, each leads its row; the policy alone ranks neither first
     counts = TransitionCounts({a: Counter({7: 50}), b: Counter({11: 50})})
+    torch.manual_seed(0)
+    head = value_head_for(tiny_policy)
     return save_checkpoint(
         tmp_path_factory.mktemp("fusion") / "ckpt",
         tiny_policy,
-        manifest={"fusion": {"weight": WEIGHT}},
-        extras={STATE_NAME: counts.to_state()},
+        manifest={"fusion": {"weight": WEIGHT}, "value_head": value_head_manifest(head)},
+        extras={STATE_NAME: counts.to_state(), "value_head": head.state_dict()},
     )
 
 
-def evaluated(checkpoint: Path, history: list[int], k: int) -> list[tuple[str, float]]:
-    """What ``vstar eval``'s default beam decoder ranks for ``history``."""
+def evaluated(
+    checkpoint: Path, history: list[int], k: int, decoder: str = "beam", budget: int | None = None
+) -> list[tuple[str, float]]:
+    """What ``vstar eval``'s default decoder (fused at the checkpoint's weight) ranks for ``history``:
+    beam search of width ``k``, or VED (``decoder`` "ved") for ``k`` SIDs within ``budget``."""
     loaded = load_checkpoint(checkpoint)
-    policy = loaded.policy
+    policy, fusion = loaded.policy, checkpoint_fusion(loaded)
+    decode: DecodeFn = beam_decoder(k, fusion) if decoder == "beam" else ved_decoder(loaded, k, budget, 0, fusion)
     ids, mask = policy.encode_prompts([[policy.catalog.sid_of(i) for i in history]])
-    res = beam_decoder(k, checkpoint_fusion(loaded))(policy, ids, mask, [history])
+    res = decode(policy, ids, mask, [history])
     return [
         (sid_to_str(policy.catalog.sids[s]), sc)
         for s, sc in zip(res.sid_index[0].tolist(), res.scores[0].tolist(), strict=True)
@@ -71,6 +81,42 @@ def test_beam_answers_are_fused_as_evaluated(
         got = c.post("/recommend", json={"history": history, "k": 5}).json()["items"]
     assert [it["sid"] for it in got] == [sid for sid, _ in want]
     torch.testing.assert_close(torch.tensor([it["score"] for it in got]), torch.tensor([sc for _, sc in want]))
+
+
+def test_ved_answers_are_fused_as_evaluated(
+    make_settings: Callable[..., Settings], fused_checkpoint: Path, tiny_catalog: SidCatalog
+) -> None:
+    """VED (a budget below the tiny catalog's 36 prefixes, so it searches) ranks as ``vstar eval --decoder ved``
+    does, fused: the transition's target leads, which the policy alone does not rank first."""
+    a, _ = shared_sid_pair(tiny_catalog)
+    history = [3, 5, a]
+    want = evaluated(fused_checkpoint, history, 5, "ved", 34)
+    assert want[0][0] == sid_to_str(tiny_catalog.items[7].sid)
+    with TestClient(create_app(make_settings(checkpoint=fused_checkpoint, cache_ttl_s=0))) as c:
+        body = c.post(
+            "/recommend", json={"history": history, "k": 5, "mode": "ved", "budget": 34, "latency_ms": 1000}
+        ).json()
+    assert body["cap_hit"] is False and body["search"]["iterations"] > 0
+    assert [it["sid"] for it in body["items"]] == [sid for sid, _ in want]
+
+
+def test_ved_fallback_is_the_fused_initial_beam(
+    make_settings: Callable[..., Settings],
+    fused_checkpoint: Path,
+    tiny_catalog: SidCatalog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Too little time for VED's initial tree: the initial beam answers, fused as the tree would have been."""
+    a, _ = shared_sid_pair(tiny_catalog)
+    history = [3, 5, a]
+    with TestClient(create_app(make_settings(checkpoint=fused_checkpoint, cache_ttl_s=0))) as c:
+        assert isinstance(c.app, FastAPI)
+        monkeypatch.setattr(c.app.state.recommender, "init_cost", BatchCost(start_s=5.0))
+        body = c.post("/recommend", json={"history": history, "k": 5, "mode": "ved", "latency_ms": 500}).json()
+    assert body["search"]["fallback"] == "initial_beam"
+    want = evaluated(fused_checkpoint, history, max(5, VEDConfig().init_beams))[:5]
+    assert [it["sid"] for it in body["items"]] == [sid for sid, _ in want]
+    assert want[0][0] == sid_to_str(tiny_catalog.items[7].sid)
 
 
 def test_the_cache_tells_apart_items_that_share_a_sid(

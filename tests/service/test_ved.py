@@ -487,9 +487,9 @@ def test_a_completion_stopped_by_its_deadline_is_learnt_as_a_search_not_as_the_i
     monkeypatch.setattr(models.ved, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
     real_search = models.ved.ved_search
 
-    def search(*args: Any) -> Any:  # the deadline of the patched clock: between the first and second level
+    def search(*args: Any, **kwargs: Any) -> Any:  # the patched clock's deadline: between the first and second level
         *rest, config = args
-        return real_search(*rest, replace(config, deadline=1.0))
+        return real_search(*rest, replace(config, deadline=1.0), **kwargs)
 
     monkeypatch.setattr("service.decode_scheduler.ved_search", search)
     catalog = rec.policy.catalog

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
 from models.transition import STATE_NAME, TransitionCounts
+from models.value_head import value_head_for, value_head_manifest
 from training.data.dataset import Sample
 from training.evaluation.fusion import REPORTED, choose_weight, fuse_trained
 from vstar import app
@@ -122,3 +123,19 @@ def test_a_rank_other_than_0_reads_the_checkpoint_only_to_choose(
     assert not caplog.records
     fuse_trained(path, None, train, held, weights=(0.0,), beams=10)  # a choice: every rank scores its slice
     assert loads == [path]
+
+
+def test_eval_fuses_ved_at_the_checkpoints_weight_as_beam(
+    tiny_dataset, tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    """Either decoder ranks as served: fused at the checkpoint's weight unless --fusion-weight says otherwise."""
+    head = value_head_for(tiny_policy)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, tiny_policy, {"value_head": value_head_manifest(head)}, {"value_head": head.state_dict()})
+    fuse_trained(path, 2.0, tiny_dataset.samples(["train"]), tiny_dataset.splits["valid"])
+    base = ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(path), "--decoder", "ved", "--beams", "5"]
+    for extra, weight in (([], 2.0), (["--fusion-weight", "0"], 0.0), (["--fusion-weight", "3"], 3.0)):
+        out = tmp_path / "ved.json"
+        run = CliRunner().invoke(app, [*base, "--split", "test", "--limit", "6", *extra, "--json", str(out)])
+        assert run.exit_code == 0, run.output
+        assert json.loads(out.read_text())["fusion_weight"] == weight

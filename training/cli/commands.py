@@ -356,7 +356,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.Option(
                 "--fusion-weight",
                 min=0.0,
-                help="Weight of the transition counts fused into beam search (default: the checkpoint's; 0: off).",
+                help="Weight of the transition counts fused into the decoder (default: the checkpoint's; 0: off).",
             ),
         ] = None,
         device: DeviceOpt = "cpu",
@@ -387,7 +387,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ckpt = load_checkpoint(checkpoint, device)
         check_catalog(ckpt.policy.catalog, ds, "--checkpoint")
         try:
-            fusion = checkpoint_fusion(ckpt, 0.0 if decoder != "beam" and fusion_weight is None else fusion_weight)
+            fusion = checkpoint_fusion(ckpt, fusion_weight)
             decode = make_decoder(ckpt, decoder, beams, budget, fusion, explore_slots)
         except CheckpointError:
             raise  # one line from the root command

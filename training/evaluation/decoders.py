@@ -81,19 +81,24 @@ def make_decoder(
         if budget is not None:
             raise ValueError("--budget applies to --decoder ved")
         return beam_decoder(beams, fusion)
-    if fusion is not None:
-        raise ValueError("shallow fusion applies to --decoder beam; pass --fusion-weight 0 with --decoder ved")
-    return ved_decoder(checkpoint, beams, budget, explore_slots)
+    return ved_decoder(checkpoint, beams, budget, explore_slots, fusion)
 
 
 def ved_decoder(
-    checkpoint: LoadedCheckpoint, num_candidates: int, budget: int | None, explore_slots: int = 0
+    checkpoint: LoadedCheckpoint,
+    num_candidates: int,
+    budget: int | None,
+    explore_slots: int = 0,
+    fusion: ShallowFusion | None = None,
 ) -> DecodeFn:
-    """VED with the checkpoint's value head and the VED settings it was trained with (``budget`` overrides)."""
+    """VED with the checkpoint's value head and the VED settings it was trained with (``budget`` overrides);
+    with ``fusion``, fused with the transition counts where ``ved_search`` adds a bonus (the initial tree's
+    prefix scores and the returned set's ranking)."""
     head, config = ved_setup(checkpoint, num_candidates, budget, explore_slots=explore_slots)
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, histories: Histories) -> DecodeResult:
+        bonus = fusion.node_bonus(histories, policy.catalog, policy.trie) if fusion else None
         with torch.no_grad():
-            return ved_search(policy.model, head, policy.trie, ids, mask, config).decode
+            return ved_search(policy.model, head, policy.trie, ids, mask, config, bonus).decode
 
     return run
