@@ -91,7 +91,11 @@ class RecommendedItem(BaseModel):
     sid: str
     item_ids: list[int] = Field(description="Every catalog item with this SID (a SID may name several).")
     titles: list[str]
-    score: float = Field(description="beam: summed log-probability of the SID; ved: the search's score.")
+    score: float = Field(
+        description="beam: summed log-probability of the SID; ved: the search's score (summed log-probability plus "
+        "its value term); either plus the shallow fusion's bonus, w x log(1 + transition score), when the checkpoint "
+        "has a fusion weight."
+    )
 
 
 class SearchStats(BaseModel):
@@ -102,9 +106,9 @@ class SearchStats(BaseModel):
     fallback: Literal["initial_beam", "popular"] | None = Field(
         None,
         description="initial_beam: too little time was left for VED's initial tree, so a constrained beam "
-        "search of width max(k, init_beams) answered (scores are summed log-probabilities); popular: not even "
-        "that could finish within the cap, so the most frequent training targets answered (scores are their "
-        "smoothed log-frequencies); null: VED ran.",
+        "search of width max(k, init_beams) answered (scores are summed log-probabilities, plus the fusion bonus "
+        "as beam's); popular: not even that could finish within the cap, so the most frequent training targets "
+        "answered (scores are their smoothed log-frequencies); null: VED ran.",
     )
 
 
