@@ -91,6 +91,19 @@ def test_invalid_prefix_has_no_children(tiny_policy: Policy) -> None:
     assert trie.allowed_token_ids(tiny_policy.tokenizer.convert_tokens_to_ids(list(tiny_policy.catalog.sids[0]))) == []
 
 
+def test_a_token_of_another_level_is_no_prefix() -> None:
+    """Codes are local to a level: <b_1> names code 1 of level 1 only, so a prefix that opens with it reaches
+    no node, even though level 0 has a code 1 too."""
+    sids = [(1, 0, 0), (0, 1, 0)]
+    cat = SidCatalog({i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(s))) for i, s in enumerate(sids)})
+    tok = build_sid_tokenizer(cat.vocabulary())
+    trie = SidTrie(cat, tok.convert_tokens_to_ids)
+    assert trie.allowed_token_ids(tok.convert_tokens_to_ids(["<a_1>"])) == tok.convert_tokens_to_ids(["<b_0>"])
+    for wrong in (["<b_1>"], ["<a_0>", "<a_1>"], ["<a_0>", "<c_0>"]):
+        ids = tok.convert_tokens_to_ids(wrong)
+        assert trie.node_of_token_ids(ids) == -1 and trie.allowed_token_ids(ids) == [], wrong
+
+
 def test_prompt_tokenizes_every_sid_token(tiny_policy: Policy) -> None:
     sids = tiny_policy.catalog.sids[:3]
     ids = tiny_policy.prompt.encode(tiny_policy.tokenizer, sids)
