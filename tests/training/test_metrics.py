@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 
@@ -10,7 +11,7 @@ from models.sid_catalog import Item, SidCatalog, level_token
 from tests.conftest import make_catalog
 from training.data.dataset import Sample
 from training.evaluation.evaluate import score_rankings
-from training.evaluation.metrics import beyond_accuracy, rank_metrics
+from training.evaluation.metrics import beyond_accuracy, rank_metrics, tail_items
 
 
 def test_a_cut_off_beyond_the_ranked_lists_is_not_a_measurement() -> None:
@@ -40,3 +41,19 @@ def test_a_sid_listed_twice_takes_one_place_and_a_shared_sid_is_a_hit() -> None:
     assert out["target_ranks"] == [1, 0]
     assert out["metrics"]["HR@2"] == 1.0 and out["metrics"]["NDCG@2"] == pytest.approx((1 / math.log2(3) + 1) / 2)
     assert out["metrics"]["HR@1"] == 0.5
+
+
+def test_tail_is_outside_the_most_popular_share_and_figures_count_every_item_of_a_sid() -> None:
+    sid = [tuple(level_token(lv, c) for lv, c in enumerate(codes)) for codes in ((0, 0, 0), (0, 1, 0), (1, 0, 0))]
+    sid.append((level_token(0, 1), level_token(1, 1), level_token(2, 0)))
+    # items 0 and 1 share a SID; items 2, 3 and 4 have one each: 5 items, 4 SIDs
+    catalog = SidCatalog({i: Item(i, "", sid[s]) for i, s in enumerate((0, 0, 1, 2, 3))})
+    counts = Counter({0: 5, 1: 2, 2: 2, 4: 1})  # item 3 never trained on
+    # the head is the 2 most popular of 5 items (0.4): item 0, then item 1 before item 2 (a tie: by item id)
+    tail = tail_items(catalog, counts, head_share=0.4)
+    assert tail == {2, 3, 4}
+    shared, two, three = (catalog.sid_index[catalog.sid_of(i)] for i in (0, 2, 3))
+    out = beyond_accuracy([[shared, two], [shared, three]], catalog, tail, k=2)
+    # items 0, 1, 2, 3 of 5 are covered (4 of the catalog's 4 SIDs would say 1.0); the lists recommend
+    # 2 + 1 items each, 6 in all, of which items 2 and 3 are in the tail (2 of 4 listed SIDs would say 0.5)
+    assert out == {"coverage@2": pytest.approx(4 / 5), "tail_share@2": pytest.approx(2 / 6)}
