@@ -136,3 +136,13 @@ def test_a_base_that_never_hits_has_null_relative_figures_not_nan(tmp_path: Path
     assert result.exit_code == 0, result.output
     hr1 = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["metrics"]["HR@1"]
     assert hr1["diff"] == 0.25 and hr1["relative"] is None and hr1["relative_ci95"] is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_interval_is_the_central_95_percent_of_draws_over_every_row(seed: int) -> None:
+    """Three rows, only the last one a hit for the other method: a draw's mean difference is (hits drawn) / 3,
+    and all three draws hit it with chance 1/27 = 3.7%: inside the upper 2.5% tail's cut (a 90% interval,
+    5% to 95%, would end at 2/3), and never if the last row were never drawn."""
+    base, other = np.array([[-1, -1, -1]]), np.array([[-1, -1, 0]])
+    out = paired_bootstrap(base, other, metrics=("HR@1",), samples=2000, seed=seed)["HR@1"]
+    assert out["diff"] == pytest.approx(1 / 3, abs=1e-4) and out["ci95"] == [0.0, 1.0]
