@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Iterator
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from models.sid_catalog import SidCatalog, sid_to_str
@@ -59,6 +60,24 @@ def test_cache_miss_then_hit(client: TestClient) -> None:
     assert metric(client, hit) == hits + 1 and metric(client, miss) == misses + 1
     # a different k is a different normalised request
     assert client.post("/recommend", json=req | {"k": 5}).json()["cached"] is False
+
+
+def test_the_cache_key_holds_the_prompts_history_the_exclusion_set_and_a_ved_budget(client: TestClient) -> None:
+    """Requests that differ only in what the key normalises away share an entry; any other difference misses."""
+    assert isinstance(client.app, FastAPI)
+    n = client.app.state.recommender.max_prompt_history
+    long = list(range(50, 55 + n))  # longer than the prompt: it sees the last n items
+    full = client.post("/recommend", json={"history": long, "k": 4}).json()
+    seen = client.post("/recommend", json={"history": long[-n:], "k": 4}).json()
+    assert full["history_truncated"] and not full["cached"] and seen["cached"] and seen["items"] == full["items"]
+    history = [20, 21, 22]
+    assert not client.post("/recommend", json={"history": history, "k": 5}).json()["cached"]
+    excluding = client.post("/recommend", json={"history": history, "k": 5, "exclude_history": True}).json()
+    assert not excluding["cached"] and not {i for it in excluding["items"] for i in it["item_ids"]} & set(history)
+    ved = {"history": [30, 31, 32], "k": 4, "mode": "ved", "latency_ms": 1000}
+    assert not client.post("/recommend", json=ved | {"budget": 32}).json()["cached"]
+    assert not client.post("/recommend", json=ved | {"budget": 48}).json()["cached"]
+    assert client.post("/recommend", json=ved | {"budget": 48}).json()["cached"]
 
 
 def test_an_unreadable_cache_entry_is_a_miss_that_the_answer_replaces(client: TestClient, redis_url: str) -> None:
