@@ -158,6 +158,13 @@ def test_descent_by_u(beta: float, selected: int) -> None:
     assert tree.select(torch.tensor([False]), beta).tolist() == [-1]
 
 
+def test_a_tie_between_a_nodes_own_arm_and_its_best_child_goes_to_the_node() -> None:
+    tree = hand_tree()
+    tree.score[0, 2] = tree.score[0, 1]  # a and b tie: no spread at depth 1, so both have Ĝ 0, as the root has
+    assert tree.normalised_score()[0, :3].tolist() == [0.0, 0.0, 0.0]
+    assert tree.select(torch.tensor([True]), 0.0).tolist() == [0]  # the root's own arm (0) against a's (0)
+
+
 def test_the_root_widens_once_its_children_are_visited_more_than_its_own_arm() -> None:
     """The root's own arm counts its own expansions (E = 2), not its subtree: once a and b have been
     visited enough, it wins (here a: 1 + sqrt(ln 164 / 83) = 1.25 < root: sqrt(ln 164 / 3) = 1.30).
