@@ -300,6 +300,29 @@ def test_complete_sids_cost_nothing(tiny_policy: Policy, head: ValueHead) -> Non
         assert s.iterations >= s.tokens_spent - s.init_tokens + s.gate_failures
 
 
+def test_the_initial_tree_widens_a_level_only_as_far_as_it_must(tiny_policy: Policy, head: ValueHead) -> None:
+    """A level keeps init_beams prefixes, and more only while those kept cannot hold G complete SIDs: the
+    kept prefixes hold G (or every SID), and without the worst of them (by path log-prob) they would not."""
+    trie = tiny_policy.trie
+    leaf_counts = trie_leaf_counts(trie)
+    ids, mask = prompts(tiny_policy, [2, 4, 3], 10)
+    widened = 0
+    for g in range(1, 25):
+        target = min(g, len(tiny_policy.catalog.sids))
+        res = ved_search(tiny_policy.model, head, trie, ids, mask, VEDConfig(g, init_beams=1, deadline=0.0))
+        tree = res.tree
+        for b in range(ids.shape[0]):
+            for level in (1, 2):
+                kept = tree.live[b] & (tree.depth[b] == level)
+                order = tree.log_prob[b][kept].argsort(descending=True)
+                held = leaf_counts[tree.trie_node[b][kept]][order]
+                assert int(held.sum()) >= target
+                if len(held) > 1:
+                    assert int(held[:-1].sum()) < target, (g, b, level, held.tolist())
+                    widened += 1
+    assert widened > 0  # the widening was exercised
+
+
 def test_the_search_widens_the_root(tiny_policy: Policy, head: ValueHead) -> None:
     ids, mask = prompts(tiny_policy, [2, 5, 3], 7)
     config = VEDConfig(num_candidates=2, init_beams=1, budget=24)
