@@ -1,4 +1,6 @@
-"""``training.rl.loss.token_log_probs``: float32 log-probs whatever precision the model runs in."""
+"""``training.rl.loss``: float32 log-probs whatever precision the model runs in; the policy gradient's sign and
+the value loss's states, pinned directly (before, only the slow two-process test caught a flipped ratio or
+value states read from the prompt's start)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from torch.nn import functional as F
 from models.policy import Policy
 from training.bench.rl_bench import clone
 from training.data.dataset import RecDataset
-from training.rl.loss import token_log_probs
+from training.rl.loss import policy_loss, token_log_probs, value_td_loss
+from training.rl.rewards import td_targets
 from training.rl.rollout import SequenceBatch, beam_source, collect, sequences
 
 
@@ -67,3 +70,32 @@ def test_log_probs_of_a_bf16_model_come_from_float32_logits(tiny_policy: Policy,
     logp, _ = token_log_probs(policy.model, batch)
     assert logp.dtype == torch.float32
     torch.testing.assert_close(logp, head_log_probs(policy, batch), rtol=0, atol=1e-5)
+
+
+def test_the_policy_gradient_raises_the_log_prob_of_a_positive_advantage() -> None:
+    """At the rollout policy (ratio 1, KL 0) the loss's gradient on a token's log-prob is -A / (N * D): descending
+    it raises the log-probs of candidates with a positive advantage and lowers the others'."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.7, -1.5, -2.5]], requires_grad=True)  # (N, D)
+    adv = torch.tensor([1.0, -0.5])
+    zeros = torch.zeros_like(logp)
+    loss, _ = policy_loss(logp, logp.detach(), logp.detach(), adv, zeros, zeros, 0.2, 0.1, 1.0)
+    loss.backward()
+    assert logp.grad is not None
+    torch.testing.assert_close(logp.grad, -adv[:, None].expand(2, 3) / 6)
+
+
+def test_the_value_loss_reads_the_last_d_plus_1_states() -> None:
+    """V at s_0 (the prompt's last position) .. s_D (the SID's last token): the sequence's last D + 1 positions,
+    whatever the prompt's length; a head that returns each position's index shows which were read."""
+
+    class PositionValue(torch.nn.Module):
+        def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return hidden[..., 0]
+
+    n, t, d = 2, 5, 3
+    hidden = torch.arange(t + d, dtype=torch.float32)[None, :, None].expand(n, t + d, 4).clone()
+    rewards = torch.tensor([[0.0, 0.3, 0.5, 1.0], [0.0, -0.1, -0.2, -0.4]])  # (N, D + 1)
+    values = hidden[:, -(d + 1) :, 0]  # positions 4..7
+    want = torch.nn.functional.mse_loss(values, td_targets(rewards, values, 0.9))
+    got = value_td_loss(PositionValue(), hidden, torch.ones(n, t + d), rewards, 0.9)
+    torch.testing.assert_close(got, want)
