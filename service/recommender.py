@@ -205,6 +205,9 @@ class Recommender(DecodeScheduler):
         except (InvalidInput, NotFound, StoreUnavailable) as e:
             self.metrics.requests.labels(req.mode, type(e).__name__).inc()
             raise
+        except asyncio.CancelledError:  # the client hung up (``service.routes.unless_hung_up``) or the server stops
+            self.metrics.requests.labels(req.mode, "cancelled").inc()
+            raise
         self.metrics.requests.labels(req.mode, "ok").inc()
         self.metrics.latency.labels(req.mode).observe(time.perf_counter() - started)
         return response

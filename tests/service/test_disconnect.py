@@ -76,7 +76,10 @@ def test_a_request_whose_client_hung_up_is_not_decoded(make_settings: Callable[.
         sent = client.portal.call(hang_up)
         busy.join()
         time.sleep(0.8)  # any decode of the abandoned request would have started by now
+        metrics = client.get("/metrics").text
     abandoned = tuple(policy.catalog.sid_of(i) for i in (2, 4))
     assert abandoned not in decoded, "the model decoded a request whose client had hung up"
     assert len(decoded) == 1
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499  # the access log's status
+    assert 'vstar_recommend_requests_total{mode="beam",outcome="cancelled"} 1.0' in metrics
+    assert 'vstar_recommend_requests_total{mode="beam",outcome="ok"} 1.0' in metrics
