@@ -49,6 +49,7 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import math
 import os
@@ -196,28 +197,39 @@ class DecodeScheduler:
 
     def _time_ved_fallbacks(self, stop: threading.Event) -> None:
         """Time VED's initial tree (a passed deadline stops it there) and the initial beam per batch bucket,
-        on the longest prompts; the least of three runs is the decode's own cost (one-off allocations and
-        load spikes are not)."""
+        on the longest prompts, fused as served (``_busiest_items``); the least of three runs is the decode's
+        own cost (one-off allocations and load spikes are not)."""
         config = replace(self.ved_settings, deadline=0.0)
-        history = tuple(self.catalog.sids[: self.max_prompt_history])
+        job = DecodeJob(tuple(self.catalog.sids[: self.max_prompt_history]), items=self._busiest_items())
         batch = 1
         while True:
             stopped(stop)
-            ids, mask = self.policy.encode_prompts([list(history)] * batch)
+            jobs = [job] * batch
+            ids, mask = self.policy.encode_prompts([list(job.history)] * batch)
             tree, beam = [], []
             for _ in range(3):
-                started = time.perf_counter()
-                ved_search(self.policy.model, self.value_head, self.policy.trie, ids, mask, config)
+                started = time.perf_counter()  # the fusion's bonus included, as _ved times a search
+                ved_search(
+                    self.policy.model, self.value_head, self.policy.trie, ids, mask, config, bonus=self._bonus(jobs)
+                )
                 synchronize(self.policy.device)  # on a GPU its last kernels may still be queued
                 tree.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                self._initial_beam(replace(config, deadline=None), [DecodeJob(history)] * batch, report=False)
+                self._initial_beam(replace(config, deadline=None), jobs, report=False)
                 beam.append(time.perf_counter() - started)
             self.init_cost.set_baseline(batch, min(tree))
             self.beam_cost.set_baseline(batch, min(beam))
             if batch >= self.settings.batch_max_size:
                 return
             batch *= 2
+
+    def _busiest_items(self) -> tuple[int, ...]:
+        """A history for timing the fusion's bonus: the counts' window of the items most transitions leave
+        (the bonus's cost grows with them, as the prompt's with its length); none without fusion."""
+        if self.fusion is None:
+            return ()
+        counts = self.fusion.counts
+        return tuple(heapq.nlargest(counts.window, counts.counts, key=lambda item: len(counts.counts[item])))
 
     def start(self) -> None:
         self.batcher.start()

@@ -7,9 +7,11 @@ must answer with that same ranking, not the policy alone.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -149,3 +151,24 @@ def test_the_schema_says_scores_carry_the_fusion_bonus(
         schemas = c.get("/openapi.json").json()["components"]["schemas"]
     assert "fusion" in schemas["RecommendedItem"]["properties"]["score"]["description"]
     assert "plus the fusion bonus" in schemas["SearchStats"]["properties"]["fallback"]["description"]
+
+
+def test_the_warm_up_times_the_fallbacks_fused_as_served(
+    make_settings: Callable[..., Settings], fused_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A served decode computes the fusion's bonus from the history's items (its cost grows with the
+    transitions they have), so the learnt costs of VED's initial tree and of the initial beam, which send
+    requests to the fallbacks, must include it as timed at warm-up on items with transitions."""
+    slow_s = 0.2
+    real = TransitionCounts.node_bonus
+
+    def node_bonus(self: TransitionCounts, histories: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if any(item in self.counts for history in histories for item in history):
+            time.sleep(slow_s)  # what reading many transitions costs
+        return real(self, histories, *args, **kwargs)
+
+    monkeypatch.setattr(TransitionCounts, "node_bonus", node_bonus)
+    with TestClient(create_app(make_settings(checkpoint=fused_checkpoint, cache_ttl_s=0, batch_max_size=1))) as c:
+        assert isinstance(c.app, FastAPI)
+        rec = c.app.state.recommender
+        assert rec.init_cost.cost_s(1) >= slow_s and rec.beam_cost.cost_s(1) >= slow_s
