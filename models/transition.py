@@ -182,5 +182,5 @@ def checkpoint_fusion(checkpoint: LoadedCheckpoint, weight: float | None = None)
         return None
     state = checkpoint.extras.get(STATE_NAME)
     if state is None:
-        raise ValueError(f"checkpoint {checkpoint.path} has no transition counts to fuse with; use --fusion-weight 0")
+        raise ValueError(f"checkpoint {checkpoint.path} has no transition counts to fuse with at weight {w}")
     return ShallowFusion(TransitionCounts.from_state(state), w)

@@ -138,8 +138,10 @@ def test_a_fusion_weight_without_counts_stops_the_start(
     make_settings: Callable[..., Settings], tmp_path: Path, tiny_policy: Policy
 ) -> None:
     broken = save_checkpoint(tmp_path / "ckpt", tiny_policy, manifest={"fusion": {"weight": WEIGHT}})
-    with pytest.raises(Exception, match="transition counts"), TestClient(create_app(make_settings(checkpoint=broken))):
-        pass
+    with pytest.raises(Exception, match="transition counts") as stopped:
+        with TestClient(create_app(make_settings(checkpoint=broken))):
+            pass
+    assert "--fusion-weight" not in str(stopped.value)  # vstar eval's option: vstar serve has none
 
 
 def test_the_schema_says_scores_carry_the_fusion_bonus(

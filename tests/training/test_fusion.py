@@ -139,3 +139,11 @@ def test_eval_fuses_ved_at_the_checkpoints_weight_as_beam(
         run = CliRunner().invoke(app, [*base, "--split", "test", "--limit", "6", *extra, "--json", str(out)])
         assert run.exit_code == 0, run.output
         assert json.loads(out.read_text())["fusion_weight"] == weight
+
+
+def test_eval_of_a_weight_without_counts_says_how_to_score_unfused(
+    tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    path = save_checkpoint(tmp_path / "ckpt", tiny_policy, {"fusion": {"weight": 2.0}})
+    run = CliRunner().invoke(app, ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(path), "--limit", "2"])
+    assert run.exit_code != 0 and "no transition counts" in run.output and "--fusion-weight 0" in run.output

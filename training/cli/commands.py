@@ -387,7 +387,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ckpt = load_checkpoint(checkpoint, device)
         check_catalog(ckpt.policy.catalog, ds, "--checkpoint")
         try:
-            fusion = checkpoint_fusion(ckpt, fusion_weight)
+            try:
+                fusion = checkpoint_fusion(ckpt, fusion_weight)
+            except ValueError as e:
+                raise ValueError(f"{e}; use --fusion-weight 0") from None
             decode = make_decoder(ckpt, decoder, beams, budget, fusion, explore_slots)
         except CheckpointError:
             raise  # one line from the root command
