@@ -144,17 +144,6 @@ def test_a_fusion_weight_without_counts_stops_the_start(
     assert "--fusion-weight" not in str(stopped.value)  # vstar eval's option: vstar serve has none
 
 
-def test_the_schema_says_scores_carry_the_fusion_bonus(
-    make_settings: Callable[..., Settings], fused_checkpoint: Path
-) -> None:
-    """The OpenAPI document tells clients what a score is: fused, beam's and VED's carry the bonus (above 0 at
-    times), and so does the initial-beam fallback's."""
-    with TestClient(create_app(make_settings(checkpoint=fused_checkpoint, cache_ttl_s=0))) as c:
-        schemas = c.get("/openapi.json").json()["components"]["schemas"]
-    assert "fusion" in schemas["RecommendedItem"]["properties"]["score"]["description"]
-    assert "plus the fusion bonus" in schemas["SearchStats"]["properties"]["fallback"]["description"]
-
-
 def test_the_warm_up_times_the_fallbacks_fused_as_served(
     make_settings: Callable[..., Settings], fused_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
