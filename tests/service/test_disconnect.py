@@ -29,16 +29,18 @@ def test_a_request_whose_client_hung_up_is_not_decoded(make_settings: Callable[.
     with TestClient(app) as client:
         batcher, policy = app.state.recommender.batcher, app.state.recommender.policy
         original = batcher.run
+        busy_decoding = threading.Event()
 
         def slow(key: Hashable, jobs: Sequence[DecodeJob]) -> Sequence[object]:
             decoded.extend(j.history for j in jobs)
+            busy_decoding.set()
             time.sleep(0.6)  # the model is busy: the next request queues
             return original(key, jobs)
 
         batcher.run = slow
         busy = threading.Thread(target=client.post, args=("/recommend",), kwargs={"json": {"history": [1], "k": 3}})
         busy.start()
-        time.sleep(0.2)  # the first decode runs
+        assert busy_decoding.wait(10)  # the first decode runs (a fixed sleep raced a slow start on a busy host)
 
         async def hang_up() -> list[Message]:
             body = json.dumps({"history": [2, 4], "k": 3}).encode()
