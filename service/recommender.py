@@ -14,9 +14,10 @@ Design decisions:
   version and the normalised request: the SIDs the prompt actually sees (the
   last ``max_history``), when fused with transition counts the items of the
   counts' window (items sharing a SID rank apart then), the exclusion set
-  when exclusion is on, ``k``, the mode and, for VED only, budget and cap. An entry that does not read as an
-  answer (corrupt) is a miss, logged, and the search's answer replaces it. A
-  user's new event changes the key, so the cache never needs invalidating.
+  when exclusion is on, ``k``, the mode and, for VED only, budget and cap.
+  An entry that does not read as an answer (corrupt) is a miss, logged, and
+  the search's answer replaces it. A user's new event changes the key, so the
+  cache never needs invalidating.
 * The hard cap: a VED request waits for its decode until its last chance,
   ``cap - ved_respond_ms`` less the loop's learnt lateness (below), at most. If
   the model thread has not answered by then (queued behind other batches, or a
