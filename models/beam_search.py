@@ -67,7 +67,7 @@ def level_log_probs(logits: torch.Tensor, trie: SidTrie, level: int, nodes: torc
     """
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
     picked = log_probs.index_select(1, trie.level_columns[level])  # (N, C)
-    return picked + trie.mask_bias.index_select(0, nodes)
+    return picked + trie.mask_rows(nodes)
 
 
 def tree_mask(prompt_bias: torch.Tensor, ancestors: torch.Tensor, eye_bias: torch.Tensor, neg: float) -> torch.Tensor:
@@ -107,13 +107,13 @@ def beam_search(
     root = torch.zeros(b, dtype=torch.long, device=dev)
     cand = level_log_probs(pre.logits, trie, 0, root)  # (B, C)
     if bonus is not None:
-        cand = cand + bonus.gather(1, trie.children[0].clamp(min=0).expand(b, -1))
+        cand = cand + bonus.gather(1, trie.child_nodes(root).clamp(min=0))
     width = min(k, c)
     scores, codes = cand.topk(width, dim=-1)  # (B, width)
     if width < k:
         scores = torch.cat([scores, scores.new_full((b, k - width), float("-inf"))], dim=1)
         codes = torch.cat([codes, codes.new_zeros((b, k - width))], dim=1)
-    nodes = trie.children[0, codes].clamp(min=0)  # (B, K)
+    nodes = trie.child_node(root[:, None].expand_as(codes), codes).clamp(min=0)  # (B, K)
     tokens = trie.level_token_ids[0, codes].unsqueeze(-1)  # (B, K, levels so far)
 
     # Tree attention: the K beams of a prompt stay in the prompt's row as K query
@@ -135,13 +135,13 @@ def beam_search(
         )
         cand = level_log_probs(out.logits.reshape(b * k, -1), trie, level, nodes.reshape(-1))  # (B*K, C)
         if bonus is not None:  # the step from each beam's node to each child: their bonuses' difference
-            child = trie.children[nodes].clamp(min=0).reshape(b, k * c)  # (B, K*C)
+            child = trie.child_nodes(nodes).clamp(min=0).reshape(b, k * c)  # (B, K*C)
             step = bonus.gather(1, child) - bonus.gather(1, nodes).repeat_interleave(c, dim=1)
             cand = cand + step.reshape(b * k, c)
         cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)
         parent, codes = flat // c, flat % c
-        nodes = trie.children[nodes.gather(1, parent), codes].clamp(min=0)
+        nodes = trie.child_node(nodes.gather(1, parent), codes).clamp(min=0)
         tokens = torch.cat(
             [
                 tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, level)),

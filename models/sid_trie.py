@@ -1,12 +1,21 @@
 """Prefix trie over SIDs, held as dense tensors so decoders never loop over beams.
 
-Nodes are numbered level by level (root = 0). ``children[node, code]`` is the
-child node reached by code ``code`` of the node's level, or -1. Codes are local
-to a level (``<b_7>`` is code 7 of level 1); ``level_token_ids[level, code]``
-gives the LM vocabulary id of that token, so a decoder gathers the level's
-columns of the logits (``logits[:, level_token_ids[level]]``), masks them with
-``children[node] >= 0`` and never builds a full-vocabulary mask. Leaves (depth
-== catalog depth) map to a SID index of the catalog via ``leaf_sid``.
+Nodes are numbered level by level (root = 0). ``child_nodes(nodes)[..., code]``
+is the child node reached by code ``code`` of the node's level, or -1. Codes
+are local to a level (``<b_7>`` is code 7 of level 1); ``level_token_ids[level,
+code]`` gives the LM vocabulary id of that token, so a decoder gathers the
+level's columns of the logits (``logits[:, level_token_ids[level]]``), adds the
+node's row of the additive mask (``mask_rows``) and never builds a
+full-vocabulary mask. Leaves (depth == catalog depth) map to a SID index of the
+catalog via ``leaf_sid``.
+
+The child table has a row per prefix node only (depth < catalog depth), plus
+one row of -1 that every leaf, and any id that is no node (-1: an unused
+slot), reads. Leaves are most of the nodes (a catalog of N SIDs has N of
+them), so a row of C codes each would make the table grow with the catalog:
+with C = 256 and 100,000 random SIDs the trie's tensors took 448 MiB that
+way, 155 MiB with rows for the prefixes alone, whose number stays under 1 + C +
+... + C^(depth-1) however large the catalog grows.
 """
 
 from __future__ import annotations
@@ -45,12 +54,14 @@ class SidTrie:
                     node_depth.append(lv + 1)
                     edges.append((prefix_node[prefix[:-1]], prefix[-1], prefix_node[prefix]))
         num_nodes = len(node_depth)
-        children = torch.full((num_nodes, self.codebook_size), -1, dtype=torch.long)
+        # nodes are numbered by level, so the prefixes are the first ids; the row after them is all -1
+        self.num_inner_nodes = sum(1 for d in node_depth if d < self.depth)
+        children = torch.full((self.num_inner_nodes + 1, self.codebook_size), -1, dtype=torch.long)
         for parent, code, child in edges:
             children[parent, code] = child
-        self.children = children  # (nodes, C)
+        self._children = children  # (inner nodes + 1, C)
         # Additive mask: 0 for a valid child code, -inf otherwise; one row lookup per node.
-        self.mask_bias = torch.where(children >= 0, 0.0, float("-inf"))  # (nodes, C) float32
+        self._mask_bias = torch.where(children >= 0, 0.0, float("-inf"))  # (inner nodes + 1, C) float32
         self.level_columns = level_ids.clamp(min=0)  # (depth, C) gather-safe vocabulary ids
         self.node_depth = torch.tensor(node_depth, dtype=torch.long)  # (nodes,)
         self.num_prefixes = sum(1 for d in node_depth if 1 <= d < self.depth)  # the nodes VED can feed
@@ -75,12 +86,33 @@ class SidTrie:
 
     @property
     def num_nodes(self) -> int:
-        return int(self.children.shape[0])
+        return int(self.node_depth.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self._children.device
+
+    def _rows(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Each node's row of the child table: its own for a prefix, the row of -1 for a leaf or a non-node."""
+        inside = (nodes >= 0) & (nodes < self.num_inner_nodes)
+        return torch.where(inside, nodes, self.num_inner_nodes)
+
+    def child_nodes(self, nodes: torch.Tensor) -> torch.Tensor:
+        """(..., C): each node's child by code, -1 where there is none (every code of a leaf)."""
+        return self._children[self._rows(nodes)]
+
+    def child_node(self, nodes: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The child of each node by its code (same shapes), -1 where there is none."""
+        return self._children[self._rows(nodes), codes]
+
+    def mask_rows(self, nodes: torch.Tensor) -> torch.Tensor:
+        """(N, C) additive mask of the nodes (N,): 0 for a code with a child, -inf otherwise."""
+        return self._mask_bias.index_select(0, self._rows(nodes))
 
     def to(self, device: torch.device | str) -> SidTrie:
         self.level_token_ids = self.level_token_ids.to(device)
-        self.children = self.children.to(device)
-        self.mask_bias = self.mask_bias.to(device)
+        self._children = self._children.to(device)
+        self._mask_bias = self._mask_bias.to(device)
         self.level_columns = self.level_columns.to(device)
         self.node_depth = self.node_depth.to(device)
         self.leaf_sid = self.leaf_sid.to(device)
@@ -110,5 +142,5 @@ class SidTrie:
         node = self.node_of_token_ids(prefix_token_ids)
         if node < 0:
             return []
-        codes = torch.nonzero(self.children[node] >= 0).flatten()
+        codes = torch.nonzero(self.child_nodes(torch.tensor(node, device=self.device)) >= 0).flatten()
         return self.level_token_ids[lv, codes].tolist()

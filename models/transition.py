@@ -121,7 +121,7 @@ class TransitionCounts:
             sids = self.sid_scores(history, catalog, None if leave_out is None else leave_out[row])
             if sids:
                 leaf[row, list(sids)] = torch.tensor(list(sids.values()))
-        dev = trie.children.device
+        dev = trie.device
         bonus = torch.zeros((len(histories), trie.num_nodes), device=dev)
         bonus[:, trie.sid_node] = torch.log1p(leaf.to(dev)) * weight
         for level in range(trie.depth, 0, -1):  # children before parents: nodes are numbered by level

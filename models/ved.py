@@ -165,11 +165,11 @@ _LEAF_COUNTS: weakref.WeakKeyDictionary[SidTrie, torch.Tensor] = weakref.WeakKey
 def trie_leaf_counts(trie: SidTrie) -> torch.Tensor:
     """Complete SIDs under each trie node: (nodes,). Cached per trie."""
     counts = _LEAF_COUNTS.get(trie)
-    if counts is None or counts.device != trie.children.device:
+    if counts is None or counts.device != trie.device:
         counts = (trie.leaf_sid >= 0).long()
         for d in range(trie.depth - 1, -1, -1):
             at = torch.nonzero(trie.node_depth == d).flatten()
-            kids = trie.children[at]  # (n_d, C)
+            kids = trie.child_nodes(at)  # (n_d, C)
             counts[at] = torch.where(kids >= 0, counts[kids.clamp(min=0)], 0).sum(-1)
         _LEAF_COUNTS[trie] = counts
     return counts
@@ -190,7 +190,7 @@ class _Search:
     ) -> None:
         self.model, self.head, self.trie, self.config, self.budget = model, head, trie, config, budget
         self.bonus = bonus
-        self.device = trie.children.device
+        self.device = trie.device
         self.tree = SearchTree.empty(batch, budget + 1, trie.codebook_size, trie.depth - 1, config.lam, self.device)
         self.dtype = next(head.parameters()).dtype
         self.iterations = torch.zeros(batch, dtype=torch.long, device=self.device)  # selections per prompt
@@ -259,7 +259,7 @@ class _Search:
         """Allocate children (one visit each up their path); returns their ids, not yet evaluated."""
         tree = self.tree
         level = tree.depth[rows, parents]  # (N,)
-        trie_nodes = self.trie.children[tree.trie_node[rows, parents], codes]
+        trie_nodes = self.trie.child_node(tree.trie_node[rows, parents], codes)
         nodes = tree.allocate(rows, parents, codes, trie_nodes, self.trie.level_token_ids[level, codes])
         tree.backup(rows, nodes)
         return nodes
@@ -277,14 +277,14 @@ class _Search:
             scores = torch.full((b, int(slot.max()) + 1, c), float("-inf"), device=self.device)
             scores[rows, slot] = tree.log_prob[rows, nodes, None] + tree.child_log_prob[rows, nodes]
             if self.bonus is not None:  # each child's path log-prob plus its own node's bonus, as beam search
-                kids = self.trie.children[tree.trie_node[rows, nodes]].clamp(min=0)  # (F, C)
+                kids = self.trie.child_nodes(tree.trie_node[rows, nodes]).clamp(min=0)  # (F, C)
                 scores[rows, slot] += self.bonus[rows[:, None], kids]
             frontier = torch.full(scores.shape[:2], 0, dtype=torch.long, device=self.device)
             frontier[rows, slot] = nodes
             scores, order = scores.flatten(1).sort(dim=1, descending=True)  # (B, W*C)
             parents, codes = frontier.gather(1, order // c), order % c
             finite = torch.isfinite(scores)
-            kids = self.trie.children[tree.trie_node.gather(1, parents), codes].clamp(min=0)
+            kids = self.trie.child_node(tree.trie_node.gather(1, parents), codes).clamp(min=0)
             holds = torch.where(finite, leaf_counts[kids], 0).cumsum(1)  # (B, W*C)
             width = ((holds >= target).long().argmax(1) + 1).clamp(min=k)  # (B,)
             keep = finite & (torch.arange(scores.shape[1], device=self.device)[None] < width[:, None])
@@ -387,14 +387,14 @@ class _Search:
         parent_value = standardise_by_depth(tree.value, tree.depth, tree.live, prefix + 1)  # (B, M)
         score = log_probs + cfg.value_weight * parent_value.repeat_interleave(c, dim=1)  # (B, M*C)
         if self.bonus is not None:  # the complete SID's bonus, as fused beam search ranks it
-            leaves = trie.children[tree.trie_node].clamp(min=0).flatten(1)  # (B, M*C)
+            leaves = trie.child_nodes(tree.trie_node).clamp(min=0).flatten(1)  # (B, M*C)
             score = score + self.bonus.gather(1, leaves)
         first_code = tree.code.gather(1, tree.path[..., 0].clamp(min=0)).clamp(min=0)  # (B, M)
         chosen = rank_candidates(score, first_code.repeat_interleave(c, dim=1), cfg.num_candidates, cfg.explore_slots)
         valid = chosen >= 0  # (B, G)
         pick = chosen.clamp(min=0)
         node, code = pick // c, pick % c  # (B, G) each
-        leaf = trie.children[tree.trie_node.gather(1, node), code].clamp(min=0)  # (B, G)
+        leaf = trie.child_node(tree.trie_node.gather(1, node), code).clamp(min=0)  # (B, G)
         sid_index = torch.where(valid, trie.leaf_sid[leaf], -1)
         path = tree.path.gather(1, node[..., None].expand(-1, -1, prefix)).clamp(min=0)  # (B, G, D-1)
         tokens = torch.cat(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,7 +83,14 @@ def test_trie_children_match_brute_force(codes: list[tuple[int, int, int]]) -> N
             assert got == expected
     leaves = [int(trie.leaf_sid[trie.node_of_token_ids(tok.convert_tokens_to_ids(list(s)))]) for s in cat.sids]
     assert leaves == list(range(len(cat.sids)))
-    assert int((trie.mask_bias == 0).sum()) == int((trie.children >= 0).sum())
+    every = torch.arange(-1, trie.num_nodes)  # -1: an unused slot's id
+    kids = trie.child_nodes(every)
+    assert torch.equal(trie.mask_rows(every) == 0, kids >= 0)
+    assert torch.equal(trie.child_node(every, torch.zeros_like(every)), kids[:, 0])
+    # a leaf, or an id that is no node, has no child
+    assert bool((kids[(every < 0) | (trie.node_depth[every.clamp(min=0)] == trie.depth)] == -1).all())
+    parent_of = {int(k): int(n) for n, row in zip(every.tolist(), kids, strict=True) for k in row if k >= 0}
+    assert parent_of == {n: int(trie.parent[n]) for n in range(1, trie.num_nodes)}  # each node under its parent
 
 
 def test_invalid_prefix_has_no_children(tiny_policy: Policy) -> None:

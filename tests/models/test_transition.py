@@ -85,7 +85,8 @@ def test_node_bonus_is_the_max_below_each_node() -> None:
     assert torch.count_nonzero(leaf) == 2 and torch.count_nonzero(bonus[1]) == 0
     assert bonus[0, 0] == pytest.approx(leaf[sid4])  # the root sees the best SID below it
     for node in range(1, trie.num_nodes):  # every node's bonus bounds its children's
-        kids = trie.children[node][trie.children[node] >= 0]
+        row = trie.child_nodes(torch.tensor(node))
+        kids = row[row >= 0]
         if len(kids):
             assert bonus[0, node] == pytest.approx(bonus[0, kids].max())
 
