@@ -116,18 +116,27 @@ class TransitionCounts:
         ``leave_out``: each row's own target, for rows the counts include (``scores``)."""
         if leave_out is not None and len(leave_out) != len(histories):
             raise ValueError(f"{len(leave_out)} leave-out targets for {len(histories)} histories")
-        leaf = torch.zeros((len(histories), len(catalog.sids)))
+        rows: list[int] = []
+        sids: list[int] = []
+        scores: list[float] = []
         for row, history in enumerate(histories):
-            sids = self.sid_scores(history, catalog, None if leave_out is None else leave_out[row])
-            if sids:
-                leaf[row, list(sids)] = torch.tensor(list(sids.values()))
+            scored = self.sid_scores(history, catalog, None if leave_out is None else leave_out[row])
+            rows += [row] * len(scored)
+            sids += scored
+            scores += scored.values()
         dev = trie.device
         bonus = torch.zeros((len(histories), trie.num_nodes), device=dev)
-        bonus[:, trie.sid_node] = torch.log1p(leaf.to(dev)) * weight
-        for level in range(trie.depth, 0, -1):  # children before parents: nodes are numbered by level
-            nodes = trie.level_nodes(level)
-            parents = trie.parent[nodes].expand(len(histories), -1)
-            bonus.scatter_reduce_(1, parents, bonus[:, nodes], reduce="amax")
+        if not sids:
+            return bonus
+        # only the paths above the SIDs something followed: each row's few, not the whole trie per row (at
+        # 100,000 SIDs and 32 rows the trie-wide pass took 59 ms a call)
+        flat = bonus.view(-1)
+        at = torch.tensor(rows, device=dev) * trie.num_nodes
+        node = trie.sid_node[torch.tensor(sids, device=dev)]
+        value = torch.log1p(torch.tensor(scores, device=dev)) * weight
+        for _ in range(trie.depth + 1):  # the leaf, then each ancestor up to the root: the max below it
+            flat.scatter_reduce_(0, at + node, value, reduce="amax")
+            node = trie.parent[node]
         return bonus
 
     def to_state(self) -> dict[str, torch.Tensor]:
