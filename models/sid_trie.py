@@ -30,7 +30,8 @@ from models.sid_catalog import SidCatalog, token_code
 class SidTrie:
     def __init__(self, catalog: SidCatalog, token_to_id: Callable[[str], int]) -> None:
         self.depth = catalog.depth
-        codes_per_level = [[token_code(t) for t in catalog.tokens_of_level(lv)] for lv in range(self.depth)]
+        sid_codes = [tuple(token_code(t) for t in sid) for sid in catalog.sids]  # parsed once, used per level
+        codes_per_level = [sorted({path[lv] for path in sid_codes}) for lv in range(self.depth)]
         self.codebook_size = max(max(c) for c in codes_per_level) + 1
         level_ids = torch.full((self.depth, self.codebook_size), -1, dtype=torch.long)
         for lv, codes in enumerate(codes_per_level):
@@ -47,8 +48,8 @@ class SidTrie:
         node_depth = [0]
         edges: list[tuple[int, int, int]] = []
         for lv in range(self.depth):
-            for sid in catalog.sids:
-                prefix = tuple(token_code(t) for t in sid[: lv + 1])
+            for path in sid_codes:
+                prefix = path[: lv + 1]
                 if prefix not in prefix_node:
                     prefix_node[prefix] = len(node_depth)
                     node_depth.append(lv + 1)
@@ -57,8 +58,8 @@ class SidTrie:
         # nodes are numbered by level, so the prefixes are the first ids; the row after them is all -1
         self.num_inner_nodes = sum(1 for d in node_depth if d < self.depth)
         children = torch.full((self.num_inner_nodes + 1, self.codebook_size), -1, dtype=torch.long)
-        for parent, code, child in edges:
-            children[parent, code] = child
+        edge = torch.tensor(edges, dtype=torch.long).reshape(-1, 3)  # (parent, code, child) rows
+        children[edge[:, 0], edge[:, 1]] = edge[:, 2]
         self._children = children  # (inner nodes + 1, C)
         # Additive mask: 0 for a valid child code, -inf otherwise; one row lookup per node.
         self._mask_bias = torch.where(children >= 0, 0.0, float("-inf"))  # (inner nodes + 1, C) float32
@@ -66,15 +67,12 @@ class SidTrie:
         self.node_depth = torch.tensor(node_depth, dtype=torch.long)  # (nodes,)
         self.num_prefixes = sum(1 for d in node_depth if 1 <= d < self.depth)  # the nodes VED can feed
         leaf_sid = torch.full((num_nodes,), -1, dtype=torch.long)
-        for i, sid in enumerate(catalog.sids):
-            leaf_sid[prefix_node[tuple(token_code(t) for t in sid)]] = i
+        sid_node = torch.tensor([prefix_node[path] for path in sid_codes], dtype=torch.long)
+        leaf_sid[sid_node] = torch.arange(len(sid_codes))
         self.leaf_sid = leaf_sid  # (nodes,)
-        self.sid_node = torch.tensor(
-            [prefix_node[tuple(token_code(t) for t in sid)] for sid in catalog.sids], dtype=torch.long
-        )  # (SIDs,) the leaf of each SID index
+        self.sid_node = sid_node  # (SIDs,) the leaf of each SID index
         parents = torch.zeros(num_nodes, dtype=torch.long)  # the root is its own parent
-        for p, _, child in edges:
-            parents[child] = p
+        parents[edge[:, 2]] = edge[:, 0]
         self.parent = parents  # (nodes,)
         self._prefix_node = prefix_node
         self._id_to_level_code = {
