@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from models.backbone import cache_kwargs, prefill
+from models.node_bonus import NodeBonus
 from models.sid_trie import SidTrie
 
 
@@ -93,7 +94,7 @@ def beam_search(
     input_ids: torch.Tensor,  # (B, T) left-padded
     attention_mask: torch.Tensor,  # (B, T)
     config: BeamSearchConfig,
-    bonus: torch.Tensor | None = None,  # (B, trie nodes) added to a beam's score at each node it reaches
+    bonus: NodeBonus | None = None,  # (B, trie nodes) added to a beam's score at each node it reaches
 ) -> DecodeResult:
     k = config.num_beams
     sids = int(trie.sid_node.shape[0])
@@ -107,7 +108,7 @@ def beam_search(
     root = torch.zeros(b, dtype=torch.long, device=dev)
     cand = level_log_probs(pre.logits, trie, 0, root)  # (B, C)
     if bonus is not None:
-        cand = cand + bonus.gather(1, trie.child_nodes(root).clamp(min=0))
+        cand = cand + bonus.gather(trie.child_nodes(root).clamp(min=0))
     width = min(k, c)
     scores, codes = cand.topk(width, dim=-1)  # (B, width)
     if width < k:
@@ -136,7 +137,7 @@ def beam_search(
         cand = level_log_probs(out.logits.reshape(b * k, -1), trie, level, nodes.reshape(-1))  # (B*K, C)
         if bonus is not None:  # the step from each beam's node to each child: their bonuses' difference
             child = trie.child_nodes(nodes).clamp(min=0).reshape(b, k * c)  # (B, K*C)
-            step = bonus.gather(1, child) - bonus.gather(1, nodes).repeat_interleave(c, dim=1)
+            step = bonus.gather(child) - bonus.gather(nodes).repeat_interleave(c, dim=1)
             cand = cand + step.reshape(b * k, c)
         cand = (cand + scores.reshape(-1, 1)).reshape(b, k * c)
         scores, flat = cand.topk(k, dim=-1)  # (B, K)

@@ -16,7 +16,8 @@ log(1 + max S)`` over the SIDs below it: an upper bound of what any of its
 completions can add, so beam search does not prune a prefix that leads to a
 strong transition before it reaches it, and the per-level increments telescope
 to the complete SID's bonus. ``node_bonus`` builds that table per row over the
-trie's nodes; ``models.beam_search`` adds it.
+trie's nodes, holding only the nodes on those paths (``models.node_bonus``);
+``models.beam_search`` adds it.
 
 The counts are plain data: a checkpoint stores them as the extra
 ``transitions`` (``to_state`` / ``from_state``), so decoding needs no data set.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from models.checkpoint import LoadedCheckpoint
+from models.node_bonus import NodeBonus
 from models.sid_catalog import SidCatalog
 from models.sid_trie import SidTrie
 
@@ -111,9 +113,10 @@ class TransitionCounts:
         trie: SidTrie,
         weight: float,
         leave_out: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """(B, nodes) fusion bonus ``weight * log(1 + max S)`` below each trie node, 0 where nothing followed;
-        ``leave_out``: each row's own target, for rows the counts include (``scores``)."""
+    ) -> NodeBonus:
+        """The (B, nodes) fusion bonus ``weight * log(1 + max S)`` below each trie node, 0 where nothing followed,
+        held sparse (``models.node_bonus``); ``leave_out``: each row's own target, for rows the counts include
+        (``scores``)."""
         if leave_out is not None and len(leave_out) != len(histories):
             raise ValueError(f"{len(leave_out)} leave-out targets for {len(histories)} histories")
         rows: list[int] = []
@@ -125,19 +128,16 @@ class TransitionCounts:
             sids += scored
             scores += scored.values()
         dev = trie.device
-        bonus = torch.zeros((len(histories), trie.num_nodes), device=dev)
-        if not sids:
-            return bonus
-        # only the paths above the SIDs something followed: each row's few, not the whole trie per row (at
-        # 100,000 SIDs and 32 rows the trie-wide pass took 59 ms a call)
-        flat = bonus.view(-1)
-        at = torch.tensor(rows, device=dev) * trie.num_nodes
-        node = trie.sid_node[torch.tensor(sids, device=dev)]
-        value = torch.log1p(torch.tensor(scores, device=dev)) * weight
-        for _ in range(trie.depth + 1):  # the leaf, then each ancestor up to the root: the max below it
-            flat.scatter_reduce_(0, at + node, value, reduce="amax")
-            node = trie.parent[node]
-        return bonus
+        row_of = torch.tensor(rows, dtype=torch.long, device=dev)
+        node = trie.sid_node[torch.tensor(sids, dtype=torch.long, device=dev)]
+        value = torch.log1p(torch.tensor(scores, dtype=torch.float32, device=dev)) * weight
+        path = [node]  # the leaf, then each ancestor up to the root: each holds the max below it
+        for _ in range(trie.depth):
+            path.append(trie.parent[path[-1]])
+        depth = len(path)
+        return NodeBonus.from_entries(
+            row_of.repeat(depth), torch.cat(path), value.repeat(depth), len(histories), trie.num_nodes
+        )
 
     def to_state(self) -> dict[str, torch.Tensor]:
         src = [x for x, c in self.counts.items() for _ in c]
@@ -175,7 +175,7 @@ class ShallowFusion:
         catalog: SidCatalog,
         trie: SidTrie,
         leave_out: Sequence[int] | None = None,
-    ) -> torch.Tensor:
+    ) -> NodeBonus:
         return self.counts.node_bonus(histories, catalog, trie, self.weight, leave_out)
 
 

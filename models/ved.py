@@ -131,6 +131,7 @@ from transformers import DynamicCache, PreTrainedModel
 from models.backbone import decode_step, layer_kv, prefill
 from models.beam_search import DecodeResult, level_log_probs
 from models.candidate_set import rank_candidates
+from models.node_bonus import NodeBonus
 from models.search_noise import gumbel_noise, prompt_keys
 from models.search_tree import SearchTree, rank_within, standardise_by_depth
 from models.sid_trie import SidTrie
@@ -186,7 +187,7 @@ class _Search:
         config: VEDConfig,
         budget: int,
         batch: int,
-        bonus: torch.Tensor | None = None,  # (B, trie nodes): shallow fusion, as beam search's
+        bonus: NodeBonus | None = None,  # (B, trie nodes): shallow fusion, as beam search's
     ) -> None:
         self.model, self.head, self.trie, self.config, self.budget = model, head, trie, config, budget
         self.bonus = bonus
@@ -278,7 +279,7 @@ class _Search:
             scores[rows, slot] = tree.log_prob[rows, nodes, None] + tree.child_log_prob[rows, nodes]
             if self.bonus is not None:  # each child's path log-prob plus its own node's bonus, as beam search
                 kids = self.trie.child_nodes(tree.trie_node[rows, nodes]).clamp(min=0)  # (F, C)
-                scores[rows, slot] += self.bonus[rows[:, None], kids]
+                scores[rows, slot] += self.bonus.at(rows[:, None], kids)
             frontier = torch.full(scores.shape[:2], 0, dtype=torch.long, device=self.device)
             frontier[rows, slot] = nodes
             scores, order = scores.flatten(1).sort(dim=1, descending=True)  # (B, W*C)
@@ -388,7 +389,7 @@ class _Search:
         score = log_probs + cfg.value_weight * parent_value.repeat_interleave(c, dim=1)  # (B, M*C)
         if self.bonus is not None:  # the complete SID's bonus, as fused beam search ranks it
             leaves = trie.child_nodes(tree.trie_node).clamp(min=0).flatten(1)  # (B, M*C)
-            score = score + self.bonus.gather(1, leaves)
+            score = score + self.bonus.gather(leaves)
         first_code = tree.code.gather(1, tree.path[..., 0].clamp(min=0)).clamp(min=0)  # (B, M)
         chosen = rank_candidates(score, first_code.repeat_interleave(c, dim=1), cfg.num_candidates, cfg.explore_slots)
         valid = chosen >= 0  # (B, G)
@@ -425,7 +426,7 @@ def ved_search(
     input_ids: torch.Tensor,  # (B, T) left-padded prompts
     attention_mask: torch.Tensor,  # (B, T)
     config: VEDConfig,
-    bonus: torch.Tensor | None = None,  # (B, trie nodes): shallow fusion with transition counts
+    bonus: NodeBonus | None = None,  # (B, trie nodes): shallow fusion with transition counts
 ) -> VEDResult:
     """Value-guided search for ``config.num_candidates`` complete SIDs per prompt (see the module doc).
 

@@ -62,11 +62,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import FrameType
 
-import torch
-
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.device import synchronize
+from models.node_bonus import NodeBonus
 from models.sid_catalog import Sid
 from models.transition import checkpoint_fusion
 from models.value_head import ValueHead
@@ -263,7 +262,7 @@ class DecodeScheduler:
         kept = set(order[:m])
         return [i in kept for i in range(len(jobs))]
 
-    def _bonus(self, jobs: Sequence[DecodeJob]) -> torch.Tensor | None:
+    def _bonus(self, jobs: Sequence[DecodeJob]) -> NodeBonus | None:
         """The shallow fusion's (jobs, trie nodes) bonus from each job's last items; None without fusion."""
         if self.fusion is None:
             return None

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.beam_search import BeamSearchConfig, beam_search
+from models.node_bonus import NodeBonus
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from models.sid_trie import SidTrie
@@ -76,7 +77,7 @@ def test_node_bonus_is_the_max_below_each_node() -> None:
     tokens = sorted({t for s in catalog.sids for t in s})
     trie = SidTrie(catalog, {t: i for i, t in enumerate(tokens)}.get)
     counts = TransitionCounts.fit([((0,), 4), ((0,), 10), ((0,), 4), ((0,), 9)])
-    bonus = counts.node_bonus([(0,), (5,)], catalog, trie, weight=2.0)
+    bonus = counts.node_bonus([(0,), (5,)], catalog, trie, weight=2.0).dense()
     sid4 = catalog.sid_index[catalog.items[4].sid]
     sid9 = catalog.sid_index[catalog.items[9].sid]
     leaf = bonus[0, trie.sid_node]
@@ -96,8 +97,8 @@ def test_node_bonus_leaves_out_each_rows_own_target() -> None:
     tokens = sorted({t for s in catalog.sids for t in s})
     trie = SidTrie(catalog, {t: i for i, t in enumerate(tokens)}.get)
     counts = TransitionCounts.fit([((0,), 4), ((0,), 9), ((0,), 9)])
-    full = counts.node_bonus([(0,), (0,)], catalog, trie, weight=1.0)
-    left = counts.node_bonus([(0,), (0,)], catalog, trie, weight=1.0, leave_out=[4, 9])
+    full = counts.node_bonus([(0,), (0,)], catalog, trie, weight=1.0).dense()
+    left = counts.node_bonus([(0,), (0,)], catalog, trie, weight=1.0, leave_out=[4, 9]).dense()
     leaf = trie.sid_node[[catalog.sid_index[catalog.items[i].sid] for i in (4, 9)]]
     assert torch.allclose(full[:, leaf], torch.tensor([[math.log(2), math.log(3)]] * 2))
     assert torch.allclose(left[:, leaf], torch.tensor([[0.0, math.log(3)], [math.log(2), math.log(2)]]))
@@ -106,14 +107,14 @@ def test_node_bonus_leaves_out_each_rows_own_target() -> None:
 
 
 def brute_force_fused(
-    policy: Policy, ids: torch.Tensor, mask: torch.Tensor, bonus: torch.Tensor
+    policy: Policy, ids: torch.Tensor, mask: torch.Tensor, bonus: NodeBonus
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every SID's log-prob plus its leaf's bonus: the ranking exhaustive search would return."""
     every = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(len(policy.catalog.sids)))
     fused = torch.full(every.scores.shape, float("-inf"))
     for b in range(ids.shape[0]):
         for j, s in enumerate(every.sid_index[b].tolist()):
-            fused[b, j] = every.scores[b, j] + bonus[b, policy.trie.sid_node[s]]
+            fused[b, j] = every.scores[b, j] + bonus.dense()[b, policy.trie.sid_node[s]]
     return fused, every.sid_index
 
 
@@ -142,7 +143,8 @@ def test_a_large_weight_puts_the_observed_transitions_first(tiny_policy: Policy)
     top = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(5), bonus).ranked()[0]
     assert top[:2] == [catalog.sid_index[catalog.items[7].sid], catalog.sid_index[catalog.items[30].sid]]
     plain = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(5))
-    zero = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(5), torch.zeros_like(bonus))
+    nothing = NodeBonus.from_dense(torch.zeros_like(bonus.dense()))  # no entry held: every lookup reads 0
+    zero = beam_search(tiny_policy.model, tiny_policy.trie, ids, mask, BeamSearchConfig(5), nothing)
     assert torch.equal(plain.sid_index, zero.sid_index)  # no transitions: the policy's own ranking
 
 

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.node_bonus import NodeBonus
 from models.policy import Policy
 from models.sid_catalog import SidCatalog, sid_to_str
 from models.transition import STATE_NAME, TransitionCounts, checkpoint_fusion
@@ -153,7 +154,7 @@ def test_the_warm_up_times_the_fallbacks_fused_as_served(
     slow_s = 0.2
     real = TransitionCounts.node_bonus
 
-    def node_bonus(self: TransitionCounts, histories: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def node_bonus(self: TransitionCounts, histories: Any, *args: Any, **kwargs: Any) -> NodeBonus:
         if any(item in self.counts for history in histories for item in history):
             time.sleep(slow_s)  # what reading many transitions costs
         return real(self, histories, *args, **kwargs)

@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.node_bonus import NodeBonus
 from models.policy import Policy
 from models.transition import ShallowFusion, TransitionCounts
 from models.value_head import value_head_for as new_value_head
@@ -141,7 +142,8 @@ def test_fused_ved_ranks_as_fused_beam_search_does(tiny_policy: Policy) -> None:
     ids, mask = tiny_policy.encode_prompts([[catalog.sid_of(1)], [catalog.sid_of(3), catalog.sid_of(2)]])
     config = VEDConfig(num_candidates=8, budget=64)
     plain = ved_search(tiny_policy.model, head, trie, ids, mask, config)
-    zero = ved_search(tiny_policy.model, head, trie, ids, mask, config, torch.zeros(2, trie.num_nodes))
+    nothing = NodeBonus.from_dense(torch.zeros(2, trie.num_nodes))
+    zero = ved_search(tiny_policy.model, head, trie, ids, mask, config, nothing)
     assert torch.equal(plain.decode.sid_index, zero.decode.sid_index)
     # strong transitions lead the set, there even when the unfused search did not return them
     counts = TransitionCounts.fit([((1,), 30), ((2,), 31)])
@@ -150,7 +152,7 @@ def test_fused_ved_ranks_as_fused_beam_search_does(tiny_policy: Policy) -> None:
     want = [catalog.sid_index[catalog.sid_of(i)] for i in (30, 31)]
     assert fused.decode.sid_index[:, 0].tolist() == want
     assert want[0] not in plain.decode.sid_index[0].tolist() or want[1] not in plain.decode.sid_index[1].tolist()
-    score = fused.log_probs[:, 0] + bonus[[0, 1], trie.sid_node[torch.tensor(want)]]
+    score = fused.log_probs[:, 0] + bonus.dense()[[0, 1], trie.sid_node[torch.tensor(want)]]
     assert torch.allclose(fused.decode.scores[:, 0], score)  # the returned score includes the leaf's bonus
 
 

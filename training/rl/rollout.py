@@ -28,6 +28,7 @@ import torch
 
 from models.backbone import prompt_position_ids
 from models.beam_search import BeamSearchConfig, DecodeResult, beam_search
+from models.node_bonus import NodeBonus
 from models.policy import Policy
 from models.transition import ShallowFusion
 from models.value_head import ValueHead
@@ -99,7 +100,7 @@ def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowF
     return run
 
 
-def fusion_bonus(policy: Policy, samples: Sequence[Sample], fusion: ShallowFusion | None) -> torch.Tensor | None:
+def fusion_bonus(policy: Policy, samples: Sequence[Sample], fusion: ShallowFusion | None) -> NodeBonus | None:
     """(B, trie nodes) bonus of ``fusion`` for rows its counts include: each row's own transition left out."""
     if fusion is None:
         return None
