@@ -493,3 +493,30 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         result = run_decode_bench(policy, *grid, repeats=repeats)
         typer.echo(format_table(result), err=True)
         write_json(json_out, result)
+
+    @bench.command(name="catalog")
+    def bench_catalog(
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write {rows: [...]} here.", callback=writable_file)
+        ] = None,
+        sids: Annotated[str, typer.Option("--sids", help="Comma list of catalog sizes (distinct SIDs).")] = (
+            "10000,100000"
+        ),
+        batches: Annotated[str, typer.Option("--batches", help="Comma list of batch sizes.")] = "1,32",
+        codebook: Annotated[int, typer.Option("--codebook", min=2, help="Codes per SID level (3 levels).")] = 256,
+        repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per cell (after a warm-up).")] = 5,
+        device: DeviceOpt = "cpu",
+    ) -> None:
+        """Trie memory, trie build, fusion bonus (against the trie-wide pass) and fused beam search per catalog size."""
+        sizes, grid = int_list(sids, "--sids"), int_list(batches, "--batches")
+        if max(sizes) > codebook**3:
+            raise typer.BadParameter(
+                f"--sids {max(sizes)} is more than the {codebook**3} distinct SIDs of {codebook} codes per level"
+            )
+        if min(sizes) < 10:  # beam search of width 10 ranks beams that exist
+            raise typer.BadParameter(f"--sids {min(sizes)}: give at least 10 SIDs")
+        from training.bench.catalog_bench import format_table, run_catalog_bench
+
+        result = run_catalog_bench(sizes, grid, codebook, repeats, device=device)
+        typer.echo(format_table(result), err=True)
+        write_json(json_out, result)
