@@ -31,7 +31,8 @@ Design decisions:
   of the initial tree (``BatchCost``, timed at warm-up) means fallback.
   A batch's fallbacks are decoded first, their deadlines being the nearest.
 * Both decoders are fused with the checkpoint's transition counts at its
-  chosen weight (manifest ``fusion``), as ``vstar eval`` decodes by default:
+  chosen weight (manifest ``fusion``; ``fusion_weight`` overrides it as
+  ``vstar eval --fusion-weight`` does), as ``vstar eval`` decodes by default:
   the ranking the checkpoint was selected and measured with. VED adds the
   bonus where ``models.ved`` does (its initial tree and its returned set's
   ranking), and so does its initial-beam fallback, a beam search.
@@ -145,9 +146,11 @@ class DecodeScheduler:
             ) from None
         self.catalog = checkpoint.policy.catalog
         try:  # decoders rank as vstar eval's do by default: fused at the checkpoint's weight, if it has one
-            self.fusion = checkpoint_fusion(checkpoint)
+            self.fusion = checkpoint_fusion(checkpoint, settings.fusion_weight)
         except (ValueError, TypeError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {checkpoint.path}: shallow fusion: {e}") from None
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path}: shallow fusion: {e} (VSTAR_FUSION_WEIGHT=0 serves the policy alone)"
+            ) from None
         self.settings = settings
         self.metrics = metrics
         self.max_prompt_history = self.policy.prompt.max_history

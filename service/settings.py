@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="torch device the model runs on.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
     warmup: bool = Field(True, description="Decode one request at startup, so a broken model fails the start.")
+    fusion_weight: float | None = Field(
+        None,
+        ge=0,
+        description="Weight of the shallow fusion with the checkpoint's transition counts, as vstar eval's "
+        "--fusion-weight: None takes the checkpoint's chosen weight, 0 serves the policy alone.",
+    )
 
     # --- stores
     redis_url: RedisDsn | None = Field(

@@ -57,12 +57,18 @@ def fused_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_policy: Poli
 
 
 def evaluated(
-    checkpoint: Path, history: list[int], k: int, decoder: str = "beam", budget: int | None = None
+    checkpoint: Path,
+    history: list[int],
+    k: int,
+    decoder: str = "beam",
+    budget: int | None = None,
+    weight: float | None = None,
 ) -> list[tuple[str, float]]:
-    """What ``vstar eval``'s default decoder (fused at the checkpoint's weight) ranks for ``history``:
-    beam search of width ``k``, or VED (``decoder`` "ved") for ``k`` SIDs within ``budget``."""
+    """What ``vstar eval``'s default decoder (fused at the checkpoint's weight, or ``--fusion-weight weight``)
+    ranks for ``history``: beam search of width ``k``, or VED (``decoder`` "ved") for ``k`` SIDs within
+    ``budget``."""
     loaded = load_checkpoint(checkpoint)
-    policy, fusion = loaded.policy, checkpoint_fusion(loaded)
+    policy, fusion = loaded.policy, checkpoint_fusion(loaded, weight)
     decode: DecodeFn = beam_decoder(k, fusion) if decoder == "beam" else ved_decoder(loaded, k, budget, 0, fusion)
     ids, mask = policy.encode_prompts([[policy.catalog.sid_of(i) for i in history]])
     res = decode(policy, ids, mask, [history])
@@ -135,6 +141,37 @@ def test_the_cache_tells_apart_items_that_share_a_sid(
     assert second["items"][0]["sid"] == sid_to_str(tiny_catalog.items[11].sid) != first["items"][0]["sid"]
 
 
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_the_fusion_weight_setting_serves_as_eval_scores_at_that_weight(
+    make_settings: Callable[..., Settings], fused_checkpoint: Path, tiny_catalog: SidCatalog, weight: float
+) -> None:
+    """``VSTAR_FUSION_WEIGHT`` overrides the checkpoint's weight as ``vstar eval --fusion-weight`` does; 0 serves
+    the policy alone."""
+    a, _ = shared_sid_pair(tiny_catalog)
+    history = [3, 5, a]
+    want = evaluated(fused_checkpoint, history, 5, weight=weight)
+    assert want != evaluated(fused_checkpoint, history, 5)  # another weight ranks otherwise: the test can tell
+    with TestClient(create_app(make_settings(checkpoint=fused_checkpoint, cache_ttl_s=0, fusion_weight=weight))) as c:
+        got = c.post("/recommend", json={"history": history, "k": 5}).json()["items"]
+    assert [it["sid"] for it in got] == [sid for sid, _ in want]
+    torch.testing.assert_close(torch.tensor([it["score"] for it in got]), torch.tensor([sc for _, sc in want]))
+
+
+def test_an_answer_cached_at_one_fusion_weight_is_not_served_at_another(
+    make_settings: Callable[..., Settings], fused_checkpoint: Path, tiny_catalog: SidCatalog, redis_url: str
+) -> None:
+    """Two deployments of one checkpoint at two weights share a Redis: the weight is part of the cache key."""
+    a, _ = shared_sid_pair(tiny_catalog)
+    req = {"history": [3, 5, a], "k": 5}
+    answers = []
+    for weight in (WEIGHT, 1.0, WEIGHT):
+        settings = make_settings(checkpoint=fused_checkpoint, redis_url=redis_url, fusion_weight=weight)
+        with TestClient(create_app(settings)) as c:
+            answers.append(c.post("/recommend", json=req).json())
+    assert [r["cached"] for r in answers] == [False, False, True]
+    assert answers[1]["items"] != answers[0]["items"] == answers[2]["items"]
+
+
 def test_a_fusion_weight_without_counts_stops_the_start(
     make_settings: Callable[..., Settings], tmp_path: Path, tiny_policy: Policy
 ) -> None:
@@ -143,6 +180,13 @@ def test_a_fusion_weight_without_counts_stops_the_start(
         with TestClient(create_app(make_settings(checkpoint=broken))):
             pass
     assert "--fusion-weight" not in str(stopped.value)  # vstar eval's option: vstar serve has none
+    assert "VSTAR_FUSION_WEIGHT=0 serves the policy alone" in str(stopped.value)
+    plain = save_checkpoint(tmp_path / "plain", tiny_policy)  # no weight chosen, no counts: a weight is refused
+    with pytest.raises(Exception, match="no transition counts to fuse with at weight 2.0"):
+        with TestClient(create_app(make_settings(checkpoint=plain, fusion_weight=2.0))):
+            pass
+    with TestClient(create_app(make_settings(checkpoint=broken, fusion_weight=0.0))) as c:  # the policy alone
+        assert c.post("/recommend", json={"history": [3, 5], "k": 5}).status_code == 200
 
 
 def test_the_warm_up_times_the_fallbacks_fused_as_served(
