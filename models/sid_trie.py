@@ -90,6 +90,17 @@ class SidTrie:
     def device(self) -> torch.device:
         return self._children.device
 
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes a node's row of the child table and of the mask take."""
+        return self.codebook_size * (self._children.element_size() + self._mask_bias.element_size())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the trie's tensors."""
+        tensors = (self._children, self._mask_bias, self.level_token_ids, self.level_columns, self.node_depth)
+        return sum(t.numel() * t.element_size() for t in (*tensors, self.leaf_sid, self.sid_node, self.parent))
+
     def _rows(self, nodes: torch.Tensor) -> torch.Tensor:
         """Each node's row of the child table: its own for a prefix, the row of -1 for a leaf or a non-node."""
         inside = (nodes >= 0) & (nodes < self.num_inner_nodes)

@@ -44,6 +44,7 @@ def test_trie_bytes_counts_a_row_per_inner_node_and_the_spare(tiny_policy: Polic
     trie = tiny_policy.trie
     held, per_node = trie_bytes(trie)
     row = trie.codebook_size * 12  # an int64 child id and a float32 mask entry per code
+    assert trie.row_nbytes == row
     assert per_node - held == (trie.num_nodes - trie.num_inner_nodes - 1) * row
 
 

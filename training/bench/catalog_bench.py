@@ -71,12 +71,9 @@ def trie_wide_bonus(
 
 
 def trie_bytes(trie: SidTrie) -> tuple[int, int]:
-    """The trie's tensor bytes as held, and with a child-table and mask row (8 + 4 bytes a code) per node."""
-    tensors = (trie.leaf_sid, trie.sid_node, trie.parent, trie.node_depth, trie.level_token_ids)
-    shared = sum(t.numel() * t.element_size() for t in tensors)
-    table = trie.child_nodes(torch.arange(trie.num_inner_nodes + 1, device=trie.device))
-    row = trie.codebook_size * (table.element_size() + 4)
-    return shared + table.shape[0] * row, shared + trie.num_nodes * row
+    """The trie's tensor bytes as held, and with a child-table and mask row for every node, leaves included, in
+    place of the rows of the prefix nodes and the row of -1."""
+    return trie.nbytes, trie.nbytes + (trie.num_nodes - trie.num_inner_nodes - 1) * trie.row_nbytes
 
 
 def timed_ms(fn: Any, device: torch.device) -> float:
