@@ -10,9 +10,10 @@ decodes, but does only the work that any such decode needs:
   with a 4D "tree" attention mask (each beam sees the prompt and its own
   ancestors), so there is no per-beam cache expansion and no reorder after
   pruning (the same math as HF's B*K rows; masked keys weigh exactly 0);
-* validity comes from the trie's dense ``children`` table: a level's logits are
-  gathered to that level's codebook columns, masked and ranked in one ``topk``
-  over (K x codebook) per prompt, with no Python loop over beams or prompts;
+* validity comes from the trie's dense child table (``child_nodes``,
+  ``mask_rows``): a level's logits are gathered to that level's codebook
+  columns, masked and ranked in one ``topk`` over (K x codebook) per prompt,
+  with no Python loop over beams or prompts;
 * many prompts of different lengths are decoded together (left padding with
   HF's position ids, so scores match HF on the same padded batch).
 
