@@ -20,6 +20,18 @@ LEVEL_PREFIXES = "abcdefgh"
 _TOKEN_RE = re.compile(r"<([a-h])_(\d+)>", re.ASCII)
 _SID_RE = re.compile(r"^(?:<[a-h]_\d+>)+$", re.ASCII)  # ASCII digits: int() reads others too
 
+
+def _well_formed_sid() -> re.Pattern[str]:
+    """A SID as ``parse_sid`` accepts it, in one pattern: letters in level order, codes without leading zeros."""
+    pattern = ""
+    for letter in reversed(LEVEL_PREFIXES):
+        pattern = f"<{letter}_(?:0|[1-9][0-9]*)>" + (f"(?:{pattern})?" if pattern else "")
+    return re.compile(pattern, re.ASCII)
+
+
+# the fast path of parse_sid: a catalog of a million items is a million SIDs to read at every start
+_WELL_FORMED_SID = _well_formed_sid()
+
 Sid = tuple[str, ...]
 
 
@@ -29,6 +41,16 @@ def parse_sid(text: str, depth: int | None = None) -> Sid:
 
     Raises ``ValueError`` naming the problem for anything else.
     """
+    text = text.strip()
+    if _WELL_FORMED_SID.fullmatch(text):
+        tokens = tuple(f"<{t}>" for t in text[1:-1].split("><"))
+        if depth is None or len(tokens) == depth:
+            return tokens
+    return checked_sid(text, depth)
+
+
+def checked_sid(text: str, depth: int | None = None) -> Sid:
+    """``parse_sid`` token by token (its slow path): the check that names what is wrong with a SID."""
     text = text.strip()
     if not _SID_RE.match(text):
         raise ValueError(f"malformed SID {text!r}: expected tokens like <a_1><b_2><c_3>")

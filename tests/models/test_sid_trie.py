@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.policy import Policy
-from models.sid_catalog import Item, SidCatalog, level_token, parse_sid
+from models.sid_catalog import Item, SidCatalog, checked_sid, level_token, parse_sid
 from models.sid_tokenizer import build_sid_tokenizer
 from models.sid_trie import SidTrie
 
@@ -31,6 +31,32 @@ def test_a_code_is_written_as_the_vocabulary_writes_it() -> None:
             parse_sid(bad)
     with pytest.raises(ValueError, match="malformed SID"):
         parse_sid("<a_\u0661><b_7>")  # an Arabic-Indic digit one, which int() reads as 1
+
+
+_token_text = st.builds(
+    lambda letter, code: f"<{letter}_{code}>",
+    st.sampled_from("abcdefghz"),
+    st.sampled_from(["0", "7", "00", "07", "10", "255", "\u0661", ""]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_token_text, max_size=9).map("".join) | st.text(alphabet="<>_abc0179 ", max_size=24),
+    st.none() | st.integers(1, 4),
+)
+def test_the_fast_path_reads_every_sid_as_the_check_does(text: str, depth: int | None) -> None:
+    """``parse_sid`` takes a well-formed SID without its token-by-token check; it must accept and refuse exactly
+    what the check does, with the check's message."""
+    try:
+        want: tuple[str, ...] | str = checked_sid(text, depth)
+    except ValueError as e:
+        want = str(e)
+    try:
+        got: tuple[str, ...] | str = parse_sid(text, depth)
+    except ValueError as e:
+        got = str(e)
+    assert got == want
 
 
 def test_sids_of_mixed_lengths_name_an_item_off_the_common_length() -> None:
