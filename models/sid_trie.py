@@ -55,8 +55,8 @@ class SidTrie:
                     node_depth.append(lv + 1)
                     edges.append((prefix_node[prefix[:-1]], prefix[-1], prefix_node[prefix]))
         num_nodes = len(node_depth)
-        # nodes are numbered by level, so the prefixes are the first ids; the row after them is all -1
-        self.num_inner_nodes = sum(1 for d in node_depth if d < self.depth)
+        self.num_prefixes = sum(1 for d in node_depth if 1 <= d < self.depth)  # the nodes VED can feed
+        # nodes are numbered by level, so the root and the prefixes are the first ids; the row after them is all -1
         children = torch.full((self.num_inner_nodes + 1, self.codebook_size), -1, dtype=torch.long)
         edge = torch.tensor(edges, dtype=torch.long).reshape(-1, 3)  # (parent, code, child) rows
         children[edge[:, 0], edge[:, 1]] = edge[:, 2]
@@ -65,7 +65,6 @@ class SidTrie:
         self._mask_bias = torch.where(children >= 0, 0.0, float("-inf"))  # (inner nodes + 1, C) float32
         self.level_columns = level_ids.clamp(min=0)  # (depth, C) gather-safe vocabulary ids
         self.node_depth = torch.tensor(node_depth, dtype=torch.long)  # (nodes,)
-        self.num_prefixes = sum(1 for d in node_depth if 1 <= d < self.depth)  # the nodes VED can feed
         leaf_sid = torch.full((num_nodes,), -1, dtype=torch.long)
         sid_node = torch.tensor([prefix_node[path] for path in sid_codes], dtype=torch.long)
         leaf_sid[sid_node] = torch.arange(len(sid_codes))
@@ -85,6 +84,11 @@ class SidTrie:
     @property
     def num_nodes(self) -> int:
         return int(self.node_depth.shape[0])
+
+    @property
+    def num_inner_nodes(self) -> int:
+        """Nodes with children: the root and the prefixes, the child table's rows before its row of -1."""
+        return self.num_prefixes + 1
 
     @property
     def device(self) -> torch.device:

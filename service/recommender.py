@@ -12,9 +12,10 @@ Design decisions:
   for ``k`` plus that many extra beams, so k items still come back when k exist.
 * The response cache key is the cache's format (``CACHE_FORMAT``), the model
   version and the normalised request: the SIDs the prompt actually sees (the
-  last ``max_history``), when fused with transition counts the items of the
-  counts' window (items sharing a SID rank apart then) and the weight, the exclusion set
-  when exclusion is on, ``k``, the mode and, for VED only, budget and cap.
+  last ``max_history``), when fused with transition counts the weight and the
+  items of the counts' window (items sharing a SID rank apart then), the
+  exclusion set when exclusion is on, ``k``, the mode and, for VED only, budget
+  and cap.
   An entry that does not read as an answer (corrupt) is a miss, logged, and
   the search's answer replaces it. A user's new event changes the key, so the
   cache never needs invalidating.
@@ -398,8 +399,8 @@ class Recommender(DecodeScheduler):
             "k": req.k,
             "m": req.mode,
         }
-        if fused:  # the items themselves rank, not only their SIDs, and by the weight served
-            norm |= {"t": list(fused), "w": self.fusion.weight if self.fusion is not None else 0.0}
+        if self.fusion is not None:  # the items themselves rank, not only their SIDs, and by the weight served
+            norm |= {"t": list(fused), "w": self.fusion.weight}
         if req.mode == "ved":
             norm |= {"b": req.budget, "l": req.cap_ms(self.settings)}
         return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()
