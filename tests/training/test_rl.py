@@ -765,3 +765,34 @@ def test_a_fresh_run_clears_an_earlier_runs_side_files_once_its_checks_pass(
     assert [json.loads(line)["step"] for line in Path(summary["steps_log"]).read_text().splitlines()] == [1]
     assert not (tmp_path / "rl.heldout").exists() and not (tmp_path / "rl.tb" / "events.out.tfevents.0").exists()
     assert load_checkpoint(tmp_path / "rl.resume").trainer_state()["state"]["step"] == 1
+
+
+@pytest.mark.parametrize(
+    ("sft_splits", "rl_splits", "fitted"),
+    [
+        (("train",), ("train",), 200),
+        (("train",), ("valid",), 0),
+        (("train", "valid"), ("valid",), 30),
+        (None, ("train",), None),
+    ],
+)
+def test_a_run_on_rows_its_sft_init_fitted_is_warned(
+    tiny_dataset: RecDataset,
+    tiny_policy: Policy,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    sft_splits: tuple[str, ...] | None,
+    rl_splits: tuple[str, ...],
+    fitted: int | None,
+) -> None:
+    """RL on rows the SFT init trained on moved nothing in the README's rounds 1 and 2: the run says so at the
+    start and counts them; an init without an SFT config (e.g. an RL checkpoint) is not guessed at."""
+    manifest: dict[str, Any] = {"stage": "sft", "fusion": {"weight": 1.0}}
+    if sft_splits is not None:
+        manifest["sft_config"] = {"train_splits": list(sft_splits), "holdout": 10}
+    init = save_checkpoint(tmp_path / "init", tiny_policy, manifest)
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, train_splits=rl_splits, holdout=10)
+    with caplog.at_level("WARNING", logger="training.rl.run"):
+        summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    assert summary["init_trained_on_train_rows"] == fitted
+    assert ("RL on rows the SFT model had fitted" in caplog.text) == bool(fitted)
