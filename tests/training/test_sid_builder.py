@@ -64,6 +64,16 @@ def test_balanced_kmeans_caps_every_code() -> None:
     assert centroids.shape == (7, 8)
 
 
+@pytest.mark.parametrize("iters", [1, 3, 50])
+def test_balanced_kmeans_reports_every_step_once_converged_early_or_not(iters: int) -> None:
+    """The progress bar's steps: 1 + iters per level, whether the iterations run out or converge (at 50 they do)."""
+    steps: list[int] = []
+    plain = balanced_kmeans(blobs(203, centres=3), 7, iters=iters, rng=np.random.default_rng(0))
+    told = balanced_kmeans(blobs(203, centres=3), 7, iters=iters, rng=np.random.default_rng(0), done=steps.append)
+    assert sum(steps) == 1 + iters and (iters < 50 or len(steps) < 1 + iters)  # at 50 the last report is a jump
+    np.testing.assert_array_equal(plain[1], told[1])
+
+
 def test_deterministic_for_a_seed() -> None:
     emb = blobs(120)
     a, b = build_sids(emb, SidBuildConfig(seed=5)), build_sids(emb, SidBuildConfig(seed=5))
@@ -235,7 +245,7 @@ def test_cli(tmp_path: Path) -> None:
     runner = CliRunner()
     ok = runner.invoke(app, ["sids", "--data", str(data), "--codebook-size", "4", "--json", str(tmp_path / "r.json")])
     assert ok.exit_code == 0, ok.output
-    report = json.loads(ok.output)
+    report = json.loads(ok.stdout)  # the progress bar goes to stderr
     assert report["codebook_size"] == 4 and report["after"]["collision_rate"] == 0.0  # 4^3 SIDs for 64 items: all used
     assert json.loads((tmp_path / "r.json").read_text()) == report
     again = runner.invoke(app, ["sids", "--data", str(data)])
