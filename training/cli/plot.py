@@ -1,6 +1,6 @@
 """``vstar plot``: the training curves of SFT / RL runs as one PNG (``training.evaluation.curve_plot`` does the work).
 
-``training.cli.commands.register`` calls ``register_plot``; matplotlib and TensorBoard's
+``vstar.py`` calls ``register_plot``; matplotlib and TensorBoard's
 reader are imported inside the handler so ``vstar --help`` stays instant.
 """
 
