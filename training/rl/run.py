@@ -196,6 +196,11 @@ def init_trained_on(init: str | None, data: RecDataset, rows: Sequence[Sample]) 
         stored = json.loads((Path(init) / "manifest.json").read_text()).get("sft_config") if init else None
     except (OSError, ValueError):
         return None
+    return sft_trained_on(stored, data, rows)
+
+
+def sft_trained_on(stored: dict[str, Any] | None, data: RecDataset, rows: Sequence[Sample]) -> int | None:
+    """How many of ``rows`` an SFT run of the manifest's ``sft_config`` ``stored`` trained on; None without one."""
     if not stored:
         return None
     trained, _ = split_for_training(data, StoredRows.of(stored))
@@ -294,7 +299,7 @@ def train_rl(
     select_rows = held_out[: config.eval_limit]
     start_ckpt = load_checkpoint(init, device)
     check_catalog(start_ckpt.policy.catalog, data, "--init")
-    fitted = init_trained_on(str(init), data, train_rows)
+    fitted = sft_trained_on(start_ckpt.manifest.get("sft_config"), data, train_rows)  # the init's, read once
     if fitted and is_main():
         warn_fitted_rows(init, fitted, len(train_rows))
     reference_ckpt = load_checkpoint(init, device)
