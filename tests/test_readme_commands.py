@@ -1,4 +1,4 @@
-"""Every ``vstar ...`` command the READMEs show parses against the real CLI.
+"""Every ``vstar ...`` command the READMEs and docs/ show parses against the real CLI.
 
 Users and automated checks copy these lines, so an option that was renamed or
 removed, a choice that no longer exists, or a word that is not a number where
@@ -26,7 +26,7 @@ import typer.main
 from vstar import app
 
 REPO = Path(__file__).resolve().parents[1]
-READMES = (REPO / "README.md", REPO / "docker" / "README.md")
+READMES = (REPO / "README.md", REPO / "docker" / "README.md", *sorted((REPO / "docs").glob("*.md")))
 ALT = "\u00a6"  # stands for the escaped `\|` of a Markdown table cell: alternatives such as tiny|small
 
 

@@ -1,5 +1,5 @@
-"""The READMEs' links land: a ``#anchor`` names a heading of its file (as GitHub spells anchors), and a relative
-path names a file of the repository."""
+"""The READMEs' and docs' links land: a ``#anchor`` names a heading of its file (as GitHub spells anchors), a
+relative path names a file of the repository, and ``path#anchor`` a heading of that file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-READMES = (REPO / "README.md", REPO / "docker" / "README.md")
+READMES = (REPO / "README.md", REPO / "docker" / "README.md", *sorted((REPO / "docs").glob("*.md")))
 
 
 def anchor(heading: str) -> str:
@@ -24,16 +24,32 @@ def test_anchor_spells_headings_as_github_does() -> None:
     assert anchor("Constrained beam search vs HF `generate`") == "constrained-beam-search-vs-hf-generate"
 
 
+def headings(path: Path) -> set[str]:
+    """The anchors of a Markdown file's headings."""
+    return {anchor(m) for m in re.findall(r"^#{1,6} (.+)$", path.read_text(), flags=re.M)}
+
+
+def lands(readme: Path, link: str) -> bool:
+    """Whether a link of ``readme`` lands: on a heading of its own file, a file, or a heading of that file."""
+    if link.startswith(("http://", "https://")):
+        return True
+    path, _, name = link.partition("#")
+    target = readme.parent / path if path else readme
+    if not name:
+        return target.exists()
+    return target.is_file() and name in headings(target)
+
+
+def test_a_link_into_another_file_must_name_one_of_its_headings(tmp_path: Path) -> None:
+    (tmp_path / "a.md").write_text("# A\n\n## Part two\n")
+    readme = tmp_path / "README.md"
+    assert lands(readme, "a.md") and lands(readme, "a.md#part-two")
+    assert not lands(readme, "a.md#part-three") and not lands(readme, "b.md#a") and not lands(readme, "b.md")
+
+
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_link_lands(readme: Path) -> None:
-    text = readme.read_text()
-    headings = {anchor(m) for m in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
-    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    links = re.findall(r"\]\(([^)\s]+)\)", readme.read_text())
     assert readme.name != "README.md" or readme.parent != REPO or "#serving-recommendations" in links  # contents
-    broken = [
-        link
-        for link in links
-        if not link.startswith(("http://", "https://"))
-        and (link[1:] not in headings if link.startswith("#") else not (readme.parent / link).exists())
-    ]
+    broken = [link for link in links if not lands(readme, link)]
     assert not broken, f"{readme.name}: links that land nowhere: {broken}"

@@ -785,8 +785,8 @@ def test_a_run_on_rows_its_sft_init_fitted_is_warned(
     rl_splits: tuple[str, ...],
     fitted: int | None,
 ) -> None:
-    """RL on rows the SFT init trained on moved nothing in the README's rounds 1 and 2: the run says so at the
-    start and counts them; an init without an SFT config (e.g. an RL checkpoint) is not guessed at."""
+    """RL on rows the SFT init trained on moved nothing in rounds 1 and 2 of docs/rl-experiments.md: the run says
+    so at the start and counts them; an init without an SFT config (e.g. an RL checkpoint) is not guessed at."""
     manifest: dict[str, Any] = {"stage": "sft", "fusion": {"weight": 1.0}}
     if sft_splits is not None:
         manifest["sft_config"] = {"train_splits": list(sft_splits), "holdout": 10}

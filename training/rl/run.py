@@ -261,13 +261,13 @@ def step_records(steps_file: Path) -> list[tuple[str, int]]:
 
 
 def warn_fitted_rows(init: str | Path, fitted: int, rows: int) -> None:
-    """A warning that RL trains on rows its SFT ``init`` already fitted: where RL paid in the README's
-    measurements, and how to get there."""
+    """A warning that RL trains on rows its SFT ``init`` already fitted: where RL paid in the measurements of
+    docs/rl-experiments.md, and how to get there."""
     log.warning(
         "the --init checkpoint %s trained on %d of this run's %d training rows: RL on rows the SFT model had "
-        "fitted moved nothing on amazon-industrial (README, RL rounds 1 and 2); it beat its init on rows SFT never "
-        "saw (vstar sft --train-splits train --no-refit, then vstar rl --train-splits valid), though fused with the "
-        "counts it ended level with the SFT recipe's refit on train + valid", init, fitted, rows,
+        "fitted moved nothing on amazon-industrial (docs/rl-experiments.md, rounds 1 and 2); it beat its init on "
+        "rows SFT never saw (vstar sft --train-splits train --no-refit, then vstar rl --train-splits valid), though "
+        "fused with the counts it ended level with the SFT recipe's refit on train + valid", init, fitted, rows,
     )  # fmt: skip
 
 

@@ -83,7 +83,7 @@ Deviations from the papers and choices the papers leave open:
   -0.4%, +0.7% and -0.5%, every 95% interval across 0 (two seeds of 2
   slots differ by as much: HR@3 +1.2%, HR@10 -2.0%), while the groups'
   distinct first-level codes went from 6.4 to 8.8 and their reachability
-  only from 0.165 to 0.162; 2 stays (README, "Exploratory slots"). VED
+  only from 0.165 to 0.162; 2 stays (docs/rl-experiments.md, "Exploratory slots"). VED
   draws with seed
   ``seed * 1_000_003 + step`` (new draws every step, reproducible); its
   default budget is VED's: 2x what beam search of width G feeds the backbone,
@@ -94,7 +94,7 @@ Deviations from the papers and choices the papers leave open:
   0.166 -> 0.181 (GRPO), 0.163 -> 0.176 (V-STAR), but the kept models' fused
   NDCG@10 against the same seed's plain run moved by +0.2% / -1.0% (GRPO) and
   +0.8% (V-STAR) at the served weight, inside the 2.0% two plain GRPO seeds
-  differ by (README, "Fused rollouts").
+  differ by (docs/rl-experiments.md, "Fused rollouts").
 * ``value_coef`` (0 by default, ``--value-coef``): the value head's TD loss,
   times this weight, also in the policy's loss, its gradient reaching the
   backbone through the states (PPO's shared actor-critic; V_phi's own weights
@@ -103,14 +103,14 @@ Deviations from the papers and choices the papers leave open:
   scored on those by beam search of 50): NDCG@10 -0.6% (-1.8, +0.4) fused at
   the served weight, -0.7% (-2.5, +0.9) alone, KL over the last 100 steps
   0.41 against 0.44; V ranked the target 7.6th of 16 against 7.0th. It stays off
-  (README, "The value loss into the backbone").
+  (docs/rl-experiments.md, "The value loss into the backbone").
 * Learning rate: 1e-4 for the from-scratch presets (1/20 of SFT's 2e-3; the
   paper's 1e-5 is for pretrained LMs, pass ``--lr 1e-5`` with ``--base-model``
   SFT checkpoints); V_phi 1e-3. Batch: 16 prompts x 16 candidates per step.
 * KL weight beta 0.03, not MiniOneRec's 1e-3: chosen among 0.1, 0.03 and 0.01
   on the 2,000 held-out valid rows where RL pays (SFT on train, GRPO on the
   rest of valid, three epochs): fused NDCG@10 0.0961 at 0.1, 0.0985 / 0.0986 at
-  0.03 (seeds 0 / 1), 0.0979 at 0.01 (README, "The KL weight where RL pays").
+  0.03 (seeds 0 / 1), 0.0979 at 0.01 (docs/rl-experiments.md, "The KL weight where RL pays").
   At 0.03 V-STAR's lr is the shared default 1e-4, not the 3e-5 chosen at 0.1:
   on another SFT model's held-out rows 1e-4 beat 3e-5 by NDCG@10 +1.9% (+0.1,
   +3.8) fused, +4.7% alone, and drew level with GRPO (+0.9%, two seeds each).
@@ -182,7 +182,7 @@ class RLConfig:
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
     clip_eps: float = 0.2
-    beta: float = 0.03  # KL weight: chosen on held-out valid rows where RL pays (README, "The KL weight where RL pays")
+    beta: float = 0.03  # KL weight: chosen on held-out valid rows where RL pays (docs/rl-experiments.md)
     w_sib: float = 1.0
     sibling_norm: str = "group"  # one of SIBLING_NORMS: the scale of sibling advantages (see the module doc)
     gamma: float = 0.99
