@@ -45,8 +45,8 @@ Design decisions:
   so the cap holds on the server's clock while the host is busy, at the price
   of fewer model answers meanwhile.
 
-* An answer is a frozen ``Answer`` (``RankedSid`` rows, a ``SearchReport``);
-  the response cache stores it as JSON and the response is built from it.
+* An answer is a frozen ``Answer`` (``service.answer``); the response cache
+  stores it as JSON and the response is built from it.
 
 The model thread's side (the executor, micro-batching, VED's deadlines, the
 anytime fallback and load shedding) is ``service.decode_scheduler``; the
@@ -64,7 +64,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 from models.beam_search import BeamSearchConfig
@@ -72,6 +72,7 @@ from models.checkpoint import LoadedCheckpoint
 from models.sid_catalog import parse_sid, sid_to_str
 from models.value_head import ValueHead
 from models.ved_config import resolve_budget
+from service.answer import CACHE_FORMAT, Answer, RankedSid, SearchReport
 from service.deadline import DeadlineMargin
 from service.decode_scheduler import SHED, DecodeJob, DecodeRow, DecodeScheduler
 from service.errors import InvalidInput, NotFound, StoreUnavailable
@@ -94,57 +95,10 @@ from service.stores import Store, StoreRefused, WriteOutcomeUnknown
 T = TypeVar("T")
 log = logging.getLogger("service.recommender")
 
-# the layout of a cached ``Answer``, part of the cache key: a service that stores answers another way must
-# not read (or be read by) the entries of another version sharing its Redis, in a rolling upgrade
-CACHE_FORMAT = 1
-
 
 class OutOfTime(StoreUnavailable):
     """A store call a VED request gave up on (its cap): handled as the store being unavailable, but counted as a
     store error only if the call itself fails later (the store may be healthy, the cap short)."""
-
-
-@dataclass(frozen=True)
-class RankedSid:
-    """One SID of an answer with its catalog items (the user's excluded ones dropped)."""
-
-    sid: str
-    item_ids: list[int]
-    titles: list[str]
-    score: float
-
-
-@dataclass(frozen=True)
-class SearchReport:
-    """What a VED answer spent (``SearchStats`` on the wire); ``fallback``: initial_beam, popular or None."""
-
-    tokens_spent: int
-    nodes: int
-    max_depth: int
-    iterations: int
-    fallback: str | None
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A decode's answer to one request, as the response cache stores it (JSON)."""
-
-    items: list[RankedSid]
-    cap_hit: bool
-    search: SearchReport | None
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Answer:
-        """Raises ``ValueError`` on a body that is not an answer of this layout (``CACHE_FORMAT``)."""
-        try:
-            body = json.loads(raw)
-            search = SearchReport(**body["search"]) if body["search"] is not None else None
-            return cls([RankedSid(**it) for it in body["items"]], body["cap_hit"], search)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ValueError(f"not a cached answer: {type(e).__name__}: {e}") from None
 
 
 def _expire(future: asyncio.Future[DecodeRow]) -> None:

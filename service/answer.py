@@ -1,0 +1,61 @@
+"""A recommendation answer as the service keeps it: ranked SIDs with their items, what a VED search spent,
+and the JSON the response cache stores.
+
+``Answer`` is frozen and plain (no pydantic): the request side (``service.recommender``) builds one from a
+decode, or reads one from the cache, and builds the wire response from it. ``CACHE_FORMAT`` is the layout's
+version and part of every cache key, so services that store answers differently never read each other's
+entries in a shared Redis. A body that does not read as an answer raises ``ValueError``: the cache treats it
+as a miss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+# the layout of a cached ``Answer``, part of the cache key: a service that stores answers another way must
+# not read (or be read by) the entries of another version sharing its Redis, in a rolling upgrade
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RankedSid:
+    """One SID of an answer with its catalog items (the user's excluded ones dropped)."""
+
+    sid: str
+    item_ids: list[int]
+    titles: list[str]
+    score: float
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """What a VED answer spent (``SearchStats`` on the wire); ``fallback``: initial_beam, popular or None."""
+
+    tokens_spent: int
+    nodes: int
+    max_depth: int
+    iterations: int
+    fallback: str | None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A decode's answer to one request, as the response cache stores it (JSON)."""
+
+    items: list[RankedSid]
+    cap_hit: bool
+    search: SearchReport | None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Answer:
+        """Raises ``ValueError`` on a body that is not an answer of this layout (``CACHE_FORMAT``)."""
+        try:
+            body = json.loads(raw)
+            search = SearchReport(**body["search"]) if body["search"] is not None else None
+            return cls([RankedSid(**it) for it in body["items"]], body["cap_hit"], search)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"not a cached answer: {type(e).__name__}: {e}") from None
