@@ -19,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from models.policy import Policy  # noqa: E402
 from models.sid_catalog import Item, SidCatalog, level_token  # noqa: E402
-from training.data.dataset import RecDataset, Sample, load_dataset, write_dataset  # noqa: E402
+from training.data.dataset import RecDataset, Sample, load_dataset  # noqa: E402
+from training.data.dataset_writer import write_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")

@@ -17,7 +17,8 @@ an unknown item id, a SID that is not the item's SID in the index, or a bad list
 literal is one ``DataError`` naming the file, the line and the problem. The line
 is where the record starts: a line cut inside a quoted field makes csv read on
 into the next lines, and the error says so. The SID columns are checked, then dropped:
-the index is the single source of truth for SIDs.
+the index is the single source of truth for SIDs. Writing a data set, or its
+split files with a new index's SIDs, is ``training.data.dataset_writer``.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def _load(name: str, files: dict[str, Path], emb_path: Path | None) -> RecDatase
     titles = {}
     for key, value in meta.items():
         if isinstance(value, dict):
-            titles[_int(key, files["item"], 1)] = str(value.get("title", ""))
+            titles[parse_item_id(key, files["item"], 1)] = str(value.get("title", ""))
     for key, sid in index.items():
         if not isinstance(sid, list) or not all(isinstance(token, str) for token in sid):
             raise DataError(f"{files['index']}: item {key}: expected a list of SID tokens, got {sid!r:.60}")
@@ -280,14 +281,16 @@ def read_embeddings(path: Path, items: int | None = None, counted_in: str = "the
     return embeddings
 
 
-def _int(value: str, path: Path, line: int) -> int:
+def parse_item_id(value: str, path: Path, line: int) -> int:
+    """An item id of a data file, or a DataError naming the file and the line."""
     try:
         return int(value)
     except (TypeError, ValueError):
         raise DataError(f"{path}:{line}: {value!r} is not an integer item id") from None
 
 
-def _literal_list(value: str, column: str, path: Path, line: int) -> list:
+def parse_list_literal(value: str, column: str, path: Path, line: int) -> list:
+    """A split file's list column (a Python list literal, as MiniOneRec writes it), or a DataError."""
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -334,9 +337,12 @@ def _read_row(row: dict, width: int, catalog: SidCatalog, path: Path, line: int,
             f"{path}:{line}: empty item_sid; a new catalog's SID columns are filled by "
             "vstar sids --data DIR --force --update-splits"
         )
-    history = [_int(str(v), path, line) for v in _literal_list(row["history_item_id"], "history_item_id", path, line)]
-    target = _int(row["item_id"], path, line)
-    hist_sids = _literal_list(row["history_item_sid"], "history_item_sid", path, line)
+    history = [
+        parse_item_id(str(v), path, line)
+        for v in parse_list_literal(row["history_item_id"], "history_item_id", path, line)
+    ]
+    target = parse_item_id(row["item_id"], path, line)
+    hist_sids = parse_list_literal(row["history_item_sid"], "history_item_sid", path, line)
     if len(hist_sids) != len(history):
         raise DataError(f"{path}:{line}: {len(history)} history ids but {len(hist_sids)} history SIDs")
     for item_id, sid_text in [*zip(history, hist_sids, strict=False), (target, row["item_sid"])]:
@@ -354,85 +360,6 @@ def _read_row(row: dict, width: int, catalog: SidCatalog, path: Path, line: int,
     return Sample(row["user_id"], tuple(history), target)
 
 
-@dataclass(frozen=True)
-class RelabeledSplit:
-    """A split file's rows with their SID columns taken from a new index, not yet written."""
-
-    path: Path
-    header: list[str]
-    rows: list[dict[str, str]]
-    newline: str  # the file's own line ending, kept
-
-    def write(self) -> None:
-        """Replace the file by a rename, so a reader sees the old rows or the new ones."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self.header, lineterminator=self.newline)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
-
-
-def relabel_splits(data_dir: Path, index: dict[str, list[str]]) -> list[RelabeledSplit]:
-    """The split files of ``data_dir`` with their SID columns (``history_item_sid``, ``item_sid``) from a new
-    ``index``; every other column, and the rows' order, stay. Every file is read and checked (columns, item ids
-    in the index) here, so that a caller writes none of them unless all are good."""
-    sid_text = {int(k): "".join(v) for k, v in index.items()}
-    staged: list[RelabeledSplit] = []
-    for split in SPLITS:
-        path = data_dir / f"{split}.csv"
-        rows = []
-        for row, width, line, _ in split_records(path):
-            if None in row or None in row.values():
-                raise DataError(f"{path}:{line}: the row's columns do not match the header's {width}")
-            history = _literal_list(row["history_item_id"], "history_item_id", path, line)
-            ids = [_int(str(v), path, line) for v in [*history, row["item_id"]]]
-            unknown = [i for i in ids if i not in sid_text]
-            if unknown:
-                raise DataError(f"{path}:{line}: unknown item id {unknown[0]} (not in the new index)")
-            row["history_item_sid"] = repr([sid_text[i] for i in ids[:-1]])
-            row["item_sid"] = sid_text[ids[-1]]
-            rows.append(row)
-        with path.open("rb") as raw:
-            first = raw.readline()  # split_records has read the whole file as UTF-8 already
-        newline = "\r\n" if first.endswith(b"\r\n") else "\n"
-        header = next(csv.reader([first.decode("utf-8-sig")]))  # every column the file has, in its order
-        staged.append(RelabeledSplit(path, header, rows, newline))
-    return staged
-
-
-def write_dataset(
-    out: Path,
-    catalog: SidCatalog,
-    splits: dict[str, list[Sample]],
-    meta: dict[int, dict[str, str]],
-    embeddings: np.ndarray | None,
-) -> None:
-    """Write a data set in the folder layout (used by ``vstar synth`` and tests)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json").write_text(json.dumps(catalog.to_index()))
-    (out / "item.json").write_text(json.dumps({str(k): v for k, v in sorted(meta.items())}))
-    if embeddings is not None:
-        np.save(out / "item_emb.npy", embeddings.astype(np.float32))
-    title = {i: m.get("title", "") for i, m in meta.items()}
-    for split, rows in splits.items():
-        with (out / f"{split}.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(COLUMNS)
-            for s in rows:
-                w.writerow(
-                    [
-                        s.user_id,
-                        repr([title[i] for i in s.history]),
-                        title[s.target],
-                        repr(list(s.history)),
-                        s.target,
-                        repr(["".join(catalog.sid_of(i)) for i in s.history]),
-                        "".join(catalog.sid_of(s.target)),
-                    ]
-                )
-
-
 __all__ = [
     "DataError",
     "Item",
@@ -441,7 +368,4 @@ __all__ = [
     "load_dataset",
     "load_minionerec",
     "parse_splits",
-    "RelabeledSplit",
-    "relabel_splits",
-    "write_dataset",
 ]

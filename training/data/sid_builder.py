@@ -51,7 +51,8 @@ import numpy as np
 from tqdm import tqdm
 
 from models.sid_catalog import LEVEL_PREFIXES, level_token
-from training.data.dataset import DataError, read_embeddings, read_json_object, relabel_splits
+from training.data.dataset import DataError, read_embeddings, read_json_object
+from training.data.dataset_writer import relabel_splits
 
 MAX_AUTO_CODEBOOK = 256
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from models.output_path import parents_problem
 from models.sid_catalog import Item, SidCatalog
-from training.data.dataset import Sample, write_dataset
+from training.data.dataset import Sample
+from training.data.dataset_writer import write_dataset
 from training.data.sid_builder import SidBuildConfig, build_sids
 
 MAX_HISTORY = 10  # MiniOneRec's sliding window

@@ -1,0 +1,107 @@
+"""Writing data sets: a whole folder in the project's layout, and split files relabelled with a new index.
+
+``write_dataset`` writes what ``training.data.dataset.load_dataset`` reads (``vstar synth`` and the tests use
+it). ``relabel_splits`` serves ``vstar sids --update-splits``: it reads and checks every split file first and
+returns them staged (``RelabeledSplit``), so that a caller writes none unless all are good, and each one is
+then replaced by a rename, so a reader sees the old rows or the new ones. Every column but the two SID
+columns, the rows' order and each file's line ending stay as they were.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.sid_catalog import SidCatalog
+from training.data.dataset import (
+    COLUMNS,
+    SPLITS,
+    DataError,
+    Sample,
+    parse_item_id,
+    parse_list_literal,
+    split_records,
+)
+
+
+@dataclass(frozen=True)
+class RelabeledSplit:
+    """A split file's rows with their SID columns taken from a new index, not yet written."""
+
+    path: Path
+    header: list[str]
+    rows: list[dict[str, str]]
+    newline: str  # the file's own line ending, kept
+
+    def write(self) -> None:
+        """Replace the file by a rename, so a reader sees the old rows or the new ones."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=self.header, lineterminator=self.newline)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+def relabel_splits(data_dir: Path, index: dict[str, list[str]]) -> list[RelabeledSplit]:
+    """The split files of ``data_dir`` with their SID columns (``history_item_sid``, ``item_sid``) from a new
+    ``index``; every other column, and the rows' order, stay. Every file is read and checked (columns, item ids
+    in the index) here, so that a caller writes none of them unless all are good."""
+    sid_text = {int(k): "".join(v) for k, v in index.items()}
+    staged: list[RelabeledSplit] = []
+    for split in SPLITS:
+        path = data_dir / f"{split}.csv"
+        rows = []
+        for row, width, line, _ in split_records(path):
+            if None in row or None in row.values():
+                raise DataError(f"{path}:{line}: the row's columns do not match the header's {width}")
+            history = parse_list_literal(row["history_item_id"], "history_item_id", path, line)
+            ids = [parse_item_id(str(v), path, line) for v in [*history, row["item_id"]]]
+            unknown = [i for i in ids if i not in sid_text]
+            if unknown:
+                raise DataError(f"{path}:{line}: unknown item id {unknown[0]} (not in the new index)")
+            row["history_item_sid"] = repr([sid_text[i] for i in ids[:-1]])
+            row["item_sid"] = sid_text[ids[-1]]
+            rows.append(row)
+        with path.open("rb") as raw:
+            first = raw.readline()  # split_records has read the whole file as UTF-8 already
+        newline = "\r\n" if first.endswith(b"\r\n") else "\n"
+        header = next(csv.reader([first.decode("utf-8-sig")]))  # every column the file has, in its order
+        staged.append(RelabeledSplit(path, header, rows, newline))
+    return staged
+
+
+def write_dataset(
+    out: Path,
+    catalog: SidCatalog,
+    splits: dict[str, list[Sample]],
+    meta: dict[int, dict[str, str]],
+    embeddings: np.ndarray | None,
+) -> None:
+    """Write a data set in the folder layout (used by ``vstar synth`` and tests)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.json").write_text(json.dumps(catalog.to_index()))
+    (out / "item.json").write_text(json.dumps({str(k): v for k, v in sorted(meta.items())}))
+    if embeddings is not None:
+        np.save(out / "item_emb.npy", embeddings.astype(np.float32))
+    title = {i: m.get("title", "") for i, m in meta.items()}
+    for split, rows in splits.items():
+        with (out / f"{split}.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            for s in rows:
+                w.writerow(
+                    [
+                        s.user_id,
+                        repr([title[i] for i in s.history]),
+                        title[s.target],
+                        repr(list(s.history)),
+                        s.target,
+                        repr(["".join(catalog.sid_of(i)) for i in s.history]),
+                        "".join(catalog.sid_of(s.target)),
+                    ]
+                )
