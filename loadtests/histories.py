@@ -16,6 +16,7 @@ import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # The columns this reader needs out of MiniOneRec's seven (see training/data/dataset.py).
 NEEDED = ("user_id", "history_item_id", "history_item_sid", "item_id")
@@ -60,7 +61,7 @@ def split_path(data_dir: Path, split: str) -> Path:
     return Path(data_dir) / f"{split}.csv"
 
 
-def _list(text: str, path: Path, line: int) -> list:
+def _list(text: str, path: Path, line: int) -> list[Any]:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

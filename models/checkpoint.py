@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.utils import logging as hf_logging
 
 from models.atomic_folder import leftovers, publish, staging_folder
-from models.checkpoint_error import CheckpointError
+from models.checkpoint_error import CheckpointError as CheckpointError  # part of this module's API
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, parse_sid
 from models.sid_tokenizer import PromptFormat

@@ -214,7 +214,7 @@ def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict[str, Any]:
     """A data file holding one JSON object (UTF-8), or a DataError naming the file and the problem."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -289,7 +289,7 @@ def parse_item_id(value: str, path: Path, line: int) -> int:
         raise DataError(f"{path}:{line}: {value!r} is not an integer item id") from None
 
 
-def parse_list_literal(value: str, column: str, path: Path, line: int) -> list:
+def parse_list_literal(value: str, column: str, path: Path, line: int) -> list[Any]:
     """A split file's list column (a Python list literal, as MiniOneRec writes it), or a DataError."""
     try:
         parsed = ast.literal_eval(value)
@@ -304,7 +304,7 @@ def read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
     return [_read_row(row, width, catalog, path, line, end) for row, width, line, end in split_records(path)]
 
 
-def split_records(path: Path) -> Iterator[tuple[dict, int, int, int]]:
+def split_records(path: Path) -> Iterator[tuple[dict[str | None, Any], int, int, int]]:
     """The records of a split file as (row, the header's width, the line it starts on, the line csv ended it
     on), after checking the header's columns; an unreadable file is a DataError naming it and the line."""
     if not path.exists():
@@ -326,7 +326,7 @@ def split_records(path: Path) -> Iterator[tuple[dict, int, int, int]]:
         raise DataError(f"{path}:{line}: {e}") from None
 
 
-def _read_row(row: dict, width: int, catalog: SidCatalog, path: Path, line: int, end: int) -> Sample:
+def _read_row(row: dict[str | None, Any], width: int, catalog: SidCatalog, path: Path, line: int, end: int) -> Sample:
     """One record of a split file; ``line`` is where it starts, ``end`` where csv found its end."""
     fields = [v for k, v in row.items() if k is not None and v is not None] + row.get(None, [])
     if len(fields) != width:

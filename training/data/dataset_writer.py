@@ -56,9 +56,10 @@ def relabel_splits(data_dir: Path, index: dict[str, list[str]]) -> list[Relabele
     for split in SPLITS:
         path = data_dir / f"{split}.csv"
         rows = []
-        for row, width, line, _ in split_records(path):
-            if None in row or None in row.values():
+        for record, width, line, _ in split_records(path):
+            if None in record or None in record.values():
                 raise DataError(f"{path}:{line}: the row's columns do not match the header's {width}")
+            row = {str(k): str(v) for k, v in record.items()}  # every key a column, every value a cell
             history = parse_list_literal(row["history_item_id"], "history_item_id", path, line)
             ids = [parse_item_id(str(v), path, line) for v in [*history, row["item_id"]]]
             unknown = [i for i in ids if i not in sid_text]
