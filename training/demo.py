@@ -5,7 +5,7 @@
   the most-popular baseline, and the training curves as a PNG. Each step is a
   ``vstar`` command line; its JSON goes to a file under ``<out>``.
 * RL trains on rows SFT never trained on, where the README's RL section finds
-  that RL pays (round 3): valid less its most recent third, which chooses the
+  that RL pays (docs/rl-experiments.md, round 3): valid less its most recent third, which chooses the
   kept model (``rl_holdout``). The default 60 steps are three passes over the
   309 rows that leaves of ``vstar synth``'s data. On its 154 held-out rows
   V-STAR moved HR@10 / NDCG@10 from 0.4545 / 0.2642 (the SFT init) to 0.4610 /

@@ -14,7 +14,7 @@ from typing import Any
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # What ``vstar sft --preset NAME`` trains with unless an option says otherwise. ``small``'s
-# recipe was chosen on held-out valid rows of amazon-industrial (README, "Results"): the
+# recipe was chosen on held-out valid rows of amazon-industrial (docs/sft-experiments.md): the
 # 2,000 most recent valid rows are held out to select the epoch and the fusion weight, the
 # rest of train + valid is trained on; then the same configuration is refit on all of train
 # + valid with the chosen weight (``refit``). A pretrained --base-model gets no preset's
