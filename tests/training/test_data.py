@@ -238,8 +238,9 @@ def test_a_holdout_that_takes_every_training_row_is_named(tiny_dataset) -> None:
 
 def test_a_holdout_that_takes_every_valid_row_of_train_and_valid_is_named(tiny_dataset) -> None:
     rule = SimpleNamespace(train_splits=("train", "valid"), holdout=40)  # all 40 valid rows: none trained on
-    with pytest.raises(ValueError, match="no valid rows to train on: --holdout 40 holds out all 40 valid rows"):
+    with pytest.raises(ValueError, match="no valid rows to train on: --holdout 40 holds out all 40 valid rows") as e:
         training_rows(tiny_dataset, rule)
+    assert "give a --holdout below 40 (e.g. --holdout 20: " in str(e.value)
     train, select = training_rows(tiny_dataset, SimpleNamespace(train_splits=("train", "valid"), holdout=39))
     assert len(train) == 201 and len(select) == 39
 
