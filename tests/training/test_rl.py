@@ -684,6 +684,9 @@ def test_value_quality_of_a_head_that_knows_the_returns(tiny_policy: Policy, tin
     assert summary["target_rank_value"] == 1.0 and summary["target_rank_logprob"] >= 1.0
     assert summary["value_spearman"] == pytest.approx(1.0)
     assert all(summary[f"value_spearman_l{lv}"] == pytest.approx(1.0) for lv in range(1, d))
+    groups = [returns[batch.row == b, 0] for b in range(len(rollout.target_sid))]
+    stds = [float(g.std()) for g in groups if len(g) > 1]
+    assert summary["dense_return_std"] == pytest.approx(float(np.mean(stds))) and summary["dense_return_std"] > 0
 
 
 def test_cli_diagnose_reports_the_value_head(tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path) -> None:

@@ -30,7 +30,12 @@ candidate, the value at every state s_0..s_D):
 * ``target_rank_value`` / ``target_rank_logprob``: the target's mean rank
   (1 = first) among the candidates by V(s_D) and by path log-prob, over the
   ``value_rows`` prompts whose candidate set holds the target. A head worth
-  consulting ranks it higher than the policy does.
+  consulting ranks it higher than the policy does;
+* ``dense_return_std``: the within-group std (unbiased) of each candidate's
+  discounted dense return from the root, s_0 (the signal V_phi learns from),
+  averaged over the prompts. Unlike ``reward_std``, which is non-zero only in
+  groups that hold the target, it rewards near misses, so a candidate set that
+  spans more prefixes can raise it without reaching further.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from training.rl.rewards import GAMMA, batch_standard_rewards, batch_value_rewar
 from training.rl.rollout import CandidateSource, Rollout, beam_source, collect, sequences, ved_source
 
 DIAGNOSTIC_KEYS = ("reachability", "nonzero_adv_share", "reward_std", "distinct_l1", "tokens_per_prompt")
-VALUE_KEYS = ("value_spearman", "target_rank_value", "target_rank_logprob", "value_rows")
+VALUE_KEYS = ("value_spearman", "target_rank_value", "target_rank_logprob", "value_rows", "dense_return_std")
 
 
 def candidate_stats(rollout: Rollout, rewards: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
@@ -148,6 +153,7 @@ class ValueQuality:
         self.corr: dict[int, list[float]] = {}
         self.rank_value: list[float] = []
         self.rank_logprob: list[float] = []
+        self.return_std: list[float] = []  # per prompt: std of the candidates' dense returns from s_0
 
     @torch.no_grad()
     def add(self, rollout: Rollout) -> None:
@@ -173,6 +179,8 @@ class ValueQuality:
         rows = batch.row.cpu()
         for b in range(rollout.sid_index.shape[0]):
             at = torch.nonzero(rows == b).flatten()
+            if len(at) > 1:
+                self.return_std.append(float(returns[at, 0].std()))
             for level in range(1, d + 1):
                 rho = spearman(values[at, level].numpy(), returns[at, level].numpy())
                 if rho is not None:
@@ -193,6 +201,7 @@ class ValueQuality:
             "target_rank_value": mean(self.rank_value),
             "target_rank_logprob": mean(self.rank_logprob),
             "value_rows": float(len(self.rank_value)),
+            "dense_return_std": mean(self.return_std),
         }
         return out | {f"value_spearman_l{lv}": mean(self.corr.get(lv, [])) for lv in range(1, depth)}
 
