@@ -3,6 +3,7 @@ relative path names a file of the repository, and ``path#anchor`` a heading of t
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -24,9 +25,10 @@ def test_anchor_spells_headings_as_github_does() -> None:
     assert anchor("Constrained beam search vs HF `generate`") == "constrained-beam-search-vs-hf-generate"
 
 
-def headings(path: Path) -> set[str]:
-    """The anchors of a Markdown file's headings."""
-    return {anchor(m) for m in re.findall(r"^#{1,6} (.+)$", path.read_text(), flags=re.M)}
+@functools.cache
+def headings(path: Path) -> frozenset[str]:
+    """The anchors of a Markdown file's headings (read once per file: many links name the same file)."""
+    return frozenset(anchor(m) for m in re.findall(r"^#{1,6} (.+)$", path.read_text(), flags=re.M))
 
 
 def lands(readme: Path, link: str) -> bool:
