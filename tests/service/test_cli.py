@@ -257,7 +257,9 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
         "popular_share",
     }
     assert ved["cap_ms"] == 50 and ved["clients"] == 2
-    assert 0 <= ved["fallback_share"] + ved["popular_share"] <= ved["cap_hit_share"] <= 1
+    # each share is rounded to 3 decimals: two rounded up and one down can differ by 0.0015 (3/18 + 1/18 vs 4/18)
+    assert 0 <= ved["fallback_share"] + ved["popular_share"] <= ved["cap_hit_share"] + 0.0015
+    assert ved["cap_hit_share"] <= 1
 
 
 def test_lean_client_reads_answers_and_errors_over_one_connection(tiny_checkpoint: Path) -> None:
