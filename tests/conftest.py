@@ -7,8 +7,10 @@ clone, where that folder does not exist.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,18 @@ from training.data.dataset_writer import write_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")
 SHARED_DATA = Path(os.environ.get("VSTAR_SHARED_DATA", REPO.parent / "shared" / "data" / "amazon-industrial"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """The CLI's ``logging.basicConfig`` inside a CliRunner binds a handler to a stream the runner then closes;
+    later tests that log (httpx at INFO) would print 'Logging error' tracebacks. Put the root logger back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def make_catalog(num_items: int = 120, codes: tuple[int, ...] = (6, 5, 5), seed: int = 0) -> SidCatalog:
