@@ -198,16 +198,17 @@ def test_cap_binds_on_a_slow_model(app: FastAPI, client: TestClient, monkeypatch
     # a search stopped by its deadline still finishes its step: the first ones may run into the hard cap and be
     # answered from popularity. The model thread reports such an overrun after the hard cap answered, so the next
     # request may be sent before the margin learnt it; the margin learns, and later searches stop early enough to
-    # answer themselves: two of them after the first two requests, within a dozen
+    # answer themselves: two of them after the first two requests, within a dozen. On a loaded host a tree may
+    # still run into its deadline (iterations 0); such an answer is capped, but it is not a search's
     answers: list[dict[str, Any]] = []
-    searched: list[dict[str, Any]] = []  # the answers after the first two that a search gave
+    searched: list[dict[str, Any]] = []  # the answers after the first two that a search's loop gave
     while len(answers) < 12 and len(searched) < 2:
         answers.append(client.post("/recommend", json=body).json())
-        searched = [a for a in answers[2:] if a["search"]["fallback"] is None]
+        searched = [a for a in answers[2:] if a["search"]["fallback"] is None and a["search"]["iterations"] > 0]
     for capped in answers:
         assert capped["cap_hit"] is True and len(capped["items"]) == 5
         assert capped["server_time_ms"] < cap_ms + 100  # the hard cap; generous slack for a loaded CI machine
-    assert len(searched) == 2 and all(a["search"]["iterations"] > 0 for a in searched)
+    assert len(searched) == 2, [a["search"] for a in answers]
     # each of those was stopped by its deadline after its loop ran, so it reported a positive overrun
     assert rec.deadline_margin.margin_s() > floor_s
     for _ in range(3):  # a larger tree overruns by more: the margin may have to learn again
