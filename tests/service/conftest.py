@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from models.checkpoint import save_checkpoint
 from models.policy import Policy
@@ -106,8 +108,18 @@ class PrivateRedis:
         client = redis.Redis(port=self.port)
         thread = threading.Thread(target=client.execute_command, args=("DEBUG", "SLEEP", seconds))
         thread.start()
-        time.sleep(0.05)  # the command is in; Redis is asleep
-        return thread
+        # asleep when a ping goes unanswered (a fixed pause could end before a loaded host sent the command)
+        probe = redis.Redis(port=self.port, socket_timeout=0.02, retry=Retry(NoBackoff(), 0))
+        give_up = time.monotonic() + 5.0
+        try:
+            while time.monotonic() < give_up:
+                probe.ping()
+                time.sleep(0.005)
+        except redis.exceptions.TimeoutError:
+            return thread
+        finally:
+            probe.close()
+        raise RuntimeError(f"redis-server on port {self.port} still answered 5 s after DEBUG SLEEP {seconds}")
 
     def stop(self) -> None:
         assert self.proc is not None
