@@ -163,9 +163,9 @@ def test_a_stalled_redis_leaves_a_ved_request_its_search_and_opens_the_breaker(
     popularity list); the read runs on to the store's own timeout, which counts the error and opens the breaker."""
     # the store's timeout is longer than the cap: before, the read ran to the cap, and the answer was the popular list
     settings = make_settings(redis_url=private_redis.url, redis_timeout_s=1.0, redis_retry_after_s=5.0)
-    request = {"user_id": "erin", "history": [3, 4], "k": 3, "mode": "ved", "latency_ms": 600}
+    request = {"user_id": "erin", "history": [3, 4], "k": 3, "mode": "ved", "latency_ms": 1000}
     with TestClient(create_app(settings)) as c:
-        sleeper = private_redis.stall(2.5)
+        sleeper = private_redis.stall(3.0)
         r = c.post("/recommend", json=request)
         assert r.status_code == 200 and r.json()["stored_history"] == "unavailable", r.text
         assert r.json()["search"]["fallback"] != "popular" and r.json()["search"]["tokens_spent"] > 0, r.text
@@ -188,8 +188,8 @@ def test_a_store_call_given_up_on_is_cancelled_at_shutdown(
     app = create_app(settings)
     with TestClient(app) as c:
         assert c.post("/recommend", json={"history": [5], "k": 3, "mode": "ved"}).status_code == 200  # warm
-        sleeper = private_redis.stall(1.5)
-        r = c.post("/recommend", json={"history": [3, 4], "k": 3, "mode": "ved", "latency_ms": 600})
+        sleeper = private_redis.stall(3.0)  # still asleep at shutdown, however slowly the request was answered
+        r = c.post("/recommend", json={"history": [3, 4], "k": 3, "mode": "ved", "latency_ms": 1000})
         assert r.status_code == 200 and r.json()["search"]["fallback"] != "popular", r.text
         recommender = app.state.recommender
         given_up = set(recommender._given_up)
