@@ -59,6 +59,7 @@ class DeadlineMargin:
         horizon_s: float = 30.0,
         window: int = 256,
         refresh_s: float = 0.0,  # recompute at most this often (a large window read on every request)
+        clock: Callable[[], float] = time.monotonic,  # when reports were made and expire
     ) -> None:
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
@@ -66,6 +67,7 @@ class DeadlineMargin:
         self.quantile = quantile
         self.horizon_s = horizon_s
         self.refresh_s = refresh_s
+        self.clock = clock
         self._reports: deque[tuple[float, float]] = deque(maxlen=window)  # (monotonic time, overrun s)
         self._lock = threading.Lock()
         self._cached = (-math.inf, floor_s)  # (when computed, margin)
@@ -73,11 +75,11 @@ class DeadlineMargin:
     def report(self, overrun_s: float) -> None:
         """How far past its deadline a deadline-stopped request was ready (may be negative)."""
         with self._lock:
-            self._reports.append((time.monotonic(), overrun_s))
+            self._reports.append((self.clock(), overrun_s))
 
     def margin_s(self) -> float:
         """Seconds to subtract from a cap to get the deadline handed to VED."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if now - self._cached[0] < self.refresh_s:
                 return self._cached[1]

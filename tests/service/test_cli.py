@@ -288,12 +288,15 @@ def test_bench_config_is_bounded() -> None:
 
 
 def test_deadline_margin_learns_the_overrun_and_forgets_it() -> None:
-    margin = DeadlineMargin(floor_s=0.003, quantile=0.9, horizon_s=0.2)
+    now = [0.0]
+    margin = DeadlineMargin(floor_s=0.003, quantile=0.9, horizon_s=0.2, clock=lambda: now[0])
     assert margin.deadline(10.0, 50) == pytest.approx(10.047)
     for overrun in [0.004] * 9 + [0.010]:
         margin.report(overrun)
     assert 0.003 + 0.004 <= margin.margin_s() <= 0.003 + 0.010
     margin.report(-0.02)  # a request that finished early never lowers the margin below the floor
     assert margin.margin_s() >= 0.003
-    time.sleep(0.25)
+    now[0] = 0.19  # still within the horizon
+    assert margin.margin_s() > 0.003
+    now[0] = 0.25  # past it: every report has expired
     assert margin.margin_s() == pytest.approx(0.003)
