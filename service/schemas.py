@@ -68,8 +68,7 @@ class RecommendRequest(BaseModel):
 
         VED searches with ``ved``'s settings (the checkpoint's) and this request's budget
         (None: VED's own for its k). Its deadline is left unset: the recommender sets it at
-        decode time to the earliest deadline of the requests sharing the search
-        (``service.decode_scheduler.search_group``).
+        decode time to the earliest deadline of the requests sharing the search.
         """
         if self.mode == "beam":
             return BeamSearchConfig(num_beams=self.k + extra)
