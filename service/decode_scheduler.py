@@ -21,7 +21,8 @@ Design decisions:
   worse: the demo's V-STAR checkpoint, k 10, two closed-loop clients at 150 ms
   and two at 1,000 ms for 20 s on 2 CPU cores gave 744 answers, all searched to
   the budget, when they share; split, 511, and 49% of the 150 ms ones came from
-  popularity while they queued behind a longer search.
+  popularity while they queued behind a longer search (one run each, httpx
+  clients against ``vstar serve``; commit c799043 has the figures per cap).
 * VED searches with the VED settings the checkpoint was trained with
   (``models.ved_config.checkpoint_ved_config``, as ``vstar eval --decoder ved``),
   less RL's exploratory slots; the budget is the request's, or VED's own for
