@@ -24,10 +24,23 @@ def parents_problem(path: Path) -> str | None:
     return None
 
 
+def stored_folder(folder: Path) -> str | None:
+    """What ``folder`` holds that no output file may be written into (a phrase), or None: a checkpoint or a data
+    set, whose files other commands read (a report there could replace one of them, or sit among them)."""
+    if (folder / "manifest.json").is_file():
+        return "a checkpoint (it holds manifest.json)"
+    if (folder / "index.json").is_file() or next(folder.glob("*.index.json"), None) is not None:
+        return "a data set (it holds a SID index)"
+    return None
+
+
 def output_file_problem(path: Path) -> str | None:
     """What stops this process writing the file ``path`` (a sentence), or None."""
     if path.is_dir():
         return f"{path} is a folder: give the path of a file to write"
+    held = stored_folder(path.parent)
+    if held is not None:
+        return f"{path} is inside {path.parent}, {held}: write it elsewhere, so that no file of it is replaced"
     problem = parents_problem(path)
     if problem is None and path.exists() and not os.access(path, os.W_OK):
         return f"{path} cannot be written (permission denied)"

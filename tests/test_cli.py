@@ -147,6 +147,13 @@ def test_outputs_that_would_destroy_something_are_refused_before_any_work(tiny_d
         (["eval", "--data", d, "--checkpoint", str(init), "--json", f"{note}/m.json"], f"{note} is a file, so"),
         (["diagnose", "--data", d, "--checkpoint", str(init), "--json", str(data)], "is a folder: give"),
         (["diagnose", "--data", d, "--checkpoint", str(init), "--explore-slots", "2"], "use them with --decoder ved"),
+        # a report written into a data set or a checkpoint could replace one of their files
+        (["eval", "--data", d, "--checkpoint", str(init), "--json", f"{d}/test.csv"], "a data set (it holds a SID"),
+        (["eval", "--data", d, "--checkpoint", str(init), "--json", f"{init}/manifest.json"], "a checkpoint (it holds"),
+        (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "rl"), "--json", f"{init}/s.json"], "inside"),
+        (["baseline", "pop", "--data", d, "--json", f"{d}/pop.json"], f"is inside {data}, a data set"),
+        (["compare", "--base", str(note), "--other", str(note), "--json", str(note)], "is one of --base's eval JSON"),
+        (["sft", "--data", d, "--out", str(tmp_path / "ck"), "--seed", "-1", *tiny], "'--seed': Input should be"),
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     for args, message in mistakes:

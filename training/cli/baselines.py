@@ -137,7 +137,9 @@ def register_baseline(app: typer.Typer) -> None:
         base: Annotated[str, typer.Option("--base", help="Comma list of eval JSON files of the base method's seeds.")],
         other: Annotated[str, typer.Option("--other", help="Comma list of eval JSON files of the other method's.")],
         samples: Annotated[int, typer.Option("--samples", min=100, help="Bootstrap draws over rows.")] = 2000,
-        seed: Annotated[int, typer.Option("--seed", help="Seed for the bootstrap's draws of rows.")] = 0,
+        seed: Annotated[
+            int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for the bootstrap's draws of rows.")
+        ] = 0,
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Write the comparison here.", callback=writable_file)
         ] = None,
@@ -150,6 +152,8 @@ def register_baseline(app: typer.Typer) -> None:
             missing = [str(p) for p in files if not p.is_file()]
             if not files or missing:
                 raise typer.BadParameter(f"--{name}: no such eval JSON {', '.join(missing) or '(empty list)'}")
+            if json_out is not None and any(p.resolve() == json_out.resolve() for p in files):
+                raise typer.BadParameter(f"--json {json_out} is one of --{name}'s eval JSON files; write it elsewhere")
         try:
             write_json(json_out, compare_runs(paths["base"], paths["other"], samples, seed))
         except ValueError as e:

@@ -166,7 +166,9 @@ StepsOpt = Annotated[
         "over the rows than --epochs would make), and the learning-rate schedule spans them.",
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights, data order and sampling.")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for weights, data order and sampling.")
+]
 TailSplitsOpt = Annotated[
     str,
     typer.Option(

@@ -267,7 +267,10 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")] = 32,
         seed: Annotated[
-            int, typer.Option("--seed", help="Seed for VED's random draws (beam search draws nothing).")
+            int,
+            typer.Option(
+                "--seed", min=0, max=2**32 - 1, help="Seed for VED's random draws (beam search draws nothing)."
+            ),
         ] = 0,
         device: DeviceOpt = "cpu",
         json_out: Annotated[

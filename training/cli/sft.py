@@ -92,7 +92,8 @@ def register_sft(app: typer.Typer) -> None:
             ),
         ] = None,
         seed: Annotated[
-            int | None, typer.Option("--seed", help="Seed for weights, data order and sampling [0].")
+            int | None,
+            typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for weights, data order and sampling [0]."),
         ] = None,
         crop_prob: Annotated[
             float | None,
