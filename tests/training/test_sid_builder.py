@@ -194,6 +194,29 @@ def test_write_index_refuses_to_overwrite(tmp_path: Path) -> None:
     assert (data / "alt" / "index.json").read_text() == first
 
 
+def test_an_index_that_others_depend_on_is_never_replaced(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """--force alone would leave the splits' SIDs behind the new index; --out may not land on a split, another
+    data set's index, a checkpoint's file or a folder. Each is refused before the k-means, and nothing changes."""
+    data, other, ckpt = tmp_path / "data", tmp_path / "other", tmp_path / "ckpt"
+    shutil.copytree(tiny_data_dir, data)
+    shutil.copytree(tiny_data_dir, other)
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text("{}")
+    before = {p: p.read_bytes() for folder in (data, other, ckpt) for p in folder.iterdir()}
+    with pytest.raises(FileExistsError, match=r"--force alone would replace .*index.json while train.csv, valid.csv"):
+        write_index(data, SidBuildConfig(seed=1), force=True)
+    for out, message in [
+        (data / "train.csv", "exists and is not an index"),
+        (other / "index.json", "is a data set .* whose SIDs must match its own index"),
+        (ckpt / "manifest.json", "a checkpoint"),
+        (ckpt / "index.json", "a checkpoint"),
+        (other, "is a folder"),
+    ]:
+        with pytest.raises(ValueError, match=f"--out: .*{message}"):
+            write_index(data, SidBuildConfig(seed=1), out=out, force=True)
+    assert {p: p.read_bytes() for folder in (data, other, ckpt) for p in folder.iterdir()} == before
+
+
 def test_update_splits_rewrites_the_sid_columns_to_the_new_index(tiny_data_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data)

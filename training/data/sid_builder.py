@@ -50,8 +50,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from models.output_path import parents_problem
 from models.sid_catalog import LEVEL_PREFIXES, level_token
-from training.data.dataset import DataError, read_embeddings, read_json_object
+from training.data.dataset import SPLITS, DataError, read_embeddings, read_json_object
 from training.data.dataset_writer import relabel_splits
 
 MAX_AUTO_CODEBOOK = 256
@@ -307,21 +308,48 @@ def load_embeddings(data_dir: Path) -> np.ndarray:
     return read_embeddings(path, items, str(meta))
 
 
+def index_out_problem(out: Path) -> str | None:
+    """What stops ``--out`` taking a new index (a sentence), or None: it may replace only an index that no
+    data set's splits or checkpoint depends on."""
+    if out.is_dir():
+        return f"{out} is a folder: give the path of the index.json to write"
+    if (out.parent / "manifest.json").is_file():
+        return f"{out} is inside {out.parent}, a checkpoint (it holds manifest.json)"
+    if out.exists() and not out.name.endswith("index.json"):
+        return f"{out} exists and is not an index (its name does not end in index.json); it would be replaced"
+    splits = [f"{s}.csv" for s in SPLITS if (out.parent / f"{s}.csv").is_file()]
+    if splits:
+        return (
+            f"{out.parent} is a data set ({', '.join(splits)}) whose SIDs must match its own index: give it as "
+            "--data with --force --update-splits instead"
+        )
+    return parents_problem(out)
+
+
 def write_index(
     data_dir: Path, config: SidBuildConfig, out: Path | None = None, force: bool = False, update_splits: bool = False
 ) -> dict[str, Any]:
     """Build SIDs from ``data_dir/item_emb.npy`` and write ``index.json`` (default ``data_dir/index.json``);
     ``update_splits``: also rewrite the SID columns of the split files beside it to the new index."""
-    out = out or data_dir / "index.json"
-    if update_splits and out.resolve() != (data_dir / "index.json").resolve():
-        raise ValueError(
-            f"--update-splits rewrites the splits of {data_dir}, whose index is {data_dir / 'index.json'}, not {out}"
-        )
+    own = data_dir / "index.json"
+    out = out or own
+    if update_splits and out.resolve() != own.resolve():
+        raise ValueError(f"--update-splits rewrites the splits of {data_dir}, whose index is {own}, not {out}")
+    problem = None if out.resolve() == own.resolve() else index_out_problem(out)
+    if problem is not None:
+        raise ValueError(f"--out: {problem}")
     if out.exists() and not force:
         raise FileExistsError(
             f"{out} exists; the CSVs next to it carry SIDs that must match it, so a new index would make "
             "them inconsistent. Write elsewhere with --out, or pass --force --update-splits to rewrite the "
             "CSVs' SID columns with it."
+        )
+    csvs = [f"{s}.csv" for s in SPLITS if (data_dir / f"{s}.csv").is_file()]
+    if out.resolve() == own.resolve() and out.exists() and csvs and not update_splits:
+        raise FileExistsError(
+            f"--force alone would replace {out} while {', '.join(csvs)} beside it keep the old SIDs, and the data "
+            "set would no longer load: add --update-splits to rewrite their SID columns with it, or write "
+            "elsewhere with --out"
         )
     build = build_sids(load_embeddings(data_dir), config, progress=True)
     index = build.index()
