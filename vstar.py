@@ -171,13 +171,26 @@ def demo(
     ] = 60,
 ) -> None:
     """The embedded default end to end: synthetic data, tiny model (SFT, V-STAR), test metrics, then the service."""
-    from training.demo import curl_command, demo_steps, example_request, report, rl_holdout, synth_step
+    from training.demo import (
+        curl_command,
+        demo_folder_problem,
+        demo_steps,
+        example_request,
+        report,
+        rl_holdout,
+        synth_step,
+    )
 
     def run(args: list[str]) -> None:
         typer.secho(f"$ vstar {' '.join(args)}", fg=typer.colors.CYAN, err=True)
         with contextlib.redirect_stdout(io.StringIO()):  # each step's JSON is in its file under --out
-            app(args=args, standalone_mode=False)
+            code = app(args=args, standalone_mode=False)
+        if isinstance(code, int) and code != 0:  # Ctrl-C (130) ends the step: the demo stops with it
+            raise typer.Exit(code)
 
+    problem = demo_folder_problem(out)
+    if problem is not None:
+        raise typer.BadParameter(problem, param_hint="--out")
     if not (out / "data" / "index.json").exists():
         run(synth_step(out))
     for args in demo_steps(out, rl_steps, rl_holdout(out / "data")):

@@ -23,7 +23,15 @@ from service.app import create_app
 from service.settings import Settings
 from training.data.sid_builder import SidBuildConfig
 from training.data.synth import SynthConfig, write_synth
-from training.demo import curl_command, demo_steps, example_request, figure, rl_holdout, rl_note
+from training.demo import (
+    curl_command,
+    demo_folder_problem,
+    demo_steps,
+    example_request,
+    figure,
+    rl_holdout,
+    rl_note,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,3 +147,45 @@ def test_a_second_demo_into_the_same_folder_replaces_its_runs(tmp_path: Path) ->
     so a rerun trains again (each checkpoint replaced atomically as the new one is written)."""
     steps = {args[0]: args for args in demo_steps(tmp_path, 60, 154)}
     assert "--force" in steps["sft"] and "--force" in steps["rl"]
+
+
+def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path: Path) -> None:
+    earlier, foreign, ckpt, data, afile = (tmp_path / n for n in ("earlier", "foreign", "ckpt", "data", "afile"))
+    (earlier / "data").mkdir(parents=True)
+    (earlier / "data" / "index.json").write_text("{}")
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text("{}")
+    data.mkdir()
+    (data / "index.json").write_text("{}")
+    afile.write_text("mine")
+    (tmp_path / "empty").mkdir()
+    for ok in (tmp_path / "new", tmp_path / "empty", earlier):
+        assert demo_folder_problem(ok) is None, ok
+    for out, message in [
+        (foreign, "holds files an earlier demo did not write"),
+        (ckpt, "is a checkpoint"),
+        (data, "is a data set"),
+        (afile, "is a file, not a folder"),
+    ]:
+        problem = demo_folder_problem(out)
+        assert problem is not None and message in problem, (out, problem)
+
+
+def test_a_step_stopped_by_ctrl_c_stops_the_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's Ctrl-C ends that step with status 130 (typer's); the demo must not go on to the next one."""
+    import typer
+
+    import vstar
+
+    steps: list[list[str]] = []
+
+    def interrupted(args: list[str], standalone_mode: bool) -> int:
+        steps.append(args)
+        return 130
+
+    monkeypatch.setattr(vstar, "app", interrupted)
+    with pytest.raises(typer.Exit) as stopped:
+        vstar.demo(out=tmp_path / "demo", serve=False, port=8000, rl_steps=1)
+    assert stopped.value.exit_code == 130 and [args[0] for args in steps] == ["synth"]

@@ -35,6 +35,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from models.output_path import stored_folder
 from training.data.dataset import load_dataset
 
 # (label, stem of <stem>.test.json)
@@ -47,6 +48,21 @@ MODELS = (
 )
 HISTORY_ITEMS = 3  # items of the example request's history
 RL_HOLDOUT_SHARE = 3  # V-STAR holds out the most recent 1/3 of valid to choose its model (``rl_holdout``)
+
+
+def demo_folder_problem(out: Path) -> str | None:
+    """Why the demo may not write into ``out`` (a sentence), or None: a new or empty folder, or an earlier demo's
+    (its data set at ``out/data``; a second demo replaces its runs). Its steps overwrite with --force."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"{out} is a file, not a folder"
+    held = stored_folder(out)
+    if held is not None:
+        return f"{out} is {held}: give a new folder"
+    if any(out.iterdir()) and not (out / "data" / "index.json").is_file():
+        return f"{out} holds files an earlier demo did not write (no data/index.json): give a new or empty folder"
+    return None
 
 
 def synth_step(out: Path) -> list[str]:
