@@ -93,6 +93,8 @@ def test_settings_reject_inconsistent_defaults(tiny_checkpoint: Path) -> None:
         Settings(checkpoint=tiny_checkpoint, default_k=20, max_k=10)
     with pytest.raises(ValueError, match="VSTAR_VED_DEFAULT_LATENCY_MS=500 exceeds VSTAR_VED_MAX_LATENCY_MS=100"):
         Settings(checkpoint=tiny_checkpoint, ved_default_latency_ms=500, ved_max_latency_ms=100)
+    with pytest.raises(ValueError, match="VSTAR_VED_MARGIN_MS=5000 plus VSTAR_VED_RESPOND_MS=4 leave no search time"):
+        Settings(checkpoint=tiny_checkpoint, ved_margin_ms=5000)
     with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
         Settings(checkpoint=tiny_checkpoint, device="gpu0")
     with pytest.raises(ValueError, match="database in the Redis URL must be a number .* got 'abc'"):
