@@ -125,6 +125,8 @@ def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
         load_dataset(data)
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="train.csv is a file, not a folder"):  # --data given a file
+        load_dataset(data / "train.csv")
 
 
 @pytest.mark.parametrize(

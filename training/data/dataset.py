@@ -179,7 +179,7 @@ def parse_splits(text: str) -> list[str]:
 def load_dataset(data_dir: str | Path) -> RecDataset:
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
+        raise DataError(f"data folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     files = {s: root / f"{s}.csv" for s in SPLITS}
     files |= {"index": root / "index.json", "item": root / "item.json"}
     emb = root / "item_emb.npy"
@@ -189,7 +189,8 @@ def load_dataset(data_dir: str | Path) -> RecDataset:
 def load_minionerec(root: str | Path, dataset: str) -> RecDataset:
     base = Path(root) / "data" / "Amazon"
     if not base.is_dir():
-        raise DataError(f"{base} does not exist: --minionerec-root must be a MiniOneRec checkout")
+        what = "is not a folder" if base.exists() else "does not exist"
+        raise DataError(f"{base} {what}: --minionerec-root must be a MiniOneRec checkout")
     files: dict[str, Path] = {}
     for s in SPLITS:
         found = sorted((base / s).glob(f"{dataset}*.csv"))
