@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import typer
 
 from training.cli.options import (
+    MAX_SEED,
     DataOpt,
     EpochsOpt,
     NameOpt,
@@ -138,7 +139,7 @@ def register_baseline(app: typer.Typer) -> None:
         other: Annotated[str, typer.Option("--other", help="Comma list of eval JSON files of the other method's.")],
         samples: Annotated[int, typer.Option("--samples", min=100, help="Bootstrap draws over rows.")] = 2000,
         seed: Annotated[
-            int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for the bootstrap's draws of rows.")
+            int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for the bootstrap's draws of rows.")
         ] = 0,
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Write the comparison here.", callback=writable_file)

@@ -21,6 +21,7 @@ import typer
 
 from models.checkpoint_error import CheckpointError
 from training.cli.options import (
+    MAX_SEED,
     DataOpt,
     Decoder,
     DeviceOpt,
@@ -52,7 +53,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         users: Annotated[int, typer.Option("--users", min=1, help="Number of users.")] = 400,
         seed: Annotated[
             int,
-            typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for the catalog, the users and the SIDs' k-means."),
+            typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for the catalog, the users and the SIDs' k-means."),
         ] = 0,
         codebook_size: Annotated[
             int | None, typer.Option("--codebook-size", min=2, help="SID codes per level (default: 2^k, C*C >= items).")
@@ -114,7 +115,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             int | None, typer.Option("--codebook-size", min=2, help="SID codes per level (default: 2^k, C*C >= items).")
         ] = None,
         levels: Annotated[int, typer.Option("--levels", min=1, max=8, help="Tokens per SID.")] = 3,
-        seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for the k-means.")] = 0,
+        seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for the k-means.")] = 0,
         out: Annotated[Path | None, typer.Option("--out", help="index.json to write (default DIR/index.json).")] = None,
         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing index.json.")] = False,
         update_splits: Annotated[

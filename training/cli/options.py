@@ -166,9 +166,8 @@ StepsOpt = Annotated[
         "over the rows than --epochs would make), and the learning-rate schedule spans them.",
     ),
 ]
-SeedOpt = Annotated[
-    int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for weights, data order and sampling.")
-]
+MAX_SEED = 2**32 - 1  # the seeds numpy accepts; every --seed is checked against it
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for weights, data order and sampling.")]
 TailSplitsOpt = Annotated[
     str,
     typer.Option(

@@ -14,6 +14,7 @@ import typer
 from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
 from training.cli.options import (
+    MAX_SEED,
     DataOpt,
     Decoder,
     DeviceOpt,
@@ -269,7 +270,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         seed: Annotated[
             int,
             typer.Option(
-                "--seed", min=0, max=2**32 - 1, help="Seed for VED's random draws (beam search draws nothing)."
+                "--seed", min=0, max=MAX_SEED, help="Seed for VED's random draws (beam search draws nothing)."
             ),
         ] = 0,
         device: DeviceOpt = "cpu",

@@ -15,6 +15,7 @@ import typer
 from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
 from training.cli.options import (
+    MAX_SEED,
     DataOpt,
     DeviceOpt,
     ForceOpt,
@@ -93,7 +94,7 @@ def register_sft(app: typer.Typer) -> None:
         ] = None,
         seed: Annotated[
             int | None,
-            typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for weights, data order and sampling [0]."),
+            typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for weights, data order and sampling [0]."),
         ] = None,
         crop_prob: Annotated[
             float | None,

@@ -308,6 +308,11 @@ def load_embeddings(data_dir: Path) -> np.ndarray:
     return read_embeddings(path, items, str(meta))
 
 
+def split_csvs(folder: Path) -> list[str]:
+    """The names of the split CSVs in ``folder`` (whose SID columns follow its index.json)."""
+    return [f"{s}.csv" for s in SPLITS if (folder / f"{s}.csv").is_file()]
+
+
 def index_out_problem(out: Path) -> str | None:
     """What stops ``--out`` taking a new index (a sentence), or None: it may replace only an index that no
     data set's splits or checkpoint depends on."""
@@ -317,7 +322,7 @@ def index_out_problem(out: Path) -> str | None:
         return f"{out} is inside {out.parent}, a checkpoint (it holds manifest.json)"
     if out.exists() and not out.name.endswith("index.json"):
         return f"{out} exists and is not an index (its name does not end in index.json); it would be replaced"
-    splits = [f"{s}.csv" for s in SPLITS if (out.parent / f"{s}.csv").is_file()]
+    splits = split_csvs(out.parent)
     if splits:
         return (
             f"{out.parent} is a data set ({', '.join(splits)}) whose SIDs must match its own index: give it as "
@@ -333,9 +338,10 @@ def write_index(
     ``update_splits``: also rewrite the SID columns of the split files beside it to the new index."""
     own = data_dir / "index.json"
     out = out or own
-    if update_splits and out.resolve() != own.resolve():
+    is_own = out.resolve() == own.resolve()
+    if update_splits and not is_own:
         raise ValueError(f"--update-splits rewrites the splits of {data_dir}, whose index is {own}, not {out}")
-    problem = None if out.resolve() == own.resolve() else index_out_problem(out)
+    problem = None if is_own else index_out_problem(out)
     if problem is not None:
         raise ValueError(f"--out: {problem}")
     if out.exists() and not force:
@@ -344,8 +350,8 @@ def write_index(
             "them inconsistent. Write elsewhere with --out, or pass --force --update-splits to rewrite the "
             "CSVs' SID columns with it."
         )
-    csvs = [f"{s}.csv" for s in SPLITS if (data_dir / f"{s}.csv").is_file()]
-    if out.resolve() == own.resolve() and out.exists() and csvs and not update_splits:
+    csvs = split_csvs(data_dir)
+    if is_own and out.exists() and csvs and not update_splits:
         raise FileExistsError(
             f"--force alone would replace {out} while {', '.join(csvs)} beside it keep the old SIDs, and the data "
             "set would no longer load: add --update-splits to rewrite their SID columns with it, or write "
