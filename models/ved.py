@@ -290,6 +290,8 @@ class _Search:
             width = ((holds >= target).long().argmax(1) + 1).clamp(min=k)  # (B,)
             keep = finite & (torch.arange(scores.shape[1], device=self.device)[None] < width[:, None])
             rows, pos = torch.nonzero(keep, as_tuple=True)
+            if not rows.numel():  # no finite score anywhere (a diverged model): nothing to grow
+                break
             nodes = self.add(rows, parents[rows, pos], codes[rows, pos])
             self.evaluate(rows, nodes)
 

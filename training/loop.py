@@ -5,7 +5,9 @@
 * ``run_steps``: the epoch loop. It walks the batches from where ``TrainState``
   says (so a resumed run continues mid-epoch), gives each step this rank's
   shard of the global batch (``training.distributed.shard``), counts the step,
-  and validates every ``eval_every`` steps and at the last one.
+  and validates every ``eval_every`` steps and at the last one. A step whose
+  loss is nan or inf stops the run with a ``ValueError`` (``Diverged``):
+  nothing is saved after it, so the checkpoints of earlier validations stand.
 * ``load_resume``: the ``<out>.resume`` folder of an interrupted run, refused
   when it was written by another configuration (its ``identity``) or trained
   on other data; the error names the settings that differ (``differences``).
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -72,19 +75,53 @@ class Schedule:
     eval_every: int
 
 
+class NonFinite(ValueError):
+    """Raised by a training step whose model gives no finite score: the run has diverged (``Diverged``)."""
+
+
+@dataclass(frozen=True)
+class Diverged:
+    """The step figures that must stay finite (``keys``), and what to try when one does not (``hint``)."""
+
+    keys: Sequence[str]
+    hint: str
+
+    def check(self, step: int, stats: dict[str, float], last_saved: int | None) -> None:
+        bad = [f"{k} {stats[k]}" for k in self.keys if k in stats and not math.isfinite(stats[k])]
+        if bad:
+            self.fail(step, ", ".join(bad), last_saved)
+
+    def fail(self, step: int, what: str, last_saved: int | None) -> None:
+        kept = "no checkpoint was written"
+        if last_saved is not None:
+            kept = f"what step {last_saved}'s validation wrote is kept"
+        raise ValueError(f"training diverged at step {step} ({what}): {self.hint}; {kept}")
+
+
 def run_steps(
     state: TrainState,
     schedule: Schedule,
     train_step: Callable[[Shard], dict[str, float]],
     report: Callable[[dict[str, float]], None],
     validate: Callable[[], None],
+    diverged: Diverged | None = None,
 ) -> None:
     """Steps until ``schedule.total_steps``: ``train_step`` on this rank's shard, the step counted in ``state``,
-    ``report`` with the step's figures, then ``validate`` every ``eval_every`` steps and at the last one."""
+    ``report`` with the step's figures, then ``validate`` every ``eval_every`` steps and at the last one; a
+    ``ValueError`` from ``diverged`` when a step's loss is not finite (its figures are global: every rank stops)
+    or the step raised ``NonFinite``."""
     while state.step < schedule.total_steps:
         batches = epoch_batches(schedule.lengths, schedule.batch_size, schedule.seed, state.epoch)
         for bi in range(state.batch_in_epoch, len(batches)):
-            stats = train_step(shard(batches[bi]))
+            last_saved = state.history[-1]["step"] if state.history else None
+            try:
+                stats = train_step(shard(batches[bi]))
+            except NonFinite as e:
+                if diverged is None:
+                    raise
+                diverged.fail(state.step + 1, str(e), last_saved)
+            if diverged is not None:
+                diverged.check(state.step + 1, stats, last_saved)
             state.step, state.batch_in_epoch = state.step + 1, bi + 1
             report(stats)
             if state.step % schedule.eval_every == 0 or state.step >= schedule.total_steps:

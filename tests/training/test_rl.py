@@ -309,6 +309,21 @@ def test_train_rl_writes_checkpoint_and_resumes(
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
 
 
+@pytest.mark.parametrize("algo", ["grpo", "vstar"])
+def test_a_diverged_rl_run_stops_with_its_step_and_keeps_what_it_wrote(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, algo: str
+) -> None:
+    # lr 1e30 overflows the weights within a few updates: the next rollout (beam search, or VED's initial tree)
+    # finds no finite score, and the run says so instead of failing inside the backbone on an empty batch
+    config = RLConfig(algo=algo, max_steps=8, batch_size=4, eval_every=10, eval_limit=8, value_warmup=1, lr=1e30)
+    before = {p: p.read_bytes() for p in init_ckpt.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="training diverged at step \\d+ \\(the policy scored no SID as finite.*: try "
+                       "a lower --lr than 1e\\+30.*; what step 0's validation wrote is kept"):  # fmt: skip
+        train_rl(tiny_dataset, init_ckpt, tmp_path / "rl", config, progress=False)
+    assert not (tmp_path / "rl").exists() and (tmp_path / "rl.resume").is_dir()
+    assert {p: p.read_bytes() for p in init_ckpt.rglob("*") if p.is_file()} == before
+
+
 def test_a_resume_whose_init_was_replaced_is_refused(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

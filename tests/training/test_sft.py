@@ -58,6 +58,14 @@ def test_training_changes_weights_and_is_deterministic(tiny_dataset, tmp_path: P
     assert all(torch.equal(trained[k], again[k]) for k in trained)
 
 
+def test_a_diverged_run_stops_with_its_step_and_a_hint_and_writes_no_checkpoint(tiny_dataset, tmp_path: Path) -> None:
+    config = SFTConfig(preset="tiny", max_steps=6, batch_size=16, lr=1e30, eval_limit=16, seed=3)
+    hint = r"training diverged at step \d+ \(train/loss nan\): try a lower --lr than 1e\+30; no checkpoint was written"
+    with pytest.raises(ValueError, match=hint):
+        train_sft(tiny_dataset, tmp_path / "a", config, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.resume").exists()
+
+
 def test_selection_keeps_the_best_validation_not_the_last(
     tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,7 +82,7 @@ from training.data.dataset import (
 )
 from training.distributed import Shard, is_main, require_global_batch, shard, weighted_mean
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
-from training.loop import Checkpointer, Schedule, TrainState, epoch_batches, load_resume, run_steps
+from training.loop import Checkpointer, Diverged, Schedule, TrainState, epoch_batches, load_resume, run_steps
 from training.optim import seed_everything
 from training.rl.rewards import resolve_level_weights
 from training.rl.trainer import RLConfig, RLTrainer
@@ -412,8 +412,10 @@ def train_rl(
         if state.step % LOG_EVERY == 0:
             log.info("step %d: %s", state.step, " ".join(f"{k} {stats[k]:.4g}" for k in LOGGED))
 
+    losses = ("grpo_loss", "sibling_loss", "kl") + (("value_loss",) if value_head is not None else ())
+    lrs = f"--lr than {config.lr:g}" + (f" or --value-lr than {config.value_lr:g}" if value_head is not None else "")
     run_steps(state, Schedule(lengths, config.batch_size, config.seed, total_steps, config.eval_every),
-              train_step, report, validate)  # fmt: skip
+              train_step, report, validate, Diverged(losses, f"try a lower {lrs}"))  # fmt: skip
     bar.close()
     curves.close()
     init_score = next(((h["HR@10"], h["NDCG@10"]) for h in state.history if h["step"] == 0 and "HR@10" in h), None)

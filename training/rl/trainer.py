@@ -141,6 +141,7 @@ from models.value_head import ValueHead
 from models.ved_config import VEDConfig
 from training.data.dataset import Sample
 from training.distributed import loss_scales, wrap_ddp
+from training.loop import NonFinite
 from training.optim import autocast_dtype, cosine_schedule
 from training.rl.diagnose import candidate_stats
 from training.rl.loss import policy_loss, token_log_probs, value_td_loss
@@ -308,6 +309,8 @@ class RLTrainer:
         start = time.perf_counter()
         # 1. rollout: V_phi frozen, C(x) per prompt from VED (or beam search)
         rollout = collect(self.policy, samples, self.source())
+        if rollout.valid.numel() and not rollout.valid.any():  # every score nan or -inf: the weights overflowed
+            raise NonFinite(f"the policy scored no SID as finite for any of {len(samples)} prompts")
         batch = sequences(rollout)
         # 2. reward: rule + ranking
         rewards, rule = batch_standard_rewards(rollout.sid_index, rollout.target_sid)  # (B, G) each

@@ -85,6 +85,7 @@ from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_che
 from training.loop import (
     RESTART,
     Checkpointer,
+    Diverged,
     Schedule,
     TrainState,
     differences,
@@ -307,7 +308,8 @@ def _train_sft(
     model.train()
     schedule = Schedule([len(p) + len(t) for p, t in encoded], config.batch_size, config.seed, total_steps,
                         config.eval_every or steps_per_epoch)  # fmt: skip
-    run_steps(state, schedule, train_step, report, validate)
+    diverged = Diverged(("train/loss",), f"try a lower --lr than {config.lr:g}")
+    run_steps(state, schedule, train_step, report, validate, diverged)
     bar.close()
     if last_validated != state.step:
         validate()
