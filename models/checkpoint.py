@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -188,6 +189,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if tokenizer.pad_token_id is None:  # every saved tokenizer has one: its config did not load
         raise CheckpointError(f"checkpoint {folder}: the tokenizer has no pad token (tokenizer_config.json missing?)")
     tokenizer.padding_side = "left"
+    _check_finite(folder, model.named_parameters())
     model.eval()
     policy = Policy(model, tokenizer, catalog, prompt).to(device)
     loaded = {}
@@ -196,7 +198,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             loaded[f.stem] = load_file(str(f), device=str(device))
         except SafetensorError as e:
             raise CheckpointError(f"checkpoint {folder}: {f.name} is corrupt: {e}") from None
+        _check_finite(folder, ((f"{f.stem}.{k}", t) for k, t in loaded[f.stem].items()))
     return LoadedCheckpoint(policy, manifest, loaded, folder)
+
+
+def _check_finite(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """A ``CheckpointError`` naming the first floating-point tensor that holds nan or inf: such a model scores
+    nothing (a run that diverged, or a file damaged in a way its format cannot tell)."""
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"checkpoint {folder}: {name} holds nan or inf (did the run that wrote it diverge?)")
 
 
 def _read_json(folder: Path, name: str) -> dict[str, Any]:

@@ -51,6 +51,23 @@ def test_load_names_the_corrupt_file(vstar_checkpoint: Path, tmp_path: Path, nam
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "value_head.safetensors"])
+def test_weights_that_hold_nan_or_inf_are_named(vstar_checkpoint: Path, tmp_path: Path, name: str) -> None:
+    # the safetensors file is whole and well-formed; one value in it is not a number (a run that diverged)
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "ck"
+    shutil.copytree(vstar_checkpoint, path)
+    tensors = load_file(str(path / name))
+    first = sorted(k for k, t in tensors.items() if t.is_floating_point())[0]
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, str(path / name), metadata={"format": "pt"})
+    stem = name.removesuffix(".safetensors")
+    where = first if stem == "model" else f"{stem}.{first}"  # the model's tensors by their parameter names
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path}: {where} holds nan or inf"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json", "catalog.json"])
 def test_a_missing_file_is_named(vstar_checkpoint: Path, tmp_path: Path, name: str) -> None:
     path = tmp_path / "ck"
