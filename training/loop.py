@@ -138,13 +138,18 @@ def load_resume(
     identity: dict[str, Any],
     data: RecDataset,
     differs: str = "a different configuration",
+    wanted: str = "sft",
 ) -> tuple[LoadedCheckpoint, dict[str, Any]]:
-    """The interrupted run at ``folder`` and its trainer state; a ``ValueError`` when there is none, when it
-    trained on other data than ``data``, or when its state does not hold ``identity`` (the configuration, and
-    whatever else must match, key by key)."""
+    """The interrupted run at ``folder`` and its trainer state; a ``ValueError`` when there is none, when it is
+    another command's run (its manifest's stage is not ``wanted``), when it trained on other data than ``data``,
+    or when its state does not hold ``identity`` (the configuration, and whatever else must match, key by key)."""
     if not folder.exists():
         raise ValueError(f"--resume: no interrupted run at {folder}")
     loaded = load_checkpoint(folder, device)
+    stage = loaded.manifest.get("stage")
+    if stage in ("sft", "rl") and stage != wanted:  # another command's run: its settings would all differ
+        raise ValueError(f"--resume: {folder} holds the state of a vstar {stage} run, not of a vstar {wanted} run: "
+                         f"resume it with vstar {stage} --resume, or give vstar {wanted} another --out")  # fmt: skip
     require_same_data(folder, loaded.manifest, data)
     trainer_state = loaded.trainer_state()
     if trainer_state is None:

@@ -31,6 +31,9 @@ from training.rl.loss import clipped_pg, k3_kl, policy_loss
 from training.rl.rollout import beam_source, collect
 from training.rl.run import fuse_rl_checkpoint, train_rl
 from training.rl.trainer import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, RLTrainer
+from training.run_files import resume_folder
+from training.sft.config import SFTConfig
+from training.sft.trainer import train_sft
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +310,14 @@ def test_train_rl_writes_checkpoint_and_resumes(
     assert summary["fusion"]["weight"] == ckpt.manifest["fusion"]["weight"]
     with pytest.raises(ValueError, match="different configuration"):
         train_rl(tiny_dataset, init_ckpt, out, RLConfig(algo="grpo", max_steps=3), resume=True, progress=False)
+    # the other command's run: named as such, not as a list of every setting that differs
+    with pytest.raises(ValueError, match=r"rl.resume holds the state of a vstar rl run, not of a vstar sft run: "
+                       "resume it with vstar rl --resume"):  # fmt: skip
+        train_sft(tiny_dataset, out, SFTConfig(preset="tiny", max_steps=1), resume=True, progress=False)
+    sft_out = tmp_path / "sft"
+    save_checkpoint(resume_folder(sft_out), load_checkpoint(init_ckpt).policy, {"stage": "sft"}, trainer_state={})
+    with pytest.raises(ValueError, match="holds the state of a vstar sft run, not of a vstar rl run"):
+        train_rl(tiny_dataset, init_ckpt, sft_out, config, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "vstar"])

@@ -308,7 +308,7 @@ def train_rl(
     if resume:
         identity = {"config": asdict(config), "init": str(init)}
         start_ckpt, trainer_state = load_resume(
-            resume_folder(out), device, identity, data, "a different configuration or --init"
+            resume_folder(out), device, identity, data, "a different configuration or --init", wanted="rl"
         )
         was = trainer_state.get("init_version")  # states written before it was kept have none
         if was is not None and was != reference_version:
