@@ -210,8 +210,9 @@ def serve_until_stopped(checkpoint: Path, port: int, ready_message: str) -> None
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines would be plain text amid the JSON
-    cmd = [sys.executable, "-m", "vstar", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
-    server = subprocess.Popen(cmd)
+    from service.serve_command import serve_command
+
+    server = subprocess.Popen(serve_command(checkpoint, port))
     try:
         deadline = time.monotonic() + 300
         while True:

@@ -1,6 +1,6 @@
 """``vstar bench serve``: latency and throughput of the real server, measured from outside.
 
-The server is started as a subprocess (``python -m vstar serve``) on a free
+The server is started as a subprocess (``vstar serve``, ``service.serve_command``) on a free
 loopback port, once with micro-batching and once without, and is driven by N
 concurrent clients, each sending its next request as soon as the last
 one is answered (closed loop). Per cell it records client-side latency (what a
@@ -48,6 +48,8 @@ from typing import Any
 import httptools
 import httpx
 import numpy as np
+
+from service.serve_command import serve_command
 
 HOST = "127.0.0.1"
 
@@ -144,7 +146,7 @@ def running_server(checkpoint: Path, batching: bool, config: BenchConfig) -> Ite
     }
     if config.torch_threads is not None:
         env["VSTAR_TORCH_THREADS"] = str(config.torch_threads)
-    cmd = [sys.executable, "-m", "vstar", "serve", "--checkpoint", str(checkpoint), "--host", HOST, "--port", str(port)]
+    cmd = serve_command(checkpoint, port, HOST)
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://{HOST}:{port}"
