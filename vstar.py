@@ -9,7 +9,9 @@ house rule for bad input: a malformed data file, a missing or broken
 checkpoint, an invalid setting), is printed as one line, ``Error: ...``, and the
 command exits with 2. A ``ValueError`` raised inside a library, and any other
 exception, is a bug and keeps its traceback. Every float option refuses nan and
-inf before its command runs (``refuse_non_finite``).
+inf before its command runs (``refuse_non_finite``). Running out of memory (a
+``MemoryError``, or torch's ``OutOfMemoryError``) is one line too, exit status 1:
+it names what was asked for, not a bug.
 """
 
 from __future__ import annotations
@@ -133,6 +135,14 @@ class OneLineErrors(TyperGroup):
             if not raised_by_project(e):
                 raise
             fail(str(e), 2)
+        except MemoryError as e:  # numpy's says how much it asked for
+            fail(f"out of memory: {e or 'an allocation failed'}: ask for less (sizes, --batch-size)", 1)
+        except RuntimeError as e:
+            # torch's OutOfMemoryError (CUDA's; by name: torch is not imported before a command runs), or its CPU
+            # allocator's plain RuntimeError
+            if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
+                raise
+            fail(f"out of memory: {e}: ask for less (a smaller --batch-size, a shorter history)", 1)
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -241,6 +241,44 @@ def test_a_value_error_inside_a_library_is_a_bug_and_keeps_its_traceback() -> No
     assert raised_by_project(ours.value) and not raised_by_project(library.value)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError("Unable to allocate 745. GiB for an array with shape (99999999946,) and data type float64"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"
+        ),  # fmt: skip
+        type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)
+def test_running_out_of_memory_is_one_line_that_says_what_was_asked_for(
+    error: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.data.synth
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(training.data.synth, "write_synth", fails)
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "d"), "--items", "100000000000"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith(f"Error: out of memory: {error}: ask for less") and result.output.count("\n") == 1
+
+
+def test_any_other_runtime_error_is_a_bug_and_keeps_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.data.synth
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("expected all tensors to be on the same device")
+
+    monkeypatch.setattr(training.data.synth, "write_synth", fails)
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
 def commands(cmd: typer.core.TyperGroup, path: str = "vstar") -> Iterator[tuple[str, typer.core.TyperCommand]]:
     for name, sub in cmd.commands.items():
         if isinstance(sub, typer.core.TyperGroup):
