@@ -11,7 +11,8 @@ command exits with 2. A ``ValueError`` raised inside a library, and any other
 exception, is a bug and keeps its traceback. Every float option refuses nan and
 inf before its command runs (``refuse_non_finite``). Running out of memory (a
 ``MemoryError``, or torch's ``OutOfMemoryError``) is one line too, exit status 1:
-it names what was asked for, not a bug.
+it names what was asked for, not a bug; so is an ``OSError`` that names a file
+(a path under /proc, a full disk), which the checks before the work did not foresee.
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ class OneLineErrors(TyperGroup):
             if not raised_by_project(e):
                 raise
             fail(str(e), 2)
+        except OSError as e:  # a file the system would not read or write: a path to fix, not a bug
+            if e.filename is None:
+                raise
+            to = f" -> {e.filename2}" if e.filename2 is not None else ""
+            fail(f"{e.filename}{to}: {e.strerror or e}", 1)
         except MemoryError as e:  # numpy's says how much it asked for
             fail(f"out of memory: {e or 'an allocation failed'}: ask for less (sizes, --batch-size)", 1)
         except RuntimeError as e:

@@ -21,6 +21,8 @@ def parents_problem(path: Path) -> str | None:
         return f"{above} is a file, so {path} cannot be written under it"
     if not os.access(above, os.W_OK | os.X_OK):
         return f"cannot write under {above} (permission denied)"
+    if hasattr(os, "statvfs") and os.statvfs(above).f_flag & os.ST_RDONLY:  # e.g. a volume mounted read-only
+        return f"cannot write under {above} (a read-only file system)"
     return None
 
 

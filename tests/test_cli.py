@@ -266,6 +266,17 @@ def test_running_out_of_memory_is_one_line_that_says_what_was_asked_for(
     assert result.output.startswith(f"Error: out of memory: {error}: ask for less") and result.output.count("\n") == 1
 
 
+def test_a_file_the_system_will_not_write_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.data.synth
+
+    def fails(*args: object, **kwargs: object) -> None:  # /sys passes the checks before the work (root may write)
+        raise PermissionError(1, "Operation not permitted", "/sys/x")
+
+    monkeypatch.setattr(training.data.synth, "write_synth", fails)
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1 and result.output == "Error: /sys/x: Operation not permitted\n"
+
+
 def test_any_other_runtime_error_is_a_bug_and_keeps_its_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
