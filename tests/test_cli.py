@@ -72,6 +72,11 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
     yield ["eval", "--data", d, "--checkpoint", empty], f"{empty} is not a checkpoint folder (no manifest.json)"
     yield ["eval", "--data", d, "--checkpoint", empty, "--decoder", "greedy"], "'greedy' is not one of 'beam', 'ved'"
     yield ["eval", "--data", d, "--checkpoint", empty, "--split", "dev"], "'dev' is not one of"
+    yield ["eval", "--data", d, "--checkpoint", empty, "--explore-slots", "0"], "--explore-slots is a VED option, which"
+    yield (
+        ["eval", "--data", d, "--checkpoint", empty, "--budget", "60", "--explore-slots", "1"],
+        "--budget, --explore-slots are VED options, which beam search would ignore: use with --decoder ved",
+    )
     yield ["eval", "--data", d, "--checkpoint", empty, "--train-splits", "train,test"], "no model trains on test"
     yield ["fuse", "--data", d, "--checkpoint", gone], "does not exist"
     yield ["rl", "--data", d, "--init", gone, "--out", out], "Invalid value for --init"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
 from models.checkpoint_error import CheckpointError
 from training.cli.options import (
@@ -141,9 +142,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         write_json(json_out, report)
 
     register_sft(app)
+    VED_ONLY = {"budget": "--budget", "explore_slots": "--explore-slots"}  # eval's options that beam search ignores
 
     @app.command(name="eval")
     def eval_cmd(
+        ctx: typer.Context,
         checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder.")],
         data: DataOpt = None,
         minionerec_root: RootOpt = None,
@@ -186,6 +189,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """HR@K / NDCG@K (MiniOneRec's definitions), catalog coverage and long-tail share on a split."""
         from training.data.dataset import parse_splits
+
+        given = [f for n, f in VED_ONLY.items() if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT]
+        if decoder == "beam" and given:  # a report must not look configured by an option its decoder never read
+            what = "is a VED option" if len(given) == 1 else "are VED options"
+            raise typer.BadParameter(
+                f"{', '.join(given)} {what}, which beam search would ignore: use with --decoder ved"
+            )
 
         context_splits = parse_splits(train_splits)
         if "test" in context_splits:  # its targets would shape the long tail that test is scored against
