@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
 from models.checkpoint_error import CheckpointError
 from training.cli.options import (
@@ -33,6 +32,7 @@ from training.cli.options import (
     TailSplitsOpt,
     demo_policy,
     float_list,
+    given_options,
     int_list,
     load_data,
     local_model,
@@ -190,7 +190,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """HR@K / NDCG@K (MiniOneRec's definitions), catalog coverage and long-tail share on a split."""
         from training.data.dataset import parse_splits
 
-        given = [f for n, f in VED_ONLY.items() if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT]
+        given = given_options(ctx, VED_ONLY)
         if decoder == "beam" and given:  # a report must not look configured by an option its decoder never read
             what = "is a VED option" if len(given) == 1 else "are VED options"
             raise typer.BadParameter(

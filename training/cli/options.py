@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
+from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
 from models.output_path import output_file_problem, output_folder_problem, parents_problem
 from training.run_files import earlier_run, replaced_folders, side_files
@@ -166,6 +167,14 @@ StepsOpt = Annotated[
         "over the rows than --epochs would make), and the learning-rate schedule spans them.",
     ),
 ]
+
+
+def given_options(ctx: typer.Context, flags: Mapping[str, str]) -> list[str]:
+    """The flags of ``flags`` (parameter name -> flag) given on the command line, not left at their defaults: an
+    option that a run would ignore is refused only when given (a run must not look configured by it)."""
+    return [flag for name, flag in flags.items() if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+
+
 MAX_SEED = 2**32 - 1  # the seeds numpy accepts; every --seed is checked against it
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for weights, data order and sampling.")]
 TailSplitsOpt = Annotated[

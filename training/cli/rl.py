@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
 from training.cli.options import (
     MAX_SEED,
@@ -33,6 +32,7 @@ from training.cli.options import (
     check_run_outputs,
     checkpoint_out,
     float_list,
+    given_options,
     load_data,
     require_candidates,
     require_checkpoint,
@@ -63,15 +63,14 @@ PART_OPTIONS = {
 
 def ignored_options(ctx: typer.Context, algo: str) -> str | None:
     """The problem with options given on the command line that this run would ignore, or None."""
-    given = {name for name in ctx.params if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
     if algo == "grpo":
-        named = [flag for name, flag in VSTAR_OPTIONS.items() if name in given]
+        named = given_options(ctx, VSTAR_OPTIONS)
         if named:
             what = "is a V-STAR option" if len(named) == 1 else "are V-STAR options"
             return f"{', '.join(named)} {what}, which --algo grpo would ignore: use with --algo vstar"
         return None
     for switch, (part, options) in PART_OPTIONS.items():
-        named = [VSTAR_OPTIONS[name] for name in options if name in given]
+        named = given_options(ctx, {name: VSTAR_OPTIONS[name] for name in options})
         if ctx.params[switch] and named:
             what = "is" if len(named) == 1 else "are"
             return f"{', '.join(named)} {what} read by {part} alone, which {VSTAR_OPTIONS[switch]} switches off"
