@@ -12,12 +12,14 @@ exception, is a bug and keeps its traceback. Every float option refuses nan and
 inf before its command runs (``refuse_non_finite``). Running out of memory (a
 ``MemoryError``, or torch's ``OutOfMemoryError``) is one line too, exit status 1:
 it names what was asked for, not a bug; so is an ``OSError`` that names a file
-(a path under /proc, a full disk), which the checks before the work did not foresee.
+(a path under /proc, which the checks before the work do not foresee) or a full
+disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import logging
@@ -136,19 +138,21 @@ class OneLineErrors(TyperGroup):
             if not raised_by_project(e):
                 raise
             fail(str(e), 2)
-        except OSError as e:  # a file the system would not read or write: a path to fix, not a bug
-            if e.filename is None:
-                raise
-            to = f" -> {e.filename2}" if e.filename2 is not None else ""
-            fail(f"{e.filename}{to}: {e.strerror or e}", 1)
-        except MemoryError as e:  # numpy's says how much it asked for
-            fail(f"out of memory: {e or 'an allocation failed'}: ask for less (sizes, --batch-size)", 1)
+        except OSError as e:  # a file the system would not read or write, or a full disk: not a bug
+            if e.filename is not None:
+                to = f" -> {e.filename2}" if e.filename2 is not None else ""
+                fail(f"{e.filename}{to}: {e.strerror or e}", 1)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write() names no file
+                fail(f"{e.strerror}: free some space, or write the output elsewhere", 1)
+            raise
+        except MemoryError as e:  # numpy's says how much it asked for; Python's own says nothing
+            fail(f"out of memory: {str(e) or 'an allocation failed'}: ask for less (sizes, --batch-size)", 1)
         except RuntimeError as e:
             # torch's OutOfMemoryError (CUDA's; by name: torch is not imported before a command runs), or its CPU
             # allocator's plain RuntimeError
             if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
                 raise
-            fail(f"out of memory: {e}: ask for less (a smaller --batch-size, a shorter history)", 1)
+            fail(f"out of memory: {e}: ask for less (a smaller --batch-size)", 1)
         sys.exit(code if isinstance(code, int) else 0)
 
 

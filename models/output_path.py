@@ -19,10 +19,10 @@ def parents_problem(path: Path) -> str | None:
     above = next((p for p in path.parents if p.exists()), Path("."))
     if not above.is_dir():
         return f"{above} is a file, so {path} cannot be written under it"
+    if hasattr(os, "statvfs") and os.statvfs(above).f_flag & os.ST_RDONLY:  # e.g. a volume mounted read-only
+        return f"cannot write under {above} (a read-only file system)"  # (access() would say EROFS, as denied)
     if not os.access(above, os.W_OK | os.X_OK):
         return f"cannot write under {above} (permission denied)"
-    if hasattr(os, "statvfs") and os.statvfs(above).f_flag & os.ST_RDONLY:  # e.g. a volume mounted read-only
-        return f"cannot write under {above} (a read-only file system)"
     return None
 
 

@@ -282,6 +282,29 @@ def test_a_file_the_system_will_not_write_is_one_line(tmp_path: Path, monkeypatc
     assert result.exit_code == 1 and result.output == "Error: /sys/x: Operation not permitted\n"
 
 
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (MemoryError(), "Error: out of memory: an allocation failed: ask for less (sizes, --batch-size)"),  # Python's
+        (
+            OSError(28, "No space left on device"),
+            "Error: No space left on device: free some space, or write the output elsewhere",
+        ),  # a write() on a full disk names no file  # fmt: skip
+    ],
+)
+def test_errors_that_name_nothing_still_say_what_happened(
+    error: Exception, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.data.synth
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(training.data.synth, "write_synth", fails)
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1 and result.output == line + "\n"
+
+
 def test_any_other_runtime_error_is_a_bug_and_keeps_its_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
