@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from models.policy import Policy
 from training.data.dataset import RecDataset, Sample
 from training.distributed import Shard, barrier, is_main, shard
 from training.evaluation.decoders import beam_decoder
-from training.evaluation.evaluate import sharded_metrics
+from training.evaluation.evaluate import rank_samples, sharded_metrics
 from training.run_files import resume_folder
 
 log = logging.getLogger(__name__)
@@ -76,26 +76,30 @@ class Schedule:
 
 
 class NonFinite(ValueError):
-    """Raised by a training step whose model gives no finite score: the run has diverged (``Diverged``)."""
+    """Raised where a run sees that it has diverged (a loss, or a model that scores no SID): see ``Diverged``."""
 
 
 @dataclass(frozen=True)
 class Diverged:
-    """The step figures that must stay finite (``keys``), and what to try when one does not (``hint``)."""
+    """How a run that diverged stops: the step figures that must stay finite (``keys``), the learning rates to
+    lower (``lrs``, e.g. "--lr than 0.002"), and the run's ``out``, which may hold an earlier validation's model."""
 
     keys: Sequence[str]
-    hint: str
+    lrs: str
+    out: Path
 
-    def check(self, step: int, stats: dict[str, float], last_saved: int | None) -> None:
+    def check(self, stats: dict[str, float]) -> None:
         bad = [f"{k} {stats[k]}" for k in self.keys if k in stats and not math.isfinite(stats[k])]
         if bad:
-            self.fail(step, ", ".join(bad), last_saved)
+            raise NonFinite(", ".join(bad))
 
-    def fail(self, step: int, what: str, last_saved: int | None) -> None:
-        kept = "no checkpoint was written"
-        if last_saved is not None:
-            kept = f"what step {last_saved}'s validation wrote is kept"
-        raise ValueError(f"training diverged at step {step} ({what}): {self.hint}; {kept}")
+    def fail(self, step: int, what: str) -> NoReturn:
+        kept = (self.out / "manifest.json").is_file()
+        raise ValueError(
+            f"training diverged at step {step} ({what}): start again with a lower {self.lrs} and --force "
+            "(--resume would go on at the lr that diverged)"
+            + (f"; {self.out} holds the model an earlier validation kept" if kept else "")
+        )
 
 
 def run_steps(
@@ -107,25 +111,25 @@ def run_steps(
     diverged: Diverged | None = None,
 ) -> None:
     """Steps until ``schedule.total_steps``: ``train_step`` on this rank's shard, the step counted in ``state``,
-    ``report`` with the step's figures, then ``validate`` every ``eval_every`` steps and at the last one; a
-    ``ValueError`` from ``diverged`` when a step's loss is not finite (its figures are global: every rank stops)
-    or the step raised ``NonFinite``."""
+    ``report`` with the step's figures, then ``validate`` every ``eval_every`` steps and at the last one. With
+    ``diverged``, a step whose loss is not finite (its figures are global: every rank stops), or whose step or
+    validation raised ``NonFinite``, stops the run with its ``ValueError`` before anything more is written."""
     while state.step < schedule.total_steps:
         batches = epoch_batches(schedule.lengths, schedule.batch_size, schedule.seed, state.epoch)
         for bi in range(state.batch_in_epoch, len(batches)):
-            last_saved = state.history[-1]["step"] if state.history else None
+            step = state.step + 1
             try:
                 stats = train_step(shard(batches[bi]))
+                if diverged is not None:
+                    diverged.check(stats)
+                state.step, state.batch_in_epoch = step, bi + 1
+                report(stats)
+                if state.step % schedule.eval_every == 0 or state.step >= schedule.total_steps:
+                    validate()
             except NonFinite as e:
                 if diverged is None:
                     raise
-                diverged.fail(state.step + 1, str(e), last_saved)
-            if diverged is not None:
-                diverged.check(state.step + 1, stats, last_saved)
-            state.step, state.batch_in_epoch = state.step + 1, bi + 1
-            report(stats)
-            if state.step % schedule.eval_every == 0 or state.step >= schedule.total_steps:
-                validate()
+                diverged.fail(step, str(e))
             if state.step >= schedule.total_steps:
                 break
         if state.batch_in_epoch >= len(batches):
@@ -189,12 +193,24 @@ def plain(value: Any) -> Any:
     return value
 
 
+PROBE_ROWS = 4  # rows a refit's validation decodes to see that its model still scores SIDs
+
+
+def scores_a_sid(policy: Policy, rows: Sequence[Sample]) -> bool:
+    """Whether greedy constrained decoding of ``rows`` ranks any SID (a diverged model scores none as finite)."""
+    return any(rank_samples(policy, rows, beam_decoder(1), progress=False))
+
+
 def selection_score(
     policy: Policy, select_rows: Sequence[Sample], train_rows: Sequence[Sample], beams: int
 ) -> tuple[float, float]:
-    """(HR@10, NDCG@10) by beam search on the selection rows; sharded and row-weighted over the ranks."""
+    """(HR@10, NDCG@10) by beam search on the selection rows; sharded and row-weighted over the ranks.
+    ``NonFinite`` when no row's list reaches 10 SIDs: the model scored the rest nan or -inf."""
     m = sharded_metrics(policy, select_rows, train_rows, beam_decoder(beams), ("HR@10", "NDCG@10"))
-    return m["HR@10"], m["NDCG@10"]
+    hr, ndcg = m["HR@10"], m["NDCG@10"]
+    if hr is None or ndcg is None:
+        raise NonFinite(f"the model scored fewer than 10 SIDs as finite for each of {len(select_rows)} selection rows")
+    return hr, ndcg
 
 
 @dataclass
@@ -221,6 +237,9 @@ class Checkpointer:
         training weights."""
         resume_dir = resume_folder(self.out)
         if not self.select_rows:  # nothing held out (a refit): the latest model is the one to keep
+            with averaged():
+                if not scores_a_sid(self.policy, self.train_rows[:PROBE_ROWS]):
+                    raise NonFinite(f"the model scored no SID as finite for {PROBE_ROWS} training rows")
             state.history.append({"step": state.step, "epoch": state.epoch})
             if is_main():
                 with averaged():

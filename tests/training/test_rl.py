@@ -320,18 +320,26 @@ def test_train_rl_writes_checkpoint_and_resumes(
         train_rl(tiny_dataset, init_ckpt, sft_out, config, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "vstar"])
-def test_a_diverged_rl_run_stops_with_its_step_and_keeps_what_it_wrote(
-    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, algo: str
+@pytest.mark.parametrize(("algo", "eval_every"), [("grpo", 10), ("vstar", 10), ("grpo", 1)])
+def test_a_diverged_rl_run_stops_with_its_step_and_what_to_do(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, algo: str, eval_every: int
 ) -> None:
     # lr 1e30 overflows the weights within a few updates: the next rollout (beam search, or VED's initial tree)
-    # finds no finite score, and the run says so instead of failing inside the backbone on an empty batch
-    config = RLConfig(algo=algo, max_steps=8, batch_size=4, eval_every=10, eval_limit=8, value_warmup=1, lr=1e30)
+    # finds no finite score, or a validation right after the update ranks no full list, and the run says so
+    # instead of failing inside the backbone on an empty batch or comparing a score of None
+    config = RLConfig(algo=algo, max_steps=8, batch_size=4, eval_every=eval_every, eval_limit=8, value_warmup=1,
+                      lr=1e30)  # fmt: skip
     before = {p: p.read_bytes() for p in init_ckpt.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match="training diverged at step \\d+ \\(the policy scored no SID as finite.*: try "
-                       "a lower --lr than 1e\\+30.*; what step 0's validation wrote is kept"):  # fmt: skip
+    what = "the policy scored no SID as finite for any of 4 prompts" if eval_every > 1 else (
+        "the model scored fewer than 10 SIDs as finite for each of 8 selection rows")  # fmt: skip
+    # validated every step, the steps before the overflow kept a model at --out, and the error says so
+    kept = f"; {tmp_path / 'rl'} holds the model an earlier validation kept" if eval_every == 1 else ""
+    again = r"start again with a lower --lr than 1e\+30.* and --force \(--resume would go on at the lr that diverged\)"
+    with pytest.raises(ValueError, match=rf"^training diverged at step \d+ \({what}\): {again}{kept}$"):
         train_rl(tiny_dataset, init_ckpt, tmp_path / "rl", config, progress=False)
-    assert not (tmp_path / "rl").exists() and (tmp_path / "rl.resume").is_dir()
+    assert (tmp_path / "rl").exists() == bool(kept)
+    if kept:
+        assert load_checkpoint(tmp_path / "rl").manifest["selection"]["step"] >= 1
     assert {p: p.read_bytes() for p in init_ckpt.rglob("*") if p.is_file()} == before
 
 

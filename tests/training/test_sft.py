@@ -58,12 +58,27 @@ def test_training_changes_weights_and_is_deterministic(tiny_dataset, tmp_path: P
     assert all(torch.equal(trained[k], again[k]) for k in trained)
 
 
-def test_a_diverged_run_stops_with_its_step_and_a_hint_and_writes_no_checkpoint(tiny_dataset, tmp_path: Path) -> None:
-    config = SFTConfig(preset="tiny", max_steps=6, batch_size=16, lr=1e30, eval_limit=16, seed=3)
-    hint = r"training diverged at step \d+ \(train/loss nan\): try a lower --lr than 1e\+30; no checkpoint was written"
-    with pytest.raises(ValueError, match=hint):
+AGAIN = r"start again with a lower --lr than 1e\+30 and --force \(--resume would go on at the lr that diverged\)"
+
+
+@pytest.mark.parametrize(
+    ("holdout", "eval_every", "what"),
+    [
+        (16, 0, r"train/loss nan"),  # the loss of a step after the one that overflowed
+        (16, 1, r"the model scored fewer than 10 SIDs as finite for each of 16 selection rows"),  # its validation
+        (0, 1, r"the model scored no SID as finite for 4 training rows"),  # a refit's validation, which scores nothing
+    ],
+)
+def test_a_diverged_run_stops_with_its_step_and_what_to_do_and_writes_no_checkpoint(
+    tiny_dataset, tmp_path: Path, holdout: int, eval_every: int, what: str
+) -> None:
+    config = SFTConfig(
+        preset="tiny", max_steps=6, batch_size=16, lr=1e30, eval_limit=16, seed=3, holdout=holdout,
+        eval_every=eval_every, train_splits=("train", "valid") if holdout == 0 else ("train",),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^training diverged at step \d+ \({what}\): {AGAIN}$"):
         train_sft(tiny_dataset, tmp_path / "a", config, progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "a.resume").exists()
+    assert not (tmp_path / "a").exists()
 
 
 def test_selection_keeps_the_best_validation_not_the_last(

@@ -413,9 +413,9 @@ def train_rl(
             log.info("step %d: %s", state.step, " ".join(f"{k} {stats[k]:.4g}" for k in LOGGED))
 
     losses = ("grpo_loss", "sibling_loss", "kl") + (("value_loss",) if value_head is not None else ())
-    lrs = f"--lr than {config.lr:g}" + (f" or --value-lr than {config.value_lr:g}" if value_head is not None else "")
+    lrs = f"--lr than {config.lr:g}" + (f" (or --value-lr than {config.value_lr:g})" if value_head is not None else "")
     run_steps(state, Schedule(lengths, config.batch_size, config.seed, total_steps, config.eval_every),
-              train_step, report, validate, Diverged(losses, f"try a lower {lrs}"))  # fmt: skip
+              train_step, report, validate, Diverged(losses, lrs, out))  # fmt: skip
     bar.close()
     curves.close()
     init_score = next(((h["HR@10"], h["NDCG@10"]) for h in state.history if h["step"] == 0 and "HR@10" in h), None)

@@ -308,7 +308,7 @@ def _train_sft(
     model.train()
     schedule = Schedule([len(p) + len(t) for p, t in encoded], config.batch_size, config.seed, total_steps,
                         config.eval_every or steps_per_epoch)  # fmt: skip
-    diverged = Diverged(("train/loss",), f"try a lower --lr than {config.lr:g}")
+    diverged = Diverged(("train/loss",), f"--lr than {config.lr:g}", out)
     run_steps(state, schedule, train_step, report, validate, diverged)
     bar.close()
     if last_validated != state.step:
