@@ -6,8 +6,9 @@
   says (so a resumed run continues mid-epoch), gives each step this rank's
   shard of the global batch (``training.distributed.shard``), counts the step,
   and validates every ``eval_every`` steps and at the last one. A step whose
-  loss is nan or inf stops the run with a ``ValueError`` (``Diverged``):
-  nothing is saved after it, so the checkpoints of earlier validations stand.
+  loss is nan or inf, or after which the model scores no SID (at the next
+  rollout or validation: weights that overflowed with a finite loss), stops
+  the run with a ``ValueError`` (``Diverged``) before anything more is saved.
 * ``load_resume``: the ``<out>.resume`` folder of an interrupted run, refused
   when it was written by another configuration (its ``identity``) or trained
   on other data; the error names the settings that differ (``differences``).
@@ -237,9 +238,10 @@ class Checkpointer:
         training weights."""
         resume_dir = resume_folder(self.out)
         if not self.select_rows:  # nothing held out (a refit): the latest model is the one to keep
+            probe = self.train_rows[:PROBE_ROWS]
             with averaged():
-                if not scores_a_sid(self.policy, self.train_rows[:PROBE_ROWS]):
-                    raise NonFinite(f"the model scored no SID as finite for {PROBE_ROWS} training rows")
+                if not scores_a_sid(self.policy, probe):
+                    raise NonFinite(f"the model scored no SID as finite for {len(probe)} training rows")
             state.history.append({"step": state.step, "epoch": state.epoch})
             if is_main():
                 with averaged():
