@@ -67,17 +67,19 @@ def _variable(loc: tuple[int | str, ...]) -> str:
     an error of several settings (their names are in its message)."""
     if not loc:
         return ""
-    field = str(loc[0])
-    return ("REDIS_URL" if field == "redis_url" else f"VSTAR_{field.upper()}") + ": "
+    field = str(loc[0]).lower()  # redis_url's error is located at the alias it was read from (REDIS_URL)
+    return (
+        "REDIS_URL (or VSTAR_REDIS_URL)" if field.removeprefix("vstar_") == "redis_url" else f"VSTAR_{field.upper()}"
+    ) + ": "
 
 
 def _write_result(result: dict[str, Any], json_out: Path | None) -> None:
     """The benchmark's rows on stdout and in ``json_out``; a figure never measured is null, never NaN."""
     text = json.dumps(result, indent=2, allow_nan=False)
+    typer.echo(text)  # first: a write that fails (a path the checks before the run could not foresee) loses nothing
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text + "\n")
-    typer.echo(text)
 
 
 def _run(config: uvicorn.Config) -> None:

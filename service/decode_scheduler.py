@@ -197,9 +197,12 @@ class DecodeScheduler:
         for config in (BeamSearchConfig(self.settings.default_k), self.ved_settings):
             stopped(stop)
             rows = self._decode(config, [DecodeJob((first,))])
-            if rows[0].sid_index[0] < 0:  # not an assert: python -O would drop it and serve a model that cannot
+            # not an assert: python -O would drop it and serve a model that cannot; a score of nan or inf (a
+            # fusion weight that overflows) ranks nothing, and every answer would be empty
+            if rows[0].sid_index[0] < 0 or not math.isfinite(rows[0].scores[0]):
                 raise CheckpointError(
                     f"checkpoint {self.checkpoint_path}: warm-up decode ({type(config).__name__}) returned no valid SID"
+                    f" with a finite score"
                 )
         self._time_ved_fallbacks(stop)
 

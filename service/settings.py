@@ -23,9 +23,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.json_logs import redact_urls
 
+# Redis takes TTLs and list lengths as integers its scripts would also see as such: bounded well inside that (a
+# TTL past Redis's range failed the event-write script after its push, so a retry stored the events twice)
+MAX_TTL_S = 10 * 365 * 24 * 3600
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VSTAR_", extra="ignore", frozen=True)
+    # no setting means nan or inf, and each would pass its bounds' checks (inf >= 0): a fusion weight of inf
+    # answers every request with no items, a batch wait of inf never answers
+    model_config = SettingsConfigDict(env_prefix="VSTAR_", extra="ignore", frozen=True, allow_inf_nan=False)
 
     # --- model
     checkpoint: Path | None = Field(None, description="Checkpoint folder; the app refuses to start without one.")
@@ -46,20 +52,29 @@ class Settings(BaseSettings):
         repr=False,  # may carry a password
         description="Redis for histories and the response cache; unset = in-process stores.",
     )
-    redis_timeout_s: float = Field(0.25, gt=0, description="Connect and command timeout; an outage costs at most this.")
-    redis_retry_after_s: float = Field(1.0, ge=0, description="After a Redis failure, skip Redis this long.")
-    cache_ttl_s: int = Field(300, ge=0, description="Response cache TTL; 0 disables the cache.")
+    redis_timeout_s: float = Field(
+        0.25, gt=0, le=60, description="Connect and command timeout; an outage costs at most this."
+    )
+    redis_retry_after_s: float = Field(1.0, ge=0, le=3600, description="After a Redis failure, skip Redis this long.")
+    cache_ttl_s: int = Field(300, ge=0, le=MAX_TTL_S, description="Response cache TTL; 0 disables the cache.")
     memory_cache_entries: int = Field(10_000, ge=1, description="Size of the in-process response cache (LRU).")
-    stored_history_max: int = Field(100, ge=1, description="Most recent events kept per user.")
+    stored_history_max: int = Field(100, ge=1, le=1_000_000, description="Most recent events kept per user.")
     history_ttl_s: int = Field(
-        30 * 24 * 3600, ge=0, description="A user's history expires this long after its last event; 0: never."
+        30 * 24 * 3600,
+        ge=0,
+        le=MAX_TTL_S,
+        description="A user's history expires this long after its last event; 0: never.",
     )
     idempotency_ttl_s: int = Field(
-        24 * 3600, ge=1, description="How long an Idempotency-Key is remembered: a retry within it never stores twice."
+        24 * 3600,
+        ge=1,
+        le=MAX_TTL_S,
+        description="How long an Idempotency-Key is remembered: a retry within it never stores twice.",
     )
     redis_write_settle_s: float = Field(
         1.0,
         gt=0,
+        le=60,
         description="After an event write got no answer, how long to keep sending it again (it runs once, "
         "service.stores) before answering that the outcome is unknown.",
     )
@@ -116,6 +131,7 @@ class Settings(BaseSettings):
     ved_init_cost_ms: float = Field(
         100.0,
         gt=0,
+        le=60_000,
         description="VED's initial-tree and initial-beam costs assumed until measured (the "
         "warm-up times both per batch size); a request with less time left than the tree's gets the beam "
         "fallback, one with less than the beam's is answered from popularity at once (load shedding).",
@@ -131,7 +147,9 @@ class Settings(BaseSettings):
 
     # --- beam micro-batching
     batch_max_size: int = Field(32, ge=1, description="Most requests merged into one decode; 1 disables batching.")
-    batch_max_wait_ms: float = Field(2.0, ge=0, description="How long the first request of a batch waits for company.")
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long the first request of a batch waits for company."
+    )
 
     # --- logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="JSON logs on stderr.")

@@ -157,12 +157,30 @@ def test_the_log_formatter_masks_credentials_in_any_url() -> None:
     assert JsonFormatter().format(record).count("rediss://u:***@h:6380/1") == 1
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("fusion_weight", float("inf"), "finite number"),  # every answer would be empty
+        ("batch_max_wait_ms", float("inf"), "finite number"),  # a batch would wait for company for ever
+        ("batch_max_wait_ms", 5000.0, "less than or equal to 1000"),
+        ("redis_timeout_s", float("inf"), "finite number"),  # an outage would never be bounded
+        ("idempotency_ttl_s", 10**20, "less than or equal to 315360000"),  # past Redis's range: events stored twice
+        ("stored_history_max", 10**20, "less than or equal to 1000000"),
+    ],
+)
+def test_settings_refuse_infinities_and_values_redis_cannot_take(
+    tiny_checkpoint: Path, name: str, value: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=rf"{name}\n  Input should be (a )?{message}"):
+        Settings(checkpoint=tiny_checkpoint, **{name: value})
+
+
 def test_serve_names_a_bad_setting_without_echoing_its_value(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://:s3cret-pw@127.0.0.1:notaport/0")
     result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint)])
-    assert result.exit_code != 0 and "redis_url" in result.output.lower()
+    assert result.exit_code != 0 and "REDIS_URL (or VSTAR_REDIS_URL): " in result.output  # the name it was read as
     assert "s3cret-pw" not in result.output
 
 
