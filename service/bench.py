@@ -101,6 +101,7 @@ class CellResult:
             # the server's own clock, arrival to response built (its server_time_ms): no HTTP, no client
             "server_p50_ms": percentile(self.server_ms, 50),
             "server_p99_ms": percentile(self.server_ms, 99),
+            "errors": len(self.errors),  # answers other than 200 (on stderr, the first of them): not in the figures
         }
 
 
@@ -338,6 +339,7 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                 row = {"clients": clients, "batching": batching, **cell.summary()}
                 log_cell(label, cell, row)
                 out["beam"].append(row)
+                refused(label, cell, out)
             if not batching:
                 continue
             for cap in config.caps_ms:
@@ -348,15 +350,26 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
 
                     label = f"ved cap={cap} ms clients={clients}"
                     cell = measure(label, url, ved_body, clients)
-                    n = max(len(cell.latencies_ms), 1)
+                    n = len(cell.latencies_ms)
+
+                    def share(count: int, n: int = n) -> float | None:  # of the answered requests; None: none was
+                        return round(count / n, 3) if n else None
+
                     row = {
                         "cap_ms": cap,
                         "clients": clients,
                         **cell.summary(),
-                        "cap_hit_share": round(cell.cap_hits / n, 3),
-                        "fallback_share": round(cell.fallbacks / n, 3),
-                        "popular_share": round(cell.popular / n, 3),
+                        "cap_hit_share": share(cell.cap_hits),
+                        "fallback_share": share(cell.fallbacks),
+                        "popular_share": share(cell.popular),
                     }
                     log_cell(label, cell, row)
                     out["ved"].append(row)
+                    refused(label, cell, out)
     return out
+
+
+def refused(label: str, cell: CellResult, out: dict[str, list[dict[str, Any]]]) -> None:
+    """``BenchCutShort`` when the server answered none of the cell's requests: a row of nulls is no measurement."""
+    if cell.errors and not cell.latencies_ms:
+        raise BenchCutShort(f"{label}: the server refused all {len(cell.errors)} requests ({cell.errors[0]})", out)

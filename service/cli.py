@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -71,6 +71,23 @@ def _variable(loc: tuple[int | str, ...]) -> str:
     return (
         "REDIS_URL (or VSTAR_REDIS_URL)" if field.removeprefix("vstar_") == "redis_url" else f"VSTAR_{field.upper()}"
     ) + ": "
+
+
+def _caps_the_server_takes(caps: Sequence[int]) -> None:
+    """``--caps`` within the served ``VSTAR_VED_MAX_LATENCY_MS`` (read from the environment the server gets):
+    a cap above it is refused in every request (422), and its cell would measure nothing."""
+    from service.settings import Settings
+
+    try:
+        limit = Settings().ved_max_latency_ms
+    except ValueError:  # a bad VSTAR_* setting: the server's start names it
+        return
+    over = [c for c in caps if c > limit]
+    if over:
+        raise typer.BadParameter(
+            f"{over[0]} ms is above the server's VSTAR_VED_MAX_LATENCY_MS ({limit} ms), which refuses it in every "
+            "request: give caps up to it, or raise it", param_hint="--caps"
+        )  # fmt: skip
 
 
 def _write_result(result: dict[str, Any], json_out: Path | None) -> None:
@@ -207,6 +224,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from service.bench import bench_serve as run
 
         _require_checkpoint(checkpoint)  # its catalog is read next, by bench_serve, before a server starts
+        _caps_the_server_takes(_int_list(caps, "--caps"))
         config = BenchConfig(
             clients=_int_list(clients, "--clients"),
             caps_ms=_int_list(caps, "--caps"),

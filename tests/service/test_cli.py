@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -119,7 +120,10 @@ def test_several_workers_refuse_a_metrics_folder_that_is_not_one(
     [
         ({"VSTAR_MAX_K": "many"}, "bad VSTAR_* settings in the environment: VSTAR_MAX_K: Input should be a valid"),
         ({"VSTAR_DEFAULT_K": "200"}, "environment: Value error, VSTAR_DEFAULT_K=200 exceeds VSTAR_MAX_K=100"),
-        ({"REDIS_URL": "redis://h:1/x"}, "REDIS_URL: Value error, the database in the Redis URL must be a number"),
+        (
+            {"REDIS_URL": "redis://h:1/x"},
+            "REDIS_URL (or VSTAR_REDIS_URL): Value error, the database in the Redis URL must be a number",
+        ),
     ],
 )
 def test_serve_names_a_bad_setting_by_its_environment_variable(
@@ -152,7 +156,9 @@ def test_a_bench_cell_without_an_answered_request_has_null_percentiles() -> None
 
     cell = CellResult(errors=["503 ..."], elapsed_s=1.0)
     summary = cell.summary()
-    assert summary == {"p50_ms": None, "p99_ms": None, "rps": 0.0, "server_p50_ms": None, "server_p99_ms": None}
+    assert summary == {
+        "p50_ms": None, "p99_ms": None, "rps": 0.0, "server_p50_ms": None, "server_p99_ms": None, "errors": 1
+    }  # fmt: skip
     json.dumps(summary, allow_nan=False)
     log_cell("beam clients=1", cell, summary)  # formats without a number
 
@@ -184,7 +190,7 @@ def test_bench_serve_keeps_the_cells_measured_before_the_server_stopped(
     assert f"the 1 cells measured before it are in {out}" in " ".join(result.output.split())
     kept = json.loads(out.read_text())
     assert kept == {"beam": [{"clients": 1, "batching": True, "p50_ms": 1.5, "p99_ms": 1.99, "rps": 2.0,
-                              "server_p50_ms": 0.55, "server_p99_ms": 0.6}], "ved": []}  # fmt: skip
+                              "server_p50_ms": 0.55, "server_p99_ms": 0.6, "errors": 0}], "ved": []}  # fmt: skip
 
 
 def test_bench_serve_refuses_a_json_path_that_cannot_take_the_file_before_it_runs(tmp_path: Path) -> None:
@@ -241,8 +247,10 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
     out = bench_serve(tiny_checkpoint, config)
     assert [(r["clients"], r["batching"]) for r in out["beam"]] == [(1, True), (3, True), (1, False), (3, False)]
     for row in out["beam"]:
-        assert set(row) == {"clients", "batching", "p50_ms", "p99_ms", "rps", "server_p50_ms", "server_p99_ms"}
-        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["rps"] > 0
+        assert set(row) == {
+            "clients", "batching", "p50_ms", "p99_ms", "rps", "server_p50_ms", "server_p99_ms", "errors"
+        }  # fmt: skip
+        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["rps"] > 0 and row["errors"] == 0
     (ved,) = out["ved"]
     assert set(ved) == {
         "cap_ms",
@@ -252,6 +260,7 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
         "rps",
         "server_p50_ms",
         "server_p99_ms",
+        "errors",
         "cap_hit_share",
         "fallback_share",
         "popular_share",
@@ -278,6 +287,23 @@ def test_lean_client_reads_answers_and_errors_over_one_connection(tiny_checkpoin
     ok, bad = json.loads(answers[0][1]), json.loads(answers[1][1])
     assert len(ok["items"]) == 3 and "history" in bad["error"]["message"]
     assert all(0 < seconds < 30 for _, _, seconds in answers)
+
+
+def test_a_cell_the_server_refused_whole_stops_the_bench_instead_of_reporting_nulls() -> None:
+    from service.bench import BenchCutShort, CellResult, refused
+
+    out: dict[str, list[dict[str, Any]]] = {"beam": [{"clients": 1}], "ved": []}
+    refused("beam clients=1", CellResult(latencies_ms=[3.0], errors=["503 busy"]), out)  # some answered: measured
+    with pytest.raises(BenchCutShort, match=r"^ved cap=50 ms clients=1: the server refused all 2 requests \(422 "):
+        refused("ved cap=50 ms clients=1", CellResult(errors=["422 latency_ms", "422 latency_ms"]), out)
+
+
+def test_bench_serve_refuses_caps_the_server_would_refuse_before_it_runs(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VSTAR_VED_MAX_LATENCY_MS", "300")
+    result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--caps", "100,400"])
+    assert result.exit_code == 2 and "400 ms is above the server's VSTAR_VED_MAX_LATENCY_MS (300 ms)" in result.output
 
 
 def test_bench_config_is_bounded() -> None:
