@@ -141,6 +141,9 @@ def wait_ready(host: str, timeout_s: float = 60.0) -> None:
     )
 
 
+MOST_FAILURES = 0.5  # a point whose /recommend requests failed more often than this measures no service
+
+
 def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
     """One locust run; its CSV, counts and log stay under ``<out>/raw``."""
     raw = plan.out / "raw"
@@ -168,6 +171,10 @@ def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
         raise RuntimeError(f"{mode} at {users} users left no usable report ({e}); see {log}") from None
     if point.requests == 0:  # its users failed before their first request: not a measurement of 0 RPS
         raise RuntimeError(f"{mode} at {users} users sent no request (its users failed to start?); see {log}")
+    failed, sent = point.recommend.failures, point.recommend.requests
+    if failed > MOST_FAILURES * sent:  # e.g. a server that died mid-run: fast refusals, no measurement of it
+        raise RuntimeError(f"{mode} at {users} users: {failed} of {sent} /recommend requests failed (did the server "
+                           f"stop?); see {log}")  # fmt: skip
     return point
 
 

@@ -136,13 +136,15 @@ def test_read_histories_names_the_line_of_an_item_id_that_is_no_integer(tmp_path
         read_histories(bad)
 
 
-def fake_locust(requests: int) -> Callable[..., subprocess.CompletedProcess]:
-    """``subprocess.run`` for a locust point that exits 0 having written its report with ``requests`` requests."""
+def fake_locust(requests: int, failures: int = 0) -> Callable[..., subprocess.CompletedProcess]:
+    """``subprocess.run`` for a locust point that exits 0 having written its report with ``requests`` requests,
+    ``failures`` of them failed."""
 
     def run(command: list[str], **_: object) -> subprocess.CompletedProcess:
         prefix = Path(command[command.index("--vstar-report") + 1])
         mode = "ved" if command[-1] == "VedUser" else "beam"
-        rows = f"POST,/recommend [{mode}],{requests},0,5,5.0,1,9,400.0,10.0,0.0" + ",5" * 11 if requests else ""
+        row = f"POST,/recommend [{mode}],{requests},{failures},5,5.0,1,9,400.0,10.0,0.0" + ",5" * 11
+        rows = row if requests else ""
         prefix.with_name(prefix.name + "_final_stats.csv").write_text(STATS_HEADER + "\n" + rows + "\n")
         prefix.with_name(prefix.name + "_extra.json").write_text(json.dumps({mode: {"responses": requests}}))
         return subprocess.CompletedProcess(command, 0)
@@ -165,6 +167,19 @@ def test_a_point_whose_users_sent_nothing_is_an_error_not_a_row_of_zeros(
         run_point(plan(out=tmp_path), "beam", 1)
     monkeypatch.setattr(runner.subprocess, "run", fake_locust(7))
     assert run_point(plan(out=tmp_path), "beam", 1).recommend.requests == 7
+
+
+def test_a_point_whose_requests_mostly_failed_is_an_error_not_a_fast_row(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A server that died mid-run refuses connections at once: thousands of 'requests' a second, locust exits 0."""
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(3908, failures=3700))
+    with pytest.raises(
+        RuntimeError, match=r"beam at 2 users: 3700 of 3908 /recommend requests failed \(did the server"
+    ):
+        run_point(plan(out=tmp_path), "beam", 2)
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(100, failures=50))  # half: still a measurement
+    assert run_point(plan(out=tmp_path), "beam", 2).recommend.failures == 50
 
 
 def test_a_failed_point_keeps_the_points_measured_before_it(
