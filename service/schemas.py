@@ -193,8 +193,9 @@ def request_models(settings: Settings) -> RequestModels:
             entry_list | None,
             Field(
                 None,
-                min_length=1,
                 max_length=settings.max_request_history,
+                # empty is fine beside a user_id (a client with no events of its own); alone, it is refused by
+                # name (the recommender: "give a non-empty history, or a user_id with a stored history")
                 description="Item ids or SID strings, oldest first.",
             ),
         ),

@@ -199,6 +199,14 @@ def test_unknown_user_without_history_is_404(client: TestClient) -> None:
     assert client.get("/users/nobody/history").status_code == 404
 
 
+def test_an_empty_history_beside_a_user_id_reads_the_stored_one(client: TestClient) -> None:
+    assert client.post("/users/erin/events", json={"items": [1, 2]}).status_code == 200
+    r = client.post("/recommend", json={"user_id": "erin", "history": [], "k": 3})
+    assert r.status_code == 200 and r.json()["stored_history"] == "used" and len(r.json()["items"]) == 3
+    r = client.post("/recommend", json={"user_id": "nobody", "history": [], "k": 3})
+    assert r.status_code == 404 and r.json()["error"]["message"].startswith("user_id:")
+
+
 def test_other_errors_share_the_error_body(client: TestClient) -> None:
     assert client.post("/users/dave/events", json={"items": [123456]}).json()["error"]["message"].startswith("items:")
     assert client.post("/users/dave/events", json={"items": []}).status_code == 422
