@@ -120,8 +120,11 @@ def _run(config: uvicorn.Config) -> None:
 
     if config.workers == 1:
         server = uvicorn.Server(config)
+        # bound before the app loads its model, as the supervisor binds for several workers: a port in use then
+        # stops the start in a moment (uvicorn's one error line, exit 1), not after a warm-up of minutes
+        socket = config.bind_socket()
         with contextlib.suppress(KeyboardInterrupt):
-            server.run()
+            server.run(sockets=[socket])
         failed = not server.started
     else:
         with _metrics_folder():

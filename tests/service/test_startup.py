@@ -239,3 +239,18 @@ def test_a_sigterm_during_the_warm_up_stops_the_start(tiny_checkpoint: Path) -> 
     log = "".join(lines) + (rest or "")
     assert "startup failed: stopped by a signal during the warm-up" in log, log
     assert "Application startup complete" not in log and server.returncode != 0
+
+
+def test_a_port_in_use_stops_the_start_before_the_model_loads(tiny_checkpoint: Path) -> None:
+    """One worker bound its port only after the app's start-up (model, warm-up: minutes for a real model)."""
+    import socket
+
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "vstar", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
+        run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and "Address already in use" in run.stderr, run.stderr[-2000:]
+    assert "Waiting for application startup" not in run.stderr and "warm-up" not in run.stderr, run.stderr[-2000:]
