@@ -140,7 +140,7 @@ from models.transition import ShallowFusion
 from models.value_head import ValueHead
 from models.ved_config import VEDConfig
 from training.data.dataset import Sample
-from training.distributed import loss_scales, wrap_ddp
+from training.distributed import loss_scales, sum_over_ranks, wrap_ddp
 from training.loop import NonFinite
 from training.optim import autocast_dtype, cosine_schedule
 from training.rl.diagnose import candidate_stats
@@ -309,8 +309,13 @@ class RLTrainer:
         start = time.perf_counter()
         # 1. rollout: V_phi frozen, C(x) per prompt from VED (or beam search)
         rollout = collect(self.policy, samples, self.source())
-        if rollout.valid.numel() and not rollout.valid.any():  # every score nan or -inf: the weights overflowed
-            raise NonFinite(f"the policy scored no SID as finite for any of {len(samples)} prompts")
+        # every score nan or -inf: the weights overflowed; summed over the ranks, so that all of them stop here
+        # together (a rank that went on would wait in DDP's all-reduce for the one that stopped)
+        here = bool(rollout.valid.numel()) and not bool(rollout.valid.any())
+        (ranks_without,) = sum_over_ranks([float(here)])
+        if ranks_without:
+            where = f"any of {len(samples)} prompts" if here else "any prompt of another rank's rollout"
+            raise NonFinite(f"the policy scored no SID as finite for {where}")
         batch = sequences(rollout)
         # 2. reward: rule + ranking
         rewards, rule = batch_standard_rewards(rollout.sid_index, rollout.target_sid)  # (B, G) each
