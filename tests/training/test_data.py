@@ -141,6 +141,9 @@ def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
         ("index.json", b'{"0": 5}', "index.json: item 0: expected a list of SID tokens, got 5"),
         ("index.json", b"\x80\x81", "index.json: not UTF-8 text"),
         ("item.json", b"\xff", "item.json: not UTF-8 text"),
+        ("item.json", b'{"0": {"title": null}}', "item.json: item 0: expected an object with a text title, got"),
+        ("item.json", b'{"0": "a string"}', "item.json: item 0: expected an object with a text title, got 'a string'"),
+        ("item.json", b'{"999": {"title": "t"}}', r"item.json: item 999 is not in index.json \(another catalog"),
         ("valid.csv", b"\xff\xfe", "valid.csv: not UTF-8 text"),
     ],
 )
@@ -170,6 +173,8 @@ def test_item_ids_beside_embeddings_must_be_their_rows(tiny_data_dir: Path, tmp_
     data = copy_data(tiny_data_dir, tmp_path / "d")
     index = json.loads((data / "index.json").read_text())
     (data / "index.json").write_text(json.dumps({str(int(k) + 1): v for k, v in index.items()}))
+    items = json.loads((data / "item.json").read_text())
+    (data / "item.json").write_text(json.dumps({str(int(k) + 1): v for k, v in items.items()}))
     for split in ("train", "valid", "test"):
         path = data / f"{split}.csv"
         rows = list(csv.DictReader(path.open(newline="")))

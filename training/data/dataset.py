@@ -237,13 +237,21 @@ def read_json_object(path: Path) -> dict[str, Any]:
 def _load(name: str, files: dict[str, Path], emb_path: Path | None) -> RecDataset:
     index = read_json_object(files["index"])
     meta = read_json_object(files["item"])
-    titles = {}
-    for key, value in meta.items():
-        if isinstance(value, dict):
-            titles[parse_item_id(key, files["item"], 1)] = str(value.get("title", ""))
     for key, sid in index.items():
         if not isinstance(sid, list) or not all(isinstance(token, str) for token in sid):
             raise DataError(f"{files['index']}: item {key}: expected a list of SID tokens, got {sid!r:.60}")
+    titles = {}
+    for key, value in meta.items():  # {id: {"title": ..., ...}}, as MiniOneRec writes it
+        title = value.get("title", "") if isinstance(value, dict) else None
+        if not isinstance(title, str):  # str() made a null title "None", and a plain string entry was dropped
+            raise DataError(f"{files['item']}: item {key}: expected an object with a text title, got {value!r:.60}")
+        if key not in index:
+            raise DataError(f"{files['item']}: item {key} is not in {files['index'].name} (another catalog's file?)")
+        titles[parse_item_id(key, files["item"], 1)] = title
+    if len(titles) < len(index):
+        log.warning(
+            "%s: %d of %d items have no entry, so no title", files["item"], len(index) - len(titles), len(index)
+        )
     try:
         catalog = SidCatalog.from_index(index, titles)
     except ValueError as e:
