@@ -515,6 +515,29 @@ def test_text_init_without_embeddings_names_the_command_that_makes_them(tiny_dat
     assert not (tmp_path / "out").exists()
 
 
+def test_fuse_chooses_on_its_grid_even_for_a_run_that_was_given_a_weight(tiny_dataset, tmp_path: Path) -> None:
+    from training.sft.trainer import fuse_checkpoint
+
+    config = SFTConfig(preset="tiny", max_steps=1, eval_limit=16, fusion_weight=2.0)
+    train_sft(tiny_dataset, tmp_path / "a", config, progress=False)
+    assert load_checkpoint(tmp_path / "a").manifest["fusion"]["chosen_by"] == "given"
+    fusion = fuse_checkpoint(tmp_path / "a", tiny_dataset, weights=(0.0, 1.0))  # it kept 2.0, off the grid
+    assert fusion["weight"] in (0.0, 1.0) and fusion["chosen_by"] == "held-out"
+    assert load_checkpoint(tmp_path / "a").manifest["fusion"]["weight"] == fusion["weight"]
+
+
+def test_text_init_from_embeddings_that_are_all_alike_is_refused_not_a_model_of_nans(tiny_dataset, tmp_path) -> None:
+    from dataclasses import replace
+
+    import numpy as np
+
+    alike = replace(tiny_dataset, embeddings=np.ones_like(tiny_dataset.embeddings))
+    config = SFTConfig(preset="tiny", max_steps=1, text_init=True)
+    with pytest.raises(ValueError, match=r"item_emb.npy\) are the same for every SID.*--no-text-init"):
+        train_sft(alike, tmp_path / "out", config, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_refuses_a_finished_held_out_run_of_another_configuration_or_data(tiny_dataset, tmp_path: Path) -> None:
     """A finished ``<out>.heldout`` gives the refit its fusion weight: --resume takes it only from the same
     configuration and data, as it takes a ``.resume`` folder (it used to look only for its fusion choice)."""

@@ -79,7 +79,13 @@ def init_sid_embeddings(policy: Policy, item_emb: np.ndarray) -> None:
     dim = min(emb.shape[1], u.shape[1])
     proj = torch.zeros(len(token_ids), emb.shape[1])
     proj[:, :dim] = u[:, :dim] * sv[:dim]
-    proj *= emb.std().item() / proj.std()  # the embedding may live on a GPU: a plain float crosses devices
+    spread = float(proj.std())
+    if not spread > 1e-12:  # every SID's mean embedding alike (or one SID): there is nothing to start from
+        raise ValueError(
+            "--text-init: the item embeddings (item_emb.npy) are the same for every SID, so they cannot tell the "
+            "SID tokens apart: train with --no-text-init, or embed the items again (vstar embed)"
+        )
+    proj *= emb.std().item() / spread  # the embedding may live on a GPU: a plain float crosses devices
     emb[torch.tensor(token_ids, device=emb.device)] = proj.to(emb.device, emb.dtype)
 
 

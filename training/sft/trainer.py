@@ -394,7 +394,7 @@ def fuse_checkpoint(
     require_held_out(path, manifest, held_out, "a refit: --holdout 0")  # its weight came from its held-out run
     fusion = fuse_trained(
         path,
-        config.fusion_weight,
+        None,  # vstar fuse chooses on the grid, whatever weight the run was given (RL's fuse does the same)
         train_rows,
         held_out,
         config.eval_limit,
