@@ -618,10 +618,14 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
             "--json", str(tmp_path / "d.json")])  # fmt: skip
     diag = json.loads((tmp_path / "d.json").read_text())
     assert (
-        tuple(diag)
+        tuple(diag)[: len(DIAGNOSTIC_KEYS)]
         == DIAGNOSTIC_KEYS
         == ("reachability", "nonzero_adv_share", "reward_std", "distinct_l1", "tokens_per_prompt")
     )
+    # then what was diagnosed, as vstar eval records it
+    assert {k: diag[k] for k in ("rows", "split", "decoder", "num_candidates")} == {
+        "rows": 6, "split": "valid", "decoder": "beam", "num_candidates": 16
+    }  # fmt: skip
     assert diag["tokens_per_prompt"] == 32 and diag["nonzero_adv_share"] == diag["reachability"]
     invoke(["diagnose", "--data", data, "--checkpoint", str(out), "--decoder", "beam", "--budget", "64", "--limit", "6",
             "--json", str(tmp_path / "d64.json")])  # fmt: skip

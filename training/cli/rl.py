@@ -7,6 +7,7 @@ build configs and call ``training.rl.trainer`` / ``training.rl.diagnose`` /
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -290,7 +291,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         from models.checkpoint import load_checkpoint
         from models.value_head import load_value_head
         from training.data.dataset import check_catalog
-        from training.rl.diagnose import candidate_source, checkpoint_level_weights
+        from training.rl.diagnose import VALUE_KEYS, candidate_source, checkpoint_level_weights
         from training.rl.diagnose import diagnose as run_diagnose
 
         ckpt = load_checkpoint(checkpoint, device)
@@ -298,10 +299,18 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots)
         head = load_value_head(ckpt, device, required=False)
         weights = checkpoint_level_weights(ckpt)
+        if head is not None and ds.embeddings is None:
+            logging.getLogger(__name__).warning(
+                "the value head's quality (%s) is left out: it is scored against the dense reward, which needs "
+                "%s's item_emb.npy", ", ".join(VALUE_KEYS), ds.name
+            )  # fmt: skip
         result = run_diagnose(
             ckpt.policy, rows, source, batch_size, value_head=head, item_emb=ds.embeddings, level_weights=weights
         )
-        write_json(json_out, result)
+        # what was diagnosed, as vstar eval records it: --limit above the split's size takes the rows there are
+        write_json(
+            json_out, result | {"rows": len(rows), "split": split, "decoder": decoder, "num_candidates": num_candidates}
+        )
 
     @bench.command(name="train")
     def bench_train(
