@@ -91,7 +91,10 @@ def resolve_budget(config: VEDConfig, depth: int) -> int:
     """The per-prompt token budget ``config`` means for SIDs of ``depth`` tokens; SIDs of one token, which
     have no prefixes to search, are a ``ValueError``."""
     if depth < 2:
-        raise ValueError(f"VED searches over SID prefixes: SIDs of depth {depth} have none; decode with beam search")
+        raise ValueError(
+            f"VED searches over SID prefixes: SIDs of depth {depth} have none; decode with beam search "
+            "(vstar eval --decoder beam; vstar rl --no-ved)"
+        )
     least = (depth - 1) * max(config.init_beams, config.num_candidates)
     if config.budget is None:
         return max(BUDGET_MULTIPLE * (depth - 1) * config.num_candidates, least)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import typer
 import typer.main
 from typer.testing import CliRunner
 
@@ -445,3 +447,27 @@ def test_a_command_that_runs_in_one_process_is_refused_under_a_launcher(
         assert f"vstar {command[0]} runs in one process: launch it without torchrun" in result.output
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert CliRunner().invoke(app, ["eval", "--help"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("sids", "given", "message"),
+    [
+        (
+            5,
+            5,
+            "--num-candidates 5 is not fewer than the 5 SIDs of x's catalog: a group would be the whole catalog, "
+            "its target always reached; give at most 4",
+        ),
+        (2, 2, "RL needs a catalog of at least 3 SIDs"),  # G is at least 2: "give at most 1" could not be followed
+    ],
+)
+def test_rl_groups_smaller_than_the_catalog(sids: int, given: int, message: str) -> None:
+    from types import SimpleNamespace
+
+    from training.cli.options import require_candidates
+
+    data = SimpleNamespace(name="x", catalog=SimpleNamespace(sids=[("a",)] * sids))
+    with pytest.raises(typer.BadParameter, match=re.escape(message)):
+        require_candidates(given, data)
+    if sids > 2:
+        require_candidates(sids - 1, data)  # one fewer: accepted

@@ -646,9 +646,10 @@ def test_more_candidates_than_the_catalog_has_sids_are_refused(
     sids = len(tiny_dataset.catalog.sids)
     for args in (["rl", "--init", str(init_ckpt), "--out", str(tmp_path / "rl")], ["diagnose", "--checkpoint",
                  str(init_ckpt), "--json", str(tmp_path / "d.json")]):  # fmt: skip
-        result = CliRunner().invoke(app, [*args, "--data", str(tiny_data_dir), "--num-candidates", str(sids + 1)])
-        assert result.exit_code == 2, result.output
-        assert f"--num-candidates {sids + 1} is more than the {sids} SIDs of" in result.output
+        for g in (sids + 1, sids):  # a group of the whole catalog too: every target reached
+            result = CliRunner().invoke(app, [*args, "--data", str(tiny_data_dir), "--num-candidates", str(g)])
+            assert result.exit_code == 2, result.output
+            assert f"--num-candidates {g} is not fewer than the {sids} SIDs of" in result.output
     assert not list(tmp_path.iterdir())  # refused before any work
 
 

@@ -259,13 +259,14 @@ def load_data(data: Path | None, root: Path | None, dataset: str | None) -> Any:
 
 
 def require_candidates(num_candidates: int, data: Any) -> None:
-    """``--num-candidates`` G no larger than the catalog: a group of G distinct SIDs is otherwise the whole
-    catalog, every target reached."""
+    """``--num-candidates`` G below the catalog's size: a group of G distinct SIDs is otherwise the whole
+    catalog, every target reached and nothing learnt (G is at least 2, so the catalog needs 3 SIDs)."""
     sids = len(data.catalog.sids)
-    if num_candidates > sids:
+    if num_candidates >= sids:
+        fix = f"give at most {sids - 1}" if sids > 2 else "RL needs a catalog of at least 3 SIDs"
         raise typer.BadParameter(
-            f"--num-candidates {num_candidates} is more than the {sids} SIDs of {data.name}'s catalog: a group "
-            f"would be the whole catalog; give at most {sids}"
+            f"--num-candidates {num_candidates} is not fewer than the {sids} SIDs of {data.name}'s catalog: a "
+            f"group would be the whole catalog, its target always reached; {fix}"
         )
 
 
