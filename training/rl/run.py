@@ -172,7 +172,8 @@ def fuse_rl_checkpoint(
     stored = manifest["rl_config"]
     rule = StoredRows.of(stored)
     train_rows, held_out = split_for_training(data, rule)
-    require_held_out(path, manifest, held_out, f"--train-splits {','.join(rule.train_splits)} --holdout 0")
+    why = f"--train-splits {','.join(rule.train_splits)} --holdout 0" if rule.holdout == 0 else "valid.csv has no rows"
+    require_held_out(path, manifest, held_out, why)
     select_rows = held_out[: stored["eval_limit"]]
     seen = init_trained_on(manifest.get("init"), data, select_rows)
     if seen:

@@ -391,7 +391,10 @@ def fuse_checkpoint(
     stored = dict(manifest["sft_config"])
     config = SFTConfig(**(stored | {"train_splits": tuple(stored["train_splits"])}))
     train_rows, held_out = split_for_training(data, config)
-    require_held_out(path, manifest, held_out, "a refit: --holdout 0")  # its weight came from its held-out run
+    # a refit's weight came from its held-out run
+    require_held_out(
+        path, manifest, held_out, "a refit: --holdout 0" if config.holdout == 0 else "valid.csv has no rows"
+    )
     fusion = fuse_trained(
         path,
         None,  # vstar fuse chooses on the grid, whatever weight the run was given (RL's fuse does the same)
