@@ -138,7 +138,10 @@ def test_eval_fuses_ved_at_the_checkpoints_weight_as_beam(
         out = tmp_path / "ved.json"
         run = CliRunner().invoke(app, [*base, "--split", "test", "--limit", "6", *extra, "--json", str(out)])
         assert run.exit_code == 0, run.output
-        assert json.loads(out.read_text())["fusion_weight"] == weight
+        report = json.loads(out.read_text())
+        # the budget it searched with: VEDConfig's rule for 5 SIDs of depth 3 (the checkpoint stores none): the
+        # least that fits the initial tree, 2 x 16 init beams, above 2 x (2 levels x 5)
+        assert report["fusion_weight"] == weight and report["budget"] == 32
 
 
 def test_eval_of_a_weight_without_counts_says_how_to_score_unfused(

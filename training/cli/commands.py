@@ -236,13 +236,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 "that point to their answers, so the figures are optimistic (--fusion-weight 0: the policy alone)",
                 err=True,
             )
+        spent_budget = None
+        if decoder == "ved":
+            from models.ved_config import checkpoint_ved_config, resolve_budget
+
+            config = checkpoint_ved_config(ckpt, beams, budget, explore_slots=explore_slots)
+            spent_budget = resolve_budget(config, ckpt.policy.trie.depth)
         result = evaluate(ckpt.policy, rows, ds.samples(context_splits), decode, batch_size)
         result |= {
             "own_transitions_counted": counted,
             "split": split,
             "decoder": decoder,
             "beams": beams,
-            "budget": budget,
+            "budget": spent_budget,  # VED's, as resolved (the checkpoint's own when --budget is not given)
             "explore_slots": explore_slots if decoder == "ved" else None,
             "fusion_weight": fusion.weight if fusion else 0.0,
             "checkpoint": str(checkpoint),
