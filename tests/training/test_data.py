@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -250,6 +251,11 @@ def test_a_holdout_that_takes_every_valid_row_of_train_and_valid_is_named(tiny_d
     assert "give a --holdout below 40 (e.g. --holdout 20: " in str(e.value)
     train, select = training_rows(tiny_dataset, SimpleNamespace(train_splits=("train", "valid"), holdout=39))
     assert len(train) == 201 and len(select) == 39
+    # a valid split of one row: the only --holdout below 1 is 0, which holds nothing out (sasrec refuses it)
+    one = replace(tiny_dataset, splits=tiny_dataset.splits | {"valid": tiny_dataset.splits["valid"][:1]})
+    with pytest.raises(ValueError, match="holds out all 1 valid rows.*one row cannot be split between training and "
+                       "choosing: train on --train-splits train$"):  # fmt: skip
+        training_rows(one, SimpleNamespace(train_splits=("train", "valid"), holdout=1))
 
 
 def test_an_empty_valid_split_is_warned_of_where_it_should_choose(

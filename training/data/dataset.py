@@ -127,10 +127,15 @@ def training_rows(data: RecDataset, rule: HoldoutRule) -> tuple[list[Sample], li
                 f"no training rows: --holdout {rule.holdout} holds out all {valid} valid rows, and --train-splits "
                 f"{splits} has no other rows; give a smaller --holdout"
             )
+        fix = (
+            f"give a --holdout below {valid} (e.g. --holdout {valid // 2}: the SFT recipe's 2000 is about half of "
+            "amazon-industrial's valid split)"
+            if valid >= 2  # else the only --holdout below it is 0, which holds nothing out to choose on
+            else "one row cannot be split between training and choosing: train on --train-splits train"
+        )
         raise ValueError(
             f"no valid rows to train on: --holdout {rule.holdout} holds out all {valid} valid rows, though "
-            f"--train-splits {splits} names valid; give a --holdout below {valid} (e.g. --holdout {valid // 2}: "
-            "the SFT recipe's 2000 is about half of amazon-industrial's valid split)"
+            f"--train-splits {splits} names valid; {fix}"
         )
     if not train:
         raise ValueError(f"no training rows in --train-splits {splits} of {data.name}")
