@@ -121,10 +121,10 @@ def _run(config: uvicorn.Config) -> None:
     if config.workers == 1:
         server = uvicorn.Server(config)
         # bound before the app loads its model, as the supervisor binds for several workers: a port in use then
-        # stops the start in a moment (uvicorn's one error line, exit 1), not after a warm-up of minutes
-        socket = config.bind_socket()
+        # stops the start in a moment (uvicorn's one error line, exit 3), not after a warm-up of minutes
+        listening = config.bind_socket()
         with contextlib.suppress(KeyboardInterrupt):
-            server.run(sockets=[socket])
+            server.run(sockets=[listening])
         failed = not server.started
     else:
         with _metrics_folder():
@@ -227,10 +227,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from service.bench import bench_serve as run
 
         _require_checkpoint(checkpoint)  # its catalog is read next, by bench_serve, before a server starts
-        _caps_the_server_takes(_int_list(caps, "--caps"))
+        caps_ms = _int_list(caps, "--caps")
+        _caps_the_server_takes(caps_ms)
         config = BenchConfig(
             clients=_int_list(clients, "--clients"),
-            caps_ms=_int_list(caps, "--caps"),
+            caps_ms=caps_ms,
             ved_clients=_int_list(ved_clients, "--ved-clients"),
             k=k,
             duration_s=duration_s,

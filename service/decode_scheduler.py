@@ -202,7 +202,7 @@ class DecodeScheduler:
             if rows[0].sid_index[0] < 0 or not math.isfinite(rows[0].scores[0]):
                 raise CheckpointError(
                     f"checkpoint {self.checkpoint_path}: warm-up decode ({type(config).__name__}) returned no valid SID"
-                    f" with a finite score"
+                    " with a finite score"
                 )
         self._time_ved_fallbacks(stop)
 

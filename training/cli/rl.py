@@ -7,7 +7,6 @@ build configs and call ``training.rl.trainer`` / ``training.rl.diagnose`` /
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -299,10 +298,10 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots)
         head = load_value_head(ckpt, device, required=False)
         weights = checkpoint_level_weights(ckpt)
-        if head is not None and ds.embeddings is None:
-            logging.getLogger(__name__).warning(
-                "the value head's quality (%s) is left out: it is scored against the dense reward, which needs "
-                "%s's item_emb.npy", ", ".join(VALUE_KEYS), ds.name
+        if head is not None and ds.embeddings is None:  # as vstar eval warns: one line on stderr
+            typer.echo(
+                f"warning: the value head's quality ({', '.join(VALUE_KEYS)}) is left out: it is scored against "
+                f"the dense reward, which needs {ds.name}'s item_emb.npy", err=True,
             )  # fmt: skip
         result = run_diagnose(
             ckpt.policy, rows, source, batch_size, value_head=head, item_emb=ds.embeddings, level_weights=weights

@@ -106,10 +106,14 @@ def fusable_checkpoint(
     return checkpoint
 
 
-def require_held_out(path: Path, manifest: dict[str, Any], held_out: Sequence[Sample], how: str) -> None:
-    """A run that held nothing out has nothing to choose on: an error, and the weight it has stays."""
+def require_held_out(
+    path: Path, manifest: dict[str, Any], held_out: Sequence[Sample], holdout: int, refit: str
+) -> None:
+    """A run that held nothing out has nothing to choose on: an error, and the weight it has stays. Its cause is
+    ``refit`` (the options that trained on every row) when its ``holdout`` was 0, else an empty valid split."""
     if not held_out:
         weight = (manifest.get("fusion") or {}).get("weight")
+        how = refit if holdout == 0 else "valid.csv has no rows"
         raise ValueError(
             f"checkpoint {path} trained on every row before test ({how}): no held-out rows to choose its fusion "
             f"weight on; it keeps weight {weight}"

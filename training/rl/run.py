@@ -172,8 +172,9 @@ def fuse_rl_checkpoint(
     stored = manifest["rl_config"]
     rule = StoredRows.of(stored)
     train_rows, held_out = split_for_training(data, rule)
-    why = f"--train-splits {','.join(rule.train_splits)} --holdout 0" if rule.holdout == 0 else "valid.csv has no rows"
-    require_held_out(path, manifest, held_out, why)
+    require_held_out(
+        path, manifest, held_out, rule.holdout, f"--train-splits {','.join(rule.train_splits)} --holdout 0"
+    )
     select_rows = held_out[: stored["eval_limit"]]
     seen = init_trained_on(manifest.get("init"), data, select_rows)
     if seen:

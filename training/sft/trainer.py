@@ -391,10 +391,7 @@ def fuse_checkpoint(
     stored = dict(manifest["sft_config"])
     config = SFTConfig(**(stored | {"train_splits": tuple(stored["train_splits"])}))
     train_rows, held_out = split_for_training(data, config)
-    # a refit's weight came from its held-out run
-    require_held_out(
-        path, manifest, held_out, "a refit: --holdout 0" if config.holdout == 0 else "valid.csv has no rows"
-    )
+    require_held_out(path, manifest, held_out, config.holdout, "a refit: --holdout 0")  # its weight: its held-out run
     fusion = fuse_trained(
         path,
         None,  # vstar fuse chooses on the grid, whatever weight the run was given (RL's fuse does the same)
