@@ -482,7 +482,8 @@ def test_rl_keeps_the_inits_fusion_weight_unless_given(
     summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
     fusion = load_checkpoint(tmp_path / "rl").manifest["fusion"]
     assert fusion["weight"] == summary["fusion"]["weight"] == (6.0 if given is None else given)
-    assert fusion["chosen_by"] == "given" and fusion["count_rows"] == 240  # train + all of valid (held out)
+    assert fusion["chosen_by"] == ("init" if given is None else "given")
+    assert fusion["count_rows"] == 240  # train + all of valid (held out)
     with pytest.raises(ValueError, match="fusion_weight"):
         RLConfig(fusion_weight=-1.0)
 
@@ -525,7 +526,7 @@ def test_fuse_chooses_an_rl_checkpoints_weight_on_the_rows_its_run_held_out(
 
     rl = one_step_run(tiny_dataset, tiny_policy, tmp_path, {"fusion": {"weight": 6.0}}, train_splits=("valid",),
                       holdout=10)  # fmt: skip
-    assert load_checkpoint(rl).manifest["fusion"]["chosen_by"] == "given"  # the init's 6
+    assert load_checkpoint(rl).manifest["fusion"]["chosen_by"] == "init"  # the init's 6
     seen: dict[str, list] = {}
     real_choose = fusion_module.choose_weight
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -469,15 +470,29 @@ def test_refit_trains_on_everything_with_the_held_out_runs_weight(
     assert heldout["sft_config"]["holdout"] == 10 and heldout["fusion"]["chosen_by"] == "held-out"
     runs = []
     real = sft_module._train_sft
-    monkeypatch.setattr(sft_module, "_train_sft", lambda *a: runs.append(a[2]) or real(*a))
+    monkeypatch.setattr(sft_module, "_train_sft", lambda *a, **k: runs.append(a[2]) or real(*a, **k))
     summary = train_sft(tiny_dataset, out, config, resume=True, progress=False)
     assert [c.holdout for c in runs] == [0]  # the finished held-out run is not trained again
     final = load_checkpoint(out).manifest
     assert final["sft_config"]["holdout"] == 0 and final["data"]["train_rows"] == 240
-    assert final["fusion"] == {"weight": heldout["fusion"]["weight"], "chosen_by": "given", "count_rows": 240} | {
-        "transition_pairs": final["fusion"]["transition_pairs"]
-    }
+    assert final["fusion"] == {
+        "weight": heldout["fusion"]["weight"],
+        "chosen_by": "held-out run",
+        "count_rows": 240,
+    } | {"transition_pairs": final["fusion"]["transition_pairs"]}
     assert summary["steps"] == 5 and summary["heldout_run"]["fusion"]["weight"] == heldout["fusion"]["weight"]
+
+
+def test_a_refit_with_an_empty_valid_split_trains_once(tiny_dataset, tmp_path: Path, monkeypatch) -> None:
+    """With no valid row to hold out, a held-out run and its refit would train on the same rows twice: one run."""
+    empty = replace(tiny_dataset, splits=tiny_dataset.splits | {"valid": []})
+    config = SFTConfig(preset="tiny", max_steps=1, train_splits=("train", "valid"), holdout=10, refit=True)
+    runs = []
+    real = sft_module._train_sft
+    monkeypatch.setattr(sft_module, "_train_sft", lambda *a, **k: runs.append(a[1]) or real(*a, **k))
+    summary = train_sft(empty, tmp_path / "ck", config, progress=False)
+    assert runs == [tmp_path / "ck"] and not (tmp_path / "ck.heldout").exists() and "heldout_run" not in summary
+    assert load_checkpoint(tmp_path / "ck").manifest["fusion"]["chosen_by"] == "nothing held out"
 
 
 def test_a_resumed_refit_reports_its_finished_held_out_run_as_the_run_did(
@@ -506,8 +521,6 @@ def test_a_resumed_refit_reports_its_finished_held_out_run_as_the_run_did(
 
 
 def test_text_init_without_embeddings_names_the_command_that_makes_them(tiny_dataset, tmp_path: Path) -> None:
-    from dataclasses import replace
-
     bare = replace(tiny_dataset, embeddings=None)
     config = SFTConfig(preset="tiny", max_steps=1, text_init=True)
     with pytest.raises(ValueError, match=r"needs item_emb.npy .*vstar embed --data DIR --encoder PATH.*--no-text-init"):

@@ -147,6 +147,7 @@ def fuse_trained(
     checkpoint: LoadedCheckpoint | None = None,
     run: dict[str, Any] | None = None,
     progress: bool = False,
+    given_by: str = "given",
 ) -> dict[str, Any]:
     """Store transition counts and a fusion weight in the checkpoint at ``path``.
 
@@ -154,7 +155,10 @@ def fuse_trained(
     with counts of ``train_rows`` (with none held out: 0, fusion off); the
     counts stored are then those of ``train_rows`` and all of ``held_out``.
     ``checkpoint``: the one at ``path`` when the caller has loaded it already;
-    ``run``: the training run's figures, stored with the choice (``write_fusion``).
+    ``run``: the training run's figures, stored with the choice (``write_fusion``). ``chosen_by`` records
+    how the weight was chosen: ``given_by`` for a given ``weight`` ("given": by ``--fusion-weight``; "held-out
+    run": a refit's, chosen by its held-out run; "init": an RL run's, its ``--init``'s), else "held-out" or
+    "nothing held out".
     """
     select_rows = held_out[:eval_limit]
     choosing = weight is None and bool(select_rows)
@@ -165,7 +169,7 @@ def fuse_trained(
         checkpoint = load_checkpoint(path, device)
     counts = TransitionCounts.fit((s.history, s.target) for s in train_rows)
     if weight is not None:
-        fusion: dict[str, Any] = {"weight": weight, "chosen_by": "given"}
+        fusion: dict[str, Any] = {"weight": weight, "chosen_by": given_by}
     elif choosing:
         assert checkpoint is not None
         chosen = choose_weight(checkpoint, counts, select_rows, train_rows, weights, beams, progress)

@@ -431,7 +431,9 @@ def train_rl(
     # the kept model's fusion with the transition counts (each rank scores its slice of the held-out rows when
     # the weight is chosen here; rank 0 writes)
     weight = result_fusion_weight(init, config)
-    fusion = fuse_trained(out, weight, counted_rows(data, config, train_rows), held_out, config.eval_limit, device)
+    given_by = "given" if config.fusion_weight is not None else "init"
+    counted = counted_rows(data, config, train_rows)
+    fusion = fuse_trained(out, weight, counted, held_out, config.eval_limit, device, given_by=given_by)
     return {
         # None: nothing held out (--holdout 0 with valid trained on), the last model kept, as SFT says it
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,

@@ -136,7 +136,9 @@ def train_sft(
             raise ValueError(f"--resume: no interrupted run at {out}")
         if not resume:
             built = start_fresh(data, out, config, device)
-        if not config.refits:
+        if not config.refits or not split_for_training(data, config)[1]:
+            # an empty valid.csv holds nothing out (warned above): a held-out run and its refit would be the same
+            # run twice, so there is one, its last model kept
             return _train_sft(data, out, config, device, resume, progress, tensorboard, policy=built)
         heldout_out = heldout_folder(out)
         heldout_tb = heldout_curves(tensorboard) if tensorboard else None
@@ -150,7 +152,7 @@ def train_sft(
         refit = replace(config, holdout=0, fusion_weight=chosen["fusion"]["weight"])
         log.info("refit on all of train + valid with fusion weight %g", refit.fusion_weight)
         again = resume and resume_folder(out).exists()
-        summary = _train_sft(data, out, refit, device, again, progress, tensorboard, resume)
+        summary = _train_sft(data, out, refit, device, again, progress, tensorboard, resume, given_by="held-out run")
         return summary | {"heldout_run": {"checkpoint": str(heldout_out)} | chosen}
 
 
@@ -204,11 +206,13 @@ def _train_sft(
     tensorboard: Path | None,
     restarted: bool = False,
     policy: Policy | None = None,
+    given_by: str = "given",
 ) -> dict[str, Any]:
     """One run at ``out``. ``restarted``: under ``--resume``, so that ``tensorboard`` holds this run's own curves
     from an interrupted attempt; a run that starts over (interrupted before its first validation wrote a resume
     state) purges them, as a resumed one purges those past its resume point. ``policy``: a new run's model,
-    built (``fresh_policy``) right after ``seed_everything(config.seed)`` with nothing drawn since."""
+    built (``fresh_policy``) right after ``seed_everything(config.seed)`` with nothing drawn since.
+    ``given_by``: where ``config.fusion_weight``, when set, came from (manifest ``fusion.chosen_by``)."""
     out = Path(out)
     require_global_batch(config.batch_size)
     if policy is None:
@@ -331,8 +335,9 @@ def _train_sft(
     # and the run's figures in the same write: a resumed refit reports its finished held-out run from them
     device = str(policy.device)
     fusion = fuse_trained(
-        out, config.fusion_weight, train_rows, held_out, config.eval_limit, device, run=run, progress=progress
-    )
+        out, config.fusion_weight, train_rows, held_out, config.eval_limit, device, run=run, progress=progress,
+        given_by=given_by,
+    )  # fmt: skip
     return run | {"seconds": round(time.perf_counter() - start, 1), "fusion": fusion}
 
 
