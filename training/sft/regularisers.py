@@ -85,7 +85,9 @@ def init_sid_embeddings(policy: Policy, item_emb: np.ndarray) -> None:
             "--text-init: the item embeddings (item_emb.npy) are the same for every SID, so they cannot tell the "
             "SID tokens apart: train with --no-text-init, or embed the items again (vstar embed)"
         )
-    proj *= emb.std().item() / spread  # the embedding may live on a GPU: a plain float crosses devices
+    # the embedding may live on a GPU: a plain float crosses devices. The scale is a float32 tensor, as runs
+    # before the check above computed it: the same ratio in float64 changed the last bits, and so the runs
+    proj *= emb.std().item() / proj.std()
     emb[torch.tensor(token_ids, device=emb.device)] = proj.to(emb.device, emb.dtype)
 
 
