@@ -79,15 +79,16 @@ def init_sid_embeddings(policy: Policy, item_emb: np.ndarray) -> None:
     dim = min(emb.shape[1], u.shape[1])
     proj = torch.zeros(len(token_ids), emb.shape[1])
     proj[:, :dim] = u[:, :dim] * sv[:dim]
-    spread = float(proj.std())
-    if not spread > 1e-12:  # every SID's mean embedding alike (or one SID): there is nothing to start from
+    spread = proj.std()
+    if not float(spread) > 1e-12:  # every SID's mean embedding alike (or one SID): there is nothing to start from
         raise ValueError(
             "--text-init: the item embeddings (item_emb.npy) are the same for every SID, so they cannot tell the "
             "SID tokens apart: train with --no-text-init, or embed the items again (vstar embed)"
         )
-    # the embedding may live on a GPU: a plain float crosses devices. The scale is a float32 tensor, as runs
-    # before the check above computed it: the same ratio in float64 changed the last bits, and so the runs
-    proj *= emb.std().item() / proj.std()
+    # the embedding may live on a GPU: a plain float crosses devices. The ratio stays a float32 tensor, as the
+    # recipe's runs computed it: in float64 the weights differ in their last bits, enough to change what a run
+    # chooses (docs/rl-experiments.md, "VED's ranking after RL")
+    proj *= emb.std().item() / spread
     emb[torch.tensor(token_ids, device=emb.device)] = proj.to(emb.device, emb.dtype)
 
 
