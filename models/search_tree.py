@@ -117,6 +117,8 @@ class SearchTree:
     lam: float
     # expandable / open masks, valid until the next allocate or evaluate (visits do not change them)
     _masks: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    # Ĝ and the mean G per depth, valid until the next evaluate (only G and liveness enter them)
+    _by_depth: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(
@@ -196,6 +198,7 @@ class SearchTree:
         self.n_valid[rows, nodes] = torch.isfinite(child_log_prob).sum(-1)
         self.live[rows, nodes] = True
         self._masks = None
+        self._by_depth = None
 
     def _expandable_and_open(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._masks is None:
@@ -215,15 +218,21 @@ class SearchTree:
         """Live nodes whose live subtree still holds an expandable node: (B, M)."""
         return self._expandable_and_open()[1]
 
+    def _scores_by_depth(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._by_depth is None:
+            live = self.live.float()  # (B, M)
+            levels = self.max_depth + 1
+            mean = sum_by_depth(self.score * live, self.depth, levels) / sum_by_depth(live, self.depth, levels)
+            self._by_depth = (standardise_by_depth(self.score, self.depth, self.live, levels), mean)
+        return self._by_depth
+
     def depth_mean(self) -> torch.Tensor:
         """Mean G of the live nodes at each depth: (B, max_depth + 1); NaN at an empty depth."""
-        live = self.live.float()  # (B, M)
-        levels = self.max_depth + 1
-        return sum_by_depth(self.score * live, self.depth, levels) / sum_by_depth(live, self.depth, levels)
+        return self._scores_by_depth()[1]
 
     def normalised_score(self) -> torch.Tensor:
         """Ĝ: G standardised over the live nodes of the same depth in each tree: (B, M)."""
-        return standardise_by_depth(self.score, self.depth, self.live, self.max_depth + 1)
+        return self._scores_by_depth()[0]
 
     def _bonus(self, beta: float, counts: torch.Tensor) -> torch.Tensor:
         n_root = self.visits[:, :1]  # (B, 1)

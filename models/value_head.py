@@ -111,14 +111,18 @@ class ValueHead(nn.Module):
         values = self._finish(hidden, attended.transpose(1, 2).reshape(n, t, h))  # (N, T)
         return values.masked_fill(~valid, 0.0)
 
+    def qkv_heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention queries, keys and values of positions: hidden (N, S, H) -> three (N, heads, S, head_dim)."""
+        q, k, v = self.qkv(self.attn_norm(hidden)).split(self.config.hidden_size, dim=-1)
+        return self._heads(q), self._heads(k), self._heads(v)
+
     def kv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention keys and values of positions: hidden (N, S, H) -> two (N, heads, S, head_dim).
 
         A position's key/value depend on its own hidden state only, so they are
         computed once per prompt position and once per tree node.
         """
-        _, k, v = self.qkv(self.attn_norm(hidden)).split(self.config.hidden_size, dim=-1)
-        return self._heads(k), self._heads(v)
+        return self.qkv_heads(hidden)[1:]
 
     def step(
         self,
@@ -126,10 +130,11 @@ class ValueHead(nn.Module):
         keys: torch.Tensor,  # (N, heads, S, head_dim) keys of the visible positions, the query's own included
         values: torch.Tensor,  # (N, heads, S, head_dim)
         key_mask: torch.Tensor,  # (N, S) 1 where the key is visible
+        query: torch.Tensor | None = None,  # (N, heads, 1, head_dim) from ``qkv_heads(hidden[:, None])``, if known
     ) -> torch.Tensor:
         """Value at one position from cached keys/values: (N,). Equals ``forward(...)[:, t]``."""
         n, h = hidden.shape
-        q = self.qkv(self.attn_norm(hidden))[:, :h].view(n, self.config.num_heads, 1, self.config.head_dim)
+        q = self.qkv_heads(hidden[:, None])[0] if query is None else query  # (N, heads, 1, d)
         mask = key_mask.bool()[:, None, None, :]  # (N, 1, 1, S)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (N, heads, 1, d)
         return self._finish(hidden, attended.reshape(n, h))

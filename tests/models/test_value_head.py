@@ -76,6 +76,11 @@ def test_step_with_cached_keys_equals_forward_at_every_position() -> None:
         got = net.step(hidden[:, t], keys[:, :, : t + 1], values[:, :, : t + 1], mask[:, : t + 1])
         valid = mask[:, t] == 1
         torch.testing.assert_close(got[valid], ref[valid, t], rtol=1e-5, atol=1e-6)
+        # VED computes a new node's query with its key and value (``qkv_heads``) and passes it: the same value
+        query, own_k, own_v = net.qkv_heads(hidden[:, t : t + 1])
+        assert all(torch.equal(a, b) for a, b in zip((own_k, own_v), net.kv(hidden[:, t : t + 1]), strict=True))
+        given = net.step(hidden[:, t], keys[:, :, : t + 1], values[:, :, : t + 1], mask[:, : t + 1], query)
+        assert torch.equal(given, got)
 
 
 def test_gradients_reach_every_parameter_and_not_a_detached_input() -> None:

@@ -24,7 +24,7 @@ import torch
 from models.backbone import prompt_position_ids
 from models.beam_search import BeamSearchConfig, beam_search
 from models.policy import Policy, pad_left
-from models.search_tree import SearchTree, sum_by_depth, valid_entropy
+from models.search_tree import SearchTree, standardise_by_depth, sum_by_depth, valid_entropy
 from models.value_head import ValueHead, value_head_for
 from models.ved import gumbel_noise, trie_leaf_counts, ved_search
 from models.ved_config import VEDConfig, resolve_budget
@@ -184,6 +184,34 @@ def test_gate_against_depth_mean() -> None:
     # root: its own mean; a: above the depth-1 mean; b: below; a0: alone at its depth
     assert [bool(tree.passes_gate(torch.tensor([i]))) for i in range(4)] == [True, True, False, True]
     assert not bool(tree.passes_gate(torch.tensor([-1])))
+
+
+def test_g_hat_and_the_depth_means_are_kept_until_a_node_is_evaluated() -> None:
+    """Both are read at every selection but change only when a node goes live: kept between evaluations,
+    never stale after one (a pending node, visits and gate failures leave them as they are)."""
+    tree = hand_tree()
+
+    def fresh() -> tuple[torch.Tensor, torch.Tensor]:
+        live = tree.live.float()
+        mean = sum_by_depth(tree.score * live, tree.depth, 3) / sum_by_depth(live, tree.depth, 3)
+        return standardise_by_depth(tree.score, tree.depth, tree.live, 3), mean
+
+    def check() -> None:
+        want_g_hat, want_mean = fresh()
+        assert torch.equal(tree.normalised_score(), want_g_hat)
+        torch.testing.assert_close(tree.depth_mean(), want_mean, equal_nan=True)
+
+    check()
+    before = tree.normalised_score().clone()
+    zero = torch.zeros(1, dtype=torch.long)
+    node = tree.allocate(zero, zero, torch.tensor([2]), zero, torch.tensor([7]))  # c: pending
+    tree.backup(zero, node)
+    tree.fail(zero, torch.tensor([2]))
+    check()
+    assert torch.equal(tree.normalised_score(), before)
+    tree.evaluate(zero, node, torch.tensor([5.0]), torch.tensor([lp(0.5, 0.5, 0)]))  # depth 1: a, b and c
+    check()
+    assert not torch.equal(tree.normalised_score(), before)
 
 
 def test_backup_fail_and_sampling_from_unexpanded_codes() -> None:
