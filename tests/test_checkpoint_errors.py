@@ -132,6 +132,7 @@ COMMANDS = {
     "fuse": ["fuse", "--checkpoint", "{ck}", "--data", "{data}"],
     "rl": ["rl", "--init", "{ck}", "--out", "{out}", "--data", "{data}", "--max-steps", "1"],
     "bench decode": ["bench", "decode", "--checkpoint", "{ck}", "--repeats", "1"],
+    "bench ved": ["bench", "ved", "--checkpoint", "{ck}", "--repeats", "1"],
     "bench train": ["bench", "train", "--checkpoint", "{ck}", "--data", "{data}", "--steps", "1"],
 }
 

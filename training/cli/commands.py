@@ -1,4 +1,4 @@
-"""Training-side subcommands of ``vstar``: synth, embed, sids, eval, fuse, bench decode and catalog.
+"""Training-side subcommands of ``vstar``: synth, embed, sids, eval, fuse, bench decode, ved and catalog.
 
 SFT (``training.cli.sft``, registered from here, between sids and eval), the RL
 stage (``training.cli.rl``), the baselines (``training.cli.baselines``) and the
@@ -14,6 +14,7 @@ data, so a simple mistake is reported in well under a second.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -326,6 +327,61 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 f"--beams {max(grid[0])} is more than the {sids} SIDs of the catalog; give at most {sids}"
             )
         result = run_decode_bench(policy, *grid, repeats=repeats)
+        typer.echo(format_table(result), err=True)
+        write_json(json_out, result)
+
+    @bench.command(name="ved")
+    def bench_ved(
+        checkpoint: Annotated[
+            Path | None,
+            typer.Option(
+                "--checkpoint",
+                help="Checkpoint folder: its policy, VED settings and value head (a fresh head when it has none); "
+                "default: a fresh tiny model on a synthetic catalog.",
+            ),
+        ] = None,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write {rows: [...]} here.", callback=writable_file)
+        ] = None,
+        num_candidates: Annotated[
+            str, typer.Option("--num-candidates", help="Comma list of G, the SIDs VED returns.")
+        ] = "10,16",
+        batches: Annotated[str, typer.Option("--batches", help="Comma list of batch sizes.")] = "1,32",
+        budget: Annotated[
+            int | None,
+            typer.Option("--budget", min=1, help="Backbone tokens per prompt for both (default: VED's own per G)."),
+        ] = None,
+        repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per cell (after a warm-up).")] = 10,
+        device: DeviceOpt = "cpu",
+    ) -> None:
+        """Time VED against beam search of the width its token budget pays for."""
+        gs, grid = int_list(num_candidates, "--num-candidates"), int_list(batches, "--batches")
+        if checkpoint is not None:
+            require_checkpoint(checkpoint)
+        from models.checkpoint import load_checkpoint
+        from models.value_head import load_value_head, value_head_for
+        from models.ved_config import VEDConfig, checkpoint_ved_config, resolve_budget
+        from training.bench.ved_bench import format_table, run_ved_bench
+
+        ckpt = load_checkpoint(checkpoint, device) if checkpoint else None
+        policy = ckpt.policy if ckpt else demo_policy(device)
+        head = load_value_head(ckpt, device, required=False) if ckpt else None
+        if head is None:
+            why = "the checkpoint has none" if ckpt else "no checkpoint given"
+            typer.echo(f"note: a fresh value head ({why}): the search's cost, not a trained model's trees", err=True)
+            head = value_head_for(policy)
+        base = checkpoint_ved_config(ckpt, max(gs)) if ckpt else VEDConfig()
+        sids = len(policy.catalog.sids)
+        if max(gs) > sids:
+            raise typer.BadParameter(
+                f"--num-candidates {max(gs)} is more than the {sids} SIDs of the catalog; give at most {sids}"
+            )
+        for g in gs:
+            try:
+                resolve_budget(replace(base, num_candidates=g, budget=budget), policy.trie.depth)
+            except ValueError as e:
+                raise typer.BadParameter(f"--budget {budget} with G = {g}: {e}") from None
+        result = run_ved_bench(policy, head.to(policy.device), base, gs, grid, budget, repeats=repeats)
         typer.echo(format_table(result), err=True)
         write_json(json_out, result)
 

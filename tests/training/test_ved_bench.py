@@ -1,0 +1,66 @@
+"""``vstar bench ved`` on the tiny policy: the cells, the equal budget, and what the command refuses."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from models.checkpoint import save_checkpoint
+from models.policy import Policy
+from models.value_head import value_head_for
+from models.ved_config import VEDConfig
+from training.bench.ved_bench import format_table, run_ved_bench
+from vstar import app
+
+
+def test_each_cell_times_ved_against_the_beam_its_budget_pays_for(tiny_policy: Policy) -> None:
+    head = value_head_for(tiny_policy)
+    result = run_ved_bench(tiny_policy, head, VEDConfig(init_beams=4), gs=(3, 5), batches=(1, 2), repeats=1)
+    rows = result["rows"]
+    assert [(r["g"], r["batch"]) for r in rows] == [(3, 1), (3, 2), (5, 1), (5, 2)]
+    for r in rows:
+        assert r["budget"] == 2 * 2 * r["g"]  # twice what beam search of width G feeds over the 2 prefix levels
+        assert r["beam_width"] == r["budget"] // 2  # the same tokens: 2 per beam
+        assert 0 < r["ved_tokens"] <= r["budget"] and r["ved_iterations"] >= 0
+        assert r["ved_ms"] > 0 and r["beam_ms"] > 0 and r["ratio"] > 0
+    table = format_table(result).splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| 3 | 1 | 12 | 6 |")
+    given = run_ved_bench(tiny_policy, head, VEDConfig(init_beams=4), gs=(3,), batches=(1,), budget=20, repeats=1)
+    assert given["rows"][0]["budget"] == 20 and given["rows"][0]["beam_width"] == 10
+
+
+def test_bench_ved_reads_the_checkpoints_head_and_writes_json(tiny_policy: Policy, tmp_path: Path) -> None:
+    head = value_head_for(tiny_policy)
+    manifest = {"stage": "rl", "value_head": asdict(head.config)}
+    ckpt = save_checkpoint(tmp_path / "vstar", tiny_policy, manifest, {"value_head": head.state_dict()})
+    out = tmp_path / "ved.json"
+    args = ["bench", "ved", "--checkpoint", str(ckpt), "--num-candidates", "4", "--batches", "2", "--repeats", "1"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "fresh value head" not in result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["g"], r["batch"], r["budget"]) for r in rows] == [(4, 2, 32)]  # the least for init_beams 16
+
+
+def test_bench_ved_says_when_the_value_head_is_fresh(tiny_policy: Policy, tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "sft", tiny_policy, {"stage": "sft"})
+    args = ["bench", "ved", "--checkpoint", str(ckpt), "--num-candidates", "4", "--batches", "1", "--repeats", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "note: a fresh value head (the checkpoint has none)" in result.output
+
+
+def test_bench_ved_refuses_a_budget_below_the_initial_tree_and_g_above_the_catalog(
+    tiny_policy: Policy, tmp_path: Path
+) -> None:
+    ckpt = save_checkpoint(tmp_path / "sft", tiny_policy, {"stage": "sft"})
+    base = ["bench", "ved", "--checkpoint", str(ckpt), "--repeats", "1"]
+    result = CliRunner().invoke(app, [*base, "--num-candidates", "4", "--budget", "10"])
+    assert result.exit_code == 2 and "--budget 10 with G = 4: budget 10 is below" in result.output, result.output
+    sids = len(tiny_policy.catalog.sids)
+    result = CliRunner().invoke(app, [*base, "--num-candidates", f"4,{sids + 1}"])
+    assert result.exit_code == 2, result.output
+    assert f"--num-candidates {sids + 1} is more than the {sids} SIDs of the catalog" in result.output

@@ -1,0 +1,116 @@
+"""``vstar bench ved``: VED against beam search at the same token budget.
+
+For each (G, batch) cell the same prompts are decoded by
+
+* ``ved``: ``models.ved.ved_search`` returning G SIDs, with the checkpoint's
+  VED settings and value head (``training.evaluation.decoders.ved_setup``) at
+  its default budget (``models.ved_config.resolve_budget``: twice what beam
+  search of width G feeds, at least what the initial tree may need) or
+  ``--budget``;
+* ``beam``: constrained beam search of the widest beam that budget pays for
+  (budget // (D - 1) for SIDs of D tokens), as ``vstar diagnose --budget``
+  compares the two: the same tokens fed to the backbone per prompt.
+
+``ratio`` is VED's time over beam search's, so the seconds VED's search costs
+beyond the forwards both pay for. ``ved_tokens`` is the mean of what VED fed
+per prompt (it may stop short of its budget when the tree is exhausted), and
+``ved_iterations`` the mean of its selections. Timings are the best of the
+repeats, run interleaved, as ``vstar bench decode``'s.
+
+Without ``--checkpoint`` the policy is a random tiny model over a random
+catalog (``vstar bench decode``'s) and the value head a fresh one: the figures
+then time the search's machinery, not a trained model's trees.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from models.beam_search import BeamSearchConfig, beam_search
+from models.device import synchronize
+from models.policy import Policy, pad_left
+from models.sid_catalog import Sid
+from models.value_head import ValueHead
+from models.ved import ved_search
+from models.ved_config import VEDConfig, resolve_budget
+from training.bench.decode_bench import sample_histories
+
+
+def time_cell(
+    policy: Policy, head: ValueHead, config: VEDConfig, histories: list[list[Sid]], repeats: int
+) -> dict[str, Any]:
+    ids, mask = pad_left(
+        [policy.prompt.encode(policy.tokenizer, h) for h in histories],
+        int(policy.tokenizer.pad_token_id),
+        policy.device,
+    )
+    depth = policy.trie.depth
+    budget = resolve_budget(config, depth)
+    width = budget // (depth - 1)
+    beam_config = BeamSearchConfig(width)
+    runs: dict[str, Callable[[], Any]] = {
+        "ved": lambda: ved_search(policy.model, head, policy.trie, ids, mask, config),
+        "beam": lambda: beam_search(policy.model, policy.trie, ids, mask, beam_config),
+    }
+    stats = runs["ved"]().stats  # also the warm-up
+    runs["beam"]()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            synchronize(policy.device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(policy.device)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    ms = {name: min(v) for name, v in times.items()}
+    return {
+        "g": config.num_candidates,
+        "batch": len(histories),
+        "budget": budget,
+        "beam_width": width,
+        "ved_ms": round(ms["ved"], 3),
+        "beam_ms": round(ms["beam"], 3),
+        "ratio": round(ms["ved"] / ms["beam"], 2),
+        "ved_tokens": round(sum(s.tokens_spent for s in stats) / len(stats), 2),
+        "ved_iterations": round(sum(s.iterations for s in stats) / len(stats), 2),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        "| G | batch | budget | beam width | VED ms | beam ms | VED / beam | VED tokens | VED selections |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['g']} | {r['batch']} | {r['budget']} | {r['beam_width']} | {r['ved_ms']:.2f} | {r['beam_ms']:.2f} "
+            f"| {r['ratio']:.2f}x | {r['ved_tokens']:.1f} | {r['ved_iterations']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_ved_bench(
+    policy: Policy,
+    head: ValueHead,
+    base: VEDConfig,
+    gs: tuple[int, ...] = (10, 16),
+    batches: tuple[int, ...] = (1, 32),
+    budget: int | None = None,
+    history_len: int = 10,
+    repeats: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every (G, batch) cell; ``base``: the VED settings but G and the budget (``budget`` None: VED's default)."""
+    policy.model.eval()
+    head.eval()
+    rows = []
+    for g in gs:
+        config = replace(base, num_candidates=g, budget=budget)
+        for b in batches:
+            rows.append(time_cell(policy, head, config, sample_histories(policy, b, history_len, seed + b), repeats))
+    return {"rows": rows, "device": str(policy.device), "threads": torch.get_num_threads(), "repeats": repeats}
