@@ -7,7 +7,7 @@ import torch
 
 from models.device import synchronize
 from models.policy import Policy
-from training.bench import decode_bench
+from training.bench import decode_bench, timing
 
 
 def test_synchronize_waits_for_the_named_cuda_device_and_nothing_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,7 +24,7 @@ def test_the_decode_bench_waits_for_the_models_own_device(tiny_policy: Policy, m
     """Each timed call is bracketed by a wait for the device the policy is on (before: a CUDA-only
     ``torch.cuda.synchronize()`` of the current device)."""
     devices: list[torch.device] = []
-    monkeypatch.setattr(decode_bench, "synchronize", devices.append)
+    monkeypatch.setattr(timing, "synchronize", devices.append)
     histories = decode_bench.sample_histories(tiny_policy, 2, 3, seed=0)
     decode_bench.time_cell(tiny_policy, histories, k=2, repeats=1)
     assert devices == [tiny_policy.device] * 6  # three runs, a wait before and after each

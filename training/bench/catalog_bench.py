@@ -17,8 +17,8 @@ are built, and measured:
   the decode a served request pays for after it).
 
 The counts hold 20 followers (1-4 each) for every item the histories name: the
-bonus reads no others. Timings are the best of the repeats, run interleaved, as
-``vstar bench decode``'s.
+bonus reads no others. Timings are the best of interleaved repeats
+(``training.bench.timing``).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from models.beam_search import BeamSearchConfig, beam_search
-from models.device import synchronize
 from models.policy import Policy, pad_left
 from models.sid_catalog import Item, SidCatalog, level_token
 from models.sid_trie import SidTrie
 from models.transition import TransitionCounts
+from training.bench.timing import best_of_interleaved
 
 DEPTH = 3
 FOLLOWERS = 20
@@ -76,14 +76,6 @@ def trie_bytes(trie: SidTrie) -> tuple[int, int]:
     return trie.nbytes, trie.nbytes + (trie.num_nodes - trie.num_inner_nodes - 1) * trie.row_nbytes
 
 
-def timed_ms(fn: Any, device: torch.device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return (time.perf_counter() - t0) * 1000
-
-
 def catalog_cell(
     policy: Policy, trie: SidTrie, histories: list[list[int]], counts: TransitionCounts, repeats: int
 ) -> dict[str, Any]:
@@ -103,11 +95,7 @@ def catalog_cell(
     }
     with torch.inference_mode():
         runs["beam"]()  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(repeats):
-            for name, fn in runs.items():
-                times[name].append(timed_ms(fn, policy.device))
-    ms = {name: min(v) for name, v in times.items()}
+        ms = best_of_interleaved(runs, repeats, policy.device)
     return {
         "batch": len(histories),
         "bonus_ms": round(ms["ours"], 3),

@@ -9,10 +9,8 @@ For each (K, batch) cell the same prompts are decoded by
   B prompts, the cache expanded to B*K rows, then one cached step of B*K rows per
   further SID level - with no search logic. That is the floor.
 
-The three are timed interleaved (one run of each per repeat) so that load from
-other processes hits them alike, and the best of the repeats is reported
-(timeit's convention: the minimum is the run least disturbed by other load; on
-a shared machine the median mostly measures the neighbours). ``identical`` is true
+The three are timed interleaved, the best of the repeats reported
+(``training.bench.timing``). ``identical`` is true
 when ours returns the same SIDs in the same order as the reference for every
 prompt, with scores equal to float tolerance.
 """
@@ -20,7 +18,6 @@ prompt, with scores equal to float tolerance.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +25,10 @@ import torch
 
 from models.backbone import decode_step, prefill
 from models.beam_search import BeamSearchConfig, beam_search
-from models.device import synchronize
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy, pad_left
 from models.sid_catalog import Sid
+from training.bench.timing import best_of_interleaved
 
 
 @torch.inference_mode()
@@ -75,15 +72,7 @@ def time_cell(policy: Policy, histories: list[list[Sid]], k: int, repeats: int) 
     }
     identical = same_results(runs["ours"](), runs["reference"]())  # also the warm-up
     runs["forward"]()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            synchronize(policy.device)  # the model's device: cuda:1's work is not waited for on cuda:0
-            t0 = time.perf_counter()
-            fn()
-            synchronize(policy.device)
-            times[name].append((time.perf_counter() - t0) * 1000)
-    ms = {name: min(v) for name, v in times.items()}
+    ms = best_of_interleaved(runs, repeats, policy.device)
     return {
         "k": k,
         "batch": len(histories),

@@ -14,8 +14,8 @@ For each (G, batch) cell the same prompts are decoded by
 ``ratio`` is VED's time over beam search's, so the seconds VED's search costs
 beyond the forwards both pay for. ``ved_tokens`` is the mean of what VED fed
 per prompt (it may stop short of its budget when the tree is exhausted), and
-``ved_iterations`` the mean of its selections. Timings are the best of the
-repeats, run interleaved, as ``vstar bench decode``'s.
+``ved_iterations`` the mean of its selections. Timings are the best of
+interleaved repeats (``training.bench.timing``).
 
 Without ``--checkpoint`` the policy is a random tiny model over a random
 catalog (``vstar bench decode``'s) and the value head a fresh one: the figures
@@ -24,7 +24,6 @@ then time the search's machinery, not a trained model's trees.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -32,13 +31,13 @@ from typing import Any
 import torch
 
 from models.beam_search import BeamSearchConfig, beam_search
-from models.device import synchronize
 from models.policy import Policy, pad_left
 from models.sid_catalog import Sid
 from models.value_head import ValueHead
 from models.ved import ved_search
 from models.ved_config import VEDConfig, resolve_budget
 from training.bench.decode_bench import sample_histories
+from training.bench.timing import best_of_interleaved
 
 
 def time_cell(
@@ -59,15 +58,7 @@ def time_cell(
     }
     stats = runs["ved"]().stats  # also the warm-up
     runs["beam"]()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            synchronize(policy.device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(policy.device)
-            times[name].append((time.perf_counter() - t0) * 1000)
-    ms = {name: min(v) for name, v in times.items()}
+    ms = best_of_interleaved(runs, repeats, policy.device)
     return {
         "g": config.num_candidates,
         "batch": len(histories),
