@@ -23,9 +23,25 @@ def rank_candidates(score: torch.Tensor, first_code: torch.Tensor, g: int, explo
 
     ``score`` is -inf where a slot holds no candidate. Ties go to the lower index.
     """
-    b, k = score.shape
     if explore_slots > g:
         raise ValueError(f"explore_slots ({explore_slots}) must be <= the candidates returned ({g})")
+    # Only finite scores can be chosen, and VED's pool is a few hundred of its (B, M x C) slots: rank those
+    # alone, packed in index order (a stable sort keeps ties by index, as over every slot), then map back.
+    finite = torch.isfinite(score)  # (B, K)
+    rows, cols = torch.nonzero(finite, as_tuple=True)  # row-major: each row's finite slots in index order
+    packed = finite.long().cumsum(1)[rows, cols] - 1  # each one's place among its row's
+    width = int(packed.max()) + 1 if packed.numel() else 1
+    at = torch.zeros(score.shape[0], width, dtype=torch.long, device=score.device)  # (B, W) slot of each place
+    at[rows, packed] = cols
+    held = torch.zeros_like(at, dtype=torch.bool)
+    held[rows, packed] = True
+    chosen = _rank(torch.where(held, score.gather(1, at), float("-inf")), first_code.gather(1, at), g, explore_slots)
+    return torch.where(chosen >= 0, at.gather(1, chosen.clamp(min=0)), -1)
+
+
+def _rank(score: torch.Tensor, first_code: torch.Tensor, g: int, explore_slots: int) -> torch.Tensor:
+    """``rank_candidates`` over every slot (B, K) given."""
+    b, k = score.shape
     order = score.sort(dim=1, descending=True, stable=True).indices  # (B, K)
     ok = torch.isfinite(score.gather(1, order))  # (B, K) in score order
     code = first_code.gather(1, order)  # (B, K)
