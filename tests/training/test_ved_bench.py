@@ -28,13 +28,14 @@ def test_each_cell_times_ved_against_the_beam_its_budget_pays_for(tiny_policy: P
         assert r["ved_ms"] > 0 and r["beam_ms"] > 0 and r["ratio"] > 0
     table = format_table(result).splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| 3 | 1 | 12 | 6 |")
-    given = run_ved_bench(tiny_policy, head, VEDConfig(init_beams=4), gs=(3,), batches=(1,), budget=20, repeats=1)
+    given = run_ved_bench(tiny_policy, head, VEDConfig(init_beams=4, budget=20), gs=(3,), batches=(1,), repeats=1)
     assert given["rows"][0]["budget"] == 20 and given["rows"][0]["beam_width"] == 10
 
 
-def test_bench_ved_reads_the_checkpoints_head_and_writes_json(tiny_policy: Policy, tmp_path: Path) -> None:
+def test_bench_ved_reads_the_checkpoints_head_and_ved_settings(tiny_policy: Policy, tmp_path: Path) -> None:
     head = value_head_for(tiny_policy)
-    manifest = {"stage": "rl", "value_head": asdict(head.config)}
+    trained_with = asdict(VEDConfig(init_beams=8, budget=40, explore_slots=2))  # as vstar rl stores it
+    manifest = {"stage": "rl", "value_head": asdict(head.config), "rl_config": {"ved_config": trained_with}}
     ckpt = save_checkpoint(tmp_path / "vstar", tiny_policy, manifest, {"value_head": head.state_dict()})
     out = tmp_path / "ved.json"
     args = ["bench", "ved", "--checkpoint", str(ckpt), "--num-candidates", "4", "--batches", "2", "--repeats", "1"]
@@ -42,7 +43,10 @@ def test_bench_ved_reads_the_checkpoints_head_and_writes_json(tiny_policy: Polic
     assert result.exit_code == 0, result.output[-3000:]
     assert "fresh value head" not in result.output
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["g"], r["batch"], r["budget"]) for r in rows] == [(4, 2, 32)]  # the least for init_beams 16
+    assert [(r["g"], r["batch"], r["budget"]) for r in rows] == [(4, 2, 40)]  # the budget it trained with
+    result = CliRunner().invoke(app, [*args, "--budget", "24", "--json", str(out)])
+    assert result.exit_code == 0, result.output[-3000:]
+    assert json.loads(out.read_text())["rows"][0]["budget"] == 24  # --budget overrides it
 
 
 def test_bench_ved_says_when_the_value_head_is_fresh(tiny_policy: Policy, tmp_path: Path) -> None:

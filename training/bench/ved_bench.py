@@ -3,10 +3,10 @@
 For each (G, batch) cell the same prompts are decoded by
 
 * ``ved``: ``models.ved.ved_search`` returning G SIDs, with the checkpoint's
-  VED settings and value head (``training.evaluation.decoders.ved_setup``) at
-  its default budget (``models.ved_config.resolve_budget``: twice what beam
-  search of width G feeds, at least what the initial tree may need) or
-  ``--budget``;
+  value head and VED settings as ``vstar eval --decoder ved`` reads them (no
+  exploratory slots; ``--budget``, else the checkpoint's, else VED's own for G,
+  ``models.ved_config.resolve_budget``: twice what beam search of width G
+  feeds, at least what the initial tree may need);
 * ``beam``: constrained beam search of the widest beam that budget pays for
   (budget // (D - 1) for SIDs of D tokens), as ``vstar diagnose --budget``
   compares the two: the same tokens fed to the backbone per prompt.
@@ -91,17 +91,16 @@ def run_ved_bench(
     base: VEDConfig,
     gs: tuple[int, ...] = (10, 16),
     batches: tuple[int, ...] = (1, 32),
-    budget: int | None = None,
     history_len: int = 10,
     repeats: int = 10,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Every (G, batch) cell; ``base``: the VED settings but G and the budget (``budget`` None: VED's default)."""
+    """Every (G, batch) cell; ``base``: the VED settings but G (its budget None: VED's own for each G)."""
     policy.model.eval()
     head.eval()
     rows = []
     for g in gs:
-        config = replace(base, num_candidates=g, budget=budget)
+        config = replace(base, num_candidates=g)
         for b in batches:
             rows.append(time_cell(policy, head, config, sample_histories(policy, b, history_len, seed + b), repeats))
     return {"rows": rows, "device": str(policy.device), "threads": torch.get_num_threads(), "repeats": repeats}

@@ -349,7 +349,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         batches: Annotated[str, typer.Option("--batches", help="Comma list of batch sizes.")] = "1,32",
         budget: Annotated[
             int | None,
-            typer.Option("--budget", min=1, help="Backbone tokens per prompt for both (default: VED's own per G)."),
+            typer.Option(
+                "--budget",
+                min=1,
+                help="Backbone tokens per prompt for both (default: the checkpoint's, else VED's own per G).",
+            ),
         ] = None,
         repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per cell (after a warm-up).")] = 10,
         device: DeviceOpt = "cpu",
@@ -370,7 +374,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             why = "the checkpoint has none" if ckpt else "no checkpoint given"
             typer.echo(f"note: a fresh value head ({why}): the search's cost, not a trained model's trees", err=True)
             head = value_head_for(policy)
-        base = checkpoint_ved_config(ckpt, max(gs)) if ckpt else VEDConfig()
+        base = checkpoint_ved_config(ckpt, max(gs), budget, explore_slots=0) if ckpt else VEDConfig(budget=budget)
         sids = len(policy.catalog.sids)
         if max(gs) > sids:
             raise typer.BadParameter(
@@ -378,10 +382,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             )
         for g in gs:
             try:
-                resolve_budget(replace(base, num_candidates=g, budget=budget), policy.trie.depth)
+                resolve_budget(replace(base, num_candidates=g), policy.trie.depth)
             except ValueError as e:
-                raise typer.BadParameter(f"--budget {budget} with G = {g}: {e}") from None
-        result = run_ved_bench(policy, head.to(policy.device), base, gs, grid, budget, repeats=repeats)
+                raise typer.BadParameter(f"--budget {base.budget} with G = {g}: {e}") from None
+        result = run_ved_bench(policy, head.to(policy.device), base, gs, grid, repeats=repeats)
         typer.echo(format_table(result), err=True)
         write_json(json_out, result)
 
