@@ -101,10 +101,14 @@ Choices the paper leaves open:
   also returns every prompt position's final state for the value head). Per
   layer, one buffer holds the keys (and one the values) of every prompt
   position followed by one slot per tree node, filled when the node is
-  evaluated; a batch of nodes runs on a cache gathered from it in one indexing
-  op (prompt + ancestors; the unused slots of shorter paths are masked out).
-  The value head keeps its own keys/values the same way, so a node's value is
-  one query (``ValueHead.step``).
+  evaluated; a batch of nodes runs on a cache gathered from it by one
+  ``index_select`` per buffer (prompt + ancestors; the unused slots of shorter
+  paths are masked out). The value head keeps its own keys/values the same way,
+  so a node's value is one query (``ValueHead.step``), projected with the
+  node's key and value. What the search reads at every selection and changes
+  only when a node is evaluated (Ĝ, the depth means, the open masks) is kept
+  until then (``SearchTree``). ``vstar bench ved`` times a search against beam
+  search of the same tokens.
 * shallow fusion (``bonus``, optional; ``models.transition``): added where
   beam search adds it, to the initial tree's prefix scores and to the
   returned set's ranking score; the search's values and draws ignore it. RL's
