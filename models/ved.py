@@ -101,9 +101,9 @@ Choices the paper leaves open:
   also returns every prompt position's final state for the value head). Per
   layer, one buffer holds the keys (and one the values) of every prompt
   position followed by one slot per tree node, filled when the node is
-  evaluated; a batch of nodes runs on a cache gathered from it by one
-  ``index_select`` per buffer (prompt + ancestors; the unused slots of shorter
-  paths are masked out). The value head keeps its own keys/values the same way,
+  evaluated; a batch of nodes runs on a cache gathered from it by one index
+  per buffer (prompt + ancestors; the unused slots of shorter paths are masked
+  out). The value head keeps its own keys/values the same way,
   so a node's value is one query (``ValueHead.step``), projected with the
   node's key and value. What the search reads at every selection and changes
   only when a node is evaluated (Ĝ, the depth means, the open masks) is kept
@@ -421,11 +421,12 @@ class _Search:
 
 
 def gather(buffer: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """Positions ``flat`` (N, S) of a (B, T+M, heads, d) slot buffer, flattened over its first two dims, as
-    (N, heads, S, d): one ``index_select`` (a plain copy, several times faster on CPU than indexing the buffer
-    by (row, slot) pairs)."""
+    """Positions ``flat`` (N, S) of a (B, T+M, heads, d) slot buffer flattened over its first two dims, as
+    (N, heads, S, d). One index over the flat positions: on one CPU core it matched (row, slot) pair indexing
+    on the small preset and beat it on the tiny one; ``index_select`` was faster on the tiny preset but 10-15%
+    slower on the small one, whose rows are wider (``vstar bench ved``)."""
     b, p, heads, d = buffer.shape
-    return buffer.view(b * p, heads, d).index_select(0, flat.flatten()).view(*flat.shape, heads, d).transpose(1, 2)
+    return buffer.view(b * p, heads, d)[flat].transpose(1, 2)
 
 
 def covers_the_catalog(trie: SidTrie, budget: int) -> bool:
