@@ -11,8 +11,8 @@ For each (G, batch) cell the same prompts are decoded by
   (budget // (D - 1) for SIDs of D tokens), as ``vstar diagnose --budget``
   compares the two: the same tokens fed to the backbone per prompt.
 
-``ratio`` is VED's time over beam search's, so the seconds VED's search costs
-beyond the forwards both pay for. ``ved_tokens`` is the mean of what VED fed
+``ratio`` is VED's time over beam search's: what the same tokens cost when fed
+VED's way (more, smaller forwards, and the search between them). ``ved_tokens`` is the mean of what VED fed
 per prompt (it may stop short of its budget when the tree is exhausted), and
 ``ved_iterations`` the mean of its selections. Timings are the best of
 interleaved repeats (``training.bench.timing``).
