@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from models.beam_search import BeamSearchConfig, beam_search
-from models.policy import Policy, pad_left
+from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from models.sid_trie import SidTrie
 from models.transition import TransitionCounts
@@ -81,11 +81,7 @@ def catalog_cell(
 ) -> dict[str, Any]:
     """One batch of histories: the bonus against the trie-wide pass, and the fused beam search."""
     catalog = policy.catalog
-    ids, mask = pad_left(
-        [policy.prompt.encode(policy.tokenizer, [catalog.sid_of(i) for i in h]) for h in histories],
-        int(policy.tokenizer.pad_token_id),
-        policy.device,
-    )
+    ids, mask = policy.encode_prompts([[catalog.sid_of(i) for i in h] for h in histories])
     bonus = counts.node_bonus(histories, catalog, trie, 3.0)
     identical = bool(torch.equal(bonus.dense(), trie_wide_bonus(counts, histories, catalog, trie, 3.0)))
     runs = {

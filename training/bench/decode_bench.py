@@ -26,7 +26,7 @@ import torch
 from models.backbone import decode_step, prefill
 from models.beam_search import BeamSearchConfig, beam_search
 from models.hf_beam_search import hf_beam_search
-from models.policy import Policy, pad_left
+from models.policy import Policy
 from models.sid_catalog import Sid
 from training.bench.timing import best_of_interleaved
 
@@ -59,11 +59,7 @@ def same_results(a: Any, b: Any) -> bool:
 
 
 def time_cell(policy: Policy, histories: list[list[Sid]], k: int, repeats: int) -> dict[str, Any]:
-    ids, mask = pad_left(
-        [policy.prompt.encode(policy.tokenizer, h) for h in histories],
-        int(policy.tokenizer.pad_token_id),
-        policy.device,
-    )
+    ids, mask = policy.encode_prompts(histories)
     config = BeamSearchConfig(k)
     runs: dict[str, Callable[[], Any]] = {
         "ours": lambda: beam_search(policy.model, policy.trie, ids, mask, config),

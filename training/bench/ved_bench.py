@@ -12,9 +12,10 @@ For each (G, batch) cell the same prompts are decoded by
   compares the two: the same tokens fed to the backbone per prompt.
 
 ``ratio`` is VED's time over beam search's: what the same tokens cost when fed
-VED's way (more, smaller forwards, and the search between them). ``ved_tokens`` is the mean of what VED fed
-per prompt (it may stop short of its budget when the tree is exhausted), and
-``ved_iterations`` the mean of its selections. Timings are the best of
+VED's way (more, smaller forwards, and the search between them).
+``ved_tokens`` is the mean of what VED fed per prompt (it may stop short of its
+budget when the tree is exhausted), and ``ved_iterations`` the mean of its
+selections. Timings are the best of
 interleaved repeats (``training.bench.timing``).
 
 Without ``--checkpoint`` the policy is a random tiny model over a random
@@ -31,26 +32,23 @@ from typing import Any
 import torch
 
 from models.beam_search import BeamSearchConfig, beam_search
-from models.policy import Policy, pad_left
+from models.policy import Policy
 from models.sid_catalog import Sid
 from models.value_head import ValueHead
 from models.ved import ved_search
 from models.ved_config import VEDConfig, resolve_budget
 from training.bench.decode_bench import sample_histories
 from training.bench.timing import best_of_interleaved
+from training.rl.rollout import budget_beam_width
 
 
 def time_cell(
     policy: Policy, head: ValueHead, config: VEDConfig, histories: list[list[Sid]], repeats: int
 ) -> dict[str, Any]:
-    ids, mask = pad_left(
-        [policy.prompt.encode(policy.tokenizer, h) for h in histories],
-        int(policy.tokenizer.pad_token_id),
-        policy.device,
-    )
+    ids, mask = policy.encode_prompts(histories)
     depth = policy.trie.depth
     budget = resolve_budget(config, depth)
-    width = budget // (depth - 1)
+    width = budget_beam_width(budget, depth)
     beam_config = BeamSearchConfig(width)
     runs: dict[str, Callable[[], Any]] = {
         "ved": lambda: ved_search(policy.model, head, policy.trie, ids, mask, config),

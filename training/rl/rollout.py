@@ -77,6 +77,11 @@ def beam_tokens(num_beams: int, depth: int) -> int:
     return num_beams * (depth - 1)
 
 
+def budget_beam_width(budget: int, depth: int) -> int:
+    """The widest beam a per-prompt token ``budget`` pays for with SIDs of ``depth`` tokens (``beam_tokens``)."""
+    return budget // max(depth - 1, 1)
+
+
 def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowFusion | None = None) -> CandidateSource:
     """Beam search of width G; with a token ``budget``, the widest beam it pays for, keeping its G best.
 
@@ -90,7 +95,7 @@ def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowF
         if budget is not None and budget < num_candidates * per_beam:  # width G could not spend less
             least = num_candidates * per_beam
             raise ValueError(f"budget {budget} is below what beam search of width G = {num_candidates} feeds: {least}")
-        width = num_candidates if budget is None else budget // per_beam
+        width = num_candidates if budget is None else budget_beam_width(budget, depth)
         bonus = fusion_bonus(policy, samples, fusion)
         decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width), bonus)
         if width > num_candidates:
