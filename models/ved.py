@@ -107,12 +107,12 @@ Choices the paper leaves open:
   the node's own key and value, which the step writes in place
   (``slot_cache``): one copy of the past per layer and step, where a
   ``DynamicCache`` built from the gathered past made three (it copies the past
-  to hold it, then again to append to it). The same answers bit for bit; 12-17%
-  less time at batch 32 on the small preset in a plain loop, 3% by ``vstar
-  bench ved``, whose best-of-repeats catches the old copies when the allocator
-  already holds their memory. The value head keeps its own keys/values the same way,
-  so a node's value is one query (``ValueHead.step``), projected with the
-  node's key and value. What the search reads at every selection and changes
+  to hold it, then again to append to it). The same answers bit for bit; at
+  batch 32 on the small preset 9-17% less time by ``vstar bench ved`` and
+  11-20% in a plain loop (README, "VED against beam search at the same token
+  budget"). The value head keeps its own keys/values the same way, so a node's
+  value is one query (``ValueHead.step``), projected with the node's key and
+  value. What the search reads at every selection and changes
   only when a node is evaluated (Ĝ, the depth means, the open masks) is kept
   until then (``SearchTree``). ``vstar bench ved`` times a search against beam
   search of the same tokens.
