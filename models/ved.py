@@ -109,7 +109,7 @@ Choices the paper leaves open:
   ``DynamicCache`` built from the gathered past made three (it copies the past
   to hold it, then again to append to it). The same answers bit for bit; at
   batch 32 on the small preset 9-17% less time by ``vstar bench ved`` and
-  11-20% in a plain loop (README, "VED against beam search at the same token
+  12-20% in a plain loop (README, "VED against beam search at the same token
   budget"). The value head keeps its own keys/values the same way, so a node's
   value is one query (``ValueHead.step``), projected with the node's key and
   value. What the search reads at every selection and changes
