@@ -73,6 +73,7 @@ class SidTrie:
         parents = torch.zeros(num_nodes, dtype=torch.long)  # the root is its own parent
         parents[edge[:, 2]] = edge[:, 0]
         self.parent = parents  # (nodes,)
+        self._leaf_counts: torch.Tensor | None = None  # (nodes,) on first use: ``leaf_counts``
         self._prefix_node = prefix_node
         self._id_to_level_code = {
             int(level_ids[lv, c]): (lv, c)
@@ -131,7 +132,19 @@ class SidTrie:
         self.leaf_sid = self.leaf_sid.to(device)
         self.sid_node = self.sid_node.to(device)
         self.parent = self.parent.to(device)
+        self._leaf_counts = None
         return self
+
+    def leaf_counts(self) -> torch.Tensor:
+        """(nodes,): the complete SIDs under each node (1 at a leaf); computed on first use."""
+        if self._leaf_counts is None:
+            counts = (self.leaf_sid >= 0).long()
+            for d in range(self.depth - 1, -1, -1):
+                at = self.level_nodes(d)
+                kids = self.child_nodes(at)  # (n_d, C)
+                counts[at] = torch.where(kids >= 0, counts[kids.clamp(min=0)], 0).sum(-1)
+            self._leaf_counts = counts
+        return self._leaf_counts
 
     def level_nodes(self, level: int) -> torch.Tensor:
         """Ids of the nodes at ``level`` (0: the root, ``depth``: the leaves); ids are numbered by level."""

@@ -98,24 +98,13 @@ Choices the paper leaves open:
   (visits are backed up at once, so they spread) and evaluates all new nodes of
   all prompts in one forward. 1 is the paper's strictly sequential loop.
 * KV reuse: the prompts are prefilled once (``models.backbone.prefill``, which
-  also returns every prompt position's final state for the value head). Per
-  layer, one buffer holds the keys (and one the values) of every prompt
-  position followed by one slot per tree node, filled when the node is
-  evaluated; a batch of nodes runs on a cache gathered from it by one index
-  per buffer (prompt + ancestors; the unused slots of shorter paths are masked
-  out), straight into the layout attention reads and one position longer, for
-  the node's own key and value, which the step writes in place
-  (``slot_cache``): one copy of the past per layer and step, where a
-  ``DynamicCache`` built from the gathered past made three (it copies the past
-  to hold it, then again to append to it). The same answers bit for bit; at
-  batch 32 on the small preset 9-17% less time by ``vstar bench ved`` and
-  12-20% in a plain loop (README, "VED against beam search at the same token
-  budget"). The value head keeps its own keys/values the same way, so a node's
-  value is one query (``ValueHead.step``), projected with the node's key and
-  value. What the search reads at every selection and changes
-  only when a node is evaluated (Ĝ, the depth means, the open masks) is kept
-  until then (``SearchTree``). ``vstar bench ved`` times a search against beam
-  search of the same tokens.
+  also returns every prompt position's final state for the value head); the
+  backbone's and the value head's keys and values of every prompt position and
+  tree node are kept in slot buffers, from which a batch of nodes runs on its
+  prompt + ancestors in one copy per layer (``models.node_cache``). What the
+  search reads at every selection and changes only when a node is evaluated
+  (Ĝ, the depth means, the open masks) is kept until then (``SearchTree``).
+  ``vstar bench ved`` times a search against beam search of the same tokens.
 * shallow fusion (``bonus``, optional; ``models.transition``): added where
   beam search adds it, to the initial tree's prefix scores and to the
   returned set's ranking score; the search's values and draws ignore it. RL's
@@ -132,18 +121,17 @@ Choices the paper leaves open:
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import PreTrainedModel
 
 from models.backbone import decode_step, layer_kv, prefill
 from models.beam_search import DecodeResult, level_log_probs
 from models.candidate_set import rank_candidates
 from models.node_bonus import NodeBonus
+from models.node_cache import NodeSlots, slot_cache
 from models.search_noise import gumbel_noise, prompt_keys
 from models.search_tree import SearchTree, rank_within, standardise_by_depth
 from models.sid_trie import SidTrie
@@ -170,22 +158,6 @@ class VEDResult:
     path_visits: torch.Tensor  # (B, G, D) N(s_0..s_{D-1}) at the end of the search
     stats: list[VEDStats]
     tree: SearchTree
-
-
-_LEAF_COUNTS: weakref.WeakKeyDictionary[SidTrie, torch.Tensor] = weakref.WeakKeyDictionary()
-
-
-def trie_leaf_counts(trie: SidTrie) -> torch.Tensor:
-    """Complete SIDs under each trie node: (nodes,). Cached per trie."""
-    counts = _LEAF_COUNTS.get(trie)
-    if counts is None or counts.device != trie.device:
-        counts = (trie.leaf_sid >= 0).long()
-        for d in range(trie.depth - 1, -1, -1):
-            at = torch.nonzero(trie.node_depth == d).flatten()
-            kids = trie.child_nodes(at)  # (n_d, C)
-            counts[at] = torch.where(kids >= 0, counts[kids.clamp(min=0)], 0).sum(-1)
-        _LEAF_COUNTS[trie] = counts
-    return counts
 
 
 class _Search:
@@ -217,17 +189,10 @@ class _Search:
         hidden = pre.hidden.to(self.dtype)  # (B, T, H)
         self.mask = attention_mask.long()  # (B, T)
         self.next_position = self.mask.sum(-1)  # (B,)
-        b, t, m = input_ids.shape[0], input_ids.shape[1], self.tree.parent.shape[1]
-
-        def slots(x: torch.Tensor) -> torch.Tensor:
-            """(B, heads, T, d) -> (B, heads, T+M, d): the prompt's positions, then one slot per tree node."""
-            buffer = x.new_zeros(b, x.shape[1], t + m, x.shape[3])
-            buffer[:, :, :t] = x
-            return buffer
-
-        self.backbone_kv = [(slots(k), slots(v)) for k, v in map(layer_kv, pre.cache.layers)]
+        b, m = input_ids.shape[0], self.tree.parent.shape[1]
+        self.backbone_kv = NodeSlots([layer_kv(layer) for layer in pre.cache.layers], m)
         head_k, head_v = self.head.kv(hidden)  # (B, heads, T, d)
-        self.head_kv = (slots(head_k), slots(head_v))
+        self.head_kv = NodeSlots([(head_k, head_v)], m)
         root_value = self.head.step(hidden[:, -1], head_k, head_v, self.mask)  # (B,)
         roots = torch.zeros(b, dtype=torch.long, device=self.device)
         log_probs = F.log_softmax(pre.logits.float(), dim=-1)  # (B, V)
@@ -247,18 +212,16 @@ class _Search:
         # (N, T+A+1): the gaps of shorter paths are masked; the node's own slot last, which the backbone's
         # step fills in the gathered cache (it holds nothing yet) and the value head reads once it is stored
         slots = torch.cat([prompt, t + ancestors, own[:, None]], dim=1)
-        cache = slot_cache(self.model, [(gather(k, rows, slots), gather(v, rows, slots)) for k, v in self.backbone_kv])
+        cache = slot_cache(self.model, self.backbone_kv.gather(rows, slots))
         position = self.next_position[rows] + depth - 1  # (N,)
         logits, hidden = decode_step(self.model, cache, tree.token[rows, nodes], mask, position, want_hidden=True)
         assert hidden is not None
-        for (k, v), layer in zip(self.backbone_kv, cache.layers, strict=True):
-            keys, values = layer_kv(layer)
-            k[rows, :, own], v[rows, :, own] = keys[:, :, -1], values[:, :, -1]
+        self.backbone_kv.store(rows, own, [(k[:, :, -1], v[:, :, -1]) for k, v in map(layer_kv, cache.layers)])
         h = hidden.to(self.dtype)  # (N, H)
         query, own_k, own_v = self.head.qkv_heads(h[:, None])  # (N, heads, 1, d) each
-        head_k, head_v = self.head_kv
-        head_k[rows, :, own], head_v[rows, :, own] = own_k[:, :, 0], own_v[:, :, 0]
-        value = self.head.step(h, gather(head_k, rows, slots), gather(head_v, rows, slots), mask, query)  # (N,)
+        self.head_kv.store(rows, own, [(own_k[:, :, 0], own_v[:, :, 0])])
+        [(head_k, head_v)] = self.head_kv.gather(rows, slots)
+        value = self.head.step(h, head_k, head_v, mask, query)  # (N,)
         child_lp = torch.full((n, self.trie.codebook_size), float("-inf"), device=self.device)
         for level in range(1, self.trie.depth):
             here = depth == level
@@ -281,7 +244,7 @@ class _Search:
         complete SIDs under its deepest prefixes."""
         tree, c, k = self.tree, self.trie.codebook_size, self.config.init_beams
         b = tree.size.shape[0]
-        leaf_counts = trie_leaf_counts(self.trie)
+        leaf_counts = self.trie.leaf_counts()
         rows = torch.arange(b, device=self.device)
         nodes = torch.zeros(b, dtype=torch.long, device=self.device)
         for _ in range(tree.max_depth):
@@ -424,46 +387,6 @@ class _Search:
         decode = DecodeResult(sid_index, scores, tokens)
         cand_lp = torch.where(valid, log_probs.gather(1, pick), float("-inf"))
         return VEDResult(decode, cand_lp, along(tree.value), along(tree.entropy), along(tree.visits), stats, tree)
-
-
-def gather(buffer: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Slots ``slots`` (N, S) of rows ``rows`` (N,) of a (B, heads, T+M, d) slot buffer, as a contiguous
-    (N, heads, S, d): one index over the buffer's flattened positions, so the one copy lands in the layout
-    attention reads (a (B, T+M, heads, d) buffer needed a transposing copy after it)."""
-    b, heads, p, d = buffer.shape
-    base = (rows[:, None] * heads + torch.arange(heads, device=rows.device)) * p  # (N, heads)
-    return buffer.view(b * heads * p, d)[base[:, :, None] + slots[:, None, :]]
-
-
-class _SlotLayer(DynamicLayer):
-    """One layer's cache for a batch of nodes: the gathered past with the node's own position last, which the
-    step's ``update`` fills in place. A ``DynamicLayer`` given the past copies it once to hold it and once more
-    to append the new key and value to it."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:  # (N, kv heads, S + 1, head dim)
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.full = keys, values
-        self.keys, self.values = keys[:, :, :-1], values[:, :, :-1]
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.full
-        keys[:, :, -1:], values[:, :, -1:] = key_states, value_states
-        self.keys, self.values = keys, values
-        return keys, values
-
-
-def slot_cache(model: PreTrainedModel, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A cache for one step of a batch of nodes, from each layer's gathered (keys, values), whose last position
-    is the step's own (``_SlotLayer``). A backbone with layers of another kind than plain full attention (a
-    sliding window, say) gets a ``DynamicCache`` of the past instead, which handles them."""
-    cache = DynamicCache(config=model.config)
-    if len(cache.layers) != len(layers) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return DynamicCache([(k[:, :, :-1], v[:, :, :-1]) for k, v in layers], config=model.config)
-    cache.layers = [_SlotLayer(k, v) for k, v in layers]
-    return cache
 
 
 def covers_the_catalog(trie: SidTrie, budget: int) -> bool:

@@ -107,6 +107,8 @@ def test_trie_children_match_brute_force(codes: list[tuple[int, int, int]]) -> N
             expected = sorted({c[depth] for c in distinct if c[:depth] == prefix})
             got = sorted(int(t[3:-1]) for t in tok.convert_ids_to_tokens(trie.allowed_token_ids(ids)))
             assert got == expected
+            node = trie.node_of_token_ids(ids)
+            assert int(trie.leaf_counts()[node]) == sum(c[:depth] == prefix for c in distinct)  # SIDs under it
     leaves = [int(trie.leaf_sid[trie.node_of_token_ids(tok.convert_tokens_to_ids(list(s)))]) for s in cat.sids]
     assert leaves == list(range(len(cat.sids)))
     every = torch.arange(-1, trie.num_nodes)  # -1: an unused slot's id

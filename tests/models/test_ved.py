@@ -20,14 +20,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import DynamicCache
 
-from models.backbone import decode_step, layer_kv, prefill, prompt_position_ids
+from models.backbone import prompt_position_ids
 from models.beam_search import BeamSearchConfig, beam_search
 from models.policy import Policy, pad_left
+from models.search_noise import gumbel_noise
 from models.search_tree import SearchTree, standardise_by_depth, sum_by_depth, valid_entropy
 from models.value_head import ValueHead, value_head_for
-from models.ved import gather, gumbel_noise, slot_cache, trie_leaf_counts, ved_search
+from models.ved import ved_search
 from models.ved_config import VEDConfig, resolve_budget
 
 NEG = float("-inf")
@@ -317,7 +317,7 @@ def test_complete_sids_cost_nothing(tiny_policy: Policy, head: ValueHead) -> Non
     ids, mask = prompts(tiny_policy, [2, 5, 3], 0)
     config = VEDConfig(num_candidates=8, init_beams=8, budget=30)
     res = ved_search(tiny_policy.model, head, trie, ids, mask, config)
-    leaf_counts = trie_leaf_counts(trie)
+    leaf_counts = trie.leaf_counts()
     for b, s in enumerate(res.stats):
         assert s.init_tokens == 6 + 8
         assert s.tokens_spent == s.budget == 30 and s.stop_reason == "budget" and not s.cap_hit
@@ -333,7 +333,7 @@ def test_the_initial_tree_widens_a_level_only_as_far_as_it_must(tiny_policy: Pol
     """A level keeps init_beams prefixes, and more only while those kept cannot hold G complete SIDs: the
     kept prefixes hold G (or every SID), and without the worst of them (by path log-prob) they would not."""
     trie = tiny_policy.trie
-    leaf_counts = trie_leaf_counts(trie)
+    leaf_counts = trie.leaf_counts()
     ids, mask = prompts(tiny_policy, [2, 4, 3], 10)
     widened = 0
     for g in range(1, 25):
@@ -510,57 +510,3 @@ def test_batched_equals_one_by_one(tiny_policy: Policy, head: ValueHead) -> None
         assert one.decode.sid_index[0].tolist() == batched.decode.sid_index[b].tolist()
         torch.testing.assert_close(one.decode.scores[0], batched.decode.scores[b], rtol=1e-4, atol=1e-4)
         assert one.stats[0] == batched.stats[b]
-
-
-# ---- the node batch's cache ------------------------------------------------------------------
-
-
-def test_gather_reads_each_nodes_slots_in_attention_layout() -> None:
-    buffer = torch.randn(3, 2, 7, 4)  # (B, heads, T+M, d)
-    rows = torch.tensor([2, 0, 2])
-    slots = torch.tensor([[0, 1, 5], [3, 3, 6], [1, 0, 2]])
-    got = gather(buffer, rows, slots)
-    assert got.shape == (3, 2, 3, 4) and got.is_contiguous()
-    for n in range(3):
-        for h in range(2):
-            for j in range(3):
-                assert torch.equal(got[n, h, j], buffer[rows[n], h, slots[n, j]])
-
-
-def test_a_step_on_the_slot_cache_equals_one_on_a_dynamic_cache(tiny_policy: Policy) -> None:
-    """The slot cache fills the step's own last position in place; logits, states and keys equal a
-    ``DynamicCache`` built from the same past bit for bit (so VED's results do not change with it)."""
-    model = tiny_policy.model
-    ids, mask = prompts(tiny_policy, [2, 3], 4)
-    pre = prefill(model, ids, mask, want_hidden=True)
-    t = ids.shape[1]
-    rows = torch.tensor([0, 1, 1])
-    slots = torch.tensor([[*range(t), 0], [*range(t), 1], [*range(t), 2]])  # the prompt, then a last slot
-    past = [(gather(k, rows, slots), gather(v, rows, slots)) for k, v in map(layer_kv, pre.cache.layers)]
-    step_mask = torch.cat([mask[rows], torch.ones(3, 1, dtype=mask.dtype)], dim=1)
-    position = mask[rows].sum(-1)
-    token = tiny_policy.trie.level_token_ids[0, :3]
-    runs = []
-    for cache in (
-        DynamicCache([(k[:, :, :-1], v[:, :, :-1]) for k, v in past], config=model.config),
-        slot_cache(model, past),
-    ):
-        logits, hidden = decode_step(model, cache, token, step_mask, position, want_hidden=True)
-        runs.append((logits, hidden, [layer_kv(layer) for layer in cache.layers]))
-    (logits_a, hidden_a, kv_a), (logits_b, hidden_b, kv_b) = runs
-    assert torch.equal(logits_a, logits_b) and hidden_a is not None and hidden_b is not None
-    assert torch.equal(hidden_a, hidden_b)
-    for (ka, va), (kb, vb) in zip(kv_a, kv_b, strict=True):
-        assert ka.shape == kb.shape == (3, ka.shape[1], t + 1, ka.shape[3])
-        assert torch.equal(ka, kb) and torch.equal(va, vb)
-
-
-def test_a_backbone_with_sliding_window_layers_gets_a_dynamic_cache(tiny_policy: Policy) -> None:
-    model = copy.deepcopy(tiny_policy.model)
-    config = model.config
-    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 16, 0
-    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
-    past = [(torch.zeros(2, 1, 5, 8), torch.zeros(2, 1, 5, 8))] * config.num_hidden_layers
-    cache = slot_cache(model, past)
-    assert [type(layer).__name__ for layer in cache.layers] == ["DynamicSlidingWindowLayer"] * len(past)
-    assert all(layer.get_seq_length() == 4 for layer in cache.layers)  # the past, without the step's slot
