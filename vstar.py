@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from typer._click.core import Command
-from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click from 0.28 on
+from typer._click.exceptions import BadParameter, NoArgsIsHelpError, UsageError  # typer vendors click from 0.28 on
 from typer.core import TyperGroup
 
 from loadtests.cli import register as register_loadtests
@@ -92,13 +93,35 @@ def refuse_non_finite(command: Command) -> None:
         def checked(*args: Any, **kwargs: Any) -> Any:
             for name, value in kwargs.items():
                 if isinstance(value, float) and not math.isfinite(value):
-                    raise typer.BadParameter(f"{value} is not a finite number", param_hint=flags.get(name, name))
+                    raise typer.BadParameter(f"{value} is not a finite number", param_hint=f"'{flags.get(name, name)}'")
             return callback(*args, **kwargs)
 
         checked.refuses_non_finite = True  # type: ignore[attr-defined]
         command.callback = checked
     for sub in getattr(command, "commands", {}).values():
         refuse_non_finite(sub)
+
+
+BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")  # pydantic's error types
+
+
+def option_message(error: typer.TyperException) -> str:
+    """click's message for a usage error. Where typer checked an option with pydantic (its type, bounds and
+    choices), the reason is the check's own words: without pydantic's "Value error, " label, and nan or inf
+    called not finite rather than out of a bound (nan fails every bound, as each comparison with it is false)."""
+    cause = error.__cause__
+    if isinstance(error, BadParameter) and isinstance(cause, ValidationError):
+        reasons = []
+        for err in cause.errors(include_url=False):
+            raw, ctx = err.get("input"), err.get("ctx", {})
+            if err["type"] in BOUNDS and isinstance(raw, str | float) and not math.isfinite(float(raw)):
+                reasons.append(f"{raw} is not a finite number")
+            elif err["type"] == "value_error" and "error" in ctx:
+                reasons.append(str(ctx["error"]))
+            else:
+                reasons.append(err["msg"])
+        error.message = "; ".join(reasons)
+    return error.format_message()
 
 
 class OneLineErrors(TyperGroup):
@@ -129,7 +152,7 @@ class OneLineErrors(TyperGroup):
             sys.exit(e.exit_code)
         except typer.TyperException as e:  # click's usage errors and the BadParameter our handlers raise
             ctx = e.ctx if isinstance(e, UsageError) else None
-            fail(e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else ""), e.exit_code)
+            fail(option_message(e) + (f" (see {ctx.command_path} --help)" if ctx else ""), e.exit_code)
         except typer.Abort:  # Ctrl-C: under a launcher every rank got it; no rank waits to say so
             fail("aborted", 1, grace_s=0)
         except CheckpointError as e:  # the project's, even when it wraps a library's error

@@ -166,6 +166,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         import uvicorn
         from pydantic import ValidationError
 
+        from service.errors import validation_reason
         from service.json_logs import configure_logging
         from service.settings import Settings
 
@@ -176,7 +177,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         except ValidationError as e:
             # named by field, never echoing the value: it may be a password or a key
             problems = "; ".join(
-                f"{_variable(err['loc'])}{err['msg']}" for err in e.errors(include_url=False, include_input=False)
+                f"{_variable(err['loc'])}{validation_reason(err)}"
+                for err in e.errors(include_url=False, include_input=False)
             )
             raise typer.BadParameter(f"bad VSTAR_* settings in the environment: {problems}") from None
         if not settings.api_keys and not _is_loopback(host):

@@ -11,7 +11,7 @@ only the request id, while the trace goes to the log under that id.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -102,12 +102,19 @@ def error_body(type_: str, message: str) -> dict[str, Any]:
     return {"error": {"type": type_, "message": message}}
 
 
+def validation_reason(err: Mapping[str, Any]) -> str:
+    """What one error of pydantic's list says: a validator's own ``ValueError`` in its own words, without the
+    "Value error, " label pydantic puts before it."""
+    error = err.get("ctx", {}).get("error")
+    return str(error) if err.get("type") == "value_error" and error is not None else str(err.get("msg", "invalid"))
+
+
 def validation_message(errors: Sequence[Any], limit: int = 5) -> str:
     """``"body.k: Input should be less than or equal to 100; ..."`` for FastAPI's error list."""
     parts = []
     for err in list(errors)[:limit]:
         loc = ".".join(shorten(str(p)) for p in err.get("loc", ()))  # unknown field names are client input
-        parts.append(f"{loc}: {shorten(str(err.get('msg', 'invalid')), 200)}")
+        parts.append(f"{loc}: {shorten(validation_reason(err), 200)}")
     if len(errors) > limit:
         parts.append(f"... and {len(errors) - limit} more")
     return "; ".join(parts) or "invalid request"

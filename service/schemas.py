@@ -60,7 +60,9 @@ class RecommendRequest(BaseModel):
         given = [name for name in ("budget", "latency_ms") if getattr(self, name) is not None]
         if self.mode == "beam" and given:
             verb = "apply" if len(given) > 1 else "applies"
-            raise ValueError(f"{' and '.join(given)} {verb} to mode 'ved' only; beam search has neither")
+            raise ValueError(
+                f"{' and '.join(given)} {verb} to mode 'ved' only; beam search has no token budget or latency cap"
+            )
         return self
 
     def to_decode_config(self, extra: int, ved: VEDConfig) -> BeamSearchConfig | VEDConfig:

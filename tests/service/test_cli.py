@@ -119,10 +119,10 @@ def test_several_workers_refuse_a_metrics_folder_that_is_not_one(
     ("env", "message"),
     [
         ({"VSTAR_MAX_K": "many"}, "bad VSTAR_* settings in the environment: VSTAR_MAX_K: Input should be a valid"),
-        ({"VSTAR_DEFAULT_K": "200"}, "environment: Value error, VSTAR_DEFAULT_K=200 exceeds VSTAR_MAX_K=100"),
+        ({"VSTAR_DEFAULT_K": "200"}, "environment: VSTAR_DEFAULT_K=200 exceeds VSTAR_MAX_K=100"),
         (
             {"REDIS_URL": "redis://h:1/x"},
-            "REDIS_URL (or VSTAR_REDIS_URL): Value error, the database in the Redis URL must be a number",
+            "REDIS_URL (or VSTAR_REDIS_URL): the database in the Redis URL must be a number",
         ),
     ],
 )
