@@ -11,6 +11,7 @@ only the request id, while the trace goes to the log under that id.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -126,11 +127,19 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=headers)
 
 
-# What FastAPI's "There was an error parsing the body" hides: Python's JSON reader refuses these
-UNREADABLE_BODY = (
-    "cannot be read as JSON: not UTF-8 text, an integer of more than 4300 digits, or arrays and objects nested "
-    "deeper than the reader's limit (about 1000 levels)"
-)
+def unreadable_body(error: BaseException | None) -> str:
+    """What FastAPI's "There was an error parsing the body" (a 400) hides, from the error behind it: what Python's
+    JSON reader refuses in a body that may well be JSON."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {error.start})"
+    if isinstance(error, RecursionError):
+        return "arrays and objects nested deeper than the JSON reader's limit (about 1000 levels)"
+    if isinstance(error, ValueError) and "integer string conversion" in str(error):
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+    return (
+        f"not UTF-8 text, an integer of more than {sys.get_int_max_str_digits()} digits, or arrays and objects nested "
+        "deeper than the reader's limit (about 1000 levels)"
+    )
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -142,6 +151,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         where = f" at character {loc[1]}" if len(loc) > 1 else ""
         message = f"body: not valid JSON{where}" + (f": {shorten(str(reason), 200)}" if reason else "")
         return JSONResponse(error_body("invalid_request", message), status_code=400)
+    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
+        # an empty body: no JSON at all, as a cut-short one (FastAPI reads it as a body not sent)
+        return JSONResponse(error_body("invalid_request", "body: not valid JSON: the body is empty"), status_code=400)
     return JSONResponse(error_body("invalid_request", validation_message(errors)), status_code=422)
 
 
@@ -151,7 +163,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         exc.status_code, "http_error"
     )
     # FastAPI's only 400 is a body it cannot read: name the body as the field, and what its reader refuses
-    message = f"body: {UNREADABLE_BODY}" if exc.status_code == 400 else str(exc.detail)
+    message = (
+        f"body: cannot be read as JSON: {unreadable_body(exc.__cause__)}" if exc.status_code == 400 else str(exc.detail)
+    )
     return JSONResponse(error_body(kind, message), status_code=exc.status_code, headers=exc.headers)
 
 

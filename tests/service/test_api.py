@@ -231,12 +231,26 @@ def test_item_id_with_leading_zeros_is_that_item(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [b'{"history": [' + b"7" * 5000 + b"]}", b'{"history": ' + b"[" * 5000 + b"]" * 5000 + b"}"]
+    ("body", "why"),
+    [
+        (b'{"history": [' + b"7" * 5000 + b"]}", "an integer of more than 4300 digits"),
+        (b'{"history": ' + b"[" * 5000 + b"]" * 5000 + b"}", "arrays and objects nested deeper than the JSON reader"),
+        (b'{"history": ["\xff"]}', "not UTF-8 text (byte 14)"),
+    ],
 )
-def test_a_body_json_cannot_read_is_400_saying_why(client: TestClient, body: bytes) -> None:
+def test_a_body_json_cannot_read_is_400_saying_why(client: TestClient, body: bytes, why: str) -> None:
     r = client.post("/recommend", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request", r.text
-    assert r.json()["error"]["message"].startswith("body: cannot be read as JSON: not UTF-8 text, an integer of more")
+    assert r.json()["error"]["message"].startswith(f"body: cannot be read as JSON: {why}"), r.text
+
+
+@pytest.mark.parametrize("path", ["/recommend", "/users/u1/events"])
+def test_an_empty_body_is_400_not_a_missing_field(client: TestClient, path: str) -> None:
+    r = client.post(path, content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "type": "invalid_request",
+        "message": "body: not valid JSON: the body is empty",
+    }, r.text
 
 
 @pytest.mark.parametrize(
