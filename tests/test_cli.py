@@ -65,6 +65,7 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
     yield ["sft", "--data", d, "--out", out, "--precision", "fp16"], "'fp16' is not one of"
     yield ["sft", "--data", d, "--out", out, "--crop-prob", "0.9", "--last-item-prob", "0.5"], "last_item_prob must be"
     yield ["sft", "--out", out], "--data DIR (or --minionerec-root DIR --dataset NAME) is required"
+    yield ["sft", "--data", d, "--out", out, "--resume"], f"--resume: no interrupted run at {out}: nothing to continue"
     yield (
         ["sft", "--data", d, "--out", out, "--refit", "--train-splits", "train"],
         "--refit trains again on all of train + valid after a run that held valid rows out: it needs valid",

@@ -94,8 +94,9 @@ def check_run_outputs(
 ) -> None:
     """The checks of a training command's outputs against each other, before any work: ``--out`` outside the data
     set (``data``: ``--data``, ``--minionerec-root``), ``--json`` and ``--tensorboard`` outside the folders the run
-    replaces whole (``<out>``, ``<out>.resume``, ...) and outside the data set; without ``--resume`` or
-    ``--force``, no earlier run at ``--out`` (``training.run_files``), which the new one would replace."""
+    replaces whole (``<out>``, ``<out>.resume``, ...) and outside the data set; with ``--resume``, an earlier run
+    at ``--out`` to continue; without ``--resume`` or ``--force``, none (``training.run_files``), which the new
+    one would replace."""
     if resume and force:
         raise typer.BadParameter("--resume continues the run at --out, --force replaces it: give one of them")
     for folder in (d for d in data if d is not None):  # the run's checkpoints and side files would mix with the data
@@ -109,6 +110,8 @@ def check_run_outputs(
         problem = None if path is None else overlap_problem(path, taken, out, data)
         if problem is not None:
             raise typer.BadParameter(problem, param_hint=option)
+    if resume and earlier_run(out) is None:  # before the data loads and its warnings print
+        raise typer.BadParameter(f"no interrupted run at {out}: nothing to continue", param_hint="--resume")
     found = None if resume or force else earlier_run(out)
     if found is not None:
         what = f"{out} holds an earlier run's checkpoint" if found == out else f"{found} exists, from an earlier run"
