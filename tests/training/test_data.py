@@ -274,3 +274,10 @@ def test_an_empty_valid_split_is_warned_of_where_it_should_choose(
         warn_if_nothing_selects(tiny_dataset, SimpleNamespace(train_splits=("train",), holdout=0))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [f"{data.name}: valid.csv has no rows, so no row chooses the kept model: the last one is kept"] * 2
+
+
+def test_an_empty_split_file_is_named_as_empty(tiny_data_dir: Path, tmp_path: Path) -> None:
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    (data / "train.csv").write_bytes(b"")
+    with pytest.raises(DataError, match=r"train.csv: the file is empty; a split file starts with a header of columns"):
+        load_dataset(data)

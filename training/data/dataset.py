@@ -329,6 +329,8 @@ def split_records(path: Path) -> Iterator[tuple[dict[str | None, Any], int, int,
         with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
+            if not header:
+                raise DataError(f"{path}: the file is empty; a split file starts with a header of columns {COLUMNS}")
             missing = [c for c in COLUMNS if c not in header]
             if missing:
                 raise DataError(f"{path}:1: missing columns {missing}")
