@@ -361,8 +361,10 @@ def test_the_search_widens_the_root(tiny_policy: Policy, head: ValueHead) -> Non
     assert all(n > 1 for n in res.tree.n_children[:, 0].tolist())
 
 
-@pytest.mark.parametrize(("per_step", "value_weight"), [(1, 0.0), (8, 0.0), (4, 0.5)])
-@pytest.mark.parametrize("by", ["search", "completion"])
+@pytest.mark.parametrize(
+    ("by", "per_step", "value_weight"),  # the completion feeds a level at a time: expansions_per_step is unread
+    [("search", 1, 0.0), ("search", 8, 0.0), ("search", 4, 0.5), ("completion", 1, 0.0), ("completion", 1, 0.5)],
+)
 def test_exhaustive_budget_returns_the_true_top_by_score(
     tiny_policy: Policy, head: ValueHead, per_step: int, value_weight: float, by: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

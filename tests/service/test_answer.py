@@ -32,16 +32,20 @@ def test_an_answer_reads_back_as_itself(answer: Answer) -> None:
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "wrong"),
     [
-        b"{not json",
-        b"[]",
-        b'{"items": [], "cap_hit": false}',
-        b'{"items": [{"sid": "x", "extra": 1}], "cap_hit": false, "search": null}',
-        b'{"items": [], "cap_hit": false, "search": {"tokens_spent": 1}}',
-        b'{"items": 3, "cap_hit": false, "search": null}',
+        (b"{not json", "JSONDecodeError: Expecting property name"),
+        (b"[]", "TypeError: list indices must be integers"),
+        (b'{"items": [], "cap_hit": false}', "KeyError: 'search'"),
+        (
+            b'{"items": [{"sid": "x", "extra": 1}], "cap_hit": false, "search": null}',
+            "unexpected keyword argument 'extra'",
+        ),
+        (b'{"items": [], "cap_hit": false, "search": {"tokens_spent": 1}}', "missing 4 required positional arguments"),
+        (b'{"items": 3, "cap_hit": false, "search": null}', "TypeError: 'int' object is not iterable"),
     ],
 )
-def test_a_body_that_is_not_an_answer_is_refused_with_what_is_wrong(body: bytes) -> None:
-    with pytest.raises(ValueError, match="not a cached answer: "):
+def test_a_body_that_is_not_an_answer_is_refused_with_what_is_wrong(body: bytes, wrong: str) -> None:
+    with pytest.raises(ValueError, match="not a cached answer: ") as refused:
         Answer.from_json(body)
+    assert wrong in str(refused.value)

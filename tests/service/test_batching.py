@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -55,7 +54,8 @@ def test_concurrent_requests_are_batched_and_equal_decoding_alone(
 
         batcher.run = spy
         responses = post_together(c, [{"history": h, "k": 7} for h in histories])
-        assert "vstar_beam_batch_size_count" in c.get("/metrics").text
+        batches = app.state.recommender.metrics.registry.get_sample_value("vstar_beam_batch_size_count")
+        assert batches == len(sizes), (batches, sizes)  # one observation per beam decode
         policy = app.state.recommender.policy
     assert max(sizes) > 1, f"no batch formed: {sizes}"
     assert sum(sizes) == len(histories)
@@ -96,22 +96,22 @@ def test_unbatched_server_gives_the_same_answers(make_settings: Callable[..., Se
 
 def test_health_answers_while_the_model_is_busy(make_settings: Callable[..., Settings]) -> None:
     app = create_app(make_settings(cache_ttl_s=0))
-    release = threading.Event()
+    busy, release = threading.Event(), threading.Event()
     with TestClient(app) as c:
         batcher = app.state.recommender.batcher
         original = batcher.run
 
         def slow(key: Hashable, jobs: Sequence[object]) -> Sequence[object]:
-            release.wait(10)
+            busy.set()
+            release.wait(10)  # held until the probes below answered: they cannot wait for the model
             return original(key, jobs)
 
         batcher.run = slow
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(c.post, "/recommend", json={"history": [1], "k": 2})
-            time.sleep(0.2)
-            t0 = time.perf_counter()
+            assert busy.wait(10)  # the decode has begun and holds the model thread
             assert c.get("/healthz").status_code == 200
             assert c.get("/readyz").status_code == 200
-            assert time.perf_counter() - t0 < 1.0 and not pending.done()
+            assert not pending.done()
             release.set()
             assert pending.result().status_code == 200

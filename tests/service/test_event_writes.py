@@ -40,20 +40,19 @@ def wait(thread: threading.Thread) -> None:
 
 
 @pytest.mark.parametrize("stall_s", [0.4, 0.8])
-def test_a_stalled_write_is_stored_once_when_acknowledged_and_not_at_all_when_refused(
+def test_a_write_stalled_less_than_the_settling_time_is_stored_once(
     stalling: TestClient, private_redis: PrivateRedis, stall_s: float
 ) -> None:
+    """Each copy sent times out (0.25 s) while Redis sleeps; they queue, and the first to run stores (the
+    settling time, 1 s, outlasts the stall, so an answer comes): a 200 and one entry, never two. A longer stall
+    is the next test but two."""
     for attempt in range(3):
         user = f"slow{attempt}"
         sleeper = private_redis.stall(stall_s)
         r = stalling.post(f"/users/{user}/events", json={"items": [7]})
         wait(sleeper)
-        entries = stored(private_redis, user)
-        if r.status_code == 200:
-            assert r.json()["appended"] == 1 and entries == [b"7"], (r.json(), entries)
-        else:
-            assert r.status_code == 503 and "not stored" in r.json()["error"]["message"], r.text
-            assert entries == [], entries
+        assert r.status_code == 200 and r.json()["appended"] == 1, r.text
+        assert stored(private_redis, user) == [b"7"]
 
 
 def test_a_retry_with_the_same_idempotency_key_never_stores_twice(
@@ -63,11 +62,11 @@ def test_a_retry_with_the_same_idempotency_key_never_stores_twice(
     sleeper = private_redis.stall(0.6)
     first = stalling.post("/users/kim/events", json={"items": [3, 4]}, headers=headers)
     wait(sleeper)
+    assert first.status_code == 200, first.text  # the stall is shorter than the settling time
     for _ in range(2):  # the client retries as told, twice
         again = stalling.post("/users/kim/events", json={"items": [3, 4]}, headers=headers)
         assert again.status_code == 200 and again.json() == {"user_id": "kim", "appended": 2, "history_length": 2}
-        if first.status_code == 200:
-            assert again.headers["idempotent-replayed"] == "true"
+        assert again.headers["idempotent-replayed"] == "true"
     assert stored(private_redis, "kim") == [b"3", b"4"]
     # another key is another write; the same key for other items is a client bug, refused
     assert stalling.post("/users/kim/events", json={"items": [5]}, headers={"Idempotency-Key": "k2"}).status_code == 200
@@ -109,10 +108,8 @@ def test_a_write_to_a_redis_that_refuses_connections_says_not_stored_at_once(
     with TestClient(create_app(settings)) as c:
         private_redis.stop()
         for _ in range(2):
-            started = time.perf_counter()
-            r = c.post("/users/ray/events", json={"items": [4]})
+            r = c.post("/users/ray/events", json={"items": [4]})  # sent again until settled, "may have been stored"
             assert r.status_code == 503 and "the events were not stored, retry" in r.json()["error"]["message"], r.text
-            assert time.perf_counter() - started < 1.0  # the settling time is 2 s
         private_redis.start()
 
 

@@ -47,9 +47,12 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
 
 def test_outage_and_recovery(make_settings: Callable[..., Settings], private_redis: RedisServer) -> None:
     settings = make_settings(redis_url=private_redis.url, redis_retry_after_s=0.1, redis_timeout_s=0.2)
-    with TestClient(create_app(settings)) as c:
+    app = create_app(settings)
+    with TestClient(app) as c:
         assert c.post("/users/erin/events", json={"items": [1, 2]}).status_code == 200
         assert c.post("/recommend", json={"user_id": "erin", "k": 3}).json()["stored_history"] == "used"
+        errors = app.state.recommender.metrics.registry.get_sample_value
+        assert errors("vstar_store_errors_total", {"op": "read_history"}) is None  # no error counted yet
 
         private_redis.stop()
         r = c.post("/recommend", json={"history": [1, 2], "k": 3})
@@ -71,7 +74,9 @@ def test_outage_and_recovery(make_settings: Callable[..., Settings], private_red
             "redis": "unreachable",
         }
         assert c.get("/healthz").status_code == 200
-        assert "vstar_store_errors_total" in c.get("/metrics").text
+        for op in ("read_history", "append_history"):  # the failed reads and the refused write, each counted
+            assert (errors("vstar_store_errors_total", {"op": op}) or 0.0) > 0, op
+        assert 'vstar_store_errors_total{op="read_history"}' in c.get("/metrics").text
 
         private_redis.start()  # same port, empty data (no persistence): recovery, not durability
         assert wait_until(lambda: c.get("/readyz").json()["status"] == "ready")
@@ -123,10 +128,8 @@ def test_readiness_probes_do_not_lift_the_circuit_breaker(private_redis: Private
             await store.history("amy")  # times out: the breaker opens
         probe = asyncio.ensure_future(store.ping())
         await asyncio.sleep(0.05)  # the ping is waiting on Redis
-        started = time.perf_counter()
-        with pytest.raises(StoreUnavailable, match="retrying in under"):
+        with pytest.raises(StoreUnavailable, match="retrying in under"):  # the breaker's answer: Redis not asked
             await store.history("amy")
-        assert time.perf_counter() - started < 0.1
         assert await probe is False
         sleeper.join()
         assert await store.ping() is True  # Redis is back: the ping sees it at once and closes the breaker
@@ -145,12 +148,11 @@ def test_a_stalled_redis_does_not_hold_a_ved_request_past_its_cap(
     with TestClient(create_app(settings)) as c:
         assert c.post("/users/erin/events", json={"items": [1, 2]}).status_code == 200
         sleeper = private_redis.stall(2.0)
-        started = time.perf_counter()
         r = c.post("/recommend", json={"user_id": "erin", "history": [3], "k": 3, "mode": "ved", "latency_ms": 100})
-        elapsed = time.perf_counter() - started
         sleeper.join()
+        # the stall (2 s) is shorter than the store's timeout (5 s): a request that waited for Redis would have used
+        # the stored history; before, it did
         assert r.status_code == 200 and r.json()["stored_history"] == "unavailable", r.text
-        assert elapsed < 1.0, elapsed  # the stall lasts 2 s; before, the request waited for it
         r = c.post("/recommend", json={"user_id": "erin", "k": 3, "mode": "ved"})  # Redis is back
         assert r.status_code == 200 and r.json()["stored_history"] == "used"
 
@@ -209,9 +211,7 @@ def test_a_write_redis_refuses_is_answered_at_once_as_not_stored_and_reads_go_on
     with TestClient(create_app(settings)) as c:
         assert c.post("/users/erin/events", json={"items": [1, 2]}).status_code == 200
         admin.config_set("maxmemory", 1)
-        started = time.monotonic()
-        r = c.post("/users/erin/events", json={"items": [3]})
-        assert time.monotonic() - started < 2.5  # the settle time is 5 s
+        r = c.post("/users/erin/events", json={"items": [3]})  # sent again until settled, it would say "may have been"
         message = r.json()["error"]["message"]
         assert r.status_code == 503 and "refused the write (OutOfMemoryError" in message, message
         assert message.endswith("the events were not stored")

@@ -171,13 +171,31 @@ def test_grpo_step_updates_policy_not_reference(tiny_policy: Policy, tiny_datase
 
 
 @pytest.mark.parametrize("dense", [True, False])
-def test_vstar_step_without_ved_trains_value_head(tiny_policy: Policy, tiny_dataset: RecDataset, dense: bool) -> None:
+def test_vstar_step_without_ved_trains_value_head(
+    tiny_policy: Policy, tiny_dataset: RecDataset, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.rl.trainer as trainer_module
+    from training.rl.rewards import batch_value_rewards
+
     policy, reference = clone(tiny_policy), clone(tiny_policy)
     head = new_value_head(policy)
     ref_before, before, head_before = params(reference.model), params(policy.model), params(head)
     config = RLConfig(algo="vstar", ved=False, dense=dense, batch_size=8, lr=1e-3)
     trainer = RLTrainer(policy, reference, config, 4, head, tiny_dataset.embeddings)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rule, value rewards) of the step
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = batch_value_rewards(*args, **kwargs)
+        seen.append((args[4], out))
+        return out
+
+    monkeypatch.setattr(trainer_module, "batch_value_rewards", spy)
     stats = trainer.step(tiny_dataset.splits["train"][:8])
+    [(rule, v_rewards)] = seen  # (B, G), (B, G, D+1): r_0 = 0, then the prefixes' rewards
+    if dense:  # the dense reward scores every level (a wrong prefix costs, the target's earns)
+        assert bool((v_rewards[..., 1:-1] != 0).any())
+    else:  # --no-dense: the exact match at the complete SID, nothing before it
+        assert not bool(v_rewards[..., :-1].any()) and torch.equal(v_rewards[..., -1], rule.float())
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["value_loss"])
     assert changed(before, policy.model) and not changed(ref_before, reference.model)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
@@ -747,8 +765,8 @@ def test_cli_diagnose_reports_the_value_head(tiny_data_dir: Path, tiny_policy: P
     assert tuple(diag)[: len(DIAGNOSTIC_KEYS)] == DIAGNOSTIC_KEYS and set(VALUE_KEYS) <= set(diag)
     assert {"value_spearman_l1", "value_spearman_l2"} <= set(diag)
     assert diag["value_rows"] == round(diag["reachability"] * 12)
-    if diag["value_rows"]:
-        assert 1 <= diag["target_rank_value"] <= 16 and 1 <= diag["target_rank_logprob"] <= 16
+    assert diag["value_rows"] > 0  # the ranks below are measured, not skipped
+    assert 1 <= diag["target_rank_value"] <= 16 and 1 <= diag["target_rank_logprob"] <= 16
     assert out["x6"]["distinct_l1"] > diag["distinct_l1"]
     # eval ranks a recommendation list by score unless told otherwise; diagnose kept the checkpoint's slots
     from training.data.dataset import load_dataset
