@@ -11,9 +11,10 @@ Design decisions:
   the event loop keeps answering health checks and cache hits meanwhile. That
   thread runs at a lower priority (``model_thread_nice``): on a busy CPU the
   loop, which must answer at the hard cap, wins the cores over model work.
-* VED is an anytime search: each request's deadline is its arrival plus its
-  cap, less a margin learnt from how far past their deadlines earlier searches
-  finished (``service.deadline``). Concurrent VED
+* VED is an anytime search: each request's deadline is its last chance (its
+  arrival plus its cap, less the reserve to respond and the loop's learnt
+  lateness), less a margin learnt from how far past their deadlines earlier
+  searches finished (``service.deadline``). Concurrent VED
   requests with the same k and budget share one batched search, which stops at
   the earliest of their deadlines. Results that hit the cap are not cached: a
   later, unhurried request deserves the full search. Searching a long-cap

@@ -108,9 +108,9 @@ class SearchStats(BaseModel):
     fallback: Literal["initial_beam", "popular"] | None = Field(
         None,
         description="initial_beam: too little time was left for VED's initial tree, so a constrained beam "
-        "search of width max(k, init_beams) answered (scores are summed log-probabilities, plus the fusion bonus "
-        "as beam's); popular: not even that could finish within the cap, so the most frequent training targets "
-        "answered (scores are their smoothed log-frequencies); null: VED ran.",
+        "search of width max(k plus the SIDs exclusion may remove, init_beams) answered (scores are summed "
+        "log-probabilities, plus the fusion bonus as beam's); popular: not even that could finish within the cap, "
+        "so the most frequent training targets answered (scores are their smoothed log-frequencies); null: VED ran.",
     )
 
 

@@ -1,6 +1,7 @@
 """Service settings: one typed ``Settings`` read from the environment (prefix ``VSTAR_``).
 
-Every limit a client can hit is a named setting here, and the request schemas
+Every limit a client can hit is a named setting here (but the ``Idempotency-Key``'s
+1-128 characters, fixed in ``service.routes``), and the request schemas
 take their ``Field`` bounds from these values (``service.schemas``), so the
 OpenAPI document always shows the limits the server enforces. Tests build a
 ``Settings`` object instead of editing the environment.
