@@ -9,7 +9,9 @@ house rule for bad input: a malformed data file, a missing or broken
 checkpoint, an invalid setting), is printed as one line, ``Error: ...``, and the
 command exits with 2. A ``ValueError`` raised inside a library, and any other
 exception, is a bug and keeps its traceback. Every float option refuses nan and
-inf before its command runs (``refuse_non_finite``). Running out of memory (a
+inf before its command runs (``refuse_non_finite``; one that fails a bound first
+is called not finite all the same, ``option_message``, which also drops
+pydantic's "Value error, " label from typer's option errors). Running out of memory (a
 ``MemoryError``, or torch's ``OutOfMemoryError``) is one line too, exit status 1:
 it names what was asked for, not a bug; so is an ``OSError`` that names a file
 (a path under /proc, which the checks before the work do not foresee) or a full
@@ -105,6 +107,14 @@ def refuse_non_finite(command: Command) -> None:
 BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")  # pydantic's error types
 
 
+def not_finite(raw: object) -> bool:
+    """Whether an option's text (or number) reads as nan or an infinity."""
+    try:
+        return not math.isfinite(float(raw))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
 def option_message(error: typer.TyperException) -> str:
     """click's message for a usage error. Where typer checked an option with pydantic (its type, bounds and
     choices), the reason is the check's own words: without pydantic's "Value error, " label, and nan or inf
@@ -114,7 +124,7 @@ def option_message(error: typer.TyperException) -> str:
         reasons = []
         for err in cause.errors(include_url=False):
             raw, ctx = err.get("input"), err.get("ctx", {})
-            if err["type"] in BOUNDS and isinstance(raw, str | float) and not math.isfinite(float(raw)):
+            if err["type"] in BOUNDS and not_finite(raw):
                 reasons.append(f"{raw} is not a finite number")
             elif err["type"] == "value_error" and "error" in ctx:
                 reasons.append(str(ctx["error"]))
