@@ -25,7 +25,7 @@ from models.ved import ved_search
 from models.ved_config import VEDConfig, checkpoint_ved_config
 from training.bench.rl_bench import clone
 from training.cli.options import select_rows
-from training.data.dataset import RecDataset, Sample
+from training.data.dataset import RecDataset, Sample, popular_sids
 from training.rl.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
 from training.rl.loss import clipped_pg, k3_kl, policy_loss
 from training.rl.rollout import beam_source, collect
@@ -518,6 +518,12 @@ def test_rl_counts_every_row_before_test_whichever_splits_it_trains_on(
     assert summary["fusion"]["count_rows"] == everything == 240
     if splits == ("valid",):
         assert summary["train_rows"] == len(tiny_dataset.splits["valid"]) - 10
+    # the service's popularity fallback counts the rows the fused counts are fit on before the held-out ones:
+    # RL on valid alone keeps train's targets too
+    train, valid = tiny_dataset.splits["train"], tiny_dataset.splits["valid"]
+    counted = train if splits == ("train",) else [*train, *valid[:-10]]
+    popular = load_checkpoint(tmp_path / "rl").manifest["popular_sids"]
+    assert popular == [list(p) for p in popular_sids(tiny_dataset.catalog, counted)]
 
 
 def test_a_run_that_held_nothing_out_reports_no_best_score(

@@ -358,7 +358,9 @@ def train_rl(
         "rl_config": asdict(config),
         "init": str(init),
         "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
-        "popular_sids": popular_sids(data.catalog, train_rows),
+        # the service's fallback: the targets of every row the fused counts hold before the held-out ones (RL on
+        # valid alone keeps train's, as its counts do)
+        "popular_sids": popular_sids(data.catalog, counted_rows(data, config, train_rows)),
         "value_warmup": warmup,
     }
     if value_head is not None:
