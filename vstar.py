@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from pydantic import ValidationError
 from typer._click.core import Command
 from typer._click.exceptions import BadParameter, NoArgsIsHelpError, UsageError  # typer vendors click from 0.28 on
 from typer.core import TyperGroup
@@ -119,6 +118,8 @@ def option_message(error: typer.TyperException) -> str:
     """click's message for a usage error. Where typer checked an option with pydantic (its type, bounds and
     choices), the reason is the check's own words: without pydantic's "Value error, " label, and nan or inf
     called not finite rather than out of a bound (nan fails every bound, as each comparison with it is false)."""
+    from pydantic import ValidationError  # typer has loaded it when it checked an option with it
+
     cause = error.__cause__
     if isinstance(error, BadParameter) and isinstance(cause, ValidationError):
         reasons = []
