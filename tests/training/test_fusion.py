@@ -10,9 +10,11 @@ from typer.testing import CliRunner
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
-from models.transition import STATE_NAME, TransitionCounts
+from models.transition import STATE_NAME, ShallowFusion, TransitionCounts
 from models.value_head import value_head_for, value_head_manifest
 from training.data.dataset import Sample
+from training.evaluation.decoders import beam_decoder
+from training.evaluation.evaluate import evaluate
 from training.evaluation.fusion import REPORTED, choose_weight, fuse_trained
 from vstar import app
 
@@ -79,21 +81,34 @@ def test_a_given_weight_is_stored_without_scoring(tiny_dataset, tiny_policy: Pol
     assert TransitionCounts.from_state(loaded.extras[STATE_NAME]).num_pairs == 8
 
 
-def test_eval_warns_when_the_counts_hold_the_scored_rows_own_transitions(
+def test_eval_on_valid_fuses_with_counts_of_the_rows_before_the_scored_ones(
     tiny_dataset, tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path
 ) -> None:
-    # an SFT checkpoint's counts are fit on every row before test (train + valid), as fuse_trained stores them
+    """A checkpoint's counts are fit on every row before test (train + valid, as fuse_trained stores them): on
+    valid rows they would hold each scored row's own answer, so eval fits them again on the rows before the scored
+    ones (train, and valid's rows before a --holdout block), as the fusion weight was chosen; train rows, which
+    have no rows before them, are scored with the stored counts and a warning."""
     path = tmp_path / "ckpt"
     save_checkpoint(path, tiny_policy, {"stage": "sft"})
     fuse_trained(path, 2.0, tiny_dataset.samples(["train"]), tiny_dataset.splits["valid"])
     base = ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(path), "--beams", "5", "--limit", "10"]
-    counts = TransitionCounts.from_state(load_checkpoint(path).extras[STATE_NAME])
-    valid = CliRunner().invoke(app, [*base, "--split", "valid", "--json", str(tmp_path / "v.json")])
-    assert valid.exit_code == 0, valid.output
-    assert "own transition (last history item -> target) of 10 of the 10 valid rows" in valid.stderr
-    assert json.loads((tmp_path / "v.json").read_text())["own_transitions_counted"] == 10
-    test_rows = tiny_dataset.splits["test"][:10]
-    assert sum(counts.counted(s.history, s.target) for s in test_rows) < 10  # test rows meet only other rows'
+    train, valid = tiny_dataset.splits["train"], tiny_dataset.splits["valid"]
+    stored = TransitionCounts.from_state(load_checkpoint(path).extras[STATE_NAME])
+    assert all(stored.counted(s.history, s.target) for s in valid[-10:])  # each one's own answer
+    for holdout, rows, before in (([], valid[:10], train), (["--holdout", "10"], valid[-10:], [*train, *valid[:-10]])):
+        out = tmp_path / "v.json"
+        r = CliRunner().invoke(app, [*base, "--split", "valid", *holdout, "--json", str(out)])
+        assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+        got = json.loads(out.read_text())
+        assert got["own_transitions_counted"] is None and got["fusion_weight"] == 2.0
+        assert got["fusion_counts"] == f"refit on the {len(before)} rows before the scored ones"
+        fused = ShallowFusion(TransitionCounts.fit((s.history, s.target) for s in before), 2.0)
+        expected = evaluate(tiny_policy, rows, tiny_dataset.samples(["train"]), beam_decoder(5, fused))
+        assert got["metrics"] == expected["metrics"] and got["rows_fingerprint"] == expected["rows_fingerprint"]
+    r = CliRunner().invoke(app, [*base, "--split", "train", "--json", str(tmp_path / "t.json")])
+    assert r.exit_code == 0 and "own transition (last history item -> target) of 10 of the 10 train rows" in r.stderr
+    got = json.loads((tmp_path / "t.json").read_text())
+    assert got["own_transitions_counted"] == 10 and got["fusion_counts"] == "checkpoint"
     for args in (["--split", "test"], ["--split", "valid", "--fusion-weight", "0"]):
         quiet = CliRunner().invoke(app, [*base, *args, "--json", str(tmp_path / "q.json")])
         assert quiet.exit_code == 0 and "warning" not in quiet.stderr, quiet.output

@@ -221,14 +221,25 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 fusion = checkpoint_fusion(ckpt, fusion_weight)
             except ValueError as e:
                 raise ValueError(f"{e}; use --fusion-weight 0") from None
+            fusion_counts = None if fusion is None else "checkpoint"
+            if fusion is not None and split == "valid":
+                # the stored counts hold every row before test, the scored valid rows too: fit on the rows before
+                from training.evaluation.fusion import refit_before
+
+                valid = ds.splits["valid"]
+                before = [*ds.samples(["train"]), *valid[: len(valid) - holdout if holdout else 0]]
+                fusion = refit_before(fusion, before)
+                fusion_counts = f"refit on the {len(before)} rows before the scored ones"
             decode = make_decoder(ckpt, decoder, beams, budget, fusion, explore_slots)
         except CheckpointError:
             raise  # one line from the root command
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
-        # the stored counts are fit on every row before test: valid or train rows scored fused meet their own answer
+        # train rows scored fused meet their own answer in the stored counts
         counted = (
-            None if fusion is None or split == "test" else sum(fusion.counts.counted(r.history, r.target) for r in rows)
+            sum(fusion.counts.counted(r.history, r.target) for r in rows)
+            if fusion is not None and split == "train"
+            else None
         )
         if counted:
             typer.echo(
@@ -246,6 +257,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         result = evaluate(ckpt.policy, rows, ds.samples(context_splits), decode, batch_size)
         result |= {
             "own_transitions_counted": counted,
+            "fusion_counts": fusion_counts,
             "split": split,
             "decoder": decoder,
             "beams": beams,

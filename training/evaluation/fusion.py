@@ -25,7 +25,9 @@ on an existing checkpoint, SFT (``training.sft.trainer``) or RL
   rows, so the two compare like with like;
 * the counts (extra ``transitions``) and the choice (manifest ``fusion``: the
   weight, every weight's score, the rows counted and their transition pairs)
-  are written into the checkpoint, which ``vstar eval`` then decodes with. A
+  are written into the checkpoint, which ``vstar eval`` then decodes with (on
+  valid rows, which those counts hold, with counts of the rows before the
+  scored ones: ``refit_before``). A
   refit has no held-out rows: it takes the weight chosen by its held-out run
   (``--fusion-weight``). SFT writes its run's figures (manifest ``run``) in the
   same write, so that a resumed refit reports its finished held-out run as the
@@ -57,6 +59,12 @@ log = logging.getLogger(__name__)
 FUSION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 FUSION_BEAMS = 50
 REPORTED = ("HR@1", "HR@3", "HR@5", "HR@10", "NDCG@3", "NDCG@5", "NDCG@10")
+
+
+def refit_before(fusion: ShallowFusion, rows: Sequence[Sample]) -> ShallowFusion:
+    """``fusion``'s weight on counts fit on ``rows`` alone (the rows before the ones scored): a checkpoint's
+    stored counts hold every row before test, so on valid rows they would hold each scored row's own answer."""
+    return ShallowFusion(TransitionCounts.fit((s.history, s.target) for s in rows), fusion.weight)
 
 
 def choose_weight(
