@@ -86,7 +86,11 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
         checkpoint, value_head_or_fresh(checkpoint, settings.device), settings, build_store(settings), metrics
     )
     if settings.warmup:
-        recommender.warmup()
+        try:
+            recommender.warmup()
+        except BaseException:  # a start that fails here must not leave the model thread behind
+            recommender.executor.shutdown(wait=True)  # the warm-up has ended: the thread is idle
+            raise
     log.info(
         "model loaded",
         extra={
@@ -129,6 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
                 message = f"redis refused the settings of REDIS_URL (or VSTAR_REDIS_URL): {recommender.store.refusal}"
                 log.error("startup failed: %s", message)
                 await recommender.close()
+                gc.unfreeze()
                 raise StartupError(message)
             hint = recommender.store.unreachable_hint()
             log.warning(
@@ -146,6 +151,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await asyncio.gather(refresher, return_exceptions=True)
             await recommender.close()
             metrics.close()
+            gc.unfreeze()  # back to the collector, or a stopped app's model would stay (tests start many apps)
 
     # /docs and /redoc from assets packaged with fastapi-offline, not a CDN: they render with no network
     app = FastAPIOffline(

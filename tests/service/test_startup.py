@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -184,13 +186,31 @@ def test_serve_names_a_bad_setting_without_echoing_its_value(
     assert "s3cret-pw" not in result.output
 
 
+def model_threads() -> int:
+    return sum(t.name.startswith("vstar-model") and t.is_alive() for t in threading.enumerate())
+
+
 def test_a_warm_up_that_decodes_nothing_fails_the_start_even_under_python_O(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A real exception, not an assert (``python -O`` drops those and would serve a model that answers nothing)."""
+    """A real exception, not an assert (``python -O`` drops those and would serve a model that answers nothing);
+    the failed start leaves no model thread behind."""
     monkeypatch.setattr(Recommender, "_decode", lambda self, key, jobs: [DecodeRow([-1], [0.0]) for _ in jobs])
+    before = model_threads()
     with pytest.raises(CheckpointError, match="warm-up decode"):
         start(make_settings())
+    assert model_threads() == before
+
+
+def test_a_stopped_app_lets_its_model_go(make_settings: Callable[..., Settings]) -> None:
+    """The start freezes the heap out of the collector's reach (gc.freeze); the stop gives it back, or every app
+    a process started and stopped would keep its model (the recommender sits in a reference cycle)."""
+    app = create_app(make_settings())
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200
+        recommender = weakref.ref(app.state.recommender)
+    gc.collect()
+    assert recommender() is None and gc.get_freeze_count() == 0
 
 
 def test_sids_of_one_token_stop_the_start_in_one_line(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
