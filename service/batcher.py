@@ -60,6 +60,7 @@ class MicroBatcher(Generic[J, R]):
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._in_hand: list[_Pending[J, R]] = []  # taken off the queue, not yet answered
         self._decoding = False
         self._arrived_while_decoding = 0  # during the current (or last) decode
 
@@ -73,10 +74,13 @@ class MicroBatcher(Generic[J, R]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        pending = self._in_hand  # collected for a batch, or in a batch being decoded: no result will come
         while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(RuntimeError("server shutting down"))
+            pending.append(self._queue.get_nowait())
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("server shutting down"))
+        self._in_hand = []
 
     async def submit(self, key: Hashable, job: J) -> R:
         return await self.enqueue(key, job)
@@ -92,7 +96,7 @@ class MicroBatcher(Generic[J, R]):
         return future
 
     async def _collect(self) -> list[_Pending[J, R]]:
-        batch = [await self._queue.get()]
+        batch = self._in_hand = [await self._queue.get()]
         if self._queue.empty() and self._arrived_while_decoding == 0:
             return batch  # serial load: nobody to wait for
         loop = asyncio.get_running_loop()
@@ -121,7 +125,7 @@ class MicroBatcher(Generic[J, R]):
             self._decoding, self._arrived_while_decoding = True, 0
             for key, group in groups.items():
                 await self._run_group(loop, key, group)
-            self._decoding = False
+            self._decoding, self._in_hand = False, []
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, key: Hashable, group: list[_Pending[J, R]]) -> None:
         try:

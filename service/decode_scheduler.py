@@ -56,6 +56,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import logging
@@ -248,7 +249,7 @@ class DecodeScheduler:
 
     async def close(self) -> None:
         await self.batcher.stop()
-        self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.executor.shutdown, wait=True)  # a decode may still run: not on the loop
 
     def _decode(self, key: Hashable, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
         if isinstance(key, BeamSearchConfig):

@@ -219,13 +219,24 @@ class Recommender(DecodeScheduler):
             try:
                 return await asyncio.wait_for(asyncio.shield(task), max(by - time.perf_counter(), 0.0))
             except TimeoutError:
-                self._given_up.add(task)  # the loop holds tasks weakly: kept here until it ends
-                task.add_done_callback(lambda done: self._settled_late(op, done))
+                self._give_up(op, task)
                 raise OutOfTime("the store did not answer within the request's latency cap") from None
+            except asyncio.CancelledError:  # the client hung up: the shielded call runs on all the same
+                self._give_up(op, task)
+                raise
         except StoreUnavailable as e:
             if not isinstance(e, OutOfTime):  # a call given up on is counted when it ends (_settled_late)
                 self.metrics.store_errors.labels(op).inc()
             raise
+
+    def _give_up(self, op: str, task: asyncio.Future[Any]) -> None:
+        """Leave a store call running to its own end, which counts its failure (``_settled_late``); shutdown
+        cancels it meanwhile (``close``)."""
+        if task.done():
+            self._settled_late(op, task)
+            return
+        self._given_up.add(task)  # the loop holds tasks weakly: kept here until it ends
+        task.add_done_callback(lambda done: self._settled_late(op, done))
 
     def _settled_late(self, op: str, task: asyncio.Future[Any]) -> None:
         """A store call its request gave up on has ended: a failure counts as the store's."""

@@ -7,6 +7,7 @@ decode is busy.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -20,6 +21,7 @@ from models.beam_search import BeamSearchConfig, beam_search
 from models.policy import Policy
 from models.sid_catalog import SidCatalog, sid_to_str
 from service.app import create_app
+from service.batcher import MicroBatcher
 from service.settings import Settings
 
 
@@ -115,3 +117,28 @@ def test_health_answers_while_the_model_is_busy(make_settings: Callable[..., Set
             assert not pending.done()
             release.set()
             assert pending.result().status_code == 200
+
+
+def test_stopping_fails_the_jobs_in_hand_as_well_as_the_queued_ones() -> None:
+    """A stop cancels the batcher's task: the jobs it had taken off the queue (here: in a decode that never
+    returns in time) get the shutdown error like the ones still queued, instead of waiting forever."""
+    started, release = threading.Event(), threading.Event()
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        started.set()
+        release.wait(10)
+        return list(jobs)
+
+    async def scenario() -> list[BaseException | None]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher: MicroBatcher[int, int] = MicroBatcher(run, pool, max_size=4, max_wait_s=0.0)
+            batcher.start()
+            decoding = batcher.enqueue("k", 1)
+            assert await asyncio.to_thread(started.wait, 10)  # taken off the queue: its decode holds the thread
+            queued = batcher.enqueue("k", 2)
+            await batcher.stop()
+            release.set()
+            return [f.exception() if f.done() else None for f in (decoding, queued)]
+
+    errors = asyncio.run(scenario())
+    assert all(isinstance(e, RuntimeError) and str(e) == "server shutting down" for e in errors), errors

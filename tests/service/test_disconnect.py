@@ -85,3 +85,34 @@ def test_a_request_whose_client_hung_up_is_not_decoded(make_settings: Callable[.
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499  # the access log's status
     assert 'vstar_recommend_requests_total{mode="beam",outcome="cancelled"} 1.0' in metrics
     assert 'vstar_recommend_requests_total{mode="beam",outcome="ok"} 1.0' in metrics
+
+
+def test_a_store_call_of_a_request_whose_client_hung_up_is_kept_to_its_end(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A VED request's store read runs shielded; when the client hangs up (the request is cancelled) the read runs
+    on all the same, so it is kept, as one given up at the cap is: its failure is counted when it ends, and the
+    shutdown cancels it instead of leaving it pending."""
+    app = create_app(make_settings())
+    with TestClient(app) as client:
+        recommender = app.state.recommender
+
+        async def scenario() -> int:
+            reading = asyncio.Event()
+
+            async def stalled_read() -> list[str]:
+                reading.set()
+                await asyncio.sleep(30)
+                return []
+
+            request = asyncio.ensure_future(
+                recommender._within("read_history", stalled_read(), time.perf_counter() + 30)
+            )
+            await reading.wait()
+            request.cancel()  # the client hung up
+            await asyncio.gather(request, return_exceptions=True)
+            return len(recommender._given_up)
+
+        assert client.portal.call(scenario) == 1
+        kept = set(recommender._given_up)
+    assert all(task.cancelled() for task in kept) and not recommender._given_up
