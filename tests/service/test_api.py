@@ -6,12 +6,14 @@ import re
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from models.sid_catalog import SidCatalog, sid_to_str
 from service.app import create_app
 from service.settings import Settings
+from service.stores import HISTORY_KEY
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,17 @@ def test_stored_history_is_capped(make_settings: Callable[..., Settings], clean_
         c.post("/users/bob/events", json={"items": [1, 2]})
         assert c.post("/users/bob/events", json={"items": [3, 4]}).json()["history_length"] == 3
         assert [h["item_id"] for h in c.get("/users/bob/history").json()["history"]] == [2, 3, 4]
+
+
+def test_a_stored_entry_that_is_not_utf8_is_skipped_not_a_500(client: TestClient, redis_url: str) -> None:
+    """Another writer left bytes that are no text in a history: the entry is unknown, as a SID the catalog no
+    longer has is, and the rest of the history still serves."""
+    assert client.post("/users/carol/events", json={"items": [1, 2]}).status_code == 200
+    redis.Redis.from_url(redis_url).rpush(HISTORY_KEY.format("carol"), b"\xff\xfe")
+    r = client.get("/users/carol/history")
+    assert r.status_code == 200 and [h["item_id"] for h in r.json()["history"]] == [1, 2], r.text
+    r = client.post("/recommend", json={"user_id": "carol", "k": 3})
+    assert r.status_code == 200 and r.json()["history_length"] == 2, r.text
 
 
 def test_exclude_history_drops_seen_items_and_still_returns_k(client: TestClient) -> None:
