@@ -11,11 +11,11 @@ command exits with 2. A ``ValueError`` raised inside a library, and any other
 exception, is a bug and keeps its traceback. Every float option refuses nan and
 inf before its command runs (``refuse_non_finite``; one that fails a bound first
 is called not finite all the same, ``option_message``, which also drops
-pydantic's "Value error, " label from typer's option errors). Running out of memory (a
-``MemoryError``, or torch's ``OutOfMemoryError``) is one line too, exit status 1:
-it names what was asked for, not a bug; so is an ``OSError`` that names a file
-(a path under /proc, which the checks before the work do not foresee) or a full
-disk.
+pydantic's "Value error, " label from typer's option errors). Running out of
+memory (a ``MemoryError``, or torch's ``OutOfMemoryError``) is one line too,
+exit status 1: it names what was asked for, not a bug; so is an ``OSError`` that
+names a file (a path under /proc, which the checks before the work do not
+foresee) or a full disk.
 """
 
 from __future__ import annotations
@@ -120,18 +120,16 @@ def option_message(error: typer.TyperException) -> str:
     called not finite rather than out of a bound (nan fails every bound, as each comparison with it is false)."""
     from pydantic import ValidationError  # typer has loaded it when it checked an option with it
 
+    from service.errors import validation_reason  # the API's 422s word a pydantic error the same way
+
     cause = error.__cause__
     if isinstance(error, BadParameter) and isinstance(cause, ValidationError):
-        reasons = []
-        for err in cause.errors(include_url=False):
-            raw, ctx = err.get("input"), err.get("ctx", {})
-            if err["type"] in BOUNDS and not_finite(raw):
-                reasons.append(f"{raw} is not a finite number")
-            elif err["type"] == "value_error" and "error" in ctx:
-                reasons.append(str(ctx["error"]))
-            else:
-                reasons.append(err["msg"])
-        error.message = "; ".join(reasons)
+        error.message = "; ".join(
+            f"{err['input']} is not a finite number"
+            if err["type"] in BOUNDS and not_finite(err.get("input"))
+            else validation_reason(err)
+            for err in cause.errors(include_url=False)
+        )
     return error.format_message()
 
 
