@@ -53,6 +53,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         exclude_history: Annotated[bool, typer.Option("--exclude-history", help="Drop history items.")] = False,
         split: Annotated[str, typer.Option("--split", help="Split whose histories are sent.")] = "test",
         seed: Annotated[int, typer.Option("--seed", help="Seed of the history draws.")] = 0,
+        api_key: Annotated[
+            str,
+            typer.Option(
+                "--api-key",
+                envvar="VSTAR_LT_API_KEY",
+                show_envvar=True,
+                help="X-API-Key of the event posts, for a server with VSTAR_API_KEYS.",
+            ),
+        ] = "",
     ) -> None:
         """Locust, headless, beam vs VED at several concurrencies: Markdown table and latency plot (loopback only)."""
         from loadtests.runner import LoadTestPlan, parse_duration, parse_users, run_plan
@@ -62,6 +71,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 host=host, data=data, out=out, users=parse_users(users), duration_s=parse_duration(duration),
                 modes=tuple(m.strip() for m in modes.split(",") if m.strip()), k=k, budget=budget,
                 latency_ms=latency_ms, event_share=event_share, exclude_history=exclude_history, split=split, seed=seed,
+                api_key=api_key,
             )  # fmt: skip
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None

@@ -18,15 +18,20 @@ Design decisions:
 - Request names carry the mode (``/recommend [beam]``) so one locust run that
   mixes both classes (``--vstar-beam-weight`` / ``--vstar-ved-weight``) still
   reports them apart.
-- A 200 whose body has fewer than k items when the catalog has k is a failure:
-  the service promises k items, and a load test is where a shortcut under load
-  would show.
+- A 200 whose body has fewer than k items is a failure: the service returns k
+  whenever its catalog holds k SIDs, and a load test is where a shortcut under
+  load would show (so ask for a k the catalog can fill).
 - Locust has no column for ``cap_hit``; the counts of responses, cap hits,
-  cached answers and VED tokens per mode go to ``PREFIX_extra.json`` (``--vstar-report PREFIX``)
-  on quit, and ``loadtests.results`` joins them with the request statistics.
-  Those are written on quit too, as ``PREFIX_final_stats.csv`` in locust's own
-  ``_stats.csv`` format: locust's ``--csv`` file is rewritten once a second, so
-  its last version misses up to the final second of the run.
+  cached answers, VED fallbacks (initial beam, popularity) and VED tokens per
+  mode go to ``PREFIX_extra.json`` (``--vstar-report PREFIX``) on quit, and
+  ``loadtests.results`` joins them with the request statistics. Those are
+  written on quit too, as ``PREFIX_final_stats.csv`` and
+  ``PREFIX_final_failures.csv`` in locust's own ``_stats.csv`` and
+  ``_failures.csv`` formats: locust's ``--csv`` files are rewritten once a
+  second, so their last versions miss up to the final second of the run.
+- Every point draws the same histories (``--vstar-seed``), so points compare
+  like with like; against a server with its response cache on, a point then
+  meets the answers the points before it cached (``vstar loadtest`` says so).
 - Both the counts and locust's statistics restart when all users are up
   (``--reset-stats``), so the ramp is never part of a point.
 - Only loopback hosts are accepted (``loadtests.target``).
@@ -73,7 +78,9 @@ _environment: Environment | None = None
 _sampler: HistorySampler | None = None
 _user_numbers = itertools.count()
 # mode -> {"responses", "cap_hits", "cached", "ved_tokens"}: what locust's CSV has no column for.
-_extra: dict[str, dict[str, int]] = defaultdict(lambda: {"responses": 0, "cap_hits": 0, "cached": 0, "ved_tokens": 0})
+_extra: dict[str, dict[str, int]] = defaultdict(
+    lambda: {"responses": 0, "cap_hits": 0, "cached": 0, "fallbacks": 0, "popular": 0, "ved_tokens": 0}
+)
 
 
 @events.init_command_line_parser.add_listener
@@ -93,7 +100,6 @@ def _apply_weights(environment: Environment, **_: Any) -> None:
     global _environment
     _environment = environment
     opts = environment.parsed_options
-    assert opts is not None, "locust parses its options before test_start"
     if opts is None:  # library use without a command line: keep the class defaults
         return
     if not 0.0 <= opts.vstar_event_share <= 1.0 or not 0.0 <= opts.vstar_sid_share <= 1.0:
@@ -130,8 +136,11 @@ def _write_report(exit_code: int) -> None:
     prefix = _environment.parsed_options.vstar_report
     if not prefix:
         return
+    stats = StatsCSV(_environment, PERCENTILES_TO_REPORT)
     with open(f"{prefix}_final_stats.csv", "w", newline="") as f:
-        StatsCSV(_environment, PERCENTILES_TO_REPORT).requests_csv(csv.writer(f))
+        stats.requests_csv(csv.writer(f))
+    with open(f"{prefix}_final_failures.csv", "w", newline="") as f:
+        stats.failures_csv(csv.writer(f))
     Path(f"{prefix}_extra.json").write_text(json.dumps(dict(_extra), indent=2) + "\n")
 
 
@@ -218,7 +227,10 @@ class RecommendUser(HttpUser):
         counts["responses"] += 1
         counts["cap_hits"] += bool(payload.get("cap_hit"))
         counts["cached"] += bool(payload.get("cached"))
-        counts["ved_tokens"] += int((payload.get("search") or {}).get("tokens_spent", 0))
+        search = payload.get("search") or {}
+        counts["fallbacks"] += search.get("fallback") == "initial_beam"
+        counts["popular"] += search.get("fallback") == "popular"
+        counts["ved_tokens"] += int(search.get("tokens_spent", 0))
 
 
 class BeamUser(RecommendUser):

@@ -2,10 +2,20 @@
 
 Each measured point (one mode at one user count) is one headless locust run
 whose locustfile wrote, on quit, ``PREFIX_final_stats.csv`` (locust's own
-``_stats.csv`` format) and ``PREFIX_extra.json``, the counts locust has no
-column for (responses, cap hits, cached answers, VED tokens). This
-module reads both into ``PointResult`` rows and renders them; it knows nothing
-of processes or HTTP, so its tests feed it synthetic CSV text.
+``_stats.csv`` format), ``PREFIX_final_failures.csv`` (locust's
+``_failures.csv``: each distinct failure and how often) and ``PREFIX_extra.json``,
+the counts locust has no column for (responses, cap hits, cached answers, VED
+fallbacks, VED tokens). This module reads them into ``PointResult`` rows and
+renders them; it knows nothing of processes or HTTP, so its tests feed it
+synthetic CSV text.
+
+Shares have the denominator they are about: ``/recommend`` failures over
+``/recommend`` requests, event failures over event posts (kept apart: a
+refused event post, a 401 for a missing key say, is a different problem from a
+failed recommendation), cached answers over successful responses, and cap hits
+and fallbacks over the responses that decoded (a cached answer decodes nothing,
+and an answer that hit the cap is never cached). Locust counts a failed
+request's time in the percentiles too, so a point with failures says so.
 
 Locust reports percentiles in whole milliseconds, rounded to two significant
 digits above 100 ms; the table shows them as locust gives them.
@@ -55,6 +65,8 @@ class PointResult:
     cap_hits: int
     cached: int  # answered from the service's response cache
     ved_tokens: int
+    fallbacks: int = 0  # VED answers from the initial beam (the anytime fallback)
+    popular: int = 0  # VED answers from popularity (the model could not make the cap)
 
     @property
     def failures(self) -> int:
@@ -65,11 +77,25 @@ class PointResult:
         return self.recommend.requests + (self.events.requests if self.events else 0)
 
     @property
+    def decoded(self) -> int:
+        """Successful responses the server decoded (not read from its response cache)."""
+        return self.responses - self.cached
+
+    @property
     def cap_hit_share(self) -> float:
-        return self.cap_hits / self.responses if self.responses else 0.0
+        return self.cap_hits / self.decoded if self.decoded else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"failures": self.failures, "cap_hit_share": self.cap_hit_share}
+        return asdict(self) | {"failures": self.failures, "decoded": self.decoded, "cap_hit_share": self.cap_hit_share}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One row of locust's ``_failures.csv``: a request name, the error it got, and how often."""
+
+    name: str
+    error: str
+    occurrences: int
 
 
 def _number(text: str) -> float | None:
@@ -106,6 +132,15 @@ def read_stats_csv(path: Path) -> dict[str, EndpointStats]:
     return out
 
 
+def read_failures(path: Path) -> list[Failure]:
+    """Rows of a locust ``_failures.csv``, the most frequent first; none when the file is absent."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = [Failure(r["Name"], r["Error"], int(r["Occurrences"])) for r in csv.DictReader(f)]
+    return sorted(rows, key=lambda r: -r.occurrences)
+
+
 def read_point(prefix: Path, mode: str, users: int) -> PointResult:
     """Join one run's ``PREFIX_final_stats.csv`` with the locustfile's ``PREFIX_extra.json`` for ``mode``."""
     if mode not in MODES:
@@ -126,6 +161,8 @@ def read_point(prefix: Path, mode: str, users: int) -> PointResult:
         cap_hits=int(extra.get("cap_hits", 0)),
         cached=int(extra.get("cached", 0)),
         ved_tokens=int(extra.get("ved_tokens", 0)),
+        fallbacks=int(extra.get("fallbacks", 0)),
+        popular=int(extra.get("popular", 0)),
     )
 
 
@@ -137,18 +174,23 @@ def _share(count: int, total: int) -> str:
     return f"{count} ({100.0 * count / total:.1f}%)" if total else str(count)
 
 
+TABLE_HEADER = (
+    "| mode | users | requests | RPS | p50 ms | p95 ms | p99 ms | failures | cached | cap hits | fallbacks "
+    "| event failures |"
+)
+
+
 def markdown_table(points: list[PointResult]) -> str:
-    """The beam-vs-VED table: /recommend throughput and latency, failures over all requests, cap hits."""
-    lines = [
-        "| mode | users | requests | RPS | p50 ms | p95 ms | p99 ms | failures | cap hits |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    """The beam-vs-VED table: /recommend throughput, latency and failures, cached answers, VED's cap hits and
+    fallbacks (initial beam or popularity) over decoded answers, and the event posts' failures (module doc)."""
+    lines = [TABLE_HEADER, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in sorted(points, key=lambda p: (MODES.index(p.mode), p.users)):
-        r = p.recommend
+        r, e = p.recommend, p.events
         lines.append(
             f"| {p.mode} | {p.users} | {r.requests} | {r.rps:.1f} "
-            f"| {_ms(r.p50_ms)} | {_ms(r.p95_ms)} | {_ms(r.p99_ms)} "
-            f"| {_share(p.failures, p.requests)} | {_share(p.cap_hits, p.responses)} |"
+            f"| {_ms(r.p50_ms)} | {_ms(r.p95_ms)} | {_ms(r.p99_ms)} | {_share(r.failures, r.requests)} "
+            f"| {_share(p.cached, p.responses)} | {_share(p.cap_hits, p.decoded)} "
+            f"| {_share(p.fallbacks + p.popular, p.decoded)} | {_share(e.failures, e.requests) if e else 'n/a'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -11,13 +11,22 @@ killed at ``duration_s + GRACE_S``; the whole plan's length is known up front.
 Only loopback hosts are accepted (``loadtests.target``), the whole split is read
 once here (a bad row is named before the server is waited for), and the server
 must answer ``/readyz`` before any load is sent. A point that fails (locust's
-exit status, no report, or no request at all: users that failed to start) stops
-the plan, and the points measured before it are written as the report.
+exit status, no report, no request at all: users that failed to start, or more
+than half of its ``/recommend`` requests or of its event posts failed, each
+error naming the failure locust saw most often) stops the plan, and the points
+measured before it are written as the report.
+
+The API key for event posts (``--api-key``, or ``VSTAR_LT_API_KEY``) reaches
+the locust children through their environment, never their command line, and
+is not written into the report. Answers read from the service's response
+cache are counted per point; when there were any, the run ends with a warning:
+their latency is a cache read's, not a decode's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,7 +40,8 @@ from pathlib import Path
 import httpx
 
 from loadtests.histories import read_histories, split_path
-from loadtests.results import MODES, PointResult, read_point, write_report
+from loadtests.request_names import EVENT_NAME, recommend_name
+from loadtests.results import MODES, PointResult, read_failures, read_point, write_report
 from loadtests.target import require_loopback
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -77,6 +87,7 @@ class LoadTestPlan:
     exclude_history: bool = False
     split: str = "test"
     seed: int = 0
+    api_key: str = field(default="", repr=False)  # X-API-Key of the event posts; passed by environment, not reported
     extra_locust_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -141,7 +152,13 @@ def wait_ready(host: str, timeout_s: float = 60.0) -> None:
     )
 
 
-MOST_FAILURES = 0.5  # a point whose /recommend requests failed more often than this measures no service
+MOST_FAILURES = 0.5  # a point whose requests failed more often than this measures no service
+
+
+def most_failures(stem: Path, name: str) -> str:
+    """The failure locust saw most often for request ``name`` in one point, for an error message."""
+    rows = [r for r in read_failures(stem.with_name(stem.name + "_final_failures.csv")) if r.name == name]
+    return f"most often ({rows[0].occurrences} times): {rows[0].error[:300]}" if rows else "no failure recorded"
 
 
 def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
@@ -153,11 +170,12 @@ def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
         stale.unlink()
     log = stem.with_name(stem.name + ".log")
     limit = plan.duration_s + GRACE_S
+    env = os.environ | ({"VSTAR_LT_API_KEY": plan.api_key} if plan.api_key else {})
     with log.open("w") as log_file:
         try:
             proc = subprocess.run(
                 locust_command(plan, mode, users, stem), stdout=log_file, stderr=subprocess.STDOUT,
-                timeout=limit, check=False,
+                timeout=limit, check=False, env=env,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
             raise RuntimeError(
@@ -173,8 +191,15 @@ def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
         raise RuntimeError(f"{mode} at {users} users sent no request (its users failed to start?); see {log}")
     failed, sent = point.recommend.failures, point.recommend.requests
     if failed > MOST_FAILURES * sent:  # e.g. a server that died mid-run: fast refusals, no measurement of it
-        raise RuntimeError(f"{mode} at {users} users: {failed} of {sent} /recommend requests failed (did the server "
-                           f"stop?); see {log}")  # fmt: skip
+        raise RuntimeError(f"{mode} at {users} users: {failed} of {sent} /recommend requests failed, "
+                           f"{most_failures(stem, recommend_name(mode))}; see {log}")  # fmt: skip
+    if point.events is not None and point.events.failures > MOST_FAILURES * point.events.requests:
+        # e.g. a server with API keys and no --api-key: every post a fast 401, and no user_id read ever sent
+        raise RuntimeError(
+            f"{mode} at {users} users: {point.events.failures} of {point.events.requests} event posts failed, "
+            f"{most_failures(stem, EVENT_NAME)} (a server with VSTAR_API_KEYS needs --api-key or VSTAR_LT_API_KEY; "
+            f"--event-share 0 sends none); see {log}"
+        )
     return point
 
 
@@ -196,15 +221,25 @@ def run_plan(plan: LoadTestPlan, echo: Callable[[str], None] = print) -> tuple[l
             paths = _report(plan, points, started)  # the points measured so far are not lost with the run
             raise RuntimeError(f"{e} (the {len(points)} points measured before it are in {paths['table']})") from None
         r = point.recommend
-        echo(f"{mode:>4} users={users:<4} rps={r.rps:8.1f} p50={r.p50_ms} p99={r.p99_ms} failures={point.failures}")
+        echo(
+            f"{mode:>4} users={users:<4} rps={r.rps:8.1f} p50={r.p50_ms} p99={r.p99_ms} failures={point.failures} "
+            f"cached={point.cached}"
+        )
         points.append(point)
+    cached, responses = sum(p.cached for p in points), sum(p.responses for p in points)
+    if cached:
+        echo(
+            f"warning: {cached} of {responses} answers came from the service's response cache, so their latency is "
+            "a cache read's, not a decode's (each point draws the same histories); to compare the decoders, serve "
+            "with VSTAR_CACHE_TTL_S=0"
+        )
     return points, _report(plan, points, started)
 
 
 def _report(plan: LoadTestPlan, points: list[PointResult], started: str) -> dict[str, Path]:
     """``write_report`` of ``points`` with the plan as metadata (a run cut short says so in its title)."""
     cut = "" if len(points) == len(plan.points) else f", {len(points)} of {len(plan.points)} points: cut short"
-    meta = asdict(plan) | {
+    meta = {k: v for k, v in asdict(plan).items() if k != "api_key"} | {
         "data": str(plan.data), "out": str(plan.out), "started": started, "locust": version("locust"),
         "title": f"/recommend latency vs concurrency (k={plan.k}, {plan.duration_s} s per point{cut})",
     }  # fmt: skip

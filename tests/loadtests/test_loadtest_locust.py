@@ -21,7 +21,8 @@ from loadtests.runner import LOCUSTFILE, LoadTestPlan, run_plan
 
 
 class StubService(BaseHTTPRequestHandler):
-    """Answers like the service: k items, cap_hit for VED; remembers every body it got."""
+    """Answers like the service: k items, cap hits and fallbacks for VED, some answers cached; remembers every body
+    it got."""
 
     bodies: list[tuple[str, dict]] = []
 
@@ -43,9 +44,20 @@ class StubService(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.bodies.append((self.path, body))
         if self.path == "/recommend":
+            # every third answer "cached"; the others, for VED, hit the cap and fall back (never cached, as served)
+            cached, ved = len(self.bodies) % 3 == 0, body["mode"] == "ved"
             items = [{"sid": "<a_0><b_0><c_0>", "item_ids": [i], "score": 0.0} for i in range(body["k"])]
-            search = {"tokens_spent": 3, "nodes": 1, "max_depth": 3, "iterations": 1} if body["mode"] == "ved" else None
-            self.reply({"items": items, "mode": body["mode"], "cap_hit": body["mode"] == "ved", "search": search})
+            search = {"tokens_spent": 3, "nodes": 1, "max_depth": 3, "iterations": 1, "fallback": "initial_beam"}
+            hit = ved and not cached
+            self.reply(
+                {
+                    "items": items,
+                    "mode": body["mode"],
+                    "cap_hit": hit,
+                    "search": search if ved else None,
+                    "cached": cached,
+                }
+            )
         else:
             self.reply({"user_id": self.path.split("/")[2], "stored": 1})
 
@@ -78,8 +90,10 @@ def test_run_plan_against_a_stub(stub_url: str, tiny_data_dir: Path, tmp_path: P
     points, paths = run_plan(plan, echo=lambda _: None)
     assert [(p.mode, p.users) for p in points] == [("beam", 1), ("ved", 1)]
     beam, ved = points
-    assert beam.recommend.requests > 0 and beam.failures == 0 and beam.cap_hits == 0
+    assert beam.recommend.requests > 0 and beam.failures == 0 and beam.cap_hits == 0 and beam.fallbacks == 0
     assert ved.responses == ved.recommend.requests > 0 and ved.cap_hit_share == 1.0
+    assert 0 < ved.cached < ved.responses and 0 < beam.cached < beam.responses
+    assert ved.fallbacks == ved.responses and ved.popular == 0 and ved.cap_hits == ved.decoded
     assert ved.ved_tokens == 3 * ved.responses and beam.ved_tokens == 0
     assert paths["table"].read_text().count("\n") == 4 and paths["plot"].exists()
 

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.results import PointResult, markdown_table, plot_latency, read_point, read_stats_csv, write_report
+from loadtests.results import (
+    PointResult,
+    markdown_table,
+    plot_latency,
+    read_failures,
+    read_point,
+    read_stats_csv,
+    write_report,
+)
 
 HEADER = (
     "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
@@ -65,15 +73,32 @@ def test_missing_file_and_wrong_columns_are_errors(tmp_path: Path) -> None:
 
 
 def test_read_point_joins_counts_of_its_mode(tmp_path: Path) -> None:
-    extra = {"ved": {"responses": 190, "cap_hits": 19, "cached": 4, "ved_tokens": 5000}, "beam": {"responses": 1}}
+    extra = {
+        "ved": {"responses": 190, "cap_hits": 19, "cached": 4, "fallbacks": 7, "popular": 2, "ved_tokens": 5000},
+        "beam": {"responses": 1},
+    }
     prefix = write_point(tmp_path, "ved", 8, extra, requests=200, failures=10, rps=20.0, p50=40, p95=55, p99=60)
     point = read_point(prefix, "ved", 8)
     assert point.recommend.name == "/recommend [ved]"
     assert point.events is not None and point.events.requests == 10
     assert (point.responses, point.cap_hits, point.cached, point.ved_tokens) == (190, 19, 4, 5000)
-    assert point.cap_hit_share == pytest.approx(0.1)
+    assert (point.fallbacks, point.popular, point.decoded) == (7, 2, 186)
+    assert point.cap_hit_share == pytest.approx(19 / 186)  # over decoded answers: a cached one never hit the cap
     assert point.failures == 11 and point.requests == 210
-    assert point.to_json()["cap_hit_share"] == pytest.approx(0.1)
+    assert point.to_json()["cap_hit_share"] == pytest.approx(19 / 186) and point.to_json()["decoded"] == 186
+
+
+def test_read_failures_most_frequent_first(tmp_path: Path) -> None:
+    path = tmp_path / "x_final_failures.csv"
+    path.write_text(
+        "Method,Name,Error,Occurrences\n"
+        'POST,/users/[id]/events,"CatchResponseError(\'HTTP 401: {""error"": ""no key""}\')",3\n'
+        "POST,/recommend [ved],CatchResponseError('HTTP 422: latency_ms'),40\n"
+    )
+    rows = read_failures(path)
+    assert [(r.name, r.occurrences) for r in rows] == [("/recommend [ved]", 40), ("/users/[id]/events", 3)]
+    assert 'HTTP 401: {"error": "no key"}' in rows[1].error
+    assert read_failures(tmp_path / "absent_final_failures.csv") == []
 
 
 def test_read_point_without_counts_or_with_bad_mode_fails(tmp_path: Path) -> None:
@@ -94,7 +119,9 @@ def test_read_point_of_a_mode_without_requests_is_empty(tmp_path: Path) -> None:
 def points(tmp_path: Path) -> list[PointResult]:
     out = []
     for mode, users, p50 in [("ved", 8, 48), ("beam", 8, 20), ("beam", 1, 9), ("ved", 1, 30)]:
-        extra = {mode: {"responses": 100, "cap_hits": 25 if mode == "ved" else 0, "ved_tokens": 0}}
+        ved = mode == "ved"
+        counts = {"cap_hits": 25, "cached": 20, "fallbacks": 6, "popular": 4} if ved else {}
+        extra = {mode: {"responses": 100, "ved_tokens": 0} | counts}
         prefix = write_point(
             tmp_path, mode, users, extra, requests=100, failures=0, rps=12.34, p50=p50, p95=p50 + 5, p99=p50 + 9
         )
@@ -104,11 +131,16 @@ def points(tmp_path: Path) -> list[PointResult]:
 
 def test_markdown_table_orders_beam_then_ved_by_users(points: list[PointResult]) -> None:
     lines = markdown_table(points).strip().splitlines()
-    assert lines[0].startswith("| mode | users | requests | RPS | p50 ms | p95 ms | p99 ms | failures | cap hits |")
+    assert lines[0] == (
+        "| mode | users | requests | RPS | p50 ms | p95 ms | p99 ms | failures | cached | cap hits | fallbacks "
+        "| event failures |"
+    )
     body = [line.split("|")[1:3] for line in lines[2:]]
     assert [(m.strip(), u.strip()) for m, u in body] == [("beam", "1"), ("beam", "8"), ("ved", "1"), ("ved", "8")]
-    assert lines[2] == "| beam | 1 | 100 | 12.3 | 9 | 14 | 18 | 1 (0.9%) | 0 (0.0%) |"
-    assert lines[-1].endswith("| 25 (25.0%) |")
+    # /recommend failures over /recommend requests, the events' own (1 of 10) apart
+    assert lines[2] == "| beam | 1 | 100 | 12.3 | 9 | 14 | 18 | 0 (0.0%) | 0 (0.0%) | 0 (0.0%) | 0 (0.0%) | 1 (10.0%) |"
+    # 20 of 100 cached: cap hits and fallbacks over the 80 decoded
+    assert lines[-1].endswith("| 20 (20.0%) | 25 (31.2%) | 10 (12.5%) | 1 (10.0%) |")
 
 
 def test_plot_writes_a_png(points: list[PointResult], tmp_path: Path) -> None:

@@ -136,17 +136,29 @@ def test_read_histories_names_the_line_of_an_item_id_that_is_no_integer(tmp_path
         read_histories(bad)
 
 
-def fake_locust(requests: int, failures: int = 0) -> Callable[..., subprocess.CompletedProcess]:
+def fake_locust(
+    requests: int, failures: int = 0, events: tuple[int, int] = (0, 0), cached: int = 0, seen: list | None = None
+) -> Callable[..., subprocess.CompletedProcess]:
     """``subprocess.run`` for a locust point that exits 0 having written its report with ``requests`` requests,
-    ``failures`` of them failed."""
+    ``failures`` of them failed (an HTTP 503 each), ``events`` = (posts, failed: an HTTP 401 each) and ``cached``
+    answers from the response cache; ``seen`` collects each call's command and environment."""
 
-    def run(command: list[str], **_: object) -> subprocess.CompletedProcess:
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        if seen is not None:
+            seen.append((command, kwargs.get("env")))
         prefix = Path(command[command.index("--vstar-report") + 1])
         mode = "ved" if command[-1] == "VedUser" else "beam"
-        row = f"POST,/recommend [{mode}],{requests},{failures},5,5.0,1,9,400.0,10.0,0.0" + ",5" * 11
-        rows = row if requests else ""
-        prefix.with_name(prefix.name + "_final_stats.csv").write_text(STATS_HEADER + "\n" + rows + "\n")
-        prefix.with_name(prefix.name + "_extra.json").write_text(json.dumps({mode: {"responses": requests}}))
+        rows = [f"POST,/recommend [{mode}],{requests},{failures},5,5.0,1,9,400.0,10.0,0.0" + ",5" * 11] * bool(requests)
+        rows += [f"POST,/users/[id]/events,{events[0]},{events[1]},2,2.0,1,3,40.0,1.0,0.0" + ",2" * 11] * bool(
+            events[0]
+        )
+        prefix.with_name(prefix.name + "_final_stats.csv").write_text("\n".join([STATS_HEADER, *rows]) + "\n")
+        failed = [f"POST,/recommend [{mode}],CatchResponseError('HTTP 503: not ready'),{failures}"] * bool(failures)
+        failed += [f"POST,/users/[id]/events,CatchResponseError('HTTP 401: no API key'),{events[1]}"] * bool(events[1])
+        text = "\n".join(["Method,Name,Error,Occurrences", *failed]) + "\n"
+        prefix.with_name(prefix.name + "_final_failures.csv").write_text(text)
+        extra = {mode: {"responses": requests - failures, "cached": cached}}
+        prefix.with_name(prefix.name + "_extra.json").write_text(json.dumps(extra))
         return subprocess.CompletedProcess(command, 0)
 
     return run
@@ -175,7 +187,9 @@ def test_a_point_whose_requests_mostly_failed_is_an_error_not_a_fast_row(
     """A server that died mid-run refuses connections at once: thousands of 'requests' a second, locust exits 0."""
     monkeypatch.setattr(runner.subprocess, "run", fake_locust(3908, failures=3700))
     with pytest.raises(
-        RuntimeError, match=r"beam at 2 users: 3700 of 3908 /recommend requests failed \(did the server"
+        RuntimeError,
+        match=r"beam at 2 users: 3700 of 3908 /recommend requests failed, most often \(3700 times\): "
+        r"CatchResponseError\('HTTP 503: not ready'\); see ",
     ):
         run_point(plan(out=tmp_path), "beam", 2)
     monkeypatch.setattr(runner.subprocess, "run", fake_locust(100, failures=50))  # half: still a measurement
@@ -201,3 +215,43 @@ def test_a_failed_point_keeps_the_points_measured_before_it(
     assert "| beam | 1 | 7 |" in (out / "table.md").read_text()
     report = json.loads((out / "results.json").read_text())
     assert len(report["points"]) == 1 and "cut short" in report["meta"]["title"]
+
+
+def test_a_point_whose_event_posts_mostly_failed_names_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A server with API keys and no key given: every event post a fast 401, and no user_id read ever sent."""
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(100, events=(12, 12)))
+    with pytest.raises(
+        RuntimeError,
+        match=r"ved at 1 users: 12 of 12 event posts failed, most often \(12 times\): .*HTTP 401.*--api-key",
+    ):
+        run_point(plan(out=tmp_path), "ved", 1)
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(100, events=(12, 6)))  # half: still a measurement
+    assert run_point(plan(out=tmp_path), "ved", 1).events.failures == 6  # type: ignore[union-attr]
+
+
+def test_the_api_key_goes_by_environment_and_stays_out_of_the_report(
+    monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    seen: list = []
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(7, seen=seen))
+    monkeypatch.setattr(runner, "wait_ready", lambda host: None)
+    out = tmp_path / "lt"
+    run_plan(plan(data=tiny_data_dir, out=out, users=(1,), api_key="s3cret"), echo=lambda _: None)
+    assert seen and all(env["VSTAR_LT_API_KEY"] == "s3cret" and "s3cret" not in cmd for cmd, env in seen)
+    assert "s3cret" not in (out / "results.json").read_text() and "s3cret" not in repr(plan(api_key="s3cret"))
+
+
+def test_cached_answers_are_counted_and_warned_of(
+    monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    lines: list[str] = []
+    monkeypatch.setattr(runner, "wait_ready", lambda host: None)
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(50, cached=20))
+    points, paths = run_plan(plan(data=tiny_data_dir, out=tmp_path / "a", users=(1,)), echo=lines.append)
+    assert [p.cached for p in points] == [20, 20] and "| 20 (40.0%) |" in paths["table"].read_text()
+    assert lines[-1].startswith("warning: 40 of 100 answers came from the service's response cache")
+    assert "VSTAR_CACHE_TTL_S=0" in lines[-1]
+    lines.clear()
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(50))
+    run_plan(plan(data=tiny_data_dir, out=tmp_path / "b", users=(1,)), echo=lines.append)
+    assert not any(line.startswith("warning") for line in lines)
