@@ -25,10 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
-DOCKERFILES = {
-    "service": REPO / "docker" / "Dockerfile",
-    "train": REPO / "docker" / "Dockerfile",
-}  # one file, two targets
+DOCKERFILE = REPO / "docker" / "Dockerfile"  # one file, two targets: service and train
 
 
 def test_docker_compose_config_validates() -> None:
@@ -154,6 +151,9 @@ def test_train_profile_runs_sft_then_vstar_rl_into_the_volume(compose: dict[str,
     script = " ".join(train["command"])
     sft, rl = script.index("vstar sft"), script.index("vstar rl")
     assert sft < rl and "--algo vstar" in script[rl:] and "&&" in script[sft:rl]
+    # the README's recipe (SFT on train alone, RL on valid), and a rerun replaces the volume's checkpoints
+    assert "--train-splits train --no-refit" in script[sft:rl] and "--train-splits valid --holdout 0" in script[rl:]
+    assert "--force" in script[sft:rl] and "--force" in script[rl:]
     assert (
         "--out /checkpoints/sft" in script and "--init /checkpoints/sft" in script and "--out /checkpoints/rl" in script
     )
@@ -168,6 +168,11 @@ def test_loadtest_profile_runs_locust_against_the_balancer_on_loopback(compose: 
     assert lt["profiles"] == ["loadtest"]
     assert lt["network_mode"] == "service:lb" and lt["depends_on"]["lb"]["condition"] == "service_healthy"
     assert lt["entrypoint"] == ["vstar", "loadtest"] and "--host=http://127.0.0.1:80" in lt["command"]
+    # the cap the api applies by default, given so the plot draws it
+    api_cap = compose["services"]["api"]["environment"]["VSTAR_VED_DEFAULT_LATENCY_MS"]
+    assert f"--latency-ms=${{VSTAR_LT_LATENCY_MS:-{api_cap}}}" in lt["command"]
+    # the api's response cache can be turned off from the host while the decoders are compared
+    assert compose["services"]["api"]["environment"]["VSTAR_CACHE_TTL_S"] == "${VSTAR_CACHE_TTL_S:-300}"
 
 
 def test_only_profiled_services_start_by_default(compose: dict[str, Any]) -> None:
@@ -179,15 +184,23 @@ def stages(text: str) -> list[str]:
     return re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, flags=re.MULTILINE | re.IGNORECASE)
 
 
-@pytest.mark.parametrize("name", sorted(DOCKERFILES))
-def test_dockerfile_layers_nonroot_healthcheck(name: str) -> None:
-    text = DOCKERFILES[name].read_text()
-    assert {"builder", "runtime"} <= set(stages(text)), "multi-stage: a builder and a runtime stage"
-    runtime = text[text.index("AS runtime") :]
+def stage(text: str, name: str) -> str:
+    """The lines of the Dockerfile stage ``name``, up to the next ``FROM``."""
+    start = re.search(rf"^FROM\s+\S+\s+AS\s+{name}$", text, flags=re.MULTILINE | re.IGNORECASE)
+    assert start, f"no stage {name}"
+    end = re.search(r"^FROM\s", text[start.end() :], flags=re.MULTILINE)
+    return text[start.start() : start.end() + (end.start() if end else len(text))]
+
+
+def test_dockerfile_layers_nonroot() -> None:
+    text = DOCKERFILE.read_text()
+    assert {"builder", "runtime", "service", "train"} <= set(stages(text)), "builder, runtime and both targets"
+    runtime = stage(text, "runtime")
     assert "COPY --from=builder /opt/venv /opt/venv" in runtime and "COPY . " not in runtime
     user = re.findall(r"^USER\s+(\S+)", runtime, flags=re.MULTILINE)
     assert user and user[-1] not in ("root", "0"), "the runtime stage runs as a non-root user"
-    assert re.search(r"^HEALTHCHECK\s", runtime, flags=re.MULTILINE)
+    assert all(re.search(rf"^FROM runtime AS {t}$", text, flags=re.MULTILINE) for t in ("service", "train"))
+    assert not re.search(r"^USER\s", stage(text, "service") + stage(text, "train"), flags=re.MULTILINE)
     # dependencies are installed from pyproject.toml before the code is copied in
     deps, code = text.index("COPY pyproject.toml"), text.index("COPY . /src")
     assert deps < text.index("pip install -r /tmp/requirements.txt") < code
@@ -198,8 +211,18 @@ def test_dockerfile_layers_nonroot_healthcheck(name: str) -> None:
     assert 'VOLUME ["/checkpoints"]' in runtime
 
 
+def test_service_target_probes_health_and_train_target_runs_vstar() -> None:
+    text = DOCKERFILE.read_text()
+    service, train = stage(text, "service"), stage(text, "train")
+    assert re.search(r"^HEALTHCHECK\s.*\\$", service, flags=re.MULTILINE) and "/healthz" in service
+    assert "exec vstar serve" in service and "EXPOSE 8000" in service
+    assert re.search(r"^HEALTHCHECK NONE$", train, flags=re.MULTILINE), "a batch job has nothing to probe"
+    assert 'ENTRYPOINT ["vstar"]' in train
+    assert text.rstrip().endswith(service.rstrip()), "service last: a build without --target gives the service"
+
+
 def test_service_image_cuda_by_default_cpu_by_build_arg() -> None:
-    text = DOCKERFILES["service"].read_text()
+    text = DOCKERFILE.read_text()
     assert re.search(r"^ARG VARIANT=cuda$", text, flags=re.MULTILINE)
     assert "FROM os-${VARIANT} AS os" in text and {"os-cuda", "os-cpu"} <= set(stages(text))
     assert "TORCH_CPU_INDEX_URL" in text and "TORCH_CUDA_INDEX_URL" in text
@@ -216,6 +239,7 @@ class _Stub(http.server.BaseHTTPRequestHandler):
     """A replica stand-in: 200 ``{}`` to any GET or POST, keeping each request's path and headers."""
 
     seen: list[tuple[str, dict[str, str]]] = []
+    server: http.server.ThreadingHTTPServer
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.seen.append((self.path, dict(self.headers)))
@@ -235,12 +259,14 @@ class _Stub(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def nginx_in_front_of_a_stub(tmp_path: Path) -> Iterator[tuple[int, type[_Stub]]]:
     """The real nginx on docker/nginx.conf (listen port and upstream swapped for local ones) in front of a stub;
-    yields nginx's port and the stub's class, whose ``seen`` lists what reached the "replica"."""
+    yields nginx's port and the stub's class, whose ``seen`` lists what reached the "replica" and whose ``server`` is
+    the stub's server."""
     binary = shutil.which("nginx")
     if binary is None:
         pytest.skip("nginx is not installed: apt-get install -y nginx-light")
     stub = type("Stub", (_Stub,), {"seen": []})
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), stub)
+    stub.server = upstream  # a test stops it to take the "replica" away
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     port = free_port()
     conf = (REPO / "docker" / "nginx.conf").read_text()
@@ -316,3 +342,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_nginx_own_errors_have_the_services_error_shape(tmp_path: Path) -> None:
+    """What nginx answers itself (a body over its limit, no replica to take a request) is JSON in the service's
+    error shape, not nginx's HTML page."""
+    import httpx
+
+    with nginx_in_front_of_a_stub(tmp_path) as (port, stub):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", transport=httpx.HTTPTransport(retries=20)) as client:
+            too_large = client.post("/recommend", content=b"x" * (1024 * 1024 + 1), headers={"content-type": "x"})
+            assert client.get("/readyz").status_code == 200  # the stub is up
+            stub.server.shutdown()
+            stub.server.server_close()  # the port now refuses connections: a replica gone
+            refused = client.post("/recommend", json={"history": [1]})
+    assert too_large.status_code == 413 and too_large.json()["error"]["type"] == "payload_too_large"
+    assert refused.status_code == 502 and refused.headers["retry-after"] == "1"
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.json()["error"]["type"] == "no_replica"
