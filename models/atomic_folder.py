@@ -8,7 +8,8 @@ one step: the target path goes from the old folder to the new one, and the old
 one lands under the staging name, from where it is removed. Where the swap is
 refused (another kernel, or a file system without it: ``EINVAL``), the two
 renames are used, and the next write to the target closes their window: a
-target missing beside a folder set aside is first put back.
+target missing beside a folder set aside is first put back (``put_back``,
+which a reader such as ``--resume`` calls too).
 
 A write killed at any point leaves at most a staging folder (``.NAME.tmp-*``)
 or a folder set aside (``.NAME.old-*``) next to the target; the next write to
@@ -53,20 +54,39 @@ def leftovers(target: Path) -> list[Path]:
     return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefixes))
 
 
+def put_back(target: Path) -> None:
+    """Put back the newest folder set aside when ``target`` is missing: a write killed between its two renames.
+    Readers call it too (``--resume``), so the old folder is found where every reader looks."""
+    aside = [p for p in leftovers(target) if p.name.startswith(f".{target.name}.old-")]
+    if aside and not target.exists():
+        os.replace(max(aside, key=lambda p: p.stat().st_mtime), target)
+
+
 def remove_leftovers(target: Path) -> None:
     """Put back a folder set aside when the target is missing (the two-rename window), then remove the rest."""
-    found = leftovers(target)
-    aside = [p for p in found if p.name.startswith(f".{target.name}.old-")]
-    if aside and not target.exists():
-        newest = max(aside, key=lambda p: p.stat().st_mtime)
-        os.replace(newest, target)
-        found.remove(newest)
-    for path in found:
+    put_back(target)
+    for path in leftovers(target):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def usual_modes(folder: Path) -> None:
+    """Give ``folder`` and what it holds the modes this process's umask gives a new folder and file (0755 and
+    0644 under the usual 022): ``mkdtemp`` makes the staging folder 0700 and some writers (the safetensors files
+    of ``save_pretrained``) 0600, which a serving account other than the trainer could not read."""
+    probe = folder / ".mode-probe"
+    probe.touch()  # 0666 less the umask
+    file_mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    folder_mode = file_mode | (file_mode & 0o444) >> 2  # search where read is allowed
+    for path in folder.rglob("*"):
+        os.chmod(path, folder_mode if path.is_dir() else file_mode)
+    os.chmod(folder, folder_mode)
+
+
 def publish(staged: Path, target: Path) -> None:
-    """Move the complete folder ``staged`` to ``target``, replacing what is there in one step where possible."""
+    """Move the complete folder ``staged`` to ``target`` (with ``usual_modes``), replacing what is there in one
+    step where possible."""
+    usual_modes(staged)
     if not target.exists():
         os.replace(staged, target)  # a rename onto a free name is atomic
         return
@@ -77,6 +97,17 @@ def publish(staged: Path, target: Path) -> None:
     os.replace(target, aside)
     os.replace(staged, target)
     shutil.rmtree(aside)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Replace the file ``path`` with ``data`` in one step: written under a temporary name beside it, then renamed
+    onto it, so a process killed meanwhile leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:

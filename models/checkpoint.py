@@ -19,11 +19,13 @@ target is removed by the next write.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import shutil
 import uuid
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -63,6 +65,11 @@ class LoadedCheckpoint:
         f = self.path / TRAINER_STATE
         if not f.exists():
             return None
+        damaged = _failed_crc(f)
+        if damaged is not None:  # torch.load never checks the archive's CRCs: damage would load as other numbers
+            raise CheckpointError(
+                f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: its entry {damaged} fails its CRC check"
+            )
         try:  # tensors and plain data only: unpickling anything else could run code a checkpoint carries
             return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # torch.load raises whatever unpickling a damaged file raises
@@ -76,6 +83,33 @@ class LoadedCheckpoint:
             detail = str(e).split("WeightsUnpickler error:")[-1]
             reason = next((line.strip() for line in detail.splitlines() if line.strip()), type(e).__name__)
             raise CheckpointError(f"checkpoint {self.path}: {TRAINER_STATE} is corrupt: {reason}") from None
+
+
+def _failed_crc(path: Path) -> str | None:
+    """The first entry of a ``torch.save`` archive whose bytes fail the CRC the archive stores for them; None
+    when all pass, or when the file is no zip archive at all (``torch.load`` then names that damage)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+
+
+def content_digest(path: str | Path) -> str:
+    """A sha256 of what a checkpoint computes with, not of when or how it was written: its weights and extra
+    state dicts (the value head, the transition counts: every ``.safetensors`` file), its catalog and its fusion
+    weight. A checkpoint rewritten with the same (a finished run resumed stamps a new ``model_version``, and
+    a tokenizer saved after a load writes its config with other keys) keeps it."""
+    folder = Path(path)
+    digest = hashlib.sha256()
+    for f in [*sorted(folder.glob("*.safetensors")), folder / "catalog.json"]:
+        digest.update(f.name.encode() + b"\0" + f.stat().st_size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    fusion = (_read_json(folder, "manifest.json").get("fusion") or {}).get("weight")
+    digest.update(json.dumps({"fusion_weight": fusion}).encode())
+    return digest.hexdigest()
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -150,9 +184,14 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild what ``save_checkpoint`` wrote; ``CheckpointError`` naming the file for anything wrong."""
-    folder = Path(path)
+def check_files(path: str | Path) -> dict[str, Any]:
+    """The checks ``load_checkpoint`` makes before it builds the model (every file there, the manifest and
+    catalog readable, each safetensors file whole); returns the manifest. ``CheckpointError`` naming the file."""
+    return _checked(Path(path))[0]
+
+
+def _checked(folder: Path) -> tuple[dict[str, Any], SidCatalog]:
+    """``check_files``'s checks; the manifest and the catalog."""
     if not folder.is_dir():
         left = [p.name for p in leftovers(folder)]
         hint = f" (an interrupted write left {', '.join(left)} beside it)" if left else ""
@@ -175,6 +214,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             raise CheckpointError(f"checkpoint {folder}: manifest lists {f.stem} but {f.name} is missing")
     for f in sorted(folder.glob("*.safetensors")):  # model weights (one file or shards) and the extras
         _check_safetensors(f)
+    return manifest, catalog
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild what ``save_checkpoint`` wrote; ``CheckpointError`` naming the file for anything wrong."""
+    folder = Path(path)
+    manifest, catalog = _checked(folder)
+    extras = [folder / f"{name}.safetensors" for name in manifest.get("extras", [])]
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
         prompt = PromptFormat(**manifest["prompt"])

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -88,6 +90,22 @@ def test_corrupt_resume_state_is_named(vstar_checkpoint: Path, tmp_path: Path, h
     else:
         path = damaged(vstar_checkpoint, tmp_path / "ck", "trainer_state.pt", how)
     with pytest.raises(CheckpointError, match=r"trainer_state.pt is corrupt: [^\n]+$"):
+        load_checkpoint(path).trainer_state()
+
+
+def test_a_resume_state_damaged_inside_its_tensors_is_named(tiny_policy: Policy, tmp_path: Path) -> None:
+    """Bytes changed inside a tensor's data unpickle fine (other numbers: a resume would train on from a state
+    it never wrote); the archive's CRC of that entry fails, and the error names it."""
+    path = save_checkpoint(tmp_path / "ck", tiny_policy, {}, trainer_state={"moments": torch.zeros(4096)})
+    state_file = path / "trainer_state.pt"
+    with zipfile.ZipFile(state_file) as archive:
+        entry = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(state_file.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_len + extra_len  # where the local header ends and the data begins
+    data[start + 100 : start + 116] = b"\x7f" * 16  # 4 float32s inside the tensor turned to about 3.4e38
+    state_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"trainer_state.pt is corrupt: its entry {entry.filename} fails"):
         load_checkpoint(path).trainer_state()
 
 

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from models.checkpoint import save_checkpoint
 from models.policy import Policy
 from tests.conftest import make_catalog, write_random_dataset
+from training.cli.options import check_run_outputs
 from training.data.dataset import parse_splits
 from training.rl.trainer import RLConfig
 from vstar import app, raised_by_project
@@ -395,14 +396,24 @@ def test_a_fresh_run_onto_an_earlier_ones_files_is_refused_before_any_work(tiny_
         (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "s")], "s.steps.jsonl exists, from an"),
         (["sft", "--data", d, "--out", str(tmp_path / "t"), *tiny], "t.tb exists, from an earlier run"),
         (["sft", "--data", d, "--out", str(tmp_path / "ck"), "--resume", "--force", *tiny], "give one of them"),
+        # killed before its first saved state: --resume has nothing to continue, so it is not offered
+        (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "t"), "--resume"], "t.tb is left by a run"),
     ]
     for args, message in mistakes:
         proc = subprocess.run(
             [sys.executable, "-c", WITHOUT_TORCH, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
         )
         assert_one_line_error(proc.returncode, proc.stderr, message)
-        if "--force" not in args:
+        if "--force" in args:
+            continue
+        if "--resume" in args:
+            assert (
+                "nothing to continue" in proc.stderr and "saved no state to resume: --force starts again" in proc.stderr
+            )
+        elif args[args.index("--out") + 1].endswith(("/r", "/h")):  # a state to continue
             assert "--resume continues it, --force replaces it" in proc.stderr
+        else:
+            assert "it saved no state to resume: --force replaces it" in proc.stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
@@ -477,3 +488,15 @@ def test_rl_groups_smaller_than_the_catalog(sids: int, given: int, message: str)
         require_candidates(given, data)
     if sids > 2:
         require_candidates(sids - 1, data)  # one fewer: accepted
+
+
+def test_resume_finds_a_state_a_killed_save_set_aside(tmp_path: Path) -> None:
+    """Where the file system cannot swap folders, a save killed between its two renames leaves <out>.resume set
+    aside under a hidden name: --resume puts it back instead of saying there is nothing to continue (and --force,
+    the next thing a user would try, would have deleted it)."""
+    out = tmp_path / "rl"
+    aside = tmp_path / ".rl.resume.old-1234abcd"
+    aside.mkdir()
+    (aside / "manifest.json").write_text("{}")
+    check_run_outputs(out, None, None, [], resume=True, force=False)
+    assert (tmp_path / "rl.resume" / "manifest.json").is_file() and not aside.exists()

@@ -12,7 +12,8 @@
 * ``load_resume``: the ``<out>.resume`` folder of an interrupted run, refused
   when it was written by another configuration (its ``identity``) or trained
   on other data; the error names the settings that differ (``differences``).
-  The folders' names are ``training.run_files``'.
+  The folders' names are ``training.run_files``'. ``require_kept``: the model
+  a resumed run kept at ``out`` must be there and whole before it trains on.
 * ``Checkpointer``: one validation: score the selection rows (HR@10, ties
   NDCG@10, by beam search), keep the best model at ``out`` and the latest
   state at ``<out>.resume``; rank 0 writes, all ranks wait. With no selection
@@ -32,7 +33,14 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from models.checkpoint import TRAINER_STATE, LoadedCheckpoint, load_checkpoint, save_checkpoint
+from models.checkpoint import (
+    TRAINER_STATE,
+    CheckpointError,
+    LoadedCheckpoint,
+    check_files,
+    load_checkpoint,
+    save_checkpoint,
+)
 from models.policy import Policy
 from training.data.dataset import RecDataset, Sample
 from training.distributed import Shard, barrier, is_main, shard
@@ -51,6 +59,25 @@ class TrainState:
     batch_in_epoch: int = 0
     best: tuple[float, float] = (-1.0, -1.0)
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def kept_a_model(self) -> bool:
+        """Whether a validation of this run (before an interruption too) wrote the kept model at ``out``: a best
+        score, or a validation with nothing held out (a refit's, which keeps the latest model, unscored)."""
+        return self.best[0] >= 0 or any("HR@10" not in h for h in self.history)
+
+
+def require_kept(out: Path, state: TrainState) -> None:
+    """At ``--resume``: the model the run kept at ``out`` is there and whole, when it kept one, before any step
+    trains (the run reads it back at its end, and a later validation may never beat it to write it again)."""
+    if not state.kept_a_model():
+        return
+    try:
+        check_files(out)
+    except CheckpointError as e:
+        raise ValueError(
+            f"--resume: the model this run kept is not whole ({e}); the run would train on and fail at its end: "
+            "put the folder back, or start again with --force"
+        ) from None
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -83,11 +110,13 @@ class NonFinite(ValueError):
 @dataclass(frozen=True)
 class Diverged:
     """How a run that diverged stops: the step figures that must stay finite (``keys``), the learning rates to
-    lower (``lrs``, e.g. "--lr than 0.002"), and the run's ``out``, which may hold an earlier validation's model."""
+    lower (``lrs``, e.g. "--lr than 0.002"), and the run's ``out`` with its ``state``: ``out`` holds the model
+    an earlier validation of this run kept, if one did (else an earlier run's, or nothing)."""
 
     keys: Sequence[str]
     lrs: str
     out: Path
+    state: TrainState
 
     def check(self, stats: dict[str, float]) -> None:
         bad = [f"{k} {stats[k]}" for k in self.keys if k in stats and not math.isfinite(stats[k])]
@@ -95,7 +124,7 @@ class Diverged:
             raise NonFinite(", ".join(bad))
 
     def fail(self, step: int, what: str) -> NoReturn:
-        kept = (self.out / "manifest.json").is_file()
+        kept = self.state.kept_a_model()
         raise ValueError(
             f"training diverged at step {step} ({what}): start again with a lower {self.lrs} and --force "
             "(--resume would go on at the lr that diverged)"

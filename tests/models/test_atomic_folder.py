@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models import atomic_folder
-from models.atomic_folder import leftovers, publish, remove_leftovers, staging_folder
+from models.atomic_folder import leftovers, publish, put_back, remove_leftovers, staging_folder, write_file
 
 
 def folder(path: Path, text: str) -> Path:
@@ -71,3 +71,49 @@ def test_a_file_at_the_target_is_refused_and_kept(tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError, match="notes.txt"):
         staging_folder(target)
     assert target.read_text() == "mine" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_a_reader_puts_back_the_folder_set_aside_and_leaves_the_rest(tmp_path: Path) -> None:
+    """``--resume`` reads where the two-rename window may have left nothing: it puts the old folder back (and
+    only that: a staging folder is the next write's to clear); with the target there, nothing moves."""
+    aside = folder(tmp_path / ".ck.resume.old-killed", "state")
+    staged = folder(tmp_path / ".ck.resume.tmp-killed", "half")
+    put_back(tmp_path / "ck.resume")
+    assert (tmp_path / "ck.resume" / "file").read_text() == "state" and not aside.exists() and staged.exists()
+    again = folder(tmp_path / ".ck.resume.old-later", "older")
+    put_back(tmp_path / "ck.resume")
+    assert (tmp_path / "ck.resume" / "file").read_text() == "state" and again.exists()
+
+
+def test_write_file_replaces_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "run.steps.jsonl"
+    target.write_text("step 1\nstep 2\n")
+    write_file(target, b"step 1\n")
+    assert target.read_text() == "step 1\n"
+
+    def killed(self: Path, data: bytes) -> int:  # the write dies half way
+        with open(self, "wb") as f:
+            f.write(data[:3])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_file(target, b"step 1\nstep 2\nstep 3\n")
+    monkeypatch.undo()
+    assert target.read_text() == "step 1\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_published_folder_has_the_umasks_modes(tmp_path: Path) -> None:
+    """Not mkdtemp's 0700, nor a writer's 0600 (save_pretrained's safetensors): another account may serve it."""
+    old = os.umask(0o027)
+    try:
+        target = tmp_path / "ck"
+        staged = staging_folder(target)
+        (staged / "weights").write_bytes(b"w")
+        os.chmod(staged / "weights", 0o600)
+        (staged / "sub").mkdir(mode=0o700)
+        publish(staged, target)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [target, *target.iterdir()]}
+    assert modes == {"ck": 0o750, "weights": 0o640, "sub": 0o750}

@@ -361,25 +361,73 @@ def test_a_diverged_rl_run_stops_with_its_step_and_what_to_do(
     assert {p: p.read_bytes() for p in init_ckpt.rglob("*") if p.is_file()} == before
 
 
+def test_a_diverged_run_over_an_earlier_runs_model_does_not_claim_it(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path
+) -> None:
+    """A run (--force) onto an earlier run's checkpoint that diverges before its first validation kept nothing:
+    the model at --out is the earlier run's, and the error must not call it this run's."""
+    out = tmp_path / "rl"
+    shutil.copytree(init_ckpt, out)
+    config = RLConfig(algo="grpo", max_steps=8, batch_size=4, eval_every=10, eval_limit=8, lr=1e30)
+    with pytest.raises(ValueError, match=r"^training diverged at step \d+ .*diverged\)$"):
+        train_rl(tiny_dataset, init_ckpt, out, config, progress=False)
+
+
+def test_a_resume_whose_kept_model_is_gone_stops_before_it_trains(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kept model at --out is read back at the run's end, and a later validation that does not beat it never
+    writes it again: without it a resumed run would train to its end and then fail, every resume after alike."""
+    out = tmp_path / "rl"
+    config = RLConfig(algo="grpo", max_steps=4, batch_size=4, eval_every=1, eval_limit=8, fusion_weight=0)
+    interrupt_at_step(3, monkeypatch, lambda: train_rl(tiny_dataset, init_ckpt, out, config, progress=False))
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "model.safetensors").write_bytes(b"cut")
+    monkeypatch.setattr(RLTrainer, "step", lambda *a, **k: pytest.fail("a step trained"))
+    with pytest.raises(ValueError, match=r"^--resume: the model this run kept is not whole \(checkpoint .*rl: "
+                       r"model.safetensors is corrupt.*\); the run would train on"):  # fmt: skip
+        train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
+    shutil.rmtree(out)
+    with pytest.raises(ValueError, match=r"^--resume: the model this run kept is not whole \(checkpoint .*rl does "):
+        train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
+    out.mkdir()
+    for path, data in kept.items():
+        path.write_bytes(data)
+    monkeypatch.undo()
+    assert train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)["steps"] == 4
+
+
 def test_a_resume_whose_init_was_replaced_is_refused(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same --init path holding another checkpoint (its model version) would change the reference model
-    mid-run; a state written before the version was kept resumes as before."""
+    """The --init path holding other weights would change the reference model mid-run: refused. The same
+    weights, counts and fusion weight written again (a finished SFT run resumed stamps a new model version), or
+    named by another path, are the same init. A state written before the version was kept compares the path."""
     init, out = tmp_path / "init", tmp_path / "rl"
     shutil.copytree(init_ckpt, init)
     config = RLConfig(algo="grpo", max_steps=3, batch_size=4, eval_every=1, eval_limit=8, fusion_weight=0)
     interrupt_at_step(3, monkeypatch, lambda: train_rl(tiny_dataset, init, out, config, progress=False))
     was = load_checkpoint(init)
     manifest = {k: v for k, v in was.manifest.items() if k != "model_version"}
-    save_checkpoint(init, was.policy, manifest, was.extras)  # the same weights saved again (an SFT rerun)
-    with pytest.raises(ValueError, match=r"--init checkpoint .*init was replaced since the run began"):
+    other = load_checkpoint(init)
+    with torch.no_grad():
+        next(other.policy.model.parameters()).add_(0.01)
+    save_checkpoint(init, other.policy, manifest, other.extras)  # another model at the same path
+    with pytest.raises(ValueError, match=r"--init checkpoint .*init is not the one the run began from .*other weights"):
         train_rl(tiny_dataset, init, out, config, resume=True, progress=False)
+    save_checkpoint(init, was.policy, manifest, was.extras)  # the same weights saved again: a new model version
+    assert load_checkpoint(init).model_version != was.model_version
+    elsewhere = tmp_path / "moved" / "init"
+    shutil.copytree(init, elsewhere)  # and named by another path
+    assert train_rl(tiny_dataset, elsewhere, out, config, resume=True, progress=False)["steps"] == 3
     state_file = tmp_path / "rl.resume" / "trainer_state.pt"
     state = torch.load(state_file, weights_only=True)
-    del state["init_version"]
+    del state["init_version"], state["init_digest"]  # a state from before either was kept: the path decides
     torch.save(state, state_file)
-    assert train_rl(tiny_dataset, init, out, config, resume=True, progress=False)["steps"] == 3
+    began = Path(state["init"])  # the path of the last state written: the resume's own if it validated
+    with pytest.raises(ValueError, match=r"--resume: the run began from another --init \(init \("):
+        train_rl(tiny_dataset, init if began == elsewhere else elsewhere, out, config, resume=True, progress=False)
+    assert train_rl(tiny_dataset, began, out, config, resume=True, progress=False)["steps"] == 3
 
 
 def test_resume_drops_a_cut_short_last_step_line_and_names_a_malformed_one(

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
+from models.atomic_folder import put_back
 from models.output_path import output_file_problem, output_folder_problem, parents_problem
 from training.run_files import earlier_run, replaced_folders, side_files
 
@@ -110,12 +111,26 @@ def check_run_outputs(
         problem = None if path is None else overlap_problem(path, taken, out, data)
         if problem is not None:
             raise typer.BadParameter(problem, param_hint=option)
-    if resume and earlier_run(out) is None:  # before the data loads and its warnings print
-        raise typer.BadParameter(f"no interrupted run at {out}: nothing to continue", param_hint="--resume")
+    if resume:  # a save killed between its two renames set the folder aside: where --resume looks again
+        for folder in replaced_folders(out):
+            put_back(folder)
+    # a state to continue: <out>.resume, or a refit's held-out run (the refit may not have saved one yet)
+    resumable = any(folder.exists() for folder in replaced_folders(out)[1:])
+    if resume and not resumable:  # before the data loads and its warnings print
+        found = earlier_run(out)
+        why = (
+            "" if found is None else f" ({found} is left by a run that saved no state to resume: --force starts again)"
+        )
+        raise typer.BadParameter(f"no interrupted run at {out}: nothing to continue{why}", param_hint="--resume")
     found = None if resume or force else earlier_run(out)
     if found is not None:
         what = f"{out} holds an earlier run's checkpoint" if found == out else f"{found} exists, from an earlier run"
-        raise typer.BadParameter(f"{what}: --resume continues it, --force replaces it", param_hint="--out")
+        how = (
+            "--resume continues it, --force replaces it"
+            if resumable
+            else "it saved no state to resume: --force replaces it"
+        )
+        raise typer.BadParameter(f"{what}: {how}", param_hint="--out")
 
 
 def overlap_problem(path: Path, taken: Sequence[Path], out: Path, data: Sequence[Path | None]) -> str | None:

@@ -38,7 +38,6 @@ import hashlib
 import html
 import io
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from models.atomic_folder import write_file
 from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
 from training.data.dataset import DataError, read_json_object
 
@@ -271,16 +271,6 @@ def embed_texts(encoder: TextEncoder, texts: list[str], batch_size: int, progres
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside ``path``, then rename it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write ``data_dir/item_emb.npy`` (row i = item id i) and ``item_emb.json``; returns the report.
     The data and the old file are checked before torch loads."""
@@ -312,6 +302,6 @@ def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progre
     }
     buffer = io.BytesIO()
     np.save(buffer, embeddings)
-    _write_atomic(out, buffer.getvalue())
-    _write_atomic(data_dir / "item_emb.json", (json.dumps(record, indent=2) + "\n").encode())
+    write_file(out, buffer.getvalue())
+    write_file(data_dir / "item_emb.json", (json.dumps(record, indent=2) + "\n").encode())
     return record | {"out": str(out), "seconds": round(seconds, 3)}

@@ -66,7 +66,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint
+from models.atomic_folder import write_file
+from models.checkpoint import content_digest, load_checkpoint
 from models.transition import ShallowFusion, TransitionCounts
 from models.value_head import ValueHead, load_value_head, value_head_for, value_head_manifest
 from models.ved_config import resolve_budget
@@ -82,7 +83,18 @@ from training.data.dataset import (
 )
 from training.distributed import Shard, is_main, require_global_batch, shard, weighted_mean
 from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
-from training.loop import Checkpointer, Diverged, Schedule, TrainState, epoch_batches, load_resume, run_steps
+from training.loop import (
+    RESTART,
+    Checkpointer,
+    Diverged,
+    Schedule,
+    TrainState,
+    differences,
+    epoch_batches,
+    load_resume,
+    require_kept,
+    run_steps,
+)
 from training.optim import seed_everything
 from training.rl.rewards import resolve_level_weights
 from training.rl.trainer import RLConfig, RLTrainer
@@ -273,6 +285,26 @@ def warn_fitted_rows(init: str | Path, fitted: int, rows: int) -> None:
     )  # fmt: skip
 
 
+def require_same_init(trainer_state: dict[str, Any], init: str | Path, version: str, digest: str) -> None:
+    """At ``--resume``: ``--init`` (model ``version``, content ``digest``) is the checkpoint the run began from,
+    whatever path names it now: the same write (its version), or a rewrite of the same weights, counts and fusion
+    weight (a finished SFT run resumed rewrites it under a new version). States written before the digest was
+    kept are matched by version, those before the version by the path as given."""
+    was_version, was_digest = trainer_state.get("init_version"), trainer_state.get("init_digest")
+    if was_version is None:
+        changed = differences(trainer_state.get("init"), str(init), "init")
+        if changed:
+            raise ValueError(f"--resume: the run began from another --init ({changed[0]}){RESTART}")
+        return
+    if was_version == version or was_digest == digest:
+        return
+    raise ValueError(
+        f"--resume: the --init checkpoint {init} is not the one the run began from (model version {was_version} "
+        f"then, {version} now{', and other weights, counts or fusion weight' if was_digest else ''}), so the "
+        "reference model and the counts would change mid-run: put the original back, or start again with --force"
+    )
+
+
 def train_rl(
     data: RecDataset,
     init: str | Path,
@@ -306,19 +338,13 @@ def train_rl(
         warn_fitted_rows(init, fitted, len(train_rows))
     reference_ckpt = load_checkpoint(init, device)
     reference, reference_version = reference_ckpt.policy, reference_ckpt.model_version
+    init_digest = content_digest(init)
     trainer_state = None
     if resume:
-        identity = {"config": asdict(config), "init": str(init)}
         start_ckpt, trainer_state = load_resume(
-            resume_folder(out), device, identity, data, "a different configuration or --init", wanted="rl"
+            resume_folder(out), device, {"config": asdict(config)}, data, "a different configuration", wanted="rl"
         )
-        was = trainer_state.get("init_version")  # states written before it was kept have none
-        if was is not None and was != reference_version:
-            raise ValueError(
-                f"--resume: the --init checkpoint {init} was replaced since the run began (model version {was} "
-                f"then, {reference_version} now), so the reference model and the counts would change mid-run: "
-                "put the original back, or start again with --force"
-            )
+        require_same_init(trainer_state, init, reference_version, init_digest)
     policy = start_ckpt.policy
     value_head: ValueHead | None = None
     if config.use_value:
@@ -332,10 +358,12 @@ def train_rl(
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state["trainer"])
         state = TrainState(**trainer_state["state"])
+        require_kept(out, state)
         torch.set_rng_state(trainer_state["torch_rng"])
         if is_main():
             kept = [line for line, step in step_records(steps_file) if step <= state.step]
-            steps_file.write_text("".join(line + "\n" for line in kept))
+            # in one step: a resume killed mid-write must not leave the steps before it lost
+            write_file(steps_file, "".join(line + "\n" for line in kept).encode())
     elif is_main():  # a fresh run, its checks passed: nothing of an earlier run at ``out`` mixes in
         clear_side_files(out)
     curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
@@ -381,6 +409,7 @@ def train_rl(
             "config": asdict(config),
             "init": str(init),
             "init_version": reference_version,
+            "init_digest": init_digest,
             "trainer": trainer.state_dict(),
             "state": asdict(state),
             "torch_rng": torch.get_rng_state(),
@@ -419,7 +448,7 @@ def train_rl(
     losses = ("grpo_loss", "sibling_loss", "kl") + (("value_loss",) if value_head is not None else ())
     lrs = f"--lr than {config.lr:g}" + (f" (or --value-lr than {config.value_lr:g})" if value_head is not None else "")
     run_steps(state, Schedule(lengths, config.batch_size, config.seed, total_steps, config.eval_every),
-              train_step, report, validate, Diverged(losses, lrs, out))  # fmt: skip
+              train_step, report, validate, Diverged(losses, lrs, out, state))  # fmt: skip
     bar.close()
     curves.close()
     init_score = next(((h["HR@10"], h["NDCG@10"]) for h in state.history if h["step"] == 0 and "HR@10" in h), None)

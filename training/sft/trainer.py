@@ -90,6 +90,7 @@ from training.loop import (
     TrainState,
     differences,
     load_resume,
+    require_kept,
     require_same_data,
     run_steps,
 )
@@ -238,6 +239,7 @@ def _train_sft(
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         state = TrainState(**trainer_state["train_state"])
+        require_kept(out, state)
         restore_rng_state(trainer_state, policy.device)  # the GPU's generator too: dropout draws there
     ema = WeightAverage(model, config.ema) if config.ema > 0 else None
     if ema is not None and trainer_state is not None:
@@ -312,7 +314,7 @@ def _train_sft(
     model.train()
     schedule = Schedule([len(p) + len(t) for p, t in encoded], config.batch_size, config.seed, total_steps,
                         config.eval_every or steps_per_epoch)  # fmt: skip
-    diverged = Diverged(("train/loss",), f"--lr than {config.lr:g}", out)
+    diverged = Diverged(("train/loss",), f"--lr than {config.lr:g}", out, state)
     run_steps(state, schedule, train_step, report, validate, diverged)
     bar.close()
     if last_validated != state.step:
