@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +104,13 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def shared_dataset(shared_data_dir: Path) -> RecDataset:
     return load_dataset(shared_data_dir)
+
+
+def next_second() -> None:
+    """Wait for the clock's next second. Event files are read in name order: the second the writer opened,
+    host, pid, then a per-process writer count that sorts as text ("10" before "9"). A real resume is a later
+    process; in one process within one second, the resumed run's file could sort first, depending on how many
+    writers earlier tests opened."""
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.05)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 
 from models.checkpoint import save_checkpoint
 from models.policy import Policy
+from tests.conftest import next_second
 from training.data.dataset import RecDataset
 from training.evaluation.curve_plot import event_folder, plot_runs, read_curves, smooth
 from training.rl.run import train_rl
@@ -36,16 +36,6 @@ def interrupt_at_step(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", crashing)
-
-
-def next_second() -> None:
-    """Wait for the clock's next second. Event files are read in name order: the second the writer opened,
-    host, pid, then a per-process writer count that sorts as text ("10" before "9"). A real resume is a later
-    process; in one process within one second, the resumed run's file could sort first, depending on how many
-    writers earlier tests opened."""
-    start = int(time.time())
-    while int(time.time()) == start:
-        time.sleep(0.05)
 
 
 def test_sft_curves_survive_a_resume_without_doubling(

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import training.sft.trainer as sft_module
 from models.checkpoint import load_checkpoint
 from models.policy import Policy
+from tests.conftest import next_second
 from training.data.dataset import Sample, load_dataset, split_for_training
 from training.optim import autocast_dtype, restore_rng_state, rng_state
 from training.sft.batches import collate, crop_histories, encode_sample
@@ -640,6 +641,7 @@ def test_a_run_that_starts_over_under_resume_purges_its_own_earlier_curves(
         out, tb = tmp_path / name, tmp_path / f"{name}.tb"
         run = functools.partial(train_sft, tiny_dataset, out, config, progress=False, tensorboard=tb)
         interrupt_at_step(crash, monkeypatch, run)
+        next_second()  # a real resume is a later process: its event file sorts after the interrupted one's
         run(resume=True)
         assert (curves(tb), curves(tmp_path / f"{name}.tb-heldout")) == full, name
 
