@@ -65,6 +65,9 @@ def preset_config(name: str) -> PresetConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")  # the class names transformers gives causal LMs (GPT2LMHeadModel)
+
+
 class Policy:
     def __init__(
         self,
@@ -139,6 +142,15 @@ class Policy:
         except Exception as e:  # transformers and safetensors raise many kinds; each means "not loadable"
             problem = f"cannot load a causal LM and its tokenizer ({first_line(e)})"
             raise ValueError(f"base model {path}: {problem}") from None
+        trained_as = list(getattr(model.config, "architectures", None) or [])
+        decoder = bool(getattr(model.config, "is_decoder", False))  # a BERT configured as a decoder is causal
+        if trained_as and not decoder and not any(a.endswith(CAUSAL_HEADS) for a in trained_as):
+            # transformers loads a BERT as BertLMHeadModel with a fresh head, attending to later tokens too
+            raise ValueError(
+                f"base model {path}: it was saved as {', '.join(trained_as)}, not a causal LM: an encoder attends "
+                "to the tokens after each position, so next-SID training would see the answer; give a decoder-only "
+                "LM (a *ForCausalLM, e.g. Qwen2.5)"
+            )
         table = model.get_input_embeddings().weight
         assert isinstance(table, torch.Tensor)
         rows, words = table.shape[0], tokenizer.vocab_size  # the vocabulary itself, without added tokens

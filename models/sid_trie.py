@@ -26,6 +26,8 @@ import torch
 
 from models.sid_catalog import SidCatalog, token_code
 
+MAX_CODES = 65_536  # the largest code of any level, plus one: the width of every table below
+
 
 class SidTrie:
     def __init__(self, catalog: SidCatalog, token_to_id: Callable[[str], int]) -> None:
@@ -33,6 +35,13 @@ class SidTrie:
         sid_codes = [tuple(token_code(t) for t in sid) for sid in catalog.sids]  # parsed once, used per level
         codes_per_level = [sorted({path[lv] for path in sid_codes}) for lv in range(self.depth)]
         self.codebook_size = max(max(c) for c in codes_per_level) + 1
+        if self.codebook_size > MAX_CODES:  # every table, and each decode step's gather of logits, is this wide
+            lv = max(range(self.depth), key=lambda level: codes_per_level[level][-1])
+            raise ValueError(
+                f"SID codes run up to {self.codebook_size - 1:,} (level {lv}, where {len(codes_per_level[lv]):,} "
+                f"codes are used): the trie and the decoders size their tables by the largest code, at most "
+                f"{MAX_CODES:,}; renumber each level's codes 0..n-1 in index.json (vstar sids writes them so)"
+            )
         level_ids = torch.full((self.depth, self.codebook_size), -1, dtype=torch.long)
         for lv, codes in enumerate(codes_per_level):
             for c in codes:

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import load_checkpoint, save_checkpoint
@@ -158,6 +167,18 @@ def test_tokenizer_longer_than_the_embeddings_is_refused(
     config.vocab_size = 8  # the tokenizer has 12 tokens: ids 8..11 would get fresh rows
     Qwen2ForCausalLM(config).save_pretrained(folder)
     with pytest.raises(ValueError, match="the tokenizer.s vocabulary has 12 tokens for an embedding table of 8 rows"):
+        Policy.from_pretrained_lm(str(folder), tiny_catalog)
+
+
+@pytest.mark.parametrize("cls", [BertModel, BertForMaskedLM])
+def test_an_encoder_is_refused(cls: type, text_lm: Path, tiny_catalog: SidCatalog, tmp_path: Path) -> None:
+    """transformers loads a BERT folder as BertLMHeadModel (a fresh head, attention to later tokens), and it
+    trained: next-SID training that sees the answer. Refused, naming what it was saved as."""
+    folder = tmp_path / "bert"
+    shutil.copytree(text_lm, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    config = BertConfig(vocab_size=12, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    cls(config).save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"it was saved as {cls.__name__}, not a causal LM: an encoder attends"):
         Policy.from_pretrained_lm(str(folder), tiny_catalog)
 
 

@@ -144,3 +144,17 @@ def test_prompt_tokenizes_every_sid_token(tiny_policy: Policy) -> None:
     sids = tiny_policy.catalog.sids[:3]
     ids = tiny_policy.prompt.encode(tiny_policy.tokenizer, sids)
     assert tiny_policy.tokenizer.convert_ids_to_tokens(ids) == [t for s in sids for t in s] + ["<sep>"]
+
+
+def test_codes_far_beyond_any_codebook_are_refused_before_tables_are_sized_by_them() -> None:
+    """The tables and each decode step's gather are as wide as the largest code: a catalog whose codes come
+    sparse from another quantizer (0, 700000, ...) took minutes and 16 GB before this line."""
+    sids = [(0, 0, 0), (0, 1, 700_000), (1, 0, 2_000_000)]
+    cat = SidCatalog({i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(s))) for i, s in enumerate(sids)})
+    tok = build_sid_tokenizer(cat.vocabulary())
+    with pytest.raises(ValueError, match=r"^SID codes run up to 2,000,000 \(level 2, where 3 codes are used\).*"
+                       r"at most 65,536; renumber each level's codes 0..n-1 in index.json"):  # fmt: skip
+        SidTrie(cat, tok.convert_tokens_to_ids)
+    top = [(0, 0, 0), (0, 1, 65_535)]  # the widest that is taken
+    cat = SidCatalog({i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(s))) for i, s in enumerate(top)})
+    assert SidTrie(cat, build_sid_tokenizer(cat.vocabulary()).convert_tokens_to_ids).codebook_size == 65_536

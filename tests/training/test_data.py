@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -122,7 +124,9 @@ def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="index.json: key '0' appears twice in one object"):  # json kept the last
         load_dataset(data)
     (data / "index.json").unlink()
-    with pytest.raises(DataError, match="index.json: file not found"):
+    with pytest.raises(
+        DataError, match="index.json: file not found: write the items' SIDs with vstar embed .* then vstar sids"
+    ):
         load_dataset(data)
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(tmp_path / "nowhere")
@@ -280,4 +284,21 @@ def test_an_empty_split_file_is_named_as_empty(tiny_data_dir: Path, tmp_path: Pa
     data = copy_data(tiny_data_dir, tmp_path / "d")
     (data / "train.csv").write_bytes(b"")
     with pytest.raises(DataError, match=r"train.csv: the file is empty; a split file starts with a header of columns"):
+        load_dataset(data)
+
+
+@pytest.mark.parametrize("item_id", [" 3", "+3", "3_0", "\u0663", "3.0"])
+def test_a_split_item_id_is_decimal_digits_as_index_keys_are(tiny_data_dir: Path, tmp_path: Path, item_id: str) -> None:
+    """int() alone read " 3", "+3", "3_0" and other scripts' digits as item ids, where index.json's keys must be
+    decimal digits: one spelling of an id, everywhere."""
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    test = data / "test.csv"
+    header, first, *rest = test.read_text().splitlines(keepends=True)
+    row = next(csv.DictReader([header, first]))
+    fields = list(row.values())
+    fields[list(row).index("item_id")] = item_id
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(fields)
+    test.write_text(header + buffer.getvalue() + "".join(rest))
+    with pytest.raises(DataError, match=rf"test.csv:2: {re.escape(repr(item_id))} is not an integer item id"):
         load_dataset(data)

@@ -40,12 +40,18 @@ def test_the_weight_with_the_best_mean_of_the_reported_metrics_wins(tiny_dataset
     assert choice["weight"] == 12.0 and choice["selection_rows"] == 30
 
 
-def test_ties_go_to_the_smaller_weight(tiny_dataset, tiny_policy: Policy) -> None:
+def test_ties_go_to_the_smaller_weight(tiny_dataset, tiny_policy: Policy, caplog: pytest.LogCaptureFixture) -> None:
     train, held = transitions_that_decide(tiny_dataset, 10)
     counts = TransitionCounts.fit((s.history, s.target) for s in train)
     ckpt = type("Ckpt", (), {"policy": tiny_policy})()
     choice = choose_weight(ckpt, counts, held, train, weights=(20.0, 12.0), beams=10)  # the smaller one last
     assert choice["grid"][0]["mean"] == choice["grid"][1]["mean"] and choice["weight"] == 12.0
+    # a grid where every weight ties chose nothing: said, with what to do (a small valid split turned fusion off)
+    assert "every fusion weight scored the same (held-out mean 1.0000) on the 10 selection rows" in caplog.text
+    assert "the smallest, 12, is kept; give --fusion-weight" in caplog.text
+    caplog.clear()
+    choose_weight(ckpt, counts, held, train, weights=(0.0, 12.0), beams=10)  # the counts decide: no warning
+    assert "scored the same" not in caplog.text
 
 
 def test_choosing_needs_held_out_rows_and_valid_weights(tiny_dataset, tiny_policy: Policy) -> None:

@@ -85,6 +85,7 @@ def test_item_texts_refuses_what_cannot_be_a_row(tmp_path: Path) -> None:
         ({"0": {"title": "a"}, "2": {"title": "b"}}, "must have ids 0..1 .* 1 is missing and the largest id is 2"),
         ({"0": {"title": "a"}, "1": {"title": "b"}, "01": {"title": "c"}}, "two keys name item 1"),
         ({"0": {"title": "a"}, "x": {"title": "b"}}, "'x' is not an integer item id"),
+        ({"0": {"title": "a"}, "\u0661": {"title": "b"}}, "'\u0661' is not an integer item id"),  # Arabic-Indic 1
         ({"0": "a title"}, "item 0: expected an object with a title, got str"),
         ({"0": {"title": "a"}, "1": {"brand": "b"}}, "item 1 has neither a title nor a description"),
         ({}, "no items"),

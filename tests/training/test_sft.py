@@ -690,3 +690,21 @@ def test_a_refit_does_not_keep_the_held_out_runs_model_alive(tiny_dataset, tmp_p
                        eval_limit=10, refit=True)  # fmt: skip
     train_sft(tiny_dataset, tmp_path / "ck", config, progress=False)
     assert alive_at_refit == [False]
+
+
+def test_max_history_is_the_prompts_window_and_the_checkpoint_keeps_it(
+    tiny_data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "ck"
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(out), "--preset", "tiny", "--max-steps", "1",
+            "--eval-limit", "4", "--max-history", "2"]  # fmt: skip
+    with caplog.at_level("INFO"):
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    policy = load_checkpoint(out).policy
+    assert policy.prompt.max_history == 2
+    rows = load_dataset(tiny_data_dir).splits["train"]
+    cut = sum(len(s.history) > 2 for s in rows)
+    assert 0 < cut and f"{cut} of {len(rows)} training rows have more than 2 history items" in caplog.text
+    refused = CliRunner().invoke(app, [*args[:-1], "0", "--force"])
+    assert refused.exit_code == 2 and "--max-history" in refused.output

@@ -141,7 +141,14 @@ def test_every_item_gets_a_sid_of_the_right_depth(n: int, dim: int, c: int, leve
 
 
 def test_auto_codebook_size() -> None:
-    assert [auto_codebook_size(n) for n in (1, 16, 17, 600, 3686, 10**9)] == [4, 4, 8, 32, 64, 256]
+    assert [auto_codebook_size(n) for n in (1, 16, 17, 600, 3686, 10**7)] == [4, 4, 8, 32, 64, 256]
+    # one level needs a code per item (the default used to be refused there: "use --codebook-size >= 825")
+    assert [auto_codebook_size(n, levels) for n, levels in ((825, 1), (825, 2), (10**9, 3), (10**9, 2))] == [
+        1024,
+        32,
+        1024,
+        32768,
+    ]
 
 
 @pytest.mark.parametrize(

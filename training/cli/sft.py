@@ -140,6 +140,14 @@ def register_sft(app: typer.Typer) -> None:
             bool | None,
             typer.Option("--item-tokens", help="Follow each history item in the prompt by a whole-SID token."),
         ] = None,
+        max_history: Annotated[
+            int | None,
+            typer.Option(
+                "--max-history",
+                min=1,
+                help="History items in each prompt, the most recent; the served model keeps it [10, MiniOneRec's].",
+            ),
+        ] = None,
         ema: Annotated[
             float | None,
             typer.Option(
@@ -201,6 +209,7 @@ def register_sft(app: typer.Typer) -> None:
                 text_init=text_init,
                 embed_dropout=embed_dropout,
                 item_tokens=item_tokens,
+                max_history=max_history,
                 hidden_dropout=hidden_dropout,
                 precision=precision,
                 ema=ema,

@@ -28,6 +28,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -240,6 +241,11 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def _load(name: str, files: dict[str, Path], emb_path: Path | None) -> RecDataset:
+    if not files["index"].exists() and files["item"].exists():  # a catalog of items with no SIDs written yet
+        raise DataError(
+            f"{files['index']}: file not found: write the items' SIDs with vstar embed (item_emb.npy from their "
+            "text, if the folder has none), then vstar sids"
+        )
     index = read_json_object(files["index"])
     meta = read_json_object(files["item"])
     for key, sid in index.items():
@@ -297,11 +303,11 @@ def read_embeddings(path: Path, items: int | None = None, counted_in: str = "the
 
 
 def parse_item_id(value: str, path: Path, line: int) -> int:
-    """An item id of a data file, or a DataError naming the file and the line."""
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise DataError(f"{path}:{line}: {value!r} is not an integer item id") from None
+    """An item id of a data file (decimal digits, as index.json's keys), or a DataError naming the file and the
+    line: ``int`` alone also reads " 44 ", "+44", "4_4" and other scripts' digits ("٤٤")."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]+", value):
+        raise DataError(f"{path}:{line}: {value!r} is not an integer item id (decimal digits)")
+    return int(value)
 
 
 def parse_list_literal(value: str, column: str, path: Path, line: int) -> list[Any]:

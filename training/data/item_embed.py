@@ -48,7 +48,7 @@ import numpy as np
 
 from models.atomic_folder import write_file
 from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
-from training.data.dataset import DataError, read_json_object
+from training.data.dataset import DataError, parse_item_id, read_json_object
 
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last")
@@ -135,10 +135,7 @@ def item_texts(path: Path) -> list[str]:
         raise DataError(f"{path}: no items")
     texts: dict[int, str] = {}
     for key, entry in meta.items():
-        try:
-            item = int(key)
-        except ValueError:
-            raise DataError(f"{path}: key {key!r} is not an integer item id") from None
+        item = parse_item_id(key, path, 1)  # decimal digits, as index.json's keys
         if item in texts:
             raise DataError(f"{path}: two keys name item {item} (e.g. '1' and '01'): each item id once")
         if not isinstance(entry, dict):

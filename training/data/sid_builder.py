@@ -60,7 +60,7 @@ MAX_AUTO_CODEBOOK = 256
 
 @dataclass(frozen=True)
 class SidBuildConfig:
-    codebook_size: int | None = None  # codes per level; None: auto_codebook_size(N)
+    codebook_size: int | None = None  # codes per level; None: auto_codebook_size(N, levels)
     levels: int = 3
     iters: int = 20  # Lloyd iterations per level (stops early once assignments are stable)
     seed: int = 0
@@ -85,10 +85,13 @@ class SidBuild:
         return {str(i): [level_token(lv, int(c)) for lv, c in enumerate(row)] for i, row in enumerate(self.codes)}
 
 
-def auto_codebook_size(num_items: int) -> int:
-    """Smallest power of two ``C`` with ``C * C >= num_items``, clamped to 4..256."""
+def auto_codebook_size(num_items: int, levels: int = 3) -> int:
+    """Smallest power of two ``C`` with ``C * C >= num_items``, clamped to 4..256; then doubled until ``levels``
+    levels of it name every item (``C ** levels >= num_items``: one level needs a code per item)."""
     size = 4
     while size * size < num_items and size < MAX_AUTO_CODEBOOK:
+        size *= 2
+    while size**levels < num_items:
         size *= 2
     return size
 
@@ -264,7 +267,7 @@ def build_sids(embeddings: np.ndarray, config: SidBuildConfig, progress: bool = 
     if not np.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or infinite values")
     n = embeddings.shape[0]
-    k = config.codebook_size or auto_codebook_size(n)
+    k = config.codebook_size or auto_codebook_size(n, config.levels)
     if k**config.levels < n:
         raise ValueError(
             f"codebook too small: {k}^{config.levels} = {k**config.levels} SIDs for {n} items; "

@@ -60,7 +60,7 @@ class SFTConfig:
     eval_limit: int = 1000  # validation rows decoded (the first N)
     eval_beams: int = 10
     seed: int = 0
-    max_history: int = 10
+    max_history: int = 10  # history items in each prompt, the most recent (MiniOneRec's 10)
     crop_prob: float = 0.0  # chance a training row's history is cut to a random recent suffix (each step)
     last_item_prob: float = 0.0  # chance a training row's history is cut to its last item alone (each step)
     text_init: bool = False  # initialise SID token embeddings from the items' text embeddings
@@ -90,6 +90,8 @@ class SFTConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if "test" in self.train_splits:
             raise ValueError("training on the test split is not allowed")
+        if self.max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {self.max_history}")
         if not 0 <= self.embed_dropout < 1:
             raise ValueError(f"embed_dropout must be in [0, 1), got {self.embed_dropout}")
         if self.fusion_weight is not None and self.fusion_weight < 0:

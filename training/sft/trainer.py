@@ -260,6 +260,12 @@ def _train_sft(
         len(select_rows),
         total_steps,
     )
+    cut = sum(len(s.history) > config.max_history for s in train_rows)
+    if cut:  # the prompt holds the most recent items only (as served): say how much history that leaves out
+        log.info(
+            "%d of %d training rows have more than %d history items: their prompts hold the most recent %d "
+            "(--max-history)", cut, len(train_rows), config.max_history, config.max_history,
+        )  # fmt: skip
 
     def train_step(part: Shard) -> dict[str, float]:
         # distributed: this step's dropout masks from (seed, rank, step), so that a resumed run draws what the
