@@ -45,8 +45,8 @@ BASE_MODEL_RECIPE: dict[str, Any] = {"lr": 3e-4}
 
 @dataclass(frozen=True)
 class SFTConfig:
-    preset: str | None = "small"  # None with a base model: no preset built it (the manifest says so)
-    base_model: str | None = None  # local pretrained LM folder; in place of a preset
+    preset: str = "small"
+    base_model: str | None = None  # local pretrained LM folder; overrides preset
     epochs: int = 10
     max_steps: int | None = None  # optimizer steps in all, in place of epochs (the lr schedule spans them)
     batch_size: int = 64
@@ -78,10 +78,6 @@ class SFTConfig:
         return self.refit and self.holdout > 0 and "valid" in self.train_splits
 
     def __post_init__(self) -> None:
-        if self.base_model is not None:  # the base model replaces the preset: none is recorded as building it
-            object.__setattr__(self, "preset", None)
-        elif self.preset is None:
-            raise ValueError("a model comes from a preset or a base model: name one")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1:

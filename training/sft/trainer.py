@@ -384,7 +384,6 @@ def new_policy(data: RecDataset, config: SFTConfig, device: str) -> Policy:
         return Policy.from_pretrained_lm(config.base_model, data.catalog, config.max_history, config.item_tokens).to(
             device
         )
-    assert config.preset is not None, "a config without a base model names its preset"
     return Policy.from_preset(config.preset, data.catalog, config.seed, config.max_history, config.item_tokens).to(
         device
     )
