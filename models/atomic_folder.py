@@ -59,7 +59,10 @@ def put_back(target: Path) -> None:
     Readers call it too (``--resume``), so the old folder is found where every reader looks."""
     aside = [p for p in leftovers(target) if p.name.startswith(f".{target.name}.old-")]
     if aside and not target.exists():
-        os.replace(max(aside, key=lambda p: p.stat().st_mtime), target)
+        try:
+            os.replace(max(aside, key=lambda p: p.stat().st_mtime), target)
+        except FileNotFoundError:  # another process (a DDP rank) put it back first
+            pass
 
 
 def remove_leftovers(target: Path) -> None:
@@ -75,9 +78,9 @@ def usual_modes(folder: Path) -> None:
     of ``save_pretrained``) 0600, which a serving account other than the trainer could not read."""
     probe = folder / ".mode-probe"
     probe.touch()  # 0666 less the umask
-    file_mode = probe.stat().st_mode & 0o777
+    file_mode = probe.stat().st_mode & 0o777 | 0o600  # the owner keeps read and write, whatever the umask
     probe.unlink()
-    folder_mode = file_mode | (file_mode & 0o444) >> 2  # search where read is allowed
+    folder_mode = file_mode | (file_mode & 0o444) >> 2  # search where read is allowed (0o700 at least)
     for path in folder.rglob("*"):
         os.chmod(path, folder_mode if path.is_dir() else file_mode)
     os.chmod(folder, folder_mode)

@@ -65,7 +65,17 @@ def preset_config(name: str) -> PresetConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
-CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")  # the class names transformers gives causal LMs (GPT2LMHeadModel)
+def sees_later_tokens(model: PreTrainedModel) -> bool:
+    """Whether the first position's logits change with the token after it: a causal LM's never do. Asked of
+    the model itself, not of its class's name (a decoder saved without its head, ``Qwen2Model``, is causal; a
+    BERT saved as ``BertLMHeadModel`` without ``is_decoder`` is not)."""
+    table = model.get_input_embeddings().weight
+    assert isinstance(table, torch.Tensor)
+    last = table.shape[0] - 1
+    ids = torch.tensor([[0, 1], [0, min(2, last)]], device=model.device)
+    with torch.no_grad():
+        first = model(input_ids=ids).logits[:, 0].float()
+    return not torch.allclose(first[0], first[1], rtol=1e-4, atol=1e-5)
 
 
 class Policy:
@@ -142,14 +152,11 @@ class Policy:
         except Exception as e:  # transformers and safetensors raise many kinds; each means "not loadable"
             problem = f"cannot load a causal LM and its tokenizer ({first_line(e)})"
             raise ValueError(f"base model {path}: {problem}") from None
-        trained_as = list(getattr(model.config, "architectures", None) or [])
-        decoder = bool(getattr(model.config, "is_decoder", False))  # a BERT configured as a decoder is causal
-        if trained_as and not decoder and not any(a.endswith(CAUSAL_HEADS) for a in trained_as):
-            # transformers loads a BERT as BertLMHeadModel with a fresh head, attending to later tokens too
+        if sees_later_tokens(model):  # BERT loads as BertLMHeadModel, a fresh head on bidirectional attention
             raise ValueError(
-                f"base model {path}: it was saved as {', '.join(trained_as)}, not a causal LM: an encoder attends "
-                "to the tokens after each position, so next-SID training would see the answer; give a decoder-only "
-                "LM (a *ForCausalLM, e.g. Qwen2.5)"
+                f"base model {path}: it is no causal LM: its output at a position changes with the tokens after "
+                "it (an encoder, such as BERT), so next-SID training would see the answer; give a decoder-only LM "
+                "(e.g. Qwen2.5)"
             )
         table = model.get_input_embeddings().weight
         assert isinstance(table, torch.Tensor)

@@ -81,6 +81,9 @@ def code_text(token: str) -> str:
     return token[3:-1]
 
 
+MAX_CODES = 65_536  # the largest SID code of any level, plus one: the width of the trie's and decoders' tables
+
+
 def token_code(token: str) -> int:
     """The code of a SID token: ``token_code("<b_7>") == 7``; ``level_token`` is its inverse."""
     return int(code_text(token))

@@ -24,9 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from models.sid_catalog import SidCatalog, token_code
-
-MAX_CODES = 65_536  # the largest code of any level, plus one: the width of every table below
+from models.sid_catalog import MAX_CODES, SidCatalog, token_code
 
 
 class SidTrie:
@@ -37,10 +35,15 @@ class SidTrie:
         self.codebook_size = max(max(c) for c in codes_per_level) + 1
         if self.codebook_size > MAX_CODES:  # every table, and each decode step's gather of logits, is this wide
             lv = max(range(self.depth), key=lambda level: codes_per_level[level][-1])
+            used = len(codes_per_level[lv])
+            fix = (
+                "renumber each level's codes 0..n-1 in index.json"
+                if used <= MAX_CODES
+                else "use more SID levels of fewer codes each (vstar sids --levels)"
+            )
             raise ValueError(
-                f"SID codes run up to {self.codebook_size - 1:,} (level {lv}, where {len(codes_per_level[lv]):,} "
-                f"codes are used): the trie and the decoders size their tables by the largest code, at most "
-                f"{MAX_CODES:,}; renumber each level's codes 0..n-1 in index.json (vstar sids writes them so)"
+                f"SID codes run up to {self.codebook_size - 1:,} (level {lv}, where {used:,} codes are used): the "
+                f"trie and the decoders size their tables by the largest code, at most {MAX_CODES:,}; {fix}"
             )
         level_ids = torch.full((self.depth, self.codebook_size), -1, dtype=torch.long)
         for lv, codes in enumerate(codes_per_level):

@@ -227,6 +227,8 @@ def test_a_point_whose_event_posts_mostly_failed_names_the_key(monkeypatch: pyte
         run_point(plan(out=tmp_path), "ved", 1)
     monkeypatch.setattr(runner.subprocess, "run", fake_locust(100, events=(12, 6)))  # half: still a measurement
     assert run_point(plan(out=tmp_path), "ved", 1).events.failures == 6  # type: ignore[union-attr]
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(100, events=(4, 4)))  # too few posts to judge by
+    assert run_point(plan(out=tmp_path), "ved", 1).events.failures == 4  # type: ignore[union-attr]
 
 
 def test_the_api_key_goes_by_environment_and_stays_out_of_the_report(

@@ -15,12 +15,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    BertLMHeadModel,
     BertModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2Model,
 )
 
 from models.beam_search import BeamSearchConfig, beam_search
@@ -170,16 +172,26 @@ def test_tokenizer_longer_than_the_embeddings_is_refused(
         Policy.from_pretrained_lm(str(folder), tiny_catalog)
 
 
-@pytest.mark.parametrize("cls", [BertModel, BertForMaskedLM])
+@pytest.mark.parametrize("cls", [BertModel, BertForMaskedLM, BertLMHeadModel])
 def test_an_encoder_is_refused(cls: type, text_lm: Path, tiny_catalog: SidCatalog, tmp_path: Path) -> None:
     """transformers loads a BERT folder as BertLMHeadModel (a fresh head, attention to later tokens), and it
-    trained: next-SID training that sees the answer. Refused, naming what it was saved as."""
+    trained: next-SID training that sees the answer. Refused by what the model does, whatever its class's name
+    (BertLMHeadModel without is_decoder attends to later tokens too)."""
     folder = tmp_path / "bert"
     shutil.copytree(text_lm, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     config = BertConfig(vocab_size=12, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     cls(config).save_pretrained(folder)
-    with pytest.raises(ValueError, match=rf"it was saved as {cls.__name__}, not a causal LM: an encoder attends"):
+    with pytest.raises(ValueError, match=r"it is no causal LM: its output at a position changes with the tokens after"):
         Policy.from_pretrained_lm(str(folder), tiny_catalog)
+
+
+def test_a_decoder_saved_without_its_head_is_taken(text_lm: Path, tiny_catalog: SidCatalog, tmp_path: Path) -> None:
+    """Qwen2Model (no LM head; the embeddings tie it) is causal: taken, as its *ForCausalLM would be."""
+    folder = tmp_path / "qwen_base"
+    shutil.copytree(text_lm, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    Qwen2Model(Qwen2Config.from_pretrained(text_lm)).save_pretrained(folder)
+    policy = Policy.from_pretrained_lm(str(folder), tiny_catalog)
+    assert policy.model.config.model_type == "qwen2"
 
 
 def test_tokenizer_without_pad_or_eos_gets_a_pad_token(tiny_catalog: SidCatalog, tmp_path: Path) -> None:

@@ -125,7 +125,7 @@ def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
         load_dataset(data)
     (data / "index.json").unlink()
     with pytest.raises(
-        DataError, match="index.json: file not found: write the items' SIDs with vstar embed .* then vstar sids"
+        DataError, match="index.json: file not found: vstar sids writes the items' SIDs there from item_emb.npy"
     ):
         load_dataset(data)
     with pytest.raises(DataError, match="does not exist"):

@@ -48,7 +48,7 @@ def test_ties_go_to_the_smaller_weight(tiny_dataset, tiny_policy: Policy, caplog
     assert choice["grid"][0]["mean"] == choice["grid"][1]["mean"] and choice["weight"] == 12.0
     # a grid where every weight ties chose nothing: said, with what to do (a small valid split turned fusion off)
     assert "every fusion weight scored the same (held-out mean 1.0000) on the 10 selection rows" in caplog.text
-    assert "the smallest, 12, is kept; give --fusion-weight" in caplog.text
+    assert "the smallest, 12, is kept; give the weight yourself (vstar sft / vstar rl --fusion-weight)" in caplog.text
     caplog.clear()
     choose_weight(ckpt, counts, held, train, weights=(0.0, 12.0), beams=10)  # the counts decide: no warning
     assert "scored the same" not in caplog.text

@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import training.rl.run as rl_run
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.node_bonus import NodeBonus
 from models.policy import Policy
@@ -428,6 +429,25 @@ def test_a_resume_whose_init_was_replaced_is_refused(
     with pytest.raises(ValueError, match=r"--resume: the run began from another --init \(init \("):
         train_rl(tiny_dataset, init if began == elsewhere else elsewhere, out, config, resume=True, progress=False)
     assert train_rl(tiny_dataset, began, out, config, resume=True, progress=False)["steps"] == 3
+
+
+def test_a_resume_killed_while_it_trims_the_step_log_keeps_it_whole(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resume rewrites the step log without the steps past its state: in one step (write_file), so a kill
+    there leaves the old log; written in place, a kill left it empty and the next resume lost every step before."""
+    out, steps_file = tmp_path / "rl", tmp_path / "rl.steps.jsonl"
+    config = RLConfig(algo="grpo", max_steps=3, batch_size=4, eval_every=1, eval_limit=8, fusion_weight=0)
+    interrupt_at_step(3, monkeypatch, lambda: train_rl(tiny_dataset, init_ckpt, out, config, progress=False))
+    written = steps_file.read_text()
+
+    def killed(path: Path, data: bytes) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl_run, "write_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)
+    assert steps_file.read_text() == written
 
 
 def test_resume_drops_a_cut_short_last_step_line_and_names_a_malformed_one(

@@ -154,7 +154,7 @@ def test_auto_codebook_size() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"codebook_size": 1}, "codebook size must be at least 2, got 1"),
+        ({"codebook_size": 1}, "codebook size must be 2..65,536 .*, got 1"),
         ({"levels": 0}, r"levels must be in 1\.\.8, got 0"),
         ({"levels": 9}, r"levels must be in 1\.\.8, got 9"),
         ({"iters": 0}, "iters must be at least 1, got 0"),
@@ -293,3 +293,12 @@ def test_real_embeddings(shared_data_dir: Path, tmp_path: Path) -> None:
     assert build.report["codebook_size"] == 32
     assert build.report["after"]["collision_rate"] == 0.0
     assert all(u["usage"] > 0.9 for u in build.report["codebook_usage"])
+
+
+def test_codebooks_wider_than_the_decoders_take_are_refused_before_k_means() -> None:
+    """The trie and the decoders take codes up to 65,535: vstar sids must not write a catalog they refuse."""
+    with pytest.raises(ValueError, match=r"codebook size must be 2..65,536"):
+        SidBuildConfig(codebook_size=70_000)
+    many = np.random.default_rng(0).normal(size=(70_000, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"70,000 items at 1 level\(s\) need 131,072 codes a level.*use more --levels"):
+        build_sids(many, SidBuildConfig(levels=1))

@@ -58,7 +58,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for the catalog, the users and the SIDs' k-means."),
         ] = 0,
         codebook_size: Annotated[
-            int | None, typer.Option("--codebook-size", min=2, help="SID codes per level (default: 2^k, C*C >= items).")
+            int | None,
+            typer.Option(
+                "--codebook-size",
+                min=2,
+                help="SID codes per level (default: a power of two, C*C >= items, 4..256, raised to C^levels >= items)",
+            ),
         ] = None,
     ) -> None:
         """Synthetic data set in the --data layout: taxonomy catalog, drifting users, time split, k-means SIDs."""
@@ -114,7 +119,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     def sids(
         data: Annotated[Path, typer.Option("--data", help="Folder with item_emb.npy (row i = item id i).")],
         codebook_size: Annotated[
-            int | None, typer.Option("--codebook-size", min=2, help="SID codes per level (default: 2^k, C*C >= items).")
+            int | None,
+            typer.Option(
+                "--codebook-size",
+                min=2,
+                help="SID codes per level (default: a power of two, C*C >= items, 4..256, raised to C^levels >= items)",
+            ),
         ] = None,
         levels: Annotated[int, typer.Option("--levels", min=1, max=8, help="Tokens per SID.")] = 3,
         seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for the k-means.")] = 0,

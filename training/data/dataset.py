@@ -243,8 +243,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
 def _load(name: str, files: dict[str, Path], emb_path: Path | None) -> RecDataset:
     if not files["index"].exists() and files["item"].exists():  # a catalog of items with no SIDs written yet
         raise DataError(
-            f"{files['index']}: file not found: write the items' SIDs with vstar embed (item_emb.npy from their "
-            "text, if the folder has none), then vstar sids"
+            f"{files['index']}: file not found: vstar sids writes the items' SIDs there from item_emb.npy (which "
+            "vstar embed writes from their text, if the folder has none)"
         )
     index = read_json_object(files["index"])
     meta = read_json_object(files["item"])

@@ -51,7 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.output_path import parents_problem
-from models.sid_catalog import LEVEL_PREFIXES, level_token
+from models.sid_catalog import LEVEL_PREFIXES, MAX_CODES, level_token
 from training.data.dataset import SPLITS, DataError, read_embeddings, read_json_object
 from training.data.dataset_writer import relabel_splits
 
@@ -66,8 +66,10 @@ class SidBuildConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.codebook_size is not None and self.codebook_size < 2:
-            raise ValueError(f"codebook size must be at least 2, got {self.codebook_size}")
+        if self.codebook_size is not None and not 2 <= self.codebook_size <= MAX_CODES:
+            raise ValueError(
+                f"codebook size must be 2..{MAX_CODES:,} (the decoders' tables are as wide), got {self.codebook_size}"
+            )
         if not 1 <= self.levels <= len(LEVEL_PREFIXES):
             raise ValueError(f"levels must be in 1..{len(LEVEL_PREFIXES)}, got {self.levels}")
         if self.iters < 1:
@@ -268,6 +270,11 @@ def build_sids(embeddings: np.ndarray, config: SidBuildConfig, progress: bool = 
         raise ValueError("embeddings contain NaN or infinite values")
     n = embeddings.shape[0]
     k = config.codebook_size or auto_codebook_size(n, config.levels)
+    if k > MAX_CODES:
+        raise ValueError(
+            f"{n:,} items at {config.levels} level(s) need {k:,} codes a level, more than the decoders take "
+            f"({MAX_CODES:,}): use more --levels"
+        )
     if k**config.levels < n:
         raise ValueError(
             f"codebook too small: {k}^{config.levels} = {k**config.levels} SIDs for {n} items; "

@@ -101,7 +101,8 @@ def choose_weight(
     if len(grid) > 1 and len({r["mean"] for r in grid}) == 1 and is_main():  # ties go to the smallest weight
         log.warning(
             "every fusion weight scored the same (held-out mean %.4f) on the %d selection rows, too few to choose "
-            "on: the smallest, %g, is kept%s; give --fusion-weight (or more held-out rows) to choose otherwise",
+            "on: the smallest, %g, is kept%s; give the weight yourself (vstar sft / vstar rl --fusion-weight) or "
+            "choose on more held-out rows",
             best["mean"], len(select_rows), best["weight"], " (fusion off)" if best["weight"] == 0 else "",
         )  # fmt: skip
     return {"weight": best["weight"], "selection_rows": len(select_rows), "beams": beams, "grid": grid}

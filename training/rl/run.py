@@ -53,11 +53,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -285,8 +286,8 @@ def warn_fitted_rows(init: str | Path, fitted: int, rows: int) -> None:
     )  # fmt: skip
 
 
-def require_same_init(trainer_state: dict[str, Any], init: str | Path, version: str, digest: str) -> None:
-    """At ``--resume``: ``--init`` (model ``version``, content ``digest``) is the checkpoint the run began from,
+def require_same_init(trainer_state: dict[str, Any], init: str | Path, version: str, digest: Callable[[], str]) -> None:
+    """At ``--resume``: ``--init`` (model ``version``, content ``digest()``) is the checkpoint the run began from,
     whatever path names it now: the same write (its version), or a rewrite of the same weights, counts and fusion
     weight (a finished SFT run resumed rewrites it under a new version). States written before the digest was
     kept are matched by version, those before the version by the path as given."""
@@ -296,7 +297,7 @@ def require_same_init(trainer_state: dict[str, Any], init: str | Path, version: 
         if changed:
             raise ValueError(f"--resume: the run began from another --init ({changed[0]}){RESTART}")
         return
-    if was_version == version or was_digest == digest:
+    if was_version == version or (was_digest is not None and was_digest == digest()):
         return
     raise ValueError(
         f"--resume: the --init checkpoint {init} is not the one the run began from (model version {was_version} "
@@ -338,7 +339,8 @@ def train_rl(
         warn_fitted_rows(init, fitted, len(train_rows))
     reference_ckpt = load_checkpoint(init, device)
     reference, reference_version = reference_ckpt.policy, reference_ckpt.model_version
-    init_digest = content_digest(init)
+    # read only where needed (a resume whose init was rewritten; rank 0's first state): an init may be gigabytes
+    init_digest = functools.cache(lambda: content_digest(init))
     trainer_state = None
     if resume:
         start_ckpt, trainer_state = load_resume(
@@ -409,7 +411,7 @@ def train_rl(
             "config": asdict(config),
             "init": str(init),
             "init_version": reference_version,
-            "init_digest": init_digest,
+            "init_digest": init_digest(),
             "trainer": trainer.state_dict(),
             "state": asdict(state),
             "torch_rng": torch.get_rng_state(),
