@@ -10,7 +10,7 @@ import pytest
 from models.sid_catalog import Item, SidCatalog, level_token
 from tests.conftest import make_catalog
 from training.data.dataset import Sample
-from training.evaluation.evaluate import score_rankings
+from training.evaluation.evaluate import score_rankings, warn_whole_catalog
 from training.evaluation.metrics import beyond_accuracy, rank_metrics, tail_items
 
 
@@ -57,3 +57,15 @@ def test_tail_is_outside_the_most_popular_share_and_figures_count_every_item_of_
     # items 0, 1, 2, 3 of 5 are covered (4 of the catalog's 4 SIDs would say 1.0); the lists recommend
     # 2 + 1 items each, 6 in all, of which items 2 and 3 are in the tail (2 of 4 listed SIDs would say 0.5)
     assert out == {"coverage@2": pytest.approx(4 / 5), "tail_share@2": pytest.approx(2 / 6)}
+
+
+def test_cut_offs_as_long_as_the_catalog_are_named_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A catalog of 3 SIDs, lists of all 3: HR@5 is 1 by construction (a small own catalog's HR@50 read 1.0)."""
+    sid = [tuple(level_token(lv, c) for lv, c in enumerate(codes)) for codes in ((0, 0, 0), (0, 0, 1), (1, 0, 0))]
+    catalog = SidCatalog({i: Item(i, "", sid[i]) for i in range(3)})
+    rows = [Sample("u", (0,), 2)]
+    warn_whole_catalog.cache_clear()  # once a process: another test may have met this catalog's size
+    for _ in range(2):
+        out = score_rankings([[0, 1, 2]], rows, rows, catalog, cutoffs=(1, 3, 5))
+    assert out["metrics"]["HR@5"] == 1.0
+    assert caplog.text.count("the catalog has 3 SIDs: at K = 3, 5 a list holds every one") == 1

@@ -9,6 +9,8 @@ search's shallow fusion with the transition counts needs.
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -28,6 +30,8 @@ from training.evaluation.metrics import (
     tail_items,
     target_rank,
 )
+
+log = logging.getLogger(__name__)
 
 
 def rank_samples(
@@ -71,6 +75,15 @@ def evaluate(
     return score_rankings(ranked, samples, train_samples, policy.catalog, cutoffs, time.perf_counter() - start)
 
 
+@functools.cache  # once a process: every validation of a run scores the same catalog
+def warn_whole_catalog(sids: int, cutoffs: tuple[int, ...]) -> None:
+    """A list as long as the catalog holds every SID: a cut-off that long measures nothing."""
+    log.warning(
+        "the catalog has %d SIDs: at K = %s a list holds every one, so HR@K is 1 by construction",
+        sids, ", ".join(map(str, cutoffs)),
+    )  # fmt: skip
+
+
 def score_rankings(
     ranked: Sequence[Sequence[int]],
     samples: Sequence[Sample],
@@ -82,6 +95,9 @@ def score_rankings(
     ranked = [distinct_sids(lst) for lst in ranked]  # a SID listed twice takes one place (``metrics``)
     targets = [catalog.sid_index[catalog.items[s.target].sid] for s in samples]
     metrics = rank_metrics(ranked, targets, cutoffs, len(catalog.sids))  # None: a cut-off beyond the lists
+    whole = tuple(k for k in cutoffs if k >= len(catalog.sids) and metrics.get(f"HR@{k}") is not None)
+    if whole and samples:
+        warn_whole_catalog(len(catalog.sids), whole)
     ranks = [target_rank(lst, t) for lst, t in zip(ranked, targets, strict=True)]
     counts: Counter[int] = Counter()
     for s in train_samples:
