@@ -90,7 +90,6 @@ from training.loop import (
     Diverged,
     Schedule,
     TrainState,
-    differences,
     epoch_batches,
     load_resume,
     require_kept,
@@ -293,9 +292,11 @@ def require_same_init(trainer_state: dict[str, Any], init: str | Path, version: 
     kept are matched by version, those before the version by the path as given."""
     was_version, was_digest = trainer_state.get("init_version"), trainer_state.get("init_digest")
     if was_version is None:
-        changed = differences(trainer_state.get("init"), str(init), "init")
-        if changed:
-            raise ValueError(f"--resume: the run began from another --init ({changed[0]}){RESTART}")
+        if trainer_state.get("init") != str(init):
+            raise ValueError(
+                f"--resume: the run began from another --init (init ({trainer_state.get('init')!r} there, "
+                f"{str(init)!r} now)){RESTART}"
+            )
         return
     if was_version == version or (was_digest is not None and was_digest == digest()):
         return
