@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -167,6 +168,16 @@ def test_cli_rejects_bad_input(tiny_data_dir: Path, args: list[str], message: st
     result = CliRunner().invoke(app, ["baseline", *args, "--data", str(tiny_data_dir)])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_sasrec_without_valid_rows_says_what_it_chooses_on(tiny_data_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "no_valid"
+    shutil.copytree(tiny_data_dir, data)
+    valid = data / "valid.csv"
+    valid.write_text(valid.read_text().splitlines()[0] + "\n")
+    result = CliRunner().invoke(app, ["baseline", "sasrec", "--data", str(data)])
+    assert result.exit_code == 2, result.output
+    assert "SASRec chooses its epoch on valid rows, and valid.csv of" in " ".join(result.output.split())
 
 
 @pytest.mark.slow

@@ -135,7 +135,10 @@ def run_sasrec(
     check_request(data, "sasrec", split, train_splits)
     train_rows, select_rows = training_rows(data, Holdout(tuple(train_splits), holdout))
     if not select_rows:
-        raise ValueError("no selection rows: the valid split is empty")
+        raise ValueError(
+            f"SASRec chooses its epoch on valid rows, and valid.csv of {data.name} has none: put the most recent "
+            "rows before test's in valid.csv, or score pop or transition, which choose nothing"
+        )
     if split == "valid":
         log.warning("the epoch is selected on the valid rows it is scored on: the score is optimistic")
     catalog, index, depth = data.catalog, ItemIndex(data.catalog), ranking_depth(data.catalog)
