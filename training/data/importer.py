@@ -1,7 +1,8 @@
 """Raw interaction logs to a data folder (``vstar import``), by MiniOneRec's preprocessing of Amazon reviews.
 
-Input: an events CSV (``user_id,item_id,timestamp``; other columns are ignored) and an items file
-(``item_id,title[,description]``, CSV or JSON lines), both keyed by the user's own ids (SKUs, any text).
+Input: an events file (``user_id,item_id,timestamp``; other columns are ignored) and an items file
+(``item_id,title[,description]``), each a CSV with a header or JSON lines (``.jsonl``), both keyed by the
+user's own ids (SKUs, any text).
 Output: the folder that README's "Your own catalog" otherwise has the user write by hand: ``item.json``
 keyed 0..N-1, ``train.csv`` / ``valid.csv`` / ``test.csv`` in MiniOneRec's columns with the two SID columns
 empty (``vstar sids --update-splits`` fills them), ``item_map.json`` (vstar id -> the user's id, since the
