@@ -122,6 +122,10 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
     yield ["embed", "--data", d, "--encoder", encoder, "--pooling", "max"], "'max' is not one of 'mean', 'cls', 'last'"
     yield ["embed", "--data", empty, "--encoder", encoder], f"{empty}/item.json: file not found"
     yield ["embed", "--data", d, "--encoder", encoder], f"{d}/item_emb.npy exists"
+    logs = ["import", "--events", f"{d}/train.csv", "--items", f"{gone}.csv"]
+    yield [*logs, "--out", out], f"{gone}.csv: file not found"
+    yield [*logs, "--out", out, "--split", "0.5,0.5"], "--split must be three numbers (train, valid, test)"
+    yield [*logs, "--out", d, "--force"], f"{d} holds files that vstar import did not write"
 
 
 def test_simple_mistakes_are_one_line_before_torch_loads(tiny_data_dir: Path, bad_data: Path, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Training-side subcommands of ``vstar``: synth, embed, sids, eval, fuse, bench decode, ved and catalog.
 
-SFT (``training.cli.sft``, registered from here, between sids and eval), the RL
+Import (``training.cli.importer``, registered from here, first), SFT
+(``training.cli.sft``, registered from here, between sids and eval), the RL
 stage (``training.cli.rl``), the baselines (``training.cli.baselines``) and the
 plots (``training.cli.plot``) have modules of their own; ``vstar.py`` registers
 the last three, and all of them share ``training.cli.options``.
@@ -21,6 +22,7 @@ from typing import Annotated, Literal
 import typer
 
 from models.checkpoint_error import CheckpointError
+from training.cli.importer import register_import
 from training.cli.options import (
     MAX_SEED,
     DataOpt,
@@ -48,6 +50,8 @@ from training.cli.sft import register_sft
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
+    register_import(app)
+
     @app.command()
     def synth(
         out: Annotated[Path, typer.Option("--out", help="Folder to write the synthetic data set into.")],

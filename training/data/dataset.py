@@ -325,9 +325,12 @@ def read_split(path: Path, catalog: SidCatalog) -> list[Sample]:
     return [_read_row(row, width, catalog, path, line, end) for row, width, line, end in split_records(path)]
 
 
-def split_records(path: Path) -> Iterator[tuple[dict[str | None, Any], int, int, int]]:
-    """The records of a split file as (row, the header's width, the line it starts on, the line csv ended it
-    on), after checking the header's columns; an unreadable file is a DataError naming it and the line."""
+def split_records(
+    path: Path, columns: Sequence[str] = COLUMNS, what: str = "a split file"
+) -> Iterator[tuple[dict[str | None, Any], int, int, int]]:
+    """The records of a split file (or another CSV, ``what``, that must hold ``columns``) as (row, the header's
+    width, the line it starts on, the line csv ended it on), after checking the header's columns; an unreadable
+    file is a DataError naming it and the line."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     line = 2  # where the next record starts: csv's line_num is where the last one ended
@@ -336,8 +339,8 @@ def split_records(path: Path) -> Iterator[tuple[dict[str | None, Any], int, int,
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             if not header:
-                raise DataError(f"{path}: the file is empty; a split file starts with a header of columns {COLUMNS}")
-            missing = [c for c in COLUMNS if c not in header]
+                raise DataError(f"{path}: the file is empty; {what} starts with a header of columns {tuple(columns)}")
+            missing = [c for c in columns if c not in header]
             if missing:
                 raise DataError(f"{path}:1: missing columns {missing}")
             for row in reader:

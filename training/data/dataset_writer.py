@@ -1,9 +1,10 @@
 """Writing data sets: a whole folder in the project's layout, and split files relabelled with a new index.
 
 ``write_dataset`` writes what ``training.data.dataset.load_dataset`` reads (``vstar synth`` and the tests use
-it). ``relabel_splits`` serves ``vstar sids --update-splits``: it reads and checks every split file first and
-returns them staged (``RelabeledSplit``), so that a caller writes none unless all are good, and each one is
-then replaced by a rename, so a reader sees the old rows or the new ones. Every column but the two SID
+it); ``write_split``, its split file, also writes one with empty SID columns (``vstar import``, before any
+index exists). ``relabel_splits`` serves ``vstar sids --update-splits``: it reads and checks every split file
+first and returns them staged (``RelabeledSplit``), so that a caller writes none unless all are good, and each
+one is then replaced by a rename, so a reader sees the old rows or the new ones. Every column but the two SID
 columns, the rows' order and each file's line ending stay as they were.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,19 +92,28 @@ def write_dataset(
     if embeddings is not None:
         np.save(out / "item_emb.npy", embeddings.astype(np.float32))
     title = {i: m.get("title", "") for i, m in meta.items()}
+    sid_text = {i: "".join(catalog.sid_of(i)) for i in catalog.items}
     for split, rows in splits.items():
-        with (out / f"{split}.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(COLUMNS)
-            for s in rows:
-                w.writerow(
-                    [
-                        s.user_id,
-                        repr([title[i] for i in s.history]),
-                        title[s.target],
-                        repr(list(s.history)),
-                        s.target,
-                        repr(["".join(catalog.sid_of(i)) for i in s.history]),
-                        "".join(catalog.sid_of(s.target)),
-                    ]
-                )
+        write_split(out / f"{split}.csv", rows, title, sid_text)
+
+
+def write_split(
+    path: Path, rows: Sequence[Sample], title: Mapping[int, str], sid_text: Mapping[int, str] | None
+) -> None:
+    """One split file in MiniOneRec's columns (UTF-8); ``sid_text``: item id -> its SID joined, or None to leave
+    the two SID columns empty for ``vstar sids --update-splits`` to fill (a catalog without an index yet)."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for s in rows:
+            sids = ("", "") if sid_text is None else (repr([sid_text[i] for i in s.history]), sid_text[s.target])
+            w.writerow(
+                [
+                    s.user_id,
+                    repr([title[i] for i in s.history]),
+                    title[s.target],
+                    repr(list(s.history)),
+                    s.target,
+                    *sids,
+                ]
+            )
