@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ from training.baselines.sasrec import (
 )
 from training.data.dataset import RecDataset, Sample
 from training.evaluation.decoders import beam_decoder
-from training.evaluation.evaluate import evaluate
+from training.evaluation.evaluate import evaluate, score_rankings
 from training.evaluation.metrics import items_to_sid_ranking
 from vstar import app
 
@@ -190,3 +191,22 @@ def test_sasrec_returns_its_best_epoch_not_its_last(tiny_dataset) -> None:
     returned = model.state_dict()
     assert all(torch.equal(returned[k], v) for k, v in states[0].items())
     assert any(not torch.equal(returned[k], v) for k, v in states[1].items())
+
+
+def test_sasrec_defines_the_long_tail_by_every_row_of_its_training_splits(
+    tiny_dataset: RecDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tail_share@10 of every row of a table (eval, pop, transition) counts the rows of --train-splits; SASRec
+    counted its training rows less the --holdout block it selects on, so its tail was another set of items."""
+    import training.baselines.run as baselines
+
+    tails: list[list[Sample]] = []
+
+    def scored(ranked: Any, rows: Any, train_rows: Any, catalog: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        tails.append(list(train_rows))
+        return score_rankings(ranked, rows, train_rows, catalog, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "score_rankings", scored)
+    result = run_sasrec(tiny_dataset, "test", ["train", "valid"], replace(TINY, max_steps=1), 15, False)
+    assert tails[-1] == tiny_dataset.samples(["train", "valid"])  # the test split's scoring: every row
+    assert result["train_rows"] == len(tiny_dataset.samples(["train", "valid"])) - 15  # trained without the 15
