@@ -137,7 +137,8 @@ def test_sasrec_bce_trains_and_selects_on_recent_valid_rows(tiny_dataset: RecDat
 def test_cli_writes_eval_shaped_json(tiny_data_dir: Path, tmp_path: Path, name: str) -> None:
     out = tmp_path / f"{name}.json"
     args = ["baseline", name, "--data", str(tiny_data_dir), "--json", str(out), "--train-splits", "train,valid"]
-    args += ["--epochs", "1", "--max-steps", "2", "--hidden", "16", "--seed", "3", "--holdout", "10"]
+    if name == "sasrec":  # its own options: pop refuses them (test_cli_refuses_options_its_baseline_ignores)
+        args += ["--epochs", "1", "--max-steps", "2", "--hidden", "16", "--seed", "3", "--holdout", "10"]
     threads = torch.get_num_threads()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -168,6 +169,29 @@ def test_cli_rejects_bad_input(tiny_data_dir: Path, args: list[str], message: st
     result = CliRunner().invoke(app, ["baseline", *args, "--data", str(tiny_data_dir)])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [  # each was accepted and ignored: a transition run "--holdout 100" held nothing out, its JSON silent on it
+        (["transition", "--holdout", "100"], "--holdout is sasrec's: transition would ignore it"),
+        (
+            ["pop", "--window", "1", "--seed", "3"],
+            "--window is transition's; --seed is sasrec's: pop would ignore them",
+        ),
+        (["sasrec", "--pop-counts", "all"], "--pop-counts is pop's: sasrec would ignore it"),
+        (["transition", "--pop-counts", "targets"], "--pop-counts is pop's"),  # given, though equal to the default
+    ],
+)
+def test_cli_refuses_options_its_baseline_ignores(
+    tiny_data_dir: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(app, ["baseline", *args, "--data", str(tiny_data_dir), "--json", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and not out.exists()
+    ok = CliRunner().invoke(app, ["baseline", "transition", "--window", "2", "--data", str(tiny_data_dir)])
+    assert ok.exit_code == 0, ok.output  # a baseline's own option is taken
 
 
 @pytest.mark.slow
