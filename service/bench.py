@@ -8,7 +8,10 @@ caller sees: HTTP included, from the request's first byte written to the
 response's last byte read), p50/p99, the same from the server's own
 clock (``server_time_ms``: arrival to response built), throughput, and for VED the share
 of answers that hit the cap, answered by the initial beam (the anytime
-fallback) and answered from popularity (the hard cap).
+fallback) and answered from popularity (the hard cap). The reference measured in
+the same run is the server without micro-batching: per client count, batching's
+requests/s and p99 over those of the same clients without it
+(``batching_vs_none``, printed too).
 
 Decisions:
 
@@ -317,8 +320,9 @@ class BenchCutShort(RuntimeError):
 
 
 def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[str, Any]]]:
-    """Run every cell; returns ``{"beam": [...], "ved": [...]}`` in the issue's shape. A server that stops
-    answering mid-run raises ``BenchCutShort`` with the cells measured so far."""
+    """Run every cell; returns ``{"beam": [...], "ved": [...]}`` in the issue's shape, and ``batching_vs_none``
+    (``batching_ratios``). A server that stops answering mid-run raises ``BenchCutShort`` with the cells
+    measured so far."""
     histories = HistorySource(item_ids_of(checkpoint), config.seed)
     out: dict[str, list[dict[str, Any]]] = {"beam": [], "ved": []}
 
@@ -366,7 +370,44 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                     log_cell(label, cell, row)
                     out["ved"].append(row)
                     refused(label, cell, out)
+    out["batching_vs_none"] = batching_ratios(out["beam"])
+    for ratio in out["batching_vs_none"]:
+        log_ratio(ratio)
     return out
+
+
+def batching_ratios(beam: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per client count measured both ways, the batching server's figures over those of the server without it:
+    ``rps_ratio`` above 1 and ``p99_ratio`` below 1 are batching's gain; None where a side has no figure."""
+
+    def ratio(on: float | None, off: float | None) -> float | None:
+        return round(on / off, 2) if on is not None and off else None
+
+    rows = {(row["clients"], row["batching"]): row for row in beam}
+    out = []
+    for clients in dict.fromkeys(row["clients"] for row in beam):  # in the order measured
+        on, off = rows.get((clients, True)), rows.get((clients, False))
+        if on is not None and off is not None:
+            out.append(
+                {
+                    "clients": clients,
+                    "rps_ratio": ratio(on["rps"], off["rps"]),
+                    "p99_ratio": ratio(on["p99_ms"], off["p99_ms"]),
+                }
+            )
+    return out
+
+
+def log_ratio(ratio: dict[str, Any]) -> None:
+    def times(key: str) -> str:
+        return "-" if ratio[key] is None else f"{ratio[key]:.2f}x"
+
+    print(
+        f"beam clients={ratio['clients']}: batching / no batching: requests/s {times('rps_ratio')}, "
+        f"p99 {times('p99_ratio')}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def refused(label: str, cell: CellResult, out: dict[str, list[dict[str, Any]]]) -> None:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,51 @@ def test_bench_serve_keeps_the_cells_measured_before_the_server_stopped(
                               "server_p50_ms": 0.55, "server_p99_ms": 0.6, "errors": 0}], "ved": []}  # fmt: skip
 
 
+def test_bench_serve_prints_batching_against_the_server_without_it_measured_in_the_same_run(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every other bench prints its ratio to a reference; this one printed rows alone, and the README's 9.7x and
+    2.1x were worked out by hand. Batching: 1 client at 40 requests/s, p99 20 ms; 8 at 160, 50 ms. Without it:
+    50 and 16 ms; 40 and 200 ms."""
+    import contextlib
+
+    import service.bench
+    from service.bench import CellResult
+
+    figures = iter([(1, 40, 20.0), (8, 160, 50.0), (1, 50, 16.0), (8, 40, 200.0)])  # beam cells, in order
+
+    async def cell(url: str, body: Callable[[], dict[str, Any]], clients: int, config: BenchConfig) -> CellResult:
+        if "mode" in body():
+            return CellResult(latencies_ms=[30.0], server_ms=[29.0], elapsed_s=1.0)
+        expected, n, p99 = next(figures)
+        assert clients == expected
+        return CellResult(latencies_ms=[p99] * n, server_ms=[p99] * n, elapsed_s=1.0)
+
+    monkeypatch.setattr(service.bench, "run_cell", cell)
+    monkeypatch.setattr(service.bench, "running_server", lambda *a: contextlib.nullcontext("http://x"))
+    out = tmp_path / "bench.json"
+    args = ["--clients", "1,8", "--caps", "50", "--ved-clients", "1", "--json", str(out)]
+    result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(tiny_checkpoint), *args])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["batching_vs_none"] == [
+        {"clients": 1, "rps_ratio": 0.8, "p99_ratio": 1.25},
+        {"clients": 8, "rps_ratio": 4.0, "p99_ratio": 0.25},
+    ]
+    assert "beam clients=8: batching / no batching: requests/s 4.00x, p99 0.25x" in result.output
+
+
+def test_batching_ratios_of_a_cell_without_answers_are_null() -> None:
+    from service.bench import batching_ratios
+
+    rows = [
+        {"clients": 1, "batching": True, "rps": 10.0, "p99_ms": None},
+        {"clients": 1, "batching": False, "rps": 0.0, "p99_ms": None},
+        {"clients": 4, "batching": True, "rps": 10.0, "p99_ms": 5.0},  # not measured without batching
+    ]
+    assert batching_ratios(rows) == [{"clients": 1, "rps_ratio": None, "p99_ratio": None}]
+    json.dumps(batching_ratios(rows), allow_nan=False)
+
+
 def test_bench_serve_refuses_a_json_path_that_cannot_take_the_file_before_it_runs(tmp_path: Path) -> None:
     """Checked as the options are read: the benchmark takes minutes, its result must not be lost at the end."""
     (tmp_path / "a_file").write_text("mine")
@@ -246,6 +292,8 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
     )
     out = bench_serve(tiny_checkpoint, config)
     assert [(r["clients"], r["batching"]) for r in out["beam"]] == [(1, True), (3, True), (1, False), (3, False)]
+    assert [r["clients"] for r in out["batching_vs_none"]] == [1, 3]
+    assert all(r["rps_ratio"] > 0 and r["p99_ratio"] > 0 for r in out["batching_vs_none"])
     for row in out["beam"]:
         assert set(row) == {
             "clients", "batching", "p50_ms", "p99_ms", "rps", "server_p50_ms", "server_p99_ms", "errors"

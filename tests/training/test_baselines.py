@@ -7,6 +7,7 @@ import shutil
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from training.baselines.sasrec import (
 )
 from training.data.dataset import RecDataset, Sample
 from training.evaluation.decoders import beam_decoder
-from training.evaluation.evaluate import evaluate
+from training.evaluation.evaluate import evaluate, score_rankings
 from training.evaluation.metrics import items_to_sid_ranking
 from vstar import app
 
@@ -137,7 +138,8 @@ def test_sasrec_bce_trains_and_selects_on_recent_valid_rows(tiny_dataset: RecDat
 def test_cli_writes_eval_shaped_json(tiny_data_dir: Path, tmp_path: Path, name: str) -> None:
     out = tmp_path / f"{name}.json"
     args = ["baseline", name, "--data", str(tiny_data_dir), "--json", str(out), "--train-splits", "train,valid"]
-    args += ["--epochs", "1", "--max-steps", "2", "--hidden", "16", "--seed", "3", "--holdout", "10"]
+    if name == "sasrec":  # its own options: pop refuses them (test_cli_refuses_options_its_baseline_ignores)
+        args += ["--epochs", "1", "--max-steps", "2", "--hidden", "16", "--seed", "3", "--holdout", "10"]
     threads = torch.get_num_threads()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -180,6 +182,29 @@ def test_sasrec_without_valid_rows_says_what_it_chooses_on(tiny_data_dir: Path, 
     assert "SASRec chooses its epoch on valid rows, and valid.csv of" in " ".join(result.output.split())
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [  # each was accepted and ignored: a transition run "--holdout 100" held nothing out, its JSON silent on it
+        (["transition", "--holdout", "100"], "--holdout is sasrec's: transition would ignore it"),
+        (
+            ["pop", "--window", "1", "--seed", "3"],
+            "--window is transition's; --seed is sasrec's: pop would ignore them",
+        ),
+        (["sasrec", "--pop-counts", "all"], "--pop-counts is pop's: sasrec would ignore it"),
+        (["transition", "--pop-counts", "targets"], "--pop-counts is pop's"),  # given, though equal to the default
+    ],
+)
+def test_cli_refuses_options_its_baseline_ignores(
+    tiny_data_dir: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(app, ["baseline", *args, "--data", str(tiny_data_dir), "--json", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and not out.exists()
+    ok = CliRunner().invoke(app, ["baseline", "transition", "--window", "2", "--data", str(tiny_data_dir)])
+    assert ok.exit_code == 0, ok.output  # a baseline's own option is taken
+
+
 @pytest.mark.slow
 def test_pop_on_industrial_matches_reference(shared_dataset: RecDataset) -> None:
     metrics = run_pop(shared_dataset, "test", ["train", "valid"])["metrics"]
@@ -201,3 +226,22 @@ def test_sasrec_returns_its_best_epoch_not_its_last(tiny_dataset) -> None:
     returned = model.state_dict()
     assert all(torch.equal(returned[k], v) for k, v in states[0].items())
     assert any(not torch.equal(returned[k], v) for k, v in states[1].items())
+
+
+def test_sasrec_defines_the_long_tail_by_every_row_of_its_training_splits(
+    tiny_dataset: RecDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tail_share@10 of every row of a table (eval, pop, transition) counts the rows of --train-splits; SASRec
+    counted its training rows less the --holdout block it selects on, so its tail was another set of items."""
+    import training.baselines.run as baselines
+
+    tails: list[list[Sample]] = []
+
+    def scored(ranked: Any, rows: Any, train_rows: Any, catalog: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        tails.append(list(train_rows))
+        return score_rankings(ranked, rows, train_rows, catalog, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "score_rankings", scored)
+    result = run_sasrec(tiny_dataset, "test", ["train", "valid"], replace(TINY, max_steps=1), 15, False)
+    assert tails[-1] == tiny_dataset.samples(["train", "valid"])  # the test split's scoring: every row
+    assert result["train_rows"] == len(tiny_dataset.samples(["train", "valid"])) - 15  # trained without the 15

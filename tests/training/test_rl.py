@@ -772,6 +772,16 @@ def test_cli_bench_train_writes_both_keys(tmp_path: Path) -> None:
     assert set(bench) == {"grpo_s_per_step", "vstar_s_per_step"} and all(v > 0 for v in bench.values())
 
 
+def test_cli_bench_train_refuses_a_preset_it_would_not_time(tiny_data_dir: Path, init_ckpt: Path) -> None:
+    """--preset small with --checkpoint timed the checkpoint's model, the JSON silent on it."""
+    from vstar import app
+
+    args = ["bench", "train", "--data", str(tiny_data_dir), "--checkpoint", str(init_ckpt), "--preset", "small"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--preset builds the random model timed without --checkpoint" in " ".join(result.output.split())
+
+
 def test_spearman_hand_cases() -> None:
     assert spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 30.0])) == pytest.approx(1.0)
     assert spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 1.0, 2.0])) == pytest.approx(-0.5)

@@ -27,6 +27,9 @@ Design decisions:
   ``holdout`` that takes all of valid while ``--train-splits`` names it is refused,
   as SFT refuses it. Test is never trained on nor selected on, and the evaluated
   split may not be trained on.
+* tail_share@10's long tail is counted over every row of ``--train-splits`` for
+  all three, SASRec's held-out block included (as ``vstar eval --train-splits``
+  counts it), so the rows of one table share one tail.
 """
 
 from __future__ import annotations
@@ -152,7 +155,9 @@ def run_sasrec(
     start = time.perf_counter()
     rows = data.splits[split]
     ranked = sid_rankings(rank_items(model, rows, index, depth), catalog)
-    result = score_rankings(ranked, rows, train_rows, catalog, seconds=time.perf_counter() - start)
+    # the long tail of every row of --train-splits, the held-out block included, as pop, transition and eval count it
+    tail_rows = data.samples(train_splits)
+    result = score_rankings(ranked, rows, tail_rows, catalog, seconds=time.perf_counter() - start)
     log.info(
         "SASRec best epoch %d (selection HR@10 %.4f); %s HR@10 %.4f",
         summary["best"]["epoch"],

@@ -4,8 +4,9 @@
 ``vstar.py`` calls ``register_baseline``; the handler parses
 options, builds a ``SASRecConfig`` and calls ``training.baselines.run``. Bad input
 (unknown baseline or split, a trained-on evaluation split, an invalid SASRec
-setting) exits with a usage error naming the problem. Heavy imports stay
-inside the handler.
+setting, an option of another baseline, which the one named would ignore)
+exits with a usage error naming the problem. Heavy imports stay inside the
+handler.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from training.cli.options import (
     NameOpt,
     RootOpt,
     SeedOpt,
+    given_options,
     load_data,
     setup_logging,
     writable_file,
@@ -40,11 +42,36 @@ PatienceOpt = Annotated[
 HoldoutOpt = Annotated[
     int, typer.Option("--holdout", min=1, help="Latest valid rows held out for selection when valid is trained on.")
 ]
+# each baseline's own options (parameter name -> flag): given on the command line to another baseline, which
+# would ignore them, they are refused, so that no result looks configured by an option its baseline never read
+OWN_OPTIONS = {
+    "pop": {"pop_counts": "--pop-counts"},
+    "transition": {"window": "--window"},
+    "sasrec": {
+        name: "--" + name.replace("_", "-")
+        for name in (
+            "loss", "loss_on", "hidden", "blocks", "heads", "dropout", "lr", "weight_decay", "batch_size", "epochs",
+            "max_steps", "patience", "holdout", "seed", "threads",
+        )
+    },
+}  # fmt: skip
+
+
+def ignored_options(ctx: typer.Context, name: str) -> list[str]:
+    """The options given on the command line that belong to a baseline other than ``name``, each as
+    ``"--flag is sasrec's"``."""
+    return [
+        f"{flag} is {owner}'s"
+        for owner, flags in OWN_OPTIONS.items()
+        if owner != name
+        for flag in given_options(ctx, flags)
+    ]
 
 
 def register_baseline(app: typer.Typer) -> None:
     @app.command()
     def baseline(
+        ctx: typer.Context,
         name: Annotated[
             Literal["pop", "transition", "sasrec"],
             typer.Argument(
@@ -98,6 +125,10 @@ def register_baseline(app: typer.Typer) -> None:
         """Most-popular, item transitions or SASRec, scored on a split as `vstar eval` scores the generative model."""
         from training.data.dataset import Holdout, parse_splits, training_rows
 
+        ignored = ignored_options(ctx, name)
+        if ignored:  # a result must not look configured by an option its baseline never read
+            what = "it" if len(ignored) == 1 else "them"
+            raise typer.BadParameter(f"{'; '.join(ignored)}: {name} would ignore {what}; give only {name}'s options")
         splits = parse_splits(train_splits)
         from training.baselines.run import check_request, run_pop, run_sasrec, run_transition
         from training.baselines.sasrec import SASRecConfig, num_threads

@@ -313,6 +313,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
 
     @bench.command(name="train")
     def bench_train(
+        ctx: typer.Context,
         json_out: Annotated[
             Path | None,
             typer.Option("--json", help="Write {grpo_s_per_step, vstar_s_per_step} here.", callback=writable_file),
@@ -333,6 +334,10 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         """Seconds per RL step of GRPO and of V-STAR on the same batch and the same start model."""
         if checkpoint is not None and data is None:
             raise typer.BadParameter("--checkpoint needs --data (the prompts to train on)")
+        if checkpoint is not None and given_options(ctx, {"preset": "--preset"}):  # timed the checkpoint's model
+            raise typer.BadParameter(
+                "--preset builds the random model timed without --checkpoint; with it, the checkpoint's is timed"
+            )
         if checkpoint is not None:
             require_checkpoint(checkpoint)
         import torch
