@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def test_files_must_hold_ranks_for_the_same_rows(tmp_path: Path) -> None:
         load_ranks([tmp_path / "old.json"])
 
 
-def test_runs_over_other_rows_are_refused_where_the_files_say_so(tmp_path: Path) -> None:
+def test_runs_over_other_rows_are_refused_where_the_files_say_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     test_a = eval_file(tmp_path / "a.json", [0, 1], split="test", rows_fingerprint="f" * 64)
     valid = eval_file(tmp_path / "v.json", [0, 1], split="valid", rows_fingerprint="e" * 64)
     with pytest.raises(ValueError, match=r"different splits \(.*a.json: test; .*v.json: valid\)"):
@@ -72,7 +75,9 @@ def test_runs_over_other_rows_are_refused_where_the_files_say_so(tmp_path: Path)
     with pytest.raises(ValueError, match="different rows"):
         compare_runs([test_a], [other_rows])
     unrecorded = eval_file(tmp_path / "old.json", [1, 0])  # an older file: nothing recorded to check
-    assert compare_runs([test_a], [unrecorded])["rows"] == 2
+    with caplog.at_level(logging.WARNING, logger="training.evaluation.compare"):
+        assert compare_runs([test_a], [unrecorded])["rows"] == 2
+    assert "old.json record no rows_fingerprint" in caplog.text and "a.json" not in caplog.text
     (tmp_path / "bin.json").write_bytes(b"\x80\x81")
     with pytest.raises(ValueError, match="bin.json: not a readable JSON file"):
         compare_runs([test_a], [tmp_path / "bin.json"])

@@ -23,11 +23,14 @@ the comparison too: its ranks cannot say who did better there.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 METRICS = ("HR@1", "HR@3", "HR@5", "HR@10", "NDCG@3", "NDCG@5", "NDCG@10")
 
@@ -67,6 +70,13 @@ def check_same_rows(runs: dict[Path, dict[str, Any]]) -> None:
         if len(set(seen.values())) > 1:
             listed = "; ".join(f"{p}: {v if key == 'split' else v[:12]}" for p, v in seen.items())
             raise ValueError(f"the runs scored different {what} ({listed}): compare runs over the same rows")
+    unchecked = [str(p) for p, payload in runs.items() if "rows_fingerprint" not in payload]
+    if unchecked:
+        log.warning(
+            "%s record no rows_fingerprint (written before vstar recorded one, or by hand): their rows are taken to "
+            "be the others', in the same order, unchecked",
+            ", ".join(unchecked),
+        )
 
 
 def stack_ranks(paths: Sequence[Path], runs: dict[Path, dict[str, Any]]) -> np.ndarray:
