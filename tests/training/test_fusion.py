@@ -15,7 +15,7 @@ from models.value_head import value_head_for, value_head_manifest
 from training.data.dataset import Sample
 from training.evaluation.decoders import beam_decoder
 from training.evaluation.evaluate import evaluate
-from training.evaluation.fusion import REPORTED, choose_weight, fuse_trained
+from training.evaluation.fusion import REPORTED, choose_weight, fuse_trained, refit_before
 from vstar import app
 
 
@@ -171,3 +171,11 @@ def test_eval_of_a_weight_without_counts_says_how_to_score_unfused(
     path = save_checkpoint(tmp_path / "ckpt", tiny_policy, {"fusion": {"weight": 2.0}})
     run = CliRunner().invoke(app, ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(path), "--limit", "2"])
     assert run.exit_code != 0 and "no transition counts" in run.output and "--fusion-weight 0" in run.output
+
+
+def test_counts_refit_before_the_scored_rows_keep_the_stored_window() -> None:
+    rows = [Sample("u", (1, 2, 3), 4), Sample("v", (5,), 6)]
+    fusion = ShallowFusion(TransitionCounts.fit([(s.history, s.target) for s in rows], window=1), 2.0)
+    refit = refit_before(fusion, rows[:1])
+    assert refit.counts.window == 1 and refit.weight == 2.0
+    assert refit.counts.scores([3, 9]) == {}  # the default window of 3 would score 4 at 1/2 (3 -> 4, 3 is 2nd)

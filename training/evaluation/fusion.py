@@ -63,8 +63,10 @@ REPORTED = ("HR@1", "HR@3", "HR@5", "HR@10", "NDCG@3", "NDCG@5", "NDCG@10")
 
 def refit_before(fusion: ShallowFusion, rows: Sequence[Sample]) -> ShallowFusion:
     """``fusion``'s weight on counts fit on ``rows`` alone (the rows before the ones scored): a checkpoint's
-    stored counts hold every row before test, so on valid rows they would hold each scored row's own answer."""
-    return ShallowFusion(TransitionCounts.fit((s.history, s.target) for s in rows), fusion.weight)
+    stored counts hold every row before test, so on valid rows they would hold each scored row's own answer.
+    The refit keeps the stored counts' window."""
+    counts = TransitionCounts.fit(((s.history, s.target) for s in rows), fusion.counts.window)
+    return ShallowFusion(counts, fusion.weight)
 
 
 def choose_weight(
