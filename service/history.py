@@ -87,6 +87,10 @@ def resolve_entries(
         problems.append(f"malformed SIDs {_listed(malformed)}: expected {catalog.depth} tokens like {example}")
     if unknown_sids:
         problems.append(f"SIDs not in the catalog {_listed(unknown_sids)}")
+    # a client that sent its own ids bare: say which form they take
+    bare = [e for e in [*unknown_ids, *malformed, *unknown_sids] if str(e) in catalog.item_of_external_id]
+    if bare:
+        problems.append(f'{_listed(bare)} are external ids: send each as {{"external_id": ...}}')
     if problems:
         raise InvalidInput(field, "; ".join(problems))
     return events

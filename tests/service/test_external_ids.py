@@ -81,6 +81,14 @@ def test_an_unknown_external_id_is_a_422_naming_it(client: TestClient, path: str
     assert client.get("/users/yves/history").status_code == 404  # nothing of a refused write is stored
 
 
+def test_external_ids_sent_bare_are_named_with_the_form_they_take(client: TestClient) -> None:
+    """A string of digits is an item id and any other string a SID, even where it is also an external id."""
+    r = client.post("/recommend", json={"history": ["SKU/004", 4]})
+    assert r.status_code == 422 and r.json()["error"]["message"].endswith(
+        """; ['SKU/004'] (1) are external ids: send each as {"external_id": ...}"""
+    ), r.text
+
+
 @pytest.mark.parametrize(
     "entry",
     [{"external_id": ""}, {"external_id": 5}, {"external_id": "SKU/001", "title": "x"}, {"sku": "SKU/001"}, {}],

@@ -34,3 +34,14 @@ def test_external_ids_resolve_to_their_items_and_unknown_ones_are_listed(tiny_ca
         resolve_entries(named, [ExternalItemRef(external_id="7"), ExternalItemRef(external_id="SKU-x")], "items")
     with pytest.raises(InvalidInput, match=r"^history: external ids \['SKU-7'\] \(1\) given, but this checkpoint"):
         resolve_entries(tiny_catalog, [ExternalItemRef(external_id="SKU-7")], "history")
+
+
+def test_a_bare_string_keeps_its_meaning_where_it_is_also_an_external_id(tiny_catalog: SidCatalog) -> None:
+    """Digits are an item id (and "5" is item 5 even where it is another item's SKU); the error names the form."""
+    named = tiny_catalog.with_external_ids({i: str(90000 + i) if i else "5" for i in tiny_catalog.items})
+    assert resolve_entries(named, ["5"], "history")[0].item_id == 5
+    assert resolve_entries(named, [ExternalItemRef(external_id="5")], "history")[0].item_id == 0
+    with pytest.raises(
+        InvalidInput, match=r"""\['90003'\] \(1\) are external ids: send each as \{"external_id": \.\.\.\}$"""
+    ):
+        resolve_entries(named, ["90003"], "history")
