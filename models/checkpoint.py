@@ -5,6 +5,7 @@ Layout::
     CKPT/config.json, model.safetensors   save_pretrained (safetensors)
     CKPT/tokenizer*.json                  the tokenizer with its SID tokens
     CKPT/catalog.json                     item id -> SID and title (SID -> items is derived)
+    CKPT/item_map.json                    item id -> external id, as the data's (only when it had one)
     CKPT/manifest.json                    prompt format, training config, data fingerprint,
                                           versions, model_version
     CKPT/<name>.safetensors               extra state dicts (the value head, ...)
@@ -15,6 +16,13 @@ replaces the target in one step (``models.atomic_folder``), so a process killed
 at any point of a write leaves the old checkpoint or the new one at the path,
 never a half-written folder nor none; what a killed write leaves beside the
 target is removed by the next write.
+
+The catalog's external ids (``models.sid_catalog``) are a file of their own,
+written only for a catalog that has them, so a checkpoint without them is
+byte for byte what it was before they existed, and ``FORMAT_VERSION`` stays:
+older code reading a checkpoint that has the file ignores it (and answers with
+item ids alone, as it always did). They are not part of ``content_digest``:
+they name items and change no score.
 """
 
 from __future__ import annotations
@@ -42,11 +50,12 @@ from transformers.utils import logging as hf_logging
 from models.atomic_folder import leftovers, publish, staging_folder
 from models.checkpoint_error import CheckpointError as CheckpointError  # part of this module's API
 from models.policy import Policy
-from models.sid_catalog import Item, SidCatalog, parse_sid
+from models.sid_catalog import Item, SidCatalog, external_ids_from_json, parse_sid
 from models.sid_tokenizer import PromptFormat
 
 FORMAT_VERSION = 1
 TRAINER_STATE = "trainer_state.pt"
+ITEM_MAP = "item_map.json"
 
 
 @dataclass
@@ -99,7 +108,8 @@ def content_digest(path: str | Path) -> str:
     """A sha256 of what a checkpoint computes with, not of when or how it was written: its weights and extra
     state dicts (the value head, the transition counts: every ``.safetensors`` file), its catalog and its fusion
     weight. A checkpoint rewritten with the same (a finished run resumed stamps a new ``model_version``, and
-    a tokenizer saved after a load writes its config with other keys) keeps it."""
+    a tokenizer saved after a load writes its config with other keys) keeps it, as does one that gained or
+    changed its external ids (``ITEM_MAP``), which name items in answers and change no score."""
     folder = Path(path)
     digest = hashlib.sha256()
     for f in [*sorted(folder.glob("*.safetensors")), folder / "catalog.json"]:
@@ -149,6 +159,9 @@ def save_checkpoint(
         policy.model.save_pretrained(tmp, safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp)
         (tmp / "catalog.json").write_text(json.dumps(catalog_to_json(policy.catalog)))
+        if policy.catalog.external_ids is not None:
+            external = {str(i): e for i, e in sorted(policy.catalog.external_ids.items())}
+            (tmp / ITEM_MAP).write_text(json.dumps(external, indent=0))
         for name, state in (extras or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
         if trainer_state is not None:
@@ -204,6 +217,11 @@ def _checked(folder: Path) -> tuple[dict[str, Any], SidCatalog]:
         catalog = catalog_from_json(_read_json(folder, "catalog.json"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {folder}: catalog.json is malformed: {e!r}") from None
+    if (folder / ITEM_MAP).exists():  # a checkpoint of data without external ids has none
+        try:
+            catalog = catalog.with_external_ids(external_ids_from_json(_read_json(folder, ITEM_MAP)))
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {folder}: {ITEM_MAP} is malformed: {e}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {folder}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}"

@@ -7,14 +7,21 @@ work on SIDs and the catalog expands them to items at the edge.
 
 The catalog is plain data (no torch): it is serialised into every checkpoint so
 a checkpoint folder alone rebuilds the policy's output space.
+
+Item ids are 0..N-1 inside vstar. A catalog may also know each item's *external
+id*, the id its owner's own systems use (a SKU: what ``vstar import`` read, kept
+in the data folder's ``item_map.json``): all items or none, each a distinct
+non-empty string. They name items at the edge (the service's answers and
+requests) and never take part in a decode or a score.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 LEVEL_PREFIXES = "abcdefgh"
 _TOKEN_RE = re.compile(r"<([a-h])_(\d+)>", re.ASCII)
@@ -101,6 +108,48 @@ class Item:
     sid: Sid
 
 
+def external_ids_from_json(data: Mapping[str, Any]) -> dict[int, Any]:
+    """``item_map.json``'s object (``{"0": "SKU-1", ...}``) keyed by item id; its values are checked against a
+    catalog by ``external_ids_problem``. ``ValueError`` naming a key that is not an item id."""
+    out: dict[int, Any] = {}
+    keys: dict[int, str] = {}
+    for key, value in data.items():
+        if not re.fullmatch(r"[0-9]+", key):  # as index.json's keys: int() also reads " 1", "+1", "1_0"
+            raise ValueError(f"key {key!r} is not an item id (decimal digits)")
+        item_id = int(key)
+        if item_id in keys:
+            raise ValueError(f"keys {keys[item_id]!r} and {key!r} both name item {item_id}")
+        keys[item_id] = key
+        out[item_id] = value
+    return out
+
+
+def external_ids_problem(external_ids: Mapping[int, object], item_ids: Collection[int]) -> str | None:
+    """What is wrong with ``external_ids`` (item id -> external id) as the map of a catalog of ``item_ids``,
+    in a sentence; None when nothing is: its keys are exactly the items, its values distinct non-empty text."""
+    missing = sorted(set(item_ids) - external_ids.keys())
+    if missing:
+        return f"no entry for {_some(missing)} of the catalog's {len(item_ids)} items: every item needs its own id"
+    unknown = sorted(external_ids.keys() - set(item_ids))
+    if unknown:
+        return f"{_some(unknown)} {'is' if len(unknown) == 1 else 'are'} not in the catalog (another catalog's file?)"
+    first: dict[str, int] = {}
+    for item_id, external in sorted(external_ids.items()):
+        if not isinstance(external, str) or not external:
+            return f"item {item_id}: expected its own id as non-empty text, got {external!r:.60}"
+        if external in first:
+            return f"items {first[external]} and {item_id} both have the id {external!r:.60}: each item needs its own"
+        first[external] = item_id
+    return None
+
+
+def _some(item_ids: Sequence[int], shown: int = 5) -> str:
+    """``item 7``, ``items 3, 7, 9``, ``items 3, 7, 9, 10, 11 and 40 more``."""
+    listed = ", ".join(map(str, item_ids[:shown]))
+    more = f" and {len(item_ids) - shown} more" if len(item_ids) > shown else ""
+    return f"item{'s' if len(item_ids) > 1 else ''} {listed}{more}"
+
+
 @dataclass
 class SidCatalog:
     """All items of a catalog with their SIDs.
@@ -111,13 +160,20 @@ class SidCatalog:
 
     items: dict[int, Item]
     depth: int = 3
+    external_ids: dict[int, str] | None = None  # item id -> its owner's id (item_map.json); None: not known
     sids: list[Sid] = field(init=False)
     sid_index: dict[Sid, int] = field(init=False)
     items_of_sid: list[list[int]] = field(init=False)
+    item_of_external_id: dict[str, int] = field(init=False)  # the inverse of external_ids ({} without them)
 
     def __post_init__(self) -> None:
         if not self.items:
             raise ValueError("catalog is empty")
+        if self.external_ids is not None:
+            problem = external_ids_problem(self.external_ids, self.items.keys())
+            if problem is not None:
+                raise ValueError(f"external ids: {problem}")
+        self.item_of_external_id = {e: i for i, e in (self.external_ids or {}).items()}
         for item in self.items.values():
             if len(item.sid) != self.depth:
                 raise ValueError(
@@ -154,6 +210,19 @@ class SidCatalog:
                 "every SID needs the same number of tokens"
             )
         return cls(items, depth=depth)
+
+    def with_external_ids(self, external_ids: Mapping[int, str] | None) -> SidCatalog:
+        """This catalog with ``external_ids`` (None: without any); ``ValueError`` saying what is wrong with them."""
+        return replace(self, external_ids=None if external_ids is None else dict(external_ids))
+
+    def external_ids_of(self, item_ids: Iterable[int]) -> list[str] | None:
+        """The external ids of ``item_ids``, in their order; None when the catalog has none."""
+        if self.external_ids is None:
+            return None
+        return [self.external_ids[i] for i in item_ids]
+
+    def external_id_of(self, item_id: int) -> str | None:
+        return None if self.external_ids is None else self.external_ids[item_id]
 
     def to_index(self) -> dict[str, list[str]]:
         return {str(i): list(item.sid) for i, item in sorted(self.items.items())}

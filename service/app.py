@@ -97,6 +97,7 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
             "checkpoint": str(settings.checkpoint),
             "model_version": checkpoint.model_version,
             "items": checkpoint.policy.catalog.num_items,
+            "external_ids": checkpoint.policy.catalog.external_ids is not None,  # answers name items by them too
             "seconds": round(time.perf_counter() - t0, 2),
         },
     )

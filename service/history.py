@@ -1,10 +1,15 @@
-"""History entries: what clients send (item ids, SID strings) resolved against the catalog.
+"""History entries: what clients send (item ids, SID strings, external ids) resolved against the catalog.
 
 An entry is an item id (an int, or a string of digits, which is how stored
-histories hold them) or a SID string. Resolution checks everything and raises
-one ``InvalidInput`` listing every bad entry by kind, so a client fixes a
-request in one round trip. Stored entries are written in the normalised form
-``HistoryEvent.stored()`` returns.
+histories hold them), a SID string, or an ``{"external_id": ...}`` object: the
+item's id in its owner's catalog, which the catalog knows when the checkpoint
+was trained on data with an ``item_map.json``. The object form keeps every
+string's meaning as it was, whatever the owner's ids look like (a SKU of digits
+would read as an item id). Resolution checks everything and raises one
+``InvalidInput`` listing every bad entry by kind, so a client fixes a request in
+one round trip. Stored entries are written in the normalised form
+``HistoryEvent.stored()`` returns: an item named by its external id is stored
+by its item id.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 
 from models.sid_catalog import Sid, SidCatalog, level_token, parse_sid, sid_to_str
 from service.errors import InvalidInput, shorten
+from service.schemas import ExternalItemRef
 
 MAX_LISTED = 10  # bad entries quoted per kind in an error message
 
@@ -32,13 +38,23 @@ def _listed(values: Sequence[object]) -> str:
     return f"[{shown}{', ...' if len(values) > MAX_LISTED else ''}] ({len(values)})"
 
 
-def resolve_entries(catalog: SidCatalog, entries: Iterable[int | str], field: str) -> list[HistoryEvent]:
+def resolve_entries(
+    catalog: SidCatalog, entries: Iterable[int | str | ExternalItemRef], field: str
+) -> list[HistoryEvent]:
     """Resolve every entry or raise ``InvalidInput(field, ...)`` listing all the bad ones."""
     events: list[HistoryEvent] = []
     unknown_ids: list[int | str] = []
+    unknown_external: list[str] = []
     malformed: list[str] = []
     unknown_sids: list[str] = []
     for entry in entries:
+        if isinstance(entry, ExternalItemRef):
+            item_id = catalog.item_of_external_id.get(entry.external_id)
+            if item_id is None:
+                unknown_external.append(entry.external_id)
+            else:
+                events.append(HistoryEvent(item_id, catalog.items[item_id].sid))
+            continue
         if isinstance(entry, int) or (entry.isascii() and entry.isdigit()):
             # a 30-digit id is no catalog id; the bound also keeps int() away from huge strings
             item = catalog.items.get(int(entry)) if len(str(entry)) <= 20 else None
@@ -59,11 +75,22 @@ def resolve_entries(catalog: SidCatalog, entries: Iterable[int | str], field: st
     problems = []
     if unknown_ids:
         problems.append(f"unknown item ids {_listed(unknown_ids)}")
+    if unknown_external and catalog.external_ids is None:
+        problems.append(
+            f"external ids {_listed(unknown_external)} given, but this checkpoint's catalog has none (it was trained "
+            "on data without item_map.json): name the items by item id or SID"
+        )
+    elif unknown_external:
+        problems.append(f"unknown external ids {_listed(unknown_external)}")
     if malformed:
         example = "".join(level_token(level, level + 1) for level in range(catalog.depth))  # <a_1><b_2><c_3> for 3
         problems.append(f"malformed SIDs {_listed(malformed)}: expected {catalog.depth} tokens like {example}")
     if unknown_sids:
         problems.append(f"SIDs not in the catalog {_listed(unknown_sids)}")
+    # a client that sent its own ids bare: say which form they take
+    bare = [e for e in [*unknown_ids, *malformed, *unknown_sids] if str(e) in catalog.item_of_external_id]
+    if bare:
+        problems.append(f'{_listed(bare)} are external ids: send each as {{"external_id": ...}}')
     if problems:
         raise InvalidInput(field, "; ".join(problems))
     return events

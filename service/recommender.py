@@ -75,11 +75,12 @@ from models.ved_config import resolve_budget
 from service.answer import CACHE_FORMAT, Answer, RankedSid, SearchReport
 from service.deadline import DeadlineMargin
 from service.decode_scheduler import SHED, DecodeJob, DecodeRow, DecodeScheduler
-from service.errors import InvalidInput, NotFound, StoreUnavailable
+from service.errors import InvalidInput, NotFound, StoreUnavailable, shorten
 from service.history import HistoryEvent, excluded_items, fully_excluded_sids, resolve_entries, resolve_stored
 from service.metrics import ServiceMetrics
 from service.schemas import (
     EventsResponse,
+    ExternalItemRef,
     HistoryItem,
     HistoryResponse,
     ItemResponse,
@@ -188,7 +189,12 @@ class Recommender(DecodeScheduler):
                 write_by = None if answer_by is None else min(answer_by, time.perf_counter() + share_s)
                 await self._cache_set(key, answer, write_by)
         return RecommendResponse(
-            items=[RecommendedItem(**asdict(it)) for it in answer.items],
+            # external ids come from the loaded catalog, not the cache: a cached answer's item ids are this
+            # checkpoint's (its key holds the model version), and entries keep their layout (CACHE_FORMAT)
+            items=[
+                RecommendedItem(**asdict(it), external_ids=self.catalog.external_ids_of(it.item_ids))
+                for it in answer.items
+            ],
             mode=req.mode,
             cap_hit=answer.cap_hit,
             search=SearchStats(**asdict(answer.search)) if answer.search is not None else None,
@@ -391,7 +397,7 @@ class Recommender(DecodeScheduler):
             )
 
     async def append_events(
-        self, user_id: str, entries: Sequence[int | str], idempotency_key: str | None = None
+        self, user_id: str, entries: Sequence[int | str | ExternalItemRef], idempotency_key: str | None = None
     ) -> tuple[EventsResponse, bool]:
         """The response, and whether it replays an earlier write under the same ``idempotency_key``."""
         events = resolve_entries(self.catalog, entries, "items")
@@ -426,6 +432,7 @@ class Recommender(DecodeScheduler):
                 item_id=e.item_id,
                 sid=sid_to_str(e.sid),
                 title=self.catalog.items[e.item_id].title if e.item_id is not None else None,
+                external_id=self.catalog.external_id_of(e.item_id) if e.item_id is not None else None,
             )
             for e in stored
         ]
@@ -435,7 +442,15 @@ class Recommender(DecodeScheduler):
         item = self.catalog.items.get(item_id)
         if item is None:
             raise NotFound(f"item_id: unknown item {item_id}")
-        return ItemResponse(item_id=item.item_id, sid=sid_to_str(item.sid), title=item.title)
+        external_id = self.catalog.external_id_of(item.item_id)
+        return ItemResponse(item_id=item.item_id, sid=sid_to_str(item.sid), title=item.title, external_id=external_id)
+
+    def item_by_external_id(self, external_id: str) -> ItemResponse:
+        item_id = self.catalog.item_of_external_id.get(external_id)
+        if item_id is None:
+            why = "" if self.catalog.external_ids is not None else " (this checkpoint's catalog has no external ids)"
+            raise NotFound(f"external_id: unknown external id {shorten(repr(external_id))}{why}")
+        return self.item(item_id)
 
     async def readiness(self) -> Readiness:
         if self.store.kind == "redis":

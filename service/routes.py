@@ -154,8 +154,14 @@ def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
 
     @router.get("/items/{item_id}", responses=_errors(404), tags=["items"])
     async def item(item_id: PathInt, recommender: RecommenderDep) -> ItemResponse:
-        """One catalog item: its SID and title."""
+        """One catalog item: its SID, title and external id."""
         return recommender.item(item_id)
+
+    @router.get("/items/external/{external_id:path}", responses=_errors(404), tags=["items"])
+    async def item_by_external_id(external_id: str, recommender: RecommenderDep) -> ItemResponse:
+        """One catalog item by its own id in your catalog (which may hold `/`); 404 when no item has it (as
+        when the checkpoint has no external ids)."""
+        return recommender.item_by_external_id(external_id)
 
     @router.get("/healthz", tags=["ops"])
     async def healthz() -> Health:

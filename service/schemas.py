@@ -16,13 +16,20 @@ import re
 from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    create_model,
+    model_validator,
+)
 
 from models.beam_search import BeamSearchConfig
 from models.ved_config import VEDConfig
 from service.settings import Settings
-
-HistoryEntry = int | str  # an item id, or a SID string such as "<a_1><b_2><c_3>"
 
 
 def _decimal_digits(value: object) -> object:
@@ -37,13 +44,50 @@ PathInt = Annotated[int, BeforeValidator(_decimal_digits)]  # an integer path pa
 Mode = Literal["beam", "ved"]
 
 
+class ExternalItemRef(BaseModel):
+    """An item named by its external id: an object, so that no string changes meaning (a string of digits is an
+    item id, any other string a SID, whatever the catalog's own ids look like)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    external_id: str = Field(
+        min_length=1,
+        description="The item's own id in your catalog (item_map.json of the data the checkpoint was trained on, "
+        "as vstar import writes it); a checkpoint without external ids takes none.",
+    )
+
+
+def _entry_form(value: object) -> str | None:
+    """Which form a history entry takes, told by its JSON type alone (None: no form, one error that names them
+    all, rather than one per form that it failed)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "int"
+    if isinstance(value, str):
+        return "str"
+    return "ExternalItemRef" if isinstance(value, dict | ExternalItemRef) else None
+
+
+# an item id (an int, or a string of decimal digits as stored histories hold them), a SID string such as
+# "<a_1><b_2><c_3>", or {"external_id": ...}
+HistoryEntry = Annotated[
+    Annotated[int, Tag("int")] | Annotated[str, Tag("str")] | Annotated[ExternalItemRef, Tag("ExternalItemRef")],
+    Discriminator(
+        _entry_form,
+        custom_error_type="history_entry",
+        custom_error_message='expected an item id, a SID string or an {"external_id": ...} object',
+    ),
+]
+HISTORY_HELP = 'Item ids, SID strings or {"external_id": ...} objects, oldest first.'
+EVENTS_HELP = 'Interactions to append, oldest first: item ids, SID strings or {"external_id": ...} objects.'
+
+
 class RecommendRequest(BaseModel):
     """Unbounded base; the app serves the subclass made by ``request_models``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: str | None = Field(None, description="Use this user's stored history (plus `history`, if given).")
-    history: list[HistoryEntry] | None = Field(None, description="Item ids or SID strings, oldest first.")
+    history: list[HistoryEntry] | None = Field(None, description=HISTORY_HELP)
     k: int = Field(10, description="How many recommendations.")
     mode: Mode = Field(
         "beam",
@@ -86,13 +130,17 @@ class RecommendRequest(BaseModel):
 class EventsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    items: list[HistoryEntry] = Field(description="Interactions to append, oldest first: item ids or SID strings.")
+    items: list[HistoryEntry] = Field(description=EVENTS_HELP)
 
 
 class RecommendedItem(BaseModel):
     sid: str
     item_ids: list[int] = Field(description="Every catalog item with this SID (a SID may name several).")
     titles: list[str]
+    external_ids: list[str] | None = Field(
+        description="The items' own ids in your catalog, in item_ids' order; null when the checkpoint has none "
+        "(trained on data without item_map.json)."
+    )
     score: float = Field(
         description="beam: summed log-probability of the SID; ved: the search's score (summed log-probability plus "
         "its value term); either plus the shallow fusion's bonus, w x log(1 + transition score), when the checkpoint "
@@ -134,6 +182,10 @@ class HistoryItem(BaseModel):
     item_id: int | None = Field(description="null when the event was given as a SID")
     sid: str
     title: str | None
+    external_id: str | None = Field(
+        description="The item's own id in your catalog; null when the event was given as a SID, or when the "
+        "checkpoint has no external ids."
+    )
 
 
 class HistoryResponse(BaseModel):
@@ -151,6 +203,7 @@ class ItemResponse(BaseModel):
     item_id: int
     sid: str
     title: str
+    external_id: str | None = Field(description="The item's own id in your catalog; null when the checkpoint has none.")
 
 
 class Health(BaseModel):
@@ -198,7 +251,7 @@ def request_models(settings: Settings) -> RequestModels:
                 max_length=settings.max_request_history,
                 # empty is fine beside a user_id (a client with no events of its own); alone, it is refused by
                 # name (the recommender: "give a non-empty history, or a user_id with a stored history")
-                description="Item ids or SID strings, oldest first.",
+                description=HISTORY_HELP,
             ),
         ),
         k=(int, Field(settings.default_k, ge=1, le=settings.max_k, description="How many recommendations.")),
@@ -221,7 +274,7 @@ def request_models(settings: Settings) -> RequestModels:
             Field(
                 min_length=1,
                 max_length=settings.max_events,
-                description="Interactions to append, oldest first: item ids or SID strings.",
+                description=EVENTS_HELP,
             ),
         ),
     )

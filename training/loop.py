@@ -14,6 +14,8 @@
   on other data; the error names the settings that differ (``differences``).
   The folders' names are ``training.run_files``'. ``require_kept``: the model
   a resumed run kept at ``out`` must be there and whole before it trains on.
+* ``carry_external_ids``: a run's checkpoints carry its data's external ids
+  (item_map.json), whatever the checkpoint it resumes or starts from held.
 * ``Checkpointer``: one validation: score the selection rows (HR@10, ties
   NDCG@10, by beam search), keep the best model at ``out`` and the latest
   state at ``<out>.resume``; rank 0 writes, all ranks wait. With no selection
@@ -185,6 +187,7 @@ def load_resume(
         raise ValueError(f"--resume: {folder} holds the state of a vstar {stage} run, not of a vstar {wanted} run: "
                          f"resume it with vstar {stage} --resume, or give vstar {wanted} another --out")  # fmt: skip
     require_same_data(folder, loaded.manifest, data)
+    carry_external_ids(loaded.policy, data)
     trainer_state = loaded.trainer_state()
     if trainer_state is None:
         raise ValueError(f"--resume: {folder} holds no trainer state ({TRAINER_STATE} is missing)")
@@ -192,6 +195,16 @@ def load_resume(
     if changed:
         raise ValueError(f"--resume: {folder} was written with {differs} ({'; '.join(changed)}){RESTART}")
     return loaded, trainer_state
+
+
+def carry_external_ids(policy: Policy, data: RecDataset) -> None:
+    """Give ``policy`` (loaded to train on ``data``, its catalog's SIDs checked equal) ``data``'s external ids, so
+    the checkpoints the run writes name items as the data does now: a checkpoint written before the folder had its
+    item_map.json gains them, one of an older map is brought up to date. Data without a map keeps the checkpoint's
+    own (they name the same items). They are no part of the run's identity: they change no score."""
+    wanted = data.catalog.external_ids
+    if wanted is not None and wanted != policy.catalog.external_ids:
+        policy.catalog = policy.catalog.with_external_ids(wanted)
 
 
 def require_same_data(folder: Path, manifest: dict[str, Any], data: RecDataset) -> None:

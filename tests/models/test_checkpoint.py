@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.beam_search import BeamSearchConfig, beam_search
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, content_digest, load_checkpoint, save_checkpoint
 from models.policy import Policy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +67,66 @@ def test_bad_folders_fail_with_named_problem(tiny_policy: Policy, tmp_path: Path
     manifest = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
     with pytest.raises(CheckpointError, match="format_version 99"):
+        load_checkpoint(path)
+
+
+def named_policy(policy: Policy) -> Policy:
+    """``policy`` with a catalog that knows its items' external ids (the same model, not a copy)."""
+    external = {i: f"SKU/{i:03d}" for i in policy.catalog.items}
+    return Policy(policy.model, policy.tokenizer, policy.catalog.with_external_ids(external), policy.prompt)
+
+
+def test_external_ids_round_trip_in_their_own_file(tiny_policy: Policy, tmp_path: Path) -> None:
+    named = named_policy(tiny_policy)
+    path = save_checkpoint(tmp_path / "named", named)
+    assert json.loads((path / "item_map.json").read_text()) == {
+        str(i): e for i, e in named.catalog.external_ids.items()
+    }
+    catalog = load_checkpoint(path).policy.catalog
+    assert catalog.external_ids == named.catalog.external_ids and catalog.item_of_external_id["SKU/007"] == 7
+    assert catalog.to_index() == tiny_policy.catalog.to_index()
+
+
+def test_a_checkpoint_without_external_ids_is_written_and_loads_as_before(tiny_policy: Policy, tmp_path: Path) -> None:
+    """No item_map.json, and catalog.json as it always was: older code reads it, and checkpoints written before
+    external ids existed (this very shape) load with none."""
+    path = save_checkpoint(tmp_path / "plain", tiny_policy)
+    assert not (path / "item_map.json").exists()
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == 1
+    assert json.loads((path / "catalog.json").read_text()) == {
+        "depth": 3,
+        "items": {str(i): {"sid": "".join(it.sid), "title": it.title} for i, it in tiny_policy.catalog.items.items()},
+    }
+    loaded = load_checkpoint(path).policy.catalog
+    assert loaded.external_ids is None and loaded.item_of_external_id == {}
+    named = save_checkpoint(tmp_path / "named", named_policy(tiny_policy))
+    (named / "item_map.json").unlink()  # what a checkpoint written before this change holds
+    assert load_checkpoint(named).policy.catalog.external_ids is None
+
+
+def test_external_ids_are_not_part_of_the_content_digest(tiny_policy: Policy, tmp_path: Path) -> None:
+    """They name items and change no score: a resumed RL run's --init that gained them is still its init."""
+    plain = save_checkpoint(tmp_path / "plain", tiny_policy)
+    named = save_checkpoint(tmp_path / "named", named_policy(tiny_policy))
+    assert content_digest(plain) == content_digest(named)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1]", "item_map.json holds list, expected an object"),
+        ("{", "item_map.json is not valid JSON"),
+        ('{"x": "a"}', "item_map.json is malformed: key 'x' is not an item id"),
+        (
+            '{"0": "a"}',
+            "item_map.json is malformed: external ids: no entry for items 1, 2, 3, 4, 5 and 114 more",
+        ),
+    ],
+)
+def test_a_malformed_item_map_is_named(tiny_policy: Policy, tmp_path: Path, text: str, message: str) -> None:
+    path = save_checkpoint(tmp_path / "named", named_policy(tiny_policy))
+    (path / "item_map.json").write_text(text)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path}: {message}"):
         load_checkpoint(path)
 
 

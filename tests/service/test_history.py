@@ -7,6 +7,7 @@ import pytest
 from models.sid_catalog import SidCatalog
 from service.errors import InvalidInput
 from service.history import resolve_entries
+from service.schemas import ExternalItemRef
 from tests.conftest import make_catalog
 
 
@@ -23,3 +24,24 @@ def test_a_sid_of_more_tokens_than_levels_is_malformed_not_a_500(tiny_catalog: S
     nine = "<a_1><b_1><c_1><d_1><e_1><f_1><g_1><h_1><a_1>"
     with pytest.raises(InvalidInput, match=r"^history: malformed SIDs \['<a_1>.*\(1\): expected 3 tokens"):
         resolve_entries(tiny_catalog, [nine], "history")
+
+
+def test_external_ids_resolve_to_their_items_and_unknown_ones_are_listed(tiny_catalog: SidCatalog) -> None:
+    named = tiny_catalog.with_external_ids({i: f"SKU-{i}" for i in tiny_catalog.items})
+    events = resolve_entries(named, [ExternalItemRef(external_id="SKU-7"), 7], "history")
+    assert events[0] == events[1] and events[0].stored() == "7"  # stored by item id, as the same item given so
+    with pytest.raises(InvalidInput, match=r"^items: unknown external ids \['7', 'SKU-x'\] \(2\)$"):
+        resolve_entries(named, [ExternalItemRef(external_id="7"), ExternalItemRef(external_id="SKU-x")], "items")
+    with pytest.raises(InvalidInput, match=r"^history: external ids \['SKU-7'\] \(1\) given, but this checkpoint"):
+        resolve_entries(tiny_catalog, [ExternalItemRef(external_id="SKU-7")], "history")
+
+
+def test_a_bare_string_keeps_its_meaning_where_it_is_also_an_external_id(tiny_catalog: SidCatalog) -> None:
+    """Digits are an item id (and "5" is item 5 even where it is another item's SKU); the error names the form."""
+    named = tiny_catalog.with_external_ids({i: str(90000 + i) if i else "5" for i in tiny_catalog.items})
+    assert resolve_entries(named, ["5"], "history")[0].item_id == 5
+    assert resolve_entries(named, [ExternalItemRef(external_id="5")], "history")[0].item_id == 0
+    with pytest.raises(
+        InvalidInput, match=r"""\['90003'\] \(1\) are external ids: send each as \{"external_id": \.\.\.\}$"""
+    ):
+        resolve_entries(named, ["90003"], "history")

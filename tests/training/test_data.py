@@ -20,6 +20,7 @@ from training.data.dataset import (
     COLUMNS,
     DataError,
     Sample,
+    check_catalog,
     load_dataset,
     load_minionerec,
     parse_splits,
@@ -167,6 +168,57 @@ def test_unreadable_files_are_named(
     else:
         with (data / name).open("wb") as f:  # np.save refuses nothing, so each bad array is written as it is
             np.lib.format.write_array(f, arrays[str(content)], allow_pickle=True)
+    with pytest.raises(DataError, match=message):
+        load_dataset(data)
+
+
+def write_item_map(data: Path, external: dict) -> None:
+    (data / "item_map.json").write_text(json.dumps({str(k): v for k, v in external.items()}))
+
+
+def test_item_map_gives_the_catalog_external_ids(tiny_data_dir: Path, tmp_path: Path, tiny_dataset) -> None:
+    """item_map.json (as vstar import writes it) names the items; the data's fingerprint and check_catalog leave
+    it out: a checkpoint trained on the folder before it had the file still fits it, and resumes on it."""
+    assert tiny_dataset.catalog.external_ids is None
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    write_item_map(data, {i: f"B0{i:04d}" for i in range(120)})
+    named = load_dataset(data)
+    assert named.catalog.external_ids == {i: f"B0{i:04d}" for i in range(120)}
+    assert named.catalog.item_of_external_id["B00042"] == 42 and named.splits == tiny_dataset.splits
+    assert named.fingerprint() == tiny_dataset.fingerprint()
+    check_catalog(tiny_dataset.catalog, named, "--checkpoint")
+    check_catalog(named.catalog, tiny_dataset, "--checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"[]", "item_map.json: expected a JSON object"),
+        (b"{", "item_map.json:1: invalid JSON"),
+        (b"\xff", "item_map.json: not UTF-8 text"),
+        (b'{"0": "a", "0": "b"}', "item_map.json: key '0' appears twice in one object"),
+        (b'{"1": "a", "01": "b"}', "item_map.json: keys '1' and '01' both name item 1"),
+        (b'{"x": "a"}', r"item_map.json: key 'x' is not an item id \(decimal digits\)"),
+        ("drop 5", "item_map.json: no entry for item 5 of the catalog's 120 items: every item needs its own id"),
+        ("add 120", r"item_map.json: item 120 is not in the catalog \(another catalog's file\?\)"),
+        ("empty 3", "item_map.json: item 3: expected its own id as non-empty text, got ''"),
+        ("number 3", "item_map.json: item 3: expected its own id as non-empty text, got 3"),
+        ("repeat 7", "item_map.json: items 6 and 7 both have the id 'P6': each item needs its own"),
+    ],
+)
+def test_a_bad_item_map_is_named(tiny_data_dir: Path, tmp_path: Path, content: object, message: str) -> None:
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    if isinstance(content, bytes):
+        (data / "item_map.json").write_bytes(content)
+    else:
+        external: dict[int, object] = {i: f"P{i}" for i in range(120)}
+        how, item = str(content).split()
+        changes = {"empty": "", "number": int(item), "repeat": f"P{int(item) - 1}", "add": "P-new"}
+        if how == "drop":
+            del external[int(item)]
+        else:
+            external[int(item)] = changes[how]
+        write_item_map(data, external)
     with pytest.raises(DataError, match=message):
         load_dataset(data)
 

@@ -226,6 +226,7 @@ def test_the_readme_flow_loads_with_the_projects_loader(tmp_path: Path) -> None:
     titles = json.loads((out / "item.json").read_text())
     external = json.loads((out / "item_map.json").read_text())
     assert all(titles[k]["title"] == f"product {int(v[2:])}" for k, v in external.items())
+    assert ds.catalog.external_ids == {int(k): v for k, v in external.items()}  # the loader reads the map back
 
 
 def test_json_lines_and_epoch_seconds(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from models.ved_config import VEDConfig, checkpoint_ved_config
 from training.bench.rl_bench import clone
 from training.cli.options import select_rows
 from training.data.dataset import RecDataset, Sample, popular_sids
+from training.loop import carry_external_ids
 from training.rl.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
 from training.rl.loss import clipped_pg, k3_kl, policy_loss
 from training.rl.rollout import beam_source, collect
@@ -941,3 +942,20 @@ def test_a_run_on_rows_its_sft_init_fitted_is_warned(
         summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
     assert summary["init_trained_on_train_rows"] == fitted
     assert ("RL on rows the SFT model had fitted" in caplog.text) == bool(fitted)
+
+
+def test_an_rl_run_carries_its_datas_external_ids(
+    tiny_policy: Policy, tiny_dataset: RecDataset, tmp_path: Path
+) -> None:
+    """From an init written before its data had item_map.json, the RL checkpoint names items as the data does;
+    data without a map keeps the checkpoint's own (they name the same items)."""
+    external = {i: f"SKU-{i}" for i in tiny_dataset.catalog.items}
+    named = replace(tiny_dataset, catalog=tiny_dataset.catalog.with_external_ids(external))
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft"})  # no external ids
+    config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8)
+    train_rl(named, init, tmp_path / "rl", config, progress=False)
+    assert load_checkpoint(tmp_path / "rl").policy.catalog.external_ids == external
+    assert load_checkpoint(resume_folder(tmp_path / "rl")).policy.catalog.external_ids == external
+    kept = load_checkpoint(tmp_path / "rl").policy
+    carry_external_ids(kept, tiny_dataset)
+    assert kept.catalog.external_ids == external

@@ -708,3 +708,12 @@ def test_max_history_is_the_prompts_window_and_the_checkpoint_keeps_it(
     assert 0 < cut and f"{cut} of {len(rows)} training rows have more than 2 history items" in caplog.text
     refused = CliRunner().invoke(app, [*args[:-1], "0", "--force"])
     assert refused.exit_code == 2 and "--max-history" in refused.output
+
+
+def test_an_sft_checkpoint_carries_its_datas_external_ids(tiny_dataset, tmp_path: Path) -> None:
+    """Trained on a folder with item_map.json, the checkpoint knows the items' own ids for the service."""
+    external = {i: f"SKU-{i}" for i in tiny_dataset.catalog.items}
+    named = replace(tiny_dataset, catalog=tiny_dataset.catalog.with_external_ids(external))
+    config = SFTConfig(preset="tiny", max_steps=1, batch_size=16, eval_limit=4, seed=3)
+    train_sft(named, tmp_path / "named", config, progress=False)
+    assert load_checkpoint(tmp_path / "named").policy.catalog.external_ids == external

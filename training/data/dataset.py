@@ -6,6 +6,7 @@ Folder layout (``--data DIR``, as ../shared/data/amazon-industrial and ``vstar s
     index.json                     item id -> [SID tokens]
     item.json                      item id -> {"title": ...}
     item_emb.npy                   (items, dim) float32, row i = item i (optional)
+    item_map.json                  item id -> the owner's own id, as vstar import writes it (optional)
 
 MiniOneRec's own checkout (``--minionerec-root ROOT --dataset NAME``)::
 
@@ -19,6 +20,10 @@ is where the record starts: a line cut inside a quoted field makes csv read on
 into the next lines, and the error says so. The SID columns are checked, then dropped:
 the index is the single source of truth for SIDs. Writing a data set, or its
 split files with a new index's SIDs, is ``training.data.dataset_writer``.
+
+``item_map.json`` gives the catalog its external ids (``models.sid_catalog``), which checkpoints carry to
+the service; checked whole, it is left out of the data's fingerprint, as of ``check_catalog``: no row or
+score depends on it (and checkpoints trained on an imported folder before it was read still match their data).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.sid_catalog import Item, SidCatalog, parse_sid, sid_to_str
+from models.sid_catalog import Item, SidCatalog, external_ids_from_json, external_ids_problem, parse_sid, sid_to_str
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -153,7 +158,8 @@ def warn_if_nothing_selects(data: RecDataset, rule: HoldoutRule) -> None:
 
 def check_catalog(catalog: SidCatalog, data: RecDataset, option: str) -> None:
     """The checkpoint given by ``option`` was trained on ``data``'s catalog (the same item -> SID map): its
-    SIDs would otherwise name other items, and every score would be wrong without a word."""
+    SIDs would otherwise name other items, and every score would be wrong without a word. External ids are not
+    compared: they change no score (a checkpoint written before the folder had its item_map.json still fits)."""
     if catalog.to_index() != data.catalog.to_index():
         raise ValueError(f"{option}: the checkpoint was trained on another catalog than {data.name}: its SIDs differ")
 
@@ -188,8 +194,25 @@ def load_dataset(data_dir: str | Path) -> RecDataset:
         raise DataError(f"data folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     files = {s: root / f"{s}.csv" for s in SPLITS}
     files |= {"index": root / "index.json", "item": root / "item.json"}
-    emb = root / "item_emb.npy"
-    return _load(root.name, files, emb if emb.exists() else None)
+    emb, item_map = root / "item_emb.npy", root / "item_map.json"
+    data = _load(root.name, files, emb if emb.exists() else None)
+    if item_map.exists():
+        data.catalog = data.catalog.with_external_ids(read_item_map(item_map, data.catalog))
+    return data
+
+
+def read_item_map(path: Path, catalog: SidCatalog) -> dict[int, str]:
+    """``item_map.json`` (item id -> the owner's id) checked against ``catalog``, or a DataError naming the file
+    and the problem."""
+    data = read_json_object(path)
+    try:
+        external_ids = external_ids_from_json(data)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    problem = external_ids_problem(external_ids, catalog.items.keys())
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
+    return external_ids
 
 
 def load_minionerec(root: str | Path, dataset: str) -> RecDataset:

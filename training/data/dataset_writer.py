@@ -85,9 +85,12 @@ def write_dataset(
     meta: dict[int, dict[str, str]],
     embeddings: np.ndarray | None,
 ) -> None:
-    """Write a data set in the folder layout (used by ``vstar synth`` and tests)."""
+    """Write a data set in the folder layout (used by ``vstar synth`` and tests); ``item_map.json`` too when the
+    catalog has external ids."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").write_text(json.dumps(catalog.to_index()))
+    if catalog.external_ids is not None:
+        (out / "item_map.json").write_text(json.dumps({str(k): v for k, v in sorted(catalog.external_ids.items())}))
     (out / "item.json").write_text(json.dumps({str(k): v for k, v in sorted(meta.items())}))
     if embeddings is not None:
         np.save(out / "item_emb.npy", embeddings.astype(np.float32))

@@ -5,8 +5,9 @@ Input: an events file (``user_id,item_id,timestamp``; other columns are ignored)
 user's own ids (SKUs, any text).
 Output: the folder that README's "Your own catalog" otherwise has the user write by hand: ``item.json``
 keyed 0..N-1, ``train.csv`` / ``valid.csv`` / ``test.csv`` in MiniOneRec's columns with the two SID columns
-empty (``vstar sids --update-splits`` fills them), ``item_map.json`` (vstar id -> the user's id, since the
-service answers with vstar ids) and ``stats.json`` (what was read, dropped and written).
+empty (``vstar sids --update-splits`` fills them), ``item_map.json`` (vstar id -> the user's id, which the
+checkpoints trained on the folder carry, so the service answers with it and takes it) and ``stats.json`` (what
+was read, dropped and written).
 
 The rule is MiniOneRec's (../shared/data/amazon-industrial/README.md). Design decisions:
 

@@ -90,6 +90,7 @@ from training.loop import (
     Diverged,
     Schedule,
     TrainState,
+    carry_external_ids,
     epoch_batches,
     load_resume,
     require_kept,
@@ -335,6 +336,7 @@ def train_rl(
     select_rows = held_out[: config.eval_limit]
     start_ckpt = load_checkpoint(init, device)
     check_catalog(start_ckpt.policy.catalog, data, "--init")
+    carry_external_ids(start_ckpt.policy, data)
     fitted = sft_trained_on(start_ckpt.manifest.get("sft_config"), data, train_rows)  # the init's, read once
     if fitted and is_main():
         warn_fitted_rows(init, fitted, len(train_rows))
