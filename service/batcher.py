@@ -120,11 +120,14 @@ class MicroBatcher(Generic[J, R]):
             batch = await self._collect()
             groups: dict[Hashable, list[_Pending[J, R]]] = {}
             for pending in batch:
-                if not pending.future.done():  # the client may have gone away while it queued
-                    groups.setdefault(pending.key, []).append(pending)
+                groups.setdefault(pending.key, []).append(pending)
             self._decoding, self._arrived_while_decoding = True, 0
             for key, group in groups.items():
-                await self._run_group(loop, key, group)
+                # read when the group's turn comes, not when the batch formed: a client that hung up (or a
+                # VED request its hard cap answered) while an earlier group decoded is still queued, and dropped
+                live = [p for p in group if not p.future.done()]
+                if live:
+                    await self._run_group(loop, key, live)
             self._decoding, self._in_hand = False, []
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, key: Hashable, group: list[_Pending[J, R]]) -> None:

@@ -142,3 +142,33 @@ def test_stopping_fails_the_jobs_in_hand_as_well_as_the_queued_ones() -> None:
 
     errors = asyncio.run(scenario())
     assert all(isinstance(e, RuntimeError) and str(e) == "server shutting down" for e in errors), errors
+
+
+def test_a_job_that_left_while_an_earlier_group_decoded_is_never_decoded() -> None:
+    """One batch, two groups: the second group's request is answered elsewhere (its client hung up, or the hard
+    cap's timer answered it) while the first group decodes; its decode is then never run, as a queued one's."""
+    started, release = threading.Event(), threading.Event()
+    decoded: list[tuple[Hashable, list[int]]] = []
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        decoded.append((key, list(jobs)))
+        started.set()
+        release.wait(10)
+        return list(jobs)
+
+    async def scenario() -> tuple[int, bool]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher: MicroBatcher[int, int] = MicroBatcher(run, pool, max_size=4, max_wait_s=0.0)
+            batcher.start()
+            first = batcher.enqueue("slow", 1)  # both queued before the batcher runs: one batch, two groups
+            second = batcher.enqueue("other", 2)
+            assert await asyncio.to_thread(started.wait, 10)  # the first group holds the model thread
+            second.cancel()  # the client hung up meanwhile
+            release.set()
+            answer = await first
+            await asyncio.sleep(0.05)  # the batcher's loop would have reached the second group by now
+            await batcher.stop()
+            return answer, second.cancelled()
+
+    assert asyncio.run(scenario()) == (1, True)
+    assert decoded == [("slow", [1])], decoded
