@@ -11,7 +11,7 @@ as a miss.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 # the layout of a cached ``Answer``, part of the cache key: a service that stores answers another way must
 # not read (or be read by) the entries of another version sharing its Redis, in a rolling upgrade
@@ -48,7 +48,11 @@ class Answer:
     search: SearchReport | None
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        # the JSON ``dataclasses.asdict`` would give, without its deep copy of every list (the dataclasses are
+        # flat, so each one's ``vars`` is its fields in order)
+        search = vars(self.search) if self.search is not None else None
+        items = [vars(it) for it in self.items]
+        return json.dumps({"items": items, "cap_hit": self.cap_hit, "search": search}).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Answer:

@@ -64,7 +64,6 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import asdict
 from typing import Any, TypeVar
 
 from models.beam_search import BeamSearchConfig
@@ -190,14 +189,21 @@ class Recommender(DecodeScheduler):
                 await self._cache_set(key, answer, write_by)
         return RecommendResponse(
             # external ids come from the loaded catalog, not the cache: a cached answer's item ids are this
-            # checkpoint's (its key holds the model version), and entries keep their layout (CACHE_FORMAT)
+            # checkpoint's (its key holds the model version), and entries keep their layout (CACHE_FORMAT);
+            # field by field: ``dataclasses.asdict`` deep-copies every list, which took 60% of a cache hit's time
             items=[
-                RecommendedItem(**asdict(it), external_ids=self.catalog.external_ids_of(it.item_ids))
+                RecommendedItem(
+                    sid=it.sid,
+                    item_ids=it.item_ids,
+                    titles=it.titles,
+                    score=it.score,
+                    external_ids=self.catalog.external_ids_of(it.item_ids),
+                )
                 for it in answer.items
             ],
             mode=req.mode,
             cap_hit=answer.cap_hit,
-            search=SearchStats(**asdict(answer.search)) if answer.search is not None else None,
+            search=SearchStats(**vars(answer.search)) if answer.search is not None else None,
             model_version=self.model_version,
             server_time_ms=round((time.perf_counter() - started) * 1000, 3),
             history_length=len(events),

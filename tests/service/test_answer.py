@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,6 +32,13 @@ report = st.builds(
 def test_an_answer_reads_back_as_itself(answer: Answer) -> None:
     assert Answer.from_json(answer.to_json()) == answer
     assert Answer.from_json(answer.to_json().decode()) == answer
+
+
+@given(st.builds(Answer, items=st.lists(ranked, max_size=5), cap_hit=st.booleans(), search=st.none() | report))
+def test_the_cached_bytes_are_the_layout_of_cache_format_1(answer: Answer) -> None:
+    """Byte for byte the JSON of ``dataclasses.asdict``, which wrote CACHE_FORMAT 1's entries: replicas of
+    one format share a Redis, so a faster encoding must not change what they read."""
+    assert answer.to_json() == json.dumps(asdict(answer)).encode()
 
 
 @pytest.mark.parametrize(
