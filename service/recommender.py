@@ -14,8 +14,10 @@ Design decisions:
   version and the normalised request: the SIDs the prompt actually sees (the
   last ``max_history``), when fused with transition counts the weight and the
   items of the counts' window (items sharing a SID rank apart then), the
-  exclusion set when exclusion is on, ``k``, the mode and, for VED only, budget
-  and cap.
+  exclusion set when exclusion is on, ``k``, the mode and, for VED only, the
+  budget resolved (none given and VED's own for its k are one entry). Not the
+  cap: only answers it did not cut are cached, and those are the full search's,
+  whatever the cap was (the search runs to its budget or an exhausted tree).
   An entry that does not read as an answer (corrupt) is a miss, logged, and
   the search's answer replaces it. A user's new event changes the key, so the
   cache never needs invalidating.
@@ -64,13 +66,14 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from models.beam_search import BeamSearchConfig
 from models.checkpoint import LoadedCheckpoint
 from models.sid_catalog import parse_sid, sid_to_str
 from models.value_head import ValueHead
-from models.ved_config import resolve_budget
+from models.ved_config import VEDConfig, resolve_budget
 from service.answer import CACHE_FORMAT, Answer, RankedSid, SearchReport
 from service.deadline import DeadlineMargin
 from service.decode_scheduler import SHED, DecodeJob, DecodeRow, DecodeScheduler
@@ -178,11 +181,12 @@ class Recommender(DecodeScheduler):
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
         seen = events[-self.max_prompt_history :]
         fused = self._fused_items(events)
-        key = self._cache_key(req, seen, fused, excluded) if self.settings.cache_ttl_s else None  # None: cache off
+        config = self._decode_config(req, excluded)
+        key = self._cache_key(req, config, seen, fused, excluded) if self.settings.cache_ttl_s else None  # None: off
         answer = await self._cache_get(key, reads_by) if key is not None else None
         cached = answer is not None
         if answer is None:
-            answer = await self._search(req, seen, fused, excluded, started, answer_by)
+            answer = await self._search(req, config, seen, fused, excluded, started, answer_by)
             if key is not None and not answer.cap_hit:
                 # as long as the reads had, up to the last chance
                 write_by = None if answer_by is None else min(answer_by, time.perf_counter() + share_s)
@@ -261,28 +265,35 @@ class Recommender(DecodeScheduler):
         elif error is not None:
             log.error("store call failed after its request gave up on it", exc_info=error, extra={"op": op})
 
+    def _decode_config(self, req: RecommendRequest, excluded: frozenset[int]) -> BeamSearchConfig | VEDConfig:
+        """The request's decoder config, normalised: beam no wider than the catalog, VED with its budget
+        resolved (VED's own for its k when the request gives none), so equal searches share a batch and a cache
+        entry; a budget below VED's least is ``InvalidInput``."""
+        config = req.to_decode_config(fully_excluded_sids(self.catalog, excluded), self.ved_settings)
+        if isinstance(config, BeamSearchConfig):
+            return BeamSearchConfig(min(config.num_beams, len(self.catalog.sids)))
+        try:
+            return replace(config, budget=resolve_budget(config, self.catalog.depth))
+        except ValueError as e:
+            extra = config.num_candidates - req.k  # the SIDs exclusion may remove: searched for on top of k
+            sids = f"{extra} SID{'s' if extra > 1 else ''} of the history it excludes"
+            because = f"k={req.k} plus the {sids}" if extra else f"k={req.k}"
+            raise InvalidInput("budget", f"{e} ({because})") from None
+
     async def _search(
         self,
         req: RecommendRequest,
+        config: BeamSearchConfig | VEDConfig,
         seen: list[HistoryEvent],
         fused: tuple[int, ...],
         excluded: frozenset[int],
         started: float,
         answer_by: float | None,
     ) -> Answer:
-        config = req.to_decode_config(fully_excluded_sids(self.catalog, excluded), self.ved_settings)
         history = tuple(e.sid for e in seen)
         if isinstance(config, BeamSearchConfig):
-            config = BeamSearchConfig(min(config.num_beams, len(self.catalog.sids)))
             row = await self.batcher.submit(config, DecodeJob(history, items=fused))
             return Answer(self._rank(row, excluded, req.k), cap_hit=False, search=None)
-        try:
-            resolve_budget(config, self.catalog.depth)
-        except ValueError as e:
-            extra = config.num_candidates - req.k  # the SIDs exclusion may remove: searched for on top of k
-            sids = f"{extra} SID{'s' if extra > 1 else ''} of the history it excludes"
-            because = f"k={req.k} plus the {sids}" if extra else f"k={req.k}"
-            raise InvalidInput("budget", f"{e} ({because})") from None
         assert answer_by is not None
         # the search's overrun must end before the hard cap's last chance, not before the cap itself
         deadline = self.deadline_margin.deadline(started, (answer_by - started) * 1000)
@@ -366,7 +377,12 @@ class Recommender(DecodeScheduler):
         return tuple(-1 if e.item_id is None else e.item_id for e in events[-self.fusion.counts.window :])
 
     def _cache_key(
-        self, req: RecommendRequest, seen: list[HistoryEvent], fused: tuple[int, ...], excluded: frozenset[int]
+        self,
+        req: RecommendRequest,
+        config: BeamSearchConfig | VEDConfig,
+        seen: list[HistoryEvent],
+        fused: tuple[int, ...],
+        excluded: frozenset[int],
     ) -> str:
         norm: dict[str, Any] = {
             "f": CACHE_FORMAT,
@@ -378,8 +394,8 @@ class Recommender(DecodeScheduler):
         }
         if self.fusion is not None:  # the items themselves rank, not only their SIDs, and by the weight served
             norm |= {"t": list(fused), "w": self.fusion.weight}
-        if req.mode == "ved":
-            norm |= {"b": req.budget, "l": req.cap_ms(self.settings)}
+        if isinstance(config, VEDConfig):  # the budget resolved; never the cap: an answer it cut is not cached
+            norm["b"] = config.budget
         return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()
 
     async def _cache_get(self, key: str, by: float | None) -> Answer | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 import redis
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from models.sid_catalog import SidCatalog, sid_to_str
+from models.ved_config import resolve_budget
 from service.app import create_app
 from service.settings import Settings
 from service.stores import HISTORY_KEY
@@ -80,6 +82,21 @@ def test_the_cache_key_holds_the_prompts_history_the_exclusion_set_and_a_ved_bud
     assert not client.post("/recommend", json=ved | {"budget": 32}).json()["cached"]
     assert not client.post("/recommend", json=ved | {"budget": 48}).json()["cached"]
     assert client.post("/recommend", json=ved | {"budget": 48}).json()["cached"]
+
+
+def test_a_ved_entry_serves_any_cap_and_a_budget_given_as_veds_own(client: TestClient) -> None:
+    """The cap is not in the key: an answer it did not cut is the whole search's, whatever the cap (one it cut is
+    never cached). No budget and VED's own budget for that k are the same search, so one entry."""
+    assert isinstance(client.app, FastAPI)
+    recommender = client.app.state.recommender
+    own = resolve_budget(replace(recommender.ved_settings, num_candidates=4), recommender.catalog.depth)
+    ved = {"history": [33, 34, 35], "k": 4, "mode": "ved"}
+    first = client.post("/recommend", json=ved | {"latency_ms": 1000}).json()
+    assert not first["cached"] and not first["cap_hit"], first
+    for other in ({"latency_ms": 900}, {}, {"latency_ms": 1000, "budget": own}):
+        again = client.post("/recommend", json=ved | other).json()
+        assert again["cached"] and again["items"] == first["items"] and again["search"] == first["search"], other
+    assert not client.post("/recommend", json=ved | {"budget": own + 1}).json()["cached"]
 
 
 def test_an_unreadable_cache_entry_is_a_miss_that_the_answer_replaces(client: TestClient, redis_url: str) -> None:
