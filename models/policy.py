@@ -173,7 +173,7 @@ class Policy:
 
     def encode_prompts(self, histories: Sequence[Sequence[Sid]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and attention mask for a batch of SID histories."""
-        rows = [self.prompt.encode(self.tokenizer, h) for h in histories]
+        rows = self.prompt.encode_batch(self.tokenizer, histories)
         return pad_left(rows, int(self.tokenizer.pad_token_id), self.device)
 
     def describe(self) -> dict[str, object]:
@@ -184,13 +184,10 @@ def pad_left(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
+    # built as lists, one tensor each: a tensor and two slice writes per row cost ~25 us a row
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids.reshape(len(rows), width).to(device), mask.reshape(len(rows), width).to(device)
 
 
 def pretrained_tokenizer(folder: Path) -> PreTrainedTokenizerBase:

@@ -7,6 +7,7 @@ folder the way a downloaded checkpoint would be; nothing is fetched.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from transformers import (
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.policy import Policy
-from models.sid_catalog import SidCatalog
+from models.sid_catalog import Sid, SidCatalog
 from training.sft.config import SFTConfig
 from training.sft.trainer import train_sft
 
@@ -211,3 +212,37 @@ def test_tokenizer_without_pad_or_eos_gets_a_pad_token(tiny_catalog: SidCatalog,
     ids, mask = policy.encode_prompts([[tiny_catalog.sids[0]], tiny_catalog.sids[:3]])
     assert ids[0, 0] == pad and mask[0, 0] == 0
     assert load_checkpoint(save_checkpoint(tmp_path / "ck", policy)).policy.tokenizer.pad_token_id == pad
+
+
+def reference_prompts(policy: Policy, histories: Sequence[Sequence[Sid]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain way: one tokenizer call per prompt, then each row written into a padded table."""
+    bos = [policy.tokenizer.bos_token_id] if policy.prompt.bos else []
+    render = policy.prompt.render
+    rows = [bos + list(policy.tokenizer(render(h), add_special_tokens=False)["input_ids"]) for h in histories]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(policy.tokenizer.pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", ["preset", "preset_item_tokens", "text", "llama_bos"])
+def test_a_batch_of_prompts_is_encoded_as_each_alone(
+    kind: str, text_lm: Path, llama_lm: Path, tiny_catalog: SidCatalog
+) -> None:
+    """``encode_prompts`` tokenizes the batch in one call and pads it in one go: the same ids and mask as a call
+    per prompt, for the SID-only prompt (with and without item tokens) and the text templates (with a BOS)."""
+    policy = {
+        "preset": lambda: Policy.from_preset("tiny", tiny_catalog),
+        "preset_item_tokens": lambda: Policy.from_preset("tiny", tiny_catalog, item_tokens=True),
+        "text": lambda: Policy.from_pretrained_lm(str(text_lm), tiny_catalog),
+        "llama_bos": lambda: Policy.from_pretrained_lm(str(llama_lm), tiny_catalog),
+    }[kind]()
+    sids = tiny_catalog.sids
+    histories = [[sids[0]], sids[3:15], sids[7:9], [sids[1]] * 3]  # one longer than the prompt's window
+    ids, mask = policy.encode_prompts(histories)
+    want_ids, want_mask = reference_prompts(policy, histories)
+    assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+    assert policy.encode_prompts(histories[1:2])[0].tolist() == [policy.prompt.encode(policy.tokenizer, histories[1])]
