@@ -414,8 +414,7 @@ def ved_search(
     budget = resolve_budget(config, trie.depth)
     search = _Search(model, value_head, trie, config, budget, int(input_ids.shape[0]), bonus)
     search.prefill(input_ids, attention_mask)
-    num_sids = int((trie.leaf_sid >= 0).sum())
-    search.initial_tree(min(config.num_candidates, num_sids))
+    search.initial_tree(min(config.num_candidates, trie.num_sids))
     init_tokens = search.tree.size - 1
     cap_hit = search.complete() if covers_the_catalog(trie, budget) else search.run()
     return search.result(search.stats(cap_hit, init_tokens))

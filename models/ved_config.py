@@ -122,7 +122,7 @@ class VEDStats:
 
 def initial_beam_width(config: VEDConfig, trie: SidTrie) -> int:
     """The width of the anytime fallback's beam search: ``max(num_candidates, init_beams)``, at most #SIDs."""
-    return min(max(config.num_candidates, config.init_beams), int((trie.leaf_sid >= 0).sum()))
+    return min(max(config.num_candidates, config.init_beams), trie.num_sids)
 
 
 def initial_beam_stats(config: VEDConfig, trie: SidTrie) -> VEDStats:
@@ -130,7 +130,7 @@ def initial_beam_stats(config: VEDConfig, trie: SidTrie) -> VEDStats:
     reported as a search the deadline stopped before its first iteration (beam search's accounting: the
     last level is never fed to the backbone)."""
     width = initial_beam_width(config, trie)
-    kept = [min(width, int((trie.node_depth == d).sum())) for d in range(1, trie.depth + 1)]  # beams per level
+    kept = [min(width, n) for n in trie.level_sizes[1:]]  # beams per level
     return VEDStats(
         tokens_spent=sum(kept[:-1]),
         nodes=1 + sum(kept),

@@ -315,7 +315,8 @@ class DecodeScheduler:
         rows = self._beam(BeamSearchConfig(initial_beam_width(config, trie)), jobs)
         if report:
             self.beam_cost.report(len(jobs), time.perf_counter() - started)
-        return [replace(row, stats=initial_beam_stats(config, trie), fallback=True) for row in rows]
+        stats = initial_beam_stats(config, trie)  # the same for every row: the config's, not the prompt's
+        return [replace(row, stats=stats, fallback=True) for row in rows]
 
     def _on_batch(self, key: Hashable, size: int) -> None:
         if isinstance(key, BeamSearchConfig):

@@ -119,6 +119,10 @@ def test_trie_children_match_brute_force(codes: list[tuple[int, int, int]]) -> N
     assert bool((kids[(every < 0) | (trie.node_depth[every.clamp(min=0)] == trie.depth)] == -1).all())
     parent_of = {int(k): int(n) for n, row in zip(every.tolist(), kids, strict=True) for k in row if k >= 0}
     assert parent_of == {n: int(trie.parent[n]) for n in range(1, trie.num_nodes)}  # each node under its parent
+    # the counts decoders read as plain ints: nodes per level (distinct prefixes), and complete SIDs
+    assert trie.level_sizes == [len({c[:depth] for c in distinct}) for depth in range(trie.depth + 1)]
+    assert trie.level_sizes == [int((trie.node_depth == d).sum()) for d in range(trie.depth + 1)]
+    assert trie.num_sids == len(distinct) == int((trie.leaf_sid >= 0).sum())
 
 
 def test_invalid_prefix_has_no_children(tiny_policy: Policy) -> None:
