@@ -1,8 +1,9 @@
 """VED deadlines that keep the latency cap: the hard cap's last chance to answer (the cap less
 ``ved_respond_ms``), less what a search runs past its deadline.
 
-VED checks its deadline before each step, so a search stopped by the deadline
-still finishes the step it is in, then ranks its leaves, and the response is
+VED checks its deadline before each step (and within a step's selections once
+it has a child to evaluate), so a search stopped by the deadline still finishes
+the forward of the step it is in, then ranks its leaves, and the response is
 serialised after that. How long that tail takes depends on the machine, the
 batch and the load, so it is learnt rather than guessed: every search whose
 loop ran and was stopped by its deadline reports how far past the deadline it

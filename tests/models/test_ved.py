@@ -465,6 +465,28 @@ def test_deadline_passed_returns_the_initial_beam(tiny_policy: Policy, head: Val
         torch.testing.assert_close(res.decode.scores[b], beam.scores[b, :8], rtol=1e-5, atol=1e-5)
 
 
+def test_a_deadline_passing_within_a_step_ends_its_selections_at_the_first_child(
+    tiny_policy: Policy, head: ValueHead, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline is read before each step and, once a child is made, within the step's selections: late in
+    a search most selections fail the gate, and a step that ran them all ran on for tens of milliseconds past
+    the deadline. A clock that passes the deadline right after the first step began: that step makes one child
+    per prompt, not ``expansions_per_step``, and the search stops after it. A deadline never reached changes
+    nothing."""
+    ids, mask = prompts(tiny_policy, [4], 2)
+    config = VEDConfig(num_candidates=8, init_beams=4, budget=34, expansions_per_step=4)  # < 36 prefixes: searched
+    free = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, config)
+    unreached = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, replace(config, deadline=1e12))
+    assert torch.equal(unreached.decode.sid_index, free.decode.sid_index) and unreached.stats == free.stats
+    reads = iter([0.0])  # the first read (run's, before the first step) is before the deadline; every later one after
+
+    monkeypatch.setattr("models.ved.time.perf_counter", lambda: next(reads, 2.0))
+    res = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, replace(config, deadline=1.0))
+    (stats,) = res.stats
+    assert free.stats[0].tokens_spent >= stats.init_tokens + 4  # unhurried, the first step makes its 4 children
+    assert stats.cap_hit and stats.stop_reason == "deadline" and stats.tokens_spent == stats.init_tokens + 1
+
+
 def test_deadline_with_more_candidates_than_beams_still_fills_them(tiny_policy: Policy, head: ValueHead) -> None:
     ids, mask = prompts(tiny_policy, [4, 2], 3)
     config = VEDConfig(num_candidates=20, init_beams=2, deadline=time.perf_counter() - 1.0)
