@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.sid_catalog import SidCatalog
 from service.errors import InvalidInput
-from service.history import resolve_entries
+from service.history import fully_excluded_sids, resolve_entries
 from service.schemas import ExternalItemRef
 from tests.conftest import make_catalog
+
+SHARED = make_catalog(60, codes=(3, 2, 2))  # 60 items on at most 12 SIDs: most SIDs name several items
 
 
 @pytest.mark.parametrize(("codes", "example"), [((6, 5), "<a_1><b_2>"), ((6, 5, 5, 4), "<a_1><b_2><c_3><d_4>")])
@@ -45,3 +49,12 @@ def test_a_bare_string_keeps_its_meaning_where_it_is_also_an_external_id(tiny_ca
         InvalidInput, match=r"""\['90003'\] \(1\) are external ids: send each as \{"external_id": \.\.\.\}$"""
     ):
         resolve_entries(named, ["90003"], "history")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.frozensets(st.integers(0, 59)))
+def test_fully_excluded_sids_counts_the_sids_whose_every_item_is_excluded(excluded: frozenset[int]) -> None:
+    """The extra beams exclusion needs: SIDs with all their items excluded, however many items share one."""
+    assert fully_excluded_sids(SHARED, excluded) == sum(
+        all(i in excluded for i in SHARED.items_of(sid)) for sid in SHARED.sids
+    )
