@@ -291,6 +291,16 @@ def test_bad_items_name_the_file_and_the_line(tmp_path: Path, rows: list[tuple[s
         import_log(events, tmp_path / "items.txt", tmp_path / "out", EVERY, progress=False)
 
 
+def test_an_events_file_of_another_kind_is_named_as_items_is(tmp_path: Path) -> None:
+    """A JSON array of events (events.json) was read as a CSV: 'missing columns' at line 1, misleading."""
+    _, items = write_inputs(tmp_path)
+    (tmp_path / "events.json").write_text(
+        json.dumps([dict(zip(("user_id", "item_id", "timestamp"), EVENTS[0], strict=True))])
+    )
+    with pytest.raises(DataError, match=r"events.json: --events is a .csv or a .jsonl \(JSON lines\) file"):
+        import_log(tmp_path / "events.json", items, tmp_path / "out", EVERY, progress=False)
+
+
 def test_a_split_left_without_rows_is_an_error(tmp_path: Path) -> None:
     events, items = write_inputs(tmp_path, EVENTS[:4])  # one row: alice's second event
     with pytest.raises(

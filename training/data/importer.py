@@ -99,8 +99,11 @@ class EventLog:
     time: np.ndarray  # (E,) float64 seconds
 
 
-def _records(path: Path, columns: Sequence[str], what: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line, record) of a CSV or JSON-lines file (by its suffix) whose records hold ``columns``."""
+def _records(path: Path, columns: Sequence[str], what: str, option: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, record) of a CSV or JSON-lines file (by its suffix) whose records hold ``columns``; a file of another
+    suffix (a JSON array, a TSV) is a DataError naming ``option`` rather than a CSV without its columns."""
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        raise DataError(f"{path}: {option} is a .csv or a .jsonl (JSON lines) file")
     if path.suffix.lower() == ".jsonl":
         yield from _json_lines(path, columns)
         return
@@ -144,11 +147,9 @@ def _external_id(value: Any, column: str, path: Path, line: int) -> str:
 def read_items(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     """(ids, item.json entries) of the items file, in its order; an item named twice is a DataError naming
     the line."""
-    if path.suffix.lower() not in (".csv", ".jsonl"):
-        raise DataError(f"{path}: --items is a .csv or a .jsonl (JSON lines) file")
     first: dict[str, int] = {}
     entries: list[dict[str, Any]] = []
-    for line, record in _records(path, ITEM_COLUMNS, "an items file"):
+    for line, record in _records(path, ITEM_COLUMNS, "an items file", "--items"):
         item = _external_id(record["item_id"], "item_id", path, line)
         if item in first:
             raise DataError(f"{path}:{line}: item {item!r} appears again (first on line {first[item]})")
@@ -200,7 +201,7 @@ def read_events(path: Path, item_code: dict[str, int], items_path: Path, progres
     first_date: tuple[bool, int] | None = None  # (whether the first timestamp was a date, its line)
     unknown: dict[str, int] = {}  # item -> its first line
     unknown_events = 0
-    records = _records(path, EVENT_COLUMNS, "an events file")
+    records = _records(path, EVENT_COLUMNS, "an events file", "--events")
     for line, record in tqdm(records, desc="import: events", unit=" events", disable=not progress, leave=False):
         u = _external_id(record["user_id"], "user_id", path, line)
         i = _external_id(record["item_id"], "item_id", path, line)
