@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response, Securit
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.errors import NotReady, Unauthorized, UnsupportedMediaType, shorten
+from service.errors import NotFound, NotReady, Unauthorized, UnsupportedMediaType, shorten
 from service.middleware import ARRIVAL_KEY
 from service.recommender import Recommender
 from service.schemas import (
@@ -151,6 +151,11 @@ def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
     async def history(user_id: UserId, recommender: RecommenderDep) -> HistoryResponse:
         """The user's stored history, oldest first."""
         return await recommender.history(user_id)
+
+    @router.get("/items/external", include_in_schema=False)
+    async def item_by_no_external_id() -> None:
+        """Before ``/items/{item_id}``, which would answer that "external" is not an item id."""
+        raise NotFound("external_id: none given: GET /items/external/{external_id}")
 
     @router.get("/items/{item_id}", responses=_errors(404), tags=["items"])
     async def item(item_id: PathInt, recommender: RecommenderDep) -> ItemResponse:

@@ -110,6 +110,8 @@ def test_items_by_id_and_by_external_id(client: TestClient, tiny_catalog: SidCat
         "message": "external_id: unknown external id 'SKU/999'",
     }
     assert client.get("/items/external/").json()["error"]["message"] == "external_id: unknown external id ''"
+    none = client.get("/items/external")  # not read as the item id "external"
+    assert none.status_code == 404 and none.json()["error"]["message"].startswith("external_id: none given")
 
 
 def test_without_external_ids_answers_are_as_before_with_null(plain: TestClient) -> None:
