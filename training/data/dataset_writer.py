@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,3 +121,24 @@ def write_split(
                     *sids,
                 ]
             )
+
+
+def split_stats(splits: Mapping[str, Sequence[Sample]]) -> dict[str, Any]:
+    """The per-split figures of a written data set's ``stats.json`` (``vstar synth``, ``vstar import``)."""
+    return {
+        "rows": {s: len(rows) for s, rows in splits.items()},
+        "mean_history_length": {
+            s: round(sum(len(r.history) for r in rows) / max(len(rows), 1), 4) for s, rows in splits.items()
+        },
+        "distinct_target_items": {s: len({r.target for r in rows}) for s, rows in splits.items()},
+    }
+
+
+def written_by(folder: Path, dataset: str) -> bool:
+    """Whether ``folder``'s ``stats.json`` says the command that writes ``dataset`` wrote it (so that command may
+    write over it)."""
+    try:
+        stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(stats, dict) and stats.get("dataset") == dataset

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from models.atomic_folder import publish, staging_folder
 from models.output_path import parents_problem
 from training.data.dataset import SPLITS, DataError, Sample, split_records
-from training.data.dataset_writer import write_split
+from training.data.dataset_writer import split_stats, write_split, written_by
 from training.data.item_embed import item_text
 
 MAX_HISTORY = 10  # MiniOneRec's sliding window
@@ -271,14 +271,6 @@ def split_rows(rows: list[Sample], shares: tuple[Fraction, Fraction, Fraction]) 
     return {"train": rows[:train_end], "valid": rows[train_end:valid_end], "test": rows[valid_end:]}
 
 
-def written_by_import(folder: Path) -> bool:
-    try:
-        stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(stats, dict) and stats.get("dataset") == IMPORTED
-
-
 def out_problem(out: Path, force: bool, inputs: Iterable[Path]) -> str | None:
     """What stops the import from writing ``out`` (a sentence), or None: a new or empty folder, or with
     ``force`` one that ``vstar import`` wrote and that holds none of ``inputs``."""
@@ -287,7 +279,7 @@ def out_problem(out: Path, force: bool, inputs: Iterable[Path]) -> str | None:
     problem = parents_problem(out)
     if problem is not None or not (out.is_dir() and any(out.iterdir())):
         return problem
-    if not written_by_import(out):
+    if not written_by(out, IMPORTED):
         return f"{out} holds files that vstar import did not write (a data set, a checkpoint?): choose a new --out"
     if not force:
         return (f"{out} exists (an earlier import): pass --force to replace it whole, with what was added to it "
@@ -346,11 +338,7 @@ def import_log(
         "events": int(keep.sum()),
         "users": users_kept,
         "items": len(kept),
-        "rows": {s: len(r) for s, r in splits.items()},
-        "mean_history_length": {
-            s: round(sum(len(x.history) for x in r) / max(len(r), 1), 4) for s, r in splits.items()
-        },
-        "distinct_target_items": {s: len({x.target for x in r}) for s, r in splits.items()},
+        **split_stats(splits),
     }
     meta = [entries[code] for code in kept.tolist()]
     write_folder(out, meta, [ids[code] for code in kept.tolist()], splits, stats)

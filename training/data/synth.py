@@ -40,7 +40,7 @@ import numpy as np
 from models.output_path import parents_problem
 from models.sid_catalog import Item, SidCatalog
 from training.data.dataset import Sample
-from training.data.dataset_writer import write_dataset
+from training.data.dataset_writer import split_stats, write_dataset, written_by
 from training.data.sid_builder import SidBuildConfig, build_sids
 
 MAX_HISTORY = 10  # MiniOneRec's sliding window
@@ -294,12 +294,7 @@ def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None =
     problem = parents_problem(out)  # a path under a file: NotADirectoryError once the data set was generated
     if problem is not None:
         raise ValueError(f"--out: {problem}")
-    stats_path = out / "stats.json"
-    try:
-        ours = stats_path.is_file() and json.loads(stats_path.read_text()).get("dataset") == "synthetic"
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        ours = False
-    if out.is_dir() and any(out.iterdir()) and not ours:
+    if out.is_dir() and any(out.iterdir()) and not written_by(out, "synthetic"):
         raise ValueError(
             f"{out} holds files that vstar synth did not write (a data set, a checkpoint?); choose a new --out"
         )
@@ -310,13 +305,9 @@ def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None =
         "config": asdict(cfg),
         "items": cfg.items,
         "users": cfg.users,
-        "rows": {s: len(rows) for s, rows in data.splits.items()},
-        "mean_history_length": {
-            s: round(sum(len(r.history) for r in rows) / max(len(rows), 1), 4) for s, rows in data.splits.items()
-        },
-        "distinct_target_items": {s: len({r.target for r in rows}) for s, rows in data.splits.items()},
+        **split_stats(data.splits),
         "leaves": len(data.leaves),
         "sids": {k: v for k, v in data.sid_report.items() if k != "seconds"},  # keeps the folder deterministic
     }
-    stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats | {"out": str(out)}
