@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from training.cli.commands import register
 from training.data.dataset import load_dataset
+from training.data.dataset_writer import split_ends
 from training.data.synth import MAX_HISTORY, TAXONOMY, SynthConfig, SynthData, generate, write_synth
 
 SMALL = SynthConfig(items=150, users=80, seed=3)
@@ -59,7 +61,17 @@ def test_global_time_split(small: SynthData) -> None:
     assert max(times["train"]) <= min(times["valid"]) <= max(times["valid"]) <= min(times["test"])
     total = sum(len(v) for v in small.splits.values())
     assert len(small.splits["train"]) == int(0.8 * total)
-    assert len(small.splits["valid"]) == int(0.1 * total)
+    assert len(small.splits["train"]) + len(small.splits["valid"]) == int(0.9 * total)  # MiniOneRec's cuts
+
+
+def test_split_ends_are_minionerecs_cuts() -> None:
+    """floor(0.8n) and floor(0.9n), not floor(0.8n) + floor(0.1n) (one row short when n = 19), and exact
+    decimal shares: 0.7 + 0.2 cuts 10 rows at 9, where float sums give 8.999..."""
+    assert split_ends(19, (0.8, 0.1, 0.1)) == (15, 17)
+    assert split_ends(4630, (0.8, 0.1, 0.1)) == (3704, 4167)
+    assert split_ends(10, (0.7, 0.2, 0.1)) == (7, 9)
+    assert split_ends(10, (Fraction(7, 10), Fraction(2, 10), Fraction(1, 10))) == (7, 9)
+    assert split_ends(0, (0.8, 0.1, 0.1)) == (0, 0)
 
 
 def test_sliding_window_over_each_users_sequence(small: SynthData) -> None:

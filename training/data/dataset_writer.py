@@ -14,6 +14,7 @@ import csv
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,14 @@ def write_split(
                     *sids,
                 ]
             )
+
+
+def split_ends(n: int, shares: Sequence[float | Fraction]) -> tuple[int, int]:
+    """Where ``n`` rows in time order are cut into train, valid and test, as MiniOneRec's ``int(n * 0.8)`` and
+    ``int(n * 0.9)``: floor(n * train) and floor(n * (train + valid)), the shares taken as exact fractions of
+    their decimal text (``vstar synth``, ``vstar import``), so 0.8 + 0.1 cuts at 0.9 and not at 0.9000...01."""
+    train, valid = (share if isinstance(share, Fraction) else Fraction(str(share)) for share in shares[:2])
+    return int(n * train), int(n * (train + valid))  # int() floors a Fraction >= 0
 
 
 def split_stats(splits: Mapping[str, Sequence[Sample]]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from models.atomic_folder import publish, staging_folder
 from models.output_path import parents_problem
 from training.data.dataset import SPLITS, DataError, Sample, split_records
-from training.data.dataset_writer import split_stats, write_split, written_by
+from training.data.dataset_writer import split_ends, split_stats, write_split, written_by
 from training.data.item_embed import item_text
 
 MAX_HISTORY = 10  # MiniOneRec's sliding window
@@ -266,8 +266,7 @@ def sequence_rows(
 
 def split_rows(rows: list[Sample], shares: tuple[Fraction, Fraction, Fraction]) -> dict[str, list[Sample]]:
     """Train, valid, test: the rows (in time order) cut at floor(n * train) and floor(n * (train + valid))."""
-    n = len(rows)
-    train_end, valid_end = int(n * shares[0]), int(n * (shares[0] + shares[1]))  # int() floors a Fraction >= 0
+    train_end, valid_end = split_ends(len(rows), shares)
     return {"train": rows[:train_end], "valid": rows[train_end:valid_end], "test": rows[valid_end:]}
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from models.output_path import parents_problem
 from models.sid_catalog import Item, SidCatalog
 from training.data.dataset import Sample
-from training.data.dataset_writer import split_stats, write_dataset, written_by
+from training.data.dataset_writer import split_ends, split_stats, write_dataset, written_by
 from training.data.sid_builder import SidBuildConfig, build_sids
 
 MAX_HISTORY = 10  # MiniOneRec's sliding window
@@ -256,14 +256,14 @@ def _user_events(cfg: SynthConfig, w: _World, rng: np.random.Generator) -> tuple
 def _split(
     events: list[tuple[list[int], list[float]]], cfg: SynthConfig
 ) -> tuple[dict[str, list[Sample]], dict[str, list[float]]]:
-    """Sliding windows over each user's sequence, sorted globally by target time, cut 80/10/10."""
+    """Sliding windows over each user's sequence, sorted globally by target time, cut 80/10/10 as ``vstar import``'s."""
     rows: list[tuple[float, int, Sample]] = []
     for user, (items, times) in enumerate(events):
         for j in range(1, len(items)):
             rows.append((times[j], user, Sample(f"U{user}", tuple(items[max(0, j - MAX_HISTORY) : j]), items[j])))
     rows.sort(key=lambda r: (r[0], r[1]))
-    n_train, n_valid = int(len(rows) * cfg.split[0]), int(len(rows) * cfg.split[1])
-    cuts = {"train": rows[:n_train], "valid": rows[n_train : n_train + n_valid], "test": rows[n_train + n_valid :]}
+    train_end, valid_end = split_ends(len(rows), cfg.split)
+    cuts = {"train": rows[:train_end], "valid": rows[train_end:valid_end], "test": rows[valid_end:]}
     return {s: [r[2] for r in part] for s, part in cuts.items()}, {s: [r[0] for r in part] for s, part in cuts.items()}
 
 
