@@ -95,6 +95,11 @@ Choices the paper leaves open:
 * deadline (anytime): checked before each step, and within a step's selections
   once one child is made; a step is at most one batched
   forward, so the overshoot is one step. The initial tree is always built.
+* ``between_steps``: a callback run after the initial tree and between steps
+  (the server decodes waiting beam requests there, on the same model, rather
+  than after the whole search); the deadline is checked after it. The search's
+  result does not depend on it: the tree, its caches and its noise are the
+  search's own.
 * batching: each step runs up to ``expansions_per_step`` selections per prompt
   (visits are backed up at once, so they spread) and evaluates all new nodes of
   all prompts in one forward. 1 is the paper's strictly sequential loop.
@@ -122,6 +127,7 @@ Choices the paper leaves open:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -173,9 +179,10 @@ class _Search:
         budget: int,
         batch: int,
         bonus: NodeBonus | None = None,  # (B, trie nodes): shallow fusion, as beam search's
+        between_steps: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.head, self.trie, self.config, self.budget = model, head, trie, config, budget
-        self.bonus = bonus
+        self.bonus, self.between_steps = bonus, between_steps
         self.device = trie.device
         self.tree = SearchTree.empty(batch, budget + 1, trie.codebook_size, trie.depth - 1, config.lam, self.device)
         self.dtype = next(head.parameters()).dtype
@@ -277,6 +284,8 @@ class _Search:
             active = tree.open_nodes()[:, 0] & (tree.size - 1 < self.budget)
             if not bool(active.any()):
                 return torch.zeros_like(active)
+            if self.between_steps is not None:
+                self.between_steps()
             if deadline is not None and time.perf_counter() >= deadline:
                 return active
             self.step(active)
@@ -329,6 +338,8 @@ class _Search:
             free = parents[..., None] & torch.isfinite(tree.child_log_prob) & (tree.child < 0)  # (B, M, C)
             rows, nodes, codes = torch.nonzero(free, as_tuple=True)
             for start in range(0, rows.numel(), chunk):
+                if self.between_steps is not None:
+                    self.between_steps()
                 if deadline is not None and time.perf_counter() >= deadline:
                     return tree.open_nodes()[:, 0]
                 part = slice(start, start + chunk)
@@ -408,6 +419,7 @@ def ved_search(
     attention_mask: torch.Tensor,  # (B, T)
     config: VEDConfig,
     bonus: NodeBonus | None = None,  # (B, trie nodes): shallow fusion with transition counts
+    between_steps: Callable[[], None] | None = None,  # run between steps (module doc)
 ) -> VEDResult:
     """Value-guided search for ``config.num_candidates`` complete SIDs per prompt (see the module doc).
 
@@ -417,7 +429,7 @@ def ved_search(
     if trie.depth < 2:
         raise ValueError(f"VED searches over SID prefixes: SIDs of depth {trie.depth} have none")
     budget = resolve_budget(config, trie.depth)
-    search = _Search(model, value_head, trie, config, budget, int(input_ids.shape[0]), bonus)
+    search = _Search(model, value_head, trie, config, budget, int(input_ids.shape[0]), bonus, between_steps)
     search.prefill(input_ids, attention_mask)
     search.initial_tree(min(config.num_candidates, trie.num_sids))
     init_tokens = search.tree.size - 1

@@ -19,12 +19,20 @@ every prompt of a batch independently (rows only share the padded matmuls);
 ``tests/service/test_batching.py`` checks it through the HTTP API.
 
 ``max_size == 1`` turns batching off: jobs are decoded one at a time, in order.
+
+Jobs of a ``lane`` key (the service's: beam search) that arrive while a group of
+another key decodes (a VED search, up to its latency cap) need not wait for it:
+they are put in a side lane instead of the queue, and that group's decode may
+call ``run_waiting`` on the model thread between its steps to decode them then,
+in groups of their key, and answer them at once. Whatever the lane still holds
+when the group ends goes back to the queue, for the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -50,6 +58,7 @@ class MicroBatcher(Generic[J, R]):
         max_size: int,
         max_wait_s: float,
         on_batch: Callable[[Hashable, int], None] | None = None,  # (key, size) after each decode
+        lane: Callable[[Hashable], bool] | None = None,  # keys that ``run_waiting`` may decode within a group
     ) -> None:
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
@@ -58,6 +67,10 @@ class MicroBatcher(Generic[J, R]):
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
+        self.lane = lane
+        self._lane: queue.SimpleQueue[_Pending[J, R]] = queue.SimpleQueue()  # read by the model thread too
+        self._lane_open = False  # while a group of a key outside the lane decodes
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._in_hand: list[_Pending[J, R]] = []  # taken off the queue, not yet answered
@@ -67,7 +80,8 @@ class MicroBatcher(Generic[J, R]):
     def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("batcher already started")
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+        self._event_loop = asyncio.get_running_loop()
+        self._task = self._event_loop.create_task(self._loop(), name="micro-batcher")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -77,6 +91,7 @@ class MicroBatcher(Generic[J, R]):
         pending = self._in_hand  # collected for a batch, or in a batch being decoded: no result will come
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
+        pending.extend(self._drain_lane())
         for p in pending:
             if not p.future.done():
                 p.future.set_exception(RuntimeError("server shutting down"))
@@ -92,8 +107,46 @@ class MicroBatcher(Generic[J, R]):
             raise RuntimeError("batcher not started")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._arrived_while_decoding += self._decoding
-        self._queue.put_nowait(_Pending(key, job, future))
+        if self._lane_open and self.lane is not None and self.lane(key):
+            self._lane.put_nowait(_Pending(key, job, future))
+        else:
+            self._queue.put_nowait(_Pending(key, job, future))
         return future
+
+    def run_waiting(self) -> None:
+        """On the model thread, within a group's decode: decode the jobs in the side lane now, in groups of their
+        key of at most ``max_size``, and answer them. Never raises: a failed decode is handed to its jobs."""
+        groups: dict[Hashable, list[_Pending[J, R]]] = {}
+        for pending in self._drain_lane():
+            if pending.future.done():  # its client left (a read from this thread: at worst one decode too many)
+                continue
+            groups.setdefault(pending.key, []).append(pending)
+        for key, group in groups.items():
+            for start in range(0, len(group), self.max_size):
+                part = group[start : start + self.max_size]
+                try:
+                    results: Sequence[Any] = self.run(key, [p.job for p in part])
+                    assert len(results) == len(part), "run must return one result per job"
+                except Exception as e:
+                    self._answer_threadsafe(part, None, e)
+                    continue
+                if self.on_batch is not None:
+                    self.on_batch(key, len(part))
+                self._answer_threadsafe(part, results, None)
+
+    def _drain_lane(self) -> list[_Pending[J, R]]:
+        taken = []
+        while True:
+            try:
+                taken.append(self._lane.get_nowait())
+            except queue.Empty:
+                return taken
+
+    def _answer_threadsafe(
+        self, group: list[_Pending[J, R]], results: Sequence[R] | None, error: Exception | None
+    ) -> None:
+        assert self._event_loop is not None
+        self._event_loop.call_soon_threadsafe(_answer, group, results, error)
 
     async def _collect(self) -> list[_Pending[J, R]]:
         batch = self._in_hand = [await self._queue.get()]
@@ -131,16 +184,30 @@ class MicroBatcher(Generic[J, R]):
             self._decoding, self._in_hand = False, []
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, key: Hashable, group: list[_Pending[J, R]]) -> None:
+        self._lane_open = self.lane is not None and not self.lane(key)
         try:
             results: Sequence[Any] = await loop.run_in_executor(self.executor, self.run, key, [p.job for p in group])
             assert len(results) == len(group), "run must return one result per job"
         except Exception as e:  # handed to each waiting request, which reports it
-            for p in group:
-                if not p.future.done():
-                    p.future.set_exception(e)
+            _answer(group, None, e)
             return
+        finally:  # the group's decode is over, so no run_waiting reads the lane now: what is left queues again
+            self._lane_open = False
+            for pending in self._drain_lane():
+                self._queue.put_nowait(pending)
         if self.on_batch is not None:
             self.on_batch(key, len(group))
-        for p, r in zip(group, results, strict=True):
-            if not p.future.done():
-                p.future.set_result(r)
+        _answer(group, results, None)
+
+
+def _answer(group: Sequence[_Pending[J, R]], results: Sequence[R] | None, error: Exception | None) -> None:
+    """On the event loop: each job's result, or ``error`` for all; a job already answered (its client left, or
+    its hard cap answered it) is skipped."""
+    for i, p in enumerate(group):
+        if p.future.done():
+            continue
+        if error is not None:
+            p.future.set_exception(error)
+        else:
+            assert results is not None
+            p.future.set_result(results[i])

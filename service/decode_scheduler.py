@@ -52,6 +52,14 @@ Design decisions:
 * Overruns are reported to the deadline margin by the model thread, when the
   search ends, so the margin learns from searches whose request the hard cap
   already answered.
+* Beam requests do not wait for a VED search in flight: those that arrive
+  while it runs are decoded between its steps (``MicroBatcher``'s lane,
+  ``models.ved``'s ``between_steps``), on the same thread, while its deadline
+  has not passed. Their time counts against the search's deadline (VED is
+  anytime: under mixed load it searches less, and its cap holds), and a beam
+  decode that runs past the deadline is an overrun the margin learns, as it
+  is for the answer of that search; the initial tree's learnt cost leaves it
+  out.
 """
 
 from __future__ import annotations
@@ -175,7 +183,12 @@ class DecodeScheduler:
             initargs=(settings.model_thread_nice,),
         )
         self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
-            self._decode, self.executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000, self._on_batch
+            self._decode,
+            self.executor,
+            settings.batch_max_size,
+            settings.batch_max_wait_ms / 1000,
+            self._on_batch,
+            lane=lambda key: isinstance(key, BeamSearchConfig),  # beams that arrive during a search: between its steps
         )
 
     # ---- lifecycle
@@ -291,16 +304,33 @@ class DecodeScheduler:
         deadlines = [j.deadline for j in jobs if j.deadline is not None]
         config = replace(config, deadline=min(deadlines, default=None))
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
+        beams_s = 0.0  # spent on beam requests between the search's steps
+
+        def between_steps() -> None:
+            nonlocal beams_s
+            if config.deadline is not None and time.perf_counter() >= config.deadline:
+                return  # the search stops at this check: the waiting beams come next anyway
+            began = time.perf_counter()
+            self.batcher.run_waiting()
+            beams_s += time.perf_counter() - began
+
         started = time.perf_counter()
         out = ved_search(
-            self.policy.model, self.value_head, self.policy.trie, ids, mask, config, bonus=self._bonus(jobs)
+            self.policy.model,
+            self.value_head,
+            self.policy.trie,
+            ids,
+            mask,
+            config,
+            bonus=self._bonus(jobs),
+            between_steps=between_steps,
         )
         synchronize(self.policy.device)  # the search is done when its kernels are, not when they are queued
         finished = time.perf_counter()
         # what the tree grew by after the initial one: a search's selections, or a completion's levels (a budget
         # that covers the catalog: ``models.ved``), which makes no selections, so iterations cannot tell
         if all(st.cap_hit and st.tokens_spent == st.init_tokens for st in out.stats):  # stopped right after it
-            self.init_cost.report(len(jobs), finished - started)
+            self.init_cost.report(len(jobs), finished - started - beams_s)
         elif config.deadline is not None and any(st.cap_hit and st.tokens_spent > st.init_tokens for st in out.stats):
             # the loop ran and the deadline stopped it: learn how far past the deadline it finished. Reported
             # here, not by the request, so it is learnt even when the hard cap answered that request already.

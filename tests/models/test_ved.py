@@ -452,6 +452,47 @@ def test_beta_is_in_units_of_the_spread_of_g(tiny_policy: Policy, head: ValueHea
     assert not torch.equal(lam_only.tree.token, res.tree.token)  # G steers this search: the test is not vacuous
 
 
+def test_work_between_steps_on_the_same_model_changes_nothing(tiny_policy: Policy, head: ValueHead) -> None:
+    """The server decodes waiting beam requests between a search's steps, on the same model: the search's
+    SIDs, scores, tree and stats are those of a search alone. The callback runs after the initial tree and
+    before each step (a search) or each level's forward (a budget that completes the catalog)."""
+    ids, mask = prompts(tiny_policy, [3, 5, 2], 6)
+    others, other_mask = prompts(tiny_policy, [6, 1], 11)
+    calls: list[int] = []
+
+    def beams() -> None:
+        calls.append(1)
+        beam_search(tiny_policy.model, tiny_policy.trie, others, other_mask, BeamSearchConfig(5))
+
+    n = prefix_count(tiny_policy)
+    for config in (VEDConfig(num_candidates=8, init_beams=4, budget=30, seed=3), VEDConfig(6, budget=n)):
+        alone = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, config)
+        calls.clear()
+        shared = ved_search(tiny_policy.model, head, tiny_policy.trie, ids, mask, config, between_steps=beams)
+        assert torch.equal(shared.decode.sid_index, alone.decode.sid_index)
+        assert torch.equal(shared.decode.scores, alone.decode.scores)
+        assert torch.equal(shared.tree.token, alone.tree.token) and shared.stats == alone.stats
+        steps = max(s.iterations for s in alone.stats)  # a search: at least one call per step
+        assert len(calls) >= (1 if steps == 0 else 2), (config, len(calls))
+
+
+def test_the_deadline_is_read_after_the_work_between_steps(tiny_policy: Policy, head: ValueHead) -> None:
+    """Work between steps that outlasts the deadline stops the search at that check: no step follows it."""
+    ids, mask = prompts(tiny_policy, [4], 2)
+    config = VEDConfig(num_candidates=8, init_beams=4, budget=34, deadline=time.perf_counter() + 60)
+    late = [False]
+
+    def past_the_deadline() -> None:
+        late[0] = True
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("models.ved.time.perf_counter", lambda: 1e12 if late[0] else 0.0)
+        (stats,) = ved_search(
+            tiny_policy.model, head, tiny_policy.trie, ids, mask, config, between_steps=past_the_deadline
+        ).stats
+    assert stats.cap_hit and stats.stop_reason == "deadline" and stats.tokens_spent == stats.init_tokens
+
+
 def test_deadline_passed_returns_the_initial_beam(tiny_policy: Policy, head: ValueHead) -> None:
     ids, mask = prompts(tiny_policy, [4, 2], 2)
     config = VEDConfig(num_candidates=8, init_beams=12, deadline=time.perf_counter() - 1.0)

@@ -11,7 +11,7 @@ import asyncio
 import random
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -172,3 +172,115 @@ def test_a_job_that_left_while_an_earlier_group_decoded_is_never_decoded() -> No
 
     assert asyncio.run(scenario()) == (1, True)
     assert decoded == [("slow", [1])], decoded
+
+
+def lane_batcher(run: Callable[[Hashable, Sequence[int]], list[int]], pool: Executor) -> MicroBatcher[int, int]:
+    return MicroBatcher(run, pool, max_size=2, max_wait_s=0.0, lane=lambda key: key == "beam")
+
+
+def test_lane_jobs_are_decoded_between_the_steps_of_a_running_group() -> None:
+    """Beam jobs that arrive while a search holds the model thread are decoded when the search calls
+    ``run_waiting`` and answered before it ends, in groups of at most ``max_size``; a job of another key that
+    arrives meanwhile waits for the next batch, and one whose client left is not decoded."""
+    started, arrived, release = threading.Event(), threading.Event(), threading.Event()
+    decoded: list[tuple[Hashable, list[int]]] = []
+    batcher: MicroBatcher[int, int]
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        decoded.append((key, list(jobs)))
+        if key == "search":
+            started.set()
+            assert arrived.wait(10)
+            batcher.run_waiting()  # between two of its steps
+            assert release.wait(10)
+        return [10 * j for j in jobs]
+
+    async def scenario() -> tuple[list[int], bool, int, int]:
+        nonlocal batcher
+        with ThreadPoolExecutor(1) as pool:
+            batcher = lane_batcher(run, pool)
+            batcher.start()
+            search = batcher.enqueue("search", 1)
+            assert await asyncio.to_thread(started.wait, 10)
+            beams = [batcher.enqueue("beam", j) for j in (2, 3, 4)]
+            left = batcher.enqueue("beam", 5)
+            left.cancel()  # its client hung up before the search's next step
+            later = batcher.enqueue("search", 6)
+            arrived.set()
+            answers = [await asyncio.wait_for(b, 10) for b in beams]  # while the search still runs
+            still_running = not search.done()
+            release.set()
+            first, second = await search, await later
+            await batcher.stop()
+            return answers, still_running, first, second
+
+    answers, still_running, first, second = asyncio.run(scenario())
+    assert answers == [20, 30, 40] and still_running and (first, second) == (10, 60)
+    assert decoded == [("search", [1]), ("beam", [2, 3]), ("beam", [4]), ("search", [6])], decoded
+
+
+def test_lane_jobs_left_when_the_group_ends_are_decoded_next_and_failures_reach_their_jobs() -> None:
+    """A search that never calls ``run_waiting`` leaves the lane's jobs to the next batch; a lane decode that
+    raises fails its jobs alone, and the search goes on."""
+    started, release = threading.Event(), threading.Event()
+    decoded: list[tuple[Hashable, list[int]]] = []
+    batcher: MicroBatcher[int, int]
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        decoded.append((key, list(jobs)))
+        if key == "search":
+            started.set()
+            assert release.wait(10)
+            if jobs == [7]:
+                batcher.run_waiting()
+        if key == "beam" and 99 in jobs:
+            raise ValueError("bad beam")
+        return list(jobs)
+
+    async def scenario() -> tuple[list[int], BaseException | None]:
+        nonlocal batcher
+        with ThreadPoolExecutor(1) as pool:
+            batcher = lane_batcher(run, pool)
+            batcher.start()
+            search = batcher.enqueue("search", 1)
+            assert await asyncio.to_thread(started.wait, 10)
+            waiting = batcher.enqueue("beam", 2)
+            release.set()
+            answers = [await search, await waiting]
+            started.clear()
+            release.clear()
+            failing_search = batcher.enqueue("search", 7)
+            assert await asyncio.to_thread(started.wait, 10)
+            failing = batcher.enqueue("beam", 99)
+            release.set()
+            error = await asyncio.gather(failing, return_exceptions=True)
+            answers.append(await failing_search)
+            await batcher.stop()
+            return answers, error[0]
+
+    answers, error = asyncio.run(scenario())
+    assert answers == [1, 2, 7] and isinstance(error, ValueError) and str(error) == "bad beam"
+    assert decoded == [("search", [1]), ("beam", [2]), ("search", [7]), ("beam", [99])], decoded
+
+
+def test_stopping_fails_the_jobs_in_the_lane() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        started.set()
+        release.wait(10)
+        return list(jobs)
+
+    async def scenario() -> BaseException | None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = lane_batcher(run, pool)
+            batcher.start()
+            batcher.enqueue("search", 1)
+            assert await asyncio.to_thread(started.wait, 10)
+            beam = batcher.enqueue("beam", 2)
+            await batcher.stop()
+            release.set()
+            return beam.exception() if beam.done() else None
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, RuntimeError) and str(error) == "server shutting down"

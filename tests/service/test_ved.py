@@ -531,3 +531,57 @@ def test_a_completion_stopped_by_its_deadline_is_learnt_as_a_search_not_as_the_i
     (row,) = rec._ved(config, [job])
     assert row.stats.cap_hit and row.stats.iterations == 0 and row.stats.tokens_spent > row.stats.init_tokens
     assert cost.reports == [] and len(margin.reports) == 1
+
+
+def test_a_beam_request_is_answered_between_the_steps_of_a_ved_search(
+    app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A beam request that arrives while a VED search runs is decoded between the search's steps (on the model
+    thread, inside the search) rather than after it, and gets the answer it gets alone; the search goes on."""
+    import service.decode_scheduler as scheduler_module
+
+    rec = app.state.recommender
+    real_search, real_beam = scheduler_module.ved_search, scheduler_module.beam_search
+    searching, beam_queued = threading.Event(), threading.Event()
+    beams_in_a_search: list[bool] = []
+
+    def search(*args: Any, between_steps: Callable[[], None], **kwargs: Any) -> Any:
+        def hold_for_the_beam() -> None:
+            beam_queued.wait(10)  # the beam request arrives while this search is in flight
+            between_steps()
+
+        searching.set()
+        try:
+            return real_search(*args, between_steps=hold_for_the_beam, **kwargs)
+        finally:
+            searching.clear()
+
+    def beam(*args: Any, **kwargs: Any) -> Any:
+        beams_in_a_search.append(searching.is_set())
+        return real_beam(*args, **kwargs)
+
+    enqueue = rec.batcher.enqueue
+
+    def spy_enqueue(key: Hashable, job: Any) -> Any:
+        future = enqueue(key, job)
+        if not isinstance(key, VEDConfig):
+            beam_queued.set()
+        return future
+
+    monkeypatch.setattr(scheduler_module, "ved_search", search)
+    monkeypatch.setattr(scheduler_module, "beam_search", beam)
+    monkeypatch.setattr(rec.batcher, "enqueue", spy_enqueue)
+    ved_body = {"history": [6, 7], "k": 5, "mode": "ved", "budget": 35, "latency_ms": 1000}
+    beam_body = {"history": [3, 4], "k": 4}
+    with ThreadPoolExecutor(1) as pool:
+        ved = pool.submit(client.post, "/recommend", json=ved_body)
+        assert searching.wait(10)
+        beam_answer = client.post("/recommend", json=beam_body).json()
+        ved_answer = ved.result().json()
+    assert beams_in_a_search == [True]
+    assert ved_answer["search"]["iterations"] > 0  # the search went on after the beam
+    monkeypatch.undo()
+    alone = client.post("/recommend", json=beam_body).json()
+    assert [(it["sid"], it["score"]) for it in beam_answer["items"]] == [
+        (it["sid"], it["score"]) for it in alone["items"]
+    ]
