@@ -62,6 +62,7 @@ class BenchConfig:
     clients: tuple[int, ...] = (1, 8, 32)  # beam cells, with and without batching
     caps_ms: tuple[int, ...] = (50, 100, 200)  # VED cells
     ved_clients: tuple[int, ...] = (1, 8, 32)
+    mixed_ved_clients: int = 2  # the mixed cell: one beam client beside this many VED clients (0: no such cell)
     k: int = 10
     duration_s: float = 5.0  # per cell
     max_requests: int = 3000  # per cell
@@ -74,6 +75,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.clients or min(self.clients) < 1 or (self.ved_clients and min(self.ved_clients) < 1):
             raise ValueError("client counts must be >= 1")
+        if self.mixed_ved_clients < 0:
+            raise ValueError("mixed_ved_clients must be >= 0")
         if self.caps_ms and min(self.caps_ms) < 1:
             raise ValueError("caps must be >= 1 ms")
         if self.duration_s <= 0 or self.max_requests < 1:
@@ -262,22 +265,30 @@ class LeanClient:
 
 async def run_cell(url: str, make_body: Callable[[], dict[str, Any]], clients: int, config: BenchConfig) -> CellResult:
     """One closed-loop cell; each client has a connection of its own."""
-    result = CellResult()
-    https = [LeanClient(url, config.request_timeout_s) for _ in range(clients)]
+    return (await run_cells(url, [(make_body, clients)], config))[0]
+
+
+async def run_cells(
+    url: str, groups: list[tuple[Callable[[], dict[str, Any]], int]], config: BenchConfig
+) -> list[CellResult]:
+    """Closed-loop groups of clients at once (the mixed cell: beam and VED), one result each; every group has
+    the cell's duration and its own ``max_requests``."""
+    results = [CellResult() for _ in groups]
+    https = [[LeanClient(url, config.request_timeout_s) for _ in range(clients)] for _, clients in groups]
     try:
 
-        async def warm(http: LeanClient) -> None:
+        async def warm(http: LeanClient, make_body: Callable[[], dict[str, Any]]) -> None:
             for _ in range(config.warmup_per_client):
                 await http.post("/recommend", make_body())
 
-        await asyncio.gather(*(warm(h) for h in https))
-        issued = 0
+        await asyncio.gather(*(warm(h, body) for (body, _), hs in zip(groups, https, strict=True) for h in hs))
+        issued = [0] * len(groups)
         stop_at = time.perf_counter() + config.duration_s
 
-        async def client(http: LeanClient) -> None:
-            nonlocal issued
-            while time.perf_counter() < stop_at and issued < config.max_requests:
-                issued += 1
+        async def client(http: LeanClient, g: int) -> None:
+            make_body, result = groups[g][0], results[g]
+            while time.perf_counter() < stop_at and issued[g] < config.max_requests:
+                issued[g] += 1
                 status, raw, seconds = await http.post("/recommend", make_body())
                 if status != 200:
                     result.errors.append(f"{status} {raw[:200].decode(errors='replace')}")
@@ -291,11 +302,12 @@ async def run_cell(url: str, make_body: Callable[[], dict[str, Any]], clients: i
                 result.popular += fallback == "popular"
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(h) for h in https))
-        result.elapsed_s = time.perf_counter() - t0
+        await asyncio.gather(*(client(h, g) for g, hs in enumerate(https) for h in hs))
+        for result in results:
+            result.elapsed_s = time.perf_counter() - t0
     finally:
-        await asyncio.gather(*(h.aclose() for h in https))
-    return result
+        await asyncio.gather(*(h.aclose() for hs in https for h in hs))
+    return results
 
 
 def log_cell(label: str, cell: CellResult, summary: dict[str, Any]) -> None:
@@ -320,9 +332,10 @@ class BenchCutShort(RuntimeError):
 
 
 def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[str, Any]]]:
-    """Run every cell; returns ``{"beam": [...], "ved": [...]}`` in the issue's shape, and ``batching_vs_none``
-    (``batching_ratios``). A server that stops answering mid-run raises ``BenchCutShort`` with the cells
-    measured so far."""
+    """Run every cell; returns ``{"beam": [...], "ved": [...]}`` in the issue's shape, ``batching_vs_none``
+    (``batching_ratios``) and, with VED caps and ``mixed_ved_clients``, ``mixed``: one beam client beside VED
+    ones at the largest cap, its latency over one beam client's alone. A server that stops answering mid-run
+    raises ``BenchCutShort`` with the cells measured so far."""
     histories = HistorySource(item_ids_of(checkpoint), config.seed)
     out: dict[str, list[dict[str, Any]]] = {"beam": [], "ved": []}
 
@@ -334,6 +347,36 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
 
     def beam_body() -> dict[str, Any]:
         return {"history": histories.next(), "k": config.k}
+
+    def ved_body(cap: int) -> Callable[[], dict[str, Any]]:
+        return lambda: {"history": histories.next(), "k": config.k, "mode": "ved", "latency_ms": cap}
+
+    def mixed_cell(url: str, cap: int) -> dict[str, Any]:
+        """One beam client beside ``mixed_ved_clients`` VED ones at ``cap``; the beam figures over those of one
+        beam client alone on the same server (this run's ``beam clients=1 batching=True`` cell)."""
+        label = f"mixed: beam clients=1 + ved cap={cap} ms clients={config.mixed_ved_clients}"
+        groups = [(beam_body, 1), (ved_body(cap), config.mixed_ved_clients)]
+        try:
+            beam, ved = asyncio.run(run_cells(url, groups, config))
+        except (OSError, EOFError) as e:
+            raise BenchCutShort(f"{label}: the server stopped answering ({type(e).__name__}: {e})", out) from None
+        rows = {"beam": beam.summary(), "ved": ved_summary(ved)}
+        for kind, cell in (("beam", beam), ("ved", ved)):
+            log_cell(f"mixed {kind}", cell, rows[kind])
+            refused(f"{label} ({kind})", cell, out)
+        alone = next((r for r in out["beam"] if r["clients"] == 1 and r["batching"]), None)
+
+        def ratio(key: str) -> float | None:
+            on, off = rows["beam"][key], alone and alone[key]
+            return round(on / off, 2) if on is not None and off else None
+
+        return {
+            "cap_ms": cap,
+            "ved_clients": config.mixed_ved_clients,
+            **rows,
+            "beam_p50_vs_alone": ratio("p50_ms"),
+            "beam_p99_vs_alone": ratio("p99_ms"),
+        }
 
     for batching in (True, False):
         with running_server(checkpoint, batching, config) as url:
@@ -348,32 +391,47 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                 continue
             for cap in config.caps_ms:
                 for clients in config.ved_clients:
-
-                    def ved_body(cap: int = cap) -> dict[str, Any]:
-                        return {"history": histories.next(), "k": config.k, "mode": "ved", "latency_ms": cap}
-
                     label = f"ved cap={cap} ms clients={clients}"
-                    cell = measure(label, url, ved_body, clients)
-                    n = len(cell.latencies_ms)
-
-                    def share(count: int, n: int = n) -> float | None:  # of the answered requests; None: none was
-                        return round(count / n, 3) if n else None
-
-                    row = {
-                        "cap_ms": cap,
-                        "clients": clients,
-                        **cell.summary(),
-                        "cap_hit_share": share(cell.cap_hits),
-                        "fallback_share": share(cell.fallbacks),
-                        "popular_share": share(cell.popular),
-                    }
+                    cell = measure(label, url, ved_body(cap), clients)
+                    row = {"cap_ms": cap, "clients": clients, **ved_summary(cell)}
                     log_cell(label, cell, row)
                     out["ved"].append(row)
                     refused(label, cell, out)
+            if config.mixed_ved_clients and config.caps_ms:
+                out["mixed"] = [mixed_cell(url, max(config.caps_ms))]
+                log_mixed(out["mixed"][0])
     out["batching_vs_none"] = batching_ratios(out["beam"])
     for ratio in out["batching_vs_none"]:
         log_ratio(ratio)
     return out
+
+
+def ved_summary(cell: CellResult) -> dict[str, Any]:
+    """A VED cell's figures and the shares of its answered requests that hit the cap, came from the initial beam
+    and from popularity (None: none was answered)."""
+    n = len(cell.latencies_ms)
+
+    def share(count: int) -> float | None:
+        return round(count / n, 3) if n else None
+
+    return {
+        **cell.summary(),
+        "cap_hit_share": share(cell.cap_hits),
+        "fallback_share": share(cell.fallbacks),
+        "popular_share": share(cell.popular),
+    }
+
+
+def log_mixed(row: dict[str, Any]) -> None:
+    def times(key: str) -> str:
+        return "-" if row[key] is None else f"{row[key]:.2f}x"
+
+    print(
+        f"mixed: one beam client beside {row['ved_clients']} VED clients at cap {row['cap_ms']} ms / beam alone: "
+        f"p50 {times('beam_p50_vs_alone')}, p99 {times('beam_p99_vs_alone')}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def batching_ratios(beam: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -219,6 +219,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ved_clients: Annotated[
             str, typer.Option("--ved-clients", help="Concurrent clients of the VED cells.")
         ] = "1,8,32",
+        mixed_ved_clients: Annotated[
+            int,
+            typer.Option(
+                "--mixed-ved-clients",
+                min=0,
+                help="The mixed cell: one beam client beside this many VED clients at the largest cap (0: none).",
+            ),
+        ] = 2,
         k: Annotated[int, typer.Option("--k", min=1, max=100, help="Items per request.")] = 10,
         duration_s: Annotated[float, typer.Option("--duration-s", min=0.1, max=120, help="Seconds per cell.")] = 5.0,
         max_requests: Annotated[int, typer.Option("--max-requests", min=1, max=100_000, help="Per cell.")] = 3000,
@@ -235,6 +243,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             clients=_int_list(clients, "--clients"),
             caps_ms=caps_ms,
             ved_clients=_int_list(ved_clients, "--ved-clients"),
+            mixed_ved_clients=mixed_ved_clients,
             k=k,
             duration_s=duration_s,
             max_requests=max_requests,

@@ -214,17 +214,30 @@ def test_bench_serve_prints_batching_against_the_server_without_it_measured_in_t
         assert clients == expected
         return CellResult(latencies_ms=[p99] * n, server_ms=[p99] * n, elapsed_s=1.0)
 
+    async def cells(url: str, groups: list[tuple[Callable[[], dict[str, Any]], int]], config: BenchConfig) -> Any:
+        assert [clients for _, clients in groups] == [1, 3] and "mode" not in groups[0][0]()
+        assert groups[1][0]()["mode"] == "ved" and groups[1][0]()["latency_ms"] == 200
+        return [CellResult(latencies_ms=[24.0, 40.0], server_ms=[1.0, 1.0], elapsed_s=1.0), CellResult([80.0], [79.0])]
+
     monkeypatch.setattr(service.bench, "run_cell", cell)
+    monkeypatch.setattr(service.bench, "run_cells", cells)
     monkeypatch.setattr(service.bench, "running_server", lambda *a: contextlib.nullcontext("http://x"))
     out = tmp_path / "bench.json"
-    args = ["--clients", "1,8", "--caps", "50", "--ved-clients", "1", "--json", str(out)]
+    args = ["--clients", "1,8", "--caps", "50,200", "--ved-clients", "1", "--mixed-ved-clients", "3"]
+    args += ["--json", str(out)]
     result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(tiny_checkpoint), *args])
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["batching_vs_none"] == [
+    written = json.loads(out.read_text())
+    assert written["batching_vs_none"] == [
         {"clients": 1, "rps_ratio": 0.8, "p99_ratio": 1.25},
         {"clients": 8, "rps_ratio": 4.0, "p99_ratio": 0.25},
     ]
     assert "beam clients=8: batching / no batching: requests/s 4.00x, p99 0.25x" in result.output
+    # the mixed cell: beam p50 32 ms and p99 39.84 ms beside VED, against 20 ms alone (one beam client, batching)
+    (mixed,) = written["mixed"]
+    assert (mixed["cap_ms"], mixed["ved_clients"], mixed["beam"]["p50_ms"], mixed["ved"]["p50_ms"]) == (200, 3, 32, 80)
+    assert (mixed["beam_p50_vs_alone"], mixed["beam_p99_vs_alone"]) == (1.6, 1.99)
+    assert "one beam client beside 3 VED clients at cap 200 ms / beam alone: p50 1.60x, p99 1.99x" in result.output
 
 
 def test_batching_ratios_of_a_cell_without_answers_are_null() -> None:
@@ -317,6 +330,10 @@ def test_bench_serve_reports_the_issue_shape(tiny_checkpoint: Path) -> None:
     # each share is rounded to 3 decimals: two rounded up and one down can differ by 0.0015 (3/18 + 1/18 vs 4/18)
     assert 0 <= ved["fallback_share"] + ved["popular_share"] <= ved["cap_hit_share"] + 0.0015
     assert ved["cap_hit_share"] <= 1
+    (mixed,) = out["mixed"]  # one beam client beside 2 VED clients (the default) at the largest cap
+    assert set(mixed) == {"cap_ms", "ved_clients", "beam", "ved", "beam_p50_vs_alone", "beam_p99_vs_alone"}
+    assert (mixed["cap_ms"], mixed["ved_clients"], mixed["beam"]["errors"], mixed["ved"]["errors"]) == (50, 2, 0, 0)
+    assert set(mixed["ved"]) == set(ved) - {"cap_ms", "clients"} and mixed["beam_p99_vs_alone"] > 0
 
 
 def test_lean_client_reads_answers_and_errors_over_one_connection(tiny_checkpoint: Path) -> None:
