@@ -95,11 +95,11 @@ Choices the paper leaves open:
 * deadline (anytime): checked before each step, and within a step's selections
   once one child is made; a step is at most one batched
   forward, so the overshoot is one step. The initial tree is always built.
-* ``between_steps``: a callback run after the initial tree and between steps
-  (the server decodes waiting beam requests there, on the same model, rather
-  than after the whole search); the deadline is checked after it. The search's
-  result does not depend on it: the tree, its caches and its noise are the
-  search's own.
+* ``between_steps``: a callback run between forwards: after the prefill, between
+  the initial tree's levels, and before each step (the server decodes waiting
+  beam requests there, on the same model, rather than after the whole search);
+  the deadline is checked after it. The search's result does not depend on it:
+  the tree, its caches and its noise are the search's own.
 * batching: each step runs up to ``expansions_per_step`` selections per prompt
   (visits are backed up at once, so they spread) and evaluates all new nodes of
   all prompts in one forward. 1 is the paper's strictly sequential loop.
@@ -256,6 +256,8 @@ class _Search:
         rows = torch.arange(b, device=self.device)
         nodes = torch.zeros(b, dtype=torch.long, device=self.device)
         for _ in range(tree.max_depth):
+            if self.between_steps is not None:  # after the prefill, and between levels: each is a forward
+                self.between_steps()
             slot = rank_within(rows)  # (F,) position of each frontier node in its prompt
             scores = torch.full((b, int(slot.max()) + 1, c), float("-inf"), device=self.device)
             scores[rows, slot] = tree.log_prob[rows, nodes, None] + tree.child_log_prob[rows, nodes]

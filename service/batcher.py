@@ -25,7 +25,8 @@ another key decodes (a VED search, up to its latency cap) need not wait for it:
 they are put in a side lane instead of the queue, and that group's decode may
 call ``run_waiting`` on the model thread between its steps to decode them then,
 in groups of their key, and answer them at once. Whatever the lane still holds
-when the group ends goes back to the queue, for the next batch.
+when the group ends goes back to the queue, for the next batch. Within a batch,
+the lane's groups are decoded first.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class MicroBatcher(Generic[J, R]):
             raise RuntimeError("batcher not started")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._arrived_while_decoding += self._decoding
-        if self._lane_open and self.lane is not None and self.lane(key):
+        if self._lane_open and self._in_lane(key):
             self._lane.put_nowait(_Pending(key, job, future))
         else:
             self._queue.put_nowait(_Pending(key, job, future))
@@ -133,6 +134,9 @@ class MicroBatcher(Generic[J, R]):
                 if self.on_batch is not None:
                     self.on_batch(key, len(part))
                 self._answer_threadsafe(part, results, None)
+
+    def _in_lane(self, key: Hashable) -> bool:
+        return self.lane is not None and self.lane(key)
 
     def _drain_lane(self) -> list[_Pending[J, R]]:
         taken = []
@@ -175,7 +179,7 @@ class MicroBatcher(Generic[J, R]):
             for pending in batch:
                 groups.setdefault(pending.key, []).append(pending)
             self._decoding, self._arrived_while_decoding = True, 0
-            for key, group in groups.items():
+            for key, group in sorted(groups.items(), key=lambda kv: not self._in_lane(kv[0])):  # the lane's first
                 # read when the group's turn comes, not when the batch formed: a client that hung up (or a
                 # VED request its hard cap answered) while an earlier group decoded is still queued, and dropped
                 live = [p for p in group if not p.future.done()]
@@ -184,7 +188,7 @@ class MicroBatcher(Generic[J, R]):
             self._decoding, self._in_hand = False, []
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, key: Hashable, group: list[_Pending[J, R]]) -> None:
-        self._lane_open = self.lane is not None and not self.lane(key)
+        self._lane_open = self.lane is not None and not self._in_lane(key)
         try:
             results: Sequence[Any] = await loop.run_in_executor(self.executor, self.run, key, [p.job for p in group])
             assert len(results) == len(group), "run must return one result per job"

@@ -284,3 +284,24 @@ def test_stopping_fails_the_jobs_in_the_lane() -> None:
 
     error = asyncio.run(scenario())
     assert isinstance(error, RuntimeError) and str(error) == "server shutting down"
+
+
+def test_within_a_batch_the_lanes_groups_are_decoded_first() -> None:
+    """A beam job collected in the same batch as a search that arrived before it does not wait for the search."""
+    decoded: list[Hashable] = []
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        decoded.append(key)
+        return list(jobs)
+
+    async def scenario() -> list[int]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(run, pool, max_size=4, max_wait_s=0.0, lane=lambda key: key == "beam")
+            batcher.start()
+            futures = [batcher.enqueue(key, j) for j, key in enumerate(("search", "other", "beam"))]  # one batch
+            answers = [await f for f in futures]
+            await batcher.stop()
+            return answers
+
+    assert asyncio.run(scenario()) == [0, 1, 2]
+    assert decoded == ["beam", "search", "other"]
