@@ -172,6 +172,19 @@ def test_grpo_step_updates_policy_not_reference(tiny_policy: Policy, tiny_datase
     assert stats["distinct"] == 16 and 0 <= stats["reachability"] <= 1
 
 
+def test_a_steps_logged_lr_is_the_one_it_stepped_with(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:
+    """The step figure ``lr`` is the learning rate the step's update used (as SFT logs it), not the next step's:
+    100 steps warm up over 3, so the first three steps run at 1/3, 2/3 and 3/3 of the lr."""
+    policy, reference = clone(tiny_policy), clone(tiny_policy)
+    trainer = RLTrainer(policy, reference, RLConfig(algo="grpo", batch_size=4, lr=3e-4), total_steps=100)
+    used = []
+    for i in range(3):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        stats = trainer.step(tiny_dataset.splits["train"][4 * i : 4 * i + 4])
+        assert stats["lr"] == pytest.approx(used[-1])
+    assert used == pytest.approx([1e-4, 2e-4, 3e-4])
+
+
 @pytest.mark.parametrize("dense", [True, False])
 def test_vstar_step_without_ved_trains_value_head(
     tiny_policy: Policy, tiny_dataset: RecDataset, dense: bool, monkeypatch: pytest.MonkeyPatch
