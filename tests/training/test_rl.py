@@ -617,6 +617,25 @@ def test_a_run_that_held_nothing_out_reports_no_best_score(
     assert summary["selection_rows"] == 0 and summary["best"] is None and not summary["below_init"]  # not -1.0
 
 
+def test_the_lr_schedule_spans_every_epoch_of_the_run(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    """Linear warm-up, then one cosine to 0 over the whole run (3 epochs of 4 batches: 30 rows of 8), not per
+    epoch: each step's logged lr, the one its update used, follows the schedule step by step."""
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
+    config = RLConfig(
+        algo="grpo", epochs=3, batch_size=8, lr=1e-3, warmup_ratio=0.25, eval_limit=4, train_splits=("valid",),
+        holdout=10,
+    )  # fmt: skip
+    summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    total, warmup = 12, 3
+    want = [(s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+            for s in range(total)]  # fmt: skip
+    records = [json.loads(line) for line in Path(summary["steps_log"]).read_text().splitlines()]
+    assert summary["steps"] == total and [r["epoch"] for r in records] == [0] * 4 + [1] * 4 + [2] * 4
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * w for w in want])
+
+
 def one_step_run(data: RecDataset, policy: Policy, tmp_path: Path, init_manifest: dict, **config) -> Path:
     """A one-step GRPO run (8 selection rows) from ``policy`` saved with ``init_manifest``; its checkpoint."""
     init = save_checkpoint(tmp_path / "init", policy, {"stage": "sft"} | init_manifest)
