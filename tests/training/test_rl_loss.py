@@ -1,14 +1,17 @@
 """``training.rl.loss``: float32 log-probs whatever precision the model runs in; the policy gradient's sign and
 the value loss's states, pinned directly (before, only the slow two-process test caught a flipped ratio or
 value states read from the prompt's start); and the whole policy gradient of ``RLTrainer.step`` against the
-issue's formulas written out one prompt, candidate and token at a time (``plain_policy_loss``)."""
+issue's formulas written out one prompt, candidate and token at a time (``plain_policy_loss``), and the value
+head's TD gradient likewise."""
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -240,3 +243,71 @@ def test_the_trainers_policy_gradient_is_the_plain_formulas(
         want = torch.autograd.grad(loss, list(weights.model.parameters()), allow_unused=True)
         for got, w in zip(grads, want, strict=True):
             torch.testing.assert_close(got, torch.zeros_like(got) if w is None else w, rtol=1e-4, atol=1e-6)
+
+
+def plain_dense_rewards(
+    paths: list[list[int]], target_path: list[int], path_emb: list[np.ndarray], target_emb: np.ndarray
+) -> list[list[float]]:
+    """Per candidate, [0, r_1 .. r_D]: r_l = w_l where its prefix of l tokens is the target's, else -w_l x (1 - cos
+    of the mean embedding of the candidates sharing that prefix with the target's embedding); w = (0.3, 0.5, 1)."""
+    out = []
+    for p in paths:
+        r = [0.0]
+        for level, w in enumerate((0.3, 0.5, 1.0), 1):
+            if p[:level] == target_path[:level]:
+                r.append(w)
+                continue
+            mean = np.mean([e for q, e in zip(paths, path_emb, strict=True) if q[:level] == p[:level]], axis=0)
+            cos = float(mean @ target_emb) / float(np.linalg.norm(mean) * np.linalg.norm(target_emb))
+            r.append(-w * (1 - cos))
+        out.append(r)
+    return out
+
+
+def test_the_trainers_value_gradient_is_plain_td(
+    tiny_policy: Policy, tiny_dataset: RecDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """V_phi's gradient in ``RLTrainer.step`` equals that of TD(0) written out per candidate: V at the prompt's
+    last token and at each SID token (unpadded forwards of the policy before its update), targets r_l + gamma *
+    V(s_{l+1}) held fixed, 0 past the last token, the dense rewards by hand."""
+    g, gamma = 8, 0.9
+    samples = reachable_samples(tiny_policy, tiny_dataset, g)
+    policy, reference = clone(tiny_policy), clone(tiny_policy)
+    torch.manual_seed(0)
+    head = new_value_head(policy)
+    config = RLConfig(algo="vstar", ved=False, num_candidates=g, batch_size=4, gamma=gamma, grad_clip=1e9)
+    emb = tiny_dataset.embeddings
+    assert emb is not None
+    trainer = RLTrainer(policy, reference, config, 10, head, emb)
+    seen: list[list[torch.Tensor]] = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        parameters = list(parameters)
+        if parameters == list(head.parameters()):
+            seen.append([p.grad.clone() for p in parameters])
+        return real_clip(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    before, head_before = clone(policy), copy.deepcopy(head)
+    trainer.step(samples)
+    rollout = collect(before, samples, beam_source(g))
+    catalog = before.catalog
+    errors = []
+    for b, sample in enumerate(samples):
+        prompt = rollout.prompt_ids[b][rollout.prompt_mask[b].bool()].tolist()
+        paths = [list(p) for p in rollout.paths(b)]
+        sid_emb = [emb[catalog.items_of_sid[s]].mean(axis=0) for s in rollout.candidates(b)]
+        rewards = plain_dense_rewards(paths, rollout.target_tokens[b].tolist(), sid_emb, emb[sample.target])
+        for path, r in zip(paths, rewards, strict=True):
+            with torch.no_grad():
+                hidden = before.model(input_ids=torch.tensor([prompt + path]), output_hidden_states=True)
+            states = hidden.hidden_states[-1]  # (1, T + D, H)
+            v = head_before(states, torch.ones(states.shape[:2]))[0, -len(r) :]  # V(s_0) .. V(s_D)
+            nxt = torch.cat([v[1:].detach(), v.new_zeros(1)])
+            errors += list(v - (torch.tensor(r) + gamma * nxt))
+    loss = torch.stack(errors).pow(2).mean()
+    want = torch.autograd.grad(loss, list(head_before.parameters()))
+    [got] = seen
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-6)
