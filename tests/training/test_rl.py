@@ -172,6 +172,19 @@ def test_grpo_step_updates_policy_not_reference(tiny_policy: Policy, tiny_datase
     assert stats["distinct"] == 16 and 0 <= stats["reachability"] <= 1
 
 
+def test_a_steps_logged_lr_is_the_one_it_stepped_with(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:
+    """The step figure ``lr`` is the learning rate the step's update used (as SFT logs it), not the next step's:
+    100 steps warm up over 3, so the first three steps run at 1/3, 2/3 and 3/3 of the lr."""
+    policy, reference = clone(tiny_policy), clone(tiny_policy)
+    trainer = RLTrainer(policy, reference, RLConfig(algo="grpo", batch_size=4, lr=3e-4), total_steps=100)
+    used = []
+    for i in range(3):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        stats = trainer.step(tiny_dataset.splits["train"][4 * i : 4 * i + 4])
+        assert stats["lr"] == pytest.approx(used[-1])
+    assert used == pytest.approx([1e-4, 2e-4, 3e-4])
+
+
 @pytest.mark.parametrize("dense", [True, False])
 def test_vstar_step_without_ved_trains_value_head(
     tiny_policy: Policy, tiny_dataset: RecDataset, dense: bool, monkeypatch: pytest.MonkeyPatch
@@ -602,6 +615,25 @@ def test_a_run_that_held_nothing_out_reports_no_best_score(
     config = RLConfig(algo="grpo", max_steps=1, batch_size=4, eval_limit=8, train_splits=("valid",), holdout=0)
     summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
     assert summary["selection_rows"] == 0 and summary["best"] is None and not summary["below_init"]  # not -1.0
+
+
+def test_the_lr_schedule_spans_every_epoch_of_the_run(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    """Linear warm-up, then one cosine to 0 over the whole run (3 epochs of 4 batches: 30 rows of 8), not per
+    epoch: each step's logged lr, the one its update used, follows the schedule step by step."""
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
+    config = RLConfig(
+        algo="grpo", epochs=3, batch_size=8, lr=1e-3, warmup_ratio=0.25, eval_limit=4, train_splits=("valid",),
+        holdout=10,
+    )  # fmt: skip
+    summary = train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    total, warmup = 12, 3
+    want = [(s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+            for s in range(total)]  # fmt: skip
+    records = [json.loads(line) for line in Path(summary["steps_log"]).read_text().splitlines()]
+    assert summary["steps"] == total and [r["epoch"] for r in records] == [0] * 4 + [1] * 4 + [2] * 4
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * w for w in want])
 
 
 def one_step_run(data: RecDataset, policy: Policy, tmp_path: Path, init_manifest: dict, **config) -> Path:

@@ -307,6 +307,7 @@ class RLTrainer:
         (weight 0); the losses are scaled so that DDP's gradient is the global batch's.
         """
         start = time.perf_counter()
+        lr = float(self.scheduler.get_last_lr()[0])  # this step's: the policy update steps the scheduler
         # 1. rollout: V_phi frozen, C(x) per prompt from VED (or beam search)
         rollout = collect(self.policy, samples, self.source())
         # every score nan or -inf: the weights overflowed; summed over the ranks, so that all of them stop here
@@ -349,7 +350,7 @@ class RLTrainer:
         self.step_count += 1
         figures = {
             "value_loss": value_loss,
-            "lr": float(self.scheduler.get_last_lr()[0]),
+            "lr": lr,
             "seconds": time.perf_counter() - start,
         }
         return candidate_stats(rollout, rewards, adv) | stats | figures
