@@ -829,14 +829,17 @@ def test_holdout_rows_are_the_last_ones() -> None:
     assert list(select_rows(rows, 2, None, "valid")) == [0, 1] and list(select_rows(rows, None, None, "valid")) == rows
 
 
-def test_value_quality_of_a_head_that_knows_the_returns(tiny_policy: Policy, tiny_dataset: RecDataset) -> None:
-    """A stand-in head whose V is the discounted dense return itself: rank correlation 1 at every level, and
-    the target (the one complete SID with the full reward) first by V."""
+@pytest.mark.parametrize("gamma", [0.99, 0.5])
+def test_value_quality_of_a_head_that_knows_the_returns(
+    tiny_policy: Policy, tiny_dataset: RecDataset, gamma: float
+) -> None:
+    """A stand-in head whose V is the dense return discounted by the run's gamma: rank correlation 1 at every
+    level, and the target (the one complete SID with the full reward) first by V."""
     from training.rl.diagnose import ValueQuality
-    from training.rl.rewards import GAMMA, batch_standard_rewards, batch_value_rewards
+    from training.rl.rewards import batch_standard_rewards, batch_value_rewards
     from training.rl.rollout import sequences
 
-    quality = ValueQuality(tiny_policy, new_value_head(tiny_policy), tiny_dataset.embeddings)
+    quality = ValueQuality(tiny_policy, new_value_head(tiny_policy), tiny_dataset.embeddings, gamma=gamma)
     rollout = collect(tiny_policy, tiny_dataset.splits["train"][:60], beam_source(16))
     batch, d = sequences(rollout), tiny_policy.catalog.depth
     _, rule = batch_standard_rewards(rollout.sid_index, rollout.target_sid)
@@ -846,7 +849,7 @@ def test_value_quality_of_a_head_that_knows_the_returns(tiny_policy: Policy, tin
     )[batch.row, batch.col]  # fmt: skip
     returns = r.clone()
     for level in range(d - 1, -1, -1):
-        returns[:, level] += GAMMA * returns[:, level + 1]
+        returns[:, level] += gamma * returns[:, level + 1]
 
     class KnowsTheReturns(torch.nn.Module):
         def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -862,6 +865,18 @@ def test_value_quality_of_a_head_that_knows_the_returns(tiny_policy: Policy, tin
     groups = [returns[batch.row == b, 0] for b in range(len(rollout.target_sid))]
     stds = [float(g.std()) for g in groups if len(g) > 1]
     assert summary["dense_return_std"] == pytest.approx(float(np.mean(stds))) and summary["dense_return_std"] > 0
+
+
+def test_diagnose_scores_the_value_head_with_the_checkpoints_gamma(init_ckpt: Path) -> None:
+    """``vstar diagnose`` discounts the dense returns by the gamma the RL run stored (RLConfig.gamma), as its
+    level weights; the default where it stored none."""
+    from training.rl.diagnose import checkpoint_gamma
+    from training.rl.rewards import GAMMA
+
+    ckpt = load_checkpoint(init_ckpt)
+    assert checkpoint_gamma(ckpt) == GAMMA  # an SFT checkpoint
+    ckpt.manifest["rl_config"] = {"gamma": 0.5}
+    assert checkpoint_gamma(ckpt) == 0.5
 
 
 def test_cli_diagnose_reports_the_value_head(tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path) -> None:

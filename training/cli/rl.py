@@ -290,7 +290,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         from models.checkpoint import load_checkpoint
         from models.value_head import load_value_head
         from training.data.dataset import check_catalog
-        from training.rl.diagnose import VALUE_KEYS, candidate_source, checkpoint_level_weights
+        from training.rl.diagnose import VALUE_KEYS, candidate_source, checkpoint_gamma, checkpoint_level_weights
         from training.rl.diagnose import diagnose as run_diagnose
 
         ckpt = load_checkpoint(checkpoint, device)
@@ -304,7 +304,14 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 f"the dense reward, which needs {ds.name}'s item_emb.npy", err=True,
             )  # fmt: skip
         result = run_diagnose(
-            ckpt.policy, rows, source, batch_size, value_head=head, item_emb=ds.embeddings, level_weights=weights
+            ckpt.policy,
+            rows,
+            source,
+            batch_size,
+            value_head=head,
+            item_emb=ds.embeddings,
+            level_weights=weights,
+            gamma=checkpoint_gamma(ckpt),
         )
         # what was diagnosed, as vstar eval records it: --limit above the split's size takes the rows there are
         write_json(

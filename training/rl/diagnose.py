@@ -98,6 +98,7 @@ def diagnose(
     value_head: ValueHead | None = None,
     item_emb: np.ndarray | None = None,  # (items, dim): the dense reward of the value keys
     level_weights: Sequence[float] | None = None,  # its w_1..w_D (``checkpoint_level_weights``); None: the default
+    gamma: float = GAMMA,  # the discount the value head was trained with (``checkpoint_gamma``)
 ) -> dict[str, float]:
     """The ``DIAGNOSTIC_KEYS`` of ``source`` over ``samples``, weighted by prompts; with ``value_head`` (and
     ``item_emb``) also the value head's quality on the same candidate sets (``VALUE_KEYS``)."""
@@ -105,7 +106,7 @@ def diagnose(
         raise ValueError("no rows to diagnose")
     totals = dict.fromkeys(DIAGNOSTIC_KEYS, 0.0)
     quality = (
-        ValueQuality(policy, value_head, item_emb, level_weights)
+        ValueQuality(policy, value_head, item_emb, level_weights, gamma)
         if value_head is not None and item_emb is not None
         else None
     )
@@ -143,11 +144,16 @@ class ValueQuality:
     """Accumulates ``VALUE_KEYS`` over rollouts: V at every state of every candidate vs its dense reward."""
 
     def __init__(
-        self, policy: Policy, head: ValueHead, item_emb: np.ndarray, level_weights: Sequence[float] | None = None
+        self,
+        policy: Policy,
+        head: ValueHead,
+        item_emb: np.ndarray,
+        level_weights: Sequence[float] | None = None,
+        gamma: float = GAMMA,
     ) -> None:
         from training.rl.rewards import resolve_level_weights, sid_embeddings
 
-        self.policy, self.head, self.item_emb = policy, head, item_emb
+        self.policy, self.head, self.item_emb, self.gamma = policy, head, item_emb, gamma
         self.level_weights = resolve_level_weights(level_weights, policy.catalog.depth)
         self.sid_emb = sid_embeddings(policy.catalog.items_of_sid, item_emb)
         self.corr: dict[int, list[float]] = {}
@@ -174,7 +180,7 @@ class ValueQuality:
         )[batch.row.cpu(), batch.col.cpu()]  # (N, D+1)  # fmt: skip
         returns = r.clone()
         for level in range(d - 1, -1, -1):  # discounted return from each state
-            returns[:, level] += GAMMA * returns[:, level + 1]
+            returns[:, level] += self.gamma * returns[:, level + 1]
         path_lp = logp.sum(-1).cpu()  # (N,)
         rows = batch.row.cpu()
         for b in range(rollout.sid_index.shape[0]):
@@ -220,6 +226,13 @@ def candidate_source(
     if decoder == "beam":
         return beam_source(num_candidates, budget)
     return ved_source(*ved_setup(checkpoint, num_candidates, budget, seed, explore_slots))
+
+
+def checkpoint_gamma(checkpoint: LoadedCheckpoint) -> float:
+    """The discount the checkpoint's RL run trained its value head with (``RLConfig.gamma``); the default when
+    it stored none (an SFT checkpoint)."""
+    stored = (checkpoint.manifest.get("rl_config") or {}).get("gamma")
+    return GAMMA if stored is None else float(stored)
 
 
 def checkpoint_level_weights(checkpoint: LoadedCheckpoint) -> tuple[float, ...]:
