@@ -82,13 +82,13 @@ class InputError(ValueError):
     """A line of the input that no answer can be made for; the message names the file and the line."""
 
 
-def every_line(path: Path, numbered: Iterable[tuple[int, T]], each: Callable[[T], R]) -> list[R]:
-    """``each`` of every (line number, line) of ``path``: all or an ``InputError``, the first line's error with
-    how many lines have one (``ValueError`` and the API's ``InvalidInput``), so one run finds them all."""
+def every_line(path: Path, numbered: Iterable[tuple[int, T]], each: Callable[[int, T], R]) -> list[R]:
+    """``each(number, line)`` of every numbered line of ``path``: all of them, or an ``InputError``, the first
+    line's error (a ``ValueError``, or the API's ``InvalidInput``) with how many lines have one."""
     out, errors = [], []
     for number, line in numbered:
         try:
-            out.append(each(line))
+            out.append(each(number, line))
         except (ValueError, InvalidInput) as e:
             errors.append(f"{path}:{number}: {e}")
     if errors:
@@ -101,10 +101,10 @@ def read_users(path: Path, fields: dict[str, Any]) -> list[UserLine]:
     """Every line of ``path`` read and checked (JSON, shape, the history entries' types), blank lines skipped;
     ``fields``: the request's options, for every line. The catalog is not needed yet."""
     with path.open("rb") as f:
-        numbered = [(number, (number, raw)) for number, raw in enumerate(f, 1) if raw.strip()]
+        numbered = [(number, raw) for number, raw in enumerate(f, 1) if raw.strip()]
     if not numbered:
         raise InputError(f"{path}: no users (no line that is not blank)")
-    return every_line(path, numbered, lambda line: read_line(*line, fields))
+    return every_line(path, numbered, lambda number, raw: read_line(number, raw, fields))
 
 
 def read_line(number: int, raw: bytes, fields: dict[str, Any]) -> UserLine:
@@ -183,7 +183,8 @@ def recommend_file(
             recommender.plan(RecommendRequest.model_validate(fields), [])
         except InvalidInput as e:
             raise ValueError(f"--{e}") from None
-        users = every_line(source, [(line.number, line) for line in lines], lambda line: plan_line(recommender, line))
+        numbered = [(line.number, line) for line in lines]
+        users = every_line(source, numbered, lambda _, line: plan_line(recommender, line))
         started = time.perf_counter()
         out.parent.mkdir(parents=True, exist_ok=True)
         with (

@@ -49,6 +49,11 @@ Design decisions:
 
 * An answer is a frozen ``Answer`` (``service.answer``); the response cache
   stores it as JSON and the response is built from it.
+* The steps that need no server are public and the request path runs them:
+  ``plan`` (history -> exclusion set, prompt, fusion's items, decode config),
+  ``rank`` and ``wire_items``, with the scheduler's ``decode``. ``vstar
+  recommend`` (``service.batch_recommend``) answers a file of users offline
+  with them, so its answers are the service's.
 
 The model thread's side (the executor, micro-batching, VED's deadlines, the
 anytime fallback and load shedding) is ``service.decode_scheduler``; the
