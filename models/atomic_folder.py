@@ -17,12 +17,17 @@ the same target removes them. One writer per target is assumed (under DDP only
 rank 0 writes), since a second writer's staging folder would look like a
 leftover.
 
+A single file is replaced with one rename (``write_file``, or ``replacing_file``
+for one written piece by piece): written under a temporary name beside it, so
+its path holds the old contents or the new ones.
+
 This module touches only the file system (no torch), so a test can kill a
 process in the middle of it cheaply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -30,7 +35,9 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -105,12 +112,31 @@ def publish(staged: Path, target: Path) -> None:
 def write_file(path: Path, data: bytes) -> None:
     """Replace the file ``path`` with ``data`` in one step: written under a temporary name beside it, then renamed
     onto it, so a process killed meanwhile leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replacing_file(path: Path) -> Iterator[BinaryIO]:
+    """``write_file`` for contents written piece by piece (too many to hold at once): a file under the temporary
+    name, renamed onto ``path`` when the block ends; a block that raises, or a process killed meanwhile, leaves
+    the old file whole (and no file where there was none)."""
+    tmp = _temporary(path)
+    try:
+        with tmp.open("wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _temporary(path: Path) -> Path:
+    """The name a new version of the file ``path`` is written under, beside it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -1,9 +1,11 @@
-"""``vstar serve`` and ``vstar bench serve`` (registered on the root command).
+"""``vstar serve``, ``vstar recommend`` and ``vstar bench serve`` (registered on the root command).
 
 ``serve`` hands the checkpoint to the app through ``VSTAR_CHECKPOINT``, so every
 uvicorn worker process builds its app from the same environment
 (``service.app:create_app_from_env``); every other setting is read there too
-(``service.settings``). Heavy imports stay inside the handlers.
+(``service.settings``). ``recommend`` reads the same settings (its options in their
+place) and answers a file of users offline with the service's own code
+(``service.batch_recommend``). Heavy imports stay inside the handlers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from typer._click.exceptions import ClickException  # typer vendors click from 0.28 on
@@ -27,6 +29,8 @@ from models.output_path import output_file_problem
 if TYPE_CHECKING:
     import uvicorn
 
+    from service.settings import Settings
+
 CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder to serve.")]
 
 
@@ -34,6 +38,18 @@ def _require_checkpoint(path: Path) -> None:
     """A folder with a manifest, checked before a server starts (after the other options' own checks)."""
     if not (path / "manifest.json").exists():
         raise typer.BadParameter(f"{path} is not a checkpoint folder (no manifest.json)")
+
+
+def _device(value: str | None) -> str | None:
+    """Typer callback of ``--device``: one this machine has (torch is imported only for one other than the CPU)."""
+    if value is None or value == "cpu":
+        return value
+    from models.device import device_problem
+
+    problem = device_problem(value)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return value
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -71,6 +87,24 @@ def _variable(loc: tuple[int | str, ...]) -> str:
     return (
         "REDIS_URL (or VSTAR_REDIS_URL)" if field.removeprefix("vstar_") == "redis_url" else f"VSTAR_{field.upper()}"
     ) + ": "
+
+
+def _settings(**overrides: Any) -> Settings:
+    """The service's settings from the environment, ``overrides`` (options already checked) in their place;
+    a bad one is one line naming its variable, never its value: it may be a password or a key."""
+    from pydantic import ValidationError
+
+    from service.errors import validation_reason
+    from service.settings import Settings
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{_variable(err['loc'])}{validation_reason(err)}"
+            for err in e.errors(include_url=False, include_input=False)
+        )
+        raise typer.BadParameter(f"bad VSTAR_* settings in the environment: {problems}") from None
 
 
 def _caps_the_server_takes(caps: Sequence[int]) -> None:
@@ -164,23 +198,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Serve recommendations over HTTP (settings: VSTAR_* and REDIS_URL, see the README)."""
         import uvicorn
-        from pydantic import ValidationError
 
-        from service.errors import validation_reason
         from service.json_logs import configure_logging
-        from service.settings import Settings
 
         _require_checkpoint(checkpoint)
         os.environ["VSTAR_CHECKPOINT"] = str(checkpoint.resolve())
-        try:
-            settings = Settings()  # fail here, once, on a bad environment rather than in every worker
-        except ValidationError as e:
-            # named by field, never echoing the value: it may be a password or a key
-            problems = "; ".join(
-                f"{_variable(err['loc'])}{validation_reason(err)}"
-                for err in e.errors(include_url=False, include_input=False)
-            )
-            raise typer.BadParameter(f"bad VSTAR_* settings in the environment: {problems}") from None
+        settings = _settings()  # fail here, once, on a bad environment rather than in every worker
         if not settings.api_keys and not _is_loopback(host):
             typer.secho(
                 f"warning: serving on {host} with open writes: anyone who reaches it can rewrite any user's "
@@ -207,6 +230,115 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             log_level=settings.log_level.lower(),
         )
         _run(config)
+
+    @app.command()
+    def recommend(
+        checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder to answer with.")],
+        source: Annotated[
+            Path,
+            typer.Option(
+                "--input",
+                help='JSON lines, a user each: {"user_id": "...", "history": [...]} (user_id optional, any string, '
+                "echoed back; history as POST /recommend takes it: item ids, SID strings, "
+                '{"external_id": ...} objects, oldest first).',
+            ),
+        ],
+        out: Annotated[
+            Path,
+            typer.Option(
+                "--out",
+                help='JSON lines, one per user in the input\'s order: {"user_id": ..., "items": [...]}, the items '
+                "POST /recommend answers.",
+            ),
+        ],
+        k: Annotated[
+            int | None,
+            typer.Option("--k", min=1, help="Recommendations per user [default: VSTAR_DEFAULT_K, else 10]."),
+        ] = None,
+        mode: Annotated[
+            Literal["beam", "ved"],
+            typer.Option(
+                "--mode",
+                help="beam: constrained beam search; ved: value-guided search, to its whole budget (offline there "
+                "is no latency cap).",
+            ),
+        ] = "beam",
+        budget: Annotated[
+            int | None,
+            typer.Option("--budget", min=1, help="VED: backbone tokens per user [default: VED's own for k]."),
+        ] = None,
+        exclude_history: Annotated[
+            bool | None,
+            typer.Option(
+                "--exclude-history/--no-exclude-history",
+                help="Drop items the user already has [default: VSTAR_EXCLUDE_HISTORY_DEFAULT, else off].",
+            ),
+        ] = None,
+        fusion_weight: Annotated[
+            float | None,
+            typer.Option(
+                "--fusion-weight",
+                min=0.0,
+                help="Weight of the transition counts fused into the decoder [default: VSTAR_FUSION_WEIGHT, else "
+                "the checkpoint's; 0: the policy alone].",
+            ),
+        ] = None,
+        device: Annotated[
+            str | None,
+            typer.Option("--device", help="torch device [default: VSTAR_DEVICE, else cpu].", callback=_device),
+        ] = None,
+        batch_size: Annotated[
+            int,
+            typer.Option(
+                "--batch-size",
+                min=1,
+                help="Users per batch, decoded in groups of one decode config, as the service's micro-batches.",
+            ),
+        ] = 64,
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    ) -> None:
+        """Recommendations for a file of users, offline: POST /recommend's answers (settings: VSTAR_*, as vstar
+        serve reads them), with no latency cap."""
+        _require_checkpoint(checkpoint)
+        if not source.is_file():
+            raise typer.BadParameter(f"{source} is not a file", param_hint="'--input'")
+        problem = output_file_problem(out)
+        if problem is None and out.exists() and out.resolve() == source.resolve():
+            problem = f"{out} is the --input file: write the answers elsewhere"
+        elif problem is None and out.exists() and not force:
+            problem = f"{out} exists: give --force to replace it"
+        if problem is not None:
+            raise typer.BadParameter(problem, param_hint="'--out'")
+        if mode == "beam" and budget is not None:
+            raise typer.BadParameter(
+                "applies to --mode ved only: beam search has no token budget", param_hint="'--budget'"
+            )
+        given = {"device": device, "fusion_weight": fusion_weight}
+        # the service's settings; offline nothing is stored or cached, and the first batch is the warm-up
+        settings = _settings(
+            checkpoint=checkpoint,
+            warmup=False,
+            redis_url=None,
+            cache_ttl_s=0,
+            **{name: value for name, value in given.items() if value is not None},
+        )
+        fields = {
+            "k": settings.default_k if k is None else k,
+            "mode": mode,
+            "budget": budget,
+            "exclude_history": exclude_history,
+        }
+        from transformers.utils import logging as hf_logging
+
+        from service.batch_recommend import recommend_file
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar; the command's own is the decode's
+        report = recommend_file(settings, source, out, fields, batch_size)
+        rate = report.users / report.seconds if report.seconds > 0 else float("inf")
+        typer.echo(
+            f"{report.users} users -> {out}: {report.seconds:.2f} s, {rate:.1f} users/s ({mode}, k {fields['k']}, "
+            f"--batch-size {batch_size}; after loading the model and checking every line)"
+        )
 
     @bench.command(name="serve")
     def bench_serve(

@@ -183,7 +183,7 @@ class DecodeScheduler:
             initargs=(settings.model_thread_nice,),
         )
         self.batcher: MicroBatcher[DecodeJob, DecodeRow] = MicroBatcher(
-            self._decode,
+            self.decode,
             self.executor,
             settings.batch_max_size,
             settings.batch_max_wait_ms / 1000,
@@ -211,7 +211,7 @@ class DecodeScheduler:
         first = self.catalog.sids[0]
         for config in (BeamSearchConfig(self.settings.default_k), self.ved_settings):
             stopped(stop)
-            rows = self._decode(config, [DecodeJob((first,))])
+            rows = self.decode(config, [DecodeJob((first,))])
             # not an assert: python -O would drop it and serve a model that cannot; a score of nan or inf (a
             # fusion weight that overflows) ranks nothing, and every answer would be empty
             if rows[0].sid_index[0] < 0 or not math.isfinite(rows[0].scores[0]):
@@ -264,7 +264,10 @@ class DecodeScheduler:
         await self.batcher.stop()
         await asyncio.to_thread(self.executor.shutdown, wait=True)  # a decode may still run: not on the loop
 
-    def _decode(self, key: Hashable, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+    def decode(self, key: Hashable, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        """One group's decode, on the calling thread: jobs of one config (``key``), a row each. The batcher's
+        ``run`` on the model thread, and ``vstar recommend``'s (``service.batch_recommend``): VED jobs without a
+        deadline or a hard cap are searched to their budget, none shed and none falling back."""
         if isinstance(key, BeamSearchConfig):
             return self._beam(key, jobs)
         assert isinstance(key, VEDConfig) and key.deadline is None

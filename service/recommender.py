@@ -49,6 +49,11 @@ Design decisions:
 
 * An answer is a frozen ``Answer`` (``service.answer``); the response cache
   stores it as JSON and the response is built from it.
+* The steps that need no server are public and the request path runs them:
+  ``plan`` (history -> exclusion set, prompt, fusion's items, decode config),
+  ``rank`` and ``wire_items``, with the scheduler's ``decode``. ``vstar
+  recommend`` (``service.batch_recommend``) answers a file of users offline
+  with them, so its answers are the service's.
 
 The model thread's side (the executor, micro-batching, VED's deadlines, the
 anytime fallback and load shedding) is ``service.decode_scheduler``; the
@@ -66,7 +71,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from models.beam_search import BeamSearchConfig
@@ -97,6 +102,16 @@ from service.stores import Store, StoreRefused, WriteOutcomeUnknown
 
 T = TypeVar("T")
 log = logging.getLogger("service.recommender")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What one request asks the model for: decoded under ``config`` (jobs of equal configs share a decode),
+    then ranked less ``excluded``, the items the user has when ``exclude_history`` is on."""
+
+    config: BeamSearchConfig | VEDConfig
+    job: DecodeJob  # the SIDs the prompt sees, and the items the fusion reads; no deadline
+    excluded: frozenset[int]
 
 
 class OutOfTime(StoreUnavailable):
@@ -178,33 +193,18 @@ class Recommender(DecodeScheduler):
         share_s = 0.0 if answer_by is None else self.settings.ved_store_share * (answer_by - started)
         reads_by = None if answer_by is None else started + share_s
         events, stored_state = await self._history_for(req, reads_by)
-        excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
-        seen = events[-self.max_prompt_history :]
-        fused = self._fused_items(events)
-        config = self._decode_config(req, excluded)
-        key = self._cache_key(req, config, seen, fused, excluded) if self.settings.cache_ttl_s else None  # None: off
+        plan = self.plan(req, events)
+        key = self._cache_key(req, plan) if self.settings.cache_ttl_s else None  # None: off
         answer = await self._cache_get(key, reads_by) if key is not None else None
         cached = answer is not None
         if answer is None:
-            answer = await self._search(req, config, seen, fused, excluded, started, answer_by)
+            answer = await self._search(req, plan, started, answer_by)
             if key is not None and not answer.cap_hit:
                 # as long as the reads had, up to the last chance
                 write_by = None if answer_by is None else min(answer_by, time.perf_counter() + share_s)
                 await self._cache_set(key, answer, write_by)
         return RecommendResponse(
-            # external ids come from the loaded catalog, not the cache: a cached answer's item ids are this
-            # checkpoint's (its key holds the model version), and entries keep their layout (CACHE_FORMAT);
-            # field by field: ``dataclasses.asdict`` deep-copies every list, which took 60% of a cache hit's time
-            items=[
-                RecommendedItem(
-                    sid=it.sid,
-                    item_ids=it.item_ids,
-                    titles=it.titles,
-                    score=it.score,
-                    external_ids=self.catalog.external_ids_of(it.item_ids),
-                )
-                for it in answer.items
-            ],
+            items=self.wire_items(answer.items),
             mode=req.mode,
             cap_hit=answer.cap_hit,
             search=SearchStats(**vars(answer.search)) if answer.search is not None else None,
@@ -215,6 +215,31 @@ class Recommender(DecodeScheduler):
             stored_history=stored_state,
             cached=cached,
         )
+
+    def plan(self, req: RecommendRequest, events: list[HistoryEvent]) -> DecodePlan:
+        """What ``req`` over the resolved history ``events`` (stored and given, oldest first) asks the model for;
+        ``InvalidInput`` for a VED budget too small for its k."""
+        excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
+        history = tuple(e.sid for e in events[-self.max_prompt_history :])
+        return DecodePlan(
+            self._decode_config(req, excluded), DecodeJob(history, items=self._fused_items(events)), excluded
+        )
+
+    def wire_items(self, ranked: Sequence[RankedSid]) -> list[RecommendedItem]:
+        """An answer's items as the response gives them. External ids come from the loaded catalog, not the
+        cache: a cached answer's item ids are this checkpoint's (its key holds the model version), and entries
+        keep their layout (CACHE_FORMAT); field by field: ``dataclasses.asdict`` deep-copies every list, which
+        took 60% of a cache hit's time."""
+        return [
+            RecommendedItem(
+                sid=it.sid,
+                item_ids=it.item_ids,
+                titles=it.titles,
+                score=it.score,
+                external_ids=self.catalog.external_ids_of(it.item_ids),
+            )
+            for it in ranked
+        ]
 
     def _answer_by(self, req: RecommendRequest, started: float) -> float:
         """A VED request's last chance (``time.perf_counter()``): its cap less the reserve to respond and the
@@ -280,26 +305,17 @@ class Recommender(DecodeScheduler):
             because = f"k={req.k} plus the {sids}" if extra else f"k={req.k}"
             raise InvalidInput("budget", f"{e} ({because})") from None
 
-    async def _search(
-        self,
-        req: RecommendRequest,
-        config: BeamSearchConfig | VEDConfig,
-        seen: list[HistoryEvent],
-        fused: tuple[int, ...],
-        excluded: frozenset[int],
-        started: float,
-        answer_by: float | None,
-    ) -> Answer:
-        history = tuple(e.sid for e in seen)
+    async def _search(self, req: RecommendRequest, plan: DecodePlan, started: float, answer_by: float | None) -> Answer:
+        config, excluded = plan.config, plan.excluded
         if isinstance(config, BeamSearchConfig):
-            row = await self.batcher.submit(config, DecodeJob(history, items=fused))
-            return Answer(self._rank(row, excluded, req.k), cap_hit=False, search=None)
+            row = await self.batcher.submit(config, plan.job)
+            return Answer(self.rank(row, excluded, req.k), cap_hit=False, search=None)
         assert answer_by is not None
         # the search's overrun must end before the hard cap's last chance, not before the cap itself
         deadline = self.deadline_margin.deadline(started, (answer_by - started) * 1000)
         # the hard cap: a timer that resolves the request's own future with SHED, so the answer is one
         # loop turn away when it fires (asyncio.wait_for would first cancel a task and wait for it)
-        future = self.batcher.enqueue(config, DecodeJob(history, deadline, answer_by, fused))
+        future = self.batcher.enqueue(config, replace(plan.job, deadline=deadline, answer_by=answer_by))
         due = max(answer_by, time.perf_counter())  # when the timer is set to fire
         timer = asyncio.get_running_loop().call_later(due - time.perf_counter(), _expire, future)
         try:
@@ -313,7 +329,7 @@ class Recommender(DecodeScheduler):
             return self._prior_answer(excluded, req.k)
         stats = row.stats
         assert stats is not None
-        items = self._rank(row, excluded, req.k)
+        items = self.rank(row, excluded, req.k)
         self.metrics.ved_tokens.observe(stats.tokens_spent)
         if stats.cap_hit:
             self.metrics.cap_hits.inc()
@@ -329,9 +345,11 @@ class Recommender(DecodeScheduler):
         self.metrics.ved_fallbacks.labels("popular").inc()
         self.metrics.ved_tokens.observe(0)
         search = SearchReport(tokens_spent=0, nodes=0, max_depth=0, iterations=0, fallback="popular")
-        return Answer(self._rank(self.prior, excluded, k), cap_hit=True, search=search)
+        return Answer(self.rank(self.prior, excluded, k), cap_hit=True, search=search)
 
-    def _rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[RankedSid]:
+    def rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[RankedSid]:
+        """A decode's row as an answer's items: its SIDs in order, each with its items less ``excluded``, a SID
+        left with none dropped, cut to ``k``."""
         out: list[RankedSid] = []
         for idx, score in zip(row.sid_index, row.scores, strict=True):
             if idx < 0 or not math.isfinite(score):
@@ -376,26 +394,19 @@ class Recommender(DecodeScheduler):
             return ()
         return tuple(-1 if e.item_id is None else e.item_id for e in events[-self.fusion.counts.window :])
 
-    def _cache_key(
-        self,
-        req: RecommendRequest,
-        config: BeamSearchConfig | VEDConfig,
-        seen: list[HistoryEvent],
-        fused: tuple[int, ...],
-        excluded: frozenset[int],
-    ) -> str:
+    def _cache_key(self, req: RecommendRequest, plan: DecodePlan) -> str:
         norm: dict[str, Any] = {
             "f": CACHE_FORMAT,
             "v": self.model_version,
-            "h": [sid_to_str(e.sid) for e in seen],
-            "x": sorted(excluded),
+            "h": [sid_to_str(sid) for sid in plan.job.history],
+            "x": sorted(plan.excluded),
             "k": req.k,
             "m": req.mode,
         }
         if self.fusion is not None:  # the items themselves rank, not only their SIDs, and by the weight served
-            norm |= {"t": list(fused), "w": self.fusion.weight}
-        if isinstance(config, VEDConfig):  # the budget resolved; never the cap: an answer it cut is not cached
-            norm["b"] = config.budget
+            norm |= {"t": list(plan.job.items), "w": self.fusion.weight}
+        if isinstance(plan.config, VEDConfig):  # the budget resolved; never the cap: an answer it cut is not cached
+            norm["b"] = plan.config.budget
         return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()
 
     async def _cache_get(self, key: str, by: float | None) -> Answer | None:

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from models import atomic_folder
-from models.atomic_folder import leftovers, publish, put_back, remove_leftovers, staging_folder, write_file
+from models.atomic_folder import (
+    leftovers,
+    publish,
+    put_back,
+    remove_leftovers,
+    replacing_file,
+    staging_folder,
+    write_file,
+)
 
 
 def folder(path: Path, text: str) -> Path:
@@ -117,3 +125,20 @@ def test_a_published_folder_has_the_umasks_modes(tmp_path: Path) -> None:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in [target, *target.iterdir()]}
     assert modes == {"ck": 0o750, "weights": 0o640, "sub": 0o750}
+
+
+def test_replacing_file_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "answers.jsonl"
+    target.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt), replacing_file(target) as f:  # the writer dies half way
+        f.write(b"new 1\n")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    with replacing_file(target) as f:
+        f.write(b"new 1\n")
+        f.write(b"new 2\n")
+        assert target.read_text() == "old\n"  # not until the block ends
+    assert target.read_text() == "new 1\nnew 2\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    with pytest.raises(ValueError), replacing_file(tmp_path / "new.jsonl") as f:
+        raise ValueError("a bad line")
+    assert not (tmp_path / "new.jsonl").exists()

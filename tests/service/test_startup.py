@@ -195,7 +195,7 @@ def test_a_warm_up_that_decodes_nothing_fails_the_start_even_under_python_O(
 ) -> None:
     """A real exception, not an assert (``python -O`` drops those and would serve a model that answers nothing);
     the failed start leaves no model thread behind."""
-    monkeypatch.setattr(Recommender, "_decode", lambda self, key, jobs: [DecodeRow([-1], [0.0]) for _ in jobs])
+    monkeypatch.setattr(Recommender, "decode", lambda self, key, jobs: [DecodeRow([-1], [0.0]) for _ in jobs])
     before = model_threads()
     with pytest.raises(CheckpointError, match="warm-up decode"):
         start(make_settings())

@@ -1,0 +1,202 @@
+"""``vstar recommend``: a file of users answered offline as ``POST /recommend`` answers each of them.
+
+The checkpoint has what a trained one serves with: external ids (``item_map.json``), transition counts with a
+fusion weight, a value head and the VED settings its RL run trained with. The service it is compared with runs
+in process (``TestClient``, lifespan included), one request at a time, cache off.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from models.checkpoint import save_checkpoint
+from models.policy import Policy
+from models.sid_catalog import SidCatalog, sid_to_str
+from models.transition import STATE_NAME, TransitionCounts
+from models.value_head import value_head_for, value_head_manifest
+from service.app import create_app
+from service.settings import Settings
+from training.data.dataset import RecDataset
+from vstar import app
+
+K = 5
+TRAINED_VED = {"init_beams": 8, "lam": 0.2, "beta": 0.5, "value_weight": 0.5, "explore_slots": 2}
+
+
+def sku(item_id: int) -> str:
+    return f"SKU/{item_id:03d}"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_policy: Policy, tiny_dataset: RecDataset) -> Path:
+    catalog = tiny_policy.catalog.with_external_ids({i: sku(i) for i in tiny_policy.catalog.items})
+    named = Policy(tiny_policy.model, tiny_policy.tokenizer, catalog, tiny_policy.prompt)
+    counts = TransitionCounts.fit((s.history, s.target) for s in tiny_dataset.samples(["train", "valid"]))
+    torch.manual_seed(1)
+    head = value_head_for(named)
+    manifest = {
+        "fusion": {"weight": 2.0},
+        "value_head": value_head_manifest(head),
+        "rl_config": {"ved_config": TRAINED_VED},
+    }
+    extras = {STATE_NAME: counts.to_state(), "value_head": head.state_dict()}
+    return save_checkpoint(tmp_path_factory.mktemp("batch") / "ckpt", named, manifest, extras)
+
+
+@pytest.fixture(scope="module")
+def histories(tiny_dataset: RecDataset, tiny_catalog: SidCatalog) -> list[list[Any]]:
+    """Test rows' histories, some longer than the prompt window, with items named in every form the API takes."""
+    rows = [list(s.history) for s in tiny_dataset.splits["test"][:12]]
+    rows.append(rows[0] + rows[1] + rows[2])  # past the prompt window: its oldest items are cut
+    rows.append([str(rows[3][0]), sid_to_str(tiny_catalog.sid_of(rows[3][1])), {"external_id": sku(rows[3][2])}])
+    rows.append([rows[4][0]] * 3)  # one item, three times
+    return rows
+
+
+@pytest.fixture(scope="module")
+def client(make_settings: Callable[..., Settings], checkpoint: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(checkpoint=checkpoint, cache_ttl_s=0, batch_max_size=1))) as c:
+        yield c
+
+
+def write_users(path: Path, histories: list[list[Any]]) -> Path:
+    path.write_text("".join(json.dumps({"user_id": f"u {i}", "history": h}) + "\n" for i, h in enumerate(histories)))
+    return path
+
+
+def recommend(checkpoint: Path, source: Path, out: Path, *options: str) -> list[dict[str, Any]]:
+    args = ["recommend", "--checkpoint", str(checkpoint), "--input", str(source), "--out", str(out), *options]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"users -> {out}" in result.output
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(app, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(("mode", "exclude"), [("beam", False), ("beam", True), ("ved", False), ("ved", True)])
+def test_each_user_gets_what_post_recommend_answers(
+    client: TestClient, checkpoint: Path, histories: list[list[Any]], tmp_path: Path, mode: str, exclude: bool
+) -> None:
+    flag = "--exclude-history" if exclude else "--no-exclude-history"
+    options = ["--k", str(K), "--mode", mode, flag, "--batch-size", "1"]
+    got = recommend(checkpoint, write_users(tmp_path / "in.jsonl", histories), tmp_path / "out.jsonl", *options)
+    assert [line["user_id"] for line in got] == [f"u {i}" for i in range(len(histories))]
+    for history, line in zip(histories, got, strict=True):
+        body: dict[str, Any] = {"history": history, "k": K, "mode": mode, "exclude_history": exclude}
+        if mode == "ved":
+            body["latency_ms"] = 1000
+        answer = client.post("/recommend", json=body).json()
+        if mode == "ved":
+            assert answer["cap_hit"] is False and answer["search"]["fallback"] is None, answer["search"]
+        assert line["items"] == answer["items"] and len(line["items"]) == K, history
+
+
+@pytest.mark.parametrize("mode", ["beam", "ved"])
+def test_the_batch_size_changes_no_answer(
+    checkpoint: Path, histories: list[list[Any]], tmp_path: Path, mode: str
+) -> None:
+    """Batches of 7 mix users of several decode configs (exclusion adds beams per user), and end part-filled."""
+    source = write_users(tmp_path / "in.jsonl", histories)
+    options = ["--mode", mode, "--exclude-history"]
+    alone = recommend(checkpoint, source, tmp_path / "alone.jsonl", *options, "--batch-size", "1")
+    batched = recommend(checkpoint, source, tmp_path / "batched.jsonl", *options, "--batch-size", "7")
+    for a, b in zip(alone, batched, strict=True):
+        assert [{**it, "score": None} for it in a["items"]] == [{**it, "score": None} for it in b["items"]]
+        want = torch.tensor([it["score"] for it in a["items"]])
+        torch.testing.assert_close(torch.tensor([it["score"] for it in b["items"]]), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"history": [1, 2', "in.jsonl:2: not valid JSON at column 18: Expecting ',' delimiter"),
+        ('{"history": [1, 99999]}', "in.jsonl:2: history: unknown item ids [99999] (1)"),
+        ('{"history": ["<a_1>"]}', "in.jsonl:2: history: malformed SIDs ['<a_1>'] (1): expected 3 tokens"),
+        ('{"user_id": "x"}', "in.jsonl:2: history: missing"),
+        ('{"history": [1], "k": 3}', "in.jsonl:2: unknown fields ['k']"),
+        ('{"history": [1.5]}', 'in.jsonl:2: history.0: expected an item id, a SID string or an {"external_id"'),
+        ('{"user_id": 7, "history": [1]}', "in.jsonl:2: user_id: expected a string, got 7"),
+    ],
+)
+def test_a_bad_line_is_one_error_naming_it_and_nothing_is_written(
+    checkpoint: Path, tmp_path: Path, line: str, message: str
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(f'{{"history": [1, 2]}}\n{line}\n\n{{"history": [3]}}\n')
+    out = tmp_path / "out.jsonl"
+    args = ["recommend", "--checkpoint", str(checkpoint), "--input", str(source), "--out", str(out)]
+    assert message in one_line_error(args)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
+
+
+def test_every_bad_line_is_counted(checkpoint: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"history": [1]}\n{"history": [99999]}\n{"history": [1]}\n{"history": ["5", 88888]}\n')
+    args = ["recommend", "--checkpoint", str(checkpoint), "--input", str(source), "--out", str(tmp_path / "o")]
+    error = one_line_error(args)
+    assert "in.jsonl:2: history: unknown item ids [99999] (1) (2 lines have errors; the first is shown)" in error
+
+
+def test_an_existing_out_is_kept_unless_forced_and_then_only_by_good_input(
+    checkpoint: Path, histories: list[list[Any]], tmp_path: Path
+) -> None:
+    source = write_users(tmp_path / "in.jsonl", histories[:3])
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier answers\n")
+    args = ["recommend", "--checkpoint", str(checkpoint), "--input", str(source), "--out", str(out)]
+    assert "exists: give --force to replace it" in one_line_error(args)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"history": [99999]}\n')
+    assert "bad.jsonl:1: history: unknown item ids" in one_line_error([*args[:4], str(bad), *args[5:], "--force"])
+    assert out.read_text() == "earlier answers\n"
+    assert len(recommend(checkpoint, source, out, "--force")) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "in.jsonl", "out.jsonl"]  # no temporary left
+    assert "is the --input file" in one_line_error([*args[:6], str(source), "--force"])
+
+
+def test_options_the_request_refuses_are_refused_before_any_line_is_read(checkpoint: Path, tmp_path: Path) -> None:
+    source = write_users(tmp_path / "in.jsonl", [[1, 2]])
+    args = ["recommend", "--checkpoint", str(checkpoint), "--input", str(source), "--out", str(tmp_path / "o")]
+    assert "--budget" in one_line_error([*args, "--budget", "40"]) and "--mode ved only" in one_line_error(
+        [*args, "--budget", "40"]
+    )
+    # VED's initial tree alone needs (3 - 1) x max(init_beams 8, k 10) = 20 tokens
+    assert "--budget: budget 19 is below" in one_line_error([*args, "--mode", "ved", "--budget", "19", "--k", "10"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_external_ids_in_and_out(checkpoint: Path, histories: list[list[Any]], tmp_path: Path) -> None:
+    ids = [h for h in histories if all(isinstance(e, int) for e in h)][:4]
+    by_id = recommend(checkpoint, write_users(tmp_path / "ids.jsonl", ids), tmp_path / "a.jsonl")
+    named = [[{"external_id": sku(i)} for i in h] for h in ids]
+    by_external = recommend(checkpoint, write_users(tmp_path / "named.jsonl", named), tmp_path / "b.jsonl")
+    assert by_external == by_id
+    for line in by_id:
+        for it in line["items"]:
+            assert it["external_ids"] == [sku(i) for i in it["item_ids"]] and it["item_ids"]
+    source = tmp_path / "unknown.jsonl"
+    source.write_text(json.dumps({"history": [{"external_id": "SKU/999"}]}) + "\n")
+    args = ["recommend", "--checkpoint", str(checkpoint), "--input", str(source), "--out", str(tmp_path / "c")]
+    assert "unknown.jsonl:1: history: unknown external ids ['SKU/999'] (1)" in one_line_error(args)
+
+
+def test_a_checkpoint_without_external_ids_answers_null_and_refuses_them(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    got = recommend(tiny_checkpoint, write_users(tmp_path / "in.jsonl", [[1, 2, 3]]), tmp_path / "out.jsonl")
+    assert got[0]["user_id"] == "u 0" and all(it["external_ids"] is None for it in got[0]["items"])
+    source = write_users(tmp_path / "named.jsonl", [[{"external_id": "SKU/001"}]])
+    args = ["recommend", "--checkpoint", str(tiny_checkpoint), "--input", str(source), "--out", str(tmp_path / "o")]
+    assert "this checkpoint's catalog has none" in one_line_error(args)
