@@ -298,6 +298,20 @@ def test_last_item_crop_keeps_the_last_item_alone(tiny_dataset) -> None:
         SFTConfig(crop_prob=0.6, last_item_prob=0.5)
 
 
+def test_a_slice_of_the_batch_is_cropped_as_in_the_whole_batch(tiny_dataset) -> None:
+    """A DDP rank crops its slice of the global batch with the draws one process gives those rows (rows with one
+    history item draw nothing, so the slices' draws depend on the rows before them)."""
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog)
+    samples = tiny_dataset.splits["train"][:30]
+    assert any(len(s.history) < 2 for s in samples[:12])
+    batch = list(range(len(samples)))
+    rows = [encode_sample(policy, s) for s in samples]
+    whole = crop_histories(policy, samples, batch, rows, 0.4, (0, 5), last_item_prob=0.3)
+    assert whole != rows
+    for lo, hi in [(0, 12), (12, 30), (29, 30)]:
+        assert crop_histories(policy, samples, batch, rows[lo:hi], 0.4, (0, 5), 0.3, start=lo) == whole[lo:hi]
+
+
 def test_text_init_puts_similar_tokens_close(tiny_dataset) -> None:
     policy = Policy.from_preset("tiny", tiny_dataset.catalog, seed=0)
     emb = tiny_dataset.embeddings.copy()
