@@ -253,6 +253,18 @@ def test_global_batch_smaller_than_world_is_a_clear_error(tiny_data_dir: Path, t
 
 
 @pytest.mark.slow
+def test_a_run_that_diverged_stops_with_its_error_on_every_rank(tiny_data_dir: Path, tmp_path: Path) -> None:
+    # the validation of a model that scores no SID as finite: each rank's slice measures no HR@10 (None), which
+    # the ranks' reduction took as a number (a TypeError on every rank, where one process names the divergence)
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "tiny", "--seed", "3"]
+    args += ["--max-steps", "6", "--batch-size", "16", "--lr", "1e30", "--eval-every", "1", "--eval-limit", "16"]
+    result, writes = torchrun(tmp_path, args, before=PATIENT_RANKS)
+    assert result.returncode != 0 and not writes
+    diverged = "training diverged at step 1 (the model scored fewer than 10 SIDs as finite for each of 16 selection"
+    assert result.stderr.count(diverged) == 1 and "[rank" not in result.stderr, result.stderr[-3000:]  # no trace
+
+
+@pytest.mark.slow
 def test_a_bad_option_is_one_error_not_one_per_rank(tiny_data_dir: Path, tmp_path: Path) -> None:
     args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--bogus", "3"]
     result, _ = torchrun(tmp_path, args, before=PATIENT_RANKS)
