@@ -38,13 +38,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from models.atomic_folder import leftovers, publish, staging_folder
@@ -241,7 +241,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     manifest, catalog = _checked(folder)
     extras = [folder / f"{name}.safetensors" for name in manifest.get("extras", [])]
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        # loaded whatever the shapes, to name what does not fit (transformers raises a RuntimeError that only
+        # points at its log); a tensor missing from the file it only logs, and fills with fresh random weights
+        model, fit = cast(  # a (model, loading info) pair with output_loading_info, which its typing omits
+            tuple[PreTrainedModel, dict[str, Any]],
+            AutoModelForCausalLM.from_pretrained(
+                folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+            ),
+        )
         prompt = PromptFormat(**manifest["prompt"])
         # Load with the class that saved it: AutoTokenizer would pick the architecture's
         # class (Qwen2's) and drop the word-level model of the SID-only tokenizer.
@@ -254,6 +261,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if tokenizer.pad_token_id is None:  # every saved tokenizer has one: its config did not load
         raise CheckpointError(f"checkpoint {folder}: the tokenizer has no pad token (tokenizer_config.json missing?)")
     tokenizer.padding_side = "left"
+    _check_fit(folder, fit)
     _check_finite(folder, model.named_parameters())
     model.eval()
     policy = Policy(model, tokenizer, catalog, prompt).to(device)
@@ -265,6 +273,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             raise CheckpointError(f"checkpoint {folder}: {f.name} is corrupt: {e}") from None
         _check_finite(folder, ((f"{f.stem}.{k}", t) for k, t in loaded[f.stem].items()))
     return LoadedCheckpoint(policy, manifest, loaded, folder)
+
+
+FIT_NAMED = 3  # tensors a misfit's error names, of however many
+
+
+def _check_fit(folder: Path, fit: dict[str, Any]) -> None:
+    """A ``CheckpointError`` when the weights are not those of the model ``config.json`` describes: a tensor
+    missing (it would be random), one the model has no place for (dropped), or one of another shape."""
+    problems = [f"{k} is missing" for k in sorted(fit["missing_keys"])]
+    problems += [f"{k} is not the model's" for k in sorted(fit["unexpected_keys"])]
+    problems += [
+        f"{k} is {tuple(stored)}, the model's {tuple(wanted)}" for k, stored, wanted in sorted(fit["mismatched_keys"])
+    ]
+    if problems:
+        more = f" (and {len(problems) - FIT_NAMED} more)" if len(problems) > FIT_NAMED else ""
+        raise CheckpointError(
+            f"checkpoint {folder}: its weights do not fit config.json: {'; '.join(problems[:FIT_NAMED])}{more}"
+        )
 
 
 def _check_finite(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -70,6 +70,37 @@ def test_weights_that_hold_nan_or_inf_are_named(vstar_checkpoint: Path, tmp_path
         load_checkpoint(path)
 
 
+UP_PROJ = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ("drop", rf"{UP_PROJ} is missing"),  # transformers gave it fresh random weights, with a warning
+        ("add", r"bogus.weight is not the model's"),  # the model of config.json has no place for it: dropped
+        ("reshape", rf"{UP_PROJ} is \(64, 5\), the model's \(64, 32\)"),  # transformers raised a bare RuntimeError
+    ],
+)
+def test_weights_that_do_not_fit_the_models_config_are_named(
+    vstar_checkpoint: Path, tmp_path: Path, change: str, problem: str
+) -> None:
+    # a whole, well-formed model.safetensors of another model's tensors (a copied file, another writer)
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "ck"
+    shutil.copytree(vstar_checkpoint, path)
+    tensors = load_file(str(path / "model.safetensors"))
+    if change == "drop":
+        del tensors[UP_PROJ]
+    elif change == "add":
+        tensors["bogus.weight"] = torch.zeros(2)
+    else:
+        tensors[UP_PROJ] = tensors[UP_PROJ][:, :5].contiguous()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path}: its weights do not fit config.json: {problem}$"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json", "catalog.json"])
 def test_a_missing_file_is_named(vstar_checkpoint: Path, tmp_path: Path, name: str) -> None:
     path = tmp_path / "ck"

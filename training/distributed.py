@@ -112,14 +112,16 @@ def require_global_batch(batch_size: int) -> None:
 class Shard:
     rows: list[int]  # this rank's slice of the global batch (never empty)
     counted: bool  # False: the slice was empty and ``rows`` is a stand-in with weight 0
+    batch: list[int]  # the whole global batch: ``rows`` is ``batch[start : start + len(rows)]``
+    start: int  # where ``rows`` begins in ``batch``, so that per-row draws over the batch match one process's
 
 
 def shard(batch: Sequence[int]) -> Shard:
     """This rank's contiguous slice of one global batch (the whole batch when not distributed)."""
     lo, hi = slice_bounds(len(batch))
     if lo == hi:
-        return Shard([batch[0]], False)
-    return Shard(list(batch[lo:hi]), True)
+        return Shard([batch[0]], False, list(batch), 0)
+    return Shard(list(batch[lo:hi]), True, list(batch), lo)
 
 
 def slice_bounds(n: int) -> tuple[int, int]:

@@ -89,7 +89,7 @@ def assert_rank0_wrote(writes: list[str], *paths: Path) -> None:
 
 
 def test_helpers_are_the_identity_without_a_launcher() -> None:
-    assert shard([4, 5, 6]) == Shard([4, 5, 6], True)
+    assert shard([4, 5, 6]) == Shard([4, 5, 6], True, [4, 5, 6], 0)
     assert loss_scales([3, 0]) == [1.0, 1.0]
     assert global_mean(0.25, 7) == 0.25
     assert weighted_mean({"a": 0.1, "seconds": 2.0}, 7, maxed=("seconds",), summed=("a",)) == {"a": 0.1, "seconds": 2.0}
@@ -118,6 +118,22 @@ def test_sft_two_processes_match_one(tiny_dataset: RecDataset, tiny_data_dir: Pa
     one_loss, two_loss = (read_curves(tmp_path / f"{run}.tb")["train/loss"] for run in ("one", "two"))
     assert one_loss[0] == two_loss[0] == [1, 2]
     assert two_loss[1] == pytest.approx(one_loss[1], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sft_history_crops_match_one_process(tiny_dataset: RecDataset, tiny_data_dir: Path, tmp_path: Path) -> None:
+    # the small recipe crops histories (--crop-prob, --last-item-prob): a rank crops its rows as one process crops
+    # them in the global batch, not with the draws one process gives the batch's first rows
+    config = SFTConfig(preset="tiny", max_steps=2, batch_size=199, lr=1e-2, seed=3, crop_prob=0.5, last_item_prob=0.3)
+    train_sft(tiny_dataset, tmp_path / "one", config, progress=False)
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "two"), "--preset", "tiny"]
+    args += ["--max-steps", "2", "--batch-size", "199", "--lr", "0.01", "--seed", "3"]
+    args += ["--crop-prob", "0.5", "--last-item-prob", "0.3"]
+    result, _ = torchrun(tmp_path, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    diff = max_abs_diff(tmp_path / "one.resume", tmp_path / "two.resume")
+    print(f"SFT with crops 2 vs 1 process: max |param diff| {diff:.3g}")
+    assert diff < ATOL
 
 
 @pytest.mark.slow
@@ -234,6 +250,18 @@ def test_global_batch_smaller_than_world_is_a_clear_error(tiny_data_dir: Path, t
     assert result.returncode != 0 and not writes
     assert result.stderr.count("--batch-size 1 is the global batch and must be >= the world size 2") == 1  # rank 0's
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_run_that_diverged_stops_with_its_error_on_every_rank(tiny_data_dir: Path, tmp_path: Path) -> None:
+    # the validation of a model that scores no SID as finite: each rank's slice measures no HR@10 (None), which
+    # the ranks' reduction took as a number (a TypeError on every rank, where one process names the divergence)
+    args = ["sft", "--data", str(tiny_data_dir), "--out", str(tmp_path / "x"), "--preset", "tiny", "--seed", "3"]
+    args += ["--max-steps", "6", "--batch-size", "16", "--lr", "1e30", "--eval-every", "1", "--eval-limit", "16"]
+    result, writes = torchrun(tmp_path, args, before=PATIENT_RANKS)
+    assert result.returncode != 0 and not writes
+    diverged = "training diverged at step 1 (the model scored fewer than 10 SIDs as finite for each of 16 selection"
+    assert result.stderr.count(diverged) == 1 and "[rank" not in result.stderr, result.stderr[-3000:]  # no trace
 
 
 @pytest.mark.slow

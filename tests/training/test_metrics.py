@@ -11,7 +11,7 @@ from models.sid_catalog import Item, SidCatalog, level_token
 from tests.conftest import make_catalog
 from training.data.dataset import Sample
 from training.evaluation.evaluate import score_rankings, warn_whole_catalog
-from training.evaluation.metrics import beyond_accuracy, rank_metrics, tail_items
+from training.evaluation.metrics import beyond_accuracy, metrics_of_ranks, rank_metrics, tail_items
 
 
 def test_a_cut_off_beyond_the_ranked_lists_is_not_a_measurement() -> None:
@@ -21,6 +21,14 @@ def test_a_cut_off_beyond_the_ranked_lists_is_not_a_measurement() -> None:
     assert m["HR@5"] is None and m["NDCG@5"] is None  # not HR@3 again: ranks 4 and 5 were never decoded
     # lists that rank every SID of the catalog: a target below them is a miss at any cut-off
     assert rank_metrics([[1, 2, 3]], [3], cutoffs=(5,), catalog_size=3) == {"HR@5": 1.0, "NDCG@5": 0.5}
+
+
+def test_the_figures_of_ranks_are_rank_metrics_where_the_lists_measure_them() -> None:
+    # a DDP rank whose own lists fall short of a cut-off still counts its hits: the whole batch may measure it
+    lists, targets = [[1, 2, 3], [4, 5, 6], [7]], [3, 9, 7]
+    m, ranks = rank_metrics(lists, targets, cutoffs=(1, 3, 5), catalog_size=10), [2, None, 0]
+    assert metrics_of_ranks(ranks, (1, 3)) == {k: v for k, v in m.items() if v is not None}
+    assert metrics_of_ranks(ranks, (5,)) == {"HR@5": 2 / 3, "NDCG@5": pytest.approx((0.5 + 1) / 3)}
 
 
 def test_coverage_and_tail_share_beyond_the_lists_are_not_measured() -> None:

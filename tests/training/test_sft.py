@@ -138,6 +138,33 @@ def test_a_resume_state_keeps_the_gpus_generator(monkeypatch: pytest.MonkeyPatch
     assert len(put) == 1
 
 
+def test_a_run_resumed_mid_epoch_is_the_uninterrupted_run_bit_for_bit(
+    tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every draw a step makes (crops, both dropouts) and every state it carries (optimizer moments, schedule,
+    EMA, RNG, position in the epoch) continues across a resume: interrupted in epoch 0 and resumed from its
+    step 6 (batch 6 of 7), the run ends with the same bits as the one never interrupted."""
+    config = SFTConfig(
+        preset="tiny", epochs=2, batch_size=30, eval_every=3, eval_limit=8, seed=1, crop_prob=0.3,
+        last_item_prob=0.2, embed_dropout=0.1, hidden_dropout=0.1, ema=0.9,
+    )  # fmt: skip
+    train_sft(tiny_dataset, tmp_path / "full", config, progress=False)
+    interrupt_at_step(8, monkeypatch, lambda: train_sft(tiny_dataset, tmp_path / "part", config, progress=False))
+    stopped = load_checkpoint(tmp_path / "part.resume").trainer_state()["train_state"]
+    assert (stopped["step"], stopped["epoch"], stopped["batch_in_epoch"]) == (6, 0, 6)
+    train_sft(tiny_dataset, tmp_path / "part", config, resume=True, progress=False)
+    for name in ("full", "full.resume"):  # the kept (EMA) model and the training weights
+        a = load_checkpoint(tmp_path / name).policy.model.state_dict()
+        b = load_checkpoint(tmp_path / name.replace("full", "part")).policy.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = (load_checkpoint(tmp_path / f"{run}.resume").trainer_state() for run in ("full", "part"))
+    assert a["train_state"] == b["train_state"] and a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["torch_rng"], b["torch_rng"])
+    moments, resumed = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(moments[p][k], resumed[p][k]) for p in moments for k in moments[p])
+    assert all(torch.equal(v, b["ema"][k]) for k, v in a["ema"].items())
+
+
 def test_resume_continues_to_the_same_weights(tiny_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = SFTConfig(preset="tiny", epochs=2, batch_size=50, eval_limit=8, seed=1)  # 4 steps per epoch
     train_sft(tiny_dataset, tmp_path / "full", config, progress=False)
@@ -296,6 +323,20 @@ def test_last_item_crop_keeps_the_last_item_alone(tiny_dataset) -> None:
     assert all(1 <= k < len(s.history) for k, s in zip(kept, samples, strict=True)) and kept.count(1) < len(kept)
     with pytest.raises(ValueError, match="last_item_prob"):
         SFTConfig(crop_prob=0.6, last_item_prob=0.5)
+
+
+def test_a_slice_of_the_batch_is_cropped_as_in_the_whole_batch(tiny_dataset) -> None:
+    """A DDP rank crops its slice of the global batch with the draws one process gives those rows (rows with one
+    history item draw nothing, so the slices' draws depend on the rows before them)."""
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog)
+    samples = tiny_dataset.splits["train"][:30]
+    assert any(len(s.history) < 2 for s in samples[:12])
+    batch = list(range(len(samples)))
+    rows = [encode_sample(policy, s) for s in samples]
+    whole = crop_histories(policy, samples, batch, rows, 0.4, (0, 5), last_item_prob=0.3)
+    assert whole != rows
+    for lo, hi in [(0, 12), (12, 30), (29, 30)]:
+        assert crop_histories(policy, samples, batch, rows[lo:hi], 0.4, (0, 5), 0.3, start=lo) == whole[lo:hi]
 
 
 def test_text_init_puts_similar_tokens_close(tiny_dataset) -> None:

@@ -26,6 +26,7 @@ from training.evaluation.metrics import (
     CUTOFFS,
     beyond_accuracy,
     distinct_sids,
+    metrics_of_ranks,
     rank_metrics,
     tail_items,
     target_rank,
@@ -116,12 +117,19 @@ def score_rankings(
 
 def sharded_metrics(
     policy: Policy, rows: Sequence[Sample], train_rows: Sequence[Sample], decode: DecodeFn, names: Sequence[str]
-) -> dict[str, float]:
-    """The metrics ``names`` of ``evaluate`` on ``rows``, each rank decoding its contiguous slice and the figures
-    row-weighted over the ranks (summed in rank order, so every rank gets the same); one process: every row. A
-    rank left without a row (more ranks than rows) weighs 0."""
+) -> dict[str, float | None]:
+    """The HR@K / NDCG@K ``names`` of ``evaluate`` on ``rows``, each rank decoding its contiguous slice and the
+    figures row-weighted over the ranks (summed in rank order, so every rank gets the same); one process: every
+    row. A rank left without a row (more ranks than rows) weighs 0. A figure is None, as one process's, when no
+    rank's lists measure its cut-off (``metrics.measures``: a model that scores too few SIDs as finite); a rank
+    whose own lists fall short then counts its rows' hits all the same, as one process would."""
     part = shard_rows(rows)
-    metrics: dict[str, Any] = dict.fromkeys(names, 0.0)
+    metrics: dict[str, Any] = dict.fromkeys(names)
+    ranks: list[int | None] = []
     if part or world_size() == 1:
-        metrics = evaluate(policy, part, train_rows, decode, progress=False)["metrics"]
-    return weighted_mean({k: metrics[k] for k in names}, len(part))
+        scored = evaluate(policy, part, train_rows, decode, progress=False)
+        metrics, ranks = scored["metrics"], scored["target_ranks"]
+    values = metrics_of_ranks(ranks, sorted({int(name.split("@")[1]) for name in names}))
+    measured = {f"{k} measured": float(metrics[k] is not None) for k in names}
+    combined = weighted_mean({k: values[k] for k in names} | measured, len(part), maxed=tuple(measured))
+    return {k: combined[k] if combined[f"{k} measured"] else None for k in names}

@@ -88,7 +88,13 @@ def choose_weight(
     bar = tqdm(weights, desc="fusion weights", unit="weight", disable=not progress or not is_main(), leave=False)
     for w in bar:
         decode = beam_decoder(beams, ShallowFusion(counts, w) if w > 0 else None)
-        m = sharded_metrics(checkpoint.policy, select_rows, train_rows, decode, REPORTED)  # each rank its slice
+        measured = sharded_metrics(checkpoint.policy, select_rows, train_rows, decode, REPORTED)  # each rank its slice
+        m = {k: v for k, v in measured.items() if v is not None}
+        if len(m) < len(REPORTED):  # None: no row's list reaches the cut-off (a model that scores nan or -inf)
+            raise ValueError(
+                f"fusion weight {w:g}: the model scored too few SIDs as finite to measure "
+                f"{', '.join(k for k in REPORTED if k not in m)} on its {len(select_rows)} held-out rows"
+            )
         row = {"weight": w} | {k: round(m[k], 4) for k in REPORTED}
         grid.append(row | {"mean": round(sum(m[k] for k in REPORTED) / len(REPORTED), 4)})
         bar.set_postfix(weight=w, mean=grid[-1]["mean"])

@@ -64,15 +64,22 @@ def rank_metrics(
     """HR@K and NDCG@K per cut-off; None for a cut-off the lists do not measure (``measures``)."""
     if len(ranked_lists) != len(targets):
         raise ValueError(f"{len(ranked_lists)} ranked lists for {len(targets)} targets")
-    n = max(len(targets), 1)
     ranks = [target_rank(lst, t) for lst, t in zip(ranked_lists, targets, strict=False)]
-    out: dict[str, float | None] = {}
+    values = metrics_of_ranks(ranks, cutoffs)
+    return {
+        name: value if measures(ranked_lists, int(name.split("@")[1]), catalog_size) else None
+        for name, value in values.items()
+    }
+
+
+def metrics_of_ranks(ranks: Sequence[int | None], cutoffs: Iterable[int] = CUTOFFS) -> dict[str, float]:
+    """HR@K and NDCG@K of the targets' ranks (0-based, None: not ranked), whether or not the lists measure K:
+    ``rank_metrics``' figures where they do."""
+    n = max(len(ranks), 1)
+    out: dict[str, float] = {}
     for k in cutoffs:
-        measured = measures(ranked_lists, k, catalog_size)
-        out[f"HR@{k}"] = sum(1 for r in ranks if r is not None and r < k) / n if measured else None
-        out[f"NDCG@{k}"] = (
-            sum(1.0 / math.log2(r + 2) for r in ranks if r is not None and r < k) / n if measured else None
-        )
+        out[f"HR@{k}"] = sum(1 for r in ranks if r is not None and r < k) / n
+        out[f"NDCG@{k}"] = sum(1.0 / math.log2(r + 2) for r in ranks if r is not None and r < k) / n
     return out
 
 

@@ -2,7 +2,8 @@
 
 The loss is on the target tokens only: ``collate`` labels every other position
 -100. Cropping draws per step from ``(seed, step)``, so a resumed run crops as
-the uninterrupted one would.
+the uninterrupted one would, and over the whole global batch, so a DDP rank
+crops its slice as one process would.
 """
 
 from __future__ import annotations
@@ -27,25 +28,31 @@ def encode_sample(policy: Policy, sample: Sample) -> tuple[list[int], list[int]]
 def crop_histories(
     policy: Policy,
     samples: Sequence[Sample],
-    index: Sequence[int],
+    batch: Sequence[int],
     rows: list[tuple[list[int], list[int]]],
     prob: float,
     seed: tuple[int, int],
     last_item_prob: float = 0.0,
+    start: int = 0,
 ) -> list[tuple[list[int], list[int]]]:
     """Cut some histories to a random recent suffix (``prob``) or to the last item alone (``last_item_prob``):
     more (recent item -> target) contexts per row; the last-item rows teach each observed transition on its
-    own, as an item-to-item model counts it."""
+    own, as an item-to-item model counts it.
+
+    ``rows`` are the encoded rows of ``batch[start : start + len(rows)]`` (``samples``' indices): a rank's
+    slice of the global ``batch`` under DDP, all of it in one process. The draws run over the whole batch, so
+    a rank crops its rows as one process would, whatever the world size."""
     rng = np.random.default_rng(list(seed))
     out = list(rows)
-    for j, i in enumerate(index):
+    for j, i in enumerate(batch[: start + len(rows)]):
         hist = samples[i].history
         if len(hist) < 2:
             continue
         u = rng.random()
         if u < prob + last_item_prob:
             keep = 1 if u >= prob else int(rng.integers(1, len(hist)))
-            out[j] = encode_sample(policy, Sample(samples[i].user_id, hist[-keep:], samples[i].target))
+            if j >= start:
+                out[j - start] = encode_sample(policy, Sample(samples[i].user_id, hist[-keep:], samples[i].target))
     return out
 
 

@@ -44,7 +44,8 @@ Design decisions:
   ``--batch-size`` is the global batch (each rank trains on its slice, the loss
   weighted by the rank's share of target tokens, so the gradient is the global
   batch's), validation is sharded over the ranks, rank 0 alone writes, and each
-  rank draws its own dropout masks. With the same global batch and no dropout,
+  rank draws its own dropout masks. History crops are drawn over the global
+  batch, as one process draws them. With the same global batch and no dropout,
   N processes give the parameters of one up to float rounding.
 """
 
@@ -274,7 +275,14 @@ def _train_sft(
         rows = [encoded[i] for i in part.rows]  # this rank's slice of the global batch
         if config.crop_prob > 0 or config.last_item_prob > 0:
             rows = crop_histories(
-                policy, train_rows, part.rows, rows, config.crop_prob, (config.seed, state.step), config.last_item_prob
+                policy,
+                train_rows,
+                part.batch,
+                rows,
+                config.crop_prob,
+                (config.seed, state.step),
+                config.last_item_prob,
+                part.start,
             )
         batch = {k: v.to(policy.device) for k, v in collate(rows, int(policy.tokenizer.pad_token_id)).items()}
         with torch.autocast(policy.device.type, dtype=amp, enabled=amp is not None):
