@@ -188,7 +188,8 @@ class DecodeScheduler:
             settings.batch_max_size,
             settings.batch_max_wait_ms / 1000,
             self._on_batch,
-            lane=lambda key: isinstance(key, BeamSearchConfig),  # beams that arrive during a search: between its steps
+            # beams that arrive during a search: between its forwards
+            lane=(lambda key: isinstance(key, BeamSearchConfig)) if settings.beam_between_ved_steps else None,
         )
 
     # ---- lifecycle

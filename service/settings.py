@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long the first request of a batch waits for company."
     )
+    beam_between_ved_steps: bool = Field(
+        True,
+        description="Decode beam requests that arrive during a VED search between its forwards, not after it: "
+        "beam's latency beside VED traffic for VED's (which searches less under mixed load; its cap holds).",
+    )
 
     # --- logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="JSON logs on stderr.")

@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
+from models.beam_search import BeamSearchConfig
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.policy import Policy
 from models.sid_catalog import sid_to_str
@@ -585,3 +586,19 @@ def test_a_beam_request_is_answered_between_the_steps_of_a_ved_search(
     assert [(it["sid"], it["score"]) for it in beam_answer["items"]] == [
         (it["sid"], it["score"]) for it in alone["items"]
     ]
+
+
+def test_beam_between_ved_steps_can_be_turned_off(make_settings: Callable[..., Settings]) -> None:
+    """``VSTAR_BEAM_BETWEEN_VED_STEPS=false``: no lane, so a beam request queues behind a search in flight (as
+    before the lane existed) and the search runs undisturbed."""
+    from service.app import load_recommender
+    from service.metrics import ServiceMetrics
+
+    for setting, lane in ((True, True), (False, False)):
+        rec = load_recommender(make_settings(warmup=False, beam_between_ved_steps=setting), ServiceMetrics())
+        try:
+            assert (rec.batcher.lane is not None) == lane
+            if lane:
+                assert rec.batcher.lane(BeamSearchConfig(5)) and not rec.batcher.lane(rec.ved_settings)
+        finally:
+            rec.executor.shutdown(wait=True)
