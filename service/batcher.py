@@ -22,7 +22,8 @@ every prompt of a batch independently (rows only share the padded matmuls);
 
 Jobs of a ``lane`` key (the service's: beam search) that arrive while a group of
 another key decodes (a VED search, up to its latency cap) need not wait for it:
-they are put in a side lane instead of the queue, and that group's decode may
+they are put in a side lane instead of the queue (so are those already queued
+when it starts), and that group's decode may
 call ``run_waiting`` on the model thread between its steps to decode them then,
 in groups of their key, and answer them at once. Whatever the lane still holds
 when the group ends goes back to the queue, for the next batch. Within a batch,
@@ -189,6 +190,13 @@ class MicroBatcher(Generic[J, R]):
 
     async def _run_group(self, loop: asyncio.AbstractEventLoop, key: Hashable, group: list[_Pending[J, R]]) -> None:
         self._lane_open = self.lane is not None and not self._in_lane(key)
+        if self._lane_open:  # the lane's jobs that queued after this batch formed need not wait for it either
+            queued = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+            for pending in queued:
+                if self._in_lane(pending.key):
+                    self._lane.put_nowait(pending)
+                else:
+                    self._queue.put_nowait(pending)
         try:
             results: Sequence[Any] = await loop.run_in_executor(self.executor, self.run, key, [p.job for p in group])
             assert len(results) == len(group), "run must return one result per job"

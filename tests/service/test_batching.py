@@ -305,3 +305,31 @@ def test_within_a_batch_the_lanes_groups_are_decoded_first() -> None:
 
     assert asyncio.run(scenario()) == [0, 1, 2]
     assert decoded == ["beam", "search", "other"]
+
+
+def test_lane_jobs_queued_before_a_group_starts_move_to_the_lane() -> None:
+    """A beam job that queued after its batch formed (here: a batch of one) is moved to the lane when the
+    batch's search starts, so the search's ``run_waiting`` decodes it; the job of another key stays queued."""
+    decoded: list[tuple[Hashable, list[int]]] = []
+    answered_inside: list[bool] = []
+    batcher: MicroBatcher[int, int]
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        decoded.append((key, list(jobs)))
+        if key == "search" and jobs == [1]:
+            batcher.run_waiting()
+            answered_inside.append(len(decoded) == 2)
+        return list(jobs)
+
+    async def scenario() -> list[int]:
+        nonlocal batcher
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(run, pool, max_size=1, max_wait_s=0.0, lane=lambda key: key == "beam")
+            batcher.start()
+            futures = [batcher.enqueue(key, j) for j, key in ((1, "search"), (2, "other"), (3, "beam"))]
+            answers = [await f for f in futures]
+            await batcher.stop()
+            return answers
+
+    assert asyncio.run(scenario()) == [1, 2, 3]
+    assert decoded == [("search", [1]), ("beam", [3]), ("other", [2])] and answered_inside == [True]
