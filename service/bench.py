@@ -364,18 +364,13 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
         for kind, cell in (("beam", beam), ("ved", ved)):
             log_cell(f"mixed {kind}", cell, rows[kind])
             refused(f"{label} ({kind})", cell, out)
-        alone = next((r for r in out["beam"] if r["clients"] == 1 and r["batching"]), None)
-
-        def ratio(key: str) -> float | None:
-            on, off = rows["beam"][key], alone and alone[key]
-            return round(on / off, 2) if on is not None and off else None
-
+        alone = next((r for r in out["beam"] if r["clients"] == 1 and r["batching"]), {})
         return {
             "cap_ms": cap,
             "ved_clients": config.mixed_ved_clients,
             **rows,
-            "beam_p50_vs_alone": ratio("p50_ms"),
-            "beam_p99_vs_alone": ratio("p99_ms"),
+            "beam_p50_vs_alone": ratio(rows["beam"]["p50_ms"], alone.get("p50_ms")),
+            "beam_p99_vs_alone": ratio(rows["beam"]["p99_ms"], alone.get("p99_ms")),
         }
 
     for batching in (True, False):
@@ -401,8 +396,8 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                 out["mixed"] = [mixed_cell(url, max(config.caps_ms))]
                 log_mixed(out["mixed"][0])
     out["batching_vs_none"] = batching_ratios(out["beam"])
-    for ratio in out["batching_vs_none"]:
-        log_ratio(ratio)
+    for row in out["batching_vs_none"]:
+        log_ratio(row)
     return out
 
 
@@ -422,13 +417,19 @@ def ved_summary(cell: CellResult) -> dict[str, Any]:
     }
 
 
-def log_mixed(row: dict[str, Any]) -> None:
-    def times(key: str) -> str:
-        return "-" if row[key] is None else f"{row[key]:.2f}x"
+def ratio(on: float | None, off: float | None) -> float | None:
+    """``on / off`` to two decimals; None where a side has no figure (or ``off`` is 0)."""
+    return round(on / off, 2) if on is not None and off else None
 
+
+def times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def log_mixed(row: dict[str, Any]) -> None:
     print(
         f"mixed: one beam client beside {row['ved_clients']} VED clients at cap {row['cap_ms']} ms / beam alone: "
-        f"p50 {times('beam_p50_vs_alone')}, p99 {times('beam_p99_vs_alone')}",
+        f"p50 {times(row['beam_p50_vs_alone'])}, p99 {times(row['beam_p99_vs_alone'])}",
         file=sys.stderr,
         flush=True,
     )
@@ -437,10 +438,6 @@ def log_mixed(row: dict[str, Any]) -> None:
 def batching_ratios(beam: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per client count measured both ways, the batching server's figures over those of the server without it:
     ``rps_ratio`` above 1 and ``p99_ratio`` below 1 are batching's gain; None where a side has no figure."""
-
-    def ratio(on: float | None, off: float | None) -> float | None:
-        return round(on / off, 2) if on is not None and off else None
-
     rows = {(row["clients"], row["batching"]): row for row in beam}
     out = []
     for clients in dict.fromkeys(row["clients"] for row in beam):  # in the order measured
@@ -456,13 +453,10 @@ def batching_ratios(beam: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def log_ratio(ratio: dict[str, Any]) -> None:
-    def times(key: str) -> str:
-        return "-" if ratio[key] is None else f"{ratio[key]:.2f}x"
-
+def log_ratio(row: dict[str, Any]) -> None:
     print(
-        f"beam clients={ratio['clients']}: batching / no batching: requests/s {times('rps_ratio')}, "
-        f"p99 {times('p99_ratio')}",
+        f"beam clients={row['clients']}: batching / no batching: requests/s {times(row['rps_ratio'])}, "
+        f"p99 {times(row['p99_ratio'])}",
         file=sys.stderr,
         flush=True,
     )
