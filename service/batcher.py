@@ -23,11 +23,10 @@ every prompt of a batch independently (rows only share the padded matmuls);
 Jobs of a ``lane`` key (the service's: beam search) that arrive while a group of
 another key decodes (a VED search, up to its latency cap) need not wait for it:
 they are put in a side lane instead of the queue (so are those already queued
-when it starts), and that group's decode may
-call ``run_waiting`` on the model thread between its steps to decode them then,
-in groups of their key, and answer them at once. Whatever the lane still holds
-when the group ends goes back to the queue, for the next batch. Within a batch,
-the lane's groups are decoded first.
+when it starts), and that group's decode may call ``run_waiting`` on the model
+thread between its steps to decode them then, in groups of their key, and answer
+them at once. Whatever the lane still holds when the group ends goes back to the
+queue, for the next batch. Within a batch, the lane's groups are decoded first.
 """
 
 from __future__ import annotations
