@@ -261,6 +261,13 @@ def test_minionerec_layout(tiny_data_dir: Path, tmp_path: Path) -> None:
     assert len(ds.splits["test"]) == 40 and ds.name == "Toys" and ds.embeddings is None
     with pytest.raises(DataError, match="no .* for split"):
         load_minionerec(tmp_path / "MiniOneRec", "Games")
+    # another category whose name starts with this one's is not this one's ...
+    shutil.copy(tiny_data_dir / "test.csv", base / "test" / "Toys_and_Games_5_2016-10-2018-11.csv")
+    assert len(load_minionerec(tmp_path / "MiniOneRec", "Toys").splits["test"]) == 40
+    # ... and two files of this one are not chosen between in silence
+    shutil.copy(tiny_data_dir / "test.csv", base / "test" / "Toys_5_2014-01-2018-11.csv")
+    with pytest.raises(DataError, match=r"holds 2 test files of Toys: Toys_5_2014-01-2018-11.csv, Toys_5_2016-10"):
+        load_minionerec(tmp_path / "MiniOneRec", "Toys")
 
 
 def test_parse_splits() -> None:

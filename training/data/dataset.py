@@ -220,16 +220,28 @@ def load_minionerec(root: str | Path, dataset: str) -> RecDataset:
     if not base.is_dir():
         what = "is not a folder" if base.exists() else "does not exist"
         raise DataError(f"{base} {what}: --minionerec-root must be a MiniOneRec checkout")
-    files: dict[str, Path] = {}
-    for s in SPLITS:
-        found = sorted((base / s).glob(f"{dataset}*.csv"))
-        if not found:
-            raise DataError(f"no {base / s}/{dataset}*.csv for split {s!r}")
-        files[s] = found[0]
+    files = {s: _minionerec_split_file(base / s, dataset, s) for s in SPLITS}
     files["index"] = base / "index" / f"{dataset}.index.json"
     files["item"] = base / "index" / f"{dataset}.item.json"
     emb = base / "index" / f"{dataset}.emb-qwen-td.npy"
     return _load(dataset, files, emb if emb.exists() else None)
+
+
+def _minionerec_split_file(folder: Path, dataset: str, split: str) -> Path:
+    """MiniOneRec's split file of ``dataset``: ``{dataset}.csv`` or ``{dataset}_{k-core}...csv`` (such as
+    ``Industrial_and_Scientific_5_2016-10-2018-11.csv``), so that ``Toys`` is not also ``Toys_and_Games``; more
+    than one such file is an error naming them, not a silent choice."""
+    found = sorted(
+        path
+        for path in folder.glob(f"{dataset}*.csv")
+        if re.fullmatch(r"(_\d.*)?\.csv", path.name[len(dataset) :], flags=re.DOTALL)
+    )
+    if not found:
+        raise DataError(f"no {folder}/{dataset}.csv or {dataset}_<k-core>...csv for split {split!r}")
+    if len(found) > 1:
+        names = ", ".join(path.name for path in found)
+        raise DataError(f"{folder} holds {len(found)} {split} files of {dataset}: {names}; keep one")
+    return found[0]
 
 
 class _RepeatedKey(Exception):
