@@ -114,9 +114,11 @@ class MicroBatcher(Generic[J, R]):
             self._queue.put_nowait(_Pending(key, job, future))
         return future
 
-    def run_waiting(self) -> None:
+    def run_waiting(self) -> int:
         """On the model thread, within a group's decode: decode the jobs in the side lane now, in groups of their
-        key of at most ``max_size``, and answer them. Never raises: a failed decode is handed to its jobs."""
+        key of at most ``max_size``, and answer them; how many were decoded. Never raises: a failed decode is
+        handed to its jobs."""
+        decoded = 0
         groups: dict[Hashable, list[_Pending[J, R]]] = {}
         for pending in self._drain_lane():
             if pending.future.done():  # its client left (a read from this thread: at worst one decode too many)
@@ -125,6 +127,7 @@ class MicroBatcher(Generic[J, R]):
         for key, group in groups.items():
             for start in range(0, len(group), self.max_size):
                 part = group[start : start + self.max_size]
+                decoded += len(part)
                 try:
                     results: Sequence[Any] = self.run(key, [p.job for p in part])
                     assert len(results) == len(part), "run must return one result per job"
@@ -134,6 +137,7 @@ class MicroBatcher(Generic[J, R]):
                 if self.on_batch is not None:
                     self.on_batch(key, len(part))
                 self._answer_threadsafe(part, results, None)
+        return decoded
 
     def _in_lane(self, key: Hashable) -> bool:
         return self.lane is not None and self.lane(key)

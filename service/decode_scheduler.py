@@ -318,7 +318,8 @@ class DecodeScheduler:
             if config.deadline is not None and time.perf_counter() >= config.deadline:
                 return  # the search stops at this check: the waiting beams come next anyway
             began = time.perf_counter()
-            self.batcher.run_waiting()
+            if decoded := self.batcher.run_waiting():
+                self.metrics.beam_between_ved.inc(decoded)
             beams_s += time.perf_counter() - began
 
         started = time.perf_counter()

@@ -48,6 +48,11 @@ class ServiceMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        self.beam_between_ved = Counter(
+            "vstar_beam_between_ved",
+            "Beam requests decoded between a VED search's forwards, not after it (VSTAR_BEAM_BETWEEN_VED_STEPS).",
+            registry=r,
+        )
         self.cache = Counter("vstar_cache_lookups", "Response cache lookups.", ["result"], registry=r)
         self.cap_hits = Counter("vstar_ved_cap_hits", "VED searches stopped by the latency cap.", registry=r)
         self.ved_fallbacks = Counter(

@@ -173,6 +173,7 @@ def test_items_health_ready_metrics(client: TestClient, tiny_catalog: SidCatalog
         "vstar_recommend_requests_total",
         "vstar_recommend_latency_seconds_bucket",
         "vstar_beam_batch_size",
+        "vstar_beam_between_ved_total",
         "vstar_cache_lookups_total",
         "vstar_ved_cap_hits_total",
         "vstar_ved_tokens_spent",

@@ -184,6 +184,7 @@ def test_lane_jobs_are_decoded_between_the_steps_of_a_running_group() -> None:
     arrives meanwhile waits for the next batch, and one whose client left is not decoded."""
     started, arrived, release = threading.Event(), threading.Event(), threading.Event()
     decoded: list[tuple[Hashable, list[int]]] = []
+    between: list[int] = []  # what each run_waiting decoded
     batcher: MicroBatcher[int, int]
 
     def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
@@ -191,7 +192,7 @@ def test_lane_jobs_are_decoded_between_the_steps_of_a_running_group() -> None:
         if key == "search":
             started.set()
             assert arrived.wait(10)
-            batcher.run_waiting()  # between two of its steps
+            between.append(batcher.run_waiting())  # between two of its steps
             assert release.wait(10)
         return [10 * j for j in jobs]
 
@@ -217,6 +218,7 @@ def test_lane_jobs_are_decoded_between_the_steps_of_a_running_group() -> None:
     answers, still_running, first, second = asyncio.run(scenario())
     assert answers == [20, 30, 40] and still_running and (first, second) == (10, 60)
     assert decoded == [("search", [1]), ("beam", [2, 3]), ("beam", [4]), ("search", [6])], decoded
+    assert between == [3, 0]  # the three beams whose clients wait; nothing during the second search
 
 
 def test_lane_jobs_left_when_the_group_ends_are_decoded_next_and_failures_reach_their_jobs() -> None:

@@ -572,6 +572,7 @@ def test_a_beam_request_is_answered_between_the_steps_of_a_ved_search(
     monkeypatch.setattr(scheduler_module, "ved_search", search)
     monkeypatch.setattr(scheduler_module, "beam_search", beam)
     monkeypatch.setattr(rec.batcher, "enqueue", spy_enqueue)
+    counted_before = rec.metrics.registry.get_sample_value("vstar_beam_between_ved_total")
     ved_body = {"history": [6, 7], "k": 5, "mode": "ved", "budget": 35, "latency_ms": 1000}
     beam_body = {"history": [3, 4], "k": 4}
     with ThreadPoolExecutor(1) as pool:
@@ -580,6 +581,7 @@ def test_a_beam_request_is_answered_between_the_steps_of_a_ved_search(
         beam_answer = client.post("/recommend", json=beam_body).json()
         ved_answer = ved.result().json()
     assert beams_in_a_search == [True]
+    assert rec.metrics.registry.get_sample_value("vstar_beam_between_ved_total") == counted_before + 1
     assert ved_answer["search"]["iterations"] > 0  # the search went on after the beam
     monkeypatch.undo()
     alone = client.post("/recommend", json=beam_body).json()
