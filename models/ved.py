@@ -96,7 +96,8 @@ Choices the paper leaves open:
   once one child is made; a step is at most one batched
   forward, so the overshoot is one step. The initial tree is always built.
 * ``between_steps``: a callback run between forwards: after the prefill, between
-  the initial tree's levels, and before each step (the server decodes waiting
+  the initial tree's levels, and before each step or each forward that completes
+  the catalog's prefixes (the server decodes waiting
   beam requests there, on the same model, rather than after the whole search);
   the deadline is checked after it. The search's result does not depend on it:
   the tree, its caches and its noise are the search's own.

@@ -53,9 +53,11 @@ Design decisions:
   search ends, so the margin learns from searches whose request the hard cap
   already answered.
 * Beam requests do not wait for a VED search in flight: those that arrive
-  while it runs are decoded between its steps (``MicroBatcher``'s lane,
-  ``models.ved``'s ``between_steps``), on the same thread, while its deadline
-  has not passed. Their time counts against the search's deadline (VED is
+  while it runs, or queued when it started, are decoded between its forwards
+  (``MicroBatcher``'s lane, ``models.ved``'s ``between_steps``: after the
+  prefill, between the initial tree's levels, before each step), on the same
+  thread, while its deadline has not passed; a batch decodes its beam groups
+  first. Their time counts against the search's deadline (VED is
   anytime: under mixed load it searches less, and its cap holds), and a beam
   decode that runs past the deadline is an overrun the margin learns, as it
   is for the answer of that search; the initial tree's learnt cost leaves it
