@@ -17,6 +17,9 @@ and fallbacks over the responses that decoded (a cached answer decodes nothing,
 and an answer that hit the cap is never cached). Locust counts a failed
 request's time in the percentiles too, so a point with failures says so.
 
+Each file of the report is replaced in one rename (``models.atomic_folder``):
+a run that fails or is killed while writing leaves the earlier file whole.
+
 Locust reports percentiles in whole milliseconds, rounded to two significant
 digits above 100 ms; the table shows them as locust gives them.
 """
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.request_names import EVENT_NAME, recommend_name
+from models.atomic_folder import replacing_file, write_file
 
 MODES = ("beam", "ved")
 # the columns of locust's _stats.csv this module reads (locust 2.x names)
@@ -224,8 +228,11 @@ def plot_latency(points: list[PointResult], out: Path, cap_ms: float | None = No
         fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with replacing_file(out) as f:  # the earlier plot stays whole if this one fails midway
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_report(
@@ -234,7 +241,8 @@ def write_report(
     """``table.md``, ``latency.png`` and ``results.json`` (meta + every point) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"table": out_dir / "table.md", "plot": out_dir / "latency.png", "json": out_dir / "results.json"}
-    paths["table"].write_text(markdown_table(points))
+    write_file(paths["table"], markdown_table(points).encode())
     plot_latency(points, paths["plot"], cap_ms=cap_ms, title=str(meta.get("title", "")))
-    paths["json"].write_text(json.dumps({"meta": meta, "points": [p.to_json() for p in points]}, indent=2) + "\n")
+    report = json.dumps({"meta": meta, "points": [p.to_json() for p in points]}, indent=2) + "\n"
+    write_file(paths["json"], report.encode())
     return paths

@@ -18,7 +18,10 @@ measured before it are written as the report.
 
 The API key for event posts (``--api-key``, or ``VSTAR_LT_API_KEY``) reaches
 the locust children through their environment, never their command line, and
-is not written into the report. Answers read from the service's response
+is not written into the report. It is the only ``VSTAR_LT_*`` variable they
+get: the locustfile reads those for the flags the plan leaves unset, so one
+exported for a plain locust run or the compose profile would change what is
+sent behind the plan's back. Answers read from the service's response
 cache are counted per point; when there were any, the run ends with a warning:
 their latency is a cache read's, not a decode's.
 """
@@ -162,6 +165,14 @@ def most_failures(stem: Path, name: str) -> str:
     return f"most often ({rows[0].occurrences} times): {rows[0].error[:300]}" if rows else "no failure recorded"
 
 
+def child_environment(plan: LoadTestPlan) -> dict[str, str]:
+    """This process's environment without the locustfile's ``VSTAR_LT_*`` variables, which it reads for every flag
+    left unset (a cap exported for the compose profile would reach a plan that leaves the cap to the server), plus
+    the plan's API key: the plan alone says what is sent."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VSTAR_LT_")}
+    return env | ({"VSTAR_LT_API_KEY": plan.api_key} if plan.api_key else {})
+
+
 def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
     """One locust run; its CSV, counts and log stay under ``<out>/raw``."""
     raw = plan.out / "raw"
@@ -171,7 +182,7 @@ def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
         stale.unlink()
     log = stem.with_name(stem.name + ".log")
     limit = plan.duration_s + GRACE_S
-    env = os.environ | ({"VSTAR_LT_API_KEY": plan.api_key} if plan.api_key else {})
+    env = child_environment(plan)
     with log.open("w") as log_file:
         try:
             proc = subprocess.run(

@@ -360,3 +360,77 @@ def test_nginx_own_errors_have_the_services_error_shape(tmp_path: Path) -> None:
     assert refused.status_code == 502 and refused.headers["retry-after"] == "1"
     assert refused.headers["content-type"] == "application/json"
     assert refused.json()["error"]["type"] == "no_replica"
+
+
+def with_defaults(text: str) -> str:
+    """Compose's ``${VAR:-default}`` read as a fresh host would (no variable set): the default."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", text)
+
+
+def deployment_commands(compose: dict[str, Any]) -> list[list[str]]:
+    """Every ``vstar`` command line the deployment files run: the train profile's script, the loadtest profile's
+    entrypoint and command, the service image's CMD and the train image's example in the Dockerfile's header."""
+    services = compose["services"]
+    train = services["train"]
+    assert train["entrypoint"] == ["sh", "-c"] and len(train["command"]) == 1
+    script = with_defaults(train["command"][0]).replace("$$", "$")
+    commands = [part.split() for part in script.split("&&")]
+    loadtest = services["loadtest"]
+    commands.append([*loadtest["entrypoint"], *(with_defaults(word) for word in loadtest["command"])])
+    text = DOCKERFILE.read_text()
+    cmd = re.search(r'exec (vstar serve [^"]*(?:\\"[^"]*)*)"\]', stage(text, "service"))
+    assert cmd, "the service image's CMD runs vstar serve"
+    commands.append(cmd.group(1).replace('\\"', "").split())
+    example = re.search(r"vstar-train:cuda (sft .*)$", text, flags=re.MULTILINE)
+    assert example, "the Dockerfile's header shows the train image running a command"
+    commands.append(["vstar", *example.group(1).split()])
+    return commands
+
+
+def test_deployment_commands_are_real_vstar_commands(compose: dict[str, Any]) -> None:
+    """A renamed or removed option would first fail inside a container on a GPU host (no Docker engine here):
+    each command must parse against the CLI as the README's commands do (tests/test_readme_commands.py)."""
+    from tests.test_readme_commands import problems_of
+
+    commands = deployment_commands(compose)
+    assert [c[:2] for c in commands] == [["vstar", "sft"], ["vstar", "rl"], ["vstar", "loadtest"],
+                                         ["vstar", "serve"], ["vstar", "sft"]]  # fmt: skip
+    problems = [p for command in commands for p in problems_of(command[1:])]
+    assert not problems, "\n".join(problems)
+
+
+# VSTAR_* names the deployment files use that are no service setting: compose's host variables, the
+# image's CMD arguments, the train profile's preset, the locustfile's options (docker/README.md lists each)
+NOT_SETTINGS = {"VSTAR_PORT", "VSTAR_WORKERS", "VSTAR_PRESET", "VSTAR_DATA_DIR", "VSTAR_HTTP_BIND", "VSTAR_HTTP_PORT",
+                "VSTAR_SERVE_CHECKPOINT"}  # fmt: skip
+
+
+def test_every_variable_the_deployment_names_is_a_setting_or_documented(compose: dict[str, Any]) -> None:
+    from service.settings import Settings
+
+    settings = {f"VSTAR_{name.upper()}" for name in Settings.model_fields} | {"REDIS_URL"}
+    docs = (REPO / "docker" / "README.md").read_text()
+    for path in (COMPOSE, DOCKERFILE, REPO / "docker" / "README.md"):
+        named = set(re.findall(r"\bVSTAR_[A-Z_]*[A-Z]\b", path.read_text()))
+        unknown = {v for v in named - settings if not v.startswith("VSTAR_LT_")} - NOT_SETTINGS
+        assert not unknown, f"{path.name}: {sorted(unknown)} are no setting of service/settings.py"
+    for variable in NOT_SETTINGS:
+        assert f"`{variable}`" in docs, f"docker/README.md does not say what {variable} is"
+
+
+def test_the_api_environment_is_valid_settings(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The api's variables, defaults resolved, start a service (with a key, as the README says to give one; on
+    the CPU, as there is no GPU here to check ``cuda`` against)."""
+    from service.settings import Settings
+
+    for name in list(os.environ):
+        if name.startswith("VSTAR_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+    env = {name: with_defaults(str(value)) for name, value in compose["services"]["api"]["environment"].items()}
+    assert env.pop("VSTAR_DEVICE") == "cuda" and env.pop("VSTAR_API_KEYS") == ""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("VSTAR_API_KEYS", "k1")
+    settings = Settings()
+    assert settings.require_api_keys and settings.cache_ttl_s == 300 and settings.ved_default_latency_ms == 200
+    assert str(settings.checkpoint) == "/checkpoints/rl" and settings.redis_url is not None

@@ -8,6 +8,7 @@ locustfile loads, sends bodies in the service's request contract, and that
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from loadtests.runner import LOCUSTFILE, LoadTestPlan, run_plan
+from service.schemas import request_models
+from service.settings import Settings
 
 
 class StubService(BaseHTTPRequestHandler):
@@ -103,3 +106,10 @@ def test_run_plan_against_a_stub(stub_url: str, tiny_data_dir: Path, tmp_path: P
     assert all("latency_ms" not in b for b in recommends if b["mode"] == "beam")
     assert all(isinstance(i, int) for b in recommends for i in b.get("history", []))
     assert any(path.startswith("/users/loadtest-") and path.endswith("/events") for path, _ in StubService.bodies)
+    # the service's own request models (strict, closed), as it validates them
+    models = request_models(Settings())
+    for path, body in StubService.bodies:
+        model = models.recommend if path == "/recommend" else models.events
+        model.model_validate(body)
+        if path != "/recommend":
+            assert re.fullmatch(models.user_id_pattern, path.split("/")[2])

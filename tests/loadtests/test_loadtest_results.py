@@ -161,3 +161,28 @@ def test_write_report_writes_table_plot_and_json(points: list[PointResult], tmp_
     data = json.loads(paths["json"].read_text())
     assert data["meta"]["host"] == "http://127.0.0.1:8000" and len(data["points"]) == 4
     assert paths["plot"].exists()
+
+
+def test_a_report_that_fails_midway_leaves_the_earlier_one_whole(
+    points: list[PointResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file is replaced in one rename: a plot that fails after writing part of its PNG (a full disk, a kill)
+    leaves the earlier plot readable, not a truncated one, and no temporary file beside it."""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "report"
+    paths = write_report(points, out, {}, cap_ms=50)
+    before = {name: path.read_bytes() for name, path in paths.items()}
+
+    def fail_midway(self: Figure, target: object, **kwargs: object) -> None:
+        if isinstance(target, (str, Path)):
+            Path(target).write_bytes(b"\x89PNG half")
+        else:
+            target.write(b"\x89PNG half")  # type: ignore[attr-defined]
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", fail_midway)
+    with pytest.raises(OSError, match="No space"):
+        write_report(points[:2], out, {}, cap_ms=50)
+    assert paths["plot"].read_bytes() == before["plot"]
+    assert sorted(p.name for p in out.iterdir()) == ["latency.png", "results.json", "table.md"]

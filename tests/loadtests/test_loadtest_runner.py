@@ -257,3 +257,24 @@ def test_cached_answers_are_counted_and_warned_of(
     monkeypatch.setattr(runner.subprocess, "run", fake_locust(50))
     run_plan(plan(data=tiny_data_dir, out=tmp_path / "b", users=(1,)), echo=lines.append)
     assert not any(line.startswith("warning") for line in lines)
+
+
+def test_locust_children_take_their_knobs_from_the_plan_alone(
+    monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """The locustfile reads every VSTAR_LT_* variable a flag leaves unset: a cap, budget or think time exported
+    for the compose profile or a plain locust run would reach the children of a plan that leaves them to the
+    server, and the report (its meta, the plot's cap line) would describe requests that were not sent."""
+    for variable, value in [("VSTAR_LT_LATENCY_MS", "7"), ("VSTAR_LT_BUDGET", "9"), ("VSTAR_LT_THINK_MS", "500"),
+                            ("VSTAR_LT_SID_SHARE", "1"), ("VSTAR_LT_EXCLUDE_HISTORY", "true"),
+                            ("VSTAR_LT_API_KEY", "from-the-shell")]:  # fmt: skip
+        monkeypatch.setenv(variable, value)
+    seen: list = []
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(7, seen=seen))
+    monkeypatch.setattr(runner, "wait_ready", lambda host: None)
+    run_plan(plan(data=tiny_data_dir, out=tmp_path / "a", users=(1,)), echo=lambda _: None)
+    run_plan(plan(data=tiny_data_dir, out=tmp_path / "b", users=(1,), api_key="k1"), echo=lambda _: None)
+    assert len(seen) == 4
+    assert all(not k.startswith("VSTAR_LT_") for _, env in seen[:2] for k in env)
+    assert all([k for k in env if k.startswith("VSTAR_LT_")] == ["VSTAR_LT_API_KEY"] for _, env in seen[2:])
+    assert all(env["VSTAR_LT_API_KEY"] == "k1" for _, env in seen[2:])
