@@ -2,9 +2,9 @@
 
 * ``MemoryStore``: in-process dicts; the embedded default without ``REDIS_URL``.
   Each worker process has its own, which is fine for one worker and for tests.
-* ``RedisStore``: ``redis.asyncio`` with one pool per process. Histories are
-  capped lists with a TTL, written by one Lua script (below); cache entries are
-  ``SET ... EX ttl``.
+* ``RedisStore``: ``redis.asyncio`` with two pools per process (one for event
+  writes, below). Histories are capped lists with a TTL, written by one Lua
+  script (below); cache entries are ``SET ... EX ttl``.
 
 Event writes are exactly-once. A write carries an idempotency key
 (the client's ``Idempotency-Key``, else one made for the request). One script,
@@ -29,7 +29,15 @@ and returns that record. So:
   under ``maxmemory``, a read-only replica, a key of another type). Redis
   refuses those at the script's first write, its RPUSH (a script that has
   written is never refused for memory after), so nothing was stored.
-* redis-py itself retries once on a connection error only, never on a timeout.
+* redis-py itself retries reads once on a connection error only, never on a
+  timeout, and never retries a write: event writes go through a client of their
+  own without that retry. Its copy sent after a broken connection could meet a
+  refused reconnect (Redis went down right after running the first copy), which
+  would read as a write never sent; here a refused connection is the first and
+  only copy's, and every other failure is settled as above. A pooled
+  connection a Redis restart closed breaks under the first copy: the store
+  sends the write again at once and, if Redis answers, leaves the breaker
+  closed, as redis-py's retry did.
 
 Records of client keys live ``idempotency_ttl_s``; a request without a key
 gets a record for ``OWN_KEY_TTL_S``, enough to settle its own write.
@@ -247,7 +255,11 @@ class RedisStore(Store):
             # a pooled connection that died with the old Redis; never a timeout: the command may be queued
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
-        self._write = self._redis.register_script(WRITE)
+        # event writes: no retry inside redis-py, so a refused connection means this copy was never sent (above)
+        self._writer = Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        )
+        self._write = self._writer.register_script(WRITE)
         self._down_until = 0.0  # monotonic time before which Redis is not tried
         self._healthy = True
         self._refusing: str | None = None  # the last error Redis answered with, until a command succeeds
@@ -307,9 +319,12 @@ class RedisStore(Store):
         except ResponseError as e:  # the script failed at or before its first write: nothing was stored
             raise self._refusal("append history", e) from e
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self._failed("append history", e)
-            if _refused(e):  # no connection, so nothing was sent: the write did not run
+            if _refused(e):  # no connection, so nothing was sent (redis-py sends no copy of its own): not run
+                self._failed("append history", e)
                 raise StoreUnavailable("Redis refused the connection (append history)") from e
+            if not isinstance(e, RedisConnectionError):  # no answer in time: skip Redis while this one settles
+                self._failed("append history", e)
+            # a broken connection (a restart closed a pooled one): sent again at once, the breaker left closed
             reply = await self._send_again(record_key, HISTORY_KEY.format(user_id), args)
         else:
             self._answered("append history")
@@ -324,6 +339,7 @@ class RedisStore(Store):
                 return reply
             except (RedisError, OSError, asyncio.TimeoutError) as e:
                 if time.monotonic() >= give_up:
+                    self._failed("append history", e)
                     raise WriteOutcomeUnknown("Redis did not answer whether the write ran (append history)") from e
                 await asyncio.sleep(0.05)  # a refused connection fails at once; do not spin on it
 
@@ -366,3 +382,4 @@ class RedisStore(Store):
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._writer.aclose()

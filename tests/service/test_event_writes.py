@@ -9,6 +9,9 @@ the service answers then must be true: 200 means the events are stored once,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from service.stores import HISTORY_KEY
+from service.stores import HISTORY_KEY, WRITE, Appended, RedisStore
 from tests.service.conftest import PrivateRedis
 
 
@@ -178,3 +181,89 @@ def test_a_write_of_more_events_than_lua_can_unpack_is_stored(
         assert c.post("/users/many/events", json={"items": [2] * 600}).json()["history_length"] == 9000
     entries = stored(private_redis, "many")
     assert entries == [b"1"] * 8400 + [b"2"] * 600
+
+
+class ReplyCutter:
+    """A TCP relay to Redis that runs the event-write script, then drops its reply, closes the connection and
+    stops listening: Redis stored the events, the client saw the connection break, and every reconnect is
+    refused (a Redis that went down right after the write ran)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.cut.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # the listener closed: connections are refused from now on
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.sockets += [client, upstream]
+            write_sent = threading.Event()
+            threading.Thread(target=self._to_redis, args=(client, upstream, write_sent), daemon=True).start()
+            threading.Thread(target=self._to_client, args=(upstream, client, write_sent), daemon=True).start()
+
+    def _to_redis(self, client: socket.socket, upstream: socket.socket, write_sent: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if b"EVALSHA" in data.upper():
+                    write_sent.set()
+                upstream.sendall(data)
+
+    def _to_client(self, upstream: socket.socket, client: socket.socket, write_sent: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(65536):
+                if write_sent.is_set() and not self.cut.is_set():
+                    self.cut.set()
+                    self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept; connections are refused now
+                    self.listener.close()
+                    for s in self.sockets:  # every connection, pooled ones too, breaks at once (no timeout)
+                        with contextlib.suppress(OSError):
+                            s.shutdown(socket.SHUT_RDWR)
+                    return
+                client.sendall(data)
+
+
+def test_a_write_whose_reply_was_lost_is_never_said_not_stored(
+    make_settings: Callable[..., Settings], clean_redis: str
+) -> None:
+    """The write ran, its reply was lost with the connection, and Redis then refused connections: redis-py's
+    own retry met the refusal, which the store took for a write never sent ("not stored, retry": a client
+    following that advice without an Idempotency-Key stores the events twice). A write that was sent may have
+    run, whatever refuses the copies after it."""
+    server = redis.Redis.from_url(clean_redis)
+    server.script_load(WRITE)  # no NOSCRIPT round trip: the first EVALSHA is the write
+    cutter = ReplyCutter(upstream_port=6379)
+    settings = make_settings(
+        redis_url=f"redis://127.0.0.1:{cutter.port}/15", redis_retry_after_s=0.0, redis_write_settle_s=0.3
+    )
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/users/cut/events", json={"items": [7]})
+    assert cutter.cut.is_set()
+    assert server.lrange(HISTORY_KEY.format("cut"), 0, -1) == [b"7"]  # stored
+    assert r.status_code == 503 and "may have been stored" in r.json()["error"]["message"], r.text
+
+
+def test_a_write_on_a_connection_a_restart_closed_is_stored_and_leaves_the_breaker_closed(
+    private_redis: PrivateRedis,
+) -> None:
+    """Event writes have no retry inside redis-py (above): the store sends the write again itself, at once, and
+    a Redis that answered it is no outage (reads are not skipped after it)."""
+
+    async def scenario() -> tuple[Appended, bool]:
+        store = RedisStore(private_redis.url, 10, 0.25, 60.0, 0, 60, 1.0)
+        await store.append("re", ["1"])  # a pooled connection, which the restart closes
+        private_redis.stop()
+        private_redis.start()
+        done = await store.append("re", ["2"])
+        reads = await store.history("re")  # the breaker (60 s) would refuse this
+        await store.close()
+        return done, reads == ["2"]
+
+    done, read = asyncio.run(scenario())
+    assert done == Appended(1, 1) and read

@@ -1,0 +1,57 @@
+"""The in-process store and the Redis store answer every call sequence alike (``service.stores``).
+
+Random sequences of appends (with and without an ``Idempotency-Key``, keys
+shared across users, more entries than the cap), history reads and cache
+writes and reads run on a ``MemoryStore`` and on a ``RedisStore`` over the
+real Redis; results, conflicts included, must be equal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.errors import IdempotencyConflict
+from service.stores import MemoryStore, RedisStore, Store
+
+USERS = st.sampled_from(["a", "b", "a:b"])  # "a" with key "b:c" and "a:b" with key "c" must stay apart
+ENTRIES = st.lists(st.sampled_from(["1", "2", "3", "<a_1><b_2><c_3>"]), min_size=1, max_size=5)
+KEYS = st.none() | st.sampled_from(["k1", "k2", "b:c", "c"])
+OPS = st.lists(
+    st.tuples(st.just("append"), USERS, ENTRIES, KEYS)
+    | st.tuples(st.just("history"), USERS)
+    | st.tuples(st.just("cache_set"), st.sampled_from(["x", "y"]), st.binary(max_size=4))
+    | st.tuples(st.just("cache_get"), st.sampled_from(["x", "y"])),
+    max_size=12,
+)
+
+
+async def run(store: Store, ops: list[tuple[Any, ...]]) -> list[object]:
+    out: list[object] = []
+    for name, *args in ops:
+        try:
+            if name == "append":
+                out.append(await store.append(*args))
+            elif name == "history":
+                out.append(await store.history(*args))
+            elif name == "cache_set":
+                out.append(await store.cache_set(*args, ttl_s=60))
+            else:
+                out.append(await store.cache_get(*args))
+        except IdempotencyConflict as e:
+            out.append(("conflict", e.message))
+    await store.close()
+    return out
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, cap=st.integers(1, 4))
+def test_memory_and_redis_stores_answer_alike(clean_redis: str, ops: list[tuple[Any, ...]], cap: int) -> None:
+    redis.Redis.from_url(clean_redis).flushdb()
+    memory = asyncio.run(run(MemoryStore(cap, 100, 3600, 3600), ops))
+    in_redis = asyncio.run(run(RedisStore(clean_redis, cap, 1.0, 1.0, 3600, 3600, 1.0), ops))
+    assert memory == in_redis
