@@ -71,7 +71,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 from models.beam_search import BeamSearchConfig
@@ -405,8 +405,9 @@ class Recommender(DecodeScheduler):
         }
         if self.fusion is not None:  # the items themselves rank, not only their SIDs, and by the weight served
             norm |= {"t": list(plan.job.items), "w": self.fusion.weight}
-        if isinstance(plan.config, VEDConfig):  # the budget resolved; never the cap: an answer it cut is not cached
-            norm["b"] = plan.config.budget
+        if isinstance(plan.config, VEDConfig):  # the search as run, its budget resolved: the checkpoint's settings
+            # (the model version does not hold them) and the request's; never the cap: an answer it cut is not cached
+            norm["b"] = {name: value for name, value in asdict(plan.config).items() if name != "deadline"}
         return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()
 
     async def _cache_get(self, key: str, by: float | None) -> Answer | None:

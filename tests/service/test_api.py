@@ -14,6 +14,8 @@ from fastapi.testclient import TestClient
 from models.sid_catalog import SidCatalog, sid_to_str
 from models.ved_config import resolve_budget
 from service.app import create_app
+from service.history import resolve_entries
+from service.schemas import RecommendRequest
 from service.settings import Settings
 from service.stores import HISTORY_KEY
 
@@ -82,6 +84,23 @@ def test_the_cache_key_holds_the_prompts_history_the_exclusion_set_and_a_ved_bud
     assert not client.post("/recommend", json=ved | {"budget": 32}).json()["cached"]
     assert not client.post("/recommend", json=ved | {"budget": 48}).json()["cached"]
     assert client.post("/recommend", json=ved | {"budget": 48}).json()["cached"]
+
+
+def test_the_ved_cache_key_holds_the_search_settings_the_checkpoint_gives(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model version hashes the weights, the catalog and the fusion, not the VED settings a checkpoint's
+    manifest gives (``rl_config.ved_config``): two checkpoints that differ only there must not share entries."""
+    assert isinstance(client.app, FastAPI)
+    rec = client.app.state.recommender
+    req = RecommendRequest(history=[30, 31, 32], k=4, mode="ved", latency_ms=1000)
+    events = resolve_entries(rec.catalog, req.history, "history")
+    key = rec._cache_key(req, rec.plan(req, events))
+    assert rec._cache_key(req, rec.plan(req, events)) == key
+    monkeypatch.setattr(rec, "ved_settings", replace(rec.ved_settings, lam=rec.ved_settings.lam + 0.5))
+    assert rec._cache_key(req, rec.plan(req, events)) != key
+    beam = RecommendRequest(history=[30, 31, 32], k=4)
+    assert rec._cache_key(beam, rec.plan(beam, events)) == rec._cache_key(beam, rec.plan(beam, events))
 
 
 def test_a_ved_entry_serves_any_cap_and_a_budget_given_as_veds_own(client: TestClient) -> None:
