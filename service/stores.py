@@ -302,7 +302,10 @@ class RedisStore(Store):
         # the client is built without decode_responses: replies are bytes (its typing admits str too)
         raw = await self._call(
             "read history",
-            lambda: cast("Awaitable[list[bytes]]", self._redis.lrange(HISTORY_KEY.format(user_id), 0, -1)),
+            # the last max_history: a history stored under a higher VSTAR_STORED_HISTORY_MAX is read under today's
+            lambda: cast(
+                "Awaitable[list[bytes]]", self._redis.lrange(HISTORY_KEY.format(user_id), -self.max_history, -1)
+            ),
         )
         return [r.decode(errors="replace") for r in raw]  # an entry another writer left undecodable: skipped as unknown
 

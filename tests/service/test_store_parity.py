@@ -55,3 +55,24 @@ def test_memory_and_redis_stores_answer_alike(clean_redis: str, ops: list[tuple[
     memory = asyncio.run(run(MemoryStore(cap, 100, 3600, 3600), ops))
     in_redis = asyncio.run(run(RedisStore(clean_redis, cap, 1.0, 1.0, 3600, 3600, 1.0), ops))
     assert memory == in_redis
+
+
+def test_a_lower_cap_holds_for_a_history_stored_under_a_higher_one(clean_redis: str) -> None:
+    """``VSTAR_STORED_HISTORY_MAX`` lowered across a restart: a history Redis kept under the old cap is read as
+    its last items under the new one (it was read whole until the user's next event trimmed it), as a write
+    would keep them."""
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        wide = RedisStore(clean_redis, 5, 1.0, 1.0, 3600, 3600, 1.0)
+        await wide.append("u", ["a", "b", "c", "d", "e"])
+        narrow = RedisStore(clean_redis, 3, 1.0, 1.0, 3600, 3600, 1.0)
+        try:
+            before = await narrow.history("u")
+            await narrow.append("u", ["f"])
+            return before, await narrow.history("u"), await wide.history("u")
+        finally:
+            await wide.close()
+            await narrow.close()
+
+    redis.Redis.from_url(clean_redis).flushdb()
+    assert asyncio.run(scenario()) == (["c", "d", "e"], ["d", "e", "f"], ["d", "e", "f"])
