@@ -22,13 +22,9 @@ Decisions:
 * every cell is bounded by ``duration_s`` and ``max_requests``; every request by
   ``request_timeout_s``; the server start by ``startup_timeout_s``;
 * loopback only: the server binds 127.0.0.1 and the clients talk to it alone;
-* the clients are lean: one keep-alive HTTP/1.1 connection each on asyncio
-  streams, the request bytes written directly and the response parsed by
-  ``httptools`` (the C parser uvicorn itself uses). The load generator shares
-  the machine with the server, and batched answers arrive together: a client
-  library that spends a millisecond per response (``httpx`` does, here) makes
-  the last of eight simultaneous answers look several milliseconds slower than
-  it was, which is the load generator, not the service.
+* the clients are lean (``service.lean_client``): one keep-alive HTTP/1.1
+  connection each, the response parsed by ``httptools``; a client library
+  that spends a millisecond per response would time itself, not the service.
 """
 
 from __future__ import annotations
@@ -48,10 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httptools
 import httpx
 import numpy as np
 
+from service.lean_client import LeanClient
 from service.serve_command import serve_command
 
 HOST = "127.0.0.1"
@@ -198,69 +194,6 @@ def first_error(log: str) -> str:
         if isinstance(record, dict) and record.get("level") == "ERROR" and record.get("msg"):
             return str(record["msg"])
     return lines[-1].strip() if lines else "no output"
-
-
-class _Response:
-    """httptools callbacks for one response."""
-
-    def __init__(self, parser_of: Callable[[], httptools.HttpResponseParser]) -> None:
-        self.body = bytearray()
-        self.complete = False
-        self.keep_alive = False
-        self._parser_of = parser_of
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-        # read here: once the message is complete the parser resets, and should_keep_alive() says False
-        self.keep_alive = self._parser_of().should_keep_alive()
-
-
-class LeanClient:
-    """One keep-alive HTTP/1.1 connection for POSTing JSON; see the module notes for why not ``httpx``."""
-
-    def __init__(self, url: str, timeout_s: float) -> None:
-        parsed = httpx.URL(url)
-        self.host, self.port, self.timeout_s = parsed.host, parsed.port or 80, timeout_s
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self.connects = 0  # connections opened: one for the client's life unless the server closes it
-
-    async def post(self, path: str, payload: dict[str, Any]) -> tuple[int, bytes, float]:
-        """(status, body, seconds from the request's first byte written to the response's last byte read)."""
-        if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-            self.connects += 1
-        data = json.dumps(payload).encode()
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(data)}\r\n\r\n"
-        )
-        response = _Response(lambda: parser)
-        parser = httptools.HttpResponseParser(response)
-        t0 = time.perf_counter()
-        self._writer.write(head.encode() + data)
-        await asyncio.wait_for(self._read(parser, response), self.timeout_s)
-        elapsed = time.perf_counter() - t0
-        if not response.keep_alive:
-            await self.aclose()
-        return parser.get_status_code(), bytes(response.body), elapsed
-
-    async def _read(self, parser: httptools.HttpResponseParser, response: _Response) -> None:
-        assert self._reader is not None
-        while not response.complete:
-            chunk = await self._reader.read(1 << 16)
-            if not chunk:
-                raise ConnectionError("the server closed the connection")
-            parser.feed_data(chunk)
-
-    async def aclose(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            await self._writer.wait_closed()
-            self._reader = self._writer = None
 
 
 async def run_cell(url: str, make_body: Callable[[], dict[str, Any]], clients: int, config: BenchConfig) -> CellResult:

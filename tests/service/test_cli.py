@@ -19,8 +19,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from service.bench import BenchConfig, LeanClient, bench_serve, running_server
+from service.bench import BenchConfig, bench_serve, running_server
 from service.deadline import DeadlineMargin
+from service.lean_client import LeanClient
 from tests.service.conftest import free_port
 from vstar import app
 
