@@ -38,7 +38,7 @@ Design decisions:
   Redis is then treated as an unavailable one, not waited for, and the search
   keeps the rest of the time; the call given up on runs on to the store's own
   timeout, which opens the store's circuit breaker for the next requests and is
-  counted as a store error. A request with only a ``user_id`` needs the stored
+  counted as a store error (``service.store_calls``). A request with only a ``user_id`` needs the stored
   history, and waits for it (the store's own timeout bounds that).
 * The loop's lateness: a timer fires when the loop thread gets to it, which on a
   host whose cores other processes hold can be tens of milliseconds late. Every
@@ -70,9 +70,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, TypeVar
+from typing import Any
 
 from models.beam_search import BeamSearchConfig
 from models.checkpoint import LoadedCheckpoint
@@ -98,9 +98,9 @@ from service.schemas import (
     SearchStats,
 )
 from service.settings import Settings
+from service.store_calls import StoreCalls
 from service.stores import Store, StoreRefused, WriteOutcomeUnknown
 
-T = TypeVar("T")
 log = logging.getLogger("service.recommender")
 
 
@@ -112,11 +112,6 @@ class DecodePlan:
     config: BeamSearchConfig | VEDConfig
     job: DecodeJob  # the SIDs the prompt sees, and the items the fusion reads; no deadline
     excluded: frozenset[int]
-
-
-class OutOfTime(StoreUnavailable):
-    """A store call a VED request gave up on (its cap): handled as the store being unavailable, but counted as a
-    store error only if the call itself fails later (the store may be healthy, the cap short)."""
 
 
 def _expire(future: asyncio.Future[DecodeRow]) -> None:
@@ -147,7 +142,7 @@ class Recommender(DecodeScheduler):
         self.cap_lateness = DeadlineMargin(0.0, quantile=0.999, horizon_s=10.0, window=8192, refresh_s=0.05)
         metrics.track(metrics.ved_cap_lateness, self.cap_lateness.margin_s)  # in force at each scrape, not stale
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
-        self._given_up: set[asyncio.Future[Any]] = set()  # store calls running on after their request left them
+        self.store_calls = StoreCalls(metrics)  # bounded by a VED request's cap, or not (service.store_calls)
 
     def _prior_order(self, popular: Sequence[Sequence[Any]]) -> DecodeRow:
         """Every catalog SID index with a popularity log-probability: the checkpoint's training-target
@@ -164,9 +159,7 @@ class Recommender(DecodeScheduler):
 
     async def close(self) -> None:
         await super().close()
-        for task in list(self._given_up):  # nobody waits for them any more: not left pending at shutdown
-            task.cancel()
-        await asyncio.gather(*self._given_up, return_exceptions=True)
+        await self.store_calls.close()
         await self.store.close()
 
     # ---- requests
@@ -246,49 +239,6 @@ class Recommender(DecodeScheduler):
         loop's learnt lateness (module doc)."""
         last_chance_ms = req.cap_ms(self.settings) - self.settings.ved_respond_ms - 1000 * self.cap_lateness.margin_s()
         return started + last_chance_ms / 1000
-
-    async def _within(self, op: str, call: Awaitable[T], by: float | None) -> T:
-        """The store call ``call``; a failure is counted as ``op``'s and raised (``StoreUnavailable``). With
-        ``by`` (from a VED request's cap; None: no bound) it is given up at ``by`` as a store that did not answer
-        (``OutOfTime``), and the call itself runs on to the store's own timeout, which judges the store: a
-        stalled Redis opens the store's circuit breaker then, so the next requests skip it at once, and its
-        failure is counted when it ends."""
-        try:
-            if by is None:
-                return await call
-            task = asyncio.ensure_future(call)
-            try:
-                return await asyncio.wait_for(asyncio.shield(task), max(by - time.perf_counter(), 0.0))
-            except TimeoutError:
-                self._give_up(op, task)
-                raise OutOfTime("the store did not answer within the request's latency cap") from None
-            except asyncio.CancelledError:  # the client hung up: the shielded call runs on all the same
-                self._give_up(op, task)
-                raise
-        except StoreUnavailable as e:
-            if not isinstance(e, OutOfTime):  # a call given up on is counted when it ends (_settled_late)
-                self.metrics.store_errors.labels(op).inc()
-            raise
-
-    def _give_up(self, op: str, task: asyncio.Future[Any]) -> None:
-        """Leave a store call running to its own end, which counts its failure (``_settled_late``); shutdown
-        cancels it meanwhile (``close``)."""
-        if task.done():
-            self._settled_late(op, task)
-            return
-        self._given_up.add(task)  # the loop holds tasks weakly: kept here until it ends
-        task.add_done_callback(lambda done: self._settled_late(op, done))
-
-    def _settled_late(self, op: str, task: asyncio.Future[Any]) -> None:
-        """A store call its request gave up on has ended: a failure counts as the store's."""
-        self._given_up.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if isinstance(error, StoreUnavailable):
-            self.metrics.store_errors.labels(op).inc()
-        elif error is not None:
-            log.error("store call failed after its request gave up on it", exc_info=error, extra={"op": op})
 
     def _decode_config(self, req: RecommendRequest, excluded: frozenset[int]) -> BeamSearchConfig | VEDConfig:
         """The request's decoder config, normalised: beam no wider than the catalog, VED with its budget
@@ -373,7 +323,7 @@ class Recommender(DecodeScheduler):
         # bounded by the cap only when the request can be answered without the stored history: without a
         # history of its own it needs the store's answer, and a short cap must not turn a healthy store into a 503
         try:
-            raw = await self._within("read_history", self.store.history(req.user_id), by if given else None)
+            raw = await self.store_calls.within("read_history", self.store.history(req.user_id), by if given else None)
             stored, skipped = resolve_stored(self.catalog, raw)
         except StoreUnavailable:
             if not given:
@@ -412,7 +362,7 @@ class Recommender(DecodeScheduler):
 
     async def _cache_get(self, key: str, by: float | None) -> Answer | None:
         try:
-            raw = await self._within("read_cache", self.store.cache_get(key), by)
+            raw = await self.store_calls.within("read_cache", self.store.cache_get(key), by)
         except StoreUnavailable:
             raw = None
         answer = None
@@ -425,8 +375,8 @@ class Recommender(DecodeScheduler):
         return answer
 
     async def _cache_set(self, key: str, answer: Answer, by: float | None) -> None:
-        with contextlib.suppress(StoreUnavailable):  # counted by _within; the answer goes out uncached
-            await self._within(
+        with contextlib.suppress(StoreUnavailable):  # counted by StoreCalls.within; the answer goes out uncached
+            await self.store_calls.within(
                 "write_cache", self.store.cache_set(key, answer.to_json(), self.settings.cache_ttl_s), by
             )
 
@@ -458,7 +408,9 @@ class Recommender(DecodeScheduler):
         ), done.replayed
 
     async def history(self, user_id: str) -> HistoryResponse:
-        stored, _ = resolve_stored(self.catalog, await self._within("read_history", self.store.history(user_id), None))
+        stored, _ = resolve_stored(
+            self.catalog, await self.store_calls.within("read_history", self.store.history(user_id), None)
+        )
         if not stored:
             raise NotFound(f"user_id: no stored history for user {user_id!r}")
         items = [

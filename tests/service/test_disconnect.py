@@ -106,13 +106,13 @@ def test_a_store_call_of_a_request_whose_client_hung_up_is_kept_to_its_end(
                 return []
 
             request = asyncio.ensure_future(
-                recommender._within("read_history", stalled_read(), time.perf_counter() + 30)
+                recommender.store_calls.within("read_history", stalled_read(), time.perf_counter() + 30)
             )
             await reading.wait()
             request.cancel()  # the client hung up
             await asyncio.gather(request, return_exceptions=True)
-            return len(recommender._given_up)
+            return len(recommender.store_calls.given_up)
 
         assert client.portal.call(scenario) == 1
-        kept = set(recommender._given_up)
-    assert all(task.cancelled() for task in kept) and not recommender._given_up
+        kept = set(recommender.store_calls.given_up)
+    assert all(task.cancelled() for task in kept) and not recommender.store_calls.given_up

@@ -194,9 +194,9 @@ def test_a_store_call_given_up_on_is_cancelled_at_shutdown(
         r = c.post("/recommend", json={"history": [3, 4], "k": 3, "mode": "ved", "latency_ms": 1000})
         assert r.status_code == 200 and r.json()["search"]["fallback"] != "popular", r.text
         recommender = app.state.recommender
-        given_up = set(recommender._given_up)
+        given_up = set(recommender.store_calls.given_up)
         assert given_up  # the cache read runs on, up to its 5 s timeout
-    assert all(task.cancelled() for task in given_up) and not recommender._given_up
+    assert all(task.cancelled() for task in given_up) and not recommender.store_calls.given_up
     sleeper.join()
 
 
