@@ -32,6 +32,12 @@ Design decisions:
 - Every point draws the same histories (``--vstar-seed``), so points compare
   like with like; against a server with its response cache on, a point then
   meets the answers the points before it cached (``vstar loadtest`` says so).
+- Every locust process (each point of ``vstar loadtest``) names its users
+  afresh, ``loadtest-<run>-<mode>-<n>`` with ``<run>`` drawn at its start, so
+  every point's users start with no stored history: before, a later point's
+  users read back the events the points before it had stored (up to the
+  store's cap), so its stored-history requests decoded longer prompts. The
+  old users' histories expire with the store's TTL (``VSTAR_HISTORY_TTL_S``).
 - Both the counts and locust's statistics restart when all users are up
   (``--reset-stats``), so the ramp is never part of a point.
 - Only loopback hosts are accepted (``loadtests.target``).
@@ -43,6 +49,7 @@ import csv
 import itertools
 import json
 import random
+import secrets
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -77,6 +84,7 @@ OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
 _environment: Environment | None = None
 _sampler: HistorySampler | None = None
 _user_numbers = itertools.count()
+_run = ""  # this process's part of its users' ids, drawn at test_start
 # mode -> {"responses", "cap_hits", "cached", "ved_tokens"}: what locust's CSV has no column for.
 _extra: dict[str, dict[str, int]] = defaultdict(
     lambda: {"responses": 0, "cap_hits": 0, "cached": 0, "fallbacks": 0, "popular": 0, "ved_tokens": 0}
@@ -111,13 +119,14 @@ def _apply_weights(environment: Environment, **_: Any) -> None:
 @events.test_start.add_listener
 def _load_histories(environment: Environment, **_: Any) -> None:
     """Check the target and read the split once, before the first user starts."""
-    global _sampler
+    global _sampler, _run
     opts = environment.parsed_options
     assert opts is not None, "locust parses its options before test_start"
     require_loopback(environment.host or "")
     if not opts.vstar_data:
         raise ValueError("--vstar-data DIR (or VSTAR_LT_DATA) is required: the folder with the split CSVs")
     _sampler = HistorySampler(read_histories(split_path(Path(opts.vstar_data), opts.vstar_split)), opts.vstar_seed)
+    _run = secrets.token_hex(4)
     _extra.clear()
 
 
@@ -157,7 +166,7 @@ class RecommendUser(HttpUser):
         assert _sampler is not None, "test_start listener did not run"
         number = next(_user_numbers)
         self.rng: random.Random = _sampler.stream(number)
-        self.user_id = f"loadtest-{self.mode}-{number}"
+        self.user_id = f"loadtest-{_run}-{self.mode}-{number}"
         self.has_events = False
 
     @task

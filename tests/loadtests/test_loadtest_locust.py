@@ -105,7 +105,12 @@ def test_run_plan_against_a_stub(stub_url: str, tiny_data_dir: Path, tmp_path: P
     assert all(b.get("latency_ms") == 40 for b in recommends if b["mode"] == "ved")
     assert all("latency_ms" not in b for b in recommends if b["mode"] == "beam")
     assert all(isinstance(i, int) for b in recommends for i in b.get("history", []))
-    assert any(path.startswith("/users/loadtest-") and path.endswith("/events") for path, _ in StubService.bodies)
+    users = [path.split("/")[2] for path, _ in StubService.bodies if path != "/recommend"]
+    named = [re.fullmatch(r"loadtest-([0-9a-f]{8})-(beam|ved)-\d+", user) for user in users]
+    assert all(named), users
+    runs = {m.group(2): m.group(1) for m in named if m}
+    # each point's users are its own, so none reads back what an earlier point stored
+    assert set(runs) == {"beam", "ved"} and runs["beam"] != runs["ved"], users
     # the service's own request models (strict, closed), as it validates them
     models = request_models(Settings())
     for path, body in StubService.bodies:
