@@ -25,7 +25,7 @@ from models.policy import Policy
 from tests.conftest import make_catalog, write_random_dataset
 from training.cli.options import check_run_outputs
 from training.data.dataset import parse_splits
-from training.rl.trainer import RLConfig
+from training.rl.config import RLConfig
 from vstar import app, raised_by_project
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from models.policy import Policy
 from tests.conftest import next_second
 from training.data.dataset import RecDataset
 from training.evaluation.curve_plot import event_folder, plot_runs, read_curves, smooth
+from training.rl.config import RLConfig
 from training.rl.run import train_rl
-from training.rl.trainer import RLConfig
 from training.sft.config import SFTConfig
 from training.sft.trainer import train_sft
 from vstar import app

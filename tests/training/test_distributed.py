@@ -23,8 +23,8 @@ from training.data.dataset import RecDataset
 from training.distributed import Shard, global_mean, loss_scales, shard, weighted_mean
 from training.evaluation.curve_plot import read_curves
 from training.loop import epoch_batches
+from training.rl.config import RLConfig
 from training.rl.run import train_rl
-from training.rl.trainer import RLConfig
 from training.sft.config import SFTConfig
 from training.sft.trainer import train_sft
 

@@ -28,11 +28,12 @@ from training.bench.rl_bench import clone
 from training.cli.options import select_rows
 from training.data.dataset import RecDataset, Sample, popular_sids
 from training.loop import carry_external_ids
+from training.rl.config import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig
 from training.rl.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
 from training.rl.loss import clipped_pg, k3_kl, policy_loss
 from training.rl.rollout import beam_source, collect
 from training.rl.run import fuse_rl_checkpoint, train_rl
-from training.rl.trainer import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, RLTrainer
+from training.rl.trainer import RLTrainer
 from training.run_files import resume_folder
 from training.sft.config import SFTConfig
 from training.sft.trainer import train_sft

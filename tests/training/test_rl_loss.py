@@ -20,10 +20,11 @@ from models.policy import Policy
 from models.value_head import value_head_for as new_value_head
 from training.bench.rl_bench import clone
 from training.data.dataset import RecDataset, Sample
+from training.rl.config import RLConfig
 from training.rl.loss import policy_loss, token_log_probs, value_td_loss
 from training.rl.rewards import ADV_EPS, td_targets
 from training.rl.rollout import SequenceBatch, beam_source, collect, sequences
-from training.rl.trainer import RLConfig, RLTrainer
+from training.rl.trainer import RLTrainer
 
 
 def rollout_batch(policy: Policy, data: RecDataset) -> SequenceBatch:

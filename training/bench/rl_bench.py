@@ -29,7 +29,8 @@ from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from models.value_head import value_head_for
 from training.data.dataset import RecDataset, Sample, check_catalog
-from training.rl.trainer import RLConfig, RLTrainer, rollout_ved_config
+from training.rl.config import RLConfig, rollout_ved_config
+from training.rl.trainer import RLTrainer
 
 
 def synthetic_dataset(num_items: int = 1000, codes: tuple[int, int, int] = (32, 16, 16), seed: int = 0) -> RecDataset:

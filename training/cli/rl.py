@@ -213,8 +213,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.BadParameter(f"{what}: write the RL model to another folder", param_hint="--out")
         check_run_outputs(out, json_out, tensorboard, (data, minionerec_root), resume, force)
         from training.data.dataset import parse_splits
+        from training.rl.config import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, rollout_ved_config
         from training.rl.run import train_rl
-        from training.rl.trainer import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig, rollout_ved_config
 
         setup_logging()
         try:

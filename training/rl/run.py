@@ -97,8 +97,9 @@ from training.loop import (
     run_steps,
 )
 from training.optim import seed_everything
+from training.rl.config import RLConfig
 from training.rl.rewards import resolve_level_weights
-from training.rl.trainer import RLConfig, RLTrainer
+from training.rl.trainer import RLTrainer
 from training.run_files import clear_side_files, resume_folder
 from training.run_files import steps_file as steps_log
 from training.scalar_log import ScalarLog
