@@ -6,10 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
 
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, checked_sid, level_token, parse_sid
-from models.sid_tokenizer import build_sid_tokenizer
+from models.sid_tokenizer import add_sid_tokens, build_sid_tokenizer
 from models.sid_trie import SidTrie
 
 
@@ -162,3 +164,24 @@ def test_codes_far_beyond_any_codebook_are_refused_before_tables_are_sized_by_th
     top = [(0, 0, 0), (0, 1, 65_535)]  # the widest that is taken
     cat = SidCatalog({i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(s))) for i, s in enumerate(top)})
     assert SidTrie(cat, build_sid_tokenizer(cat.vocabulary()).convert_tokens_to_ids).codebook_size == 65_536
+
+
+def tokenizer_without_unk(sid_tokens: list[str]) -> PreTrainedTokenizerFast:
+    """A text tokenizer with no unknown token (as Qwen's), the SID tokens added: it answers None for others."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"x": 0}, merges=[])))
+    add_sid_tokens(tok, sid_tokens)
+    return tok
+
+
+@pytest.mark.parametrize("unk", [True, False])
+def test_a_sid_token_the_tokenizer_lacks_is_refused(tiny_policy: Policy, unk: bool) -> None:
+    """``convert_tokens_to_ids`` answers <unk>'s id for a token it lacks: a catalog holding a code its
+    tokenizer never had (another checkpoint's catalog.json) built a trie that decoded that code as <unk>,
+    silently. Without an <unk> it answered None, and the policy failed an assert."""
+    catalog = tiny_policy.catalog
+    assert "<c_9>" not in catalog.vocabulary()
+    items = dict(catalog.items) | {999: Item(999, "", ("<a_0>", "<b_0>", "<c_9>"))}
+    tok = tiny_policy.tokenizer if unk else tokenizer_without_unk(catalog.vocabulary())
+    with pytest.raises(ValueError, match=r"^SID token <c_9> is not in the tokenizer's vocabulary"):
+        Policy(tiny_policy.model, tok, SidCatalog(items), tiny_policy.prompt)
+    assert Policy(tiny_policy.model, tok, catalog, tiny_policy.prompt).trie.num_sids == len(catalog.sids)
