@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,6 +24,34 @@ def test_parse_sid() -> None:
             parse_sid(bad)
     with pytest.raises(ValueError, match="expected 3"):
         parse_sid("<a_1><b_2>", depth=3)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("<a_1><b_2><c_3", "'<c_3' after 2 tokens is no token"),  # each said "expected tokens like <a_1><b_2><c_3>"
+        ("<a_1> <b_2><c_3>", "' ' after 1 token is no token"),
+        ("<a_1>,<b_2>,<c_3>", "',' after 1 token is no token"),
+        ("<a_1><b_2><z_3>", "'<z_3>' after 2 tokens is no token"),
+        ("<A_1><b_2><c_3>", "'<A_1>' at the start is no token"),
+        ("<a_-1><b_2><c_3>", "'<a_-1>' at the start is no token"),
+        ("<a_1><b_2><c_3>x", "'x' after 3 tokens is no token"),
+        ("a_1b_2c_3", "'a_1b_2c_3' at the start is no token"),
+        ("  ", "empty, expected tokens like <a_1><b_2><c_3>"),
+        ("<a_1><b_2>", "2 tokens, expected 3"),
+        ("<a_1>", "1 token, expected 3"),
+    ],
+)
+def test_a_malformed_sid_is_refused_naming_what_is_wrong(text: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=f"^malformed SID {re.escape(repr(text.strip()))}: {re.escape(problem)}"):
+        parse_sid(text, depth=3)
+
+
+def test_the_example_of_a_malformed_sid_has_the_depth_asked_for() -> None:
+    with pytest.raises(ValueError, match="as in <a_1><b_2>$"):
+        parse_sid("<a_1>;", depth=2)
+    with pytest.raises(ValueError, match="like <a_1><b_2><c_3><d_4>$"):
+        parse_sid("", depth=4)
 
 
 def test_a_code_is_written_as_the_vocabulary_writes_it() -> None:
