@@ -215,3 +215,34 @@ def test_a_sid_token_the_tokenizer_lacks_is_refused(tiny_policy: Policy, unk: bo
     with pytest.raises(ValueError, match=r"^SID token <c_9> is not in the tokenizer's vocabulary"):
         Policy(tiny_policy.model, tok, SidCatalog(items), tiny_policy.prompt)
     assert Policy(tiny_policy.model, tok, catalog, tiny_policy.prompt).trie.num_sids == len(catalog.sids)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5).flatmap(lambda d: st.lists(st.tuples(*[st.integers(0, 3)] * d), min_size=1, max_size=40)))
+def test_masks_of_every_depth_match_a_set_of_prefixes(codes: list[tuple[int, ...]]) -> None:
+    """The tensors a decoder reads (the level's columns, each node's mask row and children) against the set of
+    SID prefixes, at depths 1 to 5."""
+    depth = len(codes[0])
+    items = {i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(s))) for i, s in enumerate(codes)}
+    cat = SidCatalog(items, depth=depth)
+    tok = build_sid_tokenizer(cat.vocabulary())
+    trie = SidTrie(cat, tok.convert_tokens_to_ids)
+    distinct = sorted(set(codes))
+    for level in range(depth):
+        for prefix in {s[:level] for s in distinct}:
+            node = trie.node_of_token_ids(
+                tok.convert_tokens_to_ids([level_token(lv, c) for lv, c in enumerate(prefix)])
+            )
+            nodes = torch.tensor([node])
+            want = {s[level] for s in distinct if s[:level] == prefix}
+            allowed = torch.nonzero(trie.mask_rows(nodes)[0] == 0).flatten().tolist()
+            assert set(allowed) == want and int(trie.node_depth[node]) == level
+            assert torch.isinf(trie.mask_rows(nodes)[0]).sum() == trie.codebook_size - len(want)
+            tokens = tok.convert_ids_to_tokens(trie.level_token_ids[level, allowed].tolist())
+            assert tokens == [level_token(level, c) for c in allowed]  # the columns a decoder gathers
+            kids = trie.child_node(nodes.expand(len(allowed)), torch.tensor(allowed, dtype=torch.long))
+            assert [int(trie.parent[k]) for k in kids] == [node] * len(allowed)
+    for index, sid in enumerate(cat.sids):
+        leaf = trie.node_of_token_ids(tok.convert_tokens_to_ids(list(sid)))
+        assert int(trie.sid_node[index]) == leaf and int(trie.leaf_sid[leaf]) == index
+        assert bool(torch.isinf(trie.mask_rows(torch.tensor([leaf]))).all())  # a leaf has no child
