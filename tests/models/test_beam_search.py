@@ -11,6 +11,7 @@ from models.backbone import cache_kwargs
 from models.beam_search import BeamSearchConfig, beam_search
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy
+from models.sid_catalog import SidCatalog
 
 
 def histories(policy: Policy, n: int, seed: int) -> list:
@@ -139,3 +140,20 @@ def test_every_depth_scores_and_ranks_as_brute_force(codes: tuple[int, ...], ite
             top = want.topk(width, dim=-1)
             torch.testing.assert_close(got.scores[:, :width], top.values, rtol=0, atol=1e-4)
             assert all(len(set(row)) == width for row in sid.tolist())
+
+
+def test_exact_ties_still_give_k_distinct_valid_sids(tiny_catalog: SidCatalog) -> None:
+    """Uniform logits tie every candidate of every level: which survive is topk's choice (not pinned), but
+    each slot holds a distinct catalog SID at the one score they all share, and a rerun returns the same."""
+    policy = Policy.from_preset("tiny", tiny_catalog, seed=0)
+    policy.model.eval()
+    with torch.no_grad():
+        policy.model.get_output_embeddings().weight.zero_()
+    ids, mask = policy.encode_prompts(histories(policy, 3, 4))
+    uniform = -policy.trie.depth * torch.log(torch.tensor(float(len(policy.tokenizer))))
+    for k in (3, 10, len(tiny_catalog.sids)):
+        res = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(k))
+        assert all(len(set(row)) == len(row) == k for row in res.ranked())
+        torch.testing.assert_close(res.scores, uniform.expand(3, k))
+        again = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(k))
+        assert torch.equal(again.sid_index, res.sid_index)
