@@ -22,7 +22,10 @@ computes them before its constraint mask. With ``bonus`` (shallow fusion with
 a count prior, ``models.transition``), a beam is ranked by its log-probability
 plus its node's bonus, and the scores returned include the leaf's bonus.
 Prompts with fewer than K valid SIDs get -1 / -inf in the unused slots (HF
-would return junk continuations there).
+would return junk continuations there). Among candidates of exactly equal
+score, which survive a level and in what order is ``topk``'s choice, as in HF:
+deterministic on one device, but not by SID index, and not necessarily HF's
+(under uniform logits the two returned different SIDs of the one score).
 """
 
 from __future__ import annotations

@@ -93,9 +93,12 @@ class Policy:
         self.trie = SidTrie(catalog, self.token_id).to(self.device)
 
     def token_id(self, token: str) -> int:
-        """The vocabulary id of one token."""
+        """The vocabulary id of one token; -1 when the vocabulary lacks it. ``convert_tokens_to_ids`` answers the
+        unknown token's id for such a token (None without one), which the trie took for the token's own: a
+        catalog and a tokenizer that do not match decoded that SID code as ``<unk>``, silently."""
         token_id = self.tokenizer.convert_tokens_to_ids(token)
-        assert isinstance(token_id, int)
+        if not isinstance(token_id, int) or self.tokenizer.convert_ids_to_tokens(token_id) != token:
+            return -1
         return token_id
 
     @property

@@ -60,7 +60,7 @@ def checked_sid(text: str, depth: int | None = None) -> Sid:
     """``parse_sid`` token by token (its slow path): the check that names what is wrong with a SID."""
     text = text.strip()
     if not _SID_RE.match(text):
-        raise ValueError(f"malformed SID {text!r}: expected tokens like <a_1><b_2><c_3>")
+        raise ValueError(f"malformed SID {text!r}: {_first_non_token(text, depth)}")
     tokens = tuple(f"<{m.group(1)}_{m.group(2)}>" for m in _TOKEN_RE.finditer(text))
     if len(tokens) > len(LEVEL_PREFIXES):  # the levels are the letters a..h: no token has a letter past them
         raise ValueError(f"malformed SID {text!r}: {len(tokens)} tokens, at most {len(LEVEL_PREFIXES)}")
@@ -75,8 +75,33 @@ def checked_sid(text: str, depth: int | None = None) -> Sid:
                 f"write it {level_token(level, token_code(token))}"
             )
     if depth is not None and len(tokens) != depth:
-        raise ValueError(f"malformed SID {text!r}: {len(tokens)} tokens, expected {depth}")
+        raise ValueError(f"malformed SID {text!r}: {_tokens(len(tokens))}, expected {depth}")
     return tokens
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token{'' if n == 1 else 's'}"
+
+
+def _first_non_token(text: str, depth: int | None) -> str:
+    """Where a SID that is not all tokens goes wrong: the first piece of it that is no token, and its place."""
+    example = "".join(level_token(level, level + 1) for level in range(depth or 3))
+    if not text:
+        return f"empty, expected tokens like {example}"
+    start, count = 0, 0
+    while (token := _TOKEN_RE.match(text, start)) is not None:
+        start, count = token.end(), count + 1
+    rest = text[start:]
+    close, reopen = rest.find(">"), rest.find("<", 1)
+    if close >= 0 and (reopen < 0 or close < reopen):
+        piece = rest[: close + 1]  # a whole <...> that is no token
+    else:
+        piece = rest if reopen < 0 else rest[:reopen]  # an unclosed token, or text between tokens
+    where = "at the start" if count == 0 else f"after {_tokens(count)}"
+    return (
+        f"{piece[:24]!r} {where} is no token: a token is <letter_code>, a level letter a-h and a code in decimal "
+        f"digits, as in {example}"
+    )
 
 
 def sid_to_str(sid: Sequence[str]) -> str:

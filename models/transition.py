@@ -96,6 +96,7 @@ class TransitionCounts:
                 break
             if item not in seen:
                 top.append(item)
+                seen.add(item)  # an item ``popular`` names twice takes one place
         return top
 
     def sid_scores(self, history: Sequence[int], catalog: SidCatalog, leave_out: int | None = None) -> dict[int, float]:

@@ -11,6 +11,7 @@ from models.backbone import cache_kwargs
 from models.beam_search import BeamSearchConfig, beam_search
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy
+from models.sid_catalog import SidCatalog
 
 
 def histories(policy: Policy, n: int, seed: int) -> list:
@@ -90,3 +91,69 @@ def test_cache_goes_under_the_keyword_the_model_takes() -> None:
     marker = object()
     for model in (Old(), New()):
         assert model(input_ids=None, **cache_kwargs(model, marker)) is marker
+
+
+def brute_force(policy: Policy, hists: list) -> torch.Tensor:
+    """(B, SIDs): every catalog SID's summed log-prob after each prompt, fed alone (no padding) with the SID's
+    tokens after it: the scores exhaustive search ranks by."""
+    depth = policy.catalog.depth
+    rows = []
+    for h in hists:
+        prompt = policy.prompt.encode(policy.tokenizer, h)
+        sids = torch.tensor([policy.tokenizer.convert_tokens_to_ids(list(s)) for s in policy.catalog.sids])
+        ids = torch.cat([torch.tensor(prompt).expand(len(sids), -1), sids], dim=1)  # (SIDs, T + depth)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(policy.model(input_ids=ids).logits.float(), dim=-1)
+        steps = log_probs[:, len(prompt) - 1 : len(prompt) - 1 + depth]  # (SIDs, depth, V)
+        rows.append(steps.gather(2, sids[..., None]).squeeze(-1).sum(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("codes", "items"),
+    [((7,), 6), ((4, 3), 14), ((6, 5, 5), 120), ((3, 3, 2, 2), 50)],  # depths 1 to 4, SIDs shared by items
+)
+def test_every_depth_scores_and_ranks_as_brute_force(codes: tuple[int, ...], items: int) -> None:
+    """Over left-padded prompts of different lengths: each SID returned scores as exhaustive scoring of that SID
+    alone; the width searches exactly once it holds every prefix of each level; past the SIDs it pads."""
+    from tests.conftest import make_catalog
+
+    catalog = make_catalog(items, codes=codes, seed=len(codes))
+    assert len(catalog.sids) < items  # some SIDs are several items'
+    policy = Policy.from_preset("tiny", catalog, seed=1)
+    policy.model.eval()
+    trie, n = policy.trie, len(catalog.sids)
+    hists = histories(policy, 4, len(codes))
+    assert len({len(h) for h in hists}) > 1
+    ids, mask = policy.encode_prompts(hists)
+    want = brute_force(policy, hists)  # (B, SIDs)
+    exact_from = max(trie.level_sizes[: trie.depth])  # every prefix of every level survives
+    for k in sorted({1, 2, trie.codebook_size + 1, exact_from, n, n + 3}):
+        got = beam_search(policy.model, trie, ids, mask, BeamSearchConfig(k))
+        width = min(k, n)
+        assert (got.sid_index[:, :width] >= 0).all() and (got.sid_index[:, width:] == -1).all()
+        assert torch.isinf(got.scores[:, width:]).all()
+        sid = got.sid_index[:, :width]
+        torch.testing.assert_close(got.scores[:, :width], want.gather(1, sid), rtol=0, atol=1e-4)
+        assert (got.scores[:, 1:width] <= got.scores[:, : width - 1]).all()
+        if k >= exact_from:
+            top = want.topk(width, dim=-1)
+            torch.testing.assert_close(got.scores[:, :width], top.values, rtol=0, atol=1e-4)
+            assert all(len(set(row)) == width for row in sid.tolist())
+
+
+def test_exact_ties_still_give_k_distinct_valid_sids(tiny_catalog: SidCatalog) -> None:
+    """Uniform logits tie every candidate of every level: which survive is topk's choice (not pinned), but
+    each slot holds a distinct catalog SID at the one score they all share, and a rerun returns the same."""
+    policy = Policy.from_preset("tiny", tiny_catalog, seed=0)
+    policy.model.eval()
+    with torch.no_grad():
+        policy.model.get_output_embeddings().weight.zero_()
+    ids, mask = policy.encode_prompts(histories(policy, 3, 4))
+    uniform = -policy.trie.depth * torch.log(torch.tensor(float(len(policy.tokenizer))))
+    for k in (3, 10, len(tiny_catalog.sids)):
+        res = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(k))
+        assert all(len(set(row)) == len(row) == k for row in res.ranked())
+        torch.testing.assert_close(res.scores, uniform.expand(3, k))
+        again = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(k))
+        assert torch.equal(again.sid_index, res.sid_index)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
 
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, checked_sid, level_token, parse_sid
-from models.sid_tokenizer import build_sid_tokenizer
+from models.sid_tokenizer import add_sid_tokens, build_sid_tokenizer
 from models.sid_trie import SidTrie
 
 
@@ -20,6 +24,34 @@ def test_parse_sid() -> None:
             parse_sid(bad)
     with pytest.raises(ValueError, match="expected 3"):
         parse_sid("<a_1><b_2>", depth=3)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("<a_1><b_2><c_3", "'<c_3' after 2 tokens is no token"),  # each said "expected tokens like <a_1><b_2><c_3>"
+        ("<a_1> <b_2><c_3>", "' ' after 1 token is no token"),
+        ("<a_1>,<b_2>,<c_3>", "',' after 1 token is no token"),
+        ("<a_1><b_2><z_3>", "'<z_3>' after 2 tokens is no token"),
+        ("<A_1><b_2><c_3>", "'<A_1>' at the start is no token"),
+        ("<a_-1><b_2><c_3>", "'<a_-1>' at the start is no token"),
+        ("<a_1><b_2><c_3>x", "'x' after 3 tokens is no token"),
+        ("a_1b_2c_3", "'a_1b_2c_3' at the start is no token"),
+        ("  ", "empty, expected tokens like <a_1><b_2><c_3>"),
+        ("<a_1><b_2>", "2 tokens, expected 3"),
+        ("<a_1>", "1 token, expected 3"),
+    ],
+)
+def test_a_malformed_sid_is_refused_naming_what_is_wrong(text: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=f"^malformed SID {re.escape(repr(text.strip()))}: {re.escape(problem)}"):
+        parse_sid(text, depth=3)
+
+
+def test_the_example_of_a_malformed_sid_has_the_depth_asked_for() -> None:
+    with pytest.raises(ValueError, match="as in <a_1><b_2>$"):
+        parse_sid("<a_1>;", depth=2)
+    with pytest.raises(ValueError, match="like <a_1><b_2><c_3><d_4>$"):
+        parse_sid("", depth=4)
 
 
 def test_a_code_is_written_as_the_vocabulary_writes_it() -> None:
@@ -162,3 +194,55 @@ def test_codes_far_beyond_any_codebook_are_refused_before_tables_are_sized_by_th
     top = [(0, 0, 0), (0, 1, 65_535)]  # the widest that is taken
     cat = SidCatalog({i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(s))) for i, s in enumerate(top)})
     assert SidTrie(cat, build_sid_tokenizer(cat.vocabulary()).convert_tokens_to_ids).codebook_size == 65_536
+
+
+def tokenizer_without_unk(sid_tokens: list[str]) -> PreTrainedTokenizerFast:
+    """A text tokenizer with no unknown token (as Qwen's), the SID tokens added: it answers None for others."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={"x": 0}, merges=[])))
+    add_sid_tokens(tok, sid_tokens)
+    return tok
+
+
+@pytest.mark.parametrize("unk", [True, False])
+def test_a_sid_token_the_tokenizer_lacks_is_refused(tiny_policy: Policy, unk: bool) -> None:
+    """``convert_tokens_to_ids`` answers <unk>'s id for a token it lacks: a catalog holding a code its
+    tokenizer never had (another checkpoint's catalog.json) built a trie that decoded that code as <unk>,
+    silently. Without an <unk> it answered None, and the policy failed an assert."""
+    catalog = tiny_policy.catalog
+    assert "<c_9>" not in catalog.vocabulary()
+    items = dict(catalog.items) | {999: Item(999, "", ("<a_0>", "<b_0>", "<c_9>"))}
+    tok = tiny_policy.tokenizer if unk else tokenizer_without_unk(catalog.vocabulary())
+    with pytest.raises(ValueError, match=r"^SID token <c_9> is not in the tokenizer's vocabulary"):
+        Policy(tiny_policy.model, tok, SidCatalog(items), tiny_policy.prompt)
+    assert Policy(tiny_policy.model, tok, catalog, tiny_policy.prompt).trie.num_sids == len(catalog.sids)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5).flatmap(lambda d: st.lists(st.tuples(*[st.integers(0, 3)] * d), min_size=1, max_size=40)))
+def test_masks_of_every_depth_match_a_set_of_prefixes(codes: list[tuple[int, ...]]) -> None:
+    """The tensors a decoder reads (the level's columns, each node's mask row and children) against the set of
+    SID prefixes, at depths 1 to 5."""
+    depth = len(codes[0])
+    items = {i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(s))) for i, s in enumerate(codes)}
+    cat = SidCatalog(items, depth=depth)
+    tok = build_sid_tokenizer(cat.vocabulary())
+    trie = SidTrie(cat, tok.convert_tokens_to_ids)
+    distinct = sorted(set(codes))
+    for level in range(depth):
+        for prefix in {s[:level] for s in distinct}:
+            node = trie.node_of_token_ids(
+                tok.convert_tokens_to_ids([level_token(lv, c) for lv, c in enumerate(prefix)])
+            )
+            nodes = torch.tensor([node])
+            want = {s[level] for s in distinct if s[:level] == prefix}
+            allowed = torch.nonzero(trie.mask_rows(nodes)[0] == 0).flatten().tolist()
+            assert set(allowed) == want and int(trie.node_depth[node]) == level
+            assert torch.isinf(trie.mask_rows(nodes)[0]).sum() == trie.codebook_size - len(want)
+            tokens = tok.convert_ids_to_tokens(trie.level_token_ids[level, allowed].tolist())
+            assert tokens == [level_token(level, c) for c in allowed]  # the columns a decoder gathers
+            kids = trie.child_node(nodes.expand(len(allowed)), torch.tensor(allowed, dtype=torch.long))
+            assert [int(trie.parent[k]) for k in kids] == [node] * len(allowed)
+    for index, sid in enumerate(cat.sids):
+        leaf = trie.node_of_token_ids(tok.convert_tokens_to_ids(list(sid)))
+        assert int(trie.sid_node[index]) == leaf and int(trie.leaf_sid[leaf]) == index
+        assert bool(torch.isinf(trie.mask_rows(torch.tensor([leaf]))).all())  # a leaf has no child

@@ -40,6 +40,12 @@ def test_ties_go_to_the_more_popular_item_and_popularity_fills_the_list() -> Non
     assert counts.rank_items((99,), popular=[7, 8, 9], depth=2) == [7, 8]  # nothing followed 99: popularity
 
 
+def test_an_item_named_twice_in_popular_is_ranked_once() -> None:
+    counts = TransitionCounts.fit([((1,), 2)])  # it was appended at each of its places: [2, 7, 7, 8]
+    assert counts.rank_items((1,), popular=[7, 7, 2, 8], depth=4) == [2, 7, 8]
+    assert counts.rank_items((99,), popular=[7, 7, 8, 7, 9], depth=3) == [7, 8, 9]
+
+
 def test_leave_out_takes_back_the_rows_own_transition_only() -> None:
     counts = TransitionCounts.fit(ROWS)
     # row ((5, 1), 2): 1 -> 2 was counted twice, once by this row; 5 -> anything never
