@@ -264,7 +264,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     _check_fit(folder, fit)
     _check_finite(folder, model.named_parameters())
     model.eval()
-    policy = Policy(model, tokenizer, catalog, prompt).to(device)
+    try:  # the trie maps each SID token to the vocabulary: one the tokenizer lacks is refused there
+        policy = Policy(model, tokenizer, catalog, prompt)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {folder}: catalog.json does not fit the tokenizer: {e}") from None
+    policy = policy.to(device)
     loaded = {}
     for f in extras:
         try:

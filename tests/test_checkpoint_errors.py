@@ -6,6 +6,7 @@ a disk that filled up) and overwritten at the front.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -165,6 +166,22 @@ def test_a_resume_state_that_would_run_code_is_refused_unrun(vstar_checkpoint: P
 def test_a_malformed_manifest_is_named(vstar_checkpoint: Path, tmp_path: Path) -> None:
     path = damaged(vstar_checkpoint, tmp_path / "ck", "manifest.json", "overwritten")
     with pytest.raises(CheckpointError, match="manifest.json is not valid JSON"):
+        load_checkpoint(path)
+
+
+def test_a_catalog_the_tokenizer_cannot_write_is_named(vstar_checkpoint: Path, tmp_path: Path) -> None:
+    """A catalog.json whose SIDs use a code the checkpoint's tokenizer lacks (edited, or copied from another
+    run): a ``CheckpointError`` naming the folder and the token, as for any other damage, so the service's start
+    and every command report it in one line."""
+    path = tmp_path / "ck"
+    shutil.copytree(vstar_checkpoint, path)
+    catalog = json.loads((path / "catalog.json").read_text())
+    item = next(iter(catalog["items"].values()))
+    item["sid"] = item["sid"].rsplit("<", 1)[0] + "<c_999>"
+    (path / "catalog.json").write_text(json.dumps(catalog))
+    with pytest.raises(
+        CheckpointError, match=rf"^checkpoint {path}: catalog.json does not fit the tokenizer: .*<c_999>"
+    ):
         load_checkpoint(path)
 
 
