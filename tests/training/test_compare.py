@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from training.evaluation.compare import compare_runs, load_ranks, paired_bootstrap, row_metric
+from training.evaluation.compare import METRICS, compare_runs, load_ranks, paired_bootstrap, row_metric
 from vstar import app
 
 
 def eval_file(path: Path, ranks: list[int | None], metrics: dict | None = None, **recorded: str) -> Path:
-    path.write_text(json.dumps({"metrics": metrics or {}, "rows": len(ranks), "target_ranks": ranks} | recorded))
+    """An eval file of ``ranks``; its metrics every compared one (a stand-in 0.0) but those given in ``metrics``."""
+    figures = dict.fromkeys(METRICS, 0.0) | (metrics or {})
+    path.write_text(json.dumps({"metrics": figures, "rows": len(ranks), "target_ranks": ranks} | recorded))
     return path
 
 
@@ -112,6 +114,16 @@ def test_a_metric_a_file_did_not_measure_is_null_in_the_comparison(tmp_path: Pat
     assert out["HR@5"]["diff"] == -0.25
 
 
+def test_a_file_without_a_metric_is_refused_not_compared_from_its_ranks(tmp_path: Path) -> None:
+    """A --beams 5 file stripped of its metrics: its ranks stop at 4, so compared from them alone it would lose
+    HR@10 by every target the longer list ranks 5 to 9, though it never measured HR@10."""
+    stripped = tmp_path / "short.json"
+    stripped.write_text(json.dumps({"rows": 4, "target_ranks": [0, 4, None, 2], "metrics": {"HR@5": 0.75}}))
+    full = eval_file(tmp_path / "full.json", [0, 7, 9, 2])
+    with pytest.raises(ValueError, match=r"short.json: metrics has no HR@1, HR@3, HR@10, NDCG@3, NDCG@5, NDCG@10"):
+        compare_runs([stripped], [full])
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
@@ -121,6 +133,10 @@ def test_a_metric_a_file_did_not_measure_is_null_in_the_comparison(tmp_path: Pat
         ({"target_ranks": [0, -3]}, "target_ranks holds -3"),
         ({"target_ranks": [0, 1.5]}, "target_ranks holds 1.5"),
         ({"target_ranks": [0, 1], "metrics": None}, "metrics is not an object"),
+        ({"target_ranks": [0, 1]}, "metrics is not an object"),
+        ({"target_ranks": [0, 1], "metrics": {"HR@1": 0.5}}, r"metrics has no HR@3, HR@5, HR@10, NDCG@3"),
+        ({"target_ranks": [0, 1], "metrics": dict.fromkeys(METRICS, 0.5) | {"HR@5": "0.5"}}, "metrics HR@5 is '0.5'"),
+        ({"target_ranks": [0, 1], "metrics": dict.fromkeys(METRICS, 0.5) | {"HR@3": True}}, "metrics HR@3 is True"),
     ],
 )
 def test_a_malformed_eval_file_is_a_one_line_error_naming_it(tmp_path: Path, payload: dict, message: str) -> None:

@@ -17,7 +17,9 @@ here against +62.4% to +107.3%; at the README's sizes the two differ by at
 most 0.4 points (HR@1 -22.7% to -14.2% here, -22.3% to -14.3% by ratio).
 A metric that some file records as null (a cut-off beyond its ranked lists,
 ``vstar eval --beams 5`` and HR@10: ``training.evaluation.metrics``) is null in
-the comparison too: its ranks cannot say who did better there.
+the comparison too: its ranks cannot say who did better there. A file
+whose metrics lack one of the compared metrics is refused, naming it: its
+ranks alone cannot say whether that cut-off was measured.
 """
 
 from __future__ import annotations
@@ -58,8 +60,17 @@ def read_run(path: Path) -> dict[str, Any]:
     bad = next((r for r in ranks if r is not None and (type(r) is not int or r < 0)), None)
     if bad is not None:
         raise ValueError(f"{path}: target_ranks holds {bad!r}; a rank is a 0-based integer, or null when not ranked")
-    if not isinstance(payload.get("metrics", {}), dict):
+    metrics = payload.get("metrics")
+    if not isinstance(metrics, dict):
         raise ValueError(f"{path}: metrics is not an object of metric -> figure")
+    # a metric the file does not record cannot be told measured from not (a cut-off beyond its lists):
+    # compared from the ranks alone, a --beams 5 file would lose HR@10 by every target ranked 5 to 9
+    absent = [name for name in METRICS if name not in metrics]
+    if absent:
+        raise ValueError(f"{path}: metrics has no {', '.join(absent)} (a figure, or null where not measured)")
+    bad_figure = next((name for name in METRICS if type(metrics[name]) not in (int, float, type(None))), None)
+    if bad_figure is not None:
+        raise ValueError(f"{path}: metrics {bad_figure} is {metrics[bad_figure]!r}, not a figure or null")
     return payload
 
 
