@@ -60,6 +60,12 @@ def read_run(path: Path) -> dict[str, Any]:
     bad = next((r for r in ranks if r is not None and (type(r) is not int or r < 0)), None)
     if bad is not None:
         raise ValueError(f"{path}: target_ranks holds {bad!r}; a rank is a 0-based integer, or null when not ranked")
+    rows = payload.get("rows", len(ranks))
+    if type(rows) is not int or rows != len(ranks):
+        raise ValueError(f"{path}: rows is {rows!r} but target_ranks holds {len(ranks)} ranks (one per row scored)")
+    odd = next((k for k in ("split", "rows_fingerprint") if k in payload and not isinstance(payload[k], str)), None)
+    if odd is not None:
+        raise ValueError(f"{path}: {odd} is {payload[odd]!r}, not a string")
     metrics = payload.get("metrics")
     if not isinstance(metrics, dict):
         raise ValueError(f"{path}: metrics is not an object of metric -> figure")
