@@ -51,6 +51,25 @@ def test_a_sid_listed_twice_takes_one_place_and_a_shared_sid_is_a_hit() -> None:
     assert out["metrics"]["HR@1"] == 0.5
 
 
+def test_the_metrics_score_each_list_as_its_distinct_sids_whoever_calls_them() -> None:
+    """Not only through ``score_rankings``: a list whose SID 5 comes twice ranks SID 3 second, not third, and
+    recommends SID 5's items once in its top 2 beside SID 3's."""
+    assert rank_metrics([[5, 5, 3]], [3], cutoffs=(2,), catalog_size=10) == {
+        "HR@2": 1.0,
+        "NDCG@2": pytest.approx(1 / math.log2(3)),
+    }
+    assert rank_metrics([[5, 5, 3]], [3], cutoffs=(3,), catalog_size=10) == {"HR@3": None, "NDCG@3": None}
+    catalog = make_catalog()
+    first, second = 0, 1
+    tail = set(catalog.items_of_sid[second])
+    out = beyond_accuracy([[first, first, second]], catalog, tail, k=2)
+    listed = len(catalog.items_of_sid[first]) + len(catalog.items_of_sid[second])
+    assert out == {
+        "coverage@2": pytest.approx(listed / catalog.num_items),
+        "tail_share@2": pytest.approx(len(tail) / listed),
+    }
+
+
 def test_tail_is_outside_the_most_popular_share_and_figures_count_every_item_of_a_sid() -> None:
     sid = [tuple(level_token(lv, c) for lv, c in enumerate(codes)) for codes in ((0, 0, 0), (0, 1, 0), (1, 0, 0))]
     sid.append((level_token(0, 1), level_token(1, 1), level_token(2, 0)))
