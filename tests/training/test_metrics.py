@@ -6,11 +6,15 @@ import math
 from collections import Counter
 
 import pytest
+import torch
 
+from models.beam_search import DecodeResult
+from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from tests.conftest import make_catalog
-from training.data.dataset import Sample
-from training.evaluation.evaluate import score_rankings, warn_whole_catalog
+from training.data.dataset import RecDataset, Sample
+from training.evaluation.decoders import Histories, beam_decoder
+from training.evaluation.evaluate import rank_samples, score_rankings, warn_whole_catalog
 from training.evaluation.metrics import beyond_accuracy, metrics_of_ranks, rank_metrics, tail_items
 
 
@@ -96,3 +100,17 @@ def test_cut_offs_as_long_as_the_catalog_are_named_once(caplog: pytest.LogCaptur
         out = score_rankings([[0, 1, 2]], rows, rows, catalog, cutoffs=(1, 3, 5))
     assert out["metrics"]["HR@5"] == 1.0
     assert caplog.text.count("the catalog has 3 SIDs: at K = 3, 5 a list holds every one") == 1
+
+
+def test_a_decoder_that_drops_prompts_is_an_error_not_misses(tiny_dataset: RecDataset, tiny_policy: Policy) -> None:
+    """A batch of 4 prompts decoded into 3 lists: the fourth row would be scored with an empty list, a miss."""
+    beam = beam_decoder(5)
+
+    def drops_last(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, histories: Histories) -> DecodeResult:
+        out = beam(policy, ids, mask, histories)
+        return DecodeResult(out.sid_index[:-1], out.scores[:-1], out.token_ids[:-1])
+
+    rows = tiny_dataset.splits["test"][:4]
+    assert len(rank_samples(tiny_policy, rows, beam, batch_size=4, progress=False)) == 4
+    with pytest.raises(ValueError, match="the decoder returned 3 ranked lists for a batch of 4 prompts"):
+        rank_samples(tiny_policy, rows, drops_last, batch_size=4, progress=False)
