@@ -8,7 +8,8 @@ With several seeds per method, a row's figure is its mean over the method's
 seeds; the bootstrap then resamples rows (``samples`` draws, seeded), and the
 interval is the percentile interval of the mean difference. It measures how
 sure the difference is over *rows*; the spread over seeds is the seeds' std
-reported beside it (``base_seeds`` / ``other_seeds``: mean and std over seeds).
+reported beside it (``base_seeds`` / ``other_seeds``: mean and sample std over seeds,
+ddof 1, so n - 1 in the denominator; 0 for one seed).
 The relative interval is that interval divided by the base's mean: the
 base's own uncertainty is not in it. A ratio bootstrap (the relative
 difference computed in each draw) is a little wider where the base is small:
