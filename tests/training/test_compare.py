@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from training.evaluation.compare import compare_runs, load_ranks, paired_bootstrap, row_metric
+from training.evaluation.compare import METRICS, compare_runs, load_ranks, paired_bootstrap, row_metric
 from vstar import app
 
 
 def eval_file(path: Path, ranks: list[int | None], metrics: dict | None = None, **recorded: str) -> Path:
-    path.write_text(json.dumps({"metrics": metrics or {}, "rows": len(ranks), "target_ranks": ranks} | recorded))
+    """An eval file of ``ranks``; its metrics every compared one (a stand-in 0.0) but those given in ``metrics``."""
+    figures = dict.fromkeys(METRICS, 0.0) | (metrics or {})
+    path.write_text(json.dumps({"metrics": figures, "rows": len(ranks), "target_ranks": ranks} | recorded))
     return path
 
 
@@ -112,6 +115,16 @@ def test_a_metric_a_file_did_not_measure_is_null_in_the_comparison(tmp_path: Pat
     assert out["HR@5"]["diff"] == -0.25
 
 
+def test_a_file_without_a_metric_is_refused_not_compared_from_its_ranks(tmp_path: Path) -> None:
+    """A --beams 5 file stripped of its metrics: its ranks stop at 4, so compared from them alone it would lose
+    HR@10 by every target the longer list ranks 5 to 9, though it never measured HR@10."""
+    stripped = tmp_path / "short.json"
+    stripped.write_text(json.dumps({"rows": 4, "target_ranks": [0, 4, None, 2], "metrics": {"HR@5": 0.75}}))
+    full = eval_file(tmp_path / "full.json", [0, 7, 9, 2])
+    with pytest.raises(ValueError, match=r"short.json: metrics has no HR@1, HR@3, HR@10, NDCG@3, NDCG@5, NDCG@10"):
+        compare_runs([stripped], [full])
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
@@ -121,6 +134,13 @@ def test_a_metric_a_file_did_not_measure_is_null_in_the_comparison(tmp_path: Pat
         ({"target_ranks": [0, -3]}, "target_ranks holds -3"),
         ({"target_ranks": [0, 1.5]}, "target_ranks holds 1.5"),
         ({"target_ranks": [0, 1], "metrics": None}, "metrics is not an object"),
+        ({"target_ranks": [0, 1], "rows": 3}, "rows is 3 but target_ranks holds 2 ranks"),
+        ({"target_ranks": [0, 1], "rows_fingerprint": None}, "rows_fingerprint is None, not a string"),
+        ({"target_ranks": [0, 1], "split": ["test"]}, r"split is \['test'\], not a string"),
+        ({"target_ranks": [0, 1]}, "metrics is not an object"),
+        ({"target_ranks": [0, 1], "metrics": {"HR@1": 0.5}}, r"metrics has no HR@3, HR@5, HR@10, NDCG@3"),
+        ({"target_ranks": [0, 1], "metrics": dict.fromkeys(METRICS, 0.5) | {"HR@5": "0.5"}}, "metrics HR@5 is '0.5'"),
+        ({"target_ranks": [0, 1], "metrics": dict.fromkeys(METRICS, 0.5) | {"HR@3": True}}, "metrics HR@3 is True"),
     ],
 )
 def test_a_malformed_eval_file_is_a_one_line_error_naming_it(tmp_path: Path, payload: dict, message: str) -> None:
@@ -151,3 +171,21 @@ def test_the_interval_is_the_central_95_percent_of_draws_over_every_row(seed: in
     base, other = np.array([[-1, -1, -1]]), np.array([[-1, -1, 0]])
     out = paired_bootstrap(base, other, metrics=("HR@1",), samples=2000, seed=seed)["HR@1"]
     assert out["diff"] == pytest.approx(1 / 3, abs=1e-4) and out["ci95"] == [0.0, 1.0]
+
+
+def test_the_draws_are_made_in_blocks_of_bounded_memory_with_the_same_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """5,000 draws of 1,000 rows are 40 MB of row indices at once (and as much again per metric's draw): in
+    blocks of 2**16 indices the peak stays near 1 MB, and a seed gives the same interval either way."""
+    import training.evaluation.compare as compare
+
+    ranks = np.random.default_rng(0).integers(-1, 20, size=(2, 1000))
+    whole = paired_bootstrap(ranks[:1], ranks[1:], metrics=("HR@1", "NDCG@10"), samples=5000, seed=3)
+    monkeypatch.setattr(compare, "DRAW_ELEMENTS", 1 << 16, raising=False)
+    tracemalloc.start()
+    try:
+        blocks = paired_bootstrap(ranks[:1], ranks[1:], metrics=("HR@1", "NDCG@10"), samples=5000, seed=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert blocks == whole
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,7 @@ def test_smoothing_is_tensorboards_debiased_average() -> None:
     assert smooth([2.0, 2.0, 2.0], 0.6) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards the zero start
     assert smooth([0.0, 1.0], 0.5) == pytest.approx([0.0, 0.5 / 0.75])  # (0.5 * 0 + 0.5 * 1) / (1 - 0.5**2)
     assert smooth([3.0, 1.0], 0.0) == [3.0, 1.0]
+    # a nan loss is drawn as it is and skipped: the points after it are the average of the finite ones
+    nan = smooth([0.0, math.nan, 1.0], 0.5)
+    assert math.isnan(nan[1]) and [nan[0], nan[2]] == pytest.approx([0.0, 0.5 / 0.75])
+    assert smooth([2.0, math.inf, 2.0], 0.6)[2] == pytest.approx(2.0)

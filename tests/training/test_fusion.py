@@ -179,3 +179,16 @@ def test_counts_refit_before_the_scored_rows_keep_the_stored_window() -> None:
     refit = refit_before(fusion, rows[:1])
     assert refit.counts.window == 1 and refit.weight == 2.0
     assert refit.counts.scores([3, 9]) == {}  # the default window of 3 would score 4 at 1/2 (3 -> 4, 3 is 2nd)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"), [("", "Invalid value for --weights: empty list"), ("2,-1", "fusion weights must be >= 0")]
+)
+def test_fuse_refuses_an_empty_or_negative_grid_before_it_reads_anything(
+    tiny_data_dir: Path, tmp_path: Path, weights: str, message: str
+) -> None:
+    """``--weights ""`` is not the default grid, and a negative weight is refused before the checkpoint is read
+    (here it does not even exist)."""
+    args = ["fuse", "--data", str(tiny_data_dir), "--checkpoint", str(tmp_path / "gone"), "--weights", weights]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

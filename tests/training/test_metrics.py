@@ -6,11 +6,15 @@ import math
 from collections import Counter
 
 import pytest
+import torch
 
+from models.beam_search import DecodeResult
+from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from tests.conftest import make_catalog
-from training.data.dataset import Sample
-from training.evaluation.evaluate import score_rankings, warn_whole_catalog
+from training.data.dataset import RecDataset, Sample
+from training.evaluation.decoders import Histories, beam_decoder
+from training.evaluation.evaluate import rank_samples, score_rankings, warn_whole_catalog
 from training.evaluation.metrics import beyond_accuracy, metrics_of_ranks, rank_metrics, tail_items
 
 
@@ -51,6 +55,25 @@ def test_a_sid_listed_twice_takes_one_place_and_a_shared_sid_is_a_hit() -> None:
     assert out["metrics"]["HR@1"] == 0.5
 
 
+def test_the_metrics_score_each_list_as_its_distinct_sids_whoever_calls_them() -> None:
+    """Not only through ``score_rankings``: a list whose SID 5 comes twice ranks SID 3 second, not third, and
+    recommends SID 5's items once in its top 2 beside SID 3's."""
+    assert rank_metrics([[5, 5, 3]], [3], cutoffs=(2,), catalog_size=10) == {
+        "HR@2": 1.0,
+        "NDCG@2": pytest.approx(1 / math.log2(3)),
+    }
+    assert rank_metrics([[5, 5, 3]], [3], cutoffs=(3,), catalog_size=10) == {"HR@3": None, "NDCG@3": None}
+    catalog = make_catalog()
+    first, second = 0, 1
+    tail = set(catalog.items_of_sid[second])
+    out = beyond_accuracy([[first, first, second]], catalog, tail, k=2)
+    listed = len(catalog.items_of_sid[first]) + len(catalog.items_of_sid[second])
+    assert out == {
+        "coverage@2": pytest.approx(listed / catalog.num_items),
+        "tail_share@2": pytest.approx(len(tail) / listed),
+    }
+
+
 def test_tail_is_outside_the_most_popular_share_and_figures_count_every_item_of_a_sid() -> None:
     sid = [tuple(level_token(lv, c) for lv, c in enumerate(codes)) for codes in ((0, 0, 0), (0, 1, 0), (1, 0, 0))]
     sid.append((level_token(0, 1), level_token(1, 1), level_token(2, 0)))
@@ -77,3 +100,17 @@ def test_cut_offs_as_long_as_the_catalog_are_named_once(caplog: pytest.LogCaptur
         out = score_rankings([[0, 1, 2]], rows, rows, catalog, cutoffs=(1, 3, 5))
     assert out["metrics"]["HR@5"] == 1.0
     assert caplog.text.count("the catalog has 3 SIDs: at K = 3, 5 a list holds every one") == 1
+
+
+def test_a_decoder_that_drops_prompts_is_an_error_not_misses(tiny_dataset: RecDataset, tiny_policy: Policy) -> None:
+    """A batch of 4 prompts decoded into 3 lists: the fourth row would be scored with an empty list, a miss."""
+    beam = beam_decoder(5)
+
+    def drops_last(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, histories: Histories) -> DecodeResult:
+        out = beam(policy, ids, mask, histories)
+        return DecodeResult(out.sid_index[:-1], out.scores[:-1], out.token_ids[:-1])
+
+    rows = tiny_dataset.splits["test"][:4]
+    assert len(rank_samples(tiny_policy, rows, beam, batch_size=4, progress=False)) == 4
+    with pytest.raises(ValueError, match="the decoder returned 3 ranked lists for a batch of 4 prompts"):
+        rank_samples(tiny_policy, rows, drops_last, batch_size=4, progress=False)

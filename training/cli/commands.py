@@ -305,7 +305,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         SFT or RL checkpoints: the rows its run held out select (the first --eval-limit), with counts of every
         row before them; a run that held nothing out is refused and keeps its weight."""
-        grid = float_list(weights, "--weights") if weights else None
+        grid = None if weights is None else float_list(weights, "--weights")  # "" is an empty list, not the default
+        if grid is not None and min(grid) < 0:  # told now, not once the checkpoint and the data are loaded
+            raise typer.BadParameter(f"fusion weights must be >= 0, got {weights!r}", param_hint="--weights")
         stage = read_manifest(require_checkpoint(checkpoint)).get("stage")
         if stage not in ("sft", "rl"):
             raise typer.BadParameter(f"{checkpoint} is a {stage!r} checkpoint; fuse takes SFT or RL ones")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,11 +62,17 @@ def read_curves(folder: Path) -> Curves:
 
 
 def smooth(values: Sequence[float], weight: float) -> list[float]:
-    """TensorBoard's smoothing: an exponential moving average, debiased for its zero start."""
-    out, last = [], 0.0
-    for i, v in enumerate(values, start=1):
+    """TensorBoard's smoothing: an exponential moving average, debiased for its zero start. A non-finite value
+    (a nan or inf loss) is drawn as it is and left out of the average, as TensorBoard does, so that it does not
+    turn every later point of the curve into nan."""
+    out, last, counted = [], 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        counted += 1
         last = last * weight + (1 - weight) * v
-        out.append(last / (1 - weight**i) if weight > 0 else v)
+        out.append(last / (1 - weight**counted) if weight > 0 else v)
     return out
 
 

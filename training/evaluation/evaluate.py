@@ -53,8 +53,10 @@ def rank_samples(
         for start in tqdm(range(0, len(order), batch_size), desc="decode", disable=not progress, leave=False):
             idx = order[start : start + batch_size]
             ids, mask = pad_left([prompts[i] for i in idx], int(policy.tokenizer.pad_token_id), policy.device)
-            result = decode(policy, ids, mask, [samples[i].history for i in idx])
-            for i, row in zip(idx, result.ranked(), strict=False):
+            rows = decode(policy, ids, mask, [samples[i].history for i in idx]).ranked()
+            if len(rows) != len(idx):  # else the rows left without a list would count as misses, unsaid
+                raise ValueError(f"the decoder returned {len(rows)} ranked lists for a batch of {len(idx)} prompts")
+            for i, row in zip(idx, rows, strict=True):
                 ranked[i] = row
     finally:
         policy.model.train(was_training)

@@ -61,9 +61,11 @@ def rank_metrics(
     cutoffs: Iterable[int] = CUTOFFS,
     catalog_size: int | None = None,
 ) -> dict[str, float | None]:
-    """HR@K and NDCG@K per cut-off; None for a cut-off the lists do not measure (``measures``)."""
+    """HR@K and NDCG@K per cut-off, of each list's distinct SIDs; None for a cut-off the lists do not measure
+    (``measures``)."""
     if len(ranked_lists) != len(targets):
         raise ValueError(f"{len(ranked_lists)} ranked lists for {len(targets)} targets")
+    ranked_lists = [distinct_sids(lst) for lst in ranked_lists]  # a SID listed twice takes one place
     ranks = [target_rank(lst, t) for lst, t in zip(ranked_lists, targets, strict=False)]
     values = metrics_of_ranks(ranks, cutoffs)
     return {
@@ -93,7 +95,9 @@ def tail_items(catalog: SidCatalog, train_item_counts: Counter[int], head_share:
 def beyond_accuracy(
     ranked_lists: Sequence[Sequence[int]], catalog: SidCatalog, tail: set[int], k: int = 10
 ) -> dict[str, float | None]:
-    """coverage@K and tail_share@K; None when the lists do not measure K (``measures``)."""
+    """coverage@K and tail_share@K of each list's distinct SIDs; None when the lists do not measure K
+    (``measures``)."""
+    ranked_lists = [distinct_sids(lst) for lst in ranked_lists]  # a SID listed twice takes one place
     if not measures(ranked_lists, k, len(catalog.sids)):
         return {f"coverage@{k}": None, f"tail_share@{k}": None}
     covered: set[int] = set()
