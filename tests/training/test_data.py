@@ -28,6 +28,7 @@ from training.data.dataset import (
     training_rows,
     warn_if_nothing_selects,
 )
+from training.data.dataset_writer import write_dataset
 
 
 def copy_data(src: Path, dst: Path) -> Path:
@@ -105,6 +106,17 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tiny_data_dir: Path, tmp_path
         (data / name).write_bytes(b"\xef\xbb\xbf" + (data / name).read_bytes())
     loaded = load_dataset(data)
     assert loaded.splits == tiny_dataset.splits and loaded.catalog.sids == tiny_dataset.catalog.sids
+
+
+def test_a_history_longer_than_csvs_default_field_cap_loads(tiny_dataset, tmp_path: Path) -> None:
+    """A row of 8,000 history items (vstar import --max-history 8000) has SID and title cells of over 131,072
+    characters, csv's default field cap: it loads (it stopped with 'field larger than field limit')."""
+    long = Sample("u-long", tuple(i % tiny_dataset.catalog.num_items for i in range(8000)), 3)
+    splits = {s: list(rows) for s, rows in tiny_dataset.splits.items()} | {"train": [long]}
+    meta = {i: {"title": item.title} for i, item in tiny_dataset.catalog.items.items()}
+    write_dataset(tmp_path / "d", tiny_dataset.catalog, splits, meta, tiny_dataset.embeddings)
+    assert len((tmp_path / "d" / "train.csv").read_text()) > 2 * 131_072
+    assert load_dataset(tmp_path / "d").splits["train"] == [long]
 
 
 def test_sid_that_disagrees_with_index(tiny_data_dir: Path, tmp_path: Path, tiny_catalog) -> None:

@@ -46,6 +46,9 @@ from models.sid_catalog import Item, SidCatalog, external_ids_from_json, externa
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
+# csv's default cap, 131,072 characters a field, is below the titles of a long history (vstar import --max-history
+# 2000 writes such rows): a field as long as csv can index. Set once, for every reader of the process.
+csv.field_size_limit(2**31 - 1)
 COLUMNS = ("user_id", "history_item_title", "item_title", "history_item_id", "item_id", "history_item_sid", "item_sid")
 
 
