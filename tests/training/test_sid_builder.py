@@ -187,6 +187,18 @@ def test_bad_embedding_files(tmp_path: Path) -> None:
         load_embeddings(tmp_path)
 
 
+def test_item_ids_that_are_not_the_rows_are_refused_before_an_index_is_written(tmp_path: Path) -> None:
+    """An item.json keyed 1..N beside N rows: the index (keyed by row, 0..N-1) would give item 0, which has no
+    entry, row 0's SID and item N none, and the data set would not load (vstar sids wrote it, exit 0)."""
+    data = emb_dir(tmp_path, blobs(5))
+    (data / "item.json").write_text(json.dumps({str(i): {"title": "x"} for i in range(1, 6)}))
+    with pytest.raises(
+        DataError, match=r"item.json: the 5 items must have ids 0..4 .* 0 is missing .* largest id is 5"
+    ):
+        write_index(data, SidBuildConfig())
+    assert not (data / "index.json").exists()
+
+
 def test_write_index_refuses_to_overwrite(tmp_path: Path) -> None:
     data = emb_dir(tmp_path, blobs(40))
     report = write_index(data, SidBuildConfig())

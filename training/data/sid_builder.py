@@ -52,8 +52,9 @@ from tqdm import tqdm
 
 from models.output_path import parents_problem
 from models.sid_catalog import LEVEL_PREFIXES, MAX_CODES, level_token
-from training.data.dataset import SPLITS, DataError, read_embeddings, read_json_object
+from training.data.dataset import SPLITS, DataError, read_embeddings
 from training.data.dataset_writer import relabel_splits
+from training.data.item_embed import item_entries
 
 MAX_AUTO_CODEBOOK = 256
 
@@ -309,12 +310,13 @@ def build_sids(embeddings: np.ndarray, config: SidBuildConfig, progress: bool = 
 
 
 def load_embeddings(data_dir: Path) -> np.ndarray:
-    """Read ``DIR/item_emb.npy`` and check it against ``DIR/item.json`` when that exists."""
+    """Read ``DIR/item_emb.npy`` and check it against ``DIR/item.json`` when that exists: as many items, with ids
+    0..N-1 (the index names row i's item i)."""
     path = data_dir / "item_emb.npy"
     if not path.exists():
         raise DataError(f"{path}: file not found (vstar sids needs item embeddings, row i = item id i)")
     meta = data_dir / "item.json"
-    items = len(read_json_object(meta)) if meta.exists() else None
+    items = len(item_entries(meta)) if meta.exists() else None
     return read_embeddings(path, items, str(meta))
 
 
