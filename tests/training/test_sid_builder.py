@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import errno
 import json
 import math
 import shutil
@@ -249,13 +251,37 @@ def test_update_splits_rewrites_the_sid_columns_to_the_new_index(tiny_data_dir: 
     assert after.catalog.sids != before.catalog.sids
     assert {s: after.splits[s] for s in after.splits} == {s: before.splits[s] for s in before.splits}
     assert (data / "test.csv").read_text().splitlines()[0] == old_test.splitlines()[0]
-    assert not list(data.glob(".*.tmp"))
+    assert not list(data.glob(".*.tmp*"))
     # a row naming an item the index lacks stops it before anything is written
     index, valid = (data / "index.json").read_text(), (data / "valid.csv").read_text()
     (data / "test.csv").write_text(old_test + "u9,[],x,[],99999,[],<a_0><b_0><c_0>\n")
     with pytest.raises(DataError, match=r"test.csv:\d+: unknown item id 99999 \(not in the new index\)"):
         write_index(data, SidBuildConfig(seed=2), force=True, update_splits=True)
     assert (data / "index.json").read_text() == index and (data / "valid.csv").read_text() == valid
+
+
+def test_a_failed_write_leaves_the_index_and_every_split_as_they_were(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails on the last split (a full disk) changes no file: index.json and train.csv were replaced
+    before test.csv failed, and the data set no longer loaded (index.json was not even replaced in one step)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    written = csv.DictWriter.writerows
+    calls: list[int] = []
+
+    def full_disk(writer: csv.DictWriter, rows: list[dict[str, str]]) -> None:
+        calls.append(len(rows))
+        if len(calls) == 3:  # test.csv, the last split written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written(writer, rows)
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_index(data, SidBuildConfig(seed=1), force=True, update_splits=True)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before  # no temporary file left either
+    load_dataset(data)
 
 
 def test_update_splits_keeps_the_files_form_and_names_start_lines(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 ``vstar sids --data DIR`` reads ``DIR/item_emb.npy`` (row i = item i) and writes
 an ``index.json`` of ``levels`` tokens per item (``--update-splits``: and
 rewrites the split files' SID columns to it); ``vstar synth`` calls the same
-builder. Design decisions:
+builder. The index and the split files are each written in full under a
+temporary name and renamed onto the old ones only once all are written, so a
+failed write (a full disk) leaves every old file as it was. Design decisions:
 
 - Residual quantisation with one shared codebook per level (as RQ-VAE and
   MiniOneRec's RQ-Kmeans): level l clusters the residuals left by levels < l, so
@@ -38,6 +40,7 @@ builder. Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -50,6 +53,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from models.atomic_folder import replacing_file
 from models.output_path import parents_problem
 from models.sid_catalog import LEVEL_PREFIXES, MAX_CODES, level_token
 from training.data.dataset import SPLITS, DataError, read_embeddings
@@ -373,7 +377,8 @@ def write_index(
     index = build.index()
     splits = relabel_splits(data_dir, index) if update_splits else []  # all checked before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(index))
-    for split in splits:
-        split.write()
+    with contextlib.ExitStack() as files:  # every file written in full before any is renamed onto its old one
+        files.enter_context(replacing_file(out)).write(json.dumps(index).encode())
+        for split in splits:
+            split.write(files.enter_context(replacing_file(split.path)))
     return build.report | {"out": str(out), "splits_updated": [str(split.path) for split in splits]}
