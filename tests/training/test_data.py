@@ -358,6 +358,16 @@ def test_an_empty_split_file_is_named_as_empty(tiny_data_dir: Path, tmp_path: Pa
         load_dataset(data)
 
 
+def test_a_column_named_twice_is_named(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A header naming item_id twice (an edited export): csv keeps the last one's cells without a word, and the
+    error was '7 columns, the header has 8' on line 2."""
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    lines = (data / "valid.csv").read_text().splitlines()
+    (data / "valid.csv").write_text("\n".join([lines[0] + ",item_id", *(line + ",0" for line in lines[1:])]) + "\n")
+    with pytest.raises(DataError, match=r"valid.csv:1: columns named twice in the header: \['item_id'\]"):
+        load_dataset(data)
+
+
 @pytest.mark.parametrize("item_id", [" 3", "+3", "3_0", "\u0663", "3.0"])
 def test_a_split_item_id_is_decimal_digits_as_index_keys_are(tiny_data_dir: Path, tmp_path: Path, item_id: str) -> None:
     """int() alone read " 3", "+3", "3_0" and other scripts' digits as item ids, where index.json's keys must be

@@ -277,6 +277,8 @@ BAD_EVENTS = [
      r"events.csv:3: item 'SKU-X' is not in .*items.csv \(3 events name 2 items missing there\)"),
     (["user_id", "item_id", "timestamp"], [("", "SKU-A", 1)], "events.csv:2: user_id must be non-empty text"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", 1, "extra")], "events.csv:2: the row's columns do not"),
+    (["user_id", "item_id", "timestamp", "timestamp"], [("u", "SKU-A", 1, 5), ("u", "SKU-B", 2, 4)],
+     r"events.csv:1: columns named twice in the header: \['timestamp'\]"),  # csv read the last one's alone
     (["user_id", "item_id", "timestamp"], [], "events.csv: no events"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", 1), ("u", "SKU-B", 2)],
      "events.csv: no events left after --min-interactions 5"),

@@ -381,6 +381,9 @@ def split_records(
             missing = [c for c in columns if c not in header]
             if missing:
                 raise DataError(f"{path}:1: missing columns {missing}")
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:  # csv keeps the last one's cells without a word
+                raise DataError(f"{path}:1: columns named twice in the header: {repeated}; name each column once")
             for row in reader:
                 yield row, len(header), line, reader.line_num
                 line = reader.line_num + 1
