@@ -153,7 +153,8 @@ def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
         ("item_emb.npy", b"garbage", "item_emb.npy: not a readable .npy array"),
         ("item_emb.npy", b"", "item_emb.npy: not a readable .npy array"),
         ("item_emb.npy", "object", "item_emb.npy: not a readable .npy array"),  # pickled objects
-        ("item_emb.npy", "strings", "item_emb.npy: dtype <U1 is not numeric"),
+        ("item_emb.npy", "strings", "item_emb.npy: dtype <U1 is not real numbers"),
+        ("item_emb.npy", "complex", "item_emb.npy: dtype complex64 is not real numbers"),
         ("item_emb.npy", "nan", "item_emb.npy: contains NaN"),
         ("item_emb.npy", "short", "item_emb.npy: 3 rows but .*index.json has 120 items"),
         ("index.json", b'{"0": 5}', "index.json: item 0: expected a list of SID tokens, got 5"),
@@ -173,6 +174,7 @@ def test_unreadable_files_are_named(
         "object": np.array([{"a": 1}] * 120, dtype=object),
         "strings": np.full((120, 4), "x"),
         "nan": np.full((120, 4), np.nan, dtype=np.float32),
+        "complex": np.full((120, 4), 1 + 1j, dtype=np.complex64),
         "short": np.ones((3, 4), dtype=np.float32),
     }
     if isinstance(content, bytes):

@@ -328,8 +328,8 @@ def read_embeddings(path: Path, items: int | None = None, counted_in: str = "the
         raise DataError(f"{path}: not a readable .npy array ({e})") from None
     if not isinstance(array, np.ndarray):  # an .npz archive
         raise DataError(f"{path}: expected one array (.npy), got {type(array).__name__}")
-    if not np.issubdtype(array.dtype, np.number):
-        raise DataError(f"{path}: dtype {array.dtype} is not numeric")
+    if array.dtype.kind not in "iuf":  # complex numbers lost their imaginary part in float32, with a warning only
+        raise DataError(f"{path}: dtype {array.dtype} is not real numbers (integers or floats)")
     if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
         raise DataError(f"{path}: shape {array.shape}, expected (items, dim)")
     if items is not None and array.shape[0] != items:
