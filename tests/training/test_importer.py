@@ -269,6 +269,8 @@ def test_half_a_surrogate_pair_is_named_at_its_line(
 
 BAD_EVENTS = [
     (["user_id", "item", "timestamp"], [("u", "SKU-A", 1)], r"events.csv:1: missing columns \['item_id'\]"),
+    (["user_id", " item_id", "Timestamp"], [("u", "SKU-A", 1)],
+     r"events.csv:1: missing columns \['item_id', 'timestamp'\]; the header has ' item_id', 'Timestamp': a name must"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", "yesterday")], "events.csv:2: timestamp 'yesterday' is"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", "nan")], "events.csv:2: timestamp 'nan' is neither"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", 1), ("u", "SKU-B", "2024-01-01")],

@@ -380,7 +380,10 @@ def split_records(
                 raise DataError(f"{path}: the file is empty; {what} starts with a header of columns {tuple(columns)}")
             missing = [c for c in columns if c not in header]
             if missing:
-                raise DataError(f"{path}:1: missing columns {missing}")
+                near = {h.strip().lower(): h for h in header}  # " item_id" or "Item_ID": named, but not exactly
+                named = [repr(near[c]) for c in missing if c in near]
+                hint = f"; the header has {', '.join(named)}: a name must match exactly (case, spaces)" if named else ""
+                raise DataError(f"{path}:1: missing columns {missing}{hint}")
             repeated = sorted({c for c in header if header.count(c) > 1})
             if repeated:  # csv keeps the last one's cells without a word
                 raise DataError(f"{path}:1: columns named twice in the header: {repeated}; name each column once")
