@@ -27,13 +27,13 @@ failed write (a full disk) leaves every old file as it was. Design decisions:
   into the nearest subtree with room, so it changes as few trailing tokens as
   possible. A first-level code holds at most ``ceil(N / C) <= C ** (levels-1)``
   items, so the first token never changes and every SID is unique whenever
-  ``N <= C ** levels`` (checked up front). The codes of deeper levels take the
-  moved items beyond the k-means' bound, so the report's ``codebook_usage`` (of the
+  ``N <= C ** levels`` (checked up front). The codes of deeper levels take the moved
+  items beyond the k-means' bound, so the report's ``codebook_usage`` (of the
   resolved codes) may show more than ``ceil(N / C)`` items on a code there: on
   amazon-industrial's 3,686 items at C = 64, up to 76 at the last level (58 is
-  the bound; no item moved above the last level, so the second kept it). Sharing stays legal downstream (the
-  catalog is one SID -> many items everywhere); it only happens here if
-  ``resolve_collisions`` is handed more items than SIDs.
+  the bound; no item moved above the last level, so the second kept it). Sharing
+  stays legal downstream (the catalog is one SID -> many items everywhere); it
+  only happens here if ``resolve_collisions`` is handed more items than SIDs.
 - The default codebook size is the smallest power of two whose square covers the
   catalog (4 to 256), e.g. 32 for 600 items and 64 for the 3,686 Industrial
   items: a small vocabulary in which a (levels-1)-prefix rarely overflows, so
