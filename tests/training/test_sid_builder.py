@@ -333,6 +333,16 @@ def test_real_embeddings(shared_data_dir: Path, tmp_path: Path) -> None:
     assert all(u["usage"] > 0.9 for u in build.report["codebook_usage"])
 
 
+def test_embeddings_whose_distances_overflow_float32_are_refused() -> None:
+    """Finite float32 rows of norm 1e19 overflowed k-means++'s squared distances to inf - inf = nan: numpy's
+    'Probabilities contain NaN', a traceback. The k-means is scale-free, so the usual scales build as before."""
+    with pytest.raises(
+        ValueError, match=r"embeddings too large for float32 distances \(a row's norm is 2e\+19, above 1e\+18\)"
+    ):
+        build_sids(blobs(40) * np.float32(2e19), SidBuildConfig())
+    assert build_sids(blobs(40) * np.float32(1e6), SidBuildConfig()).report["after"]["collision_rate"] == 0.0
+
+
 def test_codebooks_wider_than_the_decoders_take_are_refused_before_k_means() -> None:
     """The trie and the decoders take codes up to 65,535: vstar sids must not write a catalog they refuse."""
     with pytest.raises(ValueError, match=r"codebook size must be 2..65,536"):

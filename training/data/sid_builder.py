@@ -65,6 +65,7 @@ from training.data.dataset_writer import relabel_splits
 from training.data.item_embed import item_entries
 
 MAX_AUTO_CODEBOOK = 256
+MAX_NORM = 1e18  # a row's L2 norm: squared distances of rows and residuals stay far below float32's 3.4e38
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,10 @@ def build_sids(embeddings: np.ndarray, config: SidBuildConfig, progress: bool = 
         raise ValueError(f"embeddings must be a non-empty (items, dim) matrix, got shape {embeddings.shape}")
     if not np.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or infinite values")
+    norm = float(np.sqrt(np.square(embeddings, dtype=np.float64).sum(1).max()))
+    if norm > MAX_NORM:  # squared distances in float32 overflow to inf and nan: a numpy traceback in k-means++
+        raise ValueError(f"embeddings too large for float32 distances (a row's norm is {norm:.3g}, above "
+                         f"{MAX_NORM:.0e}): scale them down, e.g. L2-normalise the rows")  # fmt: skip
     n = embeddings.shape[0]
     k = config.codebook_size or auto_codebook_size(n, config.levels)
     if k > MAX_CODES:
