@@ -28,6 +28,7 @@ from training.data.dataset import (
     training_rows,
     warn_if_nothing_selects,
 )
+from training.data.dataset_writer import write_dataset
 
 
 def copy_data(src: Path, dst: Path) -> Path:
@@ -107,6 +108,17 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tiny_data_dir: Path, tmp_path
     assert loaded.splits == tiny_dataset.splits and loaded.catalog.sids == tiny_dataset.catalog.sids
 
 
+def test_a_history_longer_than_csvs_default_field_cap_loads(tiny_dataset, tmp_path: Path) -> None:
+    """A row of 8,000 history items (vstar import --max-history 8000) has SID and title cells of over 131,072
+    characters, csv's default field cap: it loads (it stopped with 'field larger than field limit')."""
+    long = Sample("u-long", tuple(i % tiny_dataset.catalog.num_items for i in range(8000)), 3)
+    splits = {s: list(rows) for s, rows in tiny_dataset.splits.items()} | {"train": [long]}
+    meta = {i: {"title": item.title} for i, item in tiny_dataset.catalog.items.items()}
+    write_dataset(tmp_path / "d", tiny_dataset.catalog, splits, meta, tiny_dataset.embeddings)
+    assert len((tmp_path / "d" / "train.csv").read_text()) > 2 * 131_072
+    assert load_dataset(tmp_path / "d").splits["train"] == [long]
+
+
 def test_sid_that_disagrees_with_index(tiny_data_dir: Path, tmp_path: Path, tiny_catalog) -> None:
     data = copy_data(tiny_data_dir, tmp_path / "d")
     rows = list(csv.DictReader((data / "test.csv").open(newline="")))
@@ -141,7 +153,8 @@ def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
         ("item_emb.npy", b"garbage", "item_emb.npy: not a readable .npy array"),
         ("item_emb.npy", b"", "item_emb.npy: not a readable .npy array"),
         ("item_emb.npy", "object", "item_emb.npy: not a readable .npy array"),  # pickled objects
-        ("item_emb.npy", "strings", "item_emb.npy: dtype <U1 is not numeric"),
+        ("item_emb.npy", "strings", "item_emb.npy: dtype <U1 is not real numbers"),
+        ("item_emb.npy", "complex", "item_emb.npy: dtype complex64 is not real numbers"),
         ("item_emb.npy", "nan", "item_emb.npy: contains NaN"),
         ("item_emb.npy", "short", "item_emb.npy: 3 rows but .*index.json has 120 items"),
         ("index.json", b'{"0": 5}', "index.json: item 0: expected a list of SID tokens, got 5"),
@@ -161,6 +174,7 @@ def test_unreadable_files_are_named(
         "object": np.array([{"a": 1}] * 120, dtype=object),
         "strings": np.full((120, 4), "x"),
         "nan": np.full((120, 4), np.nan, dtype=np.float32),
+        "complex": np.full((120, 4), 1 + 1j, dtype=np.complex64),
         "short": np.ones((3, 4), dtype=np.float32),
     }
     if isinstance(content, bytes):
@@ -343,6 +357,16 @@ def test_an_empty_split_file_is_named_as_empty(tiny_data_dir: Path, tmp_path: Pa
     data = copy_data(tiny_data_dir, tmp_path / "d")
     (data / "train.csv").write_bytes(b"")
     with pytest.raises(DataError, match=r"train.csv: the file is empty; a split file starts with a header of columns"):
+        load_dataset(data)
+
+
+def test_a_column_named_twice_is_named(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A header naming item_id twice (an edited export): csv keeps the last one's cells without a word, and the
+    error was '7 columns, the header has 8' on line 2."""
+    data = copy_data(tiny_data_dir, tmp_path / "d")
+    lines = (data / "valid.csv").read_text().splitlines()
+    (data / "valid.csv").write_text("\n".join([lines[0] + ",item_id", *(line + ",0" for line in lines[1:])]) + "\n")
+    with pytest.raises(DataError, match=r"valid.csv:1: columns named twice in the header: \['item_id'\]"):
         load_dataset(data)
 
 

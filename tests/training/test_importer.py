@@ -244,8 +244,33 @@ def test_json_lines_and_epoch_seconds(tmp_path: Path) -> None:
     assert split_rows(tmp_path / "out")["train"] == [Sample("a", (0,), 1), Sample("b", (1,), 0)]
 
 
+@pytest.mark.parametrize(
+    ("items", "events", "message"),
+    [
+        ('{"item_id": "7", "title": "caf\\u00e9 \\ud83d"}', None, r"items.jsonl:1: title holds '\\ud83d', half of"),
+        ('{"item_id": "7", "title": "t", "description": ["ok", "\\udc00"]}', None, "items.jsonl:1: description holds"),
+        ('{"item_id": "7\\ud800", "title": "t"}', None, "items.jsonl:1: item_id holds"),
+        (None, '{"user_id": "\\udfff", "item_id": "7", "timestamp": 1}', "events.jsonl:2: user_id holds"),
+    ],
+)
+def test_half_a_surrogate_pair_is_named_at_its_line(
+    tmp_path: Path, items: str | None, events: str | None, message: str
+) -> None:
+    """JSON can escape half of a UTF-16 surrogate pair, which no UTF-8 file can hold: the import stopped as it
+    wrote the CSVs, with 'surrogates not allowed' naming neither the file nor the line. A whole pair is text."""
+    good = '{"item_id": "7", "title": "Saw \\ud83d\\ude00"}'
+    (tmp_path / "items.jsonl").write_text((items or good) + "\n")
+    first = '{"user_id": "a", "item_id": "7", "timestamp": 0}'
+    (tmp_path / "events.jsonl").write_text(f"{first}\n{events or first}\n")
+    with pytest.raises(DataError, match=message):
+        import_log(tmp_path / "events.jsonl", tmp_path / "items.jsonl", tmp_path / "out", EVERY, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 BAD_EVENTS = [
     (["user_id", "item", "timestamp"], [("u", "SKU-A", 1)], r"events.csv:1: missing columns \['item_id'\]"),
+    (["user_id", " item_id", "Timestamp"], [("u", "SKU-A", 1)],
+     r"events.csv:1: missing columns \['item_id', 'timestamp'\]; the header has ' item_id', 'Timestamp': a name must"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", "yesterday")], "events.csv:2: timestamp 'yesterday' is"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", "nan")], "events.csv:2: timestamp 'nan' is neither"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", 1), ("u", "SKU-B", "2024-01-01")],
@@ -254,6 +279,8 @@ BAD_EVENTS = [
      r"events.csv:3: item 'SKU-X' is not in .*items.csv \(3 events name 2 items missing there\)"),
     (["user_id", "item_id", "timestamp"], [("", "SKU-A", 1)], "events.csv:2: user_id must be non-empty text"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", 1, "extra")], "events.csv:2: the row's columns do not"),
+    (["user_id", "item_id", "timestamp", "timestamp"], [("u", "SKU-A", 1, 5), ("u", "SKU-B", 2, 4)],
+     r"events.csv:1: columns named twice in the header: \['timestamp'\]"),  # csv read the last one's alone
     (["user_id", "item_id", "timestamp"], [], "events.csv: no events"),
     (["user_id", "item_id", "timestamp"], [("u", "SKU-A", 1), ("u", "SKU-B", 2)],
      "events.csv: no events left after --min-interactions 5"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import errno
 import json
 import math
 import shutil
@@ -187,6 +189,18 @@ def test_bad_embedding_files(tmp_path: Path) -> None:
         load_embeddings(tmp_path)
 
 
+def test_item_ids_that_are_not_the_rows_are_refused_before_an_index_is_written(tmp_path: Path) -> None:
+    """An item.json keyed 1..N beside N rows: the index (keyed by row, 0..N-1) would give item 0, which has no
+    entry, row 0's SID and item N none, and the data set would not load (vstar sids wrote it, exit 0)."""
+    data = emb_dir(tmp_path, blobs(5))
+    (data / "item.json").write_text(json.dumps({str(i): {"title": "x"} for i in range(1, 6)}))
+    with pytest.raises(
+        DataError, match=r"item.json: the 5 items must have ids 0..4 .* 0 is missing .* largest id is 5"
+    ):
+        write_index(data, SidBuildConfig())
+    assert not (data / "index.json").exists()
+
+
 def test_write_index_refuses_to_overwrite(tmp_path: Path) -> None:
     data = emb_dir(tmp_path, blobs(40))
     report = write_index(data, SidBuildConfig())
@@ -237,13 +251,37 @@ def test_update_splits_rewrites_the_sid_columns_to_the_new_index(tiny_data_dir: 
     assert after.catalog.sids != before.catalog.sids
     assert {s: after.splits[s] for s in after.splits} == {s: before.splits[s] for s in before.splits}
     assert (data / "test.csv").read_text().splitlines()[0] == old_test.splitlines()[0]
-    assert not list(data.glob(".*.tmp"))
+    assert not list(data.glob(".*.tmp*"))
     # a row naming an item the index lacks stops it before anything is written
     index, valid = (data / "index.json").read_text(), (data / "valid.csv").read_text()
     (data / "test.csv").write_text(old_test + "u9,[],x,[],99999,[],<a_0><b_0><c_0>\n")
     with pytest.raises(DataError, match=r"test.csv:\d+: unknown item id 99999 \(not in the new index\)"):
         write_index(data, SidBuildConfig(seed=2), force=True, update_splits=True)
     assert (data / "index.json").read_text() == index and (data / "valid.csv").read_text() == valid
+
+
+def test_a_failed_write_leaves_the_index_and_every_split_as_they_were(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails on the last split (a full disk) changes no file: index.json and train.csv were replaced
+    before test.csv failed, and the data set no longer loaded (index.json was not even replaced in one step)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    written = csv.DictWriter.writerows
+    calls: list[int] = []
+
+    def full_disk(writer: csv.DictWriter, rows: list[dict[str, str]]) -> None:
+        calls.append(len(rows))
+        if len(calls) == 3:  # test.csv, the last split written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written(writer, rows)
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_index(data, SidBuildConfig(seed=1), force=True, update_splits=True)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before  # no temporary file left either
+    load_dataset(data)
 
 
 def test_update_splits_keeps_the_files_form_and_names_start_lines(tiny_data_dir: Path, tmp_path: Path) -> None:
@@ -293,6 +331,16 @@ def test_real_embeddings(shared_data_dir: Path, tmp_path: Path) -> None:
     assert build.report["codebook_size"] == 32
     assert build.report["after"]["collision_rate"] == 0.0
     assert all(u["usage"] > 0.9 for u in build.report["codebook_usage"])
+
+
+def test_embeddings_whose_distances_overflow_float32_are_refused() -> None:
+    """Finite float32 rows of norm 1e19 overflowed k-means++'s squared distances to inf - inf = nan: numpy's
+    'Probabilities contain NaN', a traceback. The k-means is scale-free, so the usual scales build as before."""
+    with pytest.raises(
+        ValueError, match=r"embeddings too large for float32 distances \(a row's norm is 2e\+19, above 1e\+18\)"
+    ):
+        build_sids(blobs(40) * np.float32(2e19), SidBuildConfig())
+    assert build_sids(blobs(40) * np.float32(1e6), SidBuildConfig()).report["after"]["collision_rate"] == 0.0
 
 
 def test_codebooks_wider_than_the_decoders_take_are_refused_before_k_means() -> None:

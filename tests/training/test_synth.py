@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from training.cli.commands import register
+from training.data import dataset_writer
 from training.data.dataset import load_dataset
 from training.data.dataset_writer import split_ends
 from training.data.synth import MAX_HISTORY, TAXONOMY, SynthConfig, SynthData, generate, write_synth
@@ -129,6 +133,31 @@ def test_refuses_to_clobber_a_foreign_folder_or_a_file(tmp_path: Path, foreign: 
     assert [p.name for p in tmp_path.iterdir()] == [foreign] and (tmp_path / foreign).read_text() == "{}"
     with pytest.raises(ValueError, match="is a file"):
         write_synth(tmp_path / foreign, SMALL)
+
+
+def test_a_failed_write_leaves_the_old_folder_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write failing at test.csv (a full disk) left index.json, item.json, the embeddings and two splits but no
+    stats.json: the next vstar synth refused the folder as one it did not write; over an earlier data set it left
+    a new index beside old splits."""
+    written = dataset_writer.write_split
+
+    def full_disk(path: Path, *args: Any) -> None:
+        if path.name == "test.csv":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written(path, *args)
+
+    monkeypatch.setattr(dataset_writer, "write_split", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_synth(tmp_path / "new", SMALL)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    write_synth(tmp_path / "new", SMALL)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "new").iterdir()}
+    monkeypatch.setattr(dataset_writer, "write_split", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_synth(tmp_path / "new", replace(SMALL, seed=5))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "new").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["new"]
 
 
 def test_an_out_under_a_file_is_refused_before_the_data_set_is_generated(tmp_path: Path) -> None:

@@ -46,6 +46,9 @@ from models.sid_catalog import Item, SidCatalog, external_ids_from_json, externa
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
+# csv's default cap, 131,072 characters a field, is below the titles of a long history (vstar import --max-history
+# 2000 writes such rows): a field as long as csv can index. Set once, for every reader of the process.
+csv.field_size_limit(2**31 - 1)
 COLUMNS = ("user_id", "history_item_title", "item_title", "history_item_id", "item_id", "history_item_sid", "item_sid")
 
 
@@ -325,8 +328,8 @@ def read_embeddings(path: Path, items: int | None = None, counted_in: str = "the
         raise DataError(f"{path}: not a readable .npy array ({e})") from None
     if not isinstance(array, np.ndarray):  # an .npz archive
         raise DataError(f"{path}: expected one array (.npy), got {type(array).__name__}")
-    if not np.issubdtype(array.dtype, np.number):
-        raise DataError(f"{path}: dtype {array.dtype} is not numeric")
+    if array.dtype.kind not in "iuf":  # complex numbers lost their imaginary part in float32, with a warning only
+        raise DataError(f"{path}: dtype {array.dtype} is not real numbers (integers or floats)")
     if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
         raise DataError(f"{path}: shape {array.shape}, expected (items, dim)")
     if items is not None and array.shape[0] != items:
@@ -377,7 +380,13 @@ def split_records(
                 raise DataError(f"{path}: the file is empty; {what} starts with a header of columns {tuple(columns)}")
             missing = [c for c in columns if c not in header]
             if missing:
-                raise DataError(f"{path}:1: missing columns {missing}")
+                near = {h.strip().lower(): h for h in header}  # " item_id" or "Item_ID": named, but not exactly
+                named = [repr(near[c]) for c in missing if c in near]
+                hint = f"; the header has {', '.join(named)}: a name must match exactly (case, spaces)" if named else ""
+                raise DataError(f"{path}:1: missing columns {missing}{hint}")
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:  # csv keeps the last one's cells without a word
+                raise DataError(f"{path}:1: columns named twice in the header: {repeated}; name each column once")
             for row in reader:
                 yield row, len(header), line, reader.line_num
                 line = reader.line_num + 1

@@ -3,20 +3,23 @@
 ``write_dataset`` writes what ``training.data.dataset.load_dataset`` reads (``vstar synth`` and the tests use
 it); ``write_split``, its split file, also writes one with empty SID columns (``vstar import``, before any
 index exists). ``relabel_splits`` serves ``vstar sids --update-splits``: it reads and checks every split file
-first and returns them staged (``RelabeledSplit``), so that a caller writes none unless all are good, and each
-one is then replaced by a rename, so a reader sees the old rows or the new ones. Every column but the two SID
-columns, the rows' order and each file's line ending stay as they were.
+first and returns them staged (``RelabeledSplit``), so that a caller writes none unless all are good; the caller
+writes each in full under a temporary name, with its index, and renames them onto the old files only when all are
+written (``models.atomic_folder.replacing_file``), so a failed write (a full disk) changes none of them and a
+reader sees the old rows or the new ones. Every column but the two SID columns, the rows' order and each file's
+line ending stay as they were.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -41,14 +44,14 @@ class RelabeledSplit:
     rows: list[dict[str, str]]
     newline: str  # the file's own line ending, kept
 
-    def write(self) -> None:
-        """Replace the file by a rename, so a reader sees the old rows or the new ones."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self.header, lineterminator=self.newline)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
+    def write(self, f: BinaryIO) -> None:
+        """Write the file's new contents to ``f``: ``replacing_file(self.path)``'s, which renames it onto the file."""
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.DictWriter(text, fieldnames=self.header, lineterminator=self.newline)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        text.flush()
+        text.detach()  # ``f`` stays open for its owner to close
 
 
 def relabel_splits(data_dir: Path, index: dict[str, list[str]]) -> list[RelabeledSplit]:

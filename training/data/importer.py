@@ -141,7 +141,18 @@ def _external_id(value: Any, column: str, path: Path, line: int) -> str:
         value = str(value)
     if not isinstance(value, str) or not value:
         raise DataError(f"{path}:{line}: {column} must be non-empty text, got {value!r}")
-    return value
+    return _utf8(value, column, path, line)
+
+
+def _utf8(text: str, column: str, path: Path, line: int) -> str:
+    """``text``, if a UTF-8 file can hold it: a JSON escape of half a surrogate pair ("\\ud800") cannot (the
+    import stopped as it wrote the CSVs, with an error that named neither the input file nor its line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{path}:{line}: {column} holds {text[e.start]!r}, half of a UTF-16 surrogate pair (a "
+                        "JSON \\u escape without its other half), which no UTF-8 file can hold") from None  # fmt: skip
+    return text
 
 
 def read_items(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
@@ -169,6 +180,12 @@ def _item_entry(item: str, record: dict[str, Any], path: Path, line: int) -> dic
     paragraphs = isinstance(description, list) and all(isinstance(p, str) for p in description)
     if not (isinstance(description, str) or paragraphs):
         raise DataError(f"{path}:{line}: description must be text or a list of paragraphs, got {description!r:.60}")
+    for column, texts in (
+        ("title", [title]),
+        ("description", [description] if isinstance(description, str) else description),
+    ):
+        for text in texts:
+            _utf8(text, column, path, line)
     entry = {"title": title} | ({"description": description} if description else {})
     if not item_text(entry):
         raise DataError(f"{path}:{line}: item {item!r} has neither a title nor a description to embed")

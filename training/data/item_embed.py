@@ -128,29 +128,38 @@ def item_text(entry: dict[str, Any]) -> str:
     return f"{title} {description}" if title.endswith((".", "!", "?")) else f"{title}. {description}"
 
 
-def item_texts(path: Path) -> list[str]:
-    """Row i = the text of item id i, from ``item.json``; ids must be 0..N-1 and every item must have text."""
+def item_entries(path: Path) -> list[Any]:
+    """Row i = the ``item.json`` entry of item id i; ids must be 0..N-1, as the rows of ``item_emb.npy`` (which
+    ``vstar embed`` writes and ``vstar sids`` reads) are."""
     meta = read_json_object(path)
     if not meta:
         raise DataError(f"{path}: no items")
-    texts: dict[int, str] = {}
+    entries: dict[int, Any] = {}
     for key, entry in meta.items():
         item = parse_item_id(key, path, 1)  # decimal digits, as index.json's keys
-        if item in texts:
+        if item in entries:
             raise DataError(f"{path}: two keys name item {item} (e.g. '1' and '01'): each item id once")
-        if not isinstance(entry, dict):
-            raise DataError(f"{path}: item {key}: expected an object with a title, got {type(entry).__name__}")
-        text = item_text(entry)
-        if not text:
-            raise DataError(f"{path}: item {key} has neither a title nor a description to embed")
-        texts[item] = text
-    missing = sorted(set(range(len(texts))) - texts.keys())
+        entries[item] = entry
+    missing = sorted(set(range(len(entries))) - entries.keys())
     if missing:
         raise DataError(
-            f"{path}: the {len(texts)} items must have ids 0..{len(texts) - 1} (row i of item_emb.npy = item i); "
-            f"{missing[0]} is missing and the largest id is {max(texts)}"
+            f"{path}: the {len(entries)} items must have ids 0..{len(entries) - 1} (row i of item_emb.npy = item i); "
+            f"{missing[0]} is missing and the largest id is {max(entries)}"
         )
-    return [texts[i] for i in range(len(texts))]
+    return [entries[i] for i in range(len(entries))]
+
+
+def item_texts(path: Path) -> list[str]:
+    """Row i = the text of item id i, from ``item.json``; ids must be 0..N-1 and every item must have text."""
+    texts = []
+    for item, entry in enumerate(item_entries(path)):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: item {item}: expected an object with a title, got {type(entry).__name__}")
+        text = item_text(entry)
+        if not text:
+            raise DataError(f"{path}: item {item} has neither a title nor a description to embed")
+        texts.append(text)
+    return texts
 
 
 def _folder_json(folder: Path, name: str) -> dict[str, Any]:

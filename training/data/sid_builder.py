@@ -3,7 +3,9 @@
 ``vstar sids --data DIR`` reads ``DIR/item_emb.npy`` (row i = item i) and writes
 an ``index.json`` of ``levels`` tokens per item (``--update-splits``: and
 rewrites the split files' SID columns to it); ``vstar synth`` calls the same
-builder. Design decisions:
+builder. The index and the split files are each written in full under a
+temporary name and renamed onto the old ones only once all are written, so a
+failed write (a full disk) leaves every old file as it was. Design decisions:
 
 - Residual quantisation with one shared codebook per level (as RQ-VAE and
   MiniOneRec's RQ-Kmeans): level l clusters the residuals left by levels < l, so
@@ -25,9 +27,13 @@ builder. Design decisions:
   into the nearest subtree with room, so it changes as few trailing tokens as
   possible. A first-level code holds at most ``ceil(N / C) <= C ** (levels-1)``
   items, so the first token never changes and every SID is unique whenever
-  ``N <= C ** levels`` (checked up front). Sharing stays legal downstream (the
-  catalog is one SID -> many items everywhere); it only happens here if
-  ``resolve_collisions`` is handed more items than SIDs.
+  ``N <= C ** levels`` (checked up front). The codes of deeper levels take the moved
+  items beyond the k-means' bound, so the report's ``codebook_usage`` (of the
+  resolved codes) may show more than ``ceil(N / C)`` items on a code there: on
+  amazon-industrial's 3,686 items at C = 64, up to 76 at the last level (58 is
+  the bound; no item moved above the last level, so the second kept it). Sharing
+  stays legal downstream (the catalog is one SID -> many items everywhere); it
+  only happens here if ``resolve_collisions`` is handed more items than SIDs.
 - The default codebook size is the smallest power of two whose square covers the
   catalog (4 to 256), e.g. 32 for 600 items and 64 for the 3,686 Industrial
   items: a small vocabulary in which a (levels-1)-prefix rarely overflows, so
@@ -38,6 +44,7 @@ builder. Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -50,12 +57,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from models.atomic_folder import replacing_file
 from models.output_path import parents_problem
 from models.sid_catalog import LEVEL_PREFIXES, MAX_CODES, level_token
-from training.data.dataset import SPLITS, DataError, read_embeddings, read_json_object
+from training.data.dataset import SPLITS, DataError, read_embeddings
 from training.data.dataset_writer import relabel_splits
+from training.data.item_embed import item_entries
 
 MAX_AUTO_CODEBOOK = 256
+MAX_NORM = 1e18  # a row's L2 norm: squared distances of rows and residuals stay far below float32's 3.4e38
 
 
 @dataclass(frozen=True)
@@ -268,6 +278,10 @@ def build_sids(embeddings: np.ndarray, config: SidBuildConfig, progress: bool = 
         raise ValueError(f"embeddings must be a non-empty (items, dim) matrix, got shape {embeddings.shape}")
     if not np.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or infinite values")
+    norm = float(np.sqrt(np.square(embeddings, dtype=np.float64).sum(1).max()))
+    if norm > MAX_NORM:  # squared distances in float32 overflow to inf and nan: a numpy traceback in k-means++
+        raise ValueError(f"embeddings too large for float32 distances (a row's norm is {norm:.3g}, above "
+                         f"{MAX_NORM:.0e}): scale them down, e.g. L2-normalise the rows")  # fmt: skip
     n = embeddings.shape[0]
     k = config.codebook_size or auto_codebook_size(n, config.levels)
     if k > MAX_CODES:
@@ -309,12 +323,13 @@ def build_sids(embeddings: np.ndarray, config: SidBuildConfig, progress: bool = 
 
 
 def load_embeddings(data_dir: Path) -> np.ndarray:
-    """Read ``DIR/item_emb.npy`` and check it against ``DIR/item.json`` when that exists."""
+    """Read ``DIR/item_emb.npy`` and check it against ``DIR/item.json`` when that exists: as many items, with ids
+    0..N-1 (the index names row i's item i)."""
     path = data_dir / "item_emb.npy"
     if not path.exists():
         raise DataError(f"{path}: file not found (vstar sids needs item embeddings, row i = item id i)")
     meta = data_dir / "item.json"
-    items = len(read_json_object(meta)) if meta.exists() else None
+    items = len(item_entries(meta)) if meta.exists() else None
     return read_embeddings(path, items, str(meta))
 
 
@@ -371,7 +386,8 @@ def write_index(
     index = build.index()
     splits = relabel_splits(data_dir, index) if update_splits else []  # all checked before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(index))
-    for split in splits:
-        split.write()
+    with contextlib.ExitStack() as files:  # every file written in full before any is renamed onto its old one
+        files.enter_context(replacing_file(out)).write(json.dumps(index).encode())
+        for split in splits:
+            split.write(files.enter_context(replacing_file(split.path)))
     return build.report | {"out": str(out), "splits_updated": [str(split.path) for split in splits]}

@@ -31,12 +31,14 @@ machine, so it takes seconds and depends on nothing but numpy. Design decisions:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.atomic_folder import publish, staging_folder
 from models.output_path import parents_problem
 from models.sid_catalog import Item, SidCatalog
 from training.data.dataset import Sample
@@ -287,7 +289,10 @@ def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None =
 
     Writes into a new or empty folder, or over a data set ``vstar synth`` wrote
     (regenerated); refuses any other folder (a real data set, a checkpoint) and a
-    file, so a typo in ``--out`` cannot clobber them.
+    file, so a typo in ``--out`` cannot clobber them. The folder is written beside
+    ``out`` and moved there in one step (``models.atomic_folder``), so a failed or
+    killed write leaves the old folder, or none: files without their ``stats.json``
+    made the next ``vstar synth`` refuse the folder as one it did not write.
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; --out is the folder to write the data set into")
@@ -299,7 +304,6 @@ def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None =
             f"{out} holds files that vstar synth did not write (a data set, a checkpoint?); choose a new --out"
         )
     data = generate(cfg, sid_config)
-    write_dataset(out, data.catalog, data.splits, data.meta, data.embeddings)
     stats = {
         "dataset": "synthetic",
         "config": asdict(cfg),
@@ -309,5 +313,12 @@ def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None =
         "leaves": len(data.leaves),
         "sids": {k: v for k, v in data.sid_report.items() if k != "seconds"},  # keeps the folder deterministic
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    staged = staging_folder(out)
+    try:
+        write_dataset(staged, data.catalog, data.splits, data.meta, data.embeddings)
+        (staged / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        publish(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return stats | {"out": str(out)}
