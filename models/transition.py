@@ -25,6 +25,7 @@ The counts are plain data: a checkpoint stores them as the extra
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -89,7 +90,10 @@ class TransitionCounts:
         """The ``depth`` best items: by score, ties by the order of ``popular``, then ``popular`` fills the rest."""
         scored = self.scores(history)
         pop_rank = {item: r for r, item in enumerate(popular)}
-        top = sorted(scored, key=lambda i: (-scored[i], pop_rank.get(i, len(pop_rank)), i))[:depth]
+        # a score is a sum of count / k (k <= window): times lcm(1..window) an integer, so equal scores tie
+        # exactly (summed as floats, 1 + 2/3 and 5/3 differ in the last bit and skipped the popularity tie-break)
+        scale = math.lcm(*range(1, self.window + 1))
+        top = sorted(scored, key=lambda i: (-round(scored[i] * scale), pop_rank.get(i, len(pop_rank)), i))[:depth]
         seen = set(top)
         for item in popular:
             if len(top) >= depth:

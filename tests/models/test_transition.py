@@ -40,6 +40,17 @@ def test_ties_go_to_the_more_popular_item_and_popularity_fills_the_list() -> Non
     assert counts.rank_items((99,), popular=[7, 8, 9], depth=2) == [7, 8]  # nothing followed 99: popularity
 
 
+def test_scores_equal_as_fractions_tie_exactly() -> None:
+    """1 + 2/3 and 5/3 are one score, though summed as floats they differ in the last bit: popularity breaks
+    the tie, as for any other."""
+    rows = [((1,), 10)] + [((3,), 10)] * 2 + [((3,), 11)] * 5  # after (3, 2, 1): 10 scores 1 + 2/3, 11 scores 5/3
+    counts = TransitionCounts.fit(rows)
+    scores = counts.scores((3, 2, 1))
+    assert scores[10] != scores[11] and scores[10] == pytest.approx(scores[11])  # the float sums do differ
+    assert counts.rank_items((3, 2, 1), popular=[10, 11], depth=2) == [10, 11]
+    assert counts.rank_items((3, 2, 1), popular=[11, 10], depth=2) == [11, 10]
+
+
 def test_an_item_named_twice_in_popular_is_ranked_once() -> None:
     counts = TransitionCounts.fit([((1,), 2)])  # it was appended at each of its places: [2, 7, 7, 8]
     assert counts.rank_items((1,), popular=[7, 7, 2, 8], depth=4) == [2, 7, 8]
