@@ -11,7 +11,9 @@ on an existing checkpoint, SFT (``training.sft.trainer``) or RL
 * each weight of ``FUSION_WEIGHTS`` is scored by beam search with
   ``FUSION_BEAMS`` beams (``vstar eval``'s default) on the held-out selection
   rows; the best mean of the seven reported metrics (HR@1/3/5/10,
-  NDCG@3/5/10) wins, ties to the smaller weight. The mean rather than SFT's
+  NDCG@3/5/10) wins, ties to the smaller weight; means are compared as the
+  manifest stores them, to 4 decimals, so weights whose means round alike
+  tie. The mean rather than SFT's
   HR@10 because what fusion changes is the order at the top, and a model is
   judged at every cut-off. The grid reaches weights large enough that the
   counts decide the order among observed transitions (at ``w = 8`` one more
