@@ -32,7 +32,8 @@ from training.rl.config import EXPLORE_SLOTS, VALUE_WARMUP, RLConfig
 from training.rl.diagnose import DIAGNOSTIC_KEYS, VALUE_KEYS, spearman
 from training.rl.loss import clipped_pg, k3_kl, policy_loss
 from training.rl.rollout import beam_source, collect
-from training.rl.run import fuse_rl_checkpoint, train_rl
+from training.rl.rows import fuse_rl_checkpoint
+from training.rl.run import train_rl
 from training.rl.trainer import RLTrainer
 from training.run_files import resume_folder
 from training.sft.config import SFTConfig

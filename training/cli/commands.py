@@ -314,7 +314,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         setup_logging()
         ds = load_data(data, minionerec_root, dataset)
         from training.evaluation.fusion import FUSION_WEIGHTS
-        from training.rl.run import fuse_rl_checkpoint
+        from training.rl.rows import fuse_rl_checkpoint
         from training.sft.trainer import fuse_checkpoint
 
         fuse_stage = fuse_rl_checkpoint if stage == "rl" else fuse_checkpoint

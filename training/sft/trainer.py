@@ -405,7 +405,7 @@ def fuse_checkpoint(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """``vstar fuse`` on an SFT checkpoint: what SFT does when it ends, for a checkpoint written without it.
-    A refit (nothing held out) is refused and keeps its weight; RL checkpoints: ``training.rl.run``."""
+    A refit (nothing held out) is refused and keeps its weight; RL checkpoints: ``training.rl.rows``."""
     path = Path(path)
     checkpoint = fusable_checkpoint(path, data.fingerprint(), data.name, "sft", device)
     manifest = checkpoint.manifest

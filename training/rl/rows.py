@@ -1,0 +1,131 @@
+"""Which rows an RL run's counts, fusion and warnings rest on: the fusion weight its result is served at, the
+rows the transition counts are fit on, the rows its SFT init trained on, and ``vstar fuse`` for an RL checkpoint.
+
+``training.rl.run`` drives these around training; ``vstar fuse`` calls ``fuse_rl_checkpoint`` on a finished run.
+Why RL fuses at its init's weight, and with which counts, is in ``training.rl.run``'s module docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.transition import ShallowFusion, TransitionCounts
+from training.data.dataset import HoldoutRule, RecDataset, Sample, split_for_training
+from training.evaluation.fusion import FUSION_BEAMS, FUSION_WEIGHTS, fusable_checkpoint, fuse_trained, require_held_out
+from training.rl.config import RLConfig
+
+log = logging.getLogger(__name__)
+
+
+def reference_fusion(init: str | Path) -> dict[str, Any]:
+    """The ``--init`` checkpoint's fusion choice (manifest ``fusion``), empty when it has none."""
+    manifest = json.loads((Path(init) / "manifest.json").read_text())
+    fusion = manifest.get("fusion") or {}
+    return fusion if fusion.get("chosen_by") != "nothing held out" else {}
+
+
+def result_fusion_weight(init: str | Path, config: RLConfig) -> float | None:
+    """``--fusion-weight``, else the ``--init`` checkpoint's chosen weight; None when neither has one."""
+    if config.fusion_weight is not None:
+        return config.fusion_weight
+    start_fusion = reference_fusion(init)
+    return float(start_fusion["weight"]) if "weight" in start_fusion else None
+
+
+def fused_rollouts(data: RecDataset, init: str | Path, config: RLConfig, train_rows: list[Sample]) -> ShallowFusion:
+    """The fusion of ``--fused-rollouts``: counts of the rows the result is counted on (``counted_rows``, the
+    training rows among them, each row's own transition left out when it decodes) at the result's weight."""
+    weight = result_fusion_weight(init, config)
+    if not weight:
+        if config.fusion_weight is not None:
+            source = f"--fusion-weight is {config.fusion_weight:g}"
+        elif weight is None:
+            source = f"the --init checkpoint {init} has no chosen fusion weight"
+        else:
+            source = f"the --init checkpoint {init} has fusion weight {weight:g}"
+        raise ValueError(f"--fused-rollouts needs a fusion weight above 0: {source}; pass --fusion-weight W above 0")
+    rows = counted_rows(data, config, train_rows)
+    return ShallowFusion(TransitionCounts.fit((s.history, s.target) for s in rows), weight)
+
+
+def counted_rows(data: RecDataset, rule: HoldoutRule, train_rows: list[Sample]) -> list[Sample]:
+    """The rows the fused counts are fit on besides the held-out ones: the run's training rows and, when it
+    trains on valid alone (SFT on train, RL on the rows SFT never saw), train too: every row before test."""
+    return train_rows if "train" in rule.train_splits else data.samples(["train"]) + train_rows
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """The ``HoldoutRule`` of a stored ``rl_config``."""
+
+    train_splits: tuple[str, ...]
+    holdout: int
+
+    @classmethod
+    def of(cls, stored: dict[str, Any]) -> StoredRows:
+        """The rule of a manifest's ``rl_config`` or ``sft_config``."""
+        return cls(tuple(stored["train_splits"]), int(stored["holdout"]))
+
+
+def fuse_rl_checkpoint(
+    path: str | Path,
+    data: RecDataset,
+    weights: Sequence[float] = FUSION_WEIGHTS,
+    beams: int = FUSION_BEAMS,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """``vstar fuse`` on an RL checkpoint: choose its fusion weight on the rows its run held out (the first
+    ``eval_limit``, the rows it validated on), with counts of every row before them, as SFT chooses its own.
+
+    A run that held nothing out (``--holdout 0`` with valid trained on) has no rows to choose on: that is an
+    error, and the weight it was fused at stays. When the ``--init`` checkpoint is still there and trained on
+    some of those rows (an SFT refit), the choice is made but flagged: such rows flatter the policy and choose
+    too small a weight.
+    """
+    path = Path(path)
+    checkpoint = fusable_checkpoint(path, data.fingerprint(), data.name, "rl", device)
+    manifest = checkpoint.manifest
+    stored = manifest["rl_config"]
+    rule = StoredRows.of(stored)
+    train_rows, held_out = split_for_training(data, rule)
+    require_held_out(
+        path, manifest, held_out, rule.holdout, f"--train-splits {','.join(rule.train_splits)} --holdout 0"
+    )
+    select_rows = held_out[: stored["eval_limit"]]
+    seen = init_trained_on(manifest.get("init"), data, select_rows)
+    if seen:
+        log.warning(
+            "the --init checkpoint %s trained on %d of the %d selection rows: they flatter the policy, so the "
+            "weight chosen on them is likely too small",
+            manifest["init"],
+            seen,
+            len(select_rows),
+        )
+    counted = counted_rows(data, rule, train_rows)
+    fusion = fuse_trained(
+        path, None, counted, held_out, stored["eval_limit"], device, weights, beams, checkpoint, progress=True
+    )
+    return {"checkpoint": str(path), "init_trained_on_selection_rows": seen} | fusion
+
+
+def init_trained_on(init: str | None, data: RecDataset, rows: Sequence[Sample]) -> int | None:
+    """How many of ``rows`` the SFT checkpoint at ``init`` trained on; None when it (or its config) is gone."""
+    try:
+        stored = json.loads((Path(init) / "manifest.json").read_text()).get("sft_config") if init else None
+    except (OSError, ValueError):
+        return None
+    return sft_trained_on(stored, data, rows)
+
+
+def sft_trained_on(stored: dict[str, Any] | None, data: RecDataset, rows: Sequence[Sample]) -> int | None:
+    """How many of ``rows`` an SFT run of the manifest's ``sft_config`` ``stored`` trained on; None without one."""
+    if not stored:
+        return None
+    trained, _ = split_for_training(data, StoredRows.of(stored))
+    seen = set(trained)
+    return sum(r in seen for r in rows)
