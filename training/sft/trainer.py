@@ -61,7 +61,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -107,7 +106,8 @@ from training.run_files import clear_side_files, earlier_run, heldout_curves, he
 from training.scalar_log import ScalarLog
 from training.sft.batches import collate, crop_histories, encode_sample
 from training.sft.config import SFTConfig, base_model_problem
-from training.sft.regularisers import WeightAverage, add_embedding_dropout, add_residual_dropout, init_sid_embeddings
+from training.sft.regularisers import WeightAverage
+from training.sft.starting_model import fresh_policy, text_embeddings, with_dropout
 
 log = logging.getLogger(__name__)
 
@@ -355,46 +355,6 @@ def _train_sft(
         given_by=given_by,
     )  # fmt: skip
     return run | {"seconds": round(time.perf_counter() - start, 1), "fusion": fusion}
-
-
-def text_embeddings(data: RecDataset) -> np.ndarray:
-    """The item embeddings ``--text-init`` starts the SID tokens from; a ``ValueError`` naming the command
-    that makes them when the data set has none."""
-    if data.embeddings is None:
-        raise ValueError(
-            "--text-init needs item_emb.npy in the data set: make it with vstar embed --data DIR "
-            "--encoder PATH (a local text encoder), or pass --no-text-init"
-        )
-    return data.embeddings
-
-
-def fresh_policy(data: RecDataset, config: SFTConfig, device: str) -> Policy:
-    """A new run's model: built (``new_policy``), its SID embeddings from the item texts (``text_init``), and
-    its dropout."""
-    policy = new_policy(data, config, device)
-    if config.text_init:
-        init_sid_embeddings(policy, text_embeddings(data))
-    return with_dropout(policy, config)
-
-
-def with_dropout(policy: Policy, config: SFTConfig) -> Policy:
-    """``policy`` with the configuration's embedding and residual dropout added (none where 0)."""
-    if config.embed_dropout > 0:
-        add_embedding_dropout(policy, config.embed_dropout)
-    if config.hidden_dropout > 0:
-        add_residual_dropout(policy, config.hidden_dropout)
-    return policy
-
-
-def new_policy(data: RecDataset, config: SFTConfig, device: str) -> Policy:
-    """The model SFT starts from: a local pretrained LM (``base_model``) or a preset built from its config."""
-    if config.base_model:
-        return Policy.from_pretrained_lm(config.base_model, data.catalog, config.max_history, config.item_tokens).to(
-            device
-        )
-    return Policy.from_preset(config.preset, data.catalog, config.seed, config.max_history, config.item_tokens).to(
-        device
-    )
 
 
 def fuse_checkpoint(
