@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from models.sid_catalog import sid_to_str
+from training.data.data_files import COLUMNS
 from training.data.dataset import (
-    COLUMNS,
     DataError,
     Sample,
     check_catalog,

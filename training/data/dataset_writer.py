@@ -24,15 +24,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from models.sid_catalog import SidCatalog
-from training.data.dataset import (
-    COLUMNS,
-    SPLITS,
-    DataError,
-    Sample,
-    parse_item_id,
-    parse_list_literal,
-    split_records,
-)
+from training.data.data_files import COLUMNS, DataError, parse_item_id, parse_list_literal, split_records
+from training.data.dataset import SPLITS, Sample
 
 
 @dataclass(frozen=True)

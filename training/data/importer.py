@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from models.atomic_folder import publish, staging_folder
 from models.output_path import parents_problem
-from training.data.dataset import SPLITS, DataError, Sample, split_records
+from training.data.data_files import DataError, split_records
+from training.data.dataset import SPLITS, Sample
 from training.data.dataset_writer import split_ends, split_stats, write_split, written_by
 from training.data.item_embed import item_text
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from models.atomic_folder import write_file
 from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
-from training.data.dataset import DataError, parse_item_id, read_json_object
+from training.data.data_files import DataError, parse_item_id, read_json_object
 
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last")

@@ -60,7 +60,8 @@ from tqdm import tqdm
 from models.atomic_folder import replacing_file
 from models.output_path import parents_problem
 from models.sid_catalog import LEVEL_PREFIXES, MAX_CODES, level_token
-from training.data.dataset import SPLITS, DataError, read_embeddings
+from training.data.data_files import DataError, read_embeddings
+from training.data.dataset import SPLITS
 from training.data.dataset_writer import relabel_splits
 from training.data.item_embed import item_entries
 

@@ -1,0 +1,131 @@
+"""The files of a data folder, read and checked one by one: JSON objects, .npy embeddings, CSV records, item
+ids and list literals. Each problem is one ``DataError`` naming the file, and the line where there is one.
+
+``training.data.dataset`` builds a data set from them; ``vstar import``, ``vstar embed`` and ``vstar sids`` read
+their inputs with them, so a file is judged the same way by every command.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# csv's default cap, 131,072 characters a field, is below the titles of a long history (vstar import --max-history
+# 2000 writes such rows): a field as long as csv can index. Set once, for every reader of the process.
+csv.field_size_limit(2**31 - 1)
+COLUMNS = ("user_id", "history_item_title", "item_title", "history_item_id", "item_id", "history_item_sid", "item_sid")
+
+
+class DataError(ValueError):
+    """A data file is malformed or inconsistent with the index."""
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A data file holding one JSON object (UTF-8), or a DataError naming the file and the problem."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        # a BOM (what some editors write) is not data; a key given twice is refused (json keeps the last, silently)
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_repeated_keys)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except _RepeatedKey as e:
+        raise DataError(f"{path}: key {e.args[0]!r} appears twice in one object (which one holds?)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_embeddings(path: Path, items: int | None = None, counted_in: str = "the index") -> np.ndarray:
+    """(items, dim) float32 item embeddings (row i = item id i) from a .npy file of finite numbers; ``items``:
+    the row count that ``counted_in`` gives, when known."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # not .npy, cut short, or pickled objects
+        raise DataError(f"{path}: not a readable .npy array ({e})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise DataError(f"{path}: expected one array (.npy), got {type(array).__name__}")
+    if array.dtype.kind not in "iuf":  # complex numbers lost their imaginary part in float32, with a warning only
+        raise DataError(f"{path}: dtype {array.dtype} is not real numbers (integers or floats)")
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise DataError(f"{path}: shape {array.shape}, expected (items, dim)")
+    if items is not None and array.shape[0] != items:
+        raise DataError(f"{path}: {array.shape[0]} rows but {counted_in} has {items} items")
+    embeddings = array.astype(np.float32)
+    if not np.isfinite(embeddings).all():
+        raise DataError(f"{path}: contains NaN or infinite values (or values too large for float32)")
+    return embeddings
+
+
+def parse_item_id(value: str, path: Path, line: int) -> int:
+    """An item id of a data file (decimal digits, as index.json's keys), or a DataError naming the file and the
+    line: ``int`` alone also reads " 44 ", "+44", "4_4" and other scripts' digits ("٤٤")."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]+", value):
+        raise DataError(f"{path}:{line}: {value!r} is not an integer item id (decimal digits)")
+    return int(value)
+
+
+def parse_list_literal(value: str, column: str, path: Path, line: int) -> list[Any]:
+    """A split file's list column (a Python list literal, as MiniOneRec writes it), or a DataError."""
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise DataError(f"{path}:{line}: column {column}: bad list literal {value[:60]!r}") from None
+    if not isinstance(parsed, list):
+        raise DataError(f"{path}:{line}: column {column}: expected a list, got {type(parsed).__name__}")
+    return parsed
+
+
+def split_records(
+    path: Path, columns: Sequence[str] = COLUMNS, what: str = "a split file"
+) -> Iterator[tuple[dict[str | None, Any], int, int, int]]:
+    """The records of a split file (or another CSV, ``what``, that must hold ``columns``) as (row, the header's
+    width, the line it starts on, the line csv ended it on), after checking the header's columns; an unreadable
+    file is a DataError naming it and the line."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    line = 2  # where the next record starts: csv's line_num is where the last one ended
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            if not header:
+                raise DataError(f"{path}: the file is empty; {what} starts with a header of columns {tuple(columns)}")
+            missing = [c for c in columns if c not in header]
+            if missing:
+                near = {h.strip().lower(): h for h in header}  # " item_id" or "Item_ID": named, but not exactly
+                named = [repr(near[c]) for c in missing if c in near]
+                hint = f"; the header has {', '.join(named)}: a name must match exactly (case, spaces)" if named else ""
+                raise DataError(f"{path}:1: missing columns {missing}{hint}")
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:  # csv keeps the last one's cells without a word
+                raise DataError(f"{path}:1: columns named twice in the header: {repeated}; name each column once")
+            for row in reader:
+                yield row, len(header), line, reader.line_num
+                line = reader.line_num + 1
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except csv.Error as e:  # e.g. a quote still open at the end of the file
+        raise DataError(f"{path}:{line}: {e}") from None
