@@ -275,6 +275,12 @@ def test_minionerec_layout(tiny_data_dir: Path, tmp_path: Path) -> None:
     assert len(ds.splits["test"]) == 40 and ds.name == "Toys" and ds.embeddings is None
     with pytest.raises(DataError, match="no .* for split"):
         load_minionerec(tmp_path / "MiniOneRec", "Games")
+    # a checkout's index comes with its data (vstar sids does not write it): a missing one names what is there
+    index = base / "index" / "Toys.index.json"
+    index.rename(base / "index" / "Toy.index.json")
+    with pytest.raises(DataError, match=r"Toys.index.json: file not found: is --dataset Toys .*; it holds Toy.index"):
+        load_minionerec(tmp_path / "MiniOneRec", "Toys")
+    (base / "index" / "Toy.index.json").rename(index)
     # another category whose name starts with this one's is not this one's ...
     shutil.copy(tiny_data_dir / "test.csv", base / "test" / "Toys_and_Games_5_2016-10-2018-11.csv")
     assert len(load_minionerec(tmp_path / "MiniOneRec", "Toys").splits["test"]) == 40

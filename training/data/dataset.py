@@ -225,6 +225,10 @@ def load_minionerec(root: str | Path, dataset: str) -> RecDataset:
     files = {s: _minionerec_split_file(base / s, dataset, s) for s in SPLITS}
     files["index"] = base / "index" / f"{dataset}.index.json"
     files["item"] = base / "index" / f"{dataset}.item.json"
+    if not files["index"].exists():  # in a MiniOneRec checkout the index comes with the data, never from vstar sids
+        found = sorted(p.name for p in (base / "index").glob("*.index.json"))
+        names = f"; it holds {', '.join(found[:5])}" if found else ""
+        raise DataError(f"{files['index']}: file not found: is --dataset {dataset} the name of its files?{names}")
     emb = base / "index" / f"{dataset}.emb-qwen-td.npy"
     return _load(dataset, files, emb if emb.exists() else None)
 
