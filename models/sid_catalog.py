@@ -203,7 +203,7 @@ class SidCatalog:
             if len(item.sid) != self.depth:
                 raise ValueError(
                     f"item {item.item_id} has SID {sid_to_str(item.sid)} of "
-                    f"{len(item.sid)} tokens, expected {self.depth}"
+                    f"{_tokens(len(item.sid))}, expected {self.depth}"
                 )
         self.sids = sorted({item.sid for item in self.items.values()})
         self.sid_index = {sid: i for i, sid in enumerate(self.sids)}
@@ -229,7 +229,7 @@ class SidCatalog:
         depth = lengths.most_common(1)[0][0] if items else 3
         if len(lengths) > 1:  # name an item off the common length, not whichever came first
             odd = next(item for item in items.values() if len(item.sid) != depth)
-            counts = ", ".join(f"{length} tokens: {n} items" for length, n in lengths.most_common())
+            counts = ", ".join(f"{_tokens(length)}: {n} items" for length, n in lengths.most_common())
             raise ValueError(
                 f"SIDs of mixed lengths ({counts}; e.g. item {odd.item_id}: {sid_to_str(odd.sid)}): "
                 "every SID needs the same number of tokens"
