@@ -10,6 +10,7 @@ place of VED's initial tree) spent, reported as VED reports a search.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint
@@ -40,6 +41,8 @@ class VEDConfig:
         }
         if self.budget is not None:
             kinds["budget"] = (int, "an integer")
+        if self.deadline is not None:
+            kinds["deadline"] = (int | float, "a number")
         for name, (kind, what) in kinds.items():  # a stored config may hold anything JSON does
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
@@ -49,8 +52,11 @@ class VEDConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"budget must be >= 1, got {self.budget}")
-        if self.lam < 0 or self.beta < 0 or self.child_temperature < 0 or self.value_weight < 0:
-            raise ValueError("lam, beta, child_temperature and value_weight must be >= 0")
+        for name in ("lam", "beta", "child_temperature", "value_weight"):  # JSON may hold NaN and Infinity
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails both comparisons
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.deadline is not None and math.isnan(self.deadline):
+            raise ValueError("deadline must be a time.perf_counter() value or None, got nan")
         if not 0 <= self.explore_slots <= self.num_candidates:
             raise ValueError(f"explore_slots must be in [0, num_candidates], got {self.explore_slots}")
 
