@@ -134,12 +134,12 @@ def initial_beam_width(config: VEDConfig, trie: SidTrie) -> int:
 def initial_beam_stats(config: VEDConfig, trie: SidTrie) -> VEDStats:
     """What the anytime fallback spends: beam search of ``initial_beam_width`` in place of the initial tree,
     reported as a search the deadline stopped before its first iteration (beam search's accounting: the
-    last level is never fed to the backbone)."""
+    last level is never fed to the backbone, and a complete SID is never a node, as in ``VEDStats``)."""
     width = initial_beam_width(config, trie)
     kept = [min(width, n) for n in trie.level_sizes[1:]]  # beams per level
     return VEDStats(
         tokens_spent=sum(kept[:-1]),
-        nodes=1 + sum(kept),
+        nodes=1 + sum(kept[:-1]),  # the root and the prefixes fed
         max_depth=trie.depth,
         iterations=0,
         cap_hit=True,
