@@ -112,6 +112,11 @@ def resolve_budget(config: VEDConfig, depth: int) -> int:
     return config.budget
 
 
+def covers_the_catalog(trie: SidTrie, budget: int) -> bool:
+    """Whether ``budget`` tokens pay for every SID prefix of the catalog (trie nodes of depth 1 .. D-1)."""
+    return budget >= trie.num_prefixes
+
+
 @dataclass
 class VEDStats:
     tokens_spent: int  # backbone tokens, prefill excluded, initial tree included

@@ -3,7 +3,8 @@
 Each example builds a catalog (SIDs of 2-4 tokens, 1-6 codes a level, as few as one SID), a
 tiny random policy over it and a value head whose values spread well beyond float noise, then
 checks what ``models.ved`` promises of the anytime fallback: a deadline passed returns beam
-search's answer, and the fallback's stats are what that initial tree spent.
+search's answer, and the fallback's stats are what that initial tree spent; a tree holds no
+more slots than the catalog has prefixes.
 """
 
 from __future__ import annotations
@@ -97,3 +98,19 @@ def test_a_deadline_passed_returns_beam_searchs_answer_and_the_fallbacks_stats(c
         assert s.iterations == 0 and s.tokens_spent == s.init_tokens and s.cap_hit == (s.stop_reason == "deadline")
         if s.cap_hit:  # else the initial tree held every prefix: nothing was left to stop
             assert replace(s, leaves=fallback.leaves) == fallback
+
+
+def test_a_budget_past_the_catalog_holds_a_slot_per_prefix_not_per_token(tiny_policy: Policy) -> None:
+    """A tree never holds more prefixes than the catalog has: its node and cache buffers were sized by the
+    budget, so a budget of 4,096 (a request may ask for it) on this 36-prefix catalog made 114 times the slots
+    a tree can fill (32 prompts: 0.21 s a search; sized by the catalog, 0.022 s). The answer is the same."""
+    torch.manual_seed(0)
+    head = value_head_for(tiny_policy).eval()
+    trie = tiny_policy.trie
+    ids, mask = tiny_policy.encode_prompts([list(tiny_policy.catalog.sids[:3]), list(tiny_policy.catalog.sids[5:6])])
+    big = ved_search(tiny_policy.model, head, trie, ids, mask, VEDConfig(6, budget=4096))
+    assert big.tree.parent.shape[1] == trie.num_prefixes + 1
+    exact = ved_search(tiny_policy.model, head, trie, ids, mask, VEDConfig(6, budget=trie.num_prefixes))
+    assert torch.equal(big.decode.sid_index, exact.decode.sid_index)
+    assert torch.equal(big.decode.scores, exact.decode.scores)
+    assert [replace(s, budget=0) for s in big.stats] == [replace(s, budget=0) for s in exact.stats]
