@@ -144,7 +144,7 @@ from models.search_noise import gumbel_noise, prompt_keys
 from models.search_tree import SearchTree, rank_within, standardise_by_depth
 from models.sid_trie import SidTrie
 from models.value_head import ValueHead
-from models.ved_config import VEDConfig, VEDStats, resolve_budget
+from models.ved_config import VEDConfig, VEDStats, covers_the_catalog, resolve_budget
 
 
 @dataclass
@@ -185,7 +185,8 @@ class _Search:
         self.model, self.head, self.trie, self.config, self.budget = model, head, trie, config, budget
         self.bonus, self.between_steps = bonus, between_steps
         self.device = trie.device
-        self.tree = SearchTree.empty(batch, budget + 1, trie.codebook_size, trie.depth - 1, config.lam, self.device)
+        capacity = min(budget, trie.num_prefixes) + 1  # the root and at most every prefix of the catalog
+        self.tree = SearchTree.empty(batch, capacity, trie.codebook_size, trie.depth - 1, config.lam, self.device)
         self.dtype = next(head.parameters()).dtype
         self.iterations = torch.zeros(batch, dtype=torch.long, device=self.device)  # selections per prompt
         self.failures, self.stall = self.iterations.clone(), self.iterations.clone()  # gate failures: all, in a row
@@ -406,11 +407,6 @@ class _Search:
         decode = DecodeResult(sid_index, scores, tokens)
         cand_lp = torch.where(valid, log_probs.gather(1, pick), float("-inf"))
         return VEDResult(decode, cand_lp, along(tree.value), along(tree.entropy), along(tree.visits), stats, tree)
-
-
-def covers_the_catalog(trie: SidTrie, budget: int) -> bool:
-    """Whether ``budget`` tokens pay for every SID prefix of the catalog (trie nodes of depth 1 .. D-1)."""
-    return budget >= trie.num_prefixes
 
 
 @torch.no_grad()

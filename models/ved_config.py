@@ -10,6 +10,7 @@ place of VED's initial tree) spent, reported as VED reports a search.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint
@@ -40,6 +41,8 @@ class VEDConfig:
         }
         if self.budget is not None:
             kinds["budget"] = (int, "an integer")
+        if self.deadline is not None:
+            kinds["deadline"] = (int | float, "a number")
         for name, (kind, what) in kinds.items():  # a stored config may hold anything JSON does
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
@@ -49,8 +52,11 @@ class VEDConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"budget must be >= 1, got {self.budget}")
-        if self.lam < 0 or self.beta < 0 or self.child_temperature < 0 or self.value_weight < 0:
-            raise ValueError("lam, beta, child_temperature and value_weight must be >= 0")
+        for name in ("lam", "beta", "child_temperature", "value_weight"):  # JSON may hold NaN and Infinity
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails both comparisons
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.deadline is not None and math.isnan(self.deadline):
+            raise ValueError("deadline must be a time.perf_counter() value or None, got nan")
         if not 0 <= self.explore_slots <= self.num_candidates:
             raise ValueError(f"explore_slots must be in [0, num_candidates], got {self.explore_slots}")
 
@@ -106,6 +112,11 @@ def resolve_budget(config: VEDConfig, depth: int) -> int:
     return config.budget
 
 
+def covers_the_catalog(trie: SidTrie, budget: int) -> bool:
+    """Whether ``budget`` tokens pay for every SID prefix of the catalog (trie nodes of depth 1 .. D-1)."""
+    return budget >= trie.num_prefixes
+
+
 @dataclass
 class VEDStats:
     tokens_spent: int  # backbone tokens, prefill excluded, initial tree included
@@ -128,12 +139,12 @@ def initial_beam_width(config: VEDConfig, trie: SidTrie) -> int:
 def initial_beam_stats(config: VEDConfig, trie: SidTrie) -> VEDStats:
     """What the anytime fallback spends: beam search of ``initial_beam_width`` in place of the initial tree,
     reported as a search the deadline stopped before its first iteration (beam search's accounting: the
-    last level is never fed to the backbone)."""
+    last level is never fed to the backbone, and a complete SID is never a node, as in ``VEDStats``)."""
     width = initial_beam_width(config, trie)
     kept = [min(width, n) for n in trie.level_sizes[1:]]  # beams per level
     return VEDStats(
         tokens_spent=sum(kept[:-1]),
-        nodes=1 + sum(kept),
+        nodes=1 + sum(kept[:-1]),  # the root and the prefixes fed
         max_depth=trie.depth,
         iterations=0,
         cap_hit=True,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.policy import Policy
-from models.value_head import ValueHead, ValueHeadConfig, value_head_for
+from models.value_head import ValueHead, ValueHeadConfig, load_value_head, value_head_for, value_head_manifest
 
 H = 16
 
@@ -102,3 +105,30 @@ def test_value_head_for_policy_round_trips_through_its_state(tiny_policy: Policy
     clone.load_state_dict(net.state_dict())
     hidden, mask = torch.randn(2, 5, net.config.hidden_size), torch.ones(2, 5, dtype=torch.long)
     torch.testing.assert_close(clone.eval()(hidden, mask), net.eval()(hidden, mask))
+
+
+def test_a_checkpoints_value_head_loads_back_as_it_was_saved(tiny_policy: Policy, tmp_path: Path) -> None:
+    """What RL writes (the state dict in ``value_head.safetensors``, ``value_head_manifest`` in the manifest)
+    ``load_value_head`` rebuilds: the same config, weights and values, in eval mode; a head kept in bfloat16
+    loads as the float32 head its weights round to (``ValueHead`` is built in float32; VED casts the backbone's
+    states to the head's dtype). An SFT checkpoint has none: None when not required, else a CheckpointError."""
+    torch.manual_seed(3)
+    net = value_head_for(tiny_policy, num_heads=2, ffn_size=48, mlp_hidden=8, dropout=0.1)
+    hidden, mask = torch.randn(2, 5, net.config.hidden_size), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    for dtype in (torch.float32, torch.bfloat16):
+        saved = copy.deepcopy(net).to(dtype)
+        path = save_checkpoint(
+            tmp_path / str(dtype),
+            tiny_policy,
+            {"value_head": value_head_manifest(saved)},
+            {"value_head": saved.state_dict()},
+        )
+        loaded = load_value_head(load_checkpoint(path))
+        assert loaded.config == net.config and not loaded.training
+        for (name, p), q in zip(loaded.named_parameters(), saved.parameters(), strict=True):
+            assert p.dtype == torch.float32 and torch.equal(p, q.float()), name
+        torch.testing.assert_close(loaded(hidden, mask), saved.float().eval()(hidden, mask), rtol=0, atol=0)
+    sft = load_checkpoint(save_checkpoint(tmp_path / "sft", tiny_policy, {"stage": "sft"}))
+    assert load_value_head(sft, required=False) is None
+    with pytest.raises(CheckpointError, match="has no value head"):
+        load_value_head(sft)
