@@ -115,6 +115,8 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
         "is a file, not a",
     )
     yield ["bench", "decode", "--batches", "1,0"], "expected a comma list of positive integers, got '1,0'"
+    # HF generate refused it after the model had loaded and our decoder had run: an error naming no option
+    yield ["bench", "decode", "--beams", "10,1"], "--beams 1: the reference, HF generate, needs K >= 2"
     yield ["embed", "--data", d, "--encoder", gone], f"{gone} is not a local model folder (no config"
     (tmp / "encoder").mkdir(exist_ok=True)
     (tmp / "encoder" / "config.json").write_text("{}")

@@ -36,6 +36,8 @@ def register_bench(bench: typer.Typer) -> None:
     ) -> None:
         """Time our beam search, HF generate (reference) and the bare forward passes (floor)."""
         grid = int_list(beams, "--beams"), int_list(batches, "--batches")
+        if min(grid[0]) < 2:  # the reference, HF generate, has no beam search of one beam (it is greedy search)
+            raise typer.BadParameter(f"--beams {min(grid[0])}: the reference, HF generate, needs K >= 2")
         if checkpoint is not None:
             require_checkpoint(checkpoint)
         from models.checkpoint import load_checkpoint
