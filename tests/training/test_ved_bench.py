@@ -32,6 +32,15 @@ def test_each_cell_times_ved_against_the_beam_its_budget_pays_for(tiny_policy: P
     assert given["rows"][0]["budget"] == 20 and given["rows"][0]["beam_width"] == 10
 
 
+def test_a_budget_for_more_beams_than_sids_reports_the_width_beam_search_runs(tiny_policy: Policy) -> None:
+    """Beam search runs one beam per SID when asked for more (the rest is padding); the row reported the width
+    the budget pays for, which did not run and fed tokens it did not feed."""
+    sids = tiny_policy.trie.num_sids
+    config = VEDConfig(init_beams=4, budget=4 * sids)  # pays for 2 x sids beams of 2 prefix tokens
+    result = run_ved_bench(tiny_policy, value_head_for(tiny_policy), config, gs=(3,), batches=(1,), repeats=1)
+    assert result["rows"][0]["beam_width"] == sids
+
+
 def test_bench_ved_reads_the_checkpoints_head_and_ved_settings(tiny_policy: Policy, tmp_path: Path) -> None:
     head = value_head_for(tiny_policy)
     trained_with = asdict(VEDConfig(init_beams=8, budget=40, explore_slots=2))  # as vstar rl stores it

@@ -9,7 +9,10 @@ For each (G, batch) cell the same prompts are decoded by
   feeds, at least what the initial tree may need);
 * ``beam``: constrained beam search of the widest beam that budget pays for
   (budget // (D - 1) for SIDs of D tokens), as ``vstar diagnose --budget``
-  compares the two: the same tokens fed to the backbone per prompt.
+  compares the two: the same tokens fed to the backbone per prompt. A budget
+  that pays for more beams than the catalog has SIDs runs (and reports) one
+  beam per SID: beam search holds no more (``models.beam_search``), and VED
+  then covers the catalog too and stops short of its budget.
 
 ``ratio`` is VED's time over beam search's: what the same tokens cost when fed
 VED's way (more, smaller forwards, and the search between them).
@@ -48,7 +51,7 @@ def time_cell(
     ids, mask = policy.encode_prompts(histories)
     depth = policy.trie.depth
     budget = resolve_budget(config, depth)
-    width = budget_beam_width(budget, depth)
+    width = min(budget_beam_width(budget, depth), policy.trie.num_sids)  # the width beam search runs
     beam_config = BeamSearchConfig(width)
     runs: dict[str, Callable[[], Any]] = {
         "ved": lambda: ved_search(policy.model, head, policy.trie, ids, mask, config),
