@@ -2,10 +2,13 @@
 
 Each trainer starts from its own copy of the same weights (policy and frozen
 reference), runs one untimed warm-up step, then ``steps`` timed steps on the
-same prompts. Without ``--data`` the setup is a synthetic catalog and random
-histories with a random preset model, so the bench runs anywhere in seconds;
-with ``--data`` (and ``--checkpoint``) it times the real configuration. The
-JSON holds the two figures; the ratio is printed alongside.
+same prompts, a step of each in turn (``training.bench.timing``), so that load
+from other processes and the machine's drift hit both alike; both trainers are
+held at once for that. Each timed step waits for the device's queued work
+before the clock is read. Without ``--data`` the setup is a synthetic catalog
+and random histories with a random preset model, so the bench runs anywhere in
+seconds; with ``--data`` (and ``--checkpoint``) it times the real
+configuration. The JSON holds the two figures; the ratio is printed alongside.
 
 CPU threads default to one (``--threads``): on a shared machine, torch's
 intra-op threads spin-wait on each other under load, and VED's many small
@@ -19,6 +22,7 @@ from __future__ import annotations
 import copy
 import random
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from models.value_head import value_head_for
+from training.bench.timing import interleaved_ms
 from training.data.dataset import RecDataset, Sample, check_catalog
 from training.rl.config import RLConfig, rollout_ved_config
 from training.rl.trainer import RLTrainer
@@ -54,15 +59,20 @@ def clone(policy: Policy) -> Policy:
     return Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.catalog, policy.prompt)
 
 
-def time_trainer(
-    policy: Policy, config: RLConfig, samples: list[Sample], item_emb: np.ndarray | None, steps: int
-) -> float:
-    """Mean seconds of ``steps`` RL steps after one warm-up, on copies of ``policy``."""
+def make_trainer(policy: Policy, config: RLConfig, item_emb: np.ndarray | None, steps: int) -> RLTrainer:
+    """A trainer of ``steps`` steps and a warm-up on copies of ``policy`` (its policy and frozen reference)."""
     trainer_policy = clone(policy)
     head = value_head_for(trainer_policy) if config.use_value else None
-    trainer = RLTrainer(trainer_policy, clone(policy), config, steps + 1, head, item_emb)
-    trainer.step(samples)
-    return float(np.mean([trainer.step(samples)["seconds"] for _ in range(steps)]))
+    return RLTrainer(trainer_policy, clone(policy), config, steps + 1, head, item_emb)
+
+
+def time_trainers(trainers: dict[str, RLTrainer], samples: list[Sample], steps: int) -> dict[str, float]:
+    """Each trainer's mean seconds per step over ``steps`` rounds of one step of each, after a warm-up step each."""
+    for trainer in trainers.values():
+        trainer.step(samples)
+    runs = {name: partial(trainer.step, samples) for name, trainer in trainers.items()}
+    device = next(iter(trainers.values())).policy.device
+    return {name: float(np.mean(ms)) / 1000 for name, ms in interleaved_ms(runs, steps, device).items()}
 
 
 def run_train_bench(
@@ -82,9 +92,13 @@ def run_train_bench(
     else:
         policy = Policy.from_preset(preset, ds.catalog, seed=0).to(device)
     samples = list(ds.splits["train"][:batch_size])
-    grpo = time_trainer(policy, RLConfig(algo="grpo", batch_size=batch_size), samples, ds.embeddings, steps)
     vstar_config = RLConfig(algo="vstar", batch_size=batch_size, ved_config=rollout_ved_config(budget))
-    vstar = time_trainer(policy, vstar_config, samples, ds.embeddings, steps)
+    trainers = {
+        "grpo": make_trainer(policy, RLConfig(algo="grpo", batch_size=batch_size), ds.embeddings, steps),
+        "vstar": make_trainer(policy, vstar_config, ds.embeddings, steps),
+    }
+    seconds = time_trainers(trainers, samples, steps)
+    grpo, vstar = seconds["grpo"], seconds["vstar"]
     print(
         f"bench train: {len(samples)} prompts x 16 candidates, {steps} steps, {torch.get_num_threads()} threads; "
         f"V-STAR / GRPO = {vstar / grpo:.2f}x",

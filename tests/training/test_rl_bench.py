@@ -1,0 +1,29 @@
+"""``vstar bench train``: how its two trainers are timed (the figures themselves: ``test_rl.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.bench import rl_bench, timing
+from training.data.dataset import Sample
+from training.rl.trainer import RLTrainer
+
+
+def test_the_two_trainers_take_their_steps_in_turn_each_timed_on_the_models_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """All GRPO steps ran before all V-STAR steps, so load that came or went between them counted for one alone;
+    and the figure was the trainer's own clock, read with the device's work possibly still queued."""
+    order: list[str] = []
+
+    def step(self: RLTrainer, samples: list[Sample], counted: bool = True) -> dict[str, float]:
+        order.append(self.config.algo)
+        return {"seconds": 0.0}
+
+    waits: list[object] = []
+    monkeypatch.setattr(RLTrainer, "step", step)
+    monkeypatch.setattr(timing, "synchronize", waits.append)
+    result = rl_bench.run_train_bench(None, None, "tiny", batch_size=2, steps=2, budget=None, device="cpu")
+    assert order == ["grpo", "vstar"] * 3  # a warm-up step each, then two timed rounds
+    assert len(waits) == 2 * 4  # a wait before and after each timed step
+    assert set(result) == {"grpo_s_per_step", "vstar_s_per_step"}
