@@ -17,8 +17,9 @@ Decisions:
 
 * the response cache is off (``VSTAR_CACHE_TTL_S=0``) and the stores are
   in-process: the benchmark measures the decode path, not Redis;
-* histories are random catalog items (1-10 of them, seeded), fresh for every
-  request; each cell starts with a few unrecorded warm-up requests per client;
+* histories are random catalog items (1-10 of them), fresh for every request, seeded per cell by its
+  client count (and cap): the cells compared send the same ones (beam with and without batching, the
+  mixed cell's beam client and the lone one); each cell starts with a few unrecorded warm-up requests per client;
 * every cell is bounded by ``duration_s`` and ``max_requests``; every request by
   ``request_timeout_s``; the server start by ``startup_timeout_s``;
 * loopback only: the server binds 127.0.0.1 and the clients talk to it alone;
@@ -126,13 +127,10 @@ def item_ids_of(checkpoint: Path) -> list[int]:
         raise ValueError(f"{path} holds no catalog of items ({type(e).__name__}: {e})") from None
 
 
-class HistorySource:
-    def __init__(self, item_ids: list[int], seed: int) -> None:
-        self.item_ids = item_ids
-        self.rng = random.Random(seed)
-
-    def next(self) -> list[int]:
-        return [self.rng.choice(self.item_ids) for _ in range(self.rng.randint(1, 10))]
+def history_source(item_ids: list[int], seed: str) -> Callable[[], list[int]]:
+    """Random histories of 1-10 of ``item_ids``, the same ones for the same ``seed``."""
+    rng = random.Random(seed)
+    return lambda: [rng.choice(item_ids) for _ in range(rng.randint(1, 10))]
 
 
 @contextmanager
@@ -269,7 +267,7 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
     (``batching_ratios``) and, with VED caps and ``mixed_ved_clients``, ``mixed``: one beam client beside VED
     ones at the largest cap, its latency over one beam client's alone. A server that stops answering mid-run
     raises ``BenchCutShort`` with the cells measured so far."""
-    histories = HistorySource(item_ids_of(checkpoint), config.seed)
+    item_ids = item_ids_of(checkpoint)
     out: dict[str, list[dict[str, Any]]] = {"beam": [], "ved": []}
 
     def measure(label: str, url: str, body: Callable[[], dict[str, Any]], clients: int) -> CellResult:
@@ -278,17 +276,19 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
         except (OSError, EOFError) as e:  # refused, reset or cut-short connections; timeouts (an OSError too)
             raise BenchCutShort(f"{label}: the server stopped answering ({type(e).__name__}: {e})", out) from None
 
-    def beam_body() -> dict[str, Any]:
-        return {"history": histories.next(), "k": config.k}
+    def beam_body(clients: int) -> Callable[[], dict[str, Any]]:
+        history = history_source(item_ids, f"{config.seed}:beam:{clients}")
+        return lambda: {"history": history(), "k": config.k}
 
-    def ved_body(cap: int) -> Callable[[], dict[str, Any]]:
-        return lambda: {"history": histories.next(), "k": config.k, "mode": "ved", "latency_ms": cap}
+    def ved_body(cap: int, clients: int) -> Callable[[], dict[str, Any]]:
+        history = history_source(item_ids, f"{config.seed}:ved:{cap}:{clients}")
+        return lambda: {"history": history(), "k": config.k, "mode": "ved", "latency_ms": cap}
 
     def mixed_cell(url: str, cap: int) -> dict[str, Any]:
         """One beam client beside ``mixed_ved_clients`` VED ones at ``cap``; the beam figures over those of one
         beam client alone on the same server (this run's ``beam clients=1 batching=True`` cell)."""
         label = f"mixed: beam clients=1 + ved cap={cap} ms clients={config.mixed_ved_clients}"
-        groups = [(beam_body, 1), (ved_body(cap), config.mixed_ved_clients)]
+        groups = [(beam_body(1), 1), (ved_body(cap, config.mixed_ved_clients), config.mixed_ved_clients)]
         try:
             beam, ved = asyncio.run(run_cells(url, groups, config))
         except (OSError, EOFError) as e:
@@ -310,7 +310,7 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
         with running_server(checkpoint, batching, config) as url:
             for clients in config.clients:
                 label = f"beam clients={clients} batching={batching}"
-                cell = measure(label, url, beam_body, clients)
+                cell = measure(label, url, beam_body(clients), clients)
                 row = {"clients": clients, "batching": batching, **cell.summary()}
                 log_cell(label, cell, row)
                 out["beam"].append(row)
@@ -320,7 +320,7 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
             for cap in config.caps_ms:
                 for clients in config.ved_clients:
                     label = f"ved cap={cap} ms clients={clients}"
-                    cell = measure(label, url, ved_body(cap), clients)
+                    cell = measure(label, url, ved_body(cap, clients), clients)
                     row = {"cap_ms": cap, "clients": clients, **ved_summary(cell)}
                     log_cell(label, cell, row)
                     out["ved"].append(row)

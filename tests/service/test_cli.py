@@ -241,6 +241,34 @@ def test_bench_serve_prints_batching_against_the_server_without_it_measured_in_t
     assert "one beam client beside 3 VED clients at cap 200 ms / beam alone: p50 1.60x, p99 1.99x" in result.output
 
 
+def test_bench_serve_sends_the_same_histories_to_the_cells_it_compares(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One random stream ran through every cell: the server without batching was measured on other histories
+    than the one with it, and the mixed cell's beam client on others than the lone beam client."""
+    import contextlib
+
+    import service.bench
+    from service.bench import CellResult
+
+    sent: list[list[list[int]]] = []  # per cell in the order run: the first histories its (beam) requests carry
+
+    async def cell(url: str, body: Callable[[], dict[str, Any]], clients: int, config: BenchConfig) -> CellResult:
+        sent.append([body()["history"] for _ in range(20)])
+        return CellResult(latencies_ms=[1.0], server_ms=[1.0], elapsed_s=1.0)
+
+    async def cells(url: str, groups: list[tuple[Callable[[], dict[str, Any]], int]], config: BenchConfig) -> Any:
+        sent.append([groups[0][0]()["history"] for _ in range(20)])
+        return [CellResult(latencies_ms=[1.0], server_ms=[1.0], elapsed_s=1.0) for _ in groups]
+
+    monkeypatch.setattr(service.bench, "run_cell", cell)
+    monkeypatch.setattr(service.bench, "run_cells", cells)
+    monkeypatch.setattr(service.bench, "running_server", lambda *a: contextlib.nullcontext("http://x"))
+    bench_serve(tiny_checkpoint, BenchConfig(clients=(1, 8), caps_ms=(50,), ved_clients=(1,), mixed_ved_clients=1))
+    beam1, beam8, _, mixed, beam1_unbatched, beam8_unbatched = sent
+    assert beam1 == beam1_unbatched == mixed and beam8 == beam8_unbatched
+
+
 def test_batching_ratios_of_a_cell_without_answers_are_null() -> None:
     from service.bench import batching_ratios
 
