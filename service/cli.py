@@ -107,15 +107,18 @@ def _settings(**overrides: Any) -> Settings:
         raise typer.BadParameter(f"bad VSTAR_* settings in the environment: {problems}") from None
 
 
-def _caps_the_server_takes(caps: Sequence[int]) -> None:
-    """``--caps`` within the served ``VSTAR_VED_MAX_LATENCY_MS`` (read from the environment the server gets):
-    a cap above it is refused in every request (422), and its cell would measure nothing."""
+def _caps_the_server_takes(caps: Sequence[int], k: int) -> None:
+    """``--caps`` within the served ``VSTAR_VED_MAX_LATENCY_MS`` and ``--k`` within its ``VSTAR_MAX_K`` (read from
+    the environment the server gets): a value above is refused in every request (422), its cell measures nothing."""
     from service.settings import Settings
 
     try:
-        limit = Settings().ved_max_latency_ms
+        settings = Settings()
     except ValueError:  # a bad VSTAR_* setting: the server's start names it
         return
+    if k > settings.max_k:
+        raise typer.BadParameter(f"{k} is above the server's VSTAR_MAX_K ({settings.max_k})", param_hint="--k")
+    limit = settings.ved_max_latency_ms
     over = [c for c in caps if c > limit]
     if over:
         raise typer.BadParameter(
@@ -370,7 +373,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         _require_checkpoint(checkpoint)  # its catalog is read next, by bench_serve, before a server starts
         caps_ms = _int_list(caps, "--caps")
-        _caps_the_server_takes(caps_ms)
+        _caps_the_server_takes(caps_ms, k)
         config = BenchConfig(
             clients=_int_list(clients, "--clients"),
             caps_ms=caps_ms,

@@ -392,12 +392,18 @@ def test_a_cell_the_server_refused_whole_stops_the_bench_instead_of_reporting_nu
         refused("ved cap=50 ms clients=1", CellResult(errors=["422 latency_ms", "422 latency_ms"]), out)
 
 
-def test_bench_serve_refuses_caps_the_server_would_refuse_before_it_runs(
+def test_bench_serve_refuses_caps_and_k_the_server_would_refuse_before_it_runs(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VSTAR_VED_MAX_LATENCY_MS", "300")
     result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--caps", "100,400"])
     assert result.exit_code == 2 and "400 ms is above the server's VSTAR_VED_MAX_LATENCY_MS (300 ms)" in result.output
+    # a k above VSTAR_MAX_K started the server, which refused every request: one line, but after the start
+    monkeypatch.setenv("VSTAR_MAX_K", "5")
+    monkeypatch.setenv("VSTAR_DEFAULT_K", "5")
+    args = ["--caps", "100", "--k", "10", "--clients", "1", "--ved-clients", "1", "--duration-s", "0.2"]
+    result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(tiny_checkpoint), *args])
+    assert result.exit_code == 2 and "10 is above the server's VSTAR_MAX_K (5)" in result.output, result.output
 
 
 def test_bench_config_is_bounded() -> None:
