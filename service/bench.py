@@ -313,8 +313,8 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                 cell = measure(label, url, beam_body(clients), clients)
                 row = {"clients": clients, "batching": batching, **cell.summary()}
                 log_cell(label, cell, row)
+                refused(label, cell, out)  # before the row: a row of nulls is no measurement to keep
                 out["beam"].append(row)
-                refused(label, cell, out)
             if not batching:
                 continue
             for cap in config.caps_ms:
@@ -323,8 +323,8 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                     cell = measure(label, url, ved_body(cap, clients), clients)
                     row = {"cap_ms": cap, "clients": clients, **ved_summary(cell)}
                     log_cell(label, cell, row)
-                    out["ved"].append(row)
                     refused(label, cell, out)
+                    out["ved"].append(row)
             if config.mixed_ved_clients and config.caps_ms:
                 out["mixed"] = [mixed_cell(url, max(config.caps_ms))]
                 log_mixed(out["mixed"][0])

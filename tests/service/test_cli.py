@@ -195,6 +195,33 @@ def test_bench_serve_keeps_the_cells_measured_before_the_server_stopped(
                               "server_p50_ms": 0.55, "server_p99_ms": 0.6, "errors": 0}], "ved": []}  # fmt: skip
 
 
+def test_a_cell_the_server_refused_whole_is_not_written_among_the_cells_measured(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refused cell's row of nulls was appended before the bench stopped: written to --json and counted among
+    "the cells measured before it"."""
+    import contextlib
+
+    import service.bench
+    from service.bench import CellResult
+
+    answered = iter([True, False])
+
+    async def cell(url: str, body: object, clients: int, config: BenchConfig) -> CellResult:
+        if next(answered):
+            return CellResult(latencies_ms=[1.0, 2.0], server_ms=[0.5, 0.6], elapsed_s=1.0)
+        return CellResult(errors=["422 k"], elapsed_s=1.0)
+
+    monkeypatch.setattr(service.bench, "run_cell", cell)
+    monkeypatch.setattr(service.bench, "running_server", lambda *a: contextlib.nullcontext("http://x"))
+    out = tmp_path / "bench.json"
+    command = ["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--json", str(out), "--clients", "1,8"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1 and "the server refused all 1 requests" in result.output, result.output
+    assert f"the 1 cells measured before it are in {out}" in " ".join(result.output.split())
+    assert [row["clients"] for row in json.loads(out.read_text())["beam"]] == [1]
+
+
 def test_bench_serve_prints_batching_against_the_server_without_it_measured_in_the_same_run(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
