@@ -53,6 +53,8 @@ def test_trie_bytes_counts_a_row_per_inner_node_and_the_spare(tiny_policy: Polic
     [
         (["--sids", "600", "--codebook", "8"], "--sids 600 is more than the 512 distinct SIDs of 8 codes per level"),
         (["--sids", "5,100"], "--sids 5: give at least 10 SIDs"),
+        # the trie refused it after the catalog was drawn, telling to renumber the codes of an index.json
+        (["--sids", "20", "--codebook", "70000"], "--codebook': Input should be less than or equal to 65536"),
     ],
 )
 def test_bench_catalog_refuses_sizes_it_cannot_build(args: list[str], message: str) -> None:

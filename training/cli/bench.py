@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from models.sid_catalog import MAX_CODES  # torch-free, as every import here
 from training.cli.options import DeviceOpt, demo_policy, int_list, require_checkpoint, writable_file, write_json
 
 
@@ -121,7 +122,9 @@ def register_bench(bench: typer.Typer) -> None:
             "10000,100000"
         ),
         batches: Annotated[str, typer.Option("--batches", help="Comma list of batch sizes.")] = "1,32",
-        codebook: Annotated[int, typer.Option("--codebook", min=2, help="Codes per SID level (3 levels).")] = 256,
+        codebook: Annotated[
+            int, typer.Option("--codebook", min=2, max=MAX_CODES, help="Codes per SID level (3 levels).")
+        ] = 256,
         repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed calls per cell (after a warm-up).")] = 5,
         device: DeviceOpt = "cpu",
     ) -> None:
