@@ -27,3 +27,12 @@ def test_the_two_trainers_take_their_steps_in_turn_each_timed_on_the_models_devi
     assert order == ["grpo", "vstar"] * 3  # a warm-up step each, then two timed rounds
     assert len(waits) == 2 * 4  # a wait before and after each timed step
     assert set(result) == {"grpo_s_per_step", "vstar_s_per_step"}
+
+
+def test_a_budget_the_initial_tree_cannot_fit_is_refused_before_any_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was found by V-STAR's first rollout, after every GRPO step had been timed."""
+    steps: list[str] = []
+    monkeypatch.setattr(RLTrainer, "step", lambda self, samples: steps.append(self.config.algo) or {})
+    with pytest.raises(ValueError, match="budget 20 is below"):
+        rl_bench.run_train_bench(None, None, "tiny", batch_size=2, steps=1, budget=20, device="cpu")
+    assert steps == []

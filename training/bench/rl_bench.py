@@ -32,6 +32,7 @@ from models.checkpoint import load_checkpoint
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, level_token
 from models.value_head import value_head_for
+from models.ved_config import resolve_budget
 from training.bench.timing import interleaved_ms
 from training.data.dataset import RecDataset, Sample, check_catalog
 from training.rl.config import RLConfig, rollout_ved_config
@@ -86,13 +87,14 @@ def run_train_bench(
 ) -> dict[str, float]:
     torch.manual_seed(0)
     ds = data or synthetic_dataset()
+    vstar_config = RLConfig(algo="vstar", batch_size=batch_size, ved_config=rollout_ved_config(budget))
+    resolve_budget(vstar_config.ved_config, ds.catalog.depth)  # one the initial tree cannot fit: before any work
     if checkpoint is not None:
         policy = load_checkpoint(checkpoint, device).policy
         check_catalog(policy.catalog, ds, "--checkpoint")
     else:
         policy = Policy.from_preset(preset, ds.catalog, seed=0).to(device)
     samples = list(ds.splits["train"][:batch_size])
-    vstar_config = RLConfig(algo="vstar", batch_size=batch_size, ved_config=rollout_ved_config(budget))
     trainers = {
         "grpo": make_trainer(policy, RLConfig(algo="grpo", batch_size=batch_size), ds.embeddings, steps),
         "vstar": make_trainer(policy, vstar_config, ds.embeddings, steps),
