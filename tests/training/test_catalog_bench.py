@@ -28,6 +28,7 @@ def test_the_bench_checks_the_bonus_against_the_trie_wide_pass() -> None:
         assert [c["batch"] for c in row["cells"]] == [1, 3]
         assert all(c["identical"] for c in row["cells"])
         assert row["row_per_node_bytes"] > row["trie_bytes"]  # the leaves' rows are what it saves
+        assert 0 < row["python_bytes"] < row["trie_bytes"]  # measured, and not the per-node dict it once held
 
 
 def test_the_reference_bonus_equals_node_bonus_with_several_rows(tiny_policy: Policy) -> None:

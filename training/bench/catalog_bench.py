@@ -8,6 +8,10 @@ are built, and measured:
   table row per prefix node), against ``row_per_node_mib``, the same tensors
   with a row for every node, leaves included (their size, computed), the
   layout that grew with the catalog;
+* ``python_mib``: the Python objects the trie holds beside its tensors
+  (``tracemalloc`` over one more build, untimed, after a garbage collect; the
+  tensors' storage is torch's, which it does not see): the per-node dict of
+  prefixes it once held beside them took 133 MiB at a million SIDs;
 * ``build_s``: building the trie (the service and every trainer do it at start);
 * per batch of histories (10 random items each), the fusion bonus
   (``TransitionCounts.node_bonus``: the paths above the followed SIDs, held
@@ -23,8 +27,11 @@ bonus reads no others. Timings are the best of interleaved repeats
 
 from __future__ import annotations
 
+import gc
 import time
+import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -102,6 +109,21 @@ def catalog_cell(
     }
 
 
+def python_bytes(build: Callable[[], object]) -> int:
+    """Bytes of the Python objects that what ``build`` returns still holds once built, by ``tracemalloc`` (torch's
+    tensor storage is not traced: ``trie_bytes`` counts it)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        built = build()
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del built
+    return held
+
+
 def catalog_row(
     num_sids: int, batches: tuple[int, ...], codebook: int, repeats: int, seed: int, device: str
 ) -> dict[str, Any]:
@@ -112,6 +134,7 @@ def catalog_row(
     trie = SidTrie(catalog, policy.token_id).to(device)  # timed here; the policy built its own
     build_s = time.perf_counter() - t0
     held, per_node = trie_bytes(trie)
+    python = python_bytes(lambda: SidTrie(catalog, policy.token_id))
     rng = np.random.default_rng(seed)
     cells = []
     for b in batches:
@@ -136,6 +159,8 @@ def catalog_row(
         "trie_bytes": held,
         "row_per_node_bytes": per_node,
         "trie_mib": round(held / 2**20, 1),
+        "python_bytes": python,
+        "python_mib": round(python / 2**20, 1),
         "row_per_node_mib": round(per_node / 2**20, 1),
         "memory_ratio": round(per_node / held, 2),
         "cells": cells,
@@ -162,15 +187,16 @@ def run_catalog_bench(
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [
-        "| SIDs | nodes | trie build s | trie MiB | row per node MiB | ratio | batch | bonus ms | trie-wide ms "
-        "| speed-up | identical | fused beam (10) ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| SIDs | nodes | trie build s | trie MiB | row per node MiB | ratio | trie Python MiB | batch | bonus ms "
+        "| trie-wide ms | speed-up | identical | fused beam (10) ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         for c in r["cells"]:
             lines.append(
                 f"| {r['sids']} | {r['nodes']} | {r['build_s']:.2f} | {r['trie_mib']:.1f} | "
-                f"{r['row_per_node_mib']:.1f} | {r['memory_ratio']:.2f}x | {c['batch']} | {c['bonus_ms']:.2f} | "
+                f"{r['row_per_node_mib']:.1f} | {r['memory_ratio']:.2f}x | {r['python_mib']:.1f} | {c['batch']} | "
+                f"{c['bonus_ms']:.2f} | "
                 f"{c['trie_wide_ms']:.2f} | {c['speedup']:.2f}x | {c['identical']} | {c['beam_ms']:.2f} |"
             )
     return "\n".join(lines)
