@@ -197,7 +197,7 @@ class Settings(BaseSettings):
         if self.default_k > self.max_k:
             raise ValueError(f"VSTAR_DEFAULT_K={self.default_k} exceeds VSTAR_MAX_K={self.max_k}")
         if self.require_api_keys and not self.api_keys:
-            raise ValueError("require_api_keys is set but no api_keys are given (VSTAR_API_KEYS=key1,key2)")
+            raise ValueError("VSTAR_REQUIRE_API_KEYS is set but VSTAR_API_KEYS names no key (VSTAR_API_KEYS=key1,key2)")
         if self.ved_default_latency_ms > self.ved_max_latency_ms:
             raise ValueError(
                 f"VSTAR_VED_DEFAULT_LATENCY_MS={self.ved_default_latency_ms} "
