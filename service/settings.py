@@ -209,6 +209,12 @@ class Settings(BaseSettings):
                 f"leave no search time within VSTAR_VED_MAX_LATENCY_MS={self.ved_max_latency_ms}: every VED request "
                 "would be answered by its fallback"
             )
+        if self.ved_margin_ms + self.ved_respond_ms >= self.ved_default_latency_ms:
+            raise ValueError(
+                f"VSTAR_VED_MARGIN_MS={self.ved_margin_ms:g} plus VSTAR_VED_RESPOND_MS={self.ved_respond_ms:g} "
+                f"leave no search time within VSTAR_VED_DEFAULT_LATENCY_MS={self.ved_default_latency_ms}: every VED "
+                "request without latency_ms would be answered from popularity"
+            )
         return self
 
     @property
