@@ -224,6 +224,8 @@ BAD_REQUESTS = [
     ({"history": [1], "mode": "greedy"}, "mode"),
     ({"history": [1], "mode": "ved", "budget": 0}, "budget"),
     ({"history": [1], "mode": "ved", "latency_ms": 100000}, "latency_ms"),
+    ({"history": [1], "budget": 64}, "budget"),  # beam has none: it said "body: budget applies to mode 'ved' only"
+    ({"history": [1], "mode": "beam", "latency_ms": 100}, "latency_ms"),
     ({"history": [1, 99999]}, "history: unknown item ids [99999]"),
     ({"history": ["<a_1><b_2>", "nope"]}, "history: malformed SIDs ['<a_1><b_2>', 'nope']"),
     ({"history": ["<a_0><b_0><c_999>"]}, "history: SIDs not in the catalog"),
