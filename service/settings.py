@@ -164,7 +164,13 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
-        return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+        """A comma list. A JSON list (how pydantic-settings reads other list settings) would be split into keys
+        such as '["key1"' that no client sends, so every write was a 401 with nothing said: refused by name."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            raise ValueError('a comma list of keys (key1,key2), not a JSON list (["key1", "key2"])')
+        return [k.strip() for k in value.split(",") if k.strip()]
 
     @field_validator("redis_url")
     @classmethod
