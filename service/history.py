@@ -56,8 +56,10 @@ def resolve_entries(
                 events.append(HistoryEvent(item_id, catalog.items[item_id].sid))
             continue
         if isinstance(entry, int) or (entry.isascii() and entry.isdigit()):
-            # a 30-digit id is no catalog id; the bound also keeps int() away from huge strings
-            item = catalog.items.get(int(entry)) if len(str(entry)) <= 20 else None
+            # a 30-digit id is no catalog id; the bound also keeps int() away from huge strings. Counted without
+            # leading zeros, which name the same item ("05" is 5, as the path's /items/0005 is)
+            digits = str(entry).lstrip("0") or "0"
+            item = catalog.items.get(int(digits)) if len(digits) <= 20 else None
             if item is None:
                 unknown_ids.append(entry)
             else:

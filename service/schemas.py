@@ -23,8 +23,9 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
     create_model,
-    model_validator,
+    field_validator,
 )
 
 from models.beam_search import BeamSearchConfig
@@ -98,16 +99,14 @@ class RecommendRequest(BaseModel):
     latency_ms: int | None = Field(None, description="VED: latency cap in ms (default from settings).")
     exclude_history: bool | None = Field(None, description="Drop items already in the history (default from settings).")
 
-    @model_validator(mode="after")
-    def _ved_fields_need_ved(self) -> RecommendRequest:
-        """A beam request has no budget and no cap: one given would be silently ignored."""
-        given = [name for name in ("budget", "latency_ms") if getattr(self, name) is not None]
-        if self.mode == "beam" and given:
-            verb = "apply" if len(given) > 1 else "applies"
-            raise ValueError(
-                f"{' and '.join(given)} {verb} to mode 'ved' only; beam search has no token budget or latency cap"
-            )
-        return self
+    @field_validator("budget", "latency_ms")
+    @classmethod
+    def _ved_fields_need_ved(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """A beam request has no budget and no cap: one given would be silently ignored. A field validator (``mode``
+        comes before both) so that the error is located at the field, as every other one: ``body.budget: ...``."""
+        if value is not None and info.data.get("mode") == "beam":
+            raise ValueError("applies to mode 'ved' only; beam search has no token budget or latency cap")
+        return value
 
     def to_decode_config(self, extra: int, ved: VEDConfig) -> BeamSearchConfig | VEDConfig:
         """The decoder's config: ``k`` plus ``extra`` results (those exclusion may remove).

@@ -164,7 +164,13 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
-        return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+        """A comma list. A JSON list (how pydantic-settings reads other list settings) would be split into keys
+        such as '["key1"' that no client sends, so every write was a 401 with nothing said: refused by name."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            raise ValueError('a comma list of keys (key1,key2), not a JSON list (["key1", "key2"])')
+        return [k.strip() for k in value.split(",") if k.strip()]
 
     @field_validator("redis_url")
     @classmethod
@@ -197,7 +203,7 @@ class Settings(BaseSettings):
         if self.default_k > self.max_k:
             raise ValueError(f"VSTAR_DEFAULT_K={self.default_k} exceeds VSTAR_MAX_K={self.max_k}")
         if self.require_api_keys and not self.api_keys:
-            raise ValueError("require_api_keys is set but no api_keys are given (VSTAR_API_KEYS=key1,key2)")
+            raise ValueError("VSTAR_REQUIRE_API_KEYS is set but VSTAR_API_KEYS names no key (VSTAR_API_KEYS=key1,key2)")
         if self.ved_default_latency_ms > self.ved_max_latency_ms:
             raise ValueError(
                 f"VSTAR_VED_DEFAULT_LATENCY_MS={self.ved_default_latency_ms} "
@@ -208,6 +214,12 @@ class Settings(BaseSettings):
                 f"VSTAR_VED_MARGIN_MS={self.ved_margin_ms:g} plus VSTAR_VED_RESPOND_MS={self.ved_respond_ms:g} "
                 f"leave no search time within VSTAR_VED_MAX_LATENCY_MS={self.ved_max_latency_ms}: every VED request "
                 "would be answered by its fallback"
+            )
+        if self.ved_margin_ms + self.ved_respond_ms >= self.ved_default_latency_ms:
+            raise ValueError(
+                f"VSTAR_VED_MARGIN_MS={self.ved_margin_ms:g} plus VSTAR_VED_RESPOND_MS={self.ved_respond_ms:g} "
+                f"leave no search time within VSTAR_VED_DEFAULT_LATENCY_MS={self.ved_default_latency_ms}: every VED "
+                "request without latency_ms would be answered from popularity"
             )
         return self
 

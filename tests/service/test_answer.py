@@ -41,6 +41,13 @@ def test_the_cached_bytes_are_the_layout_of_cache_format_1(answer: Answer) -> No
     assert answer.to_json() == json.dumps(asdict(answer)).encode()
 
 
+def entry(item: dict[str, object] | None = None, **fields: object) -> bytes:
+    """A cache entry of one item (or none) with ``fields`` in place of the answer's own."""
+    items = [{"sid": "x", "item_ids": [1], "titles": ["t"], "score": 0.5} | item] if item is not None else []
+    search = {"tokens_spent": 1, "nodes": 2, "max_depth": 1, "iterations": 0, "fallback": None}
+    return json.dumps({"items": items, "cap_hit": False, "search": search} | fields).encode()
+
+
 @pytest.mark.parametrize(
     ("body", "wrong"),
     [
@@ -52,10 +59,28 @@ def test_the_cached_bytes_are_the_layout_of_cache_format_1(answer: Answer) -> No
             "unexpected keyword argument 'extra'",
         ),
         (b'{"items": [], "cap_hit": false, "search": {"tokens_spent": 1}}', "missing 4 required positional arguments"),
-        (b'{"items": 3, "cap_hit": false, "search": null}', "TypeError: 'int' object is not iterable"),
+        (b'{"items": 3, "cap_hit": false, "search": null}', "TypeError: items is a int, not a list"),
+        # a dataclass takes values of any type: these read as answers that the wire response refused (a 500)
+        (entry(items={}), "items is a dict, not a list"),  # iterated as its keys: served as no items
+        (entry(cap_hit=None), "cap_hit is not of its type"),
+        (entry({"sid": 1}), "sid is not"),
+        (entry({"item_ids": "12"}), "item_ids is not"),
+        (entry({"item_ids": [True]}), "item_ids is not"),
+        (entry({"titles": [3]}), "titles is not"),
+        (entry({"score": "high"}), "score is not"),
+        (entry({"score": float("nan")}), "score is not"),  # served as "score": null
+        (entry(search={"tokens_spent": "1", "nodes": 2, "max_depth": 1, "iterations": 0, "fallback": None}), "tokens"),
+        (entry(search={"tokens_spent": 1, "nodes": 2, "max_depth": 1, "iterations": 0, "fallback": "x"}), "fallback"),
     ],
 )
 def test_a_body_that_is_not_an_answer_is_refused_with_what_is_wrong(body: bytes, wrong: str) -> None:
     with pytest.raises(ValueError, match="not a cached answer: ") as refused:
         Answer.from_json(body)
     assert wrong in str(refused.value)
+
+
+def test_the_entry_of_the_refusal_tests_is_an_answer() -> None:
+    """What the cases above change is all that is wrong with them."""
+    assert Answer.from_json(entry({})) == Answer(
+        [RankedSid("x", [1], ["t"], 0.5)], False, SearchReport(1, 2, 1, 0, None)
+    )

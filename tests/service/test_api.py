@@ -127,7 +127,13 @@ def test_an_unreadable_cache_entry_is_a_miss_that_the_answer_replaces(client: Te
     before = set(store.keys("vstar:cache:*"))
     fresh = client.post("/recommend", json=req).json()
     (key,) = set(store.keys("vstar:cache:*")) - before
-    for corrupt in [b"{not json", b'{"items": [{"sid": "x", "extra": 1}], "cap_hit": false, "search": null}']:
+    for corrupt in [
+        b"{not json",
+        b'{"items": [{"sid": "x", "extra": 1}], "cap_hit": false, "search": null}',
+        # JSON of the layout with a value of another type: the wire response refused it (a 500)
+        b'{"items": [{"sid": "x", "item_ids": "1", "titles": [], "score": 0.5}], "cap_hit": false, "search": null}',
+        b'{"items": [], "cap_hit": null, "search": null}',
+    ]:
         store.set(key, corrupt)
         r = client.post("/recommend", json=req)
         assert r.status_code == 200 and r.json()["cached"] is False and r.json()["items"] == fresh["items"], r.text
@@ -218,6 +224,8 @@ BAD_REQUESTS = [
     ({"history": [1], "mode": "greedy"}, "mode"),
     ({"history": [1], "mode": "ved", "budget": 0}, "budget"),
     ({"history": [1], "mode": "ved", "latency_ms": 100000}, "latency_ms"),
+    ({"history": [1], "budget": 64}, "budget"),  # beam has none: it said "body: budget applies to mode 'ved' only"
+    ({"history": [1], "mode": "beam", "latency_ms": 100}, "latency_ms"),
     ({"history": [1, 99999]}, "history: unknown item ids [99999]"),
     ({"history": ["<a_1><b_2>", "nope"]}, "history: malformed SIDs ['<a_1><b_2>', 'nope']"),
     ({"history": ["<a_0><b_0><c_999>"]}, "history: SIDs not in the catalog"),

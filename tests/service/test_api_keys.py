@@ -42,7 +42,12 @@ def test_keys_come_from_a_comma_list_in_the_environment(monkeypatch: pytest.Monk
     monkeypatch.setenv("VSTAR_API_KEYS", "alpha-key-1, beta-key-2")
     keys = Settings(checkpoint=tiny_checkpoint).api_keys
     assert [k.get_secret_value() for k in keys] == ["alpha-key-1", "beta-key-2"]
-    with pytest.raises(ValueError, match="require_api_keys"):
+    monkeypatch.setenv("VSTAR_API_KEYS", '["alpha-key-1", "beta-key-2"]')  # read as keys '["alpha-key-1"' and ...
+    with pytest.raises(ValueError, match=r"api_keys\n.*a comma list of keys \(key1,key2\), not a JSON list"):
+        Settings(checkpoint=tiny_checkpoint)
+    monkeypatch.delenv("VSTAR_API_KEYS")
+    # named by the variables an operator sets (it said "require_api_keys ... api_keys", the fields' names)
+    with pytest.raises(ValueError, match="VSTAR_REQUIRE_API_KEYS is set but VSTAR_API_KEYS names no key"):
         Settings(checkpoint=tiny_checkpoint, api_keys=[], require_api_keys=True)
 
 

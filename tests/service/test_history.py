@@ -51,6 +51,15 @@ def test_a_bare_string_keeps_its_meaning_where_it_is_also_an_external_id(tiny_ca
         resolve_entries(named, ["90003"], "history")
 
 
+def test_an_item_id_of_digits_is_its_number_however_many_leading_zeros(tiny_catalog: SidCatalog) -> None:
+    """ "05" is item 5 (README), and so is "0...05" of more than 20 characters, as /items/0...05 is: the bound on an
+    id's length counted its zeros, so it was an unknown item id. A number of more than 20 digits is still none."""
+    for text, item_id in [("05", 5), ("0" * 30 + "5", 5), ("0" * 5000 + "17", 17), ("0" * 40, 0)]:
+        assert [e.item_id for e in resolve_entries(tiny_catalog, [text], "history")] == [item_id]
+    with pytest.raises(InvalidInput, match=r"^history: unknown item ids \['01000000000000000000005'\] \(1\)$"):
+        resolve_entries(tiny_catalog, ["0" + "1" + "0" * 20 + "5"], "history")
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.frozensets(st.integers(0, 59)))
 def test_fully_excluded_sids_counts_the_sids_whose_every_item_is_excluded(excluded: frozenset[int]) -> None:

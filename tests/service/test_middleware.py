@@ -37,6 +37,12 @@ def test_a_content_length_of_other_digits_is_refused_not_a_500() -> None:
     assert _call(BodyLimitMiddleware(_ok, max_bytes=100), [(b"content-length", b"2")])[0]["status"] == 200
 
 
+def test_a_content_length_of_more_digits_than_int_reads_is_refused_not_a_500() -> None:
+    """int() refuses a string of more than 4,300 digits: a ValueError, and so a 500. Leading zeros do not count."""
+    for declared, status in [(b"9" * 5000, 413), (b"0" * 5000 + b"100", 200), (b"0" * 5000 + b"101", 413)]:
+        assert _call(BodyLimitMiddleware(_ok, max_bytes=100), [(b"content-length", declared)])[0]["status"] == status
+
+
 def test_a_request_id_with_a_final_newline_is_replaced() -> None:
     """'$' also matched before a final newline, so such an id was echoed into the response header and logs."""
     sent = _call(RequestContextMiddleware(_ok, log_requests=False), [(b"x-request-id", b"abc\n")])

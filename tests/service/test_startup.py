@@ -97,6 +97,10 @@ def test_settings_reject_inconsistent_defaults(tiny_checkpoint: Path) -> None:
         Settings(checkpoint=tiny_checkpoint, ved_default_latency_ms=500, ved_max_latency_ms=100)
     with pytest.raises(ValueError, match="VSTAR_VED_MARGIN_MS=5000 plus VSTAR_VED_RESPOND_MS=4 leave no search time"):
         Settings(checkpoint=tiny_checkpoint, ved_margin_ms=5000)
+    # a default cap the reserves fill: every VED request that gives no cap went to popularity, without a word
+    with pytest.raises(ValueError, match="VSTAR_VED_RESPOND_MS=4 leave no search time within VSTAR_VED_DEFAULT_LAT"):
+        Settings(checkpoint=tiny_checkpoint, ved_default_latency_ms=9)
+    assert Settings(checkpoint=tiny_checkpoint, ved_default_latency_ms=10).ved_default_latency_ms == 10
     with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
         Settings(checkpoint=tiny_checkpoint, device="gpu0")
     with pytest.raises(ValueError, match="database in the Redis URL must be a number .* got 'abc'"):

@@ -354,9 +354,9 @@ def test_concurrent_ved_requests_share_a_search_and_its_earliest_deadline(
         ({"history": [1], "mode": "ved", "budget": 5}, "budget"),
         ({"history": [1], "mode": "ved", "budget": 10**6}, "budget"),
         ({"history": [1], "mode": "ved", "latency_ms": 0}, "latency_ms"),
-        ({"history": [1], "mode": "beam", "budget": 64}, "budget applies to mode 'ved' only"),
-        ({"history": [1], "latency_ms": 100}, "latency_ms applies to mode 'ved' only"),  # beam: the default mode
-        ({"history": [1], "mode": "beam", "budget": 64, "latency_ms": 100}, "budget and latency_ms apply"),
+        ({"history": [1], "mode": "beam", "budget": 64}, "^body.budget: applies to mode 'ved' only"),
+        ({"history": [1], "latency_ms": 100}, "^body.latency_ms: applies to mode 'ved' only"),  # beam: the default
+        ({"history": [1], "mode": "beam", "budget": 64, "latency_ms": 100}, "budget: applies .*; body.latency_ms: app"),
     ],
 )
 def test_bad_ved_parameters_are_422(client: TestClient, body: dict[str, Any], field: str) -> None:
