@@ -44,11 +44,11 @@ from tqdm import tqdm
 
 from models.atomic_folder import replacing_file
 from service.app import load_recommender
-from service.decode_scheduler import DecodeRow
+from service.decode_scheduler import DecodePlan, DecodeRow
 from service.errors import InvalidInput, shorten, unreadable_body, validation_message
 from service.history import resolve_entries
 from service.metrics import ServiceMetrics
-from service.recommender import DecodePlan, Recommender
+from service.recommender import Recommender
 from service.schemas import RecommendedItem, RecommendRequest
 from service.settings import Settings
 

@@ -118,6 +118,16 @@ class DecodeJob:
 
 
 @dataclass(frozen=True)
+class DecodePlan:
+    """What one request asks the model for: decoded under ``config`` (jobs of equal configs share a decode),
+    then ranked less ``excluded``, the items the user has when ``exclude_history`` is on."""
+
+    config: BeamSearchConfig | VEDConfig
+    job: DecodeJob  # the SIDs the prompt sees, and the items the fusion reads; no deadline
+    excluded: frozenset[int]
+
+
+@dataclass(frozen=True)
 class DecodeRow:
     sid_index: list[int]  # ranked catalog SID indices, -1 where no valid SID
     scores: list[float]

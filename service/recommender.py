@@ -10,17 +10,10 @@ Design decisions:
   row is a SID with all its items. ``exclude_history`` removes the user's items
   from those lists and drops a SID whose items are all excluded; the decode asks
   for ``k`` plus that many extra beams, so k items still come back when k exist.
-* The response cache key is the cache's format (``CACHE_FORMAT``), the model
-  version and the normalised request: the SIDs the prompt actually sees (the
-  last ``max_history``), when fused with transition counts the weight and the
-  items of the counts' window (items sharing a SID rank apart then), the
-  exclusion set when exclusion is on, ``k``, the mode and, for VED only, the
-  budget resolved (none given and VED's own for its k are one entry). Not the
-  cap: only answers it did not cut are cached, and those are the full search's,
-  whatever the cap was (the search runs to its budget or an exhausted tree).
-  An entry that does not read as an answer (corrupt) is a miss, logged, and
-  the search's answer replaces it. A user's new event changes the key, so the
-  cache never needs invalidating.
+* The response cache (``service.response_cache``) keys an answer by the model
+  version and the normalised request (the SIDs the prompt sees, the exclusion
+  set, k, the mode, the search as run), never by the cap: only answers it did
+  not cut are cached, and those are the full search's, whatever the cap was.
 * The hard cap: a VED request waits for its decode until its last chance,
   ``cap - ved_respond_ms`` less the loop's learnt lateness (below), at most. If
   the model thread has not answered by then (queued behind other batches, or a
@@ -64,14 +57,11 @@ object built at startup still owns both.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from models.beam_search import BeamSearchConfig
@@ -79,12 +69,13 @@ from models.checkpoint import LoadedCheckpoint
 from models.sid_catalog import parse_sid, sid_to_str
 from models.value_head import ValueHead
 from models.ved_config import VEDConfig, resolve_budget
-from service.answer import CACHE_FORMAT, Answer, RankedSid, SearchReport
+from service.answer import Answer, RankedSid, SearchReport
 from service.deadline import DeadlineMargin
-from service.decode_scheduler import SHED, DecodeJob, DecodeRow, DecodeScheduler
+from service.decode_scheduler import SHED, DecodeJob, DecodePlan, DecodeRow, DecodeScheduler
 from service.errors import InvalidInput, NotFound, StoreUnavailable, shorten
 from service.history import HistoryEvent, excluded_items, fully_excluded_sids, resolve_entries, resolve_stored
 from service.metrics import ServiceMetrics
+from service.response_cache import ResponseCache
 from service.schemas import (
     EventsResponse,
     ExternalItemRef,
@@ -102,16 +93,6 @@ from service.store_calls import StoreCalls
 from service.stores import Store, StoreRefused, WriteOutcomeUnknown
 
 log = logging.getLogger("service.recommender")
-
-
-@dataclass(frozen=True)
-class DecodePlan:
-    """What one request asks the model for: decoded under ``config`` (jobs of equal configs share a decode),
-    then ranked less ``excluded``, the items the user has when ``exclude_history`` is on."""
-
-    config: BeamSearchConfig | VEDConfig
-    job: DecodeJob  # the SIDs the prompt sees, and the items the fusion reads; no deadline
-    excluded: frozenset[int]
 
 
 def _expire(future: asyncio.Future[DecodeRow]) -> None:
@@ -143,6 +124,9 @@ class Recommender(DecodeScheduler):
         metrics.track(metrics.ved_cap_lateness, self.cap_lateness.margin_s)  # in force at each scrape, not stale
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
         self.store_calls = StoreCalls(metrics)  # bounded by a VED request's cap, or not (service.store_calls)
+        self.cache = ResponseCache(
+            store, self.store_calls, metrics, settings.cache_ttl_s, self.model_version, self.fusion
+        )
 
     def _prior_order(self, popular: Sequence[Sequence[Any]]) -> DecodeRow:
         """Every catalog SID index with a popularity log-probability: the checkpoint's training-target
@@ -187,15 +171,15 @@ class Recommender(DecodeScheduler):
         reads_by = None if answer_by is None else started + share_s
         events, stored_state = await self._history_for(req, reads_by)
         plan = self.plan(req, events)
-        key = self._cache_key(req, plan) if self.settings.cache_ttl_s else None  # None: off
-        answer = await self._cache_get(key, reads_by) if key is not None else None
+        key = self.cache.key(req, plan)  # None: the cache is off
+        answer = await self.cache.get(key, reads_by) if key is not None else None
         cached = answer is not None
         if answer is None:
             answer = await self._search(req, plan, started, answer_by)
             if key is not None and not answer.cap_hit:
                 # as long as the reads had, up to the last chance
                 write_by = None if answer_by is None else min(answer_by, time.perf_counter() + share_s)
-                await self._cache_set(key, answer, write_by)
+                await self.cache.set(key, answer, write_by)
         return RecommendResponse(
             items=self.wire_items(answer.items),
             mode=req.mode,
@@ -343,42 +327,6 @@ class Recommender(DecodeScheduler):
         if self.fusion is None:
             return ()
         return tuple(-1 if e.item_id is None else e.item_id for e in events[-self.fusion.counts.window :])
-
-    def _cache_key(self, req: RecommendRequest, plan: DecodePlan) -> str:
-        norm: dict[str, Any] = {
-            "f": CACHE_FORMAT,
-            "v": self.model_version,
-            "h": [sid_to_str(sid) for sid in plan.job.history],
-            "x": sorted(plan.excluded),
-            "k": req.k,
-            "m": req.mode,
-        }
-        if self.fusion is not None:  # the items themselves rank, not only their SIDs, and by the weight served
-            norm |= {"t": list(plan.job.items), "w": self.fusion.weight}
-        if isinstance(plan.config, VEDConfig):  # the search as run, its budget resolved: the checkpoint's settings
-            # (the model version does not hold them) and the request's; never the cap: an answer it cut is not cached
-            norm["b"] = {name: value for name, value in asdict(plan.config).items() if name != "deadline"}
-        return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()
-
-    async def _cache_get(self, key: str, by: float | None) -> Answer | None:
-        try:
-            raw = await self.store_calls.within("read_cache", self.store.cache_get(key), by)
-        except StoreUnavailable:
-            raw = None
-        answer = None
-        if raw is not None:
-            try:
-                answer = Answer.from_json(raw)
-            except ValueError as e:  # a corrupt entry: a miss, and the search's answer replaces it
-                log.warning("unreadable response cache entry, treated as a miss", extra={"key": key, "error": str(e)})
-        self.metrics.cache.labels("hit" if answer is not None else "miss").inc()
-        return answer
-
-    async def _cache_set(self, key: str, answer: Answer, by: float | None) -> None:
-        with contextlib.suppress(StoreUnavailable):  # counted by StoreCalls.within; the answer goes out uncached
-            await self.store_calls.within(
-                "write_cache", self.store.cache_set(key, answer.to_json(), self.settings.cache_ttl_s), by
-            )
 
     async def append_events(
         self, user_id: str, entries: Sequence[int | str | ExternalItemRef], idempotency_key: str | None = None

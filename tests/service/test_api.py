@@ -95,12 +95,12 @@ def test_the_ved_cache_key_holds_the_search_settings_the_checkpoint_gives(
     rec = client.app.state.recommender
     req = RecommendRequest(history=[30, 31, 32], k=4, mode="ved", latency_ms=1000)
     events = resolve_entries(rec.catalog, req.history, "history")
-    key = rec._cache_key(req, rec.plan(req, events))
-    assert rec._cache_key(req, rec.plan(req, events)) == key
+    key = rec.cache.key(req, rec.plan(req, events))
+    assert rec.cache.key(req, rec.plan(req, events)) == key
     monkeypatch.setattr(rec, "ved_settings", replace(rec.ved_settings, lam=rec.ved_settings.lam + 0.5))
-    assert rec._cache_key(req, rec.plan(req, events)) != key
+    assert rec.cache.key(req, rec.plan(req, events)) != key
     beam = RecommendRequest(history=[30, 31, 32], k=4)
-    assert rec._cache_key(beam, rec.plan(beam, events)) == rec._cache_key(beam, rec.plan(beam, events))
+    assert rec.cache.key(beam, rec.plan(beam, events)) == rec.cache.key(beam, rec.plan(beam, events))
 
 
 def test_a_ved_entry_serves_any_cap_and_a_budget_given_as_veds_own(client: TestClient) -> None:
