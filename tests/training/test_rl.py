@@ -170,7 +170,7 @@ def test_grpo_step_updates_policy_not_reference(tiny_policy: Policy, tiny_datase
     stats = trainer.step(tiny_dataset.splits["train"][:8])
     assert math.isfinite(stats["loss"]) and math.isnan(stats["value_loss"])
     assert changed(before, policy.model) and not changed(ref_before, reference.model)
-    assert stats["sibling_tokens"] == 0 and stats["tokens_per_prompt"] == 16 * 2
+    assert stats["sibling_tokens"] == 0 and stats["tokens_per_prompt"] == 6 + 16  # the 6 first-level codes, 16 beams
     assert stats["distinct"] == 16 and 0 <= stats["reachability"] <= 1
 
 
@@ -754,11 +754,12 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
     assert {k: diag[k] for k in ("rows", "split", "decoder", "num_candidates")} == {
         "rows": 6, "split": "valid", "decoder": "beam", "num_candidates": 16
     }  # fmt: skip
-    assert diag["tokens_per_prompt"] == 32 and diag["nonzero_adv_share"] == diag["reachability"]
+    # the tiny catalog's 6 first-level codes, then 16 beams of its 30 second-level prefixes (beam_tokens)
+    assert diag["tokens_per_prompt"] == 6 + 16 and diag["nonzero_adv_share"] == diag["reachability"]
     invoke(["diagnose", "--data", data, "--checkpoint", str(out), "--decoder", "beam", "--budget", "64", "--limit", "6",
             "--json", str(tmp_path / "d64.json")])  # fmt: skip
     wide = json.loads((tmp_path / "d64.json").read_text())
-    assert wide["tokens_per_prompt"] == 64  # width 32, its 16 best
+    assert wide["tokens_per_prompt"] == 6 + 30  # width 32, its 16 best: every prefix of both levels
     # a budget below what width G feeds cannot be spent as asked: refused, not silently raised to G's
     from vstar import app
 

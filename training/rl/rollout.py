@@ -7,7 +7,11 @@ it decoded per prompt. Two sources:
 * ``beam_source``: constrained beam search of width G (MiniOneRec's GRPO).
   Budget accounting follows VED's rule (tokens decoded by the backbone, the
   prompt's prefill excluded): the first level comes from the prefill and the
-  last level's tokens are never fed back, so beam search spends G * (depth - 1).
+  last level's tokens are never fed back, and a level's beams hold at most the
+  catalog's prefixes of that level (the rest are empty slots, as in
+  ``models.ved_config.initial_beam_stats``), so beam search of width G spends
+  G * (depth - 1) where every prefix level has at least G prefixes, less on a
+  catalog with fewer.
   With ``fusion`` it is the served decoder, fused with transition counts that
   include the rollout rows; each row's own transition is left out of them
   (``models.transition``), so its target is not handed to the search.
@@ -30,6 +34,7 @@ from models.backbone import prompt_position_ids
 from models.beam_search import BeamSearchConfig, DecodeResult, beam_search
 from models.node_bonus import NodeBonus
 from models.policy import Policy
+from models.sid_trie import SidTrie
 from models.transition import ShallowFusion
 from models.value_head import ValueHead
 from models.ved import ved_search
@@ -72,13 +77,17 @@ class Rollout:
         return [tuple(t) for t in self.token_ids[b][keep].tolist()]
 
 
-def beam_tokens(num_beams: int, depth: int) -> int:
-    """Tokens constrained beam search feeds the backbone per prompt, prefill excluded."""
-    return num_beams * (depth - 1)
+def beam_tokens(num_beams: int, trie: SidTrie) -> int:
+    """Tokens constrained beam search feeds the backbone per prompt, prefill excluded: at each prefix level
+    the beams that hold a prefix, at most the level's prefixes in the catalog (VED's accounting of the same
+    search, ``models.ved_config.initial_beam_stats``). A slot no prefix fills is padding, not a token: on a
+    catalog of 6 first-level codes, width 16 feeds 6 + 16 tokens for SIDs of three, not 2 x 16."""
+    return sum(min(num_beams, n) for n in trie.level_sizes[1 : trie.depth])
 
 
 def budget_beam_width(budget: int, depth: int) -> int:
-    """The widest beam a per-prompt token ``budget`` pays for with SIDs of ``depth`` tokens (``beam_tokens``)."""
+    """The widest beam a per-prompt token ``budget`` pays for with SIDs of ``depth`` tokens, at depth - 1 tokens a
+    beam; on a catalog with fewer prefixes at a level than that, it spends less (``beam_tokens``)."""
     return budget // max(depth - 1, 1)
 
 
@@ -100,7 +109,7 @@ def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowF
         decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width), bonus)
         if width > num_candidates:
             decode = DecodeResult(*(t[:, :num_candidates] for t in (decode.sid_index, decode.scores, decode.token_ids)))
-        return Candidates(decode, [beam_tokens(width, depth)] * ids.shape[0])
+        return Candidates(decode, [beam_tokens(width, policy.trie)] * ids.shape[0])
 
     return run
 

@@ -1,0 +1,26 @@
+"""``vstar diagnose``'s figures against their definitions, on hand-worked cases and the tiny catalog."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.policy import Policy
+from models.ved_config import VEDConfig, initial_beam_stats
+from training.data.dataset import RecDataset
+from training.rl.rollout import beam_source, collect
+
+
+@pytest.mark.parametrize(("g", "budget", "width"), [(16, None, 16), (16, 64, 32), (4, None, 4)])
+def test_beam_tokens_are_veds_accounting_of_the_same_search(
+    tiny_policy: Policy, tiny_dataset: RecDataset, g: int, budget: int | None, width: int
+) -> None:
+    """Beam search's tokens per prompt are what VED reports for beam search of that width (its initial tree):
+    a level's beams hold at most the catalog's prefixes of that level. The tiny catalog has 6 first-level
+    codes, so width 16 feeds 6 + 16 tokens, not 2 x 16 (the empty slots were counted as fed)."""
+    trie = tiny_policy.trie
+    assert trie.level_sizes[:3] == [1, 6, 30]
+    rows = tiny_dataset.splits["train"][:3]
+    spent = collect(tiny_policy, rows, beam_source(g, budget)).tokens_spent
+    expected = initial_beam_stats(VEDConfig(width, init_beams=width), trie).tokens_spent
+    assert spent == [expected] * len(rows)
+    assert expected == min(width, 6) + min(width, 30)
