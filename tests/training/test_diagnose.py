@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from models.policy import Policy
+from models.sid_catalog import SidCatalog
+from models.value_head import value_head_for
 from models.ved_config import VEDConfig, initial_beam_stats
 from training.data.dataset import RecDataset
+from training.rl.diagnose import diagnose
 from training.rl.rollout import beam_source, collect
 
 
@@ -24,3 +28,21 @@ def test_beam_tokens_are_veds_accounting_of_the_same_search(
     expected = initial_beam_stats(VEDConfig(width, init_beams=width), trie).tokens_spent
     assert spent == [expected] * len(rows)
     assert expected == min(width, 6) + min(width, 30)
+
+
+def test_value_quality_reads_the_policy_without_dropout(tiny_catalog: SidCatalog, tiny_dataset: RecDataset) -> None:
+    """``diagnose`` given a policy in training mode scores the value head on the states the rollout decoded
+    with, dropout off (it was on: the small preset's attention dropout moved V and the log-probs), and hands the
+    policy back in training mode."""
+    rows, source = tiny_dataset.splits["valid"][:8], beam_source(16)
+    out = {}
+    for training in (False, True):
+        policy = Policy.from_preset("small", tiny_catalog, seed=0)  # attention dropout 0.1
+        policy.model.train(training)
+        torch.manual_seed(0)
+        head = value_head_for(policy)
+        out[training] = diagnose(
+            policy, rows, source, progress=False, value_head=head, item_emb=tiny_dataset.embeddings
+        )
+        assert policy.model.training == training
+    assert out[True] == out[False]

@@ -166,13 +166,18 @@ class ValueQuality:
         from training.rl.loss import token_log_probs
 
         batch = sequences(rollout)
-        was_training = self.head.training
+        model = self.policy.model
+        was_training = model.training, self.head.training
+        model.eval()  # dropout off, as in the rollout (``collect``) and the trainer's forwards
         self.head.eval()
-        logp, hidden = token_log_probs(self.policy.model, batch, want_hidden=True)  # (N, D), (N, T+D, H)
-        assert hidden is not None
-        d = batch.depth
-        values = self.head(hidden.float(), batch.attention_mask)[:, -(d + 1) :].cpu()  # (N, D+1) V(s_0..s_D)
-        self.head.train(was_training)
+        try:
+            logp, hidden = token_log_probs(model, batch, want_hidden=True)  # (N, D), (N, T+D, H)
+            assert hidden is not None
+            d = batch.depth
+            values = self.head(hidden.float(), batch.attention_mask)[:, -(d + 1) :].cpu()  # (N, D+1) V(s_0..s_D)
+        finally:
+            model.train(was_training[0])
+            self.head.train(was_training[1])
         _, rule = batch_standard_rewards(rollout.sid_index, rollout.target_sid)
         r = batch_value_rewards(
             rollout.token_ids, rollout.sid_index, rollout.target_tokens, rollout.target_item, rule, self.sid_emb,
