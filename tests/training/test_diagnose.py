@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from models.policy import Policy
 from models.sid_catalog import SidCatalog
 from models.value_head import value_head_for
 from models.ved_config import VEDConfig, initial_beam_stats
+from tests.test_cli import assert_one_line_error
 from training.data.dataset import RecDataset
 from training.rl.diagnose import diagnose
 from training.rl.rollout import beam_source, collect
+from vstar import app
 
 
 @pytest.mark.parametrize(("g", "budget", "width"), [(16, None, 16), (16, 64, 32), (4, None, 4)])
@@ -46,3 +52,16 @@ def test_value_quality_reads_the_policy_without_dropout(tiny_catalog: SidCatalog
         )
         assert policy.model.training == training
     assert out[True] == out[False]
+
+
+def test_an_empty_split_is_named_before_the_checkpoint_loads(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """An empty split was refused only once the checkpoint had loaded, as "no rows to diagnose", naming no
+    split; now as vstar eval refuses it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    (data / "valid.csv").write_text((data / "valid.csv").read_text().splitlines()[0] + "\n")  # the header alone
+    ckpt = tmp_path / "ckpt"  # a manifest alone: the refusal comes before the checkpoint loads
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text("{}")
+    result = CliRunner().invoke(app, ["diagnose", "--data", str(data), "--checkpoint", str(ckpt)])
+    assert_one_line_error(result.exit_code, result.output, "the valid split of data has no rows to diagnose")

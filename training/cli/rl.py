@@ -287,6 +287,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         ds = load_data(data, minionerec_root, dataset)
         require_candidates(num_candidates, ds)
         rows = select_rows(ds.splits[split], limit, holdout, split)
+        if not rows:  # as vstar eval: named, and before the checkpoint loads
+            raise typer.BadParameter(f"the {split} split of {ds.name} has no rows to diagnose", param_hint="--split")
         from models.checkpoint import load_checkpoint
         from models.value_head import load_value_head
         from training.data.dataset import check_catalog
