@@ -15,7 +15,6 @@ import copy
 import math
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -33,13 +32,7 @@ from models.ved_config import VEDConfig, resolve_budget
 NEG = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: thread hand-offs cost more than the work on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the tree formulas, by hand -------------------------------------------------------------

@@ -13,7 +13,6 @@ the node's path gives them (the node caches).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
@@ -30,13 +29,7 @@ from models.ved import VEDResult, ved_search
 from models.ved_config import VEDConfig, initial_beam_stats, resolve_budget
 from tests.conftest import make_catalog
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
