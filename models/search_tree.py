@@ -83,14 +83,17 @@ def sum_by_depth(x: torch.Tensor, depth: torch.Tensor, levels: int, by_reduction
 def standardise_by_depth(x: torch.Tensor, depth: torch.Tensor, live: torch.Tensor, levels: int) -> torch.Tensor:
     """(x - mean) / std over the live entries of the same depth in each row: (B, M) -> (B, M), 0 off live.
 
-    Population std; 0 where a depth has a single live entry or no spread.
+    Population std; 0 where a depth has a single live entry or no spread. The variance is the mean of squared
+    deviations, not E[x^2] - mean^2, which in float32 loses the spread of values far from 0 (at 1000 +- 0.05 it
+    left none: every z was 0).
     """
     w = live.float()  # (B, M)
     count = sum_by_depth(w, depth, levels).clamp(min=1)  # (B, levels)
-    mean = sum_by_depth(x * w, depth, levels) / count
-    var = (sum_by_depth(x * x * w, depth, levels) / count - mean**2).clamp(min=0)
+    mean = (sum_by_depth(x * w, depth, levels) / count).gather(1, depth)  # (B, M) its depth's mean
+    deviation = (x - mean) * w
+    var = sum_by_depth(deviation * deviation, depth, levels) / count
     std = var.sqrt().gather(1, depth)  # (B, M)
-    z = (x - mean.gather(1, depth)) / std.clamp(min=SPREAD_FLOOR)
+    z = (x - mean) / std.clamp(min=SPREAD_FLOOR)
     return torch.where(live & (std > SPREAD_FLOOR), z, 0.0)
 
 

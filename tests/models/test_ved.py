@@ -116,6 +116,15 @@ def test_g_is_standardised_within_each_depth() -> None:
     torch.testing.assert_close(scaled.self_u_score(1.0), tree.self_u_score(1.0))
 
 
+def test_standardising_keeps_the_spread_of_values_far_from_zero() -> None:
+    """Values of 1000 +- 0.05 are +-1 once standardised: E[x^2] - mean^2 in float32 lost their spread (x^2 near
+    1e6 is held to about 0.06)."""
+    x = torch.tensor([[1000.0, 1000.1, 999.9, 1000.0, 5.0]])  # depth 1: the first two, depth 2: the next two
+    depth, live = torch.tensor([[1, 1, 2, 2, 0]]), torch.tensor([[True, True, True, True, False]])
+    z = standardise_by_depth(x, depth, live, 3)
+    torch.testing.assert_close(z, torch.tensor([[-1.0, 1.0, -1.0, 1.0, 0.0]]), atol=1e-3, rtol=0)
+
+
 def test_sums_by_depth_agree_by_scatter_and_by_reduction() -> None:
     """CUDA sums each depth by a reduction (a fixed order; a scatter-add's atomic adds vary from run to run),
     the CPU by the scatter-add its figures were measured with: the same sums either way."""
