@@ -26,7 +26,9 @@ they are put in a side lane instead of the queue (so are those already queued
 when it starts), and that group's decode may call ``run_waiting`` on the model
 thread between its steps to decode them then, in groups of their key, and answer
 them at once. Whatever the lane still holds when the group ends goes back to the
-queue, for the next batch. Within a batch, the lane's groups are decoded first.
+head of the queue, for the next batch (at its tail, behind the jobs that queued
+meanwhile, it could miss batch after batch). Within a batch, the lane's groups
+are decoded first.
 """
 
 from __future__ import annotations
@@ -142,6 +144,13 @@ class MicroBatcher(Generic[J, R]):
     def _in_lane(self, key: Hashable) -> bool:
         return self.lane is not None and self.lane(key)
 
+    def _requeue_first(self, first: list[_Pending[J, R]]) -> None:
+        """Put ``first`` at the head of the queue, in its order, before the jobs queued now."""
+        if first:
+            rest = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+            for pending in first + rest:
+                self._queue.put_nowait(pending)
+
     def _drain_lane(self) -> list[_Pending[J, R]]:
         taken = []
         while True:
@@ -206,10 +215,9 @@ class MicroBatcher(Generic[J, R]):
         except Exception as e:  # handed to each waiting request, which reports it
             _answer(group, None, e)
             return
-        finally:  # the group's decode is over, so no run_waiting reads the lane now: what is left queues again
-            self._lane_open = False
-            for pending in self._drain_lane():
-                self._queue.put_nowait(pending)
+        finally:  # the group's decode is over, so no run_waiting reads the lane now: what is left queues again,
+            self._lane_open = False  # at the head: behind the jobs queued meanwhile it could wait batch after batch
+            self._requeue_first(self._drain_lane())
         if self.on_batch is not None:
             self.on_batch(key, len(group))
         _answer(group, results, None)

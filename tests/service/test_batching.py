@@ -335,3 +335,34 @@ def test_lane_jobs_queued_before_a_group_starts_move_to_the_lane() -> None:
 
     assert asyncio.run(scenario()) == [1, 2, 3]
     assert decoded == [("search", [1]), ("beam", [3]), ("other", [2])] and answered_inside == [True]
+
+
+def test_lane_jobs_left_when_a_group_ends_are_decoded_before_the_jobs_queued_behind_them() -> None:
+    """A beam job that the search's lane did not decode (the search never called ``run_waiting``: it fell back, or
+    its deadline had passed) goes back to the head of the queue: at its tail it was decoded after the searches that
+    queued after it, and under a steady VED load it could miss batch after batch."""
+    started, release = threading.Event(), threading.Event()
+    decoded: list[tuple[Hashable, list[int]]] = []
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        decoded.append((key, list(jobs)))
+        if jobs == [1]:
+            started.set()
+            assert release.wait(10)
+        return list(jobs)
+
+    async def scenario() -> list[int]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(run, pool, max_size=1, max_wait_s=0.0, lane=lambda key: key == "beam")
+            batcher.start()
+            futures = [batcher.enqueue("search", 1)]
+            assert await asyncio.to_thread(started.wait, 10)  # the search holds the model thread
+            futures.append(batcher.enqueue("beam", 2))  # to the lane
+            futures += [batcher.enqueue("search", j) for j in (3, 4)]  # queued behind it
+            release.set()
+            answers = [await f for f in futures]
+            await batcher.stop()
+            return answers
+
+    assert asyncio.run(scenario()) == [1, 2, 3, 4]
+    assert decoded == [("search", [1]), ("beam", [2]), ("search", [3]), ("search", [4])], decoded
