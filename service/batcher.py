@@ -116,29 +116,33 @@ class MicroBatcher(Generic[J, R]):
             self._queue.put_nowait(_Pending(key, job, future))
         return future
 
-    def run_waiting(self) -> int:
+    def run_waiting(self, until: Callable[[], bool] | None = None) -> int:
         """On the model thread, within a group's decode: decode the jobs in the side lane now, in groups of their
-        key of at most ``max_size``, and answer them; how many were decoded. Never raises: a failed decode is
-        handed to its jobs."""
+        key of at most ``max_size``, and answer them; how many were decoded. ``until`` is asked before each of
+        those decodes: once it is true (the search's deadline has passed) the rest stay in the lane, for the
+        group's end to queue first. Never raises: a failed decode is handed to its jobs."""
         decoded = 0
         groups: dict[Hashable, list[_Pending[J, R]]] = {}
         for pending in self._drain_lane():
             if pending.future.done():  # its client left (a read from this thread: at worst one decode too many)
                 continue
             groups.setdefault(pending.key, []).append(pending)
-        for key, group in groups.items():
-            for start in range(0, len(group), self.max_size):
-                part = group[start : start + self.max_size]
-                decoded += len(part)
-                try:
-                    results: Sequence[Any] = self.run(key, [p.job for p in part])
-                    assert len(results) == len(part), "run must return one result per job"
-                except Exception as e:
-                    self._answer_threadsafe(part, None, e)
-                    continue
-                if self.on_batch is not None:
-                    self.on_batch(key, len(part))
-                self._answer_threadsafe(part, results, None)
+        parts = [(key, g[i : i + self.max_size]) for key, g in groups.items() for i in range(0, len(g), self.max_size)]
+        for n, (key, part) in enumerate(parts):
+            if until is not None and until():
+                for pending in [p for _, rest in parts[n:] for p in rest] + self._drain_lane():
+                    self._lane.put_nowait(pending)  # in their order, before the ones that came meanwhile
+                break
+            decoded += len(part)
+            try:
+                results: Sequence[Any] = self.run(key, [p.job for p in part])
+                assert len(results) == len(part), "run must return one result per job"
+            except Exception as e:
+                self._answer_threadsafe(part, None, e)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(key, len(part))
+            self._answer_threadsafe(part, results, None)
         return decoded
 
     def _in_lane(self, key: Hashable) -> bool:

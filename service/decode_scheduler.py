@@ -279,6 +279,7 @@ class DecodeScheduler:
     async def close(self) -> None:
         await self.batcher.stop()
         await asyncio.to_thread(self.executor.shutdown, wait=True)  # a decode may still run: not on the loop
+        await self.batcher.stop()  # the lane's jobs that decode's run_waiting put back while the first stop ran
 
     def decode(self, key: Hashable, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
         """One group's decode, on the calling thread: jobs of one config (``key``), a row each. The batcher's
@@ -323,14 +324,13 @@ class DecodeScheduler:
         deadlines = [j.deadline for j in jobs if j.deadline is not None]
         config = replace(config, deadline=min(deadlines, default=None))
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
-        beams_s = 0.0  # spent on beam requests between the search's steps
+        beams_s, deadline = 0.0, config.deadline  # spent on beam requests between the search's steps
+        passed = (lambda: False) if deadline is None else (lambda: time.perf_counter() >= deadline)
 
-        def between_steps() -> None:
+        def between_steps() -> None:  # beams until the deadline: past it, the search stops at its next check
             nonlocal beams_s
-            if config.deadline is not None and time.perf_counter() >= config.deadline:
-                return  # the search stops at this check: the waiting beams come next anyway
             began = time.perf_counter()
-            if decoded := self.batcher.run_waiting():
+            if decoded := self.batcher.run_waiting(until=passed):
                 self.metrics.beam_between_ved.inc(decoded)
             beams_s += time.perf_counter() - began
 

@@ -366,3 +366,79 @@ def test_lane_jobs_left_when_a_group_ends_are_decoded_before_the_jobs_queued_beh
 
     assert asyncio.run(scenario()) == [1, 2, 3, 4]
     assert decoded == [("search", [1]), ("beam", [2]), ("search", [3]), ("search", [4])], decoded
+
+
+def test_lane_jobs_are_decoded_between_steps_only_until_the_search_says_stop() -> None:
+    """``run_waiting(until=...)`` asks before each of its decodes: once the search's deadline has passed the
+    lane's other groups wait for the search to end (they were all decoded, running the search past its deadline
+    and its requests past their hard cap), then go first."""
+    started, release = threading.Event(), threading.Event()
+    decoded: list[tuple[Hashable, list[int]]] = []
+    between: list[int] = []
+    batcher: MicroBatcher[int, int]
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        decoded.append((key, list(jobs)))
+        if key == "search" and jobs == [1]:
+            started.set()
+            assert release.wait(10)
+            between.append(batcher.run_waiting(until=lambda: len(decoded) > 1))  # past it after one beam decode
+            between.append(batcher.run_waiting(until=lambda: True))  # the search's next check
+        return list(jobs)
+
+    async def scenario() -> list[int]:
+        nonlocal batcher
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(run, pool, max_size=1, max_wait_s=0.0, lane=lambda key: key != "search")
+            batcher.start()
+            futures = [batcher.enqueue("search", 1)]
+            assert await asyncio.to_thread(started.wait, 10)
+            futures += [batcher.enqueue(key, j) for key, j in (("beam", 2), ("wide", 3), ("beam", 4))]
+            futures.append(batcher.enqueue("search", 5))
+            release.set()
+            answers = [await f for f in futures]
+            await batcher.stop()
+            return answers
+
+    assert asyncio.run(scenario()) == [1, 2, 3, 4, 5]
+    assert between == [1, 0], between
+    assert decoded == [("search", [1]), ("beam", [2]), ("beam", [4]), ("wide", [3]), ("search", [5])], decoded
+
+
+def test_closing_fails_the_lane_jobs_a_search_put_back_while_the_batcher_stopped() -> None:
+    """A search's ``run_waiting`` that holds the lane's jobs when the stop drains the lane puts them back once its
+    deadline has passed: the scheduler's close, after the model thread ends, fails those too."""
+    from types import SimpleNamespace
+
+    from service.decode_scheduler import DecodeScheduler
+
+    started, arrived, holding, stopped = (threading.Event() for _ in range(4))
+    batcher: MicroBatcher[int, int]
+
+    def until() -> bool:  # asked with the beam in hand, not in the lane: the stop drains an empty lane
+        holding.set()
+        return stopped.wait(10)  # then the deadline has passed: the beam goes back to the lane
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        if key == "search":
+            started.set()
+            assert arrived.wait(10)
+            batcher.run_waiting(until=until)
+        return list(jobs)
+
+    async def scenario() -> BaseException | None:
+        nonlocal batcher
+        pool = ThreadPoolExecutor(1)
+        batcher = lane_batcher(run, pool)
+        batcher.start()
+        search = batcher.enqueue("search", 1)
+        search.add_done_callback(lambda _: stopped.set())  # the stop answers it
+        assert await asyncio.to_thread(started.wait, 10)  # the search holds the model thread: the lane is open
+        beam = batcher.enqueue("beam", 2)
+        arrived.set()
+        assert await asyncio.to_thread(holding.wait, 10)
+        await DecodeScheduler.close(SimpleNamespace(batcher=batcher, executor=pool))  # type: ignore[arg-type]
+        return beam.exception() if beam.done() else None
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, RuntimeError) and str(error) == "server shutting down", error

@@ -604,3 +604,24 @@ def test_beam_between_ved_steps_can_be_turned_off(make_settings: Callable[..., S
                 assert rec.batcher.lane(BeamSearchConfig(5)) and not rec.batcher.lane(rec.ved_settings)
         finally:
             rec.executor.shutdown(wait=True)
+
+
+@pytest.mark.parametrize(("left_s", "passed"), [(1000.0, False), (-1.0, True)])
+def test_the_beams_between_a_searchs_steps_stop_at_its_deadline(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch, left_s: float, passed: bool
+) -> None:
+    """``between_steps`` hands the lane the search's deadline, asked before each beam decode: past it the beams
+    still waiting are left for after the search (a check on entry alone let one call decode every group)."""
+    rec = app.state.recommender
+    asked: list[bool] = []
+
+    def run_waiting(until: Callable[[], bool]) -> int:
+        asked.append(until())
+        return 0
+
+    monkeypatch.setattr(rec.batcher, "run_waiting", run_waiting)
+    monkeypatch.setattr(rec, "init_cost", RecordingCost())  # what the search reports goes nowhere shared
+    monkeypatch.setattr(rec, "deadline_margin", RecordingMargin())
+    config = replace(rec.ved_settings, num_candidates=4, budget=34, deadline=None)
+    rec._ved(config, [DecodeJob((rec.catalog.sids[0],), deadline=time.perf_counter() + left_s)])
+    assert asked and set(asked) == {passed}, asked
