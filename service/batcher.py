@@ -133,13 +133,13 @@ class MicroBatcher(Generic[J, R]):
                 for pending in [p for _, rest in parts[n:] for p in rest] + self._drain_lane():
                     self._lane.put_nowait(pending)  # in their order, before the ones that came meanwhile
                 break
-            decoded += len(part)
             try:
                 results: Sequence[Any] = self.run(key, [p.job for p in part])
                 assert len(results) == len(part), "run must return one result per job"
-            except Exception as e:
+            except Exception as e:  # not decoded: not counted
                 self._answer_threadsafe(part, None, e)
                 continue
+            decoded += len(part)
             if self.on_batch is not None:
                 self.on_batch(key, len(part))
             self._answer_threadsafe(part, results, None)
