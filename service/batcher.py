@@ -20,6 +20,10 @@ every prompt of a batch independently (rows only share the padded matmuls);
 
 ``max_size == 1`` turns batching off: jobs are decoded one at a time, in order.
 
+A group's ``run`` may answer some of its jobs before it ends (``answer_now``,
+on the model thread: the service's VED jobs that it sheds, which would
+otherwise wait for their batch's search).
+
 Jobs of a ``lane`` key (the service's: beam search) that arrive while a group of
 another key decodes (a VED search, up to its latency cap) need not wait for it:
 they are put in a side lane instead of the queue (so are those already queued
@@ -77,6 +81,7 @@ class MicroBatcher(Generic[J, R]):
         self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._in_hand: list[_Pending[J, R]] = []  # taken off the queue, not yet answered
+        self._running: list[_Pending[J, R]] = []  # the group whose run the executor has (answer_now's)
         self._decoding = False
         self._arrived_while_decoding = 0  # during the current (or last) decode
 
@@ -144,6 +149,13 @@ class MicroBatcher(Generic[J, R]):
                 self.on_batch(key, len(part))
             self._answer_threadsafe(part, results, None)
         return decoded
+
+    def answer_now(self, indices: Sequence[int], result: R) -> None:
+        """On the model thread, within a group's ``run``: answer its jobs at ``indices`` with ``result`` now (jobs
+        it will not decode), not when the group's decode ends; the group's own answer then skips them."""
+        group = self._running  # empty once the batcher stopped, which answered them
+        if group:
+            self._answer_threadsafe([group[i] for i in indices], [result] * len(indices), None)
 
     def _in_lane(self, key: Hashable) -> bool:
         return self.lane is not None and self.lane(key)
@@ -213,6 +225,7 @@ class MicroBatcher(Generic[J, R]):
                     self._lane.put_nowait(pending)
                 else:
                     self._queue.put_nowait(pending)
+        self._running = group
         try:
             results: Sequence[Any] = await loop.run_in_executor(self.executor, self.run, key, [p.job for p in group])
             assert len(results) == len(group), "run must return one result per job"
@@ -220,7 +233,7 @@ class MicroBatcher(Generic[J, R]):
             _answer(group, None, e)
             return
         finally:  # the group's decode is over, so no run_waiting reads the lane now: what is left queues again,
-            self._lane_open = False  # at the head: behind the jobs queued meanwhile it could wait batch after batch
+            self._lane_open, self._running = False, []  # at the head: at the tail it could wait batch after batch
             self._requeue_first(self._drain_lane())
         if self.on_batch is not None:
             self.on_batch(key, len(group))

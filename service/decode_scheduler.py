@@ -289,7 +289,8 @@ class DecodeScheduler:
             return self._beam(key, jobs)
         assert isinstance(key, VEDConfig) and key.deadline is None
         now = time.perf_counter()
-        kept = self._admit(jobs, now)
+        if not all(kept := self._admit(jobs, now)):  # popularity now, not once the others' decodes end
+            self.batcher.answer_now([i for i, k in enumerate(kept) if not k], SHED)
         cost = self.init_cost.cost_s(sum(kept))
         late = [j.deadline is not None and j.deadline - now < cost for j in jobs]
         fallen = [j for j, k, x in zip(jobs, kept, late, strict=True) if k and x]
@@ -324,13 +325,12 @@ class DecodeScheduler:
         deadlines = [j.deadline for j in jobs if j.deadline is not None]
         config = replace(config, deadline=min(deadlines, default=None))
         ids, mask = self.policy.encode_prompts([list(j.history) for j in jobs])
-        beams_s, deadline = 0.0, config.deadline  # spent on beam requests between the search's steps
-        passed = (lambda: False) if deadline is None else (lambda: time.perf_counter() >= deadline)
+        beams_s, deadline = 0.0, math.inf if config.deadline is None else config.deadline  # beams_s: between steps
 
         def between_steps() -> None:  # beams until the deadline: past it, the search stops at its next check
             nonlocal beams_s
             began = time.perf_counter()
-            if decoded := self.batcher.run_waiting(until=passed):
+            if decoded := self.batcher.run_waiting(until=lambda: time.perf_counter() >= deadline):
                 self.metrics.beam_between_ved.inc(decoded)
             beams_s += time.perf_counter() - began
 

@@ -34,7 +34,7 @@ from models.value_head import value_head_for, value_head_manifest
 from models.ved_config import VEDConfig
 from service.app import create_app
 from service.deadline import BatchCost, DeadlineMargin, quantile
-from service.decode_scheduler import DecodeJob
+from service.decode_scheduler import DecodeJob, DecodeRow
 from service.settings import Settings
 from training.evaluation.decoders import DecodeFn, beam_decoder, ved_decoder
 
@@ -625,3 +625,34 @@ def test_the_beams_between_a_searchs_steps_stop_at_its_deadline(
     config = replace(rec.ved_settings, num_candidates=4, budget=34, deadline=None)
     rec._ved(config, [DecodeJob((rec.catalog.sids[0],), deadline=time.perf_counter() + left_s)])
     assert asked and set(asked) == {passed}, asked
+
+
+def test_a_shed_job_is_answered_at_once_not_when_its_batchs_search_ends(
+    app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that keeps one VED job and sheds another answers the shed one from popularity before the kept one's
+    search runs (it waited for the whole search, or for its own hard cap's timer)."""
+    rec = app.state.recommender
+    monkeypatch.setattr(rec.beam_cost, "cost_s", lambda batch: 0.0)
+    monkeypatch.setattr(rec.init_cost, "cost_s", lambda batch: 0.0)
+    shed_answered = threading.Event()
+    waited: list[bool] = []
+
+    def search(config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        waited.append(shed_answered.wait(10))  # the search holds the model thread until the shed job is answered
+        return [DecodeRow([0], [0.0])] * len(jobs)
+
+    monkeypatch.setattr(rec, "_ved", search)
+    config = replace(rec.ved_settings, num_candidates=4, budget=34)
+    history = (rec.catalog.sids[0],)
+
+    async def scenario() -> tuple[DecodeRow, DecodeRow]:
+        now = time.perf_counter()
+        kept = rec.batcher.enqueue(config, DecodeJob(history, deadline=now + 100, answer_by=now + 100))
+        shed = rec.batcher.enqueue(config, DecodeJob(history, deadline=now - 1, answer_by=now - 1))  # one batch
+        shed.add_done_callback(lambda _: shed_answered.set())
+        return await shed, await kept
+
+    assert client.portal is not None
+    shed_row, kept_row = client.portal.call(scenario)
+    assert shed_row.shed and not kept_row.shed and waited == [True]
