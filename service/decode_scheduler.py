@@ -70,19 +70,16 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from types import FrameType
 
 from models.beam_search import BeamSearchConfig, beam_search
 from models.checkpoint import CheckpointError, LoadedCheckpoint
@@ -102,9 +99,9 @@ from models.ved_config import (
 )
 from service.batcher import MicroBatcher
 from service.deadline import BatchCost, DeadlineMargin
-from service.errors import StartupError
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+from service.warmup_signals import stop_on_signals, stopped
 
 log = logging.getLogger("service.decode_scheduler")
 
@@ -371,36 +368,3 @@ class DecodeScheduler:
     def _on_batch(self, key: Hashable, size: int) -> None:
         if isinstance(key, BeamSearchConfig):
             self.metrics.batch_size.observe(size)
-
-
-def stopped(stop: threading.Event) -> None:
-    """Raises ``StartupError`` once ``stop`` is set (a signal arrived during the warm-up)."""
-    if stop.is_set():
-        raise StartupError("stopped by a signal during the warm-up")
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Sets ``stop`` on SIGTERM or SIGINT and passes the signal on to the handler in place (uvicorn's, which
-    shuts the server down once it has started). Only in the main thread, where Python runs signal handlers;
-    elsewhere (a test's app) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        before = previous[signal.Signals(signum)]
-        if before == signal.SIG_IGN:
-            return
-        stop.set()
-        if callable(before):
-            before(signum, frame)
-
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, before in previous.items():
-            signal.signal(sig, before)

@@ -23,11 +23,12 @@ from models.checkpoint import CheckpointError, save_checkpoint
 from models.policy import Policy
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.app import create_app
-from service.decode_scheduler import DecodeRow, stopped
+from service.decode_scheduler import DecodeRow
 from service.errors import StartupError
 from service.json_logs import JsonFormatter
 from service.recommender import Recommender
 from service.settings import Settings
+from service.warmup_signals import stopped
 from tests.conftest import make_catalog
 from tests.service.conftest import free_port
 from vstar import app
