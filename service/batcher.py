@@ -150,12 +150,12 @@ class MicroBatcher(Generic[J, R]):
             self._answer_threadsafe(part, results, None)
         return decoded
 
-    def answer_now(self, indices: Sequence[int], result: R) -> None:
-        """On the model thread, within a group's ``run``: answer its jobs at ``indices`` with ``result`` now (jobs
-        it will not decode), not when the group's decode ends; the group's own answer then skips them."""
-        group = self._running  # empty once the batcher stopped, which answered them
+    def answer_now(self, indices: Sequence[int], results: Sequence[R]) -> None:
+        """On the model thread, within a group's ``run``: answer its jobs at ``indices`` with ``results`` now, not
+        when the group's decode ends (a part decoded first, or shed); the group's own answer then skips them."""
+        group = self._running  # empty once the batcher stopped, which answered them (or outside the batcher)
         if group:
-            self._answer_threadsafe([group[i] for i in indices], [result] * len(indices), None)
+            self._answer_threadsafe([group[i] for i in indices], results, None)
 
     def _in_lane(self, key: Hashable) -> bool:
         return self.lane is not None and self.lane(key)

@@ -36,7 +36,8 @@ Design decisions:
   "initial_beam"`` in its stats. The decision is taken per job when the model
   thread picks the batch up (queueing counts): time left below the learnt cost
   of the initial tree (``BatchCost``, timed at warm-up) means fallback.
-  A batch's fallbacks are decoded first, their deadlines being the nearest.
+  A batch's fallbacks are decoded first, their deadlines being the nearest,
+  and answered then (``MicroBatcher.answer_now``), not after the batch's search.
 * Both decoders are fused with the checkpoint's transition counts at its
   chosen weight (manifest ``fusion``; ``fusion_weight`` overrides it as
   ``vstar eval --fusion-weight`` does), as ``vstar eval`` decodes by default:
@@ -286,15 +287,20 @@ class DecodeScheduler:
             return self._beam(key, jobs)
         assert isinstance(key, VEDConfig) and key.deadline is None
         now = time.perf_counter()
-        if not all(kept := self._admit(jobs, now)):  # popularity now, not once the others' decodes end
-            self.batcher.answer_now([i for i, k in enumerate(kept) if not k], SHED)
+        kept = self._admit(jobs, now)
         cost = self.init_cost.cost_s(sum(kept))
-        late = [j.deadline is not None and j.deadline - now < cost for j in jobs]
-        fallen = [j for j, k, x in zip(jobs, kept, late, strict=True) if k and x]
-        searched = [j for j, k, x in zip(jobs, kept, late, strict=True) if k and not x]
-        beam_rows = iter(self._initial_beam(key, fallen) if fallen else [])  # first: their deadlines are nearest
-        ved_rows = iter(self._ved(key, searched) if searched else [])
-        return [SHED if not k else next(beam_rows) if x else next(ved_rows) for k, x in zip(kept, late, strict=True)]
+        late = [k and j.deadline is not None and j.deadline - now < cost for j, k in zip(jobs, kept, strict=True)]
+        rows = [SHED] * len(jobs)
+        if shed := [i for i, k in enumerate(kept) if not k]:
+            self.batcher.answer_now(shed, [SHED] * len(shed))  # at once: no model work for them
+        fallen = [i for i, x in enumerate(late) if x]
+        searched = [i for i, (k, x) in enumerate(zip(kept, late, strict=True)) if k and not x]
+        for part, decode in ((fallen, self._initial_beam), (searched, self._ved)):  # the nearest deadlines first
+            if part:
+                for i, row in zip(part, decode(key, [jobs[i] for i in part]), strict=True):
+                    rows[i] = row
+                self.batcher.answer_now(part, [rows[i] for i in part])  # now, not once the others' decodes end
+        return rows
 
     def _admit(self, jobs: Sequence[DecodeJob], now: float) -> list[bool]:
         """Load shedding: keep the most jobs m such that the m with the most time left before their hard cap

@@ -656,3 +656,35 @@ def test_a_shed_job_is_answered_at_once_not_when_its_batchs_search_ends(
     assert client.portal is not None
     shed_row, kept_row = client.portal.call(scenario)
     assert shed_row.shed and not kept_row.shed and waited == [True]
+
+
+def test_a_fallback_is_answered_once_its_initial_beam_is_decoded_not_after_the_batchs_search(
+    app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's fallbacks are decoded first, their deadlines being the nearest: their answers go out then. Held
+    for the rest of the batch's search (which runs to a later deadline), a fallback was answered by its own hard
+    cap's timer from popularity, its initial beam thrown away."""
+    rec = app.state.recommender
+    monkeypatch.setattr(rec.beam_cost, "cost_s", lambda batch: 0.0)
+    monkeypatch.setattr(rec.init_cost, "cost_s", lambda batch: 1.0)  # a deadline in less than 1 s falls back
+    fallback_answered = threading.Event()
+    waited: list[bool] = []
+
+    def search(config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        waited.append(fallback_answered.wait(10))  # the search holds the model thread
+        return [DecodeRow([0], [0.0])] * len(jobs)
+
+    monkeypatch.setattr(rec, "_ved", search)
+    config = replace(rec.ved_settings, num_candidates=4, budget=34)
+    history = (rec.catalog.sids[0],)
+
+    async def scenario() -> tuple[DecodeRow, DecodeRow]:
+        now = time.perf_counter()
+        searched = rec.batcher.enqueue(config, DecodeJob(history, deadline=now + 100, answer_by=now + 100))
+        fallen = rec.batcher.enqueue(config, DecodeJob(history, deadline=now + 0.5, answer_by=now + 100))  # one batch
+        fallen.add_done_callback(lambda _: fallback_answered.set())
+        return await fallen, await searched
+
+    assert client.portal is not None
+    fallen_row, searched_row = client.portal.call(scenario)
+    assert fallen_row.fallback and not searched_row.fallback and waited == [True]
