@@ -30,7 +30,8 @@ costs more than it did at startup, and the reports say by how much; they expire
 after ``horizon_s``, like the margin's. They count only from ``min_reports`` on:
 the initial tree's reports only ever come from searches that ran over, so one
 stray spike would otherwise send every request of the next ``horizon_s`` to the
-fallback, and none of those would report again.
+fallback, and none of those would report again; the initial beam's come from
+fallbacks alone, so one spike would shed them all, and a shed job reports nothing.
 """
 
 from __future__ import annotations

@@ -187,8 +187,9 @@ class DecodeScheduler:
         metrics.track(metrics.ved_margin, self.deadline_margin.margin_s)  # the margin in force at each scrape
         self.init_cost = BatchCost(settings.ved_init_cost_ms / 1000)  # VED's initial tree
         # the fallback's initial beam; its median, not a high quantile: a job is shed only when it would
-        # probably miss its cap, and the hard cap still answers the ones that do
-        self.beam_cost = BatchCost(settings.ved_init_cost_ms / 1000, quantile=0.5, min_reports=1)
+        # probably miss its cap, and the hard cap still answers the ones that do. Its reports count from three on,
+        # as the tree's: a shed job reports nothing, so one stray spike alone would shed for the whole horizon
+        self.beam_cost = BatchCost(settings.ved_init_cost_ms / 1000, quantile=0.5)
         self.executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="vstar-model",

@@ -688,3 +688,24 @@ def test_a_fallback_is_answered_once_its_initial_beam_is_decoded_not_after_the_b
     assert client.portal is not None
     fallen_row, searched_row = client.portal.call(scenario)
     assert fallen_row.fallback and not searched_row.fallback and waited == [True]
+
+
+def test_one_slow_initial_beam_does_not_shed_the_next_requests(make_settings: Callable[..., Settings]) -> None:
+    """The shedding cost counts recent initial beams only from three on, as the initial tree's does: a shed job
+    runs no beam, so one stray slow beam (a pause of the host) counted alone shed every request with less time
+    left than it took, and none of those reported again until it expired (30 s)."""
+    from service.app import load_recommender
+    from service.metrics import ServiceMetrics
+
+    rec = load_recommender(make_settings(warmup=False), ServiceMetrics())
+    try:
+        rec.beam_cost.set_baseline(1, 0.01)  # the warm-up's timing
+        rec.beam_cost.report(1, 0.5)  # one stray spike
+        now = time.perf_counter()
+        job = DecodeJob((), answer_by=now + 0.1)
+        assert rec._admit([job], now) == [True]
+        rec.beam_cost.report(1, 0.5)
+        rec.beam_cost.report(1, 0.5)  # the beams take that long now: shed
+        assert rec._admit([job], now) == [False]
+    finally:
+        rec.executor.shutdown(wait=True)
