@@ -70,7 +70,8 @@ class ServiceMetrics:
         )
         self.ved_margin = Gauge(
             "vstar_ved_deadline_margin_seconds",
-            "How much earlier than its cap a VED search is told to stop.",
+            "How much earlier than the hard cap's last chance (its cap less VSTAR_VED_RESPOND_MS and the cap "
+            "lateness) a VED search is told to stop.",
             registry=r,
             multiprocess_mode="liveall",
         )

@@ -334,6 +334,8 @@ def test_the_margins_in_force_are_scraped_from_the_start(make_settings: Callable
         text = c.get("/metrics").text
     assert "vstar_ved_deadline_margin_seconds 0.007" in text, text
     assert "vstar_ved_cap_lateness_seconds 0.0" in text
+    # the margin counts back from the hard cap's last chance, not from the cap (respond and lateness are not in it)
+    assert "# HELP vstar_ved_deadline_margin_seconds How much earlier than the hard cap's last chance" in text
 
 
 def test_oversized_bodies_get_413(client: TestClient) -> None:
