@@ -192,13 +192,22 @@ class MicroBatcher(Generic[J, R]):
                 batch.append(self._queue.get_nowait())
                 continue
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
+            if remaining <= 0 or not await self._take(remaining):
                 break
         return batch
+
+    async def _take(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the next job and add it to the jobs in hand; whether one came. Not
+        ``asyncio.wait_for``: before Python 3.12 it swallowed a cancel that came as the get completed, and
+        ``stop`` waited forever for this task; here the cancel goes through and the job is in hand, for ``stop``."""
+        getter = asyncio.ensure_future(self._queue.get())
+        try:
+            await asyncio.wait((getter,), timeout=timeout_s)
+        finally:
+            getter.cancel()  # a get still pending takes no job: it leaves it queued
+            if came := getter.done() and not getter.cancelled():
+                self._in_hand.append(getter.result())
+        return came
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -443,3 +443,34 @@ def test_closing_fails_the_lane_jobs_a_search_put_back_while_the_batcher_stopped
 
     error = asyncio.run(scenario())
     assert isinstance(error, RuntimeError) and str(error) == "server shutting down", error
+
+
+def test_a_stop_as_a_job_arrives_while_a_batch_waits_for_company_ends_the_batcher() -> None:
+    """The batcher's task waits for company (``max_wait_s``); a stop that cancels it in the loop turn in which a job
+    arrives ends it all the same (``asyncio.wait_for`` before Python 3.12 swallowed that cancel: the task went on
+    and the stop waited for it forever), and every job, the one that just arrived too, gets the shutdown error."""
+
+    def run(key: Hashable, jobs: Sequence[int]) -> list[int]:
+        return list(jobs)
+
+    async def scenario() -> tuple[bool, list[BaseException | None]]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher: MicroBatcher[int, int] = MicroBatcher(run, pool, max_size=4, max_wait_s=60.0)
+            batcher.start()
+            futures = [batcher.enqueue("k", 1), batcher.enqueue("k", 2)]  # two: the batch waits for more
+            for _ in range(5):
+                await asyncio.sleep(0)  # the batcher has both in hand and waits for a third
+            futures.append(batcher.enqueue("k", 3))  # its get completes in the turn the stop cancels the task
+            stop = asyncio.ensure_future(batcher.stop())
+            for _ in range(20):  # loop turns, not time: a stop that goes through needs a few
+                await asyncio.sleep(0)
+            stopped = stop.done()
+            if not stopped:  # the cancel was swallowed: a second one ends the task, for the test's own end
+                assert batcher._task is not None
+                batcher._task.cancel()
+                await stop
+            return stopped, [f.exception() if f.done() else None for f in futures]
+
+    stopped, errors = asyncio.run(scenario())
+    assert stopped
+    assert all(isinstance(e, RuntimeError) and str(e) == "server shutting down" for e in errors), errors
