@@ -29,7 +29,8 @@ another key decodes (a VED search, up to its latency cap) need not wait for it:
 they are put in a side lane instead of the queue (so are those already queued
 when it starts), and that group's decode may call ``run_waiting`` on the model
 thread between its steps to decode them then, in groups of their key, and answer
-them at once. Whatever the lane still holds when the group ends goes back to the
+them at once (asked before each group whether to stop: the search's deadline
+has passed). Whatever the lane still holds when the group ends goes back to the
 head of the queue, for the next batch (at its tail, behind the jobs that queued
 meanwhile, it could miss batch after batch). Within a batch, the lane's groups
 are decoded first.
