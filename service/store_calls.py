@@ -49,13 +49,16 @@ class StoreCalls:
                 return await call
             task = asyncio.ensure_future(call)
             try:
-                return await asyncio.wait_for(asyncio.shield(task), max(by - time.perf_counter(), 0.0))
-            except TimeoutError:
-                self._give_up(op, task)
-                raise OutOfTime("the store did not answer within the request's latency cap") from None
-            except asyncio.CancelledError:  # the client hung up: the shielded call runs on all the same
+                # asyncio.wait, not wait_for(shield(...)): on Python 3.11 wait_for swallows a cancel that arrives
+                # in the loop turn the call ends, so a request whose client hung up went on to decode
+                done, _ = await asyncio.wait({task}, timeout=max(by - time.perf_counter(), 0.0))
+            except asyncio.CancelledError:  # the client hung up: the call runs on all the same
                 self._give_up(op, task)
                 raise
+            if not done:
+                self._give_up(op, task)
+                raise OutOfTime("the store did not answer within the request's latency cap")
+            return task.result()
         except StoreUnavailable as e:
             if not isinstance(e, OutOfTime):  # a call given up on is counted when it ends (_settled_late)
                 self.metrics.store_errors.labels(op).inc()

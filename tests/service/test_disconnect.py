@@ -20,7 +20,9 @@ from starlette.types import Message
 
 from service.app import create_app
 from service.decode_scheduler import DecodeJob
+from service.metrics import ServiceMetrics
 from service.settings import Settings
+from service.store_calls import StoreCalls
 
 
 def test_a_request_whose_client_hung_up_is_not_decoded(make_settings: Callable[..., Settings]) -> None:
@@ -116,3 +118,30 @@ def test_a_store_call_of_a_request_whose_client_hung_up_is_kept_to_its_end(
         assert client.portal.call(scenario) == 1
         kept = set(recommender.store_calls.given_up)
     assert all(task.cancelled() for task in kept) and not recommender.store_calls.given_up
+
+
+def test_a_hang_up_in_the_turn_a_bounded_store_read_ends_still_cancels_the_request() -> None:
+    """A VED request's store read is bounded by its cap; its client hangs up in the loop turn the read ends. The
+    request is cancelled, not handed the read's answer to decode on (asyncio.wait_for swallowed such a cancel on
+    Python 3.11, so the handler waited for a whole decode nobody would read)."""
+
+    async def scenario() -> bool:
+        calls = StoreCalls(ServiceMetrics())
+        answer = asyncio.get_running_loop().create_future()
+
+        async def read() -> list[str]:
+            return await answer
+
+        request = asyncio.ensure_future(calls.within("read_history", read(), time.perf_counter() + 30))
+        for _ in range(3):  # the request waits on the read
+            await asyncio.sleep(0)
+        answer.set_result(["5"])
+        await asyncio.sleep(0)  # the read ends: its task's result is set in this turn
+        request.cancel()
+        try:
+            await request
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(scenario())
