@@ -627,6 +627,19 @@ def test_the_beams_between_a_searchs_steps_stop_at_its_deadline(
     assert asked and set(asked) == {passed}, asked
 
 
+def hold_the_search_until(rec: Any, answered: threading.Event, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """VED's search stubbed to hold the model thread until ``answered`` is set (or 10 s pass); the list it returns
+    records, per search, whether it was set in time."""
+    waited: list[bool] = []
+
+    def search(config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
+        waited.append(answered.wait(10))
+        return [DecodeRow([0], [0.0])] * len(jobs)
+
+    monkeypatch.setattr(rec, "_ved", search)
+    return waited
+
+
 def test_a_shed_job_is_answered_at_once_not_when_its_batchs_search_ends(
     app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -636,13 +649,7 @@ def test_a_shed_job_is_answered_at_once_not_when_its_batchs_search_ends(
     monkeypatch.setattr(rec.beam_cost, "cost_s", lambda batch: 0.0)
     monkeypatch.setattr(rec.init_cost, "cost_s", lambda batch: 0.0)
     shed_answered = threading.Event()
-    waited: list[bool] = []
-
-    def search(config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
-        waited.append(shed_answered.wait(10))  # the search holds the model thread until the shed job is answered
-        return [DecodeRow([0], [0.0])] * len(jobs)
-
-    monkeypatch.setattr(rec, "_ved", search)
+    waited = hold_the_search_until(rec, shed_answered, monkeypatch)
     config = replace(rec.ved_settings, num_candidates=4, budget=34)
     history = (rec.catalog.sids[0],)
 
@@ -668,13 +675,7 @@ def test_a_fallback_is_answered_once_its_initial_beam_is_decoded_not_after_the_b
     monkeypatch.setattr(rec.beam_cost, "cost_s", lambda batch: 0.0)
     monkeypatch.setattr(rec.init_cost, "cost_s", lambda batch: 1.0)  # a deadline in less than 1 s falls back
     fallback_answered = threading.Event()
-    waited: list[bool] = []
-
-    def search(config: VEDConfig, jobs: Sequence[DecodeJob]) -> list[DecodeRow]:
-        waited.append(fallback_answered.wait(10))  # the search holds the model thread
-        return [DecodeRow([0], [0.0])] * len(jobs)
-
-    monkeypatch.setattr(rec, "_ved", search)
+    waited = hold_the_search_until(rec, fallback_answered, monkeypatch)
     config = replace(rec.ved_settings, num_candidates=4, budget=34)
     history = (rec.catalog.sids[0],)
 
