@@ -129,43 +129,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from models.backbone import decode_step, layer_kv, prefill
-from models.beam_search import DecodeResult, level_log_probs
-from models.candidate_set import rank_candidates
+from models.beam_search import level_log_probs
+from models.candidate_set import VEDResult, returned_set
 from models.node_bonus import NodeBonus
 from models.node_cache import NodeSlots, slot_cache
 from models.search_noise import gumbel_noise, prompt_keys
-from models.search_tree import SearchTree, rank_within, standardise_by_depth
+from models.search_tree import SearchTree, rank_within
 from models.sid_trie import SidTrie
 from models.value_head import ValueHead
 from models.ved_config import VEDConfig, VEDStats, covers_the_catalog, resolve_budget
-
-
-@dataclass
-class VEDResult:
-    """Candidates in the returned order, their paths' statistics, and the trees.
-
-    ``decode.scores`` is each candidate's ranking score (path log-prob plus the
-    value term, ``models.candidate_set``); slots beyond the complete SIDs found
-    hold sid_index -1, score -inf, token -1. The ``path_*`` tensors run over
-    the candidate's prefix states s_0 (the root) .. s_{D-1}: the complete SID
-    is never fed to the backbone, so it has no value of its own. ``tree`` is
-    the whole search (visits, values, the policy at each node) for diagnostics.
-    """
-
-    decode: DecodeResult
-    log_probs: torch.Tensor  # (B, G) policy log-prob of each candidate, -inf at empty slots
-    path_values: torch.Tensor  # (B, G, D) V(s_0..s_{D-1}) as the frozen head gave them
-    path_entropy: torch.Tensor  # (B, G, D) H(s_0..s_{D-1})
-    path_visits: torch.Tensor  # (B, G, D) N(s_0..s_{D-1}) at the end of the search
-    stats: list[VEDStats]
-    tree: SearchTree
 
 
 class _Search:
@@ -375,39 +353,6 @@ class _Search:
             )
         return out
 
-    def result(self, stats: list[VEDStats]) -> VEDResult:
-        """``num_candidates`` complete SIDs per prompt from the pool (``models.candidate_set``), with their
-        paths' statistics."""
-        tree, trie, cfg = self.tree, self.trie, self.config
-        c, prefix = trie.codebook_size, tree.max_depth
-        log_probs = tree.candidate_log_probs().flatten(1)  # (B, M*C): candidate (node n, code k) at n * C + k
-        parent_value = standardise_by_depth(tree.value, tree.depth, tree.live, prefix + 1)  # (B, M)
-        score = log_probs + cfg.value_weight * parent_value.repeat_interleave(c, dim=1)  # (B, M*C)
-        if self.bonus is not None:  # the complete SID's bonus, as fused beam search ranks it
-            leaves = trie.child_nodes(tree.trie_node).clamp(min=0).flatten(1)  # (B, M*C)
-            score = score + self.bonus.gather(leaves)
-        first_code = tree.code.gather(1, tree.path[..., 0].clamp(min=0)).clamp(min=0)  # (B, M)
-        chosen = rank_candidates(score, first_code.repeat_interleave(c, dim=1), cfg.num_candidates, cfg.explore_slots)
-        valid = chosen >= 0  # (B, G)
-        pick = chosen.clamp(min=0)
-        node, code = pick // c, pick % c  # (B, G) each
-        leaf = trie.child_node(tree.trie_node.gather(1, node), code).clamp(min=0)  # (B, G)
-        sid_index = torch.where(valid, trie.leaf_sid[leaf], -1)
-        path = tree.path.gather(1, node[..., None].expand(-1, -1, prefix)).clamp(min=0)  # (B, G, D-1)
-        tokens = torch.cat(
-            [tree.token.gather(1, path.flatten(1)).view_as(path), trie.level_token_ids[prefix, code][..., None]], -1
-        )  # (B, G, D)
-        tokens = torch.where(valid[..., None], tokens, -1)
-        scores = torch.where(valid, score.gather(1, pick), float("-inf"))
-        states = torch.cat([torch.zeros_like(path[..., :1]), path], dim=-1)  # (B, G, D) s_0..s_{D-1}
-
-        def along(x: torch.Tensor) -> torch.Tensor:  # (B, M) -> (B, G, D)
-            return x.gather(1, states.flatten(1)).view_as(states)
-
-        decode = DecodeResult(sid_index, scores, tokens)
-        cand_lp = torch.where(valid, log_probs.gather(1, pick), float("-inf"))
-        return VEDResult(decode, cand_lp, along(tree.value), along(tree.entropy), along(tree.visits), stats, tree)
-
 
 @torch.no_grad()
 def ved_search(
@@ -433,4 +378,4 @@ def ved_search(
     search.initial_tree(min(config.num_candidates, trie.num_sids))
     init_tokens = search.tree.size - 1
     cap_hit = search.complete() if covers_the_catalog(trie, budget) else search.run()
-    return search.result(search.stats(cap_hit, init_tokens))
+    return returned_set(search.tree, trie, config, search.stats(cap_hit, init_tokens), bonus)
