@@ -11,12 +11,14 @@ from typer.testing import CliRunner
 
 from models.policy import Policy
 from models.sid_catalog import SidCatalog
+from models.sid_tokenizer import build_sid_tokenizer
+from models.sid_trie import SidTrie
 from models.value_head import value_head_for
 from models.ved_config import VEDConfig, initial_beam_stats
 from tests.test_cli import assert_one_line_error
 from training.data.dataset import RecDataset
 from training.rl.diagnose import diagnose
-from training.rl.rollout import beam_source, collect
+from training.rl.rollout import beam_source, beam_tokens, collect, equal_budget_beam_width
 from vstar import app
 
 
@@ -34,6 +36,32 @@ def test_beam_tokens_are_veds_accounting_of_the_same_search(
     expected = initial_beam_stats(VEDConfig(width, init_beams=width), trie).tokens_spent
     assert spent == [expected] * len(rows)
     assert expected == min(width, 6) + min(width, 30)
+
+
+def test_a_budgeted_beam_is_the_widest_whose_tokens_fit_the_budget(
+    tiny_policy: Policy, tiny_dataset: RecDataset
+) -> None:
+    """``--budget`` compares beam search with VED at equal cost, both counted with beam search's accounting.
+    The width was budget // (depth - 1): on the tiny catalog's 6 first-level codes, 30 tokens ran width 15,
+    which feeds 6 + 15 = 21; the widest width whose tokens fit is 24 (6 + 24 = 30)."""
+    trie = tiny_policy.trie
+    rows = tiny_dataset.splits["train"][:3]
+    assert collect(tiny_policy, rows, beam_source(4, 30)).tokens_spent == [30] * len(rows)
+    for budget in range(beam_tokens(4, trie), 2 * trie.num_sids):
+        width = equal_budget_beam_width(budget, trie)
+        assert beam_tokens(width, trie) <= budget
+        assert width == trie.num_sids or beam_tokens(width + 1, trie) > budget  # the widest
+    # every prefix of both levels (6 + 30) fits 64: beam search of every SID, which feeds no more
+    assert equal_budget_beam_width(64, trie) == trie.num_sids and beam_tokens(trie.num_sids, trie) == 36
+
+
+def test_the_readme_budgets_keep_their_beam_widths_on_amazon_industrial(shared_dataset: RecDataset) -> None:
+    """Its 48 first-level codes are more than the README's widths: the budgets of its diagnose and bench ved
+    figures (64 and 60 with G = 16 and 10, 40 for bench ved's G = 10) run the widths budget // 2 they ran."""
+    catalog = shared_dataset.catalog
+    trie = SidTrie(catalog, build_sid_tokenizer(catalog.vocabulary()).get_vocab().__getitem__)
+    assert trie.level_sizes[1] == 48
+    assert [equal_budget_beam_width(b, trie) for b in (64, 60, 40)] == [32, 30, 20]
 
 
 def test_value_quality_reads_the_policy_without_dropout(tiny_catalog: SidCatalog, tiny_dataset: RecDataset) -> None:

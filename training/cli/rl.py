@@ -253,8 +253,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             typer.Option(
                 "--budget",
                 min=1,
-                help="Tokens per prompt: VED's budget; for beam, the widest beam it pays for (at least "
-                "(depth - 1) x G), keeping the G best.",
+                help="Tokens per prompt: VED's budget; for beam, the widest beam whose tokens fit it (at least "
+                "what width G feeds), keeping the G best.",
             ),
         ] = None,
         num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,

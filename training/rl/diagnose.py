@@ -12,8 +12,12 @@ computed as in training. Reported means over prompts:
 * ``distinct_l1``: distinct first-level SID tokens in C(x) (prefix diversity);
 * ``tokens_per_prompt``: tokens the decoder fed the backbone, prefill excluded.
 
-``--budget B`` with beam search runs the widest beam B pays for and keeps its G
-best, so beam and VED can be compared at equal cost. VED decodes with the
+``--budget B`` with beam search runs the widest beam whose tokens fit B and keeps
+its G best, so beam and VED can be compared at equal cost. Its tokens are
+counted as ``tokens_per_prompt`` counts them (``rollout.beam_tokens``): a level
+with fewer prefixes than the width costs only its prefixes, so on a catalog with
+few first-level codes the width is above B // (depth - 1); it is at most the
+catalog's SIDs (``rollout.equal_budget_beam_width``). VED decodes with the
 checkpoint's VED settings (``models.ved_config.checkpoint_ved_config``).
 
 The trainer logs the same figures every step (``candidate_stats``).

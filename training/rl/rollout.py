@@ -11,7 +11,10 @@ it decoded per prompt. Two sources:
   catalog's prefixes of that level (the rest are empty slots, as in
   ``models.ved_config.initial_beam_stats``), so beam search of width G spends
   G * (depth - 1) where every prefix level has at least G prefixes, less on a
-  catalog with fewer.
+  catalog with fewer. Given a budget (``vstar diagnose --budget``, not RL), it
+  runs the widest beam whose tokens, so counted, fit the budget, and keeps its
+  G best: on a catalog with few prefixes at a level that is wider than
+  budget // (depth - 1), which would spend less than VED at the same budget.
   With ``fusion`` it is the served decoder, fused with transition counts that
   include the rollout rows; each row's own transition is left out of them
   (``models.transition``), so its target is not handed to the search.
@@ -91,20 +94,39 @@ def budget_beam_width(budget: int, depth: int) -> int:
     return budget // max(depth - 1, 1)
 
 
-def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowFusion | None = None) -> CandidateSource:
-    """Beam search of width G; with a token ``budget``, the widest beam it pays for, keeping its G best.
+def equal_budget_beam_width(budget: int, trie: SidTrie) -> int:
+    """The widest beam whose tokens, counted as ``beam_tokens`` counts them, fit a per-prompt ``budget``: the
+    width that compares beam search with VED at equal cost. At most the catalog's SIDs (beam search holds no
+    more); 0 when not one beam fits.
 
-    The budgeted form compares beam search with VED at equal cost. ``fusion``: fused with counts that
-    include the samples' own rows (each row's transition to its target is left out).
+    ``budget_beam_width``'s ``budget // (depth - 1)`` is this width only where every prefix level has that many
+    prefixes: on a catalog of 6 first-level codes and 30 second-level ones, 30 tokens pay for width 24
+    (6 + 24), not 15 (which feeds 6 + 15 = 21, short of the budget).
+    """
+    lo, hi = 0, trie.num_sids  # beam_tokens does not fall as the width grows: the widest that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if beam_tokens(mid, trie) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowFusion | None = None) -> CandidateSource:
+    """Beam search of width G; with a token ``budget``, the widest beam whose tokens fit it
+    (``equal_budget_beam_width``), keeping its G best.
+
+    The budgeted form compares beam search with VED at equal cost (``vstar diagnose --budget``; RL's
+    rollouts never take one). ``fusion``: fused with counts that include the samples' own rows (each row's
+    transition to its target is left out).
     """
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, samples: Sequence[Sample]) -> Candidates:
-        depth = policy.trie.depth
-        per_beam = max(depth - 1, 1)  # tokens a beam feeds: the prefix levels
-        if budget is not None and budget < num_candidates * per_beam:  # width G could not spend less
-            least = num_candidates * per_beam
+        least = beam_tokens(num_candidates, policy.trie)
+        if budget is not None and budget < least:  # width G could not spend less
             raise ValueError(f"budget {budget} is below what beam search of width G = {num_candidates} feeds: {least}")
-        width = num_candidates if budget is None else budget_beam_width(budget, depth)
+        width = num_candidates if budget is None else max(equal_budget_beam_width(budget, policy.trie), num_candidates)
         bonus = fusion_bonus(policy, samples, fusion)
         decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width), bonus)
         if width > num_candidates:
