@@ -22,6 +22,15 @@ checkpoint's VED settings (``models.ved_config.checkpoint_ved_config``).
 
 The trainer logs the same figures every step (``candidate_stats``).
 
+A checkpoint whose run fused its rollouts (``--fused-rollouts``) is diagnosed
+fused as they were (``training.rl.rows.rollout_fusion``): at the run's weight,
+with counts of the rows the run counted (never its held-out rows, nor valid's
+or test's when it trained on train alone), each diagnosed row the counts hold
+decoding with its own transition left out, as in training. Where the checkpoint
+no longer tells the weight, or the data is not the run's, the candidate sets
+are the policy's alone, and the command says so (a note, and the JSON key
+``rollout_fusion_note``).
+
 With a checkpoint that has a value head, the head's quality on the same
 candidate sets is added (``VALUE_KEYS``; one forward of prompt + candidate per
 candidate, the value at every state s_0..s_D):
@@ -57,6 +66,7 @@ from training.data.dataset import Sample
 from training.evaluation.decoders import check_decoder, ved_setup
 from training.rl.rewards import GAMMA, batch_standard_rewards, batch_value_rewards, group_advantages
 from training.rl.rollout import CandidateSource, Rollout, beam_source, collect, sequences, ved_source
+from training.rl.rows import RolloutFusion
 
 DIAGNOSTIC_KEYS = ("reachability", "nonzero_adv_share", "reward_std", "distinct_l1", "tokens_per_prompt")
 VALUE_KEYS = ("value_spearman", "target_rank_value", "target_rank_logprob", "value_rows", "dense_return_std")
@@ -228,13 +238,16 @@ def candidate_source(
     budget: int | None,
     seed: int = 0,
     explore_slots: int | None = None,
+    fusion: RolloutFusion | None = None,
 ) -> CandidateSource:
     """The candidate source named on the command line: ``beam``, or ``ved`` with the checkpoint's value head
-    and VED settings, its exploratory slots included (``budget`` and ``explore_slots`` override them)."""
+    and VED settings, its exploratory slots included (``budget`` and ``explore_slots`` override them);
+    ``fusion``: fused as the checkpoint's run fused its rollouts (``training.rl.rows.rollout_fusion``)."""
     check_decoder(decoder)
+    shallow, counted = (fusion.fusion, fusion.counted) if fusion is not None else (None, None)
     if decoder == "beam":
-        return beam_source(num_candidates, budget)
-    return ved_source(*ved_setup(checkpoint, num_candidates, budget, seed, explore_slots))
+        return beam_source(num_candidates, budget, shallow, counted)
+    return ved_source(*ved_setup(checkpoint, num_candidates, budget, seed, explore_slots), shallow, counted)
 
 
 def checkpoint_gamma(checkpoint: LoadedCheckpoint) -> float:
