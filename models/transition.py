@@ -117,11 +117,11 @@ class TransitionCounts:
         catalog: SidCatalog,
         trie: SidTrie,
         weight: float,
-        leave_out: Sequence[int] | None = None,
+        leave_out: Sequence[int | None] | None = None,
     ) -> NodeBonus:
         """The (B, nodes) fusion bonus ``weight * log(1 + max S)`` below each trie node, 0 where nothing followed,
         held sparse (``models.node_bonus``); ``leave_out``: each row's own target, for rows the counts include
-        (``scores``)."""
+        (``scores``), None for a row they do not."""
         if leave_out is not None and len(leave_out) != len(histories):
             raise ValueError(f"{len(leave_out)} leave-out targets for {len(histories)} histories")
         rows: list[int] = []
@@ -179,7 +179,7 @@ class ShallowFusion:
         histories: Sequence[Sequence[int]],
         catalog: SidCatalog,
         trie: SidTrie,
-        leave_out: Sequence[int] | None = None,
+        leave_out: Sequence[int | None] | None = None,
     ) -> NodeBonus:
         return self.counts.node_bonus(histories, catalog, trie, self.weight, leave_out)
 

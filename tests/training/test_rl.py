@@ -759,12 +759,12 @@ def test_cli_rl_and_diagnose(tiny_data_dir: Path, init_ckpt: Path, tmp_path: Pat
     invoke(["diagnose", "--data", data, "--checkpoint", str(out), "--decoder", "beam", "--budget", "64", "--limit", "6",
             "--json", str(tmp_path / "d64.json")])  # fmt: skip
     wide = json.loads((tmp_path / "d64.json").read_text())
-    assert wide["tokens_per_prompt"] == 6 + 30  # width 32, its 16 best: every prefix of both levels
-    # a budget below what width G feeds cannot be spent as asked: refused, not silently raised to G's
+    assert wide["tokens_per_prompt"] == 6 + 30  # every SID's beam, its 16 best: every prefix of both levels
+    # a budget below what width G feeds (6 + 16) cannot be spent as asked: refused, not silently raised to G's
     from vstar import app
 
-    short = CliRunner().invoke(app, ["diagnose", "--data", data, "--checkpoint", str(out), "--budget", "20"])
-    assert short.exit_code == 2 and "budget 20 is below what beam search of width G = 16 feeds: 32" in short.output
+    short = CliRunner().invoke(app, ["diagnose", "--data", data, "--checkpoint", str(out), "--budget", "21"])
+    assert short.exit_code == 2 and "budget 21 is below what beam search of width G = 16 feeds: 22" in short.output
 
 
 def test_more_candidates_than_the_catalog_has_sids_are_refused(

@@ -13,6 +13,7 @@ from models.policy import Policy
 from models.value_head import value_head_for
 from models.ved_config import VEDConfig
 from training.bench.ved_bench import format_table, run_ved_bench
+from training.rl.rollout import beam_tokens
 from vstar import app
 
 
@@ -23,13 +24,16 @@ def test_each_cell_times_ved_against_the_beam_its_budget_pays_for(tiny_policy: P
     assert [(r["g"], r["batch"]) for r in rows] == [(3, 1), (3, 2), (5, 1), (5, 2)]
     for r in rows:
         assert r["budget"] == 2 * 2 * r["g"]  # twice what beam search of width G feeds over the 2 prefix levels
-        assert r["beam_width"] == r["budget"] // 2  # the same tokens: 2 per beam
+        # the same tokens, counted as beam search feeds them: the widest beam whose tokens fit the budget
+        assert r["beam_tokens"] <= r["budget"] < beam_tokens(r["beam_width"] + 1, tiny_policy.trie)
         assert 0 < r["ved_tokens"] <= r["budget"] and r["ved_iterations"] >= 0
         assert r["ved_ms"] > 0 and r["beam_ms"] > 0 and r["ratio"] > 0
     table = format_table(result).splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| 3 | 1 | 12 | 6 |")
     given = run_ved_bench(tiny_policy, head, VEDConfig(init_beams=4, budget=20), gs=(3,), batches=(1,), repeats=1)
-    assert given["rows"][0]["budget"] == 20 and given["rows"][0]["beam_width"] == 10
+    # 6 first-level codes: 20 tokens pay for width 14 (6 + 14), not 20 // 2 = 10 (6 + 10, short of the budget)
+    assert given["rows"][0]["budget"] == 20 and given["rows"][0]["beam_width"] == 14
+    assert given["rows"][0]["beam_tokens"] == 20
 
 
 def test_a_budget_for_more_beams_than_sids_reports_the_width_beam_search_runs(tiny_policy: Policy) -> None:

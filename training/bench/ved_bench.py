@@ -7,12 +7,15 @@ For each (G, batch) cell the same prompts are decoded by
   exploratory slots; ``--budget``, else the checkpoint's, else VED's own for G,
   ``models.ved_config.resolve_budget``: twice what beam search of width G
   feeds, at least what the initial tree may need);
-* ``beam``: constrained beam search of the widest beam that budget pays for
-  (budget // (D - 1) for SIDs of D tokens), as ``vstar diagnose --budget``
-  compares the two: the same tokens fed to the backbone per prompt. A budget
-  that pays for more beams than the catalog has SIDs runs (and reports) one
-  beam per SID: beam search holds no more (``models.beam_search``), and VED
-  then covers the catalog too and stops short of its budget.
+* ``beam``: constrained beam search of the widest beam whose tokens fit that
+  budget, as ``vstar diagnose --budget`` compares the two: the same tokens fed
+  to the backbone per prompt, counted as ``training.rl.rollout.beam_tokens``
+  counts them (a level with fewer prefixes than the width costs its prefixes,
+  so on a catalog with few first-level codes the width is above
+  budget // (D - 1) for SIDs of D tokens; ``equal_budget_beam_width``). A
+  budget that pays for more beams than the catalog has SIDs runs (and reports)
+  one beam per SID: beam search holds no more (``models.beam_search``), and
+  VED then covers the catalog too and stops short of its budget.
 
 ``ratio`` is VED's time over beam search's: what the same tokens cost when fed
 VED's way (more, smaller forwards, and the search between them).
@@ -42,7 +45,7 @@ from models.ved import ved_search
 from models.ved_config import VEDConfig, resolve_budget
 from training.bench.decode_bench import sample_histories
 from training.bench.timing import best_of_interleaved
-from training.rl.rollout import budget_beam_width
+from training.rl.rollout import beam_tokens, equal_budget_beam_width
 
 
 def time_cell(
@@ -51,7 +54,7 @@ def time_cell(
     ids, mask = policy.encode_prompts(histories)
     depth = policy.trie.depth
     budget = resolve_budget(config, depth)
-    width = min(budget_beam_width(budget, depth), policy.trie.num_sids)  # the width beam search runs
+    width = equal_budget_beam_width(budget, policy.trie)  # the width beam search runs
     beam_config = BeamSearchConfig(width)
     runs: dict[str, Callable[[], Any]] = {
         "ved": lambda: ved_search(policy.model, head, policy.trie, ids, mask, config),
@@ -65,6 +68,7 @@ def time_cell(
         "batch": len(histories),
         "budget": budget,
         "beam_width": width,
+        "beam_tokens": beam_tokens(width, policy.trie),  # per prompt: at most the budget
         "ved_ms": round(ms["ved"], 3),
         "beam_ms": round(ms["beam"], 3),
         "ratio": round(ms["ved"] / ms["beam"], 2),

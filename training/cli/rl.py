@@ -253,8 +253,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             typer.Option(
                 "--budget",
                 min=1,
-                help="Tokens per prompt: VED's budget; for beam, the widest beam it pays for (at least "
-                "(depth - 1) x G), keeping the G best.",
+                help="Tokens per prompt: VED's budget; for beam, the widest beam whose tokens fit it (at least "
+                "what width G feeds), keeping the G best.",
             ),
         ] = None,
         num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,
@@ -278,7 +278,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Candidate-set diagnostics of one decoder: reachability, non-zero-advantage share, reward std, ...;
-        with a value head in the checkpoint, also its quality (rank correlation with the dense reward)."""
+        with a value head in the checkpoint, also its quality (rank correlation with the dense reward). A run
+        trained with --fused-rollouts is decoded fused as its rollouts were."""
         require_checkpoint(checkpoint)
         if decoder == "beam" and explore_slots is not None:
             raise typer.BadParameter(
@@ -294,10 +295,20 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         from training.data.dataset import check_catalog
         from training.rl.diagnose import VALUE_KEYS, candidate_source, checkpoint_gamma, checkpoint_level_weights
         from training.rl.diagnose import diagnose as run_diagnose
+        from training.rl.rows import rollout_fusion
 
         ckpt = load_checkpoint(checkpoint, device)
         check_catalog(ckpt.policy.catalog, ds, "--checkpoint")
-        source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots)
+        fusion = rollout_fusion(ckpt.manifest, ds)  # its run's rollouts fused: the candidate sets decoded so
+        if fusion.note is not None:
+            typer.echo(f"note: {fusion.note}", err=True)
+        elif fusion.fusion is not None:
+            typer.echo(
+                f"note: decoding fused as the run's rollouts were (--fused-rollouts): weight {fusion.fusion.weight:g}, "
+                f"counts of the {fusion.count_rows} rows it counted",
+                err=True,
+            )
+        source = candidate_source(ckpt, decoder, num_candidates, budget, seed, explore_slots, fusion)
         head = load_value_head(ckpt, device, required=False)
         weights = checkpoint_level_weights(ckpt)
         if head is not None and ds.embeddings is None:  # as vstar eval warns: one line on stderr
@@ -316,9 +327,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             gamma=checkpoint_gamma(ckpt),
         )
         # what was diagnosed, as vstar eval records it: --limit above the split's size takes the rows there are
-        write_json(
-            json_out, result | {"rows": len(rows), "split": split, "decoder": decoder, "num_candidates": num_candidates}
-        )
+        described = {"rows": len(rows), "split": split, "decoder": decoder, "num_candidates": num_candidates}
+        fused = {"rollout_fusion": fusion.record(rows), "rollout_fusion_note": fusion.note}
+        write_json(json_out, result | described | fused)
 
     @bench.command(name="train")
     def bench_train(

@@ -12,11 +12,24 @@ computed as in training. Reported means over prompts:
 * ``distinct_l1``: distinct first-level SID tokens in C(x) (prefix diversity);
 * ``tokens_per_prompt``: tokens the decoder fed the backbone, prefill excluded.
 
-``--budget B`` with beam search runs the widest beam B pays for and keeps its G
-best, so beam and VED can be compared at equal cost. VED decodes with the
+``--budget B`` with beam search runs the widest beam whose tokens fit B and keeps
+its G best, so beam and VED can be compared at equal cost. Its tokens are
+counted as ``tokens_per_prompt`` counts them (``rollout.beam_tokens``): a level
+with fewer prefixes than the width costs only its prefixes, so on a catalog with
+few first-level codes the width is above B // (depth - 1); it is at most the
+catalog's SIDs (``rollout.equal_budget_beam_width``). VED decodes with the
 checkpoint's VED settings (``models.ved_config.checkpoint_ved_config``).
 
 The trainer logs the same figures every step (``candidate_stats``).
+
+A checkpoint whose run fused its rollouts (``--fused-rollouts``) is diagnosed
+fused as they were (``training.rl.rows.rollout_fusion``): at the run's weight,
+with counts of the rows the run counted (never its held-out rows, nor valid's
+or test's when it trained on train alone), each diagnosed row the counts hold
+decoding with its own transition left out, as in training. Where the checkpoint
+no longer tells the weight, or the data is not the run's, the candidate sets
+are the policy's alone, and the command says so (a note, and the JSON key
+``rollout_fusion_note``).
 
 With a checkpoint that has a value head, the head's quality on the same
 candidate sets is added (``VALUE_KEYS``; one forward of prompt + candidate per
@@ -53,6 +66,7 @@ from training.data.dataset import Sample
 from training.evaluation.decoders import check_decoder, ved_setup
 from training.rl.rewards import GAMMA, batch_standard_rewards, batch_value_rewards, group_advantages
 from training.rl.rollout import CandidateSource, Rollout, beam_source, collect, sequences, ved_source
+from training.rl.rows import RolloutFusion
 
 DIAGNOSTIC_KEYS = ("reachability", "nonzero_adv_share", "reward_std", "distinct_l1", "tokens_per_prompt")
 VALUE_KEYS = ("value_spearman", "target_rank_value", "target_rank_logprob", "value_rows", "dense_return_std")
@@ -224,13 +238,16 @@ def candidate_source(
     budget: int | None,
     seed: int = 0,
     explore_slots: int | None = None,
+    fusion: RolloutFusion | None = None,
 ) -> CandidateSource:
     """The candidate source named on the command line: ``beam``, or ``ved`` with the checkpoint's value head
-    and VED settings, its exploratory slots included (``budget`` and ``explore_slots`` override them)."""
+    and VED settings, its exploratory slots included (``budget`` and ``explore_slots`` override them);
+    ``fusion``: fused as the checkpoint's run fused its rollouts (``training.rl.rows.rollout_fusion``)."""
     check_decoder(decoder)
+    shallow, counted = (fusion.fusion, fusion.counted) if fusion is not None else (None, None)
     if decoder == "beam":
-        return beam_source(num_candidates, budget)
-    return ved_source(*ved_setup(checkpoint, num_candidates, budget, seed, explore_slots))
+        return beam_source(num_candidates, budget, shallow, counted)
+    return ved_source(*ved_setup(checkpoint, num_candidates, budget, seed, explore_slots), shallow, counted)
 
 
 def checkpoint_gamma(checkpoint: LoadedCheckpoint) -> float:

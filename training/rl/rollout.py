@@ -11,7 +11,10 @@ it decoded per prompt. Two sources:
   catalog's prefixes of that level (the rest are empty slots, as in
   ``models.ved_config.initial_beam_stats``), so beam search of width G spends
   G * (depth - 1) where every prefix level has at least G prefixes, less on a
-  catalog with fewer.
+  catalog with fewer. Given a budget (``vstar diagnose --budget``, not RL), it
+  runs the widest beam whose tokens, so counted, fit the budget, and keeps its
+  G best: on a catalog with few prefixes at a level that is wider than
+  budget // (depth - 1), which would spend less than VED at the same budget.
   With ``fusion`` it is the served decoder, fused with transition counts that
   include the rollout rows; each row's own transition is left out of them
   (``models.transition``), so its target is not handed to the search.
@@ -25,7 +28,7 @@ slots (a prompt with fewer than G valid SIDs) are dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,21 +94,46 @@ def budget_beam_width(budget: int, depth: int) -> int:
     return budget // max(depth - 1, 1)
 
 
-def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowFusion | None = None) -> CandidateSource:
-    """Beam search of width G; with a token ``budget``, the widest beam it pays for, keeping its G best.
+def equal_budget_beam_width(budget: int, trie: SidTrie) -> int:
+    """The widest beam whose tokens, counted as ``beam_tokens`` counts them, fit a per-prompt ``budget``: the
+    width that compares beam search with VED at equal cost. At most the catalog's SIDs (beam search holds no
+    more); 0 when not one beam fits.
 
-    The budgeted form compares beam search with VED at equal cost. ``fusion``: fused with counts that
-    include the samples' own rows (each row's transition to its target is left out).
+    ``budget_beam_width``'s ``budget // (depth - 1)`` is this width only where every prefix level has that many
+    prefixes: on a catalog of 6 first-level codes and 30 second-level ones, 30 tokens pay for width 24
+    (6 + 24), not 15 (which feeds 6 + 15 = 21, short of the budget).
+    """
+    lo, hi = 0, trie.num_sids  # beam_tokens does not fall as the width grows: the widest that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if beam_tokens(mid, trie) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def beam_source(
+    num_candidates: int,
+    budget: int | None = None,
+    fusion: ShallowFusion | None = None,
+    counted: Collection[Sample] | None = None,
+) -> CandidateSource:
+    """Beam search of width G; with a token ``budget``, the widest beam whose tokens fit it
+    (``equal_budget_beam_width``), keeping its G best.
+
+    The budgeted form compares beam search with VED at equal cost (``vstar diagnose --budget``; RL's
+    rollouts never take one). ``fusion``: fused with counts that include the samples' own rows (each row's
+    transition to its target is left out); ``counted``: the rows the counts hold, when not every sample is
+    one of them (``fusion_bonus``).
     """
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, samples: Sequence[Sample]) -> Candidates:
-        depth = policy.trie.depth
-        per_beam = max(depth - 1, 1)  # tokens a beam feeds: the prefix levels
-        if budget is not None and budget < num_candidates * per_beam:  # width G could not spend less
-            least = num_candidates * per_beam
+        least = beam_tokens(num_candidates, policy.trie)
+        if budget is not None and budget < least:  # width G could not spend less
             raise ValueError(f"budget {budget} is below what beam search of width G = {num_candidates} feeds: {least}")
-        width = num_candidates if budget is None else budget_beam_width(budget, depth)
-        bonus = fusion_bonus(policy, samples, fusion)
+        width = num_candidates if budget is None else max(equal_budget_beam_width(budget, policy.trie), num_candidates)
+        bonus = fusion_bonus(policy, samples, fusion, counted)
         decode = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(width), bonus)
         if width > num_candidates:
             decode = DecodeResult(*(t[:, :num_candidates] for t in (decode.sid_index, decode.scores, decode.token_ids)))
@@ -114,21 +142,35 @@ def beam_source(num_candidates: int, budget: int | None = None, fusion: ShallowF
     return run
 
 
-def fusion_bonus(policy: Policy, samples: Sequence[Sample], fusion: ShallowFusion | None) -> NodeBonus | None:
-    """(B, trie nodes) bonus of ``fusion`` for rows its counts include: each row's own transition left out."""
+def fusion_bonus(
+    policy: Policy,
+    samples: Sequence[Sample],
+    fusion: ShallowFusion | None,
+    counted: Collection[Sample] | None = None,
+) -> NodeBonus | None:
+    """(B, trie nodes) bonus of ``fusion``, each counted row's own transition left out: every sample's when
+    ``counted`` is None (RL's rollouts, on the rows the counts were fit on), else those of the samples in
+    ``counted`` (``vstar diagnose`` on rows the counts may or may not hold)."""
     if fusion is None:
         return None
     histories = [s.history for s in samples]
-    return fusion.node_bonus(histories, policy.catalog, policy.trie, [s.target for s in samples])
+    leave_out = [s.target if counted is None or s in counted else None for s in samples]
+    return fusion.node_bonus(histories, policy.catalog, policy.trie, leave_out)
 
 
-def ved_source(value_head: ValueHead, config: VEDConfig, fusion: ShallowFusion | None = None) -> CandidateSource:
-    """VED with ``value_head`` frozen (eval mode, no grad) while it decodes; ``fusion`` as ``beam_source``'s."""
+def ved_source(
+    value_head: ValueHead,
+    config: VEDConfig,
+    fusion: ShallowFusion | None = None,
+    counted: Collection[Sample] | None = None,
+) -> CandidateSource:
+    """VED with ``value_head`` frozen (eval mode, no grad) while it decodes; ``fusion`` and ``counted`` as
+    ``beam_source``'s."""
 
     def run(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, samples: Sequence[Sample]) -> Candidates:
         was_training = value_head.training
         value_head.eval()
-        bonus = fusion_bonus(policy, samples, fusion)
+        bonus = fusion_bonus(policy, samples, fusion, counted)
         try:
             with torch.no_grad():
                 result = ved_search(policy.model, value_head, policy.trie, ids, mask, config, bonus)

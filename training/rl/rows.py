@@ -1,7 +1,8 @@
 """Which rows an RL run's counts, fusion and warnings rest on: the fusion weight its result is served at, the
 rows the transition counts are fit on, the rows its SFT init trained on, and ``vstar fuse`` for an RL checkpoint.
 
-``training.rl.run`` drives these around training; ``vstar fuse`` calls ``fuse_rl_checkpoint`` on a finished run.
+``training.rl.run`` drives these around training; ``vstar fuse`` calls ``fuse_rl_checkpoint`` on a finished run;
+``vstar diagnose`` rebuilds a run's fused rollouts from its checkpoint with ``rollout_fusion``.
 Why RL fuses at its init's weight, and with which counts, is in ``training.rl.run``'s module docstring.
 """
 
@@ -51,6 +52,59 @@ def fused_rollouts(data: RecDataset, init: str | Path, config: RLConfig, train_r
         raise ValueError(f"--fused-rollouts needs a fusion weight above 0: {source}; pass --fusion-weight W above 0")
     rows = counted_rows(data, config, train_rows)
     return ShallowFusion(TransitionCounts.fit((s.history, s.target) for s in rows), weight)
+
+
+@dataclass(frozen=True)
+class RolloutFusion:
+    """The fusion an RL checkpoint's run decoded its rollouts with (``--fused-rollouts``), rebuilt from its
+    manifest for ``vstar diagnose``: the run's weight, and counts of the rows it counted (``counted_rows``)."""
+
+    fusion: ShallowFusion | None  # None: rollouts of the policy alone, or not rebuilt (``note`` says why)
+    counted: frozenset[Sample] = frozenset()  # the rows the counts hold: each one's own transition left out
+    count_rows: int = 0
+    note: str | None = None  # why a run's fused rollouts are not reproduced
+
+    def record(self, rows: Sequence[Sample]) -> dict[str, Any] | None:
+        """What decoded ``rows``, for a JSON report; None unfused."""
+        if self.fusion is None:
+            return None
+        return {
+            "weight": self.fusion.weight,
+            "count_rows": self.count_rows,
+            "transition_pairs": self.fusion.counts.num_pairs,
+            "own_transitions_left_out": sum(r in self.counted for r in rows),  # rows the counts hold
+        }
+
+
+def rollout_fusion(manifest: dict[str, Any], data: RecDataset) -> RolloutFusion:
+    """The fusion of the run whose checkpoint has ``manifest``, if it fused its rollouts, rebuilt on ``data``.
+
+    The weight is the run's ``--fusion-weight``, else its ``--init``'s as the run recorded it when it ended
+    (manifest ``fusion`` chosen by "init"); the counts those of ``fused_rollouts``: the run's ``counted_rows``,
+    never its held-out rows. When the checkpoint no longer tells the weight (``vstar fuse`` chose another, or
+    the run had not ended) or ``data`` is not what the run trained on, the fusion is not rebuilt: ``note``.
+    """
+    stored = manifest.get("rl_config") or {}
+    if not stored.get("fused_rollouts"):
+        return RolloutFusion(None)
+    run = "its RL run decoded its rollouts fused with transition counts (--fused-rollouts)"
+    unfused = "so the candidate sets measured here, the policy's alone, are not the ones it trained on"
+    chosen = manifest.get("fusion") or {}
+    weight = stored.get("fusion_weight")
+    if weight is None and chosen.get("chosen_by") == "init":
+        weight = chosen["weight"]
+    if weight is None:
+        how = f"its fusion is chosen_by {chosen.get('chosen_by')!r}" if chosen else "it records no fusion"
+        why = f"at its --init's weight, which the checkpoint no longer records ({how})"
+        return RolloutFusion(None, note=f"{run} {why}, {unfused}")
+    if (manifest.get("data") or {}).get("fingerprint") != data.fingerprint():
+        why = f"with counts of rows of other data than {data.name!r} (fingerprints differ)"
+        return RolloutFusion(None, note=f"{run} {why}, {unfused}")
+    rule = StoredRows.of(stored)
+    train_rows, _ = split_for_training(data, rule)
+    rows = counted_rows(data, rule, train_rows)
+    counts = TransitionCounts.fit((s.history, s.target) for s in rows)
+    return RolloutFusion(ShallowFusion(counts, float(weight)), frozenset(rows), len(rows))
 
 
 def counted_rows(data: RecDataset, rule: HoldoutRule, train_rows: list[Sample]) -> list[Sample]:
