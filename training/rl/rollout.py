@@ -88,20 +88,14 @@ def beam_tokens(num_beams: int, trie: SidTrie) -> int:
     return sum(min(num_beams, n) for n in trie.level_sizes[1 : trie.depth])
 
 
-def budget_beam_width(budget: int, depth: int) -> int:
-    """The widest beam a per-prompt token ``budget`` pays for with SIDs of ``depth`` tokens, at depth - 1 tokens a
-    beam; on a catalog with fewer prefixes at a level than that, it spends less (``beam_tokens``)."""
-    return budget // max(depth - 1, 1)
-
-
 def equal_budget_beam_width(budget: int, trie: SidTrie) -> int:
     """The widest beam whose tokens, counted as ``beam_tokens`` counts them, fit a per-prompt ``budget``: the
     width that compares beam search with VED at equal cost. At most the catalog's SIDs (beam search holds no
     more); 0 when not one beam fits.
 
-    ``budget_beam_width``'s ``budget // (depth - 1)`` is this width only where every prefix level has that many
-    prefixes: on a catalog of 6 first-level codes and 30 second-level ones, 30 tokens pay for width 24
-    (6 + 24), not 15 (which feeds 6 + 15 = 21, short of the budget).
+    ``budget // (depth - 1)`` is this width only where every prefix level has that many prefixes: on a catalog
+    of 6 first-level codes and 30 second-level ones, 30 tokens pay for width 24 (6 + 24), not 15 (which feeds
+    6 + 15 = 21, short of the budget).
     """
     lo, hi = 0, trie.num_sids  # beam_tokens does not fall as the width grows: the widest that fits, by bisection
     while lo < hi:
