@@ -161,6 +161,8 @@ def test_a_fused_run_whose_fusion_cannot_be_rebuilt_is_said_to_be_measured_unfus
     other = dict(manifest, data={"fingerprint": "another"}, rl_config=manifest["rl_config"] | {"fusion_weight": 2})
     assert "other data than" in str(rollout_fusion(other, tiny_dataset).note)
     refused = manifest | {"fusion": {"weight": 6.0, "chosen_by": "held-out"}}  # vstar fuse chose again
+    recorded = rollout_fusion(refused | {"rollout_fusion_weight": 3.0}, tiny_dataset)  # a run that kept it apart
+    assert recorded.fusion is not None and recorded.fusion.weight == 3.0 and recorded.note is None
     ckpt = save_checkpoint(tmp_path / "refused", tiny_policy, refused)
     diag, output = diagnose_cli(tiny_data_dir, ckpt, tmp_path / "d.json", "--limit", "8")
     note = "its RL run decoded its rollouts fused with transition counts (--fused-rollouts) at its --init's weight"

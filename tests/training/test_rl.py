@@ -125,7 +125,9 @@ def test_fused_rollouts_need_a_weight(tiny_policy: Policy, tiny_dataset: RecData
     for algo in ("grpo", "vstar"):  # beam search's rollouts and VED's
         fused = replace(config, algo=algo, fusion_weight=2.0, value_warmup=1)
         summary = train_rl(tiny_dataset, init, tmp_path / algo, fused, progress=False)
-        assert summary["steps"] == 1 and load_checkpoint(tmp_path / algo).manifest["rl_config"]["fused_rollouts"]
+        manifest = load_checkpoint(tmp_path / algo).manifest
+        assert summary["steps"] == 1 and manifest["rl_config"]["fused_rollouts"]
+        assert manifest["rollout_fusion_weight"] == 2.0  # kept apart from ``fusion``, which vstar fuse changes
 
 
 def test_fused_rollouts_without_a_weight_say_where_the_zero_came_from(

@@ -79,10 +79,12 @@ class RolloutFusion:
 def rollout_fusion(manifest: dict[str, Any], data: RecDataset) -> RolloutFusion:
     """The fusion of the run whose checkpoint has ``manifest``, if it fused its rollouts, rebuilt on ``data``.
 
-    The weight is the run's ``--fusion-weight``, else its ``--init``'s as the run recorded it when it ended
-    (manifest ``fusion`` chosen by "init"); the counts those of ``fused_rollouts``: the run's ``counted_rows``,
-    never its held-out rows. When the checkpoint no longer tells the weight (``vstar fuse`` chose another, or
-    the run had not ended) or ``data`` is not what the run trained on, the fusion is not rebuilt: ``note``.
+    The weight is the manifest's ``rollout_fusion_weight``, which the run records from its start; in a
+    checkpoint written before that key, the run's ``--fusion-weight``, else its ``--init``'s as the run
+    recorded it when it ended (manifest ``fusion`` chosen by "init"). The counts are those of
+    ``fused_rollouts``: the run's ``counted_rows``, never its held-out rows. When an older checkpoint no longer
+    tells the weight (``vstar fuse`` chose another, or the run had not ended) or ``data`` is not what the run
+    trained on, the fusion is not rebuilt: ``note``.
     """
     stored = manifest.get("rl_config") or {}
     if not stored.get("fused_rollouts"):
@@ -90,7 +92,9 @@ def rollout_fusion(manifest: dict[str, Any], data: RecDataset) -> RolloutFusion:
     run = "its RL run decoded its rollouts fused with transition counts (--fused-rollouts)"
     unfused = "so the candidate sets measured here, the policy's alone, are not the ones it trained on"
     chosen = manifest.get("fusion") or {}
-    weight = stored.get("fusion_weight")
+    weight = manifest.get("rollout_fusion_weight")  # recorded since it was kept apart from ``fusion``
+    if weight is None:
+        weight = stored.get("fusion_weight")
     if weight is None and chosen.get("chosen_by") == "init":
         weight = chosen["weight"]
     if weight is None:

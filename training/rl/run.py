@@ -285,6 +285,9 @@ def train_rl(
         # valid alone keeps train's, as its counts do)
         "popular_sids": popular_sids(data.catalog, counted_rows(data, config, train_rows)),
         "value_warmup": warmup,
+        # the weight the rollouts were fused at (--fused-rollouts), kept when vstar fuse changes ``fusion``:
+        # vstar diagnose decodes as they were (``training.rl.rows.rollout_fusion``)
+        "rollout_fusion_weight": None if rollout_fusion is None else rollout_fusion.weight,
     }
     if value_head is not None:
         manifest["value_head"] = value_head_manifest(value_head)
