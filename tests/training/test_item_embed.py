@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+from training.data.data_files import read_embeddings
 from training.data.dataset import DataError
 from training.data.item_embed import (
     DESCRIPTION_CHARS,
@@ -30,7 +33,7 @@ from training.data.item_embed import (
     item_text,
     item_texts,
 )
-from training.data.sid_builder import SidBuildConfig, write_index
+from training.data.sid_builder import SidBuildConfig, load_embeddings, write_index
 from vstar import app
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "red", "blue", "drill", "saw", "glove", "steel", "cordless", "pack", "of", "two"]
@@ -52,7 +55,7 @@ def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def catalog(tmp_path: Path, entries: dict[str, object]) -> Path:
+def catalog(tmp_path: Path, entries: Mapping[str, object]) -> Path:
     (tmp_path / "item.json").write_text(json.dumps(entries))
     return tmp_path
 
@@ -152,6 +155,49 @@ def test_existing_embeddings_are_kept_unless_forced(encoder_dir: Path, tmp_path:
     assert (data / "item_emb.npy").read_bytes() == b"mine" and not (data / "item_emb.json").exists()
     embed_items(data, EmbedConfig(encoder_dir), force=True, progress=False)
     assert np.load(data / "item_emb.npy").shape == (4, 24)
+
+
+def test_a_forced_run_stopped_between_its_two_renames_leaves_a_pair_every_reader_refuses(
+    encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """item_emb.npy and item_emb.json cannot be replaced in one step: a --force run killed after the first rename
+    left one file new and the other old, and vstar sids and load_dataset read the pair as one (the record naming
+    the wrong encoder). Now the record names its rows' sha256 and readers refuse a pair that disagrees."""
+    data = catalog(tmp_path, ITEMS)
+    embed_items(data, EmbedConfig(encoder_dir), progress=False)
+    assert load_embeddings(data).shape == (4, 24)  # a pair written whole reads
+    real_replace, renames = os.replace, list[str | Path]()
+
+    def killed_after_one(src: str | Path, dst: str | Path) -> None:
+        if renames:
+            raise KeyboardInterrupt  # the process dies here
+        renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_one)  # models.atomic_folder's renames
+    with pytest.raises(KeyboardInterrupt):
+        embed_items(data, EmbedConfig(encoder_dir, pooling="cls"), force=True, progress=False)
+    monkeypatch.undo()
+    assert len(renames) == 1
+    npy, record = data / "item_emb.npy", data / "item_emb.json"
+    with pytest.raises(DataError, match=f"{npy} and {record} disagree .*npy_sha256 .* run it again"):
+        load_embeddings(data)
+    embed_items(data, EmbedConfig(encoder_dir, pooling="cls"), force=True, progress=False)  # the rerun mends it
+    assert json.loads(record.read_text())["pooling"] == "cls" and load_embeddings(data).shape == (4, 24)
+
+
+def test_a_record_that_describes_other_embeddings_is_refused(tmp_path: Path) -> None:
+    """A record without a sha256 (amazon-industrial's, or one an older vstar embed wrote) is still checked for the
+    rows' count and width; rows replaced by hand beside vstar embed's record are refused too."""
+    np.save(tmp_path / "item_emb.npy", np.eye(4, 3, dtype=np.float32))
+    (tmp_path / "item_emb.json").write_text(json.dumps({"num_items": 4, "dim": 3}))
+    assert read_embeddings(tmp_path / "item_emb.npy").shape == (4, 3)
+    (tmp_path / "item_emb.json").write_text(json.dumps({"num_items": 5, "dim": 3}))
+    with pytest.raises(DataError, match=r"item_emb.npy and .*item_emb.json disagree \(num_items 5 against 4\)"):
+        read_embeddings(tmp_path / "item_emb.npy")
+    (tmp_path / "item_emb.json").write_text(json.dumps({"num_items": 4, "dim": 3, "npy_sha256": "0" * 64}))
+    with pytest.raises(DataError, match=r"disagree \(npy_sha256 000000000000\.\.\. names another file\)"):
+        read_embeddings(tmp_path / "item_emb.npy")
 
 
 def copy_of(folder: Path, to: Path) -> Path:

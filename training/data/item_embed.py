@@ -27,13 +27,18 @@ Design decisions:
 - Rows are always L2-normalised (cosine geometry, as the k-means of ``vstar
   sids`` and the dense reward expect). The encoder runs in fp32.
 - An existing ``item_emb.npy`` is kept unless ``force``: the ``index.json``
-  beside it (and the CSVs' SIDs) was built from it. Both files are written to a
-  temporary name and renamed, so a killed run leaves the old files or the new.
+  beside it (and the CSVs' SIDs) was built from it. Both files are written in
+  full under temporary names before either is renamed onto its old one, so a
+  failed write (a full disk) leaves the old pair. Two files cannot be replaced in
+  one step: the record is renamed first and names the new rows' sha256, so a run
+  killed between the renames leaves a pair that every reader of the embeddings
+  refuses, naming both files (``data_files.check_embedding_record``).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import html
 import io
@@ -46,9 +51,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models.atomic_folder import write_file
+from models.atomic_folder import replacing_file
 from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
-from training.data.data_files import DataError, parse_item_id, read_json_object
+from training.data.data_files import DataError, embedding_record, parse_item_id, read_json_object
 
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last")
@@ -308,6 +313,8 @@ def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progre
     }
     buffer = io.BytesIO()
     np.save(buffer, embeddings)
-    write_file(out, buffer.getvalue())
-    write_file(data_dir / "item_emb.json", (json.dumps(record, indent=2) + "\n").encode())
+    record["npy_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()  # ties the record to these rows
+    with contextlib.ExitStack() as files:  # both written in full before either is renamed; the record first (LIFO)
+        files.enter_context(replacing_file(out)).write(buffer.getvalue())
+        files.enter_context(replacing_file(embedding_record(out))).write((json.dumps(record, indent=2) + "\n").encode())
     return record | {"out": str(out), "seconds": round(seconds, 3)}
