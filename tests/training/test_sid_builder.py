@@ -238,6 +238,21 @@ def test_an_index_that_others_depend_on_is_never_replaced(tiny_data_dir: Path, t
     assert {p: p.read_bytes() for folder in (data, other, ckpt) for p in folder.iterdir()} == before
 
 
+def test_a_first_index_beside_splits_needs_update_splits(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A folder with splits and no index.json yet (vstar import's, whose SID columns are empty, or one whose
+    index was removed): vstar sids without --update-splits wrote index.json, exit 0, and the data set then did
+    not load (every row's SID disagreed). It is refused before the k-means, and nothing is written."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    (data / "index.json").unlink()
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    with pytest.raises(ValueError, match=r"train.csv, valid.csv, test.csv in .* add --update-splits"):
+        write_index(data, SidBuildConfig())
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    write_index(data, SidBuildConfig(), update_splits=True)  # the command vstar import suggests
+    load_dataset(data)
+
+
 def test_update_splits_rewrites_the_sid_columns_to_the_new_index(tiny_data_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data)

@@ -383,6 +383,12 @@ def write_index(
             "set would no longer load: add --update-splits to rewrite their SID columns with it, or write "
             "elsewhere with --out"
         )
+    if is_own and csvs and not update_splits:  # no index yet: the splits' SID columns are empty, or another's
+        raise ValueError(
+            f"{', '.join(csvs)} in {data_dir} carry SID columns that a new {out.name} would not match (a new "
+            "catalog's are empty), and the data set would not load: add --update-splits to fill them with it, or "
+            "write elsewhere with --out"
+        )
     build = build_sids(load_embeddings(data_dir), config, progress=True)
     index = build.index()
     splits = relabel_splits(data_dir, index) if update_splits else []  # all checked before anything is written
