@@ -200,6 +200,28 @@ def test_a_record_that_describes_other_embeddings_is_refused(tmp_path: Path) -> 
         read_embeddings(tmp_path / "item_emb.npy")
 
 
+def test_an_encoder_that_gives_nan_rows_writes_nothing(encoder_dir: Path, tmp_path: Path) -> None:
+    """A word whose embedding is NaN (broken weights): its items' rows came out NaN and were written, replacing
+    good ones under --force; vstar sids then refused the file. Now nothing is written and the items are named."""
+    folder = copy_of(encoder_dir, tmp_path / "nan")
+    model = BertModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[WORDS.index("saw")] = float("nan")
+    model.save_pretrained(folder)
+    (tmp_path / "data").mkdir()
+    data = catalog(tmp_path / "data", ITEMS)
+    embed_items(data, EmbedConfig(encoder_dir), progress=False)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    with pytest.raises(EncoderError, match=r"NaN, infinite or zero vectors for 1 of 4 items \(item 1\)"):
+        embed_items(data, EmbedConfig(folder), force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    with torch.no_grad():  # every text NaN: refused on loading, before any item is encoded
+        model.embeddings.LayerNorm.weight[0] = float("nan")
+    model.save_pretrained(folder)
+    with pytest.raises(EncoderError, match="loads, but encodes text to NaN or infinite values"):
+        TextEncoder(EmbedConfig(folder))
+
+
 def copy_of(folder: Path, to: Path) -> Path:
     to.mkdir()
     for f in folder.iterdir():

@@ -25,7 +25,8 @@ Design decisions:
   attention mask, so the order and the batch size do not change a row beyond
   float rounding.
 - Rows are always L2-normalised (cosine geometry, as the k-means of ``vstar
-  sids`` and the dense reward expect). The encoder runs in fp32.
+  sids`` and the dense reward expect). The encoder runs in fp32. A row that
+  is NaN, infinite or zero (broken weights) stops the run with nothing written.
 - An existing ``item_emb.npy`` is kept unless ``force``: the ``index.json``
   beside it (and the CSVs' SIDs) was built from it. Both files are written in
   full under temporary names before either is renamed onto its old one, so a
@@ -244,9 +245,11 @@ class TextEncoder:
             raise EncoderError(f"--max-length {self.max_length}: {folder} takes at most {limit} tokens")
         self.dim = int(self.model.config.hidden_size)
         try:  # fail here, not after hours of encoding: a checkpoint of another kind loads but cannot encode
-            self.encode(["probe"])
+            probe = self.encode(["probe"])
         except Exception as e:
             raise EncoderError(f"{folder}: loads, but cannot encode text ({first_line(e)})") from None
+        if not np.isfinite(probe).all():  # broken weights: every row would be NaN (embed_items checks each row)
+            raise EncoderError(f"{folder}: loads, but encodes text to NaN or infinite values")
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32 rows, L2-normalised."""
@@ -282,6 +285,19 @@ def embed_texts(encoder: TextEncoder, texts: list[str], batch_size: int, progres
     return out
 
 
+def check_rows(embeddings: np.ndarray, encoder: Path) -> None:
+    """An EncoderError naming the items whose row is not a unit vector: NaN or infinite (a model with broken
+    weights, or one that overflows) or zero (nothing to normalise). Such rows cannot be clustered by vstar sids,
+    and written with ``force`` they would replace good ones."""
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(1) | ~embeddings.any(1))
+    if bad.size:
+        listed = ", ".join(map(str, bad[:5])) + (f" and {bad.size - 5} more" if bad.size > 5 else "")
+        raise EncoderError(
+            f"{encoder} gave NaN, infinite or zero vectors for {bad.size} of {len(embeddings)} items "
+            f"(item {listed}); nothing was written"
+        )
+
+
 def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write ``data_dir/item_emb.npy`` (row i = item id i) and ``item_emb.json``; returns the report.
     The data and the old file are checked before torch loads."""
@@ -297,6 +313,7 @@ def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progre
 
     encoder = TextEncoder(config)
     embeddings = embed_texts(encoder, texts, config.batch_size, progress)
+    check_rows(embeddings, config.encoder)
     seconds = time.perf_counter() - start
     record = {
         "model": str(config.encoder),
