@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -220,6 +221,25 @@ def test_an_encoder_that_gives_nan_rows_writes_nothing(encoder_dir: Path, tmp_pa
     model.save_pretrained(folder)
     with pytest.raises(EncoderError, match="loads, but encodes text to NaN or infinite values"):
         TextEncoder(EmbedConfig(folder))
+
+
+def test_a_folder_that_cannot_take_the_embeddings_is_named_before_any_work(
+    encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data folder on a read-only volume: the encoding ran to its end (hours on a large catalog) and the write
+    then failed with an OSError traceback. Now one line says so before the encoder loads (a missing one here)."""
+    data = catalog(tmp_path, ITEMS)
+    real = os.statvfs
+
+    def statvfs(path: os.PathLike[str] | str) -> object:  # as if mounted read-only (a :ro volume)
+        return SimpleNamespace(f_flag=os.ST_RDONLY) if Path(path) == data else real(path)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != data or not mode & os.W_OK)  # EROFS
+    with pytest.raises(ValueError, match=f"--data: cannot write under {data} \\(a read-only file system\\)"):
+        embed_items(data, EmbedConfig(tmp_path / "no-encoder"), progress=False)
+    result = CliRunner().invoke(app, ["embed", "--data", str(data), "--encoder", str(encoder_dir)])
+    assert result.exit_code == 2 and "a read-only file system" in result.output, result.output
 
 
 def copy_of(folder: Path, to: Path) -> Path:

@@ -53,6 +53,7 @@ from typing import Any, Literal
 import numpy as np
 
 from models.atomic_folder import replacing_file
+from models.output_path import parents_problem
 from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
 from training.data.data_files import DataError, embedding_record, parse_item_id, read_json_object
 
@@ -300,13 +301,16 @@ def check_rows(embeddings: np.ndarray, encoder: Path) -> None:
 
 def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write ``data_dir/item_emb.npy`` (row i = item id i) and ``item_emb.json``; returns the report.
-    The data and the old file are checked before torch loads."""
+    The data, the old file and whether the folder can take the new ones are checked before torch loads."""
     out = data_dir / "item_emb.npy"
     if out.exists() and not force:
         raise FileExistsError(
             f"{out} exists (an index.json built from it would no longer match); pass --force to replace it, "
             "then rebuild the SIDs and the splits' SID columns: vstar sids --force --update-splits"
         )
+    problem = parents_problem(out)
+    if problem is not None:  # found now, not after the encoding
+        raise ValueError(f"--data: {problem}")
     start = time.perf_counter()
     texts = item_texts(data_dir / "item.json")
     import torch
