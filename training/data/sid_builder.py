@@ -367,9 +367,9 @@ def write_index(
     is_own = out.resolve() == own.resolve()
     if update_splits and not is_own:
         raise ValueError(f"--update-splits rewrites the splits of {data_dir}, whose index is {own}, not {out}")
-    problem = None if is_own else index_out_problem(out)
+    problem = parents_problem(out) if is_own else index_out_problem(out)  # found now, not after the k-means
     if problem is not None:
-        raise ValueError(f"--out: {problem}")
+        raise ValueError(f"{'--data' if is_own else '--out'}: {problem}")
     if out.exists() and not force:
         raise FileExistsError(
             f"{out} exists; the CSVs next to it carry SIDs that must match it, so a new index would make "
