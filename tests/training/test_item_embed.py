@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+from training.data.data_files import read_embeddings
 from training.data.dataset import DataError
 from training.data.item_embed import (
     DESCRIPTION_CHARS,
@@ -30,7 +34,7 @@ from training.data.item_embed import (
     item_text,
     item_texts,
 )
-from training.data.sid_builder import SidBuildConfig, write_index
+from training.data.sid_builder import SidBuildConfig, load_embeddings, write_index
 from vstar import app
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "red", "blue", "drill", "saw", "glove", "steel", "cordless", "pack", "of", "two"]
@@ -52,7 +56,7 @@ def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def catalog(tmp_path: Path, entries: dict[str, object]) -> Path:
+def catalog(tmp_path: Path, entries: Mapping[str, object]) -> Path:
     (tmp_path / "item.json").write_text(json.dumps(entries))
     return tmp_path
 
@@ -152,6 +156,90 @@ def test_existing_embeddings_are_kept_unless_forced(encoder_dir: Path, tmp_path:
     assert (data / "item_emb.npy").read_bytes() == b"mine" and not (data / "item_emb.json").exists()
     embed_items(data, EmbedConfig(encoder_dir), force=True, progress=False)
     assert np.load(data / "item_emb.npy").shape == (4, 24)
+
+
+def test_a_forced_run_stopped_between_its_two_renames_leaves_a_pair_every_reader_refuses(
+    encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """item_emb.npy and item_emb.json cannot be replaced in one step: a --force run killed after the first rename
+    left one file new and the other old, and vstar sids and load_dataset read the pair as one (the record naming
+    the wrong encoder). Now the record names its rows' sha256 and readers refuse a pair that disagrees."""
+    data = catalog(tmp_path, ITEMS)
+    embed_items(data, EmbedConfig(encoder_dir), progress=False)
+    assert load_embeddings(data).shape == (4, 24)  # a pair written whole reads
+    real_replace, renames = os.replace, list[str | Path]()
+
+    def killed_after_one(src: str | Path, dst: str | Path) -> None:
+        if renames:
+            raise KeyboardInterrupt  # the process dies here
+        renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_one)  # models.atomic_folder's renames
+    with pytest.raises(KeyboardInterrupt):
+        embed_items(data, EmbedConfig(encoder_dir, pooling="cls"), force=True, progress=False)
+    monkeypatch.undo()
+    assert len(renames) == 1
+    npy, record = data / "item_emb.npy", data / "item_emb.json"
+    with pytest.raises(DataError, match=f"{npy} and {record} disagree .*npy_sha256 .* run it again"):
+        load_embeddings(data)
+    embed_items(data, EmbedConfig(encoder_dir, pooling="cls"), force=True, progress=False)  # the rerun mends it
+    assert json.loads(record.read_text())["pooling"] == "cls" and load_embeddings(data).shape == (4, 24)
+
+
+def test_a_record_that_describes_other_embeddings_is_refused(tmp_path: Path) -> None:
+    """A record without a sha256 (amazon-industrial's, or one an older vstar embed wrote) is still checked for the
+    rows' count and width; rows replaced by hand beside vstar embed's record are refused too."""
+    np.save(tmp_path / "item_emb.npy", np.eye(4, 3, dtype=np.float32))
+    (tmp_path / "item_emb.json").write_text(json.dumps({"num_items": 4, "dim": 3}))
+    assert read_embeddings(tmp_path / "item_emb.npy").shape == (4, 3)
+    (tmp_path / "item_emb.json").write_text(json.dumps({"num_items": 5, "dim": 3}))
+    with pytest.raises(DataError, match=r"item_emb.npy and .*item_emb.json disagree \(num_items 5 against 4\)"):
+        read_embeddings(tmp_path / "item_emb.npy")
+    (tmp_path / "item_emb.json").write_text(json.dumps({"num_items": 4, "dim": 3, "npy_sha256": "0" * 64}))
+    with pytest.raises(DataError, match=r"disagree \(npy_sha256 000000000000\.\.\. names another file\)"):
+        read_embeddings(tmp_path / "item_emb.npy")
+
+
+def test_an_encoder_that_gives_nan_rows_writes_nothing(encoder_dir: Path, tmp_path: Path) -> None:
+    """A word whose embedding is NaN (broken weights): its items' rows came out NaN and were written, replacing
+    good ones under --force; vstar sids then refused the file. Now nothing is written and the items are named."""
+    folder = copy_of(encoder_dir, tmp_path / "nan")
+    model = BertModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[WORDS.index("saw")] = float("nan")
+    model.save_pretrained(folder)
+    (tmp_path / "data").mkdir()
+    data = catalog(tmp_path / "data", ITEMS)
+    embed_items(data, EmbedConfig(encoder_dir), progress=False)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    with pytest.raises(EncoderError, match=r"NaN, infinite or zero vectors for 1 of 4 items \(item 1\)"):
+        embed_items(data, EmbedConfig(folder), force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    with torch.no_grad():  # every text NaN: refused on loading, before any item is encoded
+        model.embeddings.LayerNorm.weight[0] = float("nan")
+    model.save_pretrained(folder)
+    with pytest.raises(EncoderError, match="loads, but encodes text to NaN or infinite values"):
+        TextEncoder(EmbedConfig(folder))
+
+
+def test_a_folder_that_cannot_take_the_embeddings_is_named_before_any_work(
+    encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data folder on a read-only volume: the encoding ran to its end (hours on a large catalog) and the write
+    then failed with an OSError traceback. Now one line says so before the encoder loads (a missing one here)."""
+    data = catalog(tmp_path, ITEMS)
+    real = os.statvfs
+
+    def statvfs(path: os.PathLike[str] | str) -> object:  # as if mounted read-only (a :ro volume)
+        return SimpleNamespace(f_flag=os.ST_RDONLY) if Path(path) == data else real(path)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != data or not mode & os.W_OK)  # EROFS
+    with pytest.raises(ValueError, match=f"--data: cannot write under {data} \\(a read-only file system\\)"):
+        embed_items(data, EmbedConfig(tmp_path / "no-encoder"), progress=False)
+    result = CliRunner().invoke(app, ["embed", "--data", str(data), "--encoder", str(encoder_dir)])
+    assert result.exit_code == 2 and "a read-only file system" in result.output, result.output
 
 
 def copy_of(folder: Path, to: Path) -> Path:

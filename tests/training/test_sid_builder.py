@@ -6,8 +6,10 @@ import csv
 import errno
 import json
 import math
+import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -236,6 +238,38 @@ def test_an_index_that_others_depend_on_is_never_replaced(tiny_data_dir: Path, t
         with pytest.raises(ValueError, match=f"--out: .*{message}"):
             write_index(data, SidBuildConfig(seed=1), out=out, force=True)
     assert {p: p.read_bytes() for folder in (data, other, ckpt) for p in folder.iterdir()} == before
+
+
+def test_a_first_index_beside_splits_needs_update_splits(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A folder with splits and no index.json yet (vstar import's, whose SID columns are empty, or one whose
+    index was removed): vstar sids without --update-splits wrote index.json, exit 0, and the data set then did
+    not load (every row's SID disagreed). It is refused before the k-means, and nothing is written."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    (data / "index.json").unlink()
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    with pytest.raises(ValueError, match=r"train.csv, valid.csv, test.csv in .* add --update-splits"):
+        write_index(data, SidBuildConfig())
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    write_index(data, SidBuildConfig(), update_splits=True)  # the command vstar import suggests
+    load_dataset(data)
+
+
+def test_a_data_folder_that_cannot_take_the_index_is_named_before_the_k_means(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DIR/index.json on a read-only volume: the k-means ran (minutes at a million items), then the write failed
+    with an OSError traceback. --out was checked up front; DIR's own index is now too."""
+    data = emb_dir(tmp_path, blobs(40))
+    real = os.statvfs
+
+    def statvfs(path: os.PathLike[str] | str) -> object:  # as if mounted read-only (a :ro volume)
+        return SimpleNamespace(f_flag=os.ST_RDONLY) if Path(path) == data else real(path)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    monkeypatch.setattr("training.data.sid_builder.build_sids", None)  # never reached
+    with pytest.raises(ValueError, match=f"--data: cannot write under {data} \\(a read-only file system\\)"):
+        write_index(data, SidBuildConfig())
 
 
 def test_update_splits_rewrites_the_sid_columns_to_the_new_index(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -102,19 +102,20 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")] = 64,
         device: DeviceOpt = "cpu",
-        force: Annotated[bool, typer.Option("--force", help="Replace an existing item_emb.npy.")] = False,
+        force: Annotated[
+            bool, typer.Option("--force", help="Replace an existing item_emb.npy and item_emb.json.")
+        ] = False,
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Also write the report here.", callback=writable_file)
         ] = None,
     ) -> None:
         """Item text embeddings (item_emb.npy, L2-normalised, row i = item id i) from item.json, for vstar sids."""
-        from training.data.dataset import DataError
-        from training.data.item_embed import EmbedConfig, EncoderError, embed_items
+        from training.data.item_embed import EmbedConfig, embed_items
 
         config = EmbedConfig(encoder, pooling, max_length, batch_size, device)
         try:
             report = embed_items(data, config, force)
-        except (DataError, EncoderError, FileExistsError) as e:
+        except (ValueError, FileExistsError) as e:  # DataError and EncoderError among them
             raise typer.BadParameter(str(e)) from None
         write_json(json_out, report)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -76,7 +77,45 @@ def read_embeddings(path: Path, items: int | None = None, counted_in: str = "the
     embeddings = array.astype(np.float32)
     if not np.isfinite(embeddings).all():
         raise DataError(f"{path}: contains NaN or infinite values (or values too large for float32)")
+    check_embedding_record(path, array.shape)
     return embeddings
+
+
+def embedding_record(path: Path) -> Path:
+    """The record ``vstar embed`` writes beside the embeddings ``path`` (``item_emb.json`` of ``item_emb.npy``)."""
+    return path.with_suffix(".json")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (an embeddings file may not fit in memory twice)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_embedding_record(path: Path, shape: tuple[int, ...]) -> None:
+    """A DataError naming both files when the record beside the embeddings ``path`` (when there is one) describes
+    other embeddings: another row count or width, or (``vstar embed`` records it) another file's sha256. The two
+    cannot be replaced in one step, so a ``vstar embed --force`` stopped between its two renames leaves a pair
+    that disagrees; read as one, the record would name the wrong encoder or the rows the wrong items."""
+    record_path = embedding_record(path)
+    if not record_path.is_file():
+        return
+    record = read_json_object(record_path)
+    found = {"num_items": shape[0], "dim": shape[1]}
+    wrong = [
+        f"{key} {record[key]!r} against {found[key]}" for key in found if record.get(key, found[key]) != found[key]
+    ]
+    if not wrong and "npy_sha256" in record and record["npy_sha256"] != file_sha256(path):
+        wrong = [f"npy_sha256 {str(record['npy_sha256'])[:12]}... names another file"]
+    if wrong:
+        raise DataError(
+            f"{path} and {record_path} disagree ({'; '.join(wrong)}): the record describes other embeddings, "
+            f"as when vstar embed --force stops between writing the two; run it again (or delete {record_path.name} "
+            f"if {path.name} was replaced on purpose)"
+        )
 
 
 def parse_item_id(value: str, path: Path, line: int) -> int:

@@ -25,15 +25,21 @@ Design decisions:
   attention mask, so the order and the batch size do not change a row beyond
   float rounding.
 - Rows are always L2-normalised (cosine geometry, as the k-means of ``vstar
-  sids`` and the dense reward expect). The encoder runs in fp32.
+  sids`` and the dense reward expect). The encoder runs in fp32. A row that
+  is NaN, infinite or zero (broken weights) stops the run with nothing written.
 - An existing ``item_emb.npy`` is kept unless ``force``: the ``index.json``
-  beside it (and the CSVs' SIDs) was built from it. Both files are written to a
-  temporary name and renamed, so a killed run leaves the old files or the new.
+  beside it (and the CSVs' SIDs) was built from it. Both files are written in
+  full under temporary names before either is renamed onto its old one, so a
+  failed write (a full disk) leaves the old pair. Two files cannot be replaced in
+  one step: the record is renamed first and names the new rows' sha256, so a run
+  killed between the renames leaves a pair that every reader of the embeddings
+  refuses, naming both files (``data_files.check_embedding_record``).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import html
 import io
@@ -46,9 +52,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models.atomic_folder import write_file
+from models.atomic_folder import replacing_file
+from models.output_path import parents_problem
 from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
-from training.data.data_files import DataError, parse_item_id, read_json_object
+from training.data.data_files import DataError, embedding_record, parse_item_id, read_json_object
 
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "cls", "last")
@@ -239,9 +246,11 @@ class TextEncoder:
             raise EncoderError(f"--max-length {self.max_length}: {folder} takes at most {limit} tokens")
         self.dim = int(self.model.config.hidden_size)
         try:  # fail here, not after hours of encoding: a checkpoint of another kind loads but cannot encode
-            self.encode(["probe"])
+            probe = self.encode(["probe"])
         except Exception as e:
             raise EncoderError(f"{folder}: loads, but cannot encode text ({first_line(e)})") from None
+        if not np.isfinite(probe).all():  # broken weights: every row would be NaN (embed_items checks each row)
+            raise EncoderError(f"{folder}: loads, but encodes text to NaN or infinite values")
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32 rows, L2-normalised."""
@@ -277,21 +286,38 @@ def embed_texts(encoder: TextEncoder, texts: list[str], batch_size: int, progres
     return out
 
 
+def check_rows(embeddings: np.ndarray, encoder: Path) -> None:
+    """An EncoderError naming the items whose row is not a unit vector: NaN or infinite (a model with broken
+    weights, or one that overflows) or zero (nothing to normalise). Such rows cannot be clustered by vstar sids,
+    and written with ``force`` they would replace good ones."""
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(1) | ~embeddings.any(1))
+    if bad.size:
+        listed = ", ".join(map(str, bad[:5])) + (f" and {bad.size - 5} more" if bad.size > 5 else "")
+        raise EncoderError(
+            f"{encoder} gave NaN, infinite or zero vectors for {bad.size} of {len(embeddings)} items "
+            f"(item {listed}); nothing was written"
+        )
+
+
 def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write ``data_dir/item_emb.npy`` (row i = item id i) and ``item_emb.json``; returns the report.
-    The data and the old file are checked before torch loads."""
+    The data, the old file and whether the folder can take the new ones are checked before torch loads."""
     out = data_dir / "item_emb.npy"
     if out.exists() and not force:
         raise FileExistsError(
             f"{out} exists (an index.json built from it would no longer match); pass --force to replace it, "
             "then rebuild the SIDs and the splits' SID columns: vstar sids --force --update-splits"
         )
+    problem = parents_problem(out)
+    if problem is not None:  # found now, not after the encoding
+        raise ValueError(f"--data: {problem}")
     start = time.perf_counter()
     texts = item_texts(data_dir / "item.json")
     import torch
 
     encoder = TextEncoder(config)
     embeddings = embed_texts(encoder, texts, config.batch_size, progress)
+    check_rows(embeddings, config.encoder)
     seconds = time.perf_counter() - start
     record = {
         "model": str(config.encoder),
@@ -308,6 +334,8 @@ def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progre
     }
     buffer = io.BytesIO()
     np.save(buffer, embeddings)
-    write_file(out, buffer.getvalue())
-    write_file(data_dir / "item_emb.json", (json.dumps(record, indent=2) + "\n").encode())
+    record["npy_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()  # ties the record to these rows
+    with contextlib.ExitStack() as files:  # both written in full before either is renamed; the record first (LIFO)
+        files.enter_context(replacing_file(out)).write(buffer.getvalue())
+        files.enter_context(replacing_file(embedding_record(out))).write((json.dumps(record, indent=2) + "\n").encode())
     return record | {"out": str(out), "seconds": round(seconds, 3)}

@@ -367,9 +367,9 @@ def write_index(
     is_own = out.resolve() == own.resolve()
     if update_splits and not is_own:
         raise ValueError(f"--update-splits rewrites the splits of {data_dir}, whose index is {own}, not {out}")
-    problem = None if is_own else index_out_problem(out)
+    problem = parents_problem(out) if is_own else index_out_problem(out)  # found now, not after the k-means
     if problem is not None:
-        raise ValueError(f"--out: {problem}")
+        raise ValueError(f"{'--data' if is_own else '--out'}: {problem}")
     if out.exists() and not force:
         raise FileExistsError(
             f"{out} exists; the CSVs next to it carry SIDs that must match it, so a new index would make "
@@ -382,6 +382,12 @@ def write_index(
             f"--force alone would replace {out} while {', '.join(csvs)} beside it keep the old SIDs, and the data "
             "set would no longer load: add --update-splits to rewrite their SID columns with it, or write "
             "elsewhere with --out"
+        )
+    if is_own and csvs and not update_splits:  # no index yet: the splits' SID columns are empty, or another's
+        raise ValueError(
+            f"{', '.join(csvs)} in {data_dir} carry SID columns that a new {out.name} would not match (a new "
+            "catalog's are empty), and the data set would not load: add --update-splits to fill them with it, or "
+            "write elsewhere with --out"
         )
     build = build_sids(load_embeddings(data_dir), config, progress=True)
     index = build.index()
