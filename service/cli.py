@@ -5,7 +5,8 @@ uvicorn worker process builds its app from the same environment
 (``service.app:create_app_from_env``); every other setting is read there too
 (``service.settings``). ``recommend`` reads the same settings (its options in their
 place) and answers a file of users offline with the service's own code
-(``service.batch_recommend``). Heavy imports stay inside the handlers.
+(``service.batch_recommend``), reading their stored histories from the service's
+store with ``--stored-history``. Heavy imports stay inside the handlers.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 "--input",
                 help='JSON lines, a user each: {"user_id": "...", "history": [...]} (user_id optional, any string, '
                 "echoed back; history as POST /recommend takes it: item ids, SID strings, "
-                '{"external_id": ...} objects, oldest first).',
+                '{"external_id": ...} objects, oldest first; with --stored-history a line with a user_id may '
+                "leave history out).",
             ),
         ],
         out: Annotated[
@@ -299,6 +301,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             ),
         ] = 64,
         force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+        stored_history: Annotated[
+            bool,
+            typer.Option(
+                "--stored-history",
+                help="Put each user_id's stored history before the line's own, as POST /recommend does, read up "
+                "front from the Redis vstar serve uses (REDIS_URL); a user with neither, or a store that fails, "
+                "stops the command and nothing is written.",
+            ),
+        ] = False,
     ) -> None:
         """Recommendations for a file of users, offline: POST /recommend's answers (settings: VSTAR_*, as vstar
         serve reads them), with no latency cap."""
@@ -318,13 +329,25 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             )
         given = {"device": device, "fusion_weight": fusion_weight}
         # the service's settings; offline nothing is stored or cached, and the first batch is the warm-up
-        settings = _settings(
-            checkpoint=checkpoint,
-            warmup=False,
-            redis_url=None,
-            cache_ttl_s=0,
+        overrides: dict[str, Any] = {
+            "checkpoint": checkpoint,
+            "warmup": False,
+            "cache_ttl_s": 0,
             **{name: value for name, value in given.items() if value is not None},
-        )
+        }
+        settings = _settings(redis_url=None, **overrides)
+        store = None
+        if stored_history:  # the store vstar serve uses in this environment, read up front (service.batch_recommend)
+            from service.app import build_store
+
+            served = _settings(**overrides)
+            if served.redis_url is None:
+                raise typer.BadParameter(
+                    "needs REDIS_URL (or VSTAR_REDIS_URL), the Redis vstar serve stores histories in: without it each "
+                    "server process keeps its own in memory, which no other process can read",
+                    param_hint="'--stored-history'",
+                )
+            store = build_store(served)
         fields = {
             "k": settings.default_k if k is None else k,
             "mode": mode,
@@ -336,11 +359,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from service.batch_recommend import recommend_file
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bar; the command's own is the decode's
-        report = recommend_file(settings, source, out, fields, batch_size)
+        report = recommend_file(settings, source, out, fields, batch_size, store=store)
         rate = report.users / report.seconds if report.seconds > 0 else float("inf")
+        stored = ""
+        if report.stored_users is not None:
+            stored = f"; a stored history for {report.stored_users} of them"
+            if report.skipped:
+                stored += f", {report.skipped} stored entries the catalog no longer knows skipped"
         typer.echo(
             f"{report.users} users -> {out}: {report.seconds:.2f} s, {rate:.1f} users/s ({mode}, k {fields['k']}, "
-            f"--batch-size {batch_size}; after loading the model and checking every line)"
+            f"--batch-size {batch_size}; after loading the model and checking every line){stored}"
         )
 
     @bench.command(name="serve")

@@ -317,9 +317,15 @@ class Recommender(DecodeScheduler):
             return given, "unavailable"
         if skipped:
             log.warning("stored history has entries the catalog does not know", extra={"skipped": skipped})
+        return self.stored_then_given(req.user_id, stored, given), "used" if stored else "none"
+
+    @staticmethod
+    def stored_then_given(user_id: str, stored: list[HistoryEvent], given: list[HistoryEvent]) -> list[HistoryEvent]:
+        """A named user's history: the stored events (``resolve_stored``'s) followed by the request's own;
+        ``NotFound`` when neither has any. ``vstar recommend --stored-history`` combines them here too."""
         if not stored and not given:
-            raise NotFound(f"user_id: no stored history for user {req.user_id!r} and the request has no history")
-        return stored + given, "used" if stored else "none"
+            raise NotFound(f"user_id: no stored history for user {user_id!r} and the request has no history")
+        return stored + given
 
     def _fused_items(self, events: list[HistoryEvent]) -> tuple[int, ...]:
         """What the decoders' shallow fusion reads of the history: its last items, as many as the transition

@@ -48,6 +48,8 @@ Redis outage policy (a tested decision, see the README):
   cache reads count as misses and cache writes are skipped, a history read makes
   the request fall back to the history it carries (503 only when it carries
   none), and an event write is answered with 503, so no event is lost silently;
+  ``vstar recommend --stored-history``'s read of many users (``histories``)
+  stops the command, so an offline job never answers without them;
 * after a failure the store stops calling Redis for ``redis_retry_after_s``
   (a small circuit breaker), so an outage costs requests nothing beyond that,
   then tries again: recovery needs no restart. An error Redis answered with
@@ -77,6 +79,7 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.errors import IdempotencyConflict, StoreUnavailable
+from service.json_logs import redact_urls
 
 log = logging.getLogger("service.stores")
 T = TypeVar("T")
@@ -142,6 +145,11 @@ class Store(abc.ABC):
     async def history(self, user_id: str) -> list[str]:
         """The stored entries, oldest first; empty for an unknown user."""
 
+    async def histories(self, user_ids: Sequence[str]) -> list[list[str]]:
+        """Each user's stored entries as ``history`` reads them, in ``user_ids``' order: one call for them all
+        where the backend can (``vstar recommend --stored-history`` reads a file's users up front)."""
+        return [await self.history(user_id) for user_id in user_ids]
+
     @abc.abstractmethod
     async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
         """Append entries once per idempotency key; ``IdempotencyConflict`` if the key stored other entries."""
@@ -159,6 +167,10 @@ class Store(abc.ABC):
     def unreachable_hint(self) -> str | None:
         """A setting that may explain why ``ping`` got no answer, beyond an outage; None if none."""
         return None
+
+    def describe(self) -> str:
+        """The store in words, for an error message (never a password)."""
+        return f"the {self.kind} store"
 
     async def close(self) -> None:
         return None
@@ -264,6 +276,7 @@ class RedisStore(Store):
         self._healthy = True
         self._refusing: str | None = None  # the last error Redis answered with, until a command succeeds
         self.tls = url.startswith("rediss://")
+        self.where = redact_urls(url)
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         if time.monotonic() < self._down_until:
@@ -308,6 +321,19 @@ class RedisStore(Store):
             ),
         )
         return [r.decode(errors="replace") for r in raw]  # an entry another writer left undecodable: skipped as unknown
+
+    async def histories(self, user_ids: Sequence[str]) -> list[list[str]]:
+        """One pipeline of the reads ``history`` makes (one round trip, not a transaction: each read is atomic,
+        as each request's is); a failure of any is the call's."""
+
+        async def read() -> list[list[bytes]]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user_id in user_ids:
+                    pipe.lrange(HISTORY_KEY.format(user_id), -self.max_history, -1)
+                return cast("list[list[bytes]]", await pipe.execute())
+
+        raw = await self._call("read histories", read)
+        return [[r.decode(errors="replace") for r in entries] for entries in raw]
 
     async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
         if time.monotonic() < self._down_until:
@@ -375,6 +401,9 @@ class RedisStore(Store):
         self._down_until = 0.0
         self._answered("ping")
         return True
+
+    def describe(self) -> str:
+        return f"Redis at {self.where}"
 
     def unreachable_hint(self) -> str | None:
         """A ``rediss://`` URL sent to a port without TLS waits for the TLS handshake until the timeout, as a

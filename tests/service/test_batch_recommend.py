@@ -23,7 +23,9 @@ from models.sid_catalog import SidCatalog, sid_to_str
 from models.transition import STATE_NAME, TransitionCounts
 from models.value_head import value_head_for, value_head_manifest
 from service.app import create_app
+from service.batch_recommend import InputError, StoreError, recommend_file
 from service.settings import Settings
+from service.stores import MemoryStore, StoreRefused
 from training.data.dataset import RecDataset
 from vstar import app
 
@@ -80,8 +82,8 @@ def recommend(checkpoint: Path, source: Path, out: Path, *options: str) -> list[
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def one_line_error(args: list[str]) -> str:
-    result = CliRunner().invoke(app, args)
+def one_line_error(args: list[str], env: dict[str, str | None] | None = None) -> str:
+    result = CliRunner().invoke(app, args, env=env)
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
     return lines[0]
@@ -200,3 +202,195 @@ def test_a_checkpoint_without_external_ids_answers_null_and_refuses_them(tiny_ch
     source = write_users(tmp_path / "named.jsonl", [[{"external_id": "SKU/001"}]])
     args = ["recommend", "--checkpoint", str(tiny_checkpoint), "--input", str(source), "--out", str(tmp_path / "o")]
     assert "this checkpoint's catalog has none" in one_line_error(args)
+
+
+# ---- --stored-history: each named user's stored history before the line's own, as POST /recommend combines them
+
+STALE = "99999"  # an entry stored under an older catalog: skipped, and counted, by both
+
+
+def store_events(client: TestClient, histories: list[list[Any]]) -> dict[str, list[Any]]:
+    """Users with stored events, written through the app (and one stale entry, through its store): id -> events.
+    Once per app (the writes' Idempotency-Keys): the module's client serves several tests."""
+    stored = {f"stored-{i}": h for i, h in enumerate(histories[:6])}
+    for user_id, events in stored.items():
+        written = client.post(f"/users/{user_id}/events", json={"items": events}, headers={"Idempotency-Key": "batch"})
+        assert written.status_code == 200
+    store = client.app.state.recommender.store  # type: ignore[attr-defined]
+    assert client.portal is not None
+    client.portal.call(store.append, "stored-0", [STALE], "stale")  # on the app's loop, as Redis's pool needs
+    return stored
+
+
+def stored_users(histories: list[list[Any]]) -> list[dict[str, Any]]:
+    """Lines of users with a stored history and none of their own (left out, or empty), or some of their own;
+    and a user with no stored history beside a line's own, and a line with no user_id."""
+    return [
+        {"user_id": "stored-0"},
+        {"user_id": "stored-1", "history": []},
+        {"user_id": "stored-2", "history": histories[7]},
+        {"user_id": "stored-3", "history": [{"external_id": sku(histories[8][0])}]},
+        {"user_id": "stored-4"},
+        {"user_id": "stored-5", "history": histories[9][:1]},
+        {"user_id": "stored-0", "history": histories[10]},  # a user twice: read once, answered per line
+        {"user_id": "nothing-stored", "history": histories[11]},
+        {"history": histories[12]},
+    ]
+
+
+def write_lines(path: Path, lines: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(("mode", "exclude"), [("beam", False), ("beam", True), ("ved", False), ("ved", True)])
+def test_stored_history_answers_as_post_recommend_for_the_user(
+    make_settings: Callable[..., Settings],
+    client: TestClient,
+    checkpoint: Path,
+    histories: list[list[Any]],
+    tmp_path: Path,
+    mode: str,
+    exclude: bool,
+) -> None:
+    store_events(client, histories)
+    lines = stored_users(histories)
+    source, out = write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    settings = make_settings(checkpoint=checkpoint, warmup=False, cache_ttl_s=0)
+    fields = {"k": K, "mode": mode, "budget": None, "exclude_history": exclude}
+    store = client.app.state.recommender.store  # type: ignore[attr-defined]  # the app's own: the same events
+    report = recommend_file(settings, source, out, fields, batch_size=1, progress=False, store=store)
+    assert (report.users, report.stored_users, report.skipped) == (len(lines), 7, 2)  # stored-0's stale entry, twice
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    for line, answered in zip(lines, got, strict=True):
+        body: dict[str, Any] = {**line, "k": K, "mode": mode, "exclude_history": exclude}
+        if mode == "ved":
+            body["latency_ms"] = 1000
+        answer = client.post("/recommend", json=body).json()
+        if mode == "ved":
+            assert answer["cap_hit"] is False and answer["search"]["fallback"] is None, answer["search"]
+        named = "user_id" in line and line["user_id"] != "nothing-stored"
+        assert answer["stored_history"] == ("used" if named else "none")
+        assert answered == {"user_id": line.get("user_id"), "items": answer["items"]}, line
+    # without the option the same lines are their own histories only: the stored ones changed answers
+    given = [line for line in lines if line.get("history")]
+    alone = recommend(checkpoint, write_lines(tmp_path / "given.jsonl", given), tmp_path / "alone.jsonl")
+    with_stored = [g for line, g in zip(lines, got, strict=True) if line.get("history")]
+    assert [a["items"] for a in alone] != [g["items"] for g in with_stored]
+
+
+def test_stored_history_errors_name_the_line_and_the_user(
+    make_settings: Callable[..., Settings], client: TestClient, checkpoint: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(checkpoint=checkpoint, warmup=False, cache_ttl_s=0)
+    fields = {"k": K, "mode": "beam", "budget": None, "exclude_history": None}
+    store = client.app.state.recommender.store  # type: ignore[attr-defined]
+    not_found = client.post("/recommend", json={"user_id": "nobody-stored"})
+    assert not_found.status_code == 404
+    # the line's shape is checked before the store is read (the third line's error comes after, with the catalog)
+    both = " (2 lines have errors; the first is shown)"
+    cases = [
+        ({"user_id": "nobody-stored"}, not_found.json()["error"]["message"] + both),  # the service's 404, verbatim
+        ({"history": []}, "history: empty: give the user's items, oldest first (item ids, SID strings or "
+         '{"external_id": ...} objects), or a user_id whose stored history --stored-history reads'),
+        ({"user_id": "u 1", "history": [1]}, "user_id: 'u 1' is no user id the service stores a history under "
+         "(1 to 128 of A-Z a-z 0-9 _ . @ : -)"),
+    ]  # fmt: skip
+    for line, message in cases:
+        source = write_lines(tmp_path / "in.jsonl", [{"history": [1, 2]}, line, {"user_id": "nobody-stored"}])
+        with pytest.raises(InputError) as e:
+            recommend_file(settings, source, tmp_path / "out.jsonl", fields, batch_size=4, progress=False, store=store)
+        assert str(e.value) == f"{source}:2: {message}"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    assert client.post("/recommend", json={"user_id": "u 1", "history": [1]}).status_code == 422  # as the API
+
+
+class FailingStore(MemoryStore):
+    """A store that refuses every read (Redis answered with an error)."""
+
+    def __init__(self) -> None:
+        super().__init__(100, 10, 0, 60)
+
+    async def history(self, user_id: str) -> list[str]:
+        raise StoreRefused("read history", "OOM command not allowed when used memory > 'maxmemory'")
+
+
+def test_a_store_that_fails_stops_the_command_naming_it(
+    make_settings: Callable[..., Settings], checkpoint: Path, tmp_path: Path, dead_redis_url: str
+) -> None:
+    source = write_lines(tmp_path / "in.jsonl", [{"user_id": "a", "history": [1]}, {"user_id": "b"}])
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier answers\n")
+    settings = make_settings(checkpoint=checkpoint, warmup=False, cache_ttl_s=0)
+    fields = {"k": K, "mode": "beam", "budget": None, "exclude_history": None}
+    with pytest.raises(StoreError) as e:
+        recommend_file(settings, source, out, fields, batch_size=4, progress=False, store=FailingStore())
+    assert str(e.value) == (
+        "--stored-history: the memory store could not be read (Redis refused the command (read history): OOM "
+        "command not allowed when used memory > 'maxmemory'); nothing was written"
+    )
+    # the command: the store vstar serve would use, Redis down (its password never shown), or behind TLS
+    args = ["recommend", "--checkpoint", str(checkpoint), "--input", str(source), "--out", str(out), "--force"]
+    down = dead_redis_url.replace("redis://", "redis://vstar:s3cret-pw@")
+    error = store_error([*args, "--stored-history"], {"REDIS_URL": down})
+    assert error.startswith(f"Error: --stored-history: Redis at {down.replace('s3cret-pw', '***')} could not be read")
+    assert f"connecting to 127.0.0.1:{down.rsplit(':', 1)[1].split('/')[0]}" in error and "s3cret" not in error
+    assert error.endswith("; nothing was written")
+    error = store_error([*args, "--stored-history"], {"REDIS_URL": dead_redis_url.replace("redis", "rediss")})
+    assert "; REDIS_URL asks for TLS (rediss://): a port that does not speak TLS never answers" in error
+    no_redis = {"REDIS_URL": None, "VSTAR_REDIS_URL": None}
+    assert "'--stored-history': needs REDIS_URL (or VSTAR_REDIS_URL)" in one_line_error(
+        [*args, "--stored-history"], env=no_redis
+    )
+    assert out.read_text() == "earlier answers\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def store_error(args: list[str], env: dict[str, str | None]) -> str:
+    """The command's error: its last line (the progress bar of the reads that failed is on stderr before it)."""
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 2, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+def test_without_the_option_no_store_is_read_and_user_ids_are_labels(
+    checkpoint: Path, histories: list[list[Any]], tmp_path: Path, dead_redis_url: str
+) -> None:
+    """A Redis that is down in the environment changes nothing, a user_id is any string, a history is needed."""
+    source = write_users(tmp_path / "in.jsonl", histories[:4])
+    args = ["recommend", "--checkpoint", str(checkpoint), "--input", str(source)]
+    plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a.jsonl")], env={"REDIS_URL": None})
+    beside = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b.jsonl")], env={"REDIS_URL": dead_redis_url})
+    assert plain.exit_code == beside.exit_code == 0, (plain.output, beside.output)
+    assert "stored history" not in plain.output + beside.output
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    write_lines(source, [{"user_id": "stored-0"}])
+    error = one_line_error([*args, "--out", str(tmp_path / "c.jsonl")], env={"REDIS_URL": dead_redis_url})
+    assert error.endswith(
+        'in.jsonl:1: history: missing: give the user\'s items, oldest first (item ids, SID strings or {"external_id": '
+        "...} objects)"
+    )
+
+
+def test_stored_history_from_redis_answers_as_the_service_on_it(
+    make_settings: Callable[..., Settings], checkpoint: Path, histories: list[list[Any]], tmp_path: Path,
+    clean_redis: str,
+) -> None:  # fmt: skip
+    """The command's own store (``REDIS_URL``, one pipeline per chunk of users) against a service on the same Redis."""
+    settings = make_settings(checkpoint=checkpoint, cache_ttl_s=0, batch_max_size=1, redis_url=clean_redis)
+    lines = stored_users(histories)
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    with TestClient(create_app(settings)) as c:
+        store_events(c, histories)
+        args = ["--k", str(K), "--batch-size", "1", "--stored-history"]
+        result = CliRunner().invoke(
+            app,
+            ["recommend", "--checkpoint", str(checkpoint), "--input", str(source), "--out", str(tmp_path / "o"), *args],
+            env={"REDIS_URL": clean_redis},
+        )
+        assert result.exit_code == 0, result.output
+        assert "; a stored history for 7 of them, 2 stored entries the catalog no longer knows skipped" in result.output
+        got = [json.loads(line) for line in (tmp_path / "o").read_text().splitlines()]
+        for line, answered in zip(lines, got, strict=True):
+            answer = c.post("/recommend", json={**line, "k": K}).json()
+            assert answered == {"user_id": line.get("user_id"), "items": answer["items"]}, line

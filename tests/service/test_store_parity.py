@@ -1,7 +1,8 @@
 """The in-process store and the Redis store answer every call sequence alike (``service.stores``).
 
 Random sequences of appends (with and without an ``Idempotency-Key``, keys
-shared across users, more entries than the cap), history reads and cache
+shared across users, more entries than the cap), history reads (one user's,
+or several users' at once) and cache
 writes and reads run on a ``MemoryStore`` and on a ``RedisStore`` over the
 real Redis; results, conflicts included, must be equal.
 """
@@ -24,6 +25,7 @@ KEYS = st.none() | st.sampled_from(["k1", "k2", "b:c", "c"])
 OPS = st.lists(
     st.tuples(st.just("append"), USERS, ENTRIES, KEYS)
     | st.tuples(st.just("history"), USERS)
+    | st.tuples(st.just("histories"), st.lists(USERS, max_size=4))
     | st.tuples(st.just("cache_set"), st.sampled_from(["x", "y"]), st.binary(max_size=4))
     | st.tuples(st.just("cache_get"), st.sampled_from(["x", "y"])),
     max_size=12,
@@ -38,6 +40,8 @@ async def run(store: Store, ops: list[tuple[Any, ...]]) -> list[object]:
                 out.append(await store.append(*args))
             elif name == "history":
                 out.append(await store.history(*args))
+            elif name == "histories":  # Redis: one pipeline of the reads, as vstar recommend --stored-history makes
+                out.append(await store.histories(*args))
             elif name == "cache_set":
                 out.append(await store.cache_set(*args, ttl_s=60))
             else:
