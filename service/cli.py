@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 from typer._click.exceptions import ClickException  # typer vendors click from 0.28 on
 
+from models.atomic_folder import write_file
 from models.output_path import output_file_problem
 
 if TYPE_CHECKING:
@@ -131,9 +132,9 @@ def _write_result(result: dict[str, Any], json_out: Path | None) -> None:
     """The benchmark's rows on stdout and in ``json_out``; a figure never measured is null, never NaN."""
     text = json.dumps(result, indent=2, allow_nan=False)
     typer.echo(text)  # first: a write that fails (a path the checks before the run could not foresee) loses nothing
-    if json_out is not None:
+    if json_out is not None:  # replaced in one step: a write cut short leaves an earlier result whole
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text + "\n")
+        write_file(json_out, (text + "\n").encode())
 
 
 def _run(config: uvicorn.Config) -> None:

@@ -20,12 +20,26 @@ import pytest
 from typer.testing import CliRunner
 
 from service.bench import BenchConfig, bench_serve, running_server
+from service.cli import _write_result
 from service.deadline import DeadlineMargin
 from service.lean_client import LeanClient
 from tests.service.conftest import free_port
 from vstar import app
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.usefixtures("disk_fills_up")
+def test_a_bench_result_cut_short_leaves_the_earlier_one_whole(tmp_path: Path) -> None:
+    """``vstar bench serve --json`` onto an earlier result: a write that fails half way (a full disk) leaves the
+    earlier file as it was; the rows are on stdout all the same."""
+    report = tmp_path / "bench.json"
+    with open(report, "wb") as f:  # builtins.open: written before the disk filled
+        f.write(b'{"beam": []}\n')
+    with pytest.raises(OSError, match="No space left"):
+        _write_result({"beam": [{"clients": 1, "p50_ms": 3.0}]}, report)
+    assert json.loads(report.read_text()) == {"beam": []}
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
 
 def test_serve_rejects_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:

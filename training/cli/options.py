@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
-from models.atomic_folder import put_back
+from models.atomic_folder import put_back, write_file
 from models.output_path import output_file_problem, output_folder_problem, parents_problem
 from training.run_files import earlier_run, replaced_folders, side_files
 
@@ -311,9 +311,11 @@ def read_manifest(folder: Path, option: str = "--checkpoint") -> dict[str, Any]:
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    """``payload`` into ``path`` (when given), then on stdout without the per-row lists. The file is replaced in
+    one step (``write_file``): a write cut short (Ctrl-C, a full disk) leaves an earlier result there whole."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        write_file(path, (json.dumps(payload, indent=2) + "\n").encode())
     typer.echo(json.dumps({k: v for k, v in payload.items() if k not in PER_ROW}, indent=2))
 
 
