@@ -39,6 +39,7 @@ from training.cli.options import (
     run_training,
     select_rows,
     setup_logging,
+    steps_in_place_of_epochs,
     writable_file,
     write_json,
 )
@@ -201,6 +202,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         problem = ignored_options(ctx, algo)
         if problem is not None:
             raise typer.BadParameter(problem)
+        steps_in_place_of_epochs(ctx, max_steps)
         require_checkpoint(init, "--init")
         taken = next((f for f in replaced_folders(out) if f.resolve() == init.resolve()), None)
         if taken is not None:  # the run would write over the checkpoint it starts from
