@@ -116,9 +116,11 @@ def register_baseline(app: typer.Typer) -> None:
         hidden: Annotated[int, typer.Option("--hidden", min=1, help="sasrec: embedding width.")] = 64,
         blocks: Annotated[int, typer.Option("--blocks", min=1, help="sasrec: self-attention blocks.")] = 2,
         heads: Annotated[int, typer.Option("--heads", min=1, help="sasrec: attention heads.")] = 1,
-        dropout: Annotated[float, typer.Option("--dropout", help="sasrec: dropout rate.")] = 0.2,
-        lr: Annotated[float, typer.Option("--lr", help="sasrec: AdamW learning rate.")] = 1e-3,
-        weight_decay: Annotated[float, typer.Option("--weight-decay", help="sasrec: AdamW weight decay.")] = 0.0,
+        dropout: Annotated[float, typer.Option("--dropout", min=0.0, max=0.99, help="sasrec: dropout rate.")] = 0.2,
+        lr: Annotated[float, typer.Option("--lr", min=0.0, help="sasrec: AdamW learning rate.")] = 1e-3,
+        weight_decay: Annotated[
+            float, typer.Option("--weight-decay", min=0.0, help="sasrec: AdamW weight decay.")
+        ] = 0.0,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sasrec: rows per step.")] = 128,
         epochs: SasrecEpochsOpt = 200,
         max_steps: Annotated[
@@ -143,12 +145,7 @@ def register_baseline(app: typer.Typer) -> None:
         from training.baselines.run import check_request, run_pop, run_sasrec, run_transition
         from training.baselines.sasrec import SASRecConfig, num_threads
 
-        setup_logging()
-        ds = load_data(data, minionerec_root, dataset)
-        try:
-            check_request(ds, name, split, splits)
-            if name == "sasrec":  # before training: a --holdout that takes all of valid, as sft refuses it
-                training_rows(ds, Holdout(tuple(splits), holdout))
+        try:  # SASRec's settings, checked before the data set loads (seconds on a real one)
             config = SASRecConfig(
                 hidden=hidden,
                 blocks=blocks,
@@ -164,6 +161,14 @@ def register_baseline(app: typer.Typer) -> None:
                 weight_decay=weight_decay,
                 seed=seed,
             )
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        setup_logging()
+        ds = load_data(data, minionerec_root, dataset)
+        try:
+            check_request(ds, name, split, splits)
+            if name == "sasrec":  # before training: a --holdout that takes all of valid, as sft refuses it
+                training_rows(ds, Holdout(tuple(splits), holdout))
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         if name == "pop":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import typer.main
+from typer.testing import CliRunner
 
 from training.cli.baselines import OWN_OPTIONS
 from training.cli.rl import VSTAR_OPTIONS
@@ -34,3 +38,21 @@ def test_rl_help_shows_the_defaults_it_leaves_to_rlconfig() -> None:
     help states the numbers, which must be RLConfig's."""
     assert f"(default: {EXPLORE_SLOTS})" in option_help("rl", "--explore-slots")
     assert f"(default: {VALUE_WARMUP};" in option_help("rl", "--value-warmup")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--lr", "-1"], "Invalid value for '--lr'"),
+        (["--weight-decay", "-0.1"], "Invalid value for '--weight-decay'"),
+        (["--dropout", "1.5"], "Invalid value for '--dropout'"),
+        (["--lr", "0"], "lr must be > 0"),
+        (["--hidden", "7", "--heads", "2"], "hidden (7) must be divisible by heads (2)"),
+    ],
+)
+def test_sasrec_settings_are_checked_before_the_data_loads(options: list[str], message: str, tmp_path: Path) -> None:
+    """As sft's: a bad SASRec setting is refused before the data set loads (seconds on the real one); the
+    data folder here does not exist, which would be reported instead had it been read first. The float options
+    show their range in the help, as sft's do."""
+    result = CliRunner().invoke(app, ["baseline", "sasrec", "--data", str(tmp_path / "gone"), *options])
+    assert result.exit_code == 2 and message in result.output and "gone" not in result.output, result.output
