@@ -54,12 +54,16 @@ def _device(value: str | None) -> str | None:
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
+    """``text`` as a comma list of positive integers (client counts, caps in ms), or a one-line error naming the
+    option ``name``, as ``training.cli.options.int_list`` words it."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise typer.BadParameter(f"{name}: expected a comma list of integers, got {text!r}") from None
+        values = (0,)
+    if any(v < 1 for v in values):
+        raise typer.BadParameter(f"expected a comma list of positive integers, got {text!r}", param_hint=name)
     if not values:
-        raise typer.BadParameter(f"{name}: empty list")
+        raise typer.BadParameter("empty list", param_hint=name)
     return values
 
 
@@ -350,10 +354,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Write the results here.", callback=_output_file)
         ] = None,
-        clients: Annotated[str, typer.Option("--clients", help="Concurrent clients of the beam cells.")] = "1,8,32",
-        caps: Annotated[str, typer.Option("--caps", help="VED latency caps in ms.")] = "50,100,200",
+        clients: Annotated[
+            str, typer.Option("--clients", help="Comma list of concurrent clients, a beam cell each.")
+        ] = "1,8,32",
+        caps: Annotated[str, typer.Option("--caps", help="Comma list of VED latency caps in ms.")] = "50,100,200",
         ved_clients: Annotated[
-            str, typer.Option("--ved-clients", help="Concurrent clients of the VED cells.")
+            str, typer.Option("--ved-clients", help="Comma list of concurrent clients of the VED cells.")
         ] = "1,8,32",
         mixed_ved_clients: Annotated[
             int,

@@ -42,6 +42,18 @@ def test_a_bench_result_cut_short_leaves_the_earlier_one_whole(tmp_path: Path) -
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--clients", "0"), ("--ved-clients", "8,-1"), ("--caps", "0,100"), ("--clients", "1,x")]
+)
+def test_a_bad_list_of_bench_serve_names_its_option(flag: str, value: str, tmp_path: Path) -> None:
+    """--clients 0 and --ved-clients 0 both said "client counts must be >= 1", naming neither option; each list
+    is now refused as vstar bench decode's are, naming the option, before a server starts."""
+    (tmp_path / "manifest.json").write_text("{}")
+    result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(tmp_path), flag, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {flag}: expected a comma list of positive integers, got '{value}'" in result.output
+
+
 def test_serve_rejects_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path)])
     assert result.exit_code != 0 and "not a checkpoint folder" in result.output
