@@ -75,6 +75,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host``:``port`` (a name that does not resolve, an address not of this
+    machine, a port in use), or None: bound and let go as uvicorn binds (``Config.bind_socket``), before the
+    model loads. uvicorn's own error names neither the host nor the port: "[Errno 98] Address already in use"."""
+    with socket.socket(family=socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
+
+
 def _output_file(path: Path | None) -> Path | None:
     """Typer callback of ``--json``: a path that can take the file, checked before the benchmark runs."""
     problem = None if path is None else output_file_problem(path)
@@ -206,10 +219,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Serve recommendations over HTTP (settings: VSTAR_* and REDIS_URL, see the README)."""
         import uvicorn
+        from uvicorn.config import STARTUP_FAILURE
 
         from service.json_logs import configure_logging
 
         _require_checkpoint(checkpoint)
+        problem = _listen_problem(host, port)
+        if problem is not None:  # one line, with the exit status of a failed start (uvicorn's STARTUP_FAILURE)
+            typer.echo(f"Error: {problem}", err=True)
+            raise typer.Exit(STARTUP_FAILURE)
         os.environ["VSTAR_CHECKPOINT"] = str(checkpoint.resolve())
         settings = _settings()  # fail here, once, on a bad environment rather than in every worker
         if not settings.api_keys and not _is_loopback(host):

@@ -54,6 +54,24 @@ def test_a_bad_list_of_bench_serve_names_its_option(flag: str, value: str, tmp_p
     assert f"Invalid value for {flag}: expected a comma list of positive integers, got '{value}'" in result.output
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid", "192.0.2.1"])
+def test_serve_names_the_address_it_cannot_listen_on(host: str, tmp_path: Path) -> None:
+    """uvicorn's own error named neither host nor port ("[Errno 98] Address already in use", "[Errno -2] Name or
+    service not known"), as a JSON log line; now one line names both, with the exit status of a failed start
+    (3), before the settings are read or the model loads. 192.0.2.1 (TEST-NET-1) is no address of this machine."""
+    import socket
+
+    (tmp_path / "manifest.json").write_text("{}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]  # in use on 127.0.0.1; on the other hosts, the bind fails before the port
+        result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path), "--host", host, "--port", str(port)])
+    assert result.exit_code == 3, result.output
+    assert result.output.startswith(f"Error: cannot listen on {host}:{port}: ") and result.output.count("\n") == 1
+    assert "VSTAR_CHECKPOINT" not in os.environ  # refused before the server's environment is set
+
+
 def test_serve_rejects_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path)])
     assert result.exit_code != 0 and "not a checkpoint folder" in result.output
