@@ -8,14 +8,15 @@ Errors: a usage error, or a ``ValueError`` raised by the project's own code (the
 house rule for bad input: a malformed data file, a missing or broken
 checkpoint, an invalid setting), is printed as one line, ``Error: ...``, and the
 command exits with 2. A ``ValueError`` raised inside a library, and any other
-exception, is a bug and keeps its traceback. Every float option refuses nan and
-inf before its command runs (``refuse_non_finite``; one that fails a bound first
-is called not finite all the same, ``option_message``, which also drops
-pydantic's "Value error, " label from typer's option errors). Running out of
-memory (a ``MemoryError``, or torch's ``OutOfMemoryError``) is one line too,
-exit status 1: it names what was asked for, not a bug; so is an ``OSError`` that
-names a file (a path under /proc, which the checks before the work do not
-foresee) or a full disk.
+exception, is a bug and keeps its traceback. Ctrl-C is one line too,
+``Error: interrupted (Ctrl-C)``, with typer's exit status 130. Every float
+option refuses nan and inf before its command runs (``refuse_non_finite``; one
+that fails a bound first is called not finite all the same, ``option_message``,
+which also drops pydantic's "Value error, " label from typer's option errors).
+Running out of memory (a ``MemoryError``, or torch's ``OutOfMemoryError``) is
+one line too, exit status 1: it names what was asked for, not a bug; so is an
+``OSError`` that names a file (a path under /proc, which the checks before the
+work do not foresee) or a full disk.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def raised_by_project(error: BaseException) -> bool:
 
 
 DISTRIBUTED = ("sft", "rl")  # the commands that run across the processes of a launcher (training.distributed)
+INTERRUPTED = 130  # the exit status typer gives a command that Ctrl-C (KeyboardInterrupt) stopped
 RANK_GRACE_S = 5.0  # a launched rank other than 0 waits this long before it reports an error (``fail``)
 
 
@@ -162,7 +164,7 @@ class OneLineErrors(TyperGroup):
         except typer.TyperException as e:  # click's usage errors and the BadParameter our handlers raise
             ctx = e.ctx if isinstance(e, UsageError) else None
             fail(option_message(e) + (f" (see {ctx.command_path} --help)" if ctx else ""), e.exit_code)
-        except typer.Abort:  # Ctrl-C: under a launcher every rank got it; no rank waits to say so
+        except typer.Abort:  # end of input at a prompt (typer's own Abort; Ctrl-C is the status 130 below)
             fail("aborted", 1, grace_s=0)
         except CheckpointError as e:  # the project's, even when it wraps a library's error
             fail(str(e), 2)
@@ -185,6 +187,8 @@ class OneLineErrors(TyperGroup):
             if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
                 raise
             fail(f"out of memory: {e}: ask for less (a smaller --batch-size)", 1)
+        if code == INTERRUPTED:  # typer turns Ctrl-C into this status without a word, after a cut progress bar
+            fail("interrupted (Ctrl-C)", INTERRUPTED, grace_s=0)  # under a launcher every rank got it: none waits
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 from typer._click.exceptions import ClickException  # typer vendors click from 0.28 on
 
+from models.atomic_folder import write_file
 from models.output_path import output_file_problem
 
 if TYPE_CHECKING:
@@ -54,12 +55,16 @@ def _device(value: str | None) -> str | None:
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
+    """``text`` as a comma list of positive integers (client counts, caps in ms), or a one-line error naming the
+    option ``name``, as ``training.cli.options.int_list`` words it."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise typer.BadParameter(f"{name}: expected a comma list of integers, got {text!r}") from None
+        values = (0,)
+    if any(v < 1 for v in values):
+        raise typer.BadParameter(f"expected a comma list of positive integers, got {text!r}", param_hint=name)
     if not values:
-        raise typer.BadParameter(f"{name}: empty list")
+        raise typer.BadParameter("empty list", param_hint=name)
     return values
 
 
@@ -69,6 +74,19 @@ def _is_loopback(host: str) -> bool:
         return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
     except (socket.gaierror, ValueError):
         return False
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host``:``port`` (a name that does not resolve, an address not of this
+    machine, a port in use), or None: bound and let go as uvicorn binds (``Config.bind_socket``), before the
+    model loads. uvicorn's own error names neither the host nor the port: "[Errno 98] Address already in use"."""
+    with socket.socket(family=socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
 
 
 def _output_file(path: Path | None) -> Path | None:
@@ -132,9 +150,9 @@ def _write_result(result: dict[str, Any], json_out: Path | None) -> None:
     """The benchmark's rows on stdout and in ``json_out``; a figure never measured is null, never NaN."""
     text = json.dumps(result, indent=2, allow_nan=False)
     typer.echo(text)  # first: a write that fails (a path the checks before the run could not foresee) loses nothing
-    if json_out is not None:
+    if json_out is not None:  # replaced in one step: a write cut short leaves an earlier result whole
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text + "\n")
+        write_file(json_out, (text + "\n").encode())
 
 
 def _run(config: uvicorn.Config) -> None:
@@ -202,10 +220,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Serve recommendations over HTTP (settings: VSTAR_* and REDIS_URL, see the README)."""
         import uvicorn
+        from uvicorn.config import STARTUP_FAILURE
 
         from service.json_logs import configure_logging
 
         _require_checkpoint(checkpoint)
+        problem = _listen_problem(host, port)
+        if problem is not None:  # one line, with the exit status of a failed start (uvicorn's STARTUP_FAILURE)
+            typer.echo(f"Error: {problem}", err=True)
+            raise typer.Exit(STARTUP_FAILURE)
         os.environ["VSTAR_CHECKPOINT"] = str(checkpoint.resolve())
         settings = _settings()  # fail here, once, on a bad environment rather than in every worker
         if not settings.api_keys and not _is_loopback(host):
@@ -377,10 +400,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Write the results here.", callback=_output_file)
         ] = None,
-        clients: Annotated[str, typer.Option("--clients", help="Concurrent clients of the beam cells.")] = "1,8,32",
-        caps: Annotated[str, typer.Option("--caps", help="VED latency caps in ms.")] = "50,100,200",
+        clients: Annotated[
+            str, typer.Option("--clients", help="Comma list of concurrent clients, a beam cell each.")
+        ] = "1,8,32",
+        caps: Annotated[str, typer.Option("--caps", help="Comma list of VED latency caps in ms.")] = "50,100,200",
         ved_clients: Annotated[
-            str, typer.Option("--ved-clients", help="Concurrent clients of the VED cells.")
+            str, typer.Option("--ved-clients", help="Comma list of concurrent clients of the VED cells.")
         ] = "1,8,32",
         mixed_ved_clients: Annotated[
             int,

@@ -7,12 +7,14 @@ clone, where that folder does not exist.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,3 +127,34 @@ def next_second() -> None:
     start = int(time.time())
     while int(time.time()) == start:
         time.sleep(0.05)
+
+
+class _FillingFile:
+    """A file opened for writing on a disk that fills up: it takes half of a write, then fails with ENOSPC."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+
+    def __enter__(self) -> _FillingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def write(self, data: Any) -> int:
+        self.file.write(data[: len(data) // 2])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.fixture
+def disk_fills_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file a ``Path`` opens for writing from now on (``write_text``, ``write_bytes``, ``open("w")``) takes
+    half of what is written and then fails as a full disk does: a write cut short, as Ctrl-C may cut it too."""
+    real_open = Path.open
+
+    def open_filling(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        file = real_open(self, mode, *args, **kwargs)
+        return _FillingFile(file) if any(c in mode for c in "wax") else file
+
+    monkeypatch.setattr(Path, "open", open_filling)

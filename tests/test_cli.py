@@ -320,6 +320,19 @@ def test_errors_that_name_nothing_still_say_what_happened(
     assert result.exit_code == 1 and result.output == line + "\n"
 
 
+def test_ctrl_c_is_one_line_and_status_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """typer turns Ctrl-C into exit status 130 without a word, so a terminal showed a progress bar cut short and
+    nothing else; the status stays (the demo stops on it), and one line says what happened."""
+    import training.data.synth
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.data.synth, "write_synth", interrupted)
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 130 and result.output == "Error: interrupted (Ctrl-C)\n", result.output
+
+
 def test_any_other_runtime_error_is_a_bug_and_keeps_its_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,12 +20,56 @@ import pytest
 from typer.testing import CliRunner
 
 from service.bench import BenchConfig, bench_serve, running_server
+from service.cli import _write_result
 from service.deadline import DeadlineMargin
 from service.lean_client import LeanClient
 from tests.service.conftest import free_port
 from vstar import app
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.usefixtures("disk_fills_up")
+def test_a_bench_result_cut_short_leaves_the_earlier_one_whole(tmp_path: Path) -> None:
+    """``vstar bench serve --json`` onto an earlier result: a write that fails half way (a full disk) leaves the
+    earlier file as it was; the rows are on stdout all the same."""
+    report = tmp_path / "bench.json"
+    with open(report, "wb") as f:  # builtins.open: written before the disk filled
+        f.write(b'{"beam": []}\n')
+    with pytest.raises(OSError, match="No space left"):
+        _write_result({"beam": [{"clients": 1, "p50_ms": 3.0}]}, report)
+    assert json.loads(report.read_text()) == {"beam": []}
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--clients", "0"), ("--ved-clients", "8,-1"), ("--caps", "0,100"), ("--clients", "1,x")]
+)
+def test_a_bad_list_of_bench_serve_names_its_option(flag: str, value: str, tmp_path: Path) -> None:
+    """--clients 0 and --ved-clients 0 both said "client counts must be >= 1", naming neither option; each list
+    is now refused as vstar bench decode's are, naming the option, before a server starts."""
+    (tmp_path / "manifest.json").write_text("{}")
+    result = CliRunner().invoke(app, ["bench", "serve", "--checkpoint", str(tmp_path), flag, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {flag}: expected a comma list of positive integers, got '{value}'" in result.output
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid", "192.0.2.1"])
+def test_serve_names_the_address_it_cannot_listen_on(host: str, tmp_path: Path) -> None:
+    """uvicorn's own error named neither host nor port ("[Errno 98] Address already in use", "[Errno -2] Name or
+    service not known"), as a JSON log line; now one line names both, with the exit status of a failed start
+    (3), before the settings are read or the model loads. 192.0.2.1 (TEST-NET-1) is no address of this machine."""
+    import socket
+
+    (tmp_path / "manifest.json").write_text("{}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]  # in use on 127.0.0.1; on the other hosts, the bind fails before the port
+        result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path), "--host", host, "--port", str(port)])
+    assert result.exit_code == 3, result.output
+    assert result.output.startswith(f"Error: cannot listen on {host}:{port}: ") and result.output.count("\n") == 1
+    assert "VSTAR_CHECKPOINT" not in os.environ  # refused before the server's environment is set
 
 
 def test_serve_rejects_a_folder_that_is_no_checkpoint(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -107,3 +108,37 @@ def test_smoothing_is_tensorboards_debiased_average() -> None:
     nan = smooth([0.0, math.nan, 1.0], 0.5)
     assert math.isnan(nan[1]) and [nan[0], nan[2]] == pytest.approx([0.0, 0.5 / 0.75])
     assert smooth([2.0, math.inf, 2.0], 0.6)[2] == pytest.approx(2.0)
+
+
+def test_a_plot_cut_short_leaves_the_earlier_figure_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``vstar plot --out`` onto an earlier PNG: a write that fails half way (a full disk, Ctrl-C) leaves the
+    earlier figure as it was; savefig wrote straight onto it, which truncated it first."""
+    import errno
+    import io
+
+    from matplotlib.figure import Figure
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "sft.tb")) as w:
+        for step in range(1, 4):
+            w.add_scalar("train/loss", 1.0 / step, step)
+    png = tmp_path / "curves.png"
+    earlier = plot_runs([tmp_path / "sft"], png).read_bytes()
+    savefig = Figure.savefig
+
+    def half_then_full_disk(self: Figure, fname: object, **kwargs: Any) -> None:
+        whole = io.BytesIO()
+        savefig(self, whole, **{"format": "png", **kwargs})
+        half = whole.getvalue()[: len(whole.getvalue()) // 2]
+        if isinstance(fname, (str, Path)):  # as savefig does with a path: open it for writing, truncated
+            with open(fname, "wb") as f:
+                f.write(half)
+        else:
+            fname.write(half)  # type: ignore[attr-defined]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        plot_runs([tmp_path / "sft"], png, smoothing=0.0)
+    assert png.read_bytes() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "sft.tb"]

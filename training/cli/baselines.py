@@ -19,10 +19,8 @@ import typer
 from training.cli.options import (
     MAX_SEED,
     DataOpt,
-    EpochsOpt,
     NameOpt,
     RootOpt,
-    SeedOpt,
     given_options,
     load_data,
     setup_logging,
@@ -40,7 +38,19 @@ PatienceOpt = Annotated[
     int, typer.Option("--patience", min=1, help="sasrec: epochs without a better selection score before stopping.")
 ]
 HoldoutOpt = Annotated[
-    int, typer.Option("--holdout", min=1, help="Latest valid rows held out for selection when valid is trained on.")
+    int,
+    typer.Option("--holdout", min=1, help="sasrec: latest valid rows held out for selection when valid is trained on."),
+]
+# SASRec's own: the shared --epochs and --seed help (training.cli.options) does not say that pop and transition,
+# which train nothing, refuse them
+SasrecEpochsOpt = Annotated[
+    int,
+    typer.Option(
+        "--epochs", min=1, help="sasrec: passes over the training rows, at most (--patience, --max-steps: fewer)."
+    ),
+]
+SasrecSeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, max=MAX_SEED, help="sasrec: seed for weights, data order and sampling.")
 ]
 # each baseline's own options (parameter name -> flag): given on the command line to another baseline, which
 # would ignore them, they are refused, so that no result looks configured by an option its baseline never read
@@ -106,11 +116,13 @@ def register_baseline(app: typer.Typer) -> None:
         hidden: Annotated[int, typer.Option("--hidden", min=1, help="sasrec: embedding width.")] = 64,
         blocks: Annotated[int, typer.Option("--blocks", min=1, help="sasrec: self-attention blocks.")] = 2,
         heads: Annotated[int, typer.Option("--heads", min=1, help="sasrec: attention heads.")] = 1,
-        dropout: Annotated[float, typer.Option("--dropout", help="sasrec: dropout rate.")] = 0.2,
-        lr: Annotated[float, typer.Option("--lr", help="sasrec: AdamW learning rate.")] = 1e-3,
-        weight_decay: Annotated[float, typer.Option("--weight-decay", help="sasrec: AdamW weight decay.")] = 0.0,
+        dropout: Annotated[float, typer.Option("--dropout", min=0.0, max=0.99, help="sasrec: dropout rate.")] = 0.2,
+        lr: Annotated[float, typer.Option("--lr", min=0.0, help="sasrec: AdamW learning rate.")] = 1e-3,
+        weight_decay: Annotated[
+            float, typer.Option("--weight-decay", min=0.0, help="sasrec: AdamW weight decay.")
+        ] = 0.0,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sasrec: rows per step.")] = 128,
-        epochs: EpochsOpt = 200,
+        epochs: SasrecEpochsOpt = 200,
         max_steps: Annotated[
             int | None,
             typer.Option(
@@ -119,7 +131,7 @@ def register_baseline(app: typer.Typer) -> None:
         ] = None,
         patience: PatienceOpt = 5,
         holdout: HoldoutOpt = 500,
-        seed: SeedOpt = 0,
+        seed: SasrecSeedOpt = 0,
         threads: Annotated[int, typer.Option("--threads", min=0, help="sasrec: torch threads (0: default).")] = 1,
     ) -> None:
         """Most-popular, item transitions or SASRec, scored on a split as `vstar eval` scores the generative model."""
@@ -133,12 +145,7 @@ def register_baseline(app: typer.Typer) -> None:
         from training.baselines.run import check_request, run_pop, run_sasrec, run_transition
         from training.baselines.sasrec import SASRecConfig, num_threads
 
-        setup_logging()
-        ds = load_data(data, minionerec_root, dataset)
-        try:
-            check_request(ds, name, split, splits)
-            if name == "sasrec":  # before training: a --holdout that takes all of valid, as sft refuses it
-                training_rows(ds, Holdout(tuple(splits), holdout))
+        try:  # SASRec's settings, checked before the data set loads (seconds on a real one)
             config = SASRecConfig(
                 hidden=hidden,
                 blocks=blocks,
@@ -154,6 +161,14 @@ def register_baseline(app: typer.Typer) -> None:
                 weight_decay=weight_decay,
                 seed=seed,
             )
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        setup_logging()
+        ds = load_data(data, minionerec_root, dataset)
+        try:
+            check_request(ds, name, split, splits)
+            if name == "sasrec":  # before training: a --holdout that takes all of valid, as sft refuses it
+                training_rows(ds, Holdout(tuple(splits), holdout))
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         if name == "pop":

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
-from models.atomic_folder import put_back
+from models.atomic_folder import put_back, write_file
 from models.output_path import output_file_problem, output_folder_problem, parents_problem
 from training.run_files import earlier_run, replaced_folders, side_files
 
@@ -181,8 +181,8 @@ StepsOpt = Annotated[
     typer.Option(
         "--max-steps",
         min=1,
-        help="Total optimizer steps, in place of --epochs: the run takes exactly this many (more or fewer passes "
-        "over the rows than --epochs would make), and the learning-rate schedule spans them.",
+        help="Total optimizer steps, in place of --epochs (not with it): the run takes exactly this many (more or "
+        "fewer passes over the rows than --epochs would make), and the learning-rate schedule spans them.",
     ),
 ]
 
@@ -191,6 +191,17 @@ def given_options(ctx: typer.Context, flags: Mapping[str, str]) -> list[str]:
     """The flags of ``flags`` (parameter name -> flag) given on the command line, not left at their defaults: an
     option that a run would ignore is refused only when given (a run must not look configured by it)."""
     return [flag for name, flag in flags.items() if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+
+
+def steps_in_place_of_epochs(ctx: typer.Context, max_steps: int | None) -> None:
+    """``vstar sft`` and ``vstar rl``: ``--max-steps`` sets the run's length in place of ``--epochs``, so both given
+    is refused: the run would ignore ``--epochs`` (``vstar baseline``'s ``--max-steps`` is a cap, a user who knows
+    that one would expect the run to stop at whichever ends first)."""
+    if max_steps is not None and given_options(ctx, {"epochs": "--epochs"}):
+        raise typer.BadParameter(
+            f"--max-steps {max_steps} sets the run's length in place of --epochs, which it would ignore: give one "
+            "of them"
+        )
 
 
 MAX_SEED = 2**32 - 1  # the seeds numpy accepts; every --seed is checked against it
@@ -311,9 +322,11 @@ def read_manifest(folder: Path, option: str = "--checkpoint") -> dict[str, Any]:
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    """``payload`` into ``path`` (when given), then on stdout without the per-row lists. The file is replaced in
+    one step (``write_file``): a write cut short (Ctrl-C, a full disk) leaves an earlier result there whole."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        write_file(path, (json.dumps(payload, indent=2) + "\n").encode())
     typer.echo(json.dumps({k: v for k, v in payload.items() if k not in PER_ROW}, indent=2))
 
 

@@ -39,6 +39,7 @@ from training.cli.options import (
     run_training,
     select_rows,
     setup_logging,
+    steps_in_place_of_epochs,
     writable_file,
     write_json,
 )
@@ -107,7 +108,9 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per step.")] = 16,
         num_candidates: Annotated[int, typer.Option("--num-candidates", min=2, help="G, candidates per prompt.")] = 16,
         lr: Annotated[float, typer.Option("--lr", min=0.0, help="Policy learning rate.")] = 1e-4,
-        value_lr: Annotated[float, typer.Option("--value-lr", min=0.0, help="Value head learning rate.")] = 1e-3,
+        value_lr: Annotated[
+            float, typer.Option("--value-lr", min=0.0, help="V-STAR: learning rate of the value head.")
+        ] = 1e-3,
         value_coef: Annotated[
             float,
             typer.Option(
@@ -120,13 +123,15 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         beta: Annotated[
             float, typer.Option("--beta", min=0.0, help="KL weight (chosen on held-out valid rows; MiniOneRec: 1e-3).")
         ] = 0.03,
-        w_sib: Annotated[float, typer.Option("--w-sib", min=0.0, help="Weight of the Sibling-GRPO term.")] = 1.0,
+        w_sib: Annotated[
+            float, typer.Option("--w-sib", min=0.0, help="V-STAR: weight of the Sibling-GRPO term.")
+        ] = 1.0,
         sibling_norm: Annotated[
             Literal["siblings", "group"],
             typer.Option(
                 "--sibling-norm",
-                help="Sibling-GRPO: divide a sibling set's centred child rewards by the set's own std (siblings) "
-                "or by the whole group's reward std (group).",
+                help="V-STAR's Sibling-GRPO: divide a sibling set's centred child rewards by the set's own std "
+                "(siblings) or by the whole group's reward std (group).",
             ),
         ] = "group",
         level_weights: Annotated[
@@ -138,14 +143,16 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             ),
         ] = None,
         ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help="Policy updates per rollout.")] = 1,
-        budget: BudgetOpt = None,
+        budget: Annotated[
+            int | None,
+            typer.Option("--budget", min=1, help="V-STAR: VED's token budget per prompt in rollouts (default: VED's)."),
+        ] = None,
         explore_slots: Annotated[
             int | None,
             typer.Option(
                 "--explore-slots",
                 min=0,
-                help="V-STAR: slots of each group that VED gives to first-level codes the rest missed "
-                "(default: RLConfig's).",
+                help="V-STAR: slots of each group that VED gives to first-level codes the rest missed (default: 2).",
             ),
         ] = None,
         value_warmup: Annotated[
@@ -154,7 +161,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
                 "--value-warmup",
                 min=0,
                 help="V-STAR: TD-only steps of the value head on beam candidates before RL, policy frozen "
-                "(default: RLConfig's; 0: none).",
+                "(default: 200; 0: none).",
             ),
         ] = None,
         eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between validations.")] = 100,
@@ -201,6 +208,7 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         problem = ignored_options(ctx, algo)
         if problem is not None:
             raise typer.BadParameter(problem)
+        steps_in_place_of_epochs(ctx, max_steps)
         require_checkpoint(init, "--init")
         taken = next((f for f in replaced_folders(out) if f.resolve() == init.resolve()), None)
         if taken is not None:  # the run would write over the checkpoint it starts from

@@ -32,6 +32,7 @@ from training.cli.options import (
     local_model,
     run_training,
     setup_logging,
+    steps_in_place_of_epochs,
 )
 
 
@@ -182,6 +183,7 @@ def register_sft(app: typer.Typer) -> None:
         """Supervised next-SID training; keeps the best checkpoint by held-out HR@10, then chooses its fusion weight."""
         if base_model is not None and ctx.get_parameter_source("preset") is not ParameterSource.DEFAULT:
             raise typer.BadParameter("--preset builds a model from a config, which --base-model replaces: give one")
+        steps_in_place_of_epochs(ctx, max_steps)
         check_run_outputs(out, json_out, tensorboard, (data, minionerec_root), resume, force)
         from training.data.dataset import parse_splits
         from training.sft.config import base_model_problem, recipe_config

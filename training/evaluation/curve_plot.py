@@ -6,6 +6,8 @@
 * One row per run, one panel per curve the run has, in a fixed order: loss,
   learning rate, held-out HR@10 and NDCG@10 (one panel), then RL's within-group
   reward std, reachability and value loss.
+* The PNG replaces an earlier one in one step (``replacing_file``): a write cut
+  short (Ctrl-C, a full disk) leaves the earlier figure whole.
 * Per-step measurements are drawn raw (faint) and smoothed with TensorBoard's
   debiased exponential moving average; the learning rate as it is; held-out
   scores, a few points, as markers.
@@ -24,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from models.atomic_folder import replacing_file  # noqa: E402
 from training.run_files import default_curves  # noqa: E402
 
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -115,6 +118,9 @@ def plot_runs(runs: Sequence[Path], out: Path, smoothing: float = 0.6) -> Path:
             ax.grid(alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        with replacing_file(out) as f:  # an earlier figure stays whole if this write is cut short
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return out
