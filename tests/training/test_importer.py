@@ -287,6 +287,18 @@ BAD_EVENTS = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize(("sep", "name"), [(";", "semicolon"), ("\t", "tab")])
+def test_an_events_csv_separated_otherwise_is_named_so(tmp_path: Path, sep: str, name: str) -> None:
+    """A semicolon CSV (Excel's export in many locales) or a TSV saved as .csv: the error listed all three
+    columns as missing, which they are not; now it names the separator it found."""
+    _, items = write_inputs(tmp_path)
+    (tmp_path / "events.csv").write_text(sep.join(("user_id", "item_id", "timestamp")) + "\n" + sep.join("ua1") + "\n")
+    with pytest.raises(
+        DataError, match=f"events.csv:1: missing columns .*; the header is one column, .*: the file is {name}-separated"
+    ):
+        import_log(tmp_path / "events.csv", items, tmp_path / "out", ImportConfig(), progress=False)
+
+
 @pytest.mark.parametrize(("header", "rows", "message"), BAD_EVENTS)
 def test_bad_events_name_the_file_and_the_line(
     tmp_path: Path, header: list[str], rows: list[tuple[Any, ...]], message: str

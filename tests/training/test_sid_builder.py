@@ -174,6 +174,14 @@ def test_codebook_too_small() -> None:
         build_sids(blobs(9), SidBuildConfig(codebook_size=2))
 
 
+def test_a_missing_embedding_file_beside_item_json_names_vstar_embed(tmp_path: Path) -> None:
+    """vstar import, then vstar sids (the embed step skipped): the error said only that item_emb.npy was missing,
+    not which command writes it."""
+    (tmp_path / "item.json").write_text(json.dumps({"0": {"title": "a"}, "1": {"title": "b"}}))
+    with pytest.raises(DataError, match=f"item_emb.npy: file not found .*: vstar embed --data {tmp_path} --encoder"):
+        load_embeddings(tmp_path)
+
+
 def test_bad_embedding_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"item_emb.npy: file not found"):
         load_embeddings(tmp_path)

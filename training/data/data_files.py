@@ -137,6 +137,23 @@ def parse_list_literal(value: str, column: str, path: Path, line: int) -> list[A
     return parsed
 
 
+SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe"}  # what a CSV export uses where it does not use commas
+
+
+def missing_columns_hint(header: list[str], missing: list[str]) -> str:
+    """Why a header lacks ``missing`` when that can be seen: a separator other than the comma (the whole line
+    read as one column), or a name that differs in case or spaces; else ""."""
+    separator = [name for sep, name in SEPARATORS.items() if len(header) == 1 and sep in header[0]]
+    if separator:  # a semicolon CSV (Excel's export in many locales) or a TSV saved as .csv
+        return (
+            f"; the header is one column, {header[0][:60]!r}: the file is {separator[0]}-separated, and a CSV "
+            "here must be comma-separated: save it with commas"
+        )
+    near = {h.strip().lower(): h for h in header}  # " item_id" or "Item_ID": named, but not exactly
+    named = [repr(near[c]) for c in missing if c in near]
+    return f"; the header has {', '.join(named)}: a name must match exactly (case, spaces)" if named else ""
+
+
 def split_records(
     path: Path, columns: Sequence[str] = COLUMNS, what: str = "a split file"
 ) -> Iterator[tuple[dict[str | None, Any], int, int, int]]:
@@ -154,10 +171,7 @@ def split_records(
                 raise DataError(f"{path}: the file is empty; {what} starts with a header of columns {tuple(columns)}")
             missing = [c for c in columns if c not in header]
             if missing:
-                near = {h.strip().lower(): h for h in header}  # " item_id" or "Item_ID": named, but not exactly
-                named = [repr(near[c]) for c in missing if c in near]
-                hint = f"; the header has {', '.join(named)}: a name must match exactly (case, spaces)" if named else ""
-                raise DataError(f"{path}:1: missing columns {missing}{hint}")
+                raise DataError(f"{path}:1: missing columns {missing}{missing_columns_hint(header, missing)}")
             repeated = sorted({c for c in header if header.count(c) > 1})
             if repeated:  # csv keeps the last one's cells without a word
                 raise DataError(f"{path}:1: columns named twice in the header: {repeated}; name each column once")

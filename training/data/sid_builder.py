@@ -327,9 +327,10 @@ def load_embeddings(data_dir: Path) -> np.ndarray:
     """Read ``DIR/item_emb.npy`` and check it against ``DIR/item.json`` when that exists: as many items, with ids
     0..N-1 (the index names row i's item i)."""
     path = data_dir / "item_emb.npy"
-    if not path.exists():
-        raise DataError(f"{path}: file not found (vstar sids needs item embeddings, row i = item id i)")
     meta = data_dir / "item.json"
+    if not path.exists():
+        how = f": vstar embed --data {data_dir} --encoder PATH writes it from item.json's text" if meta.exists() else ""
+        raise DataError(f"{path}: file not found (vstar sids needs item embeddings, row i = item id i){how}")
     items = len(item_entries(meta)) if meta.exists() else None
     return read_embeddings(path, items, str(meta))
 
