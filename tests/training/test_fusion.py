@@ -15,7 +15,7 @@ from models.value_head import value_head_for, value_head_manifest
 from training.data.dataset import Sample
 from training.evaluation.decoders import beam_decoder
 from training.evaluation.evaluate import evaluate
-from training.evaluation.fusion import REPORTED, choose_weight, fuse_trained, refit_before
+from training.evaluation.fusion import REPORTED, choose_weight, fuse_trained, grid_edge_warning, refit_before
 from vstar import app
 
 
@@ -27,7 +27,9 @@ def transitions_that_decide(dataset, n: int) -> tuple[list[Sample], list[Sample]
     return train, held
 
 
-def test_the_weight_with_the_best_mean_of_the_reported_metrics_wins(tiny_dataset, tiny_policy: Policy) -> None:
+def test_the_weight_with_the_best_mean_of_the_reported_metrics_wins(
+    tiny_dataset, tiny_policy: Policy, caplog: pytest.LogCaptureFixture
+) -> None:
     train, held = transitions_that_decide(tiny_dataset, 30)
     counts = TransitionCounts.fit((s.history, s.target) for s in train)
     ckpt = type("Ckpt", (), {"policy": tiny_policy})()
@@ -38,6 +40,9 @@ def test_the_weight_with_the_best_mean_of_the_reported_metrics_wins(tiny_dataset
     # a random policy never finds x + 1 first; the counts (every held-out transition was observed) always do
     assert by_weight[12.0]["HR@1"] == 1.0 and by_weight[0.0]["HR@1"] < 0.5
     assert choice["weight"] == 12.0 and choice["selection_rows"] == 30
+    # the grid's largest weight won alone: a larger one might win again, and the warning says how to try one
+    assert "the grid's largest fusion weight, 12, scored best (held-out mean 1.0000)" in caplog.text
+    assert "vstar fuse --weights 0,12,24,48" in caplog.text
 
 
 def test_ties_go_to_the_smaller_weight(tiny_dataset, tiny_policy: Policy, caplog: pytest.LogCaptureFixture) -> None:
@@ -52,6 +57,13 @@ def test_ties_go_to_the_smaller_weight(tiny_dataset, tiny_policy: Policy, caplog
     caplog.clear()
     choose_weight(ckpt, counts, held, train, weights=(0.0, 12.0), beams=10)  # the counts decide: no warning
     assert "scored the same" not in caplog.text
+
+
+def test_a_largest_weight_that_ties_a_smaller_one_is_no_edge() -> None:
+    grid = [{"weight": w, "mean": m} for w, m in ((0.0, 0.1), (4.0, 0.3), (12.0, 0.3))]
+    assert grid_edge_warning(grid) is None  # the tie keeps 4
+    assert grid_edge_warning(grid[:2]) is not None and grid_edge_warning(grid[:1]) is None
+    assert grid_edge_warning([{"weight": 12.0, "mean": 0.4}, {"weight": 0.0, "mean": 0.1}]) is not None  # any order
 
 
 def test_choosing_needs_held_out_rows_and_valid_weights(tiny_dataset, tiny_policy: Policy) -> None:

@@ -18,7 +18,9 @@ on an existing checkpoint, SFT (``training.sft.trainer``) or RL
   judged at every cut-off. The grid reaches weights large enough that the
   counts decide the order among observed transitions (at ``w = 8`` one more
   count is worth several nats of policy log-prob) so the choice is not stuck
-  at the grid's edge;
+  at the grid's edge; where the largest weight still wins alone (a catalog
+  whose next items follow the last ones closely), a warning says so and gives
+  the ``vstar fuse --weights`` that tries larger ones;
 * once the weight is chosen, the counts are fit again on the training rows
   *and* the held-out rows, and those are the counts stored: the held-out rows
   are the most recent ones, the transitions closest to what is recommended
@@ -115,7 +117,26 @@ def choose_weight(
             "choose on more held-out rows",
             best["mean"], len(select_rows), best["weight"], " (fusion off)" if best["weight"] == 0 else "",
         )  # fmt: skip
+    if (edge := grid_edge_warning(grid)) is not None and is_main():
+        log.warning(edge)
     return {"weight": best["weight"], "selection_rows": len(select_rows), "beams": beams, "grid": grid}
+
+
+def grid_edge_warning(grid: Sequence[dict[str, Any]]) -> str | None:
+    """What to say when the grid's largest weight scored best, alone: the counts may be worth more than the grid
+    lets them weigh (a catalog whose next items follow the last ones closely), so a larger weight may score
+    better still. None otherwise (a tie with a smaller weight keeps the smaller one: no edge)."""
+    if len(grid) < 2:
+        return None
+    top = max(grid, key=lambda r: r["weight"])
+    if any(r["mean"] >= top["mean"] for r in grid if r is not top):
+        return None
+    tried = ",".join(f"{r['weight']:g}" for r in sorted(grid, key=lambda r: r["weight"]))
+    return (
+        f"the grid's largest fusion weight, {top['weight']:g}, scored best (held-out mean {top['mean']:.4f}): a "
+        f"larger one may score better still; try one with vstar fuse --weights {tried},{2 * top['weight']:g},"
+        f"{4 * top['weight']:g}"
+    )
 
 
 def fusable_checkpoint(
