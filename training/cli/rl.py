@@ -83,7 +83,12 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
     def rl(
         ctx: typer.Context,
         init: Annotated[
-            Path, typer.Option("--init", help="SFT checkpoint to start from; also the frozen KL reference.")
+            Path,
+            typer.Option(
+                "--init",
+                help="SFT checkpoint to start from (or an RL one, to go on from it; the warning about rows the init "
+                "trained on then has no SFT config to read); also the frozen KL reference.",
+            ),
         ],
         out: Annotated[
             Path,
