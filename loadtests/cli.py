@@ -17,7 +17,8 @@ from models.output_path import output_folder_problem
 
 def _out_folder(path: Path) -> Path:
     """Typer callback of ``--out``: a folder or a new path this process may create, checked before the server is
-    waited for and any load is sent (the report is written after the last point)."""
+    waited for and any load is sent (the report is published there after the last point). What it holds (an
+    earlier report needs ``--force``) is ``run_plan``'s first check, before the server is waited for too."""
     problem = output_folder_problem(path)
     if problem is not None:
         raise typer.BadParameter(problem)
@@ -35,7 +36,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         out: Annotated[
             Path,
             typer.Option(
-                "--out", help="Folder for table.md, latency.png, results.json and raw/.", callback=_out_folder
+                "--out",
+                help="Folder for table.md, latency.png, results.json and raw/ (new or empty; one holding an earlier "
+                "run's needs --force).",
+                callback=_out_folder,
             ),
         ],
         data: Annotated[Path, typer.Option("--data", help="Data set folder; histories come from <data>/<split>.csv.")],
@@ -62,6 +66,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 help="X-API-Key of the event posts, for a server with VSTAR_API_KEYS.",
             ),
         ] = "",
+        force: Annotated[
+            bool,
+            typer.Option(
+                "--force",
+                help="Replace an earlier run's results at --out, whole, when this run ends or is cut short after "
+                "a point (a run whose first point fails leaves them).",
+            ),
+        ] = False,
     ) -> None:
         """Locust, headless, beam vs VED at several concurrencies: Markdown table and latency plot (loopback only)."""
         from loadtests.runner import LoadTestPlan, parse_duration, parse_users, run_plan
@@ -76,8 +88,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         try:
-            _, paths = run_plan(plan, echo=typer.echo)
-        except ValueError as e:  # --host, --data: before any load is sent
+            _, paths = run_plan(plan, echo=typer.echo, force=force)
+        except ValueError as e:  # --out's contents, --host, --data: before any load is sent
             raise typer.BadParameter(str(e)) from None
         except RuntimeError as e:  # the server never got ready, or a locust run failed: the run's error, one line
             raise ClickException(str(e)) from None

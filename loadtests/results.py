@@ -17,8 +17,12 @@ and fallbacks over the responses that decoded (a cached answer decodes nothing,
 and an answer that hit the cap is never cached). Locust counts a failed
 request's time in the percentiles too, so a point with failures says so.
 
-Each file of the report is replaced in one rename (``models.atomic_folder``):
-a run that fails or is killed while writing leaves the earlier file whole.
+A run's files (``REPORT_FILES`` and ``raw/``) are the whole folder: the
+runner writes them into a staging folder and publishes it onto ``--out`` in one
+step (``models.atomic_folder``), so ``report_entries`` is how it tells an earlier
+report (``--force`` replaces it) from files no run wrote (never replaced). Each
+file is also written in one rename, so a direct ``write_report`` into a folder
+that fails midway leaves the earlier file whole.
 
 Locust reports percentiles in whole milliseconds, rounded to two significant
 digits above 100 ms; the table shows them as locust gives them.
@@ -37,6 +41,8 @@ from loadtests.request_names import EVENT_NAME, recommend_name
 from models.atomic_folder import replacing_file, write_file
 
 MODES = ("beam", "ved")
+REPORT_FILES = ("table.md", "latency.png", "results.json")  # what ``write_report`` writes
+RAW = "raw"  # locust's CSVs, counts and logs per point (``loadtests.runner.run_point``)
 # the columns of locust's _stats.csv this module reads (locust 2.x names)
 STATS_COLUMNS: tuple[str, ...] = ("Name", "Request Count", "Failure Count", "Requests/s", "Average Response Time")
 STATS_COLUMNS += ("50%", "95%", "99%", "100%")
@@ -235,12 +241,22 @@ def plot_latency(points: list[PointResult], out: Path, cap_ms: float | None = No
         plt.close(fig)
 
 
+def report_entries(folder: Path) -> tuple[list[str], list[str]]:
+    """The names in ``folder`` that a run writes (``REPORT_FILES``, ``raw/``) and the others, each sorted; both
+    empty for a folder that does not exist."""
+    if not folder.is_dir():
+        return [], []
+    names = sorted(p.name for p in folder.iterdir())
+    ours = [n for n in names if n in REPORT_FILES or (n == RAW and (folder / n).is_dir())]
+    return ours, [n for n in names if n not in ours]
+
+
 def write_report(
     points: list[PointResult], out_dir: Path, meta: dict[str, Any], cap_ms: float | None = None
 ) -> dict[str, Path]:
     """``table.md``, ``latency.png`` and ``results.json`` (meta + every point) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"table": out_dir / "table.md", "plot": out_dir / "latency.png", "json": out_dir / "results.json"}
+    paths = {key: out_dir / name for key, name in zip(("table", "plot", "json"), REPORT_FILES, strict=True)}
     write_file(paths["table"], markdown_table(points).encode())
     plot_latency(points, paths["plot"], cap_ms=cap_ms, title=str(meta.get("title", "")))
     report = json.dumps({"meta": meta, "points": [p.to_json() for p in points]}, indent=2) + "\n"

@@ -16,6 +16,18 @@ than half of its ``/recommend`` requests or of its event posts failed, each
 error naming the failure locust saw most often) stops the plan, and the points
 measured before it are written as the report.
 
+``--out`` always holds one whole run's files, the old run's or the new one's:
+the run writes into a staging folder beside it (``models.atomic_folder``) and
+publishes that onto ``--out`` in one step when it ends, or when a failed point
+cuts it short (the report of the points measured before it). An ``--out`` that
+holds an earlier report is refused before the server is waited for unless
+``force`` (``--force``), and one that holds files no run wrote is refused even
+then, since publishing replaces the folder whole. A run whose first point fails
+leaves ``--out`` as it was; its staging folder stays beside it for the failed
+point's log, which the error names, and the next run to that ``--out`` removes it.
+An interrupt (Ctrl-C) or any other error removes the staging folder: ``--out``
+is left as it was.
+
 The API key for event posts (``--api-key``, or ``VSTAR_LT_API_KEY``) reaches
 the locust children through their environment, never their command line, and
 is not written into the report. It is the only ``VSTAR_LT_*`` variable they
@@ -31,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -44,8 +57,9 @@ import httpx
 
 from loadtests.histories import read_histories, split_path
 from loadtests.request_names import EVENT_NAME, recommend_name
-from loadtests.results import MODES, PointResult, read_failures, read_point, write_report
+from loadtests.results import MODES, PointResult, read_failures, read_point, report_entries, write_report
 from loadtests.target import require_loopback
+from models.atomic_folder import publish, staging_folder
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 USER_CLASSES = {"beam": "BeamUser", "ved": "VedUser"}
@@ -136,6 +150,31 @@ def locust_command(plan: LoadTestPlan, mode: str, users: int, prefix: Path) -> l
     return [*command, *plan.extra_locust_args, USER_CLASSES[mode]]
 
 
+def out_problem(out: Path, force: bool) -> str | None:
+    """What stops a run from publishing its files onto ``out`` (a sentence), or None: a new or empty folder, or
+    with ``force`` one that holds an earlier report and nothing else (the run replaces the folder whole)."""
+    if out.resolve() in (cwd := Path.cwd().resolve(), *cwd.parents):
+        return f"{out} holds the working folder, which publishing the report would replace: give a folder in it"
+    ours, others = report_entries(out)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        return (f"{out} holds files that vstar loadtest does not write ({shown}), which its report would replace: "
+                "give another --out (a new or empty folder)")  # fmt: skip
+    if ours and not force:
+        shown = ", ".join(f"{n}/" if n == "raw" else n for n in ours)
+        return (f"{out} holds an earlier run's results ({shown}): pass --force to replace them (a run that "
+                "measures no point leaves them), or give another --out")  # fmt: skip
+    return None
+
+
+class PointFailed(RuntimeError):
+    """A point that measured nothing: ``what`` went wrong, and ``log`` is its locust log."""
+
+    def __init__(self, what: str, log: Path) -> None:
+        super().__init__(f"{what}; see {log}")
+        self.what, self.log = what, log
+
+
 def wait_ready(host: str, timeout_s: float = 60.0) -> None:
     """Poll ``/readyz`` until it answers 200 (a server still loading its model refuses connections for a while);
     ``RuntimeError`` with the last answer otherwise."""
@@ -190,21 +229,19 @@ def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
                 timeout=limit, check=False, env=env,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
-            raise RuntimeError(
-                f"locust ran past {limit} s for {mode} at {users} users and was killed; see {log}"
-            ) from None
+            raise PointFailed(f"locust ran past {limit} s for {mode} at {users} users and was killed", log) from None
     if proc.returncode != 0:
-        raise RuntimeError(f"locust exited {proc.returncode} for {mode} at {users} users; see {log}")
+        raise PointFailed(f"locust exited {proc.returncode} for {mode} at {users} users", log)
     try:
         point = read_point(stem, mode, users)
     except ValueError as e:
-        raise RuntimeError(f"{mode} at {users} users left no usable report ({e}); see {log}") from None
+        raise PointFailed(f"{mode} at {users} users left no usable report ({e})", log) from None
     if point.requests == 0:  # its users failed before their first request: not a measurement of 0 RPS
-        raise RuntimeError(f"{mode} at {users} users sent no request (its users failed to start?); see {log}")
+        raise PointFailed(f"{mode} at {users} users sent no request (its users failed to start?)", log)
     failed, sent = point.recommend.failures, point.recommend.requests
     if failed > MOST_FAILURES * sent:  # e.g. a server that died mid-run: fast refusals, no measurement of it
-        raise RuntimeError(f"{mode} at {users} users: {failed} of {sent} /recommend requests failed, "
-                           f"{most_failures(stem, recommend_name(mode))}; see {log}")  # fmt: skip
+        raise PointFailed(f"{mode} at {users} users: {failed} of {sent} /recommend requests failed, "
+                          f"{most_failures(stem, recommend_name(mode))}", log)  # fmt: skip
     events = point.events
     if (
         events is not None
@@ -212,37 +249,52 @@ def run_point(plan: LoadTestPlan, mode: str, users: int) -> PointResult:
         and events.failures > MOST_FAILURES * events.requests
     ):
         # e.g. a server with API keys and no --api-key: every post a fast 401, and no user_id read ever sent
-        raise RuntimeError(
+        raise PointFailed(
             f"{mode} at {users} users: {events.failures} of {events.requests} event posts failed, "
             f"{most_failures(stem, EVENT_NAME)} (a server with VSTAR_API_KEYS needs --api-key or VSTAR_LT_API_KEY; "
-            f"--event-share 0 sends none); see {log}"
+            "--event-share 0 sends none)",
+            log,
         )
     return point
 
 
-def run_plan(plan: LoadTestPlan, echo: Callable[[str], None] = print) -> tuple[list[PointResult], dict[str, Path]]:
-    """Every point of the plan in order, then the table, plot and JSON in ``plan.out``."""
+def run_plan(
+    plan: LoadTestPlan, echo: Callable[[str], None] = print, force: bool = False
+) -> tuple[list[PointResult], dict[str, Path]]:
+    """Every point of the plan in order, then the table, plot and JSON: written into a staging folder and
+    published onto ``plan.out`` (module doc); ``force`` lets them replace an earlier run's there."""
+    problem = out_problem(plan.out, force)
+    if problem is not None:
+        raise ValueError(f"--out: {problem}")
     plan = replace(plan, host=require_loopback(plan.host))
     # the whole split, as every child reads it: a bad row fails here, not as a point of children that never started
     read_histories(split_path(plan.data, plan.split))
     wait_ready(plan.host)
     echo(f"{len(plan.points)} points of {plan.duration_s} s, at most {plan.max_seconds} s in all")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    target = plan.out.resolve()  # a link to a folder stays one: the folder it names is replaced
+    staged = staging_folder(target)
     points: list[PointResult] = []
-    for mode, users in plan.points:
-        try:
-            point = run_point(plan, mode, users)
-        except RuntimeError as e:
-            if not points:
-                raise
-            paths = _report(plan, points, started)  # the points measured so far are not lost with the run
-            raise RuntimeError(f"{e} (the {len(points)} points measured before it are in {paths['table']})") from None
-        r = point.recommend
-        echo(
-            f"{mode:>4} users={users:<4} rps={r.rps:8.1f} p50={r.p50_ms} p99={r.p99_ms} failures={r.failures} "
-            f"cached={point.cached} event_failures={point.events.failures if point.events else 0}"
-        )
-        points.append(point)
+    try:
+        for mode, users in plan.points:
+            point = run_point(replace(plan, out=staged), mode, users)
+            r = point.recommend
+            echo(
+                f"{mode:>4} users={users:<4} rps={r.rps:8.1f} p50={r.p50_ms} p99={r.p99_ms} failures={r.failures} "
+                f"cached={point.cached} event_failures={point.events.failures if point.events else 0}"
+            )
+            points.append(point)
+    except PointFailed as e:
+        if not points:  # --out keeps what it held; the staging folder keeps the log the error names
+            raise RuntimeError(f"{e} ({plan.out} is left as it was)") from None
+        paths = _publish(plan, points, started, staged, target)  # the points measured so far are not lost with the run
+        log = plan.out / e.log.relative_to(staged)
+        raise RuntimeError(
+            f"{e.what}; see {log} (the {len(points)} points measured before it are in {paths['table']})"
+        ) from None
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     cached, responses = sum(p.cached for p in points), sum(p.responses for p in points)
     if cached:
         echo(
@@ -250,14 +302,24 @@ def run_plan(plan: LoadTestPlan, echo: Callable[[str], None] = print) -> tuple[l
             "a cache read's, not a decode's (each point draws the same histories); to compare the decoders, serve "
             "with VSTAR_CACHE_TTL_S=0"
         )
-    return points, _report(plan, points, started)
+    return points, _publish(plan, points, started, staged, target)
 
 
-def _report(plan: LoadTestPlan, points: list[PointResult], started: str) -> dict[str, Path]:
-    """``write_report`` of ``points`` with the plan as metadata (a run cut short says so in its title)."""
+def _publish(
+    plan: LoadTestPlan, points: list[PointResult], started: str, staged: Path, target: Path
+) -> dict[str, Path]:
+    """``write_report`` of ``points`` into ``staged`` beside the points' raw files, with the plan as metadata (a
+    run cut short says so in its title), then ``staged`` published onto ``target`` (``plan.out`` resolved); the
+    report's paths under ``plan.out``."""
     cut = "" if len(points) == len(plan.points) else f", {len(points)} of {len(plan.points)} points: cut short"
     meta = {k: v for k, v in asdict(plan).items() if k != "api_key"} | {
         "data": str(plan.data), "out": str(plan.out), "started": started, "locust": version("locust"),
         "title": f"/recommend latency vs concurrency (k={plan.k}, {plan.duration_s} s per point{cut})",
     }  # fmt: skip
-    return write_report(points, plan.out, json.loads(json.dumps(meta, default=str)), cap_ms=plan.latency_ms)
+    try:
+        written = write_report(points, staged, json.loads(json.dumps(meta, default=str)), cap_ms=plan.latency_ms)
+        publish(staged, target)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return {key: plan.out / path.name for key, path in written.items()}

@@ -56,3 +56,24 @@ def test_a_bad_row_anywhere_in_the_split_is_named_before_the_server_is_waited_fo
     (data / "test.csv").write_text("\n".join([*lines, ",".join(bad)]) + "\n")
     result = CliRunner().invoke(app, loadtest(data, tmp_path / "lt"))
     assert result.exit_code == 2 and f"test.csv:{len(lines) + 1}:" in one_line(result.output), result.output
+
+
+def test_an_out_with_an_earlier_report_needs_force_and_is_left_untouched(
+    monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    def never(host: str) -> None:
+        raise AssertionError("the server was waited for")
+
+    monkeypatch.setattr(runner, "wait_ready", never)
+    out = tmp_path / "lt"
+    (out / "raw").mkdir(parents=True)
+    files = {out / "table.md": b"| old |\n", out / "results.json": b"{}\n", out / "raw" / "beam_u32.log": b"old\n"}
+    for path, data in files.items():
+        path.write_bytes(data)
+    result = CliRunner().invoke(app, loadtest(tiny_data_dir, out))
+    line = one_line(result.output)
+    assert result.exit_code == 2 and f"{out} holds an earlier run's results (raw/, results.json, table.md)" in line
+    assert "pass --force to replace them" in line and "or give another --out" in line, line
+    assert {p: p.read_bytes() for p in files} == files and sorted(p.name for p in tmp_path.iterdir()) == ["lt"]
+    result = CliRunner().invoke(app, [*loadtest(tiny_data_dir, out), "--force"])  # on to the server
+    assert result.exit_code == 1 and isinstance(result.exception, AssertionError), result.output

@@ -278,3 +278,84 @@ def test_locust_children_take_their_knobs_from_the_plan_alone(
     assert all(not k.startswith("VSTAR_LT_") for _, env in seen[:2] for k in env)
     assert all([k for k in env if k.startswith("VSTAR_LT_")] == ["VSTAR_LT_API_KEY"] for _, env in seen[2:])
     assert all(env["VSTAR_LT_API_KEY"] == "k1" for _, env in seen[2:])
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def earlier_run(monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path) -> Path:
+    """An --out that holds a whole earlier run of 1 and 8 users, both modes (fake locust, no server)."""
+    monkeypatch.setattr(runner, "wait_ready", lambda host: None)
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(9))
+    out = tmp_path / "lt"
+    run_plan(plan(data=tiny_data_dir, out=out, users=(1, 8)), echo=lambda _: None)
+    assert {p.name for p in (out / "raw").iterdir()} >= {"beam_u8.log", "ved_u8_final_stats.csv"}
+    return out
+
+
+def test_an_earlier_report_is_refused_without_force_and_left_whole(earlier_run: Path, tiny_data_dir: Path) -> None:
+    before = folder_bytes(earlier_run)
+    refusal = (r"^--out: .*lt holds an earlier run's results \(latency\.png, raw/, results\.json, table\.md\): "
+               r"pass --force to replace them .*or give another --out$")  # fmt: skip
+    with pytest.raises(ValueError, match=refusal):
+        run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None)
+    (earlier_run / "notes.txt").write_text("mine")  # a file no run writes: publishing would remove it
+    with pytest.raises(ValueError, match=r"holds files that vstar loadtest does not write \(notes\.txt\)"):
+        run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
+    assert folder_bytes(earlier_run) == before | {"notes.txt": b"mine"}
+
+
+def test_a_forced_run_that_fails_at_its_first_point_leaves_the_earlier_results_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path
+) -> None:
+    before = folder_bytes(earlier_run)
+    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1))
+    with pytest.raises(RuntimeError, match=r"locust exited 1 for beam at 1 users; see (\S+) \(.*lt is left as it was\)"
+                       ) as failed:  # fmt: skip
+        run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
+    assert folder_bytes(earlier_run) == before
+    log = Path(str(failed.value).split("; see ")[1].split(" (")[0])
+    staged = log.parent.parent  # the staging folder beside --out, kept for the log the error names
+    assert log.is_file() and staged.parent == earlier_run.parent and staged.name.startswith(".lt.tmp-")
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(7))
+    run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
+    assert [p.name for p in earlier_run.parent.iterdir()] == ["lt"]  # the next run to --out removed it
+
+
+def test_a_forced_run_replaces_the_earlier_run_whole(
+    monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path
+) -> None:
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(7))
+    points, paths = run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
+    assert [(p.mode, p.users, p.recommend.requests) for p in points] == [("beam", 1, 7), ("ved", 1, 7)]
+    assert paths["table"] == earlier_run / "table.md" and "| beam | 1 | 7 |" in paths["table"].read_text()
+    raw = {p.name for p in (earlier_run / "raw").iterdir()}
+    assert raw and all(name.startswith(("beam_u1", "ved_u1")) for name in raw), raw  # no file of the 8-user points
+    assert [p.name for p in earlier_run.parent.iterdir()] == ["lt"]  # no staging folder left beside it
+
+
+def test_a_cut_short_forced_run_publishes_its_partial_report_alone(
+    monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path
+) -> None:
+    done = iter([fake_locust(7)])
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        step = next(done, None)
+        return subprocess.CompletedProcess(command, 1) if step is None else step(command, **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "run", run)
+    with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users; see (\S+) \(the 1 points") as failed:
+        run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
+    log = Path(str(failed.value).split("; see ")[1].split(" (")[0])
+    assert log == earlier_run / "raw" / "ved_u1.log" and log.is_file()  # named where it was published
+    report = json.loads((earlier_run / "results.json").read_text())
+    assert [(p["mode"], p["users"]) for p in report["points"]] == [("beam", 1)]
+    assert "cut short" in report["meta"]["title"]
+    assert report["meta"]["out"] == str(earlier_run)
+    rows = (earlier_run / "table.md").read_text().splitlines()[2:]  # below the header and its separator
+    assert len(rows) == 1 and rows[0].startswith("| beam | 1 | 7 |")
+    assert {p.name for p in (earlier_run / "raw").iterdir()} == {"beam_u1.log", "beam_u1_final_stats.csv",
+                                                                 "beam_u1_final_failures.csv", "beam_u1_extra.json",
+                                                                 "ved_u1.log"}  # fmt: skip
