@@ -200,6 +200,27 @@ def test_bench_decode_refuses_beams_wider_than_the_catalog(tiny_policy: Policy, 
     assert f"--beams {sids + 1} is more than the {sids} SIDs of the catalog; give at most {sids}" in last, last
 
 
+def test_eval_runs_beams_wider_than_the_catalog_as_wide_as_the_catalog_and_says_so(
+    tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    """Its JSON said ``"beams": N`` for lists that held the whole catalog; the service answers a k above the
+    catalog with every SID too, so eval runs the catalog's width (its default, 50, may be above a small catalog)."""
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_policy)
+    sids = len(tiny_policy.catalog.sids)
+    reports = {}
+    for beams in (sids, sids + 1):
+        out = tmp_path / f"b{beams}.json"
+        args = ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(ckpt), "--limit", "4", "--beams", str(beams)]
+        result = CliRunner().invoke(app, [*args, "--json", str(out)])
+        assert result.exit_code == 0, result.output[-3000:]
+        reports[beams] = json.loads(out.read_text()), result.output
+    (asked, output), (exact, _) = reports[sids + 1], reports[sids]
+    note = f"--beams {sids + 1} is more than the {sids} SIDs of the catalog: ran {sids}, lists of every SID"
+    assert asked["beams"] == sids and asked["beams_note"] == note and f"note: {note}" in output
+    assert exact["beams"] == sids and exact["beams_note"] is None
+    assert asked["metrics"] == exact["metrics"] and asked["target_ranks"] == exact["target_ranks"]
+
+
 @pytest.mark.parametrize("command", ["eval", "diagnose"])
 def test_a_checkpoint_of_another_catalog_is_refused(tiny_policy: Policy, tmp_path: Path, command: str) -> None:
     other = write_random_dataset(tmp_path / "other", make_catalog(seed=7))  # the same size, other SIDs

@@ -170,7 +170,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             Split, typer.Option("--split", help="The split to score (train: how well a model fits its own rows).")
         ] = "test",
         beams: Annotated[
-            int, typer.Option("--beams", min=1, help="Beam width; also the length of each ranked list.")
+            int,
+            typer.Option(
+                "--beams",
+                min=1,
+                help="Beam width; also the length of each ranked list (at most the catalog's SIDs: a wider one "
+                "runs that many, with a note).",
+            ),
         ] = 50,
         decoder: Annotated[
             Decoder, typer.Option("--decoder", help="beam: constrained beam search; ved: value-guided search.")
@@ -230,6 +236,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         ckpt = load_checkpoint(checkpoint, device)
         check_catalog(ckpt.policy.catalog, ds, "--checkpoint")
+        beams_note, sids = None, len(ckpt.policy.catalog.sids)
+        if beams > sids:  # the lists hold every SID at most, as the service's for a k above the catalog
+            beams_note = f"--beams {beams} is more than the {sids} SIDs of the catalog: ran {sids}, lists of every SID"
+            typer.echo(f"note: {beams_note}", err=True)
+            beams = sids
         try:
             try:
                 fusion = checkpoint_fusion(ckpt, fusion_weight)
@@ -274,7 +285,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             "fusion_counts": fusion_counts,
             "split": split,
             "decoder": decoder,
-            "beams": beams,
+            "beams": beams,  # the width run (--beams, at most the catalog's SIDs)
+            "beams_note": beams_note,
             "budget": spent_budget,  # VED's, as resolved (the checkpoint's own when --budget is not given)
             "explore_slots": explore_slots if decoder == "ved" else None,
             "fusion_weight": fusion.weight if fusion else 0.0,
