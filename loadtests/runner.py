@@ -25,8 +25,9 @@ holds an earlier report is refused before the server is waited for unless
 then, since publishing replaces the folder whole. A run whose first point fails
 leaves ``--out`` as it was; its staging folder stays beside it for the failed
 point's log, which the error names, and the next run to that ``--out`` removes it.
-An interrupt (Ctrl-C) or any other error removes the staging folder: ``--out``
-is left as it was.
+An interrupt (Ctrl-C) is a point cut short too: the points measured before it
+are published as the report (none measured: ``--out`` is left as it was). Any
+other error removes the staging folder and leaves ``--out`` as it was.
 
 The API key for event posts (``--api-key``, or ``VSTAR_LT_API_KEY``) reaches
 the locust children through their environment, never their command line, and
@@ -292,6 +293,13 @@ def run_plan(
         raise RuntimeError(
             f"{e.what}; see {log} (the {len(points)} points measured before it are in {paths['table']})"
         ) from None
+    except KeyboardInterrupt:  # as a failed point: the points measured before it are kept, published
+        if points:
+            paths = _publish(plan, points, started, staged, target)
+            echo(f"interrupted: the {len(points)} points measured before it are in {paths['table']}")
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

@@ -359,3 +359,35 @@ def test_a_cut_short_forced_run_publishes_its_partial_report_alone(
     assert {p.name for p in (earlier_run / "raw").iterdir()} == {"beam_u1.log", "beam_u1_final_stats.csv",
                                                                  "beam_u1_final_failures.csv", "beam_u1_extra.json",
                                                                  "ved_u1.log"}  # fmt: skip
+
+
+def test_ctrl_c_publishes_the_points_measured_before_it(
+    monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path
+) -> None:
+    """An interrupt is a point cut short: the points measured before it are the report (they took minutes), and
+    an interrupt before the first leaves --out as it was."""
+    before = {p.relative_to(earlier_run): p.read_bytes() for p in earlier_run.rglob("*") if p.is_file()}
+    done = iter([fake_locust(7)])
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        step = next(done, None)
+        if step is None:
+            raise KeyboardInterrupt
+        return step(command, **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "run", run)
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=said.append, force=True)
+    report = json.loads((earlier_run / "results.json").read_text())
+    assert [(p["mode"], p["users"]) for p in report["points"]] == [("beam", 1)] and "cut short" in report["meta"][
+        "title"
+    ]
+    assert said[-1] == f"interrupted: the 1 points measured before it are in {earlier_run / 'table.md'}"
+    assert not [p for p in earlier_run.parent.iterdir() if p.name.startswith(f".{earlier_run.name}.tmp-")]
+    published = {p.relative_to(earlier_run): p.read_bytes() for p in earlier_run.rglob("*") if p.is_file()}
+    done = iter([])  # the next run is interrupted at its first point
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=said.append, force=True)
+    assert {p.relative_to(earlier_run): p.read_bytes() for p in earlier_run.rglob("*") if p.is_file()} == published
+    assert published != before
