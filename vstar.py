@@ -1,8 +1,10 @@
 """The ``vstar`` console command: one entry point over training, benchmarks and serving.
 
 Each package registers its own subcommands, so ``training`` and ``service``
-never import each other; heavy imports happen inside the commands, after their
-options are checked, so a simple mistake is reported before torch loads.
+never import each other (but ``vstar load-histories``, which reads a training
+data folder into the service's store: ``service.load_histories``); heavy imports
+happen inside the commands, after their options are checked, so a simple mistake
+is reported before torch loads.
 
 Errors: a usage error, or a ``ValueError`` raised by the project's own code (the
 house rule for bad input: a malformed data file, a missing or broken

@@ -1,4 +1,4 @@
-"""``vstar serve``, ``vstar recommend`` and ``vstar bench serve`` (registered on the root command).
+"""``vstar serve``, ``vstar recommend``, ``vstar load-histories`` and ``vstar bench serve`` (on the root command).
 
 ``serve`` hands the checkpoint to the app through ``VSTAR_CHECKPOINT``, so every
 uvicorn worker process builds its app from the same environment
@@ -6,7 +6,8 @@ uvicorn worker process builds its app from the same environment
 (``service.settings``). ``recommend`` reads the same settings (its options in their
 place) and answers a file of users offline with the service's own code
 (``service.batch_recommend``), reading their stored histories from the service's
-store with ``--stored-history``. Heavy imports stay inside the handlers.
+store with ``--stored-history``. ``load-histories`` writes the users' timelines of a data folder into that
+store (``service.load_histories``), with the same settings. Heavy imports stay inside the handlers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from typer._click.exceptions import ClickException  # typer vendors click from 0.28 on
+from typer._click.exceptions import ClickException, UsageError  # typer vendors click from 0.28 on
 
 from models.atomic_folder import write_file
 from models.output_path import output_file_problem
@@ -393,6 +394,70 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             f"{report.users} users -> {out}: {report.seconds:.2f} s, {rate:.1f} users/s ({mode}, k {fields['k']}, "
             f"--batch-size {batch_size}; after loading the model and checking every line){stored}"
         )
+
+    @app.command(name="load-histories")
+    def load_histories(
+        data: Annotated[
+            Path,
+            typer.Option("--data", help="Data folder (train.csv, valid.csv, test.csv, index.json, item.json)."),
+        ],
+        splits: Annotated[
+            str, typer.Option("--splits", help="Comma list of the splits whose rows make the users' timelines.")
+        ] = "train,valid,test",
+        skip_existing: Annotated[
+            bool, typer.Option("--skip-existing", help="Load only the users with nothing stored; leave the others.")
+        ] = False,
+        append: Annotated[
+            bool, typer.Option("--append", help="Append each timeline after what the user has stored.")
+        ] = False,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Read the data and the stored histories; write nothing.")
+        ] = False,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Write the report here too.", callback=_output_file)
+        ] = None,
+    ) -> None:
+        """Write the users' histories of a data folder into the Redis vstar serve stores them in (REDIS_URL;
+        VSTAR_* settings as vstar serve reads them), so a user_id from the data is answered from it at once."""
+        from training.data.dataset import parse_splits
+
+        if skip_existing and append:
+            raise typer.BadParameter("give --skip-existing or --append, not both", param_hint="'--append'")
+        try:
+            named = parse_splits(splits)
+        except ValueError as e:
+            raise typer.BadParameter(str(e).replace("--train-splits", "--splits"), param_hint="'--splits'") from None
+        settings = _settings()
+        if settings.redis_url is None:
+            raise UsageError(
+                "vstar load-histories needs REDIS_URL (or VSTAR_REDIS_URL), the Redis vstar serve stores histories "
+                "in: without it each server process keeps its own in memory, and this command's would be gone when "
+                "it exits"
+            )
+        from service.app import build_store
+        from service.load_histories import REDIS_TIMEOUT_S, Mode, read_timelines
+        from service.load_histories import load_histories as load
+
+        if settings.redis_timeout_s < REDIS_TIMEOUT_S:  # a request's bound, not a bulk write's (the module's doc)
+            settings = _settings(redis_timeout_s=REDIS_TIMEOUT_S)
+
+        catalog, timelines = read_timelines(data, named, settings.max_user_id_length)
+        store = build_store(settings)
+        mode: Mode = "skip-existing" if skip_existing else "append" if append else "new"
+        report = load(store, catalog, timelines, settings.stored_history_max, mode, dry_run)
+        rate = report.users / report.seconds if report.seconds > 0 else float("inf")
+        verb = "would load" if dry_run else "loaded"
+        typer.echo(
+            f"{'dry run: ' if dry_run else ''}{report.loaded} of {report.users} users {verb} "
+            f"({report.appended_to} after their stored entries), {report.already_loaded} already loaded, "
+            f"{report.skipped} skipped; {report.entries} entries ({report.capped} timelines cut to "
+            f"VSTAR_STORED_HISTORY_MAX {settings.stored_history_max}) -> {store.describe()}: "
+            f"{report.seconds:.2f} s, {rate:.0f} users/s"
+        )
+        if json_out is not None:
+            result = report.to_json() | {"data": str(data), "splits": named, "mode": mode, "store": store.describe()}
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            write_file(json_out, (json.dumps(result, indent=2) + "\n").encode())
 
     @bench.command(name="serve")
     def bench_serve(
