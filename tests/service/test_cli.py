@@ -55,12 +55,15 @@ def test_a_bad_list_of_bench_serve_names_its_option(flag: str, value: str, tmp_p
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid", "192.0.2.1"])
-def test_serve_names_the_address_it_cannot_listen_on(host: str, tmp_path: Path) -> None:
+def test_serve_names_the_address_it_cannot_listen_on(
+    host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """uvicorn's own error named neither host nor port ("[Errno 98] Address already in use", "[Errno -2] Name or
     service not known"), as a JSON log line; now one line names both, with the exit status of a failed start
     (3), before the settings are read or the model loads. 192.0.2.1 (TEST-NET-1) is no address of this machine."""
     import socket
 
+    monkeypatch.delenv("VSTAR_CHECKPOINT", raising=False)  # an earlier serve in this process may have set it
     (tmp_path / "manifest.json").write_text("{}")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

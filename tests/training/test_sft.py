@@ -214,8 +214,6 @@ def test_cli_sft_then_eval_writes_contract_json(tiny_data_dir: Path, tmp_path: P
             "tiny",
             "--max-steps",
             "3",
-            "--epochs",
-            "1",
         ],
     )
     assert res.exit_code == 0, res.output
