@@ -45,6 +45,7 @@ from typer.core import TyperGroup
 from loadtests.cli import register as register_loadtests
 from models.checkpoint_error import CheckpointError
 from service.cli import register as register_service
+from service.offline_cli import register_offline
 from training.cli.baselines import register_baseline
 from training.cli.commands import register as register_training
 from training.cli.plot import register_plot
@@ -211,6 +212,7 @@ register_rl(app, bench)
 register_baseline(app)
 register_plot(app)
 register_service(app, bench)
+register_offline(app)
 register_loadtests(app, bench)
 
 

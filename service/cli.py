@@ -1,13 +1,11 @@
-"""``vstar serve``, ``vstar recommend``, ``vstar load-histories`` and ``vstar bench serve`` (on the root command).
+"""``vstar serve`` and ``vstar bench serve`` (registered on the root command by ``vstar.py``).
 
 ``serve`` hands the checkpoint to the app through ``VSTAR_CHECKPOINT``, so every
 uvicorn worker process builds its app from the same environment
 (``service.app:create_app_from_env``); every other setting is read there too
-(``service.settings``). ``recommend`` reads the same settings (its options in their
-place) and answers a file of users offline with the service's own code
-(``service.batch_recommend``), reading their stored histories from the service's
-store with ``--stored-history``. ``load-histories`` writes the users' timelines of a data folder into that
-store (``service.load_histories``), with the same settings. Heavy imports stay inside the handlers.
+(``service.settings``). The offline commands, ``recommend`` and ``load-histories``, are
+``service.offline_cli``'s; what the two modules share is ``service.cli_options``'s.
+Heavy imports stay inside the handlers.
 """
 
 from __future__ import annotations
@@ -21,38 +19,16 @@ import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from typer._click.exceptions import ClickException, UsageError  # typer vendors click from 0.28 on
+from typer._click.exceptions import ClickException  # typer vendors click from 0.28 on
 
 from models.atomic_folder import write_file
-from models.output_path import output_file_problem
+from service.cli_options import CheckpointOpt, output_file_callback, require_checkpoint, settings_from_env
 
 if TYPE_CHECKING:
     import uvicorn
-
-    from service.settings import Settings
-
-CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder to serve.")]
-
-
-def _require_checkpoint(path: Path) -> None:
-    """A folder with a manifest, checked before a server starts (after the other options' own checks)."""
-    if not (path / "manifest.json").exists():
-        raise typer.BadParameter(f"{path} is not a checkpoint folder (no manifest.json)")
-
-
-def _device(value: str | None) -> str | None:
-    """Typer callback of ``--device``: one this machine has (torch is imported only for one other than the CPU)."""
-    if value is None or value == "cpu":
-        return value
-    from models.device import device_problem
-
-    problem = device_problem(value)
-    if problem is not None:
-        raise typer.BadParameter(problem)
-    return value
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -88,43 +64,6 @@ def _listen_problem(host: str, port: int) -> str | None:
         except OSError as e:
             return f"cannot listen on {host}:{port}: {e.strerror or e}"
     return None
-
-
-def _output_file(path: Path | None) -> Path | None:
-    """Typer callback of ``--json``: a path that can take the file, checked before the benchmark runs."""
-    problem = None if path is None else output_file_problem(path)
-    if problem is not None:
-        raise typer.BadParameter(problem)
-    return path
-
-
-def _variable(loc: tuple[int | str, ...]) -> str:
-    """``"VSTAR_MAX_K: "`` for a setting's error location, the environment variable it is read from; ``""`` for
-    an error of several settings (their names are in its message)."""
-    if not loc:
-        return ""
-    field = str(loc[0]).lower()  # redis_url's error is located at the alias it was read from (REDIS_URL)
-    return (
-        "REDIS_URL (or VSTAR_REDIS_URL)" if field.removeprefix("vstar_") == "redis_url" else f"VSTAR_{field.upper()}"
-    ) + ": "
-
-
-def _settings(**overrides: Any) -> Settings:
-    """The service's settings from the environment, ``overrides`` (options already checked) in their place;
-    a bad one is one line naming its variable, never its value: it may be a password or a key."""
-    from pydantic import ValidationError
-
-    from service.errors import validation_reason
-    from service.settings import Settings
-
-    try:
-        return Settings(**overrides)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{_variable(err['loc'])}{validation_reason(err)}"
-            for err in e.errors(include_url=False, include_input=False)
-        )
-        raise typer.BadParameter(f"bad VSTAR_* settings in the environment: {problems}") from None
 
 
 def _caps_the_server_takes(caps: Sequence[int], k: int) -> None:
@@ -225,13 +164,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         from service.json_logs import configure_logging
 
-        _require_checkpoint(checkpoint)
+        require_checkpoint(checkpoint)
         problem = _listen_problem(host, port)
         if problem is not None:  # one line, with the exit status of a failed start (uvicorn's STARTUP_FAILURE)
             typer.echo(f"Error: {problem}", err=True)
             raise typer.Exit(STARTUP_FAILURE)
         os.environ["VSTAR_CHECKPOINT"] = str(checkpoint.resolve())
-        settings = _settings()  # fail here, once, on a bad environment rather than in every worker
+        settings = settings_from_env()  # fail here, once, on a bad environment rather than in every worker
         if not settings.api_keys and not _is_loopback(host):
             typer.secho(
                 f"warning: serving on {host} with open writes: anyone who reaches it can rewrite any user's "
@@ -259,211 +198,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         )
         _run(config)
 
-    @app.command()
-    def recommend(
-        checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint folder to answer with.")],
-        source: Annotated[
-            Path,
-            typer.Option(
-                "--input",
-                help='JSON lines, a user each: {"user_id": "...", "history": [...]} (user_id optional, any string, '
-                "echoed back; history as POST /recommend takes it: item ids, SID strings, "
-                '{"external_id": ...} objects, oldest first; with --stored-history a line with a user_id may '
-                "leave history out).",
-            ),
-        ],
-        out: Annotated[
-            Path,
-            typer.Option(
-                "--out",
-                help='JSON lines, one per user in the input\'s order: {"user_id": ..., "items": [...]}, the items '
-                "POST /recommend answers.",
-            ),
-        ],
-        k: Annotated[
-            int | None,
-            typer.Option("--k", min=1, help="Recommendations per user [default: VSTAR_DEFAULT_K, else 10]."),
-        ] = None,
-        mode: Annotated[
-            Literal["beam", "ved"],
-            typer.Option(
-                "--mode",
-                help="beam: constrained beam search; ved: value-guided search, to its whole budget (offline there "
-                "is no latency cap).",
-            ),
-        ] = "beam",
-        budget: Annotated[
-            int | None,
-            typer.Option("--budget", min=1, help="VED: backbone tokens per user [default: VED's own for k]."),
-        ] = None,
-        exclude_history: Annotated[
-            bool | None,
-            typer.Option(
-                "--exclude-history/--no-exclude-history",
-                help="Drop items the user already has [default: VSTAR_EXCLUDE_HISTORY_DEFAULT, else off].",
-            ),
-        ] = None,
-        fusion_weight: Annotated[
-            float | None,
-            typer.Option(
-                "--fusion-weight",
-                min=0.0,
-                help="Weight of the transition counts fused into the decoder [default: VSTAR_FUSION_WEIGHT, else "
-                "the checkpoint's; 0: the policy alone].",
-            ),
-        ] = None,
-        device: Annotated[
-            str | None,
-            typer.Option("--device", help="torch device [default: VSTAR_DEVICE, else cpu].", callback=_device),
-        ] = None,
-        batch_size: Annotated[
-            int,
-            typer.Option(
-                "--batch-size",
-                min=1,
-                help="Users per batch, decoded in groups of one decode config, as the service's micro-batches.",
-            ),
-        ] = 64,
-        force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
-        stored_history: Annotated[
-            bool,
-            typer.Option(
-                "--stored-history",
-                help="Put each user_id's stored history before the line's own, as POST /recommend does, read up "
-                "front from the Redis vstar serve uses (REDIS_URL); a user with neither, or a store that fails, "
-                "stops the command and nothing is written.",
-            ),
-        ] = False,
-    ) -> None:
-        """Recommendations for a file of users, offline: POST /recommend's answers (settings: VSTAR_*, as vstar
-        serve reads them), with no latency cap."""
-        _require_checkpoint(checkpoint)
-        if not source.is_file():
-            raise typer.BadParameter(f"{source} is not a file", param_hint="'--input'")
-        problem = output_file_problem(out)
-        if problem is None and out.exists() and out.resolve() == source.resolve():
-            problem = f"{out} is the --input file: write the answers elsewhere"
-        elif problem is None and out.exists() and not force:
-            problem = f"{out} exists: give --force to replace it"
-        if problem is not None:
-            raise typer.BadParameter(problem, param_hint="'--out'")
-        if mode == "beam" and budget is not None:
-            raise typer.BadParameter(
-                "applies to --mode ved only: beam search has no token budget", param_hint="'--budget'"
-            )
-        given = {"device": device, "fusion_weight": fusion_weight}
-        # the service's settings; offline nothing is stored or cached, and the first batch is the warm-up
-        overrides: dict[str, Any] = {
-            "checkpoint": checkpoint,
-            "warmup": False,
-            "cache_ttl_s": 0,
-            **{name: value for name, value in given.items() if value is not None},
-        }
-        settings = _settings(redis_url=None, **overrides)
-        store = None
-        if stored_history:  # the store vstar serve uses in this environment, read up front (service.batch_recommend)
-            from service.app import build_store
-
-            served = _settings(**overrides)
-            if served.redis_url is None:
-                raise typer.BadParameter(
-                    "needs REDIS_URL (or VSTAR_REDIS_URL), the Redis vstar serve stores histories in: without it each "
-                    "server process keeps its own in memory, which no other process can read",
-                    param_hint="'--stored-history'",
-                )
-            store = build_store(served)
-        fields = {
-            "k": settings.default_k if k is None else k,
-            "mode": mode,
-            "budget": budget,
-            "exclude_history": exclude_history,
-        }
-        from transformers.utils import logging as hf_logging
-
-        from service.batch_recommend import recommend_file
-
-        hf_logging.disable_progress_bar()  # its "Loading weights" bar; the command's own is the decode's
-        report = recommend_file(settings, source, out, fields, batch_size, store=store)
-        rate = report.users / report.seconds if report.seconds > 0 else float("inf")
-        stored = ""
-        if report.stored_users is not None:
-            stored = f"; a stored history for {report.stored_users} of them"
-            if report.skipped:
-                stored += f", {report.skipped} stored entries the catalog no longer knows skipped"
-        typer.echo(
-            f"{report.users} users -> {out}: {report.seconds:.2f} s, {rate:.1f} users/s ({mode}, k {fields['k']}, "
-            f"--batch-size {batch_size}; after loading the model and checking every line){stored}"
-        )
-
-    @app.command(name="load-histories")
-    def load_histories(
-        data: Annotated[
-            Path,
-            typer.Option("--data", help="Data folder (train.csv, valid.csv, test.csv, index.json, item.json)."),
-        ],
-        splits: Annotated[
-            str, typer.Option("--splits", help="Comma list of the splits whose rows make the users' timelines.")
-        ] = "train,valid,test",
-        skip_existing: Annotated[
-            bool, typer.Option("--skip-existing", help="Load only the users with nothing stored; leave the others.")
-        ] = False,
-        append: Annotated[
-            bool, typer.Option("--append", help="Append each timeline after what the user has stored.")
-        ] = False,
-        dry_run: Annotated[
-            bool, typer.Option("--dry-run", help="Read the data and the stored histories; write nothing.")
-        ] = False,
-        json_out: Annotated[
-            Path | None, typer.Option("--json", help="Write the report here too.", callback=_output_file)
-        ] = None,
-    ) -> None:
-        """Write the users' histories of a data folder into the Redis vstar serve stores them in (REDIS_URL;
-        VSTAR_* settings as vstar serve reads them), so a user_id from the data is answered from it at once."""
-        from training.data.dataset import parse_splits
-
-        if skip_existing and append:
-            raise typer.BadParameter("give --skip-existing or --append, not both", param_hint="'--append'")
-        try:
-            named = parse_splits(splits)
-        except ValueError as e:
-            raise typer.BadParameter(str(e).replace("--train-splits", "--splits"), param_hint="'--splits'") from None
-        settings = _settings()
-        if settings.redis_url is None:
-            raise UsageError(
-                "vstar load-histories needs REDIS_URL (or VSTAR_REDIS_URL), the Redis vstar serve stores histories "
-                "in: without it each server process keeps its own in memory, and this command's would be gone when "
-                "it exits"
-            )
-        from service.app import build_store
-        from service.load_histories import REDIS_TIMEOUT_S, Mode, read_timelines
-        from service.load_histories import load_histories as load
-
-        if settings.redis_timeout_s < REDIS_TIMEOUT_S:  # a request's bound, not a bulk write's (the module's doc)
-            settings = _settings(redis_timeout_s=REDIS_TIMEOUT_S)
-
-        catalog, timelines = read_timelines(data, named, settings.max_user_id_length)
-        store = build_store(settings)
-        mode: Mode = "skip-existing" if skip_existing else "append" if append else "new"
-        report = load(store, catalog, timelines, settings.stored_history_max, mode, dry_run)
-        rate = report.users / report.seconds if report.seconds > 0 else float("inf")
-        verb = "would load" if dry_run else "loaded"
-        typer.echo(
-            f"{'dry run: ' if dry_run else ''}{report.loaded} of {report.users} users {verb} "
-            f"({report.appended_to} after their stored entries), {report.already_loaded} already loaded, "
-            f"{report.skipped} skipped; {report.entries} entries ({report.capped} timelines cut to "
-            f"VSTAR_STORED_HISTORY_MAX {settings.stored_history_max}) -> {store.describe()}: "
-            f"{report.seconds:.2f} s, {rate:.0f} users/s"
-        )
-        if json_out is not None:
-            result = report.to_json() | {"data": str(data), "splits": named, "mode": mode, "store": store.describe()}
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            write_file(json_out, (json.dumps(result, indent=2) + "\n").encode())
-
     @bench.command(name="serve")
     def bench_serve(
         checkpoint: CheckpointOpt,
         json_out: Annotated[
-            Path | None, typer.Option("--json", help="Write the results here.", callback=_output_file)
+            Path | None, typer.Option("--json", help="Write the results here.", callback=output_file_callback)
         ] = None,
         clients: Annotated[
             str, typer.Option("--clients", help="Comma list of concurrent clients, a beam cell each.")
@@ -489,7 +228,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from service.bench import BenchConfig, BenchCutShort
         from service.bench import bench_serve as run
 
-        _require_checkpoint(checkpoint)  # its catalog is read next, by bench_serve, before a server starts
+        require_checkpoint(checkpoint)  # its catalog is read next, by bench_serve, before a server starts
         caps_ms = _int_list(caps, "--caps")
         _caps_the_server_takes(caps_ms, k)
         config = BenchConfig(
