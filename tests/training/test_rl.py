@@ -1011,3 +1011,11 @@ def test_an_rl_run_carries_its_datas_external_ids(
     kept = load_checkpoint(tmp_path / "rl").policy
     carry_external_ids(kept, tiny_dataset)
     assert kept.catalog.external_ids == external
+
+
+def test_the_logged_config_says_which_parts_of_v_star_the_run_uses() -> None:
+    """GRPO's config holds sibling/ved/dense True (its defaults, ignored), which its log line alone read as VED."""
+    assert RLConfig().parts_in_use() == "GRPO: beam-search groups, exact-match reward, no value head, no sibling term"
+    assert RLConfig(algo="vstar").parts_in_use() == "V-STAR: VED groups, dense reward, value head, sibling term"
+    ablated = RLConfig(algo="vstar", ved=False, dense=False, sibling=False)
+    assert ablated.parts_in_use() == "V-STAR: beam-search groups, exact-match reward, value head, no sibling term"

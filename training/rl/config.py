@@ -104,3 +104,16 @@ class RLConfig:
     @property
     def use_value(self) -> bool:
         return self.algo == "vstar"
+
+    def parts_in_use(self) -> str:
+        """V-STAR's parts this run uses, in words: the config's ``sibling``/``ved``/``dense`` are True by default
+        and GRPO ignores them, so its logged config alone reads as if GRPO ran VED."""
+        if self.algo != "vstar":
+            return "GRPO: beam-search groups, exact-match reward, no value head, no sibling term"
+        parts = [
+            "VED groups" if self.use_ved else "beam-search groups",
+            "dense reward" if self.dense else "exact-match reward",
+            "value head",
+            "sibling term" if self.use_sibling else "no sibling term",
+        ]
+        return "V-STAR: " + ", ".join(parts)

@@ -263,8 +263,9 @@ def train_rl(
         clear_side_files(out)
     curves = ScalarLog(tensorboard, state.step if trainer_state is not None else None)
     log.info(
-        "RL config %s; %d training rows, %d selection rows, %d steps",
+        "RL config %s (%s); %d training rows, %d selection rows, %d steps",
         asdict(config),
+        config.parts_in_use(),
         len(train_rows),
         len(select_rows),
         total_steps,
