@@ -133,6 +133,8 @@ def test_demo_reports_serves_its_own_request_and_logs_one_format_per_process(tmp
         "vstar.test.json",
         "sft_fused.test.json",
         "vstar_fused.test.json",
+        "sft.resume",
+        "vstar.resume",
     ):
         assert (out / name).exists(), name
     assert not any(line.startswith("{") for line in stdout), "a step's JSON reached the screen"

@@ -164,6 +164,7 @@ def report(out: Path, rl_steps: int) -> str:
         f"Files in {out}:",
         "  data/                the synthetic data set (vstar synth)",
         "  sft/, vstar/         checkpoints: SFT, then V-STAR from it (serve either with vstar serve)",
+        "  *.resume/            their runs' resume states (--resume; the weights again and the optimizer's)",
         "  *.test.json          the test metrics above (pop, sft, vstar, sft_fused, vstar_fused)",
         "  sft.json, vstar.json the training summaries",
         "  vstar.steps.jsonl    V-STAR's per-step figures",
