@@ -139,10 +139,10 @@ def read_users(path: Path, fields: dict[str, Any], stored_id_length: int | None 
 
 def read_line(number: int, raw: bytes, fields: dict[str, Any], stored_id_length: int | None = None) -> UserLine:
     """A line as a user and the ``POST /recommend`` request its history makes with ``fields``: ``ValueError`` for
-    a line that is not an object of an optional ``user_id`` (a string) and a non-empty ``history`` of the entries
-    the request takes, in the API's words for them. With ``stored_id_length`` (``--stored-history``) a line
-    with a ``user_id`` may leave its history out or empty, and the id must be one ``POST /recommend`` takes:
-    1 to ``stored_id_length`` of ``USER_ID_PATTERN``'s characters."""
+    a line that is not an object of an optional ``user_id`` (a string UTF-8 can hold) and a non-empty ``history``
+    of the entries the request takes, in the API's words for them. With ``stored_id_length``
+    (``--stored-history``) a line with a ``user_id`` may leave its history out or empty, and the id must be one
+    ``POST /recommend`` takes: 1 to ``stored_id_length`` of ``USER_ID_PATTERN``'s characters."""
     try:
         body = json.loads(raw.decode("utf-8").rstrip("\r\n"))
     except json.JSONDecodeError as e:
@@ -160,6 +160,9 @@ def read_line(number: int, raw: bytes, fields: dict[str, Any], stored_id_length:
     user_id = body.get("user_id")
     if user_id is not None and not isinstance(user_id, str):
         raise ValueError(f"user_id: expected a string, got {shorten(json.dumps(user_id))}")
+    if user_id is not None and not user_id.isascii() and not encodable(user_id):
+        # JSON's "\ud800" escape reads as a lone surrogate, which no UTF-8 answer line can echo back
+        raise ValueError(f"user_id: {shorten(ascii(user_id))} is not valid Unicode (a lone surrogate)")
     if stored_id_length is not None and user_id is not None and not valid_user_id(user_id, stored_id_length):
         raise ValueError(
             f"user_id: {shorten(repr(user_id))} is no user id the service stores a history under (1 to "
@@ -178,6 +181,15 @@ def read_line(number: int, raw: bytes, fields: dict[str, Any], stored_id_length:
     except ValidationError as e:
         raise ValueError(validation_message(e.errors())) from None
     return UserLine(number, user_id, request)
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (a lone surrogate cannot)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def valid_user_id(user_id: str, max_length: int) -> bool:

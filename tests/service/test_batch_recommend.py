@@ -132,6 +132,8 @@ def test_the_batch_size_changes_no_answer(
         ('{"history": [1], "k": 3}', "in.jsonl:2: unknown fields ['k']"),
         ('{"history": [1.5]}', 'in.jsonl:2: history.0: expected an item id, a SID string or an {"external_id"'),
         ('{"user_id": 7, "history": [1]}', "in.jsonl:2: user_id: expected a string, got 7"),
+        # a lone surrogate: read as a str, but no UTF-8 answer line can hold it (it failed after every decode)
+        ('{"user_id": "u\\ud800", "history": [1]}', "in.jsonl:2: user_id: 'u\\ud800' is not valid Unicode"),
     ],
 )
 def test_a_bad_line_is_one_error_naming_it_and_nothing_is_written(
