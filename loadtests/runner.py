@@ -22,7 +22,8 @@ publishes that onto ``--out`` in one step when it ends, or when a failed point
 cuts it short (the report of the points measured before it). An ``--out`` that
 holds an earlier report is refused before the server is waited for unless
 ``force`` (``--force``), and one that holds files no run wrote is refused even
-then, since publishing replaces the folder whole. A run whose first point fails
+then, since publishing replaces the folder whole; so is a mount point (a
+volume), which no rename can replace. A run whose first point fails
 leaves ``--out`` as it was; its staging folder stays beside it for the failed
 point's log, which the error names, and the next run to that ``--out`` removes it.
 An interrupt (Ctrl-C) is a point cut short too: the points measured before it
@@ -156,6 +157,8 @@ def out_problem(out: Path, force: bool) -> str | None:
     with ``force`` one that holds an earlier report and nothing else (the run replaces the folder whole)."""
     if out.resolve() in (cwd := Path.cwd().resolve(), *cwd.parents):
         return f"{out} holds the working folder, which publishing the report would replace: give a folder in it"
+    if os.path.ismount(out):  # a volume (docker run -v): the swap onto it fails, after every point was measured
+        return f"{out} is a mount point, which publishing the report cannot replace: give a folder inside it"
     ours, others = report_entries(out)
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -391,3 +392,23 @@ def test_ctrl_c_publishes_the_points_measured_before_it(
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=said.append, force=True)
     assert {p.relative_to(earlier_run): p.read_bytes() for p in earlier_run.rglob("*") if p.is_file()} == published
     assert published != before
+
+
+def test_a_mount_point_out_is_refused_before_the_server_is_waited_for(
+    monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """A volume mounted at --out (``docker run -v ./lt:/lt ... --out /lt``): the staging folder beside it is on
+    another file system, so publishing failed after every point was measured, and the measurements went with the
+    staging folder. It is refused up front, as a folder holding other files is."""
+    out = tmp_path / "lt"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).resolve() == out.resolve() or real(p))
+
+    def never(host: str) -> None:
+        raise AssertionError("the server was waited for")
+
+    monkeypatch.setattr(runner, "wait_ready", never)
+    with pytest.raises(ValueError, match=r"^--out: .*lt is a mount point, which publishing the report cannot replace"):
+        run_plan(plan(data=tiny_data_dir, out=out, users=(1,)), echo=lambda _: None, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["lt"] and not any(out.iterdir())
