@@ -37,7 +37,9 @@ Design decisions:
 * Idempotent writes: each append carries the key ``load_key(user, entries)`` (the store's ``fingerprint`` of
   the user and the entries), so a write the store re-sends, or a re-run of ``--append`` within
   ``VSTAR_IDEMPOTENCY_TTL_S`` (the key's record lives that long), stores once, and says it replayed: counted
-  as already loaded. After that TTL nothing marks what an ``--append`` wrote: running it again appends the
+  as already loaded. A user with nothing stored whose key replays had the entries once and lost them since
+  (their history expired, or was deleted, within that TTL): they are written again, under a key of the run's
+  own. After that TTL nothing marks what an ``--append`` wrote: running it again appends the
   timeline again to every user whose stored history is not exactly the timeline (the default and
   ``--skip-existing`` never write to a user with entries, so re-running them is safe whenever).
 * Writes go ``WRITE_CHUNK`` users at a time, concurrently (each its own round trip of the store's script),
@@ -55,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -204,16 +207,26 @@ async def _plan(store: Store, entries: dict[str, list[str]], mode: Mode, progres
     return _Plan(write, frozenset(had_stored), already, len(existing) if mode == "skip-existing" else 0)
 
 
-async def _write(store: Store, write: dict[str, list[str]], progress: bool) -> set[str]:
+async def _write(store: Store, write: dict[str, list[str]], had_stored: frozenset[str], progress: bool) -> set[str]:
     """Append every planned user's entries, ``WRITE_CHUNK`` users at a time; returns the users whose key
-    replayed (this load stored them before). A store that fails is a ``LoadError`` saying how many were written."""
+    replayed (this load stored them before). A store that fails is a ``LoadError`` saying how many were written.
+
+    A user who had nothing stored when the plan read the store, and whose key replays, had this load's entries
+    once and lost them since (their history expired, or was deleted, within the key's record's TTL): written
+    again under a key of this run's, not counted as replayed."""
     users, written, replayed = list(write), 0, set[str]()
+    run = uuid.uuid4().hex[:12]
+
+    async def append(user_id: str) -> Appended:
+        done = await store.append(user_id, write[user_id], load_key(user_id, write[user_id]))
+        if done.replayed and user_id not in had_stored:  # stored once, gone now: the replay stored nothing
+            done = await store.append(user_id, write[user_id], f"{load_key(user_id, write[user_id])}-{run}")
+        return done
+
     with tqdm(total=len(users), desc="load histories", unit="user", disable=not progress) as bar:
         for start in range(0, len(users), WRITE_CHUNK):
             chunk = users[start : start + WRITE_CHUNK]
-            results = await asyncio.gather(
-                *(store.append(u, write[u], load_key(u, write[u])) for u in chunk), return_exceptions=True
-            )
+            results = await asyncio.gather(*(append(u) for u in chunk), return_exceptions=True)
             answered = {u: r for u, r in zip(chunk, results, strict=True) if isinstance(r, Appended)}
             written += len(answered)
             replayed.update(u for u, r in answered.items() if r.replayed)
@@ -260,7 +273,7 @@ async def load_into(
         raise LoadError(
             f"{store.describe()} could not be read ({e}{cause}){'; ' + hint if hint else ''}; nothing was written"
         ) from None
-    replayed = set[str]() if dry_run else await _write(store, plan.write, progress)
+    replayed = set[str]() if dry_run else await _write(store, plan.write, plan.had_stored, progress)
     loaded = [u for u in plan.write if u not in replayed]
     return LoadReport(
         users=len(timelines),

@@ -166,6 +166,17 @@ def test_running_the_same_load_again_stores_nothing_twice(tiny_catalog: SidCatal
     assert stored(store, ["pre"])["pre"] == ["1", "2", "3", "4", "5", "50"]
 
 
+def test_a_loaded_history_lost_since_is_loaded_again(tiny_catalog: SidCatalog) -> None:
+    """A user whose loaded history expired (or was deleted) within the key's TTL: the load's key replayed, so a
+    re-run wrote nothing and counted the user as already loaded, with nothing stored."""
+    store = memory_store()
+    assert load(store, tiny_catalog, TIMELINES).loaded == 4
+    del store._histories["pre"]  # expired, or deleted, while the load's idempotency record lives
+    again = load(store, tiny_catalog, TIMELINES)
+    assert (again.loaded, again.already_loaded, again.entries) == (1, 3, len(TIMELINES["pre"]))
+    assert stored(store, list(TIMELINES)) == as_entries(TIMELINES)
+
+
 class StopsAfter(MemoryStore):
     """Takes ``ok`` appends, then fails as a Redis that went down does."""
 
