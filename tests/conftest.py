@@ -45,6 +45,18 @@ def _restore_root_logger() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def _restore_served_checkpoint() -> Iterator[None]:
+    """``vstar serve`` hands its checkpoint to the app through ``os.environ["VSTAR_CHECKPOINT"]``, which a
+    CliRunner does not put back: a later test that reads the settings from the environment would find it."""
+    before = os.environ.get("VSTAR_CHECKPOINT")
+    yield
+    if before is None:
+        os.environ.pop("VSTAR_CHECKPOINT", None)
+    else:
+        os.environ["VSTAR_CHECKPOINT"] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """One torch thread for a module of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``):

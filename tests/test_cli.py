@@ -396,7 +396,7 @@ def option_help(path: str, flag: str) -> str:
 
 
 def test_shared_options_say_what_they_do_in_each_command() -> None:
-    for path in ("vstar sft", "vstar rl"):  # --max-steps overrides --epochs there (the demo relies on it)
+    for path in ("vstar sft", "vstar rl"):  # --max-steps sets the length in place of --epochs there
         assert "in place of --epochs" in option_help(path, "--max-steps")
     assert "or when --epochs end first" in option_help("vstar baseline", "--max-steps")  # SASRec: a cap
     eval_splits = option_help("vstar eval", "--train-splits")
