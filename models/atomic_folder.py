@@ -111,7 +111,9 @@ def publish(staged: Path, target: Path) -> None:
 
 def write_file(path: Path, data: bytes) -> None:
     """Replace the file ``path`` with ``data`` in one step: written under a temporary name beside it, then renamed
-    onto it, so a process killed meanwhile leaves the old file whole."""
+    onto it, so a process killed meanwhile leaves the old file whole. A symbolic link at ``path`` stays one: the
+    file it names is replaced, as a plain write through the link would change it."""
+    path = _through_links(path)
     tmp = _temporary(path)
     try:
         tmp.write_bytes(data)
@@ -124,7 +126,8 @@ def write_file(path: Path, data: bytes) -> None:
 def replacing_file(path: Path) -> Iterator[BinaryIO]:
     """``write_file`` for contents written piece by piece (too many to hold at once): a file under the temporary
     name, renamed onto ``path`` when the block ends; a block that raises, or a process killed meanwhile, leaves
-    the old file whole (and no file where there was none)."""
+    the old file whole (and no file where there was none). A symbolic link stays one, as in ``write_file``."""
+    path = _through_links(path)
     tmp = _temporary(path)
     try:
         with tmp.open("wb") as f:
@@ -132,6 +135,12 @@ def replacing_file(path: Path) -> Iterator[BinaryIO]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _through_links(path: Path) -> Path:
+    """The file a symbolic link at ``path`` names (through every link), else ``path`` itself: renaming onto the
+    link would replace the link with a plain file, and leave the file it named as it was."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _temporary(path: Path) -> Path:

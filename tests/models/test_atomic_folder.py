@@ -142,3 +142,22 @@ def test_replacing_file_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     with pytest.raises(ValueError), replacing_file(tmp_path / "new.jsonl") as f:
         raise ValueError("a bad line")
     assert not (tmp_path / "new.jsonl").exists()
+
+
+def test_a_link_at_the_path_stays_a_link_and_its_file_is_replaced(tmp_path: Path) -> None:
+    """Renaming onto a symbolic link replaced the link with a plain file and left the file it named as it was
+    (a --json path linked to a results folder); a plain write goes through the link, and so do these now."""
+    target = tmp_path / "results" / "latest.json"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    hop = tmp_path / "hop.json"
+    hop.symlink_to(target)
+    link = tmp_path / "out.json"
+    link.symlink_to(hop)  # a link to a link: followed to the end
+    write_file(link, b"new")
+    assert link.is_symlink() and hop.is_symlink() and target.read_bytes() == b"new"
+    with replacing_file(link) as f:
+        f.write(b"newer")
+    assert link.is_symlink() and target.read_bytes() == b"newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hop.json", "out.json", "results"]
+    assert [p.name for p in target.parent.iterdir()] == ["latest.json"]  # no temporary file left beside it
