@@ -27,8 +27,10 @@ volume), which no rename can replace. A run whose first point fails
 leaves ``--out`` as it was; its staging folder stays beside it for the failed
 point's log, which the error names, and the next run to that ``--out`` removes it.
 An interrupt (Ctrl-C) is a point cut short too: the points measured before it
-are published as the report (none measured: ``--out`` is left as it was). Any
-other error removes the staging folder and leaves ``--out`` as it was.
+are published as the report (none measured: ``--out`` is left as it was). A
+report that cannot be written or published (a full disk) leaves ``--out`` as it
+was and the staging folder, with the points' raw files, beside it, named in the
+error. Any other error removes the staging folder and leaves ``--out`` as it was.
 
 The API key for event posts (``--api-key``, or ``VSTAR_LT_API_KEY``) reaches
 the locust children through their environment, never their command line, and
@@ -330,7 +332,9 @@ def _publish(
     try:
         written = write_report(points, staged, json.loads(json.dumps(meta, default=str)), cap_ms=plan.latency_ms)
         publish(staged, target)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    except Exception as e:  # a full disk: the measurements stay where they are, named, and --out as it was
+        raise RuntimeError(
+            f"the report of the {len(points)} points measured could not be written or published ({e}); {plan.out} "
+            f"is left as it was, and their raw files are in {staged} (the next run to that --out removes it)"
+        ) from e
     return {key: plan.out / path.name for key, path in written.items()}

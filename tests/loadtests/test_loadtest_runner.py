@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -412,3 +413,22 @@ def test_a_mount_point_out_is_refused_before_the_server_is_waited_for(
     with pytest.raises(ValueError, match=r"^--out: .*lt is a mount point, which publishing the report cannot replace"):
         run_plan(plan(data=tiny_data_dir, out=out, users=(1,)), echo=lambda _: None, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["lt"] and not any(out.iterdir())
+
+
+def test_a_report_that_cannot_be_written_leaves_the_measurements_named(
+    monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path
+) -> None:
+    """A full disk at the report's write removed the staging folder, and with it every point's raw files, after
+    minutes of load; they now stay beside --out, which is left as it was, and the error names them."""
+    before = folder_bytes(earlier_run)
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(7))
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "write_report", full)
+    with pytest.raises(RuntimeError, match=r"the report of the 2 points measured could not be written") as failed:
+        run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
+    assert folder_bytes(earlier_run) == before
+    staged = Path(str(failed.value).split("their raw files are in ")[1].split(" (")[0])
+    assert staged.parent == earlier_run.parent and {p.name for p in (staged / "raw").iterdir()} >= {"ved_u1.log"}
