@@ -6,7 +6,7 @@ the in-process store) and the recommender with its micro-batcher. A missing or
 broken checkpoint raises here, so the server fails at startup, loudly, instead
 of answering 500s later; a warm-up decode proves the model runs. Redis being
 down at startup is not fatal: the service starts degraded and recovers when
-Redis comes back (``service.stores``).
+Redis comes back (``service.redis_store``).
 
 ``/docs`` (Swagger UI) and ``/redoc`` load their scripts from assets the
 ``fastapi-offline`` package ships, so they render on a machine with no internet.
@@ -37,10 +37,11 @@ from service.json_logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, StartupFailureMiddleware
 from service.recommender import Recommender
+from service.redis_store import RedisStore
 from service.routes import build_router
 from service.schemas import request_models
 from service.settings import Settings
-from service.stores import MemoryStore, RedisStore, Store
+from service.stores import MemoryStore, Store
 
 log = logging.getLogger("service.app")
 

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
         gt=0,
         le=60,
         description="After an event write got no answer, how long to keep sending it again (it runs once, "
-        "service.stores) before answering that the outcome is unknown.",
+        "service.redis_store) before answering that the outcome is unknown.",
     )
 
     # --- write protection

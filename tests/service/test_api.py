@@ -15,9 +15,9 @@ from models.sid_catalog import SidCatalog, sid_to_str
 from models.ved_config import resolve_budget
 from service.app import create_app
 from service.history import resolve_entries
+from service.redis_store import HISTORY_KEY
 from service.schemas import RecommendRequest
 from service.settings import Settings
-from service.stores import HISTORY_KEY
 
 
 @pytest.fixture(scope="module")

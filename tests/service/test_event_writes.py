@@ -21,8 +21,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.redis_store import HISTORY_KEY, WRITE, RedisStore
 from service.settings import Settings
-from service.stores import HISTORY_KEY, WRITE, Appended, RedisStore
+from service.stores import Appended
 from tests.service.conftest import PrivateRedis
 
 

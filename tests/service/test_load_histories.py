@@ -20,8 +20,9 @@ from models.sid_catalog import SidCatalog
 from service.app import create_app
 from service.errors import StoreUnavailable
 from service.load_histories import LoadError, LoadReport, Mode, load_into, next_timeline, read_timelines
+from service.redis_store import HISTORY_KEY
 from service.settings import Settings
-from service.stores import HISTORY_KEY, Appended, MemoryStore, Store
+from service.stores import Appended, MemoryStore, Store
 from training.data.dataset import Sample
 from training.data.dataset_writer import write_dataset
 from vstar import app

@@ -1,6 +1,6 @@
 """Redis outage and recovery, against a private redis-server this test stops and starts.
 
-The decision under test (see service/stores.py): with Redis down the service
+The decision under test (see service/redis_store.py): with Redis down the service
 keeps answering requests that carry a history, answers 503 where the stored
 history or an event write is needed, reports "degraded" on /readyz (still 200,
 so a shared-Redis outage does not take every replica out of rotation), and
@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.errors import StoreUnavailable
+from service.redis_store import RedisStore
 from service.settings import Settings
-from service.stores import RedisStore
 from tests.service.conftest import PrivateRedis
 
 

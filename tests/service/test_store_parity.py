@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.errors import IdempotencyConflict
-from service.stores import MemoryStore, RedisStore, Store
+from service.redis_store import RedisStore
+from service.stores import MemoryStore, Store
 
 USERS = st.sampled_from(["a", "b", "a:b"])  # "a" with key "b:c" and "a:b" with key "c" must stay apart
 ENTRIES = st.lists(st.sampled_from(["1", "2", "3", "<a_1><b_2><c_3>"]), min_size=1, max_size=5)
