@@ -18,6 +18,7 @@ from training.cli.commands import register
 from training.data import dataset_writer
 from training.data.dataset import load_dataset
 from training.data.dataset_writer import split_ends
+from training.data.sid_builder import SidBuildConfig
 from training.data.synth import MAX_HISTORY, TAXONOMY, SynthConfig, SynthData, generate, write_synth
 
 SMALL = SynthConfig(items=150, users=80, seed=3)
@@ -155,7 +156,7 @@ def test_a_failed_write_leaves_the_old_folder_or_none(tmp_path: Path, monkeypatc
     before = {p.name: p.read_bytes() for p in (tmp_path / "new").iterdir()}
     monkeypatch.setattr(dataset_writer, "write_split", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        write_synth(tmp_path / "new", replace(SMALL, seed=5))
+        write_synth(tmp_path / "new", replace(SMALL, seed=5), force=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "new").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["new"]
 
@@ -185,3 +186,20 @@ def test_cli(tmp_path: Path) -> None:
     assert load_dataset(tmp_path / "d").catalog.num_items == 40
     bad = runner.invoke(app, ["synth", "--out", str(tmp_path / "e"), "--items", "3"])
     assert bad.exit_code == 2 and "--items must be at least" in bad.output
+
+
+def test_a_data_set_of_other_settings_replaces_an_earlier_one_only_with_force(tmp_path: Path) -> None:
+    """vstar synth over its own earlier data set regenerated it whatever the settings: another --seed or --items
+    replaced, without a word, the data checkpoints had been trained on. The same settings still regenerate it."""
+    out = tmp_path / "syn"
+    write_synth(out, SMALL)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_synth(out, SMALL)  # the same settings: the same data set, written again
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match=r"holds a synthetic data set of other settings \(seed 3 -> 5\).*--force"):
+        write_synth(out, replace(SMALL, seed=5))
+    with pytest.raises(ValueError, match=r"other settings \(codebook_size 16 -> 64\)"):  # the SIDs' own settings
+        write_synth(out, SMALL, SidBuildConfig(codebook_size=64, seed=3))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    write_synth(out, replace(SMALL, seed=5), force=True)
+    assert json.loads((out / "stats.json").read_text())["config"]["seed"] == 5

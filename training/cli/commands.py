@@ -68,6 +68,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 help="SID codes per level (default: a power of two, C*C >= items, 4..256, raised to C^levels >= items)",
             ),
         ] = None,
+        force: Annotated[
+            bool,
+            typer.Option(
+                "--force", help="Replace a synthetic data set of other settings at --out (the same ones regenerate it)."
+            ),
+        ] = False,
     ) -> None:
         """Synthetic data set in the --data layout: taxonomy catalog, drifting users, time split, k-means SIDs."""
         from training.data.sid_builder import SidBuildConfig
@@ -75,7 +81,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         try:
             config = SynthConfig(items=items, users=users, seed=seed)
-            stats = write_synth(out, config, SidBuildConfig(codebook_size, seed=seed))
+            stats = write_synth(out, config, SidBuildConfig(codebook_size, seed=seed), force)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         write_json(None, stats)

@@ -284,12 +284,16 @@ def generate(cfg: SynthConfig, sid_config: SidBuildConfig | None = None) -> Synt
     return SynthData(catalog, meta, embeddings, splits, times, leaf_of, leaves, build.report)
 
 
-def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None = None) -> dict[str, Any]:
+def write_synth(
+    out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None = None, force: bool = False
+) -> dict[str, Any]:
     """Write the data set to ``out`` in the folder layout, plus a ``stats.json``; returns the stats.
 
-    Writes into a new or empty folder, or over a data set ``vstar synth`` wrote
-    (regenerated); refuses any other folder (a real data set, a checkpoint) and a
-    file, so a typo in ``--out`` cannot clobber them. The folder is written beside
+    Writes into a new or empty folder, or over a data set ``vstar synth`` wrote:
+    regenerated as it was when the settings are its own, replaced by another only
+    with ``force`` (checkpoints trained on it would no longer match it: their data
+    fingerprint says so); refuses any other folder (a real data set, a checkpoint)
+    and a file, so a typo in ``--out`` cannot clobber them. The folder is written beside
     ``out`` and moved there in one step (``models.atomic_folder``), so a failed or
     killed write leaves the old folder, or none: files without their ``stats.json``
     made the next ``vstar synth`` refuse the folder as one it did not write.
@@ -303,6 +307,10 @@ def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None =
         raise ValueError(
             f"{out} holds files that vstar synth did not write (a data set, a checkpoint?); choose a new --out"
         )
+    earlier = _earlier_synth(out)
+    settings = json.loads(json.dumps(asdict(cfg)))  # as stats.json holds them (tuples as lists)
+    if earlier is not None and not force and earlier.get("config") != settings:  # before the work
+        raise ValueError(_other_settings(out, earlier.get("config"), settings))
     data = generate(cfg, sid_config)
     stats = {
         "dataset": "synthetic",
@@ -313,6 +321,8 @@ def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None =
         "leaves": len(data.leaves),
         "sids": {k: v for k, v in data.sid_report.items() if k != "seconds"},  # keeps the folder deterministic
     }
+    if earlier is not None and not force and _sid_settings(earlier.get("sids")) != _sid_settings(stats["sids"]):
+        raise ValueError(_other_settings(out, _sid_settings(earlier.get("sids")), _sid_settings(stats["sids"])))
     staged = staging_folder(out)
     try:
         write_dataset(staged, data.catalog, data.splits, data.meta, data.embeddings)
@@ -322,3 +332,29 @@ def write_synth(out: Path, cfg: SynthConfig, sid_config: SidBuildConfig | None =
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return stats | {"out": str(out)}
+
+
+def _earlier_synth(out: Path) -> dict[str, Any] | None:
+    """The ``stats.json`` of the data set ``vstar synth`` wrote at ``out``; None where there is none."""
+    if not (out.is_dir() and written_by(out, "synthetic")):
+        return None
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+    return stats if isinstance(stats, dict) else None
+
+
+def _sid_settings(report: object) -> dict[str, Any]:
+    """What a ``stats.json``'s SID report says the SIDs were built with."""
+    return {k: report.get(k) for k in ("levels", "codebook_size", "seed")} if isinstance(report, dict) else {}
+
+
+def _other_settings(out: Path, old: object, new: dict[str, Any]) -> str:
+    """The refusal of a data set of other settings over an earlier one: what differs, and the way out."""
+    if isinstance(old, dict):
+        keys = sorted(set(old) | set(new))
+        changed = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+    else:
+        changed = "settings it did not record"
+    return (
+        f"{out} holds a synthetic data set of other settings ({changed}), which checkpoints may have been trained "
+        "on: pass --force to replace it, or choose another --out"
+    )
