@@ -1019,3 +1019,28 @@ def test_the_logged_config_says_which_parts_of_v_star_the_run_uses() -> None:
     assert RLConfig(algo="vstar").parts_in_use() == "V-STAR: VED groups, dense reward, value head, sibling term"
     ablated = RLConfig(algo="vstar", ved=False, dense=False, sibling=False)
     assert ablated.parts_in_use() == "V-STAR: beam-search groups, exact-match reward, value head, no sibling term"
+
+
+def test_an_rl_init_is_followed_back_to_the_sft_model_it_descends_from(
+    tiny_dataset: RecDataset, tmp_path: Path
+) -> None:
+    """RL from an RL checkpoint: the warnings about rows SFT trained on read the init's own manifest, which has
+    no SFT config, so they said nothing (None); they now read the SFT model the chain of inits starts from."""
+    from training.rl.rows import init_trained_on, root_sft_config
+
+    def checkpoint(name: str, manifest: dict[str, Any]) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+        return str(tmp_path / name)
+
+    refit = {"train_splits": ["train", "valid"], "holdout": 0}
+    sft = checkpoint("sft", {"stage": "sft", "sft_config": refit})
+    rl2 = checkpoint("rl2", {"stage": "rl", "init": checkpoint("rl1", {"stage": "rl", "init": sft})})
+    assert root_sft_config({"stage": "rl", "init": rl2}) == refit
+    valid = tiny_dataset.splits["valid"][:8]
+    assert init_trained_on(rl2, tiny_dataset, valid) == init_trained_on(sft, tiny_dataset, valid) == 8
+    loop_a = str(tmp_path / "a")
+    checkpoint("b", {"stage": "rl", "init": loop_a})
+    checkpoint("a", {"stage": "rl", "init": str(tmp_path / "b")})
+    gone = checkpoint("gone", {"stage": "rl", "init": str(tmp_path / "deleted")})
+    assert init_trained_on(loop_a, tiny_dataset, valid) is None and init_trained_on(gone, tiny_dataset, valid) is None

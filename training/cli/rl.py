@@ -86,8 +86,8 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
             Path,
             typer.Option(
                 "--init",
-                help="SFT checkpoint to start from (or an RL one, to go on from it; the warning about rows the init "
-                "trained on then has no SFT config to read); also the frozen KL reference.",
+                help="SFT checkpoint to start from (or an RL one, to go on from it: the warning about rows SFT "
+                "trained on then reads the SFT model it descends from); also the frozen KL reference.",
             ),
         ],
         out: Annotated[

@@ -171,13 +171,38 @@ def fuse_rl_checkpoint(
     return {"checkpoint": str(path), "init_trained_on_selection_rows": seen} | fusion
 
 
+MAX_INIT_HOPS = 16  # RL from RL from ... SFT: links followed back to the SFT model (a loop stops there too)
+
+
+def root_sft_config(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``sft_config`` of the SFT model a checkpoint of ``manifest`` descends from: its own (an SFT
+    checkpoint), else, for an RL one, its ``--init``'s, followed back through RL inits; None where a link is gone
+    or names no SFT model."""
+    seen: set[str] = set()
+    for _ in range(MAX_INIT_HOPS):
+        if manifest.get("sft_config"):
+            return dict(manifest["sft_config"])
+        init = manifest.get("init")
+        if manifest.get("stage") != "rl" or not init or init in seen:
+            return None
+        seen.add(init)
+        try:
+            manifest = json.loads((Path(init) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict):
+            return None
+    return None
+
+
 def init_trained_on(init: str | None, data: RecDataset, rows: Sequence[Sample]) -> int | None:
-    """How many of ``rows`` the SFT checkpoint at ``init`` trained on; None when it (or its config) is gone."""
+    """How many of ``rows`` the SFT model behind the checkpoint at ``init`` trained on (its own SFT, or, for an RL
+    init, the SFT model it descends from: ``root_sft_config``); None when it (or its config) is gone."""
     try:
-        stored = json.loads((Path(init) / "manifest.json").read_text()).get("sft_config") if init else None
+        manifest = json.loads((Path(init) / "manifest.json").read_text()) if init else None
     except (OSError, ValueError):
         return None
-    return sft_trained_on(stored, data, rows)
+    return sft_trained_on(root_sft_config(manifest), data, rows) if isinstance(manifest, dict) else None
 
 
 def sft_trained_on(stored: dict[str, Any] | None, data: RecDataset, rows: Sequence[Sample]) -> int | None:

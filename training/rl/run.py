@@ -14,7 +14,8 @@
   When no RL step beats it, the run says so (a warning, and ``below_init``
   in the summary): the RL result is then the best RL model, not a better one.
 * A run whose training rows its SFT ``--init`` trained on (the recipe's refit
-  on train + valid, or any SFT model with ``--train-splits train``) is warned
+  on train + valid, or any SFT model with ``--train-splits train``; for an RL
+  ``--init``, the SFT model it descends from, ``rows.root_sft_config``) is warned
   at the start, with ``init_trained_on_train_rows`` in the summary: on
   amazon-industrial RL on rows SFT had fitted moved nothing, and paid on rows
   it never saw (README, "RL").
@@ -96,7 +97,7 @@ from training.loop import (
 from training.optim import seed_everything
 from training.rl.config import RLConfig
 from training.rl.rewards import resolve_level_weights
-from training.rl.rows import counted_rows, fused_rollouts, result_fusion_weight, sft_trained_on
+from training.rl.rows import counted_rows, fused_rollouts, result_fusion_weight, root_sft_config, sft_trained_on
 from training.rl.trainer import RLTrainer
 from training.run_files import clear_side_files, resume_folder
 from training.run_files import steps_file as steps_log
@@ -227,7 +228,7 @@ def train_rl(
     start_ckpt = load_checkpoint(init, device)
     check_catalog(start_ckpt.policy.catalog, data, "--init")
     carry_external_ids(start_ckpt.policy, data)
-    fitted = sft_trained_on(start_ckpt.manifest.get("sft_config"), data, train_rows)  # the init's, read once
+    fitted = sft_trained_on(root_sft_config(start_ckpt.manifest), data, train_rows)  # the init's SFT, read once
     if fitted and is_main():
         warn_fitted_rows(init, fitted, len(train_rows))
     reference_ckpt = load_checkpoint(init, device)
@@ -375,7 +376,7 @@ def train_rl(
         "history": state.history,
         "steps_log": str(steps_file),
         "train_rows": len(train_rows),
-        "init_trained_on_train_rows": fitted,  # None: the init has no SFT config to tell (an RL init)
+        "init_trained_on_train_rows": fitted,  # None: no SFT config behind the init to tell (a link gone)
         "selection_rows": len(select_rows),
         "fusion": fusion,
         "value_warmup": warmup,
