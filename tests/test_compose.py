@@ -34,7 +34,7 @@ def test_docker_compose_config_validates() -> None:
         pytest.skip("docker-compose (Debian's 1.29 package) is not installed: apt-get install -y docker-compose")
     # the host variables are left to their defaults, as on a fresh GPU host
     env = {k: v for k, v in os.environ.items() if not k.startswith("VSTAR_")}
-    for profiles in ([], ["--profile", "train", "--profile", "loadtest"]):
+    for profiles in ([], ["--profile", "train", "--profile", "histories", "--profile", "loadtest"]):
         out = subprocess.run(
             [binary, "-f", str(COMPOSE), *profiles, "config", "-q"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
@@ -173,6 +173,20 @@ def test_loadtest_profile_runs_locust_against_the_balancer_on_loopback(compose: 
     assert f"--latency-ms=${{VSTAR_LT_LATENCY_MS:-{api_cap}}}" in lt["command"]
     # the api's response cache can be turned off from the host while the decoders are compared
     assert compose["services"]["api"]["environment"]["VSTAR_CACHE_TTL_S"] == "${VSTAR_CACHE_TTL_S:-300}"
+
+
+def test_histories_profile_fills_the_apis_store_from_the_data(compose: dict[str, Any]) -> None:
+    histories, api = compose["services"]["histories"], compose["services"]["api"]
+    assert histories["profiles"] == ["histories"] and histories["image"] == api["image"]
+    assert histories["environment"]["REDIS_URL"] == api["environment"]["REDIS_URL"]  # the store the api reads
+    assert histories["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert histories["entrypoint"] == ["vstar", "load-histories"] and histories["command"] == ["--data=/data"]
+    assert "${VSTAR_DATA_DIR:-./data/amazon-industrial}:/data:ro" in histories["volumes"]
+    # the store's settings a load writes under are the api's: none set apart from the defaults
+    stored = {
+        k for k in api["environment"] if k.startswith(("VSTAR_STORED_HISTORY", "VSTAR_HISTORY_TTL", "VSTAR_IDEM"))
+    }
+    assert not stored, f"the api sets {sorted(stored)}: the histories profile must set them alike"
 
 
 def test_only_profiled_services_start_by_default(compose: dict[str, Any]) -> None:
@@ -375,8 +389,9 @@ def deployment_commands(compose: dict[str, Any]) -> list[list[str]]:
     assert train["entrypoint"] == ["sh", "-c"] and len(train["command"]) == 1
     script = with_defaults(train["command"][0]).replace("$$", "$")
     commands = [part.split() for part in script.split("&&")]
-    loadtest = services["loadtest"]
-    commands.append([*loadtest["entrypoint"], *(with_defaults(word) for word in loadtest["command"])])
+    for profiled in ("loadtest", "histories"):
+        service = services[profiled]
+        commands.append([*service["entrypoint"], *(with_defaults(word) for word in service["command"])])
     text = DOCKERFILE.read_text()
     cmd = re.search(r'exec (vstar serve [^"]*(?:\\"[^"]*)*)"\]', stage(text, "service"))
     assert cmd, "the service image's CMD runs vstar serve"
@@ -394,7 +409,7 @@ def test_deployment_commands_are_real_vstar_commands(compose: dict[str, Any]) ->
 
     commands = deployment_commands(compose)
     assert [c[:2] for c in commands] == [["vstar", "sft"], ["vstar", "rl"], ["vstar", "loadtest"],
-                                         ["vstar", "serve"], ["vstar", "sft"]]  # fmt: skip
+                                         ["vstar", "load-histories"], ["vstar", "serve"], ["vstar", "sft"]]  # fmt: skip
     problems = [p for command in commands for p in problems_of(command[1:])]
     assert not problems, "\n".join(problems)
 
