@@ -23,9 +23,9 @@ Design decisions:
   ``resolve_stored`` (those the catalog no longer knows skipped, and counted in the report) and put before its
   own by ``Recommender.stored_then_given``, as a request is answered: a user with neither is the request's
   404, a line error. Every named user's stored history is read once, up front, before the model loads
-  (``Store.histories``: the last ``VSTAR_STORED_HISTORY_MAX`` entries, as a request reads them; a Redis
-  pipeline per ``STORED_CHUNK`` users, behind a progress bar). A store that fails (down, or refusing the
-  read) stops the command with one error naming the store (and ``unreachable_hint``'s setting), and nothing
+  (``service.stores.read_histories``: the last ``VSTAR_STORED_HISTORY_MAX`` entries, as a request reads
+  them; a Redis pipeline per ``HISTORIES_CHUNK`` users, behind a progress bar). A store that fails (down, or
+  refusing the read) stops the command with one error naming the store (and ``unreachable_hint``'s setting), and nothing
   is written: the service answers a request that carries a history from that history alone while
   Redis is down, but an offline job that quietly did so would write other answers than the ones asked for.
   The ``user_id`` must then be one the service stores events under (``USER_ID_PATTERN``,
@@ -70,10 +70,9 @@ from service.metrics import ServiceMetrics
 from service.recommender import Recommender
 from service.schemas import USER_ID_PATTERN, RecommendedItem, RecommendRequest
 from service.settings import Settings
-from service.stores import Store
+from service.stores import Store, read_histories, store_failure
 
 LINE_FIELDS = ("user_id", "history")
-STORED_CHUNK = 1000  # users per store call (one Redis pipeline)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -197,30 +196,20 @@ def valid_user_id(user_id: str, max_length: int) -> bool:
 
 
 def read_stored(store: Store, user_ids: Sequence[str], progress: bool = True) -> dict[str, list[str]]:
-    """Each user's stored entries, as the store holds them (not yet resolved), ``STORED_CHUNK`` users per call;
-    the store is closed after. A store that fails is one ``StoreError`` naming it."""
+    """Each user's stored entries, as the store holds them (not yet resolved; ``read_histories``); the store is
+    closed after. A store that fails is one ``StoreError`` naming it."""
 
     async def read_all() -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
         try:
-            with tqdm(total=len(user_ids), desc="stored histories", unit="user", disable=not progress) as bar:
-                for start in range(0, len(user_ids), STORED_CHUNK):
-                    chunk = user_ids[start : start + STORED_CHUNK]
-                    out.update(zip(chunk, await store.histories(chunk), strict=True))
-                    bar.update(len(chunk))
+            return await read_histories(store, user_ids, progress)
         finally:
             await store.close()
-        return out
 
     try:
         return asyncio.run(read_all())
     except StoreUnavailable as e:
-        cause = f": {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""
-        hint = store.unreachable_hint()
         raise StoreError(
-            f"--stored-history: {store.describe()} could not be read ({e}{cause})"
-            + (f"; {hint}" if hint else "")
-            + "; nothing was written"
+            f"--stored-history: {store_failure(store, e, 'could not be read')}; nothing was written"
         ) from None
 
 

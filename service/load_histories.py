@@ -30,7 +30,7 @@ Design decisions:
 * A timeline is written capped as the store caps it: its last ``VSTAR_STORED_HISTORY_MAX`` entries, in one
   append per user (one script, atomic: a user is written whole or not at all).
 * Nothing stored is lost: every named user's stored history is read first (one pipeline per
-  ``READ_CHUNK`` users), before anything is written. A user whose stored history is exactly what this load
+  ``stores.HISTORIES_CHUNK`` users), before anything is written. A user whose stored history is exactly what this load
   writes is counted as already loaded and not written again (a re-run of the same load, whenever it runs). Any
   other stored history stops the command, naming how many users have one and a few of them, unless
   ``--skip-existing`` (leave those users as they are) or ``--append`` (the timeline after what is stored).
@@ -69,12 +69,11 @@ from models.sid_catalog import SidCatalog
 from service.batch_recommend import valid_user_id
 from service.errors import StoreUnavailable
 from service.history import HistoryEvent
-from service.stores import Appended, Store, WriteOutcomeUnknown, fingerprint
+from service.stores import Appended, Store, WriteOutcomeUnknown, fingerprint, read_histories, store_failure
 from training.data.data_files import split_records
 from training.data.dataset import SPLITS, load_dataset
 
 Mode = Literal["new", "skip-existing", "append"]
-READ_CHUNK = 1000  # users per store.histories call (one Redis pipeline)
 WRITE_CHUNK = 16  # appends in flight at once: as fast as 1 or 64 on a loopback Redis (README), hides a network's RTT
 REDIS_TIMEOUT_S = 5.0  # the least VSTAR_REDIS_TIMEOUT_S the command runs with (module docstring)
 LISTED = 5  # users named in an error
@@ -183,19 +182,15 @@ async def _plan(store: Store, entries: dict[str, list[str]], mode: Mode, progres
     had_stored: set[str] = set()
     existing: list[str] = []
     already = 0
-    with tqdm(total=len(users), desc="stored histories", unit="user", disable=not progress) as bar:
-        for start in range(0, len(users), READ_CHUNK):
-            chunk = users[start : start + READ_CHUNK]
-            for user_id, stored in zip(chunk, await store.histories(chunk), strict=True):
-                if stored == entries[user_id]:
-                    already += 1
-                elif not stored or mode == "append":
-                    write[user_id] = entries[user_id]
-                    if stored:
-                        had_stored.add(user_id)
-                else:
-                    existing.append(user_id)
-            bar.update(len(chunk))
+    for user_id, stored in (await read_histories(store, users, progress)).items():
+        if stored == entries[user_id]:
+            already += 1
+        elif not stored or mode == "append":
+            write[user_id] = entries[user_id]
+            if stored:
+                had_stored.add(user_id)
+        else:
+            existing.append(user_id)
     if existing and mode == "new":
         named = ", ".join(map(repr, existing[:LISTED])) + (", ..." if len(existing) > LISTED else "")
         have = "has" if len(existing) == 1 else "have"
@@ -241,14 +236,12 @@ def _stopped(store: Store, failed: list[BaseException], written: int, planned: i
     error = next((e for e in failed if e.__cause__ is not None), failed[0])  # the cause, not the breaker's skips
     if not isinstance(error, StoreUnavailable):
         raise error  # a bug, not the store: keep its traceback
-    cause = f": {type(error.__cause__).__name__}: {error.__cause__}" if error.__cause__ is not None else ""
     unknown = sum(isinstance(e, WriteOutcomeUnknown) for e in failed)
     maybe = f" ({unknown} more may have been)" if unknown else ""
-    hint = store.unreachable_hint()
     return (
-        f"{store.describe()} failed ({error}{cause}){'; ' + hint if hint else ''}: {written} of {planned} users "
-        f"were written before it stopped{maybe}; each user is written whole, under an idempotency key, so running "
-        "the same command again continues where this one stopped"
+        f"{store_failure(store, error, 'failed')}: {written} of {planned} users were written before it "
+        f"stopped{maybe}; each user is written whole, under an idempotency key, so running the same command "
+        "again continues where this one stopped"
     )
 
 
@@ -268,11 +261,7 @@ async def load_into(
     try:
         plan = await _plan(store, entries, mode, progress)
     except StoreUnavailable as e:
-        cause = f": {type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ is not None else ""
-        hint = store.unreachable_hint()
-        raise LoadError(
-            f"{store.describe()} could not be read ({e}{cause}){'; ' + hint if hint else ''}; nothing was written"
-        ) from None
+        raise LoadError(f"{store_failure(store, e, 'could not be read')}; nothing was written") from None
     replayed = set[str]() if dry_run else await _write(store, plan.write, plan.had_stored, progress)
     loaded = [u for u in plan.write if u not in replayed]
     return LoadReport(

@@ -28,7 +28,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from service.errors import IdempotencyConflict, StoreUnavailable
+
+HISTORIES_CHUNK = 1000  # users per ``Store.histories`` call of ``read_histories`` (one Redis pipeline)
 
 
 class WriteOutcomeUnknown(StoreUnavailable):
@@ -154,3 +158,23 @@ class MemoryStore(Store):
 
     async def ping(self) -> bool:
         return True
+
+
+async def read_histories(store: Store, user_ids: Sequence[str], progress: bool = True) -> dict[str, list[str]]:
+    """Every user's stored entries, ``HISTORIES_CHUNK`` users per ``histories`` call, behind a progress bar (the
+    offline commands read a file's or a data set's users up front)."""
+    out: dict[str, list[str]] = {}
+    with tqdm(total=len(user_ids), desc="stored histories", unit="user", disable=not progress) as bar:
+        for start in range(0, len(user_ids), HISTORIES_CHUNK):
+            chunk = user_ids[start : start + HISTORIES_CHUNK]
+            out.update(zip(chunk, await store.histories(chunk), strict=True))
+            bar.update(len(chunk))
+    return out
+
+
+def store_failure(store: Store, error: StoreUnavailable, what: str) -> str:
+    """``<the store> <what> (<error>: <its cause>)[; <the store's hint>]``: a failed call in one line, for the
+    offline commands, which stop on it (the service's requests fall back instead)."""
+    cause = f": {type(error.__cause__).__name__}: {error.__cause__}" if error.__cause__ is not None else ""
+    hint = store.unreachable_hint()
+    return f"{store.describe()} {what} ({error}{cause})" + (f"; {hint}" if hint else "")
