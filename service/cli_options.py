@@ -25,15 +25,11 @@ def require_checkpoint(path: Path) -> None:
 
 
 def device_callback(value: str | None) -> str | None:
-    """Typer callback of ``--device``: one this machine has (torch is imported only for one other than the CPU)."""
-    if value is None or value == "cpu":
-        return value
-    from models.device import device_problem
+    """Typer callback of an optional ``--device`` (None: the settings' ``VSTAR_DEVICE``): one this machine has,
+    checked as the training commands check theirs (``training.cli.options.device_name``)."""
+    from training.cli.options import device_name
 
-    problem = device_problem(value)
-    if problem is not None:
-        raise typer.BadParameter(problem)
-    return value
+    return None if value is None else device_name(value)
 
 
 def output_file_callback(path: Path | None) -> Path | None:
