@@ -70,8 +70,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--force",
-                help="Replace an earlier run's results at --out, whole, when this run ends or is cut short after "
-                "a point (a run whose first point fails leaves them).",
+                help="Replace an earlier run's results at --out, whole, when this run ends (a run cut short "
+                "leaves them, and publishes the points it measured in <out>.partial-<UTC start> beside them).",
             ),
         ] = False,
     ) -> None:

@@ -18,19 +18,21 @@ measured before it are written as the report.
 
 ``--out`` always holds one whole run's files, the old run's or the new one's:
 the run writes into a staging folder beside it (``models.atomic_folder``) and
-publishes that onto ``--out`` in one step when it ends, or when a failed point
-cuts it short (the report of the points measured before it). An ``--out`` that
+publishes that onto ``--out`` in one step when it ends. An ``--out`` that
 holds an earlier report is refused before the server is waited for unless
 ``force`` (``--force``), and one that holds files no run wrote is refused even
 then, since publishing replaces the folder whole; so is a mount point (a
-volume), which no rename can replace. A run whose first point fails
-leaves ``--out`` as it was; its staging folder stays beside it for the failed
-point's log, which the error names, and the next run to that ``--out`` removes it.
-An interrupt (Ctrl-C) is a point cut short too: the points measured before it
-are published as the report (none measured: ``--out`` is left as it was). A
-report that cannot be written or published (a full disk) leaves ``--out`` as it
-was and the staging folder, with the points' raw files, beside it, named in the
-error. Any other error removes the staging folder and leaves ``--out`` as it was.
+volume), which no rename can replace. A failed point or an interrupt (Ctrl-C)
+cuts the run short, and the points measured before it are published as a report
+that says so: onto ``--out`` when it held no earlier report, else into a new
+folder beside it (``<out>.partial-<UTC time>``, never removed by a later run),
+since a cut-short run never replaces a whole earlier one, ``--force`` or not. A
+run cut short before its first point leaves ``--out`` as it was; after a failed
+point its staging folder stays beside ``--out`` for the point's log, which the
+error names, and the next run to that ``--out`` removes it. A report that cannot
+be written or published (a full disk) leaves ``--out`` as it was and the staging
+folder, with the points' raw files, beside it, named in the error. Any other
+error removes the staging folder and leaves ``--out`` as it was.
 
 The API key for event posts (``--api-key``, or ``VSTAR_LT_API_KEY``) reaches
 the locust children through their environment, never their command line, and
@@ -277,8 +279,11 @@ def run_plan(
     read_histories(split_path(plan.data, plan.split))
     wait_ready(plan.host)
     echo(f"{len(plan.points)} points of {plan.duration_s} s, at most {plan.max_seconds} s in all")
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(timezone.utc)
+    started = now.isoformat(timespec="seconds")
     target = plan.out.resolve()  # a link to a folder stays one: the folder it names is replaced
+    # a run cut short never replaces a whole earlier report (--force or not): its points go beside it
+    cut_out = partial_out(target, now) if report_entries(target)[0] else plan.out
     staged = staging_folder(target)
     points: list[PointResult] = []
     try:
@@ -293,15 +298,17 @@ def run_plan(
     except PointFailed as e:
         if not points:  # --out keeps what it held; the staging folder keeps the log the error names
             raise RuntimeError(f"{e} ({plan.out} is left as it was)") from None
-        paths = _publish(plan, points, started, staged, target)  # the points measured so far are not lost with the run
-        log = plan.out / e.log.relative_to(staged)
+        paths = _publish(plan, points, started, staged, cut_out)  # the points measured so far are not lost
+        log = cut_out / e.log.relative_to(staged)
         raise RuntimeError(
-            f"{e.what}; see {log} (the {len(points)} points measured before it are in {paths['table']})"
+            f"{e.what}; see {log} (the {len(points)} points measured before it are in {paths['table']}"
+            f"{_kept(plan.out, cut_out)})"
         ) from None
     except KeyboardInterrupt:  # as a failed point: the points measured before it are kept, published
         if points:
-            paths = _publish(plan, points, started, staged, target)
-            echo(f"interrupted: the {len(points)} points measured before it are in {paths['table']}")
+            paths = _publish(plan, points, started, staged, cut_out)
+            echo(f"interrupted: the {len(points)} points measured before it are in {paths['table']}"
+                 f"{_kept(plan.out, cut_out)}")  # fmt: skip
         else:
             shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -315,26 +322,38 @@ def run_plan(
             "a cache read's, not a decode's (each point draws the same histories); to compare the decoders, serve "
             "with VSTAR_CACHE_TTL_S=0"
         )
-    return points, _publish(plan, points, started, staged, target)
+    return points, _publish(plan, points, started, staged, plan.out)
 
 
-def _publish(
-    plan: LoadTestPlan, points: list[PointResult], started: str, staged: Path, target: Path
-) -> dict[str, Path]:
+def partial_out(out: Path, now: datetime) -> Path:
+    """A new folder beside ``out`` (resolved: on the staging folder's file system) for the report of a run cut
+    short over an earlier report: ``<out>.partial-`` and the run's start in UTC (a second one that second counts
+    on)."""
+    stem = f"{out.name}.partial-{now.strftime('%Y%m%dT%H%M%SZ')}"
+    candidates = (out.with_name(stem if n == 0 else f"{stem}-{n}") for n in range(1_000_000))
+    return next(c for c in candidates if not os.path.lexists(c))
+
+
+def _kept(out: Path, cut_out: Path) -> str:
+    """What a run cut short says of ``--out`` when its points went elsewhere."""
+    return "" if cut_out == out else f"; {out} keeps the earlier run's results"
+
+
+def _publish(plan: LoadTestPlan, points: list[PointResult], started: str, staged: Path, onto: Path) -> dict[str, Path]:
     """``write_report`` of ``points`` into ``staged`` beside the points' raw files, with the plan as metadata (a
-    run cut short says so in its title), then ``staged`` published onto ``target`` (``plan.out`` resolved); the
-    report's paths under ``plan.out``."""
+    run cut short says so in its title), then ``staged`` published onto ``onto`` (``plan.out``, or the folder
+    beside it for a run cut short over an earlier report); the report's paths under ``onto``."""
     cut = "" if len(points) == len(plan.points) else f", {len(points)} of {len(plan.points)} points: cut short"
     meta = {k: v for k, v in asdict(plan).items() if k != "api_key"} | {
-        "data": str(plan.data), "out": str(plan.out), "started": started, "locust": version("locust"),
+        "data": str(plan.data), "out": str(onto), "started": started, "locust": version("locust"),
         "title": f"/recommend latency vs concurrency (k={plan.k}, {plan.duration_s} s per point{cut})",
     }  # fmt: skip
     try:
         written = write_report(points, staged, json.loads(json.dumps(meta, default=str)), cap_ms=plan.latency_ms)
-        publish(staged, target)
+        publish(staged, onto.resolve())  # a link to a folder stays one: the folder it names is replaced
     except Exception as e:  # a full disk: the measurements stay where they are, named, and --out as it was
         raise RuntimeError(
             f"the report of the {len(points)} points measured could not be written or published ({e}); {plan.out} "
             f"is left as it was, and their raw files are in {staged} (the next run to that --out removes it)"
         ) from e
-    return {key: plan.out / path.name for key, path in written.items()}
+    return {key: onto / path.name for key, path in written.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,14 @@ from loadtests.histories import HistorySampler, read_histories, split_path
 from loadtests.runner import GRACE_S, LoadTestPlan, locust_command, parse_duration, parse_users, run_plan, run_point
 from loadtests.target import require_loopback
 from training.data.dataset import RecDataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def font_cache() -> None:
+    """matplotlib lists the system's fonts by ``subprocess`` the first time a process loads its font manager; done
+    here, before a test stands a fake locust in for ``subprocess.run`` (a report draws a plot), whose answer has no
+    output: run alone in a fresh environment, the report's plot failed on it."""
+    import matplotlib.font_manager  # noqa: F401
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("45", 45), ("2m", 120), ("1m30s", 90), ("1h", 3600)])
@@ -212,11 +221,15 @@ def test_a_failed_point_keeps_the_points_measured_before_it(
     monkeypatch.setattr(runner.subprocess, "run", run)
     monkeypatch.setattr(runner, "wait_ready", lambda host: None)
     out = tmp_path / "lt"
-    with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users.*the 1 points measured before it"):
+    with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users.*the 1 points measured before it") as e:
         run_plan(plan(data=tiny_data_dir, out=out, users=(1,)), echo=lambda _: None)
+    assert str(e.value).endswith(f"are in {out / 'table.md'})")  # onto --out, which held nothing to keep
+    log = Path(str(e.value).split("; see ")[1].split(" (")[0])
+    assert log == out / "raw" / "ved_u1.log" and log.is_file()  # named where it was published
     assert "| beam | 1 | 7 |" in (out / "table.md").read_text()
     report = json.loads((out / "results.json").read_text())
-    assert len(report["points"]) == 1 and "cut short" in report["meta"]["title"]
+    assert len(report["points"]) == 1 and "cut short" in report["meta"]["title"] and report["meta"]["out"] == str(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["lt"]
 
 
 def test_a_point_whose_event_posts_mostly_failed_names_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -338,9 +351,16 @@ def test_a_forced_run_replaces_the_earlier_run_whole(
     assert [p.name for p in earlier_run.parent.iterdir()] == ["lt"]  # no staging folder left beside it
 
 
-def test_a_cut_short_forced_run_publishes_its_partial_report_alone(
+def partial_folders(out: Path) -> list[Path]:
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(f"{out.name}.partial-"))
+
+
+def test_a_cut_short_forced_run_keeps_the_earlier_report_and_publishes_its_points_beside_it(
     monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path
 ) -> None:
+    """--force replaces an earlier report with a whole run, not with the first point of one: a run that fails
+    after minutes of load would otherwise leave one point where a complete run stood."""
+    before = folder_bytes(earlier_run)
     done = iter([fake_locust(7)])
 
     def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
@@ -350,25 +370,27 @@ def test_a_cut_short_forced_run_publishes_its_partial_report_alone(
     monkeypatch.setattr(runner.subprocess, "run", run)
     with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users; see (\S+) \(the 1 points") as failed:
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
+    assert folder_bytes(earlier_run) == before
+    [partial] = partial_folders(earlier_run)
+    assert re.fullmatch(r"lt\.partial-\d{8}T\d{6}Z", partial.name), partial.name
+    assert str(failed.value).endswith(f"are in {partial / 'table.md'}; {earlier_run} keeps the earlier run's results)")
     log = Path(str(failed.value).split("; see ")[1].split(" (")[0])
-    assert log == earlier_run / "raw" / "ved_u1.log" and log.is_file()  # named where it was published
-    report = json.loads((earlier_run / "results.json").read_text())
+    assert log == partial / "raw" / "ved_u1.log" and log.is_file()
+    report = json.loads((partial / "results.json").read_text())
     assert [(p["mode"], p["users"]) for p in report["points"]] == [("beam", 1)]
-    assert "cut short" in report["meta"]["title"]
-    assert report["meta"]["out"] == str(earlier_run)
-    rows = (earlier_run / "table.md").read_text().splitlines()[2:]  # below the header and its separator
-    assert len(rows) == 1 and rows[0].startswith("| beam | 1 | 7 |")
-    assert {p.name for p in (earlier_run / "raw").iterdir()} == {"beam_u1.log", "beam_u1_final_stats.csv",
-                                                                 "beam_u1_final_failures.csv", "beam_u1_extra.json",
-                                                                 "ved_u1.log"}  # fmt: skip
+    assert "cut short" in report["meta"]["title"] and report["meta"]["out"] == str(partial)
+    assert not [p for p in earlier_run.parent.iterdir() if p.name.startswith(f".{earlier_run.name}.")]
+    monkeypatch.setattr(runner.subprocess, "run", fake_locust(7))  # a later run to --out leaves the partial one
+    run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
+    assert partial_folders(earlier_run) == [partial] and folder_bytes(earlier_run) != before
 
 
 def test_ctrl_c_publishes_the_points_measured_before_it(
     monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path
 ) -> None:
-    """An interrupt is a point cut short: the points measured before it are the report (they took minutes), and
-    an interrupt before the first leaves --out as it was."""
-    before = {p.relative_to(earlier_run): p.read_bytes() for p in earlier_run.rglob("*") if p.is_file()}
+    """An interrupt is a point cut short: the points measured before it are a report (they took minutes), beside
+    the earlier run's, which stays; an interrupt before the first point leaves everything as it was."""
+    before = folder_bytes(earlier_run)
     done = iter([fake_locust(7)])
 
     def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
@@ -381,18 +403,19 @@ def test_ctrl_c_publishes_the_points_measured_before_it(
     said: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=said.append, force=True)
-    report = json.loads((earlier_run / "results.json").read_text())
+    assert folder_bytes(earlier_run) == before
+    [partial] = partial_folders(earlier_run)
+    report = json.loads((partial / "results.json").read_text())
     assert [(p["mode"], p["users"]) for p in report["points"]] == [("beam", 1)] and "cut short" in report["meta"][
         "title"
     ]
-    assert said[-1] == f"interrupted: the 1 points measured before it are in {earlier_run / 'table.md'}"
+    assert said[-1] == (f"interrupted: the 1 points measured before it are in {partial / 'table.md'}; "
+                        f"{earlier_run} keeps the earlier run's results")  # fmt: skip
     assert not [p for p in earlier_run.parent.iterdir() if p.name.startswith(f".{earlier_run.name}.tmp-")]
-    published = {p.relative_to(earlier_run): p.read_bytes() for p in earlier_run.rglob("*") if p.is_file()}
     done = iter([])  # the next run is interrupted at its first point
     with pytest.raises(KeyboardInterrupt):
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=said.append, force=True)
-    assert {p.relative_to(earlier_run): p.read_bytes() for p in earlier_run.rglob("*") if p.is_file()} == published
-    assert published != before
+    assert folder_bytes(earlier_run) == before and partial_folders(earlier_run) == [partial]
 
 
 def test_a_mount_point_out_is_refused_before_the_server_is_waited_for(
