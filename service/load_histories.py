@@ -9,10 +9,11 @@ Design decisions:
 
 * The service's code, not a copy of it: the store is ``service.app.build_store`` over the service's
   ``Settings`` (``REDIS_URL``, ``VSTAR_STORED_HISTORY_MAX``, ``VSTAR_HISTORY_TTL_S``,
-  ``VSTAR_IDEMPOTENCY_TTL_S`` ...), read with ``Store.histories`` and written with ``Store.append``, the
-  script ``POST /users/{id}/events`` runs, so a loaded history is capped, expires and is read exactly as a posted
-  one; its entries are ``HistoryEvent.stored()``'s (an item by its item id, in digits). Without ``REDIS_URL``
-  the command is refused: the in-process store would die with the command.
+  ``VSTAR_IDEMPOTENCY_TTL_S`` ...), read with ``Store.histories`` and written with ``Store.append_after``, the
+  twin of the ``Store.append`` that ``POST /users/{id}/events`` runs (the same cap, TTL and idempotency records;
+  where it puts the entries: below), so a loaded history is capped, expires and is read exactly as a posted one;
+  its entries are ``HistoryEvent.stored()``'s (an item by its item id, in digits). Without ``REDIS_URL`` the
+  command is refused: the in-process store would die with the command.
 * The data is read by ``training.data.dataset.load_dataset``, the reader training uses (every row checked
   against the index: a bad one is a ``DataError`` naming the file and the line). This is the one service module
   that imports ``training``: the command is the bridge from a training folder to the service; the server never
@@ -28,13 +29,31 @@ Design decisions:
   a gap that windowed rows cannot bridge, and the error says so). User ids must be ones the service takes
   (``VSTAR_MAX_USER_ID_LENGTH``, ``USER_ID_PATTERN``): no request could read any other.
 * A timeline is written capped as the store caps it: its last ``VSTAR_STORED_HISTORY_MAX`` entries, in one
-  append per user (one script, atomic: a user is written whole or not at all).
+  write per user (one script, atomic: a user is written whole or not at all).
+* Events posted while it runs: the service may store a user's events between this command's read of that user
+  and its write, and the data's timeline is older than all of them, so it must never land after them (the
+  recommender would read it as the user's most recent items). Each write is ``Store.append_after`` with what
+  the read returned, checked and placed inside the one atomic script, so no window is left between the two:
+
+  - a user read with nothing stored (every user the default and ``--skip-existing`` write) gets the timeline
+    before everything stored at the write, all of which came after the read, and the newest
+    ``VSTAR_STORED_HISTORY_MAX`` are kept: what the write would have left had it come first. This is exact
+    with nothing more carried: no count to trust, whatever the cap trimmed meanwhile;
+  - a user read with entries (``--append``) is written only if the stored history is still what was read.
+    Placing the timeline after those entries and before newer ones is not exact: the length read cannot say
+    how many arrived once the cap trims the list (a user at the cap stays at the cap), and the store keeps no
+    count of writes (``POST /users/{id}/events`` is left as it was). A user that changed is left as it is,
+    counted (``changed``) and named (``changed_users``, the first few) in the output and ``--json``; running
+    the same command again appends after what they hold then, their new events included (``--append``'s
+    choice), or leave them. A change that leaves the very same entries (at the cap, the one item again after
+    a history of nothing but it) cannot be told from none; an entry another writer left that is not UTF-8
+    is read with a replacement character, so its user always reads as changed.
 * Nothing stored is lost: every named user's stored history is read first (one pipeline per
   ``stores.HISTORIES_CHUNK`` users), before anything is written. A user whose stored history is exactly what this load
   writes is counted as already loaded and not written again (a re-run of the same load, whenever it runs). Any
   other stored history stops the command, naming how many users have one and a few of them, unless
   ``--skip-existing`` (leave those users as they are) or ``--append`` (the timeline after what is stored).
-* Idempotent writes: each append carries the key ``load_key(user, entries)`` (the store's ``fingerprint`` of
+* Idempotent writes: each write carries the key ``load_key(user, entries)`` (the store's ``fingerprint`` of
   the user and the entries), so a write the store re-sends, or a re-run of ``--append`` within
   ``VSTAR_IDEMPOTENCY_TTL_S`` (the key's record lives that long), stores once, and says it replayed: counted
   as already loaded. A user with nothing stored whose key replays had the entries once and lost them since
@@ -90,6 +109,8 @@ class LoadReport:
     appended_to: int  # of those, users who had stored entries (--append)
     already_loaded: int  # the store holds this load already: not written again
     skipped: int  # users with other stored entries, left as they are (--skip-existing)
+    changed: int  # --append: users whose stored history changed between the read and the write: not written
+    changed_users: tuple[str, ...]  # the first LISTED of those
     entries: int  # entries written (or to be written)
     capped: int  # loaded users whose timeline was longer than VSTAR_STORED_HISTORY_MAX: its oldest entries cut
     seconds: float  # reading the store and writing it, after the data was read
@@ -169,8 +190,8 @@ def load_key(user_id: str, entries: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class _Plan:
-    write: dict[str, list[str]]  # user -> entries to append
-    had_stored: frozenset[str]  # users of ``write`` with stored entries before (--append)
+    write: dict[str, list[str]]  # user -> entries to write
+    read: dict[str, list[str]]  # users of ``write`` with stored entries (--append) -> those entries
     already: int
     skipped: int
 
@@ -179,7 +200,7 @@ async def _plan(store: Store, entries: dict[str, list[str]], mode: Mode, progres
     """What to write, from every user's stored history, read before anything is written."""
     users = list(entries)
     write: dict[str, list[str]] = {}
-    had_stored: set[str] = set()
+    read: dict[str, list[str]] = {}
     existing: list[str] = []
     already = 0
     for user_id, stored in (await read_histories(store, users, progress)).items():
@@ -188,7 +209,7 @@ async def _plan(store: Store, entries: dict[str, list[str]], mode: Mode, progres
         elif not stored or mode == "append":
             write[user_id] = entries[user_id]
             if stored:
-                had_stored.add(user_id)
+                read[user_id] = stored
         else:
             existing.append(user_id)
     if existing and mode == "new":
@@ -199,23 +220,25 @@ async def _plan(store: Store, entries: dict[str, list[str]], mode: Mode, progres
             f"({named}); nothing was written: give --skip-existing to load only the users with nothing stored, "
             "or --append to append each timeline after what is stored"
         )
-    return _Plan(write, frozenset(had_stored), already, len(existing) if mode == "skip-existing" else 0)
+    return _Plan(write, read, already, len(existing) if mode == "skip-existing" else 0)
 
 
-async def _write(store: Store, write: dict[str, list[str]], had_stored: frozenset[str], progress: bool) -> set[str]:
-    """Append every planned user's entries, ``WRITE_CHUNK`` users at a time; returns the users whose key
-    replayed (this load stored them before). A store that fails is a ``LoadError`` saying how many were written.
+async def _write(store: Store, plan: _Plan, progress: bool) -> tuple[set[str], list[str]]:
+    """Write every planned user's entries after what the plan read, ``WRITE_CHUNK`` users at a time; returns the
+    users whose key replayed (this load stored them before) and those whose stored history changed since the
+    read (not written). A store that fails is a ``LoadError`` saying how many were written.
 
     A user who had nothing stored when the plan read the store, and whose key replays, had this load's entries
     once and lost them since (their history expired, or was deleted, within the key's record's TTL): written
     again under a key of this run's, not counted as replayed."""
-    users, written, replayed = list(write), 0, set[str]()
+    users, written, replayed, changed = list(plan.write), 0, set[str](), list[str]()
     run = uuid.uuid4().hex[:12]
 
     async def append(user_id: str) -> Appended:
-        done = await store.append(user_id, write[user_id], load_key(user_id, write[user_id]))
-        if done.replayed and user_id not in had_stored:  # stored once, gone now: the replay stored nothing
-            done = await store.append(user_id, write[user_id], f"{load_key(user_id, write[user_id])}-{run}")
+        entries, read = plan.write[user_id], plan.read.get(user_id, [])
+        done = await store.append_after(user_id, entries, read, load_key(user_id, entries))
+        if done.replayed and not read:  # stored once, gone now: the replay stored nothing
+            done = await store.append_after(user_id, entries, read, f"{load_key(user_id, entries)}-{run}")
         return done
 
     with tqdm(total=len(users), desc="load histories", unit="user", disable=not progress) as bar:
@@ -223,13 +246,14 @@ async def _write(store: Store, write: dict[str, list[str]], had_stored: frozense
             chunk = users[start : start + WRITE_CHUNK]
             results = await asyncio.gather(*(append(u) for u in chunk), return_exceptions=True)
             answered = {u: r for u, r in zip(chunk, results, strict=True) if isinstance(r, Appended)}
-            written += len(answered)
+            written += sum(not r.changed for r in answered.values())
             replayed.update(u for u, r in answered.items() if r.replayed)
+            changed.extend(u for u, r in answered.items() if r.changed)
             failed = [r for r in results if not isinstance(r, Appended)]
             if failed:
                 raise LoadError(_stopped(store, failed, written, len(users)))
             bar.update(len(chunk))
-    return replayed
+    return replayed, changed
 
 
 def _stopped(store: Store, failed: list[BaseException], written: int, planned: int) -> str:
@@ -262,14 +286,17 @@ async def load_into(
         plan = await _plan(store, entries, mode, progress)
     except StoreUnavailable as e:
         raise LoadError(f"{store_failure(store, e, 'could not be read')}; nothing was written") from None
-    replayed = set[str]() if dry_run else await _write(store, plan.write, plan.had_stored, progress)
-    loaded = [u for u in plan.write if u not in replayed]
+    replayed, changed = (set[str](), []) if dry_run else await _write(store, plan, progress)
+    not_written = replayed.union(changed)
+    loaded = [u for u in plan.write if u not in not_written]
     return LoadReport(
         users=len(timelines),
         loaded=len(loaded),
-        appended_to=sum(u in plan.had_stored for u in loaded),
+        appended_to=sum(u in plan.read for u in loaded),
         already_loaded=plan.already + len(replayed),
         skipped=plan.skipped,
+        changed=len(changed),
+        changed_users=tuple(changed[:LISTED]),
         entries=sum(len(plan.write[u]) for u in loaded),
         capped=sum(len(timelines[u]) > cap for u in loaded),
         seconds=time.perf_counter() - t0,

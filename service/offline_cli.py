@@ -200,7 +200,7 @@ def register_offline(app: typer.Typer) -> None:
                 "it exits"
             )
         from service.app import build_store
-        from service.load_histories import REDIS_TIMEOUT_S, Mode, read_timelines
+        from service.load_histories import LISTED, REDIS_TIMEOUT_S, Mode, read_timelines
         from service.load_histories import load_histories as load
 
         if settings.redis_timeout_s < REDIS_TIMEOUT_S:  # a request's bound, not a bulk write's (the module's doc)
@@ -219,6 +219,13 @@ def register_offline(app: typer.Typer) -> None:
             f"VSTAR_STORED_HISTORY_MAX {settings.stored_history_max}) -> {store.describe()}: "
             f"{report.seconds:.2f} s, {rate:.0f} users/s"
         )
+        if report.changed:  # --append only (service.load_histories)
+            listed = ", ".join(map(repr, report.changed_users)) + (", ..." if report.changed > LISTED else "")
+            who = "1 user's stored history" if report.changed == 1 else f"{report.changed} users' stored histories"
+            typer.echo(
+                f"{who} changed while the command ran ({listed}): not written; run the same command again to "
+                "append each timeline after what is stored now, their new events included, or leave them as they are"
+            )
         if json_out is not None:
             result = report.to_json() | {"data": str(data), "splits": named, "mode": mode, "store": store.describe()}
             json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,10 @@ and returns that record. So:
 Records of client keys live ``idempotency_ttl_s``; a request without a key
 gets a record for ``OWN_KEY_TTL_S``, enough to settle its own write.
 
+``append_after`` (``vstar load-histories``'s write) is the same exactly-once
+write by a second script, ``WRITE_AFTER``, which places the entries by what the
+caller read (its comment); ``POST /users/{id}/events`` runs ``WRITE`` alone.
+
 Redis outage policy (a tested decision, see the README):
 
 * every Redis error becomes ``StoreUnavailable``; callers decide what it means:
@@ -59,6 +63,7 @@ Redis outage policy (a tested decision, see the README):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -68,6 +73,7 @@ from typing import TypeVar, cast
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -103,6 +109,38 @@ record = ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. (#ARGV - 5) .. ' ' .. redis.call('L
 redis.call('SET', KEYS[2], record, 'EX', ARGV[5])
 return {'stored', record}
 """
+# ``append_after`` (``vstar load-histories``): WRITE with two more ARGV before the entries, the count of the
+# entries the caller read and the SHA-1 of them joined by 0x1f. Read none: the entries go before the whole list
+# (LPUSH, each chunk reversed), all of which came after the read. Read some: pushed after them only if the list's
+# last max history are still them, else {"changed", length} and nothing written (and no record: a copy sent
+# again finds the same).
+WRITE_AFTER = """
+local record = redis.call('GET', KEYS[2])
+if record then return {'replayed', record} end
+if tonumber(ARGV[6]) > 0 then
+  local held = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[3]), -1)
+  if #held ~= tonumber(ARGV[6]) or redis.sha1hex(table.concat(held, string.char(31))) ~= ARGV[7] then
+    return {'changed', tostring(redis.call('LLEN', KEYS[1]))}
+  end
+  for i = 8, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+else
+  for last = #ARGV, 8, -1000 do
+    local chunk = {}
+    for i = last, math.max(last - 999, 8), -1 do chunk[#chunk + 1] = ARGV[i] end
+    redis.call('LPUSH', KEYS[1], unpack(chunk))
+  end
+end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+record = ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. (#ARGV - 7) .. ' ' .. redis.call('LLEN', KEYS[1])
+redis.call('SET', KEYS[2], record, 'EX', ARGV[5])
+return {'stored', record}
+"""
+
+
+def read_digest(read: Sequence[str]) -> str:
+    """What ``WRITE_AFTER`` compares the stored history with: the SHA-1 of the entries read, joined by 0x1f."""
+    return hashlib.sha1("\x1f".join(read).encode()).hexdigest()
 
 
 def _refused(error: BaseException) -> bool:
@@ -141,6 +179,7 @@ class RedisStore(Store):
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
         )
         self._write = self._writer.register_script(WRITE)
+        self._write_after = self._writer.register_script(WRITE_AFTER)
         self._down_until = 0.0  # monotonic time before which Redis is not tried
         self._healthy = True
         self._refusing: str | None = None  # the last error Redis answered with, until a command succeeds
@@ -205,15 +244,37 @@ class RedisStore(Store):
         return [[r.decode(errors="replace") for r in entries] for entries in raw]
 
     async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
+        record_key = idempotency_record(user_id, idempotency_key or f"own-{uuid.uuid4().hex}")
+        ttl = self.idempotency_ttl_s if idempotency_key is not None else OWN_KEY_TTL_S
+        return await self._run(self._write, user_id, record_key, entries, ttl, [])
+
+    async def append_after(
+        self, user_id: str, entries: Sequence[str], read: Sequence[str], idempotency_key: str
+    ) -> Appended:
+        record_key = idempotency_record(user_id, idempotency_key)
+        return await self._run(
+            self._write_after, user_id, record_key, entries, self.idempotency_ttl_s, [len(read), read_digest(read)]
+        )
+
+    async def _run(
+        self,
+        script: AsyncScript,
+        user_id: str,
+        record_key: str,
+        entries: Sequence[str],
+        record_ttl_s: int,
+        extra: list[str | int],
+    ) -> Appended:
+        """One write script, exactly once (module docstring): ARGV fingerprint, attempt, max history, history
+        TTL, record TTL, ``extra``, entries."""
         if time.monotonic() < self._down_until:
             raise StoreUnavailable(f"Redis is unavailable (append history); retrying in under {self.retry_after_s:g} s")
-        record_key = idempotency_record(user_id, idempotency_key or f"own-{uuid.uuid4().hex}")
         attempt = uuid.uuid4().hex[:16]
         fp = fingerprint(user_id, entries)
-        ttl = self.idempotency_ttl_s if idempotency_key is not None else OWN_KEY_TTL_S
-        args: list[str | int] = [fp, attempt, self.max_history, self.history_ttl_s, ttl, *entries]
+        args: list[str | int] = [fp, attempt, self.max_history, self.history_ttl_s, record_ttl_s, *extra, *entries]
+        keys = [HISTORY_KEY.format(user_id), record_key]
         try:
-            reply = await self._write(keys=[HISTORY_KEY.format(user_id), record_key], args=args)
+            reply = await script(keys=keys, args=args)
         except ResponseError as e:  # the script failed at or before its first write: nothing was stored
             raise self._refusal("append history", e) from e
         except (RedisError, OSError, asyncio.TimeoutError) as e:
@@ -223,17 +284,19 @@ class RedisStore(Store):
             if not isinstance(e, RedisConnectionError):  # no answer in time: skip Redis while this one settles
                 self._failed("append history", e)
             # a broken connection (a restart closed a pooled one): sent again at once, the breaker left closed
-            reply = await self._send_again(record_key, HISTORY_KEY.format(user_id), args)
+            reply = await self._send_again(script, keys, args)
         else:
             self._answered("append history")
+        if reply[0] == b"changed":
+            return Appended(0, int(reply[1]), changed=True)
         return self._appended(reply[1], fp, attempt)
 
-    async def _send_again(self, record_key: str, history_key: str, args: list[str | int]) -> list[bytes]:
+    async def _send_again(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> list[bytes]:
         """The same write until Redis answers one copy (it runs once, see above), or ``WriteOutcomeUnknown``."""
         give_up = time.monotonic() + self.settle_s
         while True:
             try:
-                reply: list[bytes] = await self._write(keys=[history_key, record_key], args=args)
+                reply: list[bytes] = await script(keys=keys, args=args)
                 return reply
             except (RedisError, OSError, asyncio.TimeoutError) as e:
                 if time.monotonic() >= give_up:

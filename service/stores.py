@@ -9,9 +9,13 @@
 What every backend promises (``Store``): ``history`` oldest first, empty for an
 unknown user; ``append`` once per idempotency key (``IdempotencyConflict`` when
 the key stored other entries; ``Appended.replayed`` when it stored these before);
-``histories`` as many ``history`` calls; errors as ``StoreUnavailable`` (a write
-that may have run: ``WriteOutcomeUnknown``; a command the backend refused, which
-did not run: ``StoreRefused``), which callers turn into what they mean: cache
+``append_after`` likewise, placed after what an earlier read returned and before
+whatever was stored since, or not at all (``Appended.changed``): the write of
+``vstar load-histories``, whose older timeline must never land after a user's
+live events (``service.load_histories``); ``histories`` as many ``history``
+calls; errors as ``StoreUnavailable`` (a write that may have run:
+``WriteOutcomeUnknown``; a command the backend refused, which did not run:
+``StoreRefused``), which callers turn into what they mean: cache
 reads count as misses and cache writes are skipped, a history read makes the
 request fall back to the history it carries (503 only when it carries none), an
 event write is answered with 503, so no event is lost silently, and
@@ -52,6 +56,7 @@ class Appended:
     appended: int  # events the write (or the key's earlier one) stored
     history_length: int  # stored length right after that write
     replayed: bool = False  # an earlier request with this Idempotency-Key stored them; nothing was appended now
+    changed: bool = False  # append_after: the history is no longer what was read; nothing was stored
 
 
 def fingerprint(user_id: str, entries: Sequence[str]) -> str:
@@ -77,6 +82,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
         """Append entries once per idempotency key; ``IdempotencyConflict`` if the key stored other entries."""
+
+    @abc.abstractmethod
+    async def append_after(
+        self, user_id: str, entries: Sequence[str], read: Sequence[str], idempotency_key: str
+    ) -> Appended:
+        """``append``, but ``entries`` go right after ``read`` (the history a read of this user returned) and
+        before anything stored since, in the same atomic write, then the newest ``max_history`` are kept.
+        ``read`` empty: before everything stored now (nothing was there, so all of it came after the read).
+        ``read`` not empty: only if the stored history is still ``read``; otherwise nothing is stored and
+        ``changed`` is set (a count of what was read cannot place them once the cap trimmed the list since)."""
 
     @abc.abstractmethod
     async def cache_get(self, key: str) -> bytes | None: ...
@@ -115,13 +130,28 @@ class MemoryStore(Store):
         self._records: OrderedDict[tuple[str, str], tuple[float, str, int, int]] = OrderedDict()
 
     async def history(self, user_id: str) -> list[str]:
+        return self._held(user_id, time.monotonic())
+
+    def _held(self, user_id: str, now: float) -> list[str]:
+        """The user's stored entries (a copy), or none once they expired."""
         expiry, entries = self._histories.get(user_id, (0.0, []))
-        if self.history_ttl_s and expiry < time.monotonic():
+        if self.history_ttl_s and expiry < now:
             self._histories.pop(user_id, None)
             return []
         return list(entries)
 
     async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
+        return self._write(user_id, entries, idempotency_key, None)
+
+    async def append_after(
+        self, user_id: str, entries: Sequence[str], read: Sequence[str], idempotency_key: str
+    ) -> Appended:
+        return self._write(user_id, entries, idempotency_key, list(read))
+
+    def _write(
+        self, user_id: str, entries: Sequence[str], idempotency_key: str | None, read: list[str] | None
+    ) -> Appended:
+        """``append`` (``read`` None) or ``append_after``: no await inside, so as atomic as Redis's script."""
         now, fp = time.monotonic(), fingerprint(user_id, entries)
         while self._records and next(iter(self._records.values()))[0] < now:
             self._records.popitem(last=False)
@@ -132,7 +162,10 @@ class MemoryStore(Store):
             if stored_fp != fp:
                 raise IdempotencyConflict()
             return Appended(appended, length, replayed=True)
-        stored = ((await self.history(user_id)) + list(entries))[-self.max_history :]
+        held = self._held(user_id, now)
+        if read and held != read:
+            return Appended(0, len(held), changed=True)
+        stored = ([*entries, *held] if read == [] else [*held, *entries])[-self.max_history :]
         self._histories[user_id] = (now + self.history_ttl_s, stored)
         self._histories.move_to_end(user_id)
         if idempotency_key is not None:

@@ -1,15 +1,18 @@
 """``vstar load-histories``: timelines rebuilt from a data folder's rows, written into the service's store.
 
 The logic runs against the in-process ``MemoryStore`` through ``load_into``; one test runs the command on the
-real Redis (DB 15, ``clean_redis``), and one answers ``POST /recommend`` from what was loaded.
+real Redis (DB 15, ``clean_redis``), and one answers ``POST /recommend`` from what was loaded. Events posted
+between the command's read and its writes (the service's ``append`` run from inside the read) are tested on
+both stores, and through the command on Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -20,12 +23,14 @@ from models.sid_catalog import SidCatalog
 from service.app import create_app
 from service.errors import StoreUnavailable
 from service.load_histories import LoadError, LoadReport, Mode, load_into, next_timeline, read_timelines
-from service.redis_store import HISTORY_KEY
+from service.redis_store import HISTORY_KEY, RedisStore
 from service.settings import Settings
 from service.stores import Appended, MemoryStore, Store
 from training.data.dataset import Sample
 from training.data.dataset_writer import write_dataset
 from vstar import app
+
+T = TypeVar("T")
 
 # Rows in time order, as the format has them: "pre" with whole histories (each a prefix of the next), "win"
 # with MiniOneRec's sliding window of 2, "rep" one item again and again (window 2), "late" only in test.
@@ -185,11 +190,13 @@ class StopsAfter(MemoryStore):
         super().__init__(100, 10, 0, 3600)
         self.ok = ok
 
-    async def append(self, user_id: str, entries: Sequence[str], idempotency_key: str | None = None) -> Appended:
+    async def append_after(
+        self, user_id: str, entries: Sequence[str], read: Sequence[str], idempotency_key: str
+    ) -> Appended:
         if self.ok == 0:
             raise StoreUnavailable("Redis is unavailable (append history)")
         self.ok -= 1
-        return await super().append(user_id, entries, idempotency_key)
+        return await super().append_after(user_id, entries, read, idempotency_key)
 
 
 def test_a_store_that_fails_says_how_many_were_written_and_a_rerun_continues(tiny_catalog: SidCatalog) -> None:
@@ -251,3 +258,115 @@ def test_the_command_on_redis(data_dir: Path, clean_redis: str, tmp_path: Path, 
     assert down.exit_code == 2
     error = down.output.strip().splitlines()[-1]
     assert error.startswith(f"Error: Redis at {dead_redis_url} could not be read") and "nothing was written" in error
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> Callable[[int], Callable[[], Store]]:
+    """cap -> a maker of the store to run on: the one ``MemoryStore`` each time, or a ``RedisStore`` over the test
+    DB (a new one per event loop: its connections belong to the loop that made them)."""
+    if request.param == "memory":
+        return lambda cap: (lambda store: lambda: store)(memory_store(cap))
+    url = request.getfixturevalue("clean_redis")
+    return lambda cap: lambda: RedisStore(url, cap, 1.0, 1.0, 0, 3600, 1.0)
+
+
+def using(make: Callable[[], Store], use: Callable[[Store], Awaitable[T]]) -> T:
+    async def run() -> T:
+        store = make()
+        try:
+            return await use(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def load_meanwhile(
+    make: Callable[[], Store], catalog: SidCatalog, live: dict[str, list[str]], mode: Mode, cap: int
+) -> LoadReport:
+    """``load_into`` with ``live`` events posted (the service's own ``append``, as ``POST /users/{id}/events``)
+    right after the command read the stored histories, before any of its writes."""
+
+    async def use(store: Store) -> LoadReport:
+        read = store.histories
+
+        async def read_then_post(user_ids: Sequence[str]) -> list[list[str]]:
+            histories = await read(user_ids)
+            for user_id, entries in live.items():
+                await store.append(user_id, entries, f"live-{user_id}")
+            return histories
+
+        store.histories = read_then_post  # type: ignore[method-assign]
+        return await load_into(store, catalog, TIMELINES, cap, mode, progress=False)
+
+    return using(make, use)
+
+
+def stored_in(make: Callable[[], Store]) -> dict[str, list[str]]:
+    return dict(zip(TIMELINES, using(make, lambda store: store.histories(list(TIMELINES))), strict=True))
+
+
+def test_events_posted_between_the_read_and_the_write_stay_the_most_recent(
+    backend: Callable[[int], Callable[[], Store]], tiny_catalog: SidCatalog
+) -> None:
+    """Users read with nothing stored: the older timeline goes before whatever arrived meanwhile, capped as the
+    store caps (the newest 4 kept), never after it."""
+    make = backend(4)
+    live = {"pre": ["50"], "win": ["60", "61", "62", "63", "64"], "late": ["70", "71"]}  # win: more than the cap
+    report = load_meanwhile(make, tiny_catalog, live, "new", cap=4)
+    assert stored_in(make) == {
+        "pre": ["3", "4", "5", "50"],
+        "win": ["61", "62", "63", "64"],
+        "rep": ["7", "7", "7", "8"],
+        "late": ["21", "22", "70", "71"],
+    }
+    assert (report.loaded, report.already_loaded, report.changed, report.changed_users) == (4, 0, 0, ())
+    # each write kept its idempotency record: --append run again finds every user loaded, and writes nothing
+    again = using(make, lambda store: load_into(store, tiny_catalog, TIMELINES, 4, "append", progress=False))
+    assert (again.loaded, again.already_loaded) == (0, 4)
+    assert stored_in(make)["pre"] == ["3", "4", "5", "50"]
+
+
+def test_append_leaves_a_user_whose_history_changed_since_the_read_and_names_them(
+    backend: Callable[[int], Callable[[], Store]], tiny_catalog: SidCatalog
+) -> None:
+    make = backend(100)
+    using(make, lambda store: store.append("win", ["99"]))
+    using(make, lambda store: store.append("late", ["98", "97"]))
+    report = load_meanwhile(make, tiny_catalog, {"win": ["50"], "pre": ["51"]}, "append", cap=100)
+    assert (report.loaded, report.appended_to, report.already_loaded) == (3, 1, 0)
+    assert (report.changed, report.changed_users) == (1, ("win",))
+    assert report.entries == 5 + 4 + 3
+    entries = as_entries(TIMELINES)
+    expected = entries | {"win": ["99", "50"], "pre": [*entries["pre"], "51"], "late": ["98", "97", "20", "21", "22"]}
+    assert stored_in(make) == expected
+
+    again = using(make, lambda store: load_into(store, tiny_catalog, TIMELINES, 100, "append", progress=False))
+    assert (again.loaded, again.appended_to, again.already_loaded, again.changed) == (1, 1, 3, 0)
+    assert stored_in(make) == expected | {"win": ["99", "50", *entries["win"]]}
+
+
+def test_the_command_names_the_users_it_left_as_they_changed(
+    data_dir: Path, clean_redis: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis.Redis.from_url(clean_redis)
+    client.rpush(HISTORY_KEY.format("win"), b"99")
+    read = RedisStore.histories
+
+    async def read_then_post(self: RedisStore, user_ids: Sequence[str]) -> list[list[str]]:
+        histories = await read(self, user_ids)
+        await self.append("win", ["50"])
+        return histories
+
+    monkeypatch.setattr(RedisStore, "histories", read_then_post)
+    args = ["load-histories", "--data", str(data_dir), "--append", "--json", str(tmp_path / "report.json")]
+    result = CliRunner().invoke(app, args, env={"REDIS_URL": clean_redis})
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("3 of 4 users loaded (0 after their stored entries)")
+    assert result.stdout.splitlines()[1] == (
+        "1 user's stored history changed while the command ran ('win'): not written; run the same command again "
+        "to append each timeline after what is stored now, their new events included, or leave them as they are"
+    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["changed"], report["changed_users"], report["loaded"]) == (1, ["win"], 3)
+    assert client.lrange(HISTORY_KEY.format("win"), 0, -1) == [b"99", b"50"]

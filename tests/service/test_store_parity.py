@@ -1,7 +1,9 @@
 """The in-process store and the Redis store answer every call sequence alike (``service.stores``).
 
 Random sequences of appends (with and without an ``Idempotency-Key``, keys
-shared across users, more entries than the cap), history reads (one user's,
+shared across users, more entries than the cap), ``append_after`` writes (after
+the history just read, after nothing, after a history that is no longer the
+stored one), history reads (one user's,
 or several users' at once) and cache
 writes and reads run on a ``MemoryStore`` and on a ``RedisStore`` over the
 real Redis; results, conflicts included, must be equal.
@@ -22,9 +24,12 @@ from service.stores import MemoryStore, Store
 
 USERS = st.sampled_from(["a", "b", "a:b"])  # "a" with key "b:c" and "a:b" with key "c" must stay apart
 ENTRIES = st.lists(st.sampled_from(["1", "2", "3", "<a_1><b_2><c_3>"]), min_size=1, max_size=5)
-KEYS = st.none() | st.sampled_from(["k1", "k2", "b:c", "c"])
+KEYS_GIVEN = st.sampled_from(["k1", "k2", "b:c", "c"])
+KEYS = st.none() | KEYS_GIVEN
+READS = {"none": [], "stale": ["1", "1"]}  # else "now": the user's history read just before
 OPS = st.lists(
     st.tuples(st.just("append"), USERS, ENTRIES, KEYS)
+    | st.tuples(st.just("append_after"), USERS, ENTRIES, st.sampled_from(["now", "none", "stale"]), KEYS_GIVEN)
     | st.tuples(st.just("history"), USERS)
     | st.tuples(st.just("histories"), st.lists(USERS, max_size=4))
     | st.tuples(st.just("cache_set"), st.sampled_from(["x", "y"]), st.binary(max_size=4))
@@ -39,6 +44,10 @@ async def run(store: Store, ops: list[tuple[Any, ...]]) -> list[object]:
         try:
             if name == "append":
                 out.append(await store.append(*args))
+            elif name == "append_after":
+                user_id, entries, read, key = args
+                seen = await store.history(user_id) if read == "now" else READS[read]
+                out.append(await store.append_after(user_id, entries, seen, key))
             elif name == "history":
                 out.append(await store.history(*args))
             elif name == "histories":  # Redis: one pipeline of the reads, as vstar recommend --stored-history makes
@@ -81,3 +90,23 @@ def test_a_lower_cap_holds_for_a_history_stored_under_a_higher_one(clean_redis: 
 
     redis.Redis.from_url(clean_redis).flushdb()
     assert asyncio.run(scenario()) == (["c", "d", "e"], ["d", "e", "f"], ["d", "e", "f"])
+
+
+def test_append_after_keeps_the_order_past_what_lua_can_unpack(clean_redis: str) -> None:
+    """``WRITE_AFTER`` pushes 1000 entries at a time (LPUSH, each chunk reversed, when it puts them first)."""
+    entries = [str(i) for i in range(2500)]
+
+    async def scenario(store: Store) -> tuple[list[str], list[str]]:
+        try:
+            await store.append("new", ["live"])
+            await store.append_after("new", entries, [], "load")
+            await store.append("old", ["kept"])
+            await store.append_after("old", entries, ["kept"], "load")
+            return await store.history("new"), await store.history("old")
+        finally:
+            await store.close()
+
+    redis.Redis.from_url(clean_redis).flushdb()
+    expected = ([*entries, "live"], ["kept", *entries])
+    assert asyncio.run(scenario(MemoryStore(3000, 100, 3600, 3600))) == expected
+    assert asyncio.run(scenario(RedisStore(clean_redis, 3000, 1.0, 1.0, 3600, 3600, 1.0))) == expected
