@@ -51,6 +51,8 @@ class SFTConfig:
     max_steps: int | None = None  # optimizer steps in all, in place of epochs (the lr schedule spans them)
     batch_size: int = 64
     lr: float = 2e-3  # the presets, trained from scratch (a --base-model: BASE_MODEL_RECIPE's)
+    # AdamW's decay on every parameter, norms' gains, biases and embeddings included (Hugging Face's Trainer
+    # exempts biases and norms): the README's SFT models were trained so; exempting them is untried here
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
