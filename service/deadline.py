@@ -20,11 +20,10 @@ every later deadline in front of the loop.
 ``BatchCost`` is the other half: how long one kind of decode takes for a batch,
 per batch-size bucket (the next power of two). The decode scheduler
 (``service.decode_scheduler``) keeps two: VED's initial tree (prefill, the
-initial beam tree with every node's value, ranking), and the initial beam
-itself; from both, for the parts of a batch as they will run, it chooses the
-requests it searches, those it answers by the beam (the anytime fallback) and
-those it does not decode at all (answered from popularity at once: load
-shedding; ``service.ved_split``).
+initial beam tree with every node's value, ranking),
+below whose cost a request is answered by a plain beam search instead (the
+anytime fallback), and that initial beam itself, below whose cost the request
+is not decoded at all (it is answered from popularity at once: load shedding).
 The cost is a baseline per bucket (the start value, replaced by the warm-up's
 own timing) raised by a high quantile of recent reports: under load a decode
 costs more than it did at startup, and the reports say by how much; they expire

@@ -33,25 +33,23 @@ Design decisions:
   plain beam search, so a request that could not see it finish is answered by
   the initial beam alone: constrained beam search of width max(k + extra,
   init_beams), ranked by log-prob, ``cap_hit`` true, ``fallback:
-  "initial_beam"`` in its stats. The decision is taken when the model thread
-  picks the batch up (queueing counts), from the learnt costs of the initial
-  tree and the initial beam (``BatchCost``, timed at warm-up) for the parts as
-  they will run (``service.ved_split``): a batch's fallbacks are decoded first,
-  their deadlines being the nearest, and answered then
-  (``MicroBatcher.answer_now``), not after the batch's search; a job is searched
-  only if its deadline covers their beam and then the tree of the searched.
+  "initial_beam"`` in its stats. The decision is taken per job when the model
+  thread picks the batch up (queueing counts): time left below the learnt cost
+  of the initial tree (``BatchCost``, timed at warm-up) means fallback.
+  A batch's fallbacks are decoded first, their deadlines being the nearest,
+  and answered then (``MicroBatcher.answer_now``), not after the batch's search.
 * Both decoders are fused with the checkpoint's transition counts at its
   chosen weight (manifest ``fusion``; ``fusion_weight`` overrides it as
   ``vstar eval --fusion-weight`` does), as ``vstar eval`` decodes by default:
   the ranking the checkpoint was selected and measured with. VED adds the
   bonus where ``models.ved`` does (its initial tree and its returned set's
   ranking), and so does its initial-beam fallback, a beam search.
-* Load shedding: in the same split, the model thread keeps only the jobs that
-  can still be answered before their hard cap (``service.recommender``): the
-  split that answers the most jobs from the model, the least urgent first.
-  The others are not decoded at all and are answered from popularity at once,
-  so an overloaded model spends its time on answers that will be used instead
-  of on work the hard cap throws away.
+* Load shedding: before that, the model thread keeps only the jobs that can
+  still be answered before their hard cap (``service.recommender``): the most jobs whose time
+  left all covers the initial beam's learnt cost for that many prompts, the
+  least urgent first. The others are not decoded at all and are answered from
+  popularity at once, so an overloaded model spends its time on answers that
+  will be used instead of on work the hard cap throws away.
 * Overruns are reported to the deadline margin by the model thread, when the
   search ends, so the margin learns from searches whose request the hard cap
   already answered.
@@ -104,7 +102,6 @@ from service.batcher import MicroBatcher
 from service.deadline import BatchCost, DeadlineMargin
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.ved_split import VEDSplit, split_ved_group
 from service.warmup_signals import stop_on_signals, stopped
 
 log = logging.getLogger("service.decode_scheduler")
@@ -290,22 +287,32 @@ class DecodeScheduler:
         if isinstance(key, BeamSearchConfig):
             return self._beam(key, jobs)
         assert isinstance(key, VEDConfig) and key.deadline is None
-        split = self._split(jobs, time.perf_counter())
+        now = time.perf_counter()
+        kept = self._admit(jobs, now)
+        cost = self.init_cost.cost_s(sum(kept))
+        late = [k and j.deadline is not None and j.deadline - now < cost for j, k in zip(jobs, kept, strict=True)]
         rows = [SHED] * len(jobs)
-        if split.shed:
-            self.batcher.answer_now(split.shed, [SHED] * len(split.shed))  # at once: no model work for them
-        for part, decode in ((split.fallen, self._initial_beam), (split.searched, self._ved)):  # nearest first
+        if shed := [i for i, k in enumerate(kept) if not k]:
+            self.batcher.answer_now(shed, [SHED] * len(shed))  # at once: no model work for them
+        fallen = [i for i, x in enumerate(late) if x]
+        searched = [i for i, (k, x) in enumerate(zip(kept, late, strict=True)) if k and not x]
+        for part, decode in ((fallen, self._initial_beam), (searched, self._ved)):  # the nearest deadlines first
             if part:
                 for i, row in zip(part, decode(key, [jobs[i] for i in part]), strict=True):
                     rows[i] = row
                 self.batcher.answer_now(part, [rows[i] for i in part])  # now, not once the others' decodes end
         return rows
 
-    def _split(self, jobs: Sequence[DecodeJob], now: float) -> VEDSplit:
-        """Shed, fallback or search for each job, from the learnt costs of the parts as they will run."""
-        to_deadline = [math.inf if j.deadline is None else j.deadline - now for j in jobs]
-        to_cap = [math.inf if j.answer_by is None else j.answer_by - now for j in jobs]
-        return split_ved_group(to_deadline, to_cap, self.init_cost.cost_s, self.beam_cost.cost_s)
+    def _admit(self, jobs: Sequence[DecodeJob], now: float) -> list[bool]:
+        """Load shedding: keep the most jobs m such that the m with the most time left before their hard cap
+        all have at least the initial beam's cost for m prompts left; the rest are not decoded."""
+        left = [math.inf if j.answer_by is None else j.answer_by - now for j in jobs]
+        order = sorted(range(len(jobs)), key=lambda i: -left[i])
+        m = len(jobs)
+        while m > 0 and left[order[m - 1]] < self.beam_cost.cost_s(m):
+            m -= 1
+        kept = set(order[:m])
+        return [i in kept for i in range(len(jobs))]
 
     def _bonus(self, jobs: Sequence[DecodeJob]) -> NodeBonus | None:
         """The shallow fusion's (jobs, trie nodes) bonus from each job's last items; None without fusion."""

@@ -263,8 +263,7 @@ def test_requests_that_cannot_make_their_cap_are_shed_before_any_model_work(
     app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rec = app.state.recommender
-    monkeypatch.setattr(rec, "beam_cost", BatchCost(start_s=5.0))  # nothing fits a 400 ms cap:
-    monkeypatch.setattr(rec, "init_cost", BatchCost(start_s=5.0))  # neither the beam nor the search
+    monkeypatch.setattr(rec, "beam_cost", BatchCost(start_s=5.0))  # nothing fits a 400 ms cap
     calls: list[int] = []
     forward = rec.policy.model.forward
     monkeypatch.setattr(rec.policy.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
@@ -281,13 +280,11 @@ def test_admission_keeps_the_most_jobs_that_can_all_finish(app: FastAPI, monkeyp
     for batch, seconds in ((1, 0.01), (2, 0.02), (4, 0.04)):
         cost.set_baseline(batch, seconds)
     monkeypatch.setattr(rec, "beam_cost", cost)
-    monkeypatch.setattr(rec, "init_cost", BatchCost(start_s=1000.0))  # no search fits: admission alone
     now = 100.0
-    jobs = [DecodeJob((), deadline=now, answer_by=now + left) for left in (0.005, 0.03, 0.015)] + [DecodeJob(())]
-    # the job without a cap is searched; 4 would need 40 ms, 3 20 ms (two beams), 2 need 10 ms
-    assert rec._split(jobs, now).shed == [0, 2]
-    assert rec._split(jobs[:1], now).shed == [0]
-    assert rec._split([DecodeJob((), deadline=now, answer_by=now + 0.05)] * 3, now).fallen == [0, 1, 2]
+    jobs = [DecodeJob((), answer_by=now + left) for left in (0.005, 0.03, 0.015)] + [DecodeJob(())]
+    assert rec._admit(jobs, now) == [False, True, False, True]  # 4 or 3 would need 40 ms each; 2 need 20 ms
+    assert rec._admit(jobs[:1], now) == [False]
+    assert rec._admit([DecodeJob((), answer_by=now + 0.05)] * 3, now) == [True] * 3
 
 
 def test_concurrent_ved_requests_share_a_search_and_its_earliest_deadline(
@@ -706,10 +703,10 @@ def test_one_slow_initial_beam_does_not_shed_the_next_requests(make_settings: Ca
         rec.beam_cost.set_baseline(1, 0.01)  # the warm-up's timing
         rec.beam_cost.report(1, 0.5)  # one stray spike
         now = time.perf_counter()
-        job = DecodeJob((), deadline=now + 0.05, answer_by=now + 0.1)  # no time for the tree (100 ms)
-        assert rec._split([job], now).fallen == [0]
+        job = DecodeJob((), answer_by=now + 0.1)
+        assert rec._admit([job], now) == [True]
         rec.beam_cost.report(1, 0.5)
         rec.beam_cost.report(1, 0.5)  # the beams take that long now: shed
-        assert rec._split([job], now).shed == [0]
+        assert rec._admit([job], now) == [False]
     finally:
         rec.executor.shutdown(wait=True)
