@@ -49,7 +49,16 @@ Design decisions:
   left all covers the initial beam's learnt cost for that many prompts, the
   least urgent first. The others are not decoded at all and are answered from
   popularity at once, so an overloaded model spends its time on answers that
-  will be used instead of on work the hard cap throws away.
+  will be used instead of on work the hard cap throws away. Costing each part
+  as it runs instead (a search after the fallbacks' beam, its tree for the
+  searched count alone: commit 109e4d8) was tried and measured worse: the
+  learnt costs run low under load, and charging every kept job the tree of the
+  whole batch is the margin that covers it. The demo's V-STAR checkpoint, 32
+  VED clients, four runs of each alternating (``vstar bench serve --clients 1
+  --caps 40,80,150 --ved-clients 32 --mixed-ved-clients 0 --duration-s 10
+  --torch-threads 1``, 2 idle cores): at cap 40 ms popularity answered
+  0.27-0.92 of requests against 0.16-0.46, at 80 ms the search 0.33-0.48
+  against 0.02-0.45 (two runs near 0.44, two near 0.03), p99 alike.
 * Overruns are reported to the deadline margin by the model thread, when the
   search ends, so the margin learns from searches whose request the hard cap
   already answered.
