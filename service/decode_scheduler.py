@@ -58,7 +58,7 @@ Design decisions:
   --caps 40,80,150 --ved-clients 32 --mixed-ved-clients 0 --duration-s 10
   --torch-threads 1``, 2 idle cores): at cap 40 ms popularity answered
   0.27-0.92 of requests against 0.16-0.46, at 80 ms the search 0.33-0.48
-  against 0.02-0.45 (two runs near 0.44, two near 0.03), p99 alike.
+  against 0.44, 0.02, 0.45 and 0.05, p99 alike.
 * Overruns are reported to the deadline margin by the model thread, when the
   search ends, so the margin learns from searches whose request the hard cap
   already answered.
