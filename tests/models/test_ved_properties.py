@@ -112,8 +112,9 @@ def check_the_returned_set(case: Case, config: VEDConfig, res: VEDResult) -> Non
         std = float(v.std(unbiased=False))
         z = (res.path_values[b, : len(row), -1].double() - v.mean()) / std if std > 1e-6 else 0.0
         want = res.log_probs[b, : len(row)].double() + config.value_weight * z
-        # VED standardises in float32 by E[x^2] - mean^2: values 100 times a head's leave it 1e-3 or so off
-        torch.testing.assert_close(res.decode.scores[b, : len(row)].double(), want, rtol=1e-5, atol=5e-3)
+        # VED scores in float32, this check in float64: over 300 random cases (values 100 times a head's) they
+        # differed by at most 4.5e-6 since VED standardises by squared deviations (11697c6; E[x^2] - mean^2 needed 5e-3)
+        torch.testing.assert_close(res.decode.scores[b, : len(row)].double(), want, rtol=1e-5, atol=1e-4)
         # the pool: every SID under a deepest prefix, scored alike; the head holds its best
         nodes = torch.nonzero(deepest).flatten()
         lp = tree.log_prob[b, nodes, None] + tree.child_log_prob[b, nodes]  # (P, C)
@@ -127,7 +128,7 @@ def check_the_returned_set(case: Case, config: VEDConfig, res: VEDResult) -> Non
         assert bool((head[:-1] >= head[1:]).all())
         if len(head):
             left = [s for sid, s in pool.items() if sid not in row]
-            assert max(left, default=float("-inf")) <= float(head[-1]) + 5e-3
+            assert max(left, default=float("-inf")) <= float(head[-1]) + 1e-4
 
 
 @settings(max_examples=25, deadline=None)
