@@ -5,8 +5,9 @@ and the JSON the response cache stores.
 decode, or reads one from the cache, and builds the wire response from it. ``CACHE_FORMAT`` is the layout's
 version and part of every cache key, so services that store answers differently never read each other's
 entries in a shared Redis. A body that does not read as an answer, its layout or the type of any field (a
-dataclass takes whatever it is given, and the wire response would refuse it: a 500), raises ``ValueError``:
-the cache treats it as a miss.
+dataclass takes whatever it is given, and the wire response would refuse it: a 500), or what JSON holds and Python
+cannot take (an integer score past a float's range, nesting past the reader's depth), raises ``ValueError``: the
+cache treats it as a miss.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class Answer:
                 raise TypeError(f"items is a {type(body['items']).__name__}, not a list")
             answer = cls([RankedSid(**it) for it in body["items"]], body["cap_hit"], search)
             _check_types(answer)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        # OverflowError: an integer score past float's range; RecursionError: nesting past the JSON reader's depth
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as e:
             raise ValueError(f"not a cached answer: {type(e).__name__}: {e}") from None
         return answer
 

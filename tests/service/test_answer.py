@@ -71,6 +71,10 @@ def entry(item: dict[str, object] | None = None, **fields: object) -> bytes:
         (entry({"score": float("nan")}), "score is not"),  # served as "score": null
         (entry(search={"tokens_spent": "1", "nodes": 2, "max_depth": 1, "iterations": 0, "fallback": None}), "tokens"),
         (entry(search={"tokens_spent": 1, "nodes": 2, "max_depth": 1, "iterations": 0, "fallback": "x"}), "fallback"),
+        # JSON Python reads but cannot take further: an integer score past float's range (isfinite raised
+        # OverflowError) and nesting past the reader's depth (RecursionError); both escaped as a 500
+        (entry({"score": 10**400}), "OverflowError: int too large"),
+        (b'{"items": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "RecursionError: maximum recursion depth"),
     ],
 )
 def test_a_body_that_is_not_an_answer_is_refused_with_what_is_wrong(body: bytes, wrong: str) -> None:
