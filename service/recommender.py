@@ -329,10 +329,17 @@ class Recommender(DecodeScheduler):
 
     def _fused_items(self, events: list[HistoryEvent]) -> tuple[int, ...]:
         """What the decoders' shallow fusion reads of the history: its last items, as many as the transition
-        counts' window (-1 for an entry given as a SID: no item, no transitions); none without fusion."""
+        counts' window (an entry given as a SID reads as its item when it names one, else -1: no one item, no
+        transitions); none without fusion."""
         if self.fusion is None:
             return ()
-        return tuple(-1 if e.item_id is None else e.item_id for e in events[-self.fusion.counts.window :])
+        return tuple(self._item_of(e) for e in events[-self.fusion.counts.window :])
+
+    def _item_of(self, event: HistoryEvent) -> int:
+        if event.item_id is not None:
+            return event.item_id
+        items = self.catalog.items_of(event.sid)
+        return items[0] if len(items) == 1 else -1
 
     async def append_events(
         self, user_id: str, entries: Sequence[int | str | ExternalItemRef], idempotency_key: str | None = None

@@ -41,11 +41,19 @@ def shared_sid_pair(catalog: SidCatalog) -> tuple[int, int]:
     return next((items[0], items[1]) for items in by_sid.values() if len(items) > 1)
 
 
+def sole_item(catalog: SidCatalog, besides: set[int]) -> int:
+    """An item whose SID names no other item, outside ``besides``."""
+    counts = Counter(catalog.items[i].sid for i in catalog.items)
+    return next(i for i in sorted(catalog.items) if counts[catalog.items[i].sid] == 1 and i not in besides)
+
+
 @pytest.fixture(scope="module")
 def fused_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_policy: Policy, tiny_catalog: SidCatalog) -> Path:
     a, b = shared_sid_pair(tiny_catalog)
-    # a -> item 7 and b -> item 11, strongly: fused, each leads its row; the policy alone ranks neither first
-    counts = TransitionCounts({a: Counter({7: 50}), b: Counter({11: 50})})
+    c = sole_item(tiny_catalog, {3, 5, 7, 11, 13, a, b})
+    # a -> item 7, b -> item 11 and c -> item 13, strongly: fused, each leads its row; the policy alone ranks
+    # none of them first
+    counts = TransitionCounts({a: Counter({7: 50}), b: Counter({11: 50}), c: Counter({13: 50})})
     torch.manual_seed(0)
     head = value_head_for(tiny_policy)
     return save_checkpoint(
@@ -139,6 +147,24 @@ def test_the_cache_tells_apart_items_that_share_a_sid(
         second = c.post("/recommend", json={"history": [3, 5, b], "k": 5}).json()
     assert second["cached"] is False
     assert second["items"][0]["sid"] == sid_to_str(tiny_catalog.items[11].sid) != first["items"][0]["sid"]
+
+
+def test_a_sid_that_names_one_item_is_fused_as_that_item(
+    make_settings: Callable[..., Settings], fused_checkpoint: Path, tiny_catalog: SidCatalog
+) -> None:
+    """A history entry given as a SID string that names one item reads as that item's transitions, so the answer
+    is the one its item id gets; a SID that several items share names no one item and adds none."""
+    a, b = shared_sid_pair(tiny_catalog)
+    c = sole_item(tiny_catalog, {3, 5, 7, 11, 13, a, b})  # the fixture's c
+    sid = sid_to_str(tiny_catalog.items[c].sid)
+    with TestClient(create_app(make_settings(checkpoint=fused_checkpoint, cache_ttl_s=0))) as client:
+        by_id, by_sid = ({"history": [3, 5, entry], "k": 5} for entry in (c, sid))
+        want = client.post("/recommend", json=by_id).json()["items"]
+        got = client.post("/recommend", json=by_sid).json()["items"]
+        shared = client.post("/recommend", json={"history": [3, 5, sid_to_str(tiny_catalog.items[a].sid)], "k": 5})
+    assert want[0]["sid"] == sid_to_str(tiny_catalog.items[13].sid)  # the counts lead: fused, not the policy's
+    assert [(it["sid"], it["score"]) for it in got] == [(it["sid"], it["score"]) for it in want]
+    assert shared.json()["items"][0]["sid"] != sid_to_str(tiny_catalog.items[7].sid)  # not a's transitions
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.0])
