@@ -309,6 +309,21 @@ def test_crop_keeps_target_and_a_recent_suffix(tiny_dataset) -> None:
     assert crop_histories(policy, samples, range(len(samples)), rows, 0.0, (0, 0)) == rows
 
 
+def test_a_crop_shortens_what_the_prompt_holds_of_a_history_longer_than_its_window(tiny_dataset) -> None:
+    """A history longer than ``--max-history`` shows the prompt its most recent items alone: a crop to a suffix
+    as long as that window or longer trained the uncropped row, so ``--crop-prob`` cropped less the longer the
+    histories (a 30-item history under a 10-item window: 9 of 29 crops shortened the prompt)."""
+    policy = Policy.from_preset("tiny", tiny_dataset.catalog, max_history=3)
+    samples = [s for s in tiny_dataset.splits["train"] if len(s.history) >= 6][:20]
+    rows = [encode_sample(policy, s) for s in samples]
+    assert all((len(p) - 1) // 3 == 3 for p, _ in rows)  # each prompt holds the window's 3 items
+    for seed in range(5):
+        cropped = crop_histories(policy, samples, range(len(samples)), rows, 1.0, (seed, 0))
+        for (prompt, target), (full_prompt, full_target) in zip(cropped, rows, strict=True):
+            assert target == full_target and full_prompt[-len(prompt) :] == prompt  # a suffix of what was shown
+            assert 1 <= (len(prompt) - 1) // 3 < 3  # shorter than the window: a crop the model sees
+
+
 def test_last_item_crop_keeps_the_last_item_alone(tiny_dataset) -> None:
     policy = Policy.from_preset("tiny", tiny_dataset.catalog)
     samples = [s for s in tiny_dataset.splits["train"] if len(s.history) > 3][:20]

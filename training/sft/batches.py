@@ -37,20 +37,23 @@ def crop_histories(
 ) -> list[tuple[list[int], list[int]]]:
     """Cut some histories to a random recent suffix (``prob``) or to the last item alone (``last_item_prob``):
     more (recent item -> target) contexts per row; the last-item rows teach each observed transition on its
-    own, as an item-to-item model counts it.
+    own, as an item-to-item model counts it. A suffix is shorter than what the prompt shows of the history (its
+    most recent ``max_history`` items): a longer one would leave the prompt as it was.
 
     ``rows`` are the encoded rows of ``batch[start : start + len(rows)]`` (``samples``' indices): a rank's
     slice of the global ``batch`` under DDP, all of it in one process. The draws run over the whole batch, so
     a rank crops its rows as one process would, whatever the world size."""
     rng = np.random.default_rng(list(seed))
     out = list(rows)
+    window = policy.prompt.max_history
     for j, i in enumerate(batch[: start + len(rows)]):
         hist = samples[i].history
-        if len(hist) < 2:
+        shown = min(len(hist), window)  # the items the uncropped prompt holds
+        if shown < 2:
             continue
         u = rng.random()
         if u < prob + last_item_prob:
-            keep = 1 if u >= prob else int(rng.integers(1, len(hist)))
+            keep = 1 if u >= prob else int(rng.integers(1, shown))
             if j >= start:
                 out[j - start] = encode_sample(policy, Sample(samples[i].user_id, hist[-keep:], samples[i].target))
     return out
