@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -581,6 +582,27 @@ def test_text_init_without_embeddings_names_the_command_that_makes_them(tiny_dat
     with pytest.raises(ValueError, match=r"needs item_emb.npy .*vstar embed --data DIR --encoder PATH.*--no-text-init"):
         train_sft(bare, tmp_path / "out", config, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_recipes_text_init_gives_way_on_a_data_set_without_embeddings(
+    tiny_data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """item_emb.npy is optional in the data format: the small recipe trains on a folder without it, with a warning
+    naming what it lacks and the manifest saying text_init false; --text-init asked for is still refused."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    for name in ("item_emb.npy", "item_emb.json"):
+        (data / name).unlink(missing_ok=True)
+    args = ["sft", "--data", str(data), "--preset", "small", "--max-steps", "1", "--holdout", "8", "--eval-limit", "8",
+            "--no-refit"]  # fmt: skip
+    ran = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert ran.exit_code == 0, ran.output
+    said = caplog.text
+    assert "the small recipe's --text-init is off" in said and "has no item_emb.npy (make it with vstar embed" in said
+    assert load_checkpoint(tmp_path / "a").manifest["sft_config"]["text_init"] is False
+    asked = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--text-init"])
+    assert asked.exit_code != 0 and "--text-init needs item_emb.npy" in asked.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_fuse_chooses_on_its_grid_even_for_a_run_that_was_given_a_weight(tiny_dataset, tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ nothing heavy) before torch is imported or data is read.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -221,6 +223,16 @@ def register_sft(app: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         ds = load_data(data, minionerec_root, dataset)
+        if config.text_init and text_init is None and ds.embeddings is None:  # the recipe's, not asked for
+            # as the recipe's refit gives way to options that rule it out: a data set without embeddings still
+            # trains by the rest of the recipe (the manifest's config says text_init false), and says what it lacks
+            logging.getLogger("training.sft").warning(
+                "the %s recipe's --text-init is off: %s has no item_emb.npy (make it with vstar embed --data DIR "
+                "--encoder PATH, a local text encoder, for the recipe as measured; --no-text-init silences this)",
+                preset,
+                data,
+            )
+            config = replace(config, text_init=False)
         from training.run_files import default_curves
         from training.sft.trainer import train_sft
 
