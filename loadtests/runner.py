@@ -170,8 +170,9 @@ def out_problem(out: Path, force: bool) -> str | None:
                 "give another --out (a new or empty folder)")  # fmt: skip
     if ours and not force:
         shown = ", ".join(f"{n}/" if n == "raw" else n for n in ours)
-        return (f"{out} holds an earlier run's results ({shown}): pass --force to replace them (a run that "
-                "measures no point leaves them), or give another --out")  # fmt: skip
+        return (f"{out} holds an earlier run's results ({shown}): pass --force to replace them with a whole run's "
+                f"(a run cut short leaves them and publishes its points in {out.resolve().name}.partial-<UTC start> "
+                "beside them), or give another --out")  # fmt: skip
     return None
 
 

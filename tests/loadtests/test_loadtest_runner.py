@@ -313,7 +313,8 @@ def earlier_run(monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: 
 def test_an_earlier_report_is_refused_without_force_and_left_whole(earlier_run: Path, tiny_data_dir: Path) -> None:
     before = folder_bytes(earlier_run)
     refusal = (r"^--out: .*lt holds an earlier run's results \(latency\.png, raw/, results\.json, table\.md\): "
-               r"pass --force to replace them .*or give another --out$")  # fmt: skip
+               r"pass --force to replace them with a whole run's \(a run cut short leaves them and publishes its "
+               r"points in lt\.partial-<UTC start> beside them\), or give another --out$")  # fmt: skip
     with pytest.raises(ValueError, match=refusal):
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None)
     (earlier_run / "notes.txt").write_text("mine")  # a file no run writes: publishing would remove it
