@@ -386,6 +386,30 @@ def test_a_cut_short_forced_run_keeps_the_earlier_report_and_publishes_its_point
     assert partial_folders(earlier_run) == [partial] and folder_bytes(earlier_run) != before
 
 
+def test_a_cut_short_run_through_a_link_publishes_beside_the_folder_it_names(
+    monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """The partial report goes where the staging folder is, beside the linked folder (one file system: a rename
+    publishes it), named after that folder; the link stays a link to the earlier report."""
+    before = folder_bytes(earlier_run)
+    link = tmp_path / "links" / "latest"
+    link.parent.mkdir()
+    link.symlink_to(earlier_run)
+    done = iter([fake_locust(7)])
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        step = next(done, None)
+        return subprocess.CompletedProcess(command, 1) if step is None else step(command, **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "run", run)
+    with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users") as failed:
+        run_plan(plan(data=tiny_data_dir, out=link, users=(1,)), echo=lambda _: None, force=True)
+    [partial] = partial_folders(earlier_run)
+    assert str(failed.value).endswith(f"are in {partial / 'table.md'}; {link} keeps the earlier run's results)")
+    assert link.is_symlink() and link.resolve() == earlier_run and folder_bytes(earlier_run) == before
+    assert [p.name for p in link.parent.iterdir()] == ["latest"]
+
+
 def test_ctrl_c_publishes_the_points_measured_before_it(
     monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path
 ) -> None:
