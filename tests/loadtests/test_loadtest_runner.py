@@ -323,6 +323,18 @@ def test_an_earlier_report_is_refused_without_force_and_left_whole(earlier_run: 
     assert folder_bytes(earlier_run) == before | {"notes.txt": b"mine"}
 
 
+def test_an_earlier_report_set_aside_by_a_killed_publish_is_put_back_and_refused(
+    earlier_run: Path, tiny_data_dir: Path
+) -> None:
+    """A publish killed between its two renames (no RENAME_EXCHANGE) leaves the earlier report set aside and no
+    --out: it is put back before --out is checked, so it needs --force as ever (and a run cut short goes beside it)."""
+    before = folder_bytes(earlier_run)
+    earlier_run.rename(earlier_run.with_name(f".{earlier_run.name}.old-0123abcd"))
+    with pytest.raises(ValueError, match=r"holds an earlier run's results"):
+        run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None)
+    assert folder_bytes(earlier_run) == before and [p.name for p in earlier_run.parent.iterdir()] == ["lt"]
+
+
 def test_a_forced_run_that_fails_at_its_first_point_leaves_the_earlier_results_byte_for_byte(
     monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path
 ) -> None:
