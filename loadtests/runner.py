@@ -22,7 +22,9 @@ publishes that onto ``--out`` in one step when it ends. An ``--out`` that
 holds an earlier report is refused before the server is waited for unless
 ``force`` (``--force``), and one that holds files no run wrote is refused even
 then, since publishing replaces the folder whole; so is a mount point (a
-volume), which no rename can replace. A failed point or an interrupt (Ctrl-C)
+volume), which no rename can replace. An earlier report that a publish killed
+between its two renames left set aside (``atomic_folder.put_back``) is put back
+first, so it is checked, and kept, as any. A failed point or an interrupt (Ctrl-C)
 cuts the run short, and the points measured before it are published as a report
 that says so: onto ``--out`` when it held no earlier report, else into a new
 folder beside it (``<out>.partial-<UTC time>``, never removed by a later run),
@@ -65,7 +67,7 @@ from loadtests.histories import read_histories, split_path
 from loadtests.request_names import EVENT_NAME, recommend_name
 from loadtests.results import MODES, PointResult, read_failures, read_point, report_entries, write_report
 from loadtests.target import require_loopback
-from models.atomic_folder import publish, staging_folder
+from models.atomic_folder import publish, put_back, staging_folder
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 USER_CLASSES = {"beam": "BeamUser", "ved": "VedUser"}
@@ -170,8 +172,9 @@ def out_problem(out: Path, force: bool) -> str | None:
                 "give another --out (a new or empty folder)")  # fmt: skip
     if ours and not force:
         shown = ", ".join(f"{n}/" if n == "raw" else n for n in ours)
-        return (f"{out} holds an earlier run's results ({shown}): pass --force to replace them (a run that "
-                "measures no point leaves them), or give another --out")  # fmt: skip
+        return (f"{out} holds an earlier run's results ({shown}): pass --force to replace them with a whole run's "
+                f"(a run cut short leaves them and publishes its points in {out.resolve().name}.partial-<UTC start> "
+                "beside them), or give another --out")  # fmt: skip
     return None
 
 
@@ -271,6 +274,7 @@ def run_plan(
 ) -> tuple[list[PointResult], dict[str, Path]]:
     """Every point of the plan in order, then the table, plot and JSON: written into a staging folder and
     published onto ``plan.out`` (module doc); ``force`` lets them replace an earlier run's there."""
+    put_back(plan.out.resolve())  # a publish killed between its two renames: the earlier report, where it is looked for
     problem = out_problem(plan.out, force)
     if problem is not None:
         raise ValueError(f"--out: {problem}")

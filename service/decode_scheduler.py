@@ -121,7 +121,7 @@ class DecodeJob:
     history: tuple[Sid, ...]  # the SIDs the prompt sees, oldest first
     deadline: float | None = None  # VED: time.perf_counter() value to stop by
     answer_by: float | None = None  # VED: the hard cap; a job that cannot be decoded by then is shed
-    items: tuple[int, ...] = ()  # with shallow fusion: the history's last items (-1: given as a SID)
+    items: tuple[int, ...] = ()  # with shallow fusion: the history's last items (-1: a SID several items share)
 
 
 @dataclass(frozen=True)

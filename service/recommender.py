@@ -125,7 +125,7 @@ class Recommender(DecodeScheduler):
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
         self.store_calls = StoreCalls(metrics)  # bounded by a VED request's cap, or not (service.store_calls)
         self.cache = ResponseCache(
-            store, self.store_calls, metrics, settings.cache_ttl_s, self.model_version, self.fusion
+            store, self.store_calls, metrics, settings.cache_ttl_s, self.model_version, self.fusion, self.catalog.items
         )
 
     def _prior_order(self, popular: Sequence[Sequence[Any]]) -> DecodeRow:

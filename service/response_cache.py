@@ -8,8 +8,9 @@ one entry; the checkpoint's VED settings, which the model version does not hash)
 did not cut are cached (``service.recommender``), and those are the full search's, whatever the cap was. A
 user's new event changes the key, so the cache never needs invalidating.
 
-An entry that does not read as an answer (``Answer.from_json``: corrupt, or of another layout) is a miss, logged,
-and the search's answer replaces it. The store calls go through ``StoreCalls``: a VED request's reads and write
+An entry that does not read as an answer (``Answer.from_json``: corrupt, or of another layout), or that names an
+item id the catalog does not hold (the response looks its external id up: a 500), is a miss, logged, and the
+search's answer replaces it. The store calls go through ``StoreCalls``: a VED request's reads and write
 are bounded by its cap, and a store that fails is a miss (read) or an answer that goes out uncached (write).
 """
 
@@ -19,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Container
 from dataclasses import asdict
 from typing import Any
 
@@ -47,9 +49,11 @@ class ResponseCache:
         ttl_s: int,
         model_version: str,
         fusion: ShallowFusion | None,
+        items: Container[int],
     ) -> None:
         self.store, self.calls, self.metrics = store, calls, metrics
         self.ttl_s, self.model_version, self.fusion = ttl_s, model_version, fusion
+        self.items = items  # the catalog's item ids: an entry naming another is corrupt
 
     def key(self, req: RecommendRequest, plan: DecodePlan) -> str | None:
         """The request's key (module doc); None when the cache is off."""
@@ -79,10 +83,18 @@ class ResponseCache:
         answer = None
         if raw is not None:
             try:
-                answer = Answer.from_json(raw)
+                answer = self._read(raw)
             except ValueError as e:  # a corrupt entry: a miss, and the search's answer replaces it
                 log.warning("unreadable response cache entry, treated as a miss", extra={"key": key, "error": str(e)})
         self.metrics.cache.labels("hit" if answer is not None else "miss").inc()
+        return answer
+
+    def _read(self, raw: bytes) -> Answer:
+        """``Answer.from_json``, and ``ValueError`` for an item id the catalog does not hold."""
+        answer = Answer.from_json(raw)
+        unknown = next((i for it in answer.items for i in it.item_ids if i not in self.items), None)
+        if unknown is not None:
+            raise ValueError(f"not a cached answer: item id {unknown} is not in the catalog")
         return answer
 
     async def set(self, key: str, answer: Answer, by: float | None) -> None:

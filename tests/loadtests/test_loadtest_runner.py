@@ -313,13 +313,26 @@ def earlier_run(monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: 
 def test_an_earlier_report_is_refused_without_force_and_left_whole(earlier_run: Path, tiny_data_dir: Path) -> None:
     before = folder_bytes(earlier_run)
     refusal = (r"^--out: .*lt holds an earlier run's results \(latency\.png, raw/, results\.json, table\.md\): "
-               r"pass --force to replace them .*or give another --out$")  # fmt: skip
+               r"pass --force to replace them with a whole run's \(a run cut short leaves them and publishes its "
+               r"points in lt\.partial-<UTC start> beside them\), or give another --out$")  # fmt: skip
     with pytest.raises(ValueError, match=refusal):
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None)
     (earlier_run / "notes.txt").write_text("mine")  # a file no run writes: publishing would remove it
     with pytest.raises(ValueError, match=r"holds files that vstar loadtest does not write \(notes\.txt\)"):
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
     assert folder_bytes(earlier_run) == before | {"notes.txt": b"mine"}
+
+
+def test_an_earlier_report_set_aside_by_a_killed_publish_is_put_back_and_refused(
+    earlier_run: Path, tiny_data_dir: Path
+) -> None:
+    """A publish killed between its two renames (no RENAME_EXCHANGE) leaves the earlier report set aside and no
+    --out: it is put back before --out is checked, so it needs --force as ever (and a run cut short goes beside it)."""
+    before = folder_bytes(earlier_run)
+    earlier_run.rename(earlier_run.with_name(f".{earlier_run.name}.old-0123abcd"))
+    with pytest.raises(ValueError, match=r"holds an earlier run's results"):
+        run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None)
+    assert folder_bytes(earlier_run) == before and [p.name for p in earlier_run.parent.iterdir()] == ["lt"]
 
 
 def test_a_forced_run_that_fails_at_its_first_point_leaves_the_earlier_results_byte_for_byte(
@@ -383,6 +396,30 @@ def test_a_cut_short_forced_run_keeps_the_earlier_report_and_publishes_its_point
     monkeypatch.setattr(runner.subprocess, "run", fake_locust(7))  # a later run to --out leaves the partial one
     run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
     assert partial_folders(earlier_run) == [partial] and folder_bytes(earlier_run) != before
+
+
+def test_a_cut_short_run_through_a_link_publishes_beside_the_folder_it_names(
+    monkeypatch: pytest.MonkeyPatch, earlier_run: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """The partial report goes where the staging folder is, beside the linked folder (one file system: a rename
+    publishes it), named after that folder; the link stays a link to the earlier report."""
+    before = folder_bytes(earlier_run)
+    link = tmp_path / "links" / "latest"
+    link.parent.mkdir()
+    link.symlink_to(earlier_run)
+    done = iter([fake_locust(7)])
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        step = next(done, None)
+        return subprocess.CompletedProcess(command, 1) if step is None else step(command, **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "run", run)
+    with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users") as failed:
+        run_plan(plan(data=tiny_data_dir, out=link, users=(1,)), echo=lambda _: None, force=True)
+    [partial] = partial_folders(earlier_run)
+    assert str(failed.value).endswith(f"are in {partial / 'table.md'}; {link} keeps the earlier run's results)")
+    assert link.is_symlink() and link.resolve() == earlier_run and folder_bytes(earlier_run) == before
+    assert [p.name for p in link.parent.iterdir()] == ["latest"]
 
 
 def test_ctrl_c_publishes_the_points_measured_before_it(

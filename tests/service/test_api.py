@@ -133,6 +133,9 @@ def test_an_unreadable_cache_entry_is_a_miss_that_the_answer_replaces(client: Te
         # JSON of the layout with a value of another type: the wire response refused it (a 500)
         b'{"items": [{"sid": "x", "item_ids": "1", "titles": [], "score": 0.5}], "cap_hit": false, "search": null}',
         b'{"items": [], "cap_hit": null, "search": null}',
+        # an item id this catalog does not hold: served as an item, and a 500 where the catalog has external ids
+        b'{"items": [{"sid": "x", "item_ids": [99999999], "titles": ["t"], "score": 0.5}], "cap_hit": false, '
+        b'"search": null}',
     ]:
         store.set(key, corrupt)
         r = client.post("/recommend", json=req)
