@@ -175,6 +175,23 @@ def fake_locust(
     return run
 
 
+def locust_failing_after(points: int, interrupt: bool = False) -> Callable[..., subprocess.CompletedProcess]:
+    """``subprocess.run`` for a plan whose first ``points`` points each measure 7 requests (``fake_locust``) and
+    whose next one fails (locust exits 1) or, with ``interrupt``, is stopped by Ctrl-C."""
+    measured, calls = fake_locust(7), 0
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        nonlocal calls
+        calls += 1
+        if calls <= points:
+            return measured(command, **kwargs)
+        if interrupt:
+            raise KeyboardInterrupt
+        return subprocess.CompletedProcess(command, 1)
+
+    return run
+
+
 STATS_HEADER = (
     "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
     "Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%"
@@ -210,15 +227,7 @@ def test_a_point_whose_requests_mostly_failed_is_an_error_not_a_fast_row(
 def test_a_failed_point_keeps_the_points_measured_before_it(
     monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path
 ) -> None:
-    done = iter([fake_locust(7)])
-
-    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
-        step = next(done, None)
-        if step is None:
-            return subprocess.CompletedProcess(command, 1)  # the second point's locust fails
-        return step(command, **kwargs)
-
-    monkeypatch.setattr(runner.subprocess, "run", run)
+    monkeypatch.setattr(runner.subprocess, "run", locust_failing_after(1))  # the second point's locust fails
     monkeypatch.setattr(runner, "wait_ready", lambda host: None)
     out = tmp_path / "lt"
     with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users.*the 1 points measured before it") as e:
@@ -374,13 +383,7 @@ def test_a_cut_short_forced_run_keeps_the_earlier_report_and_publishes_its_point
     """--force replaces an earlier report with a whole run, not with the first point of one: a run that fails
     after minutes of load would otherwise leave one point where a complete run stood."""
     before = folder_bytes(earlier_run)
-    done = iter([fake_locust(7)])
-
-    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
-        step = next(done, None)
-        return subprocess.CompletedProcess(command, 1) if step is None else step(command, **kwargs)
-
-    monkeypatch.setattr(runner.subprocess, "run", run)
+    monkeypatch.setattr(runner.subprocess, "run", locust_failing_after(1))
     with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users; see (\S+) \(the 1 points") as failed:
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=lambda _: None, force=True)
     assert folder_bytes(earlier_run) == before
@@ -407,13 +410,7 @@ def test_a_cut_short_run_through_a_link_publishes_beside_the_folder_it_names(
     link = tmp_path / "links" / "latest"
     link.parent.mkdir()
     link.symlink_to(earlier_run)
-    done = iter([fake_locust(7)])
-
-    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
-        step = next(done, None)
-        return subprocess.CompletedProcess(command, 1) if step is None else step(command, **kwargs)
-
-    monkeypatch.setattr(runner.subprocess, "run", run)
+    monkeypatch.setattr(runner.subprocess, "run", locust_failing_after(1))
     with pytest.raises(RuntimeError, match=r"locust exited 1 for ved at 1 users") as failed:
         run_plan(plan(data=tiny_data_dir, out=link, users=(1,)), echo=lambda _: None, force=True)
     [partial] = partial_folders(earlier_run)
@@ -428,15 +425,7 @@ def test_ctrl_c_publishes_the_points_measured_before_it(
     """An interrupt is a point cut short: the points measured before it are a report (they took minutes), beside
     the earlier run's, which stays; an interrupt before the first point leaves everything as it was."""
     before = folder_bytes(earlier_run)
-    done = iter([fake_locust(7)])
-
-    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
-        step = next(done, None)
-        if step is None:
-            raise KeyboardInterrupt
-        return step(command, **kwargs)
-
-    monkeypatch.setattr(runner.subprocess, "run", run)
+    monkeypatch.setattr(runner.subprocess, "run", locust_failing_after(1, interrupt=True))
     said: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=said.append, force=True)
@@ -449,7 +438,7 @@ def test_ctrl_c_publishes_the_points_measured_before_it(
     assert said[-1] == (f"interrupted: the 1 points measured before it are in {partial / 'table.md'}; "
                         f"{earlier_run} keeps the earlier run's results")  # fmt: skip
     assert not [p for p in earlier_run.parent.iterdir() if p.name.startswith(f".{earlier_run.name}.tmp-")]
-    done = iter([])  # the next run is interrupted at its first point
+    monkeypatch.setattr(runner.subprocess, "run", locust_failing_after(0, interrupt=True))  # at its first point
     with pytest.raises(KeyboardInterrupt):
         run_plan(plan(data=tiny_data_dir, out=earlier_run, users=(1,)), echo=said.append, force=True)
     assert folder_bytes(earlier_run) == before and partial_folders(earlier_run) == [partial]
