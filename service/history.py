@@ -110,6 +110,15 @@ def resolve_stored(catalog: SidCatalog, entries: Iterable[str]) -> tuple[list[Hi
     return events, skipped
 
 
+def named_item(catalog: SidCatalog, event: HistoryEvent) -> int:
+    """The one item an entry names, for the transition counts: its item, or the item its SID names when that is
+    the SID's only one; -1 for a SID several items share (no one item, no transitions)."""
+    if event.item_id is not None:
+        return event.item_id
+    items = catalog.items_of(event.sid)
+    return items[0] if len(items) == 1 else -1
+
+
 def excluded_items(catalog: SidCatalog, events: Iterable[HistoryEvent]) -> frozenset[int]:
     """Items a user already has: the named items, and every item of a named SID."""
     out: set[int] = set()

@@ -73,7 +73,14 @@ from service.answer import Answer, RankedSid, SearchReport
 from service.deadline import DeadlineMargin
 from service.decode_scheduler import SHED, DecodeJob, DecodePlan, DecodeRow, DecodeScheduler
 from service.errors import InvalidInput, NotFound, StoreUnavailable, shorten
-from service.history import HistoryEvent, excluded_items, fully_excluded_sids, resolve_entries, resolve_stored
+from service.history import (
+    HistoryEvent,
+    excluded_items,
+    fully_excluded_sids,
+    named_item,
+    resolve_entries,
+    resolve_stored,
+)
 from service.metrics import ServiceMetrics
 from service.response_cache import ResponseCache
 from service.schemas import (
@@ -328,18 +335,11 @@ class Recommender(DecodeScheduler):
         return stored + given
 
     def _fused_items(self, events: list[HistoryEvent]) -> tuple[int, ...]:
-        """What the decoders' shallow fusion reads of the history: its last items, as many as the transition
-        counts' window (an entry given as a SID reads as its item when it names one, else -1: no one item, no
-        transitions); none without fusion."""
+        """What the decoders' shallow fusion reads of the history: its last items (``named_item``), as many as the
+        transition counts' window; none without fusion."""
         if self.fusion is None:
             return ()
-        return tuple(self._item_of(e) for e in events[-self.fusion.counts.window :])
-
-    def _item_of(self, event: HistoryEvent) -> int:
-        if event.item_id is not None:
-            return event.item_id
-        items = self.catalog.items_of(event.sid)
-        return items[0] if len(items) == 1 else -1
+        return tuple(named_item(self.catalog, e) for e in events[-self.fusion.counts.window :])
 
     async def append_events(
         self, user_id: str, entries: Sequence[int | str | ExternalItemRef], idempotency_key: str | None = None
