@@ -1,6 +1,7 @@
 """``vstar recommend``: offline batch recommendations, the answers ``POST /recommend`` gives, for a file of users.
 
-Each line of the input is one user, ``{"user_id": ..., "history": [...]}``; the output has a line for each,
+Each line of the input is one user, ``{"user_id": ..., "history": [...]}``, with an optional ``"exclude_items":
+[...]`` of items never to recommend to that user (the request's field); the output has a line for each,
 in the same order, ``{"user_id": ..., "items": [...]}``, with the items ``POST /recommend`` answers for that
 history and the command's options (the request's ``k``, ``mode``, ``budget`` and ``exclude_history``, the
 same for every line). With ``--stored-history`` a line's ``user_id`` is looked up as ``POST /recommend`` looks
@@ -72,7 +73,7 @@ from service.schemas import USER_ID_PATTERN, RecommendedItem, RecommendRequest
 from service.settings import Settings
 from service.stores import Store, read_histories, store_failure
 
-LINE_FIELDS = ("user_id", "history")
+LINE_FIELDS = ("user_id", "history", "exclude_items")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -153,8 +154,8 @@ def read_line(number: int, raw: bytes, fields: dict[str, Any], stored_id_length:
     unknown = [shorten(key) for key in body if key not in LINE_FIELDS]
     if unknown:
         raise ValueError(
-            f"unknown fields {unknown}: a line holds user_id and history (the options give every line's k, mode, "
-            "budget and exclude_history)"
+            f"unknown fields {unknown}: a line holds user_id, history and exclude_items (the options give every "
+            "line's k, mode, budget and exclude_history)"
         )
     user_id = body.get("user_id")
     if user_id is not None and not isinstance(user_id, str):
@@ -176,7 +177,9 @@ def read_line(number: int, raw: bytes, fields: dict[str, Any], stored_id_length:
             f'{{"external_id": ...}} objects){stored}'
         )
     try:
-        request = RecommendRequest.model_validate(fields | {"history": history})
+        request = RecommendRequest.model_validate(
+            fields | {"history": history, "exclude_items": body.get("exclude_items")}
+        )
     except ValidationError as e:
         raise ValueError(validation_message(e.errors())) from None
     return UserLine(number, user_id, request)

@@ -38,22 +38,26 @@ def _listed(values: Sequence[object]) -> str:
     return f"[{shown}{', ...' if len(values) > MAX_LISTED else ''}] ({len(values)})"
 
 
-def resolve_entries(
-    catalog: SidCatalog, entries: Iterable[int | str | ExternalItemRef], field: str
-) -> list[HistoryEvent]:
-    """Resolve every entry or raise ``InvalidInput(field, ...)`` listing all the bad ones."""
-    events: list[HistoryEvent] = []
-    unknown_ids: list[int | str] = []
-    unknown_external: list[str] = []
-    malformed: list[str] = []
-    unknown_sids: list[str] = []
+@dataclass
+class _Resolved:
+    """Entries sorted into the events they name and each kind of entry that names none."""
+
+    events: list[HistoryEvent]
+    unknown_ids: list[int | str]
+    unknown_external: list[str]
+    malformed: list[str]
+    unknown_sids: list[str]
+
+
+def _resolve(catalog: SidCatalog, entries: Iterable[int | str | ExternalItemRef]) -> _Resolved:
+    out = _Resolved([], [], [], [], [])
     for entry in entries:
         if isinstance(entry, ExternalItemRef):
             item_id = catalog.item_of_external_id.get(entry.external_id)
             if item_id is None:
-                unknown_external.append(entry.external_id)
+                out.unknown_external.append(entry.external_id)
             else:
-                events.append(HistoryEvent(item_id, catalog.items[item_id].sid))
+                out.events.append(HistoryEvent(item_id, catalog.items[item_id].sid))
             continue
         if isinstance(entry, int) or (entry.isascii() and entry.isdigit()):
             # a 30-digit id is no catalog id; the bound also keeps int() away from huge strings. Counted without
@@ -61,41 +65,73 @@ def resolve_entries(
             digits = str(entry).lstrip("0") or "0"
             item = catalog.items.get(int(digits)) if len(digits) <= 20 else None
             if item is None:
-                unknown_ids.append(entry)
+                out.unknown_ids.append(entry)
             else:
-                events.append(HistoryEvent(item.item_id, item.sid))
+                out.events.append(HistoryEvent(item.item_id, item.sid))
             continue
         try:
             sid = parse_sid(entry, catalog.depth)
         except ValueError:
-            malformed.append(entry)
+            out.malformed.append(entry)
             continue
         if sid not in catalog.sid_index:
-            unknown_sids.append(entry)
+            out.unknown_sids.append(entry)
         else:
-            events.append(HistoryEvent(None, sid))
+            out.events.append(HistoryEvent(None, sid))
+    return out
+
+
+def _problems(catalog: SidCatalog, found: _Resolved, unknown: bool) -> list[str]:
+    """What is wrong with ``found``'s entries, one phrase per kind; ``unknown``: entries the catalog does not
+    know count as wrong too (a malformed SID, external ids on a catalog without them and a client's own ids sent
+    bare always do)."""
     problems = []
-    if unknown_ids:
-        problems.append(f"unknown item ids {_listed(unknown_ids)}")
-    if unknown_external and catalog.external_ids is None:
+    if unknown and found.unknown_ids:
+        problems.append(f"unknown item ids {_listed(found.unknown_ids)}")
+    if found.unknown_external and catalog.external_ids is None:
         problems.append(
-            f"external ids {_listed(unknown_external)} given, but this checkpoint's catalog has none (it was trained "
-            "on data without item_map.json): name the items by item id or SID"
+            f"external ids {_listed(found.unknown_external)} given, but this checkpoint's catalog has none (it was "
+            "trained on data without item_map.json): name the items by item id or SID"
         )
-    elif unknown_external:
-        problems.append(f"unknown external ids {_listed(unknown_external)}")
-    if malformed:
+    elif unknown and found.unknown_external:
+        problems.append(f"unknown external ids {_listed(found.unknown_external)}")
+    if found.malformed:
         example = "".join(level_token(level, level + 1) for level in range(catalog.depth))  # <a_1><b_2><c_3> for 3
-        problems.append(f"malformed SIDs {_listed(malformed)}: expected {catalog.depth} tokens like {example}")
-    if unknown_sids:
-        problems.append(f"SIDs not in the catalog {_listed(unknown_sids)}")
+        problems.append(f"malformed SIDs {_listed(found.malformed)}: expected {catalog.depth} tokens like {example}")
+    if unknown and found.unknown_sids:
+        problems.append(f"SIDs not in the catalog {_listed(found.unknown_sids)}")
     # a client that sent its own ids bare: say which form they take
-    bare = [e for e in [*unknown_ids, *malformed, *unknown_sids] if str(e) in catalog.item_of_external_id]
+    named = [*found.unknown_ids, *found.malformed, *found.unknown_sids]
+    bare = [e for e in named if str(e) in catalog.item_of_external_id]
     if bare:
         problems.append(f'{_listed(bare)} are external ids: send each as {{"external_id": ...}}')
+    return problems
+
+
+def resolve_entries(
+    catalog: SidCatalog, entries: Iterable[int | str | ExternalItemRef], field: str
+) -> list[HistoryEvent]:
+    """Resolve every entry or raise ``InvalidInput(field, ...)`` listing all the bad ones."""
+    found = _resolve(catalog, entries)
+    problems = _problems(catalog, found, unknown=True)
     if problems:
         raise InvalidInput(field, "; ".join(problems))
-    return events
+    return found.events
+
+
+def resolve_exclusions(
+    catalog: SidCatalog, entries: Iterable[int | str | ExternalItemRef], field: str = "exclude_items"
+) -> frozenset[int]:
+    """The items a request's ``exclude_items`` names: each named item, every item of a named SID. An entry the
+    catalog does not know is passed over, as no answer can hold it (a blocklist may name items added since the
+    checkpoint was trained); one that cannot name any item is ``InvalidInput(field, ...)``, as a history's is: a
+    malformed SID, an external id on a catalog without them, a client's own id sent bare (a digit string read
+    as an item id would exclude another item, or none)."""
+    found = _resolve(catalog, entries)
+    problems = _problems(catalog, found, unknown=False)
+    if problems:
+        raise InvalidInput(field, "; ".join(problems))
+    return excluded_items(catalog, found.events)
 
 
 def resolve_stored(catalog: SidCatalog, entries: Iterable[str]) -> tuple[list[HistoryEvent], int]:

@@ -34,7 +34,8 @@ def register_offline(app: typer.Typer) -> None:
                 help='JSON lines, a user each: {"user_id": "...", "history": [...]} (user_id optional, any string, '
                 "echoed back; history as POST /recommend takes it: item ids, SID strings, "
                 '{"external_id": ...} objects, oldest first; with --stored-history a line with a user_id may '
-                "leave history out).",
+                'leave history out). A line may add "exclude_items": [...], items never to recommend to that '
+                "user, as the request's field.",
             ),
         ],
         out: Annotated[

@@ -8,8 +8,9 @@ Design decisions:
 
 * The decoders work on SIDs; one SID can name several items, so each result
   row is a SID with all its items. ``exclude_history`` removes the user's items
-  from those lists and drops a SID whose items are all excluded; the decode asks
-  for ``k`` plus that many extra beams, so k items still come back when k exist.
+  from those lists, and ``exclude_items`` the request's own (``resolve_exclusions``),
+  and a SID whose items are all excluded is dropped; the decode asks for ``k``
+  plus that many extra beams, so k items still come back when k exist.
 * The response cache (``service.response_cache``) keys an answer by the model
   version and the normalised request (the SIDs the prompt sees, the exclusion
   set, k, the mode, the search as run), never by the cap: only answers it did
@@ -79,6 +80,7 @@ from service.history import (
     fully_excluded_sids,
     named_item,
     resolve_entries,
+    resolve_exclusions,
     resolve_stored,
 )
 from service.metrics import ServiceMetrics
@@ -202,8 +204,10 @@ class Recommender(DecodeScheduler):
 
     def plan(self, req: RecommendRequest, events: list[HistoryEvent]) -> DecodePlan:
         """What ``req`` over the resolved history ``events`` (stored and given, oldest first) asks the model for;
-        ``InvalidInput`` for a VED budget too small for its k."""
+        ``InvalidInput`` for a VED budget too small for its k, or an ``exclude_items`` entry that can name no item."""
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
+        if req.exclude_items:
+            excluded |= resolve_exclusions(self.catalog, req.exclude_items)
         history = tuple(e.sid for e in events[-self.max_prompt_history :])
         return DecodePlan(
             self._decode_config(req, excluded), DecodeJob(history, items=self._fused_items(events)), excluded
@@ -242,7 +246,7 @@ class Recommender(DecodeScheduler):
             return replace(config, budget=resolve_budget(config, self.catalog.depth))
         except ValueError as e:
             extra = config.num_candidates - req.k  # the SIDs exclusion may remove: searched for on top of k
-            sids = f"{extra} SID{'s' if extra > 1 else ''} of the history it excludes"
+            sids = f"{extra} SID{'s' if extra > 1 else ''} its exclusions leave without an item"
             because = f"k={req.k} plus the {sids}" if extra else f"k={req.k}"
             raise InvalidInput("budget", f"{e} ({because})") from None
 

@@ -79,6 +79,11 @@ HistoryEntry = Annotated[
     ),
 ]
 HISTORY_HELP = 'Item ids, SID strings or {"external_id": ...} objects, oldest first.'
+EXCLUDE_HELP = (
+    "Items never to recommend (out of stock, blocked, bought elsewhere): item ids, SID strings (every item of the "
+    'SID) or {"external_id": ...} objects; ones the catalog does not know are passed over. Applies whatever '
+    "exclude_history says."
+)
 EVENTS_HELP = 'Interactions to append, oldest first: item ids, SID strings or {"external_id": ...} objects.'
 
 
@@ -92,12 +97,13 @@ class RecommendRequest(BaseModel):
     k: int = Field(10, description="How many recommendations.")
     mode: Mode = Field(
         "beam",
-        description="beam: constrained beam search of width k (plus the SIDs exclude_history may drop), so a larger k "
+        description="beam: constrained beam search of width k (plus the SIDs exclusion may drop), so a larger k "
         "can rank SIDs a smaller one missed; ved: value-guided search under a token budget and a latency cap.",
     )
     budget: int | None = Field(None, description="VED: token budget (default: the search's own).")
     latency_ms: int | None = Field(None, description="VED: latency cap in ms (default from settings).")
     exclude_history: bool | None = Field(None, description="Drop items already in the history (default from settings).")
+    exclude_items: list[HistoryEntry] | None = Field(None, description=EXCLUDE_HELP)
 
     @field_validator("budget", "latency_ms")
     @classmethod
@@ -252,6 +258,10 @@ def request_models(settings: Settings) -> RequestModels:
                 # name (the recommender: "give a non-empty history, or a user_id with a stored history")
                 description=HISTORY_HELP,
             ),
+        ),
+        exclude_items=(
+            entry_list | None,
+            Field(None, max_length=settings.max_request_exclude, description=EXCLUDE_HELP),
         ),
         k=(int, Field(settings.default_k, ge=1, le=settings.max_k, description="How many recommendations.")),
         budget=(int | None, Field(None, ge=1, le=settings.ved_max_budget, description="VED: token budget.")),

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
     default_k: int = Field(10, ge=1, description="k when a request gives none.")
     max_request_history: int = Field(100, ge=1, description="Most history entries one request may carry.")
+    max_request_exclude: int = Field(
+        100,
+        ge=1,
+        description="Most entries one request's exclude_items may carry (each SID it leaves without an item widens "
+        "the search by one).",
+    )
     max_events: int = Field(100, ge=1, description="Most events one POST may append.")
     max_user_id_length: int = Field(128, ge=1, description="User ids are 1..this many of [A-Za-z0-9_.@:-].")
     exclude_history_default: bool = Field(False, description="Drop items the user has, unless asked.")

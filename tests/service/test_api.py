@@ -11,7 +11,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from models.sid_catalog import SidCatalog, sid_to_str
+from models.sid_catalog import SidCatalog, parse_sid, sid_to_str
 from models.ved_config import resolve_budget
 from service.app import create_app
 from service.history import resolve_entries
@@ -189,6 +189,27 @@ def test_exclude_history_drops_seen_items_and_still_returns_k(client: TestClient
     assert not {i for it in r["items"] for i in it["item_ids"]} & set(seen + [10])
 
 
+@pytest.mark.parametrize("mode", ["beam", "ved"])
+def test_exclude_items_never_come_back_and_k_still_does(
+    client: TestClient, tiny_catalog: SidCatalog, mode: str
+) -> None:
+    """The request's own exclusions (an item, and a SID: all its items), beside or without exclude_history; an item
+    the catalog does not know is passed over. The key holds the exclusions: a request that adds them is no hit."""
+    body = {"history": [11, 12], "k": 6, "mode": mode}
+    plain = client.post("/recommend", json=body).json()["items"]
+    first, second = plain[0]["item_ids"][0], plain[1]["sid"]
+    blocked = {first, *tiny_catalog.items_of(parse_sid(second))}
+    for history_too in [False, True]:
+        exclusions = body | {"exclude_history": history_too, "exclude_items": [first, second, 99999]}
+        r = client.post("/recommend", json=exclusions)
+        assert r.status_code == 200 and not r.json()["cached"], r.text
+        items = r.json()["items"]
+        assert len(items) == 6 and second not in {it["sid"] for it in items}
+        assert not {i for it in items for i in it["item_ids"]} & (blocked | ({11, 12} if history_too else set()))
+        again = client.post("/recommend", json=exclusions).json()
+        assert again["cached"] and again["items"] == items
+
+
 def test_items_health_ready_metrics(client: TestClient, tiny_catalog: SidCatalog) -> None:
     r = client.get("/items/4")
     item = {"item_id": 4, "sid": sid_to_str(tiny_catalog.sid_of(4)), "title": tiny_catalog.items[4].title}
@@ -239,6 +260,10 @@ BAD_REQUESTS = [
     ({}, "history"),
     ({"k": 3}, "history"),
     ({"history": [1], "colour": "red"}, "colour"),
+    ({"history": [1], "exclude_items": ["<a_1><b_2>"]}, "exclude_items: malformed SIDs ['<a_1><b_2>']"),
+    ({"history": [1], "exclude_items": "1,2"}, "exclude_items"),
+    ({"history": [1], "exclude_items": [1.5]}, "exclude_items"),
+    ({"history": [1], "exclude_items": list(range(101))}, "exclude_items"),
     ({"user_id": "", "history": [1]}, "user_id"),
     ({"user_id": "has space"}, "user_id"),
 ]
@@ -375,10 +400,13 @@ def test_unexpected_errors_are_500_without_a_trace(
 
 
 def test_limits_come_from_settings(make_settings: Callable[..., Settings]) -> None:
-    settings = make_settings(max_k=7, default_k=5, max_request_history=4, ved_max_latency_ms=300)
+    settings = make_settings(max_k=7, default_k=5, max_request_history=4, ved_max_latency_ms=300, max_request_exclude=2)
     with TestClient(create_app(settings)) as c:
         schema = c.get("/openapi.json").json()["components"]["schemas"]["RecommendRequest"]["properties"]
         assert schema["k"]["maximum"] == 7 and schema["history"]["anyOf"][0]["maxItems"] == 4
+        assert schema["exclude_items"]["anyOf"][0]["maxItems"] == 2
+        assert c.post("/recommend", json={"history": [1], "exclude_items": [2, 3, 4]}).status_code == 422
+        assert c.post("/recommend", json={"history": [1], "exclude_items": [2, 3]}).status_code == 200
         assert c.post("/recommend", json={"history": [1], "k": 8}).status_code == 422
         assert c.post("/recommend", json={"history": [1, 2, 3, 4, 5]}).status_code == 422
         assert c.post("/recommend", json={"history": [1], "mode": "ved", "latency_ms": 301}).status_code == 422

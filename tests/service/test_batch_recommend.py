@@ -108,6 +108,34 @@ def test_each_user_gets_what_post_recommend_answers(
 
 
 @pytest.mark.parametrize("mode", ["beam", "ved"])
+def test_a_lines_exclude_items_are_the_requests(
+    client: TestClient,
+    checkpoint: Path,
+    histories: list[list[Any]],
+    tiny_catalog: SidCatalog,
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    """Each line's own exclusions, in every form the request takes (an unknown id passed over), answered as
+    POST /recommend answers the same exclude_items."""
+    users = []
+    for i, history in enumerate(histories[:6]):
+        blocked = [history[-1] + 1, sid_to_str(tiny_catalog.sid_of(history[0])), {"external_id": sku(i)}, 99999]
+        users.append({"user_id": f"u {i}", "history": history} | ({"exclude_items": blocked} if i % 3 else {}))
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(user) + "\n" for user in users))
+    got = recommend(checkpoint, source, tmp_path / "out.jsonl", "--k", str(K), "--mode", mode, "--batch-size", "1")
+    for user, line in zip(users, got, strict=True):
+        body = {k: v for k, v in user.items() if k != "user_id"} | {"k": K, "mode": mode}
+        answer = client.post("/recommend", json=body | ({"latency_ms": 1000} if mode == "ved" else {})).json()
+        assert line["items"] == answer["items"] and len(line["items"]) == K, user
+        if "exclude_items" in user:
+            blocked_sid = user["exclude_items"][1]
+            assert blocked_sid not in {it["sid"] for it in line["items"]}
+            assert not {i for it in line["items"] for i in it["item_ids"]} & {user["history"][-1] + 1}
+
+
+@pytest.mark.parametrize("mode", ["beam", "ved"])
 def test_the_batch_size_changes_no_answer(
     checkpoint: Path, histories: list[list[Any]], tmp_path: Path, mode: str
 ) -> None:
@@ -130,6 +158,8 @@ def test_the_batch_size_changes_no_answer(
         ('{"history": ["<a_1>"]}', "in.jsonl:2: history: malformed SIDs ['<a_1>'] (1): expected 3 tokens"),
         ('{"user_id": "x"}', "in.jsonl:2: history: missing"),
         ('{"history": [1], "k": 3}', "in.jsonl:2: unknown fields ['k']"),
+        ('{"history": [1], "exclude_items": ["<a_1>"]}', "in.jsonl:2: exclude_items: malformed SIDs ['<a_1>'] (1)"),
+        ('{"history": [1], "exclude_items": 4}', "in.jsonl:2: exclude_items: "),
         ('{"history": [1.5]}', 'in.jsonl:2: history.0: expected an item id, a SID string or an {"external_id"'),
         ('{"user_id": 7, "history": [1]}', "in.jsonl:2: user_id: expected a string, got 7"),
         # a lone surrogate: read as a str, but no UTF-8 answer line can hold it (it failed after every decode)

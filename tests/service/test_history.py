@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.sid_catalog import SidCatalog
+from models.sid_catalog import SidCatalog, sid_to_str
 from service.errors import InvalidInput
-from service.history import fully_excluded_sids, resolve_entries
+from service.history import fully_excluded_sids, resolve_entries, resolve_exclusions
 from service.schemas import ExternalItemRef
 from tests.conftest import make_catalog
 
@@ -67,3 +67,24 @@ def test_fully_excluded_sids_counts_the_sids_whose_every_item_is_excluded(exclud
     assert fully_excluded_sids(SHARED, excluded) == sum(
         all(i in excluded for i in SHARED.items_of(sid)) for sid in SHARED.sids
     )
+
+
+def test_exclusions_pass_over_what_the_catalog_does_not_know_and_name_what_can_name_no_item() -> None:
+    """A blocklist may hold items added since training (no answer holds them): passed over, not a 422. What can
+    name no item is refused as a history's entry is: a malformed SID, and a client's own id sent bare, which a
+    pass-over would turn into a blocklisted item that stays recommendable."""
+    named = SHARED.with_external_ids({i: f"SKU-{i}" for i in SHARED.items})
+    sid = sid_to_str(SHARED.items[3].sid)
+    assert resolve_exclusions(named, [7, "8", ExternalItemRef(external_id="SKU-9")]) == {7, 8, 9}
+    assert resolve_exclusions(named, [sid]) == set(SHARED.items_of(SHARED.items[3].sid))  # a SID: all its items
+    unknown = [99999, "123456", ExternalItemRef(external_id="SKU-new"), "<a_0><b_0><c_9>"]
+    assert resolve_exclusions(named, [*unknown, 5]) == {5}
+    with pytest.raises(InvalidInput, match=r"^exclude_items: malformed SIDs \['<a_1>'\] \(1\)"):
+        resolve_exclusions(named, [5, "<a_1>"])
+    digits = SHARED.with_external_ids({i: str(90000 + i) for i in SHARED.items})
+    with pytest.raises(InvalidInput, match=r"^exclude_items: \['90004'\] \(1\) are external ids: send each as"):
+        resolve_exclusions(digits, ["90004"])  # read as an unknown item id, it would exclude nothing
+    with pytest.raises(InvalidInput, match=r"^exclude_items: malformed SIDs .*; \['SKU-4'\] \(1\) are external"):
+        resolve_exclusions(named, ["SKU-4"])
+    with pytest.raises(InvalidInput, match=r"^exclude_items: external ids \['SKU-4'\] \(1\) given, but"):
+        resolve_exclusions(SHARED, [ExternalItemRef(external_id="SKU-4")])

@@ -388,9 +388,12 @@ OPS = ("read_history", "read_cache", "write_cache")
 def test_a_budget_too_small_for_the_excluded_extras_says_so(client: TestClient) -> None:
     body = {"history": [1, 2], "k": 16, "mode": "ved", "budget": 32, "latency_ms": 900}  # 32 = 2 x max(16, k)
     assert client.post("/recommend", json=body | {"exclude_history": False}).status_code == 200
-    r = client.post("/recommend", json=body | {"exclude_history": True})
-    message = r.json()["error"]["message"]
-    assert r.status_code == 422 and re.search(r"\(k=16 plus the [12] SIDs? of the history it excludes\)", message)
+    for exclusion in [{"exclude_history": True}, {"exclude_items": [1, 2]}]:
+        r = client.post("/recommend", json=body | exclusion)
+        message = r.json()["error"]["message"]
+        assert r.status_code == 422 and re.search(
+            r"\(k=16 plus the [12] SIDs? its exclusions leave without an item\)", message
+        )
 
 
 class RecordingMargin(DeadlineMargin):
