@@ -86,10 +86,6 @@ from service.history import (
 from service.metrics import ServiceMetrics
 from service.response_cache import ResponseCache
 from service.schemas import (
-    EventsResponse,
-    ExternalItemRef,
-    HistoryItem,
-    HistoryResponse,
     ItemResponse,
     Readiness,
     RecommendedItem,
@@ -99,7 +95,8 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.store_calls import StoreCalls
-from service.stores import Store, StoreRefused, WriteOutcomeUnknown
+from service.stores import Store
+from service.user_histories import UserHistories
 
 log = logging.getLogger("service.recommender")
 
@@ -133,6 +130,7 @@ class Recommender(DecodeScheduler):
         metrics.track(metrics.ved_cap_lateness, self.cap_lateness.margin_s)  # in force at each scrape, not stale
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
         self.store_calls = StoreCalls(metrics)  # bounded by a VED request's cap, or not (service.store_calls)
+        self.users = UserHistories(self.catalog, store, self.store_calls, metrics)  # the /users/{user_id} routes
         self.cache = ResponseCache(
             store, self.store_calls, metrics, settings.cache_ttl_s, self.model_version, self.fusion, self.catalog.items
         )
@@ -344,50 +342,6 @@ class Recommender(DecodeScheduler):
         if self.fusion is None:
             return ()
         return tuple(named_item(self.catalog, e) for e in events[-self.fusion.counts.window :])
-
-    async def append_events(
-        self, user_id: str, entries: Sequence[int | str | ExternalItemRef], idempotency_key: str | None = None
-    ) -> tuple[EventsResponse, bool]:
-        """The response, and whether it replays an earlier write under the same ``idempotency_key``."""
-        events = resolve_entries(self.catalog, entries, "items")
-        try:
-            done = await self.store.append(user_id, [e.stored() for e in events], idempotency_key)
-        except WriteOutcomeUnknown:
-            self.metrics.store_errors.labels("append_history").inc()
-            retry = (
-                "retry with the same Idempotency-Key" if idempotency_key else "send an Idempotency-Key to retry safely"
-            )
-            raise StoreUnavailable(
-                f"the history store did not confirm the write; the events may have been stored: {retry}"
-            ) from None
-        except StoreRefused as e:
-            self.metrics.store_errors.labels("append_history").inc()
-            raise StoreUnavailable(
-                f"the history store refused the write ({e.reason}); the events were not stored"
-            ) from None
-        except StoreUnavailable:
-            self.metrics.store_errors.labels("append_history").inc()
-            raise StoreUnavailable("the history store is unavailable; the events were not stored, retry") from None
-        return EventsResponse(
-            user_id=user_id, appended=done.appended, history_length=done.history_length
-        ), done.replayed
-
-    async def history(self, user_id: str) -> HistoryResponse:
-        stored, _ = resolve_stored(
-            self.catalog, await self.store_calls.within("read_history", self.store.history(user_id), None)
-        )
-        if not stored:
-            raise NotFound(f"user_id: no stored history for user {user_id!r}")
-        items = [
-            HistoryItem(
-                item_id=e.item_id,
-                sid=sid_to_str(e.sid),
-                title=self.catalog.items[e.item_id].title if e.item_id is not None else None,
-                external_id=self.catalog.external_id_of(e.item_id) if e.item_id is not None else None,
-            )
-            for e in stored
-        ]
-        return HistoryResponse(user_id=user_id, history=items)
 
     def item(self, item_id: int) -> ItemResponse:
         item = self.catalog.items.get(item_id)

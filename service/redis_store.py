@@ -311,6 +311,18 @@ class RedisStore(Store):
             raise IdempotencyConflict()
         return Appended(int(appended), int(length), replayed=stored_attempt != attempt)
 
+    async def delete_history(self, user_id: str) -> int:
+        key = HISTORY_KEY.format(user_id)
+
+        async def delete() -> int:  # a retried delete is the same delete: the reads' client, its one retry
+            async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: the count is what went
+                pipe.llen(key)
+                pipe.delete(key)
+                held, _ = await pipe.execute()
+            return int(held)
+
+        return await self._call("delete history", delete)
+
     async def cache_get(self, key: str) -> bytes | None:
         return await self._call(
             "read cache", lambda: cast("Awaitable[bytes | None]", self._redis.get(CACHE_KEY.format(key)))

@@ -22,6 +22,7 @@ from service.schemas import (
     ErrorResponse,
     EventsResponse,
     Health,
+    HistoryDeleted,
     HistoryResponse,
     ItemResponse,
     PathInt,
@@ -45,12 +46,13 @@ API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="O
 
 
 async def require_api_key(request: Request, key: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
-    """Writes need one of the configured keys (none configured: writes are open)."""
+    """Writes (event posts, history deletes) need one of the configured keys (none configured: writes are
+    open)."""
     allowed = request.app.state.settings.api_keys
     if not allowed:
         return
     if not key:
-        raise Unauthorized("X-API-Key: missing; this server takes events only with an API key")
+        raise Unauthorized("X-API-Key: missing; this server takes writes (events, deletes) only with an API key")
     # compare with every key, in constant time, so neither a match nor its position shows in the timing
     if not sum(secrets.compare_digest(key.encode(), k.get_secret_value().encode()) for k in allowed):
         raise Unauthorized("X-API-Key: not a valid key")
@@ -142,15 +144,28 @@ def build_router(models: RequestModels, api_keys: bool) -> APIRouter:
         """Append interactions to the user's stored history; 503 if they were not stored (or, said so, when that
         is unknown). With an `Idempotency-Key`, a retry never stores twice: it gets the first write's answer with
         `Idempotent-Replayed: true`."""
-        answer, replayed = await recommender.append_events(user_id, body.items, idempotency_key)  # type: ignore[attr-defined]
+        answer, replayed = await recommender.users.append_events(user_id, body.items, idempotency_key)  # type: ignore[attr-defined]
         if replayed:
             response.headers["Idempotent-Replayed"] = "true"
         return answer
 
+    @router.delete(
+        "/users/{user_id}/history",
+        responses=_errors(401, 503),
+        tags=["users"],
+        dependencies=[Security(require_api_key)] if api_keys else [],
+    )
+    async def delete_history(user_id: UserId, recommender: RecommenderDep) -> HistoryDeleted:
+        """Delete the user's stored history (a user's request to be forgotten): 200 with the entries it held, 0
+        when none was stored. Later recommendations for the user have no stored history (404 without one in the
+        request); an event write retried with an `Idempotency-Key` it used before is answered as a replay, not
+        stored again."""
+        return await recommender.users.delete_history(user_id)
+
     @router.get("/users/{user_id}/history", responses=_errors(404, 503), tags=["users"])
     async def history(user_id: UserId, recommender: RecommenderDep) -> HistoryResponse:
         """The user's stored history, oldest first."""
-        return await recommender.history(user_id)
+        return await recommender.users.history(user_id)
 
     @router.get("/items/external", include_in_schema=False)
     async def item_by_no_external_id() -> None:

@@ -193,6 +193,13 @@ class HistoryItem(BaseModel):
     )
 
 
+class HistoryDeleted(BaseModel):
+    user_id: str
+    deleted: int = Field(
+        description="Entries the stored history held; 0 when none was stored (a delete is safe to repeat)."
+    )
+
+
 class HistoryResponse(BaseModel):
     user_id: str
     history: list[HistoryItem]

@@ -94,6 +94,12 @@ class Store(abc.ABC):
         ``changed`` is set (a count of what was read cannot place them once the cap trimmed the list since)."""
 
     @abc.abstractmethod
+    async def delete_history(self, user_id: str) -> int:
+        """Delete the user's stored history at once; how many entries it held (0: none, nothing to do). The
+        write records (``Appended``'s idempotency keys: a digest of each write, no entry) stay to their TTL, so
+        a write retried after the delete is answered as the replay it is, not stored again."""
+
+    @abc.abstractmethod
     async def cache_get(self, key: str) -> bytes | None: ...
 
     @abc.abstractmethod
@@ -171,6 +177,11 @@ class MemoryStore(Store):
         if idempotency_key is not None:
             self._records[(user_id, idempotency_key)] = (now + self.idempotency_ttl_s, fp, len(entries), len(stored))
         return Appended(len(entries), len(stored))
+
+    async def delete_history(self, user_id: str) -> int:
+        held = self._held(user_id, time.monotonic())
+        self._histories.pop(user_id, None)
+        return len(held)
 
     async def cache_get(self, key: str) -> bytes | None:
         hit = self._cache.get(key)

@@ -163,6 +163,24 @@ def test_events_history_and_user_recommendations(client: TestClient, tiny_catalo
     assert both["items"] == client.post("/recommend", json={"history": [1, 2, sid, 5], "k": 3}).json()["items"]
 
 
+def test_a_deleted_history_is_gone_and_a_retried_write_is_not_stored_again(client: TestClient) -> None:
+    """DELETE answers how many entries went (0 when none: a retry is safe); the user then has no stored history,
+    and an event write replayed with its Idempotency-Key stays a replay, so the delete holds."""
+    key = {"Idempotency-Key": "del-1"}
+    assert client.post("/users/dora/events", json={"items": [1, 2]}, headers=key).status_code == 200
+    assert client.post("/users/dora/events", json={"items": [3]}).status_code == 200
+    r = client.delete("/users/dora/history")
+    assert r.status_code == 200 and r.json() == {"user_id": "dora", "deleted": 3}, r.text
+    assert client.get("/users/dora/history").status_code == 404
+    assert client.post("/recommend", json={"user_id": "dora", "k": 3}).status_code == 404
+    assert client.delete("/users/dora/history").json() == {"user_id": "dora", "deleted": 0}
+    replay = client.post("/users/dora/events", json={"items": [1, 2]}, headers=key)
+    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert client.get("/users/dora/history").status_code == 404
+    assert client.post("/users/dora/events", json={"items": [4]}).json()["history_length"] == 1  # a new write is
+    assert client.delete("/users/has space/history").status_code == 422
+
+
 def test_stored_history_is_capped(make_settings: Callable[..., Settings], clean_redis: str) -> None:
     with TestClient(create_app(make_settings(redis_url=clean_redis, stored_history_max=3))) as c:
         c.post("/users/bob/events", json={"items": [1, 2]})

@@ -27,6 +27,11 @@ def test_writes_need_one_of_the_keys_when_keys_are_set(
         for key in ("key-one-0123456789", "key-two-0123456789"):
             assert c.post("/users/ann/events", json={"items": [1]}, headers={"X-API-Key": key}).status_code == 200
         assert c.post("/recommend", json={"user_id": "ann", "k": 2}).status_code == 200  # reads stay open
+        for headers in ({}, {"X-API-Key": "wrong"}):  # a delete is a write
+            assert c.delete("/users/ann/history", headers=headers).status_code == 401
+        assert c.get("/users/ann/history").status_code == 200
+        r = c.delete("/users/ann/history", headers={"X-API-Key": "key-two-0123456789"})
+        assert r.status_code == 200 and r.json()["deleted"] == 2
         assert "X-API-Key" in str(c.get("/openapi.json").json()["components"]["securitySchemes"])
     logged = capfd.readouterr().err
     assert '"msg": "settings"' in logged and "0123456789" not in logged

@@ -66,6 +66,8 @@ def test_outage_and_recovery(make_settings: Callable[..., Settings], private_red
         assert r.status_code == 503 and r.json()["error"]["type"] == "store_unavailable"
         assert r.headers["retry-after"] == "1"
         assert c.get("/users/erin/history").status_code == 503
+        r = c.delete("/users/erin/history")
+        assert r.status_code == 503 and r.json()["error"]["message"].endswith("retry (a delete is safe to repeat)")
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json() | {"model_version": None} == {
             "status": "degraded",
@@ -74,7 +76,7 @@ def test_outage_and_recovery(make_settings: Callable[..., Settings], private_red
             "redis": "unreachable",
         }
         assert c.get("/healthz").status_code == 200
-        for op in ("read_history", "append_history"):  # the failed reads and the refused write, each counted
+        for op in ("read_history", "append_history", "delete_history"):  # each failed call counted
             assert (errors("vstar_store_errors_total", {"op": op}) or 0.0) > 0, op
         assert 'vstar_store_errors_total{op="read_history"}' in c.get("/metrics").text
 

@@ -4,7 +4,7 @@ Random sequences of appends (with and without an ``Idempotency-Key``, keys
 shared across users, more entries than the cap), ``append_after`` writes (after
 the history just read, after nothing, after a history that is no longer the
 stored one), history reads (one user's,
-or several users' at once) and cache
+or several users' at once), history deletes and cache
 writes and reads run on a ``MemoryStore`` and on a ``RedisStore`` over the
 real Redis; results, conflicts included, must be equal.
 """
@@ -31,6 +31,7 @@ OPS = st.lists(
     st.tuples(st.just("append"), USERS, ENTRIES, KEYS)
     | st.tuples(st.just("append_after"), USERS, ENTRIES, st.sampled_from(["now", "none", "stale"]), KEYS_GIVEN)
     | st.tuples(st.just("history"), USERS)
+    | st.tuples(st.just("delete_history"), USERS)
     | st.tuples(st.just("histories"), st.lists(USERS, max_size=4))
     | st.tuples(st.just("cache_set"), st.sampled_from(["x", "y"]), st.binary(max_size=4))
     | st.tuples(st.just("cache_get"), st.sampled_from(["x", "y"])),
@@ -50,6 +51,8 @@ async def run(store: Store, ops: list[tuple[Any, ...]]) -> list[object]:
                 out.append(await store.append_after(user_id, entries, seen, key))
             elif name == "history":
                 out.append(await store.history(*args))
+            elif name == "delete_history":
+                out.append(await store.delete_history(*args))
             elif name == "histories":  # Redis: one pipeline of the reads, as vstar recommend --stored-history makes
                 out.append(await store.histories(*args))
             elif name == "cache_set":
