@@ -101,7 +101,7 @@ def beam_search(
     bonus: NodeBonus | None = None,  # (B, trie nodes) added to a beam's score at each node it reaches
 ) -> DecodeResult:
     k = config.num_beams
-    sids = int(trie.sid_node.shape[0])
+    sids = trie.num_sids
     if k > sids:  # beams beyond the number of SIDs never hold one: search with as many, pad the rest
         return padded(beam_search(model, trie, input_ids, attention_mask, BeamSearchConfig(sids), bonus), k)
     b = input_ids.shape[0]

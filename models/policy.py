@@ -105,6 +105,10 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def offer_only(self, sids: Sequence[int]) -> None:
+        """Decode to these SID indices alone (a service's items still offered): a trie that holds them only."""
+        self.trie = SidTrie(self.catalog, self.token_id, sids).to(self.device)
+
     def to(self, device: torch.device | str) -> Policy:
         self.model.to(device)  # type: ignore[arg-type]  # transformers types .to's wrapper by its first argument
         self.trie.to(device)

@@ -9,6 +9,12 @@ node's row of the additive mask (``mask_rows``) and never builds a
 full-vocabulary mask. Leaves (depth == catalog depth) map to a SID index of the
 catalog via ``leaf_sid``.
 
+A trie may hold some of the catalog's SIDs (``keep``: a service's items that
+are no longer offered): the decoders then never reach the others, with no
+change of theirs. Its levels' codes, codebook and token tables stay the
+catalog's, so every shape is the whole catalog's; ``sid_node`` is -1 for a SID
+left out and ``num_sids`` counts the SIDs held.
+
 The child table has a row per prefix node only (depth < catalog depth), plus
 one row of -1 that every leaf, and any id that is no node (-1: an unused
 slot), reads. Leaves are most of the nodes (a catalog of N SIDs has N of
@@ -29,9 +35,17 @@ from models.sid_catalog import MAX_CODES, SidCatalog, token_code
 
 
 class SidTrie:
-    def __init__(self, catalog: SidCatalog, token_to_id: Callable[[str], int]) -> None:
+    def __init__(
+        self, catalog: SidCatalog, token_to_id: Callable[[str], int], keep: Sequence[int] | None = None
+    ) -> None:
+        """``keep``: the SID indices the trie holds (None: all of the catalog's)."""
         self.depth = catalog.depth
         sid_codes = [tuple(token_code(t) for t in sid) for sid in catalog.sids]  # parsed once, used per level
+        kept = range(len(sid_codes)) if keep is None else sorted(set(keep))
+        if not kept:
+            raise ValueError("a trie needs at least one SID to hold")
+        if kept[0] < 0 or kept[-1] >= len(sid_codes):
+            raise ValueError(f"SID indices to keep run outside the catalog's 0..{len(sid_codes) - 1}")
         codes_per_level = [sorted({path[lv] for path in sid_codes}) for lv in range(self.depth)]
         self.codebook_size = max(max(c) for c in codes_per_level) + 1
         if self.codebook_size > MAX_CODES:  # every table, and each decode step's gather of logits, is this wide
@@ -61,8 +75,8 @@ class SidTrie:
         node_depth = [0]
         edges: list[tuple[int, int, int]] = []
         for lv in range(self.depth):
-            for path in sid_codes:
-                prefix = path[: lv + 1]
+            for index in kept:
+                prefix = sid_codes[index][: lv + 1]
                 if prefix not in prefix_node:
                     prefix_node[prefix] = len(node_depth)
                     node_depth.append(lv + 1)
@@ -78,11 +92,15 @@ class SidTrie:
         self._mask_bias = torch.where(children >= 0, 0.0, float("-inf"))  # (inner nodes + 1, C) float32
         self.level_columns = level_ids.clamp(min=0)  # (depth, C) gather-safe vocabulary ids
         self.node_depth = torch.tensor(node_depth, dtype=torch.long)  # (nodes,)
+        kept_index = torch.tensor(list(kept), dtype=torch.long)
+        kept_node = torch.tensor([prefix_node[sid_codes[i]] for i in kept], dtype=torch.long)
         leaf_sid = torch.full((num_nodes,), -1, dtype=torch.long)
-        sid_node = torch.tensor([prefix_node[path] for path in sid_codes], dtype=torch.long)
-        leaf_sid[sid_node] = torch.arange(len(sid_codes))
+        leaf_sid[kept_node] = kept_index
+        sid_node = torch.full((len(sid_codes),), -1, dtype=torch.long)
+        sid_node[kept_index] = kept_node
         self.leaf_sid = leaf_sid  # (nodes,)
-        self.sid_node = sid_node  # (SIDs,) the leaf of each SID index
+        self.sid_node = sid_node  # (SIDs,) the leaf of each SID index, -1 for one the trie does not hold
+        self.num_sids = len(kept)  # complete SIDs held: one leaf each
         # nodes per level (0: the root, depth: the leaves), as plain ints: read per decode without a reduction
         # over every node (at 1,000,000 SIDs three of those took 12 ms, and on a GPU each waits for the device)
         self.level_sizes: list[int] = torch.bincount(self.node_depth, minlength=self.depth + 1).tolist()
@@ -100,11 +118,6 @@ class SidTrie:
     @property
     def num_nodes(self) -> int:
         return int(self.node_depth.shape[0])
-
-    @property
-    def num_sids(self) -> int:
-        """Complete SIDs: one leaf each."""
-        return int(self.sid_node.shape[0])
 
     @property
     def num_inner_nodes(self) -> int:

@@ -12,6 +12,7 @@ from models.beam_search import BeamSearchConfig, beam_search
 from models.hf_beam_search import hf_beam_search
 from models.policy import Policy
 from models.sid_catalog import SidCatalog
+from models.sid_trie import SidTrie
 
 
 def histories(policy: Policy, n: int, seed: int) -> list:
@@ -157,3 +158,19 @@ def test_exact_ties_still_give_k_distinct_valid_sids(tiny_catalog: SidCatalog) -
         torch.testing.assert_close(res.scores, uniform.expand(3, k))
         again = beam_search(policy.model, policy.trie, ids, mask, BeamSearchConfig(k))
         assert torch.equal(again.sid_index, res.sid_index)
+
+
+def test_a_trie_of_the_offered_sids_searches_them_alone_as_the_reference_does(tiny_policy: Policy) -> None:
+    """A service's items no longer offered (``SidTrie``'s keep): the search reaches only the SIDs kept, with the
+    scores and order HF's constrained generate gives over the same trie, and the fusion's bonus skips the rest."""
+    n = len(tiny_policy.catalog.sids)
+    keep = [s for s in range(n) if s % 3]
+    trie = SidTrie(tiny_policy.catalog, tiny_policy.token_id, keep)
+    ids, mask = tiny_policy.encode_prompts(histories(tiny_policy, 5, 3))
+    for k in (4, 12):
+        ours = beam_search(tiny_policy.model, trie, ids, mask, BeamSearchConfig(k))
+        ref = hf_beam_search(tiny_policy.model, trie, ids, mask, BeamSearchConfig(k))
+        assert torch.equal(ours.sid_index, ref.sid_index) and set(ours.sid_index.flatten().tolist()) <= set(keep)
+        torch.testing.assert_close(ours.scores, ref.scores, rtol=1e-5, atol=1e-5)
+    wide = beam_search(tiny_policy.model, trie, ids, mask, BeamSearchConfig(n))  # every SID asked for: those kept
+    assert (wide.sid_index >= 0).sum(-1).tolist() == [len(keep)] * 5

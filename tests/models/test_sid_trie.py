@@ -246,3 +246,46 @@ def test_masks_of_every_depth_match_a_set_of_prefixes(codes: list[tuple[int, ...
         leaf = trie.node_of_token_ids(tok.convert_tokens_to_ids(list(sid)))
         assert int(trie.sid_node[index]) == leaf and int(trie.leaf_sid[leaf]) == index
         assert bool(torch.isinf(trie.mask_rows(torch.tensor([leaf]))).all())  # a leaf has no child
+
+
+@settings(max_examples=40, deadline=None)
+@given(sid_lists, st.data())
+def test_a_trie_that_keeps_some_sids_is_the_trie_of_those_sids(
+    codes: list[tuple[int, int, int]], data: st.DataObject
+) -> None:
+    """A service's offered SIDs (``keep``): the same prefixes, children, masks, counts and parents as a trie built
+    from those SIDs alone, its leaves naming the whole catalog's SID indices, its tables the whole catalog's
+    width; every SID kept is the plain trie, tensor for tensor."""
+    items = {i: Item(i, "", tuple(level_token(lv, c) for lv, c in enumerate(sid))) for i, sid in enumerate(codes)}
+    cat = SidCatalog(items)
+    tok = build_sid_tokenizer(cat.vocabulary())
+    keep = sorted(data.draw(st.sets(st.sampled_from(range(len(cat.sids))), min_size=1)))
+    trie = SidTrie(cat, tok.convert_tokens_to_ids, keep)
+    kept = SidCatalog({i: it for i, it in items.items() if cat.sid_index[it.sid] in keep})
+    alone = SidTrie(kept, tok.convert_tokens_to_ids)
+    assert trie.num_sids == len(keep) and trie.level_sizes == alone.level_sizes
+    assert trie.codebook_size == SidTrie(cat, tok.convert_tokens_to_ids).codebook_size >= alone.codebook_size
+    for sid in cat.sids:
+        ids = tok.convert_tokens_to_ids(list(sid))
+        for depth in range(4):
+            assert trie.allowed_token_ids(ids[:depth]) == alone.allowed_token_ids(ids[:depth])
+        node = trie.node_of_token_ids(ids)
+        index = cat.sid_index[sid]
+        assert int(trie.sid_node[index]) == node and (node >= 0) == (index in keep)
+        if node >= 0:
+            assert int(trie.leaf_sid[node]) == index and int(trie.leaf_counts()[0]) == len(keep)
+    every = torch.arange(-1, trie.num_nodes)
+    assert torch.equal(trie.mask_rows(every) == 0, trie.child_nodes(every) >= 0)
+    whole, all_kept = (
+        SidTrie(cat, tok.convert_tokens_to_ids),
+        SidTrie(cat, tok.convert_tokens_to_ids, range(len(cat.sids))),
+    )
+    for name in ("_children", "_mask_bias", "leaf_sid", "sid_node", "parent", "node_depth", "level_token_ids"):
+        assert torch.equal(getattr(whole, name), getattr(all_kept, name)), name
+
+
+def test_a_trie_keeps_at_least_one_sid_of_the_catalog(tiny_policy: Policy) -> None:
+    with pytest.raises(ValueError, match="at least one SID"):
+        SidTrie(tiny_policy.catalog, tiny_policy.token_id, [])
+    with pytest.raises(ValueError, match="outside the catalog's 0.."):
+        SidTrie(tiny_policy.catalog, tiny_policy.token_id, [len(tiny_policy.catalog.sids)])

@@ -109,6 +109,22 @@ def test_node_bonus_is_the_max_below_each_node() -> None:
             assert bonus[0, node] == pytest.approx(bonus[0, kids].max())
 
 
+def test_node_bonus_on_a_trie_of_some_sids_is_the_max_over_those_it_holds() -> None:
+    """A SID the trie does not hold (``SidTrie``'s keep) carries no bonus up its path: its ancestors see the
+    best SID below them that the trie holds, and nothing else breaks (its node is -1)."""
+    catalog = small_catalog()
+    tokens = sorted({t for s in catalog.sids for t in s})
+    sid4, sid9 = (catalog.sid_index[catalog.items[i].sid] for i in (4, 9))
+    trie = SidTrie(
+        catalog, {t: i for i, t in enumerate(tokens)}.get, [s for s in range(len(catalog.sids)) if s != sid4]
+    )
+    counts = TransitionCounts.fit([((0,), 4), ((0,), 10), ((0,), 4), ((0,), 9)])
+    bonus = counts.node_bonus([(0,)], catalog, trie, weight=2.0).dense()
+    assert int(trie.sid_node[sid4]) == -1
+    assert torch.count_nonzero(bonus[0, trie.level_nodes(trie.depth)]) == 1
+    assert bonus[0, trie.sid_node[sid9]] == bonus[0, 0] == pytest.approx(2.0 * torch.log1p(torch.tensor(1.0)))
+
+
 def test_node_bonus_leaves_out_each_rows_own_target() -> None:
     catalog = small_catalog()
     tokens = sorted({t for s in catalog.sids for t in s})

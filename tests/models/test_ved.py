@@ -25,6 +25,8 @@ from models.beam_search import BeamSearchConfig, beam_search
 from models.policy import Policy, pad_left
 from models.search_noise import gumbel_noise
 from models.search_tree import SearchTree, standardise_by_depth, sum_by_depth, valid_entropy
+from models.sid_trie import SidTrie
+from models.transition import TransitionCounts
 from models.value_head import ValueHead, value_head_for
 from models.ved import ved_search
 from models.ved_config import VEDConfig, resolve_budget
@@ -578,3 +580,18 @@ def test_batched_equals_one_by_one(tiny_policy: Policy, head: ValueHead) -> None
         assert one.decode.sid_index[0].tolist() == batched.decode.sid_index[b].tolist()
         torch.testing.assert_close(one.decode.scores[0], batched.decode.scores[b], rtol=1e-4, atol=1e-4)
         assert one.stats[0] == batched.stats[b]
+
+
+@pytest.mark.parametrize("g", [16, 200])
+def test_a_trie_of_the_offered_sids_is_all_the_search_returns(tiny_policy: Policy, head: ValueHead, g: int) -> None:
+    """A service's items no longer offered (``SidTrie``'s keep): VED, fused, returns SIDs the trie holds only, and
+    as many as it holds when more are asked for."""
+    n_sids = len(tiny_policy.catalog.sids)
+    keep = [s for s in range(n_sids) if s % 4]
+    trie = SidTrie(tiny_policy.catalog, tiny_policy.token_id, keep)
+    counts = TransitionCounts.fit([((i,), (i * 7) % 120) for i in range(120)])
+    bonus = counts.node_bonus([(1,), (6,)], tiny_policy.catalog, trie, weight=3.0)
+    ids, mask = prompts(tiny_policy, [1, 6], 4)
+    res = ved_search(tiny_policy.model, head, trie, ids, mask, VEDConfig(num_candidates=g, budget=3 * g), bonus)
+    for row in res.decode.ranked():
+        assert len(row) == len(set(row)) == min(g, len(keep)) and set(row) <= set(keep)
