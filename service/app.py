@@ -99,6 +99,9 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
             "model_version": checkpoint.model_version,
             "items": checkpoint.policy.catalog.num_items,
             "external_ids": checkpoint.policy.catalog.external_ids is not None,  # answers name items by them too
+            # VSTAR_UNAVAILABLE_ITEMS: the items never recommended, and the SIDs they took out of the search
+            "unavailable_items": len(recommender.unavailable.items),
+            "sids_offered": recommender.policy.trie.num_sids,
             "seconds": round(time.perf_counter() - t0, 2),
         },
     )

@@ -107,6 +107,7 @@ from models.ved_config import (
     initial_beam_width,
     resolve_budget,
 )
+from service.availability import read_unavailable
 from service.batcher import MicroBatcher
 from service.deadline import BatchCost, DeadlineMargin
 from service.metrics import ServiceMetrics
@@ -183,6 +184,9 @@ class DecodeScheduler:
                 f"with VED ({e})"
             ) from None
         self.catalog = checkpoint.policy.catalog
+        self.unavailable = read_unavailable(settings.unavailable_items, self.catalog)
+        if self.unavailable.kept_sids is not None:  # the SIDs left without an item leave the search
+            self.policy.offer_only(self.unavailable.kept_sids)
         try:  # decoders rank as vstar eval's do by default: fused at the checkpoint's weight, if it has one
             self.fusion = checkpoint_fusion(checkpoint, settings.fusion_weight)
         except (ValueError, TypeError, KeyError) as e:

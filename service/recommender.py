@@ -131,13 +131,18 @@ class Recommender(DecodeScheduler):
         self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
         self.store_calls = StoreCalls(metrics)  # bounded by a VED request's cap, or not (service.store_calls)
         self.users = UserHistories(self.catalog, store, self.store_calls, metrics)  # the /users/{user_id} routes
+        # the unavailable items' digest beside the model version: an answer cached under another set is a miss
+        cache_version = self.model_version + (
+            f"+unavailable:{self.unavailable.digest}" if self.unavailable.digest else ""
+        )
         self.cache = ResponseCache(
-            store, self.store_calls, metrics, settings.cache_ttl_s, self.model_version, self.fusion, self.catalog.items
+            store, self.store_calls, metrics, settings.cache_ttl_s, cache_version, self.fusion, self.catalog.items
         )
 
     def _prior_order(self, popular: Sequence[Sequence[Any]]) -> DecodeRow:
-        """Every catalog SID index with a popularity log-probability: the checkpoint's training-target
-        counts (``popular_sids``), add-half smoothed over the whole catalog; most popular first."""
+        """Every catalog SID index still offered (``service.availability``) with a popularity log-probability: the
+        checkpoint's training-target counts (``popular_sids``), add-half smoothed over the whole catalog; most
+        popular first."""
         counts: dict[int, int] = {}
         for sid, count in popular:
             idx = self.catalog.sid_index.get(tuple(parse_sid(sid)))
@@ -145,7 +150,8 @@ class Recommender(DecodeScheduler):
                 counts[idx] = counts.get(idx, 0) + int(count)
         n = len(self.catalog.sids)
         total = sum(counts.values()) + 0.5 * n
-        order = sorted(range(n), key=lambda i: (-counts.get(i, 0), i))
+        offered = range(n) if self.unavailable.kept_sids is None else self.unavailable.kept_sids
+        order = sorted(offered, key=lambda i: (-counts.get(i, 0), i))
         return DecodeRow(order, [math.log((counts.get(i, 0) + 0.5) / total) for i in order])
 
     async def close(self) -> None:
@@ -237,9 +243,10 @@ class Recommender(DecodeScheduler):
         """The request's decoder config, normalised: beam no wider than the catalog, VED with its budget
         resolved (VED's own for its k when the request gives none), so equal searches share a batch and a cache
         entry; a budget below VED's least is ``InvalidInput``."""
-        config = req.to_decode_config(fully_excluded_sids(self.catalog, excluded), self.ved_settings)
+        extra = fully_excluded_sids(self.catalog, excluded, self.unavailable.partial)
+        config = req.to_decode_config(extra, self.ved_settings)
         if isinstance(config, BeamSearchConfig):
-            return BeamSearchConfig(min(config.num_beams, len(self.catalog.sids)))
+            return BeamSearchConfig(min(config.num_beams, self.policy.trie.num_sids))
         try:
             return replace(config, budget=resolve_budget(config, self.catalog.depth))
         except ValueError as e:
@@ -291,13 +298,14 @@ class Recommender(DecodeScheduler):
         return Answer(self.rank(self.prior, excluded, k), cap_hit=True, search=search)
 
     def rank(self, row: DecodeRow, excluded: frozenset[int], k: int) -> list[RankedSid]:
-        """A decode's row as an answer's items: its SIDs in order, each with its items less ``excluded``, a SID
-        left with none dropped, cut to ``k``."""
+        """A decode's row as an answer's items: its SIDs in order, each with its items less ``excluded`` and the
+        unavailable ones (``service.availability``), a SID left with none dropped, cut to ``k``."""
         out: list[RankedSid] = []
+        unavailable = self.unavailable.partial
         for idx, score in zip(row.sid_index, row.scores, strict=True):
             if idx < 0 or not math.isfinite(score):
                 continue
-            items = [i for i in self.catalog.items_of_sid[idx] if i not in excluded]
+            items = [i for i in self.catalog.items_of_sid[idx] if i not in excluded and i not in unavailable]
             if not items:
                 continue
             sid = sid_to_str(self.catalog.sids[idx])

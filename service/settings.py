@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     max_events: int = Field(100, ge=1, description="Most events one POST may append.")
     max_user_id_length: int = Field(128, ge=1, description="User ids are 1..this many of [A-Za-z0-9_.@:-].")
     exclude_history_default: bool = Field(False, description="Drop items the user has, unless asked.")
+    unavailable_items: Path | None = Field(
+        None,
+        description='A JSON file: an array of items never to recommend (item ids, SID strings, {"external_id": '
+        "...} objects), read at startup; a SID left without an item leaves the search (service.availability).",
+    )
 
     # --- VED
     ved_default_latency_ms: int = Field(
