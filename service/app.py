@@ -101,6 +101,7 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
             "external_ids": checkpoint.policy.catalog.external_ids is not None,  # answers name items by them too
             # VSTAR_UNAVAILABLE_ITEMS: the items never recommended, and the SIDs they took out of the search
             "unavailable_items": len(recommender.unavailable.items),
+            "unavailable_entries_unknown": recommender.unavailable.unknown,  # passed over: not in the catalog
             "sids_offered": recommender.policy.trie.num_sids,
             "seconds": round(time.perf_counter() - t0, 2),
         },

@@ -32,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from models.sid_catalog import SidCatalog
 from service.errors import InvalidInput, StartupError, validation_message
-from service.history import resolve_exclusions
+from service.history import counted_exclusions
 from service.schemas import HistoryEntry
 
 SETTING = "VSTAR_UNAVAILABLE_ITEMS"
@@ -48,12 +48,14 @@ class UnavailableItemsError(StartupError, ValueError):
 class Unavailable:
     """Items not offered: ``items`` all of them, ``partial`` those whose SID still names an offered item (the
     ranking drops them), ``kept_sids`` the SID indices the trie holds (None: every SID), ``digest`` of the set
-    for the cache's key (None: nothing is unavailable)."""
+    for the cache's key (None: nothing is unavailable); ``unknown``: the file's entries the catalog does not
+    know, passed over (logged at start: a list in another id space would name none)."""
 
     items: frozenset[int] = frozenset()
     partial: frozenset[int] = frozenset()
     kept_sids: tuple[int, ...] | None = None
     digest: str | None = None
+    unknown: int = 0
 
 
 def _fail(path: Path, why: str) -> UnavailableItemsError:
@@ -79,7 +81,7 @@ def read_unavailable(path: Path | None, catalog: SidCatalog) -> Unavailable:
     except ValidationError as e:
         raise _fail(path, validation_message(e.errors())) from None
     try:
-        items = resolve_exclusions(catalog, entries, "entries")
+        items, unknown = counted_exclusions(catalog, entries, "entries")
     except InvalidInput as e:
         raise _fail(path, str(e)) from None
     index, sid_items = catalog.sid_index, catalog.items_of_sid
@@ -90,4 +92,4 @@ def read_unavailable(path: Path | None, catalog: SidCatalog) -> Unavailable:
     kept = tuple(s for s in range(len(catalog.sids)) if s not in dropped) if dropped else None
     partial = frozenset(i for i in items if index[catalog.items[i].sid] not in dropped)
     digest = hashlib.sha256(",".join(map(str, sorted(items))).encode()).hexdigest()[:16] if items else None
-    return Unavailable(items, partial, kept, digest)
+    return Unavailable(items, partial, kept, digest, unknown)

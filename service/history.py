@@ -127,11 +127,19 @@ def resolve_exclusions(
     checkpoint was trained); one that cannot name any item is ``InvalidInput(field, ...)``, as a history's is: a
     malformed SID, an external id on a catalog without them, a client's own id sent bare (a digit string read
     as an item id would exclude another item, or none)."""
+    return counted_exclusions(catalog, entries, field)[0]
+
+
+def counted_exclusions(
+    catalog: SidCatalog, entries: Iterable[int | str | ExternalItemRef], field: str
+) -> tuple[frozenset[int], int]:
+    """``resolve_exclusions``'s items, and how many entries it passed over as unknown to the catalog."""
     found = _resolve(catalog, entries)
     problems = _problems(catalog, found, unknown=False)
     if problems:
         raise InvalidInput(field, "; ".join(problems))
-    return excluded_items(catalog, found.events)
+    unknown = len(found.unknown_ids) + len(found.unknown_external) + len(found.unknown_sids)
+    return excluded_items(catalog, found.events), unknown
 
 
 def resolve_stored(catalog: SidCatalog, entries: Iterable[str]) -> tuple[list[HistoryEvent], int]:

@@ -104,7 +104,7 @@ def test_unknown_entries_are_passed_over_and_a_set_of_every_item_is_refused(
     path = tmp_path / "unavailable.json"
     path.write_text(json.dumps([99999, "<a_0><b_0><c_99>", 3]))
     unavailable = read_unavailable(path, tiny_catalog)
-    assert unavailable.items == {3} and unavailable.digest is not None
+    assert unavailable.items == {3} and unavailable.unknown == 2 and unavailable.digest is not None
     path.write_text(json.dumps(sorted(tiny_catalog.items)))
     with pytest.raises(UnavailableItemsError, match=r"every one of the catalog's \d+ SIDs would be left without"):
         read_unavailable(path, tiny_catalog)
