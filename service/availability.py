@@ -12,7 +12,9 @@ Design decisions:
   entries are few; ``VSTAR_MAX_REQUEST_EXCLUDE``).
 * An unavailable item whose SID still names an offered one stays reachable by that SID and is dropped from its
   items when an answer is ranked (``partial``), as a request's exclusions are; a request that excludes the
-  rest of such a SID gets one more beam for it, as for any SID its exclusions empty.
+  rest of such a SID gets one more beam for it, as for any SID its exclusions empty, and one that excludes
+  items of a SID out of the trie gets none (``offered_of``: what a request's exclusions are checked against,
+  read for the SIDs they touch, so no request pays for the size of the set).
 * The popularity list that answers a VED request past its cap holds the offered SIDs only.
 * The response cache's key holds the set's digest: an answer cached under another set (a start with a new
   file, replicas that started with different files) is a miss, never served.
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
@@ -47,13 +50,15 @@ class UnavailableItemsError(StartupError, ValueError):
 @dataclass(frozen=True)
 class Unavailable:
     """Items not offered: ``items`` all of them, ``partial`` those whose SID still names an offered item (the
-    ranking drops them), ``kept_sids`` the SID indices the trie holds (None: every SID), ``digest`` of the set
-    for the cache's key (None: nothing is unavailable); ``unknown``: the file's entries the catalog does not
-    know, passed over (logged at start: a list in another id space would name none)."""
+    ranking drops them), ``kept_sids`` the SID indices the trie holds (None: every SID), ``offered_of`` the
+    items still offered of each SID that holds an unavailable one (none: a SID out of the trie), ``digest`` of
+    the set for the cache's key (None: nothing is unavailable); ``unknown``: the file's entries the catalog does
+    not know, passed over (logged at start: a list in another id space would name none)."""
 
     items: frozenset[int] = frozenset()
     partial: frozenset[int] = frozenset()
     kept_sids: tuple[int, ...] | None = None
+    offered_of: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     digest: str | None = None
     unknown: int = 0
 
@@ -85,11 +90,13 @@ def read_unavailable(path: Path | None, catalog: SidCatalog) -> Unavailable:
     except InvalidInput as e:
         raise _fail(path, str(e)) from None
     index, sid_items = catalog.sid_index, catalog.items_of_sid
-    touched = {index[catalog.items[i].sid] for i in items}
-    dropped = {s for s in touched if items.issuperset(sid_items[s])}
+    offered_of = {
+        s: tuple(i for i in sid_items[s] if i not in items) for s in {index[catalog.items[i].sid] for i in items}
+    }
+    dropped = {s for s, held in offered_of.items() if not held}
     if len(dropped) == len(catalog.sids):
         raise _fail(path, f"every one of the catalog's {len(catalog.sids):,} SIDs would be left without an item")
     kept = tuple(s for s in range(len(catalog.sids)) if s not in dropped) if dropped else None
     partial = frozenset(i for i in items if index[catalog.items[i].sid] not in dropped)
     digest = hashlib.sha256(",".join(map(str, sorted(items))).encode()).hexdigest()[:16] if items else None
-    return Unavailable(items, partial, kept, digest, unknown)
+    return Unavailable(items, partial, kept, offered_of, digest, unknown)

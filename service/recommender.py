@@ -243,7 +243,7 @@ class Recommender(DecodeScheduler):
         """The request's decoder config, normalised: beam no wider than the catalog, VED with its budget
         resolved (VED's own for its k when the request gives none), so equal searches share a batch and a cache
         entry; a budget below VED's least is ``InvalidInput``."""
-        extra = fully_excluded_sids(self.catalog, excluded, self.unavailable.partial)
+        extra = fully_excluded_sids(self.catalog, excluded, self.unavailable.offered_of)
         config = req.to_decode_config(extra, self.ved_settings)
         if isinstance(config, BeamSearchConfig):
             return BeamSearchConfig(min(config.num_beams, self.policy.trie.num_sids))

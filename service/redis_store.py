@@ -318,7 +318,14 @@ class RedisStore(Store):
             async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: the count is what went
                 pipe.llen(key)
                 pipe.delete(key)
-                held, _ = await pipe.execute()
+                # a transaction Redis refused (EXECABORT: read-only, ...) still raises, having run nothing; an
+                # error inside EXEC comes back as a value, and the commands beside it ran
+                held, deleted = await pipe.execute(raise_on_error=False)
+            if isinstance(deleted, ResponseError):
+                raise deleted
+            if isinstance(held, ResponseError):  # a value of another type under the key (no entries): DEL ran
+                log.warning("a history key held another type; deleted", extra={"error": repr(held)})
+                return 0
             return int(held)
 
         return await self._call("delete history", delete)

@@ -181,6 +181,17 @@ def test_a_deleted_history_is_gone_and_a_retried_write_is_not_stored_again(clien
     assert client.delete("/users/has space/history").status_code == 422
 
 
+def test_a_history_key_of_another_type_is_deleted_and_the_answer_says_so(client: TestClient, redis_url: str) -> None:
+    """Another writer's value of another type under a user's history key: the transaction's LLEN fails inside
+    EXEC and its DEL still runs, so the key is gone; the answer says so (no entries the service could read),
+    not a 503 saying the history was not deleted."""
+    r = redis.Redis.from_url(redis_url)
+    r.set("vstar:history:olga", "not a list")
+    answer = client.delete("/users/olga/history")
+    assert answer.status_code == 200 and answer.json() == {"user_id": "olga", "deleted": 0}, answer.text
+    assert not r.exists("vstar:history:olga")
+
+
 def test_stored_history_is_capped(make_settings: Callable[..., Settings], clean_redis: str) -> None:
     with TestClient(create_app(make_settings(redis_url=clean_redis, stored_history_max=3))) as c:
         c.post("/users/bob/events", json={"items": [1, 2]})

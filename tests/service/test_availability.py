@@ -12,10 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from models.beam_search import BeamSearchConfig
 from models.sid_catalog import SidCatalog, parse_sid, sid_to_str
 from service.app import create_app
 from service.availability import UnavailableItemsError, read_unavailable
 from service.errors import StartupError
+from service.history import resolve_entries
+from service.schemas import RecommendRequest
 from service.settings import Settings
 from vstar import app
 
@@ -76,6 +79,29 @@ def test_an_answer_cached_under_another_set_is_a_miss(
         answer = c.post("/recommend", json=body).json()
         assert not answer["cached"] and first["items"][0]["item_ids"][0] not in offered(answer)[1]
         assert c.post("/recommend", json=body).json()["cached"]
+
+
+def test_a_sid_no_longer_offered_widens_no_request_that_excludes_it(
+    make_settings: Callable[..., Settings], tiny_catalog: SidCatalog, tmp_path: Path
+) -> None:
+    """A request excluding the items of a SID the file took out of the trie (exclude_items, or exclude_history over
+    a history that holds them) asks for no extra beam, so a VED budget that fits k is enough; a SID its exclusions
+    empty beside the file's items is still searched for on top of k."""
+    shared, alone = shared_and_alone(tiny_catalog)
+    gone, (partly, *rest) = tiny_catalog.items_of_sid[alone][0], tiny_catalog.items_of_sid[shared]
+    path = tmp_path / "unavailable.json"
+    path.write_text(json.dumps([gone, partly]))
+    body = {"history": [gone], "k": 16, "mode": "ved", "budget": 32, "latency_ms": 900}  # 32 = 2 x max(16, k)
+    with TestClient(create_app(make_settings(cache_ttl_s=0, unavailable_items=path))) as c:
+        for exclusion in [{"exclude_items": [gone]}, {"exclude_items": [sid_to_str(tiny_catalog.sids[alone])]}]:
+            r = c.post("/recommend", json=body | exclusion)
+            assert r.status_code == 200 and len(r.json()["items"]) == 16, r.text
+        assert c.post("/recommend", json=body | {"exclude_history": True}).status_code == 200
+        r = c.post("/recommend", json=body | {"exclude_items": rest})
+        assert r.status_code == 422 and "(k=16 plus the 1 SID its exclusions leave without an item)" in r.text
+        rec = c.app.state.recommender  # type: ignore[attr-defined]
+        request = RecommendRequest(history=[gone], k=5, exclude_history=True, exclude_items=[gone])
+        assert rec.plan(request, resolve_entries(tiny_catalog, [gone], "history")).config == BeamSearchConfig(5)
 
 
 @pytest.mark.parametrize(

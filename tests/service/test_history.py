@@ -88,3 +88,25 @@ def test_exclusions_pass_over_what_the_catalog_does_not_know_and_name_what_can_n
         resolve_exclusions(named, ["SKU-4"])
     with pytest.raises(InvalidInput, match=r"^exclude_items: external ids \['SKU-4'\] \(1\) given, but"):
         resolve_exclusions(SHARED, [ExternalItemRef(external_id="SKU-4")])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.frozensets(st.integers(0, 59)), st.frozensets(st.integers(0, 59)))
+def test_fully_excluded_sids_counts_only_the_sids_the_search_still_reaches(
+    excluded: frozenset[int], unavailable: frozenset[int]
+) -> None:
+    """With items no longer offered (``service.availability``'s ``offered_of``: each SID holding one, its items
+    still offered): a SID the exclusions and the unavailable items empty between them needs an extra beam, a
+    SID the unavailable items alone empty is out of the trie and needs none."""
+    index, items_of = SHARED.sid_index, SHARED.items_of_sid
+    offered_of = {
+        s: tuple(i for i in items_of[s] if i not in unavailable)
+        for s in {index[SHARED.items[i].sid] for i in unavailable}
+    }
+    expected = sum(
+        any(i in excluded for i in items_of[s])
+        and all(i in excluded or i in unavailable for i in items_of[s])
+        and not all(i in unavailable for i in items_of[s])
+        for s in range(len(SHARED.sids))
+    )
+    assert fully_excluded_sids(SHARED, excluded, offered_of) == expected
