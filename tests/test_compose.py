@@ -118,10 +118,10 @@ def test_api_requires_api_keys_in_compose(compose: dict[str, Any]) -> None:
 
 def test_nginx_rate_limits_each_client_and_answers_429_in_the_error_shape() -> None:
     conf = (REPO / "docker" / "nginx.conf").read_text()
-    zones = dict(re.findall(r"limit_req_zone \$limit_key zone=(\w+):\d+m rate=(\d+r/s);", conf))
+    zones = dict(re.findall(r"limit_req_zone \$(?:limit|write)_key zone=(\w+):\d+m rate=(\d+r/s);", conf))
     assert set(zones) == {"requests", "writes"}
     assert re.search(r"location / \{[^}]*limit_req zone=requests burst=\d+ nodelay;", conf)
-    events = re.search(r"location ~ \^/users/\[\^/\]\+/events\$ \{[^}]*\}", conf)
+    events = re.search(r"location ~ \^/users/\[\^/\]\+/\(events\|history\)\$ \{[^}]*\}", conf)
     assert events and "limit_req zone=writes" in events.group(0) and "limit_req zone=requests" in events.group(0)
     assert "limit_req_status 429;" in conf and '"type": "rate_limited"' in conf
     assert re.search(r"geo \$limited \{[^}]*127\.0\.0\.1 0;", conf), "loopback (the loadtest profile) is exempt"
@@ -266,6 +266,8 @@ class _Stub(http.server.BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("content-length") or 0))
         self.do_GET()
 
+    do_DELETE = do_GET  # noqa: N815 - http.server's name
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -314,6 +316,20 @@ def test_nginx_answers_429_past_a_clients_burst_and_exempts_loopback(tmp_path: P
                 assert limited[0].headers["retry-after"] == "1"
         assert 0 < statuses["127.0.0.2"].count(200) < 40 and set(statuses["127.0.0.2"]) == {200, 429}
         assert statuses["127.0.0.1"] == [200] * 40
+
+
+def test_nginx_limits_history_deletes_as_writes_and_history_reads_as_reads(tmp_path: Path) -> None:
+    """DELETE /users/{id}/history is a write: past the writes' burst a client gets 429; GET on the same path is a
+    read, under the requests' limit alone."""
+    import httpx
+
+    with nginx_in_front_of_a_stub(tmp_path) as (port, _):
+        transport = httpx.HTTPTransport(local_address="127.0.0.2", retries=20)
+        with httpx.Client(transport=transport, base_url=f"http://127.0.0.1:{port}") as client:
+            reads = [client.get("/users/u/history").status_code for _ in range(40)]
+            deletes = [client.delete("/users/u/history").status_code for _ in range(40)]
+        assert reads == [200] * 40
+        assert 0 < deletes.count(200) < 40 and set(deletes) == {200, 429}
 
 
 def test_nginx_keeps_metrics_off_the_balancer(tmp_path: Path) -> None:
