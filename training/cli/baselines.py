@@ -190,9 +190,29 @@ def register_baseline(app: typer.Typer) -> None:
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Write the comparison here.", callback=writable_file)
         ] = None,
+        by: Annotated[
+            Literal["history", "target"] | None,
+            typer.Option(
+                "--by",
+                help="Also compare within segments of the rows, read back from --data: history (its length: 1, "
+                "2-3, 4-6, 7-10, 11+) or target (its popularity in --train-splits' rows: head, tail, unseen).",
+            ),
+        ] = None,
+        data: Annotated[
+            Path | None, typer.Option("--data", help="With --by: the data folder the eval files scored.")
+        ] = None,
+        train_splits: Annotated[
+            str,
+            typer.Option(
+                "--train-splits",
+                help="With --by target: the splits whose rows rank items' popularity (as vstar eval's, for "
+                "tail_share@10).",
+            ),
+        ] = "train",
     ) -> None:
         """Paired test differences (other - base) per metric, with 95% bootstrap intervals over rows."""
         from training.evaluation.compare import compare_runs
+        from training.evaluation.segments import segmenter
 
         paths = {name: [Path(p) for p in value.split(",") if p] for name, value in (("base", base), ("other", other))}
         for name, files in paths.items():
@@ -201,7 +221,13 @@ def register_baseline(app: typer.Typer) -> None:
                 raise typer.BadParameter(f"--{name}: no such eval JSON {', '.join(missing) or '(empty list)'}")
             if json_out is not None and any(p.resolve() == json_out.resolve() for p in files):
                 raise typer.BadParameter(f"--json {json_out} is one of --{name}'s eval JSON files; write it elsewhere")
+        if (by is None) != (data is None):
+            raise typer.BadParameter("--by and --data go together: the segments are read from the data folder")
+        segments = None
+        if by is not None and data is not None:
+            splits = [s for s in train_splits.split(",") if s]
+            segments = segmenter(load_data(data, None, None), by, splits)
         try:
-            write_json(json_out, compare_runs(paths["base"], paths["other"], samples, seed))
+            write_json(json_out, compare_runs(paths["base"], paths["other"], samples, seed, segments))
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,16 @@ def unmeasured(runs: dict[Path, dict[str, Any]]) -> set[str]:
     return {name for payload in runs.values() for name, value in payload.get("metrics", {}).items() if value is None}
 
 
-def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+# (split, rows, rows_fingerprint) of the compared files -> what the segments are, and each one's row indices
+Segmenter = Callable[[str | None, int, str | None], tuple[dict[str, Any], dict[str, list[int]]]]
+MIN_SEGMENT_ROWS = 30  # a segment with fewer rows is listed with its size alone: its interval would say little
+
+
+def compare_runs(
+    base: Sequence[Path], other: Sequence[Path], samples: int = 2000, seed: int = 0, by: Segmenter | None = None
+) -> dict[str, Any]:
+    """The paired comparison (module doc); with ``by`` (``training.evaluation.segments``), the same within each
+    segment of the rows too, under ``segments``."""
     for side, paths in (("--base", base), ("--other", other)):
         named = [Path(p).resolve() for p in paths]
         twice = sorted({str(p) for p in named if named.count(p) > 1})
@@ -183,7 +192,7 @@ def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 200
     missing = unmeasured(runs)
     measured = [name for name in METRICS if name not in missing]
     compared = paired_bootstrap(base_ranks, other_ranks, measured, samples=samples, seed=seed)
-    return {
+    out: dict[str, Any] = {
         "base": [str(p) for p in base],
         "other": [str(p) for p in other],
         "rows": int(base_ranks.shape[1]),
@@ -191,3 +200,15 @@ def compare_runs(base: Sequence[Path], other: Sequence[Path], samples: int = 200
         "bootstrap_seed": seed,
         "metrics": {name: compared.get(name) for name in METRICS},  # None: not measured by every file
     }
+    if by is not None:
+        first = runs[base[0]]  # check_same_rows: every file scored these rows
+        description, segments = by(first.get("split"), out["rows"], first.get("rows_fingerprint"))
+        blocks: dict[str, dict[str, Any]] = {}
+        for name, rows in segments.items():
+            if len(rows) < MIN_SEGMENT_ROWS:
+                blocks[name] = {"rows": len(rows), "metrics": None}
+                continue
+            within = paired_bootstrap(base_ranks[:, rows], other_ranks[:, rows], measured, samples, seed)
+            blocks[name] = {"rows": len(rows), "metrics": {name: within.get(name) for name in METRICS}}
+        out["segments"] = description | {"min_rows": MIN_SEGMENT_ROWS, "segments": blocks}
+    return out
