@@ -240,7 +240,7 @@ class Recommender(DecodeScheduler):
         return started + last_chance_ms / 1000
 
     def _decode_config(self, req: RecommendRequest, excluded: frozenset[int]) -> BeamSearchConfig | VEDConfig:
-        """The request's decoder config, normalised: beam no wider than the catalog, VED with its budget
+        """The request's decoder config, normalised: beam no wider than the SIDs offered, VED with its budget
         resolved (VED's own for its k when the request gives none), so equal searches share a batch and a cache
         entry; a budget below VED's least is ``InvalidInput``."""
         extra = fully_excluded_sids(self.catalog, excluded, self.unavailable.offered_of)
