@@ -136,8 +136,9 @@ class TransitionCounts:
         row_of = torch.tensor(rows, dtype=torch.long, device=dev)
         node = trie.sid_node[torch.tensor(sids, dtype=torch.long, device=dev)]
         value = torch.log1p(torch.tensor(scores, dtype=torch.float32, device=dev)) * weight
-        held = node >= 0  # a SID the trie does not hold (``SidTrie``'s keep) is never reached: no bonus to carry
-        row_of, node, value = row_of[held], node[held], value[held]
+        if trie.num_sids < len(catalog.sids):  # a SID the trie does not hold (``SidTrie``'s keep): no bonus to carry
+            held = node >= 0
+            row_of, node, value = row_of[held], node[held], value[held]
         path = [node]  # the leaf, then each ancestor up to the root: each holds the max below it
         for _ in range(trie.depth):
             path.append(trie.parent[path[-1]])

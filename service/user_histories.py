@@ -1,9 +1,10 @@
 """The users' stored histories over HTTP: event writes, reads and deletes (``/users/{user_id}/...``).
 
 The recommender reads a named user's history on its own path (``Recommender._history_for``, bounded by a VED
-request's cap); this is the rest of what the service does with the store's histories, each call unbounded
-(``StoreCalls.within(..., None)``: these requests have no cap) and each store failure a 503 that says what
-became of the write.
+request's cap); this is the rest of what the service does with the store's histories, no call bounded (these
+requests have no cap): reads and deletes through ``StoreCalls.within(..., None)``, which counts their failures,
+event writes through the store itself, their three ways of failing counted here. Each failure is a 503 that
+says what became of the write.
 """
 
 from __future__ import annotations
