@@ -1,6 +1,7 @@
 """The recommender: the one object that does the service's work, built once at startup (the request side).
 
-A request goes: history (stored + given, resolved against the catalog) ->
+A request goes: its ``exclude_items`` resolved (a bad entry is a 422 before the
+store is asked) -> history (stored + given, resolved against the catalog) ->
 exclusion set -> response cache -> decode (micro-batched, on the model thread)
 -> SIDs expanded to items, excluded items dropped, cut to k -> response.
 
@@ -182,8 +183,10 @@ class Recommender(DecodeScheduler):
         answer_by = self._answer_by(req, started) if req.mode == "ved" else None
         share_s = 0.0 if answer_by is None else self.settings.ved_store_share * (answer_by - started)
         reads_by = None if answer_by is None else started + share_s
+        # the request's own exclusions first: a bad entry is a 422 whatever the store does
+        requested = resolve_exclusions(self.catalog, req.exclude_items) if req.exclude_items else frozenset()
         events, stored_state = await self._history_for(req, reads_by)
-        plan = self.plan(req, events)
+        plan = self.plan(req, events, requested)
         key = self.cache.key(req, plan)  # None: the cache is off
         answer = await self.cache.get(key, reads_by) if key is not None else None
         cached = answer is not None
@@ -206,12 +209,17 @@ class Recommender(DecodeScheduler):
             cached=cached,
         )
 
-    def plan(self, req: RecommendRequest, events: list[HistoryEvent]) -> DecodePlan:
+    def plan(
+        self, req: RecommendRequest, events: list[HistoryEvent], requested: frozenset[int] | None = None
+    ) -> DecodePlan:
         """What ``req`` over the resolved history ``events`` (stored and given, oldest first) asks the model for;
-        ``InvalidInput`` for a VED budget too small for its k, or an ``exclude_items`` entry that can name no item."""
+        ``InvalidInput`` for a VED budget too small for its k, or an ``exclude_items`` entry that can name no item.
+        ``requested``: ``req.exclude_items`` already resolved (``resolve_exclusions``), or None to resolve them here."""
         excluded = excluded_items(self.catalog, events) if req.excludes_history(self.settings) else frozenset()
-        if req.exclude_items:
-            excluded |= resolve_exclusions(self.catalog, req.exclude_items)
+        if requested is None and req.exclude_items:
+            requested = resolve_exclusions(self.catalog, req.exclude_items)
+        if requested:
+            excluded |= requested
         history = tuple(e.sid for e in events[-self.max_prompt_history :])
         return DecodePlan(
             self._decode_config(req, excluded), DecodeJob(history, items=self._fused_items(events)), excluded

@@ -62,6 +62,8 @@ def test_outage_and_recovery(make_settings: Callable[..., Settings], private_red
         r = c.post("/recommend", json={"user_id": "erin", "k": 3})
         assert r.status_code == 503 and r.json()["error"]["type"] == "store_unavailable"
         assert r.json()["error"]["message"].startswith("user_id:")
+        r = c.post("/recommend", json={"user_id": "erin", "exclude_items": ["<a_1>"], "k": 3})
+        assert r.status_code == 422 and "exclude_items" in r.text  # a bad request says so, Redis or not
         r = c.post("/users/erin/events", json={"items": [4]})
         assert r.status_code == 503 and r.json()["error"]["type"] == "store_unavailable"
         assert r.headers["retry-after"] == "1"
