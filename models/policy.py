@@ -105,9 +105,15 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def offer_only(self, sids: Sequence[int]) -> None:
-        """Decode to these SID indices alone (a service's items still offered): a trie that holds them only."""
-        self.trie = SidTrie(self.catalog, self.token_id, sids).to(self.device)
+    def offer_only(self, sids: Sequence[int] | None) -> None:
+        """Decode to these SID indices alone (a service's items still offered): a trie that holds them only; None:
+        every SID again."""
+        self.trie = self.offered_trie(sids)
+
+    def offered_trie(self, sids: Sequence[int] | None) -> SidTrie:
+        """The trie ``offer_only(sids)`` decodes with, built without swapping it in (a service builds the next one
+        off its model thread and swaps it there, between decodes)."""
+        return SidTrie(self.catalog, self.token_id, sids).to(self.device)
 
     def to(self, device: torch.device | str) -> Policy:
         self.model.to(device)  # type: ignore[arg-type]  # transformers types .to's wrapper by its first argument

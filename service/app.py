@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -32,6 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from models.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from models.value_head import ValueHead, load_value_head, value_head_for
+from service.availability import watch
 from service.errors import StartupError, install_error_handling
 from service.json_logs import configure_logging
 from service.metrics import ServiceMetrics
@@ -116,6 +118,13 @@ async def _refresh_gauges(metrics: ServiceMetrics, every_s: float = 1.0) -> None
         await asyncio.sleep(every_s)
 
 
+async def watch_unavailable(recommender: Recommender, path: Path) -> None:
+    """Until cancelled: a change of the file at ``path`` (``VSTAR_UNAVAILABLE_ITEMS``) applied while serving."""
+    rec = recommender
+    every_s, since = rec.settings.unavailable_reload_s, rec.unavailable_version
+    await watch(path, every_s, rec.catalog, since, rec.apply_unavailable, rec.refuse_unavailable)
+
+
 def create_app(settings: Settings) -> FastAPI:
     configure_logging(settings.log_level)
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would be plain text amid the JSON lines
@@ -147,14 +156,16 @@ def create_app(settings: Settings) -> FastAPI:
             )
         app.state.recommender = recommender
         log.info("settings", extra={"settings": settings.model_dump(mode="json")})
-        refresher = asyncio.create_task(_refresh_gauges(metrics)) if metrics.multiprocess else None
+        tasks = [asyncio.create_task(_refresh_gauges(metrics))] if metrics.multiprocess else []
+        if settings.unavailable_items is not None and settings.unavailable_reload_s > 0:
+            tasks.append(asyncio.create_task(watch_unavailable(recommender, settings.unavailable_items)))
         try:
             yield
         finally:
             app.state.recommender = None
-            if refresher is not None:
-                refresher.cancel()
-                await asyncio.gather(refresher, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await recommender.close()
             metrics.close()
             gc.unfreeze()  # back to the collector, or a stopped app's model would stay (tests start many apps)

@@ -107,7 +107,7 @@ from models.ved_config import (
     initial_beam_width,
     resolve_budget,
 )
-from service.availability import read_unavailable
+from service.availability import file_version, read_unavailable
 from service.batcher import MicroBatcher
 from service.deadline import BatchCost, DeadlineMargin
 from service.metrics import ServiceMetrics
@@ -184,6 +184,8 @@ class DecodeScheduler:
                 f"with VED ({e})"
             ) from None
         self.catalog = checkpoint.policy.catalog
+        # the version before the read: a change while it reads is seen as one by the watch (service.availability)
+        self.unavailable_version = file_version(settings.unavailable_items) if settings.unavailable_items else None
         self.unavailable = read_unavailable(settings.unavailable_items, self.catalog)
         if self.unavailable.kept_sids is not None:  # the SIDs left without an item leave the search
             self.policy.offer_only(self.unavailable.kept_sids)

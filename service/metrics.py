@@ -84,6 +84,18 @@ class ServiceMetrics:
         self.store_errors = Counter(
             "vstar_store_errors", "Store operations that failed (Redis down).", ["op"], registry=r
         )
+        self.unavailable_reloads = Counter(
+            "vstar_unavailable_reloads",
+            "Changes of VSTAR_UNAVAILABLE_ITEMS seen while serving: applied, or refused (the items in force kept).",
+            ["result"],
+            registry=r,
+        )
+        self.unavailable_items = Gauge(
+            "vstar_unavailable_items",
+            "Items never recommended (VSTAR_UNAVAILABLE_ITEMS), as in force.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
 
     def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """``gauge`` shows ``read()`` as of each scrape (in multiprocess mode, as of this worker's last refresh)."""

@@ -68,10 +68,11 @@ from typing import Any
 
 from models.beam_search import BeamSearchConfig
 from models.checkpoint import LoadedCheckpoint
-from models.sid_catalog import parse_sid, sid_to_str
+from models.sid_catalog import sid_to_str
 from models.value_head import ValueHead
 from models.ved_config import VEDConfig, resolve_budget
 from service.answer import Answer, RankedSid, SearchReport
+from service.availability import Unavailable, popularity_order
 from service.deadline import DeadlineMargin
 from service.decode_scheduler import SHED, DecodeJob, DecodePlan, DecodeRow, DecodeScheduler
 from service.errors import InvalidInput, NotFound, StoreUnavailable, shorten
@@ -129,31 +130,48 @@ class Recommender(DecodeScheduler):
         # delayed a handful of answers is enough to keep the next ones clear of the next such stall.
         self.cap_lateness = DeadlineMargin(0.0, quantile=0.999, horizon_s=10.0, window=8192, refresh_s=0.05)
         metrics.track(metrics.ved_cap_lateness, self.cap_lateness.margin_s)  # in force at each scrape, not stale
-        self.prior = self._prior_order(checkpoint.manifest.get("popular_sids", []))
+        self.popular = checkpoint.manifest.get("popular_sids", [])
+        self.prior = self._prior_order(self.popular)
+        # changes of the unavailable items applied, twice each: odd while one is under way (no answer is cached
+        # then, as it may come from a search on the trie before it: apply_unavailable)
+        self.availability_changes = 0
+        metrics.unavailable_items.set(len(self.unavailable.items))  # set, not tracked: metrics outlive the app
         self.store_calls = StoreCalls(metrics)  # bounded by a VED request's cap, or not (service.store_calls)
         self.users = UserHistories(self.catalog, store, self.store_calls, metrics)  # the /users/{user_id} routes
-        # the unavailable items' digest beside the model version: an answer cached under another set is a miss
-        cache_version = self.model_version + (
-            f"+unavailable:{self.unavailable.digest}" if self.unavailable.digest else ""
-        )
         self.cache = ResponseCache(
-            store, self.store_calls, metrics, settings.cache_ttl_s, cache_version, self.fusion, self.catalog.items
-        )
+            store, self.store_calls, metrics, settings.cache_ttl_s, self._cache_version(), self.fusion,
+            self.catalog.items,
+        )  # fmt: skip
+
+    def _cache_version(self) -> str:
+        """The unavailable items' digest beside the model version: an answer cached under another set is a miss."""
+        return self.model_version + (f"+unavailable:{self.unavailable.digest}" if self.unavailable.digest else "")
 
     def _prior_order(self, popular: Sequence[Sequence[Any]]) -> DecodeRow:
-        """Every catalog SID index still offered (``service.availability``) with a popularity log-probability: the
-        checkpoint's training-target counts (``popular_sids``), add-half smoothed over the whole catalog; most
-        popular first."""
-        counts: dict[int, int] = {}
-        for sid, count in popular:
-            idx = self.catalog.sid_index.get(tuple(parse_sid(sid)))
-            if idx is not None:
-                counts[idx] = counts.get(idx, 0) + int(count)
-        n = len(self.catalog.sids)
-        total = sum(counts.values()) + 0.5 * n
-        offered = range(n) if self.unavailable.kept_sids is None else self.unavailable.kept_sids
-        order = sorted(offered, key=lambda i: (-counts.get(i, 0), i))
-        return DecodeRow(order, [math.log((counts.get(i, 0) + 0.5) / total) for i in order])
+        """The popularity list over the SIDs still offered (``service.availability.popularity_order``)."""
+        return DecodeRow(*popularity_order(self.catalog, popular, self.unavailable.kept_sids))
+
+    async def apply_unavailable(self, new: Unavailable) -> None:
+        """``new`` in force, in the order ``service.availability`` gives: the next trie built off the model thread;
+        then the ranking's filter, the popularity list and the cache's key at once; then the trie, swapped in on
+        the model thread between decodes. Meanwhile answers are not cached (``availability_changes`` odd)."""
+        trie = await asyncio.to_thread(self.policy.offered_trie, new.kept_sids)
+        self.availability_changes += 1
+        try:
+            self.unavailable = new
+            self.prior = self._prior_order(self.popular)
+            self.cache.model_version = self._cache_version()
+            await asyncio.get_running_loop().run_in_executor(self.executor, setattr, self.policy, "trie", trie)
+        finally:
+            self.availability_changes += 1
+        self.metrics.unavailable_reloads.labels("applied").inc()
+        self.metrics.unavailable_items.set(len(new.items))
+        counts = {"unavailable_items": len(new.items), "unavailable_entries_unknown": new.unknown}
+        log.info("unavailable items changed", extra=counts | {"sids_offered": trie.num_sids})  # as the start logs
+
+    def refuse_unavailable(self, error: Exception) -> None:
+        self.metrics.unavailable_reloads.labels("refused").inc()
+        log.error("%s: the unavailable items in force are kept", error)
 
     async def close(self) -> None:
         await super().close()
@@ -191,8 +209,9 @@ class Recommender(DecodeScheduler):
         answer = await self.cache.get(key, reads_by) if key is not None else None
         cached = answer is not None
         if answer is None:
+            changes = self.availability_changes
             answer = await self._search(req, plan, started, answer_by)
-            if key is not None and not answer.cap_hit:
+            if key is not None and not answer.cap_hit and changes == self.availability_changes and changes % 2 == 0:
                 # as long as the reads had, up to the last chance
                 write_by = None if answer_by is None else min(answer_by, time.perf_counter() + share_s)
                 await self.cache.set(key, answer, write_by)
@@ -309,7 +328,7 @@ class Recommender(DecodeScheduler):
         """A decode's row as an answer's items: its SIDs in order, each with its items less ``excluded`` and the
         unavailable ones (``service.availability``), a SID left with none dropped, cut to ``k``."""
         out: list[RankedSid] = []
-        unavailable = self.unavailable.partial
+        unavailable = self.unavailable.items
         for idx, score in zip(row.sid_index, row.scores, strict=True):
             if idx < 0 or not math.isfinite(score):
                 continue

@@ -107,7 +107,15 @@ class Settings(BaseSettings):
     unavailable_items: Path | None = Field(
         None,
         description='A JSON file: an array of items never to recommend (item ids, SID strings, {"external_id": '
-        "...} objects), read at startup; a SID left without an item leaves the search (service.availability).",
+        "...} objects), read at startup and again when it changes; a SID left without an item leaves the search "
+        "(service.availability).",
+    )
+    unavailable_reload_s: float = Field(
+        10.0,
+        ge=0,
+        description="How often the service checks VSTAR_UNAVAILABLE_ITEMS for a change (seconds) and applies a "
+        "changed file without a restart; a file that cannot be used is logged and the items in force kept. 0: "
+        "read at startup only.",
     )
 
     # --- VED
