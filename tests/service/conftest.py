@@ -63,6 +63,16 @@ def make_settings(tiny_checkpoint: Path) -> Callable[..., Settings]:
     return make
 
 
+def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    """Whether ``check()`` came true within ``timeout_s`` (polled every 50 ms)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,6 +20,7 @@ from models.sid_catalog import SidCatalog, parse_sid
 from service.app import create_app
 from service.availability import Unavailable, UnavailableItemsError, file_version, watch
 from service.settings import Settings
+from tests.service.conftest import wait_until
 
 
 def replace_file(path: Path, body: Any) -> None:
@@ -27,15 +28,6 @@ def replace_file(path: Path, body: Any) -> None:
     fresh = path.with_suffix(".new")
     fresh.write_text(body if isinstance(body, str) else json.dumps(body))
     os.replace(fresh, path)
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def sids_of(answer: dict[str, Any]) -> list[str]:

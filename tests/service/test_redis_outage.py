@@ -23,7 +23,7 @@ from service.app import create_app
 from service.errors import StoreUnavailable
 from service.redis_store import RedisStore
 from service.settings import Settings
-from tests.service.conftest import PrivateRedis
+from tests.service.conftest import PrivateRedis, wait_until
 
 
 class RedisServer(Protocol):
@@ -34,15 +34,6 @@ class RedisServer(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_outage_and_recovery(make_settings: Callable[..., Settings], private_redis: RedisServer) -> None:
