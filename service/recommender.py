@@ -204,12 +204,12 @@ class Recommender(DecodeScheduler):
         # the request's own exclusions first: a bad entry is a 422 whatever the store does
         requested = resolve_exclusions(self.catalog, req.exclude_items) if req.exclude_items else frozenset()
         events, stored_state = await self._history_for(req, reads_by)
+        changes = self.availability_changes  # before the key: one taken under a list since changed is not written
         plan = self.plan(req, events, requested)
         key = self.cache.key(req, plan)  # None: the cache is off
         answer = await self.cache.get(key, reads_by) if key is not None else None
         cached = answer is not None
         if answer is None:
-            changes = self.availability_changes
             answer = await self._search(req, plan, started, answer_by)
             if key is not None and not answer.cap_hit and changes == self.availability_changes and changes % 2 == 0:
                 # as long as the reads had, up to the last chance
