@@ -105,9 +105,8 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def offer_only(self, sids: Sequence[int] | None) -> None:
-        """Decode to these SID indices alone (a service's items still offered): a trie that holds them only; None:
-        every SID again."""
+    def offer_only(self, sids: Sequence[int]) -> None:
+        """Decode to these SID indices alone (a service's items still offered): a trie that holds them only."""
         self.trie = self.offered_trie(sids)
 
     def offered_trie(self, sids: Sequence[int] | None) -> SidTrie:

@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -118,13 +117,6 @@ async def _refresh_gauges(metrics: ServiceMetrics, every_s: float = 1.0) -> None
         await asyncio.sleep(every_s)
 
 
-async def watch_unavailable(recommender: Recommender, path: Path) -> None:
-    """Until cancelled: a change of the file at ``path`` (``VSTAR_UNAVAILABLE_ITEMS``) applied while serving."""
-    rec = recommender
-    every_s, since = rec.settings.unavailable_reload_s, rec.unavailable_version
-    await watch(path, every_s, rec.catalog, since, rec.apply_unavailable, rec.refuse_unavailable)
-
-
 def create_app(settings: Settings) -> FastAPI:
     configure_logging(settings.log_level)
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would be plain text amid the JSON lines
@@ -157,8 +149,16 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.recommender = recommender
         log.info("settings", extra={"settings": settings.model_dump(mode="json")})
         tasks = [asyncio.create_task(_refresh_gauges(metrics))] if metrics.multiprocess else []
-        if settings.unavailable_items is not None and settings.unavailable_reload_s > 0:
-            tasks.append(asyncio.create_task(watch_unavailable(recommender, settings.unavailable_items)))
+        if (path := settings.unavailable_items) is not None and settings.unavailable_reload_s > 0:
+            changes = watch(  # a changed file applied while serving (service.availability)
+                path,
+                settings.unavailable_reload_s,
+                recommender.catalog,
+                recommender.unavailable_version,
+                recommender.apply_unavailable,
+                recommender.refuse_unavailable,
+            )
+            tasks.append(asyncio.create_task(changes))
         try:
             yield
         finally:
