@@ -152,6 +152,19 @@ def test_batch_forms_skip_invalid_slots() -> None:
     assert v[..., :3].abs().sum() == 0
 
 
+@pytest.mark.parametrize("norm", ["siblings", "group"])
+def test_a_prompt_without_candidates_gets_no_sibling_advantage(norm: str) -> None:
+    # beam search marks a prompt whose scores are all non-finite with -1 everywhere; the step goes on for the others
+    sid_index = torch.tensor([[0, 1, 2], [-1, -1, -1]])
+    tokens = torch.tensor([[[5, 6, 7], [5, 6, 8], [9, 6, 7]], [[-1, -1, -1]] * 3])
+    standard, _ = batch_standard_rewards(sid_index, [1, 0])
+    adv, weight = batch_sibling_advantages(tokens, sid_index >= 0, standard, norm)
+    alone, alone_w = batch_sibling_advantages(tokens[:1], sid_index[:1] >= 0, standard[:1], norm)
+    torch.testing.assert_close(adv[0], alone[0])
+    torch.testing.assert_close(weight[0], alone_w[0])
+    assert adv[1].abs().sum() == 0 and weight[1].sum() == 0
+
+
 # ---- properties
 
 distinct_candidates = st.lists(st.integers(0, 40), min_size=1, max_size=16, unique=True)

@@ -230,6 +230,8 @@ def batch_sibling_advantages(
     adv, weight = torch.zeros(token_ids.shape), torch.zeros(token_ids.shape)
     for b in range(token_ids.shape[0]):
         keep = valid[b]
+        if not keep.any():  # a prompt without candidates (every score non-finite) has no sibling sets
+            continue
         # a group of one has no sibling sets, so it needs no scale
         scale = float(rewards[b, keep].double().std()) if norm == "group" and keep.sum() >= 2 else None
         a, w = sibling_advantages(token_ids[b, keep].tolist(), rewards[b, keep].tolist(), scale)
