@@ -189,6 +189,9 @@ class DecodeScheduler:
         self.unavailable = read_unavailable(settings.unavailable_items, self.catalog)
         if self.unavailable.kept_sids is not None:  # the SIDs left without an item leave the search
             self.policy.offer_only(self.unavailable.kept_sids)
+        # the trie of the unavailable items in force, which every decode planned from now on must search: a change
+        # sets it on the loop, and the model thread swaps it in at the start of its next decode (_swap_in_trie)
+        self.trie_in_force = self.policy.trie
         try:  # decoders rank as vstar eval's do by default: fused at the checkpoint's weight, if it has one
             self.fusion = checkpoint_fusion(checkpoint, settings.fusion_weight)
         except (ValueError, TypeError, KeyError) as e:
@@ -299,6 +302,7 @@ class DecodeScheduler:
         """One group's decode, on the calling thread: jobs of one config (``key``), a row each. The batcher's
         ``run`` on the model thread, and ``vstar recommend``'s (``service.batch_recommend``): VED jobs without a
         deadline or a hard cap are searched to their budget, none shed and none falling back."""
+        self._swap_in_trie()
         if isinstance(key, BeamSearchConfig):
             return self._beam(key, jobs)
         assert isinstance(key, VEDConfig) and key.deadline is None
@@ -317,6 +321,13 @@ class DecodeScheduler:
                     rows[i] = row
                 self.batcher.answer_now(part, [rows[i] for i in part])  # now, not once the others' decodes end
         return rows
+
+    def _swap_in_trie(self) -> None:
+        """On the model thread, between decodes: the trie in force, if a change of the unavailable items set a new
+        one. A beam decode between a VED search's steps swaps it in too, since it was planned under the new list
+        (its width counts the SIDs that list takes out); the search goes on with the trie it was given."""
+        if self.policy.trie is not self.trie_in_force:
+            self.policy.trie = self.trie_in_force
 
     def _admit(self, jobs: Sequence[DecodeJob], now: float) -> list[bool]:
         """Load shedding: keep the most jobs m such that the m with the most time left before their hard cap

@@ -153,15 +153,18 @@ class Recommender(DecodeScheduler):
 
     async def apply_unavailable(self, new: Unavailable) -> None:
         """``new`` in force, in the order ``service.availability`` gives: the next trie built off the model thread;
-        then the ranking's filter, the popularity list and the cache's key at once; then the trie, swapped in on
-        the model thread between decodes. Meanwhile answers are not cached (``availability_changes`` odd)."""
+        then the ranking's filter, the popularity list, the cache's key and the trie every decode from now on
+        searches, at once; the model thread swaps that trie in at the start of its next decode (a beam decode
+        between a search's steps included: ``_swap_in_trie``). Until the decodes under way end, answers are not
+        cached (``availability_changes`` odd): a search may still run on the trie before."""
         trie = await asyncio.to_thread(self.policy.offered_trie, new.kept_sids)
         self.availability_changes += 1
         try:
             self.unavailable = new
             self.prior = self._prior_order(self.popular)
             self.cache.model_version = self._cache_version()
-            await asyncio.get_running_loop().run_in_executor(self.executor, setattr, self.policy, "trie", trie)
+            self.trie_in_force = trie
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._swap_in_trie)
         finally:
             self.availability_changes += 1
         self.metrics.unavailable_reloads.labels("applied").inc()
@@ -273,7 +276,7 @@ class Recommender(DecodeScheduler):
         extra = fully_excluded_sids(self.catalog, excluded, self.unavailable.offered_of)
         config = req.to_decode_config(extra, self.ved_settings)
         if isinstance(config, BeamSearchConfig):
-            return BeamSearchConfig(min(config.num_beams, self.policy.trie.num_sids))
+            return BeamSearchConfig(min(config.num_beams, self.trie_in_force.num_sids))
         try:
             return replace(config, budget=resolve_budget(config, self.catalog.depth))
         except ValueError as e:

@@ -75,10 +75,15 @@ class ResponseCache:
         return hashlib.sha256(json.dumps(norm, separators=(",", ":")).encode()).hexdigest()
 
     async def get(self, key: str, by: float | None) -> Answer | None:
-        """The answer stored under ``key``, or None (none, unreadable, or the store unavailable or out of time)."""
+        """The answer stored under ``key``, or None (none, unreadable, the store unavailable or out of time, or the
+        version changed while it was read). ``key`` is taken in the same turn of the loop, under the version in
+        force."""
+        version = self.model_version
         try:
             raw = await self.calls.within("read_cache", self.store.cache_get(key), by)
         except StoreUnavailable:
+            raw = None
+        if self.model_version != version:  # a new list of unavailable items meanwhile: the entry may hold one
             raw = None
         answer = None
         if raw is not None:

@@ -1,6 +1,7 @@
 """A changed ``VSTAR_UNAVAILABLE_ITEMS`` applied while serving (``service.availability.watch``): the items it lists
-leave both decoders' answers and the cache's, a file that cannot be used changes nothing, and no answer is cached
-while a change is under way."""
+leave both decoders' answers and the cache's (a read under way when it changes included), a file that cannot be used
+changes nothing, no answer is cached while a change is under way, and a decode planned under the new list searches
+its trie even while the model thread is still busy with one begun before it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +18,16 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from models.checkpoint import load_checkpoint
 from models.sid_catalog import SidCatalog, parse_sid
-from service.app import create_app
-from service.availability import Unavailable, UnavailableItemsError, file_version, watch
+from service.app import create_app, value_head_or_fresh
+from service.availability import Unavailable, UnavailableItemsError, file_version, read_unavailable, watch
+from service.history import resolve_entries
+from service.metrics import ServiceMetrics
+from service.recommender import Recommender
+from service.schemas import request_models
 from service.settings import Settings
+from service.stores import MemoryStore
 from tests.service.conftest import wait_until
 
 
@@ -142,3 +150,98 @@ def test_the_watch_reads_each_change_once_and_outlives_a_failed_apply(
     assert applied == [{4}, {5}, {7}]
     assert len(refused) == 2 and "not JSON" in refused[0] and "cannot be read" in refused[1]  # the last: gone
     assert any("applying the changed file failed" in r.getMessage() for r in caplog.records)
+
+
+class HeldCacheReads(MemoryStore):
+    """The in-process store whose cache reads wait for ``release`` once ``hold`` is set: a slow Redis round trip."""
+
+    def __init__(self) -> None:
+        super().__init__(100, 100, 0, 3600)
+        self.hold = False
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def cache_get(self, key: str) -> bytes | None:
+        body = await super().cache_get(key)
+        if self.hold:
+            self.reading.set()
+            await self.release.wait()
+        return body
+
+
+def recommender(settings: Settings, store: MemoryStore) -> Recommender:
+    checkpoint = load_checkpoint(settings.checkpoint, "cpu")
+    return Recommender(checkpoint, value_head_or_fresh(checkpoint, "cpu"), settings, store, ServiceMetrics())
+
+
+def test_a_cache_hit_read_while_the_list_changes_is_not_served(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Its key was taken under the list before: the item listed meanwhile would be served from it."""
+    path = tmp_path / "unavailable.json"
+    path.write_text("[]")
+    settings = make_settings(unavailable_items=path, unavailable_reload_s=0, warmup=False)
+
+    async def scenario() -> None:
+        store = HeldCacheReads()
+        rec = recommender(settings, store)
+        rec.start()
+        try:
+            req = request_models(settings).recommend(history=[11, 12, 13], k=4)
+            first = await rec.recommend(req)
+            top = first.items[0].item_ids[0]
+            store.hold = True
+            pending = asyncio.create_task(rec.recommend(req))  # its key taken, its cache read under way
+            await store.reading.wait()
+            path.write_text(json.dumps([top]))
+            await rec.apply_unavailable(read_unavailable(path, rec.catalog))
+            store.release.set()
+            second = await pending
+            assert not second.cached and len(second.items) == 4
+            assert top not in {i for it in second.items for i in it.item_ids}
+        finally:
+            await rec.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_beam_planned_under_a_new_list_searches_its_trie_while_an_earlier_decode_holds_the_thread(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """A beam request planned once the new list is in force, decoded while the model thread is still busy with
+    a decode begun before it (as a beam between a VED search's steps is): its width counts the listed SIDs as
+    gone, so it must search the trie without them, or the ranking drops them and the answer comes back short."""
+    path = tmp_path / "unavailable.json"
+    path.write_text("[]")
+    settings = make_settings(unavailable_items=path, unavailable_reload_s=0, warmup=False, cache_ttl_s=0)
+
+    async def scenario() -> None:
+        rec = recommender(settings, HeldCacheReads())
+        rec.start()
+        busy, release = threading.Event(), threading.Event()
+
+        def earlier_decode() -> None:  # holds the model thread, as a search under way does
+            busy.set()
+            release.wait(10)
+
+        try:
+            req = request_models(settings).recommend(history=[11, 12, 13], k=4)
+            before = await rec.recommend(req)
+            path.write_text(json.dumps([i for it in before.items for i in it.item_ids]))  # beam's whole answer
+            held = asyncio.get_running_loop().run_in_executor(rec.executor, earlier_decode)
+            await asyncio.to_thread(busy.wait, 10)
+            change = asyncio.create_task(rec.apply_unavailable(read_unavailable(path, rec.catalog)))
+            while rec.unavailable.digest is None:
+                await asyncio.sleep(0.001)
+            plan = rec.plan(req, resolve_entries(rec.catalog, req.history, "history"))
+            (row,) = rec.decode(plan.config, [plan.job])  # where run_waiting would decode it: between steps
+            during = rec.rank(row, plan.excluded, req.k)
+            assert len(during) == 4 and not {s.sid for s in during} & {it.sid for it in before.items}
+            release.set()
+            await held
+            await change
+        finally:
+            release.set()
+            await rec.close()
+
+    asyncio.run(scenario())
