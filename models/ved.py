@@ -101,8 +101,9 @@ Choices the paper leaves open:
   beam requests there, on the same model, rather than after the whole search);
   the deadline is checked after it. The search's result does not depend on it:
   the tree, its caches and its noise are the search's own.
-* batching: each step runs up to ``expansions_per_step`` selections per prompt
-  (visits are backed up at once, so they spread) and evaluates all new nodes of
+* batching: each step makes up to ``expansions_per_step`` children per prompt
+  (selections that fail the gate do not count; visits are backed up at once,
+  so they spread) and evaluates all new nodes of
   all prompts in one forward. 1 is the paper's strictly sequential loop.
 * KV reuse: the prompts are prefilled once (``models.backbone.prefill``, which
   also returns every prompt position's final state for the value head); the

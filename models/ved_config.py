@@ -28,7 +28,7 @@ class VEDConfig:
     beta: float = 1.0  # exploration weight in U(s)
     seed: int = 0
     deadline: float | None = None  # time.perf_counter() value after which no new step starts
-    expansions_per_step: int = 4  # selections per prompt per batched forward
+    expansions_per_step: int = 4  # children made per prompt per batched forward (gate-failed selections not counted)
     gate_patience: int = 16  # consecutive gate failures after which one expansion skips the gate
     child_temperature: float = 1.0  # the new child's draw: 1 the policy, 0 its most likely unexpanded code
     value_weight: float = 0.0  # ranking: path log-prob + value_weight * standardised V of the parent prefix
