@@ -68,6 +68,7 @@ from loadtests.request_names import EVENT_NAME, recommend_name
 from loadtests.results import MODES, PointResult, read_failures, read_point, report_entries, write_report
 from loadtests.target import require_loopback
 from models.atomic_folder import publish, put_back, staging_folder
+from models.output_path import replaced_folder_problem
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 USER_CLASSES = {"beam": "BeamUser", "ved": "VedUser"}
@@ -161,10 +162,9 @@ def locust_command(plan: LoadTestPlan, mode: str, users: int, prefix: Path) -> l
 def out_problem(out: Path, force: bool) -> str | None:
     """What stops a run from publishing its files onto ``out`` (a sentence), or None: a new or empty folder, or
     with ``force`` one that holds an earlier report and nothing else (the run replaces the folder whole)."""
-    if out.resolve() in (cwd := Path.cwd().resolve(), *cwd.parents):
-        return f"{out} holds the working folder, which publishing the report would replace: give a folder in it"
-    if os.path.ismount(out):  # a volume (docker run -v): the swap onto it fails, after every point was measured
-        return f"{out} is a mount point, which publishing the report cannot replace: give a folder inside it"
+    problem = replaced_folder_problem(out)  # a volume (docker run -v) too: the swap would fail after every point
+    if problem is not None:
+        return problem
     ours, others = report_entries(out)
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")

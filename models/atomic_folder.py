@@ -17,6 +17,11 @@ the same target removes them. One writer per target is assumed (under DDP only
 rank 0 writes), since a second writer's staging folder would look like a
 leftover.
 
+A symbolic link at the target stays one: the folder it names is replaced (as
+for files, below), and the staging folder is made beside that folder. The
+current folder, or one that holds it, is refused: replaced, it would leave the
+shell that runs the command in a deleted folder.
+
 A single file is replaced with one rename (``write_file``, or ``replacing_file``
 for one written piece by piece): written under a temporary name beside it, so
 its path holds the old contents or the new ones.
@@ -39,6 +44,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from models.output_path import holds_current_folder
+
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -48,13 +55,17 @@ def staging_folder(target: Path) -> Path:
     A file at ``target`` is never replaced by a folder: that is a mistaken path, not an old version."""
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder: not replaced", str(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(target)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if holds_current_folder(target):  # the commands say so before their work (output_path.replaced_folder_problem)
+        raise OSError(errno.EBUSY, "holds the current folder: not replaced", str(target))
+    real = _real(target)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(real)
+    return Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
 
 
 def leftovers(target: Path) -> list[Path]:
     """Staging folders and folders set aside that killed writes to ``target`` left behind."""
+    target = _real(target)
     if not target.parent.is_dir():
         return []
     prefixes = (f".{target.name}.tmp-", f".{target.name}.old-")
@@ -64,6 +75,7 @@ def leftovers(target: Path) -> list[Path]:
 def put_back(target: Path) -> None:
     """Put back the newest folder set aside when ``target`` is missing: a write killed between its two renames.
     Readers call it too (``--resume``), so the old folder is found where every reader looks."""
+    target = _real(target)
     aside = [p for p in leftovers(target) if p.name.startswith(f".{target.name}.old-")]
     if aside and not target.exists():
         try:
@@ -95,7 +107,8 @@ def usual_modes(folder: Path) -> None:
 
 def publish(staged: Path, target: Path) -> None:
     """Move the complete folder ``staged`` to ``target`` (with ``usual_modes``), replacing what is there in one
-    step where possible."""
+    step where possible (through a symbolic link at ``target``, as ``staging_folder``)."""
+    target = _real(target)
     usual_modes(staged)
     if not target.exists():
         os.replace(staged, target)  # a rename onto a free name is atomic
@@ -143,6 +156,11 @@ def _through_links(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def _real(folder: Path) -> Path:
+    """``folder``'s path with every symbolic link on it followed, absolute: where its renames happen."""
+    return Path(os.path.realpath(folder))
+
+
 def _temporary(path: Path) -> Path:
     """The name a new version of the file ``path`` is written under, beside it."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -162,4 +180,4 @@ def _exchange(a: Path, b: Path) -> bool:
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
-    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+    raise OSError(err, f"not replaced by the new folder {a.name}: {os.strerror(err)}", str(b))

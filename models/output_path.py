@@ -49,6 +49,23 @@ def output_file_problem(path: Path) -> str | None:
     return problem
 
 
+def holds_current_folder(path: Path) -> bool:
+    """Whether ``path``, links followed, is the current folder or a folder above it."""
+    return Path.cwd().resolve().is_relative_to(Path(path).resolve())
+
+
+def replaced_folder_problem(path: Path) -> str | None:
+    """What stops this process replacing the folder ``path`` whole by one written beside it
+    (``models.atomic_folder``; a sentence), or None: it may not hold the current folder (the shell that ran the
+    command would be left in a deleted folder) nor be a mount point (a volume: the swap onto it fails), and the
+    folder above it must take the new one (``parents_problem``)."""
+    if holds_current_folder(path):
+        return f"{path} holds the current folder, which the new folder would replace: give a folder inside it"
+    if os.path.ismount(Path(path).resolve()):
+        return f"{path} is a mount point, which the new folder cannot replace: give a folder inside it"
+    return parents_problem(path)
+
+
 def output_folder_problem(path: Path) -> str | None:
     """What stops this process writing files into the folder ``path``, new or existing (a sentence), or None."""
     if path.exists() and not path.is_dir():

@@ -459,7 +459,7 @@ def test_a_mount_point_out_is_refused_before_the_server_is_waited_for(
         raise AssertionError("the server was waited for")
 
     monkeypatch.setattr(runner, "wait_ready", never)
-    with pytest.raises(ValueError, match=r"^--out: .*lt is a mount point, which publishing the report cannot replace"):
+    with pytest.raises(ValueError, match=r"^--out: .*lt is a mount point, which the new folder cannot replace"):
         run_plan(plan(data=tiny_data_dir, out=out, users=(1,)), echo=lambda _: None, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["lt"] and not any(out.iterdir())
 

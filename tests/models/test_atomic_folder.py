@@ -161,3 +161,31 @@ def test_a_link_at_the_path_stays_a_link_and_its_file_is_replaced(tmp_path: Path
     assert link.is_symlink() and target.read_bytes() == b"newer"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hop.json", "out.json", "results"]
     assert [p.name for p in target.parent.iterdir()] == ["latest.json"]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_link_to_a_folder_stays_a_link_and_its_folder_is_replaced(tmp_path: Path, exists: bool) -> None:
+    """The swap took the link itself: the link became the new folder, and the old one was then refused by rmtree
+    as a link (a traceback, the staging link left beside it)."""
+    (tmp_path / "disk").mkdir()
+    real = folder(tmp_path / "disk" / "ck", "old") if exists else tmp_path / "disk" / "ck"
+    link = tmp_path / "ck"
+    link.symlink_to(real, target_is_directory=True)
+    staged = staging_folder(link)
+    assert staged.parent == real.parent
+    (staged / "file").write_text("new")
+    publish(staged, link)
+    assert link.is_symlink() and (real / "file").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "disk"]
+    assert [p.name for p in real.parent.iterdir()] == ["ck"]
+
+
+def test_the_current_folder_is_refused_and_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = folder(tmp_path / "ck", "old")
+    (target / "inside").mkdir()
+    for cwd, given in ((target, Path(".")), (target / "inside", Path("..")), (target, target)):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(OSError, match="the current folder") as e:
+            staging_folder(given)
+        assert e.value.filename == str(given)
+    assert (target / "file").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ck"]

@@ -389,6 +389,23 @@ def test_an_out_is_never_destroyed(tmp_path: Path) -> None:
         "empty", "in", "mine", "out"]  # fmt: skip
 
 
+def test_an_out_through_a_link_is_written_where_it_points_and_the_current_folder_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events, items = write_inputs(tmp_path / "in")
+    (tmp_path / "disk").mkdir()
+    link = tmp_path / "data"
+    link.symlink_to(tmp_path / "disk", target_is_directory=True)
+    import_log(events, items, link, EVERY, progress=False)
+    import_log(events, items, link, EVERY, force=True, progress=False)
+    assert link.is_symlink() and (tmp_path / "disk" / "stats.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "disk", "in"]
+    monkeypatch.chdir(tmp_path / "disk")
+    with pytest.raises(ValueError, match=r"^--out: \. holds the current folder"):
+        import_log(events, items, Path("."), EVERY, force=True, progress=False)
+    assert (tmp_path / "disk" / "stats.json").is_file()
+
+
 def test_a_failed_write_leaves_the_old_folder_and_no_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     events, items = write_inputs(tmp_path / "in")
     out = tmp_path / "out"

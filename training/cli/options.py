@@ -21,7 +21,7 @@ import typer
 from typer._click.core import ParameterSource  # typer vendors click from 0.28 on
 
 from models.atomic_folder import put_back, write_file
-from models.output_path import output_file_problem, output_folder_problem, parents_problem
+from models.output_path import output_file_problem, output_folder_problem, replaced_folder_problem
 from training.run_files import earlier_run, replaced_folders, side_files
 
 T = TypeVar("T")
@@ -86,7 +86,9 @@ def checkpoint_out(path: Path) -> Path:
             f"{path} is a folder that is not a checkpoint (no manifest.json), and the run would replace "
             "everything in it: give a new folder"
         )
-    check_parents(path)
+    problem = replaced_folder_problem(path)
+    if problem is not None:
+        raise typer.BadParameter(problem)
     return path
 
 
@@ -151,13 +153,6 @@ def overlap_problem(path: Path, taken: Sequence[Path], out: Path, data: Sequence
 def within(path: Path, folder: Path) -> bool:
     """``path`` is ``folder`` or lies inside it (links resolved)."""
     return path.resolve().is_relative_to(folder.resolve())
-
-
-def check_parents(path: Path) -> None:
-    """The nearest existing folder above ``path`` is a folder this process may write in."""
-    problem = parents_problem(path)
-    if problem is not None:
-        raise typer.BadParameter(problem)
 
 
 DataOpt = Annotated[

@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.atomic_folder import publish, staging_folder
-from models.output_path import parents_problem
+from models.output_path import replaced_folder_problem
 from training.data.data_files import DataError, split_records
 from training.data.dataset import SPLITS, Sample
 from training.data.dataset_writer import split_ends, split_stats, write_split, written_by
@@ -293,7 +293,7 @@ def out_problem(out: Path, force: bool, inputs: Iterable[Path]) -> str | None:
     ``force`` one that ``vstar import`` wrote and that holds none of ``inputs``."""
     if out.exists() and not out.is_dir():
         return f"{out} is a file; --out is the folder to write the data set into"
-    problem = parents_problem(out)
+    problem = replaced_folder_problem(out)
     if problem is not None or not (out.is_dir() and any(out.iterdir())):
         return problem
     if not written_by(out, IMPORTED):

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from models.atomic_folder import publish, staging_folder
-from models.output_path import parents_problem
+from models.output_path import replaced_folder_problem
 from models.sid_catalog import Item, SidCatalog
 from training.data.dataset import Sample
 from training.data.dataset_writer import split_ends, split_stats, write_dataset, written_by
@@ -300,7 +300,7 @@ def write_synth(
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; --out is the folder to write the data set into")
-    problem = parents_problem(out)  # a path under a file: NotADirectoryError once the data set was generated
+    problem = replaced_folder_problem(out)  # found now, not once the data set was generated
     if problem is not None:
         raise ValueError(f"--out: {problem}")
     if out.is_dir() and any(out.iterdir()) and not written_by(out, "synthetic"):
