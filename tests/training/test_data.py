@@ -158,12 +158,13 @@ def test_missing_file_and_bad_json(tiny_data_dir: Path, tmp_path: Path) -> None:
         ("item_emb.npy", "nan", "item_emb.npy: contains NaN"),
         ("item_emb.npy", "short", "item_emb.npy: 3 rows but .*index.json has 120 items"),
         ("index.json", b'{"0": 5}', "index.json: item 0: expected a list of SID tokens, got 5"),
-        ("index.json", b"\x80\x81", "index.json: not UTF-8 text"),
-        ("item.json", b"\xff", "item.json: not UTF-8 text"),
+        ("index.json", b"\x80\x81", r"index.json:1: not UTF-8 text \(byte 0 of the file: 0x80\)"),
+        ("item.json", b"\xff", r"item.json:1: not UTF-8 text \(byte 0 of the file: 0xff\)"),
+        ("item.json", b'{"0": 1' + b"0" * 5000 + b"}", "item.json: invalid JSON: an integer of more than 4300 digits"),
         ("item.json", b'{"0": {"title": null}}', "item.json: item 0: expected an object with a text title, got"),
         ("item.json", b'{"0": "a string"}', "item.json: item 0: expected an object with a text title, got 'a string'"),
         ("item.json", b'{"999": {"title": "t"}}', r"item.json: item 999 is not in index.json \(another catalog"),
-        ("valid.csv", b"\xff\xfe", "valid.csv: not UTF-8 text"),
+        ("valid.csv", b"\xff\xfe", r"valid.csv:1: not UTF-8 text \(byte 0 of the file: 0xff\)"),
     ],
 )
 def test_unreadable_files_are_named(
@@ -209,7 +210,7 @@ def test_item_map_gives_the_catalog_external_ids(tiny_data_dir: Path, tmp_path: 
     [
         (b"[]", "item_map.json: expected a JSON object"),
         (b"{", "item_map.json:1: invalid JSON"),
-        (b"\xff", "item_map.json: not UTF-8 text"),
+        (b"\xff", r"item_map.json:1: not UTF-8 text \(byte 0 of the file: 0xff\)"),
         (b'{"0": "a", "0": "b"}', "item_map.json: key '0' appears twice in one object"),
         (b'{"1": "a", "01": "b"}', "item_map.json: keys '1' and '01' both name item 1"),
         (b'{"x": "a"}', r"item_map.json: key 'x' is not an item id \(decimal digits\)"),

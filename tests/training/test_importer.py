@@ -267,6 +267,29 @@ def test_half_a_surrogate_pair_is_named_at_its_line(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("items", "events", "message"),
+    [  # 0, false or [] read as "no title" (the title lost without a word), where 1 was refused
+        ('{"item_id": "7", "title": 0, "description": "d"}', None, "items.jsonl:1: title must be text, got 0"),
+        ('{"item_id": "7", "title": false, "description": "d"}', None, "items.jsonl:1: title must be text, got False"),
+        ('{"item_id": "7", "title": "t", "description": 0}', None, "items.jsonl:1: description must be text or a"),
+        # a traceback (Python's own limits on what json.loads reads), not a line naming the file
+        ('{"item_id": 1' + "0" * 5000 + ', "title": "t"}', None, "items.jsonl:1: invalid JSON: an integer of more"),
+        (None, '{"user_id": "a", "item_id": "7", "timestamp": 1' + "0" * 5000 + "}", "events.jsonl:2: invalid JSON"),
+        (None, '{"user_id": ' + "[" * 100_000 + "]" * 100_000 + "}", "events.jsonl:2: invalid JSON: arrays and"),
+    ],
+)
+def test_json_values_of_the_wrong_kind_or_past_the_readers_limits_are_named_at_their_line(
+    tmp_path: Path, items: str | None, events: str | None, message: str
+) -> None:
+    (tmp_path / "items.jsonl").write_text((items or '{"item_id": "7", "title": null, "description": "d"}') + "\n")
+    first = '{"user_id": "a", "item_id": "7", "timestamp": 0}'
+    (tmp_path / "events.jsonl").write_text(f"{first}\n{events or first}\n")
+    with pytest.raises(DataError, match=message):
+        import_log(tmp_path / "events.jsonl", tmp_path / "items.jsonl", tmp_path / "out", EVERY, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 BAD_EVENTS = [
     (["user_id", "item", "timestamp"], [("u", "SKU-A", 1)], r"events.csv:1: missing columns \['item_id'\]"),
     (["user_id", " item_id", "Timestamp"], [("u", "SKU-A", 1)],
@@ -404,6 +427,23 @@ def test_an_out_through_a_link_is_written_where_it_points_and_the_current_folder
     with pytest.raises(ValueError, match=r"^--out: \. holds the current folder"):
         import_log(events, items, Path("."), EVERY, force=True, progress=False)
     assert (tmp_path / "disk" / "stats.json").is_file()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_byte_that_is_not_utf8_is_named_by_its_line_and_its_offset_in_the_file(tmp_path: Path, suffix: str) -> None:
+    """Past the reader's first chunk (8 KiB) the decoder's offset counted from that chunk, and no line was named."""
+    events = tmp_path / f"events{suffix}"
+    rows = [{"user_id": f"u{i}", "item_id": "i1", "timestamp": i} for i in range(600)]
+    if suffix == ".csv":
+        lines = ["user_id,item_id,timestamp\n"] + [f"{r['user_id']},{r['item_id']},{r['timestamp']}\n" for r in rows]
+    else:
+        lines = [json.dumps(r) + "\n" for r in rows]
+    body = "".join(lines).encode()
+    at = len("".join(lines[:500]).encode()) + 1  # in line 501's user id
+    events.write_bytes(body[:at] + b"\xe9" + body[at + 1 :])
+    _, items = write_inputs(tmp_path / "in")
+    with pytest.raises(DataError, match=rf"events{suffix}:501: not UTF-8 text \(byte {at} of the file: 0xe9\)$"):
+        import_log(events, items, tmp_path / "out", EVERY, progress=False)
 
 
 def test_a_failed_write_leaves_the_old_folder_and_no_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,29 @@ def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def not_utf8(path: Path) -> str:
+    """The error of a text file that is not UTF-8, naming where: "PATH:LINE: not UTF-8 text (byte B of the file:
+    0x..)". A decoding error's own offset counts from the start of the chunk the reader decoded, not the file's;
+    lines are the file's own (a byte of a UTF-8 sequence is never a newline, so each decodes alone)."""
+    offset = 0
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path}:{line}: not UTF-8 text (byte {offset + e.start} of the file: {raw[e.start]:#04x})"
+            offset += len(raw)
+    return f"{path}: not UTF-8 text"  # not reached: the reader that raised read these bytes
+
+
+def beyond_json_syntax(error: ValueError | RecursionError) -> str:
+    """What Python's JSON reader refused in text that is not a syntax error (a ``JSONDecodeError``): an integer
+    too long to convert, or arrays and objects nested past the recursion limit."""
+    if isinstance(error, RecursionError):
+        return "arrays and objects nested deeper than the JSON reader's limit (about 1000 levels)"
+    return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """A data file holding one JSON object (UTF-8), or a DataError naming the file and the problem."""
     if not path.exists():
@@ -52,8 +76,10 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     except _RepeatedKey as e:
         raise DataError(f"{path}: key {e.args[0]!r} appears twice in one object (which one holds?)") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path)) from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: invalid JSON: {beyond_json_syntax(e)}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object")
     return data
@@ -178,7 +204,7 @@ def split_records(
             for row in reader:
                 yield row, len(header), line, reader.line_num
                 line = reader.line_num + 1
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path)) from None
     except csv.Error as e:  # e.g. a quote still open at the end of the file
         raise DataError(f"{path}:{line}: {e}") from None

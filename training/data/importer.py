@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from models.atomic_folder import publish, staging_folder
 from models.output_path import replaced_folder_problem
-from training.data.data_files import DataError, split_records
+from training.data.data_files import DataError, beyond_json_syntax, not_utf8, split_records
 from training.data.dataset import SPLITS, Sample
 from training.data.dataset_writer import split_ends, split_stats, write_split, written_by
 from training.data.item_embed import item_text
@@ -126,14 +126,16 @@ def _json_lines(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict[
                     record = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{line}: invalid JSON: {e.msg}") from None
+                except (ValueError, RecursionError) as e:
+                    raise DataError(f"{path}:{line}: invalid JSON: {beyond_json_syntax(e)}") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
                 missing = [c for c in columns if c not in record]
                 if missing:
                     raise DataError(f"{path}:{line}: missing keys {missing}")
                 yield line, record
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path)) from None
 
 
 def _external_id(value: Any, column: str, path: Path, line: int) -> str:
@@ -175,7 +177,8 @@ def read_items(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
 def _item_entry(item: str, record: dict[str, Any], path: Path, line: int) -> dict[str, Any]:
     """An item's ``item.json`` entry: its title, and its description where it has one (text, or a list of
     paragraphs); one with neither (nothing for ``vstar embed`` to embed) is a DataError."""
-    title, description = record["title"] or "", record.get("description") or ""
+    # null (JSON's "no value") reads as none; 0, false or [] are values, of the wrong kind, not "none"
+    title, description = (("" if v is None else v) for v in (record["title"], record.get("description")))
     if not isinstance(title, str):
         raise DataError(f"{path}:{line}: title must be text, got {title!r:.60}")
     paragraphs = isinstance(description, list) and all(isinstance(p, str) for p in description)
