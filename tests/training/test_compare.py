@@ -84,6 +84,9 @@ def test_runs_over_other_rows_are_refused_where_the_files_say_so(
     (tmp_path / "bin.json").write_bytes(b"\x80\x81")
     with pytest.raises(ValueError, match="bin.json: not a readable JSON file"):
         compare_runs([test_a], [tmp_path / "bin.json"])
+    (tmp_path / "long.json").write_text('{"target_ranks": [1' + "0" * 5000 + "]}")  # past the reader's limit
+    with pytest.raises(ValueError, match="long.json: not a readable JSON file"):
+        compare_runs([test_a], [tmp_path / "long.json"])
 
 
 def test_cli_writes_the_comparison_and_names_bad_files(tmp_path: Path) -> None:
@@ -133,6 +136,7 @@ def test_a_file_without_a_metric_is_refused_not_compared_from_its_ranks(tmp_path
         ({"target_ranks": [0, "x"]}, "target_ranks holds 'x'"),
         ({"target_ranks": [0, -3]}, "target_ranks holds -3"),
         ({"target_ranks": [0, 1.5]}, "target_ranks holds 1.5"),
+        ({"target_ranks": [0, 2**64]}, f"target_ranks holds {2**64}"),  # numpy's object array: a traceback
         ({"target_ranks": [0, 1], "metrics": None}, "metrics is not an object"),
         ({"target_ranks": [0, 1], "rows": 3}, "rows is 3 but target_ranks holds 2 ranks"),
         ({"target_ranks": [0, 1], "rows_fingerprint": None}, "rows_fingerprint is None, not a string"),

@@ -211,6 +211,7 @@ def register_baseline(app: typer.Typer) -> None:
         ] = "train",
     ) -> None:
         """Paired test differences (other - base) per metric, with 95% bootstrap intervals over rows."""
+        from training.data.dataset import counted_splits
         from training.evaluation.compare import compare_runs
         from training.evaluation.segments import segmenter
 
@@ -225,7 +226,10 @@ def register_baseline(app: typer.Typer) -> None:
             raise typer.BadParameter("--by and --data go together: the segments are read from the data folder")
         segments = None
         if by is not None and data is not None:
-            splits = [s for s in train_splits.split(",") if s]
+            try:
+                splits = counted_splits(train_splits)
+            except ValueError as e:
+                raise typer.BadParameter(str(e)) from None
             segments = segmenter(load_data(data, None, None), by, splits)
         try:
             write_json(json_out, compare_runs(paths["base"], paths["other"], samples, seed, segments))

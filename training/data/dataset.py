@@ -190,6 +190,16 @@ def parse_splits(text: str) -> list[str]:
     return names
 
 
+def counted_splits(text: str) -> list[str]:
+    """``parse_splits`` of the splits a scored model trained on, whose rows set the long tail (tail_share@10, the
+    target segments of ``vstar compare --by target``): never test, whose targets would shape the long tail test is
+    scored against."""
+    names = parse_splits(text)
+    if "test" in names:
+        raise ValueError("--train-splits: no model trains on test: name the splits it trained on")
+    return names
+
+
 def load_dataset(data_dir: str | Path) -> RecDataset:
     root = Path(data_dir)
     if not root.is_dir():

@@ -52,14 +52,14 @@ def read_run(path: Path) -> dict[str, Any]:
     """One eval (or baseline) JSON file; a ``ValueError`` naming it when it is unreadable or not one."""
     try:
         payload = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # not UTF-8, not JSON, past the JSON reader's limits
         raise ValueError(f"{path}: not a readable JSON file: {e}") from None
     if not isinstance(payload, dict) or "target_ranks" not in payload:
         raise ValueError(f"{path} has no target_ranks (written by an older vstar eval, or not an eval file)")
     ranks = payload["target_ranks"]
     if not isinstance(ranks, list) or not ranks:
         raise ValueError(f"{path}: target_ranks is not a non-empty list (one rank per row scored)")
-    bad = next((r for r in ranks if r is not None and (type(r) is not int or r < 0)), None)
+    bad = next((r for r in ranks if r is not None and (type(r) is not int or not 0 <= r < 2**63)), None)
     if bad is not None:
         raise ValueError(f"{path}: target_ranks holds {bad!r}; a rank is a 0-based integer, or null when not ranked")
     rows = payload.get("rows", len(ranks))
