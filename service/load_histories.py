@@ -56,9 +56,12 @@ Design decisions:
 * Idempotent writes: each write carries the key ``load_key(user, entries)`` (the store's ``fingerprint`` of
   the user and the entries), so a write the store re-sends, or a re-run of ``--append`` within
   ``VSTAR_IDEMPOTENCY_TTL_S`` (the key's record lives that long), stores once, and says it replayed: counted
-  as already loaded. A user with nothing stored whose key replays had the entries once and lost them since
-  (their history expired, or was deleted, within that TTL): they are written again, under a key of the run's
-  own. After that TTL nothing marks what an ``--append`` wrote: running it again appends the
+  as already loaded. A user read with nothing stored whose key replays either holds the entries now, written
+  by another run of the same load that overlapped this one (a retried job: both read the user as empty), and
+  counts as already loaded; or had them once and lost them since (their history expired, or was deleted,
+  within that TTL): they are written again, under a key of the run's own. (Two overlapping runs that both find
+  the same user's history lost, each between the other's re-read and write, can still store it twice.) After
+  that TTL nothing marks what an ``--append`` wrote: running it again appends the
   timeline again to every user whose stored history is not exactly the timeline (the default and
   ``--skip-existing`` never write to a user with entries, so re-running them is safe whenever).
 * Writes go ``WRITE_CHUNK`` users at a time, concurrently (each its own round trip of the store's script),
@@ -188,6 +191,15 @@ def load_key(user_id: str, entries: Sequence[str]) -> str:
     return f"load-histories-{fingerprint(user_id, entries)}"
 
 
+def begins_with(stored: Sequence[str], entries: Sequence[str], cap: int) -> bool:
+    """Whether ``stored`` begins with ``entries`` as a write of them to a user read as empty placed them: before
+    every later event, the cap having trimmed at most their oldest (only a history at the cap was trimmed)."""
+    n = len(entries)
+    if list(stored[:n]) == list(entries):
+        return True
+    return len(stored) >= cap and any(list(stored[: n - j]) == list(entries[j:]) for j in range(1, n))
+
+
 @dataclass(frozen=True)
 class _Plan:
     write: dict[str, list[str]]  # user -> entries to write
@@ -223,21 +235,23 @@ async def _plan(store: Store, entries: dict[str, list[str]], mode: Mode, progres
     return _Plan(write, read, already, len(existing) if mode == "skip-existing" else 0)
 
 
-async def _write(store: Store, plan: _Plan, progress: bool) -> tuple[set[str], list[str]]:
+async def _write(store: Store, plan: _Plan, cap: int, progress: bool) -> tuple[set[str], list[str]]:
     """Write every planned user's entries after what the plan read, ``WRITE_CHUNK`` users at a time; returns the
     users whose key replayed (this load stored them before) and those whose stored history changed since the
     read (not written). A store that fails is a ``LoadError`` saying how many were written.
 
-    A user who had nothing stored when the plan read the store, and whose key replays, had this load's entries
-    once and lost them since (their history expired, or was deleted, within the key's record's TTL): written
-    again under a key of this run's, not counted as replayed."""
+    A user who had nothing stored when the plan read the store, and whose key replays, either holds this load's
+    entries from another run of it that overlapped this one (both read the user as empty: counted as replayed),
+    or had them once and lost them since (their history expired, or was deleted, within the key's record's TTL):
+    written again under a key of this run's, not counted as replayed."""
     users, written, replayed, changed = list(plan.write), 0, set[str](), list[str]()
     run = uuid.uuid4().hex[:12]
 
     async def append(user_id: str) -> Appended:
         entries, read = plan.write[user_id], plan.read.get(user_id, [])
         done = await store.append_after(user_id, entries, read, load_key(user_id, entries))
-        if done.replayed and not read:  # stored once, gone now: the replay stored nothing
+        if done.replayed and not read and not begins_with(await store.history(user_id), entries, cap):
+            # stored once, gone now: the replay stored nothing
             done = await store.append_after(user_id, entries, read, f"{load_key(user_id, entries)}-{run}")
         return done
 
@@ -286,7 +300,7 @@ async def load_into(
         plan = await _plan(store, entries, mode, progress)
     except StoreUnavailable as e:
         raise LoadError(f"{store_failure(store, e, 'could not be read')}; nothing was written") from None
-    replayed, changed = (set[str](), []) if dry_run else await _write(store, plan, progress)
+    replayed, changed = (set[str](), []) if dry_run else await _write(store, plan, cap, progress)
     not_written = replayed.union(changed)
     loaded = [u for u in plan.write if u not in not_written]
     return LoadReport(

@@ -96,7 +96,8 @@ def idempotency_record(user_id: str, key: str) -> str:
 
 OWN_KEY_TTL_S = 60  # a request without Idempotency-Key: long enough to settle its own write
 
-# KEYS: history, record; ARGV: fingerprint, attempt, max history, history TTL (0: none), record TTL, entries...
+# KEYS: history, record; ARGV: fingerprint, attempt, max history, history TTL (0: none, and an expiry set under an
+# earlier TTL is removed: "0 = never" holds for histories stored before the setting changed), record TTL, entries...
 # Returns {"stored", record} or {"replayed", record} (an earlier run under the same key). The entries are pushed
 # 1000 at a time: Lua's unpack refuses more than about 8000 values ("too many results to unpack").
 WRITE = """
@@ -104,7 +105,7 @@ local record = redis.call('GET', KEYS[2])
 if record then return {'replayed', record} end
 for i = 6, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
-if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) else redis.call('PERSIST', KEYS[1]) end
 record = ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. (#ARGV - 5) .. ' ' .. redis.call('LLEN', KEYS[1])
 redis.call('SET', KEYS[2], record, 'EX', ARGV[5])
 return {'stored', record}
@@ -131,7 +132,7 @@ else
   end
 end
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
-if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) else redis.call('PERSIST', KEYS[1]) end
 record = ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. (#ARGV - 7) .. ' ' .. redis.call('LLEN', KEYS[1])
 redis.call('SET', KEYS[2], record, 'EX', ARGV[5])
 return {'stored', record}

@@ -142,6 +142,16 @@ def test_histories_expire_after_the_ttl(
     assert (ttl_s - 5 < ttl <= ttl_s) if ttl_s else ttl == -1  # -1: no expiry
 
 
+def test_a_ttl_set_to_never_removes_the_expiry_an_earlier_setting_gave(
+    make_settings: Callable[..., Settings], private_redis: PrivateRedis
+) -> None:
+    """ "0 = never": the next event of a history stored under a TTL took no expiry away, and the history expired."""
+    for ttl_s in (3600, 0):
+        with TestClient(create_app(make_settings(redis_url=private_redis.url, history_ttl_s=ttl_s))) as c:
+            assert c.post("/users/tia/events", json={"items": [ttl_s % 7 + 1]}).status_code == 200
+    assert redis.Redis(port=private_redis.port).ttl(HISTORY_KEY.format("tia")) == -1  # -1: no expiry
+
+
 def test_in_process_histories_expire_after_the_ttl(make_settings: Callable[..., Settings]) -> None:
     with TestClient(create_app(make_settings(history_ttl_s=1))) as c:
         assert c.post("/users/ned/events", json={"items": [1]}).status_code == 200

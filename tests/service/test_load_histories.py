@@ -22,7 +22,15 @@ from typer.testing import CliRunner
 from models.sid_catalog import SidCatalog
 from service.app import create_app
 from service.errors import StoreUnavailable
-from service.load_histories import LoadError, LoadReport, Mode, load_into, next_timeline, read_timelines
+from service.load_histories import (
+    LoadError,
+    LoadReport,
+    Mode,
+    begins_with,
+    load_into,
+    next_timeline,
+    read_timelines,
+)
 from service.redis_store import HISTORY_KEY, RedisStore
 from service.settings import Settings
 from service.stores import Appended, MemoryStore, Store
@@ -304,6 +312,31 @@ def load_meanwhile(
 
 def stored_in(make: Callable[[], Store]) -> dict[str, list[str]]:
     return dict(zip(TIMELINES, using(make, lambda store: store.histories(list(TIMELINES))), strict=True))
+
+
+def test_two_runs_of_one_load_that_overlap_store_each_timeline_once(
+    backend: Callable[[int], Callable[[], Store]], tiny_catalog: SidCatalog
+) -> None:
+    """Both read every user as empty; the second's writes replay the first's keys, which read as "lost since"
+    and were written again under its own key: every timeline twice (a retried job, two operators)."""
+    make = backend(100)
+
+    async def both(store: Store) -> tuple[LoadReport, LoadReport]:
+        first, second = await asyncio.gather(
+            *(load_into(store, tiny_catalog, TIMELINES, 100, progress=False) for _ in range(2))
+        )
+        return first, second
+
+    first, second = using(make, both)
+    assert stored_in(make) == as_entries(TIMELINES)
+    assert first.loaded + second.loaded == 4 and first.already_loaded + second.already_loaded == 4
+
+
+def test_begins_with_allows_only_the_oldest_entries_trimmed_and_only_at_the_cap() -> None:
+    assert begins_with(["1", "2", "3", "9"], ["1", "2", "3"], 100)
+    assert begins_with(["2", "3", "9", "9"], ["1", "2", "3"], 4)  # at the cap: the oldest trimmed
+    assert not begins_with(["2", "3", "9"], ["1", "2", "3"], 4)  # below the cap nothing was trimmed
+    assert not begins_with([], ["1"], 4) and not begins_with(["9", "1"], ["1"], 2)
 
 
 def test_events_posted_between_the_read_and_the_write_stay_the_most_recent(
