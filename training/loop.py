@@ -279,15 +279,16 @@ class Checkpointer:
         ``averaged()`` the policy holds the weights to score and keep (an EMA); the resume state keeps the
         training weights."""
         resume_dir = resume_folder(self.out)
-        if not self.select_rows:  # nothing held out (a refit): the latest model is the one to keep
+        if not self.select_rows:  # nothing held out (a refit): the latest selectable model is the one to keep
             probe = self.train_rows[:PROBE_ROWS]
             with averaged():
                 if not scores_a_sid(self.policy, probe):
                     raise NonFinite(f"the model scored no SID as finite for {len(probe)} training rows")
             state.history.append({"step": state.step, "epoch": state.epoch})
             if is_main():
-                with averaged():
-                    self._save_best(state, extras)
+                if selectable:  # not RL's init at step 0: an earlier run's result stays until the first RL model
+                    with averaged():
+                        self._save_best(state, extras)
                 save_checkpoint(resume_dir, self.policy, self.manifest, extras, trainer_state=trainer_state())
             barrier()
             return

@@ -621,6 +621,23 @@ def test_a_run_that_held_nothing_out_reports_no_best_score(
     assert summary["selection_rows"] == 0 and summary["best"] is None and not summary["below_init"]  # not -1.0
 
 
+def test_a_run_that_holds_nothing_out_never_writes_its_init_as_the_rl_result(
+    tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 0 scores the init and is never selected: with no held-out rows it was still kept, so a run stopped
+    before its first RL validation left a copy of the SFT init at --out, over an earlier run's result."""
+    init = save_checkpoint(tmp_path / "init", tiny_policy, {"stage": "sft", "fusion": {"weight": 6.0}})
+
+    def stopped(self: RLTrainer, samples: list[Sample], counted: bool = True) -> dict[str, float]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RLTrainer, "step", stopped)
+    config = RLConfig(algo="grpo", max_steps=2, batch_size=4, eval_limit=8, train_splits=("valid",), holdout=0)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(tiny_dataset, init, tmp_path / "rl", config, progress=False)
+    assert resume_folder(tmp_path / "rl").is_dir() and not (tmp_path / "rl").exists()
+
+
 def test_the_lr_schedule_spans_every_epoch_of_the_run(
     tiny_dataset: RecDataset, tiny_policy: Policy, tmp_path: Path
 ) -> None:
