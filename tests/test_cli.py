@@ -477,7 +477,12 @@ def test_outputs_inside_the_runs_own_folders_or_the_data_are_refused(tiny_data_d
         ([*sft, "--tensorboard", str(tmp_path / "ck.heldout")], "ck.heldout, which the run at --out"),
         ([*sft, "--tensorboard", d], f"--tensorboard: {d} is the data folder: give a path outside it"),
         ([*sft, "--tensorboard", f"{d}/tb"], f"lies inside the data folder {d}"),
-        (["sft", "--data", d, "--out", f"{d}/ck", *tiny], f"--out: {d}/ck lies inside the data folder {d}: give"),
+        (["sft", "--data", d, "--out", f"{d}/ck", *tiny], f"{d}/ck lies inside {d}, a data set (it holds a SID"),
+        # a checkpoint's own writes (vstar fuse, a resumed run) replace it whole, with a run inside it
+        (
+            ["rl", "--data", d, "--init", str(init), "--out", f"{init}/rl"],
+            f"{init}/rl lies inside {init}, a checkpoint ",
+        ),
         (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "x")], f"--init checkpoint {init} is one of"),
         (["rl", "--data", d, "--init", str(tmp_path / "x.heldout"), "--out", str(tmp_path / "x")], "writes over"),
     ]
