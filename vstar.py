@@ -181,6 +181,8 @@ class OneLineErrors(TyperGroup):
                 fail(f"{e.filename}{to}: {e.strerror or e}", 1)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a write() names no file
                 fail(f"{e.strerror}: free some space, or write the output elsewhere", 1)
+            if e.errno == errno.EFBIG:  # past the process's file-size limit (ulimit -f), or the file system's
+                fail(f"{e.strerror}: raise the file-size limit (ulimit -f), or write the output elsewhere", 1)
             raise
         except MemoryError as e:  # numpy's says how much it asked for; Python's own says nothing
             fail(f"out of memory: {str(e) or 'an allocation failed'}: ask for less (sizes, --batch-size)", 1)

@@ -40,7 +40,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -140,14 +140,30 @@ def replacing_file(path: Path) -> Iterator[BinaryIO]:
     """``write_file`` for contents written piece by piece (too many to hold at once): a file under the temporary
     name, renamed onto ``path`` when the block ends; a block that raises, or a process killed meanwhile, leaves
     the old file whole (and no file where there was none). A symbolic link stays one, as in ``write_file``."""
-    path = _through_links(path)
-    tmp = _temporary(path)
-    try:
-        with tmp.open("wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing_files([path]) as (f,):
+        yield f
+
+
+@contextlib.contextmanager
+def replacing_files(paths: Sequence[Path]) -> Iterator[list[BinaryIO]]:
+    """``replacing_file`` for files that belong together (an index and the splits labelled with it): each is
+    written in full and closed under its temporary name before any is renamed onto its path, in the order given,
+    so a block that raises or a write that fails only at its close (the last buffered bytes: a file-size limit,
+    a quota, a network file system) leaves every old file whole. A process killed between the renames leaves
+    the first ones renamed: put first what a reader checks the others against."""
+    paths = [_through_links(p) for p in paths]
+    temporaries = [_temporary(p) for p in paths]
+    with contextlib.ExitStack() as opened:
+        try:
+            files = [opened.enter_context(tmp.open("wb")) for tmp in temporaries]
+            yield files
+            opened.close()  # every file closed, its last bytes written, before the first rename
+            for tmp, path in zip(temporaries, paths, strict=True):
+                os.replace(tmp, path)
+        finally:
+            opened.close()
+            for tmp in temporaries:
+                tmp.unlink(missing_ok=True)
 
 
 def _through_links(path: Path) -> Path:

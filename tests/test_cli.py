@@ -326,6 +326,10 @@ def test_a_file_the_system_will_not_write_is_one_line(tmp_path: Path, monkeypatc
             OSError(28, "No space left on device"),
             "Error: No space left on device: free some space, or write the output elsewhere",
         ),  # a write() on a full disk names no file  # fmt: skip
+        (
+            OSError(27, "File too large"),
+            "Error: File too large: raise the file-size limit (ulimit -f), or write the output elsewhere",
+        ),  # nor one past the file-size limit  # fmt: skip
     ],
 )
 def test_errors_that_name_nothing_still_say_what_happened(

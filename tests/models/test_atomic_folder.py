@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +18,7 @@ from models.atomic_folder import (
     put_back,
     remove_leftovers,
     replacing_file,
+    replacing_files,
     staging_folder,
     write_file,
 )
@@ -189,3 +193,37 @@ def test_the_current_folder_is_refused_and_kept(tmp_path: Path, monkeypatch: pyt
             staging_folder(given)
         assert e.value.filename == str(given)
     assert (target / "file").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_files_replaced_together_are_all_closed_before_any_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index and its splits: a write that fails only at its close (the last buffered bytes past a file-size
+    limit or a quota) left the files renamed before it new and the rest old, a data set that no longer loads."""
+    first, last = tmp_path / "train.csv", tmp_path / "index.json"
+    for path in (first, last):
+        path.write_bytes(b"old")
+    opened = Path.open
+
+    class FailsAtClose(io.BufferedWriter):
+        def close(self) -> None:
+            if not self.closed:
+                super().close()
+                raise OSError(errno.EFBIG, "File too large")
+
+    def open_(path: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "wb" and path.name.startswith(".index.json.tmp-"):
+            return FailsAtClose(io.FileIO(path, "wb"))
+        return opened(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.raises(OSError, match="File too large"), replacing_files([first, last]) as files:
+        for f in files:
+            f.write(b"new")
+    assert first.read_bytes() == last.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "train.csv"]
+    monkeypatch.undo()
+    with replacing_files([first, last]) as files:
+        for f, text in zip(files, (b"rows", b"index"), strict=True):
+            f.write(text)
+    assert (first.read_bytes(), last.read_bytes()) == (b"rows", b"index")

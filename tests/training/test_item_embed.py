@@ -78,6 +78,10 @@ def test_item_text_rule() -> None:
     assert item_text({"title": "A &amp; B <br/>", "description": "<p>x&gt;y</p>\n  z"}) == "A & B. x>y z"
     assert item_text({"title": "T", "description": ["as", "a list"]}) == "T. as a list"
     assert item_text({"title": "T", "description": "[not a literal"}) == "T. [not a literal"
+    # what the literal reader refuses with other errors than ValueError (a traceback in embed and import)
+    assert item_text({"title": "T", "description": "[{[]: 1}]"}) == "T. [{[]: 1}]"  # TypeError: unhashable
+    deep = "[" + "-" * 100_000 + "1]"  # MemoryError or RecursionError: the parser's limits
+    assert item_text({"title": "T", "description": deep}).startswith("T. [---")
     assert item_text({"title": "T", "description": "Works from <5V to >12V"}) == "T. Works from <5V to >12V"
     long = item_text({"title": "T", "description": " ".join(["word"] * 200)})
     assert long.startswith("T. word") and long.endswith("word")

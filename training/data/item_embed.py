@@ -39,7 +39,6 @@ Design decisions:
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
 import html
 import io
@@ -52,7 +51,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models.atomic_folder import replacing_file
+from models.atomic_folder import replacing_files
 from models.output_path import parents_problem
 from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
 from training.data.data_files import DataError, embedding_record, parse_item_id, read_json_object
@@ -116,8 +115,8 @@ def _description(value: Any) -> str:
     elif isinstance(value, str) and value.lstrip().startswith("["):
         try:
             parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # not a literal: plain text
+            parsed = value  # (TypeError: "[{[]: 1}]", a dict keyed by a list; the others: the parser's limits)
         parts = parsed if isinstance(parsed, list) else [value]
     else:
         parts = [value] if value else []
@@ -335,7 +334,7 @@ def embed_items(data_dir: Path, config: EmbedConfig, force: bool = False, progre
     buffer = io.BytesIO()
     np.save(buffer, embeddings)
     record["npy_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()  # ties the record to these rows
-    with contextlib.ExitStack() as files:  # both written in full before either is renamed; the record first (LIFO)
-        files.enter_context(replacing_file(out)).write(buffer.getvalue())
-        files.enter_context(replacing_file(embedding_record(out))).write((json.dumps(record, indent=2) + "\n").encode())
+    with replacing_files([embedding_record(out), out]) as (record_file, rows):  # both written, then the record
+        rows.write(buffer.getvalue())  # renamed first (module doc)
+        record_file.write((json.dumps(record, indent=2) + "\n").encode())
     return record | {"out": str(out), "seconds": round(seconds, 3)}

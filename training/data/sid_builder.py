@@ -44,7 +44,6 @@ failed write (a full disk) leaves every old file as it was. Design decisions:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -57,7 +56,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from models.atomic_folder import replacing_file
+from models.atomic_folder import replacing_files
 from models.output_path import parents_problem
 from models.sid_catalog import LEVEL_PREFIXES, MAX_CODES, level_token
 from training.data.data_files import DataError, read_embeddings
@@ -394,8 +393,8 @@ def write_index(
     index = build.index()
     splits = relabel_splits(data_dir, index) if update_splits else []  # all checked before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as files:  # every file written in full before any is renamed onto its old one
-        files.enter_context(replacing_file(out)).write(json.dumps(index).encode())
-        for split in splits:
-            split.write(files.enter_context(replacing_file(split.path)))
+    with replacing_files([*(split.path for split in splits), out]) as files:  # all written before any is renamed
+        for split, f in zip(splits, files[:-1], strict=True):
+            split.write(f)
+        files[-1].write(json.dumps(index).encode())
     return build.report | {"out": str(out), "splits_updated": [str(split.path) for split in splits]}
