@@ -5,7 +5,7 @@ it); ``write_split``, its split file, also writes one with empty SID columns (``
 index exists). ``relabel_splits`` serves ``vstar sids --update-splits``: it reads and checks every split file
 first and returns them staged (``RelabeledSplit``), so that a caller writes none unless all are good; the caller
 writes each in full under a temporary name, with its index, and renames them onto the old files only when all are
-written (``models.atomic_folder.replacing_file``), so a failed write (a full disk) changes none of them and a
+written (``models.atomic_folder.replacing_files``), so a failed write (a full disk) changes none of them and a
 reader sees the old rows or the new ones. Every column but the two SID columns, the rows' order and each file's
 line ending stay as they were.
 """
@@ -38,7 +38,7 @@ class RelabeledSplit:
     newline: str  # the file's own line ending, kept
 
     def write(self, f: BinaryIO) -> None:
-        """Write the file's new contents to ``f``: ``replacing_file(self.path)``'s, which renames it onto the file."""
+        """Write the file's new contents to ``f``: its file of ``replacing_files``, which renames it onto the file."""
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
         writer = csv.DictWriter(text, fieldnames=self.header, lineterminator=self.newline)
         writer.writeheader()
