@@ -19,6 +19,10 @@ def require_loopback(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"--host must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - read for its check: a port that is not 0-65535
+    except ValueError:
+        raise ValueError(f"--host {url!r}: the port must be a number 0-65535") from None
     bad = [a for a in _addresses(parts.hostname) if not ipaddress.ip_address(a).is_loopback]
     if bad:
         raise ValueError(f"--host {url!r} resolves to {bad}: load tests only target loopback (127.0.0.0/8, ::1)")

@@ -108,6 +108,13 @@ def test_malformed_hosts_are_refused(url: str) -> None:
         require_loopback(url)
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://127.0.0.1:99999"])
+def test_a_port_that_is_not_one_is_refused(url: str) -> None:
+    """httpx raised InvalidURL at the first request, which no handler turned into one line."""
+    with pytest.raises(ValueError, match="the port must be a number 0-65535"):
+        require_loopback(url)
+
+
 def test_read_histories_matches_load_dataset(tiny_data_dir: Path, tiny_dataset: RecDataset) -> None:
     rows = read_histories(split_path(tiny_data_dir, "test"))
     expected = [s for s in tiny_dataset.splits["test"] if s.history]

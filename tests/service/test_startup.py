@@ -279,3 +279,10 @@ def test_a_port_in_use_stops_the_start_before_the_model_loads(tiny_checkpoint: P
         run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 3 and "Address already in use" in run.stderr, run.stderr[-2000:]
     assert "Waiting for application startup" not in run.stderr and "warm-up" not in run.stderr, run.stderr[-2000:]
+
+
+def test_the_server_never_imports_training() -> None:
+    """README, "Layout": the server imports models alone; only the offline commands bridge to training."""
+    code = "import sys, service.app; print(sorted({m.split('.')[0] for m in sys.modules} & {'training', 'loadtests'}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
