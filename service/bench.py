@@ -306,7 +306,7 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
             "beam_p99_vs_alone": ratio(rows["beam"]["p99_ms"], alone.get("p99_ms")),
         }
 
-    for batching in (True, False):
+    def serve_cells(batching: bool) -> None:
         with running_server(checkpoint, batching, config) as url:
             for clients in config.clients:
                 label = f"beam clients={clients} batching={batching}"
@@ -316,7 +316,7 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
                 refused(label, cell, out)  # before the row: a row of nulls is no measurement to keep
                 out["beam"].append(row)
             if not batching:
-                continue
+                return
             for cap in config.caps_ms:
                 for clients in config.ved_clients:
                     label = f"ved cap={cap} ms clients={clients}"
@@ -328,6 +328,18 @@ def bench_serve(checkpoint: Path, config: BenchConfig) -> dict[str, list[dict[st
             if config.mixed_ved_clients and config.caps_ms:
                 out["mixed"] = [mixed_cell(url, max(config.caps_ms))]
                 log_mixed(out["mixed"][0])
+
+    try:
+        for batching in (True, False):
+            serve_cells(batching)
+    except BenchCutShort:
+        out["batching_vs_none"] = batching_ratios(out["beam"])  # the client counts measured both ways so far
+        raise
+    except RuntimeError as e:  # the server without batching did not start: the first one's cells are kept
+        if not out["beam"]:
+            raise  # the first did not start (a broken checkpoint): nothing was measured
+        out["batching_vs_none"] = []
+        raise BenchCutShort(f"batching=False: {e}", out) from None
     out["batching_vs_none"] = batching_ratios(out["beam"])
     for row in out["batching_vs_none"]:
         log_ratio(row)

@@ -77,3 +77,19 @@ def test_an_out_with_an_earlier_report_needs_force_and_is_left_untouched(
     assert {p: p.read_bytes() for p in files} == files and sorted(p.name for p in tmp_path.iterdir()) == ["lt"]
     result = CliRunner().invoke(app, [*loadtest(tiny_data_dir, out), "--force"])  # on to the server
     assert result.exit_code == 1 and isinstance(result.exception, AssertionError), result.output
+
+
+def test_a_mode_named_twice_runs_once(monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """--users is a set; --modes beam,beam ran the point twice, and the second run's raw files replaced the
+    first's, so one of the report's two identical rows had nothing behind it."""
+    planned = []
+
+    def run_plan(plan: runner.LoadTestPlan, echo: object, force: bool) -> tuple[list, dict]:
+        planned.append(plan.modes)
+        table = tmp_path / "table.md"
+        table.write_text("")
+        return [], {"table": table, "plot": table, "json": table}
+
+    monkeypatch.setattr(runner, "run_plan", run_plan)
+    result = CliRunner().invoke(app, [*loadtest(tiny_data_dir, tmp_path / "lt"), "--modes", "ved,beam,ved"])
+    assert result.exit_code == 0 and planned == [("ved", "beam")], result.output

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +239,64 @@ def test_bench_serve_keeps_the_cells_measured_before_the_server_stopped(
     assert f"the 1 cells measured before it are in {out}" in " ".join(result.output.split())
     kept = json.loads(out.read_text())
     assert kept == {"beam": [{"clients": 1, "batching": True, "p50_ms": 1.5, "p99_ms": 1.99, "rps": 2.0,
-                              "server_p50_ms": 0.55, "server_p99_ms": 0.6, "errors": 0}], "ved": []}  # fmt: skip
+                              "server_p50_ms": 0.55, "server_p99_ms": 0.6, "errors": 0}], "ved": [],
+                    "batching_vs_none": []}  # fmt: skip
+
+
+def test_a_bench_cut_short_keeps_the_ratios_of_the_client_counts_measured_both_ways(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+
+    import service.bench
+    from service.bench import CellResult
+
+    calls = iter(range(10))
+
+    async def cell(url: str, body: object, clients: int, config: BenchConfig) -> CellResult:
+        if next(calls) == 4:  # beam 1 and 8 and VED with batching, beam 1 without, then the server stops
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return CellResult(latencies_ms=[1.0, 2.0], server_ms=[0.5, 0.6], elapsed_s=1.0)
+
+    monkeypatch.setattr(service.bench, "run_cell", cell)
+    monkeypatch.setattr(service.bench, "running_server", lambda *a: contextlib.nullcontext("http://x"))
+    out = tmp_path / "bench.json"
+    command = ["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--json", str(out), "--clients", "1,8"]
+    result = CliRunner().invoke(app, [*command, "--caps", "100", "--ved-clients", "1", "--mixed-ved-clients", "0"])
+    assert result.exit_code == 1 and "beam clients=8 batching=False" in result.output, result.output
+    assert json.loads(out.read_text())["batching_vs_none"] == [{"clients": 1, "rps_ratio": 1.0, "p99_ratio": 1.0}]
+
+
+def test_bench_serve_keeps_the_first_servers_cells_when_the_second_does_not_start(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server without batching starts after every batching cell (beam, VED, mixed) was measured; one that
+    did not start (killed, or past its start-up timeout) threw them all away."""
+    import contextlib
+
+    import service.bench
+    from service.bench import CellResult
+
+    async def cell(url: str, body: object, clients: int, config: BenchConfig) -> CellResult:
+        return CellResult(latencies_ms=[1.0, 2.0], server_ms=[0.5, 0.6], elapsed_s=1.0)
+
+    @contextlib.contextmanager
+    def server(checkpoint: Path, batching: bool, config: BenchConfig) -> Iterator[str]:
+        if not batching:
+            raise RuntimeError("the server exited with status -9 before it was ready: no output")
+        yield "http://x"
+
+    monkeypatch.setattr(service.bench, "run_cell", cell)
+    monkeypatch.setattr(service.bench, "running_server", server)
+    out = tmp_path / "bench.json"
+    command = ["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--json", str(out), "--clients", "1,8"]
+    result = CliRunner().invoke(app, [*command, "--caps", "100", "--ved-clients", "1", "--mixed-ved-clients", "0"])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert "Error: batching=False: the server exited with status -9 before it was ready" in said
+    assert f"the 3 cells measured before it are in {out}" in said
+    kept = json.loads(out.read_text())
+    assert [r["clients"] for r in kept["beam"]] == [1, 8] and len(kept["ved"]) == 1 and kept["batching_vs_none"] == []
 
 
 def test_a_cell_the_server_refused_whole_is_not_written_among_the_cells_measured(
