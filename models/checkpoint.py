@@ -269,10 +269,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     except ValueError as e:
         raise CheckpointError(f"checkpoint {folder}: catalog.json does not fit the tokenizer: {e}") from None
     policy = policy.to(device)
+    to = torch.device(device)  # safetensors names the CPU "cpu" alone: "cpu:0", which torch takes, it refuses
     loaded = {}
     for f in extras:
         try:
-            loaded[f.stem] = load_file(str(f), device=str(device))
+            loaded[f.stem] = load_file(str(f), device="cpu" if to.type == "cpu" else str(to))
         except SafetensorError as e:
             raise CheckpointError(f"checkpoint {folder}: {f.name} is corrupt: {e}") from None
         _check_finite(folder, ((f"{f.stem}.{k}", t) for k, t in loaded[f.stem].items()))

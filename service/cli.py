@@ -171,14 +171,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise typer.Exit(STARTUP_FAILURE)
         os.environ["VSTAR_CHECKPOINT"] = str(checkpoint.resolve())
         settings = settings_from_env()  # fail here, once, on a bad environment rather than in every worker
-        if not settings.api_keys and not _is_loopback(host):
-            typer.secho(
-                f"warning: serving on {host} with open writes: anyone who reaches it can rewrite any user's "
-                "history; set VSTAR_API_KEYS=key1,key2 (and VSTAR_REQUIRE_API_KEYS=true)",
-                err=True,
-                fg=typer.colors.YELLOW,
-            )
         configure_logging(settings.log_level)  # the supervisor's own lines too, as JSON like the workers'
+        if not settings.api_keys and not _is_loopback(host):
+            logging.getLogger(__name__).warning(
+                "serving on %s with open writes: anyone who reaches it can rewrite any user's history; set "
+                "VSTAR_API_KEYS=key1,key2 (and VSTAR_REQUIRE_API_KEYS=true)",
+                host,
+            )
         if workers > 1 and settings.redis_url is None:
             logging.getLogger(__name__).warning(
                 "--workers %d without REDIS_URL: each worker keeps its own user histories, idempotency keys and "

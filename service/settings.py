@@ -16,6 +16,7 @@ masked and is left out of ``repr``; API keys are ``SecretStr``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -199,6 +200,16 @@ class Settings(BaseSettings):
         if database and not database.isdigit():
             raise ValueError(f"the database in the Redis URL must be a number (redis://host:6379/0), got {database!r}")
         return url
+
+    @field_validator("torch_threads")
+    @classmethod
+    def _threads_the_cores_can_run(cls, value: int | None) -> int | None:
+        """No more threads than the cores this process may run on: 100,000 failed the start with a traceback
+        (an mmap out of memory), 5,000 never finished the warm-up."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if value is not None and value > cores:
+            raise ValueError(f"{value} threads, more than the {cores} CPU cores this process may run on")
+        return value
 
     @field_validator("device")
     @classmethod

@@ -366,6 +366,16 @@ def test_nginx_passes_on_the_request_ids_the_service_keeps(tmp_path: Path) -> No
         assert (got == rid) == bool(_CLIENT_ID_RE.fullmatch(rid)), (rid, got)
 
 
+def test_nginx_passes_on_the_hosts_port_for_the_services_redirects(tmp_path: Path) -> None:
+    """With $host the port was dropped: /readyz/ through the balancer on 127.0.0.1:8080 redirected to port 80."""
+    import httpx
+
+    with nginx_in_front_of_a_stub(tmp_path) as (port, stub):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", transport=httpx.HTTPTransport(retries=20)) as client:
+            assert client.get("/readyz").status_code == 200
+    assert {k.lower(): v for k, v in stub.seen[0][1].items()}["host"] == f"127.0.0.1:{port}"
+
+
 def free_port() -> int:
     import socket
 

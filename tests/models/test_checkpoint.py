@@ -31,6 +31,15 @@ def test_round_trip_rebuilds_same_decoder(tiny_policy: Policy, tmp_path: Path) -
     torch.testing.assert_close(a.scores, b.scores)
 
 
+@pytest.mark.parametrize("device", ["cpu:0", torch.device("cpu", 0)])
+def test_a_device_torch_names_with_an_index_loads_the_extras_too(
+    tiny_policy: Policy, tmp_path: Path, device: str | torch.device
+) -> None:
+    """safetensors refuses "cpu:0", which torch (and VSTAR_DEVICE) takes: the start blamed a sound file as corrupt."""
+    path = save_checkpoint(tmp_path / "ck", tiny_policy, {"stage": "test"}, extras={"head": {"w": torch.ones(3)}})
+    assert torch.equal(load_checkpoint(path, device).extras["head"]["w"], torch.ones(3))
+
+
 def test_overwrite_is_atomic_and_leaves_no_temp(tiny_policy: Policy, tmp_path: Path) -> None:
     first = load_checkpoint(save_checkpoint(tmp_path / "ck", tiny_policy)).model_version
     second = load_checkpoint(save_checkpoint(tmp_path / "ck", tiny_policy)).model_version

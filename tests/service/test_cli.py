@@ -173,6 +173,8 @@ def test_several_workers_refuse_a_metrics_folder_that_is_not_one(
             {"REDIS_URL": "redis://h:1/x"},
             "REDIS_URL (or VSTAR_REDIS_URL): the database in the Redis URL must be a number",
         ),
+        # 100,000 threads failed the start with a traceback, 5,000 never finished the warm-up
+        ({"VSTAR_TORCH_THREADS": "100000"}, "VSTAR_TORCH_THREADS: 100000 threads, more than the"),
     ],
 )
 def test_serve_names_a_bad_setting_by_its_environment_variable(
@@ -197,6 +199,21 @@ def test_several_workers_without_redis_are_warned_that_histories_are_per_worker(
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert ("each worker keeps its own user histories" in said) is warned, said
+
+
+def test_open_writes_on_another_host_are_warned_in_a_json_line(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warning came before the logs were set up, as plain text among the JSON lines a log shipper parses."""
+    import service.cli
+
+    monkeypatch.setattr(service.cli, "_run", lambda config: None)  # the checks and warnings, no server
+    monkeypatch.delenv("VSTAR_API_KEYS", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint), "--host", "0.0.0.0"])
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if "open writes" in line]
+    record = json.loads(line)
+    assert record["level"] == "WARNING" and record["msg"].startswith("serving on 0.0.0.0 with open writes")
 
 
 def test_a_bench_cell_without_an_answered_request_has_null_percentiles() -> None:
