@@ -155,7 +155,7 @@ def replacing_files(paths: Sequence[Path]) -> Iterator[list[BinaryIO]]:
     temporaries = [_temporary(p) for p in paths]
     with contextlib.ExitStack() as opened:
         try:
-            files = [opened.enter_context(tmp.open("wb")) for tmp in temporaries]
+            files: list[BinaryIO] = [opened.enter_context(tmp.open("wb")) for tmp in temporaries]
             yield files
             opened.close()  # every file closed, its last bytes written, before the first rename
             for tmp, path in zip(temporaries, paths, strict=True):
