@@ -1061,3 +1061,9 @@ def test_an_rl_init_is_followed_back_to_the_sft_model_it_descends_from(
     checkpoint("a", {"stage": "rl", "init": str(tmp_path / "b")})
     gone = checkpoint("gone", {"stage": "rl", "init": str(tmp_path / "deleted")})
     assert init_trained_on(loop_a, tiny_dataset, valid) is None and init_trained_on(gone, tiny_dataset, valid) is None
+    # rows an RL init trained on flatter a choice made on them too (SFT on train alone, RL1 on all of valid)
+    sft_tr = checkpoint("sft_tr", {"stage": "sft", "sft_config": {"train_splits": ["train"], "holdout": 0}})
+    on_valid = {"train_splits": ["valid"], "holdout": 0}
+    rl_on_valid = checkpoint("rl_v", {"stage": "rl", "init": sft_tr, "rl_config": on_valid})
+    assert init_trained_on(sft_tr, tiny_dataset, valid) == 0 and init_trained_on(rl_on_valid, tiny_dataset, valid) == 8
+    assert root_sft_config({"stage": "rl", "init": rl_on_valid}) == {"train_splits": ["train"], "holdout": 0}

@@ -141,9 +141,9 @@ def fuse_rl_checkpoint(
     ``eval_limit``, the rows it validated on), with counts of every row before them, as SFT chooses its own.
 
     A run that held nothing out (``--holdout 0`` with valid trained on) has no rows to choose on: that is an
-    error, and the weight it was fused at stays. When the ``--init`` checkpoint is still there and trained on
-    some of those rows (an SFT refit), the choice is made but flagged: such rows flatter the policy and choose
-    too small a weight.
+    error, and the weight it was fused at stays. When the ``--init`` checkpoint is still there and it, or one it
+    descends from, trained on some of those rows (an SFT refit, an RL init that trained on them: ``lineage``),
+    the choice is made but flagged: such rows flatter the policy and choose too small a weight.
     """
     path = Path(path)
     checkpoint = fusable_checkpoint(path, data.fingerprint(), data.name, "rl", device)
@@ -174,17 +174,20 @@ def fuse_rl_checkpoint(
 MAX_INIT_HOPS = 16  # RL from RL from ... SFT: links followed back to the SFT model (a loop stops there too)
 
 
-def root_sft_config(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``sft_config`` of the SFT model a checkpoint of ``manifest`` descends from: its own (an SFT
-    checkpoint), else, for an RL one, its ``--init``'s, followed back through RL inits; None where a link is gone
-    or names no SFT model."""
+def lineage(manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The row rules of a checkpoint of ``manifest`` and of every checkpoint it descends from: an RL checkpoint's
+    ``rl_config``, then its ``--init``'s, followed back through RL inits to the SFT model's ``sft_config``, which
+    comes last; None where a link is gone or names no SFT model."""
+    configs: list[dict[str, Any]] = []
     seen: set[str] = set()
     for _ in range(MAX_INIT_HOPS):
         if manifest.get("sft_config"):
-            return dict(manifest["sft_config"])
+            return [*configs, dict(manifest["sft_config"])]
         init = manifest.get("init")
         if manifest.get("stage") != "rl" or not init or init in seen:
             return None
+        if manifest.get("rl_config"):
+            configs.append(dict(manifest["rl_config"]))
         seen.add(init)
         try:
             manifest = json.loads((Path(init) / "manifest.json").read_text())
@@ -195,14 +198,27 @@ def root_sft_config(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def root_sft_config(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``sft_config`` of the SFT model a checkpoint of ``manifest`` descends from: its own (an SFT
+    checkpoint), else, for an RL one, its ``--init``'s, followed back through RL inits (``lineage``); None where
+    a link is gone or names no SFT model."""
+    configs = lineage(manifest)
+    return configs[-1] if configs else None
+
+
 def init_trained_on(init: str | None, data: RecDataset, rows: Sequence[Sample]) -> int | None:
-    """How many of ``rows`` the SFT model behind the checkpoint at ``init`` trained on (its own SFT, or, for an RL
-    init, the SFT model it descends from: ``root_sft_config``); None when it (or its config) is gone."""
+    """How many of ``rows`` the checkpoint at ``init`` or any it descends from trained on: an RL init's own rows,
+    its RL inits' and those of the SFT model the chain starts from (``lineage``); None when a link (or the SFT
+    config) is gone."""
     try:
         manifest = json.loads((Path(init) / "manifest.json").read_text()) if init else None
     except (OSError, ValueError):
         return None
-    return sft_trained_on(root_sft_config(manifest), data, rows) if isinstance(manifest, dict) else None
+    configs = lineage(manifest) if isinstance(manifest, dict) else None
+    if configs is None:
+        return None
+    trained = {row for stored in configs for row in split_for_training(data, StoredRows.of(stored))[0]}
+    return sum(r in trained for r in rows)
 
 
 def sft_trained_on(stored: dict[str, Any] | None, data: RecDataset, rows: Sequence[Sample]) -> int | None:
