@@ -52,6 +52,7 @@ from models.checkpoint_error import CheckpointError as CheckpointError  # part o
 from models.policy import Policy
 from models.sid_catalog import Item, SidCatalog, external_ids_from_json, parse_sid
 from models.sid_tokenizer import PromptFormat
+from models.weight_checks import first_non_finite, fit_problem
 
 FORMAT_VERSION = 1
 TRAINER_STATE = "trainer_state.pt"
@@ -280,30 +281,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     return LoadedCheckpoint(policy, manifest, loaded, folder)
 
 
-FIT_NAMED = 3  # tensors a misfit's error names, of however many
-
-
 def _check_fit(folder: Path, fit: dict[str, Any]) -> None:
     """A ``CheckpointError`` when the weights are not those of the model ``config.json`` describes: a tensor
     missing (it would be random), one the model has no place for (dropped), or one of another shape."""
-    problems = [f"{k} is missing" for k in sorted(fit["missing_keys"])]
-    problems += [f"{k} is not the model's" for k in sorted(fit["unexpected_keys"])]
-    problems += [
-        f"{k} is {tuple(stored)}, the model's {tuple(wanted)}" for k, stored, wanted in sorted(fit["mismatched_keys"])
-    ]
-    if problems:
-        more = f" (and {len(problems) - FIT_NAMED} more)" if len(problems) > FIT_NAMED else ""
-        raise CheckpointError(
-            f"checkpoint {folder}: its weights do not fit config.json: {'; '.join(problems[:FIT_NAMED])}{more}"
-        )
+    problem = fit_problem(fit)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {folder}: its weights do not fit config.json: {problem}")
 
 
 def _check_finite(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """A ``CheckpointError`` naming the first floating-point tensor that holds nan or inf: such a model scores
     nothing (a run that diverged, or a file damaged in a way its format cannot tell)."""
-    for name, t in tensors:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"checkpoint {folder}: {name} holds nan or inf (did the run that wrote it diverge?)")
+    name = first_non_finite(tensors)
+    if name is not None:
+        raise CheckpointError(f"checkpoint {folder}: {name} holds nan or inf (did the run that wrote it diverge?)")
 
 
 def _read_json(folder: Path, name: str) -> dict[str, Any]:

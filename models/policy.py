@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -32,6 +33,7 @@ from models.pretrained_folder import TOKENIZER_FILES, first_line, has_tokenizer
 from models.sid_catalog import Sid, SidCatalog
 from models.sid_tokenizer import TEXT_TEMPLATE, PromptFormat, add_sid_tokens, build_sid_tokenizer, prompt_vocabulary
 from models.sid_trie import SidTrie
+from models.weight_checks import first_non_finite, fit_problem
 
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")  # the fast class's names (4.x, 5.x)
 
@@ -63,6 +65,16 @@ def preset_config(name: str) -> PresetConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def backbone_fit(model: PreTrainedModel, fit: dict[str, Any]) -> dict[str, Any]:
+    """A pretrained folder's loading info less the output head's missing weights: a decoder saved without its
+    head (``Qwen2Model``) is taken, since next-SID training predicts SID tokens, whose rows of the head are new
+    in any case; a tensor of the backbone missing is not (it would train from random values)."""
+    head = model.get_output_embeddings()
+    prefix = next((f"{name}." for name, module in model.named_modules() if module is head), None)
+    missing = [k for k in fit.get("missing_keys", ()) if prefix is None or not k.startswith(prefix)]
+    return {**fit, "missing_keys": missing}
 
 
 def sees_later_tokens(model: PreTrainedModel) -> bool:
@@ -160,16 +172,27 @@ class Policy:
             )
         try:
             tokenizer = pretrained_tokenizer(Path(path))
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            model, fit = cast(  # a (model, loading info) pair with output_loading_info, which its typing omits
+                tuple[PreTrainedModel, dict[str, Any]],
+                AutoModelForCausalLM.from_pretrained(
+                    path, local_files_only=True, dtype=torch.float32, output_loading_info=True
+                ),
+            )
         except Exception as e:  # transformers and safetensors raise many kinds; each means "not loadable"
             problem = f"cannot load a causal LM and its tokenizer ({first_line(e)})"
             raise ValueError(f"base model {path}: {problem}") from None
+        damaged = first_non_finite(model.named_parameters())  # before the check below would misread it
+        if damaged is not None:
+            raise ValueError(f"base model {path}: {damaged} holds nan or inf")
         if sees_later_tokens(model):  # BERT loads as BertLMHeadModel, a fresh head on bidirectional attention
             raise ValueError(
                 f"base model {path}: it is no causal LM: its output at a position changes with the tokens after "
                 "it (an encoder, such as BERT), so next-SID training would see the answer; give a decoder-only LM "
                 "(e.g. Qwen2.5)"
             )
+        misfit = fit_problem(backbone_fit(model, fit), unexpected=False)  # missing: random weights, only logged
+        if misfit is not None:
+            raise ValueError(f"base model {path}: its weights do not fit its config.json: {misfit}")
         table = model.get_input_embeddings().weight
         assert isinstance(table, torch.Tensor)
         rows, words = table.shape[0], tokenizer.vocab_size  # the vocabulary itself, without added tokens

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
@@ -136,6 +137,28 @@ def test_unloadable_base_model_is_one_value_error(
     else:
         weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=f"base model {folder}: cannot load a causal LM"):
+        Policy.from_pretrained_lm(str(folder), tiny_catalog)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [  # trained on random values with exit status 0; blamed on the learning rate, or read as an encoder
+        ("a layer missing", r"its weights do not fit its config.json: model.layers.0.mlp.down_proj.weight is missing"),
+        ("nan", r"model.layers.0.mlp.down_proj.weight holds nan or inf"),
+    ],
+)
+def test_a_base_model_whose_weights_are_missing_or_not_finite_is_refused(
+    text_lm: Path, tiny_catalog: SidCatalog, tmp_path: Path, damage: str, message: str
+) -> None:
+    folder = tmp_path / "lm"
+    shutil.copytree(text_lm, folder)
+    weights = load_file(folder / "model.safetensors")
+    if damage == "a layer missing":
+        del weights["model.layers.0.mlp.down_proj.weight"]
+    else:
+        weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"base model {folder}: {message}"):
         Policy.from_pretrained_lm(str(folder), tiny_catalog)
 
 
