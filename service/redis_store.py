@@ -138,6 +138,17 @@ redis.call('SET', KEYS[2], record, 'EX', ARGV[5])
 return {'stored', record}
 """
 
+# ``delete_history``: the count and the delete in one step, so the count is what went. A script, not MULTI/EXEC:
+# over maxmemory Redis refuses every command queued in a transaction, DEL too, so the history could not be
+# forgotten (nor its memory freed) until keys expired; a script is refused only at a command that takes memory.
+# A value of another type under the key (no entries): -1, and DEL still runs.
+DELETE = """
+local held = redis.pcall('LLEN', KEYS[1])
+redis.call('DEL', KEYS[1])
+if type(held) == 'table' then return -1 end
+return held
+"""
+
 
 def read_digest(read: Sequence[str]) -> str:
     """What ``WRITE_AFTER`` compares the stored history with: the SHA-1 of the entries read, joined by 0x1f."""
@@ -181,6 +192,7 @@ class RedisStore(Store):
         )
         self._write = self._writer.register_script(WRITE)
         self._write_after = self._writer.register_script(WRITE_AFTER)
+        self._delete = self._redis.register_script(DELETE)  # a retried delete is the same delete: the reads' client
         self._down_until = 0.0  # monotonic time before which Redis is not tried
         self._healthy = True
         self._refusing: str | None = None  # the last error Redis answered with, until a command succeeds
@@ -315,19 +327,12 @@ class RedisStore(Store):
     async def delete_history(self, user_id: str) -> int:
         key = HISTORY_KEY.format(user_id)
 
-        async def delete() -> int:  # a retried delete is the same delete: the reads' client, its one retry
-            async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: the count is what went
-                pipe.llen(key)
-                pipe.delete(key)
-                # a transaction Redis refused (EXECABORT: read-only, ...) still raises, having run nothing; an
-                # error inside EXEC comes back as a value, and the commands beside it ran
-                held, deleted = await pipe.execute(raise_on_error=False)
-            if isinstance(deleted, ResponseError):
-                raise deleted
-            if isinstance(held, ResponseError):  # a value of another type under the key (no entries): DEL ran
-                log.warning("a history key held another type; deleted", extra={"error": repr(held)})
+        async def delete() -> int:
+            held = int(await self._delete(keys=[key]))
+            if held < 0:  # a value of another type under the key (no entries): DEL ran
+                log.warning("a history key held another type; deleted", extra={"key": key})
                 return 0
-            return int(held)
+            return held
 
         return await self._call("delete history", delete)
 

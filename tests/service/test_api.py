@@ -182,9 +182,9 @@ def test_a_deleted_history_is_gone_and_a_retried_write_is_not_stored_again(clien
 
 
 def test_a_history_key_of_another_type_is_deleted_and_the_answer_says_so(client: TestClient, redis_url: str) -> None:
-    """Another writer's value of another type under a user's history key: the transaction's LLEN fails inside
-    EXEC and its DEL still runs, so the key is gone; the answer says so (no entries the service could read),
-    not a 503 saying the history was not deleted."""
+    """Another writer's value of another type under a user's history key: the delete's LLEN fails and its DEL
+    still runs, so the key is gone; the answer says so (no entries the service could read), not a 503 saying the
+    history was not deleted."""
     r = redis.Redis.from_url(redis_url)
     r.set("vstar:history:olga", "not a list")
     answer = client.delete("/users/olga/history")
