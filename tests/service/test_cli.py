@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,21 @@ def test_a_bench_cell_without_an_answered_request_has_null_percentiles() -> None
     log_cell("beam clients=1", cell, summary)  # formats without a number
 
 
+def cells_failing_at(failing: int) -> Callable[..., Awaitable[Any]]:
+    """A stand-in for ``service.bench.run_cell``: each cell answers two requests, and the one at index
+    ``failing`` (counted from 0) finds the server gone."""
+    from service.bench import CellResult
+
+    calls = itertools.count()
+
+    async def cell(url: str, body: object, clients: int, config: BenchConfig) -> CellResult:
+        if next(calls) == failing:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return CellResult(latencies_ms=[1.0, 2.0], server_ms=[0.5, 0.6], elapsed_s=1.0)
+
+    return cell
+
+
 def test_bench_serve_keeps_the_cells_measured_before_the_server_stopped(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -237,16 +253,8 @@ def test_bench_serve_keeps_the_cells_measured_before_the_server_stopped(
     import contextlib
 
     import service.bench
-    from service.bench import CellResult
 
-    calls = iter(range(10))
-
-    async def cell(url: str, body: object, clients: int, config: BenchConfig) -> CellResult:
-        if next(calls) == 1:
-            raise ConnectionResetError(104, "Connection reset by peer")
-        return CellResult(latencies_ms=[1.0, 2.0], server_ms=[0.5, 0.6], elapsed_s=1.0)
-
-    monkeypatch.setattr(service.bench, "run_cell", cell)
+    monkeypatch.setattr(service.bench, "run_cell", cells_failing_at(1))
     monkeypatch.setattr(service.bench, "running_server", lambda *a: contextlib.nullcontext("http://x"))
     out = tmp_path / "bench.json"
     command = ["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--json", str(out), "--clients", "1,8"]
@@ -266,16 +274,9 @@ def test_a_bench_cut_short_keeps_the_ratios_of_the_client_counts_measured_both_w
     import contextlib
 
     import service.bench
-    from service.bench import CellResult
 
-    calls = iter(range(10))
-
-    async def cell(url: str, body: object, clients: int, config: BenchConfig) -> CellResult:
-        if next(calls) == 4:  # beam 1 and 8 and VED with batching, beam 1 without, then the server stops
-            raise ConnectionResetError(104, "Connection reset by peer")
-        return CellResult(latencies_ms=[1.0, 2.0], server_ms=[0.5, 0.6], elapsed_s=1.0)
-
-    monkeypatch.setattr(service.bench, "run_cell", cell)
+    # beam 1 and 8 and VED with batching, beam 1 without, then the server stops
+    monkeypatch.setattr(service.bench, "run_cell", cells_failing_at(4))
     monkeypatch.setattr(service.bench, "running_server", lambda *a: contextlib.nullcontext("http://x"))
     out = tmp_path / "bench.json"
     command = ["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--json", str(out), "--clients", "1,8"]
@@ -292,10 +293,6 @@ def test_bench_serve_keeps_the_first_servers_cells_when_the_second_does_not_star
     import contextlib
 
     import service.bench
-    from service.bench import CellResult
-
-    async def cell(url: str, body: object, clients: int, config: BenchConfig) -> CellResult:
-        return CellResult(latencies_ms=[1.0, 2.0], server_ms=[0.5, 0.6], elapsed_s=1.0)
 
     @contextlib.contextmanager
     def server(checkpoint: Path, batching: bool, config: BenchConfig) -> Iterator[str]:
@@ -303,7 +300,7 @@ def test_bench_serve_keeps_the_first_servers_cells_when_the_second_does_not_star
             raise RuntimeError("the server exited with status -9 before it was ready: no output")
         yield "http://x"
 
-    monkeypatch.setattr(service.bench, "run_cell", cell)
+    monkeypatch.setattr(service.bench, "run_cell", cells_failing_at(-1))  # never
     monkeypatch.setattr(service.bench, "running_server", server)
     out = tmp_path / "bench.json"
     command = ["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--json", str(out), "--clients", "1,8"]
