@@ -209,8 +209,8 @@ def carry_external_ids(policy: Policy, data: RecDataset) -> None:
 
 def require_same_data(folder: Path, manifest: dict[str, Any], data: RecDataset) -> None:
     """A ``ValueError`` when the run at ``folder`` (its ``manifest``) trained on other data than ``data``."""
-    trained_on, given = (manifest.get("data") or {}).get("fingerprint"), data.fingerprint()
-    if trained_on != given:
+    if not data.trained(manifest.get("data")):
+        trained_on, given = (manifest.get("data") or {}).get("fingerprint"), data.fingerprint()
         raise ValueError(
             f"--resume: {folder} was trained on other data (fingerprint {trained_on}) than --data {data.name} ({given})"
         )

@@ -276,6 +276,9 @@ def test_minionerec_layout(tiny_data_dir: Path, tmp_path: Path) -> None:
     assert len(ds.splits["test"]) == 40 and ds.name == "Toys" and ds.embeddings is None
     with pytest.raises(DataError, match="no .* for split"):
         load_minionerec(tmp_path / "MiniOneRec", "Games")
+    for name in ("Toys**", "*"):  # a name is no file pattern (an invalid one was a traceback)
+        with pytest.raises(DataError, match="no .* for split"):
+            load_minionerec(tmp_path / "MiniOneRec", name)
     # a checkout's index comes with its data (vstar sids does not write it): a missing one names what is there
     index = base / "index" / "Toys.index.json"
     index.rename(base / "index" / "Toy.index.json")
@@ -392,3 +395,31 @@ def test_a_split_item_id_is_decimal_digits_as_index_keys_are(tiny_data_dir: Path
     test.write_text(header + buffer.getvalue() + "".join(rest))
     with pytest.raises(DataError, match=rf"test.csv:2: {re.escape(repr(item_id))} is not an integer item id"):
         load_dataset(data)
+
+
+def test_the_same_rows_catalog_and_embeddings_are_the_same_data_whatever_the_files_bytes(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """The fingerprint hashed the files' bytes: titles (which no command reads), CRLF line endings, a BOM or
+    index.json re-indented made a checkpoint's data 'other data' for vstar fuse and --resume."""
+    base = load_dataset(tiny_data_dir)
+    recorded = base.identity()
+    same = tmp_path / "same"
+    shutil.copytree(tiny_data_dir, same)
+    for split in ("train", "valid", "test"):
+        path = same / f"{split}.csv"
+        rows = list(csv.DictReader(path.open(newline="", encoding="utf-8")))
+        with path.open("w", newline="", encoding="utf-8-sig") as f:  # a BOM, CRLF, the titles blanked
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\r\n")
+            writer.writeheader()
+            writer.writerows({**r, "history_item_title": "", "item_title": ""} for r in rows)
+    (same / "index.json").write_text(json.dumps(json.loads((same / "index.json").read_text()), indent=3))
+    copy = load_dataset(same)
+    assert copy.fingerprint() != base.fingerprint() and copy.trained(recorded)
+    assert not copy.trained({"fingerprint": base.fingerprint()})  # a checkpoint from before: the files decide
+    changed = tmp_path / "changed"
+    shutil.copytree(same, changed)
+    valid = changed / "valid.csv"
+    lines = valid.read_text(encoding="utf-8-sig").splitlines(keepends=True)
+    valid.write_text("".join(lines[:-1]), encoding="utf-8")  # one row fewer
+    assert not load_dataset(changed).trained(recorded)

@@ -479,3 +479,12 @@ def test_cli_errors_and_defaults(tmp_path: Path) -> None:
     assert (defaults["max_history"], defaults["min_interactions"]) == (ImportConfig().max_history,
                                                                        ImportConfig().min_interactions)  # fmt: skip
     assert parse_split(defaults["split"]) == ImportConfig().split
+
+
+def test_a_bad_row_after_blank_lines_is_named_by_its_own_line(tmp_path: Path) -> None:
+    """csv skips blank lines: the error named the first blank line, not the row (and split files likewise)."""
+    _, items = write_inputs(tmp_path / "in")
+    events = tmp_path / "events.csv"
+    events.write_text('user_id,item_id,timestamp\nu1,SKU-A,1\n\n\nu1,SKU-B,"not\na time"\n')
+    with pytest.raises(DataError, match=r"events.csv:5: timestamp 'not.*a time' is neither"):
+        import_log(events, items, tmp_path / "out", EVERY, progress=False)

@@ -180,6 +180,15 @@ def missing_columns_hint(header: list[str], missing: list[str]) -> str:
     return f"; the header has {', '.join(named)}: a name must match exactly (case, spaces)" if named else ""
 
 
+def _breaks(cell: Any) -> int:
+    """Line breaks inside a record's cell (a quoted field's, or the list of cells past the header's width)."""
+    if isinstance(cell, list):
+        return sum(map(_breaks, cell))
+    if not isinstance(cell, str):
+        return 0
+    return cell.count("\n") + cell.count("\r") - cell.count("\r\n")
+
+
 def split_records(
     path: Path, columns: Sequence[str] = COLUMNS, what: str = "a split file"
 ) -> Iterator[tuple[dict[str | None, Any], int, int, int]]:
@@ -201,7 +210,8 @@ def split_records(
             repeated = sorted({c for c in header if header.count(c) > 1})
             if repeated:  # csv keeps the last one's cells without a word
                 raise DataError(f"{path}:1: columns named twice in the header: {repeated}; name each column once")
-            for row in reader:
+            for row in reader:  # csv skips blank lines: a record starts where it ends, less the breaks it holds
+                line = reader.line_num - sum(map(_breaks, row.values()))
                 yield row, len(header), line, reader.line_num
                 line = reader.line_num + 1
     except UnicodeDecodeError:

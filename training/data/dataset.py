@@ -30,6 +30,7 @@ score depends on it (and checkpoints trained on an imported folder before it was
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import re
@@ -93,6 +94,31 @@ class RecDataset:
             h.update(key.encode())
             h.update(self.files[key].read_bytes())
         return h.hexdigest()
+
+    def content_fingerprint(self) -> str:
+        """sha256 over what training reads: each split's rows, each item's SID and the item embeddings; not the
+        files' bytes, which change with what no command reads (the title columns, CRLF line endings, a BOM,
+        index.json's indentation)."""
+        h = hashlib.sha256()
+        for name in sorted(self.splits):
+            h.update(f"{name}\t{rows_fingerprint(self.splits[name])}\n".encode())
+        for item_id, item in sorted(self.catalog.items.items()):
+            h.update(f"{item_id}\t{''.join(item.sid)}\n".encode())
+        if self.embeddings is not None:
+            h.update(np.ascontiguousarray(self.embeddings, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+    def identity(self) -> dict[str, str]:
+        """What a checkpoint's manifest records of the data that trained it (``trained``: the same data)."""
+        return {"name": self.name, "fingerprint": self.fingerprint(), "content": self.content_fingerprint()}
+
+    def trained(self, recorded: dict[str, Any] | None) -> bool:
+        """Whether a manifest's ``data`` (``identity``) names this data: the same files, or, where it records
+        their content, the same content (a checkpoint written before the content was recorded needs the files)."""
+        recorded = recorded or {}
+        if recorded.get("fingerprint") == self.fingerprint():
+            return True
+        return recorded.get("content") is not None and recorded["content"] == self.content_fingerprint()
 
 
 class HoldoutRule(Protocol):
@@ -249,7 +275,7 @@ def _minionerec_split_file(folder: Path, dataset: str, split: str) -> Path:
     than one such file is an error naming them, not a silent choice."""
     found = sorted(
         path
-        for path in folder.glob(f"{dataset}*.csv")
+        for path in folder.glob(f"{glob.escape(dataset)}*.csv")
         if re.fullmatch(r"(_\d.*)?\.csv", path.name[len(dataset) :], flags=re.DOTALL)
     )
     if not found:

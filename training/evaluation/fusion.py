@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from models.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from models.transition import STATE_NAME, ShallowFusion, TransitionCounts
-from training.data.dataset import Sample
+from training.data.dataset import RecDataset, Sample
 from training.distributed import barrier, is_main
 from training.evaluation.decoders import beam_decoder
 from training.evaluation.evaluate import sharded_metrics
@@ -139,16 +139,14 @@ def grid_edge_warning(grid: Sequence[dict[str, Any]]) -> str | None:
     )
 
 
-def fusable_checkpoint(
-    path: Path, data_fingerprint: str, data_name: str, stage: str, device: str = "cpu"
-) -> LoadedCheckpoint:
+def fusable_checkpoint(path: Path, data: RecDataset, stage: str, device: str = "cpu") -> LoadedCheckpoint:
     """``vstar fuse``'s checks: the checkpoint at ``path``, loaded once, a ``stage`` one trained on this data."""
     checkpoint = load_checkpoint(path, device)
     manifest = checkpoint.manifest
     if manifest.get("stage") != stage or f"{stage}_config" not in manifest:
         raise ValueError(f"checkpoint {path} is not an {stage.upper()} checkpoint (stage {manifest.get('stage')!r})")
-    if manifest.get("data", {}).get("fingerprint") != data_fingerprint:
-        raise ValueError(f"checkpoint {path} was trained on other data than {data_name!r} (fingerprints differ)")
+    if not data.trained(manifest.get("data")):
+        raise ValueError(f"checkpoint {path} was trained on other data than {data.name!r} (fingerprints differ)")
     return checkpoint
 
 

@@ -101,7 +101,7 @@ def rollout_fusion(manifest: dict[str, Any], data: RecDataset) -> RolloutFusion:
         how = f"its fusion is chosen_by {chosen.get('chosen_by')!r}" if chosen else "it records no fusion"
         why = f"at its --init's weight, which the checkpoint no longer records ({how})"
         return RolloutFusion(None, note=f"{run} {why}, {unfused}")
-    if (manifest.get("data") or {}).get("fingerprint") != data.fingerprint():
+    if not data.trained(manifest.get("data")):
         why = f"with counts of rows of other data than {data.name!r} (fingerprints differ)"
         return RolloutFusion(None, note=f"{run} {why}, {unfused}")
     rule = StoredRows.of(stored)
@@ -146,7 +146,7 @@ def fuse_rl_checkpoint(
     the choice is made but flagged: such rows flatter the policy and choose too small a weight.
     """
     path = Path(path)
-    checkpoint = fusable_checkpoint(path, data.fingerprint(), data.name, "rl", device)
+    checkpoint = fusable_checkpoint(path, data, "rl", device)
     manifest = checkpoint.manifest
     stored = manifest["rl_config"]
     rule = StoredRows.of(stored)

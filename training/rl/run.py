@@ -282,7 +282,7 @@ def train_rl(
         "stage": "rl",
         "rl_config": asdict(config),
         "init": str(init),
-        "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
+        "data": data.identity() | {"train_rows": len(train_rows)},
         # the service's fallback: the targets of every row the fused counts hold before the held-out ones (RL on
         # valid alone keeps train's, as its counts do)
         "popular_sids": popular_sids(data.catalog, counted_rows(data, config, train_rows)),

@@ -250,7 +250,7 @@ def _train_sft(
     manifest = {
         "stage": "sft",
         "sft_config": asdict(config),
-        "data": {"name": data.name, "fingerprint": data.fingerprint(), "train_rows": len(train_rows)},
+        "data": data.identity() | {"train_rows": len(train_rows)},
         "popular_sids": popular_sids(data.catalog, train_rows),
     }
     checkpointer = Checkpointer(policy, out, manifest, select_rows, train_rows, config.eval_beams)
@@ -367,7 +367,7 @@ def fuse_checkpoint(
     """``vstar fuse`` on an SFT checkpoint: what SFT does when it ends, for a checkpoint written without it.
     A refit (nothing held out) is refused and keeps its weight; RL checkpoints: ``training.rl.rows``."""
     path = Path(path)
-    checkpoint = fusable_checkpoint(path, data.fingerprint(), data.name, "sft", device)
+    checkpoint = fusable_checkpoint(path, data, "sft", device)
     manifest = checkpoint.manifest
     stored = dict(manifest["sft_config"])
     config = SFTConfig(**(stored | {"train_splits": tuple(stored["train_splits"])}))
