@@ -16,7 +16,7 @@ from models.checkpoint import save_checkpoint
 from models.policy import Policy
 from tests.conftest import next_second
 from training.data.dataset import RecDataset
-from training.evaluation.curve_plot import event_folder, plot_runs, read_curves, smooth
+from training.evaluation.curve_plot import event_folder, plot_runs, read_curves, run_labels, smooth
 from training.rl.config import RLConfig
 from training.rl.run import train_rl
 from training.sft.config import SFTConfig
@@ -142,3 +142,39 @@ def test_a_plot_cut_short_leaves_the_earlier_figure_whole(tmp_path: Path, monkey
         plot_runs([tmp_path / "sft"], png, smoothing=0.0)
     assert png.read_bytes() == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "sft.tb"]
+
+
+def test_a_damaged_event_file_is_warned_about_and_a_cut_one_is_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TensorBoard's reader stops at a record that fails its checksum and says so at DEBUG alone: the figure
+    showed a run cut short, without a word."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "run.tb")) as w:
+        for step in range(1, 61):
+            w.add_scalar("train/loss", 1.0 / step, step)
+    (events,) = (tmp_path / "run.tb").glob("events.out.tfevents.*")
+    whole = events.read_bytes()
+    events.write_bytes(whole[: len(whole) - 7])  # a run stopped mid-write: its last record cut
+    with caplog.at_level(logging.WARNING):
+        assert 50 < len(read_curves(tmp_path / "run.tb")["train/loss"][0]) < 60
+    assert "damaged" not in caplog.text
+    middle = len(whole) // 2
+    events.write_bytes(whole[:middle] + b"\xff" * 10 + whole[middle + 10 :])
+    with caplog.at_level(logging.WARNING):
+        assert len(read_curves(tmp_path / "run.tb")["train/loss"][0]) < 40
+    assert f"{tmp_path / 'run.tb'}: a damaged record, which the curves stop before" in caplog.text
+
+
+def test_runs_of_one_name_are_told_apart_by_the_folders_above_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs named vstar (seeds 0 and 1) had the same titles; "." had none."""
+    assert run_labels([tmp_path / "s0" / "vstar", tmp_path / "s1" / "vstar", tmp_path / "sft"]) == [
+        "s0/vstar",
+        "s1/vstar",
+        "sft",
+    ]
+    monkeypatch.chdir(tmp_path)
+    assert run_labels([Path(".")]) == [tmp_path.name]

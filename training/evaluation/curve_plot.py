@@ -29,6 +29,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from models.atomic_folder import replacing_file  # noqa: E402
 from training.run_files import default_curves  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loss", ("train/loss",)),
     ("learning rate", ("train/lr",)),
@@ -48,20 +50,58 @@ def event_folder(run: Path) -> Path:
     raise ValueError(f"no TensorBoard event files in {run} or {default_curves(run)}")
 
 
+class _ReaderLog(logging.Handler):
+    """What TensorBoard's reader logs while it reads: it says at DEBUG alone that a record failed its checksum,
+    and stops reading the file there, so a damaged file would plot as a run cut short without a word."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def read_curves(folder: Path) -> Curves:
+    """Every scalar of the event files in ``folder``; a record that fails its checksum is warned about (the
+    curves stop at the step before it), a file that ends in a cut record (a run stopped mid-write) is not."""
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
-    quiet = logging.getLogger("tensorboard")  # its reader logs "No path found after <file>" at INFO per run
-    level = quiet.level
-    quiet.setLevel(max(level, logging.WARNING))
+    reader = logging.getLogger("tensorboard")  # it logs "No path found after <file>" at INFO per run: kept here
+    level, propagate, heard = reader.level, reader.propagate, _ReaderLog()
+    reader.setLevel(logging.DEBUG)
+    reader.propagate = False
+    reader.addHandler(heard)
     try:
         events.Reload()
     finally:
-        quiet.setLevel(level)
+        reader.removeHandler(heard)
+        reader.setLevel(level)
+        reader.propagate = propagate
+    for record in heard.records:
+        message = record.getMessage()
+        if "crc32 check" in message:
+            log.warning("%s: a damaged record, which the curves stop before (%s)", folder, message)
+        elif record.levelno >= logging.WARNING:
+            log.warning("%s: %s", folder, message)
     curves: Curves = {}
     for tag in events.Tags()["scalars"]:
         points = events.Scalars(tag)
         curves[tag] = ([p.step for p in points], [p.value for p in points])
     return curves
+
+
+def run_labels(runs: Sequence[Path]) -> list[str]:
+    """Each run's name in the figure: its folder's name (``.`` named by where it is), with as many folders above
+    it as tell apart runs of the same name (``s0/vstar``, ``s1/vstar``)."""
+    parts = [Path(run).resolve().parts for run in runs]
+    depths = [1] * len(parts)
+    while True:
+        labels = ["/".join(p[-d:]).lstrip("/") or "/" for p, d in zip(parts, depths, strict=True)]
+        shared = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depths[i] < len(parts[i])]
+        if not shared:  # every name its own, or a run given twice: the same name
+            return labels
+        for i in shared:
+            depths[i] += 1
 
 
 def smooth(values: Sequence[float], weight: float) -> list[float]:
@@ -84,10 +124,10 @@ def plot_runs(runs: Sequence[Path], out: Path, smoothing: float = 0.6) -> Path:
     if not 0 <= smoothing < 1:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
     rows = []
-    for run in runs:
+    for run, name in zip(runs, run_labels(runs), strict=True):
         curves = read_curves(event_folder(run))
         panels = [(title, [t for t in tags if t in curves]) for title, tags in PANELS]
-        rows.append((run.name, curves, [(title, tags) for title, tags in panels if tags]))
+        rows.append((name, curves, [(title, tags) for title, tags in panels if tags]))
     empty = [str(run) for run, (_, _, panels) in zip(runs, rows, strict=True) if not panels]
     if empty:  # a run without any of them would be a blank row among the others
         raise ValueError(f"none of {', '.join(t for _, tags in PANELS for t in tags)} in {', '.join(empty)}")
