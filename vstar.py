@@ -30,6 +30,8 @@ import io
 import logging
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -253,6 +255,11 @@ def demo(
     problem = demo_folder_problem(out)
     if problem is not None:
         raise typer.BadParameter(problem, param_hint="--out")
+    if serve and not port_is_free(port):  # before minutes of training, and before another service answers for it
+        raise typer.BadParameter(
+            f"127.0.0.1:{port} is in use (another process listens there): give another --port, or stop it",
+            param_hint="--port",
+        )
     if not (out / "data" / "index.json").exists():
         run(synth_step(out))
     for args in demo_steps(out, rl_steps, rl_holdout(out / "data")):
@@ -267,14 +274,33 @@ def demo(
     serve_until_stopped(out / "vstar", port, f"{summary}\n\nThe service answers on http://127.0.0.1:{port}:\n  {curl}")
 
 
+def port_is_free(port: int) -> bool:
+    """Whether this process could listen on 127.0.0.1:``port`` now (as uvicorn binds: address reuse on)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM or SIGHUP to the demo while it serves: leave through ``serve_until_stopped``'s ``finally``, which
+    stops the service (it would outlive the demo, holding the port)."""
+    raise SystemExit(128 + signum)
+
+
 def serve_until_stopped(checkpoint: Path, port: int, ready_message: str) -> None:
-    """``vstar serve`` in a child process (one log format per process); ``ready_message`` once it is ready."""
+    """``vstar serve`` in a child process (one log format per process); ``ready_message`` once it is ready. The
+    service stops with the demo: Ctrl-C reaches both, SIGTERM or SIGHUP to the demo stops it here."""
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines would be plain text amid the JSON
     from service.serve_command import serve_command
 
     server = subprocess.Popen(serve_command(checkpoint, port))
+    handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -289,11 +315,14 @@ def serve_until_stopped(checkpoint: Path, port: int, ready_message: str) -> None
                 fail("the service was not ready after 300 s (log above)", 1)
             time.sleep(0.3)
         typer.echo(ready_message + "\n(Ctrl-C stops it)")
-        server.wait()
+        if server.wait() != 0:  # not a Ctrl-C (below): it failed, whatever answered on the port meanwhile
+            fail(f"the service stopped with exit status {server.returncode} (log above)", 1)
     except KeyboardInterrupt:  # Ctrl-C reached the server too: let it shut down
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(timeout=30)
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if server.poll() is None:
             server.terminate()
             server.wait()

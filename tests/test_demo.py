@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -155,6 +156,17 @@ def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path: 
     earlier, foreign, ckpt, data, afile = (tmp_path / n for n in ("earlier", "foreign", "ckpt", "data", "afile"))
     (earlier / "data").mkdir(parents=True)
     (earlier / "data" / "index.json").write_text("{}")
+    (earlier / "data" / "stats.json").write_text(json.dumps({"dataset": "synthetic"}))
+    (earlier / "sft").mkdir()
+    (earlier / "sft.json").write_text("{}")
+    (earlier / ".sft.tmp-x").mkdir()  # a killed write's staging folder
+    # a data set of one's own beside a checkpoint of one's own was taken for an earlier demo's and replaced
+    own = tmp_path / "own"
+    shutil.copytree(earlier, own)
+    (own / "data" / "stats.json").write_text(json.dumps({"dataset": "imported"}))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(earlier, mixed)
+    (mixed / "notes.txt").write_text("mine")
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     ckpt.mkdir()
@@ -167,6 +179,8 @@ def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path: 
         assert demo_folder_problem(ok) is None, ok
     for out, message in [
         (foreign, "holds files an earlier demo did not write"),
+        (own, "holds files an earlier demo did not write (no vstar synth data set at data/)"),
+        (mixed, "holds files an earlier demo did not write (notes.txt)"),
         (ckpt, "is a checkpoint"),
         (data, "is a data set"),
         (afile, "is a file, not a folder"),
@@ -191,3 +205,63 @@ def test_a_step_stopped_by_ctrl_c_stops_the_demo(tmp_path: Path, monkeypatch: py
     with pytest.raises(typer.Exit) as stopped:
         vstar.demo(out=tmp_path / "demo", serve=False, port=8000, rl_steps=1)
     assert stopped.value.exit_code == 130 and [args[0] for args in steps] == ["synth"]
+
+
+def test_a_port_in_use_is_refused_before_the_demo_trains(tmp_path: Path) -> None:
+    """The port was found taken only after the training; another service answering there was taken for the
+    demo's own, which failed to start, and the demo said it answers and ended with status 0."""
+    from typer.testing import CliRunner
+
+    import vstar
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(vstar.app, ["demo", "--out", str(tmp_path / "demo"), "--port", str(port)])
+    assert result.exit_code == 2 and f"127.0.0.1:{port} is in use" in result.output, result.output
+    assert not (tmp_path / "demo").exists()
+
+
+def test_sigterm_to_the_demo_stops_its_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service was a child that outlived a demo stopped by SIGTERM (kill, timeout) or SIGHUP, holding its
+    port."""
+    import service.serve_command
+    import vstar
+
+    port = free_port()
+    stub = (
+        "import http.server as h\n"
+        "class R(h.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.send_header('content-length', '0'); self.end_headers()\n"
+        "    def log_message(self, *a): pass\n"
+        f"h.HTTPServer(('127.0.0.1', {port}), R).serve_forever()\n"
+    )
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        started.append(real_popen(cmd, **kwargs))  # type: ignore[call-overload]
+        return started[-1]
+
+    monkeypatch.setattr(service.serve_command, "serve_command", lambda checkpoint, p: [sys.executable, "-c", stub])
+    monkeypatch.setattr(vstar.subprocess, "Popen", popen)
+    kill = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))  # once it says the service is ready
+    monkeypatch.setattr(vstar.typer, "echo", lambda *a, **k: kill.start())
+
+    def unhandled(signum: int, frame: object) -> None:  # what a SIGTERM the demo leaves alone meets (not death)
+        raise AssertionError("the demo does not handle SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            vstar.serve_until_stopped(Path("ckpt"), port, "ready")
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # its own handler was for the service's lifetime
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        for child in started:
+            if child.poll() is None:
+                child.kill()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert started and started[0].returncode is not None  # the service stopped with the demo

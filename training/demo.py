@@ -37,6 +37,7 @@ from typing import Any
 
 from models.output_path import stored_folder
 from training.data.dataset import load_dataset
+from training.data.dataset_writer import written_by
 
 # (label, stem of <stem>.test.json)
 MODELS = (
@@ -50,9 +51,18 @@ HISTORY_ITEMS = 3  # items of the example request's history
 RL_HOLDOUT_SHARE = 3  # V-STAR holds out the most recent 1/3 of valid to choose its model (``rl_holdout``)
 
 
+# what a demo writes into its folder: a second demo replaces them (and nothing else)
+DEMO_ENTRIES = frozenset(
+    {"data", "sft", "vstar", "sft.resume", "vstar.resume", "sft.tb", "vstar.tb", "sft.json", "vstar.json",
+     "vstar.steps.jsonl", "curves.png", *(f"{stem}.test.json" for _, stem in MODELS)}
+)  # fmt: skip
+
+
 def demo_folder_problem(out: Path) -> str | None:
     """Why the demo may not write into ``out`` (a sentence), or None: a new or empty folder, or an earlier demo's
-    (its data set at ``out/data``; a second demo replaces its runs). Its steps overwrite with --force."""
+    (``vstar synth``'s data set at ``out/data`` and nothing but the demo's own files, which a second demo
+    replaces: its steps overwrite with --force). Hidden entries (a killed write's staging folder) are passed
+    over."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -60,8 +70,14 @@ def demo_folder_problem(out: Path) -> str | None:
     held = stored_folder(out)
     if held is not None:
         return f"{out} is {held}: give a new folder"
-    if any(out.iterdir()) and not (out / "data" / "index.json").is_file():
-        return f"{out} holds files an earlier demo did not write (no data/index.json): give a new or empty folder"
+    entries = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        return None
+    if not written_by(out / "data", "synthetic"):
+        return f"{out} holds files an earlier demo did not write (no vstar synth data set at data/): give a new folder"
+    others = sorted(set(entries) - DEMO_ENTRIES)
+    if others:
+        return f"{out} holds files an earlier demo did not write ({', '.join(others[:5])}): give a new folder"
     return None
 
 

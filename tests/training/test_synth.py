@@ -203,3 +203,19 @@ def test_a_data_set_of_other_settings_replaces_an_earlier_one_only_with_force(tm
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     write_synth(out, replace(SMALL, seed=5), force=True)
     assert json.loads((out / "stats.json").read_text())["config"]["seed"] == 5
+
+
+def test_a_synthetic_data_set_changed_since_is_replaced_only_with_force(tmp_path: Path) -> None:
+    """The same settings regenerated the folder whatever it held by then: SIDs rebuilt by vstar sids (which
+    checkpoints may have been trained on) went back, and a file of the user's went, without a word."""
+    out = tmp_path / "syn"
+    write_synth(out, SMALL)
+    (out / "notes.txt").write_text("mine")
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps(dict(reversed(list(index.items())))))  # rewritten since
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match=r"syn changed since vstar synth wrote it \(notes.txt, index.json\): pass"):
+        write_synth(out, SMALL)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    write_synth(out, SMALL, force=True)
+    assert not (out / "notes.txt").exists()

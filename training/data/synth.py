@@ -327,11 +327,27 @@ def write_synth(
     try:
         write_dataset(staged, data.catalog, data.splits, data.meta, data.embeddings)
         (staged / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        changed = _changed_since(out, staged) if earlier is not None and not force else []
+        if changed:  # its SIDs rebuilt by vstar sids, a file of the user's: what checkpoints may have used
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise ValueError(
+                f"{out} changed since vstar synth wrote it ({shown}): pass --force to replace it, or choose "
+                "another --out"
+            )
         publish(staged, out)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return stats | {"out": str(out)}
+
+
+def _changed_since(out: Path, staged: Path) -> list[str]:
+    """The files of ``out`` that the data set written to ``staged`` (the same settings) would change or remove."""
+    written = {p.name for p in staged.iterdir()}
+    removed = [p.name for p in sorted(out.iterdir()) if p.name not in written]
+    kept = [name for name in sorted(written) if (out / name).is_file()]
+    differ = [name for name in kept if (out / name).read_bytes() != (staged / name).read_bytes()]
+    return removed + differ + sorted(written.difference(kept))
 
 
 def _earlier_synth(out: Path) -> dict[str, Any] | None:
