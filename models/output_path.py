@@ -59,11 +59,12 @@ def replaced_folder_problem(path: Path) -> str | None:
     (``models.atomic_folder``; a sentence), or None: it may not hold the current folder (the shell that ran the
     command would be left in a deleted folder) nor be a mount point (a volume: the swap onto it fails), and the
     folder above it must take the new one (``parents_problem``), and not be a checkpoint or a data set, whose
-    own writes replace them whole (``vstar fuse``, a resumed run) and would take the new folder with them."""
-    for folder in Path(path).absolute().parents:
-        held = stored_folder(folder) if folder.is_dir() else None
-        if held is not None:
-            return f"{path} lies inside {folder}, {held}: give a folder outside it"
+    own writes replace them whole (``vstar fuse``, a resumed run) and would take the new folder with them. Only
+    the nearest existing folder above is asked: files of those names further up may be anything's."""
+    above = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    held = stored_folder(above) if above is not None and above.is_dir() else None
+    if held is not None:
+        return f"{path} lies inside {above}, {held}: give a folder outside it"
     if holds_current_folder(path):
         return f"{path} holds the current folder, which the new folder would replace: give a folder inside it"
     if os.path.ismount(Path(path).resolve()):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from models.output_path import output_file_problem, output_folder_problem
+from models.output_path import output_file_problem, output_folder_problem, replaced_folder_problem
 
 
 def test_a_read_only_file_system_is_named_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -23,3 +23,16 @@ def test_a_read_only_file_system_is_named_before_any_work(tmp_path: Path, monkey
     expected = f"cannot write under {tmp_path} (a read-only file system)"
     assert output_file_problem(tmp_path / "new" / "a.json") == expected
     assert output_folder_problem(tmp_path / "run") == expected
+
+
+def test_a_replaced_folder_inside_a_checkpoint_is_refused_but_not_below_a_plain_one(tmp_path: Path) -> None:
+    """vstar rl --out INIT/rl was lost at INIT's next write (vstar fuse, a resumed run: each replaces INIT whole).
+    Only the nearest folder above is asked: a manifest.json or index.json further up may be anything's."""
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "manifest.json").write_text("{}")
+    assert "lies inside" in str(replaced_folder_problem(init / "rl"))
+    assert "lies inside" in str(replaced_folder_problem(init / "new" / "rl"))  # created inside it
+    (init / "runs").mkdir()
+    (tmp_path / "index.json").write_text("{}")  # a project's own file further up
+    assert replaced_folder_problem(init / "runs" / "rl") is None
