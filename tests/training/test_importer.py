@@ -488,3 +488,18 @@ def test_a_bad_row_after_blank_lines_is_named_by_its_own_line(tmp_path: Path) ->
     events.write_text('user_id,item_id,timestamp\nu1,SKU-A,1\n\n\nu1,SKU-B,"not\na time"\n')
     with pytest.raises(DataError, match=r"events.csv:5: timestamp 'not.*a time' is neither"):
         import_log(events, items, tmp_path / "out", EVERY, progress=False)
+
+
+def test_epoch_nanoseconds_keep_their_order(tmp_path: Path) -> None:
+    """Read as floats, times 1.7e18 less than 256 apart tied, and their events fell back to file order."""
+    _, items = write_inputs(tmp_path / "in", items=[("A", "Saw", ""), ("B", "Drill", ""), ("C", "Vise", "")])
+    events = tmp_path / "events.csv"
+    events.write_text(
+        "user_id,item_id,timestamp\n"
+        "u,B,1700000000000000100\nu,A,1700000000000000001\nu,C,1700000000000000200\n"
+        "v,A,1700000000000000300\nv,B,1700000000000000400\n"
+    )
+    import_log(events, items, tmp_path / "out", ImportConfig(min_interactions=1, split=parse_split("0.34,0.33,0.33")),
+               progress=False)  # fmt: skip
+    rows = split_rows(tmp_path / "out")
+    assert rows["train"] == [Sample("u", (0,), 1)] and rows["valid"] == [Sample("u", (0, 1), 2)]

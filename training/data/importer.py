@@ -97,7 +97,7 @@ class EventLog:
     users: list[str]  # user code -> the log's user id
     user: np.ndarray  # (E,) int64 user code
     item: np.ndarray  # (E,) int64 item code: its place in the items file
-    time: np.ndarray  # (E,) float64 seconds
+    time: np.ndarray  # (E,) int64 the time's rank among the log's times (equal times, equal ranks)
 
 
 def _records(path: Path, columns: Sequence[str], what: str, option: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -196,23 +196,25 @@ def _item_entry(item: str, record: dict[str, Any], path: Path, line: int) -> dic
     return entry
 
 
-def parse_timestamp(value: Any, path: Path, line: int) -> tuple[float, bool]:
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def parse_timestamp(value: Any, path: Path, line: int) -> tuple[int | Fraction, bool]:
     """(seconds, whether it was a date) of a timestamp: epoch seconds (text, or a JSON number), or an ISO 8601
-    date."""
+    date. Exact: only the order of the times is used, and a float would tie epoch nanoseconds (1.7e18) that lie
+    less than 256 apart, whose events would then fall back to file order."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         value = repr(value)
     text = value.strip() if isinstance(value, str) else ""
-    if NUMBER.fullmatch(text):
-        seconds = float(text)
-        if not np.isfinite(seconds):
-            raise DataError(f"{path}:{line}: timestamp {value!r} is too large")
-        return seconds, False
+    if NUMBER.fullmatch(text):  # an int where it is one: a Fraction costs several times its parse
+        return (int(text) if text.lstrip("+-").isdigit() else Fraction(text)), False
     try:
         date = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" and text else text)  # 3.10 lacks Z
     except ValueError:
         raise DataError(f"{path}:{line}: timestamp {value!r} is neither a number (epoch seconds) nor an ISO 8601 "
                         "date (2024-05-01T12:30:00)") from None  # fmt: skip
-    return (date if date.tzinfo else date.replace(tzinfo=timezone.utc)).timestamp(), True
+    since = (date if date.tzinfo else date.replace(tzinfo=timezone.utc)) - EPOCH
+    return Fraction(since.days * 86_400 + since.seconds) + Fraction(since.microseconds, 1_000_000), True
 
 
 def read_events(path: Path, item_code: dict[str, int], items_path: Path, progress: bool = True) -> EventLog:
@@ -248,7 +250,10 @@ def read_events(path: Path, item_code: dict[str, int], items_path: Path, progres
         )
     if not time:
         raise DataError(f"{path}: no events")
-    return EventLog(list(users), np.array(user, np.int64), np.array(item, np.int64), np.array(time, np.float64))
+    rank = {t: r for r, t in enumerate(sorted(set(time)))}  # exact times as their order, for numpy's sorts
+    return EventLog(
+        list(users), np.array(user, np.int64), np.array(item, np.int64), np.array([rank[t] for t in time], np.int64)
+    )
 
 
 def k_core(log: EventLog, k: int) -> tuple[np.ndarray, int]:
