@@ -37,12 +37,18 @@ def stored_folder(folder: Path) -> str | None:
 
 
 def output_file_problem(path: Path) -> str | None:
-    """What stops this process writing the file ``path`` (a sentence), or None."""
+    """What stops this process writing the file ``path`` (a sentence), or None. A symbolic link is checked where
+    it leads, since the writes follow it (``models.atomic_folder.write_file``); anything but a regular file at
+    the path is refused, since those writes rename a new file over it (a device such as /dev/full, a pipe)."""
     if path.is_dir():
         return f"{path} is a folder: give the path of a file to write"
-    held = stored_folder(path.parent)
+    if path.exists() and not path.is_file():
+        return f"{path} is not a regular file (a device, a pipe or a socket), which the write would replace"
+    real = Path(os.path.realpath(path))
+    held = stored_folder(real.parent)
     if held is not None:
-        return f"{path} is inside {path.parent}, {held}: write it elsewhere, so that no file of it is replaced"
+        where = f" (a link to {real})" if path.is_symlink() else ""
+        return f"{path}{where} is inside {real.parent}, {held}: write it elsewhere, so that no file of it is replaced"
     problem = parents_problem(path)
     if problem is None and path.exists() and not os.access(path, os.W_OK):
         return f"{path} cannot be written (permission denied)"

@@ -36,3 +36,18 @@ def test_a_replaced_folder_inside_a_checkpoint_is_refused_but_not_below_a_plain_
     (init / "runs").mkdir()
     (tmp_path / "index.json").write_text("{}")  # a project's own file further up
     assert replaced_folder_problem(init / "runs" / "rl") is None
+
+
+def test_an_output_file_is_checked_where_a_link_leads_and_a_device_is_refused(tmp_path: Path) -> None:
+    """--json LINK to a checkpoint's config.json replaced that file (the write follows links; the check did
+    not), and --json /dev/full replaced the device with a plain file (as root)."""
+    checkpoint = tmp_path / "sft"
+    checkpoint.mkdir()
+    (checkpoint / "manifest.json").write_text("{}")
+    (checkpoint / "config.json").write_text("{}")
+    link = tmp_path / "out.json"
+    link.symlink_to(checkpoint / "config.json")
+    problem = output_file_problem(link)
+    assert problem is not None and f"(a link to {checkpoint / 'config.json'}) is inside {checkpoint}" in problem
+    assert "is not a regular file" in str(output_file_problem(Path("/dev/null")))
+    assert output_file_problem(tmp_path / "eval.json") is None
