@@ -34,14 +34,18 @@ if TYPE_CHECKING:
 def _int_list(text: str, name: str) -> tuple[int, ...]:
     """``text`` as a comma list of positive integers (client counts, caps in ms), or a one-line error naming the
     option ``name``, as ``training.cli.options.int_list`` words it."""
+    if not text.strip():
+        raise typer.BadParameter("empty list", param_hint=name)
+    parts = text.split(",")
+    empty = next((i for i, v in enumerate(parts, 1) if not v.strip()), None)
+    if empty is not None:
+        raise typer.BadParameter(f"entry {empty} of {text!r} is empty", param_hint=name)
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in parts)
     except ValueError:
         values = (0,)
     if any(v < 1 for v in values):
         raise typer.BadParameter(f"expected a comma list of positive integers, got {text!r}", param_hint=name)
-    if not values:
-        raise typer.BadParameter("empty list", param_hint=name)
     return values
 
 
@@ -227,13 +231,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from service.bench import BenchConfig, BenchCutShort
         from service.bench import bench_serve as run
 
-        require_checkpoint(checkpoint)  # its catalog is read next, by bench_serve, before a server starts
         caps_ms = _int_list(caps, "--caps")
         _caps_the_server_takes(caps_ms, k)
+        beam_clients, ved_counts = _int_list(clients, "--clients"), _int_list(ved_clients, "--ved-clients")
+        require_checkpoint(checkpoint)  # its catalog is read next, by bench_serve, before a server starts
         config = BenchConfig(
-            clients=_int_list(clients, "--clients"),
+            clients=beam_clients,
             caps_ms=caps_ms,
-            ved_clients=_int_list(ved_clients, "--ved-clients"),
+            ved_clients=ved_counts,
             mixed_ved_clients=mixed_ved_clients,
             k=k,
             duration_s=duration_s,

@@ -115,6 +115,10 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
         "is a file, not a",
     )
     yield ["bench", "decode", "--batches", "1,0"], "expected a comma list of positive integers, got '1,0'"
+    # an empty entry was dropped: --level-weights 1,,2 trained with two levels' weights, --weights 1,,2 chose among two
+    yield ["fuse", "--data", d, "--checkpoint", gone, "--weights", "1,,2"], "--weights: entry 2 of '1,,2' is empty"
+    yield [*rl, "--level-weights", "0.3,0.3,"], "--level-weights: entry 3 of '0.3,0.3,' is empty"
+    yield ["bench", "serve", "--checkpoint", empty, "--clients", "4,,8"], "--clients: entry 2 of '4,,8' is empty"
     # HF generate refused it after the model had loaded and our decoder had run: an error naming no option
     yield ["bench", "decode", "--beams", "10,1"], "--beams 1: the reference, HF generate, needs K >= 2"
     yield ["embed", "--data", d, "--encoder", gone], f"{gone} is not a local model folder (no config"

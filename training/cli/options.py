@@ -364,13 +364,16 @@ def finite_float(text: str) -> float:
 def comma_list(text: str, option: str, kind: Callable[[str], T], what: str) -> tuple[T, ...]:
     """``text`` split at commas, each part converted by ``kind``; a part it refuses or an empty list is a
     one-line error naming ``option``."""
+    if not text.strip():
+        raise typer.BadParameter("empty list", param_hint=option)
+    parts = text.split(",")
+    empty = next((i for i, v in enumerate(parts, 1) if not v.strip()), None)
+    if empty is not None:  # "1,,2" is a slip, not the list (1, 2): --level-weights would lose a level
+        raise typer.BadParameter(f"entry {empty} of {text!r} is empty", param_hint=option)
     try:
-        values = tuple(kind(v) for v in text.split(",") if v.strip())
+        return tuple(kind(v) for v in parts)
     except ValueError:
         raise typer.BadParameter(f"expected a comma list of {what}, got {text!r}", param_hint=option) from None
-    if not values:
-        raise typer.BadParameter("empty list", param_hint=option)
-    return values
 
 
 def demo_policy(device: str) -> Any:
