@@ -66,18 +66,22 @@ def build_store(settings: Settings) -> Store:
     )
 
 
-def value_head_or_fresh(checkpoint: LoadedCheckpoint, device: str) -> ValueHead:
-    """The checkpoint's value head; a fresh one (with a warning) when it has none, as SFT checkpoints do."""
+def value_head_or_fresh(checkpoint: LoadedCheckpoint, device: str, warn: bool = True) -> ValueHead:
+    """The checkpoint's value head; a fresh one (with a warning, unless ``warn`` is False: no VED request will
+    come) when it has none, as SFT checkpoints do."""
     head = load_value_head(checkpoint, device, required=False)
     if head is not None:
         return head
-    log.warning("checkpoint has no value head: VED runs with a freshly initialised one (fine for SFT checkpoints)")
+    if warn:
+        log.warning("checkpoint has no value head: VED runs with a freshly initialised one (fine for SFT checkpoints)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same head in every worker, so VED answers do not depend on which one serves
         return value_head_for(checkpoint.policy).eval()
 
 
-def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender:
+def load_recommender(settings: Settings, metrics: ServiceMetrics, ved: bool = True) -> Recommender:
+    """The model the settings name, ready to answer; ``ved``: whether VED requests may come (False: an offline
+    run of beam search alone, not warned about a missing value head)."""
     if settings.checkpoint is None:
         raise CheckpointError("no checkpoint configured: set VSTAR_CHECKPOINT or pass --checkpoint")
     if settings.torch_threads is not None:
@@ -85,7 +89,7 @@ def load_recommender(settings: Settings, metrics: ServiceMetrics) -> Recommender
     t0 = time.perf_counter()
     checkpoint = load_checkpoint(settings.checkpoint, settings.device)
     recommender = Recommender(
-        checkpoint, value_head_or_fresh(checkpoint, settings.device), settings, build_store(settings), metrics
+        checkpoint, value_head_or_fresh(checkpoint, settings.device, ved), settings, build_store(settings), metrics
     )
     if settings.warmup:
         try:

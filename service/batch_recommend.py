@@ -268,7 +268,7 @@ def recommend_file(
     if store is not None:
         named = dict.fromkeys(line.user_id for line in lines if line.user_id is not None)  # each user once
         stored = read_stored(store, list(named), progress)
-    recommender = load_recommender(settings, ServiceMetrics())
+    recommender = load_recommender(settings, ServiceMetrics(), ved=fields["mode"] == "ved")
     try:
         try:  # the options' own: a budget too small for k is no line's fault
             recommender.plan(RecommendRequest.model_validate(fields), [])

@@ -8,6 +8,7 @@ in process (``TestClient``, lifespan included), one request at a time, cache off
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,19 @@ def test_a_checkpoint_without_external_ids_answers_null_and_refuses_them(tiny_ch
     source = write_users(tmp_path / "named.jsonl", [[{"external_id": "SKU/001"}]])
     args = ["recommend", "--checkpoint", str(tiny_checkpoint), "--input", str(source), "--out", str(tmp_path / "o")]
     assert "this checkpoint's catalog has none" in one_line_error(args)
+
+
+@pytest.mark.parametrize("mode", ["beam", "ved"])
+def test_a_missing_value_head_is_warned_about_only_when_ved_will_use_it(
+    tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """An SFT checkpoint has no value head: VED runs with a fresh one, and says so; beam search never reads it."""
+    with caplog.at_level(logging.WARNING, logger="service.app"):
+        recommend(
+            tiny_checkpoint, write_users(tmp_path / "in.jsonl", [[1, 2, 3]]), tmp_path / "out.jsonl", "--mode", mode
+        )
+    warned = [r for r in caplog.records if "no value head" in r.getMessage()]
+    assert len(warned) == (mode == "ved"), warned
 
 
 # ---- --stored-history: each named user's stored history before the line's own, as POST /recommend combines them
