@@ -193,7 +193,9 @@ def register_offline(app: typer.Typer) -> None:
             named = parse_splits(splits)
         except ValueError as e:
             raise typer.BadParameter(str(e).replace("--train-splits", "--splits"), param_hint="'--splits'") from None
-        settings = settings_from_env()
+        # no model is loaded: the device is never read, and the GPU image's VSTAR_DEVICE=cuda runs without a GPU
+        # here (the compose histories profile)
+        settings = settings_from_env(device="cpu")
         if settings.redis_url is None:
             raise UsageError(
                 "vstar load-histories needs REDIS_URL (or VSTAR_REDIS_URL), the Redis vstar serve stores histories "
@@ -205,7 +207,7 @@ def register_offline(app: typer.Typer) -> None:
         from service.load_histories import load_histories as load
 
         if settings.redis_timeout_s < REDIS_TIMEOUT_S:  # a request's bound, not a bulk write's (the module's doc)
-            settings = settings_from_env(redis_timeout_s=REDIS_TIMEOUT_S)
+            settings = settings_from_env(device="cpu", redis_timeout_s=REDIS_TIMEOUT_S)
 
         catalog, timelines = read_timelines(data, named, settings.max_user_id_length)
         store = build_store(settings)

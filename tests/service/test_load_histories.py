@@ -251,7 +251,8 @@ def test_the_command_on_redis(data_dir: Path, clean_redis: str, tmp_path: Path, 
     for user_id, timeline in TIMELINES.items():
         assert client.lrange(HISTORY_KEY.format(user_id), 0, -1) == [str(i).encode() for i in timeline]
 
-    again = CliRunner().invoke(app, args, env={"REDIS_URL": clean_redis})
+    # the compose histories profile runs the GPU image's environment without a GPU: no model loads, no device is read
+    again = CliRunner().invoke(app, args, env={"REDIS_URL": clean_redis, "VSTAR_DEVICE": "cuda:7"})
     assert again.exit_code == 0 and again.stdout.startswith(
         "0 of 4 users loaded (0 after their stored entries), 4 already"
     )
