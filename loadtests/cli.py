@@ -81,7 +81,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         try:
             plan = LoadTestPlan(
                 host=host, data=data, out=out, users=parse_users(users), duration_s=parse_duration(duration),
-                modes=tuple(dict.fromkeys(m.strip() for m in modes.split(",") if m.strip())), k=k, budget=budget,
+                modes=tuple(dict.fromkeys(m.strip() for m in modes.split(","))), k=k, budget=budget,
                 latency_ms=latency_ms, event_share=event_share, exclude_history=exclude_history, split=split, seed=seed,
                 api_key=api_key,
             )  # fmt: skip

@@ -177,6 +177,7 @@ def test_outputs_that_would_destroy_something_are_refused_before_any_work(tiny_d
         (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "rl"), "--json", f"{init}/s.json"], "inside"),
         (["baseline", "pop", "--data", d, "--json", f"{d}/pop.json"], f"is inside {data}, a data set"),
         (["compare", "--base", str(note), "--other", str(note), "--json", str(note)], "is one of --base's eval JSON"),
+        (["compare", "--base", f"{note},,{note}", "--other", str(note)], f"--base: entry 2 of '{note},,{note}' is"),
         (["sft", "--data", d, "--out", str(tmp_path / "ck"), "--seed", "-1", *tiny], "'--seed': Input should be"),
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}

@@ -93,3 +93,11 @@ def test_a_mode_named_twice_runs_once(monkeypatch: pytest.MonkeyPatch, tiny_data
     monkeypatch.setattr(runner, "run_plan", run_plan)
     result = CliRunner().invoke(app, [*loadtest(tiny_data_dir, tmp_path / "lt"), "--modes", "ved,beam,ved"])
     assert result.exit_code == 0 and planned == [("ved", "beam")], result.output
+
+
+def test_an_empty_mode_is_refused(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """--modes beam,,ved was read as beam,ved: a slip, refused as the other comma lists refuse one."""
+    result = CliRunner().invoke(app, [*loadtest(tiny_data_dir, tmp_path / "lt"), "--modes", "beam,,ved"])
+    assert result.exit_code == 2 and "--modes must name some of beam, ved (a comma list), got beam,,ved" in one_line(
+        result.output
+    )

@@ -40,7 +40,7 @@ def test_parse_duration_rejects(text: str) -> None:
 
 def test_parse_users_sorts_and_dedupes() -> None:
     assert parse_users("32, 1,8,8") == (1, 8, 32)
-    for bad in ("", "0,8", "a,b", "5000"):
+    for bad in ("", "0,8", "a,b", "5000", "1,,8", "1,8,"):  # an empty entry is a slip, not a shorter list
         with pytest.raises(ValueError, match="--users"):
             parse_users(bad)
 

@@ -92,7 +92,11 @@ def test_cli_by_needs_data_and_names_unreadable_rows(tiny_data_dir: Path, tmp_pa
     assert result.exit_code == 2 and "is --data the data set they scored?" in result.output
     result = CliRunner().invoke(app, [*args, "--by", "colour", "--data", str(tiny_data_dir)])
     assert result.exit_code == 2 and "colour" in result.output
-    for splits, message in (("train,test", "no model trains on test"), (",", "must be a comma list")):
+    for splits, message in (
+        ("train,test", "no model trains on test"),
+        (",", "must be a comma list"),
+        ("train,,valid", "must be a comma list"),  # was read as train,valid
+    ):
         # as vstar eval's: test's own targets would count toward its head and tail, none at all made every row unseen
         by_target = [*args, "--by", "target", "--data", str(tiny_data_dir), "--train-splits", splits]
         result = CliRunner().invoke(app, by_target)

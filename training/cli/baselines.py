@@ -21,6 +21,7 @@ from training.cli.options import (
     DataOpt,
     NameOpt,
     RootOpt,
+    comma_list,
     given_options,
     load_data,
     setup_logging,
@@ -215,7 +216,10 @@ def register_baseline(app: typer.Typer) -> None:
         from training.evaluation.compare import compare_runs
         from training.evaluation.segments import segmenter
 
-        paths = {name: [Path(p) for p in value.split(",") if p] for name, value in (("base", base), ("other", other))}
+        paths = {
+            name: [Path(p) for p in comma_list(value, f"--{name}", str, "eval JSON files")]
+            for name, value in (("base", base), ("other", other))
+        }
         for name, files in paths.items():
             missing = [str(p) for p in files if not p.is_file()]
             if not files or missing:

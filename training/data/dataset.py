@@ -204,9 +204,8 @@ def popular_sids(catalog: SidCatalog, samples: Sequence[Sample], limit: int = 10
 
 
 def parse_splits(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in SPLITS]
-    if not names or bad:
+    names = [s.strip() for s in text.split(",")]
+    if not all(names) or any(s not in SPLITS for s in names):  # an empty entry too: "train,,valid" is a slip
         raise ValueError(f"--train-splits must be a comma list of {SPLITS}, got {text!r}")
     repeated = sorted({s for s in names if names.count(s) > 1})
     if repeated:  # each row would count twice: trained on twice, or counted twice toward the long tail
