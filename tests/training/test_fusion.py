@@ -133,6 +133,34 @@ def test_eval_on_valid_fuses_with_counts_of_the_rows_before_the_scored_ones(
         assert json.loads((tmp_path / "q.json").read_text())["own_transitions_counted"] is None
 
 
+def test_eval_on_another_data_sets_rows_fuses_with_counts_of_its_own_rows_before_them(
+    tiny_dataset, tiny_data_dir: Path, tiny_policy: Policy, tmp_path: Path
+) -> None:
+    """A checkpoint's stored counts are its own data's: on a data set of the same catalog whose splits were drawn
+    again (an import with another --split), its test rows may be counted there, each with its own answer, and the
+    fused figures came out inflated with nothing said. Counts of this data's rows before the scored ones fuse."""
+    path = tmp_path / "ckpt"
+    other = {"name": "other", "fingerprint": "0" * 16, "content": "1" * 16}
+    save_checkpoint(path, tiny_policy, {"stage": "sft", "data": other})
+    test = tiny_dataset.splits["test"]
+    fuse_trained(path, 2.0, [*tiny_dataset.samples(["train", "valid"]), *test], [])  # the scored rows' answers
+    out = tmp_path / "t.json"
+    base = ["eval", "--data", str(tiny_data_dir), "--checkpoint", str(path), "--beams", "5", "--limit", "10"]
+    r = CliRunner().invoke(app, [*base, "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    before, name = tiny_dataset.samples(["train", "valid"]), tiny_dataset.name
+    note = f"note: {path} was trained on other data than {name!r} (fingerprints differ): its transition counts could"
+    assert note in r.stderr and f"fit again on this data's {len(before)} rows before the scored ones" in r.stderr
+    got = json.loads(out.read_text())
+    assert got["fusion_counts"] == (
+        f"refit on the {len(before)} rows before the scored ones of {name}: the checkpoint's counts are another data "
+        "set's"
+    )
+    fused = ShallowFusion(TransitionCounts.fit((s.history, s.target) for s in before), 2.0)
+    expected = evaluate(tiny_policy, test[:10], tiny_dataset.samples(["train"]), beam_decoder(5, fused))
+    assert got["metrics"] == expected["metrics"]
+
+
 def test_a_rank_other_than_0_reads_the_checkpoint_only_to_choose(
     tiny_dataset, tiny_policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -249,14 +249,32 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             except ValueError as e:
                 raise ValueError(f"{e}; use --fusion-weight 0") from None
             fusion_counts = None if fusion is None else "checkpoint"
-            if fusion is not None and split == "valid":
+            recorded = ckpt.manifest.get("data")
+            # counts of another data set's rows may hold this one's scored rows (a split re-drawn by import)
+            foreign = fusion is not None and recorded is not None and not ds.trained(recorded)
+            if fusion is not None and (split == "valid" or foreign):
                 # the stored counts hold every row before test, the scored valid rows too: fit on the rows before
                 from training.evaluation.fusion import refit_before
 
                 valid = ds.splits["valid"]
-                before = [*ds.samples(["train"]), *valid[: len(valid) - holdout if holdout else 0]]
+                before = {
+                    "test": [*ds.samples(["train"]), *valid],
+                    "valid": [*ds.samples(["train"]), *valid[: len(valid) - holdout if holdout else 0]],
+                    "train": ds.samples(["train"]),  # the rows scored: counted below, as the stored counts are
+                }[split]
                 fusion = refit_before(fusion, before)
-                fusion_counts = f"refit on the {len(before)} rows before the scored ones"
+                rows_fit = (
+                    f"{len(before)} train rows" if split == "train" else f"{len(before)} rows before the scored ones"
+                )
+                fusion_counts = f"refit on the {rows_fit}"
+                if foreign:
+                    fusion_counts += f" of {ds.name}: the checkpoint's counts are another data set's"
+                    typer.echo(
+                        f"note: {checkpoint} was trained on other data than {ds.name!r} (fingerprints differ): its "
+                        f"transition counts could hold the scored rows' own answers, so they are fit again on this "
+                        f"data's {rows_fit}",
+                        err=True,
+                    )
             decode = make_decoder(ckpt, decoder, beams, budget, fusion, explore_slots)
         except CheckpointError:
             raise  # one line from the root command
