@@ -13,8 +13,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -33,6 +35,7 @@ from training.demo import (
     rl_holdout,
     rl_note,
 )
+from training.evaluation.compare import row_metric
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,15 +70,29 @@ def test_the_readme_shows_the_request_the_demo_prints(tmp_path: Path) -> None:
     assert curl_command(example_request(tmp_path / "data"), 8000) in (REPO / "README.md").read_text()
 
 
-def test_rl_below_sft_is_explained_against_the_noise() -> None:
-    sft = {"HR@10": 0.25, "NDCG@10": 0.13}
-    assert rl_note(sft, {"HR@10": 0.26, "NDCG@10": 0.13}, 400, 30) is None
-    noise = rl_note(sft, {"HR@10": 0.24, "NDCG@10": 0.125}, 400, 30)  # one standard error: sqrt(.25 * .75 / 400)
-    assert noise is not None and "HR@10 -0.0100, NDCG@10 -0.0050" in noise and "is 0.0217" in noise
-    assert "within two standard errors" in noise and "noise, not a finding" in noise
-    worse = rl_note(sft, {"HR@10": 0.15, "NDCG@10": 0.08}, 400, 30)
-    assert worse is not None and "more than two standard errors" in worse and "made this model worse" in worse
-    fused = rl_note(sft, {"HR@10": 0.24, "NDCG@10": 0.13}, 400, 30, ("SFT + transitions", "V-STAR + transitions"))
+def result(ranks: list[int | None]) -> dict[str, Any]:
+    """An eval result of these 0-based target ranks (None: not ranked), as vstar eval writes it."""
+    found = [-1 if r is None else r for r in ranks]
+    metrics = {m: float(row_metric(np.array(found), m).mean()) for m in ("HR@10", "NDCG@10")}
+    return {"metrics": metrics, "rows": len(ranks), "target_ranks": ranks}
+
+
+def test_rl_below_sft_is_explained_against_the_noise_of_each_metric() -> None:
+    sft = result([0] * 100 + [5] * 100 + [None] * 200)
+    assert rl_note(sft, result([0] * 100 + [5] * 101 + [None] * 199), 30) is None  # above on both
+    # ten rows fall out of the top 10, six come in, one moves from rank 0 to 1: within two standard errors
+    noise = rl_note(sft, result([1] + [0] * 99 + [5] * 90 + [None] * 10 + [5] * 6 + [None] * 194), 30)
+    assert noise is not None and noise.startswith("V-STAR ended below SFT (HR@10 -0.0100, NDCG@10 -0.0045). That")
+    diff = np.array([-1.0] * 10 + [1.0] * 6 + [0.0] * 384)  # HR@10's per-row differences
+    se = diff.std(ddof=1) / np.sqrt(400)
+    assert f"on 400 test rows: HR@10 {se:.4f}, NDCG@10 " in noise and "noise, not a finding" in noise
+    # HR@10 level, NDCG@10 far down: every hit moved from rank 0 to 9 (a binomial error of HR@10 called it noise)
+    worse = rl_note(sft, result([9] * 100 + [5] * 100 + [None] * 200), 30)
+    assert worse is not None and worse.startswith("V-STAR ended below SFT (NDCG@10 -0.1777), on NDCG@10 by more")
+    assert "made this model worse" in worse
+    fused = rl_note(
+        sft, result([0] * 99 + [None] + [5] * 100 + [None] * 200), 30, ("SFT + transitions", "V-STAR + transitions")
+    )
     assert fused is not None and fused.startswith("V-STAR + transitions ended below SFT + transitions (HR@10")
 
 

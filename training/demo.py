@@ -35,6 +35,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from models.output_path import stored_folder
 from training.data.dataset import load_dataset
 from training.data.dataset_writer import written_by
@@ -122,26 +124,40 @@ def curl_command(request: dict[str, Any], port: int) -> str:
     return f"curl -s localhost:{port}/recommend -H 'content-type: application/json' -d '{json.dumps(request)}'"
 
 
+def paired_standard_error(sft: dict[str, Any], rl: dict[str, Any], metric: str) -> float:
+    """The standard error of the mean per-row difference in ``metric`` between two eval results of the same
+    rows (their ``target_ranks``)."""
+    from training.evaluation.compare import row_metric
+
+    ranks = [np.array([-1 if r is None else r for r in run["target_ranks"]]) for run in (sft, rl)]
+    diff = row_metric(ranks[1], metric) - row_metric(ranks[0], metric)
+    return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+
+
 def rl_note(
-    sft: dict[str, float], rl: dict[str, float], rows: int, rl_steps: int, names: tuple[str, str] = ("SFT", "V-STAR")
+    sft: dict[str, Any], rl: dict[str, Any], rl_steps: int, names: tuple[str, str] = ("SFT", "V-STAR")
 ) -> str | None:
-    """A plain word on RL (``names[1]``) ending below SFT (``names[0]``); None when it does not."""
-    below = [k for k in ("HR@10", "NDCG@10") if rl[k] < sft[k]]
+    """A plain word on RL (``names[1]``) ending below SFT (``names[0]``), each metric that fell judged by the
+    standard error of its own paired per-row difference; None when none fell. ``sft``, ``rl``: eval results
+    of the same rows."""
+    below = [k for k in ("HR@10", "NDCG@10") if rl["metrics"][k] < sft["metrics"][k]]
     if not below:
         return None
-    gaps = ", ".join(f"{k} {rl[k] - sft[k]:+.4f}" for k in below)
-    p = sft["HR@10"]
-    se = math.sqrt(p * (1 - p) / rows)
-    scale = f"one standard error of an HR@10 of {p:.2f} on {rows} test rows is {se:.4f}"
-    if sft["HR@10"] - rl["HR@10"] <= 2 * se:
+    gaps = ", ".join(f"{k} {rl['metrics'][k] - sft['metrics'][k]:+.4f}" for k in below)
+    se = {k: paired_standard_error(sft, rl, k) for k in below}
+    scale = f"the standard error of the paired per-row difference on {sft['rows']} test rows: " + ", ".join(
+        f"{k} {se[k]:.4f}" for k in below
+    )
+    beyond = [k for k in below if sft["metrics"][k] - rl["metrics"][k] > 2 * se[k]]
+    if not beyond:
         return (
             f"{names[1]} ended below {names[0]} ({gaps}). That is within two standard errors ({scale}), so after "
             f"{rl_steps} RL steps of 16 prompts it is noise, not a finding; the README's RL section compares GRPO "
             "and V-STAR over longer runs and several seeds on real data."
         )
     return (
-        f"{names[1]} ended below {names[0]} ({gaps}), by more than two standard errors ({scale}): "
-        f"these {rl_steps} RL steps made this model worse. The demo's RL settings are the defaults, "
+        f"{names[1]} ended below {names[0]} ({gaps}), on {' and '.join(beyond)} by more than two standard errors "
+        f"({scale}): these {rl_steps} RL steps made this model worse. The demo's RL settings are the defaults, "
         "not tuned for the tiny model."
     )
 
@@ -173,7 +189,7 @@ def report(out: Path, rl_steps: int) -> str:
     ]
     labels = {stem: label for label, stem in MODELS}
     for sft, rl in (("sft", "vstar"), ("sft_fused", "vstar_fused")):
-        note = rl_note(results[sft]["metrics"], results[rl]["metrics"], rows, rl_steps, (labels[sft], labels[rl]))
+        note = rl_note(results[sft], results[rl], rl_steps, (labels[sft], labels[rl]))
         lines += ["", *textwrap.wrap(note, 100)] if note else []
     lines += [
         "",
