@@ -36,6 +36,19 @@ from models.sid_trie import SidTrie
 from models.weight_checks import first_non_finite, fit_problem
 
 GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")  # the fast class's names (4.x, 5.x)
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # GPT-2's, OPT's and BART's, BERT's and GPT-Neo's
+
+
+def learned_positions(model: PreTrainedModel) -> int | None:
+    """The positions a model's learned absolute position embeddings hold (``max_position_embeddings``), past
+    which its embedding lookup fails; None for a model without such a table (rotary positions: Qwen, Llama)."""
+    tables = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES
+    ]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return int(limit) if tables and isinstance(limit, int) else None
 
 
 @dataclass(frozen=True)
@@ -204,7 +217,22 @@ class Policy:
         bos = adds_bos(tokenizer)  # before the SID tokens: the text tokenizer as pretrained
         add_sid_tokens(tokenizer, prompt_vocabulary(catalog, item_tokens))
         model.resize_token_embeddings(len(tokenizer))
-        return cls(model, tokenizer, catalog, PromptFormat(max_history, TEXT_TEMPLATE, item_tokens, bos=bos))
+        policy = cls(model, tokenizer, catalog, PromptFormat(max_history, TEXT_TEMPLATE, item_tokens, bos=bos))
+        limit = learned_positions(model)
+        longest = policy.longest_sequence(max_history)
+        if limit is not None and longest > limit:  # training's first long row would fail in the embedding lookup
+            fits = [h for h in range(1, max_history) if policy.longest_sequence(h) <= limit]
+            raise ValueError(
+                f"base model {path}: its learned position embeddings hold {limit} positions, and a prompt of "
+                f"{max_history} history items with its answer takes {longest} tokens: "
+                + (f"give --max-history {fits[-1]} or less" if fits else "not even one item fits")
+            )
+        return policy
+
+    def longest_sequence(self, items: int) -> int:
+        """Tokens of the longest prompt of ``items`` history items, with a SID answer after it."""
+        sid = self.catalog.sids[0]
+        return len(self.prompt.encode(self.tokenizer, [sid] * items)) + len(sid)
 
     def encode_prompts(self, histories: Sequence[Sequence[Sid]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and attention mask for a batch of SID histories."""

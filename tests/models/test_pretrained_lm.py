@@ -6,6 +6,7 @@ folder the way a downloaded checkpoint would be; nothing is fetched.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from transformers import (
     BertForMaskedLM,
     BertLMHeadModel,
     BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -182,6 +185,44 @@ def test_a_base_model_that_does_not_load_loses_no_earlier_run(text_lm: Path, tin
     with pytest.raises(ValueError, match="no tokenizer"):
         train_sft(tiny_dataset, out, config, progress=False)
     assert all(f.read_text() == "an earlier run's" for f in earlier)
+
+
+def gpt2_lm(text_lm: Path, folder: Path, positions: int) -> Path:
+    """A tiny GPT-2 (learned absolute positions: its ``wpe`` table) with ``text_lm``'s tokenizer."""
+    shutil.copytree(text_lm, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    config = GPT2Config(vocab_size=12, n_embd=32, n_layer=1, n_head=2, n_positions=positions, eos_token_id=1)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_base_model_whose_learned_positions_are_too_few_for_the_prompts_is_refused(
+    text_lm: Path, tiny_dataset, tmp_path: Path
+) -> None:
+    """GPT-2's positions are a table: a prompt past it failed at the first long row, mid-training, with an
+    IndexError traceback (a device-side assert on CUDA), after an earlier run's side files were cleared."""
+    catalog = tiny_dataset.catalog
+    roomy = Policy.from_pretrained_lm(str(gpt2_lm(text_lm, tmp_path / "roomy", 512)), catalog)
+    longest = roomy.longest_sequence(10)  # the text template, 10 SIDs and the answer's
+    fits = max(h for h in range(1, 10) if roomy.longest_sequence(h) <= longest - 4)
+    folder = gpt2_lm(text_lm, tmp_path / "short", longest - 4)
+    message = (
+        f"base model {folder}: its learned position embeddings hold {longest - 4} positions, and a prompt of 10 "
+        f"history items with its answer takes {longest} tokens: give --max-history {fits} or less"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Policy.from_pretrained_lm(str(folder), catalog)
+    assert Policy.from_pretrained_lm(str(folder), catalog, max_history=fits).longest_sequence(fits) <= longest - 4
+    earlier = tmp_path / "sft.resume" / "trainer_state.pt"
+    earlier.parent.mkdir()
+    earlier.write_text("an earlier run's")
+    with pytest.raises(ValueError, match="learned position embeddings hold"):
+        train_sft(
+            tiny_dataset, tmp_path / "sft", SFTConfig(base_model=str(folder), max_steps=2, batch_size=8), progress=False
+        )
+    assert earlier.read_text() == "an earlier run's"
+    # rotary positions (Qwen2's) have no table: its max_position_embeddings (128) is no bound
+    assert Policy.from_pretrained_lm(str(text_lm), catalog, max_history=60).longest_sequence(60) > 128
 
 
 def test_tokenizer_longer_than_the_embeddings_is_refused(
