@@ -101,3 +101,6 @@ def test_cli_by_needs_data_and_names_unreadable_rows(tiny_data_dir: Path, tmp_pa
         by_target = [*args, "--by", "target", "--data", str(tiny_data_dir), "--train-splits", splits]
         result = CliRunner().invoke(app, by_target)
         assert result.exit_code == 2 and message in result.output, result.output
+    for ignored in ([], ["--by", "history", "--data", str(tiny_data_dir)]):  # it was taken and ignored
+        result = CliRunner().invoke(app, [*args, *ignored, "--train-splits", "train,valid"])
+        assert result.exit_code == 2 and "--train-splits is read by --by target alone" in result.output, result.output

@@ -182,6 +182,7 @@ def register_baseline(app: typer.Typer) -> None:
 
     @app.command()
     def compare(
+        ctx: typer.Context,
         base: Annotated[str, typer.Option("--base", help="Comma list of eval JSON files of the base method's seeds.")],
         other: Annotated[str, typer.Option("--other", help="Comma list of eval JSON files of the other method's.")],
         samples: Annotated[int, typer.Option("--samples", min=100, help="Bootstrap draws over rows.")] = 2000,
@@ -228,6 +229,11 @@ def register_baseline(app: typer.Typer) -> None:
                 raise typer.BadParameter(f"--json {json_out} is one of --{name}'s eval JSON files; write it elsewhere")
         if (by is None) != (data is None):
             raise typer.BadParameter("--by and --data go together: the segments are read from the data folder")
+        if by != "target" and given_options(ctx, {"train_splits": "--train-splits"}):
+            raise typer.BadParameter(
+                f"--train-splits is read by --by target alone, which {'--by ' + by if by else 'a plain compare'} "
+                "would ignore: use it with --by target"
+            )
         segments = None
         if by is not None and data is not None:
             try:
