@@ -64,8 +64,9 @@ class TrainState:
 
     def kept_a_model(self) -> bool:
         """Whether a validation of this run (before an interruption too) wrote the kept model at ``out``: a best
-        score, or a validation with nothing held out (a refit's, which keeps the latest model, unscored)."""
-        return self.best[0] >= 0 or any("HR@10" not in h for h in self.history)
+        score, or a validation with nothing held out (a refit's, which keeps the latest model, unscored) after
+        step 0 (RL validates its init there and never keeps it: ``Checkpointer.validate``'s ``selectable``)."""
+        return self.best[0] >= 0 or any("HR@10" not in h and h["step"] > 0 for h in self.history)
 
 
 def require_kept(out: Path, state: TrainState) -> None:

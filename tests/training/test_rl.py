@@ -416,6 +416,25 @@ def test_a_resume_whose_kept_model_is_gone_stops_before_it_trains(
     assert train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)["steps"] == 4
 
 
+def test_a_run_that_keeps_its_last_model_resumes_or_diverges_before_it_kept_one(
+    tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing held out, RL validates its init at step 0 and keeps no model until its first validation
+    after a step: a stop before that one was refused at --resume ("the model this run kept is not whole"), and a
+    divergence there named a kept model at --out that did not exist."""
+    out = tmp_path / "rl"
+    config = RLConfig(algo="grpo", max_steps=4, batch_size=4, eval_every=3, eval_limit=8, train_splits=("valid",),
+                      holdout=0, fusion_weight=0)  # fmt: skip
+    interrupt_at_step(2, monkeypatch, lambda: train_rl(tiny_dataset, init_ckpt, out, config, progress=False))
+    assert not out.exists()
+    assert train_rl(tiny_dataset, init_ckpt, out, config, resume=True, progress=False)["steps"] == 4
+    assert load_checkpoint(out).manifest["selection"]["step"] == 4
+    diverging = replace(config, lr=1e30, max_steps=8, eval_every=10)
+    with pytest.raises(ValueError, match=r"^training diverged at step \d+ .*diverged\)$"):
+        train_rl(tiny_dataset, init_ckpt, tmp_path / "dv", diverging, progress=False)
+    assert not (tmp_path / "dv").exists()
+
+
 def test_a_resume_whose_init_was_replaced_is_refused(
     tiny_dataset: RecDataset, init_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
