@@ -115,7 +115,7 @@ def simple_mistakes(data: Path, bad: Path, tmp: Path) -> Iterator[tuple[list[str
         "is a file, not a",
     )
     yield ["bench", "decode", "--batches", "1,0"], "expected a comma list of positive integers, got '1,0'"
-    # an empty entry was dropped: --level-weights 1,,2 trained with two levels' weights, --weights 1,,2 chose among two
+    # an empty entry was dropped: --weights 1,,2 chose among two weights, --level-weights 1,,0.5,0.2 read as three
     yield ["fuse", "--data", d, "--checkpoint", gone, "--weights", "1,,2"], "--weights: entry 2 of '1,,2' is empty"
     yield [*rl, "--level-weights", "0.3,0.3,"], "--level-weights: entry 3 of '0.3,0.3,' is empty"
     yield ["bench", "serve", "--checkpoint", empty, "--clients", "4,,8"], "--clients: entry 2 of '4,,8' is empty"
@@ -177,6 +177,52 @@ def test_outputs_that_would_destroy_something_are_refused_before_any_work(tiny_d
         (["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "rl"), "--json", f"{init}/s.json"], "inside"),
         (["baseline", "pop", "--data", d, "--json", f"{d}/pop.json"], f"is inside {data}, a data set"),
         (["compare", "--base", str(note), "--other", str(note), "--json", str(note)], "is one of --base's eval JSON"),
+        # the curves' folder at the summary's path, or at the steps log's: the run trained to its end and failed there
+        (
+            [
+                "rl",
+                "--data",
+                d,
+                "--init",
+                str(init),
+                "--out",
+                str(tmp_path / "rl"),
+                "--json",
+                f"{tmp_path}/x",
+                "--tensorboard",
+                f"{tmp_path}/x",
+            ],
+            f"{tmp_path}/x is the --json file {tmp_path}/x: give the curves",
+        ),
+        (
+            [
+                "sft",
+                "--data",
+                d,
+                "--out",
+                str(tmp_path / "ck"),
+                "--json",
+                f"{tmp_path}/x",
+                "--tensorboard",
+                f"{tmp_path}/x/tb",
+                *tiny,
+            ],
+            "lies inside the --json file",
+        ),
+        (
+            [
+                "rl",
+                "--data",
+                d,
+                "--init",
+                str(init),
+                "--out",
+                str(tmp_path / "rl"),
+                "--tensorboard",
+                f"{tmp_path}/rl.steps.jsonl",
+            ],
+            f"{tmp_path}/rl.steps.jsonl is {tmp_path}/rl.steps.jsonl, which the run",
+        ),
         (["compare", "--base", f"{note},,{note}", "--other", str(note)], f"--base: entry 2 of '{note},,{note}' is"),
         (["sft", "--data", d, "--out", str(tmp_path / "ck"), "--seed", "-1", *tiny], "'--seed': Input should be"),
     ]

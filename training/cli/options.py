@@ -22,7 +22,7 @@ from typer._click.core import ParameterSource  # typer vendors click from 0.28 o
 
 from models.atomic_folder import put_back, write_file
 from models.output_path import output_file_problem, output_folder_problem, replaced_folder_problem
-from training.run_files import earlier_run, replaced_folders, side_files
+from training.run_files import earlier_run, replaced_folders, side_files, steps_file
 
 T = TypeVar("T")
 
@@ -108,11 +108,18 @@ def check_run_outputs(
             raise typer.BadParameter(f"{out} {where}: give a path outside it", param_hint="--out")
     for option, path, taken in (
         ("--json", json_out, [out, *side_files(out)]),
-        ("--tensorboard", tensorboard, replaced_folders(out)),
+        ("--tensorboard", tensorboard, [*replaced_folders(out), steps_file(out)]),
     ):
         problem = None if path is None else overlap_problem(path, taken, out, data)
         if problem is not None:
             raise typer.BadParameter(problem, param_hint=option)
+    if json_out is not None and tensorboard is not None and within(tensorboard, json_out):
+        # the curves' folder would be made at the summary's path: the run would train to its end and lose the summary
+        where = "is" if within(json_out, tensorboard) else "lies inside"
+        raise typer.BadParameter(
+            f"{tensorboard} {where} the --json file {json_out}: give the curves a folder of their own",
+            param_hint="--tensorboard",
+        )
     if resume:  # a save killed between its two renames set the folder aside: where --resume looks again
         for folder in replaced_folders(out):
             put_back(folder)
