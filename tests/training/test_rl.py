@@ -570,6 +570,7 @@ def test_a_resumed_vstar_run_reports_what_the_uninterrupted_run_does(
     assert list(part) == list(full) and list(part["value_warmup"]) == ["steps", "seconds", "value_loss"]
     assert figures(part) == figures(full) and part["value_warmup"]["steps"] == 2
     assert part["s_per_step"] == full["s_per_step"] == 2.0  # (1 + 2 + 3) / 3, not step 3's alone
+    assert part["step_seconds"] == full["step_seconds"] == 6.0  # the run's steps; "seconds" is the command's own
     assert load_checkpoint(tmp_path / "part").manifest["value_warmup"] == part["value_warmup"]
 
 

@@ -21,7 +21,10 @@
   it never saw (README, "RL").
 * ``<out>.resume`` holds the latest state (weights, value head, both
   optimizers, scheduler, position in the data, RNG, each step's seconds for
-  ``s_per_step``) after each validation; ``--resume`` continues from it. The
+  ``s_per_step`` and ``step_seconds``) after each validation; ``--resume``
+  continues from it. The summary's ``seconds`` is this command's wall time, so
+  after a ``--resume`` the resumed part's; ``step_seconds``, the seconds of every
+  step the run kept, and ``s_per_step`` cover the whole run. The
   value warm-up's figures are in the manifests (``value_warmup``), so a
   resumed run reports the warm-up it does not run again. All writes are
   atomic (``save_checkpoint``).
@@ -370,7 +373,8 @@ def train_rl(
         "best": {"HR@10": state.best[0], "NDCG@10": state.best[1]} if select_rows else None,
         "below_init": below_init,  # the init scored higher on the selection rows than every RL step (logged)
         "steps": state.step,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(time.perf_counter() - start, 1),  # this command's: a --resume's own part
+        "step_seconds": round(float(np.sum(seconds)), 1),  # every step's of the run, those before a --resume too
         "s_per_step": round(float(np.mean(seconds)), 3) if seconds else None,
         "autocast": str(trainer.amp).removeprefix("torch.") if trainer.amp is not None else None,  # None: fp32
         "history": state.history,
