@@ -57,7 +57,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
@@ -283,7 +283,7 @@ def run_plan(
     read_histories(split_path(plan.data, plan.split))
     wait_ready(plan.host)
     echo(f"{len(plan.points)} points of {plan.duration_s} s, at most {plan.max_seconds} s in all")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     started = now.isoformat(timespec="seconds")
     target = plan.out.resolve()  # a link to a folder stays one: the folder it names is replaced
     # a run cut short never replaces a whole earlier report (--force or not): its points go beside it

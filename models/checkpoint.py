@@ -36,7 +36,7 @@ import uuid
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -169,7 +169,7 @@ def save_checkpoint(
             torch.save(trainer_state, tmp / TRAINER_STATE)
         full = {
             "format_version": FORMAT_VERSION,
-            "model_version": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
+            "model_version": f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
             "prompt": policy.prompt.to_dict(),
             "tokenizer_class": type(policy.tokenizer).__name__,
             "extras": sorted(extras or {}),

@@ -206,7 +206,7 @@ class RedisStore(Store):
             result = await op()
         except ResponseError as e:
             raise self._refusal(what, e) from e
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, RedisError, OSError) as e:
             self._failed(what, e)
             raise StoreUnavailable(f"Redis is unavailable ({what})") from e
         self._answered(what)
@@ -290,7 +290,7 @@ class RedisStore(Store):
             reply = await script(keys=keys, args=args)
         except ResponseError as e:  # the script failed at or before its first write: nothing was stored
             raise self._refusal("append history", e) from e
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, RedisError, OSError) as e:
             if _refused(e):  # no connection, so nothing was sent (redis-py sends no copy of its own): not run
                 self._failed("append history", e)
                 raise StoreUnavailable("Redis refused the connection (append history)") from e
@@ -311,7 +311,7 @@ class RedisStore(Store):
             try:
                 reply: list[bytes] = await script(keys=keys, args=args)
                 return reply
-            except (RedisError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, RedisError, OSError) as e:
                 if time.monotonic() >= give_up:
                     self._failed("append history", e)
                     raise WriteOutcomeUnknown("Redis did not answer whether the write ran (append history)") from e
@@ -349,7 +349,7 @@ class RedisStore(Store):
         (requests meanwhile still skip a Redis that failed) and closes only when Redis has answered."""
         try:
             await self._redis.ping()
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, RedisError, OSError) as e:
             self._failed("ping", e)
             # Redis answered and refused the URL's database or credentials: a setting to fix, not an outage
             self.refusal = f"{type(e).__name__}: {e}" if isinstance(e, ResponseError | AuthenticationError) else None

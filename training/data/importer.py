@@ -40,7 +40,7 @@ import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, cast
@@ -196,7 +196,7 @@ def _item_entry(item: str, record: dict[str, Any], path: Path, line: int) -> dic
     return entry
 
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_timestamp(value: Any, path: Path, line: int) -> tuple[int | Fraction, bool]:
@@ -209,11 +209,11 @@ def parse_timestamp(value: Any, path: Path, line: int) -> tuple[int | Fraction, 
     if NUMBER.fullmatch(text):  # an int where it is one: a Fraction costs several times its parse
         return (int(text) if text.lstrip("+-").isdigit() else Fraction(text)), False
     try:
-        date = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" and text else text)  # 3.10 lacks Z
+        date = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" and text else text)  # "z" too
     except ValueError:
         raise DataError(f"{path}:{line}: timestamp {value!r} is neither a number (epoch seconds) nor an ISO 8601 "
                         "date (2024-05-01T12:30:00)") from None  # fmt: skip
-    since = (date if date.tzinfo else date.replace(tzinfo=timezone.utc)) - EPOCH
+    since = (date if date.tzinfo else date.replace(tzinfo=UTC)) - EPOCH
     return Fraction(since.days * 86_400 + since.seconds) + Fraction(since.microseconds, 1_000_000), True
 
 
