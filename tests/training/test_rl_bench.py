@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
+from typer.testing import CliRunner
 
 from training.bench import rl_bench, timing
 from training.data.dataset import Sample
+from training.data.sid_builder import SidBuildConfig
+from training.data.synth import SynthConfig, write_synth
 from training.rl.trainer import RLTrainer
+from vstar import app
 
 
 def test_the_two_trainers_take_their_steps_in_turn_each_timed_on_the_models_device(
@@ -36,3 +43,19 @@ def test_a_budget_the_initial_tree_cannot_fit_is_refused_before_any_step(monkeyp
     with pytest.raises(ValueError, match="budget 20 is below"):
         rl_bench.run_train_bench(None, None, "tiny", batch_size=2, steps=1, budget=20, device="cpu")
     assert steps == []
+
+
+def test_data_vstar_rl_refuses_is_refused_in_one_line(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A catalog of fewer SIDs than a group was timed as "x 16 candidates" (each group the whole catalog, which
+    vstar rl refuses), and data without embeddings was told to pass --no-dense, which bench train does not have."""
+    small = tmp_path / "small"
+    write_synth(small, SynthConfig(items=10, users=30), SidBuildConfig(None, seed=0))
+    no_embeddings = tmp_path / "no_emb"
+    shutil.copytree(tiny_data_dir, no_embeddings, ignore=shutil.ignore_patterns("item_emb.npy"))
+    for data, message in (
+        (small, "--num-candidates 16 is not fewer than the 10 SIDs of small's catalog"),
+        (no_embeddings, "no_emb has no item_emb.npy: V-STAR's dense reward, timed here, needs item embeddings"),
+    ):
+        result = CliRunner().invoke(app, ["bench", "train", "--data", str(data), "--steps", "1"])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output

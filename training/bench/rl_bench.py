@@ -102,7 +102,8 @@ def run_train_bench(
     seconds = time_trainers(trainers, samples, steps)
     grpo, vstar = seconds["grpo"], seconds["vstar"]
     print(
-        f"bench train: {len(samples)} prompts x 16 candidates, {steps} steps, {torch.get_num_threads()} threads; "
+        f"bench train: {len(samples)} prompts x {vstar_config.num_candidates} candidates, {steps} steps, "
+        f"{torch.get_num_threads()} threads; "
         f"V-STAR / GRPO = {vstar / grpo:.2f}x",
         file=sys.stderr,
     )

@@ -376,8 +376,17 @@ def register_rl(app: typer.Typer, bench: typer.Typer) -> None:
         import torch
 
         from training.bench.rl_bench import run_train_bench
+        from training.rl.config import RLConfig
 
         if threads:
             torch.set_num_threads(threads)
         ds = load_data(data, None, None) if data is not None else None
+        if ds is not None:  # the groups vstar rl would train on: refused as vstar rl refuses them
+            require_candidates(RLConfig().num_candidates, ds)
+            if ds.embeddings is None:
+                raise typer.BadParameter(
+                    f"{ds.name} has no item_emb.npy: V-STAR's dense reward, timed here, needs item embeddings (vstar "
+                    "embed --data DIR --encoder PATH makes them from a local text encoder)",
+                    param_hint="'--data'",
+                )
         write_json(json_out, run_train_bench(ds, checkpoint, preset, batch_size, steps, budget, device))
