@@ -112,6 +112,19 @@ def resolve_budget(config: VEDConfig, depth: int) -> int:
     return config.budget
 
 
+def budget_problem(config: VEDConfig, depth: int, given: int | None) -> str | None:
+    """``resolve_budget``'s refusal of ``config`` in words that say where its budget came from: ``given`` (the
+    command's ``--budget``), else the checkpoint's stored one (``checkpoint_ved_config``); None when it fits."""
+    try:
+        resolve_budget(config, depth)
+    except ValueError as e:
+        if config.budget is None or depth < 2:  # VED's own budget, or SIDs VED cannot search: the budget is no cause
+            return str(e)
+        source = "--budget" if given is not None else "the checkpoint's VED budget (--budget overrides it)"
+        return f"{source} {config.budget} with G = {config.num_candidates}: {e}"
+    return None
+
+
 def covers_the_catalog(trie: SidTrie, budget: int) -> bool:
     """Whether ``budget`` tokens pay for every SID prefix of the catalog (trie nodes of depth 1 .. D-1)."""
     return budget >= trie.num_prefixes

@@ -12,6 +12,7 @@ from models.checkpoint import save_checkpoint
 from models.policy import Policy
 from models.value_head import value_head_for
 from models.ved_config import VEDConfig
+from tests.conftest import write_random_dataset
 from training.bench.ved_bench import format_table, run_ved_bench
 from training.rl.rollout import beam_tokens
 from vstar import app
@@ -60,6 +61,20 @@ def test_bench_ved_reads_the_checkpoints_head_and_ved_settings(tiny_policy: Poli
     result = CliRunner().invoke(app, [*args, "--budget", "24", "--json", str(out)])
     assert result.exit_code == 0, result.output[-3000:]
     assert json.loads(out.read_text())["rows"][0]["budget"] == 24  # --budget overrides it
+    # a G whose initial tree the stored budget cannot pay for: named as the checkpoint's, not as a --budget not given
+    result = CliRunner().invoke(app, [*args[:4], "--num-candidates", "24", "--batches", "1", "--repeats", "1"])
+    line = result.output.strip().splitlines()[-1]
+    assert (
+        result.exit_code == 2
+        and "the checkpoint's VED budget (--budget overrides it) 40 with G = 24: budget 40 " in line
+    )
+    data = tmp_path / "data"
+    write_random_dataset(data, tiny_policy.catalog)
+    eval_args = ["eval", "--data", str(data), "--checkpoint", str(ckpt), "--decoder", "ved", "--beams", "24"]
+    result = CliRunner().invoke(app, [*eval_args, "--limit", "2", "--fusion-weight", "0"])
+    assert (
+        result.exit_code == 2 and "the checkpoint's VED budget (--budget overrides it) 40 with G = 24" in result.output
+    )
 
 
 def test_bench_ved_says_when_the_value_head_is_fresh(tiny_policy: Policy, tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def register_bench(bench: typer.Typer) -> None:
             require_checkpoint(checkpoint)
         from models.checkpoint import load_checkpoint
         from models.value_head import load_value_head, value_head_for
-        from models.ved_config import VEDConfig, checkpoint_ved_config, resolve_budget
+        from models.ved_config import VEDConfig, budget_problem, checkpoint_ved_config
         from training.bench.ved_bench import format_table, run_ved_bench
 
         ckpt = load_checkpoint(checkpoint, device) if checkpoint else None
@@ -105,10 +105,9 @@ def register_bench(bench: typer.Typer) -> None:
                 f"--num-candidates {max(gs)} is more than the {sids} SIDs of the catalog; give at most {sids}"
             )
         for g in gs:
-            try:
-                resolve_budget(replace(base, num_candidates=g), policy.trie.depth)
-            except ValueError as e:
-                raise typer.BadParameter(f"--budget {base.budget} with G = {g}: {e}") from None
+            problem = budget_problem(replace(base, num_candidates=g), policy.trie.depth, budget)
+            if problem is not None:
+                raise typer.BadParameter(problem)
         result = run_ved_bench(policy, head.to(policy.device), base, gs, grid, repeats=repeats)
         typer.echo(format_table(result), err=True)
         write_json(json_out, result)

@@ -275,6 +275,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                         f"data's {rows_fit}",
                         err=True,
                     )
+            if decoder == "ved":  # the budget named by where it came from: --budget, or the checkpoint's
+                from models.ved_config import budget_problem, checkpoint_ved_config
+
+                ved = checkpoint_ved_config(ckpt, beams, budget, explore_slots=explore_slots)
+                problem = budget_problem(ved, ckpt.policy.trie.depth, budget)
+                if problem is not None:
+                    raise ValueError(problem)
             decode = make_decoder(ckpt, decoder, beams, budget, fusion, explore_slots)
         except CheckpointError:
             raise  # one line from the root command
