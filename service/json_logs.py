@@ -25,13 +25,14 @@ _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "color_message"}
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@\"]*:)[^\s/@\"]+@")
-# redis-py also reads the password from the query: redis://host:6379/0?password=...
-_QUERY_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?\"]*\?(?:[^\s#\"]*&)?password=)[^\s&#\"]+")
+# redis-py also reads passwords from the query: ?password=... and the TLS key's ?ssl_password=...
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&][A-Za-z0-9_]*password=)[^\s&#\"]+", re.IGNORECASE)
 
 
 def redact_urls(text: str) -> str:
     """``scheme://user:password@host`` -> ``scheme://user:***@host`` and ``...?password=secret`` ->
-    ``...?password=***``, everywhere in ``text``."""
+    ``...?password=***`` (any query parameter whose name ends in "password", ``ssl_password`` too), everywhere
+    in ``text``."""
     return _QUERY_PASSWORD.sub(r"\g<head>***", _URL_PASSWORD.sub(r"\g<head>***@", text))
 
 

@@ -190,15 +190,40 @@ class Settings(BaseSettings):
             return value
         if value.lstrip().startswith("["):
             raise ValueError('a comma list of keys (key1,key2), not a JSON list (["key1", "key2"])')
-        return [k.strip() for k in value.split(",") if k.strip()]
+        keys = [k.strip() for k in value.split(",") if k.strip()]
+        for number, key in enumerate(keys, 1):  # named by its place, never shown: it is a secret
+            if not (key.isascii() and key.isprintable()):
+                raise ValueError(
+                    f"key {number} holds a character outside printable ASCII: HTTP carries headers as Latin-1, so "
+                    "no client sends it as configured (every write would be a 401)"
+                )
+        return keys
 
     @field_validator("redis_url")
     @classmethod
     def _numbered_database(cls, url: RedisDsn | None) -> RedisDsn | None:
-        """The URL's path names a database by number (redis-py would use database 0 for any other)."""
-        database = (url.path or "").strip("/") if url is not None else ""
+        """The URL's path names a database by number (redis-py would use database 0 for any other), and
+        redis-py can read the whole URL: its query's settings (``?db=``, ``?socket_timeout=``) were a traceback
+        once the model had loaded. Nothing of the URL is echoed: a password holding '/', '?' or '#', not
+        percent-encoded, ends the host early and leaves its tail in the path, the query or the fragment."""
+        if url is None:
+            return None
+        if "@" in "".join(part or "" for part in (url.path, url.query, url.fragment)):
+            raise ValueError(
+                "an '@' after the host: a password holding '/', '?' or '#' must be percent-encoded (%2F, %3F, %23)"
+            )
+        database = (url.path or "").strip("/")
         if database and not database.isdigit():
             raise ValueError(f"the database in the Redis URL must be a number (redis://host:6379/0), got {database!r}")
+        from redis.asyncio import ConnectionPool  # the store's reader of the URL; it connects to nothing here
+
+        try:
+            ConnectionPool.from_url(str(url)).make_connection()
+        except ValueError as e:  # a setting of the query that is no number: its name, never its value
+            raise ValueError(f"redis-py cannot read the Redis URL: {e}") from None
+        except TypeError as e:  # a query parameter redis-py does not take (for this scheme): its name
+            unknown = str(e).rsplit(" ", 1)[-1]
+            raise ValueError(f"redis-py takes no query parameter {unknown} in this Redis URL") from None
         return url
 
     @field_validator("torch_threads")

@@ -19,13 +19,14 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+import service.cli
 from models.checkpoint import CheckpointError, save_checkpoint
 from models.policy import Policy
 from models.value_head import ValueHead, ValueHeadConfig, value_head_for
 from service.app import create_app
 from service.decode_scheduler import DecodeRow
 from service.errors import StartupError
-from service.json_logs import JsonFormatter
+from service.json_logs import JsonFormatter, redact_urls
 from service.recommender import Recommender
 from service.settings import Settings
 from service.warmup_signals import stopped
@@ -162,6 +163,47 @@ def test_a_password_in_the_redis_urls_query_never_reaches_the_logs(
 def test_the_log_formatter_masks_credentials_in_any_url() -> None:
     record = logging.makeLogRecord({"msg": "cannot reach %s", "args": ("rediss://u:p%40ss@h:6380/1",)})
     assert JsonFormatter().format(record).count("rediss://u:***@h:6380/1") == 1
+    # the TLS key's passphrase, which redis-py reads from the query too, was printed whole
+    tls = "rediss://h:6380/1?ssl_keyfile=/k.pem&ssl_password=KEYPASS&password=s3cret-pw"
+    assert redact_urls(tls) == "rediss://h:6380/1?ssl_keyfile=/k.pem&ssl_password=***&password=***"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # a password holding '/', '?' or '#' ends the host early: its tail was echoed as "the database", or the
+        # URL passed and was logged with it at start-up
+        ("redis://default:4821/Zk9qSecretTail@redis.internal:6379/0", "an '@' after the host: a password holding"),
+        ("redis://default:4821?Zk9qSecretTail@127.0.0.1:6379/0", "must be percent-encoded (%2F, %3F, %23)"),
+        ("redis://default:4821#Zk9qSecretTail@127.0.0.1:6379/0", "must be percent-encoded"),
+        # query settings redis-py reads: a traceback once the model had loaded
+        (
+            "redis://:Zk9qSecretTail@127.0.0.1:6379/6?db=abc",
+            "redis-py cannot read the Redis URL: Invalid value for 'db'",
+        ),
+        ("redis://:Zk9qSecretTail@127.0.0.1:6379/6?ssl_cert_reqs=x", "takes no query parameter 'ssl_cert_reqs'"),
+    ],
+)
+def test_a_redis_url_redis_py_cannot_use_is_one_line_that_shows_no_secret(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, url: str, message: str
+) -> None:
+    monkeypatch.setenv("REDIS_URL", url)
+    monkeypatch.setattr(service.cli, "_run", lambda config: pytest.fail("the server started"))
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert "Zk9q" not in result.output
+
+
+def test_an_api_key_no_client_can_send_is_refused_without_showing_it(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starlette reads headers as Latin-1: a key with 'é' never matched what clients send (its UTF-8 bytes)."""
+    monkeypatch.setenv("VSTAR_API_KEYS", "ok-key,clé-secrète")
+    monkeypatch.setattr(service.cli, "_run", lambda config: pytest.fail("the server started"))
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tiny_checkpoint)])
+    assert result.exit_code == 2 and "key 2 holds a character outside printable ASCII" in result.output
+    assert "secr" not in result.output
 
 
 @pytest.mark.parametrize(
