@@ -161,6 +161,8 @@ def test_outputs_that_would_destroy_something_are_refused_before_any_work(tiny_d
     (init / "manifest.json").write_text("{}")
     before = {p: p.read_bytes() for p in [*data.iterdir(), project / "notes" / "a.txt", note, init / "manifest.json"]}
     d, tiny = str(data), ["--preset", "tiny", "--max-steps", "1"]
+    rl = ["rl", "--data", d, "--init", str(init), "--out", str(tmp_path / "rl")]
+    sft = ["sft", "--data", d, "--out", str(tmp_path / "ck"), "--preset", "tiny", "--max-steps", "1"]
     mistakes = [
         (["sft", "--data", d, "--out", d, *tiny], f"{data} is a folder that is not a checkpoint (no manifest.json)"),
         (["sft", "--data", d, "--out", str(project), *tiny], "is a folder that is not a checkpoint"),
@@ -178,51 +180,9 @@ def test_outputs_that_would_destroy_something_are_refused_before_any_work(tiny_d
         (["baseline", "pop", "--data", d, "--json", f"{d}/pop.json"], f"is inside {data}, a data set"),
         (["compare", "--base", str(note), "--other", str(note), "--json", str(note)], "is one of --base's eval JSON"),
         # the curves' folder at the summary's path, or at the steps log's: the run trained to its end and failed there
-        (
-            [
-                "rl",
-                "--data",
-                d,
-                "--init",
-                str(init),
-                "--out",
-                str(tmp_path / "rl"),
-                "--json",
-                f"{tmp_path}/x",
-                "--tensorboard",
-                f"{tmp_path}/x",
-            ],
-            f"{tmp_path}/x is the --json file {tmp_path}/x: give the curves",
-        ),
-        (
-            [
-                "sft",
-                "--data",
-                d,
-                "--out",
-                str(tmp_path / "ck"),
-                "--json",
-                f"{tmp_path}/x",
-                "--tensorboard",
-                f"{tmp_path}/x/tb",
-                *tiny,
-            ],
-            "lies inside the --json file",
-        ),
-        (
-            [
-                "rl",
-                "--data",
-                d,
-                "--init",
-                str(init),
-                "--out",
-                str(tmp_path / "rl"),
-                "--tensorboard",
-                f"{tmp_path}/rl.steps.jsonl",
-            ],
-            f"{tmp_path}/rl.steps.jsonl is {tmp_path}/rl.steps.jsonl, which the run",
-        ),
+        ([*rl, "--json", f"{tmp_path}/x", "--tensorboard", f"{tmp_path}/x"], f"{tmp_path}/x is the --json file"),
+        ([*sft, "--json", f"{tmp_path}/x", "--tensorboard", f"{tmp_path}/x/tb"], "lies inside the --json file"),
+        ([*rl, "--tensorboard", f"{tmp_path}/rl.steps.jsonl"], f"{tmp_path}/rl.steps.jsonl is {tmp_path}/rl.steps"),
         (["compare", "--base", f"{note},,{note}", "--other", str(note)], f"--base: entry 2 of '{note},,{note}' is"),
         (["sft", "--data", d, "--out", str(tmp_path / "ck"), "--seed", "-1", *tiny], "'--seed': Input should be"),
     ]
