@@ -257,11 +257,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 from training.evaluation.fusion import refit_before
 
                 valid = ds.splits["valid"]
-                before = {
-                    "test": [*ds.samples(["train"]), *valid],
-                    "valid": [*ds.samples(["train"]), *valid[: len(valid) - holdout if holdout else 0]],
-                    "train": ds.samples(["train"]),  # the rows scored: counted below, as the stored counts are
-                }[split]
+                # train: the rows scored themselves, counted below as they are in the stored counts
+                valid_before = {"test": valid, "valid": valid[: len(valid) - holdout if holdout else 0], "train": []}
+                before = [*ds.samples(["train"]), *valid_before[split]]
                 fusion = refit_before(fusion, before)
                 rows_fit = (
                     f"{len(before)} train rows" if split == "train" else f"{len(before)} rows before the scored ones"
@@ -275,13 +273,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                         f"data's {rows_fit}",
                         err=True,
                     )
+            spent_budget = None
             if decoder == "ved":  # the budget named by where it came from: --budget, or the checkpoint's
-                from models.ved_config import budget_problem, checkpoint_ved_config
+                from models.ved_config import budget_problem, checkpoint_ved_config, resolve_budget
 
                 ved = checkpoint_ved_config(ckpt, beams, budget, explore_slots=explore_slots)
                 problem = budget_problem(ved, ckpt.policy.trie.depth, budget)
                 if problem is not None:
                     raise ValueError(problem)
+                spent_budget = resolve_budget(ved, ckpt.policy.trie.depth)
             decode = make_decoder(ckpt, decoder, beams, budget, fusion, explore_slots)
         except CheckpointError:
             raise  # one line from the root command
@@ -300,12 +300,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 "that point to their answers, so the figures are optimistic (--fusion-weight 0: the policy alone)",
                 err=True,
             )
-        spent_budget = None
-        if decoder == "ved":
-            from models.ved_config import checkpoint_ved_config, resolve_budget
-
-            config = checkpoint_ved_config(ckpt, beams, budget, explore_slots=explore_slots)
-            spent_budget = resolve_budget(config, ckpt.policy.trie.depth)
         result = evaluate(ckpt.policy, rows, ds.samples(context_splits), decode, batch_size)
         result |= {
             "own_transitions_counted": counted,
